@@ -1,0 +1,135 @@
+// FfnExpert and GluExpert on every fast backend, f32 and bf16 weights, against the ceiling: the
+// same GEMM chain as raw oneDNN matmul primitives created for the exact M (brgemm), no epilogue.
+// The reference backend is the tests' oracle, not a fast path, and is not timed here.
+#include <benchmark/benchmark.h>
+
+#include <random>
+#include <string>
+#include <vector>
+
+#include <hypermoe/hypermoe.hpp>
+#if HYPERMOE_HAS_EIGEN
+#include <hypermoe/backend/eigen.hpp>
+#endif
+#if HYPERMOE_HAS_ONEDNN
+#include <hypermoe/backend/onednn.hpp>
+#include <oneapi/dnnl/dnnl.hpp>
+#endif
+
+namespace hm = hypermoe;
+
+namespace {
+
+hm::Matrix<float> random_matrix(hm::index_t rows, hm::index_t cols, unsigned seed) {
+    std::mt19937 rng(seed);
+    std::uniform_real_distribution<float> dist(-0.05f, 0.05f);
+    hm::Matrix<float> m(rows, cols);
+    for (hm::index_t i = 0; i < rows * cols; ++i) m.data()[i] = dist(rng);
+    return m;
+}
+
+struct Shape {
+    hm::index_t d, ff, m;
+    hm::dtype storage;
+};
+
+/// Multiply-adds x 2 of one forward: FFN has two GEMMs, GLU three.
+double flops(const Shape& s, int gemms) { return 2.0 * double(s.m) * double(s.d) * double(s.ff) * gemms; }
+
+template <class Expert, class Weights>
+void run_expert(benchmark::State& state, const Shape& s, const Weights& w, int gemms) {
+    const Expert expert(w, hm::ExpertOptions{.storage = s.storage});
+    const auto x = random_matrix(s.m, s.d, 9);
+    hm::Matrix<float> y(s.m, s.d);
+    hm::Workspace ws;
+    expert.forward(x.view(), y.view(), ws);
+    for (auto _ : state) {
+        expert.forward(x.view(), y.view(), ws);
+        benchmark::DoNotOptimize(y.data());
+        benchmark::ClobberMemory();
+    }
+    state.counters["GFLOP/s"] = benchmark::Counter(flops(s, gemms) / 1e9, benchmark::Counter::kIsIterationInvariantRate);
+    state.counters["tokens/s"] = benchmark::Counter(double(s.m), benchmark::Counter::kIsIterationInvariantRate);
+}
+
+template <class B>
+void BM_FfnExpert(benchmark::State& state, Shape s) {
+    const auto up = random_matrix(s.ff, s.d, 1), down = random_matrix(s.d, s.ff, 2);
+    const hm::FfnWeights w{.up = hm::ConstMatrixView<float>(up.view()), .down = hm::ConstMatrixView<float>(down.view())};
+    run_expert<hm::FfnExpert<B, hm::Gelu>>(state, s, w, 2);
+}
+
+template <class B>
+void BM_GluExpert(benchmark::State& state, Shape s) {
+    const auto gate = random_matrix(s.ff, s.d, 1), up = random_matrix(s.ff, s.d, 2), down = random_matrix(s.d, s.ff, 3);
+    const hm::GluWeights w{.gate = hm::ConstMatrixView<float>(gate.view()), .up = hm::ConstMatrixView<float>(up.view()),
+                           .down = hm::ConstMatrixView<float>(down.view())};
+    run_expert<hm::GluExpert<B, hm::Silu>>(state, s, w, 3);
+}
+
+#if HYPERMOE_HAS_ONEDNN
+/// The ceiling: `gemms` raw f32 matmuls with fixed M (oneDNN picks brgemm), (M, K) x (K, N)
+/// alternating K = d, N = gemms_ff and K = ff, N = d, as the expert's chain.
+void BM_RawMatmul(benchmark::State& state, Shape s, int gemms) {
+    using namespace dnnl;
+    using dt = memory::data_type;
+    const engine eng(engine::kind::cpu, 0);
+    stream strm(eng);
+    // GLU's fused gate|up is one GEMM with N = 2 ff; FFN's up has N = ff.
+    const memory::dim n_up = gemms == 3 ? 2 * s.ff : s.ff;
+    const auto make = [&](memory::dim k, memory::dim n) {
+        matmul::primitive_desc pd(matmul::desc(memory::desc({s.m, k}, dt::f32, {k, 1}),
+                                               memory::desc({k, n}, dt::f32, memory::format_tag::any),
+                                               memory::desc({s.m, n}, dt::f32, {n, 1})),
+                                  eng);
+        return pd;
+    };
+    const auto pd_up = make(s.d, n_up), pd_down = make(s.ff, s.d);
+    const matmul up(pd_up), down(pd_down);
+    memory x(pd_up.src_desc(), eng), h(pd_up.dst_desc(), eng), w_up(pd_up.weights_desc(), eng),
+        w_down(pd_down.weights_desc(), eng), y(pd_down.dst_desc(), eng);
+    memory h_in({{s.m, s.ff}, dt::f32, {n_up, 1}}, eng, h.get_data_handle());
+    const auto step = [&] {
+        up.execute(strm, {{DNNL_ARG_SRC, x}, {DNNL_ARG_WEIGHTS, w_up}, {DNNL_ARG_DST, h}});
+        down.execute(strm, {{DNNL_ARG_SRC, h_in}, {DNNL_ARG_WEIGHTS, w_down}, {DNNL_ARG_DST, y}});
+        strm.wait();
+    };
+    step();
+    for (auto _ : state) step();
+    state.SetLabel(pd_up.impl_info_str());
+    state.counters["GFLOP/s"] = benchmark::Counter(flops(s, gemms) / 1e9, benchmark::Counter::kIsIterationInvariantRate);
+}
+#endif
+
+std::string name(const char* what, const Shape& s) {
+    return std::string(what) + "/d:" + std::to_string(s.d) + "/ff:" + std::to_string(s.ff) + "/M:" +
+           std::to_string(s.m) + "/" + std::string(hm::to_string(s.storage));
+}
+
+} // namespace
+
+int main(int argc, char** argv) {
+    for (const auto& [d, ff] : {std::pair<hm::index_t, hm::index_t>{1024, 2816}, {768, 3072}})
+        for (const hm::index_t m : {1, 8, 64, 512}) {
+#if HYPERMOE_HAS_ONEDNN
+            const Shape f32{d, ff, m, hm::dtype::f32};
+            benchmark::RegisterBenchmark(name("BM_RawMatmul_Ffn", f32).c_str(), BM_RawMatmul, f32, 2)->UseRealTime();
+            benchmark::RegisterBenchmark(name("BM_RawMatmul_Glu", f32).c_str(), BM_RawMatmul, f32, 3)->UseRealTime();
+#endif
+            for (const hm::dtype storage : {hm::dtype::f32, hm::dtype::bf16}) {
+                const Shape s{d, ff, m, storage};
+#if HYPERMOE_HAS_ONEDNN
+                benchmark::RegisterBenchmark(name("BM_FfnExpert_onednn", s).c_str(), BM_FfnExpert<hm::onednn>, s)->UseRealTime();
+                benchmark::RegisterBenchmark(name("BM_GluExpert_onednn", s).c_str(), BM_GluExpert<hm::onednn>, s)->UseRealTime();
+#endif
+#if HYPERMOE_HAS_EIGEN
+                benchmark::RegisterBenchmark(name("BM_FfnExpert_eigen", s).c_str(), BM_FfnExpert<hm::eigen>, s)->UseRealTime();
+                benchmark::RegisterBenchmark(name("BM_GluExpert_eigen", s).c_str(), BM_GluExpert<hm::eigen>, s)->UseRealTime();
+#endif
+                (void)s;
+            }
+        }
+    benchmark::Initialize(&argc, argv);
+    benchmark::RunSpecifiedBenchmarks();
+    benchmark::Shutdown();
+}

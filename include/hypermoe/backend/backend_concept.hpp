@@ -1,0 +1,37 @@
+#pragma once
+// The Backend concept. A backend is a tag type with a name and a class template
+// `linear<Act>`: C = [C +] scale * Act(A W^T + b) for activations A (M x K, f32, M known only
+// at run time) and weights W (N x K) prepared once, at construction, into the backend's
+// preferred layout. Dispatch is hoisted: a component's backend is part of its type.
+
+#include <concepts>
+#include <cstddef>
+#include <span>
+#include <string_view>
+
+#include "hypermoe/backend/linear_spec.hpp"
+#include "hypermoe/core/activation.hpp"
+#include "hypermoe/core/matrix.hpp"
+#include "hypermoe/core/workspace.hpp"
+
+namespace hypermoe {
+
+/// A prepared linear map of one backend.
+template <class L>
+concept LinearMap = std::constructible_from<L, WeightView, std::span<const float>, LinearOptions> &&
+    requires(const L& l, ConstMatrixView<float> a, MatrixView<float> c, Workspace& ws, index_t m) {
+        { l.in_features() } -> std::same_as<index_t>;
+        { l.out_features() } -> std::same_as<index_t>;
+        { l.storage() } -> std::same_as<dtype>;
+        { l.workspace_bytes(m) } -> std::same_as<std::size_t>;
+        l(a, c, ws, 1.0f);
+    };
+
+/// A compute backend: a tag with `name` and `linear<Act>` for every activation.
+template <class B>
+concept Backend = requires {
+    { B::name } -> std::convertible_to<std::string_view>;
+} && LinearMap<typename B::template linear<Identity>> && LinearMap<typename B::template linear<Relu>> &&
+    LinearMap<typename B::template linear<Silu>>;
+
+} // namespace hypermoe

@@ -1,0 +1,108 @@
+#pragma once
+// What every backend's `linear` is built from: a weight view in the nn.Linear layout (N x K,
+// y = x W^T), an optional bias of N, and options. Validation is shared so that every backend
+// rejects the same inputs with the same messages.
+
+#include <optional>
+#include <span>
+#include <string>
+#include <string_view>
+
+#include "hypermoe/core/dtype.hpp"
+#include "hypermoe/core/error.hpp"
+#include "hypermoe/core/finite.hpp"
+#include "hypermoe/core/matrix.hpp"
+#include "hypermoe/detail/format.hpp"
+
+namespace hypermoe {
+
+/// A read-only weight matrix of either dtype, row-major (N, K): row n holds output n's weights.
+class WeightView {
+public:
+    WeightView(ConstMatrixView<float> w) noexcept // NOLINT(google-explicit-constructor)
+        : data_(w.data()), type_(dtype::f32), rows_(w.rows()), cols_(w.cols()), stride_(w.stride()) {}
+    WeightView(ConstMatrixView<bf16> w) noexcept // NOLINT(google-explicit-constructor)
+        : data_(w.data()), type_(dtype::bf16), rows_(w.rows()), cols_(w.cols()), stride_(w.stride()) {}
+
+    [[nodiscard]] dtype type() const noexcept { return type_; }
+    [[nodiscard]] index_t rows() const noexcept { return rows_; }
+    [[nodiscard]] index_t cols() const noexcept { return cols_; }
+    /// Element (r, c) widened to float.
+    [[nodiscard]] float at(index_t r, index_t c) const noexcept {
+        const index_t i = r * stride_ + c;
+        return type_ == dtype::f32 ? static_cast<const float*>(data_)[i]
+                                   : static_cast<const bf16*>(data_)[i].to_float();
+    }
+
+private:
+    const void* data_;
+    dtype type_;
+    index_t rows_, cols_, stride_;
+};
+
+/// Options of a linear map.
+struct LinearOptions {
+    /// Name used in error messages, e.g. "FfnExpert weight 'up'".
+    std::string name = "linear";
+    /// C += result instead of C = result.
+    bool accumulate = false;
+    /// dtype the weights are stored in; defaults to the source's. f32 -> bf16 rounds to nearest even.
+    std::optional<dtype> storage = std::nullopt;
+};
+
+namespace detail {
+
+/// Checks a weight and bias for a linear map and returns the storage dtype.
+inline dtype validate_linear(const WeightView& w, std::span<const float> bias, const LinearOptions& opt) {
+    if (!bias.empty() && static_cast<index_t>(bias.size()) != w.rows())
+        throw weight_error(concat(opt.name, ": bias has ", bias.size(), " elements, expected ", w.rows(),
+                                  " (the weight's rows)"));
+    for (index_t r = 0; r < w.rows(); ++r)
+        for (index_t c = 0; c < w.cols(); ++c)
+            if (!is_finite(w.at(r, c)))
+                throw weight_error(concat(opt.name, ": weight element (", r, ", ", c, ") is ", w.at(r, c),
+                                          ", expected a finite value"));
+    if (const index_t i = find_non_finite(bias); i >= 0)
+        throw weight_error(concat(opt.name, ": bias element ", i, " is ", bias[static_cast<std::size_t>(i)],
+                                  ", expected a finite value"));
+    return opt.storage.value_or(w.type());
+}
+
+/// The value a weight element has once stored in `storage` (bf16 storage rounds).
+[[nodiscard]] inline float stored_value(float v, dtype storage) noexcept {
+    return storage == dtype::bf16 ? bf16::from_float(v).to_float() : v;
+}
+
+/// Checks the activation and output views of a linear call.
+inline void check_linear_call(ConstMatrixView<float> a, MatrixView<float> c, index_t k, index_t n,
+                              const std::string& name) {
+    if (a.cols() != k)
+        throw shape_error(concat(name, ": input has ", a.cols(), " columns, expected ", k));
+    if (c.rows() != a.rows() || c.cols() != n)
+        throw shape_error(concat(name, ": output has shape ", shape_str(c.rows(), c.cols()), ", expected ",
+                                 shape_str(a.rows(), n)));
+}
+
+/// c = scale * Act(c + bias), in place, row by row.
+template <class Act>
+void epilogue_in_place(MatrixView<float> c, const float* bias, float scale) noexcept {
+    for (index_t r = 0; r < c.rows(); ++r) {
+        float* row = c.row(r).data();
+        for (index_t j = 0; j < c.cols(); ++j)
+            row[j] = scale * Act::apply(row[j] + (bias != nullptr ? bias[j] : 0.0f));
+    }
+}
+
+/// c += scale * Act(t + bias).
+template <class Act>
+void epilogue_accumulate(ConstMatrixView<float> t, MatrixView<float> c, const float* bias, float scale) noexcept {
+    for (index_t r = 0; r < c.rows(); ++r) {
+        const float* src = t.row(r).data();
+        float* row = c.row(r).data();
+        for (index_t j = 0; j < c.cols(); ++j)
+            row[j] += scale * Act::apply(src[j] + (bias != nullptr ? bias[j] : 0.0f));
+    }
+}
+
+} // namespace detail
+} // namespace hypermoe

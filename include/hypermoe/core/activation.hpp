@@ -1,0 +1,114 @@
+#pragma once
+// Element-wise activations as tag types. They live in core/ (not expert/) because the backends'
+// fused GEMM epilogues apply them and arrows point down: backend/ must not depend on expert/.
+// `apply` is a template so the reference backend can evaluate in double.
+
+#include <bit>
+#include <cmath>
+#include <cstdint>
+#include <string_view>
+#include <type_traits>
+
+namespace hypermoe {
+
+namespace detail {
+
+/// exp(x) for float without branches or calls, so loops over it vectorise (std::exp does not
+/// without -ffast-math). Cody-Waite reduction x = n ln2 + r, |r| <= ln2 / 2, then a degree-6
+/// Taylor polynomial of e^r and 2^n through the exponent bits. Max relative error 2.2e-7 on
+/// [-87, 88] (measured against std::exp in the tests); the input is clamped to that range, so
+/// large negative inputs give ~1e-38 instead of 0 and large positive ones ~1.6e38 instead of Inf.
+[[nodiscard]] inline float exp_approx(float x) noexcept {
+    x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+    const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+    const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+    float p = 1.0f / 720;
+    p = p * r + 1.0f / 120;
+    p = p * r + 1.0f / 24;
+    p = p * r + 1.0f / 6;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    const auto bits = static_cast<std::uint32_t>(static_cast<std::int32_t>(n) + 127) << 23;
+    return p * std::bit_cast<float>(bits);
+}
+
+/// tanh(y) = 1 - 2 / (e^{2y} + 1), exact at the clamped ends (+-1).
+[[nodiscard]] inline float tanh_approx(float y) noexcept { return 1.0f - 2.0f / (exp_approx(2.0f * y) + 1.0f); }
+
+} // namespace detail
+
+/// Which activation a tag type stands for (the oneDNN backend maps it to post-ops).
+enum class activation_kind { identity, relu, gelu, gelu_tanh, silu, relu2 };
+
+/// No activation.
+struct Identity {
+    static constexpr activation_kind kind = activation_kind::identity;
+    static constexpr std::string_view name = "identity";
+    template <class T>
+    [[nodiscard]] static T apply(T x) noexcept { return x; }
+};
+
+/// max(x, 0).
+struct Relu {
+    static constexpr activation_kind kind = activation_kind::relu;
+    static constexpr std::string_view name = "relu";
+    template <class T>
+    [[nodiscard]] static T apply(T x) noexcept { return x > T(0) ? x : T(0); }
+};
+
+/// GELU, exact form: x * Phi(x) = 0.5 x (1 + erf(x / sqrt 2)).
+struct Gelu {
+    static constexpr activation_kind kind = activation_kind::gelu;
+    static constexpr std::string_view name = "gelu";
+    template <class T>
+    [[nodiscard]] static T apply(T x) noexcept {
+        return T(0.5) * x * (T(1) + std::erf(x * T(0.70710678118654752440)));
+    }
+};
+
+/// GELU, tanh approximation (GPT-2's `gelu_new`): 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).
+struct GeluTanh {
+    static constexpr activation_kind kind = activation_kind::gelu_tanh;
+    static constexpr std::string_view name = "gelu_tanh";
+    template <class T>
+    [[nodiscard]] static T apply(T x) noexcept {
+        const T y = T(0.79788456080286535588) * (x + T(0.044715) * x * x * x);
+        if constexpr (std::is_same_v<T, float>) return 0.5f * x * (1.0f + detail::tanh_approx(y));
+        else return T(0.5) * x * (T(1) + std::tanh(y));
+    }
+};
+
+/// SiLU (swish with beta 1): x * sigmoid(x).
+struct Silu {
+    static constexpr activation_kind kind = activation_kind::silu;
+    static constexpr std::string_view name = "silu";
+    template <class T>
+    [[nodiscard]] static T apply(T x) noexcept {
+        if constexpr (std::is_same_v<T, float>) return x / (1.0f + detail::exp_approx(-x));
+        else return x / (T(1) + std::exp(-x));
+    }
+};
+
+/// Squared ReLU (Primer, arXiv 2109.08668): max(x, 0)^2.
+struct Relu2 {
+    static constexpr activation_kind kind = activation_kind::relu2;
+    static constexpr std::string_view name = "relu2";
+    template <class T>
+    [[nodiscard]] static T apply(T x) noexcept { return x > T(0) ? x * x : T(0); }
+};
+
+/// An activation tag: a kind, a name and `apply` for float (fast, vectorisable) and double
+/// (std:: functions, for the reference backend).
+template <class A>
+concept Activation = requires(float f, double d) {
+    { A::kind } -> std::convertible_to<activation_kind>;
+    { A::name } -> std::convertible_to<std::string_view>;
+    { A::apply(f) } -> std::same_as<float>;
+    { A::apply(d) } -> std::same_as<double>;
+};
+
+static_assert(Activation<Identity> && Activation<Relu> && Activation<Gelu> && Activation<GeluTanh> &&
+              Activation<Silu> && Activation<Relu2>);
+
+} // namespace hypermoe

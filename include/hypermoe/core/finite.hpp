@@ -1,0 +1,43 @@
+#pragma once
+// Finite checks that read the bits (std::bit_cast), so they survive -ffast-math, where
+// std::isfinite may be folded to `true`.
+
+#include <bit>
+#include <cstdint>
+#include <span>
+#include <string_view>
+
+#include "hypermoe/core/error.hpp"
+#include "hypermoe/core/extents.hpp"
+#include "hypermoe/core/matrix.hpp"
+#include "hypermoe/detail/format.hpp"
+
+namespace hypermoe {
+
+[[nodiscard]] constexpr bool is_finite(float f) noexcept {
+    return (std::bit_cast<std::uint32_t>(f) & 0x7F800000u) != 0x7F800000u;
+}
+
+/// Index of the first NaN or Inf in `values`, or -1 when all are finite.
+[[nodiscard]] inline index_t find_non_finite(std::span<const float> values) noexcept {
+    for (std::size_t i = 0; i < values.size(); ++i)
+        if (!is_finite(values[i])) return static_cast<index_t>(i);
+    return -1;
+}
+
+/// Throws numeric_error naming `what` and the first non-finite element.
+inline void check_finite(std::span<const float> values, std::string_view what) {
+    if (const index_t i = find_non_finite(values); i >= 0)
+        throw numeric_error(detail::concat(what, ": element ", i, " is ", values[static_cast<std::size_t>(i)],
+                                           ", expected a finite value"));
+}
+
+/// Throws numeric_error naming `what` and the row and column of the first NaN or Inf.
+inline void check_finite(ConstMatrixView<float> m, std::string_view what) {
+    for (index_t r = 0; r < m.rows(); ++r)
+        if (const index_t c = find_non_finite(m.row(r)); c >= 0)
+            throw numeric_error(detail::concat(what, ": element (", r, ", ", c, ") is ", m(r, c),
+                                               ", expected a finite value"));
+}
+
+} // namespace hypermoe

@@ -1,0 +1,156 @@
+#pragma once
+// Row-major matrices: a non-owning view (data, rows, cols, row stride) and an owning,
+// 64-byte-aligned matrix. Rows are contiguous; the stride lets a view select columns
+// [c0, c0 + n) of a wider buffer, e.g. the gate half of a fused gate|up GEMM output.
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <new>
+#include <span>
+#include <string_view>
+#include <type_traits>
+
+#include "hypermoe/core/error.hpp"
+#include "hypermoe/core/extents.hpp"
+#include "hypermoe/detail/format.hpp"
+
+namespace hypermoe {
+
+/// Non-owning row-major view: element (r, c) is data[r * stride + c].
+template <class T>
+class MatrixView {
+public:
+    using element_type = T;
+
+    constexpr MatrixView() noexcept = default;
+    constexpr MatrixView(T* data, index_t rows, index_t cols) : MatrixView(data, rows, cols, cols) {}
+    constexpr MatrixView(T* data, index_t rows, index_t cols, index_t stride)
+        : data_(data), rows_(rows), cols_(cols), stride_(stride) {
+        if (rows < 0 || cols < 0 || stride < cols)
+            throw shape_error(detail::concat("MatrixView: shape ", detail::shape_str(rows, cols),
+                                             " with row stride ", stride,
+                                             ", expected non-negative sizes and stride >= cols"));
+        if (data == nullptr && rows > 0 && cols > 0)
+            throw shape_error(detail::concat("MatrixView: null data for shape ",
+                                             detail::shape_str(rows, cols)));
+    }
+
+    /// A view of const elements converts from a view of mutable ones.
+    template <class U>
+        requires(std::is_same_v<const U, T> && !std::is_same_v<U, T>)
+    constexpr MatrixView(const MatrixView<U>& other) noexcept // NOLINT(google-explicit-constructor)
+        : data_(other.data()), rows_(other.rows()), cols_(other.cols()), stride_(other.stride()) {}
+
+    [[nodiscard]] constexpr T* data() const noexcept { return data_; }
+    [[nodiscard]] constexpr index_t rows() const noexcept { return rows_; }
+    [[nodiscard]] constexpr index_t cols() const noexcept { return cols_; }
+    [[nodiscard]] constexpr index_t stride() const noexcept { return stride_; }
+    [[nodiscard]] constexpr bool contiguous() const noexcept { return stride_ == cols_ || rows_ <= 1; }
+
+    [[nodiscard]] constexpr T& operator()(index_t r, index_t c) const noexcept {
+        return data_[r * stride_ + c];
+    }
+    [[nodiscard]] constexpr std::span<T> row(index_t r) const noexcept {
+        return {data_ + r * stride_, static_cast<std::size_t>(cols_)};
+    }
+    /// Rows [first, first + count).
+    [[nodiscard]] constexpr MatrixView row_block(index_t first, index_t count) const noexcept {
+        return MatrixView(data_ + first * stride_, count, cols_, stride_, unchecked{});
+    }
+    /// Columns [first, first + count).
+    [[nodiscard]] constexpr MatrixView col_block(index_t first, index_t count) const noexcept {
+        return MatrixView(data_ + first, rows_, count, stride_, unchecked{});
+    }
+
+private:
+    struct unchecked {};
+    constexpr MatrixView(T* data, index_t rows, index_t cols, index_t stride, unchecked) noexcept
+        : data_(data), rows_(rows), cols_(cols), stride_(stride) {}
+
+    T* data_ = nullptr;
+    index_t rows_ = 0;
+    index_t cols_ = 0;
+    index_t stride_ = 0;
+};
+
+template <class T>
+using ConstMatrixView = MatrixView<const T>;
+
+/// Throws shape_error unless `m` is (rows, cols); `who` and `what` name the caller and argument.
+template <class T>
+void check_shape(const MatrixView<T>& m, index_t rows, index_t cols, std::string_view who,
+                 std::string_view what) {
+    if (m.rows() != rows || m.cols() != cols)
+        throw shape_error(detail::concat(who, ": ", what, " has shape ", detail::shape_str(m.rows(), m.cols()),
+                                         ", expected ", detail::shape_str(rows, cols)));
+}
+
+/// Alignment of every buffer the library allocates: one cache line, one AVX-512 register.
+inline constexpr std::size_t buffer_alignment = 64;
+
+namespace detail {
+
+struct aligned_delete {
+    void operator()(void* p) const noexcept { ::operator delete(p, std::align_val_t{buffer_alignment}); }
+};
+
+template <class T>
+[[nodiscard]] std::unique_ptr<T[], aligned_delete> aligned_array(std::size_t n) {
+    static_assert(std::is_trivially_copyable_v<T> && std::is_trivially_destructible_v<T>,
+                  "aligned_array holds trivial element types only.");
+    if (n == 0) return {};
+    void* p = ::operator new(n * sizeof(T), std::align_val_t{buffer_alignment});
+    return std::unique_ptr<T[], aligned_delete>(static_cast<T*>(p));
+}
+
+} // namespace detail
+
+/// Owning row-major matrix, 64-byte aligned, zero-initialised, rows contiguous.
+template <class T>
+class Matrix {
+public:
+    Matrix() = default;
+    Matrix(index_t rows, index_t cols) : rows_(rows), cols_(cols) {
+        if (rows < 0 || cols < 0)
+            throw shape_error(detail::concat("Matrix: shape ", detail::shape_str(rows, cols),
+                                             ", expected non-negative sizes"));
+        const auto n = static_cast<std::size_t>(rows * cols);
+        data_ = detail::aligned_array<T>(n);
+        for (std::size_t i = 0; i < n; ++i) data_[i] = T{};
+    }
+    Matrix(const Matrix& other) : Matrix(other.rows_, other.cols_) { copy_from(other.view()); }
+    Matrix& operator=(const Matrix& other) {
+        if (this != &other) *this = Matrix(other);
+        return *this;
+    }
+    Matrix(Matrix&&) noexcept = default;
+    Matrix& operator=(Matrix&&) noexcept = default;
+    ~Matrix() = default;
+
+    [[nodiscard]] index_t rows() const noexcept { return rows_; }
+    [[nodiscard]] index_t cols() const noexcept { return cols_; }
+    [[nodiscard]] T* data() noexcept { return data_.get(); }
+    [[nodiscard]] const T* data() const noexcept { return data_.get(); }
+    [[nodiscard]] T& operator()(index_t r, index_t c) noexcept { return data_[r * cols_ + c]; }
+    [[nodiscard]] const T& operator()(index_t r, index_t c) const noexcept { return data_[r * cols_ + c]; }
+
+    [[nodiscard]] MatrixView<T> view() noexcept { return {data(), rows_, cols_}; }
+    [[nodiscard]] ConstMatrixView<T> view() const noexcept { return {data(), rows_, cols_}; }
+    operator MatrixView<T>() noexcept { return view(); }            // NOLINT(google-explicit-constructor)
+    operator ConstMatrixView<T>() const noexcept { return view(); } // NOLINT(google-explicit-constructor)
+
+    /// Copies `src` (same shape) into this matrix.
+    void copy_from(ConstMatrixView<T> src) {
+        check_shape(src, rows_, cols_, "Matrix::copy_from", "source");
+        for (index_t r = 0; r < rows_; ++r)
+            for (index_t c = 0; c < cols_; ++c) (*this)(r, c) = src(r, c);
+    }
+
+private:
+    index_t rows_ = 0;
+    index_t cols_ = 0;
+    std::unique_ptr<T[], detail::aligned_delete> data_;
+};
+
+} // namespace hypermoe

@@ -1,0 +1,79 @@
+#pragma once
+// FfnExpert: y = down(Act(up x + b_up)) + b_down, the feed-forward of GPT-2, T5/Switch and
+// BERT-style models. up is (d_ff, d_model), down is (d_model, d_ff), nn.Linear layout; biases
+// are optional. The activation runs fused in the up GEMM's epilogue.
+
+#include <optional>
+#include <span>
+#include <string>
+
+#include "hypermoe/backend/backend_concept.hpp"
+#include "hypermoe/core/activation.hpp"
+#include "hypermoe/core/extents.hpp"
+#include "hypermoe/expert/expert_concept.hpp"
+
+namespace hypermoe {
+
+/// Weights of an FfnExpert, borrowed for the constructor (which copies them into the backend).
+struct FfnWeights {
+    WeightView up;                        ///< (d_ff, d_model)
+    WeightView down;                      ///< (d_model, d_ff)
+    std::span<const float> up_bias = {};   ///< d_ff, or empty
+    std::span<const float> down_bias = {}; ///< d_model, or empty
+};
+
+/// Options shared by the experts.
+struct ExpertOptions {
+    /// dtype the weights are stored in; defaults to the source's.
+    std::optional<dtype> storage = std::nullopt;
+};
+
+template <Backend B, Activation Act, index_t D = dynamic, index_t FF = dynamic>
+class FfnExpert {
+public:
+    using backend_type = B;
+    using activation_type = Act;
+    static constexpr index_t static_d_model = D;
+    static constexpr index_t static_d_ff = FF;
+    static constexpr index_t static_in_width = D;
+    static constexpr index_t static_out_width = D;
+
+    explicit FfnExpert(const FfnWeights& w, const ExpertOptions& opt = {})
+        : extents_(checked_extents(w)),
+          up_(w.up, w.up_bias, {"FfnExpert weight 'up'", false, opt.storage}),
+          down_(w.down, w.down_bias, {"FfnExpert weight 'down'", false, opt.storage}) {}
+
+    [[nodiscard]] index_t d_model() const noexcept { return extents_.extent(0); }
+    [[nodiscard]] index_t d_ff() const noexcept { return extents_.extent(1); }
+    [[nodiscard]] index_t in_width() const noexcept { return d_model(); }
+    [[nodiscard]] index_t out_width() const noexcept { return d_model(); }
+    [[nodiscard]] const extents<D, FF>& widths() const noexcept { return extents_; }
+
+    [[nodiscard]] std::size_t workspace_bytes(index_t rows) const noexcept {
+        return detail::padded_bytes<float>(rows * d_ff()) + std::max(up_.workspace_bytes(rows), down_.workspace_bytes(rows));
+    }
+
+    /// y = down(Act(up x + b_up)) + b_down for x (M, d_model), y (M, d_model).
+    void forward(ConstMatrixView<float> x, MatrixView<float> y, Workspace& ws) const {
+        detail::check_forward_shapes(x, y, d_model(), d_model(), "FfnExpert");
+        Workspace::Scope scope(ws, workspace_bytes(x.rows()));
+        MatrixView<float> h = ws.take_matrix<float>(x.rows(), d_ff()); // (M, d_ff)
+        up_(x, h, ws);
+        down_(h, y, ws);
+    }
+
+private:
+    static extents<D, FF> checked_extents(const FfnWeights& w) {
+        const index_t d = w.up.cols(), ff = w.up.rows();
+        detail::check_weight_width(D, d, "FfnExpert", "d_model", "up");
+        detail::check_weight_width(FF, ff, "FfnExpert", "d_ff", "up");
+        detail::check_weight_shape(w.down, d, ff, "FfnExpert", "down");
+        return extents<D, FF>(d, ff);
+    }
+
+    extents<D, FF> extents_;
+    typename B::template linear<Act> up_;
+    typename B::template linear<Identity> down_;
+};
+
+} // namespace hypermoe

@@ -1,0 +1,111 @@
+#pragma once
+// GluExpert: y = down(Act(gate x + b_g) * (up x + b_u)) + b_down, the gated feed-forward of
+// Mixtral, Qwen2-MoE, OLMoE and DeepSeek (SwiGLU with Act = Silu; Shazeer, arXiv 2002.05202).
+// gate and up run as ONE GEMM with N = 2 d_ff (their rows stacked at construction), which
+// reads x once and halves the GEMM calls; Act(g) * u is one pass over that output.
+
+#include <algorithm>
+#include <span>
+#include <vector>
+
+#include "hypermoe/backend/backend_concept.hpp"
+#include "hypermoe/core/activation.hpp"
+#include "hypermoe/core/extents.hpp"
+#include "hypermoe/expert/expert_concept.hpp"
+#include "hypermoe/expert/ffn_expert.hpp"
+
+namespace hypermoe {
+
+/// Weights of a GluExpert, borrowed for the constructor.
+struct GluWeights {
+    WeightView gate;                         ///< (d_ff, d_model)
+    WeightView up;                           ///< (d_ff, d_model)
+    WeightView down;                         ///< (d_model, d_ff)
+    std::span<const float> gate_bias = {};   ///< d_ff, or empty
+    std::span<const float> up_bias = {};     ///< d_ff, or empty
+    std::span<const float> down_bias = {};   ///< d_model, or empty
+};
+
+template <Backend B, Activation Act, index_t D = dynamic, index_t FF = dynamic>
+class GluExpert {
+public:
+    using backend_type = B;
+    using activation_type = Act;
+    static constexpr index_t static_d_model = D;
+    static constexpr index_t static_d_ff = FF;
+    static constexpr index_t static_in_width = D;
+    static constexpr index_t static_out_width = D;
+
+    explicit GluExpert(const GluWeights& w, const ExpertOptions& opt = {})
+        : extents_(checked_extents(w)), gate_up_(fused_gate_up(w, opt)),
+          down_(w.down, w.down_bias, {"GluExpert weight 'down'", false, opt.storage}) {}
+
+    [[nodiscard]] index_t d_model() const noexcept { return extents_.extent(0); }
+    [[nodiscard]] index_t d_ff() const noexcept { return extents_.extent(1); }
+    [[nodiscard]] index_t in_width() const noexcept { return d_model(); }
+    [[nodiscard]] index_t out_width() const noexcept { return d_model(); }
+    [[nodiscard]] const extents<D, FF>& widths() const noexcept { return extents_; }
+
+    [[nodiscard]] std::size_t workspace_bytes(index_t rows) const noexcept {
+        return detail::padded_bytes<float>(rows * 2 * d_ff()) +
+               std::max(gate_up_.workspace_bytes(rows), down_.workspace_bytes(rows));
+    }
+
+    void forward(ConstMatrixView<float> x, MatrixView<float> y, Workspace& ws) const {
+        detail::check_forward_shapes(x, y, d_model(), d_model(), "GluExpert");
+        Workspace::Scope scope(ws, workspace_bytes(x.rows()));
+        const index_t ff = d_ff();
+        MatrixView<float> gu = ws.take_matrix<float>(x.rows(), 2 * ff); // (M, 2 ff): [gate | up]
+        gate_up_(x, gu, ws);
+        // h = Act(g) * u, written over the gate half, which the down GEMM then reads with stride 2 ff.
+        for (index_t r = 0; r < gu.rows(); ++r) {
+            float* row = gu.row(r).data();
+            for (index_t j = 0; j < ff; ++j) row[j] = Act::apply(row[j]) * row[ff + j];
+        }
+        down_(gu.col_block(0, ff), y, ws);
+    }
+
+private:
+    static extents<D, FF> checked_extents(const GluWeights& w) {
+        const index_t d = w.gate.cols(), ff = w.gate.rows();
+        detail::check_weight_width(D, d, "GluExpert", "d_model", "gate");
+        detail::check_weight_width(FF, ff, "GluExpert", "d_ff", "gate");
+        detail::check_weight_shape(w.up, ff, d, "GluExpert", "up");
+        detail::check_weight_shape(w.down, d, ff, "GluExpert", "down");
+        const auto check_bias = [](std::span<const float> b, index_t n, const char* what) {
+            if (!b.empty() && static_cast<index_t>(b.size()) != n)
+                throw weight_error(detail::concat("GluExpert: bias '", what, "' has ", b.size(),
+                                                  " elements, expected ", n));
+        };
+        check_bias(w.gate_bias, ff, "gate");
+        check_bias(w.up_bias, ff, "up");
+        return extents<D, FF>(d, ff);
+    }
+
+    /// [gate; up] stacked as one (2 ff, d) weight. Values are copied exactly (bf16 widens to
+    /// f32 losslessly); storage defaults to bf16 only when both sources are bf16.
+    static typename B::template linear<Identity> fused_gate_up(const GluWeights& w, const ExpertOptions& opt) {
+        const index_t d = w.gate.cols(), ff = w.gate.rows();
+        Matrix<float> stacked(2 * ff, d);
+        for (index_t r = 0; r < ff; ++r)
+            for (index_t c = 0; c < d; ++c) {
+                stacked(r, c) = w.gate.at(r, c);
+                stacked(ff + r, c) = w.up.at(r, c);
+            }
+        std::vector<float> bias;
+        if (!w.gate_bias.empty() || !w.up_bias.empty()) {
+            bias.assign(static_cast<std::size_t>(2 * ff), 0.0f);
+            std::copy(w.gate_bias.begin(), w.gate_bias.end(), bias.begin());
+            std::copy(w.up_bias.begin(), w.up_bias.end(), bias.begin() + ff);
+        }
+        const bool both_bf16 = w.gate.type() == dtype::bf16 && w.up.type() == dtype::bf16;
+        const dtype storage = opt.storage.value_or(both_bf16 ? dtype::bf16 : dtype::f32);
+        return {ConstMatrixView<float>(stacked.view()), bias, {"GluExpert weight 'gate|up'", false, storage}};
+    }
+
+    extents<D, FF> extents_;
+    typename B::template linear<Identity> gate_up_;
+    typename B::template linear<Identity> down_;
+};
+
+} // namespace hypermoe

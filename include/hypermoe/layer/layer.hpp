@@ -1,0 +1,7 @@
+#pragma once
+// layer/: the Layer concept, DenseFfn, RmsNorm, LayerNorm, Residual.
+
+#include "hypermoe/layer/dense_ffn.hpp"
+#include "hypermoe/layer/layer_concept.hpp"
+#include "hypermoe/layer/norm.hpp"
+#include "hypermoe/layer/residual.hpp"

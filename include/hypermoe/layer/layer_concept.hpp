@@ -1,0 +1,42 @@
+#pragma once
+// The Layer concept: a row-wise map from (M, in_width) to (M, out_width) activations. Widths
+// are static (a compile-time constant) or `dynamic`; the row count M is always a run-time value.
+// A layer reports the scratch it needs for M rows and takes it from the caller's Workspace, so a
+// forward call allocates nothing once the workspace has grown (see core/workspace.hpp).
+
+#include <concepts>
+#include <cstddef>
+#include <string_view>
+
+#include "hypermoe/core/error.hpp"
+#include "hypermoe/core/extents.hpp"
+#include "hypermoe/core/matrix.hpp"
+#include "hypermoe/core/workspace.hpp"
+#include "hypermoe/detail/format.hpp"
+
+namespace hypermoe {
+
+template <class L>
+concept Layer = requires(const L& layer, ConstMatrixView<float> x, MatrixView<float> y, Workspace& ws, index_t rows) {
+    { L::static_in_width } -> std::convertible_to<index_t>;
+    { L::static_out_width } -> std::convertible_to<index_t>;
+    { layer.in_width() } -> std::same_as<index_t>;
+    { layer.out_width() } -> std::same_as<index_t>;
+    { layer.workspace_bytes(rows) } -> std::same_as<std::size_t>;
+    layer.forward(x, y, ws);
+};
+
+namespace detail {
+
+/// Shape checks shared by every layer's forward: x is (M, in), y is (M, out).
+inline void check_forward_shapes(ConstMatrixView<float> x, MatrixView<float> y, index_t in, index_t out,
+                                 std::string_view who) {
+    if (x.cols() != in)
+        throw shape_error(concat(who, "::forward: input x has ", x.cols(), " columns, expected ", in));
+    if (y.rows() != x.rows() || y.cols() != out)
+        throw shape_error(concat(who, "::forward: output y has shape ", shape_str(y.rows(), y.cols()),
+                                 ", expected ", shape_str(x.rows(), out)));
+}
+
+} // namespace detail
+} // namespace hypermoe

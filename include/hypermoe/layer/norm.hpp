@@ -1,0 +1,118 @@
+#pragma once
+// Row normalisations: RmsNorm (Zhang & Sennrich, arXiv 1910.07467; Llama, Mixtral, Qwen2,
+// OLMoE, DeepSeek; T5's LayerNorm is the same without a bias) and LayerNorm (GPT-2, BERT).
+// Statistics are accumulated in double, so the result does not depend on the row length's
+// rounding; outputs are float.
+
+#include <cmath>
+#include <span>
+#include <string_view>
+#include <vector>
+
+#include "hypermoe/core/error.hpp"
+#include "hypermoe/core/extents.hpp"
+#include "hypermoe/core/finite.hpp"
+#include "hypermoe/layer/layer_concept.hpp"
+
+namespace hypermoe {
+
+namespace detail {
+
+inline void check_weight_width_of(std::string_view who, index_t static_d, index_t d) {
+    if (static_d != dynamic && static_d != d)
+        throw weight_error(concat(who, ": weight has ", d, " elements, but the type fixes d = ", static_d));
+}
+
+/// Checks a norm's parameters: eps finite and > 0, weight (and bias) of length d, finite.
+inline index_t check_norm_params(std::string_view who, index_t static_d, std::span<const float> weight,
+                                 std::span<const float> bias, bool has_bias, float eps) {
+    if (!(eps > 0.0f) || !is_finite(eps))
+        throw config_error(concat(who, ": eps is ", eps, ", expected a finite value > 0"));
+    const auto d = static_cast<index_t>(weight.size());
+    check_weight_width_of(who, static_d, d);
+    if (has_bias && static_cast<index_t>(bias.size()) != d)
+        throw weight_error(concat(who, ": bias has ", bias.size(), " elements, expected ", d, " (the weight's)"));
+    if (const index_t i = find_non_finite(weight); i >= 0)
+        throw weight_error(concat(who, ": weight element ", i, " is ", weight[std::size_t(i)], ", expected a finite value"));
+    if (const index_t i = find_non_finite(bias); i >= 0)
+        throw weight_error(concat(who, ": bias element ", i, " is ", bias[std::size_t(i)], ", expected a finite value"));
+    return d;
+}
+
+} // namespace detail
+
+/// y = x / sqrt(mean(x^2) + eps) * weight.
+template <index_t D = dynamic>
+class RmsNorm {
+public:
+    static constexpr index_t static_in_width = D;
+    static constexpr index_t static_out_width = D;
+
+    RmsNorm(std::span<const float> weight, float eps)
+        : d_(extents<D>(detail::check_norm_params("RmsNorm", D, weight, {}, false, eps))), eps_(eps),
+          weight_(weight.begin(), weight.end()) {}
+
+    [[nodiscard]] index_t in_width() const noexcept { return d_.extent(0); }
+    [[nodiscard]] index_t out_width() const noexcept { return d_.extent(0); }
+    [[nodiscard]] float eps() const noexcept { return eps_; }
+    [[nodiscard]] std::size_t workspace_bytes(index_t /*rows*/) const noexcept { return 0; }
+
+    void forward(ConstMatrixView<float> x, MatrixView<float> y, Workspace& /*ws*/) const {
+        const index_t d = in_width();
+        detail::check_forward_shapes(x, y, d, d, "RmsNorm");
+        check_finite(x, "RmsNorm::forward: input x");
+        for (index_t r = 0; r < x.rows(); ++r) {
+            double ss = 0;
+            for (index_t j = 0; j < d; ++j) ss += double(x(r, j)) * double(x(r, j));
+            const double inv = 1.0 / std::sqrt(ss / double(d > 0 ? d : 1) + double(eps_));
+            for (index_t j = 0; j < d; ++j) y(r, j) = static_cast<float>(double(x(r, j)) * inv) * weight_[std::size_t(j)];
+        }
+    }
+
+private:
+    extents<D> d_;
+    float eps_;
+    std::vector<float> weight_;
+};
+
+/// y = (x - mean) / sqrt(var + eps) * weight + bias (biased variance, as PyTorch).
+template <index_t D = dynamic>
+class LayerNorm {
+public:
+    static constexpr index_t static_in_width = D;
+    static constexpr index_t static_out_width = D;
+
+    LayerNorm(std::span<const float> weight, std::span<const float> bias, float eps)
+        : d_(extents<D>(detail::check_norm_params("LayerNorm", D, weight, bias, true, eps))), eps_(eps),
+          weight_(weight.begin(), weight.end()), bias_(bias.begin(), bias.end()) {}
+
+    [[nodiscard]] index_t in_width() const noexcept { return d_.extent(0); }
+    [[nodiscard]] index_t out_width() const noexcept { return d_.extent(0); }
+    [[nodiscard]] float eps() const noexcept { return eps_; }
+    [[nodiscard]] std::size_t workspace_bytes(index_t /*rows*/) const noexcept { return 0; }
+
+    void forward(ConstMatrixView<float> x, MatrixView<float> y, Workspace& /*ws*/) const {
+        const index_t d = in_width();
+        detail::check_forward_shapes(x, y, d, d, "LayerNorm");
+        check_finite(x, "LayerNorm::forward: input x");
+        const double n = double(d > 0 ? d : 1);
+        for (index_t r = 0; r < x.rows(); ++r) {
+            double sum = 0;
+            for (index_t j = 0; j < d; ++j) sum += x(r, j);
+            const double mean = sum / n;
+            double ss = 0;
+            for (index_t j = 0; j < d; ++j) ss += (x(r, j) - mean) * (x(r, j) - mean);
+            const double inv = 1.0 / std::sqrt(ss / n + double(eps_));
+            for (index_t j = 0; j < d; ++j)
+                y(r, j) = static_cast<float>((x(r, j) - mean) * inv) * weight_[std::size_t(j)] + bias_[std::size_t(j)];
+        }
+    }
+
+private:
+    extents<D> d_;
+    float eps_;
+    std::vector<float> weight_;
+    std::vector<float> bias_;
+};
+
+} // namespace hypermoe

@@ -1,0 +1,129 @@
+#include <doctest/doctest.h>
+
+#include <limits>
+#include <vector>
+
+#include "test_support.hpp"
+
+using namespace hypermoe;
+using test::random_matrix;
+using test::random_vector;
+using test::relative_error;
+
+namespace {
+
+struct Case {
+    index_t m, k, n;
+    bool bias;
+    bool accumulate;
+    float scale;
+    dtype storage;
+};
+
+/// Runs linear<Act> of backend B and of the reference on the same inputs and compares.
+template <class B, class Act>
+void compare_with_reference(const Case& c, WeightView w) {
+    CAPTURE(c.m);
+    CAPTURE(c.k);
+    CAPTURE(c.n);
+    CAPTURE(c.bias);
+    CAPTURE(c.accumulate);
+    CAPTURE(c.scale);
+    CAPTURE(to_string(c.storage));
+    CAPTURE(Act::name);
+    const auto bias = c.bias ? random_vector(c.n, 7) : std::vector<float>{};
+    const LinearOptions opt{"test", c.accumulate, c.storage};
+    const typename B::template linear<Act> lin(w, bias, opt);
+    const reference::linear<Act> ref(w, bias, opt);
+    CHECK(lin.storage() == c.storage);
+    CHECK(lin.in_features() == c.k);
+    CHECK(lin.out_features() == c.n);
+
+    // The input is a column block of a wider buffer, so strided rows are covered too.
+    const Matrix<float> wide = random_matrix(c.m, c.k + 3, 11);
+    const auto a = ConstMatrixView<float>(wide.view()).col_block(2, c.k);
+    Matrix<float> got = random_matrix(c.m, c.n, 13); // accumulate adds to these
+    Matrix<float> want = got;
+    Workspace ws;
+    lin(a, got.view(), ws, c.scale);
+    ref(a, want.view(), ws, c.scale);
+    CHECK(relative_error(got.view(), want.view()) <= test::tolerance(c.k));
+}
+
+template <class B, class Act>
+void sweep() {
+    for (const index_t m : {0, 1, 7, 64})
+        for (const auto& [k, n] : {std::pair<index_t, index_t>{37, 19}, {64, 128}})
+            for (const dtype storage : {dtype::f32, dtype::bf16}) {
+                const Matrix<float> w = random_matrix(n, k, 5, 0.3f);
+                for (const bool bias : {false, true})
+                    for (const bool acc : {false, true})
+                        for (const float scale : {1.0f, 0.5f})
+                            compare_with_reference<B, Act>({m, k, n, bias, acc, scale, storage}, w.view());
+            }
+}
+
+} // namespace
+
+TEST_CASE_TEMPLATE_DEFINE("linear matches the reference for every epilogue", B, linear_sweep) {
+    sweep<B, Identity>();
+    sweep<B, Relu>();
+    sweep<B, Gelu>();
+    sweep<B, GeluTanh>();
+    sweep<B, Silu>();
+    sweep<B, Relu2>();
+}
+TEST_CASE_TEMPLATE_APPLY(linear_sweep, test::all_backends);
+
+TEST_CASE_TEMPLATE_DEFINE("linear takes bf16 weights as stored", B, linear_bf16_source) {
+    const Matrix<float> w = random_matrix(24, 40, 3);
+    const Matrix<bf16> wb = test::to_bf16(w.view());
+    const typename B::template linear<Silu> lin(ConstMatrixView<bf16>(wb.view()), {}, {"w"});
+    CHECK(lin.storage() == dtype::bf16);
+    // The same values given as f32 with bf16 storage give the same map.
+    const reference::linear<Silu> ref(ConstMatrixView<float>(w.view()), {}, {"w", false, dtype::bf16});
+    const Matrix<float> a = random_matrix(5, 40, 4);
+    Matrix<float> got(5, 24), want(5, 24);
+    Workspace ws;
+    lin(a.view(), got.view(), ws);
+    ref(a.view(), want.view(), ws);
+    CHECK(relative_error(got.view(), want.view()) <= test::tolerance(40));
+}
+TEST_CASE_TEMPLATE_APPLY(linear_bf16_source, test::all_backends);
+
+TEST_CASE_TEMPLATE_DEFINE("linear rejects bad weights and shapes", B, linear_errors) {
+    Matrix<float> w = random_matrix(8, 4, 1);
+    const std::vector<float> short_bias(7, 0.f);
+    using L = typename B::template linear<Relu>;
+    CHECK_THROWS_WITH_AS(L(ConstMatrixView<float>(w.view()), short_bias, {"up"}),
+                         "up: bias has 7 elements, expected 8 (the weight's rows)", weight_error);
+    w(3, 2) = std::numeric_limits<float>::infinity();
+    CHECK_THROWS_WITH_AS(L(ConstMatrixView<float>(w.view()), {}, {"up"}),
+                         "up: weight element (3, 2) is inf, expected a finite value", weight_error);
+    w(3, 2) = 0;
+    std::vector<float> nan_bias(8, 0.f);
+    nan_bias[5] = std::numeric_limits<float>::quiet_NaN();
+    CHECK_THROWS_WITH_AS(L(ConstMatrixView<float>(w.view()), nan_bias, {"up"}),
+                         "up: bias element 5 is nan, expected a finite value", weight_error);
+
+    const L lin(ConstMatrixView<float>(w.view()), {}, {"up"});
+    Workspace ws;
+    Matrix<float> a(3, 5), c(3, 8), c_bad(2, 8);
+    CHECK_THROWS_WITH_AS(lin(a.view(), c.view(), ws), "up: input has 5 columns, expected 4", shape_error);
+    Matrix<float> a_ok(3, 4);
+    CHECK_THROWS_WITH_AS(lin(a_ok.view(), c_bad.view(), ws), "up: output has shape (2, 8), expected (3, 8)",
+                         shape_error);
+}
+TEST_CASE_TEMPLATE_APPLY(linear_errors, test::all_backends);
+
+#if HYPERMOE_HAS_ONEDNN
+TEST_CASE("onednn: one primitive per (K, N, epilogue), shared between linears") {
+    const Matrix<float> w1 = random_matrix(16, 8, 1), w2 = random_matrix(16, 8, 2);
+    const auto p1 = detail::onednn_matmul(8, 16, false, activation_kind::relu, false);
+    const onednn::linear<Relu> a(ConstMatrixView<float>(w1.view()), {}, {"a"});
+    const onednn::linear<Relu> b(ConstMatrixView<float>(w2.view()), {}, {"b"});
+    CHECK(detail::onednn_matmul(8, 16, false, activation_kind::relu, false) == p1);
+    CHECK(p1.use_count() >= 3);
+    CHECK(detail::onednn_matmul(8, 16, true, activation_kind::relu, false) != p1);
+}
+#endif

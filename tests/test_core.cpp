@@ -1,0 +1,169 @@
+#include <doctest/doctest.h>
+
+#include <bit>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+
+#include <hypermoe/core/core.hpp>
+
+using namespace hypermoe;
+
+TEST_CASE("extents store only their dynamic values") {
+    static_assert(extents<3, 4>::rank() == 2 && extents<3, 4>::rank_dynamic() == 0);
+    static_assert(extents<dynamic, 4>::rank_dynamic() == 1);
+    static_assert(sizeof(extents<dynamic, 4, dynamic>) == 2 * sizeof(index_t));
+    static_assert(std::is_empty_v<extents<3, 4>> || sizeof(extents<3, 4>) <= 1);
+    constexpr extents<3, 4> s;
+    static_assert(s.extent(0) == 3 && s.extent(1) == 4);
+
+    const extents<dynamic, 4> a(7);
+    CHECK(a.extent(0) == 7);
+    CHECK(a.extent(1) == 4);
+    const extents<dynamic, 4> b(7, 4); // every extent, static ones checked
+    CHECK(a == b);
+    CHECK_THROWS_WITH_AS((extents<dynamic, 4>(7, 5)), "extents: extent 1 is 5, expected the static extent 4",
+                         shape_error);
+    CHECK_THROWS_WITH_AS(extents<dynamic>(-2), "extents: extent 0 is -2, expected >= 0", shape_error);
+}
+
+TEST_CASE("extents convert static -> dynamic implicitly and dynamic -> static explicitly, checked") {
+    static_assert(std::is_convertible_v<extents<3, 4>, extents<dynamic, dynamic>>);
+    static_assert(!std::is_convertible_v<extents<dynamic, 4>, extents<3, 4>>);
+    static_assert(std::is_constructible_v<extents<3, 4>, extents<dynamic, 4>>);
+    static_assert(!std::is_constructible_v<extents<3, 4>, extents<5, 4>>);
+
+    const extents<dynamic, dynamic> d = extents<3, 4>{};
+    CHECK(d.extent(0) == 3);
+    CHECK((extents<3, 4>(extents<dynamic, 4>(3)) == extents<3, 4>{}));
+    CHECK_THROWS_WITH_AS((extents<3, 4>(extents<dynamic, 4>(2))), "extents: extent 0 is 2, expected the static extent 3",
+                         shape_error);
+}
+
+TEST_CASE("check_static_width names both sides") {
+    CHECK_NOTHROW(check_static_width("X", "d_model", dynamic, 12));
+    CHECK_NOTHROW(check_static_width("X", "d_model", 12, 12));
+    CHECK_THROWS_WITH_AS(check_static_width("X", "d_model", 16, 12),
+                         "X: d_model is 12 at run time, but the type fixes it to 16", config_error);
+    CHECK_THROWS_WITH_AS(check_static_width("X", "d_model", dynamic, -1), "X: d_model is -1, expected >= 0",
+                         config_error);
+}
+
+TEST_CASE("bf16 rounds to nearest even, as PyTorch") {
+    const auto bits_of = [](std::uint32_t u) { return bf16::from_float(std::bit_cast<float>(u)).bits; };
+    CHECK(bf16::from_float(1.0f).bits == 0x3F80);
+    CHECK(bits_of(0x3F808000u) == 0x3F80); // exactly half way, even below
+    CHECK(bits_of(0x3F818000u) == 0x3F82); // exactly half way, even above
+    CHECK(bits_of(0x3F808001u) == 0x3F81); // above half way
+    CHECK(bits_of(0x3F807FFFu) == 0x3F80); // below half way
+    CHECK(bits_of(0x7F7FFFFFu) == 0x7F80); // FLT_MAX rounds to +Inf
+    CHECK(bits_of(0xFF800000u) == 0xFF80); // -Inf stays
+    CHECK(bits_of(0x7FC00001u) == 0x7FC0); // NaN -> canonical quiet NaN
+    CHECK(bits_of(0xFF812345u) == 0x7FC0);
+    CHECK(bits_of(0x00000001u) == 0x0000); // smallest subnormal rounds to zero
+    CHECK(bf16::from_float(-2.5f).to_float() == -2.5f);
+    // Every non-NaN bf16 survives the round trip.
+    for (std::uint32_t b = 0; b < 0x10000u; ++b) {
+        const bf16 v{static_cast<std::uint16_t>(b)};
+        if ((b & 0x7FFFu) > 0x7F80u) continue;
+        REQUIRE(bf16::from_float(v.to_float()) == v);
+    }
+}
+
+TEST_CASE("MatrixView: blocks, strides and checked construction") {
+    Matrix<float> m(4, 6);
+    for (index_t r = 0; r < 4; ++r)
+        for (index_t c = 0; c < 6; ++c) m(r, c) = float(10 * r + c);
+    CHECK(reinterpret_cast<std::uintptr_t>(m.data()) % buffer_alignment == 0);
+    const auto v = m.view();
+    const auto cols = v.col_block(2, 3);
+    CHECK(cols.stride() == 6);
+    CHECK(cols(1, 0) == 12.0f);
+    CHECK_FALSE(cols.contiguous());
+    const auto rows = v.row_block(2, 2);
+    CHECK(rows(0, 5) == 25.0f);
+    CHECK(rows.row(1)[3] == 33.0f);
+    const ConstMatrixView<float> cv = v; // mutable -> const converts
+    CHECK(cv(3, 5) == 35.0f);
+    float data[4] = {};
+    CHECK_THROWS_WITH_AS(MatrixView<float>(data, 2, 3, 2),
+                         "MatrixView: shape (2, 3) with row stride 2, expected non-negative sizes and stride >= cols",
+                         shape_error);
+    CHECK_THROWS_WITH_AS(MatrixView<float>(nullptr, 2, 2), "MatrixView: null data for shape (2, 2)", shape_error);
+    CHECK_THROWS_WITH_AS(Matrix<float>(-1, 2), "Matrix: shape (-1, 2), expected non-negative sizes", shape_error);
+    CHECK_THROWS_WITH_AS(check_shape(cv, 4, 5, "f", "x"), "f: x has shape (4, 6), expected (4, 5)", shape_error);
+
+    Matrix<float> copy = m;
+    CHECK(copy(3, 5) == 35.0f);
+    CHECK(copy.data() != m.data());
+}
+
+TEST_CASE("Workspace: aligned buffers, scopes, growth only at the outermost scope") {
+    Workspace ws;
+    {
+        Workspace::Scope outer(ws, 1000);
+        CHECK(ws.capacity() >= 1000);
+        auto a = ws.take<float>(3);
+        auto b = ws.take<float>(5);
+        CHECK(reinterpret_cast<std::uintptr_t>(a.data()) % buffer_alignment == 0);
+        CHECK(reinterpret_cast<std::uintptr_t>(b.data()) % buffer_alignment == 0);
+        CHECK(ws.used() == 128);
+        {
+            Workspace::Scope inner(ws, 64);
+            (void)ws.take<float>(16);
+            CHECK(ws.used() == 192);
+        }
+        CHECK(ws.used() == 128);
+        CHECK_THROWS_WITH_AS(Workspace::Scope(ws, 5000),
+                             "Workspace::Scope: 5000 bytes needed, 872 left (a workspace_bytes() underestimate)",
+                             error);
+        CHECK_THROWS_AS((void)ws.take<float>(10000), error);
+        CHECK_THROWS_WITH_AS(ws.reserve(1 << 20),
+                             "Workspace::reserve: cannot grow to 1048576 bytes while 128 bytes are in use", error);
+    }
+    CHECK(ws.used() == 0);
+    const auto before = ws.capacity();
+    { Workspace::Scope again(ws, 10); }
+    CHECK(ws.capacity() == before); // no shrink, no regrow
+}
+
+TEST_CASE("finite checks read the bits") {
+    CHECK(is_finite(1.0f));
+    CHECK(is_finite(std::numeric_limits<float>::max()));
+    CHECK_FALSE(is_finite(std::numeric_limits<float>::infinity()));
+    CHECK_FALSE(is_finite(-std::numeric_limits<float>::infinity()));
+    CHECK_FALSE(is_finite(std::numeric_limits<float>::quiet_NaN()));
+    Matrix<float> m(2, 3);
+    CHECK_NOTHROW(check_finite(m.view(), "x"));
+    m(1, 2) = std::numeric_limits<float>::quiet_NaN();
+    CHECK_THROWS_WITH_AS(check_finite(ConstMatrixView<float>(m.view()), "x"),
+                         "x: element (1, 2) is nan, expected a finite value", numeric_error);
+    const float v[3] = {0.f, -std::numeric_limits<float>::infinity(), 1.f};
+    CHECK_THROWS_WITH_AS(check_finite(std::span<const float>(v), "bias"),
+                         "bias: element 1 is -inf, expected a finite value", numeric_error);
+}
+
+TEST_CASE("float activations match their double forms") {
+    double worst_exp = 0;
+    for (float x = -87.0f; x <= 88.0f; x += 0.00731f) {
+        const double ref = std::exp(double(x));
+        worst_exp = std::max(worst_exp, std::abs(double(detail::exp_approx(x)) - ref) / ref);
+    }
+    CHECK(worst_exp < 2.2e-7); // measured 2.11e-7
+    const auto worst = [](auto act) {
+        double w = 0;
+        for (float x = -20.0f; x <= 20.0f; x += 0.0137f) {
+            const double ref = decltype(act)::apply(double(x));
+            w = std::max(w, std::abs(double(decltype(act)::apply(x)) - ref) / std::max(1.0, std::abs(ref)));
+        }
+        return w;
+    };
+    CHECK(worst(Silu{}) < 1e-6);
+    CHECK(worst(GeluTanh{}) < 1e-6);
+    CHECK(worst(Gelu{}) < 1e-6);
+    CHECK(Relu2::apply(-3.0f) == 0.0f);
+    CHECK(Relu2::apply(3.0f) == 9.0f);
+    CHECK(Relu::apply(-0.5) == 0.0);
+    CHECK(Silu::apply(-200.0f) == doctest::Approx(0.0f));
+}

@@ -1,0 +1,162 @@
+#include <doctest/doctest.h>
+
+#include <vector>
+
+#include "test_support.hpp"
+
+using namespace hypermoe;
+using test::random_matrix;
+using test::random_vector;
+using test::relative_error;
+
+namespace {
+
+/// The expert formulas written out in double, independent of every backend.
+template <class Act>
+Matrix<float> naive_ffn(ConstMatrixView<float> x, ConstMatrixView<float> up, const std::vector<float>& bu,
+                        ConstMatrixView<float> down, const std::vector<float>& bd) {
+    Matrix<float> y(x.rows(), down.rows());
+    std::vector<double> h(static_cast<std::size_t>(up.rows()));
+    for (index_t m = 0; m < x.rows(); ++m) {
+        for (index_t f = 0; f < up.rows(); ++f) {
+            double acc = bu.empty() ? 0.0 : bu[std::size_t(f)];
+            for (index_t k = 0; k < x.cols(); ++k) acc += double(x(m, k)) * up(f, k);
+            h[std::size_t(f)] = Act::apply(acc);
+        }
+        for (index_t o = 0; o < down.rows(); ++o) {
+            double acc = bd.empty() ? 0.0 : bd[std::size_t(o)];
+            for (index_t f = 0; f < up.rows(); ++f) acc += h[std::size_t(f)] * down(o, f);
+            y(m, o) = float(acc);
+        }
+    }
+    return y;
+}
+
+template <class Act>
+Matrix<float> naive_glu(ConstMatrixView<float> x, ConstMatrixView<float> gate, ConstMatrixView<float> up,
+                        ConstMatrixView<float> down) {
+    Matrix<float> y(x.rows(), down.rows());
+    std::vector<double> h(static_cast<std::size_t>(up.rows()));
+    for (index_t m = 0; m < x.rows(); ++m) {
+        for (index_t f = 0; f < up.rows(); ++f) {
+            double g = 0, u = 0;
+            for (index_t k = 0; k < x.cols(); ++k) {
+                g += double(x(m, k)) * gate(f, k);
+                u += double(x(m, k)) * up(f, k);
+            }
+            h[std::size_t(f)] = Act::apply(g) * u;
+        }
+        for (index_t o = 0; o < down.rows(); ++o) {
+            double acc = 0;
+            for (index_t f = 0; f < up.rows(); ++f) acc += h[std::size_t(f)] * down(o, f);
+            y(m, o) = float(acc);
+        }
+    }
+    return y;
+}
+
+/// Static and dynamic widths of the same (d, ff): the tests run both.
+template <class B, index_t D, index_t FF>
+struct Config {
+    using backend = B;
+    static constexpr index_t d = D == dynamic ? 37 : D;
+    static constexpr index_t ff = FF == dynamic ? 53 : FF;
+    static constexpr index_t static_d = D;
+    static constexpr index_t static_ff = FF;
+};
+
+template <class B>
+using configs_of = std::tuple<Config<B, dynamic, dynamic>, Config<B, 37, 53>, Config<B, 37, dynamic>>;
+
+using all_configs = decltype(std::apply([](auto... b) { return std::tuple_cat(configs_of<decltype(b)>{}...); },
+                                        test::all_backends{}));
+
+} // namespace
+
+TEST_CASE_TEMPLATE_DEFINE("FfnExpert matches the formula and the reference backend", C, ffn_expert) {
+    using B = typename C::backend;
+    constexpr index_t d = C::d, ff = C::ff;
+    const Matrix<float> up = random_matrix(ff, d, 1, 0.3f), down = random_matrix(d, ff, 2, 0.3f);
+    const auto bu = random_vector(ff, 3), bd = random_vector(d, 4);
+    const FfnWeights w{.up = ConstMatrixView<float>(up.view()), .down = ConstMatrixView<float>(down.view()),
+                       .up_bias = bu, .down_bias = bd};
+    const FfnExpert<B, GeluTanh, C::static_d, C::static_ff> expert(w);
+    const FfnExpert<reference, GeluTanh> oracle(w);
+    CHECK(expert.d_model() == d);
+    CHECK(expert.d_ff() == ff);
+    static_assert(Expert<FfnExpert<B, GeluTanh, C::static_d, C::static_ff>>);
+    Workspace ws;
+    for (const index_t m : {0, 1, 5, 64}) {
+        CAPTURE(m);
+        const Matrix<float> x = random_matrix(m, d, 5);
+        Matrix<float> y(m, d), y_ref(m, d);
+        expert.forward(x.view(), y.view(), ws);
+        oracle.forward(x.view(), y_ref.view(), ws);
+        const Matrix<float> y_naive = naive_ffn<GeluTanh>(x.view(), up.view(), bu, down.view(), bd);
+        CHECK(relative_error(y_ref.view(), y_naive.view()) <= 1e-6);
+        CHECK(relative_error(y.view(), y_ref.view()) <= test::tolerance(d + ff));
+    }
+}
+TEST_CASE_TEMPLATE_APPLY(ffn_expert, all_configs);
+
+TEST_CASE_TEMPLATE_DEFINE("GluExpert matches the formula and the reference backend", C, glu_expert) {
+    using B = typename C::backend;
+    constexpr index_t d = C::d, ff = C::ff;
+    const Matrix<float> gate = random_matrix(ff, d, 1, 0.3f), up = random_matrix(ff, d, 2, 0.3f),
+                        down = random_matrix(d, ff, 3, 0.3f);
+    for (const dtype storage : {dtype::f32, dtype::bf16}) {
+        CAPTURE(to_string(storage));
+        // bf16 weights are given as bf16 tensors, as a checkpoint would.
+        const Matrix<bf16> gb = test::to_bf16(gate.view()), ub = test::to_bf16(up.view()),
+                           db = test::to_bf16(down.view());
+        const GluWeights w = storage == dtype::f32
+            ? GluWeights{.gate = ConstMatrixView<float>(gate.view()), .up = ConstMatrixView<float>(up.view()),
+                         .down = ConstMatrixView<float>(down.view())}
+            : GluWeights{.gate = ConstMatrixView<bf16>(gb.view()), .up = ConstMatrixView<bf16>(ub.view()),
+                         .down = ConstMatrixView<bf16>(db.view())};
+        const GluExpert<B, Silu, C::static_d, C::static_ff> expert(w);
+        const GluExpert<reference, Silu> oracle(w);
+        Workspace ws;
+        for (const index_t m : {0, 1, 5, 64}) {
+            CAPTURE(m);
+            const Matrix<float> x = random_matrix(m, d, 5);
+            Matrix<float> y(m, d), y_ref(m, d);
+            expert.forward(x.view(), y.view(), ws);
+            oracle.forward(x.view(), y_ref.view(), ws);
+            if (storage == dtype::f32) {
+                const Matrix<float> y_naive = naive_glu<Silu>(x.view(), gate.view(), up.view(), down.view());
+                CHECK(relative_error(y_ref.view(), y_naive.view()) <= 1e-6);
+            }
+            CHECK(relative_error(y.view(), y_ref.view()) <= test::tolerance(d + ff));
+        }
+    }
+}
+TEST_CASE_TEMPLATE_APPLY(glu_expert, all_configs);
+
+TEST_CASE_TEMPLATE_DEFINE("experts reject mis-shaped weights and inputs", B, expert_errors) {
+    const Matrix<float> up = random_matrix(16, 8, 1), down = random_matrix(8, 16, 2), bad = random_matrix(8, 15, 3);
+    const ConstMatrixView<float> u = up.view(), dn = down.view(), bd = bad.view();
+    CHECK_THROWS_WITH_AS((FfnExpert<B, Relu>(FfnWeights{.up = u, .down = bd})),
+                         "FfnExpert: weight 'down' has shape (8, 15), expected (8, 16)", weight_error);
+    CHECK_THROWS_WITH_AS((FfnExpert<B, Relu, 12>(FfnWeights{.up = u, .down = dn})),
+                         "FfnExpert: weight 'up' gives d_model = 8, but the type fixes d_model = 12", weight_error);
+    CHECK_THROWS_WITH_AS((FfnExpert<B, Relu, 8, 32>(FfnWeights{.up = u, .down = dn})),
+                         "FfnExpert: weight 'up' gives d_ff = 16, but the type fixes d_ff = 32", weight_error);
+    const std::vector<float> bias(15, 0.f);
+    CHECK_THROWS_WITH_AS((FfnExpert<B, Relu>(FfnWeights{.up = u, .down = dn, .up_bias = bias})),
+                         "FfnExpert weight 'up': bias has 15 elements, expected 16 (the weight's rows)", weight_error);
+    CHECK_THROWS_WITH_AS((GluExpert<B, Silu>(GluWeights{.gate = u, .up = bd, .down = dn})),
+                         "GluExpert: weight 'up' has shape (8, 15), expected (16, 8)", weight_error);
+    CHECK_THROWS_WITH_AS((GluExpert<B, Silu>(GluWeights{.gate = u, .up = u, .down = dn, .gate_bias = bias})),
+                         "GluExpert: bias 'gate' has 15 elements, expected 16", weight_error);
+
+    const FfnExpert<B, Relu, 8> e(FfnWeights{.up = u, .down = dn});
+    Workspace ws;
+    Matrix<float> x(3, 9), y(3, 8);
+    CHECK_THROWS_WITH_AS(e.forward(x.view(), y.view(), ws), "FfnExpert::forward: input x has 9 columns, expected 8",
+                         shape_error);
+    Matrix<float> x8(3, 8), y_bad(4, 8);
+    CHECK_THROWS_WITH_AS(e.forward(x8.view(), y_bad.view(), ws),
+                         "FfnExpert::forward: output y has shape (4, 8), expected (3, 8)", shape_error);
+}
+TEST_CASE_TEMPLATE_APPLY(expert_errors, test::all_backends);

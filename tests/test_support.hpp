@@ -1,0 +1,71 @@
+#pragma once
+// Shared test helpers: the backends this build has, seeded random data, and the error measure
+// every comparison uses (max |got - ref| / max |ref|, relative to the largest reference value).
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <random>
+#include <tuple>
+#include <vector>
+
+#include <hypermoe/hypermoe.hpp>
+#if HYPERMOE_HAS_EIGEN
+#include <hypermoe/backend/eigen.hpp>
+#endif
+#if HYPERMOE_HAS_ONEDNN
+#include <hypermoe/backend/onednn.hpp>
+#endif
+
+namespace hypermoe::test {
+
+/// Every backend of this build; the reference is always first (it is the oracle).
+using all_backends = std::tuple<reference
+#if HYPERMOE_HAS_EIGEN
+                                ,
+                                eigen
+#endif
+#if HYPERMOE_HAS_ONEDNN
+                                ,
+                                onednn
+#endif
+                                >;
+
+inline std::vector<float> random_vector(index_t n, std::uint32_t seed, float scale = 1.0f) {
+    std::mt19937 rng(seed);
+    std::uniform_real_distribution<float> dist(-scale, scale);
+    std::vector<float> v(static_cast<std::size_t>(n));
+    for (auto& x : v) x = dist(rng);
+    return v;
+}
+
+inline Matrix<float> random_matrix(index_t rows, index_t cols, std::uint32_t seed, float scale = 1.0f) {
+    Matrix<float> m(rows, cols);
+    const auto v = random_vector(rows * cols, seed, scale);
+    std::copy(v.begin(), v.end(), m.data());
+    return m;
+}
+
+inline Matrix<bf16> to_bf16(ConstMatrixView<float> m) {
+    Matrix<bf16> out(m.rows(), m.cols());
+    for (index_t r = 0; r < m.rows(); ++r)
+        for (index_t c = 0; c < m.cols(); ++c) out(r, c) = bf16::from_float(m(r, c));
+    return out;
+}
+
+/// max |got - ref| / max |ref| (0 when both are empty or all zero).
+inline double relative_error(ConstMatrixView<float> got, ConstMatrixView<float> ref) {
+    double diff = 0, scale = 0;
+    for (index_t r = 0; r < ref.rows(); ++r)
+        for (index_t c = 0; c < ref.cols(); ++c) {
+            diff = std::max(diff, std::abs(double(got(r, c)) - double(ref(r, c))));
+            scale = std::max(scale, std::abs(double(ref(r, c))));
+        }
+    return scale == 0 ? diff : diff / scale;
+}
+
+/// Float32 tolerance for a chain of GEMMs whose reduction lengths add up to `k_total`: the
+/// worst-case rounding grows linearly with K; activations add ~2e-7.
+inline double tolerance(index_t k_total) { return 1e-6 + 2.4e-7 * double(k_total); }
+
+} // namespace hypermoe::test
