@@ -7,4 +7,5 @@
 #include "hypermoe/core/extents.hpp"
 #include "hypermoe/core/finite.hpp"
 #include "hypermoe/core/matrix.hpp"
+#include "hypermoe/core/parallel.hpp"
 #include "hypermoe/core/workspace.hpp"

@@ -11,6 +11,7 @@
 #include "hypermoe/backend/backend_concept.hpp"
 #include "hypermoe/core/activation.hpp"
 #include "hypermoe/core/extents.hpp"
+#include "hypermoe/core/parallel.hpp"
 #include "hypermoe/expert/expert_concept.hpp"
 #include "hypermoe/expert/ffn_expert.hpp"
 
@@ -47,7 +48,7 @@ public:
     [[nodiscard]] const extents<D, FF>& widths() const noexcept { return extents_; }
 
     [[nodiscard]] std::size_t workspace_bytes(index_t rows) const noexcept {
-        return detail::padded_bytes<float>(rows * 2 * d_ff()) +
+        return detail::padded_bytes<float>(rows * 2 * d_ff()) + detail::padded_bytes<float>(rows * d_ff()) +
                std::max(gate_up_.workspace_bytes(rows), down_.workspace_bytes(rows));
     }
 
@@ -57,12 +58,20 @@ public:
         const index_t ff = d_ff();
         MatrixView<float> gu = ws.take_matrix<float>(x.rows(), 2 * ff); // (M, 2 ff): [gate | up]
         gate_up_(x, gu, ws);
-        // h = Act(g) * u, written over the gate half, which the down GEMM then reads with stride 2 ff.
-        for (index_t r = 0; r < gu.rows(); ++r) {
-            float* row = gu.row(r).data();
-            for (index_t j = 0; j < ff; ++j) row[j] = Act::apply(row[j]) * row[ff + j];
-        }
-        down_(gu.col_block(0, ff), y, ws);
+        // h = Act(g) * u into its own contiguous buffer: the down GEMM reading h with stride
+        // 2 ff instead measured 10-20% slower at M = 8. Split into (row, column block) items so
+        // that both cores work at M = 1 too.
+        MatrixView<float> h = ws.take_matrix<float>(x.rows(), ff); // (M, ff)
+        constexpr index_t block = 512;
+        const index_t blocks = (ff + block - 1) / block;
+        detail::parallel_for(gu.rows() * blocks, gu.rows() * ff, [&](index_t item) {
+            const index_t r = item / blocks, j0 = item % blocks * block, n = std::min(block, ff - j0);
+            const float* __restrict g = gu.row(r).data() + j0;
+            const float* __restrict u = g + ff;
+            float* __restrict out = h.row(r).data() + j0;
+            for (index_t j = 0; j < n; ++j) out[j] = Act::apply(g[j]) * u[j];
+        });
+        down_(h, y, ws);
     }
 
 private:
