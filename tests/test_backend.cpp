@@ -53,7 +53,7 @@ void compare_with_reference(const Case& c, WeightView w) {
 template <class B, class Act>
 void sweep() {
     for (const index_t m : {0, 1, 7, 64})
-        for (const auto& [k, n] : {std::pair<index_t, index_t>{37, 19}, {64, 128}})
+        for (const auto& [k, n] : {std::pair<index_t, index_t>{37, 19}, {64, 128}, {0, 5}, {6, 0}})
             for (const dtype storage : {dtype::f32, dtype::bf16}) {
                 const Matrix<float> w = random_matrix(n, k, 5, 0.3f);
                 for (const bool bias : {false, true})
@@ -125,5 +125,10 @@ TEST_CASE("onednn: one primitive per (K, N, epilogue), shared between linears") 
     CHECK(detail::onednn_matmul(8, 16, false, activation_kind::relu, false) == p1);
     CHECK(p1.use_count() >= 3);
     CHECK(detail::onednn_matmul(8, 16, true, activation_kind::relu, false) != p1);
+}
+
+TEST_CASE("onednn: a primitive oneDNN cannot create is a backend_error naming the shape") {
+    CHECK_THROWS_WITH_AS((void)detail::onednn_matmul(-3, 16, false, activation_kind::relu, false),
+                         doctest::Contains("onednn: cannot create a matmul for K = -3, N = 16: "), backend_error);
 }
 #endif

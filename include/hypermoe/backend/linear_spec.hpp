@@ -104,5 +104,15 @@ void epilogue_accumulate(ConstMatrixView<float> t, MatrixView<float> c, const fl
     }
 }
 
+/// c = [c +] scale * Act(bias), for K = 0, where A W^T is zero.
+template <class Act>
+void epilogue_bias_only(MatrixView<float> c, const float* bias, float scale, bool accumulate) noexcept {
+    for (index_t r = 0; r < c.rows(); ++r)
+        for (index_t j = 0; j < c.cols(); ++j) {
+            const float v = scale * Act::apply(bias != nullptr ? bias[j] : 0.0f);
+            c(r, j) = accumulate ? c(r, j) + v : v;
+        }
+}
+
 } // namespace detail
 } // namespace hypermoe

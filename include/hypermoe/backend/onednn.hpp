@@ -72,23 +72,23 @@ inline void append_activation(dnnl::post_ops& po, activation_kind kind) {
                                                                           activation_kind act, bool accumulate) {
     using dt = dnnl::memory::data_type;
     constexpr dnnl::memory::dim rt = DNNL_RUNTIME_DIM_VAL;
-    const dnnl::memory::desc a({rt, k}, dt::f32, {rt, 1});
-    const dnnl::memory::desc w({k, n}, dt::f32, dnnl::memory::format_tag::any);
-    const dnnl::memory::desc b({1, n}, dt::f32, {n, 1});
-    const dnnl::memory::desc c({rt, n}, dt::f32, {rt, 1});
-    const auto create = [&](bool with_act, bool with_sum) {
-        dnnl::post_ops po;
-        if (with_act) append_activation(po, act);
-        if (with_sum) po.append_sum(1.f);
-        dnnl::primitive_attr attr;
-        attr.set_post_ops(po);
-        auto desc = bias ? dnnl::matmul::desc(a, w, b, c) : dnnl::matmul::desc(a, w, c);
-        return dnnl::matmul::primitive_desc(desc, attr, onednn_engine());
-    };
     const auto is_ref = [](const dnnl::matmul::primitive_desc& pd) {
         return std::string_view(pd.impl_info_str()).starts_with("ref");
     };
     try {
+        const dnnl::memory::desc a({rt, k}, dt::f32, {rt, 1});
+        const dnnl::memory::desc w({k, n}, dt::f32, dnnl::memory::format_tag::any);
+        const dnnl::memory::desc b({1, n}, dt::f32, {n, 1});
+        const dnnl::memory::desc c({rt, n}, dt::f32, {rt, 1});
+        const auto create = [&](bool with_act, bool with_sum) {
+            dnnl::post_ops po;
+            if (with_act) append_activation(po, act);
+            if (with_sum) po.append_sum(1.f);
+            dnnl::primitive_attr attr;
+            attr.set_post_ops(po);
+            auto desc = bias ? dnnl::matmul::desc(a, w, b, c) : dnnl::matmul::desc(a, w, c);
+            return dnnl::matmul::primitive_desc(desc, attr, onednn_engine());
+        };
         const bool sum = accumulate && act == activation_kind::identity;
         auto pd = create(true, sum);
         bool fused = true;
@@ -130,7 +130,8 @@ struct onednn {
         linear(WeightView w, std::span<const float> bias, LinearOptions opt)
             : name_(std::move(opt.name)), accumulate_(opt.accumulate), k_(w.cols()), n_(w.rows()),
               storage_(detail::validate_linear(w, bias, {name_, accumulate_, opt.storage})),
-              matmul_(detail::onednn_matmul(k_, n_, !bias.empty(), Act::kind, accumulate_)) {
+              matmul_(k_ > 0 && n_ > 0 ? detail::onednn_matmul(k_, n_, !bias.empty(), Act::kind, accumulate_)
+                                       : nullptr) {
             // Source weights as the (K, N) matrix W^T, then one reorder into the primitive's layout.
             using dt = dnnl::memory::data_type;
             std::vector<float> wt(static_cast<std::size_t>(k_ * n_));
@@ -138,6 +139,10 @@ struct onednn {
                 for (index_t c = 0; c < k_; ++c)
                     wt[static_cast<std::size_t>(c * n_ + r)] = detail::stored_value(w.at(r, c), storage_);
             const auto& engine = detail::onednn_engine();
+            if (!matmul_) { // K = 0 or N = 0: A W^T is zero, only the bias remains
+                bias_f32_.assign(bias.begin(), bias.end());
+                return;
+            }
             try {
                 dnnl::memory src({{k_, n_}, dt::f32, {n_, 1}}, engine, wt.data());
                 weights_ = dnnl::memory(matmul_->pd.weights_desc(), engine);
@@ -162,6 +167,10 @@ struct onednn {
         void operator()(ConstMatrixView<float> a, MatrixView<float> c, Workspace& ws, float scale = 1.0f) const {
             detail::check_linear_call(a, c, k_, n_, name_);
             if (a.rows() == 0) return;
+            if (!matmul_) {
+                detail::epilogue_bias_only<Act>(c, bias_f32_.empty() ? nullptr : bias_f32_.data(), scale, accumulate_);
+                return;
+            }
             Workspace::Scope scope(ws, workspace_bytes(a.rows()));
             // The primitive always adds the bias; it applies Act and C += only where fused.
             const bool sum_in_primitive = accumulate_ && matmul_->fused_sum && scale == 1.0f;
@@ -216,9 +225,10 @@ struct onednn {
         bool accumulate_;
         index_t k_, n_;
         dtype storage_;
-        std::shared_ptr<const detail::OnednnMatmul> matmul_;
+        std::shared_ptr<const detail::OnednnMatmul> matmul_; ///< null when K = 0 or N = 0
         dnnl::memory weights_;
         dnnl::memory bias_;
+        std::vector<float> bias_f32_; ///< the bias when there is no primitive
     };
 };
 
