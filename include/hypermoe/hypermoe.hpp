@@ -7,5 +7,7 @@
 #include "hypermoe/core/core.hpp"
 #include "hypermoe/expert/expert.hpp"
 #include "hypermoe/layer/layer.hpp"
+#include "hypermoe/router/router.hpp"
 #include "hypermoe/stack/stack.hpp"
+#include "hypermoe/stats/stats.hpp"
 #include "hypermoe/version.hpp"

@@ -1,0 +1,169 @@
+#pragma once
+// MoeLayer: router GEMM -> Router -> RoutingPlan -> gather -> one GEMM chain per non-empty
+// expert on its contiguous rows -> combine in a fixed order -> (+ shared expert).
+//
+// Everything after routing reads only the RoutingPlan, so any router runs on identical expert
+// kernels. Combine writes each output row once, summing the token's slots in slot order, so the
+// result does not depend on thread count or on how experts were scheduled (no atomics).
+
+#include <cmath>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+#include "hypermoe/backend/backend_concept.hpp"
+#include "hypermoe/core/finite.hpp"
+#include "hypermoe/core/parallel.hpp"
+#include "hypermoe/expert/expert_concept.hpp"
+#include "hypermoe/layer/layer_concept.hpp"
+#include "hypermoe/layer/shared_expert.hpp"
+#include "hypermoe/router/routing_plan.hpp"
+#include "hypermoe/router/scored_router.hpp"
+
+namespace hypermoe {
+
+/// What a token that capacity dropped outputs.
+enum class DroppedTokens {
+    scaled_input, ///< w * x: the input passes through, scaled (Switch in Hugging Face transformers)
+    zero,         ///< 0 (the residual alone carries the token)
+};
+
+struct MoeOptions {
+    DroppedTokens dropped = DroppedTokens::scaled_input;
+};
+
+template <Expert E, Router R, class Shared = NoSharedExpert>
+class MoeLayer {
+public:
+    using expert_type = E;
+    using router_type = R;
+    using backend_type = typename E::backend_type;
+    static constexpr index_t static_in_width = E::static_d_model;
+    static constexpr index_t static_out_width = E::static_d_model;
+
+    /// gate: the router weight (experts, d_model), nn.Linear layout, no bias.
+    MoeLayer(WeightView gate, R router, std::vector<E> experts, Shared shared = {}, MoeOptions options = {})
+        : router_(std::move(router)), experts_(std::move(experts)), shared_(std::move(shared)), options_(options),
+          gate_(checked_gate(gate, router_, experts_), std::span<const float>{}, LinearOptions{"MoeLayer weight 'gate'"}) {}
+
+    [[nodiscard]] index_t in_width() const noexcept { return experts_.front().d_model(); }
+    [[nodiscard]] index_t out_width() const noexcept { return in_width(); }
+    [[nodiscard]] index_t num_experts() const noexcept { return static_cast<index_t>(experts_.size()); }
+    [[nodiscard]] const R& router() const noexcept { return router_; }
+    [[nodiscard]] const E& expert(index_t e) const noexcept { return experts_[std::size_t(e)]; }
+    [[nodiscard]] const Shared& shared() const noexcept { return shared_; }
+    [[nodiscard]] const MoeOptions& options() const noexcept { return options_; }
+
+    [[nodiscard]] std::size_t route_workspace_bytes(index_t rows) const noexcept {
+        return detail::padded_bytes<float>(rows * num_experts()) +
+               std::max(gate_.workspace_bytes(rows), router_.workspace_bytes(rows));
+    }
+    [[nodiscard]] std::size_t apply_workspace_bytes(index_t rows) const noexcept {
+        const index_t packed = rows * router_.slots();
+        std::size_t inner = 0;
+        for (const auto& e : experts_) inner = std::max(inner, e.workspace_bytes(rows));
+        if constexpr (Shared::present) inner = std::max(inner, shared_.workspace_bytes(rows));
+        return 2 * detail::padded_bytes<float>(packed * in_width()) + inner;
+    }
+    [[nodiscard]] std::size_t workspace_bytes(index_t rows) const noexcept {
+        return std::max(route_workspace_bytes(rows), apply_workspace_bytes(rows));
+    }
+
+    /// Router logits (x W_g^T) and routing of x (T, d_model) into `plan`.
+    void route(ConstMatrixView<float> x, const RouterContext& context, RoutingPlan& plan, Workspace& ws) const {
+        if (x.cols() != in_width())
+            throw shape_error(detail::concat("MoeLayer::route: input x has ", x.cols(), " columns, expected ", in_width()));
+        check_finite(x, "MoeLayer: input x");
+        Workspace::Scope scope(ws, route_workspace_bytes(x.rows()));
+        MatrixView<float> logits = ws.take_matrix<float>(x.rows(), num_experts()); // (T, E)
+        gate_(x, logits, ws);
+        router_.route(logits, context, plan, ws);
+    }
+
+    /// y (T, d_model) from x and a plan made for x (by route(), or by any router over the same
+    /// experts).
+    void apply(ConstMatrixView<float> x, const RoutingPlan& plan, MatrixView<float> y, Workspace& ws) const {
+        detail::check_forward_shapes(x, y, in_width(), out_width(), "MoeLayer");
+        if (plan.tokens() != x.rows() || plan.experts() != num_experts())
+            throw shape_error(detail::concat("MoeLayer::apply: the plan routes ", plan.tokens(), " tokens over ",
+                                             plan.experts(), " experts, expected ", x.rows(), " over ", num_experts()));
+        const index_t d = in_width(), rows = plan.rows();
+        Workspace::Scope scope(ws, apply_workspace_bytes(x.rows()));
+        MatrixView<float> in = ws.take_matrix<float>(rows, d);  // (rows, d): tokens grouped by expert
+        MatrixView<float> out = ws.take_matrix<float>(rows, d); // (rows, d)
+        const auto tokens = plan.row_tokens();
+        detail::parallel_for(rows, rows * d, [&](index_t r) {
+            const auto src = x.row(tokens[std::size_t(r)]);
+            std::copy(src.begin(), src.end(), in.row(r).begin());
+        });
+        const auto offsets = plan.offsets();
+        for (index_t e = 0; e < num_experts(); ++e) {
+            const index_t n = plan.rows_of(e);
+            if (n == 0) continue;
+            experts_[std::size_t(e)].forward(in.row_block(offsets[std::size_t(e)], n),
+                                             out.row_block(offsets[std::size_t(e)], n), ws);
+        }
+        detail::parallel_for(x.rows(), x.rows() * d * plan.slots(), [&](index_t t) { combine(x, plan, out, y, t); });
+        if constexpr (Shared::present) shared_.add_to(x, y, ws);
+    }
+
+    /// The Layer entry point: routes with a per-thread plan that keeps its capacity.
+    void forward(ConstMatrixView<float> x, MatrixView<float> y, Workspace& ws) const {
+        thread_local RoutingPlan plan;
+        forward(x, y, ws, plan);
+    }
+
+    /// Routes into `plan` (which the caller may then inspect) and computes y.
+    void forward(ConstMatrixView<float> x, MatrixView<float> y, Workspace& ws, RoutingPlan& plan,
+                 const RouterContext& context = {}) const {
+        detail::check_forward_shapes(x, y, in_width(), out_width(), "MoeLayer");
+        route(x, context, plan, ws);
+        apply(x, plan, y, ws);
+    }
+
+private:
+    static WeightView checked_gate(WeightView gate, const R& router, const std::vector<E>& experts) {
+        if (experts.empty()) throw config_error("MoeLayer: no experts, expected at least one");
+        if (router.experts() != static_cast<index_t>(experts.size()))
+            throw config_error(detail::concat("MoeLayer: the router routes over ", router.experts(), " experts, but ",
+                                              experts.size(), " experts were given"));
+        const index_t d = experts.front().d_model();
+        for (std::size_t e = 1; e < experts.size(); ++e)
+            if (experts[e].d_model() != d)
+                throw weight_error(detail::concat("MoeLayer: expert ", e, " has d_model = ", experts[e].d_model(),
+                                                  ", expected ", d, " (expert 0's)"));
+        detail::check_weight_shape(gate, router.experts(), d, "MoeLayer", "gate");
+        return gate;
+    }
+
+    void combine(ConstMatrixView<float> x, const RoutingPlan& plan, ConstMatrixView<float> out, MatrixView<float> y,
+                 index_t t) const {
+        const auto yr = y.row(t);
+        std::fill(yr.begin(), yr.end(), 0.0f);
+        const auto w = plan.weights(t);
+        if (!plan.kept(t)) {
+            if (options_.dropped == DroppedTokens::zero) return;
+            float sum = 0;
+            for (index_t j = 0; j < plan.slots(); ++j)
+                if (plan.ids(t)[std::size_t(j)] >= 0) sum += w[std::size_t(j)];
+            const auto xr = x.row(t);
+            for (std::size_t c = 0; c < yr.size(); ++c) yr[c] = sum * xr[c];
+            return;
+        }
+        for (index_t j = 0; j < plan.slots(); ++j) {
+            const index_t r = plan.position(t, j);
+            if (r < 0) continue;
+            const float wj = w[std::size_t(j)];
+            const auto src = out.row(r);
+            for (std::size_t c = 0; c < yr.size(); ++c) yr[c] += wj * src[c];
+        }
+    }
+
+    R router_;
+    std::vector<E> experts_;
+    Shared shared_;
+    MoeOptions options_;
+    typename backend_type::template linear<Identity> gate_;
+};
+
+} // namespace hypermoe

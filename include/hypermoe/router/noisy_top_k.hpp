@@ -1,0 +1,63 @@
+#pragma once
+// Noisy top-k gating for training (Shazeer et al., arXiv 1701.06538): H = logits + noise_std *
+// N(0, 1), select the top k of H, weight them by the softmax over the k selected H values.
+// Shazeer learns a per-expert noise scale softplus(x W_noise); here it is one run-time
+// constant, as routers in this library see only logits. The noise is a pure function of (seed,
+// token, expert): splitmix64 counters through Box-Muller, so runs are reproducible and
+// independent of threading.
+
+#include <cmath>
+
+#include "hypermoe/core/error.hpp"
+#include "hypermoe/core/finite.hpp"
+#include "hypermoe/router/hash_routing.hpp"
+#include "hypermoe/router/selection.hpp"
+
+namespace hypermoe {
+
+struct NoisyTopK {
+    static constexpr std::string_view name = "noisy_top_k";
+    index_t k = 2;
+    float noise_std = 1.0f;
+    std::uint64_t seed = 0;
+
+    [[nodiscard]] index_t slots(index_t /*experts*/) const noexcept { return k; }
+    [[nodiscard]] std::size_t workspace_bytes(index_t tokens, index_t experts) const noexcept {
+        return detail::padded_bytes<float>(tokens * experts);
+    }
+    void validate(index_t experts) const {
+        if (k < 1 || k > experts)
+            throw config_error(detail::concat("NoisyTopK: k is ", k, ", expected 1 <= k <= experts = ", experts));
+        if (!(noise_std >= 0) || !is_finite(noise_std))
+            throw config_error(detail::concat("NoisyTopK: noise_std is ", noise_std, ", expected a finite value >= 0"));
+    }
+    /// The standard normal sample for (token, expert).
+    [[nodiscard]] float noise(index_t token, index_t expert) const noexcept {
+        const std::uint64_t a = detail::splitmix64(seed ^ detail::splitmix64(std::uint64_t(token) * 0x10001ull + std::uint64_t(expert)));
+        const std::uint64_t b = detail::splitmix64(a);
+        const double u1 = (double(a >> 11) + 0.5) * 0x1.0p-53, u2 = double(b >> 11) * 0x1.0p-53;
+        return float(std::sqrt(-2.0 * std::log(u1)) * std::cos(6.283185307179586 * u2));
+    }
+    void select(const SelectionInput& in, RoutingPlan& plan, Workspace& ws) const {
+        const index_t tokens = in.scores.rows(), e = in.scores.cols();
+        Workspace::Scope scope(ws, workspace_bytes(tokens, e));
+        const auto h = ws.take<float>(tokens * e);
+        for (index_t t = 0; t < tokens; ++t)
+            for (index_t x = 0; x < e; ++x)
+                h[std::size_t(t * e + x)] = in.selection_scores(t, x) + noise_std * noise(t, x);
+        for (index_t t = 0; t < tokens; ++t) {
+            const auto ids = plan.ids(t);
+            const auto w = plan.weights(t);
+            const float* row = h.data() + t * e;
+            detail::ordered_top_k(
+                e, k, [&](index_t i) { return row[i]; }, detail::all_allowed,
+                [&](index_t j, index_t i) { ids[std::size_t(j)] = std::int32_t(i); });
+            double sum = 0;
+            const float top = row[ids[0]];
+            for (index_t j = 0; j < k; ++j) sum += std::exp(double(row[ids[std::size_t(j)]]) - top);
+            for (index_t j = 0; j < k; ++j) w[std::size_t(j)] = float(std::exp(double(row[ids[std::size_t(j)]]) - top) / sum);
+        }
+    }
+};
+
+} // namespace hypermoe

@@ -1,0 +1,130 @@
+#pragma once
+// ScoredRouter<Score, Selection>: the three independent stages of routing composed.
+//   score      scores = Score(logits)                  (softmax, sigmoid, raw logits)
+//   select     on scores + selection_bias              (any SelectionPolicy)
+//   weight     w /= (sum w + epsilon) if renormalise; w *= scale
+// It rejects non-finite logits (numeric_error naming the token), fills a RoutingPlan and builds
+// its CSR. The router GEMM itself belongs to the layer (it runs on the layer's backend).
+
+#include <span>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+#include "hypermoe/core/error.hpp"
+#include "hypermoe/core/finite.hpp"
+#include "hypermoe/core/matrix.hpp"
+#include "hypermoe/core/workspace.hpp"
+#include "hypermoe/router/routing_plan.hpp"
+#include "hypermoe/router/score.hpp"
+#include "hypermoe/router/selection.hpp"
+
+namespace hypermoe {
+
+/// How selected experts' scores become combine weights.
+struct Weighting {
+    /// Divide by the sum of the selected scores (plus epsilon).
+    bool renormalize = false;
+    /// Added to the sum before dividing (DeepSeek-V3 uses 1e-20).
+    double epsilon = 0.0;
+    /// Multiplies every weight, after renormalising (DeepSeek's routed_scaling_factor).
+    float scale = 1.0f;
+};
+
+/// Router options besides the selection policy.
+struct RouterOptions {
+    Weighting weighting = {};
+    /// Added to the scores for selection only (DeepSeek-V3 e_score_correction_bias); empty = none.
+    std::vector<float> selection_bias = {};
+};
+
+template <class R>
+concept Router = requires(const R& r, ConstMatrixView<float> logits, const RouterContext& ctx, RoutingPlan& plan,
+                          Workspace& ws, index_t tokens) {
+    { r.experts() } -> std::same_as<index_t>;
+    { r.slots() } -> std::same_as<index_t>;
+    { r.workspace_bytes(tokens) } -> std::same_as<std::size_t>;
+    r.route(logits, ctx, plan, ws);
+};
+
+template <ScoreFunction Score, SelectionPolicy Selection>
+class ScoredRouter {
+public:
+    using score_type = Score;
+    using selection_type = Selection;
+
+    ScoredRouter(index_t experts, Selection selection, RouterOptions options = {})
+        : experts_(experts), selection_(std::move(selection)), options_(std::move(options)) {
+        if (experts < 1) throw config_error(detail::concat("Router: experts is ", experts, ", expected >= 1"));
+        selection_.validate(experts);
+        const auto& bias = options_.selection_bias;
+        if (!bias.empty() && static_cast<index_t>(bias.size()) != experts)
+            throw weight_error(detail::concat("Router: selection bias has ", bias.size(), " elements, expected experts = ",
+                                              experts));
+        if (const index_t i = find_non_finite(bias); i >= 0)
+            throw weight_error(detail::concat("Router: selection bias element ", i, " is ", bias[std::size_t(i)],
+                                              ", expected a finite value"));
+        const Weighting& w = options_.weighting;
+        if (!(w.epsilon >= 0) || !is_finite(float(w.epsilon)) || !is_finite(w.scale))
+            throw config_error(detail::concat("Router: weighting epsilon = ", w.epsilon, ", scale = ", w.scale,
+                                              ", expected finite values, epsilon >= 0"));
+    }
+
+    [[nodiscard]] index_t experts() const noexcept { return experts_; }
+    [[nodiscard]] index_t slots() const noexcept { return selection_.slots(experts_); }
+    [[nodiscard]] const Selection& selection() const noexcept { return selection_; }
+    [[nodiscard]] const RouterOptions& options() const noexcept { return options_; }
+
+    [[nodiscard]] std::size_t workspace_bytes(index_t tokens) const noexcept {
+        return 2 * detail::padded_bytes<float>(tokens * experts_) + selection_.workspace_bytes(tokens, experts_);
+    }
+
+    /// Scores, selects and weights `logits` (T, E) into `plan`.
+    void route(ConstMatrixView<float> logits, const RouterContext& context, RoutingPlan& plan, Workspace& ws) const {
+        if (logits.cols() != experts_)
+            throw shape_error(detail::concat("Router::route: logits have ", logits.cols(), " columns, expected experts = ",
+                                             experts_));
+        for (index_t t = 0; t < logits.rows(); ++t)
+            if (const index_t e = find_non_finite(logits.row(t)); e >= 0)
+                throw numeric_error(detail::concat("Router::route: token ", t, " has router logit ", logits(t, e),
+                                                   " for expert ", e, ", expected finite logits"));
+        const index_t tokens = logits.rows();
+        Workspace::Scope scope(ws, workspace_bytes(tokens));
+        MatrixView<float> scores = ws.take_matrix<float>(tokens, experts_);
+        for (index_t t = 0; t < tokens; ++t) Score::apply(logits.row(t), scores.row(t));
+        ConstMatrixView<float> selection_scores = scores;
+        if (!options_.selection_bias.empty()) {
+            MatrixView<float> biased = ws.take_matrix<float>(tokens, experts_);
+            for (index_t t = 0; t < tokens; ++t)
+                for (index_t e = 0; e < experts_; ++e)
+                    biased(t, e) = scores(t, e) + options_.selection_bias[std::size_t(e)];
+            selection_scores = biased;
+        }
+        plan.reset(tokens, experts_, slots());
+        selection_.select(SelectionInput{logits, scores, selection_scores, context}, plan, ws);
+        apply_weighting(plan);
+        plan.build_index();
+    }
+
+private:
+    void apply_weighting(RoutingPlan& plan) const {
+        const Weighting& w = options_.weighting;
+        if (!w.renormalize && w.scale == 1.0f) return;
+        for (index_t t = 0; t < plan.tokens(); ++t) {
+            const auto ids = plan.ids(t);
+            const auto weights = plan.weights(t);
+            double sum = 0;
+            for (std::size_t j = 0; j < ids.size(); ++j)
+                if (ids[j] >= 0) sum += weights[j];
+            const double factor = (w.renormalize ? 1.0 / (sum + w.epsilon) : 1.0) * w.scale;
+            for (std::size_t j = 0; j < ids.size(); ++j)
+                if (ids[j] >= 0) weights[j] = float(weights[j] * factor);
+        }
+    }
+
+    index_t experts_;
+    Selection selection_;
+    RouterOptions options_;
+};
+
+} // namespace hypermoe

@@ -1,0 +1,4 @@
+#pragma once
+// stats/: RoutingStats.
+
+#include "hypermoe/stats/routing_stats.hpp"

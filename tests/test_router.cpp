@@ -1,0 +1,364 @@
+#include <doctest/doctest.h>
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <numeric>
+#include <set>
+#include <tuple>
+#include <vector>
+
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+
+#include "test_support.hpp"
+
+using namespace hypermoe;
+using test::random_matrix;
+using test::relative_error;
+
+namespace {
+
+Matrix<float> logits_of(std::initializer_list<std::initializer_list<float>> rows) {
+    Matrix<float> m(index_t(rows.size()), index_t(rows.begin()->size()));
+    index_t r = 0;
+    for (const auto& row : rows) {
+        index_t c = 0;
+        for (const float v : row) m(r, c++) = v;
+        ++r;
+    }
+    return m;
+}
+
+template <class Router>
+RoutingPlan route(const Router& router, const Matrix<float>& logits, const RouterContext& ctx = {}) {
+    RoutingPlan plan;
+    Workspace ws;
+    router.route(logits.view(), ctx, plan, ws);
+    return plan;
+}
+
+std::vector<std::int32_t> ids_of(const RoutingPlan& p, index_t t) { return {p.ids(t).begin(), p.ids(t).end()}; }
+
+} // namespace
+
+TEST_CASE("softmax is max-subtracted and exact on a hand case") {
+    const float l[3] = {1000.0f, 1000.0f + std::log(3.0f), 0.0f};
+    float s[3];
+    Softmax::apply(l, s);
+    CHECK(s[0] == doctest::Approx(0.25));
+    CHECK(s[1] == doctest::Approx(0.75));
+    CHECK(s[2] == 0.0f);
+}
+
+TEST_CASE("top-k: descending order, ties to the lower index, renormalised weights") {
+    const TopKRouter router(4, TopK{2}, {.weighting = {.renormalize = true}});
+    // token 0: p ~ (0.1, 0.2, 0.3, 0.4); token 1: experts 1 and 3 tie for first.
+    const auto logits = logits_of({{std::log(1.f), std::log(2.f), std::log(3.f), std::log(4.f)}, {0.f, 2.f, 1.f, 2.f}});
+    const RoutingPlan p = route(router, logits);
+    CHECK(ids_of(p, 0) == std::vector<std::int32_t>{3, 2});
+    CHECK(p.weights(0)[0] == doctest::Approx(4.0 / 7.0));
+    CHECK(p.weights(0)[1] == doctest::Approx(3.0 / 7.0));
+    CHECK(ids_of(p, 1) == std::vector<std::int32_t>{1, 3});
+    CHECK(p.weights(1)[0] == doctest::Approx(0.5));
+    // CSR: expert 3 holds token 0 slot 0 then token 1 slot 1, in token order.
+    CHECK(p.rows_of(3) == 2);
+    CHECK(p.row_tokens()[std::size_t(p.offsets()[3])] == 0);
+    CHECK(p.row_tokens()[std::size_t(p.offsets()[3] + 1)] == 1);
+    CHECK(p.row_slots()[std::size_t(p.offsets()[3] + 1)] == 1);
+    CHECK(p.rows_of(0) == 0);
+}
+
+TEST_CASE("routers reject non-finite logits, naming the token") {
+    const TopKRouter router(3, TopK{1});
+    auto logits = logits_of({{0.f, 1.f, 2.f}, {0.f, 1.f, 2.f}});
+    logits(1, 2) = std::numeric_limits<float>::quiet_NaN();
+    CHECK_THROWS_WITH_AS((void)route(router, logits),
+                         "Router::route: token 1 has router logit nan for expert 2, expected finite logits", numeric_error);
+    const Matrix<float> wrong(2, 4);
+    CHECK_THROWS_WITH_AS((void)route(router, wrong), "Router::route: logits have 4 columns, expected experts = 3",
+                         shape_error);
+}
+
+TEST_CASE("router configuration errors name the value and its range") {
+    CHECK_THROWS_WITH_AS(TopKRouter(4, TopK{5}), "TopK: k is 5, expected 1 <= k <= experts = 4", config_error);
+    CHECK_THROWS_WITH_AS(DeepSeekRouter(8, GroupLimitedTopK{.k = 2, .n_group = 3, .topk_group = 1}),
+                         "GroupLimitedTopK: n_group is 3, expected a divisor of experts = 8 in [1, 64]", config_error);
+    CHECK_THROWS_WITH_AS(DeepSeekRouter(8, GroupLimitedTopK{.k = 5, .n_group = 4, .topk_group = 2}),
+                         "GroupLimitedTopK: k is 5, expected 1 <= k <= topk_group * 2 = 4", config_error);
+    CHECK_THROWS_WITH_AS(SwitchRouter(4, Top1Capacity{0}), "Top1Capacity: capacity is 0, expected >= 1", config_error);
+    CHECK_THROWS_WITH_AS(TopPRouter(4, TopP{.p = 1.5, .k_max = 2}), "TopP: p is 1.5, expected 0 < p <= 1", config_error);
+    CHECK_THROWS_WITH_AS(ExpertChoiceRouter(4, ExpertChoice{0.0}),
+                         "ExpertChoice: capacity_factor is 0, expected a finite value > 0", config_error);
+    CHECK_THROWS_WITH_AS(HashRouter(4, HashRouting{{0, 4}}), "HashRouting: table[1] is 4, expected an expert in [0, 4)",
+                         config_error);
+    CHECK_THROWS_WITH_AS(TopKRouter(4, TopK{1}, {.selection_bias = {1.f, 2.f}}),
+                         "Router: selection bias has 2 elements, expected experts = 4", weight_error);
+    CHECK_THROWS_WITH_AS(NoisyTopKRouter(4, NoisyTopK{.k = 1, .noise_std = -1.f}),
+                         "NoisyTopK: noise_std is -1, expected a finite value >= 0", config_error);
+}
+
+TEST_CASE("group-limited top-k: the bias selects, the unbiased score weights, groups limit the choice") {
+    // 4 experts in 2 groups {0,1}, {2,3}; keep 1 group; k = 2.
+    // Scores (sigmoid of logits) s; expert 2 alone is best, but group {0,1} sums higher.
+    const auto inv = [](float p) { return std::log(p / (1 - p)); };
+    const auto logits = logits_of({{inv(0.6f), inv(0.55f), inv(0.7f), inv(0.1f)}});
+    const DeepSeekRouter plain(4, GroupLimitedTopK{.k = 2, .n_group = 2, .topk_group = 1});
+    RoutingPlan p = route(plain, logits);
+    CHECK(ids_of(p, 0) == std::vector<std::int32_t>{0, 1});
+    CHECK(p.weights(0)[0] == doctest::Approx(0.6));
+    // A bias of +0.5 on expert 3 makes group {2,3} win and picks 3 first; weights stay unbiased.
+    const DeepSeekRouter biased(4, GroupLimitedTopK{.k = 2, .n_group = 2, .topk_group = 1},
+                                {.weighting = {.renormalize = false, .scale = 2.0f}, .selection_bias = {0, 0, 0, 0.7f}});
+    p = route(biased, logits);
+    CHECK(ids_of(p, 0) == std::vector<std::int32_t>{3, 2});
+    CHECK(p.weights(0)[0] == doctest::Approx(2 * 0.1));
+    CHECK(p.weights(0)[1] == doctest::Approx(2 * 0.7));
+}
+
+TEST_CASE("top-1 with capacity: per sequence, in position order, never over capacity") {
+    const Matrix<float> logits = random_matrix(24, 3, 5, 0.2f);
+    const SwitchRouter router(3, Top1Capacity{2});
+    const RoutingPlan p = route(router, logits, {.sequence_length = 8});
+    for (index_t s = 0; s < 3; ++s) {
+        std::vector<index_t> count(3, 0), kept(3, 0);
+        for (index_t t = s * 8; t < s * 8 + 8; ++t) {
+            const auto e = std::size_t(p.ids(t)[0]);
+            ++count[e];
+            CHECK(p.kept(t) == (count[e] <= 2)); // 1-based position <= capacity
+            kept[e] += p.kept(t);
+        }
+        for (const index_t k : kept) CHECK(k <= 2);
+    }
+    CHECK_THROWS_WITH_AS((void)route(router, logits, {.sequence_length = 7}),
+                         "Top1Capacity: 24 tokens do not split into sequences of 7", shape_error);
+}
+
+TEST_CASE("expert choice loads every expert exactly c, and orders a token's experts") {
+    const Matrix<float> logits = random_matrix(20, 4, 9, 2.0f);
+    const ExpertChoiceRouter router(4, ExpertChoice{1.0}); // c = 20 * 1 / 4 = 5
+    const RoutingPlan p = route(router, logits);
+    for (index_t e = 0; e < 4; ++e) CHECK(p.rows_of(e) == 5);
+    CHECK(router.selection().tokens_per_expert(20, 4) == 5);
+    for (index_t t = 0; t < 20; ++t) {
+        const auto ids = p.ids(t);
+        for (std::size_t j = 1; j < ids.size() && ids[j] >= 0; ++j) CHECK(logits(t, ids[j - 1]) >= logits(t, ids[j]));
+    }
+}
+
+TEST_CASE("hash routing is a fixed function of the token id") {
+    const HashRouter router(8, HashRouting{});
+    const Matrix<float> logits(4, 8);
+    const std::vector<std::int32_t> ids{5, 17, 5, 99};
+    const RoutingPlan a = route(router, logits, {.token_ids = ids}), b = route(router, logits, {.token_ids = ids});
+    CHECK(a.all_ids().size() == 4);
+    CHECK(std::equal(a.all_ids().begin(), a.all_ids().end(), b.all_ids().begin()));
+    CHECK(a.ids(0)[0] == a.ids(2)[0]);
+    CHECK(a.weights(1)[0] == 1.0f);
+    const HashRouter table(3, HashRouting{{2, 0, 1}});
+    const Matrix<float> l3(2, 3);
+    const std::vector<std::int32_t> small{1, 2};
+    CHECK(route(table, l3, {.token_ids = small}).ids(1)[0] == 1);
+    const std::vector<std::int32_t> bad{1, 3};
+    CHECK_THROWS_WITH_AS((void)route(table, l3, {.token_ids = bad}),
+                         "HashRouting: token id 3 is outside the table of 3 entries", shape_error);
+    CHECK_THROWS_WITH_AS((void)route(table, l3), "HashRouting: 0 token ids for 2 tokens, expected one id per token",
+                         shape_error);
+}
+
+TEST_CASE("top-p: the smallest set reaching p, never more than k_max") {
+    const auto logits = logits_of({{std::log(0.5f), std::log(0.3f), std::log(0.15f), std::log(0.05f)},
+                                   {std::log(0.25f), std::log(0.25f), std::log(0.25f), std::log(0.25f)}});
+    const RoutingPlan p = route(TopPRouter(4, TopP{.p = 0.7, .k_max = 3}), logits);
+    CHECK(ids_of(p, 0) == std::vector<std::int32_t>{0, 1, -1}); // 0.5 + 0.3 >= 0.7
+    CHECK(ids_of(p, 1) == std::vector<std::int32_t>{0, 1, 2});  // capped at k_max
+    const Matrix<float> many = random_matrix(50, 8, 3, 3.0f);
+    const RoutingPlan q = route(TopPRouter(8, TopP{.p = 0.9, .k_max = 2}), many);
+    for (index_t t = 0; t < 50; ++t) CHECK(q.ids(t).size() == 2);
+}
+
+TEST_CASE("Sinkhorn balances skewed routing better than top-1") {
+    Matrix<float> logits = random_matrix(64, 4, 2, 0.5f);
+    for (index_t t = 0; t < 64; ++t) logits(t, 0) += 2.0f; // everyone prefers expert 0
+    const RoutingPlan greedy = route(TopKRouter(4, TopK{1}), logits);
+    const RoutingPlan balanced = route(SinkhornRouter(4, SinkhornBalanced{20}), logits);
+    const RoutingStats g = routing_stats(greedy), b = routing_stats(balanced);
+    MESSAGE("load CV top-1 ", g.load_cv, ", Sinkhorn ", b.load_cv, "; max/mean ", g.max_over_mean, ", ", b.max_over_mean);
+    CHECK(b.load_cv < 0.5 * g.load_cv);
+    CHECK(b.max_over_mean < g.max_over_mean);
+}
+
+TEST_CASE("noisy top-k is deterministic per seed and reduces to top-k without noise") {
+    const Matrix<float> logits = random_matrix(16, 6, 4, 1.0f);
+    const NoisyTopKRouter a(6, NoisyTopK{.k = 2, .noise_std = 1.0f, .seed = 42});
+    const NoisyTopKRouter b(6, NoisyTopK{.k = 2, .noise_std = 1.0f, .seed = 43});
+    const RoutingPlan pa = route(a, logits), pa2 = route(a, logits), pb = route(b, logits);
+    CHECK(std::equal(pa.all_ids().begin(), pa.all_ids().end(), pa2.all_ids().begin()));
+    CHECK_FALSE(std::equal(pa.all_ids().begin(), pa.all_ids().end(), pb.all_ids().begin()));
+    for (index_t t = 0; t < 16; ++t) CHECK(pa.weights(t)[0] + pa.weights(t)[1] == doctest::Approx(1.0));
+    const RoutingPlan quiet = route(NoisyTopKRouter(6, NoisyTopK{.k = 2, .noise_std = 0.0f}), logits);
+    const RoutingPlan top = route(TopKRouter(6, TopK{2}), logits);
+    CHECK(std::equal(quiet.all_ids().begin(), quiet.all_ids().end(), top.all_ids().begin()));
+    double mean = 0, sq = 0;
+    for (index_t i = 0; i < 4000; ++i) {
+        const double n = a.selection().noise(i, 3);
+        mean += n;
+        sq += n * n;
+    }
+    CHECK(std::abs(mean / 4000) < 0.06);
+    CHECK(std::abs(sq / 4000 - 1.0) < 0.08);
+}
+
+TEST_CASE("losses and statistics on hand cases") {
+    // Uniform logits, top-1 spread evenly over 4 experts: load-balancing loss 1, CV 0.
+    Matrix<float> logits(8, 4);
+    for (index_t t = 0; t < 8; ++t) logits(t, t % 4) = 1e-6f; // tiny preference: routes evenly
+    const RoutingPlan p = route(TopKRouter(4, TopK{1}), logits);
+    CHECK(load_balancing_loss(p, logits.view()) == doctest::Approx(1.0).epsilon(1e-5));
+    const RoutingStats s = routing_stats(p, logits.view());
+    CHECK(s.load_cv == 0.0);
+    CHECK(s.max_over_mean == 1.0);
+    CHECK(s.experts_used == 4);
+    CHECK(s.dropped == 0);
+    CHECK(*s.entropy == doctest::Approx(std::log(4.0)).epsilon(1e-5));
+    CHECK(s.adjacent_overlap == 0.0);
+    CHECK(router_z_loss(logits.view()) == doctest::Approx(std::log(4.0) * std::log(4.0)).epsilon(1e-5));
+    const std::vector<double> equal{2, 2, 2}, skew{0, 0, 6};
+    CHECK(cv_squared(equal) == 0.0);
+    CHECK(cv_squared(skew) == doctest::Approx(3.0)); // var 12 / mean^2 4
+    // Everything to expert 2: CV of (0, 0, 8, 0) = sqrt(3), max/mean 4, overlap 1.
+    Matrix<float> one(8, 4);
+    for (index_t t = 0; t < 8; ++t) one(t, 2) = 5.0f;
+    const RoutingStats t = routing_stats(route(TopKRouter(4, TopK{1}), one));
+    CHECK(t.load_cv == doctest::Approx(std::sqrt(3.0)));
+    CHECK(t.max_over_mean == 4.0);
+    CHECK(t.adjacent_overlap == 1.0);
+    CHECK_FALSE(t.entropy.has_value());
+}
+
+namespace {
+
+/// A small SwiGLU MoE layer with any router, on backend B, fixed random weights.
+template <class B, class R>
+MoeLayer<GluExpert<B, Silu>, R> make_layer(R router, index_t d = 24, index_t ff = 20) {
+    const index_t e = router.experts();
+    const Matrix<float> gate = random_matrix(e, d, 100, 0.5f);
+    std::vector<GluExpert<B, Silu>> experts;
+    for (index_t x = 0; x < e; ++x) {
+        const Matrix<float> g = random_matrix(ff, d, std::uint32_t(3 * x + 1), 0.3f),
+                            u = random_matrix(ff, d, std::uint32_t(3 * x + 2), 0.3f),
+                            dn = random_matrix(d, ff, std::uint32_t(3 * x + 3), 0.3f);
+        experts.emplace_back(GluWeights{.gate = ConstMatrixView<float>(g.view()), .up = ConstMatrixView<float>(u.view()),
+                                        .down = ConstMatrixView<float>(dn.view())});
+    }
+    return MoeLayer(WeightView(ConstMatrixView<float>(gate.view())), std::move(router), std::move(experts));
+}
+
+template <class B, class R>
+void compare_router(const R& router, index_t tokens, const RouterContext& ctx = {}) {
+    CAPTURE(R::selection_type::name);
+    CAPTURE(tokens);
+    const auto layer = make_layer<B>(router);
+    const auto oracle = make_layer<reference>(router);
+    const Matrix<float> x = random_matrix(tokens, 24, 77);
+    Matrix<float> y(tokens, 24), y_ref(tokens, 24);
+    RoutingPlan plan, plan_ref;
+    Workspace ws;
+    layer.forward(x.view(), y.view(), ws, plan, ctx);
+    oracle.forward(x.view(), y_ref.view(), ws, plan_ref, ctx);
+    CHECK(std::equal(plan.all_ids().begin(), plan.all_ids().end(), plan_ref.all_ids().begin()));
+    CHECK(relative_error(y.view(), y_ref.view()) <= test::tolerance(3 * (24 + 20)));
+    // apply() with forward()'s own plan is forward(), bitwise; with the reference's plan (same
+    // ids, weights from the reference's logits) it agrees to rounding.
+    Matrix<float> y2(tokens, 24);
+    layer.apply(x.view(), plan, y2.view(), ws);
+    CHECK(relative_error(y2.view(), y.view()) == 0.0);
+    layer.apply(x.view(), plan_ref, y2.view(), ws);
+    CHECK(relative_error(y2.view(), y_ref.view()) <= test::tolerance(3 * (24 + 20)));
+}
+
+} // namespace
+
+TEST_CASE_TEMPLATE_DEFINE("every router through MoeLayer on every backend matches the reference", B, moe_backends) {
+    for (const index_t tokens : {0, 1, 37}) {
+        compare_router<B>(TopKRouter(6, TopK{2}, {.weighting = {.renormalize = true}}), tokens);
+        compare_router<B>(DeepSeekRouter(6, GroupLimitedTopK{.k = 2, .n_group = 3, .topk_group = 2},
+                                         {.weighting = {.renormalize = true, .epsilon = 1e-20, .scale = 2.5f},
+                                          .selection_bias = {0.1f, 0, 0, -0.1f, 0, 0}}),
+                          tokens);
+        compare_router<B>(ExpertChoiceRouter(6, ExpertChoice{1.5}), tokens);
+        compare_router<B>(TopPRouter(6, TopP{.p = 0.6, .k_max = 3}), tokens);
+        compare_router<B>(SinkhornRouter(6, SinkhornBalanced{5}), tokens);
+        compare_router<B>(NoisyTopKRouter(6, NoisyTopK{.k = 2, .noise_std = 0.5f, .seed = 1}), tokens);
+        const std::vector<std::int32_t> ids(static_cast<std::size_t>(tokens), 7);
+        compare_router<B>(HashRouter(6, HashRouting{}), tokens, {.token_ids = ids});
+    }
+    compare_router<B>(SwitchRouter(6, Top1Capacity{3}), 36, {.sequence_length = 12});
+}
+TEST_CASE_TEMPLATE_APPLY(moe_backends, test::all_backends);
+
+TEST_CASE("a token that expert choice routes nowhere gets zero routed output") {
+    // 8 tokens, 4 experts, c = 1 each: at most 4 tokens are taken.
+    const auto layer = make_layer<reference>(ExpertChoiceRouter(4, ExpertChoice{0.5}));
+    const Matrix<float> x = random_matrix(8, 24, 5);
+    Matrix<float> y(8, 24);
+    RoutingPlan plan;
+    Workspace ws;
+    layer.forward(x.view(), y.view(), ws, plan);
+    index_t nowhere = 0;
+    for (index_t t = 0; t < 8; ++t) {
+        if (plan.ids(t)[0] >= 0) continue;
+        ++nowhere;
+        for (index_t j = 0; j < 24; ++j) CHECK(y(t, j) == 0.0f);
+    }
+    CHECK(nowhere >= 4);
+}
+
+TEST_CASE_TEMPLATE_DEFINE("MoeLayer is bitwise deterministic across runs and thread counts", B, determinism) {
+    for (const auto& [d, ff, tokens] : {std::tuple<index_t, index_t, index_t>{64, 48, 129}, {256, 512, 300}}) {
+        CAPTURE(d);
+        const auto layer = make_layer<B>(TopKRouter(8, TopK{2}), d, ff);
+        const Matrix<float> x = random_matrix(tokens, d, 8);
+        Matrix<float> a(tokens, d), b(tokens, d), c(tokens, d);
+        const auto bytes = sizeof(float) * std::size_t(tokens * d);
+        Workspace ws;
+        layer.forward(x.view(), a.view(), ws);
+        layer.forward(x.view(), b.view(), ws);
+        CHECK(std::memcmp(a.data(), b.data(), bytes) == 0);
+#if defined(_OPENMP)
+        const int threads = omp_get_max_threads();
+        omp_set_num_threads(1);
+        layer.forward(x.view(), c.view(), ws);
+        omp_set_num_threads(threads);
+        MESSAGE(B::name, ": 1 vs ", threads, " threads compared");
+        CHECK(std::memcmp(a.data(), c.data(), bytes) == 0);
+#endif
+    }
+}
+TEST_CASE_TEMPLATE_APPLY(determinism, test::all_backends);
+
+TEST_CASE("MoeLayer rejects mismatched parts and inputs") {
+    const auto layer = make_layer<reference>(TopKRouter(4, TopK{2}));
+    Workspace ws;
+    Matrix<float> x(3, 24), y(3, 24);
+    x(2, 5) = std::numeric_limits<float>::infinity();
+    CHECK_THROWS_WITH_AS(layer.forward(x.view(), y.view(), ws),
+                         "MoeLayer: input x: element (2, 5) is inf, expected a finite value", numeric_error);
+    RoutingPlan other;
+    other.reset(2, 4, 2);
+    other.build_index();
+    Matrix<float> ok(3, 24);
+    CHECK_THROWS_WITH_AS(layer.apply(ok.view(), other, y.view(), ws),
+                         "MoeLayer::apply: the plan routes 2 tokens over 4 experts, expected 3 over 4", shape_error);
+    const Matrix<float> gate = random_matrix(4, 24, 1);
+    std::vector<FfnExpert<reference, Relu>> three;
+    const Matrix<float> up = random_matrix(8, 24, 2), down = random_matrix(24, 8, 3);
+    for (int i = 0; i < 3; ++i)
+        three.emplace_back(FfnWeights{.up = ConstMatrixView<float>(up.view()), .down = ConstMatrixView<float>(down.view())});
+    CHECK_THROWS_WITH_AS(MoeLayer(WeightView(ConstMatrixView<float>(gate.view())), TopKRouter(4, TopK{1}), three),
+                         "MoeLayer: the router routes over 4 experts, but 3 experts were given", config_error);
+    const Matrix<float> gate3 = random_matrix(3, 20, 1);
+    CHECK_THROWS_WITH_AS(MoeLayer(WeightView(ConstMatrixView<float>(gate3.view())), TopKRouter(3, TopK{1}), three),
+                         "MoeLayer: weight 'gate' has shape (3, 20), expected (3, 24)", weight_error);
+}
