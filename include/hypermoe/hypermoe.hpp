@@ -6,6 +6,7 @@
 #include "hypermoe/backend/backend.hpp"
 #include "hypermoe/core/core.hpp"
 #include "hypermoe/expert/expert.hpp"
+#include "hypermoe/hyper/hyper.hpp"
 #include "hypermoe/layer/layer.hpp"
 #include "hypermoe/router/router.hpp"
 #include "hypermoe/stack/stack.hpp"

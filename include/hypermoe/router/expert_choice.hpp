@@ -16,6 +16,7 @@ namespace hypermoe {
 
 struct ExpertChoice {
     static constexpr std::string_view name = "expert_choice";
+    static constexpr bool fixed_selection = false;
     /// Average experts per token (the paper's c); tokens per expert = tokens * c / experts.
     double capacity_factor = 2.0;
 

@@ -22,6 +22,7 @@ namespace detail {
 
 struct HashRouting {
     static constexpr std::string_view name = "hash";
+    static constexpr bool fixed_selection = true;
     /// table[token id] = expert; empty = use splitmix64(id) % experts.
     std::vector<std::int32_t> table = {};
 

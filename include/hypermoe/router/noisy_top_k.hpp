@@ -17,6 +17,7 @@ namespace hypermoe {
 
 struct NoisyTopK {
     static constexpr std::string_view name = "noisy_top_k";
+    static constexpr bool fixed_selection = true;
     index_t k = 2;
     float noise_std = 1.0f;
     std::uint64_t seed = 0;

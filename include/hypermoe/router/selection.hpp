@@ -34,6 +34,7 @@ struct SelectionInput {
 template <class P>
 concept SelectionPolicy = requires(const P& p, const SelectionInput& in, RoutingPlan& plan, Workspace& ws, index_t n) {
     { P::name } -> std::convertible_to<std::string_view>;
+    { P::fixed_selection } -> std::convertible_to<bool>; // every token gets exactly slots() experts
     { p.slots(n) } -> std::same_as<index_t>;               // entries per token for E = n experts
     { p.workspace_bytes(n, n) } -> std::same_as<std::size_t>; // (tokens, experts)
     p.validate(n);                                           // config_error unless usable with E = n

@@ -15,6 +15,7 @@ namespace hypermoe {
 
 struct SinkhornBalanced {
     static constexpr std::string_view name = "sinkhorn";
+    static constexpr bool fixed_selection = true;
     index_t iterations = 8;
 
     [[nodiscard]] index_t slots(index_t /*experts*/) const noexcept { return 1; }

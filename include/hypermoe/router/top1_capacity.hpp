@@ -11,6 +11,7 @@ namespace hypermoe {
 
 struct Top1Capacity {
     static constexpr std::string_view name = "top1_capacity";
+    static constexpr bool fixed_selection = true;
     /// Tokens an expert takes per sequence (Switch's `expert_capacity`).
     index_t capacity = 64;
 

@@ -10,6 +10,7 @@ namespace hypermoe {
 
 struct TopK {
     static constexpr std::string_view name = "top_k";
+    static constexpr bool fixed_selection = true;
     index_t k = 2;
 
     [[nodiscard]] index_t slots(index_t /*experts*/) const noexcept { return k; }

@@ -11,6 +11,7 @@ namespace hypermoe {
 
 struct TopP {
     static constexpr std::string_view name = "top_p";
+    static constexpr bool fixed_selection = false;
     double p = 0.5;
     index_t k_max = 4;
 

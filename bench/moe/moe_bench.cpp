@@ -1,0 +1,167 @@
+// The Mixtral-like MoE layer (d = 1024, ff = 2816 SwiGLU, E = 8, k = 2) at T in {1, 32, 512}:
+//  - BM_MoeLayer_<backend>/T/<dtype>/layers:1  one layer repeated (weights stay in cache as far
+//    as they fit: this flatters decode),
+//  - .../layers:4                               a rotation over 4 layers' weights (1.1 GB f32),
+//    so weights come from memory as in real inference,
+//  - BM_DenseCeiling/T                           one SwiGLU GEMM chain on T * k rows with fixed-M
+//    oneDNN primitives: the same multiply-adds as the layer's experts, no routing,
+//  - BM_ReadBandwidth                            streaming read of 1 GiB: the machine's limit
+//    for reading weights (the T = 1 target is 1.2x the time to read 2 experts once).
+#include <benchmark/benchmark.h>
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <hypermoe/hypermoe.hpp>
+#if HYPERMOE_HAS_EIGEN
+#include <hypermoe/backend/eigen.hpp>
+#endif
+#if HYPERMOE_HAS_ONEDNN
+#include <hypermoe/backend/onednn.hpp>
+#include <oneapi/dnnl/dnnl.hpp>
+#endif
+
+namespace hm = hypermoe;
+
+namespace {
+
+constexpr hm::index_t d_model = 1024, d_ff = 2816, experts = 8, top_k = 2;
+
+/// Fast deterministic fill (splitmix64), values in [-scale, scale): 1 GB of weights in seconds.
+void fill(float* p, std::size_t n, std::uint64_t seed, float scale) {
+    for (std::size_t i = 0; i < n; ++i) {
+        const std::uint64_t r = hm::detail::splitmix64(seed + i);
+        p[i] = scale * (float(r >> 40) * 0x1.0p-23f - 1.0f);
+    }
+}
+
+hm::Matrix<float> random_matrix(hm::index_t rows, hm::index_t cols, std::uint64_t seed, float scale) {
+    hm::Matrix<float> m(rows, cols);
+    fill(m.data(), std::size_t(rows * cols), seed, scale);
+    return m;
+}
+
+template <class B>
+using Layer = hm::MoeLayer<hm::GluExpert<B, hm::Silu>, hm::TopKRouter>;
+
+template <class B>
+std::unique_ptr<Layer<B>> make_layer(std::uint64_t seed, hm::dtype storage) {
+    const auto gate = random_matrix(experts, d_model, seed, 0.5f);
+    std::vector<hm::GluExpert<B, hm::Silu>> ex;
+    for (hm::index_t e = 0; e < experts; ++e) {
+        const auto g = random_matrix(d_ff, d_model, seed * 100 + 3 * std::uint64_t(e), 0.03f);
+        const auto u = random_matrix(d_ff, d_model, seed * 100 + 3 * std::uint64_t(e) + 1, 0.03f);
+        const auto dn = random_matrix(d_model, d_ff, seed * 100 + 3 * std::uint64_t(e) + 2, 0.02f);
+        ex.emplace_back(hm::GluWeights{.gate = hm::ConstMatrixView<float>(g.view()),
+                                       .up = hm::ConstMatrixView<float>(u.view()),
+                                       .down = hm::ConstMatrixView<float>(dn.view())},
+                        hm::ExpertOptions{.storage = storage});
+    }
+    return std::make_unique<Layer<B>>(hm::WeightView(hm::ConstMatrixView<float>(gate.view())),
+                                      hm::TopKRouter(experts, hm::TopK{top_k}, {.weighting = {.renormalize = true}}),
+                                      std::move(ex));
+}
+
+/// Multiply-adds x 2 of the routed experts for T tokens (the router GEMM is < 0.1% of it).
+double flops(hm::index_t t) { return 2.0 * double(t * top_k) * 3.0 * double(d_model) * double(d_ff); }
+
+template <class B>
+void BM_MoeLayer(benchmark::State& state, hm::index_t tokens, hm::dtype storage, int layers) {
+    static std::vector<std::unique_ptr<Layer<B>>> cache[2];
+    auto& built = cache[storage == hm::dtype::bf16];
+    while (int(built.size()) < layers) built.push_back(make_layer<B>(built.size() + 1, storage));
+    const auto x = random_matrix(tokens, d_model, 99, 1.0f);
+    hm::Matrix<float> y(tokens, d_model);
+    hm::Workspace ws;
+    hm::RoutingPlan plan;
+    for (int l = 0; l < layers; ++l) built[std::size_t(l)]->forward(x.view(), y.view(), ws, plan);
+    int next = 0;
+    for (auto _ : state) {
+        built[std::size_t(next)]->forward(x.view(), y.view(), ws, plan);
+        next = (next + 1) % layers;
+        benchmark::DoNotOptimize(y.data());
+    }
+    const auto stats = hm::routing_stats(plan);
+    state.counters["GFLOP/s"] = benchmark::Counter(flops(tokens) / 1e9, benchmark::Counter::kIsIterationInvariantRate);
+    state.counters["tokens/s"] = benchmark::Counter(double(tokens), benchmark::Counter::kIsIterationInvariantRate);
+    state.counters["experts_used"] = double(stats.experts_used);
+    state.counters["load_cv"] = stats.load_cv;
+}
+
+#if HYPERMOE_HAS_ONEDNN
+void BM_DenseCeiling(benchmark::State& state, hm::index_t tokens) {
+    using namespace dnnl;
+    using dt = memory::data_type;
+    const engine eng(engine::kind::cpu, 0);
+    stream strm(eng);
+    const memory::dim m = tokens * top_k;
+    const auto make = [&](memory::dim k, memory::dim n) {
+        return matmul::primitive_desc(matmul::desc(memory::desc({m, k}, dt::f32, {k, 1}),
+                                                   memory::desc({k, n}, dt::f32, memory::format_tag::any),
+                                                   memory::desc({m, n}, dt::f32, {n, 1})),
+                                      eng);
+    };
+    const auto pd_up = make(d_model, 2 * d_ff), pd_down = make(d_ff, d_model);
+    const matmul up(pd_up), down(pd_down);
+    memory x(pd_up.src_desc(), eng), h(pd_up.dst_desc(), eng), w_up(pd_up.weights_desc(), eng),
+        w_down(pd_down.weights_desc(), eng), y(pd_down.dst_desc(), eng);
+    memory h_in({{m, d_ff}, dt::f32, {2 * d_ff, 1}}, eng, h.get_data_handle());
+    std::uint64_t seed = 1;
+    for (const memory* mem : {&x, &h, &w_up, &w_down, &y})
+        fill(static_cast<float*>(mem->get_data_handle()), mem->get_desc().get_size() / sizeof(float), seed++, 0.05f);
+    const auto step = [&] {
+        up.execute(strm, {{DNNL_ARG_SRC, x}, {DNNL_ARG_WEIGHTS, w_up}, {DNNL_ARG_DST, h}});
+        down.execute(strm, {{DNNL_ARG_SRC, h_in}, {DNNL_ARG_WEIGHTS, w_down}, {DNNL_ARG_DST, y}});
+        strm.wait();
+    };
+    step();
+    for (auto _ : state) step();
+    state.counters["GFLOP/s"] = benchmark::Counter(flops(tokens) / 1e9, benchmark::Counter::kIsIterationInvariantRate);
+}
+#endif
+
+void BM_ReadBandwidth(benchmark::State& state) {
+    const std::size_t n = std::size_t(1) << 28; // 1 GiB of floats
+    std::vector<float> a(n);
+    fill(a.data(), n, 5, 1.0f);
+    for (auto _ : state) {
+        float s0 = 0, s1 = 0;
+#if defined(_OPENMP)
+#pragma omp parallel for reduction(+ : s0, s1) schedule(static)
+#endif
+        for (std::size_t i = 0; i < n; i += 2) s0 += a[i], s1 += a[i + 1];
+        benchmark::DoNotOptimize(s0 + s1);
+    }
+    state.counters["GB/s"] = benchmark::Counter(double(n * sizeof(float)) / 1e9, benchmark::Counter::kIsIterationInvariantRate);
+}
+
+} // namespace
+
+int main(int argc, char** argv) {
+    benchmark::RegisterBenchmark("BM_ReadBandwidth", BM_ReadBandwidth)->UseRealTime()->Unit(benchmark::kMillisecond);
+    for (const hm::index_t t : {1, 32, 512}) {
+        const std::string suffix = "/T:" + std::to_string(t);
+#if HYPERMOE_HAS_ONEDNN
+        benchmark::RegisterBenchmark(("BM_DenseCeiling" + suffix).c_str(), BM_DenseCeiling, t)
+            ->UseRealTime()->Unit(benchmark::kMillisecond);
+#endif
+        for (const int layers : {1, 4})
+            for (const hm::dtype storage : {hm::dtype::f32, hm::dtype::bf16}) {
+                const std::string name = suffix + "/" + std::string(hm::to_string(storage)) + "/layers:" + std::to_string(layers);
+#if HYPERMOE_HAS_ONEDNN
+                benchmark::RegisterBenchmark(("BM_MoeLayer_onednn" + name).c_str(), BM_MoeLayer<hm::onednn>, t, storage, layers)
+                    ->UseRealTime()->Unit(benchmark::kMillisecond);
+#endif
+#if HYPERMOE_HAS_EIGEN
+                if (storage == hm::dtype::f32)
+                    benchmark::RegisterBenchmark(("BM_MoeLayer_eigen" + name).c_str(), BM_MoeLayer<hm::eigen>, t, storage, layers)
+                        ->UseRealTime()->Unit(benchmark::kMillisecond);
+#endif
+            }
+    }
+    benchmark::Initialize(&argc, argv);
+    benchmark::RunSpecifiedBenchmarks();
+    benchmark::Shutdown();
+}

@@ -1,0 +1,123 @@
+#pragma once
+// HyperExpertCache (per layer): the generated adapter of each selection pattern, prepared once
+// as a pair of backend linear maps. This is exact, not an approximation: the hypernetwork's
+// input depends only on (layer, selected set), so every token of a pattern gets the very same
+// weights the per-token computation would generate.
+//
+// Threading: entries live in a table indexed by pattern rank (C(E, k) slots of atomic
+// pointers). A hit is one acquire load, no lock. A miss generates under a mutex, re-checks,
+// and publishes with a release store. Entries are never freed while the cache lives, except by
+// invalidate() and clear(), which must not run concurrently with forward calls.
+//
+// Budget: at most `budget_bytes` of prepared adapters are kept. Once full, a pattern that is
+// not cached is generated for the call that needs it (once per pattern per forward call, into
+// storage the call owns) and dropped afterwards: memory stays bounded, results stay identical,
+// only the cost of those patterns rises to one generation per call.
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "hypermoe/backend/backend_concept.hpp"
+#include "hypermoe/core/activation.hpp"
+#include "hypermoe/core/error.hpp"
+#include "hypermoe/hyper/pattern.hpp"
+
+namespace hypermoe {
+
+/// One pattern's adapter on backend B: H(x) = up(relu(down(x))), biases inside.
+template <Backend B>
+struct HyperExpert {
+    typename B::template linear<Relu> down;    ///< W = D^T (r, d), bias bD
+    typename B::template linear<Identity> up;  ///< W = U^T (d, r), bias bU
+    /// Bytes of the adapter's parameters (what the budget counts).
+    [[nodiscard]] std::size_t bytes() const noexcept {
+        return sizeof(float) * std::size_t(2 * down.in_features() * down.out_features() + down.out_features() +
+                                           up.out_features());
+    }
+};
+
+template <Backend B>
+class HyperExpertCache {
+public:
+    /// Largest pattern table (slots); C(E, k) above it is a config_error.
+    static constexpr index_t max_patterns = index_t{1} << 22;
+
+    HyperExpertCache(index_t experts, index_t k, std::size_t budget_bytes = std::size_t{256} << 20)
+        : patterns_(binomial(experts, k)), budget_(budget_bytes) {
+        if (k < 1 || k > experts || patterns_ < 0 || patterns_ > max_patterns)
+            throw config_error(detail::concat("HyperExpertCache: C(", experts, ", ", k, ") patterns, expected k in [1, ",
+                                              experts, "] and at most ", max_patterns, " patterns"));
+        slots_ = std::make_unique<std::atomic<const HyperExpert<B>*>[]>(std::size_t(patterns_));
+        for (index_t i = 0; i < patterns_; ++i) slots_[std::size_t(i)].store(nullptr, std::memory_order_relaxed);
+    }
+
+    [[nodiscard]] index_t patterns() const noexcept { return patterns_; }
+    [[nodiscard]] std::size_t budget_bytes() const noexcept { return budget_; }
+    [[nodiscard]] std::size_t bytes() const noexcept { return bytes_.load(std::memory_order_relaxed); }
+    [[nodiscard]] index_t size() const noexcept { return index_t(count_.load(std::memory_order_relaxed)); }
+    [[nodiscard]] std::uint64_t hits() const noexcept { return hits_.load(std::memory_order_relaxed); }
+    [[nodiscard]] std::uint64_t misses() const noexcept { return misses_.load(std::memory_order_relaxed); }
+    /// The hypernetwork version the entries were generated with.
+    [[nodiscard]] std::uint64_t version() const noexcept { return version_.load(std::memory_order_acquire); }
+
+    /// The cached adapter of `pattern`, or null.
+    [[nodiscard]] const HyperExpert<B>* find(index_t pattern) const noexcept {
+        const auto* e = slots_[std::size_t(pattern)].load(std::memory_order_acquire);
+        if (e != nullptr) hits_.fetch_add(1, std::memory_order_relaxed);
+        return e;
+    }
+
+    /// Stores a generated adapter unless another thread was first or the budget is full;
+    /// returns the cached entry, or null when it was not stored (the caller keeps `made`).
+    const HyperExpert<B>* insert(index_t pattern, std::unique_ptr<HyperExpert<B>>& made) {
+        misses_.fetch_add(1, std::memory_order_relaxed);
+        const std::lock_guard lock(mutex_);
+        if (const auto* e = slots_[std::size_t(pattern)].load(std::memory_order_acquire)) return e;
+        const std::size_t b = made->bytes();
+        if (bytes() + b > budget_) return nullptr;
+        owned_.push_back(std::move(made));
+        bytes_.fetch_add(b, std::memory_order_relaxed);
+        count_.fetch_add(1, std::memory_order_relaxed);
+        slots_[std::size_t(pattern)].store(owned_.back().get(), std::memory_order_release);
+        return owned_.back().get();
+    }
+
+    /// Drops every entry if they were generated with another hypernetwork version.
+    void sync_version(std::uint64_t hypernetwork_version) {
+        if (version() == hypernetwork_version) return;
+        const std::lock_guard lock(mutex_);
+        if (version() == hypernetwork_version) return;
+        clear_locked();
+        version_.store(hypernetwork_version, std::memory_order_release);
+    }
+
+    /// Drops every entry. Not concurrent with forward calls.
+    void clear() {
+        const std::lock_guard lock(mutex_);
+        clear_locked();
+    }
+
+private:
+    void clear_locked() {
+        for (index_t i = 0; i < patterns_; ++i) slots_[std::size_t(i)].store(nullptr, std::memory_order_relaxed);
+        owned_.clear();
+        bytes_.store(0, std::memory_order_relaxed);
+        count_.store(0, std::memory_order_relaxed);
+    }
+
+    index_t patterns_;
+    std::size_t budget_;
+    std::unique_ptr<std::atomic<const HyperExpert<B>*>[]> slots_;
+    std::vector<std::unique_ptr<HyperExpert<B>>> owned_;
+    std::mutex mutex_;
+    std::atomic<std::size_t> bytes_{0};
+    std::atomic<std::size_t> count_{0};
+    mutable std::atomic<std::uint64_t> hits_{0};
+    std::atomic<std::uint64_t> misses_{0};
+    std::atomic<std::uint64_t> version_{0};
+};
+
+} // namespace hypermoe

@@ -1,0 +1,53 @@
+#pragma once
+// Projector (per layer): z = W2 relu(W1 s + b1) + b2, d_e -> p -> q (the reference code's
+// `embedding_process`: Linear, ReLU, Linear).
+
+#include <span>
+
+#include "hypermoe/backend/backend_concept.hpp"
+#include "hypermoe/core/activation.hpp"
+#include "hypermoe/core/workspace.hpp"
+#include "hypermoe/expert/expert_concept.hpp"
+
+namespace hypermoe {
+
+struct ProjectorWeights {
+    WeightView first;                 ///< (p, d_e)
+    std::span<const float> first_bias; ///< p
+    WeightView second;                ///< (q, p)
+    std::span<const float> second_bias; ///< q
+};
+
+template <Backend B>
+class Projector {
+public:
+    explicit Projector(const ProjectorWeights& w)
+        : first_(checked(w), w.first_bias, {"Projector weight 'first'"}),
+          second_(w.second, w.second_bias, {"Projector weight 'second'"}) {}
+
+    [[nodiscard]] index_t in_dim() const noexcept { return first_.in_features(); }
+    [[nodiscard]] index_t out_dim() const noexcept { return second_.out_features(); }
+    [[nodiscard]] std::size_t workspace_bytes(index_t rows) const noexcept {
+        return detail::padded_bytes<float>(rows * first_.out_features()) +
+               std::max(first_.workspace_bytes(rows), second_.workspace_bytes(rows));
+    }
+
+    /// z (n, q) from s (n, d_e).
+    void forward(ConstMatrixView<float> s, MatrixView<float> z, Workspace& ws) const {
+        Workspace::Scope scope(ws, workspace_bytes(s.rows()));
+        MatrixView<float> h = ws.take_matrix<float>(s.rows(), first_.out_features()); // (n, p)
+        first_(s, h, ws);
+        second_(h, z, ws);
+    }
+
+private:
+    static WeightView checked(const ProjectorWeights& w) {
+        detail::check_weight_shape(w.second, w.second.rows(), w.first.rows(), "Projector", "second");
+        return w.first;
+    }
+
+    typename B::template linear<Relu> first_;
+    typename B::template linear<Identity> second_;
+};
+
+} // namespace hypermoe

@@ -1,0 +1,383 @@
+#include <doctest/doctest.h>
+
+#include <cmath>
+#include <cstring>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "fixture_reader.hpp"
+#include "test_support.hpp"
+
+using namespace hypermoe;
+using test::FixtureCase;
+using test::random_matrix;
+using test::random_vector;
+using test::relative_error;
+
+namespace {
+
+/// Row-major transpose of a fixture tensor (Conv1D and w_gate are input-major).
+Matrix<float> transposed(const test::Tensor& t) {
+    const Matrix<float> m = t.f32();
+    Matrix<float> out(m.cols(), m.rows());
+    for (index_t r = 0; r < m.rows(); ++r)
+        for (index_t c = 0; c < m.cols(); ++c) out(c, r) = m(r, c);
+    return out;
+}
+
+WeightView view(const Matrix<float>& m) { return ConstMatrixView<float>(m.view()); }
+
+/// Every tensor a hypernetwork needs, kept alive while layers are built.
+struct HyperTensors {
+    std::vector<Matrix<float>> mats;
+    std::vector<std::vector<float>> vecs;
+    const Matrix<float>& mat(const test::Tensor& t) { return mats.emplace_back(t.f32()); }
+    std::span<const float> vec(const test::Tensor& t) { return vecs.emplace_back(t.vec()); }
+};
+
+template <class B>
+std::shared_ptr<Hypernetwork<B>> fixture_hypernetwork(const FixtureCase& c, const std::string& p) {
+    HyperTensors k;
+    k.mats.reserve(8);
+    k.vecs.reserve(8);
+    const auto& m = c.model;
+    const HypernetworkWeights w{
+        .layer_embed = view(k.mat(m[p + "layer_embed.weight"])),
+        .trunk = view(k.mat(m[p + "decoder.linear1.weight"])), .trunk_bias = k.vec(m[p + "decoder.linear1.bias"]),
+        .down_weight = view(k.mat(m[p + "decoder.weight_down.weight"])),
+        .down_weight_bias = k.vec(m[p + "decoder.weight_down.bias"]),
+        .up_weight = view(k.mat(m[p + "decoder.weight_up.weight"])), .up_weight_bias = k.vec(m[p + "decoder.weight_up.bias"]),
+        .down_bias = view(k.mat(m[p + "decoder.bias_down.weight"])), .down_bias_bias = k.vec(m[p + "decoder.bias_down.bias"]),
+        .up_bias = view(k.mat(m[p + "decoder.bias_up.weight"])), .up_bias_bias = k.vec(m[p + "decoder.bias_up.bias"])};
+    return std::make_shared<Hypernetwork<B>>(w);
+}
+
+template <class B>
+std::pair<ExpertEmbedding, Projector<B>> fixture_selection_parts(const FixtureCase& c, const std::string& p) {
+    const Matrix<float> emb = c.model[p + "n_experts_embedding.weight"].f32();
+    const Matrix<float> w0 = c.model[p + "embedding_process.0.weight"].f32(), w2 = c.model[p + "embedding_process.2.weight"].f32();
+    const auto b0 = c.model[p + "embedding_process.0.bias"].vec(), b2 = c.model[p + "embedding_process.2.bias"].vec();
+    return {ExpertEmbedding(view(emb)), Projector<B>(ProjectorWeights{view(w0), b0, view(w2), b2})};
+}
+
+struct HyperRun {
+    Matrix<float> y, h;
+    RoutingPlan plan;
+};
+
+template <class L>
+HyperRun run(const L& layer, const Matrix<float>& x, const RouterContext& ctx = {}) {
+    HyperRun r{Matrix<float>(x.rows(), x.cols()), Matrix<float>(x.rows(), x.cols()), {}};
+    Workspace ws;
+    layer.forward(x.view(), r.y.view(), ws, r.plan, ctx);
+    layer.hyper_term(x.view(), r.plan, r.h.view(), ws);
+    return r;
+}
+
+void check_fixture(const HyperRun& r, const FixtureCase& c) {
+    CAPTURE(c.name);
+    CHECK(relative_error(r.y.view(), c.expected["y"].f32().view()) <= 1e-5);
+    CHECK(relative_error(r.h.view(), c.expected["hyper_out"].f32().view()) <= 1e-5);
+    const auto& ids = c.expected["expert_ids"];
+    const index_t k = ids.shape[1];
+    for (index_t t = 0; t < r.plan.tokens(); ++t)
+        for (index_t j = 0; j < k; ++j) CHECK(r.plan.ids(t)[std::size_t(j)] == std::int32_t(ids.at(t * k + j)));
+    if (c.expected.has("kept"))
+        for (index_t t = 0; t < r.plan.tokens(); ++t) CHECK(r.plan.kept(t) == (c.expected["kept"].at(t) != 0));
+}
+
+template <class B>
+void check_gpt2(const std::string& name, HyperMode mode) {
+    const FixtureCase c = test::load_case(name);
+    const index_t e = c.config["n_experts"], k = c.config["k"];
+    const std::string p = "transformer.h." + std::to_string(c.layer()) + ".mlp.";
+    std::vector<FfnExpert<B, GeluTanh>> experts;
+    for (index_t x = 0; x < e; ++x) {
+        const std::string q = p + "experts.expert_" + std::to_string(x) + ".";
+        const Matrix<float> up = transposed(c.model[q + "c_fc.weight"]), down = transposed(c.model[q + "c_proj.weight"]);
+        const auto bu = c.model[q + "c_fc.bias"].vec(), bd = c.model[q + "c_proj.bias"].vec();
+        experts.emplace_back(FfnWeights{.up = view(up), .down = view(down), .up_bias = bu, .down_bias = bd});
+    }
+    const Matrix<float> gate = transposed(c.model[p + "w_gate"]);
+    auto [emb, proj] = fixture_selection_parts<B>(c, p);
+    const HyperMoeLayer layer(MoeLayer(view(gate), TopKRouter(e, TopK{k}, {.weighting = {.renormalize = true}}), experts),
+                              c.layer(), std::move(emb), std::move(proj),
+                              fixture_hypernetwork<B>(c, "transformer.param_gen."), {.mode = mode});
+    check_fixture(run(layer, c.input["x"].f32()), c);
+}
+
+template <class B>
+void check_switch(const std::string& name, HyperMode mode) {
+    const FixtureCase c = test::load_case(name);
+    const index_t e = c.config["num_experts"];
+    const std::string p = "encoder.block." + std::to_string(c.layer()) + ".layer.1.mlp.";
+    std::vector<FfnExpert<B, Relu>> experts;
+    for (index_t x = 0; x < e; ++x) {
+        const std::string q = p + "experts.expert_" + std::to_string(x) + ".";
+        const Matrix<float> wi = c.model[q + "wi.weight"].f32(), wo = c.model[q + "wo.weight"].f32();
+        experts.emplace_back(FfnWeights{.up = view(wi), .down = view(wo)});
+    }
+    const Matrix<float> gate = c.model[p + "router.classifier.weight"].f32();
+    auto [emb, proj] = fixture_selection_parts<B>(c, p);
+    const HyperMoeLayer layer(MoeLayer(view(gate), SwitchRouter(e, Top1Capacity{c.config["expert_capacity"]}), experts),
+                              c.layer(), std::move(emb), std::move(proj),
+                              fixture_hypernetwork<B>(c, "encoder.param_gen."), {.mode = mode});
+    check_fixture(run(layer, c.input["x"].f32(), {.sequence_length = c.input["x"].shape[1]}), c);
+}
+
+} // namespace
+
+TEST_CASE_TEMPLATE_DEFINE("HyperMoeLayer reproduces the HyperMoE reference fixtures", B, hyper_fixtures) {
+    for (const HyperMode mode : {HyperMode::cached, HyperMode::per_token}) {
+        CAPTURE(int(mode));
+        check_gpt2<B>("hypermoe_gpt2-k1", mode);
+        check_gpt2<B>("hypermoe_gpt2-k2", mode);
+        check_switch<B>("hypermoe_switch-basic", mode);
+        check_switch<B>("hypermoe_switch-drop", mode);
+    }
+}
+TEST_CASE_TEMPLATE_APPLY(hyper_fixtures, test::all_backends);
+
+namespace {
+
+/// Random HyperMoE parts at small sizes: d_model d, E experts, adapter rank r.
+struct RandomHyper {
+    index_t d, e, r, de = 8, p = 12, q = 10, h = 16, dl = 4, layers = 3;
+    Matrix<float> gate, emb, w0, w2, layer_embed, trunk, dw, uw, db, ub;
+    std::vector<float> b0, b2, trunk_b, dw_b, uw_b, db_b, ub_b;
+    std::vector<Matrix<float>> up, down;
+
+    RandomHyper(index_t d_, index_t e_, index_t r_, std::uint32_t seed) : d(d_), e(e_), r(r_) {
+        gate = random_matrix(e, d, seed, 0.5f);
+        emb = random_matrix(e, de, seed + 1);
+        w0 = random_matrix(p, de, seed + 2, 0.4f);
+        w2 = random_matrix(q, p, seed + 3, 0.4f);
+        layer_embed = random_matrix(layers, dl, seed + 4);
+        trunk = random_matrix(h, q + dl, seed + 5, 0.4f);
+        dw = random_matrix(d * r, h, seed + 6, 0.3f);
+        uw = random_matrix(r * d, h, seed + 7, 0.3f);
+        db = random_matrix(r, h, seed + 8, 0.3f);
+        ub = random_matrix(d, h, seed + 9, 0.3f);
+        b0 = random_vector(p, seed + 10);
+        b2 = random_vector(q, seed + 11);
+        trunk_b = random_vector(h, seed + 12);
+        dw_b = random_vector(d * r, seed + 13, 0.1f);
+        uw_b = random_vector(r * d, seed + 14, 0.1f);
+        db_b = random_vector(r, seed + 15, 0.1f);
+        ub_b = random_vector(d, seed + 16, 0.1f);
+        for (index_t x = 0; x < e; ++x) {
+            up.push_back(random_matrix(2 * d, d, seed + 100 + std::uint32_t(x), 0.3f));
+            down.push_back(random_matrix(d, 2 * d, seed + 200 + std::uint32_t(x), 0.3f));
+        }
+    }
+    [[nodiscard]] HypernetworkWeights hyper_weights() const {
+        return {view(layer_embed), view(trunk), trunk_b, view(dw), dw_b, view(uw), uw_b, view(db), db_b, view(ub), ub_b};
+    }
+    template <class B, index_t D = dynamic>
+    auto layer(index_t k, index_t layer_index, std::shared_ptr<const Hypernetwork<B>> hyper, HyperOptions opt = {}) const {
+        std::vector<FfnExpert<B, GeluTanh, D>> experts;
+        for (index_t x = 0; x < e; ++x)
+            experts.emplace_back(FfnWeights{.up = view(up[std::size_t(x)]), .down = view(down[std::size_t(x)])});
+        return HyperMoeLayer(MoeLayer(view(gate), TopKRouter(e, TopK{k}, {.weighting = {.renormalize = true}}), experts),
+                             layer_index, ExpertEmbedding(view(emb)), Projector<B>(ProjectorWeights{view(w0), b0, view(w2), b2}),
+                             std::move(hyper), opt);
+    }
+    template <class B>
+    [[nodiscard]] std::shared_ptr<Hypernetwork<B>> hypernetwork() const {
+        return std::make_shared<Hypernetwork<B>>(hyper_weights());
+    }
+
+    /// H(x) for token x and selected set S at layer l, written out in double from the formulas.
+    [[nodiscard]] std::vector<double> naive(std::span<const float> x, std::vector<std::int32_t> s, index_t l) const {
+        std::vector<double> sum(static_cast<std::size_t>(de), 0.0), hp(static_cast<std::size_t>(p)), z(static_cast<std::size_t>(q)),
+            g(static_cast<std::size_t>(h));
+        for (index_t j = 0; j < e; ++j)
+            if (std::find(s.begin(), s.end(), j) == s.end())
+                for (index_t c = 0; c < de; ++c) sum[std::size_t(c)] += emb(j, c);
+        for (index_t i = 0; i < p; ++i) {
+            double a = b0[std::size_t(i)];
+            for (index_t c = 0; c < de; ++c) a += w0(i, c) * sum[std::size_t(c)];
+            hp[std::size_t(i)] = std::max(a, 0.0);
+        }
+        for (index_t i = 0; i < q; ++i) {
+            double a = b2[std::size_t(i)];
+            for (index_t c = 0; c < p; ++c) a += w2(i, c) * hp[std::size_t(c)];
+            z[std::size_t(i)] = a;
+        }
+        for (index_t i = 0; i < h; ++i) {
+            double a = trunk_b[std::size_t(i)];
+            for (index_t c = 0; c < q; ++c) a += trunk(i, c) * z[std::size_t(c)];
+            for (index_t c = 0; c < dl; ++c) a += trunk(i, q + c) * layer_embed(l, c);
+            g[std::size_t(i)] = std::max(a, 0.0);
+        }
+        const auto head = [&](const Matrix<float>& w, const std::vector<float>& b, index_t row) {
+            double a = b[std::size_t(row)];
+            for (index_t c = 0; c < h; ++c) a += w(row, c) * g[std::size_t(c)];
+            return a;
+        };
+        std::vector<double> hidden(static_cast<std::size_t>(r)), out(static_cast<std::size_t>(d));
+        for (index_t j = 0; j < r; ++j) {
+            double a = head(db, db_b, j);
+            for (index_t i = 0; i < d; ++i) a += x[std::size_t(i)] * head(dw, dw_b, i * r + j);
+            hidden[std::size_t(j)] = std::max(a, 0.0);
+        }
+        for (index_t i = 0; i < d; ++i) {
+            double a = head(ub, ub_b, i);
+            for (index_t j = 0; j < r; ++j) a += hidden[std::size_t(j)] * head(uw, uw_b, j * d + i);
+            out[std::size_t(i)] = a;
+        }
+        return out;
+    }
+};
+
+double max_rel(const Matrix<float>& got, const std::vector<std::vector<double>>& want) {
+    double diff = 0, scale = 0;
+    for (index_t t = 0; t < got.rows(); ++t)
+        for (index_t c = 0; c < got.cols(); ++c) {
+            diff = std::max(diff, std::abs(got(t, c) - want[std::size_t(t)][std::size_t(c)]));
+            scale = std::max(scale, std::abs(want[std::size_t(t)][std::size_t(c)]));
+        }
+    return diff / scale;
+}
+
+template <class B, index_t D>
+struct HyperConfig {
+    using backend = B;
+    static constexpr index_t static_d = D;
+};
+template <class B>
+using hyper_configs_of = std::tuple<HyperConfig<B, dynamic>, HyperConfig<B, 16>>;
+using all_hyper_configs = decltype(std::apply(
+    [](auto... b) { return std::tuple_cat(hyper_configs_of<decltype(b)>{}...); }, test::all_backends{}));
+
+} // namespace
+
+TEST_CASE_TEMPLATE_DEFINE("cached HyperExperts equal per-token generation", C, cached_vs_per_token) {
+    using B = typename C::backend;
+    for (const index_t e : {4, 8})
+        for (const index_t k : {1, 2, 3})
+            for (const index_t tokens : {1, 37}) {
+                CAPTURE(e);
+                CAPTURE(k);
+                CAPTURE(tokens);
+                const RandomHyper parts(16, e, 4, std::uint32_t(e * 10 + k));
+                const auto hyper = parts.hypernetwork<B>();
+                const auto cached = parts.layer<B, C::static_d>(k, 1, hyper);
+                const auto per_token = parts.layer<B, C::static_d>(k, 1, hyper, {.mode = HyperMode::per_token});
+                const Matrix<float> x = random_matrix(tokens, 16, 5);
+                const HyperRun a = run(cached, x), b = run(per_token, x);
+                CHECK(relative_error(a.h.view(), b.h.view()) <= 1e-6);
+                CHECK(relative_error(a.y.view(), b.y.view()) <= 1e-6);
+                // And both equal the formulas written out in double.
+                std::vector<std::vector<double>> want;
+                for (index_t t = 0; t < tokens; ++t)
+                    want.push_back(parts.naive(x.view().row(t), {a.plan.ids(t).begin(), a.plan.ids(t).end()}, 1));
+                CHECK(max_rel(a.h, want) <= 1e-5);
+                CHECK(cached.cache().size() <= binomial(e, k));
+            }
+}
+TEST_CASE_TEMPLATE_APPLY(cached_vs_per_token, all_hyper_configs);
+
+TEST_CASE("the layer index enters only through the layer embedding") {
+    const RandomHyper parts(16, 6, 4, 77);
+    const auto hyper = parts.hypernetwork<reference>();
+    const Matrix<float> x = random_matrix(9, 16, 3);
+    for (const index_t l : {0, 2}) {
+        const auto layer = parts.layer<reference>(2, l, hyper);
+        const HyperRun r = run(layer, x);
+        std::vector<std::vector<double>> want;
+        for (index_t t = 0; t < 9; ++t) want.push_back(parts.naive(x.view().row(t), {r.plan.ids(t).begin(), r.plan.ids(t).end()}, l));
+        CHECK(max_rel(r.h, want) <= 1e-6);
+    }
+    const HyperRun r0 = run(parts.layer<reference>(2, 0, hyper), x), r2 = run(parts.layer<reference>(2, 2, hyper), x);
+    CHECK(relative_error(r0.h.view(), r2.h.view()) > 1e-3); // the layers really differ
+    // The routed part is the same at both layers: y - H agrees.
+    for (index_t t = 0; t < 9; ++t)
+        for (index_t c = 0; c < 16; ++c) CHECK(r0.y(t, c) - r0.h(t, c) == doctest::Approx(r2.y(t, c) - r2.h(t, c)));
+}
+
+TEST_CASE_TEMPLATE_DEFINE("cache: precompute, budget, invalidation, concurrent use", B, cache_behaviour) {
+    const RandomHyper parts(16, 8, 4, 5);
+    const auto hyper = parts.hypernetwork<B>();
+    const Matrix<float> x = random_matrix(64, 16, 9);
+    const auto unlimited = parts.layer<B>(2, 1, hyper);
+    const HyperRun want = run(unlimited, x);
+    CHECK(unlimited.cache().size() > 2);
+    CHECK(unlimited.cache().misses() == std::uint64_t(unlimited.cache().size()));
+
+    // precompute(): every one of the C(8, 2) = 28 patterns, and the output is unchanged.
+    const auto pre = parts.layer<B>(2, 1, hyper);
+    Workspace ws;
+    CHECK(pre.precompute(ws) == 28);
+    CHECK(pre.cache().size() == 28);
+    const HyperRun p = run(pre, x);
+    CHECK(relative_error(p.y.view(), want.y.view()) <= 1e-6);
+    CHECK(pre.cache().misses() == 28);
+
+    // Budget for two adapters: at most two are kept, outputs stay identical.
+    const std::size_t one = sizeof(float) * std::size_t(2 * 16 * 4 + 4 + 16);
+    const auto small = parts.layer<B>(2, 1, hyper, {.cache_budget_bytes = 2 * one});
+    const HyperRun s = run(small, x), s2 = run(small, x);
+    CHECK(small.cache().size() == 2);
+    CHECK(small.cache().bytes() <= 2 * one);
+    CHECK(relative_error(s.y.view(), want.y.view()) <= 1e-6);
+    CHECK(std::memcmp(s.y.data(), s2.y.data(), sizeof(float) * 64 * 16) == 0);
+
+    // New hypernetwork weights: the cache notices the version and regenerates.
+    const auto mutable_hyper = parts.hypernetwork<B>();
+    const auto layer = parts.layer<B>(2, 1, mutable_hyper);
+    (void)run(layer, x);
+    const index_t before = layer.cache().size();
+    const RandomHyper other(16, 8, 4, 6);
+    mutable_hyper->set_weights(other.hyper_weights());
+    const HyperRun changed = run(layer, x);
+    const auto fresh = parts.layer<B>(2, 1, other.hypernetwork<B>());
+    const HyperRun expect = run(fresh, x);
+    CHECK(relative_error(changed.h.view(), expect.h.view()) <= 1e-6);
+    CHECK(layer.cache().size() <= before);
+
+    // Two threads, one layer, separate workspaces: the same results as one thread.
+    const auto shared = parts.layer<B>(2, 1, hyper);
+    Matrix<float> y1(64, 16), y2(64, 16);
+    std::thread t1([&] { Workspace w; RoutingPlan pl; shared.forward(x.view(), y1.view(), w, pl); });
+    std::thread t2([&] { Workspace w; RoutingPlan pl; shared.forward(x.view(), y2.view(), w, pl); });
+    t1.join();
+    t2.join();
+    CHECK(relative_error(y1.view(), want.y.view()) <= 1e-6);
+    CHECK(std::memcmp(y1.data(), y2.data(), sizeof(float) * 64 * 16) == 0);
+}
+TEST_CASE_TEMPLATE_APPLY(cache_behaviour, test::all_backends);
+
+TEST_CASE("HyperMoE errors name both sides") {
+    const RandomHyper parts(16, 6, 4, 1);
+    const auto hyper = parts.hypernetwork<reference>();
+    CHECK_THROWS_WITH_AS((void)parts.layer<reference>(2, 3, hyper),
+                         "HyperMoeLayer: layer index is 3, expected 0 <= layer < 3 (the hypernetwork's layer embeddings)",
+                         config_error);
+    const RandomHyper wide(24, 6, 4, 1);
+    CHECK_THROWS_WITH_AS((void)wide.layer<reference>(2, 0, hyper),
+                         "HyperMoeLayer: hypernetwork generates adapters for d_model = 16, expected 24", weight_error);
+    HypernetworkWeights bad = parts.hyper_weights();
+    const Matrix<float> short_dw = random_matrix(16 * 4 - 1, 16, 1);
+    bad.down_weight = view(short_dw);
+    CHECK_THROWS_WITH_AS(Hypernetwork<reference>{bad},
+                         "Hypernetwork: weight 'down_weight' has shape (63, 16), expected (64, 16)", weight_error);
+    CHECK_THROWS_WITH_AS(HyperExpertCache<reference>(64, 20), doctest::Contains("HyperExpertCache: C(64, 20) patterns"),
+                         config_error);
+}
+
+TEST_CASE("pattern ranks are a bijection onto 0 .. C(E, k) - 1") {
+    std::vector<bool> seen(std::size_t(binomial(7, 3)), false);
+    for (std::int32_t a = 0; a < 7; ++a)
+        for (std::int32_t b = a + 1; b < 7; ++b)
+            for (std::int32_t c = b + 1; c < 7; ++c) {
+                const std::array<std::int32_t, 3> s{a, b, c};
+                const index_t r = pattern_rank(s);
+                REQUIRE(r >= 0);
+                REQUIRE(r < 35);
+                CHECK_FALSE(seen[std::size_t(r)]);
+                seen[std::size_t(r)] = true;
+            }
+}
