@@ -316,7 +316,8 @@ TEST_CASE("a token that expert choice routes nowhere gets zero routed output") {
 }
 
 TEST_CASE_TEMPLATE_DEFINE("MoeLayer is bitwise deterministic across runs and thread counts", B, determinism) {
-    for (const auto& [d, ff, tokens] : {std::tuple<index_t, index_t, index_t>{64, 48, 129}, {256, 512, 300}}) {
+    for (const auto& shape : {std::tuple<index_t, index_t, index_t>{64, 48, 129}, {256, 512, 300}}) {
+        const index_t d = std::get<0>(shape), ff = std::get<1>(shape), tokens = std::get<2>(shape);
         CAPTURE(d);
         const auto layer = make_layer<B>(TopKRouter(8, TopK{2}), d, ff);
         const Matrix<float> x = random_matrix(tokens, d, 8);

@@ -1,0 +1,118 @@
+// HyperMoE at the paper's sizes (d = 768, ff = 3072 GELU-tanh FFN experts with biases, E = 8,
+// adapter rank r = 64, d_e = p = q = h = 128, d_l = 10) for k = 1, 2 and T in {1, 32, 512}, on
+// the oneDNN backend: the plain MoE layer, HyperMoE with a warm per-pattern cache, and HyperMoE
+// generating per token (the reference code's cost), all on the same weights in one run.
+// BM_HyperColdPattern times generating and preparing one pattern's adapter (a cache miss).
+#include <benchmark/benchmark.h>
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <hypermoe/hypermoe.hpp>
+#include <hypermoe/backend/onednn.hpp>
+
+namespace hm = hypermoe;
+
+namespace {
+
+constexpr hm::index_t d = 768, ff = 3072, experts = 8, r = 64, de = 128, hid = 128, dl = 10, layers = 12;
+using B = hm::onednn;
+using Expert = hm::FfnExpert<B, hm::GeluTanh>;
+
+void fill(float* p, std::size_t n, std::uint64_t seed, float scale) {
+    for (std::size_t i = 0; i < n; ++i)
+        p[i] = scale * (float(hm::detail::splitmix64(seed + i) >> 40) * 0x1.0p-23f - 1.0f);
+}
+hm::Matrix<float> mat(hm::index_t rows, hm::index_t cols, std::uint64_t seed, float scale) {
+    hm::Matrix<float> m(rows, cols);
+    fill(m.data(), std::size_t(rows * cols), seed, scale);
+    return m;
+}
+std::vector<float> vec(hm::index_t n, std::uint64_t seed, float scale) {
+    std::vector<float> v(static_cast<std::size_t>(n));
+    fill(v.data(), v.size(), seed, scale);
+    return v;
+}
+hm::WeightView view(const hm::Matrix<float>& m) { return hm::ConstMatrixView<float>(m.view()); }
+
+struct Model {
+    std::unique_ptr<hm::MoeLayer<Expert, hm::TopKRouter>> plain;
+    std::unique_ptr<hm::HyperMoeLayer<Expert, hm::TopKRouter>> hyper;
+};
+
+Model build(hm::index_t k, hm::HyperMode mode) {
+    const auto gate = mat(experts, d, 1, 0.5f);
+    std::vector<Expert> ex;
+    for (hm::index_t e = 0; e < experts; ++e) {
+        const auto up = mat(ff, d, 10 + std::uint64_t(e), 0.03f), down = mat(d, ff, 20 + std::uint64_t(e), 0.02f);
+        const auto bu = vec(ff, 30 + std::uint64_t(e), 0.01f), bd = vec(d, 40 + std::uint64_t(e), 0.01f);
+        ex.emplace_back(hm::FfnWeights{.up = view(up), .down = view(down), .up_bias = bu, .down_bias = bd});
+    }
+    const hm::TopKRouter router(experts, hm::TopK{k}, {.weighting = {.renormalize = true}});
+    const auto emb = mat(experts, de, 2, 1.0f), w0 = mat(de, de, 3, 0.1f), w2 = mat(de, de, 4, 0.1f);
+    const auto b0 = vec(de, 5, 0.1f), b2 = vec(de, 6, 0.1f);
+    const auto le = mat(layers, dl, 7, 1.0f), trunk = mat(hid, de + dl, 8, 0.1f), dw = mat(d * r, hid, 9, 0.05f),
+               uw = mat(r * d, hid, 11, 0.05f), db = mat(r, hid, 12, 0.05f), ub = mat(d, hid, 13, 0.05f);
+    const auto tb = vec(hid, 14, 0.1f), dwb = vec(d * r, 15, 0.01f), uwb = vec(r * d, 16, 0.01f), dbb = vec(r, 17, 0.01f),
+               ubb = vec(d, 18, 0.01f);
+    auto hyper = std::make_shared<hm::Hypernetwork<B>>(hm::HypernetworkWeights{
+        view(le), view(trunk), tb, view(dw), dwb, view(uw), uwb, view(db), dbb, view(ub), ubb});
+    Model m;
+    m.plain = std::make_unique<hm::MoeLayer<Expert, hm::TopKRouter>>(view(gate), router, ex);
+    m.hyper = std::make_unique<hm::HyperMoeLayer<Expert, hm::TopKRouter>>(
+        hm::MoeLayer<Expert, hm::TopKRouter>(view(gate), router, ex), 3, hm::ExpertEmbedding(view(emb)),
+        hm::Projector<B>(hm::ProjectorWeights{view(w0), b0, view(w2), b2}), hyper, hm::HyperOptions{.mode = mode});
+    return m;
+}
+
+/// variant: 0 plain MoE, 1 HyperMoE cached (warm), 2 HyperMoE per token.
+void BM_Layer(benchmark::State& state, hm::index_t k, hm::index_t tokens, int variant) {
+    static Model models[3][2];
+    Model& m = models[variant][k - 1];
+    if (!m.plain) m = build(k, variant == 2 ? hm::HyperMode::per_token : hm::HyperMode::cached);
+    const auto x = mat(tokens, d, 99, 1.0f);
+    hm::Matrix<float> y(tokens, d);
+    hm::Workspace ws;
+    hm::RoutingPlan plan;
+    const auto step = [&] {
+        if (variant == 0) m.plain->forward(x.view(), y.view(), ws, plan);
+        else m.hyper->forward(x.view(), y.view(), ws, plan);
+    };
+    if (variant == 1) m.hyper->precompute(ws); // warm cache: every pattern
+    step();
+    for (auto _ : state) {
+        step();
+        benchmark::DoNotOptimize(y.data());
+    }
+    state.counters["tokens/s"] = benchmark::Counter(double(tokens), benchmark::Counter::kIsIterationInvariantRate);
+}
+
+void BM_HyperColdPattern(benchmark::State& state) {
+    static Model m = build(2, hm::HyperMode::cached);
+    const auto x = mat(1, d, 99, 1.0f);
+    hm::Matrix<float> y(1, d);
+    hm::Workspace ws;
+    hm::RoutingPlan plan;
+    m.hyper->forward(x.view(), y.view(), ws, plan);
+    for (auto _ : state) {
+        m.hyper->cache().clear(); // every iteration misses: one generation + preparation
+        m.hyper->forward(x.view(), y.view(), ws, plan);
+    }
+}
+
+} // namespace
+
+int main(int argc, char** argv) {
+    const char* names[3] = {"BM_PlainMoe", "BM_HyperMoe_cached", "BM_HyperMoe_per_token"};
+    for (const hm::index_t k : {1, 2})
+        for (const hm::index_t t : {1, 32, 512})
+            for (int v = 0; v < 3; ++v)
+                benchmark::RegisterBenchmark((std::string(names[v]) + "/k:" + std::to_string(k) + "/T:" + std::to_string(t)).c_str(),
+                                             BM_Layer, k, t, v)
+                    ->UseRealTime()->Unit(benchmark::kMillisecond);
+    benchmark::RegisterBenchmark("BM_HyperColdPattern", BM_HyperColdPattern)->UseRealTime()->Unit(benchmark::kMillisecond);
+    benchmark::Initialize(&argc, argv);
+    benchmark::RunSpecifiedBenchmarks();
+    benchmark::Shutdown();
+}

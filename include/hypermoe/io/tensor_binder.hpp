@@ -1,0 +1,92 @@
+#pragma once
+// TensorBinder: fetches the tensors of one layer from a Checkpoint as WeightViews, checking each
+// name, dtype and shape, and collecting EVERY problem before anything is built: finish() throws
+// one weight_error that lists them all. F32 and BF16 tensors are viewed in place in the mapping
+// (when aligned); F16, F64, misaligned and transposed tensors are converted into owned storage.
+
+#include <deque>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "hypermoe/backend/linear_spec.hpp"
+#include "hypermoe/io/checkpoint.hpp"
+
+namespace hypermoe {
+
+class TensorBinder {
+public:
+    TensorBinder(const Checkpoint& checkpoint, std::string what) : ck_(checkpoint), what_(std::move(what)) {}
+
+    /// A (rows, cols) weight. With transpose, the tensor is stored (cols, rows) (Conv1D, w_gate)
+    /// and is transposed into owned storage.
+    WeightView matrix(const std::string& name, index_t rows, index_t cols, bool transpose = false) {
+        const Checkpoint::Ref r = fetch(name, transpose ? std::vector<index_t>{cols, rows} : std::vector<index_t>{rows, cols});
+        if (r.info == nullptr) return placeholder();
+        const TensorInfo& t = *r.info;
+        if (!transpose) {
+            if (const auto f = r.file->f32_in_place(t); !f.empty()) return ConstMatrixView<float>(f.data(), rows, cols);
+            const auto bytes = r.file->data(t);
+            if (t.dtype == tensor_dtype::bf16 && reinterpret_cast<std::uintptr_t>(bytes.data()) % alignof(bf16) == 0)
+                return ConstMatrixView<bf16>(reinterpret_cast<const bf16*>(bytes.data()), rows, cols);
+            return ConstMatrixView<float>(owned_.emplace_back(r.file->to_f32(t)).view());
+        }
+        Matrix<float>& m = owned_.emplace_back(rows, cols);
+        for (index_t i = 0; i < rows; ++i)
+            for (index_t j = 0; j < cols; ++j) m(i, j) = float(r.file->element(t, j * rows + i));
+        return ConstMatrixView<float>(m.view());
+    }
+
+    /// A vector of n floats (converted from its dtype).
+    std::span<const float> vector(const std::string& name, index_t n) {
+        const Checkpoint::Ref r = fetch(name, {n});
+        if (r.info == nullptr) return {};
+        std::vector<float>& v = vectors_.emplace_back(static_cast<std::size_t>(n));
+        for (index_t i = 0; i < n; ++i) v[std::size_t(i)] = float(r.file->element(*r.info, i));
+        return v;
+    }
+
+    /// Throws one weight_error listing every problem found so far.
+    void finish() const {
+        if (problems_.empty()) return;
+        std::string msg = detail::concat(ck_.dir(), ": ", what_, ": ", problems_.size(), " problem",
+                                         problems_.size() > 1 ? "s" : "", " with its tensors:");
+        for (const auto& p : problems_) msg += "\n  " + p;
+        throw weight_error(msg);
+    }
+
+private:
+    Checkpoint::Ref fetch(const std::string& name, const std::vector<index_t>& shape) {
+        const Checkpoint::Ref r = ck_.find(name);
+        if (r.info == nullptr) {
+            problems_.push_back(detail::concat("missing tensor '", name, "'"));
+            return r;
+        }
+        const TensorInfo& t = *r.info;
+        const bool floating = t.dtype == tensor_dtype::f32 || t.dtype == tensor_dtype::bf16 ||
+                              t.dtype == tensor_dtype::f16 || t.dtype == tensor_dtype::f64;
+        if (!floating) {
+            problems_.push_back(detail::concat("'", name, "' in ", r.file->source(), " has dtype ", to_string(t.dtype),
+                                               ", expected F32, BF16, F16 or F64"));
+            return {nullptr, nullptr};
+        }
+        if (t.shape != shape) {
+            TensorInfo want;
+            want.shape = shape;
+            problems_.push_back(detail::concat("'", name, "' in ", r.file->source(), " has shape ", t.shape_string(),
+                                               ", expected ", want.shape_string()));
+            return {nullptr, nullptr};
+        }
+        return r;
+    }
+
+    static WeightView placeholder() noexcept { return ConstMatrixView<float>(); }
+
+    const Checkpoint& ck_;
+    std::string what_;
+    std::vector<std::string> problems_;
+    std::deque<Matrix<float>> owned_;
+    std::deque<std::vector<float>> vectors_;
+};
+
+} // namespace hypermoe

@@ -1,0 +1,293 @@
+#include <doctest/doctest.h>
+
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <string>
+#include <vector>
+
+#include <hypermoe/io/io.hpp>
+
+#include "test_support.hpp"
+
+using namespace hypermoe;
+using test::relative_error;
+namespace fs = std::filesystem;
+
+namespace {
+
+const std::string data_dir = HYPERMOE_TEST_DATA;
+
+const std::vector<std::string> all_cases = {
+    "mixtral-basic",       "mixtral-decode",       "mixtral-tie",        "mixtral-bf16",
+    "qwen2_moe-basic",     "qwen2_moe-norm",       "qwen2_moe-bf16",     "olmoe-basic",
+    "olmoe-norm",          "olmoe-bf16",           "deepseek_v3-basic",  "deepseek_v3-nonorm",
+    "deepseek_v3-decode",  "deepseek_v3-bf16",     "switch_transformers-basic", "switch_transformers-drop",
+    "switch_transformers-tie", "switch_transformers-decoder", "hypermoe_gpt2-k1", "hypermoe_gpt2-k2",
+    "hypermoe_switch-basic", "hypermoe_switch-drop"};
+
+/// A fresh directory under the system temp dir, removed at scope exit.
+struct TempDir {
+    fs::path path;
+    explicit TempDir(const std::string& tag) {
+        path = fs::temp_directory_path() / ("hypermoe-test-" + tag + "-" + std::to_string(::getpid()));
+        fs::remove_all(path);
+        fs::create_directories(path);
+    }
+    ~TempDir() { fs::remove_all(path); }
+};
+
+struct Expected {
+    SafeTensorsFile input, expected;
+    explicit Expected(const std::string& dir)
+        : input(dir + "/input.safetensors"), expected(dir + "/expected.safetensors") {}
+    [[nodiscard]] Matrix<float> x() const { return input.view().to_f32(input.view().info("x")); }
+    [[nodiscard]] Matrix<float> out(const char* name) const { return expected.view().to_f32(expected.view().info(name)); }
+    [[nodiscard]] index_t layer() const { return std::stoll(input.view().metadata().at("layer")); }
+    [[nodiscard]] std::string stack() const {
+        const auto& m = input.view().metadata();
+        return m.count("stack") ? m.at("stack") : "";
+    }
+    [[nodiscard]] index_t sequence_length() const { return input.view().info("x").shape.size() == 3 ? input.view().info("x").shape[1] : 0; }
+};
+
+/// y, expert ids, weights, kept (and hyper_out) of `block` against the fixture.
+template <class B>
+void check_block(const LoadedMoeBlock<B>& block, const Expected& e, const char* y_name = "y") {
+    const Matrix<float> x = e.x();
+    Matrix<float> y(x.rows(), x.cols());
+    RoutingPlan plan;
+    Workspace ws;
+    block.forward(x.view(), y.view(), ws, plan, {.sequence_length = e.sequence_length()});
+    CHECK(relative_error(y.view(), e.out(y_name).view()) <= 1e-5);
+    const Matrix<float> ids = e.out("expert_ids"), w = e.out("expert_weights");
+    REQUIRE(plan.slots() == ids.cols());
+    for (index_t t = 0; t < ids.rows(); ++t)
+        for (index_t j = 0; j < ids.cols(); ++j) {
+            CHECK(plan.ids(t)[std::size_t(j)] == std::int32_t(ids(t, j)));
+            CHECK(plan.weights(t)[std::size_t(j)] == doctest::Approx(w(t, j)).epsilon(1e-5));
+        }
+    if (e.expected.view().contains("kept")) {
+        const Matrix<float> kept = e.out("kept");
+        for (index_t t = 0; t < kept.cols(); ++t) CHECK(plan.kept(t) == (kept(0, t) != 0));
+    }
+    if (block.is_hyper()) {
+        Matrix<float> h(x.rows(), x.cols());
+        block.hyper_term(x.view(), plan, h.view(), ws);
+        CHECK(relative_error(h.view(), e.out("hyper_out").view()) <= 1e-5);
+    }
+}
+
+void write_file(const fs::path& p, const std::vector<std::byte>& bytes) {
+    std::ofstream out(p, std::ios::binary);
+    out.write(reinterpret_cast<const char*>(bytes.data()), std::streamsize(bytes.size()));
+}
+std::vector<std::byte> read_file(const fs::path& p) {
+    std::ifstream in(p, std::ios::binary);
+    std::vector<char> c((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    std::vector<std::byte> b(c.size());
+    std::memcpy(b.data(), c.data(), c.size());
+    return b;
+}
+/// An image with a hand-written header (for corruptions the writer would never produce).
+std::vector<std::byte> image(const std::string& header, std::size_t data_bytes) {
+    std::vector<std::byte> b(8 + header.size() + data_bytes);
+    for (int i = 0; i < 8; ++i) b[std::size_t(i)] = std::byte((header.size() >> (8 * i)) & 0xFF);
+    std::memcpy(b.data() + 8, header.data(), header.size());
+    return b;
+}
+std::string open_error(const std::vector<std::byte>& bytes) {
+    try {
+        SafeTensorsView v(bytes, "f.safetensors");
+    } catch (const weight_error& e) {
+        return e.what();
+    }
+    return "no error";
+}
+
+} // namespace
+
+TEST_CASE_TEMPLATE_DEFINE("every fixture through the checkpoint loader", B, loader_fixtures) {
+    for (const auto& name : all_cases) {
+        CAPTURE(name);
+        const std::string dir = data_dir + "/" + name;
+        const Checkpoint ck(dir);
+        const Expected e(dir);
+        for (const HyperMode mode : {HyperMode::cached, HyperMode::per_token}) {
+            const auto block = load_moe_block<B>(ck, e.layer(), e.stack(), {.hyper = {.mode = mode}});
+            check_block(block, e);
+            if (!block.is_hyper()) break;
+        }
+        if (e.expected.view().contains("y_zero_drop"))
+            check_block(load_moe_block<B>(ck, e.layer(), e.stack(), {.dropped = DroppedTokens::zero}), e, "y_zero_drop");
+    }
+}
+TEST_CASE_TEMPLATE_APPLY(loader_fixtures, test::all_backends);
+
+TEST_CASE("bf16 storage of f32 weights stays within bf16 rounding") {
+    const std::string dir = data_dir + "/mixtral-basic";
+    const Checkpoint ck(dir);
+    const Expected e(dir);
+    const auto block = load_moe_block<reference>(ck, 1, "", {.storage = dtype::bf16});
+    const Matrix<float> x = e.x();
+    Matrix<float> y(x.rows(), x.cols());
+    RoutingPlan plan;
+    Workspace ws;
+    block.forward(x.view(), y.view(), ws, plan);
+    const double err = relative_error(y.view(), e.out("y").view());
+    CHECK(err > 0);
+    CHECK(err <= 2e-2);
+}
+
+TEST_CASE("describe lists the MoE blocks of each family") {
+    const ModelInfo q = describe(Checkpoint(data_dir + "/qwen2_moe-norm"));
+    CHECK(q.family == Family::qwen2_moe);
+    CHECK(q.moe_blocks == std::vector<MoeBlockRef>{{1, ""}}); // layer 0 is in mlp_only_layers
+    const ModelInfo d = describe(Checkpoint(data_dir + "/deepseek_v3-basic"));
+    CHECK(d.moe_blocks == std::vector<MoeBlockRef>{{1, ""}, {2, ""}});
+    CHECK(d.shared_ff == 8);
+    const ModelInfo s = describe(Checkpoint(data_dir + "/switch_transformers-decoder"));
+    CHECK(s.moe_blocks == std::vector<MoeBlockRef>{{1, "encoder"}, {1, "decoder"}});
+    const ModelInfo h = describe(Checkpoint(data_dir + "/hypermoe_gpt2-k2"));
+    CHECK(h.family == Family::hypermoe_gpt2);
+    CHECK(h.adapter_rank == 8);
+    CHECK(h.dtypes == std::set<std::string>{"F32"});
+    CHECK_THROWS_WITH_AS((void)load_moe_block<reference>(Checkpoint(data_dir + "/deepseek_v3-basic"), 0),
+                         doctest::Contains("block 0 is not an MoE block; MoE blocks: 1, 2"), config_error);
+}
+
+TEST_CASE("malformed safetensors images give weight_errors naming the problem") {
+    CHECK(open_error(std::vector<std::byte>(5)) == "f.safetensors: file has 5 bytes, expected at least 8 (the header length)");
+    auto past = image("{}", 0);
+    past[0] = std::byte(200);
+    CHECK(open_error(past) == "f.safetensors: header length is 200 bytes, but only 2 bytes follow");
+    CHECK(open_error(image("{not json", 0)).rfind("f.safetensors: header is not valid JSON", 0) == 0);
+    CHECK(open_error(image("[1,2]", 0)) == "f.safetensors: header is not a JSON object");
+    CHECK(open_error(image(R"({"a":{"dtype":"F33","shape":[1],"data_offsets":[0,4]}})", 4)) ==
+          "f.safetensors: tensor 'a': unknown dtype 'F33'");
+    CHECK(open_error(image(R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,4]}})", 4)) ==
+          "f.safetensors: tensor 'a': holds 4 bytes, but F32 [2] needs 8");
+    CHECK(open_error(image(R"({"a":{"dtype":"F32","shape":[1],"data_offsets":[0,8]}})", 4)) ==
+          "f.safetensors: tensor 'a': data_offsets [0, 8] run past the 4 data bytes of the file");
+    CHECK(open_error(image(R"({"a":{"dtype":"F32","shape":[1],"data_offsets":[4,0]}})", 4)) ==
+          "f.safetensors: tensor 'a': data_offsets [4, 0] are reversed");
+    CHECK(open_error(image(R"({"a":{"dtype":"F32","shape":[-1],"data_offsets":[0,4]}})", 4)) ==
+          "f.safetensors: tensor 'a': shape [-1] has an entry that is not a non-negative integer");
+    CHECK(open_error(image(R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}})", 8)) ==
+          "f.safetensors: tensors 'a' [0, 8) and 'b' [4, 8) overlap");
+    CHECK(open_error(image(R"({"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"a":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}})", 8)) ==
+          "f.safetensors: tensor name 'a' appears twice in the header");
+    CHECK(open_error(image(R"({"a":{"dtype":"F32","shape":[1]}})", 4)) ==
+          "f.safetensors: tensor 'a': entry needs dtype, shape and data_offsets");
+    CHECK(open_error(image(R"({"a":{"dtype":"F32","shape":[4611686018427387904, 4611686018427387904],"data_offsets":[0,4]}})", 4)) ==
+          "f.safetensors: tensor 'a': shape [4611686018427387904,4611686018427387904] has too many elements");
+}
+
+TEST_CASE("a truncated checkpoint file and broken checkpoints are reported, nothing crashes") {
+    TempDir tmp("broken");
+    const fs::path src = data_dir + "/mixtral-basic";
+    fs::copy_file(src / "config.json", tmp.path / "config.json");
+    auto bytes = read_file(src / "model.safetensors");
+    bytes.resize(bytes.size() - 100);
+    write_file(tmp.path / "model.safetensors", bytes);
+    CHECK_THROWS_WITH_AS(Checkpoint(tmp.path.string()), doctest::Contains("run past the"), weight_error);
+
+    // Missing and mis-shaped tensors: every problem of the layer in one error.
+    SafeTensorsFile model((src / "model.safetensors").string());
+    std::vector<TensorToWrite> tensors;
+    for (const auto& t : model.view().tensors()) {
+        if (t.name == "model.layers.1.block_sparse_moe.experts.2.w3.weight" ||
+            t.name == "model.layers.1.block_sparse_moe.experts.0.w1.weight")
+            continue;
+        const auto data = model.view().data(t);
+        TensorToWrite w{t.name, t.dtype, t.shape, {data.begin(), data.end()}};
+        if (t.name == "model.layers.1.block_sparse_moe.gate.weight") w.shape = {32, 4};
+        tensors.push_back(std::move(w));
+    }
+    write_safetensors((tmp.path / "model.safetensors").string(), tensors);
+    const Checkpoint ck(tmp.path.string());
+    const std::string file = (tmp.path / "model.safetensors").string();
+    CHECK_THROWS_WITH_AS((void)load_moe_block<reference>(ck, 1),
+                         (tmp.path.string() + ": mixtral block 1: 3 problems with its tensors:\n"
+                          "  '" + "model.layers.1.block_sparse_moe.gate.weight' in " + file + " has shape [32, 4], expected [4, 32]\n"
+                          "  missing tensor 'model.layers.1.block_sparse_moe.experts.0.w1.weight'\n"
+                          "  missing tensor 'model.layers.1.block_sparse_moe.experts.2.w3.weight'").c_str(),
+                         weight_error);
+    // Layer 0 is intact.
+    CHECK_NOTHROW((void)load_moe_block<reference>(ck, 0));
+
+    // Wrong dtype of a weight.
+    for (auto& t : tensors)
+        if (t.name == "model.layers.0.block_sparse_moe.gate.weight") t.dtype = tensor_dtype::i32;
+    write_safetensors((tmp.path / "model.safetensors").string(), tensors);
+    CHECK_THROWS_WITH_AS((void)load_moe_block<reference>(Checkpoint(tmp.path.string()), 0),
+                         doctest::Contains(("'model.layers.0.block_sparse_moe.gate.weight' in " + file +
+                                            " has dtype I32, expected F32, BF16, F16 or F64").c_str()),
+                         weight_error);
+
+    // Bad config.json and unknown families.
+    std::ofstream(tmp.path / "config.json") << "{\"model_type\": \"llama\"}";
+    CHECK_THROWS_WITH_AS((void)describe(Checkpoint(tmp.path.string())),
+                         (tmp.path.string() + "/config.json: model_type \"llama\" is not a supported family; supported: "
+                          "mixtral, qwen2_moe, olmoe, deepseek_v3, switch_transformers, hypermoe_gpt2, hypermoe_switch").c_str(),
+                         config_error);
+    std::ofstream(tmp.path / "config.json") << "{\"model_type\": \"mixtral\", ";
+    CHECK_THROWS_WITH_AS(Checkpoint(tmp.path.string()), doctest::Contains("config.json: not valid JSON"), config_error);
+    std::ofstream(tmp.path / "config.json") << R"({"model_type": "mixtral", "hidden_size": "32"})";
+    CHECK_THROWS_WITH_AS((void)describe(Checkpoint(tmp.path.string())),
+                         (tmp.path.string() + "/config.json: 'hidden_size' is \"32\", expected an integer").c_str(), config_error);
+    CHECK_THROWS_WITH_AS(Checkpoint((tmp.path / "nope").string()), doctest::Contains("nope: not a directory"), config_error);
+}
+
+TEST_CASE_TEMPLATE_DEFINE("a sharded checkpoint gives the same block", B, sharded) {
+    TempDir tmp("sharded");
+    const fs::path src = data_dir + "/olmoe-basic";
+    fs::copy_file(src / "config.json", tmp.path / "config.json");
+    SafeTensorsFile model((src / "model.safetensors").string());
+    std::vector<TensorToWrite> shards[2];
+    nlohmann::json index = {{"metadata", {{"total_size", 0}}}, {"weight_map", nlohmann::json::object()}};
+    std::size_t i = 0;
+    for (const auto& t : model.view().tensors()) {
+        const auto data = model.view().data(t);
+        shards[i % 2].push_back({t.name, t.dtype, t.shape, {data.begin(), data.end()}});
+        index["weight_map"][t.name] = i % 2 ? "model-00002-of-00002.safetensors" : "model-00001-of-00002.safetensors";
+        ++i;
+    }
+    write_safetensors((tmp.path / "model-00001-of-00002.safetensors").string(), shards[0]);
+    write_safetensors((tmp.path / "model-00002-of-00002.safetensors").string(), shards[1]);
+    std::ofstream(tmp.path / "model.safetensors.index.json") << index.dump();
+    const Checkpoint ck(tmp.path.string());
+    CHECK(ck.tensor_count() == model.view().tensors().size());
+    check_block(load_moe_block<B>(ck, 1), Expected(src.string()));
+
+    auto& entry = index["weight_map"]["model.layers.1.mlp.gate.weight"]; // point it at the other shard
+    entry = entry == "model-00001-of-00002.safetensors" ? "model-00002-of-00002.safetensors" : "model-00001-of-00002.safetensors";
+    std::ofstream(tmp.path / "model.safetensors.index.json") << index.dump();
+    CHECK_THROWS_WITH_AS(Checkpoint(tmp.path.string()), doctest::Contains("which has no such tensor"), weight_error);
+}
+TEST_CASE_TEMPLATE_APPLY(sharded, test::all_backends);
+
+TEST_CASE("writer round trip, metadata, and every float dtype converts") {
+    const std::vector<float> v{1.5f, -2.0f, 0.25f, 3.0f};
+    const std::vector<std::int32_t> ids{1, 2, 3};
+    auto bytes = safetensors_bytes({f32_tensor("x", {2, 2}, v), i32_tensor("ids", {3}, ids)}, {{"layer", "1"}});
+    CHECK((bytes.size() - 8 - 28) % 8 == 0); // header padded to 8 bytes
+    const SafeTensorsView r(bytes, "mem");
+    CHECK(r.metadata().at("layer") == "1");
+    CHECK(r.to_f32(r.info("x"))(1, 0) == 0.25f);
+    CHECK(r.element(r.info("ids"), 2) == 3.0);
+    CHECK(r.info("x").shape_string() == "[2, 2]");
+    CHECK(f16_to_float(0x3C00) == 1.0f);
+    CHECK(f16_to_float(0xC000) == -2.0f);
+    CHECK(f16_to_float(0x0001) == 0x1.0p-24f);
+    CHECK(f16_to_float(0x7C00) == std::numeric_limits<float>::infinity());
+    std::vector<std::byte> f16{std::byte(0x00), std::byte(0x3C), std::byte(0x00), std::byte(0xB8)};
+    std::vector<std::byte> f64(8);
+    const double d = -0.75;
+    std::memcpy(f64.data(), &d, 8);
+    bytes = safetensors_bytes({{"h", tensor_dtype::f16, {2}, f16}, {"d", tensor_dtype::f64, {1}, f64}});
+    const SafeTensorsView r2(bytes, "mem");
+    CHECK(r2.to_f32(r2.info("h"))(0, 1) == -0.5f);
+    CHECK(r2.to_f32(r2.info("d"))(0, 0) == -0.75f);
+    CHECK_THROWS_WITH_AS((void)r2.info("zzz"), "mem: no tensor 'zzz'", weight_error);
+}
