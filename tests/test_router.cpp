@@ -363,3 +363,19 @@ TEST_CASE("MoeLayer rejects mismatched parts and inputs") {
     CHECK_THROWS_WITH_AS(MoeLayer(WeightView(ConstMatrixView<float>(gate3.view())), TopKRouter(3, TopK{1}), three),
                          "MoeLayer: weight 'gate' has shape (3, 20), expected (3, 24)", weight_error);
 }
+
+TEST_CASE("apply() takes a plan from another router, even one with more assignments") {
+    const auto layer = make_layer<reference>(TopKRouter(6, TopK{1}));
+    const auto oracle = make_layer<reference>(ExpertChoiceRouter(6, ExpertChoice{3.0})); // same weights, other router
+    const Matrix<float> x = random_matrix(20, 24, 12);
+    Matrix<float> logits(20, 6), y(20, 24), y_ref(20, 24);
+    RoutingPlan plan, plan_ref;
+    Workspace ws; // fresh: apply() must size its scratch from the plan (60 rows, not 20)
+    layer.router_logits(x.view(), logits.view(), ws);
+    ExpertChoiceRouter(6, ExpertChoice{3.0}).route(logits.view(), {}, plan, ws);
+    CHECK(plan.rows() == 60);
+    Workspace fresh;
+    layer.apply(x.view(), plan, y.view(), fresh);
+    oracle.forward(x.view(), y_ref.view(), ws, plan_ref);
+    CHECK(relative_error(y.view(), y_ref.view()) == 0.0);
+}

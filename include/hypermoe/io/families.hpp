@@ -278,6 +278,26 @@ public:
             layer_);
     }
 
+    /// The hypernetwork of a HyperMoE block (null otherwise), to share with the stack's other blocks.
+    [[nodiscard]] std::shared_ptr<const Hypernetwork<B>> shared_hypernetwork() const {
+        return std::visit(
+            [](const auto& l) -> std::shared_ptr<const Hypernetwork<B>> {
+                if constexpr (requires { l.moe(); }) return l.shared_hypernetwork();
+                else return nullptr;
+            },
+            layer_);
+    }
+
+    /// The HyperExpert cache of a HyperMoE block (null otherwise).
+    [[nodiscard]] HyperExpertCache<B>* hyper_cache() const {
+        return std::visit(
+            [](const auto& l) -> HyperExpertCache<B>* {
+                if constexpr (requires { l.moe(); }) return &l.cache();
+                else return nullptr;
+            },
+            layer_);
+    }
+
     /// The HyperExpert term alone (HyperMoE blocks only).
     void hyper_term(ConstMatrixView<float> x, const RoutingPlan& plan, MatrixView<float> out, Workspace& ws) const {
         std::visit(
@@ -340,9 +360,13 @@ inline HypernetworkWeights hypernetwork_weights(TensorBinder& t, const std::stri
 } // namespace detail
 
 /// Builds MoE block `layer` (of `stack`, for the encoder-decoder families) of a checkpoint.
+/// HyperMoE blocks of one stack should share one hypernetwork: pass the one an earlier block of
+/// the same stack holds (`shared_hypernetwork()`) as `hypernetwork`; by default each block loads
+/// its own copy.
 template <Backend B>
 [[nodiscard]] LoadedMoeBlock<B> load_moe_block(const Checkpoint& ck, index_t layer, std::string stack = "",
-                                               const LoadOptions& opt = {}) {
+                                               const LoadOptions& opt = {},
+                                               std::shared_ptr<const Hypernetwork<B>> hypernetwork = nullptr) {
     const std::string file = ck.dir() + "/config.json";
     const ConfigReader c(ck.config(), file);
     ModelInfo info = describe(ck);
@@ -446,7 +470,7 @@ template <Backend B>
                                   t.matrix(p + "embedding_process.2.weight", q, pd), t.vector(p + "embedding_process.2.bias", q)};
         const HypernetworkWeights hw = detail::hypernetwork_weights(t, stack + ".param_gen.", layers, dl, q, h, d, r);
         t.finish();
-        auto hyper = std::make_shared<Hypernetwork<B>>(hw);
+        auto hyper = hypernetwork ? hypernetwork : std::make_shared<const Hypernetwork<B>>(hw);
         return L(typename L::HyperSwitch(typename L::Switch(gate, router, detail::build_experts<FfnExpert<B, Relu>>(w, opt.storage),
                                                             NoSharedExpert{}, {.dropped = opt.dropped}),
                                          layer, ExpertEmbedding(emb), Projector<B>(pw), std::move(hyper), opt.hyper),
@@ -470,7 +494,7 @@ template <Backend B>
         const HypernetworkWeights hw =
             detail::hypernetwork_weights(t, "transformer.param_gen.", c.integer("n_layer", 1), dl, q, h, d, r);
         t.finish();
-        auto hyper = std::make_shared<Hypernetwork<B>>(hw);
+        auto hyper = hypernetwork ? hypernetwork : std::make_shared<const Hypernetwork<B>>(hw);
         const TopKRouter router(e, TopK{k}, {.weighting = {.renormalize = true}});
         return L(typename L::HyperGpt2(MoeLayer(gate, router, detail::build_experts<FfnExpert<B, GeluTanh>>(w, opt.storage)), layer,
                                        ExpertEmbedding(emb), Projector<B>(pw), std::move(hyper), opt.hyper),

@@ -5,4 +5,5 @@
 #include "hypermoe/io/checkpoint.hpp"
 #include "hypermoe/io/families.hpp"
 #include "hypermoe/io/safetensors.hpp"
+#include "hypermoe/io/synthetic.hpp"
 #include "hypermoe/io/tensor_binder.hpp"

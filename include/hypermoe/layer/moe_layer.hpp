@@ -58,25 +58,31 @@ public:
         return detail::padded_bytes<float>(rows * num_experts()) +
                std::max(gate_.workspace_bytes(rows), router_.workspace_bytes(rows));
     }
-    [[nodiscard]] std::size_t apply_workspace_bytes(index_t rows) const noexcept {
-        const index_t packed = rows * router_.slots();
+    /// Scratch of apply() for `rows` tokens whose plan has `packed` assignments (the layer's own
+    /// router makes at most rows x slots; a plan from another router may make more).
+    [[nodiscard]] std::size_t apply_workspace_bytes(index_t rows, index_t packed) const noexcept {
         std::size_t inner = 0;
         for (const auto& e : experts_) inner = std::max(inner, e.workspace_bytes(rows));
         if constexpr (Shared::present) inner = std::max(inner, shared_.workspace_bytes(rows));
         return 2 * detail::padded_bytes<float>(packed * in_width()) + inner;
     }
     [[nodiscard]] std::size_t workspace_bytes(index_t rows) const noexcept {
-        return std::max(route_workspace_bytes(rows), apply_workspace_bytes(rows));
+        return std::max(route_workspace_bytes(rows), apply_workspace_bytes(rows, rows * router_.slots()));
+    }
+
+    /// The router logits x W_g^T (T, E), e.g. to route with another router and apply() the plan.
+    void router_logits(ConstMatrixView<float> x, MatrixView<float> logits, Workspace& ws) const {
+        if (x.cols() != in_width())
+            throw shape_error(detail::concat("MoeLayer::route: input x has ", x.cols(), " columns, expected ", in_width()));
+        check_finite(x, "MoeLayer: input x");
+        gate_(x, logits, ws);
     }
 
     /// Router logits (x W_g^T) and routing of x (T, d_model) into `plan`.
     void route(ConstMatrixView<float> x, const RouterContext& context, RoutingPlan& plan, Workspace& ws) const {
-        if (x.cols() != in_width())
-            throw shape_error(detail::concat("MoeLayer::route: input x has ", x.cols(), " columns, expected ", in_width()));
-        check_finite(x, "MoeLayer: input x");
         Workspace::Scope scope(ws, route_workspace_bytes(x.rows()));
         MatrixView<float> logits = ws.take_matrix<float>(x.rows(), num_experts()); // (T, E)
-        gate_(x, logits, ws);
+        router_logits(x, logits, ws);
         router_.route(logits, context, plan, ws);
     }
 
@@ -88,7 +94,7 @@ public:
             throw shape_error(detail::concat("MoeLayer::apply: the plan routes ", plan.tokens(), " tokens over ",
                                              plan.experts(), " experts, expected ", x.rows(), " over ", num_experts()));
         const index_t d = in_width(), rows = plan.rows();
-        Workspace::Scope scope(ws, apply_workspace_bytes(x.rows()));
+        Workspace::Scope scope(ws, apply_workspace_bytes(x.rows(), rows));
         MatrixView<float> in = ws.take_matrix<float>(rows, d);  // (rows, d): tokens grouped by expert
         MatrixView<float> out = ws.take_matrix<float>(rows, d); // (rows, d)
         const auto tokens = plan.row_tokens();

@@ -1,0 +1,134 @@
+// The `hypermoe` command, run as a user would: every fixture through `hypermoe run` on every
+// backend of the build, `inspect`, `bench --json`, and the usage errors (exit 2, one line).
+#include <doctest/doctest.h>
+
+#include <array>
+#include <cstdio>
+#include <filesystem>
+#include <set>
+#include <string>
+#include <sys/wait.h>
+
+#include <hypermoe/io/io.hpp>
+
+#include "test_support.hpp"
+
+using namespace hypermoe;
+namespace fs = std::filesystem;
+
+namespace {
+
+const std::string cli = HYPERMOE_CLI;
+const std::string data_dir = HYPERMOE_TEST_DATA;
+
+struct Result {
+    int status;
+    std::string out, err;
+};
+
+/// Runs the command with `args`, capturing stdout and stderr.
+Result run_cli(const std::string& args) {
+    const fs::path err_file = fs::temp_directory_path() / ("hypermoe-cli-err-" + std::to_string(::getpid()));
+    const std::string cmd = cli + " " + args + " 2>" + err_file.string();
+    FILE* p = ::popen(cmd.c_str(), "r");
+    REQUIRE(p != nullptr);
+    std::string out;
+    std::array<char, 4096> buf{};
+    while (const std::size_t n = std::fread(buf.data(), 1, buf.size(), p)) out.append(buf.data(), n);
+    const int raw = ::pclose(p);
+    std::string err;
+    if (FILE* f = std::fopen(err_file.string().c_str(), "r")) {
+        while (const std::size_t n = std::fread(buf.data(), 1, buf.size(), f)) err.append(buf.data(), n);
+        std::fclose(f);
+    }
+    fs::remove(err_file);
+    return {WIFEXITED(raw) ? WEXITSTATUS(raw) : -1, out, err};
+}
+
+std::vector<std::string> backends() {
+    std::vector<std::string> b{"reference"};
+#if HYPERMOE_HAS_EIGEN
+    b.push_back("eigen");
+#endif
+#if HYPERMOE_HAS_ONEDNN
+    b.push_back("onednn");
+#endif
+    return b;
+}
+
+} // namespace
+
+TEST_CASE("hypermoe run reproduces every fixture on every backend") {
+    const fs::path out = fs::temp_directory_path() / ("hypermoe-cli-y-" + std::to_string(::getpid()) + ".safetensors");
+    for (const auto& entry : fs::directory_iterator(data_dir)) {
+        if (!entry.is_directory()) continue;
+        const std::string dir = entry.path().string();
+        for (const auto& backend : backends()) {
+            CAPTURE(dir);
+            CAPTURE(backend);
+            const Result r = run_cli("run --model " + dir + " --input " + dir + "/input.safetensors --output " + out.string() +
+                                     " --backend " + backend + " --threads 2");
+            REQUIRE_MESSAGE(r.status == 0, r.err);
+            const SafeTensorsFile got(out.string()), want(dir + "/expected.safetensors");
+            const auto& g = got.view();
+            const auto& w = want.view();
+            CHECK(g.info("y").shape == w.info("y").shape);
+            CHECK(test::relative_error(g.to_f32(g.info("y")).view(), w.to_f32(w.info("y")).view()) <= 1e-5);
+            const Matrix<float> ids = g.to_f32(g.info("expert_ids")), ref_ids = w.to_f32(w.info("expert_ids"));
+            REQUIRE(ids.cols() == ref_ids.cols());
+            for (index_t t = 0; t < ids.rows(); ++t) { // as sets per token
+                std::set<float> a, b;
+                for (index_t j = 0; j < ids.cols(); ++j) a.insert(ids(t, j)), b.insert(ref_ids(t, j));
+                CHECK(a == b);
+            }
+            CHECK(g.contains("expert_weights"));
+            CHECK(g.contains("kept") == w.contains("kept"));
+            if (w.contains("kept")) {
+                const Matrix<float> k = g.to_f32(g.info("kept")), kr = w.to_f32(w.info("kept"));
+                CHECK(test::relative_error(k.view(), kr.view()) == 0.0);
+            }
+        }
+    }
+    fs::remove(out);
+}
+
+TEST_CASE("hypermoe inspect and bench") {
+    const Result i = run_cli("inspect --model " + data_dir + "/qwen2_moe-basic");
+    REQUIRE(i.status == 0);
+    CHECK(i.out.find("family     qwen2_moe") != std::string::npos);
+    CHECK(i.out.find("shared     width 32") != std::string::npos);
+    const Result b = run_cli("bench --family deepseek_v3 --d-model 64 --d-ff 32 --tokens 16 --repeat 2 --router all --json");
+    REQUIRE_MESSAGE(b.status == 0, b.err);
+    std::size_t lines = 0;
+    for (std::size_t at = 0; (at = b.out.find('\n', at)) != std::string::npos; ++at) ++lines;
+    CHECK(lines == 9); // native + 8 routers, one JSON object each
+    const auto first = nlohmann::json::parse(b.out.substr(0, b.out.find('\n')));
+    for (const char* key : {"router", "tokens", "median_ms", "min_ms", "tokens_per_s", "gflops", "load_cv", "max_over_mean",
+                            "dropped", "entropy"})
+        CHECK(first.contains(key));
+    const Result h = run_cli("bench --family hypermoe_switch --d-model 32 --d-ff 64 --tokens 8 --repeat 2 --hyper off");
+    REQUIRE_MESSAGE(h.status == 0, h.err);
+    CHECK(h.out.find("native+hyper:off") != std::string::npos);
+}
+
+TEST_CASE("usage errors exit 2 with one line on stderr") {
+    const std::string m = data_dir + "/mixtral-basic";
+    for (const std::string& args : {
+             std::string("frobnicate"),
+             "run --model " + m + " --bogus 1",
+             "run --model " + m + " --input /nonexistent.safetensors --output /tmp/x",
+             "run --model " + m + " --input " + m + "/expected.safetensors --output /tmp/x",
+             "run --model " + m + " --input " + m + "/input.safetensors --output /tmp/x --layer 7",
+             "run --model " + m + " --input " + m + "/input.safetensors --output /tmp/x --backend cuda",
+             "run --model " + m + " --input " + m + "/input.safetensors --output /tmp/x --threads zero",
+             std::string("inspect --model /nonexistent"),
+             std::string("bench --family llama"),
+             std::string("bench --router best --tokens 4 --d-model 16 --d-ff 16 --repeat 1"),
+         }) {
+        CAPTURE(args);
+        const Result r = run_cli(args);
+        CHECK(r.status == 2);
+        CHECK(r.err.rfind("hypermoe: ", 0) == 0);
+        CHECK(std::count(r.err.begin(), r.err.end(), '\n') == 1);
+    }
+}
