@@ -149,12 +149,12 @@ inline std::vector<index_t> switch_sparse_blocks(index_t layers, index_t sparse)
 
 } // namespace detail
 
-[[nodiscard]] inline ModelInfo describe(const Checkpoint& ck) {
-    const std::string file = ck.dir() + "/config.json";
-    const ConfigReader c(ck.config(), file);
+/// What a config says (everything but the dtypes, which need the tensors); `file` names it in errors.
+[[nodiscard]] inline ModelInfo describe(const nlohmann::json& config, const std::string& file) {
+    if (!config.is_object()) throw config_error(detail::concat(file, ": not a JSON object"));
+    const ConfigReader c(config, file);
     ModelInfo m;
-    m.family = detect_family(ck.config(), file);
-    m.dtypes = ck.dtypes();
+    m.family = detect_family(config, file);
     const auto all = [&](index_t n, const std::string& stack) {
         for (index_t i = 0; i < n; ++i) m.moe_blocks.push_back({i, stack});
     };
@@ -224,6 +224,12 @@ inline std::vector<index_t> switch_sparse_blocks(index_t layers, index_t sparse)
     }
     if (m.top_k > m.experts)
         throw config_error(detail::concat(file, ": top-k is ", m.top_k, ", expected at most the ", m.experts, " experts"));
+    return m;
+}
+
+[[nodiscard]] inline ModelInfo describe(const Checkpoint& ck) {
+    ModelInfo m = describe(ck.config(), ck.dir() + "/config.json");
+    m.dtypes = ck.dtypes();
     return m;
 }
 
