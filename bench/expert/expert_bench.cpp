@@ -3,11 +3,12 @@
 // The reference backend is the tests' oracle, not a fast path, and is not timed here.
 #include <benchmark/benchmark.h>
 
-#include <random>
 #include <string>
 #include <vector>
 
 #include <hypermoe/hypermoe.hpp>
+
+#include "../bench_support.hpp"
 #if HYPERMOE_HAS_EIGEN
 #include <hypermoe/backend/eigen.hpp>
 #endif
@@ -20,12 +21,8 @@ namespace hm = hypermoe;
 
 namespace {
 
-hm::Matrix<float> random_matrix(hm::index_t rows, hm::index_t cols, unsigned seed) {
-    std::mt19937 rng(seed);
-    std::uniform_real_distribution<float> dist(-0.05f, 0.05f);
-    hm::Matrix<float> m(rows, cols);
-    for (hm::index_t i = 0; i < rows * cols; ++i) m.data()[i] = dist(rng);
-    return m;
+hm::Matrix<float> random_matrix(hm::index_t rows, hm::index_t cols, std::uint64_t seed) {
+    return hm::bench::random_matrix(rows, cols, seed, 0.05f);
 }
 
 struct Shape {
@@ -91,12 +88,9 @@ void BM_RawMatmul(benchmark::State& state, Shape s, int gemms) {
     memory h_in({{s.m, s.ff}, dt::f32, {n_up, 1}}, eng, h.get_data_handle());
     // Fill every buffer: pages never written all map to the kernel's zero page, which would
     // make the weights look cache-resident (a 4 KiB page read over and over).
-    std::mt19937 rng(7);
-    std::uniform_real_distribution<float> dist(-0.05f, 0.05f);
-    for (const memory* m : {&x, &h, &w_up, &w_down, &y}) {
-        auto* p = static_cast<float*>(m->get_data_handle());
-        for (std::size_t i = 0; i < m->get_desc().get_size() / sizeof(float); ++i) p[i] = dist(rng);
-    }
+    std::uint64_t seed = 7;
+    for (const memory* m : {&x, &h, &w_up, &w_down, &y})
+        hm::bench::fill(static_cast<float*>(m->get_data_handle()), m->get_desc().get_size() / sizeof(float), seed++, 0.05f);
     const auto step = [&] {
         up.execute(strm, {{DNNL_ARG_SRC, x}, {DNNL_ARG_WEIGHTS, w_up}, {DNNL_ARG_DST, h}});
         down.execute(strm, {{DNNL_ARG_SRC, h_in}, {DNNL_ARG_WEIGHTS, w_down}, {DNNL_ARG_DST, y}});

@@ -12,6 +12,8 @@
 #include <hypermoe/hypermoe.hpp>
 #include <hypermoe/backend/onednn.hpp>
 
+#include "../bench_support.hpp"
+
 namespace hm = hypermoe;
 
 namespace {
@@ -20,20 +22,10 @@ constexpr hm::index_t d = 768, ff = 3072, experts = 8, r = 64, de = 128, hid = 1
 using B = hm::onednn;
 using Expert = hm::FfnExpert<B, hm::GeluTanh>;
 
-void fill(float* p, std::size_t n, std::uint64_t seed, float scale) {
-    for (std::size_t i = 0; i < n; ++i)
-        p[i] = scale * (float(hm::detail::splitmix64(seed + i) >> 40) * 0x1.0p-23f - 1.0f);
-}
 hm::Matrix<float> mat(hm::index_t rows, hm::index_t cols, std::uint64_t seed, float scale) {
-    hm::Matrix<float> m(rows, cols);
-    fill(m.data(), std::size_t(rows * cols), seed, scale);
-    return m;
+    return hm::bench::random_matrix(rows, cols, seed, scale);
 }
-std::vector<float> vec(hm::index_t n, std::uint64_t seed, float scale) {
-    std::vector<float> v(static_cast<std::size_t>(n));
-    fill(v.data(), v.size(), seed, scale);
-    return v;
-}
+std::vector<float> vec(hm::index_t n, std::uint64_t seed, float scale) { return hm::bench::random_vector(n, seed, scale); }
 hm::WeightView view(const hm::Matrix<float>& m) { return hm::ConstMatrixView<float>(m.view()); }
 
 struct Model {

@@ -15,6 +15,8 @@
 #include <vector>
 
 #include <hypermoe/hypermoe.hpp>
+
+#include "../bench_support.hpp"
 #if HYPERMOE_HAS_EIGEN
 #include <hypermoe/backend/eigen.hpp>
 #endif
@@ -29,19 +31,8 @@ namespace {
 
 constexpr hm::index_t d_model = 1024, d_ff = 2816, experts = 8, top_k = 2;
 
-/// Fast deterministic fill (splitmix64), values in [-scale, scale): 1 GB of weights in seconds.
-void fill(float* p, std::size_t n, std::uint64_t seed, float scale) {
-    for (std::size_t i = 0; i < n; ++i) {
-        const std::uint64_t r = hm::detail::splitmix64(seed + i);
-        p[i] = scale * (float(r >> 40) * 0x1.0p-23f - 1.0f);
-    }
-}
-
-hm::Matrix<float> random_matrix(hm::index_t rows, hm::index_t cols, std::uint64_t seed, float scale) {
-    hm::Matrix<float> m(rows, cols);
-    fill(m.data(), std::size_t(rows * cols), seed, scale);
-    return m;
-}
+using hm::bench::fill;
+using hm::bench::random_matrix;
 
 template <class B>
 using Layer = hm::MoeLayer<hm::GluExpert<B, hm::Silu>, hm::TopKRouter>;

@@ -26,23 +26,19 @@ struct eigen {
     static constexpr std::string_view name = "eigen";
 
     template <class Act>
-    class linear {
+    class linear : public detail::LinearBase {
         using RowMajor = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
         using ConstMap = Eigen::Map<const RowMajor, Eigen::Unaligned, Eigen::OuterStride<>>;
         using Map = Eigen::Map<RowMajor, Eigen::Unaligned, Eigen::OuterStride<>>;
 
     public:
         linear(WeightView w, std::span<const float> bias, LinearOptions opt)
-            : name_(std::move(opt.name)), accumulate_(opt.accumulate), k_(w.cols()), n_(w.rows()),
-              storage_(detail::validate_linear(w, bias, {name_, accumulate_, opt.storage})),
+            : LinearBase(w, bias, opt),
               bias_(bias.begin(), bias.end()), w_(n_, k_) {
             for (index_t r = 0; r < n_; ++r)
                 for (index_t c = 0; c < k_; ++c) w_(r, c) = detail::stored_value(w.at(r, c), storage_);
         }
 
-        [[nodiscard]] index_t in_features() const noexcept { return k_; }
-        [[nodiscard]] index_t out_features() const noexcept { return n_; }
-        [[nodiscard]] dtype storage() const noexcept { return storage_; }
         [[nodiscard]] std::size_t workspace_bytes(index_t rows) const noexcept {
             return accumulate_ ? detail::padded_bytes<float>(rows * n_) : 0;
         }
@@ -52,7 +48,7 @@ struct eigen {
         static constexpr index_t column_block = 128;
 
         void operator()(ConstMatrixView<float> a, MatrixView<float> c, Workspace& ws, float scale = 1.0f) const {
-            detail::check_linear_call(a, c, k_, n_, name_);
+            check_call(a, c);
             if (a.rows() == 0 || n_ == 0) return;
             Workspace::Scope scope(ws, workspace_bytes(a.rows()));
             const ConstMap am(a.data(), a.rows(), k_, Eigen::OuterStride<>(a.stride()));
@@ -75,10 +71,6 @@ struct eigen {
         }
 
     private:
-        std::string name_;
-        bool accumulate_;
-        index_t k_, n_;
-        dtype storage_;
         std::vector<float> bias_;
         RowMajor w_;
     };

@@ -83,6 +83,27 @@ inline void check_linear_call(ConstMatrixView<float> a, MatrixView<float> c, ind
                                  shape_str(a.rows(), n)));
 }
 
+/// What every backend's linear map knows besides its weights: the name in messages, whether it
+/// accumulates, K, N and the storage dtype, validated once. Backends derive from it.
+class LinearBase {
+public:
+    [[nodiscard]] index_t in_features() const noexcept { return k_; }
+    [[nodiscard]] index_t out_features() const noexcept { return n_; }
+    [[nodiscard]] dtype storage() const noexcept { return storage_; }
+
+protected:
+    LinearBase(const WeightView& w, std::span<const float> bias, const LinearOptions& opt)
+        : name_(opt.name), accumulate_(opt.accumulate), k_(w.cols()), n_(w.rows()), storage_(validate_linear(w, bias, opt)) {}
+
+    /// Checks the views of a call: a (M, K), c (M, N).
+    void check_call(ConstMatrixView<float> a, MatrixView<float> c) const { check_linear_call(a, c, k_, n_, name_); }
+
+    std::string name_;
+    bool accumulate_;
+    index_t k_, n_;
+    dtype storage_;
+};
+
 /// c = scale * Act(c + bias), in place, row by row.
 template <class Act>
 void epilogue_in_place(MatrixView<float> c, const float* bias, float scale) noexcept {

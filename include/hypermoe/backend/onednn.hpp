@@ -125,11 +125,10 @@ struct onednn {
     static constexpr std::string_view name = "onednn";
 
     template <class Act>
-    class linear {
+    class linear : public detail::LinearBase {
     public:
         linear(WeightView w, std::span<const float> bias, LinearOptions opt)
-            : name_(std::move(opt.name)), accumulate_(opt.accumulate), k_(w.cols()), n_(w.rows()),
-              storage_(detail::validate_linear(w, bias, {name_, accumulate_, opt.storage})),
+            : LinearBase(w, bias, opt),
               matmul_(k_ > 0 && n_ > 0 ? detail::onednn_matmul(k_, n_, !bias.empty(), Act::kind, accumulate_)
                                        : nullptr) {
             // Source weights as the (K, N) matrix W^T, then one reorder into the primitive's layout.
@@ -157,15 +156,12 @@ struct onednn {
             }
         }
 
-        [[nodiscard]] index_t in_features() const noexcept { return k_; }
-        [[nodiscard]] index_t out_features() const noexcept { return n_; }
-        [[nodiscard]] dtype storage() const noexcept { return storage_; }
         [[nodiscard]] std::size_t workspace_bytes(index_t rows) const noexcept {
             return accumulate_ ? detail::padded_bytes<float>(rows * n_) : 0;
         }
 
         void operator()(ConstMatrixView<float> a, MatrixView<float> c, Workspace& ws, float scale = 1.0f) const {
-            detail::check_linear_call(a, c, k_, n_, name_);
+            check_call(a, c);
             if (a.rows() == 0) return;
             if (!matmul_) {
                 detail::epilogue_bias_only<Act>(c, bias_f32_.empty() ? nullptr : bias_f32_.data(), scale, accumulate_);
@@ -221,10 +217,6 @@ struct onednn {
             }
         }
 
-        std::string name_;
-        bool accumulate_;
-        index_t k_, n_;
-        dtype storage_;
         std::shared_ptr<const detail::OnednnMatmul> matmul_; ///< null when K = 0 or N = 0
         dnnl::memory weights_;
         dnnl::memory bias_;

@@ -16,11 +16,10 @@ struct reference {
     static constexpr std::string_view name = "reference";
 
     template <class Act>
-    class linear {
+    class linear : public detail::LinearBase {
     public:
         linear(WeightView w, std::span<const float> bias, LinearOptions opt)
-            : name_(std::move(opt.name)), accumulate_(opt.accumulate), k_(w.cols()), n_(w.rows()),
-              storage_(detail::validate_linear(w, bias, {name_, accumulate_, opt.storage})),
+            : LinearBase(w, bias, opt),
               bias_(bias.begin(), bias.end()) {
             const auto count = static_cast<std::size_t>(n_ * k_);
             if (storage_ == dtype::f32) w_f32_.resize(count);
@@ -33,13 +32,10 @@ struct reference {
                 }
         }
 
-        [[nodiscard]] index_t in_features() const noexcept { return k_; }
-        [[nodiscard]] index_t out_features() const noexcept { return n_; }
-        [[nodiscard]] dtype storage() const noexcept { return storage_; }
         [[nodiscard]] std::size_t workspace_bytes(index_t /*rows*/) const noexcept { return 0; }
 
         void operator()(ConstMatrixView<float> a, MatrixView<float> c, Workspace& /*ws*/, float scale = 1.0f) const {
-            detail::check_linear_call(a, c, k_, n_, name_);
+            check_call(a, c);
             for (index_t m = 0; m < a.rows(); ++m)
                 for (index_t j = 0; j < n_; ++j) {
                     double acc = bias_.empty() ? 0.0 : bias_[static_cast<std::size_t>(j)];
@@ -55,10 +51,6 @@ struct reference {
             return storage_ == dtype::f32 ? w_f32_[i] : w_bf16_[i].to_float();
         }
 
-        std::string name_;
-        bool accumulate_;
-        index_t k_, n_;
-        dtype storage_;
         std::vector<float> bias_;
         std::vector<float> w_f32_;
         std::vector<bf16> w_bf16_;

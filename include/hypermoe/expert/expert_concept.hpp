@@ -38,5 +38,29 @@ inline void check_weight_width(index_t static_value, index_t from_weight, std::s
                                   ", but the type fixes ", width, " = ", static_value));
 }
 
+/// What both expert kinds share: their types, static widths and width getters.
+template <class B, class Act, index_t D, index_t FF>
+class ExpertWidths {
+public:
+    using backend_type = B;
+    using activation_type = Act;
+    static constexpr index_t static_d_model = D;
+    static constexpr index_t static_d_ff = FF;
+    static constexpr index_t static_in_width = D;
+    static constexpr index_t static_out_width = D;
+
+    [[nodiscard]] index_t d_model() const noexcept { return extents_.extent(0); }
+    [[nodiscard]] index_t d_ff() const noexcept { return extents_.extent(1); }
+    [[nodiscard]] index_t in_width() const noexcept { return d_model(); }
+    [[nodiscard]] index_t out_width() const noexcept { return d_model(); }
+    [[nodiscard]] const extents<D, FF>& widths() const noexcept { return extents_; }
+
+protected:
+    explicit ExpertWidths(extents<D, FF> e) : extents_(e) {}
+
+private:
+    extents<D, FF> extents_;
+};
+
 } // namespace detail
 } // namespace hypermoe

@@ -28,24 +28,17 @@ struct GluWeights {
 };
 
 template <Backend B, Activation Act, index_t D = dynamic, index_t FF = dynamic>
-class GluExpert {
+class GluExpert : public detail::ExpertWidths<B, Act, D, FF> {
+    using Widths = detail::ExpertWidths<B, Act, D, FF>;
+
 public:
-    using backend_type = B;
-    using activation_type = Act;
-    static constexpr index_t static_d_model = D;
-    static constexpr index_t static_d_ff = FF;
-    static constexpr index_t static_in_width = D;
-    static constexpr index_t static_out_width = D;
+    using Widths::d_ff;
+    using Widths::d_model;
 
     explicit GluExpert(const GluWeights& w, const ExpertOptions& opt = {})
-        : extents_(checked_extents(w)), gate_up_(fused_gate_up(w, opt)),
+        : Widths(checked_extents(w)), gate_up_(fused_gate_up(w, opt)),
           down_(w.down, w.down_bias, {"GluExpert weight 'down'", false, opt.storage}) {}
 
-    [[nodiscard]] index_t d_model() const noexcept { return extents_.extent(0); }
-    [[nodiscard]] index_t d_ff() const noexcept { return extents_.extent(1); }
-    [[nodiscard]] index_t in_width() const noexcept { return d_model(); }
-    [[nodiscard]] index_t out_width() const noexcept { return d_model(); }
-    [[nodiscard]] const extents<D, FF>& widths() const noexcept { return extents_; }
 
     [[nodiscard]] std::size_t workspace_bytes(index_t rows) const noexcept {
         return detail::padded_bytes<float>(rows * 2 * d_ff()) + detail::padded_bytes<float>(rows * d_ff()) +
@@ -112,7 +105,6 @@ private:
         return {ConstMatrixView<float>(stacked.view()), bias, {"GluExpert weight 'gate|up'", false, storage}};
     }
 
-    extents<D, FF> extents_;
     typename B::template linear<Identity> gate_up_;
     typename B::template linear<Identity> down_;
 };
