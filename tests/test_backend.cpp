@@ -18,6 +18,7 @@ struct Case {
     bool accumulate;
     float scale;
     dtype storage;
+    bool strided = true; ///< input rows with a stride wider than K
 };
 
 /// Runs linear<Act> of backend B and of the reference on the same inputs and compares.
@@ -39,9 +40,11 @@ void compare_with_reference(const Case& c, WeightView w) {
     CHECK(lin.in_features() == c.k);
     CHECK(lin.out_features() == c.n);
 
-    // The input is a column block of a wider buffer, so strided rows are covered too.
-    const Matrix<float> wide = random_matrix(c.m, c.k + 3, 11);
-    const auto a = ConstMatrixView<float>(wide.view()).col_block(2, c.k);
+    CAPTURE(c.strided);
+    // By default the input is a column block of a wider buffer, so strided rows are covered too.
+    const index_t pad = c.strided ? 3 : 0;
+    const Matrix<float> wide = random_matrix(c.m, c.k + pad, 11);
+    const auto a = ConstMatrixView<float>(wide.view()).col_block(pad == 0 ? 0 : 2, c.k);
     Matrix<float> got = random_matrix(c.m, c.n, 13); // accumulate adds to these
     Matrix<float> want = got;
     Workspace ws;
@@ -74,6 +77,22 @@ TEST_CASE_TEMPLATE_DEFINE("linear matches the reference for every epilogue", B, 
     sweep<B, Relu2>();
 }
 TEST_CASE_TEMPLATE_APPLY(linear_sweep, test::all_backends);
+
+// Row counts around the oneDNN backend's buckets (padded, split and 256-row pieces), dense rows.
+TEST_CASE_TEMPLATE_DEFINE("linear matches the reference for every row count", B, linear_rows) {
+    const Matrix<float> w = random_matrix(19, 37, 5, 0.3f);
+    for (const index_t m : {2, 3, 5, 16, 17, 33, 100, 140, 255, 256, 257, 600})
+        for (const bool acc : {false, true}) {
+            compare_with_reference<B, Silu>({m, 37, 19, true, acc, 1.0f, dtype::f32, false}, w.view());
+            compare_with_reference<B, Identity>({m, 37, 19, false, acc, 0.5f, dtype::f32, false}, w.view());
+            compare_with_reference<B, Gelu>({m, 37, 19, true, acc, 0.5f, dtype::bf16, false}, w.view());
+        }
+    // Wide enough for every panel-group shape of the bf16 kernel (4 + 3 panels, 7 rows).
+    const Matrix<float> wide = random_matrix(100, 70, 6, 0.3f);
+    for (const index_t m : {1, 4, 7})
+        compare_with_reference<B, Identity>({m, 70, 100, true, true, 1.0f, dtype::bf16}, wide.view());
+}
+TEST_CASE_TEMPLATE_APPLY(linear_rows, test::all_backends);
 
 TEST_CASE_TEMPLATE_DEFINE("linear takes bf16 weights as stored", B, linear_bf16_source) {
     const Matrix<float> w = random_matrix(24, 40, 3);
@@ -117,7 +136,7 @@ TEST_CASE_TEMPLATE_DEFINE("linear rejects bad weights and shapes", B, linear_err
 TEST_CASE_TEMPLATE_APPLY(linear_errors, test::all_backends);
 
 #if HYPERMOE_HAS_ONEDNN
-TEST_CASE("onednn: one primitive per (K, N, epilogue), shared between linears") {
+TEST_CASE("onednn: one set of primitives per (K, N, epilogue), shared between linears") {
     const Matrix<float> w1 = random_matrix(16, 8, 1), w2 = random_matrix(16, 8, 2);
     const auto p1 = detail::onednn_matmul(8, 16, false, activation_kind::relu, false);
     const onednn::linear<Relu> a(ConstMatrixView<float>(w1.view()), {}, {"a"});
@@ -125,6 +144,25 @@ TEST_CASE("onednn: one primitive per (K, N, epilogue), shared between linears") 
     CHECK(detail::onednn_matmul(8, 16, false, activation_kind::relu, false) == p1);
     CHECK(p1.use_count() >= 3);
     CHECK(detail::onednn_matmul(8, 16, true, activation_kind::relu, false) != p1);
+}
+
+TEST_CASE("onednn: a call runs as pieces that cover its rows and pad at most 25% beyond 16 rows") {
+    for (index_t m = 1; m <= 1100; ++m) {
+        CAPTURE(m);
+        index_t covered = 0, pieces = 0;
+        while (covered < m) {
+            const auto piece = detail::onednn_next_piece(m - covered);
+            const index_t bucket = detail::onednn_row_buckets[piece.index];
+            REQUIRE(piece.rows >= 1);
+            REQUIRE(piece.rows <= m - covered);
+            CHECK(piece.rows <= bucket);
+            CHECK((piece.rows <= 16 || bucket * 4 <= piece.rows * 5));
+            CHECK(bucket <= detail::onednn_largest_piece(m));
+            covered += piece.rows;
+            ++pieces;
+        }
+        CHECK(pieces <= m / 256 + 3);
+    }
 }
 
 TEST_CASE("onednn: a primitive oneDNN cannot create is a backend_error naming the shape") {

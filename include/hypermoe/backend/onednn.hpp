@@ -1,18 +1,24 @@
 #pragma once
 // The oneDNN backend (opt-in: include this header and link libdnnl; oneDNN 2.6 as Debian
-// ships it). One matmul primitive per (K, N, dtype, epilogue), with a run-time M
-// (DNNL_RUNTIME_DIM_VAL) and run-time row strides, created at construction and shared through
-// a process-wide cache, so a forward call never creates one. Weights are reordered once into
-// the layout the primitive asks for (format_tag::any).
+// ships it). oneDNN's fast matmul (brgemm) needs the row count M and the row strides fixed when
+// the primitive is created, and serves any run-time M only through `gemm:jit`, which is up to
+// 1.5x slower at M = 4-32 because it cannot use brgemm's blocked weight layout. So every
+// (K, N, epilogue) gets one fixed-M primitive per entry of `onednn_row_buckets` (1, 2, 3, 4, 6,
+// ... 256 rows: about 8 ms of creation in all, at construction, shared through a process-wide
+// cache, never in a forward call). They all take the weights in the same blocked layout (checked
+// at creation), so each linear stores its weights once. A call with M rows runs as pieces:
+// 256-row pieces, then a remainder padded up to its bucket when that wastes at most 25% (or
+// M <= 16, where the GEMM is bound by reading the weights and padding is free), else split at
+// the bucket below. A padded or strided piece goes through workspace scratch.
 //
-// Measured on this machine (2 threads, K = 1024, N = 2816, weights streamed from memory): the
-// run-time-M primitive (gemm:jit) runs within 1-6% of a fixed-M brgemm primitive at M = 1, 64,
-// 512. Two limits of oneDNN 2.6 shape the code:
-//  * eltwise + sum post-op chains fall back to the `ref` implementation (~0.1 GFLOP/s), so
-//    `accumulate` with an activation runs the GEMM into scratch and adds in our own pass; any
-//    other combination that lands on `ref` is re-created without post-ops the same way.
+// Two limits of oneDNN 2.6 shape the code:
+//  * a combination that lands on the `ref` implementation (~0.1 GFLOP/s) is re-created without
+//    post-ops, and the epilogue then runs in our own pass;
 //  * bf16 matmul is emulated without avx512_bf16 (about 55 GFLOP/s vs 300 f32 here) and rounds
-//    activations to bf16, so bf16 weights are widened to f32 once at construction (exact).
+//    activations to bf16, so bf16 weights are widened to f32 once at construction (exact) for
+//    the primitives, and also kept as bf16 panels (bf16_panels.hpp) that calls of at most
+//    `bf16_panel_rows` rows read instead: those are bound by reading the weights, and bf16 halves
+//    that. A bf16 linear thus holds 6 bytes per weight.
 
 #include <oneapi/dnnl/dnnl.hpp>
 
@@ -23,11 +29,13 @@
 #include <memory>
 #include <mutex>
 #include <span>
+#include <string>
 #include <string_view>
 #include <tuple>
 #include <vector>
 
 #include "hypermoe/backend/backend_concept.hpp"
+#include "hypermoe/backend/bf16_panels.hpp"
 #include "hypermoe/backend/linear_spec.hpp"
 
 namespace hypermoe {
@@ -45,12 +53,41 @@ inline dnnl::stream& onednn_stream() {
     return stream;
 }
 
-/// A matmul primitive with a run-time M and the post-ops it fuses.
+/// Row counts that get a primitive of their own (ascending; steps of at most 1.5x).
+inline constexpr std::array<index_t, 16> onednn_row_buckets{1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256};
+
+/// Calls with at most this many rows read bf16 weights from their bf16 panels.
+inline constexpr index_t bf16_panel_rows = 16;
+
+/// One piece of a call: `rows` of the remaining rows, run by the primitive of bucket `index`.
+struct OnednnPiece {
+    index_t rows;
+    std::size_t index;
+};
+
+/// The next piece of a call with `remaining` (> 0) rows left.
+[[nodiscard]] constexpr OnednnPiece onednn_next_piece(index_t remaining) noexcept {
+    const auto& b = onednn_row_buckets;
+    if (remaining >= b.back()) return {b.back(), b.size() - 1};
+    std::size_t up = 0;
+    while (b[up] < remaining) ++up;
+    if (remaining <= 16 || b[up] * 4 <= remaining * 5) return {remaining, up}; // pad up
+    return {b[up - 1], up - 1};                                               // split
+}
+
+/// The largest bucket any piece of an M-row call uses (0 for M = 0).
+[[nodiscard]] constexpr index_t onednn_largest_piece(index_t rows) noexcept {
+    return rows <= 0 ? 0 : onednn_row_buckets[onednn_next_piece(rows).index];
+}
+
+/// The fixed-M matmul primitives of one (K, N, epilogue), one per row bucket, and the post-ops
+/// they fuse.
 struct OnednnMatmul {
-    dnnl::matmul::primitive_desc pd;
-    dnnl::matmul primitive;
-    bool fused_activation = false; ///< Act runs inside the primitive.
-    bool fused_sum = false;        ///< C += runs inside the primitive.
+    std::vector<dnnl::matmul> primitives; ///< primitives[i] runs onednn_row_buckets[i] rows
+    dnnl::memory::desc weights;           ///< the layout all of them take the weights in
+    std::string impl;                     ///< oneDNN's implementation name, e.g. "brg:avx512_core"
+    bool fused_activation = false;        ///< Act runs inside the primitive.
+    bool fused_sum = false;               ///< C += runs inside the primitive.
 };
 
 inline void append_activation(dnnl::post_ops& po, activation_kind kind) {
@@ -71,16 +108,15 @@ inline void append_activation(dnnl::post_ops& po, activation_kind kind) {
 [[nodiscard]] inline std::shared_ptr<const OnednnMatmul> make_onednn_matmul(index_t k, index_t n, bool bias,
                                                                           activation_kind act, bool accumulate) {
     using dt = dnnl::memory::data_type;
-    constexpr dnnl::memory::dim rt = DNNL_RUNTIME_DIM_VAL;
     const auto is_ref = [](const dnnl::matmul::primitive_desc& pd) {
         return std::string_view(pd.impl_info_str()).starts_with("ref");
     };
     try {
-        const dnnl::memory::desc a({rt, k}, dt::f32, {rt, 1});
         const dnnl::memory::desc w({k, n}, dt::f32, dnnl::memory::format_tag::any);
         const dnnl::memory::desc b({1, n}, dt::f32, {n, 1});
-        const dnnl::memory::desc c({rt, n}, dt::f32, {rt, 1});
-        const auto create = [&](bool with_act, bool with_sum) {
+        const auto create = [&](index_t m, bool with_act, bool with_sum) {
+            const dnnl::memory::desc a({m, k}, dt::f32, {k, 1});
+            const dnnl::memory::desc c({m, n}, dt::f32, {n, 1});
             dnnl::post_ops po;
             if (with_act) append_activation(po, act);
             if (with_sum) po.append_sum(1.f);
@@ -90,24 +126,37 @@ inline void append_activation(dnnl::post_ops& po, activation_kind kind) {
             return dnnl::matmul::primitive_desc(desc, attr, onednn_engine());
         };
         const bool sum = accumulate && act == activation_kind::identity;
-        auto pd = create(true, sum);
-        bool fused = true;
-        if (is_ref(pd)) {
-            pd = create(false, false);
-            fused = false;
+        // All buckets fused if every one of them avoids `ref`, else all without post-ops.
+        const auto create_all = [&](bool fused) {
+            std::vector<dnnl::matmul::primitive_desc> pds;
+            for (const index_t m : onednn_row_buckets) pds.push_back(create(m, fused, fused && sum));
+            return pds;
+        };
+        auto pds = create_all(true);
+        bool fused = std::none_of(pds.begin(), pds.end(), is_ref);
+        if (!fused) pds = create_all(false);
+        auto result = std::make_shared<OnednnMatmul>();
+        result->weights = pds.front().weights_desc();
+        result->impl = pds.front().impl_info_str();
+        result->fused_activation = fused;
+        result->fused_sum = fused && sum;
+        for (std::size_t i = 0; i < pds.size(); ++i) {
+            if (is_ref(pds[i]))
+                throw backend_error(concat("onednn: no optimised matmul for M = ", onednn_row_buckets[i], ", K = ",
+                                           k, ", N = ", n, " (got ", pds[i].impl_info_str(), ")"));
+            if (pds[i].weights_desc() != result->weights)
+                throw backend_error(concat("onednn: the matmul for M = ", onednn_row_buckets[i], ", K = ", k,
+                                           ", N = ", n, " wants another weight layout than for M = 1"));
+            result->primitives.emplace_back(pds[i]);
         }
-        if (is_ref(pd))
-            throw backend_error(concat("onednn: no optimised matmul for K = ", k, ", N = ", n, " (got ",
-                                       pd.impl_info_str(), ")"));
-        return std::make_shared<const OnednnMatmul>(
-            OnednnMatmul{pd, dnnl::matmul(pd), fused, fused && sum});
+        return result;
     } catch (const dnnl::error& e) {
         throw backend_error(concat("onednn: cannot create a matmul for K = ", k, ", N = ", n, ": ", e.what()));
     }
 }
 
-/// Process-wide cache: one primitive per (K, N, bias, activation, accumulate). Only
-/// construction takes the lock; forward calls hold a shared_ptr to their entry.
+/// Process-wide cache: one set of bucket primitives per (K, N, bias, activation, accumulate).
+/// Only construction takes the lock; forward calls hold a shared_ptr to their entry.
 [[nodiscard]] inline std::shared_ptr<const OnednnMatmul> onednn_matmul(index_t k, index_t n, bool bias,
                                                                      activation_kind act, bool accumulate) {
     using Key = std::tuple<index_t, index_t, bool, activation_kind, bool>;
@@ -138,13 +187,12 @@ struct onednn {
                 for (index_t c = 0; c < k_; ++c)
                     wt[static_cast<std::size_t>(c * n_ + r)] = detail::stored_value(w.at(r, c), storage_);
             const auto& engine = detail::onednn_engine();
-            if (!matmul_) { // K = 0 or N = 0: A W^T is zero, only the bias remains
-                bias_f32_.assign(bias.begin(), bias.end());
-                return;
-            }
+            bias_f32_.assign(bias.begin(), bias.end());
+            if (!matmul_) return; // K = 0 or N = 0: A W^T is zero, only the bias remains
+            if (storage_ == dtype::bf16) panels_ = detail::Bf16Panels(w);
             try {
                 dnnl::memory src({{k_, n_}, dt::f32, {n_, 1}}, engine, wt.data());
-                weights_ = dnnl::memory(matmul_->pd.weights_desc(), engine);
+                weights_ = dnnl::memory(matmul_->weights, engine);
                 dnnl::reorder(src, weights_).execute(detail::onednn_stream(), src, weights_);
                 if (!bias.empty()) {
                     bias_ = dnnl::memory({{1, n_}, dt::f32, {n_, 1}}, engine);
@@ -157,7 +205,12 @@ struct onednn {
         }
 
         [[nodiscard]] std::size_t workspace_bytes(index_t rows) const noexcept {
-            return accumulate_ ? detail::padded_bytes<float>(rows * n_) : 0;
+            // A padded or strided piece needs (bucket, K) and (bucket, N) scratch.
+            const index_t piece = matmul_ ? detail::onednn_largest_piece(rows) : 0;
+            const std::size_t pieces = piece > 0 ? detail::padded_bytes<float>(piece * k_) +
+                                                       detail::padded_bytes<float>(piece * n_)
+                                                 : 0;
+            return (accumulate_ ? detail::padded_bytes<float>(rows * n_) : 0) + pieces;
         }
 
         void operator()(ConstMatrixView<float> a, MatrixView<float> c, Workspace& ws, float scale = 1.0f) const {
@@ -168,39 +221,64 @@ struct onednn {
                 return;
             }
             Workspace::Scope scope(ws, workspace_bytes(a.rows()));
+            const float* bias = bias_f32_.empty() ? nullptr : bias_f32_.data();
+            if (!panels_.empty() && a.rows() <= detail::bf16_panel_rows) {
+                MatrixView<float> t = accumulate_ ? ws.take_matrix<float>(a.rows(), n_) : c;
+                panels_.multiply(a, t);
+                if (accumulate_) detail::epilogue_accumulate<Act>(t, c, bias, scale);
+                else detail::epilogue_in_place<Act>(c, bias, scale);
+                return;
+            }
             // The primitive always adds the bias; it applies Act and C += only where fused.
             const bool sum_in_primitive = accumulate_ && matmul_->fused_sum && scale == 1.0f;
             if (!accumulate_ || sum_in_primitive) {
-                run(a, c);
+                run(a, c, ws);
                 if (!matmul_->fused_activation) detail::epilogue_in_place<Act>(c, nullptr, scale);
                 else if (scale != 1.0f) detail::epilogue_in_place<Identity>(c, nullptr, scale);
                 return;
             }
             MatrixView<float> t = ws.take_matrix<float>(a.rows(), n_);
-            if (matmul_->fused_sum) run_without_sum(a, t);
-            else run(a, t);
+            if (matmul_->fused_sum) std::fill_n(t.data(), t.rows() * t.cols(), 0.0f); // the fused C += adds to 0
+            run(a, t, ws);
             if (matmul_->fused_activation || matmul_->fused_sum) detail::epilogue_accumulate<Identity>(t, c, nullptr, scale);
             else detail::epilogue_accumulate<Act>(t, c, nullptr, scale);
         }
 
     private:
-        /// out = A W^T + b, with the primitive's fused post-ops.
-        void run(ConstMatrixView<float> a, MatrixView<float> out) const { execute(matmul_->primitive, a, out); }
-
-        /// out = A W^T + b for an identity-accumulate linear called with scale != 1: the fused
-        /// sum cannot scale only the new term, so C is written to scratch and added here.
-        void run_without_sum(ConstMatrixView<float> a, MatrixView<float> out) const {
-            std::fill_n(out.data(), out.rows() * out.cols(), 0.0f);
-            execute(matmul_->primitive, a, out);
+        /// out = A W^T + b with the primitives' fused post-ops (C += where fused_sum), piece by piece.
+        void run(ConstMatrixView<float> a, MatrixView<float> out, Workspace& ws) const {
+            for (index_t row = 0; row < a.rows();) {
+                const auto piece = detail::onednn_next_piece(a.rows() - row);
+                const index_t bucket = detail::onednn_row_buckets[piece.index];
+                const auto& primitive = matmul_->primitives[piece.index];
+                const ConstMatrixView<float> as = a.row_block(row, piece.rows);
+                const MatrixView<float> os = out.row_block(row, piece.rows);
+                const bool dense = piece.rows == 1 || (as.stride() == k_ && os.stride() == n_);
+                if (piece.rows == bucket && dense) {
+                    execute(primitive, bucket, as.data(), os.data());
+                } else { // padded to the bucket's rows, or strided: through scratch
+                    Workspace::Scope scope(ws, detail::padded_bytes<float>(bucket * k_) +
+                                                   detail::padded_bytes<float>(bucket * n_));
+                    MatrixView<float> sa = ws.take_matrix<float>(bucket, k_), sc = ws.take_matrix<float>(bucket, n_);
+                    for (index_t i = 0; i < piece.rows; ++i) std::ranges::copy(as.row(i), sa.row(i).begin());
+                    std::fill(sa.data() + piece.rows * k_, sa.data() + bucket * k_, 0.0f);
+                    if (matmul_->fused_sum)
+                        for (index_t i = 0; i < piece.rows; ++i) std::ranges::copy(os.row(i), sc.row(i).begin());
+                    execute(primitive, bucket, sa.data(), sc.data());
+                    for (index_t i = 0; i < piece.rows; ++i) std::ranges::copy(sc.row(i), os.row(i).begin());
+                }
+                row += piece.rows;
+            }
         }
 
-        void execute(const dnnl::matmul& primitive, ConstMatrixView<float> a, MatrixView<float> out) const {
+        /// One primitive on dense (bucket, K) and (bucket, N) buffers.
+        void execute(const dnnl::matmul& primitive, index_t rows, const float* a, float* c) const {
             using dt = dnnl::memory::data_type;
-            const auto& engine = detail::onednn_engine();
             try {
                 // oneDNN takes a non-const handle; the source is only read.
-                dnnl::memory am({{a.rows(), k_}, dt::f32, {a.stride(), 1}}, engine, const_cast<float*>(a.data()));
-                dnnl::memory cm({{out.rows(), n_}, dt::f32, {out.stride(), 1}}, engine, out.data());
+                const auto& engine = detail::onednn_engine();
+                dnnl::memory am({{rows, k_}, dt::f32, {k_, 1}}, engine, const_cast<float*>(a));
+                dnnl::memory cm({{rows, n_}, dt::f32, {n_, 1}}, engine, c);
                 const std::array<dnnl_exec_arg_t, 4> args{{{DNNL_ARG_SRC, am.get()},
                                                            {DNNL_ARG_WEIGHTS, weights_.get()},
                                                            {DNNL_ARG_DST, cm.get()},
@@ -220,7 +298,8 @@ struct onednn {
         std::shared_ptr<const detail::OnednnMatmul> matmul_; ///< null when K = 0 or N = 0
         dnnl::memory weights_;
         dnnl::memory bias_;
-        std::vector<float> bias_f32_; ///< the bias when there is no primitive
+        std::vector<float> bias_f32_;  ///< the bias, for our own epilogues
+        detail::Bf16Panels panels_;    ///< bf16 storage only: the weights for calls of few rows
     };
 };
 
