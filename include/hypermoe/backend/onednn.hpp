@@ -4,12 +4,11 @@
 // the primitive is created, and serves any run-time M only through `gemm:jit`, which is up to
 // 1.5x slower at M = 4-32 because it cannot use brgemm's blocked weight layout. So every
 // (K, N, epilogue) gets one fixed-M primitive per entry of `onednn_row_buckets` (1, 2, 3, 4, 6,
-// ... 256 rows: about 8 ms of creation in all, at construction, shared through a process-wide
+// ... 256 rows: about 13 ms of creation in all, at construction, shared through a process-wide
 // cache, never in a forward call). They all take the weights in the same blocked layout (checked
-// at creation), so each linear stores its weights once. A call with M rows runs as pieces:
-// 256-row pieces, then a remainder padded up to its bucket when that wastes at most 25% (or
-// M <= 16, where the GEMM is bound by reading the weights and padding is free), else split at
-// the bucket below. A padded or strided piece goes through workspace scratch.
+// at creation), so each linear stores its weights once. A call with M rows runs as 256-row
+// pieces and a remainder padded up to its bucket (at most 15 rows of padding). A padded or
+// strided piece goes through workspace scratch.
 //
 // Two limits of oneDNN 2.6 shape the code:
 //  * a combination that lands on the `ref` implementation (~0.1 GFLOP/s) is re-created without
@@ -53,11 +52,15 @@ inline dnnl::stream& onednn_stream() {
     return stream;
 }
 
-/// Row counts that get a primitive of their own (ascending; steps of at most 1.5x).
-inline constexpr std::array<index_t, 16> onednn_row_buckets{1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256};
-
 /// Calls with at most this many rows read bf16 weights from their bf16 panels.
 inline constexpr index_t bf16_panel_rows = 16;
+
+/// Row counts that get a primitive of their own (ascending): dense at the small end, then steps
+/// of 8 up to 64 and of 16 up to 256, so that padding a call up to its bucket never costs more
+/// than about 16 rows of compute.
+inline constexpr std::array<index_t, 26> onednn_row_buckets{1,   2,   3,   4,   6,   8,   12,  16,  24,
+                                                            32,  40,  48,  56,  64,  80,  96,  112, 128,
+                                                            144, 160, 176, 192, 208, 224, 240, 256};
 
 /// One piece of a call: `rows` of the remaining rows, run by the primitive of bucket `index`.
 struct OnednnPiece {
@@ -65,14 +68,16 @@ struct OnednnPiece {
     std::size_t index;
 };
 
-/// The next piece of a call with `remaining` (> 0) rows left.
+/// The next piece of a call with `remaining` (> 0) rows left: 256 rows, or all that remain,
+/// padded up to the next bucket. Padding by at most 15 rows is cheaper than splitting, which
+/// reads the weights once more (on this machine one pass over the weights costs about as much as
+/// computing 18 rows: 2 x 240 GFLOP/s / 27 GB/s).
 [[nodiscard]] constexpr OnednnPiece onednn_next_piece(index_t remaining) noexcept {
     const auto& b = onednn_row_buckets;
     if (remaining >= b.back()) return {b.back(), b.size() - 1};
     std::size_t up = 0;
     while (b[up] < remaining) ++up;
-    if (remaining <= 16 || b[up] * 4 <= remaining * 5) return {remaining, up}; // pad up
-    return {b[up - 1], up - 1};                                               // split
+    return {remaining, up};
 }
 
 /// The largest bucket any piece of an M-row call uses (0 for M = 0).
