@@ -5,10 +5,13 @@
 //    so weights come from memory as in real inference,
 //  - BM_DenseCeiling/T                           one SwiGLU GEMM chain on T * k rows with fixed-M
 //    oneDNN primitives: the same multiply-adds as the layer's experts, no routing,
+//  - BM_MoeVsCeiling_onednn/T/f32/layers:4      the layer (4-layer rotation) and the ceiling
+//    alternating in one loop: counter of_ceiling = ceiling / layer, robust to machine drift,
 //  - BM_ReadBandwidth                            streaming read of 1 GiB: the machine's limit
 //    for reading weights (the T = 1 target is 1.2x the time to read 2 experts once).
 #include <benchmark/benchmark.h>
 
+#include <chrono>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -82,34 +85,82 @@ void BM_MoeLayer(benchmark::State& state, hm::index_t tokens, hm::dtype storage,
 }
 
 #if HYPERMOE_HAS_ONEDNN
+/// One SwiGLU GEMM chain on T * k rows with fixed-M oneDNN primitives (the ceiling).
+class DenseChain {
+public:
+    explicit DenseChain(hm::index_t tokens) {
+        using namespace dnnl;
+        using dt = memory::data_type;
+        const memory::dim m = tokens * top_k;
+        const auto make = [&](memory::dim k, memory::dim n) {
+            return matmul::primitive_desc(matmul::desc(memory::desc({m, k}, dt::f32, {k, 1}),
+                                                       memory::desc({k, n}, dt::f32, memory::format_tag::any),
+                                                       memory::desc({m, n}, dt::f32, {n, 1})),
+                                          eng_);
+        };
+        const auto pd_up = make(d_model, 2 * d_ff), pd_down = make(d_ff, d_model);
+        up_ = matmul(pd_up);
+        down_ = matmul(pd_down);
+        x_ = memory(pd_up.src_desc(), eng_);
+        h_ = memory(pd_up.dst_desc(), eng_);
+        w_up_ = memory(pd_up.weights_desc(), eng_);
+        w_down_ = memory(pd_down.weights_desc(), eng_);
+        y_ = memory(pd_down.dst_desc(), eng_);
+        h_in_ = memory({{m, d_ff}, dt::f32, {2 * d_ff, 1}}, eng_, h_.get_data_handle());
+        // Every buffer written: never-written pages map to the zero page and look cache-resident.
+        std::uint64_t seed = 1;
+        for (const memory* mem : {&x_, &h_, &w_up_, &w_down_, &y_})
+            fill(static_cast<float*>(mem->get_data_handle()), mem->get_desc().get_size() / sizeof(float), seed++, 0.05f);
+        step();
+    }
+
+    void step() {
+        up_.execute(strm_, {{DNNL_ARG_SRC, x_}, {DNNL_ARG_WEIGHTS, w_up_}, {DNNL_ARG_DST, h_}});
+        down_.execute(strm_, {{DNNL_ARG_SRC, h_in_}, {DNNL_ARG_WEIGHTS, w_down_}, {DNNL_ARG_DST, y_}});
+        strm_.wait();
+    }
+
+private:
+    dnnl::engine eng_{dnnl::engine::kind::cpu, 0};
+    dnnl::stream strm_{eng_};
+    dnnl::matmul up_, down_;
+    dnnl::memory x_, h_, w_up_, w_down_, y_, h_in_;
+};
+
 void BM_DenseCeiling(benchmark::State& state, hm::index_t tokens) {
-    using namespace dnnl;
-    using dt = memory::data_type;
-    const engine eng(engine::kind::cpu, 0);
-    stream strm(eng);
-    const memory::dim m = tokens * top_k;
-    const auto make = [&](memory::dim k, memory::dim n) {
-        return matmul::primitive_desc(matmul::desc(memory::desc({m, k}, dt::f32, {k, 1}),
-                                                   memory::desc({k, n}, dt::f32, memory::format_tag::any),
-                                                   memory::desc({m, n}, dt::f32, {n, 1})),
-                                      eng);
-    };
-    const auto pd_up = make(d_model, 2 * d_ff), pd_down = make(d_ff, d_model);
-    const matmul up(pd_up), down(pd_down);
-    memory x(pd_up.src_desc(), eng), h(pd_up.dst_desc(), eng), w_up(pd_up.weights_desc(), eng),
-        w_down(pd_down.weights_desc(), eng), y(pd_down.dst_desc(), eng);
-    memory h_in({{m, d_ff}, dt::f32, {2 * d_ff, 1}}, eng, h.get_data_handle());
-    std::uint64_t seed = 1;
-    for (const memory* mem : {&x, &h, &w_up, &w_down, &y})
-        fill(static_cast<float*>(mem->get_data_handle()), mem->get_desc().get_size() / sizeof(float), seed++, 0.05f);
-    const auto step = [&] {
-        up.execute(strm, {{DNNL_ARG_SRC, x}, {DNNL_ARG_WEIGHTS, w_up}, {DNNL_ARG_DST, h}});
-        down.execute(strm, {{DNNL_ARG_SRC, h_in}, {DNNL_ARG_WEIGHTS, w_down}, {DNNL_ARG_DST, y}});
-        strm.wait();
-    };
-    step();
-    for (auto _ : state) step();
+    DenseChain chain(tokens);
+    for (auto _ : state) chain.step();
     state.counters["GFLOP/s"] = benchmark::Counter(flops(tokens) / 1e9, benchmark::Counter::kIsIterationInvariantRate);
+}
+
+/// The oneDNN f32 layer (rotating over 4 layers' weights) and the dense ceiling called alternately
+/// in one loop, so that the drifts of this shared machine hit both alike. The time is the
+/// layer's; counter of_ceiling = ceiling time / layer time (the "% of the dense ceiling").
+void BM_MoeVsCeiling(benchmark::State& state, hm::index_t tokens) {
+    static std::vector<std::unique_ptr<Layer<hm::onednn>>> built;
+    while (built.size() < 4) built.push_back(make_layer<hm::onednn>(built.size() + 1, hm::dtype::f32));
+    DenseChain chain(tokens);
+    const auto x = random_matrix(tokens, d_model, 99, 1.0f);
+    hm::Matrix<float> y(tokens, d_model);
+    hm::Workspace ws;
+    hm::RoutingPlan plan;
+    for (const auto& l : built) l->forward(x.view(), y.view(), ws, plan);
+    using clock = std::chrono::steady_clock;
+    double layer = 0, ceiling = 0;
+    std::size_t next = 0;
+    for (auto _ : state) {
+        const auto t0 = clock::now();
+        built[next]->forward(x.view(), y.view(), ws, plan);
+        benchmark::DoNotOptimize(y.data());
+        const auto t1 = clock::now();
+        chain.step();
+        const auto t2 = clock::now();
+        next = (next + 1) % built.size();
+        layer += std::chrono::duration<double>(t1 - t0).count();
+        ceiling += std::chrono::duration<double>(t2 - t1).count();
+        state.SetIterationTime(std::chrono::duration<double>(t1 - t0).count());
+    }
+    state.counters["of_ceiling"] = ceiling / layer;
 }
 #endif
 
@@ -147,6 +198,8 @@ int main(int argc, char** argv) {
 #if HYPERMOE_HAS_ONEDNN
         benchmark::RegisterBenchmark(("BM_DenseCeiling" + suffix).c_str(), BM_DenseCeiling, t)
             ->UseRealTime()->Unit(benchmark::kMillisecond);
+        benchmark::RegisterBenchmark(("BM_MoeVsCeiling_onednn" + suffix + "/f32/layers:4").c_str(), BM_MoeVsCeiling, t)
+            ->UseManualTime()->Unit(benchmark::kMillisecond);
 #endif
         for (const int layers : {1, 4})
             for (const hm::dtype storage : {hm::dtype::f32, hm::dtype::bf16}) {

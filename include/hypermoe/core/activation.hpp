@@ -3,6 +3,7 @@
 // fused GEMM epilogues apply them and arrows point down: backend/ must not depend on expert/.
 // `apply` is a template so the reference backend can evaluate in double.
 
+#include <algorithm>
 #include <bit>
 #include <cmath>
 #include <cstdint>
@@ -19,8 +20,11 @@ namespace detail {
 /// [-87, 88] (measured against std::exp in the tests); the input is clamped to that range, so
 /// large negative inputs give ~1e-38 instead of 0 and large positive ones ~1.6e38 instead of Inf.
 [[nodiscard]] inline float exp_approx(float x) noexcept {
-    x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
-    const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+    x = std::min(std::max(x, -87.0f), 88.0f); // NaN stays NaN
+    // n = x / ln2 rounded to nearest. std::nearbyint (no inexact exception) vectorises in GCC;
+    // std::floor does not unless -fno-trapping-math.
+    const float n = std::nearbyint(x * 1.44269504088896341f);
+    const auto ni = static_cast<std::int32_t>(n);
     const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
     float p = 1.0f / 720;
     p = p * r + 1.0f / 120;
@@ -29,7 +33,7 @@ namespace detail {
     p = p * r + 0.5f;
     p = p * r + 1.0f;
     p = p * r + 1.0f;
-    const auto bits = static_cast<std::uint32_t>(static_cast<std::int32_t>(n) + 127) << 23;
+    const auto bits = static_cast<std::uint32_t>(ni + 127) << 23;
     return p * std::bit_cast<float>(bits);
 }
 
