@@ -267,8 +267,10 @@ struct onednn {
                     MatrixView<float> sa = ws.take_matrix<float>(bucket, k_), sc = ws.take_matrix<float>(bucket, n_);
                     for (index_t i = 0; i < piece.rows; ++i) std::ranges::copy(as.row(i), sa.row(i).begin());
                     std::fill(sa.data() + piece.rows * k_, sa.data() + bucket * k_, 0.0f);
-                    if (matmul_->fused_sum)
+                    if (matmul_->fused_sum) { // C += reads C: the rows, then zeros in the padding
                         for (index_t i = 0; i < piece.rows; ++i) std::ranges::copy(os.row(i), sc.row(i).begin());
+                        std::fill(sc.data() + piece.rows * n_, sc.data() + bucket * n_, 0.0f);
+                    }
                     execute(primitive, bucket, sa.data(), sc.data());
                     for (index_t i = 0; i < piece.rows; ++i) std::ranges::copy(sc.row(i), os.row(i).begin());
                 }
