@@ -76,19 +76,18 @@ private:
     using vuint = std::uint32_t __attribute__((vector_size(64)));
     using vhalf = std::uint16_t __attribute__((vector_size(32)));
 
-    /// 16 bf16 at p, widened to floats.
-    static vfloat widen(const std::uint16_t* p) noexcept {
+    /// 16 bf16 at p, widened to floats into f. (Out-parameter: returning a 64-byte vector by
+    /// value changes the ABI without AVX-512, which g++ warns about under -Werror.)
+    static void widen(const std::uint16_t* p, vfloat& f) noexcept {
 #if defined(__AVX512F__)
         // One vpmovzxwd + vpslld: compilers tuned for 256-bit vectors split the generic form.
         const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-        return reinterpret_cast<vfloat>(_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
+        f = reinterpret_cast<vfloat>(_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
 #else
         vhalf h;
         std::memcpy(&h, p, sizeof h);
         const vuint u = __builtin_convertvector(h, vuint) << 16;
-        vfloat f;
         std::memcpy(&f, &u, sizeof f);
-        return f;
 #endif
     }
 
@@ -101,7 +100,7 @@ private:
             if (k % 2 == 0)
                 for (int j = 0; j < Panels; ++j) __builtin_prefetch(w + j * stride + (k + prefetch_rows) * panel);
             vfloat wv[Panels];
-            for (int j = 0; j < Panels; ++j) wv[j] = widen(w + j * stride + k * panel);
+            for (int j = 0; j < Panels; ++j) widen(w + j * stride + k * panel, wv[j]);
             for (int r = 0; r < Rows; ++r) {
                 const float av = a[r * lda + k];
                 for (int j = 0; j < Panels; ++j) acc[r][j] += av * wv[j];
