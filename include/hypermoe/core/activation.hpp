@@ -16,7 +16,7 @@ namespace detail {
 
 /// exp(x) for float without branches or calls, so loops over it vectorise (std::exp does not
 /// without -ffast-math). Cody-Waite reduction x = n ln2 + r, |r| <= ln2 / 2, then a degree-6
-/// Taylor polynomial of e^r and 2^n through the exponent bits. Max relative error 2.2e-7 on
+/// Taylor polynomial of e^r and 2^n through the exponent bits. Max relative error 2.3e-7 on
 /// [-87, 88] (measured against std::exp in the tests); the input is clamped to that range, so
 /// large negative inputs give ~1e-38 instead of 0 and large positive ones ~1.6e38 instead of Inf.
 [[nodiscard]] inline float exp_approx(float x) noexcept {
