@@ -1,7 +1,10 @@
 #pragma once
 // What the benchmarks share: fast deterministic data (splitmix64), so gigabytes of weights fill
-// in seconds and every binary times the same numbers.
+// in seconds and every binary times the same numbers; and paired timing of two variants.
 
+#include <benchmark/benchmark.h>
+
+#include <chrono>
 #include <cstdint>
 #include <vector>
 
@@ -26,6 +29,27 @@ inline std::vector<float> random_vector(index_t n, std::uint64_t seed, float sca
     std::vector<float> v(static_cast<std::size_t>(n));
     fill(v.data(), v.size(), seed, scale);
     return v;
+}
+
+/// Calls `timed` then `other` in every iteration, so that the drifts of this shared machine hit
+/// both alike; the iteration time is `timed`'s (register with UseManualTime). Returns
+/// other's total time / timed's total time.
+template <class Timed, class Other>
+double run_paired(benchmark::State& state, Timed&& timed, Other&& other) {
+    using clock = std::chrono::steady_clock;
+    double timed_total = 0, other_total = 0;
+    for (auto _ : state) {
+        const auto t0 = clock::now();
+        timed();
+        const auto t1 = clock::now();
+        other();
+        const auto t2 = clock::now();
+        const double a = std::chrono::duration<double>(t1 - t0).count();
+        timed_total += a;
+        other_total += std::chrono::duration<double>(t2 - t1).count();
+        state.SetIterationTime(a);
+    }
+    return other_total / timed_total;
 }
 
 } // namespace hypermoe::bench

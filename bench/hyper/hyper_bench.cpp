@@ -4,11 +4,11 @@
 // generating per token (the reference code's cost), in one run on one layer object (the plain
 // variant is that layer's own MoeLayer), so all three read the same expert weights.
 // BM_Paired_cached_vs_plain alternates the two in one loop and reports their ratio (x_plain),
-// the figure the target is about. BM_HyperTerm times the HyperExpert term alone (cached, the plan given); BM_HyperColdPattern
-// times generating and preparing one pattern's adapter (a cache miss).
+// the figure the target is about. BM_HyperTerm times the HyperExpert term alone (cached, the
+// plan given); BM_HyperColdPattern times generating and preparing one pattern's adapter (a
+// cache miss).
 #include <benchmark/benchmark.h>
 
-#include <chrono>
 #include <memory>
 #include <string>
 #include <vector>
@@ -78,21 +78,17 @@ void BM_Paired(benchmark::State& state, hm::index_t k, hm::index_t tokens) {
     hm::Workspace ws;
     hm::RoutingPlan plan;
     m.forward(x.view(), y.view(), ws, plan);
-    double plain = 0, hyper = 0;
-    using clock = std::chrono::steady_clock;
-    for (auto _ : state) {
-        const auto t0 = clock::now();
-        m.moe().forward(x.view(), y.view(), ws, plan);
-        benchmark::DoNotOptimize(y.data());
-        const auto t1 = clock::now();
-        m.forward(x.view(), y.view(), ws, plan);
-        benchmark::DoNotOptimize(y.data());
-        const auto t2 = clock::now();
-        plain += std::chrono::duration<double>(t1 - t0).count();
-        hyper += std::chrono::duration<double>(t2 - t1).count();
-        state.SetIterationTime(std::chrono::duration<double>(t2 - t1).count());
-    }
-    state.counters["x_plain"] = hyper / plain;
+    const double plain_over_hyper = hm::bench::run_paired(
+        state,
+        [&] {
+            m.forward(x.view(), y.view(), ws, plan);
+            benchmark::DoNotOptimize(y.data());
+        },
+        [&] {
+            m.moe().forward(x.view(), y.view(), ws, plan);
+            benchmark::DoNotOptimize(y.data());
+        });
+    state.counters["x_plain"] = 1.0 / plain_over_hyper;
 }
 
 /// variant: 0 plain MoE, 1 HyperMoE cached (warm), 2 HyperMoE per token, 3 the cached term alone.

@@ -11,7 +11,6 @@
 //    for reading weights (the T = 1 target is 1.2x the time to read 2 experts once).
 #include <benchmark/benchmark.h>
 
-#include <chrono>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -145,22 +144,15 @@ void BM_MoeVsCeiling(benchmark::State& state, hm::index_t tokens) {
     hm::Workspace ws;
     hm::RoutingPlan plan;
     for (const auto& l : built) l->forward(x.view(), y.view(), ws, plan);
-    using clock = std::chrono::steady_clock;
-    double layer = 0, ceiling = 0;
     std::size_t next = 0;
-    for (auto _ : state) {
-        const auto t0 = clock::now();
-        built[next]->forward(x.view(), y.view(), ws, plan);
-        benchmark::DoNotOptimize(y.data());
-        const auto t1 = clock::now();
-        chain.step();
-        const auto t2 = clock::now();
-        next = (next + 1) % built.size();
-        layer += std::chrono::duration<double>(t1 - t0).count();
-        ceiling += std::chrono::duration<double>(t2 - t1).count();
-        state.SetIterationTime(std::chrono::duration<double>(t1 - t0).count());
-    }
-    state.counters["of_ceiling"] = ceiling / layer;
+    state.counters["of_ceiling"] = hm::bench::run_paired(
+        state,
+        [&] {
+            built[next]->forward(x.view(), y.view(), ws, plan);
+            benchmark::DoNotOptimize(y.data());
+            next = (next + 1) % built.size();
+        },
+        [&] { chain.step(); });
 }
 #endif
 
