@@ -5,10 +5,20 @@
 // 1.5x slower at M = 4-32 because it cannot use brgemm's blocked weight layout. So every
 // (K, N, epilogue) gets one fixed-M primitive per entry of `onednn_row_buckets` (1, 2, 3, 4, 6,
 // ... 256 rows: about 13 ms of creation in all, at construction, shared through a process-wide
-// cache, never in a forward call). They all take the weights in the same blocked layout (checked
-// at creation), so each linear stores its weights once. A call with M rows runs as 256-row
-// pieces and a remainder padded up to its bucket (at most 15 rows of padding). A padded or
-// strided piece goes through workspace scratch.
+// cache). They all take the weights in the same blocked layout (checked at creation), so each
+// linear stores its weights once. A call with M rows runs as 256-row pieces and a remainder
+// padded up to its bucket (at most 15 rows of padding). A padded or strided piece goes through
+// workspace scratch.
+//
+// Concurrency: a oneDNN primitive is immutable once created, but in oneDNN's default scratchpad
+// mode it owns one scratchpad that two concurrent executions would share. Every primitive here
+// is created in user scratchpad mode and each call passes scratch taken from the caller's
+// Workspace, so one const linear serves any number of threads at once. A primitive also fixes
+// at creation how many threads it splits its work over; running it with fewer (another
+// omp_set_num_threads, a Workspace thread budget, a call from inside a parallel region) would
+// leave work undone. So the thread count a call will run with is part of what selects its
+// primitives: a linear holds one set per thread count it has run at, the first call at a new
+// count creates that set (once per process and shape, through the same cache).
 //
 // Two limits of oneDNN 2.6 shape the code:
 //  * a combination that lands on the `ref` implementation (~0.1 GFLOP/s) is re-created without
@@ -23,6 +33,7 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cstddef>
 #include <map>
 #include <memory>
@@ -93,6 +104,8 @@ struct OnednnMatmul {
     std::string impl;                     ///< oneDNN's implementation name, e.g. "brg:avx512_core"
     bool fused_activation = false;        ///< Act runs inside the primitive.
     bool fused_sum = false;               ///< C += runs inside the primitive.
+    int threads = 1;                      ///< the OpenMP thread count the primitives were made for
+    std::vector<std::size_t> scratchpad;  ///< scratchpad bytes of each bucket's primitive
 };
 
 inline void append_activation(dnnl::post_ops& po, activation_kind kind) {
@@ -110,8 +123,13 @@ inline void append_activation(dnnl::post_ops& po, activation_kind kind) {
     }
 }
 
+/// The bucket primitives of one (K, N, epilogue) for `threads` OpenMP threads, each in user
+/// scratchpad mode.
 [[nodiscard]] inline std::shared_ptr<const OnednnMatmul> make_onednn_matmul(index_t k, index_t n, bool bias,
-                                                                          activation_kind act, bool accumulate) {
+                                                                          activation_kind act, bool accumulate,
+                                                                          int threads) {
+    // oneDNN plans a primitive for the calling thread's thread count at creation.
+    const ThreadCountScope thread_count(threads);
     using dt = dnnl::memory::data_type;
     const auto is_ref = [](const dnnl::matmul::primitive_desc& pd) {
         return std::string_view(pd.impl_info_str()).starts_with("ref");
@@ -127,6 +145,7 @@ inline void append_activation(dnnl::post_ops& po, activation_kind kind) {
             if (with_sum) po.append_sum(1.f);
             dnnl::primitive_attr attr;
             attr.set_post_ops(po);
+            attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
             auto desc = bias ? dnnl::matmul::desc(a, w, b, c) : dnnl::matmul::desc(a, w, c);
             return dnnl::matmul::primitive_desc(desc, attr, onednn_engine());
         };
@@ -145,6 +164,7 @@ inline void append_activation(dnnl::post_ops& po, activation_kind kind) {
         result->impl = pds.front().impl_info_str();
         result->fused_activation = fused;
         result->fused_sum = fused && sum;
+        result->threads = threads;
         for (std::size_t i = 0; i < pds.size(); ++i) {
             if (is_ref(pds[i]))
                 throw backend_error(concat("onednn: no optimised matmul for M = ", onednn_row_buckets[i], ", K = ",
@@ -153,6 +173,7 @@ inline void append_activation(dnnl::post_ops& po, activation_kind kind) {
                 throw backend_error(concat("onednn: the matmul for M = ", onednn_row_buckets[i], ", K = ", k,
                                            ", N = ", n, " wants another weight layout than for M = 1"));
             result->primitives.emplace_back(pds[i]);
+            result->scratchpad.push_back(pds[i].scratchpad_desc().get_size());
         }
         return result;
     } catch (const dnnl::error& e) {
@@ -160,18 +181,38 @@ inline void append_activation(dnnl::post_ops& po, activation_kind kind) {
     }
 }
 
-/// Process-wide cache: one set of bucket primitives per (K, N, bias, activation, accumulate).
-/// Only construction takes the lock; forward calls hold a shared_ptr to their entry.
-[[nodiscard]] inline std::shared_ptr<const OnednnMatmul> onednn_matmul(index_t k, index_t n, bool bias,
-                                                                     activation_kind act, bool accumulate) {
-    using Key = std::tuple<index_t, index_t, bool, activation_kind, bool>;
+/// Process-wide cache: one set of bucket primitives per (K, N, bias, activation, accumulate,
+/// threads). Entries live as long as the process, so a pointer to one stays valid. Only the
+/// first use of a shape at a thread count takes the lock; linears remember what they got.
+[[nodiscard]] inline const OnednnMatmul* onednn_matmul(index_t k, index_t n, bool bias, activation_kind act,
+                                                       bool accumulate, int threads) {
+    using Key = std::tuple<index_t, index_t, bool, activation_kind, bool, int>;
     static std::mutex mutex;
     static std::map<Key, std::shared_ptr<const OnednnMatmul>> cache;
     const std::lock_guard lock(mutex);
-    auto& entry = cache[Key{k, n, bias, act, accumulate}];
-    if (!entry) entry = make_onednn_matmul(k, n, bias, act, accumulate);
-    return entry;
+    auto& entry = cache[Key{k, n, bias, act, accumulate, threads}];
+    if (!entry) entry = make_onednn_matmul(k, n, bias, act, accumulate, threads);
+    return entry.get();
 }
+
+/// What a linear remembers of the cache: its primitives for each thread count it ran at, read
+/// without a lock (counts above `slots` go through the cache's lock every call).
+class OnednnMatmulTable {
+public:
+    static constexpr int slots = 256;
+    OnednnMatmulTable() {
+        for (auto& s : by_threads_) s.store(nullptr, std::memory_order_relaxed);
+    }
+    [[nodiscard]] const OnednnMatmul* find(int threads) const noexcept {
+        return threads < slots ? by_threads_[std::size_t(threads)].load(std::memory_order_acquire) : nullptr;
+    }
+    void remember(int threads, const OnednnMatmul* m) noexcept {
+        if (threads < slots) by_threads_[std::size_t(threads)].store(m, std::memory_order_release);
+    }
+
+private:
+    std::array<std::atomic<const OnednnMatmul*>, slots> by_threads_;
+};
 
 } // namespace detail
 
@@ -183,8 +224,8 @@ struct onednn {
     public:
         linear(WeightView w, std::span<const float> bias, LinearOptions opt)
             : LinearBase(w, bias, opt),
-              matmul_(k_ > 0 && n_ > 0 ? detail::onednn_matmul(k_, n_, !bias.empty(), Act::kind, accumulate_)
-                                       : nullptr) {
+              has_bias_(!bias.empty()), table_(std::make_shared<detail::OnednnMatmulTable>()) {
+            if (k_ > 0 && n_ > 0) matmul_ = lookup(detail::current_threads());
             // Source weights as the (K, N) matrix W^T, then one reorder into the primitive's layout.
             using dt = dnnl::memory::data_type;
             std::vector<float> wt(static_cast<std::size_t>(k_ * n_));
@@ -209,13 +250,15 @@ struct onednn {
             }
         }
 
-        [[nodiscard]] std::size_t workspace_bytes(index_t rows) const noexcept {
-            // A padded or strided piece needs (bucket, K) and (bucket, N) scratch.
-            const index_t piece = matmul_ ? detail::onednn_largest_piece(rows) : 0;
-            const std::size_t pieces = piece > 0 ? detail::padded_bytes<float>(piece * k_) +
-                                                       detail::padded_bytes<float>(piece * n_)
-                                                 : 0;
-            return (accumulate_ ? detail::padded_bytes<float>(rows * n_) : 0) + pieces;
+        /// Scratch of a call with `rows` rows at the calling thread's current thread count (the
+        /// first query at a new count creates that count's primitives).
+        [[nodiscard]] std::size_t workspace_bytes(index_t rows) const {
+            if (!matmul_ || rows <= 0) return 0;
+            // A padded or strided piece needs (bucket, K) and (bucket, N) scratch; every piece
+            // needs its primitive's scratchpad.
+            const index_t piece = detail::onednn_largest_piece(rows);
+            const std::size_t pieces = detail::padded_bytes<float>(piece * k_) + detail::padded_bytes<float>(piece * n_);
+            return (accumulate_ ? detail::padded_bytes<float>(rows * n_) : 0) + pieces + scratchpad_bytes(rows);
         }
 
         void operator()(ConstMatrixView<float> a, MatrixView<float> c, Workspace& ws, float scale = 1.0f) const {
@@ -235,62 +278,95 @@ struct onednn {
                 return;
             }
             // The primitive always adds the bias; it applies Act and C += only where fused.
-            const bool sum_in_primitive = accumulate_ && matmul_->fused_sum && scale == 1.0f;
+            const detail::OnednnMatmul& m = current();
+            const bool sum_in_primitive = accumulate_ && m.fused_sum && scale == 1.0f;
             if (!accumulate_ || sum_in_primitive) {
-                run(a, c, ws);
-                if (!matmul_->fused_activation) detail::epilogue_in_place<Act>(c, nullptr, scale);
+                run(m, a, c, ws);
+                if (!m.fused_activation) detail::epilogue_in_place<Act>(c, nullptr, scale);
                 else if (scale != 1.0f) detail::epilogue_in_place<Identity>(c, nullptr, scale);
                 return;
             }
             MatrixView<float> t = ws.take_matrix<float>(a.rows(), n_);
-            if (matmul_->fused_sum) std::fill_n(t.data(), t.rows() * t.cols(), 0.0f); // the fused C += adds to 0
-            run(a, t, ws);
-            if (matmul_->fused_activation || matmul_->fused_sum) detail::epilogue_accumulate<Identity>(t, c, nullptr, scale);
+            if (m.fused_sum) std::fill_n(t.data(), t.rows() * t.cols(), 0.0f); // the fused C += adds to 0
+            run(m, a, t, ws);
+            if (m.fused_activation || m.fused_sum) detail::epilogue_accumulate<Identity>(t, c, nullptr, scale);
             else detail::epilogue_accumulate<Act>(t, c, nullptr, scale);
         }
 
     private:
+        /// The primitives for `threads` threads: remembered, or from the process-wide cache.
+        [[nodiscard]] const detail::OnednnMatmul* lookup(int threads) const {
+            if (const auto* m = table_->find(threads)) return m;
+            const auto* m = detail::onednn_matmul(k_, n_, has_bias_, Act::kind, accumulate_, threads);
+            if (matmul_ != nullptr && m->weights != matmul_->weights)
+                throw backend_error(detail::concat(name_, ": oneDNN wants another weight layout at ", threads,
+                                                   " threads than at ", matmul_->threads, " (K = ", k_, ", N = ", n_, ")"));
+            table_->remember(threads, m);
+            return m;
+        }
+        /// The primitives for the thread count this call will run with.
+        [[nodiscard]] const detail::OnednnMatmul& current() const { return *lookup(detail::current_threads()); }
+
+        /// The largest scratchpad of the buckets an M-row call runs.
+        [[nodiscard]] std::size_t scratchpad_bytes(index_t rows) const {
+            const detail::OnednnMatmul& m = current();
+            const std::size_t last = detail::onednn_next_piece(std::min(rows, detail::onednn_row_buckets.back())).index;
+            std::size_t bytes = 0;
+            for (std::size_t i = 0; i <= last; ++i) bytes = std::max(bytes, m.scratchpad[i]);
+            return detail::padded_bytes<std::byte>(static_cast<index_t>(bytes));
+        }
+
         /// out = A W^T + b with the primitives' fused post-ops (C += where fused_sum), piece by piece.
-        void run(ConstMatrixView<float> a, MatrixView<float> out, Workspace& ws) const {
+        void run(const detail::OnednnMatmul& m, ConstMatrixView<float> a, MatrixView<float> out, Workspace& ws) const {
             for (index_t row = 0; row < a.rows();) {
                 const auto piece = detail::onednn_next_piece(a.rows() - row);
                 const index_t bucket = detail::onednn_row_buckets[piece.index];
-                const auto& primitive = matmul_->primitives[piece.index];
+                const auto& primitive = m.primitives[piece.index];
+                const std::size_t scratch_bytes = m.scratchpad[piece.index];
                 const ConstMatrixView<float> as = a.row_block(row, piece.rows);
                 const MatrixView<float> os = out.row_block(row, piece.rows);
                 const bool dense = piece.rows == 1 || (as.stride() == k_ && os.stride() == n_);
                 if (piece.rows == bucket && dense) {
-                    execute(primitive, bucket, as.data(), os.data());
+                    Workspace::Scope scope(ws, detail::padded_bytes<std::byte>(index_t(scratch_bytes)));
+                    execute(primitive, bucket, as.data(), os.data(), ws.take<std::byte>(index_t(scratch_bytes)));
                 } else { // padded to the bucket's rows, or strided: through scratch
                     Workspace::Scope scope(ws, detail::padded_bytes<float>(bucket * k_) +
-                                                   detail::padded_bytes<float>(bucket * n_));
+                                                   detail::padded_bytes<float>(bucket * n_) +
+                                                   detail::padded_bytes<std::byte>(index_t(scratch_bytes)));
                     MatrixView<float> sa = ws.take_matrix<float>(bucket, k_), sc = ws.take_matrix<float>(bucket, n_);
+                    const auto scratchpad = ws.take<std::byte>(index_t(scratch_bytes));
                     for (index_t i = 0; i < piece.rows; ++i) std::ranges::copy(as.row(i), sa.row(i).begin());
                     std::fill(sa.data() + piece.rows * k_, sa.data() + bucket * k_, 0.0f);
                     if (matmul_->fused_sum) { // C += reads C: the rows, then zeros in the padding
                         for (index_t i = 0; i < piece.rows; ++i) std::ranges::copy(os.row(i), sc.row(i).begin());
                         std::fill(sc.data() + piece.rows * n_, sc.data() + bucket * n_, 0.0f);
                     }
-                    execute(primitive, bucket, sa.data(), sc.data());
+                    execute(primitive, bucket, sa.data(), sc.data(), scratchpad);
                     for (index_t i = 0; i < piece.rows; ++i) std::ranges::copy(sc.row(i), os.row(i).begin());
                 }
                 row += piece.rows;
             }
         }
 
-        /// One primitive on dense (bucket, K) and (bucket, N) buffers.
-        void execute(const dnnl::matmul& primitive, index_t rows, const float* a, float* c) const {
+        /// One primitive on dense (bucket, K) and (bucket, N) buffers, with its scratchpad.
+        void execute(const dnnl::matmul& primitive, index_t rows, const float* a, float* c,
+                     std::span<std::byte> scratchpad) const {
             using dt = dnnl::memory::data_type;
             try {
                 // oneDNN takes a non-const handle; the source is only read.
                 const auto& engine = detail::onednn_engine();
                 dnnl::memory am({{rows, k_}, dt::f32, {k_, 1}}, engine, const_cast<float*>(a));
                 dnnl::memory cm({{rows, n_}, dt::f32, {n_, 1}}, engine, c);
-                const std::array<dnnl_exec_arg_t, 4> args{{{DNNL_ARG_SRC, am.get()},
-                                                           {DNNL_ARG_WEIGHTS, weights_.get()},
-                                                           {DNNL_ARG_DST, cm.get()},
-                                                           {DNNL_ARG_BIAS, bias_ ? bias_.get() : nullptr}}};
-                const int nargs = bias_ ? 4 : 3;
+                std::array<dnnl_exec_arg_t, 5> args{{{DNNL_ARG_SRC, am.get()},
+                                                     {DNNL_ARG_WEIGHTS, weights_.get()},
+                                                     {DNNL_ARG_DST, cm.get()}}};
+                int nargs = 3;
+                if (bias_) args[std::size_t(nargs++)] = {DNNL_ARG_BIAS, bias_.get()};
+                dnnl::memory sm;
+                if (!scratchpad.empty()) {
+                    sm = dnnl::memory({{index_t(scratchpad.size())}, dt::u8, {1}}, engine, scratchpad.data());
+                    args[std::size_t(nargs++)] = {DNNL_ARG_SCRATCHPAD, sm.get()};
+                }
                 const auto status =
                     dnnl_primitive_execute(primitive.get(), detail::onednn_stream().get(), nargs, args.data());
                 if (status != dnnl_success)
@@ -302,7 +378,9 @@ struct onednn {
             }
         }
 
-        std::shared_ptr<const detail::OnednnMatmul> matmul_; ///< null when K = 0 or N = 0
+        bool has_bias_ = false;
+        std::shared_ptr<detail::OnednnMatmulTable> table_;  ///< shared by copies of this linear
+        const detail::OnednnMatmul* matmul_ = nullptr;      ///< the construction's; null when K = 0 or N = 0
         dnnl::memory weights_;
         dnnl::memory bias_;
         std::vector<float> bias_f32_;  ///< the bias, for our own epilogues

@@ -5,6 +5,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <limits>
 #include <memory>
 #include <new>
 #include <span>
@@ -91,6 +92,19 @@ inline constexpr std::size_t buffer_alignment = 64;
 
 namespace detail {
 
+/// rows * cols as a count of elements of `element_bytes` each, or shape_error (naming `who`) when
+/// a size is negative or the product would not fit in memory (index_t or size_t overflow).
+[[nodiscard]] inline std::size_t checked_elements(index_t rows, index_t cols, std::size_t element_bytes,
+                                                  std::string_view who) {
+    constexpr auto max_bytes = static_cast<std::size_t>(std::numeric_limits<index_t>::max());
+    if (rows < 0 || cols < 0)
+        throw shape_error(concat(who, ": shape ", shape_str(rows, cols), ", expected non-negative sizes"));
+    if (cols != 0 && static_cast<std::size_t>(rows) > max_bytes / element_bytes / static_cast<std::size_t>(cols))
+        throw shape_error(concat(who, ": shape ", shape_str(rows, cols), " of ", element_bytes,
+                                 "-byte elements is larger than any address space"));
+    return static_cast<std::size_t>(rows) * static_cast<std::size_t>(cols);
+}
+
 struct aligned_delete {
     void operator()(void* p) const noexcept { ::operator delete(p, std::align_val_t{buffer_alignment}); }
 };
@@ -112,10 +126,7 @@ class Matrix {
 public:
     Matrix() = default;
     Matrix(index_t rows, index_t cols) : rows_(rows), cols_(cols) {
-        if (rows < 0 || cols < 0)
-            throw shape_error(detail::concat("Matrix: shape ", detail::shape_str(rows, cols),
-                                             ", expected non-negative sizes"));
-        const auto n = static_cast<std::size_t>(rows * cols);
+        const std::size_t n = detail::checked_elements(rows, cols, sizeof(T), "Matrix");
         data_ = detail::aligned_array<T>(n);
         for (std::size_t i = 0; i < n; ++i) data_[i] = T{};
     }

@@ -1,22 +1,79 @@
 #pragma once
 // The one place the library opens an OpenMP parallel region for its own element-wise work
-// (GEMMs thread inside the backend). Without OpenMP it runs serially. Items are split
-// statically, so which thread computes an item never changes a result.
+// (GEMMs thread inside the backend), and what the library knows about OpenMP's thread count.
+// Without OpenMP everything runs serially. Items are split statically, so which thread computes
+// an item never changes a result.
+
+#include <exception>
 
 #include "hypermoe/core/extents.hpp"
+
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
 
 namespace hypermoe::detail {
 
 /// Below this many element operations a parallel region costs more than it saves.
 inline constexpr index_t parallel_grain = 1 << 15;
 
+/// The threads a parallel region opened now by the calling thread gets: 1 inside an active
+/// parallel region (nested regions are serial), else the calling thread's OpenMP thread count
+/// (its nthreads-var, which omp_set_num_threads and Workspace::set_threads change for the
+/// calling thread only).
+[[nodiscard]] inline int current_threads() noexcept {
+#if defined(_OPENMP)
+    return omp_in_parallel() ? 1 : omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
+
+/// Sets the calling thread's OpenMP thread count for the scope's lifetime (`threads` <= 0:
+/// leaves it alone). It changes the calling thread's nthreads-var only, not other threads'.
+class ThreadCountScope {
+public:
+    explicit ThreadCountScope(int threads) noexcept {
+#if defined(_OPENMP)
+        if (threads > 0) {
+            saved_ = omp_get_max_threads();
+            if (saved_ != threads) omp_set_num_threads(threads);
+            else saved_ = 0;
+        }
+#else
+        (void)threads;
+#endif
+    }
+    ThreadCountScope(const ThreadCountScope&) = delete;
+    ThreadCountScope& operator=(const ThreadCountScope&) = delete;
+    ~ThreadCountScope() {
+#if defined(_OPENMP)
+        if (saved_ > 0) omp_set_num_threads(saved_);
+#endif
+    }
+
+private:
+    int saved_ = 0;
+};
+
 /// fn(i) for i in [0, items); in parallel when `work` (element operations in all) is large.
+/// An exception thrown by fn is rethrown on the calling thread (the first one caught), after
+/// every thread finished; it never escapes a parallel region.
 template <class Fn>
 void parallel_for(index_t items, index_t work, Fn&& fn) {
 #if defined(_OPENMP)
-    if (work >= parallel_grain && items > 1) {
+    if (work >= parallel_grain && items > 1 && current_threads() > 1) {
+        std::exception_ptr failure;
 #pragma omp parallel for schedule(static)
-        for (index_t i = 0; i < items; ++i) fn(i);
+        for (index_t i = 0; i < items; ++i) {
+            try {
+                fn(i);
+            } catch (...) {
+#pragma omp critical(hypermoe_parallel_for_failure)
+                if (!failure) failure = std::current_exception();
+            }
+        }
+        if (failure) std::rethrow_exception(failure);
         return;
     }
 #else

@@ -2,50 +2,86 @@
 // Scratch memory, sized up front (as CUTLASS's get_workspace_size): every component reports
 // `workspace_bytes(rows)` and takes its temporaries from a Workspace with a stack discipline.
 // The outermost forward call grows the arena when it is too small (that is the warm-up
-// allocation); after that, forward calls with at most as many rows allocate nothing.
+// allocation); after that, forward calls with at most as many rows allocate nothing. A fixed
+// workspace never grows: a call that needs more than its capacity is an error, so an embedder
+// can hold exactly `workspace_bytes(max rows)` and know that nothing else is allocated.
+//
+// A workspace also carries the caller's thread budget: with set_threads(n), every forward call
+// made with this workspace runs its parallel regions (the library's own and the backend's) on at
+// most n OpenMP threads, without changing any other thread's setting.
 
 #include <algorithm>
 #include <cstddef>
+#include <limits>
 #include <memory>
 #include <span>
 
 #include "hypermoe/core/error.hpp"
 #include "hypermoe/core/matrix.hpp"
+#include "hypermoe/core/parallel.hpp"
 #include "hypermoe/detail/format.hpp"
 
 namespace hypermoe {
 
 namespace detail {
-/// Bytes that `n` elements of T take in a workspace, rounded up to the buffer alignment.
+/// Byte counts at or above this are not sizes of real memory; `padded_bytes` saturates here, so a
+/// sum of a few of them still does not wrap, and `Workspace` rejects them with a typed error.
+inline constexpr std::size_t unreal_bytes = std::size_t{1} << 56;
+
+/// Bytes that `n` elements of T take in a workspace, rounded up to the buffer alignment;
+/// `unreal_bytes` when n is negative or the product would overflow.
 template <class T>
 [[nodiscard]] constexpr std::size_t padded_bytes(index_t n) noexcept {
+    if (n < 0 || static_cast<std::size_t>(n) >= unreal_bytes / sizeof(T)) return unreal_bytes;
     const auto bytes = static_cast<std::size_t>(n) * sizeof(T);
     return (bytes + buffer_alignment - 1) / buffer_alignment * buffer_alignment;
 }
 } // namespace detail
 
+/// Whether a workspace may grow when a call needs more than it holds.
+enum class WorkspaceGrowth {
+    grow,  ///< the outermost scope of a call grows the arena (one allocation, kept)
+    fixed, ///< never grows: a call that needs more is an error
+};
+
 /// A bump arena of 64-byte-aligned scratch buffers. Not thread-safe: one per thread.
 class Workspace {
 public:
     Workspace() = default;
-    explicit Workspace(std::size_t bytes) { reserve(bytes); }
+    explicit Workspace(std::size_t bytes, WorkspaceGrowth growth = WorkspaceGrowth::grow) : growth_(growth) {
+        grow_to(bytes);
+    }
 
     [[nodiscard]] std::size_t capacity() const noexcept { return capacity_; }
     [[nodiscard]] std::size_t used() const noexcept { return used_; }
+    [[nodiscard]] WorkspaceGrowth growth() const noexcept { return growth_; }
 
-    /// Grows the arena to at least `bytes`. Only allowed while no buffer is taken.
+    /// Bounds the OpenMP threads of every call made with this workspace (0, the default: the
+    /// calling thread's OpenMP setting). Only the calling thread's setting changes, and only for
+    /// the duration of each call.
+    void set_threads(int threads) {
+        if (threads < 0) throw config_error(detail::concat("Workspace::set_threads: ", threads, ", expected >= 0"));
+        threads_ = threads;
+    }
+    [[nodiscard]] int threads() const noexcept { return threads_; }
+
+    /// Grows the arena to at least `bytes`. Only allowed while no buffer is taken, and not on a
+    /// fixed workspace.
     void reserve(std::size_t bytes) {
         if (bytes <= capacity_) return;
+        if (growth_ == WorkspaceGrowth::fixed)
+            throw error(detail::concat("Workspace::reserve: ", bytes, " bytes needed, but this fixed workspace holds ",
+                                       capacity_));
         if (used_ != 0)
             throw error(detail::concat("Workspace::reserve: cannot grow to ", bytes, " bytes while ",
                                        used_, " bytes are in use"));
-        storage_ = detail::aligned_array<std::byte>(bytes);
-        capacity_ = bytes;
+        grow_to(bytes);
     }
 
     /// `n` elements of T, uninitialised, valid until the enclosing Scope ends.
     template <class T>
     [[nodiscard]] std::span<T> take(index_t n) {
+        if (n < 0) throw shape_error(detail::concat("Workspace::take: ", n, " elements, expected >= 0"));
         const std::size_t bytes = detail::padded_bytes<T>(n);
         if (bytes > capacity_ - used_)
             throw error(detail::concat("Workspace::take: ", bytes, " bytes requested, ", capacity_ - used_,
@@ -58,14 +94,17 @@ public:
     /// A (rows, cols) row-major scratch matrix.
     template <class T>
     [[nodiscard]] MatrixView<T> take_matrix(index_t rows, index_t cols) {
-        return {take<T>(rows * cols).data(), rows, cols};
+        const std::size_t n = detail::checked_elements(rows, cols, sizeof(T), "Workspace::take_matrix");
+        return {take<T>(static_cast<index_t>(n)).data(), rows, cols};
     }
 
     /// Releases everything taken after its construction. The outermost Scope may grow the arena
-    /// to `bytes`; an inner one checks that `bytes` are left.
+    /// to `bytes` and applies the workspace's thread budget for its lifetime; an inner one checks
+    /// that `bytes` are left.
     class Scope {
     public:
-        Scope(Workspace& ws, std::size_t bytes) : ws_(ws), mark_(ws.used_) {
+        Scope(Workspace& ws, std::size_t bytes)
+            : ws_(ws), mark_(ws.used_), threads_(ws.used_ == 0 ? ws.threads_ : 0) {
             if (mark_ == 0) ws.reserve(bytes);
             if (bytes > ws.capacity_ - mark_)
                 throw error(detail::concat("Workspace::Scope: ", bytes, " bytes needed, ",
@@ -78,12 +117,25 @@ public:
     private:
         Workspace& ws_;
         std::size_t mark_;
+        detail::ThreadCountScope threads_;
     };
 
 private:
+    void grow_to(std::size_t bytes) {
+        if (bytes >= detail::unreal_bytes)
+            throw error(detail::concat("Workspace: ", bytes, " bytes requested, more than any machine holds "
+                                       "(a size overflowed)"));
+        storage_.reset();
+        capacity_ = 0;
+        storage_ = detail::aligned_array<std::byte>(bytes);
+        capacity_ = bytes;
+    }
+
     std::unique_ptr<std::byte[], detail::aligned_delete> storage_;
     std::size_t capacity_ = 0;
     std::size_t used_ = 0;
+    WorkspaceGrowth growth_ = WorkspaceGrowth::grow;
+    int threads_ = 0;
 };
 
 } // namespace hypermoe

@@ -40,7 +40,7 @@ public:
           down_(w.down, w.down_bias, {"GluExpert weight 'down'", false, opt.storage}) {}
 
 
-    [[nodiscard]] std::size_t workspace_bytes(index_t rows) const noexcept {
+    [[nodiscard]] std::size_t workspace_bytes(index_t rows) const {
         return detail::padded_bytes<float>(rows * 2 * d_ff()) + detail::padded_bytes<float>(rows * d_ff()) +
                std::max(gate_up_.workspace_bytes(rows), down_.workspace_bytes(rows));
     }

@@ -68,7 +68,7 @@ public:
     [[nodiscard]] index_t d_model() const noexcept { return parts_.d; }
     [[nodiscard]] index_t rank() const noexcept { return parts_.r; }
 
-    [[nodiscard]] std::size_t workspace_bytes(index_t rows) const noexcept {
+    [[nodiscard]] std::size_t workspace_bytes(index_t rows) const {
         const Parts& p = parts_;
         return detail::padded_bytes<float>(rows * (p.q + p.dl)) + detail::padded_bytes<float>(rows * hidden_dim()) +
                std::max({p.trunk.workspace_bytes(rows), p.down_weight.workspace_bytes(rows),

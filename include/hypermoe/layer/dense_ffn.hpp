@@ -22,7 +22,7 @@ public:
     [[nodiscard]] index_t in_width() const noexcept { return expert_.in_width(); }
     [[nodiscard]] index_t out_width() const noexcept { return expert_.out_width(); }
     [[nodiscard]] const E& expert() const noexcept { return expert_; }
-    [[nodiscard]] std::size_t workspace_bytes(index_t rows) const noexcept { return expert_.workspace_bytes(rows); }
+    [[nodiscard]] std::size_t workspace_bytes(index_t rows) const { return expert_.workspace_bytes(rows); }
 
     void forward(ConstMatrixView<float> x, MatrixView<float> y, Workspace& ws) const {
         detail::check_forward_shapes(x, y, in_width(), out_width(), "DenseFfn");

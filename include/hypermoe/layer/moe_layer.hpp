@@ -54,19 +54,19 @@ public:
     [[nodiscard]] const Shared& shared() const noexcept { return shared_; }
     [[nodiscard]] const MoeOptions& options() const noexcept { return options_; }
 
-    [[nodiscard]] std::size_t route_workspace_bytes(index_t rows) const noexcept {
+    [[nodiscard]] std::size_t route_workspace_bytes(index_t rows) const {
         return detail::padded_bytes<float>(rows * num_experts()) +
                std::max(gate_.workspace_bytes(rows), router_.workspace_bytes(rows));
     }
     /// Scratch of apply() for `rows` tokens whose plan has `packed` assignments (the layer's own
     /// router makes at most rows x slots; a plan from another router may make more).
-    [[nodiscard]] std::size_t apply_workspace_bytes(index_t rows, index_t packed) const noexcept {
+    [[nodiscard]] std::size_t apply_workspace_bytes(index_t rows, index_t packed) const {
         std::size_t inner = 0;
         for (const auto& e : experts_) inner = std::max(inner, e.workspace_bytes(rows));
         if constexpr (Shared::present) inner = std::max(inner, shared_.workspace_bytes(rows));
         return 2 * detail::padded_bytes<float>(packed * in_width()) + inner;
     }
-    [[nodiscard]] std::size_t workspace_bytes(index_t rows) const noexcept {
+    [[nodiscard]] std::size_t workspace_bytes(index_t rows) const {
         return std::max(route_workspace_bytes(rows), apply_workspace_bytes(rows, rows * router_.slots()));
     }
 

@@ -28,7 +28,7 @@ public:
     [[nodiscard]] index_t in_width() const noexcept { return inner_.in_width(); }
     [[nodiscard]] index_t out_width() const noexcept { return inner_.out_width(); }
     [[nodiscard]] const Inner& inner() const noexcept { return inner_; }
-    [[nodiscard]] std::size_t workspace_bytes(index_t rows) const noexcept { return inner_.workspace_bytes(rows); }
+    [[nodiscard]] std::size_t workspace_bytes(index_t rows) const { return inner_.workspace_bytes(rows); }
 
     /// x and y must not overlap.
     void forward(ConstMatrixView<float> x, MatrixView<float> y, Workspace& ws) const {

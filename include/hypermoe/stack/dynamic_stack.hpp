@@ -32,7 +32,7 @@ public:
     [[nodiscard]] index_t in_width() const noexcept { return layers_.empty() ? 0 : layers_.front()->in_width(); }
     [[nodiscard]] index_t out_width() const noexcept { return layers_.empty() ? 0 : layers_.back()->out_width(); }
 
-    [[nodiscard]] std::size_t workspace_bytes(index_t rows) const noexcept {
+    [[nodiscard]] std::size_t workspace_bytes(index_t rows) const {
         std::size_t inner = 0;
         index_t hidden = 0;
         for (std::size_t i = 0; i < layers_.size(); ++i) {
@@ -66,7 +66,7 @@ private:
         virtual ~Concept() = default;
         [[nodiscard]] virtual index_t in_width() const noexcept = 0;
         [[nodiscard]] virtual index_t out_width() const noexcept = 0;
-        [[nodiscard]] virtual std::size_t workspace_bytes(index_t rows) const noexcept = 0;
+        [[nodiscard]] virtual std::size_t workspace_bytes(index_t rows) const = 0;
         virtual void forward(ConstMatrixView<float> x, MatrixView<float> y, Workspace& ws) const = 0;
     };
     template <class L>
@@ -74,7 +74,7 @@ private:
         explicit Model(L l) : layer(std::move(l)) {}
         [[nodiscard]] index_t in_width() const noexcept override { return layer.in_width(); }
         [[nodiscard]] index_t out_width() const noexcept override { return layer.out_width(); }
-        [[nodiscard]] std::size_t workspace_bytes(index_t rows) const noexcept override {
+        [[nodiscard]] std::size_t workspace_bytes(index_t rows) const override {
             return layer.workspace_bytes(rows);
         }
         void forward(ConstMatrixView<float> x, MatrixView<float> y, Workspace& ws) const override {

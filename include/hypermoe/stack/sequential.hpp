@@ -49,7 +49,7 @@ public:
     template <std::size_t I>
     [[nodiscard]] const auto& layer() const noexcept { return std::get<I>(layers_); }
 
-    [[nodiscard]] std::size_t workspace_bytes(index_t rows) const noexcept {
+    [[nodiscard]] std::size_t workspace_bytes(index_t rows) const {
         std::size_t inner = 0;
         std::apply([&](const auto&... l) { ((inner = std::max(inner, l.workspace_bytes(rows))), ...); }, layers_);
         return 2 * detail::padded_bytes<float>(rows * max_hidden_width()) + inner;
