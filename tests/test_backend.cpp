@@ -1,6 +1,9 @@
 #include <doctest/doctest.h>
 
+#include <cstring>
 #include <limits>
+
+#include <omp.h>
 #include <vector>
 
 #include "test_support.hpp"
@@ -136,14 +139,61 @@ TEST_CASE_TEMPLATE_DEFINE("linear rejects bad weights and shapes", B, linear_err
 TEST_CASE_TEMPLATE_APPLY(linear_errors, test::all_backends);
 
 #if HYPERMOE_HAS_ONEDNN
-TEST_CASE("onednn: one set of primitives per (K, N, epilogue), shared between linears") {
+TEST_CASE("onednn: one set of primitives per (K, N, epilogue, threads), shared between linears") {
     const Matrix<float> w1 = random_matrix(16, 8, 1), w2 = random_matrix(16, 8, 2);
-    const auto p1 = detail::onednn_matmul(8, 16, false, activation_kind::relu, false);
+    const auto* p1 = detail::onednn_matmul(8, 16, false, activation_kind::relu, false, 1);
     const onednn::linear<Relu> a(ConstMatrixView<float>(w1.view()), {}, {"a"});
     const onednn::linear<Relu> b(ConstMatrixView<float>(w2.view()), {}, {"b"});
-    CHECK(detail::onednn_matmul(8, 16, false, activation_kind::relu, false) == p1);
-    CHECK(p1.use_count() >= 3);
-    CHECK(detail::onednn_matmul(8, 16, true, activation_kind::relu, false) != p1);
+    CHECK(detail::onednn_matmul(8, 16, false, activation_kind::relu, false, 1) == p1);
+    CHECK(p1->threads == 1);
+    CHECK(detail::onednn_matmul(8, 16, true, activation_kind::relu, false, 1) != p1);
+    CHECK(detail::onednn_matmul(8, 16, false, activation_kind::relu, false, 3) != p1);
+    CHECK(detail::onednn_matmul(8, 16, false, activation_kind::relu, false, 3)->threads == 3);
+}
+
+TEST_CASE("onednn: a linear is correct at any thread count, whenever it changes") {
+    // Built at the default thread count, then run at 1, 3 and 2 threads, from inside a parallel
+    // region (where OpenMP runs nested regions on one thread) and with a Workspace thread budget:
+    // each gives the same bits as the first run, and the reference's values.
+    const index_t k = 512, n = 704, m = 200;
+    const Matrix<float> w = random_matrix(n, k, 1), x = random_matrix(m, k, 2);
+    const onednn::linear<Silu> lin(ConstMatrixView<float>(w.view()), {}, {"up"});
+    const reference::linear<Silu> ref(ConstMatrixView<float>(w.view()), {}, {"up"});
+    Workspace ws;
+    Matrix<float> want(m, n), first(m, n), got(m, n);
+    ref(x.view(), want.view(), ws);
+    lin(x.view(), first.view(), ws);
+    CHECK(relative_error(first.view(), want.view()) <= test::tolerance(k));
+    const auto same = [&] { return std::memcmp(first.data(), got.data(), sizeof(float) * std::size_t(m * n)) == 0; };
+    const int threads = omp_get_max_threads();
+    for (const int t : {1, 3, 2}) {
+        CAPTURE(t);
+        omp_set_num_threads(t);
+        std::fill_n(got.data(), m * n, -1.0f);
+        Workspace fresh;
+        lin(x.view(), got.view(), fresh);
+        CHECK(relative_error(got.view(), want.view()) <= test::tolerance(k));
+    }
+    omp_set_num_threads(threads);
+    bool nested_ok = true;
+#pragma omp parallel num_threads(2)
+    {
+#pragma omp single
+        {
+            Workspace inner;
+            Matrix<float> y(m, n);
+            lin(x.view(), y.view(), inner);
+            nested_ok = relative_error(y.view(), want.view()) <= test::tolerance(k);
+        }
+    }
+    CHECK(nested_ok);
+    Workspace budget;
+    budget.set_threads(1);
+    lin(x.view(), got.view(), budget);
+    CHECK(relative_error(got.view(), want.view()) <= test::tolerance(k));
+    CHECK(omp_get_max_threads() == threads); // the budget applied to the call only
+    lin(x.view(), got.view(), ws);
+    CHECK(same());
 }
 
 TEST_CASE("onednn: a call runs as 256-row pieces and one remainder padded by at most 15 rows") {
@@ -166,7 +216,7 @@ TEST_CASE("onednn: a call runs as 256-row pieces and one remainder padded by at 
 }
 
 TEST_CASE("onednn: a primitive oneDNN cannot create is a backend_error naming the shape") {
-    CHECK_THROWS_WITH_AS((void)detail::onednn_matmul(-3, 16, false, activation_kind::relu, false),
+    CHECK_THROWS_WITH_AS((void)detail::onednn_matmul(-3, 16, false, activation_kind::relu, false, 1),
                          doctest::Contains("onednn: cannot create a matmul for K = -3, N = 16: "), backend_error);
 }
 #endif

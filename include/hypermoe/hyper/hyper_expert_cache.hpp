@@ -1,6 +1,5 @@
 #pragma once
-// HyperExpertCache (per layer): the generated adapter of each selection pattern, prepared once
-// as a pair of backend linear maps. This is exact, not an approximation: the hypernetwork's
+// HyperExpertCache (per layer): the generated adapter of each selection pattern, kept once. This is exact, not an approximation: the hypernetwork's
 // input depends only on (layer, selected set), so every token of a pattern gets the very same
 // weights the per-token computation would generate.
 //
@@ -18,6 +17,7 @@
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <span>
 #include <vector>
 
 #include "hypermoe/backend/backend_concept.hpp"
@@ -27,17 +27,51 @@
 
 namespace hypermoe {
 
-/// One pattern's adapter on backend B: H(x) = up(relu(down(x))), biases inside.
-template <Backend B>
+/// One pattern's generated adapter, kept in the layout the hypernetwork generates it in:
+/// H(x) = relu(x D + bD) U + bU with D (d, r) and U (r, d) row-major.
 struct HyperExpert {
-    typename B::template linear<Relu> down;    ///< W = D^T (r, d), bias bD
-    typename B::template linear<Identity> up;  ///< W = U^T (d, r), bias bU
+    index_t d = 0, r = 0;
+    std::vector<float> down;      ///< D (d, r)
+    std::vector<float> down_bias; ///< bD (r)
+    std::vector<float> up;        ///< U (r, d)
+    std::vector<float> up_bias;   ///< bU (d)
     /// Bytes of the adapter's parameters (what the budget counts).
     [[nodiscard]] std::size_t bytes() const noexcept {
-        return sizeof(float) * std::size_t(2 * down.in_features() * down.out_features() + down.out_features() +
-                                           up.out_features());
+        return sizeof(float) * std::size_t(2 * d * r + r + d);
     }
 };
+
+namespace detail {
+
+/// out (d) = relu(x D + bD) U + bU for one token; `hidden` (r) is scratch. Every element is
+/// summed in a fixed order (over d, then over r, ascending), so the cached and per-token modes,
+/// which both call this, give the same bits for the same adapter.
+inline void apply_adapter(std::span<const float> x, const float* down, const float* down_bias, const float* up,
+                          const float* up_bias, index_t d, index_t r, float* hidden, float* out) noexcept {
+    for (index_t b = 0; b < r; ++b) hidden[b] = 0.0f;
+    for (index_t a = 0; a < d; ++a) {
+        const float xa = x[std::size_t(a)];
+        const float* row = down + a * r;
+        for (index_t b = 0; b < r; ++b) hidden[b] += xa * row[b];
+    }
+    for (index_t b = 0; b < r; ++b) {
+        const float h = hidden[b] + down_bias[b];
+        hidden[b] = h > 0.0f ? h : 0.0f;
+    }
+    for (index_t a = 0; a < d; ++a) out[a] = 0.0f;
+    for (index_t b = 0; b < r; ++b) {
+        const float hb = hidden[b];
+        const float* row = up + b * d;
+        for (index_t a = 0; a < d; ++a) out[a] += hb * row[a];
+    }
+    for (index_t a = 0; a < d; ++a) out[a] += up_bias[a];
+}
+
+inline void apply_adapter(std::span<const float> x, const HyperExpert& h, float* hidden, float* out) noexcept {
+    apply_adapter(x, h.down.data(), h.down_bias.data(), h.up.data(), h.up_bias.data(), h.d, h.r, hidden, out);
+}
+
+} // namespace detail
 
 template <Backend B>
 class HyperExpertCache {
@@ -50,7 +84,7 @@ public:
         if (k < 1 || k > experts || patterns_ < 0 || patterns_ > max_patterns)
             throw config_error(detail::concat("HyperExpertCache: C(", experts, ", ", k, ") patterns, expected k in [1, ",
                                               experts, "] and at most ", max_patterns, " patterns"));
-        slots_ = std::make_unique<std::atomic<const HyperExpert<B>*>[]>(std::size_t(patterns_));
+        slots_ = std::make_unique<std::atomic<const HyperExpert*>[]>(std::size_t(patterns_));
         for (index_t i = 0; i < patterns_; ++i) slots_[std::size_t(i)].store(nullptr, std::memory_order_relaxed);
     }
 
@@ -64,7 +98,7 @@ public:
     [[nodiscard]] std::uint64_t version() const noexcept { return version_.load(std::memory_order_acquire); }
 
     /// The cached adapter of `pattern`, or null.
-    [[nodiscard]] const HyperExpert<B>* find(index_t pattern) const noexcept {
+    [[nodiscard]] const HyperExpert* find(index_t pattern) const noexcept {
         const auto* e = slots_[std::size_t(pattern)].load(std::memory_order_acquire);
         if (e != nullptr) hits_.fetch_add(1, std::memory_order_relaxed);
         return e;
@@ -72,7 +106,7 @@ public:
 
     /// Stores a generated adapter unless another thread was first or the budget is full;
     /// returns the cached entry, or null when it was not stored (the caller keeps `made`).
-    const HyperExpert<B>* insert(index_t pattern, std::unique_ptr<HyperExpert<B>>& made) {
+    const HyperExpert* insert(index_t pattern, std::unique_ptr<HyperExpert>& made) {
         misses_.fetch_add(1, std::memory_order_relaxed);
         const std::lock_guard lock(mutex_);
         if (const auto* e = slots_[std::size_t(pattern)].load(std::memory_order_acquire)) return e;
@@ -110,8 +144,8 @@ private:
 
     index_t patterns_;
     std::size_t budget_;
-    std::unique_ptr<std::atomic<const HyperExpert<B>*>[]> slots_;
-    std::vector<std::unique_ptr<HyperExpert<B>>> owned_;
+    std::unique_ptr<std::atomic<const HyperExpert*>[]> slots_;
+    std::vector<std::unique_ptr<HyperExpert>> owned_;
     std::mutex mutex_;
     std::atomic<std::size_t> bytes_{0};
     std::atomic<std::size_t> count_{0};

@@ -12,6 +12,12 @@
 //
 // (HyperMoE, arXiv 2402.12656, as released: `param_gen`.) The hypernetwork never sees x, so H
 // depends on a token only through its layer and selected set: HyperExpertCache exploits that.
+//
+// Generation runs on the row-wise linear map (backend/rowwise.hpp) whatever the backend B: a
+// pattern's adapter is then the same bits whether it was generated alone, with 63 others in
+// precompute(), or once per token in per-token mode, so the cache is exact to the last bit. It
+// runs once per pattern, off the hot path. B remains the type's parameter so that a stack's
+// parts keep one backend in their types.
 
 #include <atomic>
 #include <cstdint>
@@ -19,6 +25,7 @@
 #include <vector>
 
 #include "hypermoe/backend/backend_concept.hpp"
+#include "hypermoe/backend/rowwise.hpp"
 #include "hypermoe/core/activation.hpp"
 #include "hypermoe/core/workspace.hpp"
 #include "hypermoe/expert/expert_concept.hpp"
@@ -103,8 +110,8 @@ private:
     struct Parts {
         index_t layers, dl, q, d, r;
         std::vector<float> layer_embed;
-        typename B::template linear<Relu> trunk;
-        typename B::template linear<Identity> down_weight, up_weight, down_bias, up_bias;
+        detail::RowwiseLinear<Relu> trunk;
+        detail::RowwiseLinear<Identity> down_weight, up_weight, down_bias, up_bias;
     };
 
     static Parts build(const HypernetworkWeights& w) {

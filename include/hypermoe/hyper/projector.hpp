@@ -1,10 +1,12 @@
 #pragma once
 // Projector (per layer): z = W2 relu(W1 s + b1) + b2, d_e -> p -> q (the reference code's
-// `embedding_process`: Linear, ReLU, Linear).
+// `embedding_process`: Linear, ReLU, Linear). It runs on the row-wise map whatever the backend
+// B: a pattern's projection must be the same bits in any batch (see hypernetwork.hpp).
 
 #include <span>
 
 #include "hypermoe/backend/backend_concept.hpp"
+#include "hypermoe/backend/rowwise.hpp"
 #include "hypermoe/core/activation.hpp"
 #include "hypermoe/core/workspace.hpp"
 #include "hypermoe/expert/expert_concept.hpp"
@@ -46,8 +48,8 @@ private:
         return w.first;
     }
 
-    typename B::template linear<Relu> first_;
-    typename B::template linear<Identity> second_;
+    detail::RowwiseLinear<Relu> first_;
+    detail::RowwiseLinear<Identity> second_;
 };
 
 } // namespace hypermoe

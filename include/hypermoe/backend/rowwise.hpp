@@ -1,0 +1,70 @@
+#pragma once
+// A linear map whose result for a row never depends on anything but that row: not on the other
+// rows of the call, their number, the thread count or how the work is split. Each output
+// element is summed over K in ascending order in f32 (vectorised across outputs, rows blocked
+// for reuse of the weights), then the bias and activation are applied. The fast backends give
+// up this property for speed (oneDNN picks a kernel by row bucket, Eigen a GEMV for one row), so
+// code whose results must be independent of batch composition uses this map instead: HyperMoE's
+// generation, whose adapter for a pattern must be the same bits whichever batch generated it.
+// It models LinearMap, so it takes the same weights, options and errors as every backend.
+
+#include <algorithm>
+#include <span>
+#include <vector>
+
+#include "hypermoe/backend/linear_spec.hpp"
+#include "hypermoe/core/parallel.hpp"
+#include "hypermoe/core/workspace.hpp"
+
+namespace hypermoe::detail {
+
+template <class Act>
+class RowwiseLinear : public LinearBase {
+public:
+    RowwiseLinear(WeightView w, std::span<const float> bias, LinearOptions opt)
+        : LinearBase(w, bias, opt), wt_(std::size_t(k_ * n_)), bias_(bias.begin(), bias.end()) {
+        for (index_t r = 0; r < n_; ++r)
+            for (index_t c = 0; c < k_; ++c) wt_[std::size_t(c * n_ + r)] = stored_value(w.at(r, c), storage_);
+    }
+
+    [[nodiscard]] std::size_t workspace_bytes(index_t /*rows*/) const noexcept { return 0; }
+
+    /// c = [c +] scale * Act(a W^T + b).
+    void operator()(ConstMatrixView<float> a, MatrixView<float> c, Workspace& /*ws*/, float scale = 1.0f) const {
+        check_call(a, c);
+        const index_t row_blocks = (a.rows() + block_rows - 1) / block_rows;
+        const index_t col_tiles = (n_ + tile - 1) / tile;
+        parallel_for(row_blocks * col_tiles, a.rows() * k_ * n_, [&](index_t item) {
+            const index_t r0 = item / col_tiles * block_rows, j0 = item % col_tiles * tile;
+            block(a, c, r0, std::min(block_rows, a.rows() - r0), j0, std::min(tile, n_ - j0), scale);
+        });
+    }
+
+private:
+    static constexpr index_t block_rows = 4; ///< rows that share one pass over a weight tile
+    static constexpr index_t tile = 64;      ///< output columns per item (4 AVX-512 registers a row)
+
+    void block(ConstMatrixView<float> a, MatrixView<float> c, index_t r0, index_t rows, index_t j0, index_t cols,
+               float scale) const {
+        float acc[block_rows][tile] = {};
+        for (index_t i = 0; i < k_; ++i) {
+            const float* w = wt_.data() + i * n_ + j0;
+            for (index_t r = 0; r < rows; ++r) {
+                const float x = a(r0 + r, i);
+                for (index_t j = 0; j < cols; ++j) acc[r][j] += x * w[j];
+            }
+        }
+        for (index_t r = 0; r < rows; ++r) {
+            float* out = c.row(r0 + r).data() + j0;
+            for (index_t j = 0; j < cols; ++j) {
+                const float v = scale * Act::apply(acc[r][j] + (bias_.empty() ? 0.0f : bias_[std::size_t(j0 + j)]));
+                out[j] = accumulate_ ? out[j] + v : v;
+            }
+        }
+    }
+
+    std::vector<float> wt_;   ///< W^T (K, N) row-major
+    std::vector<float> bias_; ///< N, or empty
+};
+
+} // namespace hypermoe::detail
