@@ -269,6 +269,11 @@ public:
         return std::holds_alternative<HyperGpt2>(layer_) || std::holds_alternative<HyperSwitch>(layer_);
     }
 
+    /// Scratch of forward() for `rows` tokens: a Workspace of this size runs it without growing.
+    [[nodiscard]] std::size_t workspace_bytes(index_t rows) const {
+        return std::visit([&](const auto& l) { return l.workspace_bytes(rows); }, layer_);
+    }
+
     /// y = block(x); with_hyper = false runs a HyperMoE block without its HyperExpert.
     void forward(ConstMatrixView<float> x, MatrixView<float> y, Workspace& ws, RoutingPlan& plan,
                  const RouterContext& context = {}, bool with_hyper = true) const {

@@ -67,7 +67,13 @@ public:
         return 2 * detail::padded_bytes<float>(packed * in_width()) + inner;
     }
     [[nodiscard]] std::size_t workspace_bytes(index_t rows) const {
-        return std::max(route_workspace_bytes(rows), apply_workspace_bytes(rows, rows * router_.slots()));
+        return std::max(route_workspace_bytes(rows), apply_workspace_bytes(rows, max_assignments(rows)));
+    }
+
+    /// The most assignments the layer's router makes for `rows` tokens (its per-policy maximum).
+    [[nodiscard]] index_t max_assignments(index_t rows) const noexcept {
+        if constexpr (requires { router_.max_assignments(rows); }) return router_.max_assignments(rows);
+        else return rows * router_.slots();
     }
 
     /// The router logits x W_g^T (T, E), e.g. to route with another router and apply() the plan.

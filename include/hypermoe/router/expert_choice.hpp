@@ -29,6 +29,10 @@ struct ExpertChoice {
             throw config_error(detail::concat("ExpertChoice: capacity_factor is ", capacity_factor,
                                               ", expected a finite value > 0"));
     }
+    /// Assignments of a batch: each expert takes tokens_per_expert tokens.
+    [[nodiscard]] index_t max_assignments(index_t tokens, index_t experts) const noexcept {
+        return experts * tokens_per_expert(tokens, experts);
+    }
     /// Tokens each expert takes for a batch of `tokens`.
     [[nodiscard]] index_t tokens_per_expert(index_t tokens, index_t experts) const noexcept {
         const auto c = static_cast<index_t>(std::llround(double(tokens) * capacity_factor / double(experts)));

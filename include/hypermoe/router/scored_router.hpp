@@ -6,6 +6,7 @@
 // It rejects non-finite logits (numeric_error naming the token), fills a RoutingPlan and builds
 // its CSR. The router GEMM itself belongs to the layer (it runs on the layer's backend).
 
+#include <algorithm>
 #include <span>
 #include <string_view>
 #include <utility>
@@ -77,6 +78,15 @@ public:
 
     [[nodiscard]] std::size_t workspace_bytes(index_t tokens) const noexcept {
         return 2 * detail::padded_bytes<float>(tokens * experts_) + selection_.workspace_bytes(tokens, experts_);
+    }
+
+    /// The most (token, expert) assignments a plan of `tokens` tokens can hold: what the policy
+    /// says (expert choice: experts x tokens per expert), else tokens x slots.
+    [[nodiscard]] index_t max_assignments(index_t tokens) const noexcept {
+        if constexpr (requires { selection_.max_assignments(tokens, experts_); })
+            return std::min(tokens * slots(), selection_.max_assignments(tokens, experts_));
+        else
+            return tokens * slots();
     }
 
     /// Scores, selects and weights `logits` (T, E) into `plan`.

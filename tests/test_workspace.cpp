@@ -1,0 +1,164 @@
+// workspace_bytes(T) is an upper bound: every layer, loaded block, stack, backend, storage dtype
+// and router runs in a fixed Workspace of exactly workspace_bytes(T) bytes (one that never
+// grows), for T from 1 to 600, densely around the oneDNN row buckets and 256-row pieces.
+#include <doctest/doctest.h>
+
+#include <algorithm>
+#include <functional>
+#include <set>
+#include <string>
+#include <vector>
+
+#include <hypermoe/io/io.hpp>
+
+#include "test_support.hpp"
+
+using namespace hypermoe;
+using test::random_matrix;
+
+namespace {
+
+const std::string data_dir = HYPERMOE_TEST_DATA;
+
+/// T = 1 .. 600: every bucket boundary of the oneDNN backend and its neighbours (the buckets
+/// are listed here so the test does not depend on that backend), the 256-row piece boundaries,
+/// and every 7th value between.
+std::vector<index_t> token_counts() {
+    std::set<index_t> t;
+    for (const index_t b : {1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 144, 160, 176, 192,
+                            208, 224, 240, 256, 512})
+        for (const index_t n : {b - 1, b, b + 1, b + 256 - 1, b + 256, b + 256 + 1})
+            if (n >= 1 && n <= 600) t.insert(n);
+    for (index_t n = 1; n <= 600; n += 7) t.insert(n);
+    t.insert(600);
+    return {t.begin(), t.end()};
+}
+
+/// Runs `forward(x, y, ws)` for each T in a fixed Workspace of `bytes(T)`; counts failures.
+void check_exact(index_t d, const std::function<std::size_t(index_t)>& bytes,
+                 const std::function<void(ConstMatrixView<float>, MatrixView<float>, Workspace&)>& forward) {
+    static const Matrix<float> x = random_matrix(600, 64, 11);
+    Matrix<float> y(600, d);
+    int failures = 0;
+    for (const index_t t : token_counts()) {
+        Workspace ws(bytes(t), WorkspaceGrowth::fixed);
+        try {
+            forward(x.view().row_block(0, t).col_block(0, d), y.view().row_block(0, t), ws);
+        } catch (const error& e) {
+            if (++failures <= 3) MESSAGE("T = ", t, ": ", std::string(e.what()));
+        }
+    }
+    CHECK(failures == 0);
+}
+
+template <class B, class R>
+MoeLayer<GluExpert<B, Silu>, R> make_layer(R router, index_t d = 24, index_t ff = 20) {
+    const index_t e = router.experts();
+    const Matrix<float> gate = random_matrix(e, d, 100, 0.5f);
+    std::vector<GluExpert<B, Silu>> experts;
+    for (index_t x = 0; x < e; ++x) {
+        const Matrix<float> g = random_matrix(ff, d, std::uint32_t(3 * x + 1), 0.3f),
+                            u = random_matrix(ff, d, std::uint32_t(3 * x + 2), 0.3f),
+                            dn = random_matrix(d, ff, std::uint32_t(3 * x + 3), 0.3f);
+        experts.emplace_back(GluWeights{.gate = ConstMatrixView<float>(g.view()), .up = ConstMatrixView<float>(u.view()),
+                                        .down = ConstMatrixView<float>(dn.view())});
+    }
+    return MoeLayer(WeightView(ConstMatrixView<float>(gate.view())), std::move(router), std::move(experts));
+}
+
+template <class B, class R>
+void check_router(R router, const RouterContext& ctx = {}) {
+    CAPTURE(R::selection_type::name);
+    const auto layer = make_layer<B>(std::move(router));
+    std::vector<std::int32_t> ids(600);
+    for (std::size_t i = 0; i < ids.size(); ++i) ids[i] = std::int32_t(i * 7919 % 1000);
+    check_exact(24, [&](index_t t) { return layer.workspace_bytes(t); },
+                [&](ConstMatrixView<float> x, MatrixView<float> y, Workspace& ws) {
+                    RoutingPlan plan;
+                    RouterContext c = ctx;
+                    if (!c.token_ids.empty()) c.token_ids = std::span(ids).first(std::size_t(x.rows()));
+                    layer.forward(x, y, ws, plan, c);
+                });
+}
+
+} // namespace
+
+TEST_CASE_TEMPLATE_DEFINE("every router: workspace_bytes(T) is enough", B, routers) {
+    const std::vector<std::int32_t> some_ids(1, 0);
+    check_router<B>(TopKRouter(6, TopK{2}, {.weighting = {.renormalize = true}}));
+    check_router<B>(DeepSeekRouter(6, GroupLimitedTopK{.k = 2, .n_group = 3, .topk_group = 2},
+                                   {.weighting = {.renormalize = true, .epsilon = 1e-20, .scale = 2.5f}}));
+    check_router<B>(ExpertChoiceRouter(6, ExpertChoice{1.5}));
+    check_router<B>(TopPRouter(6, TopP{.p = 0.6, .k_max = 3}));
+    check_router<B>(SinkhornRouter(6, SinkhornBalanced{5}));
+    check_router<B>(NoisyTopKRouter(6, NoisyTopK{.k = 2, .noise_std = 0.5f, .seed = 1}));
+    check_router<B>(HashRouter(6, HashRouting{}), {.token_ids = some_ids});
+    check_router<B>(SwitchRouter(6, Top1Capacity{3}));
+}
+TEST_CASE_TEMPLATE_APPLY(routers, test::all_backends);
+
+TEST_CASE("expert choice reserves what it can assign, not tokens x experts") {
+    const auto layer = make_layer<reference>(ExpertChoiceRouter(6, ExpertChoice{1.5}));
+    const auto top2 = make_layer<reference>(TopKRouter(6, TopK{2}));
+    CHECK(layer.max_assignments(100) == 6 * 25); // c = round(100 * 1.5 / 6) = 25 tokens per expert
+    CHECK(layer.workspace_bytes(600) < 2 * top2.workspace_bytes(600));
+}
+
+TEST_CASE_TEMPLATE_DEFINE("every family, storage and HyperMoE mode: workspace_bytes(T) is enough", B, families) {
+    for (const std::string name : {"mixtral-basic", "qwen2_moe-basic", "olmoe-basic", "deepseek_v3-basic",
+                                   "switch_transformers-basic", "switch_transformers-decoder", "hypermoe_gpt2-k2",
+                                   "hypermoe_switch-basic", "hypermoe_switch-drop"}) {
+        const std::string dir = data_dir + "/" + name;
+        const Checkpoint ck(dir);
+        const SafeTensorsFile input(dir + "/input.safetensors");
+        const auto& meta = input.view().metadata();
+        const index_t layer = std::stoll(meta.at("layer"));
+        const std::string stack = meta.count("stack") ? meta.at("stack") : "";
+        for (const dtype storage : {dtype::f32, dtype::bf16})
+            for (const HyperMode mode : {HyperMode::cached, HyperMode::per_token}) {
+                CAPTURE(name);
+                CAPTURE(to_string(storage));
+                CAPTURE(int(mode));
+                const auto block = load_moe_block<B>(ck, layer, stack, {.storage = storage, .hyper = {.mode = mode}});
+                if (mode == HyperMode::per_token && !block.is_hyper()) continue;
+                check_exact(block.d_model(), [&](index_t t) { return block.workspace_bytes(t); },
+                            [&](ConstMatrixView<float> x, MatrixView<float> y, Workspace& ws) {
+                                RoutingPlan plan;
+                                block.forward(x, y, ws, plan);
+                            });
+            }
+    }
+}
+TEST_CASE_TEMPLATE_APPLY(families, test::all_backends);
+
+TEST_CASE_TEMPLATE_DEFINE("stacks: workspace_bytes(T) is enough", B, stacks) {
+    constexpr index_t d = 24, ff = 40;
+    const Matrix<float> gate = random_matrix(ff, d, 1), up = random_matrix(ff, d, 2), down = random_matrix(d, ff, 3);
+    const auto norm_w = test::random_vector(d, 4);
+    const GluWeights gw{.gate = ConstMatrixView<float>(gate.view()), .up = ConstMatrixView<float>(up.view()),
+                        .down = ConstMatrixView<float>(down.view())};
+    const FfnWeights fw{.up = ConstMatrixView<float>(up.view()), .down = ConstMatrixView<float>(down.view())};
+    using Glu = GluExpert<B, Silu>;
+    using Ffn = FfnExpert<B, Gelu>;
+    const auto stack = Sequential(RmsNorm<>(norm_w, 1e-6f), Residual(DenseFfn(Glu(gw))),
+                                  Residual(make_layer<B>(TopKRouter(6, TopK{2}), d, ff)), DenseFfn(Ffn(fw)));
+    check_exact(d, [&](index_t t) { return stack.workspace_bytes(t); },
+                [&](ConstMatrixView<float> x, MatrixView<float> y, Workspace& ws) { stack.forward(x, y, ws); });
+    DynamicStack dyn;
+    dyn.push_back(Residual(Sequential(RmsNorm<>(norm_w, 1e-6f), DenseFfn(Glu(gw)))));
+    dyn.push_back(Residual(make_layer<B>(TopKRouter(6, TopK{2}), d, ff)));
+    dyn.push_back(DenseFfn(Ffn(fw)));
+    check_exact(d, [&](index_t t) { return dyn.workspace_bytes(t); },
+                [&](ConstMatrixView<float> x, MatrixView<float> y, Workspace& ws) { dyn.forward(x, y, ws); });
+}
+TEST_CASE_TEMPLATE_APPLY(stacks, test::all_backends);
+
+TEST_CASE("a fixed workspace never grows; a thread budget applies to the call only") {
+    Workspace fixed(128, WorkspaceGrowth::fixed);
+    CHECK_THROWS_WITH_AS(fixed.reserve(256), "Workspace::reserve: 256 bytes needed, but this fixed workspace holds 128",
+                         error);
+    CHECK_THROWS_WITH_AS(Workspace::Scope(fixed, 200),
+                         "Workspace::reserve: 200 bytes needed, but this fixed workspace holds 128", error);
+    CHECK(fixed.capacity() == 128);
+    CHECK_THROWS_AS(fixed.set_threads(-1), config_error);
+}
