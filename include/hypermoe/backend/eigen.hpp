@@ -8,6 +8,11 @@
 // over OpenMP threads. Eigen's own parallel GEMM splits rows by thread count, which changed the
 // summation order (measured: 1 vs 2 threads not bitwise equal at d = 256); with fixed blocks
 // every output element is computed the same way for any thread count.
+//
+// Memory: Eigen's GEMM packs its operands into buffers it allocates on every call (about 0.5 MB
+// per block at K = 1024). We call its GEMM kernel with a blocking whose buffers come from the
+// caller's Workspace, one pair per thread, so a call allocates nothing. That uses
+// Eigen::internal (general_matrix_matrix_product, level3_blocking), stable across Eigen 3.3-3.4.
 
 #include <Eigen/Core>
 
@@ -19,8 +24,32 @@
 
 #include "hypermoe/backend/backend_concept.hpp"
 #include "hypermoe/backend/linear_spec.hpp"
+#include "hypermoe/core/parallel.hpp"
 
 namespace hypermoe {
+
+namespace detail {
+
+/// Eigen's blocking of one (M, nb, K) product, with its packing buffers supplied by the caller.
+/// The product runs transposed inside Eigen (row-major result), so Eigen's "rows" are our nb
+/// outputs and its "cols" our M rows, as in its own gemm_blocking_space.
+class EigenBlocking : public Eigen::internal::level3_blocking<float, float> {
+public:
+    EigenBlocking(index_t rows, index_t outputs, index_t depth) {
+        m_mc = outputs;
+        m_nc = rows;
+        m_kc = depth;
+        Eigen::internal::computeProductBlockingSizes<float, float, 1>(m_kc, m_mc, m_nc, Eigen::Index(1));
+    }
+    [[nodiscard]] std::size_t a_elements() const noexcept { return std::size_t(m_kc * m_mc); }
+    [[nodiscard]] std::size_t b_elements() const noexcept { return std::size_t(m_kc * m_nc); }
+    void set_buffers(float* a, float* b) noexcept {
+        m_blockA = a;
+        m_blockB = b;
+    }
+};
+
+} // namespace detail
 
 struct eigen {
     static constexpr std::string_view name = "eigen";
@@ -39,8 +68,12 @@ struct eigen {
                 for (index_t c = 0; c < k_; ++c) w_(r, c) = detail::stored_value(w.at(r, c), storage_);
         }
 
+        /// C for accumulating calls, and one pair of packing buffers per thread that runs a block.
         [[nodiscard]] std::size_t workspace_bytes(index_t rows) const noexcept {
-            return accumulate_ ? detail::padded_bytes<float>(rows * n_) : 0;
+            if (rows <= 0 || n_ == 0) return 0;
+            const Packing p = packing(rows);
+            return (accumulate_ ? detail::padded_bytes<float>(rows * n_) : 0) +
+                   std::size_t(slices()) * (detail::padded_bytes<float>(p.a) + detail::padded_bytes<float>(p.b));
         }
 
         /// Outputs per block: a multiple of the AVX-512 width, small enough to give both cores
@@ -51,26 +84,68 @@ struct eigen {
             check_call(a, c);
             if (a.rows() == 0 || n_ == 0) return;
             Workspace::Scope scope(ws, workspace_bytes(a.rows()));
-            const ConstMap am(a.data(), a.rows(), k_, Eigen::OuterStride<>(a.stride()));
-            const MatrixView<float> t = accumulate_ ? ws.take_matrix<float>(a.rows(), n_) : c;
+            const index_t m = a.rows();
+            const MatrixView<float> t = accumulate_ ? ws.take_matrix<float>(m, n_) : c;
+            const Packing p = packing(m);
+            const int slices_used = slices();
+            float* buffers[2 * max_slices];
+            for (int i = 0; i < slices_used; ++i) {
+                buffers[2 * i] = ws.take<float>(index_t(p.a)).data();
+                buffers[2 * i + 1] = ws.take<float>(index_t(p.b)).data();
+            }
             const index_t blocks = (n_ + column_block - 1) / column_block;
-            const auto block = [&](index_t b) {
+            const auto block = [&](index_t b, int slice) {
                 const index_t n0 = b * column_block, nb = std::min(column_block, n_ - n0);
                 const MatrixView<float> tb = t.col_block(n0, nb);
-                Map(tb.data(), tb.rows(), nb, Eigen::OuterStride<>(tb.stride())).noalias() =
-                    am * w_.middleRows(n0, nb).transpose();
+                for (index_t r = 0; r < m; ++r) std::fill_n(tb.row(r).data(), nb, 0.0f);
+                if (k_ > 0) {
+                    detail::EigenBlocking blocking(m, nb, k_);
+                    blocking.set_buffers(buffers[2 * slice], buffers[2 * slice + 1]);
+                    // tb += A W_b^T: A (m, K) row-major, W_b^T (K, nb) column-major, tb row-major.
+                    Eigen::internal::general_matrix_matrix_product<Eigen::Index, float, Eigen::RowMajor, false, float,
+                                                                  Eigen::ColMajor, false, Eigen::RowMajor, 1>::
+                        run(m, nb, k_, a.data(), a.stride(), w_.data() + n0 * k_, k_, tb.data(), 1, tb.stride(), 1.0f,
+                            blocking, nullptr);
+                }
                 const float* bias = bias_.empty() ? nullptr : bias_.data() + n0;
                 if (accumulate_) detail::epilogue_accumulate<Act>(tb, c.col_block(n0, nb), bias, scale);
                 else detail::epilogue_in_place<Act>(tb, bias, scale);
             };
-            // Always a parallel region (even for one block): inside it Eigen runs single-threaded.
 #if defined(_OPENMP)
-#pragma omp parallel for schedule(static)
+            if (slices_used > 1) {
+#pragma omp parallel for schedule(static) num_threads(slices_used)
+                for (index_t b = 0; b < blocks; ++b) block(b, omp_get_thread_num());
+                return;
+            }
 #endif
-            for (index_t b = 0; b < blocks; ++b) block(b);
+            for (index_t b = 0; b < blocks; ++b) block(b, 0);
         }
 
     private:
+        /// At most this many threads run blocks of one call (each needs its own buffers).
+        static constexpr int max_slices = 256;
+
+        /// Elements of the packing buffers of one block (the largest block's).
+        struct Packing {
+            std::size_t a, b;
+        };
+        [[nodiscard]] Packing packing(index_t rows) const noexcept {
+            if (k_ == 0 || rows <= 0) return {0, 0}; // A W^T is zero: no product runs
+            const detail::EigenBlocking full(rows, std::min(column_block, n_), k_);
+            Packing p{full.a_elements(), full.b_elements()};
+            if (const index_t last = n_ % column_block; last != 0 && n_ > column_block) {
+                const detail::EigenBlocking tail(rows, last, k_);
+                p.a = std::max(p.a, tail.a_elements());
+                p.b = std::max(p.b, tail.b_elements());
+            }
+            return p;
+        }
+        /// Threads that run blocks of a call made now: one per block, at most the thread count.
+        [[nodiscard]] int slices() const noexcept {
+            const index_t blocks = (n_ + column_block - 1) / column_block;
+            return int(std::min<index_t>({blocks, detail::current_threads(), max_slices}));
+        }
+
         std::vector<float> bias_;
         RowMajor w_;
     };

@@ -42,6 +42,7 @@
 #include <string>
 #include <string_view>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "hypermoe/backend/backend_concept.hpp"
@@ -61,6 +62,22 @@ inline const dnnl::engine& onednn_engine() {
 inline dnnl::stream& onednn_stream() {
     thread_local dnnl::stream stream(onednn_engine());
     return stream;
+}
+
+/// A memory object of a dense (rows, cols) f32 matrix, or of `rows` bytes (cols = 0), for the
+/// calling thread, pointed at `data`: made on first use of that shape by the thread, then only
+/// repointed, so executing a primitive does not create memory objects. Not shared between
+/// threads: a call runs on its caller's thread.
+inline const dnnl::memory& onednn_thread_memory(index_t rows, index_t cols, void* data) {
+    using dt = dnnl::memory::data_type;
+    thread_local std::map<std::pair<index_t, index_t>, dnnl::memory> memories;
+    auto& m = memories[{rows, cols}];
+    if (!m) {
+        m = cols > 0 ? dnnl::memory({{rows, cols}, dt::f32, {cols, 1}}, onednn_engine(), DNNL_MEMORY_NONE)
+                     : dnnl::memory({{rows}, dt::u8, {1}}, onednn_engine(), DNNL_MEMORY_NONE);
+    }
+    m.set_data_handle(data);
+    return m;
 }
 
 /// Calls with at most this many rows read bf16 weights from their bf16 panels.
@@ -351,20 +368,17 @@ struct onednn {
         /// One primitive on dense (bucket, K) and (bucket, N) buffers, with its scratchpad.
         void execute(const dnnl::matmul& primitive, index_t rows, const float* a, float* c,
                      std::span<std::byte> scratchpad) const {
-            using dt = dnnl::memory::data_type;
             try {
                 // oneDNN takes a non-const handle; the source is only read.
-                const auto& engine = detail::onednn_engine();
-                dnnl::memory am({{rows, k_}, dt::f32, {k_, 1}}, engine, const_cast<float*>(a));
-                dnnl::memory cm({{rows, n_}, dt::f32, {n_, 1}}, engine, c);
+                const auto& am = detail::onednn_thread_memory(rows, k_, const_cast<float*>(a));
+                const auto& cm = detail::onednn_thread_memory(rows, n_, c);
                 std::array<dnnl_exec_arg_t, 5> args{{{DNNL_ARG_SRC, am.get()},
                                                      {DNNL_ARG_WEIGHTS, weights_.get()},
                                                      {DNNL_ARG_DST, cm.get()}}};
                 int nargs = 3;
                 if (bias_) args[std::size_t(nargs++)] = {DNNL_ARG_BIAS, bias_.get()};
-                dnnl::memory sm;
                 if (!scratchpad.empty()) {
-                    sm = dnnl::memory({{index_t(scratchpad.size())}, dt::u8, {1}}, engine, scratchpad.data());
+                    const auto& sm = detail::onednn_thread_memory(index_t(scratchpad.size()), 0, scratchpad.data());
                     args[std::size_t(nargs++)] = {DNNL_ARG_SCRATCHPAD, sm.get()};
                 }
                 const auto status =
