@@ -140,11 +140,30 @@ inline void append_activation(dnnl::post_ops& po, activation_kind kind) {
     }
 }
 
-/// The bucket primitives of one (K, N, epilogue) for `threads` OpenMP threads, each in user
-/// scratchpad mode.
+/// The weight layout of (K, N): the one oneDNN prefers for the largest bucket at `threads`
+/// threads. Every bucket, at every thread count, is then created for this layout, so a linear
+/// stores its weights once (left to choose, oneDNN 2.6 picks other blockings for some buckets
+/// at 3 or more threads).
+[[nodiscard]] inline dnnl::memory::desc onednn_weight_layout(index_t k, index_t n, int threads) {
+    const ThreadCountScope thread_count(threads);
+    using dt = dnnl::memory::data_type;
+    try {
+        const index_t m = onednn_row_buckets.back();
+        const dnnl::memory::desc a({m, k}, dt::f32, {k, 1}), c({m, n}, dt::f32, {n, 1});
+        const dnnl::memory::desc w({k, n}, dt::f32, dnnl::memory::format_tag::any);
+        dnnl::primitive_attr attr;
+        attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+        return dnnl::matmul::primitive_desc(dnnl::matmul::desc(a, w, c), attr, onednn_engine()).weights_desc();
+    } catch (const dnnl::error& e) {
+        throw backend_error(concat("onednn: cannot create a matmul for K = ", k, ", N = ", n, ": ", e.what()));
+    }
+}
+
+/// The bucket primitives of one (K, N, epilogue) for `threads` OpenMP threads and the weight
+/// layout `w`, each in user scratchpad mode.
 [[nodiscard]] inline std::shared_ptr<const OnednnMatmul> make_onednn_matmul(index_t k, index_t n, bool bias,
                                                                           activation_kind act, bool accumulate,
-                                                                          int threads) {
+                                                                          int threads, const dnnl::memory::desc& w) {
     // oneDNN plans a primitive for the calling thread's thread count at creation.
     const ThreadCountScope thread_count(threads);
     using dt = dnnl::memory::data_type;
@@ -152,7 +171,6 @@ inline void append_activation(dnnl::post_ops& po, activation_kind kind) {
         return std::string_view(pd.impl_info_str()).starts_with("ref");
     };
     try {
-        const dnnl::memory::desc w({k, n}, dt::f32, dnnl::memory::format_tag::any);
         const dnnl::memory::desc b({1, n}, dt::f32, {n, 1});
         const auto create = [&](index_t m, bool with_act, bool with_sum) {
             const dnnl::memory::desc a({m, k}, dt::f32, {k, 1});
@@ -177,7 +195,7 @@ inline void append_activation(dnnl::post_ops& po, activation_kind kind) {
         bool fused = std::none_of(pds.begin(), pds.end(), is_ref);
         if (!fused) pds = create_all(false);
         auto result = std::make_shared<OnednnMatmul>();
-        result->weights = pds.front().weights_desc();
+        result->weights = w;
         result->impl = pds.front().impl_info_str();
         result->fused_activation = fused;
         result->fused_sum = fused && sum;
@@ -188,7 +206,7 @@ inline void append_activation(dnnl::post_ops& po, activation_kind kind) {
                                            k, ", N = ", n, " (got ", pds[i].impl_info_str(), ")"));
             if (pds[i].weights_desc() != result->weights)
                 throw backend_error(concat("onednn: the matmul for M = ", onednn_row_buckets[i], ", K = ", k,
-                                           ", N = ", n, " wants another weight layout than for M = 1"));
+                                           ", N = ", n, " does not take the layout chosen for the weights"));
             result->primitives.emplace_back(pds[i]);
             result->scratchpad.push_back(pds[i].scratchpad_desc().get_size());
         }
@@ -206,9 +224,14 @@ inline void append_activation(dnnl::post_ops& po, activation_kind kind) {
     using Key = std::tuple<index_t, index_t, bool, activation_kind, bool, int>;
     static std::mutex mutex;
     static std::map<Key, std::shared_ptr<const OnednnMatmul>> cache;
+    static std::map<std::pair<index_t, index_t>, dnnl::memory::desc> layouts; // decided once per (K, N)
     const std::lock_guard lock(mutex);
     auto& entry = cache[Key{k, n, bias, act, accumulate, threads}];
-    if (!entry) entry = make_onednn_matmul(k, n, bias, act, accumulate, threads);
+    if (!entry) {
+        auto layout = layouts.find({k, n});
+        if (layout == layouts.end()) layout = layouts.emplace(std::pair{k, n}, onednn_weight_layout(k, n, threads)).first;
+        entry = make_onednn_matmul(k, n, bias, act, accumulate, threads, layout->second);
+    }
     return entry.get();
 }
 
