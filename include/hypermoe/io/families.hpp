@@ -40,11 +40,18 @@ public:
     ConfigReader(const nlohmann::json& j, std::string file) : j_(j), file_(std::move(file)) {}
 
     [[nodiscard]] bool has(const char* key) const { return j_.contains(key) && !j_.at(key).is_null(); }
+    /// Largest integer a config may give: sizes multiply (d x r, T x d x ff), and no width or
+    /// count of a real model comes near 2^31, so products of two stay far from overflowing.
+    static constexpr index_t max_integer = index_t{1} << 31;
+
     [[nodiscard]] index_t integer(const char* key, index_t min = 0) const {
         const auto& v = need(key);
         if (!v.is_number_integer()) bad(key, v, "an integer");
+        if (v.is_number_unsigned() && v.get<std::uint64_t>() > std::uint64_t(max_integer))
+            throw config_error(detail::concat(file_, ": '", key, "' is ", v.dump(), ", expected <= ", max_integer));
         const index_t i = v.get<index_t>();
         if (i < min) throw config_error(detail::concat(file_, ": '", key, "' is ", i, ", expected >= ", min));
+        if (i > max_integer) throw config_error(detail::concat(file_, ": '", key, "' is ", i, ", expected <= ", max_integer));
         return i;
     }
     [[nodiscard]] index_t integer_or(const char* key, index_t fallback, index_t min = 0) const {

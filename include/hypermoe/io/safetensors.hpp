@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <bit>
 #include <cstddef>
+#include <charconv>
 #include <cstdint>
 #include <cstring>
 #include <fstream>
@@ -104,6 +105,19 @@ public:
 
     [[nodiscard]] const std::string& source() const noexcept { return source_; }
     [[nodiscard]] const std::map<std::string, std::string>& metadata() const noexcept { return metadata_; }
+    /// Metadata `key` as an integer in [min, max]; config_error naming the key and its value when
+    /// it is missing, not a base-10 integer, or out of range.
+    [[nodiscard]] index_t metadata_integer(const std::string& key, index_t min, index_t max) const {
+        const auto it = metadata_.find(key);
+        if (it == metadata_.end()) throw config_error(detail::concat("safetensors: no metadata '", key, "'"));
+        const std::string& v = it->second;
+        index_t out = 0;
+        const auto [end, ec] = std::from_chars(v.data(), v.data() + v.size(), out);
+        if (ec != std::errc{} || end != v.data() + v.size() || v.empty() || out < min || out > max)
+            throw config_error(detail::concat("safetensors: metadata '", key, "' is \"", v, "\", expected an integer in [",
+                                              min, ", ", max, "]"));
+        return out;
+    }
     [[nodiscard]] const std::vector<TensorInfo>& tensors() const noexcept { return tensors_; }
     [[nodiscard]] bool contains(std::string_view name) const noexcept { return find(name) != nullptr; }
 

@@ -6,6 +6,7 @@
 
 #include <concepts>
 #include <cstddef>
+#include <cstdint>
 #include <string_view>
 
 #include "hypermoe/core/error.hpp"
@@ -28,7 +29,18 @@ concept Layer = requires(const L& layer, ConstMatrixView<float> x, MatrixView<fl
 
 namespace detail {
 
-/// Shape checks shared by every layer's forward: x is (M, in), y is (M, out).
+/// Whether the memory two views span (first element to last) overlaps.
+template <class A, class B>
+[[nodiscard]] bool overlap(const MatrixView<A>& a, const MatrixView<B>& b) noexcept {
+    if (a.rows() == 0 || a.cols() == 0 || b.rows() == 0 || b.cols() == 0) return false;
+    const auto begin = [](const auto& m) { return reinterpret_cast<std::uintptr_t>(m.data()); };
+    const auto end = [](const auto& m) {
+        return reinterpret_cast<std::uintptr_t>(m.data() + (m.rows() - 1) * m.stride() + m.cols());
+    };
+    return begin(a) < end(b) && begin(b) < end(a);
+}
+
+/// Shape checks shared by every layer's forward: x is (M, in), y is (M, out), y not overlapping x.
 inline void check_forward_shapes(ConstMatrixView<float> x, MatrixView<float> y, index_t in, index_t out,
                                  std::string_view who) {
     if (x.cols() != in)
@@ -36,6 +48,9 @@ inline void check_forward_shapes(ConstMatrixView<float> x, MatrixView<float> y, 
     if (y.rows() != x.rows() || y.cols() != out)
         throw shape_error(concat(who, "::forward: output y has shape ", shape_str(y.rows(), y.cols()),
                                  ", expected ", shape_str(x.rows(), out)));
+    if (overlap(x, y))
+        throw shape_error(concat(who, "::forward: output y overlaps input x; in-place forward is not supported, "
+                                      "expected separate buffers"));
 }
 
 } // namespace detail

@@ -18,6 +18,7 @@ namespace hypermoe {
 /// 1 when routing is perfectly uniform (k = 1).
 [[nodiscard]] inline double load_balancing_loss(const RoutingPlan& plan, ConstMatrixView<float> logits) {
     const index_t t_count = plan.tokens(), e_count = plan.experts();
+    check_shape(logits, t_count, e_count, "load_balancing_loss", "logits");
     if (t_count == 0) return 0.0;
     std::vector<double> f(std::size_t(e_count), 0.0), p(std::size_t(e_count), 0.0);
     std::vector<float> probs(static_cast<std::size_t>(e_count));

@@ -126,6 +126,9 @@ private:
             double sum = 0;
             for (std::size_t j = 0; j < ids.size(); ++j)
                 if (ids[j] >= 0) sum += weights[j];
+            if (w.renormalize && !(sum + w.epsilon > 0))
+                throw numeric_error(detail::concat("Router: token ", t, "'s selected scores sum to ", sum,
+                                                   " (+ epsilon ", w.epsilon, "); cannot renormalise, expected a sum > 0"));
             const double factor = (w.renormalize ? 1.0 / (sum + w.epsilon) : 1.0) * w.scale;
             for (std::size_t j = 0; j < ids.size(); ++j)
                 if (ids[j] >= 0) weights[j] = float(weights[j] * factor);
