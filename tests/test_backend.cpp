@@ -59,7 +59,7 @@ void compare_with_reference(const Case& c, WeightView w) {
 template <class B, class Act>
 void sweep() {
     for (const index_t m : {0, 1, 7, 64})
-        for (const auto& [k, n] : {std::pair<index_t, index_t>{37, 19}, {64, 128}, {0, 5}, {6, 0}})
+        for (const auto& [k, n] : {std::pair<index_t, index_t>{37, 19}, {64, 128}, {48, 48}, {0, 5}, {6, 0}})
             for (const dtype storage : {dtype::f32, dtype::bf16}) {
                 const Matrix<float> w = random_matrix(n, k, 5, 0.3f);
                 for (const bool bias : {false, true})

@@ -148,7 +148,8 @@ int run(const Args& a) {
     const auto& meta = in.view().metadata();
     if (!a.has("--layer") && !meta.count("layer"))
         throw usage_error("no --layer given and " + input + " has no 'layer' metadata");
-    const hm::index_t layer = a.has("--layer") ? a.integer("--layer", 0, 0) : in.view().metadata_integer("layer", 0, std::numeric_limits<int>::max());
+    const hm::index_t layer = a.has("--layer") ? a.integer("--layer", 0, 0)
+                                               : in.view().metadata_integer("layer", 0, std::numeric_limits<int>::max());
     const std::string stack = a.get("--stack", meta.count("stack") ? meta.at("stack") : "");
     set_threads(a);
     const hm::Matrix<float> x = in.view().to_f32(*xi);

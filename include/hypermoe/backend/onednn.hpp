@@ -64,17 +64,22 @@ inline dnnl::stream& onednn_stream() {
     return stream;
 }
 
-/// A memory object of a dense (rows, cols) f32 matrix, or of `rows` bytes (cols = 0), for the
-/// calling thread, pointed at `data`: made on first use of that shape by the thread, then only
-/// repointed, so executing a primitive does not create memory objects. Not shared between
-/// threads: a call runs on its caller's thread.
-inline const dnnl::memory& onednn_thread_memory(index_t rows, index_t cols, void* data) {
+/// Which argument of an execution a memory object is for: one object per role, so the source
+/// and destination of a square matrix never share one.
+enum class OnednnRole { source, destination, scratchpad };
+
+/// A memory object of a dense (rows, cols) f32 matrix, or of `rows` bytes (the scratchpad), for
+/// the calling thread and `role`, pointed at `data`: made on first use of that shape by the
+/// thread, then only repointed, so executing a primitive does not create memory objects. Not
+/// shared between threads: a call runs on its caller's thread.
+inline const dnnl::memory& onednn_thread_memory(OnednnRole role, index_t rows, index_t cols, void* data) {
     using dt = dnnl::memory::data_type;
-    thread_local std::map<std::pair<index_t, index_t>, dnnl::memory> memories;
-    auto& m = memories[{rows, cols}];
+    thread_local std::map<std::tuple<OnednnRole, index_t, index_t>, dnnl::memory> memories;
+    auto& m = memories[{role, rows, cols}];
     if (!m) {
-        m = cols > 0 ? dnnl::memory({{rows, cols}, dt::f32, {cols, 1}}, onednn_engine(), DNNL_MEMORY_NONE)
-                     : dnnl::memory({{rows}, dt::u8, {1}}, onednn_engine(), DNNL_MEMORY_NONE);
+        m = role != OnednnRole::scratchpad
+                ? dnnl::memory({{rows, cols}, dt::f32, {cols, 1}}, onednn_engine(), DNNL_MEMORY_NONE)
+                : dnnl::memory({{rows}, dt::u8, {1}}, onednn_engine(), DNNL_MEMORY_NONE);
     }
     m.set_data_handle(data);
     return m;
@@ -393,15 +398,16 @@ struct onednn {
                      std::span<std::byte> scratchpad) const {
             try {
                 // oneDNN takes a non-const handle; the source is only read.
-                const auto& am = detail::onednn_thread_memory(rows, k_, const_cast<float*>(a));
-                const auto& cm = detail::onednn_thread_memory(rows, n_, c);
+                const auto& am = detail::onednn_thread_memory(detail::OnednnRole::source, rows, k_, const_cast<float*>(a));
+                const auto& cm = detail::onednn_thread_memory(detail::OnednnRole::destination, rows, n_, c);
                 std::array<dnnl_exec_arg_t, 5> args{{{DNNL_ARG_SRC, am.get()},
                                                      {DNNL_ARG_WEIGHTS, weights_.get()},
                                                      {DNNL_ARG_DST, cm.get()}}};
                 int nargs = 3;
                 if (bias_) args[std::size_t(nargs++)] = {DNNL_ARG_BIAS, bias_.get()};
                 if (!scratchpad.empty()) {
-                    const auto& sm = detail::onednn_thread_memory(index_t(scratchpad.size()), 0, scratchpad.data());
+                    const auto& sm = detail::onednn_thread_memory(detail::OnednnRole::scratchpad,
+                                                                 index_t(scratchpad.size()), 0, scratchpad.data());
                     args[std::size_t(nargs++)] = {DNNL_ARG_SCRATCHPAD, sm.get()};
                 }
                 const auto status =
