@@ -239,28 +239,13 @@ TEST_CASE("losses and statistics on hand cases") {
 
 namespace {
 
-/// A small SwiGLU MoE layer with any router, on backend B, fixed random weights.
-template <class B, class R>
-MoeLayer<GluExpert<B, Silu>, R> make_layer(R router, index_t d = 24, index_t ff = 20) {
-    const index_t e = router.experts();
-    const Matrix<float> gate = random_matrix(e, d, 100, 0.5f);
-    std::vector<GluExpert<B, Silu>> experts;
-    for (index_t x = 0; x < e; ++x) {
-        const Matrix<float> g = random_matrix(ff, d, std::uint32_t(3 * x + 1), 0.3f),
-                            u = random_matrix(ff, d, std::uint32_t(3 * x + 2), 0.3f),
-                            dn = random_matrix(d, ff, std::uint32_t(3 * x + 3), 0.3f);
-        experts.emplace_back(GluWeights{.gate = ConstMatrixView<float>(g.view()), .up = ConstMatrixView<float>(u.view()),
-                                        .down = ConstMatrixView<float>(dn.view())});
-    }
-    return MoeLayer(WeightView(ConstMatrixView<float>(gate.view())), std::move(router), std::move(experts));
-}
 
 template <class B, class R>
 void compare_router(const R& router, index_t tokens, const RouterContext& ctx = {}) {
     CAPTURE(R::selection_type::name);
     CAPTURE(tokens);
-    const auto layer = make_layer<B>(router);
-    const auto oracle = make_layer<reference>(router);
+    const auto layer = test::make_layer<B>(router);
+    const auto oracle = test::make_layer<reference>(router);
     const Matrix<float> x = random_matrix(tokens, 24, 77);
     Matrix<float> y(tokens, 24), y_ref(tokens, 24);
     RoutingPlan plan, plan_ref;
@@ -300,7 +285,7 @@ TEST_CASE_TEMPLATE_APPLY(moe_backends, test::all_backends);
 
 TEST_CASE("a token that expert choice routes nowhere gets zero routed output") {
     // 8 tokens, 4 experts, c = 1 each: at most 4 tokens are taken.
-    const auto layer = make_layer<reference>(ExpertChoiceRouter(4, ExpertChoice{0.5}));
+    const auto layer = test::make_layer<reference>(ExpertChoiceRouter(4, ExpertChoice{0.5}));
     const Matrix<float> x = random_matrix(8, 24, 5);
     Matrix<float> y(8, 24);
     RoutingPlan plan;
@@ -319,7 +304,7 @@ TEST_CASE_TEMPLATE_DEFINE("MoeLayer is bitwise deterministic across runs and thr
     for (const auto& shape : {std::tuple<index_t, index_t, index_t>{64, 48, 129}, {256, 512, 300}}) {
         const index_t d = std::get<0>(shape), ff = std::get<1>(shape), tokens = std::get<2>(shape);
         CAPTURE(d);
-        const auto layer = make_layer<B>(TopKRouter(8, TopK{2}), d, ff);
+        const auto layer = test::make_layer<B>(TopKRouter(8, TopK{2}), d, ff);
         const Matrix<float> x = random_matrix(tokens, d, 8);
         Matrix<float> a(tokens, d), b(tokens, d), c(tokens, d);
         const auto bytes = sizeof(float) * std::size_t(tokens * d);
@@ -340,7 +325,7 @@ TEST_CASE_TEMPLATE_DEFINE("MoeLayer is bitwise deterministic across runs and thr
 TEST_CASE_TEMPLATE_APPLY(determinism, test::all_backends);
 
 TEST_CASE("MoeLayer rejects mismatched parts and inputs") {
-    const auto layer = make_layer<reference>(TopKRouter(4, TopK{2}));
+    const auto layer = test::make_layer<reference>(TopKRouter(4, TopK{2}));
     Workspace ws;
     Matrix<float> x(3, 24), y(3, 24);
     x(2, 5) = std::numeric_limits<float>::infinity();
@@ -365,8 +350,8 @@ TEST_CASE("MoeLayer rejects mismatched parts and inputs") {
 }
 
 TEST_CASE("apply() takes a plan from another router, even one with more assignments") {
-    const auto layer = make_layer<reference>(TopKRouter(6, TopK{1}));
-    const auto oracle = make_layer<reference>(ExpertChoiceRouter(6, ExpertChoice{3.0})); // same weights, other router
+    const auto layer = test::make_layer<reference>(TopKRouter(6, TopK{1}));
+    const auto oracle = test::make_layer<reference>(ExpertChoiceRouter(6, ExpertChoice{3.0})); // same weights, other router
     const Matrix<float> x = random_matrix(20, 24, 12);
     Matrix<float> logits(20, 6), y(20, 24), y_ref(20, 24);
     RoutingPlan plan, plan_ref;

@@ -64,6 +64,22 @@ inline double relative_error(ConstMatrixView<float> got, ConstMatrixView<float> 
     return scale == 0 ? diff : diff / scale;
 }
 
+/// A small SwiGLU MoE layer with any router, on backend B, fixed random weights.
+template <class B, class R>
+MoeLayer<GluExpert<B, Silu>, R> make_layer(R router, index_t d = 24, index_t ff = 20) {
+    const index_t e = router.experts();
+    const Matrix<float> gate = random_matrix(e, d, 100, 0.5f);
+    std::vector<GluExpert<B, Silu>> experts;
+    for (index_t x = 0; x < e; ++x) {
+        const Matrix<float> g = random_matrix(ff, d, std::uint32_t(3 * x + 1), 0.3f),
+                            u = random_matrix(ff, d, std::uint32_t(3 * x + 2), 0.3f),
+                            dn = random_matrix(d, ff, std::uint32_t(3 * x + 3), 0.3f);
+        experts.emplace_back(GluWeights{.gate = ConstMatrixView<float>(g.view()), .up = ConstMatrixView<float>(u.view()),
+                                        .down = ConstMatrixView<float>(dn.view())});
+    }
+    return MoeLayer(WeightView(ConstMatrixView<float>(gate.view())), std::move(router), std::move(experts));
+}
+
 /// Float32 tolerance for a chain of GEMMs whose reduction lengths add up to `k_total`: the
 /// worst-case rounding grows linearly with K; activations add ~2e-7.
 inline double tolerance(index_t k_total) { return 1e-6 + 2.4e-7 * double(k_total); }

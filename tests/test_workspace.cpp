@@ -60,25 +60,11 @@ void check_exact(index_t d, const std::function<std::size_t(index_t)>& bytes,
     CHECK(failures == 0);
 }
 
-template <class B, class R>
-MoeLayer<GluExpert<B, Silu>, R> make_layer(R router, index_t d = 24, index_t ff = 20) {
-    const index_t e = router.experts();
-    const Matrix<float> gate = random_matrix(e, d, 100, 0.5f);
-    std::vector<GluExpert<B, Silu>> experts;
-    for (index_t x = 0; x < e; ++x) {
-        const Matrix<float> g = random_matrix(ff, d, std::uint32_t(3 * x + 1), 0.3f),
-                            u = random_matrix(ff, d, std::uint32_t(3 * x + 2), 0.3f),
-                            dn = random_matrix(d, ff, std::uint32_t(3 * x + 3), 0.3f);
-        experts.emplace_back(GluWeights{.gate = ConstMatrixView<float>(g.view()), .up = ConstMatrixView<float>(u.view()),
-                                        .down = ConstMatrixView<float>(dn.view())});
-    }
-    return MoeLayer(WeightView(ConstMatrixView<float>(gate.view())), std::move(router), std::move(experts));
-}
 
 template <class B, class R>
 void check_router(R router, const RouterContext& ctx = {}) {
     CAPTURE(R::selection_type::name);
-    const auto layer = make_layer<B>(std::move(router));
+    const auto layer = test::make_layer<B>(std::move(router));
     std::vector<std::int32_t> ids(600);
     for (std::size_t i = 0; i < ids.size(); ++i) ids[i] = std::int32_t(i * 7919 % 1000);
     check_exact<B>(24, [&](index_t t) { return layer.workspace_bytes(t); },
@@ -107,8 +93,8 @@ TEST_CASE_TEMPLATE_DEFINE("every router: workspace_bytes(T) is enough", B, route
 TEST_CASE_TEMPLATE_APPLY(routers, test::all_backends);
 
 TEST_CASE("expert choice reserves what it can assign, not tokens x experts") {
-    const auto layer = make_layer<reference>(ExpertChoiceRouter(6, ExpertChoice{1.5}));
-    const auto top2 = make_layer<reference>(TopKRouter(6, TopK{2}));
+    const auto layer = test::make_layer<reference>(ExpertChoiceRouter(6, ExpertChoice{1.5}));
+    const auto top2 = test::make_layer<reference>(TopKRouter(6, TopK{2}));
     CHECK(layer.max_assignments(100) == 6 * 25); // c = round(100 * 1.5 / 6) = 25 tokens per expert
     CHECK(layer.workspace_bytes(600) < 2 * top2.workspace_bytes(600));
 }
@@ -150,12 +136,12 @@ TEST_CASE_TEMPLATE_DEFINE("stacks: workspace_bytes(T) is enough", B, stacks) {
     using Glu = GluExpert<B, Silu>;
     using Ffn = FfnExpert<B, Gelu>;
     const auto stack = Sequential(RmsNorm<>(norm_w, 1e-6f), Residual(DenseFfn(Glu(gw))),
-                                  Residual(make_layer<B>(TopKRouter(6, TopK{2}), d, ff)), DenseFfn(Ffn(fw)));
+                                  Residual(test::make_layer<B>(TopKRouter(6, TopK{2}), d, ff)), DenseFfn(Ffn(fw)));
     check_exact<B>(d, [&](index_t t) { return stack.workspace_bytes(t); },
                 [&](ConstMatrixView<float> x, MatrixView<float> y, Workspace& ws) { stack.forward(x, y, ws); });
     DynamicStack dyn;
     dyn.push_back(Residual(Sequential(RmsNorm<>(norm_w, 1e-6f), DenseFfn(Glu(gw)))));
-    dyn.push_back(Residual(make_layer<B>(TopKRouter(6, TopK{2}), d, ff)));
+    dyn.push_back(Residual(test::make_layer<B>(TopKRouter(6, TopK{2}), d, ff)));
     dyn.push_back(DenseFfn(Ffn(fw)));
     check_exact<B>(d, [&](index_t t) { return dyn.workspace_bytes(t); },
                 [&](ConstMatrixView<float> x, MatrixView<float> y, Workspace& ws) { dyn.forward(x, y, ws); });

@@ -82,4 +82,31 @@ void parallel_for(index_t items, index_t work, Fn&& fn) {
     for (index_t i = 0; i < items; ++i) fn(i);
 }
 
+/// fn(item, slot) for item in [0, items), as tasks on up to `slots` threads in one parallel
+/// region: an item goes to whichever thread is free next (items in the given order), and `slot`
+/// in [0, slots) names the thread, for per-thread scratch. Inside, nested regions (a backend's)
+/// run on one thread. Exceptions are rethrown on the calling thread, as in parallel_for.
+template <class Fn>
+void parallel_tasks(index_t items, int slots, Fn&& fn) {
+#if defined(_OPENMP)
+    if (slots > 1 && items > 1) {
+        std::exception_ptr failure;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(slots)
+        for (index_t i = 0; i < items; ++i) {
+            try {
+                fn(i, omp_get_thread_num());
+            } catch (...) {
+#pragma omp critical(hypermoe_parallel_tasks_failure)
+                if (!failure) failure = std::current_exception();
+            }
+        }
+        if (failure) std::rethrow_exception(failure);
+        return;
+    }
+#else
+    (void)slots;
+#endif
+    for (index_t i = 0; i < items; ++i) fn(i, 0);
+}
+
 } // namespace hypermoe::detail

@@ -51,6 +51,10 @@ public:
     explicit Workspace(std::size_t bytes, WorkspaceGrowth growth = WorkspaceGrowth::grow) : growth_(growth) {
         grow_to(bytes);
     }
+    /// A fixed workspace over memory the caller owns and keeps alive (e.g. one thread's slice of
+    /// another workspace inside a parallel region). `memory` must be 64-byte aligned.
+    explicit Workspace(std::span<std::byte> memory) noexcept
+        : base_(memory.data()), capacity_(memory.size()), growth_(WorkspaceGrowth::fixed) {}
 
     [[nodiscard]] std::size_t capacity() const noexcept { return capacity_; }
     [[nodiscard]] std::size_t used() const noexcept { return used_; }
@@ -86,7 +90,7 @@ public:
         if (bytes > capacity_ - used_)
             throw error(detail::concat("Workspace::take: ", bytes, " bytes requested, ", capacity_ - used_,
                                        " of ", capacity_, " left (a workspace_bytes() underestimate)"));
-        auto* p = reinterpret_cast<T*>(storage_.get() + used_);
+        auto* p = reinterpret_cast<T*>(base_ + used_);
         used_ += bytes;
         return {p, static_cast<std::size_t>(n)};
     }
@@ -126,12 +130,15 @@ private:
             throw error(detail::concat("Workspace: ", bytes, " bytes requested, more than any machine holds "
                                        "(a size overflowed)"));
         storage_.reset();
+        base_ = nullptr;
         capacity_ = 0;
         storage_ = detail::aligned_array<std::byte>(bytes);
+        base_ = storage_.get();
         capacity_ = bytes;
     }
 
     std::unique_ptr<std::byte[], detail::aligned_delete> storage_;
+    std::byte* base_ = nullptr; ///< storage_, or the borrowed memory
     std::size_t capacity_ = 0;
     std::size_t used_ = 0;
     WorkspaceGrowth growth_ = WorkspaceGrowth::grow;

@@ -6,7 +6,11 @@
 // kernels. Combine writes each output row once, summing the token's slots in slot order, so the
 // result does not depend on thread count or on how experts were scheduled (no atomics).
 
+#include <algorithm>
 #include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <span>
 #include <string_view>
 #include <utility>
 #include <vector>
@@ -64,6 +68,11 @@ public:
         std::size_t inner = 0;
         for (const auto& e : experts_) inner = std::max(inner, e.workspace_bytes(rows));
         if constexpr (Shared::present) inner = std::max(inner, shared_.workspace_bytes(rows));
+        // Experts as tasks: a list of experts and one scratch slice per thread.
+        const int threads = detail::current_threads();
+        if (threads > 1)
+            inner = std::max(inner, detail::padded_bytes<std::int32_t>(num_experts()) +
+                                        std::size_t(threads) * task_workspace_bytes(rows));
         return 2 * detail::padded_bytes<float>(packed * in_width()) + inner;
     }
     [[nodiscard]] std::size_t workspace_bytes(index_t rows) const {
@@ -108,13 +117,7 @@ public:
             const auto src = x.row(tokens[std::size_t(r)]);
             std::copy(src.begin(), src.end(), in.row(r).begin());
         });
-        const auto offsets = plan.offsets();
-        for (index_t e = 0; e < num_experts(); ++e) {
-            const index_t n = plan.rows_of(e);
-            if (n == 0) continue;
-            experts_[std::size_t(e)].forward(in.row_block(offsets[std::size_t(e)], n),
-                                             out.row_block(offsets[std::size_t(e)], n), ws);
-        }
+        run_experts(plan, in, out, ws);
         detail::parallel_for(x.rows(), x.rows() * d * plan.slots(), [&](index_t t) { combine(x, plan, out, y, t); });
         if constexpr (Shared::present) shared_.add_to(x, y, ws);
     }
@@ -134,6 +137,55 @@ public:
     }
 
 private:
+    /// Scratch of one expert run as a task (single-threaded: nested inside the tasks' region).
+    [[nodiscard]] std::size_t task_workspace_bytes(index_t rows) const {
+        const detail::ThreadCountScope one(1);
+        std::size_t bytes = 0;
+        for (const auto& e : experts_) bytes = std::max(bytes, e.workspace_bytes(rows));
+        return detail::padded_bytes<std::byte>(index_t(bytes));
+    }
+
+    /// Every non-empty expert's GEMM chain on its rows. When the experts balance across the
+    /// threads, they run as tasks in ONE parallel region, each single-threaded on a scratch slice
+    /// of its thread (largest first, to whichever thread is free): a forward then opens a handful
+    /// of parallel regions instead of two per expert, which is what keeps it from collapsing when
+    /// another process takes a core (each region ends in a barrier). Otherwise (one thread, or one
+    /// expert holding most rows) they run one after another, each GEMM threaded by the backend.
+    /// Both ways give the same bits (tests/test_determinism.cpp).
+    void run_experts(const RoutingPlan& plan, MatrixView<float> in, MatrixView<float> out, Workspace& ws) const {
+        const auto offsets = plan.offsets();
+        const auto run = [&](index_t e, Workspace& w) {
+            const index_t n = plan.rows_of(e);
+            experts_[std::size_t(e)].forward(in.row_block(offsets[std::size_t(e)], n),
+                                             out.row_block(offsets[std::size_t(e)], n), w);
+        };
+        const int threads = detail::current_threads();
+        index_t active = 0, largest = 0;
+        for (index_t e = 0; e < num_experts(); ++e)
+            if (const index_t n = plan.rows_of(e); n > 0) ++active, largest = std::max(largest, n);
+        // Tasks pay when every thread gets work and no expert is much more than its share.
+        const bool tasks = threads > 1 && active >= threads && largest * threads <= plan.rows() * 5 / 4 + threads;
+        if (!tasks) {
+            for (index_t e = 0; e < num_experts(); ++e)
+                if (plan.rows_of(e) > 0) run(e, ws);
+            return;
+        }
+        // The largest T an expert may get is plan.tokens() (one row per token per expert).
+        const std::size_t slice = task_workspace_bytes(plan.tokens());
+        Workspace::Scope scope(ws, detail::padded_bytes<std::int32_t>(num_experts()) + std::size_t(threads) * slice);
+        const auto order = ws.take<std::int32_t>(num_experts());
+        index_t count = 0;
+        for (index_t e = 0; e < num_experts(); ++e)
+            if (plan.rows_of(e) > 0) order[std::size_t(count++)] = std::int32_t(e);
+        std::stable_sort(order.begin(), order.begin() + count,
+                         [&](std::int32_t a, std::int32_t b) { return plan.rows_of(a) > plan.rows_of(b); });
+        std::byte* slices = ws.take<std::byte>(index_t(slice) * threads).data();
+        detail::parallel_tasks(count, threads, [&](index_t i, int slot) {
+            Workspace mine(std::span<std::byte>(slices + std::size_t(slot) * slice, slice));
+            run(order[std::size_t(i)], mine);
+        });
+    }
+
     static WeightView checked_gate(WeightView gate, const R& router, const std::vector<E>& experts) {
         if (experts.empty()) throw config_error("MoeLayer: no experts, expected at least one");
         if (router.experts() != static_cast<index_t>(experts.size()))
