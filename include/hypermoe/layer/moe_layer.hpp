@@ -177,8 +177,15 @@ private:
         index_t count = 0;
         for (index_t e = 0; e < num_experts(); ++e)
             if (plan.rows_of(e) > 0) order[std::size_t(count++)] = std::int32_t(e);
-        std::stable_sort(order.begin(), order.begin() + count,
-                         [&](std::int32_t a, std::int32_t b) { return plan.rows_of(a) > plan.rows_of(b); });
+        // Most rows first, ties in expert order: an insertion sort (E is small, and
+        // std::stable_sort would allocate a buffer).
+        for (index_t i = 1; i < count; ++i) {
+            const std::int32_t e = order[std::size_t(i)];
+            index_t j = i;
+            for (; j > 0 && plan.rows_of(order[std::size_t(j - 1)]) < plan.rows_of(e); --j)
+                order[std::size_t(j)] = order[std::size_t(j - 1)];
+            order[std::size_t(j)] = e;
+        }
         std::byte* slices = ws.take<std::byte>(index_t(slice) * threads).data();
         detail::parallel_tasks(count, threads, [&](index_t i, int slot) {
             Workspace mine(std::span<std::byte>(slices + std::size_t(slot) * slice, slice));
