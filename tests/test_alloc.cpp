@@ -149,8 +149,9 @@ TEST_CASE_TEMPLATE_DEFINE("MoE layer forward allocates nothing after warm-up (d 
         // Our code allocates nothing (memory objects are made once per thread and shape, and
         // repointed); oneDNN 2.6's dnnl_primitive_execute builds its argument map on the heap.
         // The bound (docs/threading.md): at most 8 allocations and 512 bytes per execution,
-        // never a buffer that scales with the data (measured: 660 allocations, 31 KB in 8 forwards of at most 136 executions). A forward runs the
-        // router GEMM and 2 GEMMs per active expert: at most 1 + 2 x 8 here.
+        // never a buffer that scales with the data (measured: 660 allocations and 31 KB in these
+        // 8 forwards). A forward runs the router GEMM and 2 GEMMs per active expert: at most
+        // 1 + 2 x 8 here.
         constexpr long executions = 8 * (1 + 2 * 8);
         CHECK(c.count <= executions * 8);
         CHECK(c.bytes <= executions * 512);
