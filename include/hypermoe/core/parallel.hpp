@@ -56,6 +56,20 @@ private:
     int saved_ = 0;
 };
 
+/// Runs fn(); an exception it throws is kept in `failure` (the first one of a region wins), so
+/// that none escapes a parallel region. The region's caller rethrows it afterwards.
+template <class Fn>
+void keep_first_failure(std::exception_ptr& failure, Fn&& fn) noexcept {
+    try {
+        fn();
+    } catch (...) {
+#if defined(_OPENMP)
+#pragma omp critical(hypermoe_parallel_failure)
+#endif
+        if (!failure) failure = std::current_exception();
+    }
+}
+
 /// fn(i) for i in [0, items); in parallel when `work` (element operations in all) is large.
 /// An exception thrown by fn is rethrown on the calling thread (the first one caught), after
 /// every thread finished; it never escapes a parallel region.
@@ -65,14 +79,7 @@ void parallel_for(index_t items, index_t work, Fn&& fn) {
     if (work >= parallel_grain && items > 1 && current_threads() > 1) {
         std::exception_ptr failure;
 #pragma omp parallel for schedule(static)
-        for (index_t i = 0; i < items; ++i) {
-            try {
-                fn(i);
-            } catch (...) {
-#pragma omp critical(hypermoe_parallel_for_failure)
-                if (!failure) failure = std::current_exception();
-            }
-        }
+        for (index_t i = 0; i < items; ++i) keep_first_failure(failure, [&] { fn(i); });
         if (failure) std::rethrow_exception(failure);
         return;
     }
@@ -92,14 +99,7 @@ void parallel_tasks(index_t items, int slots, Fn&& fn) {
     if (slots > 1 && items > 1) {
         std::exception_ptr failure;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(slots)
-        for (index_t i = 0; i < items; ++i) {
-            try {
-                fn(i, omp_get_thread_num());
-            } catch (...) {
-#pragma omp critical(hypermoe_parallel_tasks_failure)
-                if (!failure) failure = std::current_exception();
-            }
-        }
+        for (index_t i = 0; i < items; ++i) keep_first_failure(failure, [&] { fn(i, omp_get_thread_num()); });
         if (failure) std::rethrow_exception(failure);
         return;
     }
