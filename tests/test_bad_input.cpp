@@ -67,7 +67,23 @@ TEST_CASE("sizes that overflow are typed errors, not wrapped products") {
     const FfnExpert<reference, Relu> e(FfnWeights{.up = ConstMatrixView<float>(up.view()),
                                                   .down = ConstMatrixView<float>(down.view())});
     CHECK(e.workspace_bytes(std::numeric_limits<index_t>::max() / 2) >= detail::unreal_bytes);
+    CHECK(detail::saturating_mul(std::numeric_limits<index_t>::max() / 2, 3) == index_t(detail::unreal_bytes));
+    CHECK(detail::saturating_mul(-1, 3) == index_t(detail::unreal_bytes));
+    CHECK(detail::saturating_mul(0, 3) == 0);
+    CHECK(detail::saturating_bytes(1000, detail::unreal_bytes / 2) == detail::unreal_bytes);
 }
+
+TEST_CASE_TEMPLATE_DEFINE("every layer asked for an absurd token count saturates instead of overflowing", B,
+                          absurd_rows) {
+    // UBSan (the CI's sanitizer stage) fails this on any signed overflow along the way.
+    constexpr index_t absurd = std::numeric_limits<index_t>::max() / 2;
+    CHECK(test::make_layer<B>(TopKRouter(6, TopK{2})).workspace_bytes(absurd) >= detail::unreal_bytes);
+    const auto choice = test::make_layer<B>(ExpertChoiceRouter(6, ExpertChoice{1.5}));
+    CHECK(choice.workspace_bytes(absurd) >= detail::unreal_bytes);
+    CHECK(choice.max_assignments(absurd) <= index_t(detail::unreal_bytes));
+    // Loaded blocks (HyperMoE too): tests/test_workspace.cpp, which loads every family.
+}
+TEST_CASE_TEMPLATE_APPLY(absurd_rows, test::all_backends);
 
 TEST_CASE("renormalising selected scores that sum to zero is a numeric_error naming the token") {
     // Sigmoid scores of -1000 are exactly 0: renormalising them would divide by zero.

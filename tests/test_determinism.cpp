@@ -27,7 +27,12 @@ std::string run_probe(int threads) {
 TEST_CASE("outputs are bitwise equal for 1, 2, 3, 4 and 8 OpenMP threads") {
     const std::string one = run_probe(1);
     CHECK(one.size() > 1000); // every family, backend, storage and mode printed a line
+    // A sanitizer build (~10x slower) compares 3 against 1 only.
+#ifdef HYPERMOE_TEST_SANITIZED
+    for (const int threads : {3}) {
+#else
     for (const int threads : {2, 3, 4, 8}) {
+#endif
         CAPTURE(threads);
         const std::string other = run_probe(threads);
         if (other != one) {

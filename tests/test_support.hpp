@@ -19,6 +19,15 @@
 
 namespace hypermoe::test {
 
+/// True in a sanitizer build (meson's b_sanitize): the sweeps that only add more of the same
+/// inputs (extra token counts, repeated rounds, extra thread counts) take a subset there, where
+/// every call is ~10x slower; every code path and every case still runs.
+#ifdef HYPERMOE_TEST_SANITIZED
+inline constexpr bool sanitized = true;
+#else
+inline constexpr bool sanitized = false;
+#endif
+
 /// Every backend of this build; the reference is always first (it is the oracle).
 using all_backends = std::tuple<reference
 #if HYPERMOE_HAS_EIGEN

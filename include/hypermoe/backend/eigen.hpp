@@ -72,7 +72,7 @@ struct eigen {
         [[nodiscard]] std::size_t workspace_bytes(index_t rows) const noexcept {
             if (rows <= 0 || n_ == 0) return 0;
             const Packing p = packing(rows);
-            return (accumulate_ ? detail::padded_bytes<float>(rows * n_) : 0) +
+            return (accumulate_ ? detail::padded_bytes<float>(rows, n_) : 0) +
                    std::size_t(slices()) * (detail::padded_bytes<float>(p.a) + detail::padded_bytes<float>(p.b));
         }
 

@@ -302,8 +302,8 @@ struct onednn {
             // A padded or strided piece needs (bucket, K) and (bucket, N) scratch; every piece
             // needs its primitive's scratchpad.
             const index_t piece = detail::onednn_largest_piece(rows);
-            const std::size_t pieces = detail::padded_bytes<float>(piece * k_) + detail::padded_bytes<float>(piece * n_);
-            return (accumulate_ ? detail::padded_bytes<float>(rows * n_) : 0) + pieces + scratchpad_bytes(rows);
+            const std::size_t pieces = detail::padded_bytes<float>(piece, k_) + detail::padded_bytes<float>(piece, n_);
+            return (accumulate_ ? detail::padded_bytes<float>(rows, n_) : 0) + pieces + scratchpad_bytes(rows);
         }
 
         void operator()(ConstMatrixView<float> a, MatrixView<float> c, Workspace& ws, float scale = 1.0f) const {
@@ -375,8 +375,8 @@ struct onednn {
                     Workspace::Scope scope(ws, detail::padded_bytes<std::byte>(index_t(scratch_bytes)));
                     execute(primitive, bucket, as.data(), os.data(), ws.take<std::byte>(index_t(scratch_bytes)));
                 } else { // padded to the bucket's rows, or strided: through scratch
-                    Workspace::Scope scope(ws, detail::padded_bytes<float>(bucket * k_) +
-                                                   detail::padded_bytes<float>(bucket * n_) +
+                    Workspace::Scope scope(ws, detail::padded_bytes<float>(bucket, k_) +
+                                                   detail::padded_bytes<float>(bucket, n_) +
                                                    detail::padded_bytes<std::byte>(index_t(scratch_bytes)));
                     MatrixView<float> sa = ws.take_matrix<float>(bucket, k_), sc = ws.take_matrix<float>(bucket, n_);
                     const auto scratchpad = ws.take<std::byte>(index_t(scratch_bytes));

@@ -10,6 +10,7 @@
 // made with this workspace runs its parallel regions (the library's own and the backend's) on at
 // most n OpenMP threads, without changing any other thread's setting.
 
+#include <concepts>
 #include <algorithm>
 #include <cstddef>
 #include <limits>
@@ -28,10 +29,28 @@ namespace detail {
 /// sum of a few of them still does not wrap, and `Workspace` rejects them with a typed error.
 inline constexpr std::size_t unreal_bytes = std::size_t{1} << 56;
 
-/// Bytes that `n` elements of T take in a workspace, rounded up to the buffer alignment;
-/// `unreal_bytes` when n is negative or the product would overflow.
+/// a * b, or `unreal_bytes` when either is negative or the product reaches it: for element and
+/// assignment counts derived from a caller's token count, which may be anything.
+[[nodiscard]] constexpr index_t saturating_mul(index_t a, index_t b) noexcept {
+    constexpr auto cap = static_cast<index_t>(unreal_bytes);
+    if (a < 0 || b < 0) return cap;
+    if (a == 0 || b == 0) return 0;
+    return a >= cap / b ? cap : a * b;
+}
+
+/// count * bytes, saturated at `unreal_bytes` (e.g. one scratch slice per thread).
+[[nodiscard]] constexpr std::size_t saturating_bytes(index_t count, std::size_t bytes) noexcept {
+    if (count < 0 || bytes >= unreal_bytes) return unreal_bytes;
+    if (count == 0) return 0;
+    return bytes >= unreal_bytes / static_cast<std::size_t>(count) ? unreal_bytes : static_cast<std::size_t>(count) * bytes;
+}
+
+/// Bytes that n0 * n1 * ... elements of T take in a workspace, rounded up to the buffer
+/// alignment; `unreal_bytes` when a factor is negative or the product would overflow.
 template <class T>
-[[nodiscard]] constexpr std::size_t padded_bytes(index_t n) noexcept {
+[[nodiscard]] constexpr std::size_t padded_bytes(index_t n0, std::integral auto... rest) noexcept {
+    index_t n = n0;
+    ((n = saturating_mul(n, static_cast<index_t>(rest))), ...);
     if (n < 0 || static_cast<std::size_t>(n) >= unreal_bytes / sizeof(T)) return unreal_bytes;
     const auto bytes = static_cast<std::size_t>(n) * sizeof(T);
     return (bytes + buffer_alignment - 1) / buffer_alignment * buffer_alignment;

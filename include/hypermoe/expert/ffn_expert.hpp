@@ -43,7 +43,7 @@ public:
 
 
     [[nodiscard]] std::size_t workspace_bytes(index_t rows) const {
-        return detail::padded_bytes<float>(rows * d_ff()) + std::max(up_.workspace_bytes(rows), down_.workspace_bytes(rows));
+        return detail::padded_bytes<float>(rows, d_ff()) + std::max(up_.workspace_bytes(rows), down_.workspace_bytes(rows));
     }
 
     /// y = down(Act(up x + b_up)) + b_down for x (M, d_model), y (M, d_model).

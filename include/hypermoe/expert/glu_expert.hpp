@@ -41,7 +41,7 @@ public:
 
 
     [[nodiscard]] std::size_t workspace_bytes(index_t rows) const {
-        return detail::padded_bytes<float>(rows * 2 * d_ff()) + detail::padded_bytes<float>(rows * d_ff()) +
+        return detail::padded_bytes<float>(rows, 2, d_ff()) + detail::padded_bytes<float>(rows, d_ff()) +
                std::max(gate_up_.workspace_bytes(rows), down_.workspace_bytes(rows));
     }
 

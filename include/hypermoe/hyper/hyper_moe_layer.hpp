@@ -73,7 +73,7 @@ public:
 
     /// Scratch of forward's HyperExpert part: H(x) plus what hyper_term() takes.
     [[nodiscard]] std::size_t hyper_workspace_bytes(index_t rows) const {
-        return detail::padded_bytes<float>(rows * in_width()) + term_bytes(rows);
+        return detail::padded_bytes<float>(rows, in_width()) + term_bytes(rows);
     }
     [[nodiscard]] std::size_t workspace_bytes(index_t rows) const {
         return std::max(moe_.workspace_bytes(rows), hyper_workspace_bytes(rows));
@@ -163,9 +163,9 @@ static_assert(R::selection_type::fixed_selection,
     /// Scratch of hyper_term() in the current mode.
     [[nodiscard]] std::size_t term_bytes(index_t rows) const {
         const index_t d = in_width(), r = hyper_->rank(), k = moe_.router().slots();
-        const std::size_t hidden = detail::padded_bytes<float>(rows * r);
+        const std::size_t hidden = detail::padded_bytes<float>(rows, r);
         if (options_.mode == HyperMode::per_token)
-            return detail::padded_bytes<std::int32_t>(rows * k) + heads_bytes(rows) + generation_bytes(rows) + hidden;
+            return detail::padded_bytes<std::int32_t>(rows, k) + heads_bytes(rows) + generation_bytes(rows) + hidden;
         (void)d;
         return detail::padded_bytes<std::int64_t>(rows) + detail::padded_bytes<const HyperExpert*>(rows) +
                detail::padded_bytes<std::int32_t>(k) + hidden + heads_bytes(1) + generation_bytes(1);
@@ -174,13 +174,13 @@ static_assert(R::selection_type::fixed_selection,
     /// The four generated heads of n selections.
     [[nodiscard]] std::size_t heads_bytes(index_t n) const {
         const index_t d = in_width(), r = hyper_->rank();
-        return 2 * detail::padded_bytes<float>(n * d * r) + detail::padded_bytes<float>(n * r) +
-               detail::padded_bytes<float>(n * d);
+        return 2 * detail::padded_bytes<float>(n, d, r) + detail::padded_bytes<float>(n, r) +
+               detail::padded_bytes<float>(n, d);
     }
 
     /// Scratch of generating n adapters (s, z, projector and hypernetwork), besides the heads.
     [[nodiscard]] std::size_t generation_bytes(index_t n) const {
-        return detail::padded_bytes<float>(n * embedding_.dim()) + detail::padded_bytes<float>(n * hyper_->input_dim()) +
+        return detail::padded_bytes<float>(n, embedding_.dim()) + detail::padded_bytes<float>(n, hyper_->input_dim()) +
                std::max(projector_.workspace_bytes(n), hyper_->workspace_bytes(n));
     }
 

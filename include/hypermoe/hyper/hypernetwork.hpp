@@ -77,7 +77,7 @@ public:
 
     [[nodiscard]] std::size_t workspace_bytes(index_t rows) const {
         const Parts& p = parts_;
-        return detail::padded_bytes<float>(rows * (p.q + p.dl)) + detail::padded_bytes<float>(rows * hidden_dim()) +
+        return detail::padded_bytes<float>(rows, p.q + p.dl) + detail::padded_bytes<float>(rows, hidden_dim()) +
                std::max({p.trunk.workspace_bytes(rows), p.down_weight.workspace_bytes(rows),
                          p.up_weight.workspace_bytes(rows), p.down_bias.workspace_bytes(rows),
                          p.up_bias.workspace_bytes(rows)});

@@ -30,7 +30,7 @@ public:
     [[nodiscard]] index_t in_dim() const noexcept { return first_.in_features(); }
     [[nodiscard]] index_t out_dim() const noexcept { return second_.out_features(); }
     [[nodiscard]] std::size_t workspace_bytes(index_t rows) const {
-        return detail::padded_bytes<float>(rows * first_.out_features()) +
+        return detail::padded_bytes<float>(rows, first_.out_features()) +
                std::max(first_.workspace_bytes(rows), second_.workspace_bytes(rows));
     }
 

@@ -59,7 +59,7 @@ public:
     [[nodiscard]] const MoeOptions& options() const noexcept { return options_; }
 
     [[nodiscard]] std::size_t route_workspace_bytes(index_t rows) const {
-        return detail::padded_bytes<float>(rows * num_experts()) +
+        return detail::padded_bytes<float>(rows, num_experts()) +
                std::max(gate_.workspace_bytes(rows), router_.workspace_bytes(rows));
     }
     /// Scratch of apply() for `rows` tokens whose plan has `packed` assignments (the layer's own
@@ -72,8 +72,8 @@ public:
         const int threads = detail::current_threads();
         if (threads > 1)
             inner = std::max(inner, detail::padded_bytes<std::int32_t>(num_experts()) +
-                                        std::size_t(threads) * task_workspace_bytes(rows));
-        return 2 * detail::padded_bytes<float>(packed * in_width()) + inner;
+                                        detail::saturating_bytes(threads, task_workspace_bytes(rows)));
+        return 2 * detail::padded_bytes<float>(packed, in_width()) + inner;
     }
     [[nodiscard]] std::size_t workspace_bytes(index_t rows) const {
         return std::max(route_workspace_bytes(rows), apply_workspace_bytes(rows, max_assignments(rows)));
@@ -82,7 +82,7 @@ public:
     /// The most assignments the layer's router makes for `rows` tokens (its per-policy maximum).
     [[nodiscard]] index_t max_assignments(index_t rows) const noexcept {
         if constexpr (requires { router_.max_assignments(rows); }) return router_.max_assignments(rows);
-        else return rows * router_.slots();
+        else return detail::saturating_mul(rows, router_.slots());
     }
 
     /// The router logits x W_g^T (T, E), e.g. to route with another router and apply() the plan.

@@ -36,7 +36,7 @@ public:
     [[nodiscard]] bool gated() const noexcept { return gate_.has_value(); }
 
     [[nodiscard]] std::size_t workspace_bytes(index_t rows) const {
-        return detail::padded_bytes<float>(rows * expert_.d_model()) + detail::padded_bytes<float>(rows) +
+        return detail::padded_bytes<float>(rows, expert_.d_model()) + detail::padded_bytes<float>(rows) +
                std::max(expert_.workspace_bytes(rows), gate_ ? gate_->workspace_bytes(rows) : std::size_t{0});
     }
 

@@ -31,7 +31,7 @@ struct ExpertChoice {
     }
     /// Assignments of a batch: each expert takes tokens_per_expert tokens.
     [[nodiscard]] index_t max_assignments(index_t tokens, index_t experts) const noexcept {
-        return experts * tokens_per_expert(tokens, experts);
+        return detail::saturating_mul(experts, tokens_per_expert(tokens, experts));
     }
     /// Tokens each expert takes for a batch of `tokens`.
     [[nodiscard]] index_t tokens_per_expert(index_t tokens, index_t experts) const noexcept {

@@ -24,7 +24,7 @@ struct NoisyTopK {
 
     [[nodiscard]] index_t slots(index_t /*experts*/) const noexcept { return k; }
     [[nodiscard]] std::size_t workspace_bytes(index_t tokens, index_t experts) const noexcept {
-        return detail::padded_bytes<float>(tokens * experts);
+        return detail::padded_bytes<float>(tokens, experts);
     }
     void validate(index_t experts) const {
         if (k < 1 || k > experts)

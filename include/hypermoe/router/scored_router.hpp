@@ -77,16 +77,16 @@ public:
     [[nodiscard]] const RouterOptions& options() const noexcept { return options_; }
 
     [[nodiscard]] std::size_t workspace_bytes(index_t tokens) const noexcept {
-        return 2 * detail::padded_bytes<float>(tokens * experts_) + selection_.workspace_bytes(tokens, experts_);
+        return 2 * detail::padded_bytes<float>(tokens, experts_) + selection_.workspace_bytes(tokens, experts_);
     }
 
     /// The most (token, expert) assignments a plan of `tokens` tokens can hold: what the policy
     /// says (expert choice: experts x tokens per expert), else tokens x slots.
     [[nodiscard]] index_t max_assignments(index_t tokens) const noexcept {
         if constexpr (requires { selection_.max_assignments(tokens, experts_); })
-            return std::min(tokens * slots(), selection_.max_assignments(tokens, experts_));
+            return std::min(detail::saturating_mul(tokens, slots()), selection_.max_assignments(tokens, experts_));
         else
-            return tokens * slots();
+            return detail::saturating_mul(tokens, slots());
     }
 
     /// Scores, selects and weights `logits` (T, E) into `plan`.

@@ -20,7 +20,7 @@ struct SinkhornBalanced {
 
     [[nodiscard]] index_t slots(index_t /*experts*/) const noexcept { return 1; }
     [[nodiscard]] std::size_t workspace_bytes(index_t tokens, index_t experts) const noexcept {
-        return detail::padded_bytes<double>(tokens * experts) + detail::padded_bytes<double>(experts);
+        return detail::padded_bytes<double>(tokens, experts) + detail::padded_bytes<double>(experts);
     }
     void validate(index_t /*experts*/) const {
         if (iterations < 0 || iterations > 1000)

@@ -39,7 +39,7 @@ public:
             inner = std::max(inner, layers_[i]->workspace_bytes(rows));
             if (i + 1 < layers_.size()) hidden = std::max(hidden, layers_[i]->out_width());
         }
-        return 2 * detail::padded_bytes<float>(rows * hidden) + inner;
+        return 2 * detail::padded_bytes<float>(rows, hidden) + inner;
     }
 
     void forward(ConstMatrixView<float> x, MatrixView<float> y, Workspace& ws) const {

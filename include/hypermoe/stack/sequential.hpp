@@ -52,7 +52,7 @@ public:
     [[nodiscard]] std::size_t workspace_bytes(index_t rows) const {
         std::size_t inner = 0;
         std::apply([&](const auto&... l) { ((inner = std::max(inner, l.workspace_bytes(rows))), ...); }, layers_);
-        return 2 * detail::padded_bytes<float>(rows * max_hidden_width()) + inner;
+        return 2 * detail::padded_bytes<float>(rows, max_hidden_width()) + inner;
     }
 
     void forward(ConstMatrixView<float> x, MatrixView<float> y, Workspace& ws) const {
