@@ -124,6 +124,49 @@ TEST_CASE_TEMPLATE_DEFINE("every fixture through the checkpoint loader", B, load
 }
 TEST_CASE_TEMPLATE_APPLY(loader_fixtures, test::all_backends);
 
+TEST_CASE_TEMPLATE_DEFINE("a loaded block is a Layer: in a stack, the context reaches its router", B, block_in_stack) {
+    static_assert(Layer<LoadedMoeBlock<B>>);
+    for (const auto& name : all_cases) {
+        CAPTURE(name);
+        const std::string dir = data_dir + "/" + name;
+        const Expected e(dir);
+        const Matrix<float> x = e.x();
+        DynamicStack dynamic;
+        dynamic.push_back(load_moe_block<B>(Checkpoint(dir), e.layer(), e.stack()));
+        const Sequential fixed(load_moe_block<B>(Checkpoint(dir), e.layer(), e.stack()));
+        for (const bool use_fixed : {false, true}) {
+            CAPTURE(use_fixed);
+            RoutingRecorder recorder;
+            const Context ctx{.sequence_length = e.sequence_length(), .routing_sink = &recorder};
+            Matrix<float> y(x.rows(), x.cols());
+            Workspace ws(use_fixed ? fixed.workspace_bytes(x.rows()) : dynamic.workspace_bytes(x.rows()),
+                         WorkspaceGrowth::fixed);
+            if (use_fixed) fixed.forward(x.view(), y.view(), ws, ctx);
+            else dynamic.forward(x.view(), y.view(), ws, ctx);
+            // The fixture's output: per-sequence capacity (Switch) came through the stack.
+            CHECK(relative_error(y.view(), e.out("y").view()) <= 1e-5);
+            REQUIRE(recorder.plans().size() == 1);
+            const Matrix<float> ids = e.out("expert_ids");
+            for (index_t t = 0; t < ids.rows(); ++t) CHECK(recorder.plans()[0].ids(t)[0] == std::int32_t(ids(t, 0)));
+            if (e.expected.view().contains("kept")) {
+                const Matrix<float> kept = e.out("kept");
+                for (index_t t = 0; t < kept.cols(); ++t) CHECK(recorder.plans()[0].kept(t) == (kept(0, t) != 0));
+            }
+        }
+    }
+    // Without the sequence layout the whole batch is one sequence: the capacity-limited fixture's
+    // output changes (so the test above could fail).
+    const std::string dir = data_dir + "/switch_transformers-drop";
+    const Expected e(dir);
+    const Matrix<float> x = e.x();
+    const Sequential stack(load_moe_block<B>(Checkpoint(dir), e.layer(), e.stack()));
+    Matrix<float> y(x.rows(), x.cols());
+    Workspace ws;
+    stack.forward(x.view(), y.view(), ws);
+    CHECK(relative_error(y.view(), e.out("y").view()) > 1e-3);
+}
+TEST_CASE_TEMPLATE_APPLY(block_in_stack, test::all_backends);
+
 TEST_CASE("bf16 storage of f32 weights stays within bf16 rounding") {
     const std::string dir = data_dir + "/mixtral-basic";
     const Checkpoint ck(dir);

@@ -163,3 +163,55 @@ TEST_CASE("DenseFfn rejects non-finite input rows") {
     CHECK_THROWS_WITH_AS(ffn.forward(x.view(), y.view(), ws),
                          "DenseFfn::forward: input x: element (1, 0) is nan, expected a finite value", numeric_error);
 }
+
+TEST_CASE("a hash-routed layer inside a stack gets its token ids through the context") {
+    const auto hash = test::make_layer<reference>(HashRouter(6, HashRouting{}));
+    const std::vector<float> norm_w = random_vector(24, 7);
+    const auto stack = Sequential(RmsNorm<>(norm_w, 1e-6f), Residual(hash));
+    const Matrix<float> x = random_matrix(9, 24, 3);
+    std::vector<std::int32_t> ids(9);
+    for (std::size_t i = 0; i < ids.size(); ++i) ids[i] = std::int32_t(i * 7919 % 1000);
+    Workspace ws;
+    Matrix<float> y(9, 24), normed(9, 24), want(9, 24);
+    stack.forward(x.view(), y.view(), ws, {.token_ids = ids});
+    // The same by hand: norm, then the layer with the ids, then the residual.
+    stack.layer<0>().forward(x.view(), normed.view(), ws);
+    RoutingPlan plan;
+    hash.forward(normed.view(), want.view(), ws, plan, {.token_ids = ids});
+    for (index_t t = 0; t < 9; ++t) {
+        CHECK(plan.ids(t)[0] == HashRouting{}.expert_of(ids[std::size_t(t)], 6));
+        for (index_t c = 0; c < 24; ++c) want(t, c) += normed(t, c);
+    }
+    CHECK(relative_error(y.view(), want.view()) == 0.0);
+    // Without ids the router says what it needs, from inside the stack.
+    CHECK_THROWS_WITH_AS(stack.forward(x.view(), y.view(), ws),
+                         "HashRouting: 0 token ids for 9 tokens, expected one id per token", shape_error);
+}
+
+TEST_CASE("the routing sink sees every MoE block of a stack, in order; hash routing skips the gate") {
+    DynamicStack stack;
+    stack.push_back(Residual(test::make_layer<reference>(TopKRouter(6, TopK{2}))));
+    stack.push_back(Residual(test::make_layer<reference>(SwitchRouter(6, Top1Capacity{4}))));
+    stack.push_back(Residual(test::make_layer<reference>(HashRouter(6, HashRouting{}))));
+    const Matrix<float> x = random_matrix(12, 24, 5);
+    std::vector<std::int32_t> ids(12, 3);
+    RoutingRecorder plans;
+    RoutingStatsRecorder stats;
+    Matrix<float> y(12, 24);
+    Workspace ws;
+    stack.forward(x.view(), y.view(), ws, {.token_ids = ids, .routing_sink = &plans});
+    REQUIRE(plans.plans().size() == 3);
+    CHECK(plans.plans()[0].slots() == 2);
+    CHECK(plans.plans()[1].slots() == 1);
+    for (index_t t = 0; t < 12; ++t) CHECK(plans.plans()[2].ids(t)[0] == HashRouting{}.expert_of(3, 6));
+    // The first block's plan is what a direct call makes.
+    RoutingPlan direct;
+    test::make_layer<reference>(TopKRouter(6, TopK{2})).route(x.view(), {}, direct, ws);
+    CHECK(std::equal(direct.all_ids().begin(), direct.all_ids().end(), plans.plans()[0].all_ids().begin()));
+    stack.forward(x.view(), y.view(), ws, {.token_ids = ids, .routing_sink = &stats});
+    REQUIRE(stats.stats().size() == 3);
+    CHECK(stats.stats()[0].entropy.has_value());
+    // Hash routing is given zero logits (no gate GEMM): their softmax entropy is exactly log E.
+    CHECK(*stats.stats()[2].entropy == doctest::Approx(std::log(6.0)).epsilon(1e-6));
+    CHECK(*stats.stats()[0].entropy < std::log(6.0) - 1e-3);
+}

@@ -189,6 +189,83 @@ TEST_CASE("Sinkhorn balances skewed routing better than top-1") {
     CHECK(b.max_over_mean < g.max_over_mean);
 }
 
+TEST_CASE("Sinkhorn balances the logits themselves (S-BASE), not softmax probabilities") {
+    // Confident logits: exp(probability) would be nearly flat and balance differently.
+    Matrix<float> logits = random_matrix(24, 4, 9, 4.0f);
+    for (index_t t = 0; t < 24; ++t) logits(t, 1) += 3.0f;
+    constexpr index_t iterations = 6;
+    const RoutingPlan p = route(SinkhornRouter(4, SinkhornBalanced{iterations}), logits);
+    // The balancing, written out: P = exp(l - row max), columns to T / E, rows to 1.
+    std::vector<double> q(24 * 4);
+    for (index_t t = 0; t < 24; ++t) {
+        double m = logits(t, 0);
+        for (index_t e = 1; e < 4; ++e) m = std::max(m, double(logits(t, e)));
+        for (index_t e = 0; e < 4; ++e) q[std::size_t(t * 4 + e)] = std::exp(double(logits(t, e)) - m);
+    }
+    for (index_t it = 0; it < iterations; ++it) {
+        double col[4] = {0, 0, 0, 0};
+        for (index_t t = 0; t < 24; ++t)
+            for (index_t e = 0; e < 4; ++e) col[e] += q[std::size_t(t * 4 + e)];
+        for (index_t t = 0; t < 24; ++t) {
+            double row = 0;
+            for (index_t e = 0; e < 4; ++e) row += q[std::size_t(t * 4 + e)] *= 6.0 / col[e];
+            for (index_t e = 0; e < 4; ++e) q[std::size_t(t * 4 + e)] /= row;
+        }
+    }
+    std::vector<float> probs(4);
+    for (index_t t = 0; t < 24; ++t) {
+        const auto row = std::span(q).subspan(std::size_t(t * 4), 4);
+        const auto best = std::int32_t(std::max_element(row.begin(), row.end()) - row.begin());
+        CHECK(p.ids(t)[0] == best);
+        Softmax::apply(logits.view().row(t), probs);
+        CHECK(p.weights(t)[0] == probs[std::size_t(best)]);
+    }
+}
+
+TEST_CASE("noisy top-k: noise keyed by position in the sequence, so batching and chunking do not change it") {
+    const NoisyTopKRouter router(6, NoisyTopK{.k = 2, .noise_std = 2.0f, .seed = 7});
+    const Matrix<float> a = random_matrix(5, 6, 21), b = random_matrix(5, 6, 22);
+    Matrix<float> both(10, 6);
+    for (index_t t = 0; t < 5; ++t)
+        for (index_t e = 0; e < 6; ++e) both(t, e) = a(t, e), both(t + 5, e) = b(t, e);
+    const RoutingPlan alone = route(router, b), batched = route(router, both, {.sequence_length = 5});
+    for (index_t t = 0; t < 5; ++t) {
+        CHECK(batched.ids(t + 5)[0] == alone.ids(t)[0]);
+        CHECK(batched.ids(t + 5)[1] == alone.ids(t)[1]);
+        CHECK(batched.weights(t + 5)[0] == alone.weights(t)[0]);
+    }
+    // A sequence cut into calls: the second call starts at position 3.
+    Matrix<float> b_tail(2, 6);
+    for (index_t t = 0; t < 2; ++t)
+        for (index_t e = 0; e < 6; ++e) b_tail(t, e) = b(t + 3, e);
+    const RoutingPlan chunk = route(router, b_tail, {.first_position = 3});
+    for (index_t t = 0; t < 2; ++t) CHECK(chunk.weights(t)[0] == alone.weights(t + 3)[0]);
+    // Position 0 and 3 differ in noise; the per-call seed changes it too.
+    CHECK(router.selection().noise(0, 1) != router.selection().noise(3, 1));
+    CHECK(router.selection().noise(3, 1, 99) != router.selection().noise(3, 1));
+}
+
+TEST_CASE("routing in parallel over tokens gives the plans of one thread, bit for bit") {
+    const Matrix<float> logits = random_matrix(3000, 64, 31, 2.0f);
+    const auto check = [&](const auto& router) {
+        CAPTURE(std::decay_t<decltype(router)>::selection_type::name);
+        RoutingPlan one;
+        {
+            const detail::ThreadCountScope single(1);
+            one = route(router, logits);
+        }
+        const detail::ThreadCountScope two(2);
+        const RoutingPlan many = route(router, logits);
+        CHECK(std::memcmp(one.all_ids().data(), many.all_ids().data(), one.all_ids().size_bytes()) == 0);
+        CHECK(std::memcmp(one.all_weights().data(), many.all_weights().data(), one.all_weights().size_bytes()) == 0);
+    };
+    check(TopKRouter(64, TopK{4}, {.weighting = {.renormalize = true}}));
+    check(DeepSeekRouter(64, GroupLimitedTopK{.k = 6, .n_group = 8, .topk_group = 3},
+                         {.weighting = {.renormalize = true, .epsilon = 1e-20, .scale = 2.5f},
+                          .selection_bias = test::random_vector(64, 4)}));
+    check(NoisyTopKRouter(64, NoisyTopK{.k = 2, .noise_std = 1.0f, .seed = 3}));
+}
+
 TEST_CASE("noisy top-k is deterministic per seed and reduces to top-k without noise") {
     const Matrix<float> logits = random_matrix(16, 6, 4, 1.0f);
     const NoisyTopKRouter a(6, NoisyTopK{.k = 2, .noise_std = 1.0f, .seed = 42});
@@ -227,11 +304,12 @@ TEST_CASE("losses and statistics on hand cases") {
     const std::vector<double> equal{2, 2, 2}, skew{0, 0, 6};
     CHECK(cv_squared(equal) == 0.0);
     CHECK(cv_squared(skew) == doctest::Approx(3.0)); // var 12 / mean^2 4
-    // Everything to expert 2: CV of (0, 0, 8, 0) = sqrt(3), max/mean 4, overlap 1.
+    // Everything to expert 2: CV of (0, 0, 8, 0) = 2 (sample std 4 / mean 2), max/mean 4, overlap 1.
     Matrix<float> one(8, 4);
     for (index_t t = 0; t < 8; ++t) one(t, 2) = 5.0f;
     const RoutingStats t = routing_stats(route(TopKRouter(4, TopK{1}), one));
-    CHECK(t.load_cv == doctest::Approx(std::sqrt(3.0)));
+    CHECK(t.load_cv == doctest::Approx(2.0));
+    CHECK(t.load_cv * t.load_cv == doctest::Approx(cv_squared(load(route(TopKRouter(4, TopK{1}), one)))));
     CHECK(t.max_over_mean == 4.0);
     CHECK(t.adjacent_overlap == 1.0);
     CHECK_FALSE(t.entropy.has_value());

@@ -47,7 +47,7 @@ public:
     }
 
     /// y = down(Act(up x + b_up)) + b_down for x (M, d_model), y (M, d_model).
-    void forward(ConstMatrixView<float> x, MatrixView<float> y, Workspace& ws) const {
+    void forward(ConstMatrixView<float> x, MatrixView<float> y, Workspace& ws, const Context& /*ctx*/ = {}) const {
         detail::check_forward_shapes(x, y, d_model(), d_model(), "FfnExpert");
         Workspace::Scope scope(ws, workspace_bytes(x.rows()));
         MatrixView<float> h = ws.take_matrix<float>(x.rows(), d_ff()); // (M, d_ff)

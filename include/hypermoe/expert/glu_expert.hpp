@@ -45,7 +45,7 @@ public:
                std::max(gate_up_.workspace_bytes(rows), down_.workspace_bytes(rows));
     }
 
-    void forward(ConstMatrixView<float> x, MatrixView<float> y, Workspace& ws) const {
+    void forward(ConstMatrixView<float> x, MatrixView<float> y, Workspace& ws, const Context& /*ctx*/ = {}) const {
         detail::check_forward_shapes(x, y, d_model(), d_model(), "GluExpert");
         Workspace::Scope scope(ws, workspace_bytes(x.rows()));
         const index_t ff = d_ff();

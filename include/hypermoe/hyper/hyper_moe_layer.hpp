@@ -79,13 +79,15 @@ public:
         return std::max(moe_.workspace_bytes(rows), hyper_workspace_bytes(rows));
     }
 
-    void forward(ConstMatrixView<float> x, MatrixView<float> y, Workspace& ws) const {
+    /// The Layer entry point: routes with a per-thread plan that keeps its capacity.
+    void forward(ConstMatrixView<float> x, MatrixView<float> y, Workspace& ws, const Context& context = {}) const {
         thread_local RoutingPlan plan;
-        forward(x, y, ws, plan);
+        forward(x, y, ws, plan, context);
     }
 
+    /// Routes into `plan` (which the caller may then inspect) and computes y.
     void forward(ConstMatrixView<float> x, MatrixView<float> y, Workspace& ws, RoutingPlan& plan,
-                 const RouterContext& context = {}) const {
+                 const Context& context = {}) const {
         moe_.forward(x, y, ws, plan, context);
         Workspace::Scope scope(ws, hyper_workspace_bytes(x.rows()));
         MatrixView<float> h = ws.take_matrix<float>(x.rows(), in_width());

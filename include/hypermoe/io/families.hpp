@@ -260,6 +260,9 @@ public:
     using HyperGpt2 = HyperMoeLayer<FfnExpert<B, GeluTanh>, TopKRouter>;
     using HyperSwitch = HyperMoeLayer<FfnExpert<B, Relu>, SwitchRouter>;
     using Layer = std::variant<Mixtral, Qwen, DeepSeek, Switch, HyperGpt2, HyperSwitch>;
+    // A Layer whose widths are read from the checkpoint.
+    static constexpr index_t static_in_width = dynamic;
+    static constexpr index_t static_out_width = dynamic;
 
     LoadedMoeBlock(Layer layer, ModelInfo info, MoeBlockRef block)
         : layer_(std::move(layer)), info_(std::move(info)), block_(std::move(block)) {}
@@ -268,6 +271,8 @@ public:
     [[nodiscard]] const MoeBlockRef& block() const noexcept { return block_; }
     [[nodiscard]] const Layer& layer() const noexcept { return layer_; }
     [[nodiscard]] index_t d_model() const noexcept { return info_.d_model; }
+    [[nodiscard]] index_t in_width() const noexcept { return info_.d_model; }
+    [[nodiscard]] index_t out_width() const noexcept { return info_.d_model; }
     [[nodiscard]] index_t slots() const noexcept { return visit_moe([](const auto& m) { return m.router().slots(); }); }
     [[nodiscard]] bool has_capacity() const noexcept {
         return std::holds_alternative<Switch>(layer_) || std::holds_alternative<HyperSwitch>(layer_);
@@ -281,9 +286,16 @@ public:
         return std::visit([&](const auto& l) { return l.workspace_bytes(rows); }, layer_);
     }
 
-    /// y = block(x); with_hyper = false runs a HyperMoE block without its HyperExpert.
+    /// The Layer entry point: y = block(x), routed with a per-thread plan.
+    void forward(ConstMatrixView<float> x, MatrixView<float> y, Workspace& ws, const Context& context = {}) const {
+        thread_local RoutingPlan plan;
+        forward(x, y, ws, plan, context);
+    }
+
+    /// y = block(x), routed into `plan`; with_hyper = false runs a HyperMoE block without its
+    /// HyperExpert.
     void forward(ConstMatrixView<float> x, MatrixView<float> y, Workspace& ws, RoutingPlan& plan,
-                 const RouterContext& context = {}, bool with_hyper = true) const {
+                 const Context& context = {}, bool with_hyper = true) const {
         std::visit(
             [&](const auto& l) {
                 if constexpr (requires { l.moe(); }) {

@@ -6,7 +6,7 @@
 
 #include "hypermoe/core/finite.hpp"
 #include "hypermoe/expert/expert_concept.hpp"
-#include "hypermoe/layer/layer_concept.hpp"
+#include "hypermoe/core/layer_concept.hpp"
 
 namespace hypermoe {
 
@@ -24,10 +24,10 @@ public:
     [[nodiscard]] const E& expert() const noexcept { return expert_; }
     [[nodiscard]] std::size_t workspace_bytes(index_t rows) const { return expert_.workspace_bytes(rows); }
 
-    void forward(ConstMatrixView<float> x, MatrixView<float> y, Workspace& ws) const {
+    void forward(ConstMatrixView<float> x, MatrixView<float> y, Workspace& ws, const Context& ctx = {}) const {
         detail::check_forward_shapes(x, y, in_width(), out_width(), "DenseFfn");
         check_finite(x, "DenseFfn::forward: input x");
-        expert_.forward(x, y, ws);
+        expert_.forward(x, y, ws, ctx);
     }
 
 private:

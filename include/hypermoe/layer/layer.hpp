@@ -2,7 +2,7 @@
 // layer/: the Layer concept, DenseFfn, RmsNorm, LayerNorm, Residual, MoeLayer, SharedExpert.
 
 #include "hypermoe/layer/dense_ffn.hpp"
-#include "hypermoe/layer/layer_concept.hpp"
+#include "hypermoe/core/layer_concept.hpp"
 #include "hypermoe/layer/moe_layer.hpp"
 #include "hypermoe/layer/norm.hpp"
 #include "hypermoe/layer/residual.hpp"

@@ -19,7 +19,7 @@
 #include "hypermoe/core/finite.hpp"
 #include "hypermoe/core/parallel.hpp"
 #include "hypermoe/expert/expert_concept.hpp"
-#include "hypermoe/layer/layer_concept.hpp"
+#include "hypermoe/core/layer_concept.hpp"
 #include "hypermoe/layer/shared_expert.hpp"
 #include "hypermoe/router/routing_plan.hpp"
 #include "hypermoe/router/scored_router.hpp"
@@ -93,12 +93,22 @@ public:
         gate_(x, logits, ws);
     }
 
-    /// Router logits (x W_g^T) and routing of x (T, d_model) into `plan`.
-    void route(ConstMatrixView<float> x, const RouterContext& context, RoutingPlan& plan, Workspace& ws) const {
+    /// Router logits (x W_g^T) and routing of x (T, d_model) into `plan`; the plan and logits go
+    /// to the context's routing sink, if any. A router that ignores logits (hash routing) is given
+    /// zeros, and the gate GEMM is skipped.
+    void route(ConstMatrixView<float> x, const Context& context, RoutingPlan& plan, Workspace& ws) const {
         Workspace::Scope scope(ws, route_workspace_bytes(x.rows()));
         MatrixView<float> logits = ws.take_matrix<float>(x.rows(), num_experts()); // (T, E)
-        router_logits(x, logits, ws);
+        if constexpr (detail::router_uses_logits<R>) {
+            router_logits(x, logits, ws);
+        } else {
+            if (x.cols() != in_width())
+                throw shape_error(detail::concat("MoeLayer::route: input x has ", x.cols(), " columns, expected ", in_width()));
+            check_finite(x, "MoeLayer: input x");
+            std::fill_n(logits.data(), logits.rows() * logits.cols(), 0.0f);
+        }
         router_.route(logits, context, plan, ws);
+        if (context.routing_sink != nullptr) context.routing_sink->record(plan, logits);
     }
 
     /// y (T, d_model) from x and a plan made for x (by route(), or by any router over the same
@@ -123,14 +133,14 @@ public:
     }
 
     /// The Layer entry point: routes with a per-thread plan that keeps its capacity.
-    void forward(ConstMatrixView<float> x, MatrixView<float> y, Workspace& ws) const {
+    void forward(ConstMatrixView<float> x, MatrixView<float> y, Workspace& ws, const Context& context = {}) const {
         thread_local RoutingPlan plan;
-        forward(x, y, ws, plan);
+        forward(x, y, ws, plan, context);
     }
 
     /// Routes into `plan` (which the caller may then inspect) and computes y.
     void forward(ConstMatrixView<float> x, MatrixView<float> y, Workspace& ws, RoutingPlan& plan,
-                 const RouterContext& context = {}) const {
+                 const Context& context = {}) const {
         detail::check_forward_shapes(x, y, in_width(), out_width(), "MoeLayer");
         route(x, context, plan, ws);
         apply(x, plan, y, ws);

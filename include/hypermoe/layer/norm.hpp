@@ -12,7 +12,7 @@
 #include "hypermoe/core/error.hpp"
 #include "hypermoe/core/extents.hpp"
 #include "hypermoe/core/finite.hpp"
-#include "hypermoe/layer/layer_concept.hpp"
+#include "hypermoe/core/layer_concept.hpp"
 
 namespace hypermoe {
 
@@ -57,7 +57,7 @@ public:
     [[nodiscard]] float eps() const noexcept { return eps_; }
     [[nodiscard]] std::size_t workspace_bytes(index_t /*rows*/) const noexcept { return 0; }
 
-    void forward(ConstMatrixView<float> x, MatrixView<float> y, Workspace& /*ws*/) const {
+    void forward(ConstMatrixView<float> x, MatrixView<float> y, Workspace& /*ws*/, const Context& /*ctx*/ = {}) const {
         const index_t d = in_width();
         detail::check_forward_shapes(x, y, d, d, "RmsNorm");
         check_finite(x, "RmsNorm::forward: input x");
@@ -91,7 +91,7 @@ public:
     [[nodiscard]] float eps() const noexcept { return eps_; }
     [[nodiscard]] std::size_t workspace_bytes(index_t /*rows*/) const noexcept { return 0; }
 
-    void forward(ConstMatrixView<float> x, MatrixView<float> y, Workspace& /*ws*/) const {
+    void forward(ConstMatrixView<float> x, MatrixView<float> y, Workspace& /*ws*/, const Context& /*ctx*/ = {}) const {
         const index_t d = in_width();
         detail::check_forward_shapes(x, y, d, d, "LayerNorm");
         check_finite(x, "LayerNorm::forward: input x");

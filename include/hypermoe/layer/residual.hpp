@@ -4,7 +4,7 @@
 #include <utility>
 
 #include "hypermoe/core/extents.hpp"
-#include "hypermoe/layer/layer_concept.hpp"
+#include "hypermoe/core/layer_concept.hpp"
 
 namespace hypermoe {
 
@@ -31,9 +31,9 @@ public:
     [[nodiscard]] std::size_t workspace_bytes(index_t rows) const { return inner_.workspace_bytes(rows); }
 
     /// x and y must not overlap.
-    void forward(ConstMatrixView<float> x, MatrixView<float> y, Workspace& ws) const {
+    void forward(ConstMatrixView<float> x, MatrixView<float> y, Workspace& ws, const Context& ctx = {}) const {
         detail::check_forward_shapes(x, y, in_width(), out_width(), "Residual");
-        inner_.forward(x, y, ws);
+        inner_.forward(x, y, ws, ctx);
         for (index_t r = 0; r < x.rows(); ++r)
             for (index_t j = 0; j < x.cols(); ++j) y(r, j) += x(r, j);
     }

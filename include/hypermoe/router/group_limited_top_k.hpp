@@ -40,9 +40,10 @@ struct GroupLimitedTopK {
     }
     void select(const SelectionInput& in, RoutingPlan& plan, Workspace& /*ws*/) const {
         const index_t e = in.scores.cols(), per_group = e / n_group;
-        std::array<float, max_groups> group_score{};
-        std::array<bool, max_groups> kept{};
-        for (index_t t = 0; t < in.scores.rows(); ++t) {
+        // Tokens are independent: in parallel, each writing only its own plan row.
+        detail::parallel_for(in.scores.rows(), in.scores.rows() * e * (k + 2), [&](index_t t) {
+            std::array<float, max_groups> group_score{};
+            std::array<bool, max_groups> kept{};
             const auto c = in.selection_scores.row(t);
             for (index_t g = 0; g < n_group; ++g) {
                 float sum = 0;
@@ -64,7 +65,7 @@ struct GroupLimitedTopK {
                     ids[std::size_t(j)] = std::int32_t(i);
                     w[std::size_t(j)] = in.scores(t, i);
                 });
-        }
+        });
     }
 };
 

@@ -23,6 +23,7 @@ namespace detail {
 struct HashRouting {
     static constexpr std::string_view name = "hash";
     static constexpr bool fixed_selection = true;
+    static constexpr bool uses_logits = false; // MoeLayer skips the gate GEMM
     /// table[token id] = expert; empty = use splitmix64(id) % experts.
     std::vector<std::int32_t> table = {};
 

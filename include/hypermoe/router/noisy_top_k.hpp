@@ -3,8 +3,9 @@
 // N(0, 1), select the top k of H, weight them by the softmax over the k selected H values.
 // Shazeer learns a per-expert noise scale softplus(x W_noise); here it is one run-time
 // constant, as routers in this library see only logits. The noise is a pure function of (seed,
-// token, expert): splitmix64 counters through Box-Muller, so runs are reproducible and
-// independent of threading.
+// the call's noise seed, the token's position in its sequence, expert): splitmix64 counters
+// through Box-Muller, so runs are reproducible, independent of threading, and a sequence gets
+// the same noise however it is batched or cut into calls (Context::position).
 
 #include <cmath>
 
@@ -32,9 +33,11 @@ struct NoisyTopK {
         if (!(noise_std >= 0) || !is_finite(noise_std))
             throw config_error(detail::concat("NoisyTopK: noise_std is ", noise_std, ", expected a finite value >= 0"));
     }
-    /// The standard normal sample for (token, expert).
-    [[nodiscard]] float noise(index_t token, index_t expert) const noexcept {
-        const std::uint64_t a = detail::splitmix64(seed ^ detail::splitmix64(std::uint64_t(token) * 0x10001ull + std::uint64_t(expert)));
+    /// The standard normal sample for (position in the sequence, expert), under the call's
+    /// noise seed (Context::noise_seed; 0 = none).
+    [[nodiscard]] float noise(index_t position, index_t expert, std::uint64_t call_seed = 0) const noexcept {
+        const std::uint64_t s = call_seed == 0 ? seed : seed ^ detail::splitmix64(call_seed ^ 0x6E6F697365ull);
+        const std::uint64_t a = detail::splitmix64(s ^ detail::splitmix64(std::uint64_t(position) * 0x10001ull + std::uint64_t(expert)));
         const std::uint64_t b = detail::splitmix64(a);
         const double u1 = (double(a >> 11) + 0.5) * 0x1.0p-53, u2 = double(b >> 11) * 0x1.0p-53;
         return float(std::sqrt(-2.0 * std::log(u1)) * std::cos(6.283185307179586 * u2));
@@ -43,10 +46,11 @@ struct NoisyTopK {
         const index_t tokens = in.scores.rows(), e = in.scores.cols();
         Workspace::Scope scope(ws, workspace_bytes(tokens, e));
         const auto h = ws.take<float>(tokens * e);
-        for (index_t t = 0; t < tokens; ++t)
+        // Tokens are independent: in parallel, each writing only its own row of h and plan.
+        detail::parallel_for(tokens, tokens * e * (k + 8), [&](index_t t) {
             for (index_t x = 0; x < e; ++x)
-                h[std::size_t(t * e + x)] = in.selection_scores(t, x) + noise_std * noise(t, x);
-        for (index_t t = 0; t < tokens; ++t) {
+                h[std::size_t(t * e + x)] =
+                    in.selection_scores(t, x) + noise_std * noise(in.context.position(t), x, in.context.noise_seed);
             const auto ids = plan.ids(t);
             const auto w = plan.weights(t);
             const float* row = h.data() + t * e;
@@ -57,7 +61,7 @@ struct NoisyTopK {
             const float top = row[ids[0]];
             for (index_t j = 0; j < k; ++j) sum += std::exp(double(row[ids[std::size_t(j)]]) - top);
             for (index_t j = 0; j < k; ++j) w[std::size_t(j)] = float(std::exp(double(row[ids[std::size_t(j)]]) - top) / sum);
-        }
+        });
     }
 };
 

@@ -39,6 +39,16 @@ struct RouterOptions {
     std::vector<float> selection_bias = {};
 };
 
+namespace detail {
+/// Whether a router reads its logits: false for a selection policy that declares
+/// `uses_logits = false` (hash routing), so the layer can skip the gate GEMM.
+template <class R>
+inline constexpr bool router_uses_logits = [] {
+    if constexpr (requires { R::selection_type::uses_logits; }) return bool(R::selection_type::uses_logits);
+    else return true;
+}();
+} // namespace detail
+
 template <class R>
 concept Router = requires(const R& r, ConstMatrixView<float> logits, const RouterContext& ctx, RoutingPlan& plan,
                           Workspace& ws, index_t tokens) {
@@ -100,16 +110,19 @@ public:
                                                    " for expert ", e, ", expected finite logits"));
         const index_t tokens = logits.rows();
         Workspace::Scope scope(ws, workspace_bytes(tokens));
+        // Scores are per token: in parallel over tokens (as are the token-independent policies'
+        // selections), each token's row computed the same way whatever the thread count.
         MatrixView<float> scores = ws.take_matrix<float>(tokens, experts_);
-        for (index_t t = 0; t < tokens; ++t) Score::apply(logits.row(t), scores.row(t));
-        ConstMatrixView<float> selection_scores = scores;
-        if (!options_.selection_bias.empty()) {
-            MatrixView<float> biased = ws.take_matrix<float>(tokens, experts_);
-            for (index_t t = 0; t < tokens; ++t)
+        MatrixView<float> biased = options_.selection_bias.empty() ? MatrixView<float>{}
+                                                                   : ws.take_matrix<float>(tokens, experts_);
+        detail::parallel_for(tokens, tokens * experts_ * 8, [&](index_t t) {
+            Score::apply(logits.row(t), scores.row(t));
+            if (!options_.selection_bias.empty())
                 for (index_t e = 0; e < experts_; ++e)
                     biased(t, e) = scores(t, e) + options_.selection_bias[std::size_t(e)];
-            selection_scores = biased;
-        }
+        });
+        const ConstMatrixView<float> selection_scores = options_.selection_bias.empty() ? ConstMatrixView<float>(scores)
+                                                                                        : ConstMatrixView<float>(biased);
         plan.reset(tokens, experts_, slots());
         selection_.select(SelectionInput{logits, scores, selection_scores, context}, plan, ws);
         apply_weighting(plan);

@@ -9,19 +9,17 @@
 #include <span>
 #include <string_view>
 
+#include "hypermoe/core/context.hpp"
 #include "hypermoe/core/matrix.hpp"
+#include "hypermoe/core/parallel.hpp"
 #include "hypermoe/core/workspace.hpp"
 #include "hypermoe/router/routing_plan.hpp"
 
 namespace hypermoe {
 
-/// What a router is given besides the logits.
-struct RouterContext {
-    /// Token ids (T), for hash routing; empty otherwise.
-    std::span<const std::int32_t> token_ids = {};
-    /// Tokens per sequence for per-sequence capacity (Switch); 0 = all tokens form one sequence.
-    index_t sequence_length = 0;
-};
+/// What a router is given besides the logits: the forward call's Context (core/context.hpp).
+/// The older name stays as an alias; it is the same type.
+using RouterContext = Context;
 
 /// The inputs of a selection policy, all (T, E).
 struct SelectionInput {

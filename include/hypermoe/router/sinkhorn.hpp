@@ -1,6 +1,7 @@
 #pragma once
 // Balanced assignment by Sinkhorn iterations (S-BASE, Clark et al., arXiv 2202.01169; BASE
-// layers, Lewis et al., arXiv 2103.16716): starting from P = exp(selection score - row max),
+// layers, Lewis et al., arXiv 2103.16716): starting from P = exp(logit + selection bias - row
+// max) (on the logits, as S-BASE: a softmax's probabilities would flatten P to within e^1),
 // alternately scale columns so every expert holds T / E of the mass and rows so every token holds
 // 1, a fixed number of times; each token then goes to the argmax of its balanced row (ties:
 // lower index), weighted by its (unbalanced) score. Iterations run in double; the result is
@@ -33,10 +34,14 @@ struct SinkhornBalanced {
         const auto p = ws.take<double>(tokens * e);
         const auto col = ws.take<double>(e);
         const auto at = [&](index_t t, index_t x) -> double& { return p[std::size_t(t * e + x)]; };
+        // The logit plus whatever selection-only bias the router adds to its scores.
+        const auto logit = [&](index_t t, index_t x) {
+            return double(in.logits(t, x)) + (double(in.selection_scores(t, x)) - double(in.scores(t, x)));
+        };
         for (index_t t = 0; t < tokens; ++t) {
-            float m = in.selection_scores(t, 0);
-            for (index_t x = 1; x < e; ++x) m = std::max(m, in.selection_scores(t, x));
-            for (index_t x = 0; x < e; ++x) at(t, x) = std::exp(double(in.selection_scores(t, x)) - m);
+            double m = logit(t, 0);
+            for (index_t x = 1; x < e; ++x) m = std::max(m, logit(t, x));
+            for (index_t x = 0; x < e; ++x) at(t, x) = std::exp(logit(t, x) - m);
         }
         const double per_expert = double(tokens) / double(e);
         for (index_t it = 0; it < iterations; ++it) {

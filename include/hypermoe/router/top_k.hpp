@@ -21,7 +21,8 @@ struct TopK {
     }
     void select(const SelectionInput& in, RoutingPlan& plan, Workspace& /*ws*/) const {
         const index_t e = in.scores.cols();
-        for (index_t t = 0; t < in.scores.rows(); ++t) {
+        // Tokens are independent: in parallel, each writing only its own plan row.
+        detail::parallel_for(in.scores.rows(), in.scores.rows() * e * k, [&](index_t t) {
             const auto ids = plan.ids(t);
             const auto w = plan.weights(t);
             detail::ordered_top_k(
@@ -30,7 +31,7 @@ struct TopK {
                     ids[std::size_t(j)] = std::int32_t(i);
                     w[std::size_t(j)] = in.scores(t, i);
                 });
-        }
+        });
     }
 };
 

@@ -9,7 +9,7 @@
 #include <utility>
 #include <vector>
 
-#include "hypermoe/layer/layer_concept.hpp"
+#include "hypermoe/core/layer_concept.hpp"
 
 namespace hypermoe {
 
@@ -42,7 +42,8 @@ public:
         return 2 * detail::padded_bytes<float>(rows, hidden) + inner;
     }
 
-    void forward(ConstMatrixView<float> x, MatrixView<float> y, Workspace& ws) const {
+    /// Runs the layers in order; each gets `ctx` (token ids, sequence layout, routing sink).
+    void forward(ConstMatrixView<float> x, MatrixView<float> y, Workspace& ws, const Context& ctx = {}) const {
         if (layers_.empty()) throw shape_error("DynamicStack::forward: the stack has no layers");
         detail::check_forward_shapes(x, y, in_width(), out_width(), "DynamicStack");
         Workspace::Scope scope(ws, workspace_bytes(x.rows()));
@@ -52,10 +53,10 @@ public:
         ConstMatrixView<float> in = x;
         for (std::size_t i = 0; i < layers_.size(); ++i) {
             if (i + 1 == layers_.size()) {
-                layers_[i]->forward(in, y, ws);
+                layers_[i]->forward(in, y, ws, ctx);
             } else {
                 MatrixView<float> out(buffers[i % 2], x.rows(), layers_[i]->out_width());
-                layers_[i]->forward(in, out, ws);
+                layers_[i]->forward(in, out, ws, ctx);
                 in = out;
             }
         }
@@ -67,7 +68,7 @@ private:
         [[nodiscard]] virtual index_t in_width() const noexcept = 0;
         [[nodiscard]] virtual index_t out_width() const noexcept = 0;
         [[nodiscard]] virtual std::size_t workspace_bytes(index_t rows) const = 0;
-        virtual void forward(ConstMatrixView<float> x, MatrixView<float> y, Workspace& ws) const = 0;
+        virtual void forward(ConstMatrixView<float> x, MatrixView<float> y, Workspace& ws, const Context& ctx) const = 0;
     };
     template <class L>
     struct Model final : Concept {
@@ -77,8 +78,8 @@ private:
         [[nodiscard]] std::size_t workspace_bytes(index_t rows) const override {
             return layer.workspace_bytes(rows);
         }
-        void forward(ConstMatrixView<float> x, MatrixView<float> y, Workspace& ws) const override {
-            layer.forward(x, y, ws);
+        void forward(ConstMatrixView<float> x, MatrixView<float> y, Workspace& ws, const Context& ctx) const override {
+            layer.forward(x, y, ws, ctx);
         }
         L layer;
     };

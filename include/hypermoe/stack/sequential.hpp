@@ -11,7 +11,7 @@
 #include <utility>
 
 #include "hypermoe/core/extents.hpp"
-#include "hypermoe/layer/layer_concept.hpp"
+#include "hypermoe/core/layer_concept.hpp"
 
 namespace hypermoe {
 
@@ -55,12 +55,13 @@ public:
         return 2 * detail::padded_bytes<float>(rows, max_hidden_width()) + inner;
     }
 
-    void forward(ConstMatrixView<float> x, MatrixView<float> y, Workspace& ws) const {
+    /// Runs the layers in order; each gets `ctx` (token ids, sequence layout, routing sink).
+    void forward(ConstMatrixView<float> x, MatrixView<float> y, Workspace& ws, const Context& ctx = {}) const {
         detail::check_forward_shapes(x, y, in_width(), out_width(), "Sequential");
         Workspace::Scope scope(ws, workspace_bytes(x.rows()));
         const index_t w = max_hidden_width();
         std::array<float*, 2> buffers{ws.take<float>(x.rows() * w).data(), ws.take<float>(x.rows() * w).data()};
-        forward_from<0>(x, y, ws, buffers);
+        forward_from<0>(x, y, ws, ctx, buffers);
     }
 
 private:
@@ -88,15 +89,15 @@ private:
     }
 
     template <std::size_t I>
-    void forward_from(ConstMatrixView<float> in, MatrixView<float> y, Workspace& ws,
+    void forward_from(ConstMatrixView<float> in, MatrixView<float> y, Workspace& ws, const Context& ctx,
                       const std::array<float*, 2>& buffers) const {
         const auto& l = std::get<I>(layers_);
         if constexpr (I + 1 == size) {
-            l.forward(in, y, ws);
+            l.forward(in, y, ws, ctx);
         } else {
             MatrixView<float> out(buffers[I % 2], in.rows(), l.out_width());
-            l.forward(in, out, ws);
-            forward_from<I + 1>(out, y, ws, buffers);
+            l.forward(in, out, ws, ctx);
+            forward_from<I + 1>(out, y, ws, ctx, buffers);
         }
     }
 

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "hypermoe/core/matrix.hpp"
+#include "hypermoe/router/losses.hpp"
 #include "hypermoe/router/routing_plan.hpp"
 #include "hypermoe/router/score.hpp"
 
@@ -16,7 +17,8 @@ namespace hypermoe {
 struct RoutingStats {
     /// Kept assignments per expert (the rows each expert computes).
     std::vector<index_t> tokens_per_expert;
-    /// Coefficient of variation of tokens_per_expert (population std / mean); 0 = balanced.
+    /// Coefficient of variation of tokens_per_expert: sqrt(cv_squared(load(plan))), the one
+    /// definition the load loss uses too (sample std / mean, as Shazeer et al.); 0 = balanced.
     double load_cv = 0;
     /// max / mean of tokens_per_expert; 1 = balanced.
     double max_over_mean = 0;
@@ -45,12 +47,8 @@ struct RoutingStats {
         s.experts_used += n > 0;
     }
     const double mean = e_count > 0 ? sum / double(e_count) : 0;
-    if (mean > 0) {
-        double var = 0;
-        for (const index_t n : s.tokens_per_expert) var += (double(n) - mean) * (double(n) - mean);
-        s.load_cv = std::sqrt(var / double(e_count)) / mean;
-        s.max_over_mean = double(most) / mean;
-    }
+    if (mean > 0) s.max_over_mean = double(most) / mean;
+    s.load_cv = std::sqrt(cv_squared(load(plan)));
     for (index_t t = 0; t < t_count; ++t) s.dropped += !plan.kept(t);
     if (t_count > 1) {
         double overlap = 0;

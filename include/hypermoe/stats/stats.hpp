@@ -1,4 +1,5 @@
 #pragma once
-// stats/: RoutingStats.
+// stats/: RoutingStats, and the routing sinks that collect them (or the plans) during a forward call.
 
+#include "hypermoe/stats/routing_sinks.hpp"
 #include "hypermoe/stats/routing_stats.hpp"

@@ -2,13 +2,17 @@
 // The Layer concept: a row-wise map from (M, in_width) to (M, out_width) activations. Widths
 // are static (a compile-time constant) or `dynamic`; the row count M is always a run-time value.
 // A layer reports the scratch it needs for M rows and takes it from the caller's Workspace, so a
-// forward call allocates nothing once the workspace has grown (see core/workspace.hpp).
+// forward call allocates nothing once the workspace has grown (see core/workspace.hpp). Its
+// forward takes the call's Context (core/context.hpp) and passes it to what it contains.
+//
+// Also here, below every part that builds layers: the shape checks they share.
 
 #include <concepts>
 #include <cstddef>
 #include <cstdint>
 #include <string_view>
 
+#include "hypermoe/core/context.hpp"
 #include "hypermoe/core/error.hpp"
 #include "hypermoe/core/extents.hpp"
 #include "hypermoe/core/matrix.hpp"
@@ -18,13 +22,15 @@
 namespace hypermoe {
 
 template <class L>
-concept Layer = requires(const L& layer, ConstMatrixView<float> x, MatrixView<float> y, Workspace& ws, index_t rows) {
+concept Layer = requires(const L& layer, ConstMatrixView<float> x, MatrixView<float> y, Workspace& ws, index_t rows,
+                         const Context& ctx) {
     { L::static_in_width } -> std::convertible_to<index_t>;
     { L::static_out_width } -> std::convertible_to<index_t>;
     { layer.in_width() } -> std::same_as<index_t>;
     { layer.out_width() } -> std::same_as<index_t>;
     { layer.workspace_bytes(rows) } -> std::same_as<std::size_t>;
-    layer.forward(x, y, ws);
+    layer.forward(x, y, ws, ctx);
+    layer.forward(x, y, ws); // the context defaults to Context{}
 };
 
 namespace detail {
@@ -51,6 +57,22 @@ inline void check_forward_shapes(ConstMatrixView<float> x, MatrixView<float> y, 
     if (overlap(x, y))
         throw shape_error(concat(who, "::forward: output y overlaps input x; in-place forward is not supported, "
                                       "expected separate buffers"));
+}
+
+/// Checks a weight's shape against (rows, cols) and that it agrees with the type's static widths.
+inline void check_weight_shape(const WeightView& w, index_t rows, index_t cols, std::string_view who,
+                               std::string_view what) {
+    if (w.rows() != rows || w.cols() != cols)
+        throw weight_error(concat(who, ": weight '", what, "' has shape ", shape_str(w.rows(), w.cols()),
+                                  ", expected ", shape_str(rows, cols)));
+}
+
+/// A width read off a weight must agree with the type's static width: a weight_error otherwise.
+inline void check_weight_width(index_t static_value, index_t from_weight, std::string_view who,
+                               std::string_view width, std::string_view what) {
+    if (static_value != dynamic && static_value != from_weight)
+        throw weight_error(concat(who, ": weight '", what, "' gives ", width, " = ", from_weight,
+                                  ", but the type fixes ", width, " = ", static_value));
 }
 
 } // namespace detail
