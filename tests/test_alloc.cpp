@@ -10,9 +10,15 @@
 #include <cerrno>
 #include <cstddef>
 #include <cstdlib>
+#include <filesystem>
 #include <new>
+#include <string>
+
+#include <unistd.h>
 
 #include <omp.h>
+
+#include <hypermoe/io/io.hpp>
 
 #include "test_support.hpp"
 
@@ -190,3 +196,24 @@ TEST_CASE_TEMPLATE_DEFINE("MoE layer forward allocates nothing after warm-up (d 
     CHECK(one.count == 0);
 }
 TEST_CASE_TEMPLATE_APPLY(no_alloc, test::all_backends);
+
+TEST_CASE("load_model holds one hypernetwork per stack, not one per block (counted in bytes)" *
+          doctest::skip(!HYPERMOE_COUNT_ALLOCATIONS)) {
+    namespace fs = std::filesystem;
+    const fs::path dir = fs::temp_directory_path() / ("hypermoe-alloc-model-" + std::to_string(::getpid()));
+    const index_t d = 32, r = 8, h = 16, dl = 4, layers = 4;
+    write_synthetic_checkpoint(dir.string(), {.family = Family::hypermoe_gpt2, .d_model = d, .experts = 4, .top_k = 2,
+                                              .layers = layers, .adapter_rank = r, .hyper_dim = h, .layer_dim = dl});
+    const Checkpoint ck(dir.string());
+    // One hypernetwork's weights (f32): trunk, the two weight heads, the two bias heads.
+    const long hyper_bytes = long(sizeof(float)) * long(h * (h + dl) + 2 * d * r * h + r * h + d * h);
+    long before = allocated_bytes.load();
+    { const auto model = load_model<reference>(ck); }
+    const long whole = allocated_bytes.load() - before;
+    before = allocated_bytes.load();
+    for (index_t l = 0; l < layers; ++l) (void)load_moe_block<reference>(ck, l); // each its own hypernetwork
+    const long separate = allocated_bytes.load() - before;
+    MESSAGE("load_model: ", whole, " bytes allocated; block by block: ", separate, "; one hypernetwork: ", hyper_bytes);
+    CHECK(separate - whole >= (layers - 1) * hyper_bytes);
+    fs::remove_all(dir);
+}

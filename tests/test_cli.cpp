@@ -103,9 +103,16 @@ TEST_CASE("hypermoe inspect and bench") {
     for (std::size_t at = 0; (at = b.out.find('\n', at)) != std::string::npos; ++at) ++lines;
     CHECK(lines == 9); // native + 8 routers, one JSON object each
     const auto first = nlohmann::json::parse(b.out.substr(0, b.out.find('\n')));
-    for (const char* key : {"router", "tokens", "median_ms", "min_ms", "tokens_per_s", "gflops", "load_cv", "max_over_mean",
-                            "dropped", "entropy"})
+    for (const char* key : {"router", "tokens", "median_ms", "min_ms", "route_ms", "tokens_per_s", "gflops", "load_cv",
+                            "max_over_mean", "dropped", "entropy"})
         CHECK(first.contains(key));
+    // Every row times its routing policy alone (a time: no assertion on its size).
+    for (std::size_t at = 0, next; (next = b.out.find('\n', at)) != std::string::npos; at = next + 1) {
+        const auto row = nlohmann::json::parse(b.out.substr(at, next - at));
+        CAPTURE(row.dump());
+        CHECK(row["route_ms"].is_number());
+        CHECK(row["route_ms"].get<double>() >= 0);
+    }
     const Result h = run_cli("bench --family hypermoe_switch --d-model 32 --d-ff 64 --tokens 8 --repeat 2 --hyper off");
     REQUIRE_MESSAGE(h.status == 0, h.err);
     CHECK(h.out.find("native+hyper:off") != std::string::npos);

@@ -255,6 +255,32 @@ TEST_CASE_TEMPLATE_DEFINE("cache: precompute, budget, invalidation, concurrent u
 }
 TEST_CASE_TEMPLATE_APPLY(cache_behaviour, test::all_backends);
 
+TEST_CASE_TEMPLATE_DEFINE("copies share weights, hypernetwork and cache on every backend", B, copies) {
+    // One rule on every backend: a linear map is never copied, layers hold theirs shared.
+    static_assert(!std::is_copy_constructible_v<typename B::template linear<Identity>>);
+    static_assert(std::is_copy_constructible_v<HyperMoeLayer<FfnExpert<B, GeluTanh>, TopKRouter>>);
+    const RandomHyper parts(16, 8, 4, 5);
+    const auto layer = parts.layer<B>(2, 1, parts.hypernetwork<B>());
+    const auto copy = layer;
+    for (index_t e = 0; e < 8; ++e) {
+        CHECK(&copy.moe().expert(e).up() == &layer.moe().expert(e).up());
+        CHECK(&copy.moe().expert(e).down() == &layer.moe().expert(e).down());
+    }
+    CHECK(&copy.hypernetwork() == &layer.hypernetwork());
+    CHECK(&copy.cache() == &layer.cache());
+    // The copy computes the same bits, and fills the cache both use.
+    const Matrix<float> x = random_matrix(16, 16, 3);
+    const HyperRun a = run(layer, x);
+    const std::size_t cached = std::size_t(layer.cache().size());
+    const HyperRun b = run(copy, x);
+    CHECK(bitwise(a.y, b.y));
+    CHECK(std::size_t(copy.cache().size()) == cached);
+    // Moving keeps the same weights too.
+    auto moved = std::move(copy);
+    CHECK(&moved.moe().expert(0).down() == &layer.moe().expert(0).down());
+}
+TEST_CASE_TEMPLATE_APPLY(copies, test::all_backends);
+
 TEST_CASE("HyperMoE errors name both sides") {
     const RandomHyper parts(16, 6, 4, 1);
     const auto hyper = parts.hypernetwork<reference>();

@@ -167,6 +167,47 @@ TEST_CASE_TEMPLATE_DEFINE("a loaded block is a Layer: in a stack, the context re
 }
 TEST_CASE_TEMPLATE_APPLY(block_in_stack, test::all_backends);
 
+TEST_CASE_TEMPLATE_DEFINE("load_model loads every MoE block once, one hypernetwork per stack", B, whole_model) {
+    // Every fixture: the model's blocks are describe()'s, each the same as loading it alone.
+    for (const auto& name : all_cases) {
+        CAPTURE(name);
+        const Checkpoint ck(data_dir + "/" + name);
+        const LoadedModel<B> model = load_model<B>(ck);
+        REQUIRE(model.size() == describe(ck).moe_blocks.size());
+        const Expected e(ck.dir());
+        const auto& block = model.block(e.layer(), e.stack());
+        CHECK(block.block() == MoeBlockRef{e.layer(), e.stack()});
+        const Matrix<float> x = e.x();
+        Matrix<float> y(x.rows(), x.cols()), alone(x.rows(), x.cols());
+        Workspace ws;
+        const Context ctx{.sequence_length = e.sequence_length()};
+        block.forward(x.view(), y.view(), ws, ctx);
+        load_moe_block<B>(ck, e.layer(), e.stack()).forward(x.view(), alone.view(), ws, ctx);
+        CHECK(relative_error(y.view(), alone.view()) == 0.0);
+    }
+    // Several HyperMoE blocks per stack: one hypernetwork per stack, shared by address.
+    for (const Family family : {Family::hypermoe_gpt2, Family::hypermoe_switch}) {
+        CAPTURE(to_string(family));
+        const TempDir dir(std::string("model-") + std::string(to_string(family)));
+        write_synthetic_checkpoint(dir.path.string(), {.family = family, .d_model = 16, .d_ff = 32, .experts = 4,
+                                                       .top_k = family == Family::hypermoe_gpt2 ? 2 : 1, .layers = 4});
+        const LoadedModel<B> model = load_model<B>(Checkpoint(dir.path.string()));
+        const bool two_stacks = family == Family::hypermoe_switch;
+        REQUIRE(model.size() == 4u); // gpt2: blocks 0-3; switch: blocks 1 and 3 of each stack
+        for (const auto& b : model) {
+            const auto& first = model.blocks()[b.block().stack == "decoder" ? 2 : 0];
+            CHECK(b.shared_hypernetwork() == first.shared_hypernetwork());
+        }
+        if (two_stacks) CHECK(model.blocks()[0].shared_hypernetwork() != model.blocks()[2].shared_hypernetwork());
+        CHECK_THROWS_WITH_AS((void)model.block(two_stacks ? 2 : 9),
+                             doctest::Contains(two_stacks ? "block encoder 2 is not an MoE block; MoE blocks: encoder 1, "
+                                                            "encoder 3, decoder 1, decoder 3"
+                                                          : "block 9 is not an MoE block; MoE blocks: 0, 1, 2, 3"),
+                             config_error);
+    }
+}
+TEST_CASE_TEMPLATE_APPLY(whole_model, test::all_backends);
+
 TEST_CASE("bf16 storage of f32 weights stays within bf16 rounding") {
     const std::string dir = data_dir + "/mixtral-basic";
     const Checkpoint ck(dir);
@@ -197,6 +238,18 @@ TEST_CASE("describe lists the MoE blocks of each family") {
     CHECK(h.dtypes == std::set<std::string>{"F32"});
     CHECK_THROWS_WITH_AS((void)load_moe_block<reference>(Checkpoint(data_dir + "/deepseek_v3-basic"), 0),
                          doctest::Contains("block 0 is not an MoE block; MoE blocks: 1, 2"), config_error);
+    // DeepSeek's moe_layer_freq: every freq-th layer from first_k_dense_replace on.
+    nlohmann::json config = Checkpoint(data_dir + "/deepseek_v3-basic").config();
+    config["num_hidden_layers"] = 7, config["first_k_dense_replace"] = 1, config["moe_layer_freq"] = 2;
+    CHECK(describe(config, "c.json").moe_blocks == std::vector<MoeBlockRef>{{2, ""}, {4, ""}, {6, ""}});
+    config["moe_layer_freq"] = 0;
+    CHECK_THROWS_WITH_AS((void)describe(config, "c.json"), "c.json: 'moe_layer_freq' is 0, expected >= 1", config_error);
+    // Switch's router_bias: the classifier's bias is not loaded, so a model with one is refused.
+    nlohmann::json sw = Checkpoint(data_dir + "/switch_transformers-basic").config();
+    sw["router_bias"] = true;
+    CHECK_THROWS_WITH_AS((void)describe(sw, "s.json"),
+                         "s.json: 'router_bias' is true, supported: false (the router classifier's bias is not loaded)",
+                         config_error);
 }
 
 TEST_CASE("malformed safetensors images give weight_errors naming the problem") {

@@ -155,7 +155,8 @@ int run(const Args& a) {
     const hm::Matrix<float> x = in.view().to_f32(*xi);
     const hm::RouterContext context{.sequence_length = xi->shape.size() == 3 ? xi->shape[1] : 0};
     return with_backend(a.get("--backend", default_backend()), [&]<class B>() {
-        const auto block = hm::load_moe_block<B>(ck, layer, stack, {.storage = weights_of(a)});
+        const auto model = hm::load_model<B>(ck, {.storage = weights_of(a)});
+        const auto& block = model.block(layer, stack);
         if (x.cols() != block.d_model())
             throw usage_error(input + ": 'x' has " + std::to_string(x.cols()) + " columns, the model's d_model is " +
                               std::to_string(block.d_model()));
@@ -216,6 +217,7 @@ struct BenchRow {
     std::string router;
     hm::index_t tokens = 0;
     double median_ms = 0, min_ms = 0, gflops = 0;
+    double route_ms = 0; // the routing policy alone, on precomputed logits (median)
     hm::RoutingStats stats;
 };
 
@@ -253,6 +255,7 @@ BenchRow bench_router(const hm::LoadedMoeBlock<B>& block, const std::string& nam
             moe.apply(x.view(), plan, y.view(), ws);
         });
     });
+    row.route_ms = time_it(repeat, [&] { router.route(logits.view(), ctx, plan, ws); }).first;
     row.stats = hm::routing_stats(plan, logits.view());
     row.gflops = flops_per_row * double(plan.rows()) / (row.median_ms * 1e6);
     return row;
@@ -293,7 +296,8 @@ int bench(const Args& a) {
 
     return with_backend(a.get("--backend", default_backend()), [&]<class B>() {
         const hm::HyperOptions hopt{.mode = hyper == "per-token" ? hm::HyperMode::per_token : hm::HyperMode::cached};
-        const auto block = hm::load_moe_block<B>(ck, layer, stack, {.storage = weights_of(a), .hyper = hopt});
+        const auto model = hm::load_model<B>(ck, {.storage = weights_of(a), .hyper = hopt});
+        const auto& block = model.block(layer, stack);
         const hm::index_t d = block.d_model(), e = info.experts, k = info.top_k;
         const bool two_stacks = info.family == hm::Family::switch_transformers || info.family == hm::Family::hypermoe_switch;
         const hm::index_t seq = two_stacks ? tokens : 0;
@@ -313,8 +317,12 @@ int bench(const Args& a) {
             hm::Workspace ws;
             std::tie(row.median_ms, row.min_ms) =
                 time_it(repeat, [&] { block.forward(x.view(), y.view(), ws, plan, {.sequence_length = seq}, hyper != "off"); });
-            hm::Matrix<float> logits(tokens, e); // for the entropy, outside the timed loop
-            block.visit_moe([&](const auto& moe) { moe.router_logits(x.view(), logits.view(), ws); });
+            hm::Matrix<float> logits(tokens, e); // for the entropy and route_ms, outside the timed loop
+            block.visit_moe([&](const auto& moe) {
+                moe.router_logits(x.view(), logits.view(), ws);
+                hm::RoutingPlan p;
+                row.route_ms = time_it(repeat, [&] { moe.router().route(logits.view(), {.sequence_length = seq}, p, ws); }).first;
+            });
             row.stats = hm::routing_stats(plan, logits.view());
             row.gflops = flops_per_row * double(plan.rows()) / (row.median_ms * 1e6);
             if (block.is_hyper()) row.router = "native+hyper:" + hyper;
@@ -338,20 +346,22 @@ int bench(const Args& a) {
                         static_cast<long long>(layer), static_cast<long long>(d), static_cast<long long>(e), info.expert_kind.c_str(),
                         static_cast<long long>(info.d_ff), static_cast<long long>(k), static_cast<long long>(tokens),
                         std::string(B::name).c_str(), a.get("--weights", "f32").c_str());
-            std::printf("%-22s %9s %9s %11s %8s %7s %8s %7s %7s\n", "router", "median_ms", "min_ms", "tokens/s", "GFLOP/s",
-                        "load_cv", "max/mean", "dropped", "entropy");
+            std::printf("%-22s %9s %9s %9s %11s %8s %7s %8s %7s %7s\n", "router", "median_ms", "min_ms", "route_ms", "tokens/s",
+                        "GFLOP/s", "load_cv", "max/mean", "dropped", "entropy");
         }
         for (const auto& r : rows) {
             const double tps = double(r.tokens) / (r.median_ms * 1e-3);
             const double entropy = r.stats.entropy.value_or(std::nan(""));
             if (json) {
                 const nlohmann::json j{{"router", r.router}, {"tokens", r.tokens}, {"median_ms", r.median_ms}, {"min_ms", r.min_ms},
+                                       {"route_ms", r.route_ms},
                                        {"tokens_per_s", tps}, {"gflops", r.gflops}, {"load_cv", r.stats.load_cv},
                                        {"max_over_mean", r.stats.max_over_mean}, {"dropped", r.stats.dropped},
                                        {"entropy", r.stats.entropy ? nlohmann::json(entropy) : nlohmann::json(nullptr)}};
                 std::printf("%s\n", j.dump().c_str());
             } else {
-                std::printf("%-22s %9.3f %9.3f %11.0f %8.1f %7.3f %8.2f %7lld %7.3f\n", r.router.c_str(), r.median_ms, r.min_ms, tps,
+                std::printf("%-22s %9.3f %9.3f %9.4f %11.0f %8.1f %7.3f %8.2f %7lld %7.3f\n", r.router.c_str(), r.median_ms, r.min_ms,
+                            r.route_ms, tps,
                             r.gflops, r.stats.load_cv, r.stats.max_over_mean, static_cast<long long>(r.stats.dropped), entropy);
             }
         }
@@ -380,30 +390,31 @@ int demo() {
                 static_cast<long long>(4 * m.d_model), static_cast<long long>(m.top_k), static_cast<long long>(m.adapter_rank),
                 backend.c_str());
     return with_backend(backend, [&]<class B>() {
-        const auto b0 = hm::load_moe_block<B>(ck, 0);
-        const auto b1 = hm::load_moe_block<B>(ck, 1, "", {}, b0.shared_hypernetwork());
-        const auto p0 = hm::load_moe_block<B>(ck, 0, "", {.hyper = {.mode = hm::HyperMode::per_token}});
-        const auto p1 = hm::load_moe_block<B>(ck, 1, "", {.hyper = {.mode = hm::HyperMode::per_token}}, p0.shared_hypernetwork());
+        // Every MoE block at once (one hypernetwork for the stack), as a residual stack:
+        // h = x + block0(x), y = h + block1(h). The per-token model is the reference.
+        const auto cached = hm::load_model<B>(ck);
+        const auto per_token = hm::load_model<B>(ck, {.hyper = {.mode = hm::HyperMode::per_token}});
+        const auto residual_stack = [](const hm::LoadedModel<B>& model) {
+            hm::DynamicStack s;
+            for (const auto& block : model) s.push_back(hm::Residual(block)); // copies share the weights
+            return s;
+        };
+        const hm::DynamicStack stack = residual_stack(cached), reference = residual_stack(per_token);
+        const hm::LoadedMoeBlock<B>& b0 = cached.block(0);
+        const hm::LoadedMoeBlock<B>& b1 = cached.block(1);
         const hm::index_t tokens = 256, d = m.d_model;
-        hm::Matrix<float> x(tokens, d), h(tokens, d), y(tokens, d), h_ref(tokens, d), y_ref(tokens, d), tmp(tokens, d);
+        hm::Matrix<float> x(tokens, d), y(tokens, d), y_ref(tokens, d);
         for (hm::index_t i = 0; i < tokens * d; ++i)
             x.data()[i] = float(double(hm::detail::splitmix64(std::uint64_t(i)) >> 11) * 0x1.0p-53 * 2 - 1);
         hm::Workspace ws;
-        hm::RoutingPlan plan0, plan1;
-        // Residual stream: h = x + block0(x), y = h + block1(h).
-        const auto stack = [&](const auto& l0, const auto& l1, hm::Matrix<float>& hh, hm::Matrix<float>& yy) {
-            l0.forward(x.view(), tmp.view(), ws, plan0);
-            for (hm::index_t i = 0; i < tokens * d; ++i) hh.data()[i] = x.data()[i] + tmp.data()[i];
-            l1.forward(hh.view(), tmp.view(), ws, plan1);
-            for (hm::index_t i = 0; i < tokens * d; ++i) yy.data()[i] = hh.data()[i] + tmp.data()[i];
-        };
+        hm::RoutingRecorder recorder; // the plan of each block, from the routing sink
         const auto t0 = std::chrono::steady_clock::now();
-        stack(b0, b1, h, y);
+        stack.forward(x.view(), y.view(), ws);
         const double cold = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
         const auto t1 = std::chrono::steady_clock::now();
-        stack(b0, b1, h, y);
+        stack.forward(x.view(), y.view(), ws, {.routing_sink = &recorder});
         const double warm = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t1).count();
-        stack(p0, p1, h_ref, y_ref);
+        reference.forward(x.view(), y_ref.view(), ws);
         double diff = 0, scale = 0;
         for (hm::index_t i = 0; i < tokens * d; ++i) {
             diff = std::max(diff, std::abs(double(y.data()[i]) - y_ref.data()[i]));
@@ -411,10 +422,9 @@ int demo() {
         }
         std::printf("ran %lld tokens through the stack: %.3f ms with a cold HyperExpert cache, %.3f ms warm\n",
                     static_cast<long long>(tokens), cold, warm);
-        const hm::RoutingPlan* plans[2] = {&plan0, &plan1};
         const hm::LoadedMoeBlock<B>* blocks[2] = {&b0, &b1};
         for (int i = 0; i < 2; ++i) {
-            const auto s = hm::routing_stats(*plans[i]);
+            const auto s = hm::routing_stats(recorder.plans()[std::size_t(i)]);
             const auto* c = blocks[i]->hyper_cache();
             std::printf("block %d: tokens per expert", i);
             for (const auto n : s.tokens_per_expert) std::printf(" %lld", static_cast<long long>(n));

@@ -8,7 +8,8 @@ struct Widen {
     hypermoe::index_t in_width() const { return In; }
     hypermoe::index_t out_width() const { return Out; }
     std::size_t workspace_bytes(hypermoe::index_t) const { return 0; }
-    void forward(hypermoe::ConstMatrixView<float>, hypermoe::MatrixView<float>, hypermoe::Workspace&) const {}
+    void forward(hypermoe::ConstMatrixView<float>, hypermoe::MatrixView<float>, hypermoe::Workspace&,
+                 const hypermoe::Context& = {}) const {}
 };
 
 hypermoe::Residual<Widen<8, 16>>* instantiate() { return nullptr; }

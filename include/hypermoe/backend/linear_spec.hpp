@@ -3,6 +3,7 @@
 // y = x W^T), an optional bias of N, and options. Validation is shared so that every backend
 // rejects the same inputs with the same messages.
 
+#include <memory>
 #include <optional>
 #include <span>
 #include <string>
@@ -91,6 +92,14 @@ public:
     [[nodiscard]] index_t out_features() const noexcept { return n_; }
     [[nodiscard]] dtype storage() const noexcept { return storage_; }
 
+    // A linear map is never copied: layers hold theirs through Shared (below), so a copied layer
+    // shares its weights on every backend. Moving is allowed.
+    LinearBase(const LinearBase&) = delete;
+    LinearBase& operator=(const LinearBase&) = delete;
+    LinearBase(LinearBase&&) = default;
+    LinearBase& operator=(LinearBase&&) = default;
+    ~LinearBase() = default;
+
 protected:
     LinearBase(const WeightView& w, std::span<const float> bias, const LinearOptions& opt)
         : name_(opt.name), accumulate_(opt.accumulate), k_(w.cols()), n_(w.rows()), storage_(validate_linear(w, bias, opt)) {}
@@ -102,6 +111,29 @@ protected:
     bool accumulate_;
     index_t k_, n_;
     dtype storage_;
+};
+
+/// A linear map in shared, immutable ownership. Every layer holds its linear maps this way, so
+/// copying a layer (an expert, an MoE layer, a loaded block) is cheap and shares the weights,
+/// the same on every backend; the weights are never written after construction, so copies used
+/// from several threads at once are as safe as one layer is. To get separate memory, build or
+/// load the layer again.
+template <class L>
+class Shared {
+public:
+    template <class... Args>
+    explicit Shared(std::in_place_t, Args&&... args) : p_(std::make_shared<const L>(std::forward<Args>(args)...)) {}
+
+    [[nodiscard]] const L& operator*() const noexcept { return *p_; }
+    [[nodiscard]] const L* operator->() const noexcept { return p_.get(); }
+    /// Calls the linear map.
+    template <class... A>
+    void operator()(A&&... args) const {
+        (*p_)(std::forward<A>(args)...);
+    }
+
+private:
+    std::shared_ptr<const L> p_;
 };
 
 /// c = scale * Act(c + bias), in place, row by row.

@@ -422,7 +422,7 @@ struct onednn {
         }
 
         bool has_bias_ = false;
-        std::shared_ptr<detail::OnednnMatmulTable> table_;  ///< shared by copies of this linear
+        std::shared_ptr<detail::OnednnMatmulTable> table_;  ///< stays put when the linear moves
         const detail::OnednnMatmul* matmul_ = nullptr;      ///< the construction's; null when K = 0 or N = 0
         dnnl::memory weights_;
         dnnl::memory bias_;

@@ -60,7 +60,8 @@ inline void check_forward_shapes(ConstMatrixView<float> x, MatrixView<float> y, 
 }
 
 /// Checks a weight's shape against (rows, cols) and that it agrees with the type's static widths.
-inline void check_weight_shape(const WeightView& w, index_t rows, index_t cols, std::string_view who,
+template <class W> // WeightView, or any view with rows() and cols()
+void check_weight_shape(const W& w, index_t rows, index_t cols, std::string_view who,
                                std::string_view what) {
     if (w.rows() != rows || w.cols() != cols)
         throw weight_error(concat(who, ": weight '", what, "' has shape ", shape_str(w.rows(), w.cols()),

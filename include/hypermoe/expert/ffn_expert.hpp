@@ -38,12 +38,16 @@ public:
 
     explicit FfnExpert(const FfnWeights& w, const ExpertOptions& opt = {})
         : Widths(checked_extents(w)),
-          up_(w.up, w.up_bias, {"FfnExpert weight 'up'", false, opt.storage}),
-          down_(w.down, w.down_bias, {"FfnExpert weight 'down'", false, opt.storage}) {}
+          up_(std::in_place, w.up, w.up_bias, LinearOptions{"FfnExpert weight 'up'", false, opt.storage}),
+          down_(std::in_place, w.down, w.down_bias, LinearOptions{"FfnExpert weight 'down'", false, opt.storage}) {}
+
+    /// The linear maps (shared by copies of this expert).
+    [[nodiscard]] const typename B::template linear<Act>& up() const noexcept { return *up_; }
+    [[nodiscard]] const typename B::template linear<Identity>& down() const noexcept { return *down_; }
 
 
     [[nodiscard]] std::size_t workspace_bytes(index_t rows) const {
-        return detail::padded_bytes<float>(rows, d_ff()) + std::max(up_.workspace_bytes(rows), down_.workspace_bytes(rows));
+        return detail::padded_bytes<float>(rows, d_ff()) + std::max(up_->workspace_bytes(rows), down_->workspace_bytes(rows));
     }
 
     /// y = down(Act(up x + b_up)) + b_down for x (M, d_model), y (M, d_model).
@@ -64,8 +68,8 @@ private:
         return extents<D, FF>(d, ff);
     }
 
-    typename B::template linear<Act> up_;
-    typename B::template linear<Identity> down_;
+    detail::Shared<typename B::template linear<Act>> up_;
+    detail::Shared<typename B::template linear<Identity>> down_;
 };
 
 } // namespace hypermoe

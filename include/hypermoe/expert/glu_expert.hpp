@@ -37,12 +37,16 @@ public:
 
     explicit GluExpert(const GluWeights& w, const ExpertOptions& opt = {})
         : Widths(checked_extents(w)), gate_up_(fused_gate_up(w, opt)),
-          down_(w.down, w.down_bias, {"GluExpert weight 'down'", false, opt.storage}) {}
+          down_(std::in_place, w.down, w.down_bias, LinearOptions{"GluExpert weight 'down'", false, opt.storage}) {}
+
+    /// The linear maps: [gate; up] fused, and down (shared by copies of this expert).
+    [[nodiscard]] const typename B::template linear<Identity>& gate_up() const noexcept { return *gate_up_; }
+    [[nodiscard]] const typename B::template linear<Identity>& down() const noexcept { return *down_; }
 
 
     [[nodiscard]] std::size_t workspace_bytes(index_t rows) const {
         return detail::padded_bytes<float>(rows, 2, d_ff()) + detail::padded_bytes<float>(rows, d_ff()) +
-               std::max(gate_up_.workspace_bytes(rows), down_.workspace_bytes(rows));
+               std::max(gate_up_->workspace_bytes(rows), down_->workspace_bytes(rows));
     }
 
     void forward(ConstMatrixView<float> x, MatrixView<float> y, Workspace& ws, const Context& /*ctx*/ = {}) const {
@@ -86,7 +90,7 @@ private:
 
     /// [gate; up] stacked as one (2 ff, d) weight. Values are copied exactly (bf16 widens to
     /// f32 losslessly); storage defaults to bf16 only when both sources are bf16.
-    static typename B::template linear<Identity> fused_gate_up(const GluWeights& w, const ExpertOptions& opt) {
+    static detail::Shared<typename B::template linear<Identity>> fused_gate_up(const GluWeights& w, const ExpertOptions& opt) {
         const index_t d = w.gate.cols(), ff = w.gate.rows();
         Matrix<float> stacked(2 * ff, d);
         for (index_t r = 0; r < ff; ++r)
@@ -102,11 +106,12 @@ private:
         }
         const bool both_bf16 = w.gate.type() == dtype::bf16 && w.up.type() == dtype::bf16;
         const dtype storage = opt.storage.value_or(both_bf16 ? dtype::bf16 : dtype::f32);
-        return {ConstMatrixView<float>(stacked.view()), bias, {"GluExpert weight 'gate|up'", false, storage}};
+        return detail::Shared<typename B::template linear<Identity>>(std::in_place, ConstMatrixView<float>(stacked.view()), bias,
+                                                                    LinearOptions{"GluExpert weight 'gate|up'", false, storage});
     }
 
-    typename B::template linear<Identity> gate_up_;
-    typename B::template linear<Identity> down_;
+    detail::Shared<typename B::template linear<Identity>> gate_up_;
+    detail::Shared<typename B::template linear<Identity>> down_;
 };
 
 } // namespace hypermoe

@@ -56,7 +56,7 @@ public:
                   std::shared_ptr<const hypernetwork_type> hypernetwork, HyperOptions options = {})
         : moe_(std::move(moe)), layer_(layer_index), embedding_(std::move(embedding)), projector_(std::move(projector)),
           hyper_(std::move(hypernetwork)), options_(options),
-          cache_(std::make_unique<HyperExpertCache<backend_type>>(moe_.num_experts(), moe_.router().slots(),
+          cache_(std::make_shared<HyperExpertCache<backend_type>>(moe_.num_experts(), moe_.router().slots(),
                                                                   options.cache_budget_bytes)) {
         check_parts();
     }
@@ -313,7 +313,7 @@ static_assert(R::selection_type::fixed_selection,
     Projector<backend_type> projector_;
     std::shared_ptr<const hypernetwork_type> hyper_;
     HyperOptions options_;
-    std::unique_ptr<HyperExpertCache<backend_type>> cache_;
+    std::shared_ptr<HyperExpertCache<backend_type>> cache_; // shared by copies (thread-safe)
 };
 
 } // namespace hypermoe

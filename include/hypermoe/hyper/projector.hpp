@@ -24,20 +24,20 @@ template <Backend B>
 class Projector {
 public:
     explicit Projector(const ProjectorWeights& w)
-        : first_(checked(w), w.first_bias, {"Projector weight 'first'"}),
-          second_(w.second, w.second_bias, {"Projector weight 'second'"}) {}
+        : first_(std::in_place, checked(w), w.first_bias, LinearOptions{"Projector weight 'first'"}),
+          second_(std::in_place, w.second, w.second_bias, LinearOptions{"Projector weight 'second'"}) {}
 
-    [[nodiscard]] index_t in_dim() const noexcept { return first_.in_features(); }
-    [[nodiscard]] index_t out_dim() const noexcept { return second_.out_features(); }
+    [[nodiscard]] index_t in_dim() const noexcept { return first_->in_features(); }
+    [[nodiscard]] index_t out_dim() const noexcept { return second_->out_features(); }
     [[nodiscard]] std::size_t workspace_bytes(index_t rows) const {
-        return detail::padded_bytes<float>(rows, first_.out_features()) +
-               std::max(first_.workspace_bytes(rows), second_.workspace_bytes(rows));
+        return detail::padded_bytes<float>(rows, first_->out_features()) +
+               std::max(first_->workspace_bytes(rows), second_->workspace_bytes(rows));
     }
 
     /// z (n, q) from s (n, d_e).
     void forward(ConstMatrixView<float> s, MatrixView<float> z, Workspace& ws) const {
         Workspace::Scope scope(ws, workspace_bytes(s.rows()));
-        MatrixView<float> h = ws.take_matrix<float>(s.rows(), first_.out_features()); // (n, p)
+        MatrixView<float> h = ws.take_matrix<float>(s.rows(), first_->out_features()); // (n, p)
         first_(s, h, ws);
         second_(h, z, ws);
     }
@@ -48,8 +48,8 @@ private:
         return w.first;
     }
 
-    detail::RowwiseLinear<Relu> first_;
-    detail::RowwiseLinear<Identity> second_;
+    detail::Shared<detail::RowwiseLinear<Relu>> first_;
+    detail::Shared<detail::RowwiseLinear<Identity>> second_;
 };
 
 } // namespace hypermoe

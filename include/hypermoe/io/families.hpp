@@ -201,14 +201,19 @@ inline std::vector<index_t> switch_sparse_blocks(index_t layers, index_t sparse)
                                    c.integer("topk_group", 1), ", top-k, ",
                                    c.boolean_or("norm_topk_prob", false) ? "renormalised" : "not renormalised", ", x ",
                                    c.number_or("routed_scaling_factor", 1.0), ", ungated shared experts");
-        const index_t first = c.integer_or("first_k_dense_replace", 0);
-        for (index_t i = first; i < c.integer("num_hidden_layers", 1); ++i) m.moe_blocks.push_back({i, ""});
+        // As DeepseekV3DecoderLayer: MoE when layer >= first_k_dense_replace and layer % moe_layer_freq == 0.
+        const index_t first = c.integer_or("first_k_dense_replace", 0), freq = c.integer_or("moe_layer_freq", 1, 1);
+        for (index_t i = first; i < c.integer("num_hidden_layers", 1); ++i)
+            if (i % freq == 0) m.moe_blocks.push_back({i, ""});
         break;
     }
     case Family::switch_transformers:
     case Family::hypermoe_switch: {
         m.d_model = c.integer("d_model", 1), m.d_ff = c.integer("d_ff", 1);
         m.experts = c.integer("num_experts", 1), m.top_k = 1;
+        if (c.boolean_or("router_bias", false))
+            throw config_error(detail::concat(file, ": 'router_bias' is true, supported: false (the router classifier's "
+                                                    "bias is not loaded)"));
         m.expert_kind = c.string_or("dense_act_fn", "relu") + " FFN";
         m.routing = detail::concat("softmax, top-1, capacity ", c.integer("expert_capacity", 1),
                                    " per expert per sequence, dropped tokens pass through scaled");
@@ -389,17 +394,26 @@ inline HypernetworkWeights hypernetwork_weights(TensorBinder& t, const std::stri
 
 } // namespace detail
 
-/// Builds MoE block `layer` (of `stack`, for the encoder-decoder families) of a checkpoint.
-/// HyperMoE blocks of one stack should share one hypernetwork: pass the one an earlier block of
-/// the same stack holds (`shared_hypernetwork()`) as `hypernetwork`; by default each block loads
-/// its own copy.
+namespace detail {
+
+/// A config_error naming the model's MoE blocks unless `ref` is one of them.
+inline void check_moe_block(const std::string& dir, const ModelInfo& info, const MoeBlockRef& ref) {
+    if (std::find(info.moe_blocks.begin(), info.moe_blocks.end(), ref) != info.moe_blocks.end()) return;
+    std::string list;
+    for (const auto& b : info.moe_blocks)
+        list += (list.empty() ? "" : ", ") + (b.stack.empty() ? "" : b.stack + " ") + std::to_string(b.layer);
+    throw config_error(detail::concat(dir, ": block ", ref.stack.empty() ? "" : ref.stack + " ", ref.layer,
+                                      " is not an MoE block; MoE blocks: ", list.empty() ? "none" : list));
+}
+
+/// Builds MoE block `layer` of `stack` from a checkpoint whose config was described once as
+/// `info`. A HyperMoE block uses `hypernetwork` when given (its tensors are then not bound again),
+/// else loads its stack's.
 template <Backend B>
-[[nodiscard]] LoadedMoeBlock<B> load_moe_block(const Checkpoint& ck, index_t layer, std::string stack = "",
-                                               const LoadOptions& opt = {},
-                                               std::shared_ptr<const Hypernetwork<B>> hypernetwork = nullptr) {
+[[nodiscard]] LoadedMoeBlock<B> load_block(const Checkpoint& ck, ModelInfo info, index_t layer, std::string stack,
+                                           const LoadOptions& opt, std::shared_ptr<const Hypernetwork<B>> hypernetwork) {
     const std::string file = ck.dir() + "/config.json";
     const ConfigReader c(ck.config(), file);
-    ModelInfo info = describe(ck);
     const bool two_stacks = info.family == Family::switch_transformers || info.family == Family::hypermoe_switch;
     if (two_stacks && stack.empty()) stack = "encoder";
     if (!two_stacks && !stack.empty())
@@ -408,13 +422,7 @@ template <Backend B>
     if (two_stacks && stack != "encoder" && stack != "decoder")
         throw config_error(detail::concat("stack is \"", stack, "\", expected encoder or decoder"));
     const MoeBlockRef ref{layer, stack};
-    if (std::find(info.moe_blocks.begin(), info.moe_blocks.end(), ref) == info.moe_blocks.end()) {
-        std::string list;
-        for (const auto& b : info.moe_blocks)
-            list += (list.empty() ? "" : ", ") + (b.stack.empty() ? "" : b.stack + " ") + std::to_string(b.layer);
-        throw config_error(detail::concat(ck.dir(), ": block ", stack.empty() ? "" : stack + " ", layer,
-                                          " is not an MoE block; MoE blocks: ", list.empty() ? "none" : list));
-    }
+    check_moe_block(ck.dir(), info, ref);
     const index_t d = info.d_model, ff = info.d_ff, e = info.experts, k = info.top_k;
     TensorBinder t(ck, detail::concat(to_string(info.family), " block ", stack.empty() ? "" : stack + " ", layer));
     using L = LoadedMoeBlock<B>;
@@ -498,9 +506,10 @@ template <Backend B>
         const WeightView emb = t.matrix(p + "n_experts_embedding.weight", e, de);
         const ProjectorWeights pw{t.matrix(p + "embedding_process.0.weight", pd, de), t.vector(p + "embedding_process.0.bias", pd),
                                   t.matrix(p + "embedding_process.2.weight", q, pd), t.vector(p + "embedding_process.2.bias", q)};
-        const HypernetworkWeights hw = detail::hypernetwork_weights(t, stack + ".param_gen.", layers, dl, q, h, d, r);
+        std::optional<HypernetworkWeights> hw;
+        if (!hypernetwork) hw = detail::hypernetwork_weights(t, stack + ".param_gen.", layers, dl, q, h, d, r);
         t.finish();
-        auto hyper = hypernetwork ? hypernetwork : std::make_shared<const Hypernetwork<B>>(hw);
+        auto hyper = hypernetwork ? hypernetwork : std::make_shared<const Hypernetwork<B>>(*hw);
         return L(typename L::HyperSwitch(typename L::Switch(gate, router, detail::build_experts<FfnExpert<B, Relu>>(w, opt.storage),
                                                             NoSharedExpert{}, {.dropped = opt.dropped}),
                                          layer, ExpertEmbedding(emb), Projector<B>(pw), std::move(hyper), opt.hyper),
@@ -521,10 +530,10 @@ template <Backend B>
         const WeightView emb = t.matrix(p + "n_experts_embedding.weight", e, de);
         const ProjectorWeights pw{t.matrix(p + "embedding_process.0.weight", pd, de), t.vector(p + "embedding_process.0.bias", pd),
                                   t.matrix(p + "embedding_process.2.weight", q, pd), t.vector(p + "embedding_process.2.bias", q)};
-        const HypernetworkWeights hw =
-            detail::hypernetwork_weights(t, "transformer.param_gen.", c.integer("n_layer", 1), dl, q, h, d, r);
+        std::optional<HypernetworkWeights> hw;
+        if (!hypernetwork) hw = detail::hypernetwork_weights(t, "transformer.param_gen.", c.integer("n_layer", 1), dl, q, h, d, r);
         t.finish();
-        auto hyper = hypernetwork ? hypernetwork : std::make_shared<const Hypernetwork<B>>(hw);
+        auto hyper = hypernetwork ? hypernetwork : std::make_shared<const Hypernetwork<B>>(*hw);
         const TopKRouter router(e, TopK{k}, {.weighting = {.renormalize = true}});
         return L(typename L::HyperGpt2(MoeLayer(gate, router, detail::build_experts<FfnExpert<B, GeluTanh>>(w, opt.storage)), layer,
                                        ExpertEmbedding(emb), Projector<B>(pw), std::move(hyper), opt.hyper),
@@ -532,6 +541,68 @@ template <Backend B>
     }
     }
     throw config_error("load_moe_block: unknown family");
+}
+
+} // namespace detail
+
+/// Builds MoE block `layer` (of `stack`, for the encoder-decoder families) of a checkpoint.
+/// HyperMoE blocks of one stack should share one hypernetwork: pass the one an earlier block of
+/// the same stack holds (`shared_hypernetwork()`) as `hypernetwork`, or load the whole model
+/// with load_model(), which does; by default each block loads its own copy.
+template <Backend B>
+[[nodiscard]] LoadedMoeBlock<B> load_moe_block(const Checkpoint& ck, index_t layer, std::string stack = "",
+                                               const LoadOptions& opt = {},
+                                               std::shared_ptr<const Hypernetwork<B>> hypernetwork = nullptr) {
+    return detail::load_block<B>(ck, describe(ck), layer, std::move(stack), opt, std::move(hypernetwork));
+}
+
+/// Every MoE block of a checkpoint (both stacks of the encoder-decoder families, in describe()'s
+/// order), loaded at once: the config is described once, each tensor is bound once, and the
+/// HyperMoE blocks of a stack share one hypernetwork. Each block is a Layer (a stack can hold
+/// it); copies of the model share its weights.
+template <Backend B>
+class LoadedModel {
+public:
+    LoadedModel(std::string dir, ModelInfo info, std::vector<LoadedMoeBlock<B>> blocks)
+        : dir_(std::move(dir)), info_(std::move(info)), blocks_(std::move(blocks)) {}
+
+    /// The checkpoint directory it was loaded from.
+    [[nodiscard]] const std::string& dir() const noexcept { return dir_; }
+    [[nodiscard]] const ModelInfo& info() const noexcept { return info_; }
+    [[nodiscard]] std::size_t size() const noexcept { return blocks_.size(); }
+    [[nodiscard]] const std::vector<LoadedMoeBlock<B>>& blocks() const noexcept { return blocks_; }
+    [[nodiscard]] auto begin() const noexcept { return blocks_.begin(); }
+    [[nodiscard]] auto end() const noexcept { return blocks_.end(); }
+
+    /// MoE block `layer` of `stack` ("" = the only stack, or the encoder of the encoder-decoder
+    /// families); the same config_error as load_moe_block when it is not an MoE block.
+    [[nodiscard]] const LoadedMoeBlock<B>& block(index_t layer, std::string stack = "") const {
+        if (stack.empty() && !info_.moe_blocks.empty() && !info_.moe_blocks.front().stack.empty()) stack = "encoder";
+        const MoeBlockRef ref{layer, stack};
+        detail::check_moe_block(dir_, info_, ref);
+        return *std::find_if(blocks_.begin(), blocks_.end(), [&](const auto& b) { return b.block() == ref; });
+    }
+
+private:
+    std::string dir_;
+    ModelInfo info_;
+    std::vector<LoadedMoeBlock<B>> blocks_;
+};
+
+/// Loads every MoE block of `ck` (see LoadedModel).
+template <Backend B>
+[[nodiscard]] LoadedModel<B> load_model(const Checkpoint& ck, const LoadOptions& opt = {}) {
+    ModelInfo info = describe(ck);
+    std::vector<LoadedMoeBlock<B>> blocks;
+    blocks.reserve(info.moe_blocks.size());
+    std::shared_ptr<const Hypernetwork<B>> hyper; // the current stack's
+    std::string hyper_stack;
+    for (const MoeBlockRef& ref : info.moe_blocks) {
+        if (ref.stack != hyper_stack) hyper.reset(), hyper_stack = ref.stack;
+        blocks.push_back(detail::load_block<B>(ck, info, ref.layer, ref.stack, opt, hyper));
+        if (!hyper) hyper = blocks.back().shared_hypernetwork();
+    }
+    return LoadedModel<B>(ck.dir(), std::move(info), std::move(blocks));
 }
 
 } // namespace hypermoe

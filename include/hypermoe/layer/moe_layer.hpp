@@ -48,7 +48,8 @@ public:
     /// gate: the router weight (experts, d_model), nn.Linear layout, no bias.
     MoeLayer(WeightView gate, R router, std::vector<E> experts, Shared shared = {}, MoeOptions options = {})
         : router_(std::move(router)), experts_(std::move(experts)), shared_(std::move(shared)), options_(options),
-          gate_(checked_gate(gate, router_, experts_), std::span<const float>{}, LinearOptions{"MoeLayer weight 'gate'"}) {}
+          gate_(std::in_place, checked_gate(gate, router_, experts_), std::span<const float>{},
+                LinearOptions{"MoeLayer weight 'gate'"}) {}
 
     [[nodiscard]] index_t in_width() const noexcept { return experts_.front().d_model(); }
     [[nodiscard]] index_t out_width() const noexcept { return in_width(); }
@@ -60,7 +61,7 @@ public:
 
     [[nodiscard]] std::size_t route_workspace_bytes(index_t rows) const {
         return detail::padded_bytes<float>(rows, num_experts()) +
-               std::max(gate_.workspace_bytes(rows), router_.workspace_bytes(rows));
+               std::max(gate_->workspace_bytes(rows), router_.workspace_bytes(rows));
     }
     /// Scratch of apply() for `rows` tokens whose plan has `packed` assignments (the layer's own
     /// router makes at most rows x slots; a plan from another router may make more).
@@ -244,7 +245,7 @@ private:
     std::vector<E> experts_;
     Shared shared_;
     MoeOptions options_;
-    typename backend_type::template linear<Identity> gate_;
+    detail::Shared<typename backend_type::template linear<Identity>> gate_; // shared by copies, as the experts' maps
 };
 
 } // namespace hypermoe

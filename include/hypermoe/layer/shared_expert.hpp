@@ -29,7 +29,7 @@ public:
     /// Gated by sigmoid(x . gate) with gate of shape (1, d_model) (Qwen2-MoE).
     SharedExpert(S expert, WeightView gate) : expert_(std::move(expert)) {
         detail::check_weight_shape(gate, 1, expert_.d_model(), "SharedExpert", "gate");
-        gate_.emplace(gate, std::span<const float>{}, LinearOptions{"SharedExpert weight 'gate'"});
+        gate_.emplace(std::in_place, gate, std::span<const float>{}, LinearOptions{"SharedExpert weight 'gate'"});
     }
 
     [[nodiscard]] const S& expert() const noexcept { return expert_; }
@@ -37,7 +37,7 @@ public:
 
     [[nodiscard]] std::size_t workspace_bytes(index_t rows) const {
         return detail::padded_bytes<float>(rows, expert_.d_model()) + detail::padded_bytes<float>(rows) +
-               std::max(expert_.workspace_bytes(rows), gate_ ? gate_->workspace_bytes(rows) : std::size_t{0});
+               std::max(expert_.workspace_bytes(rows), gate_ ? (*gate_)->workspace_bytes(rows) : std::size_t{0});
     }
 
     /// y += g(x) * S(x), g = sigmoid(x . gate) or 1.
@@ -55,7 +55,7 @@ public:
 
 private:
     S expert_;
-    std::optional<typename backend_type::template linear<Identity>> gate_;
+    std::optional<detail::Shared<typename backend_type::template linear<Identity>>> gate_;
 };
 
 } // namespace hypermoe
