@@ -118,7 +118,7 @@ TEST_CASE_TEMPLATE_DEFINE("linear rejects bad weights and shapes", B, linear_err
     const std::vector<float> short_bias(7, 0.f);
     using L = typename B::template linear<Relu>;
     CHECK_THROWS_WITH_AS(L(ConstMatrixView<float>(w.view()), short_bias, {"up"}),
-                         "up: bias has 7 elements, expected 8 (the weight's rows)", weight_error);
+                         "up: bias has 7 elements, expected 8 (the weight's rows)", shape_error);
     w(3, 2) = std::numeric_limits<float>::infinity();
     CHECK_THROWS_WITH_AS(L(ConstMatrixView<float>(w.view()), {}, {"up"}),
                          "up: weight element (3, 2) is inf, expected a finite value", weight_error);

@@ -45,7 +45,7 @@ TEST_CASE("check_static_width names both sides") {
     CHECK_NOTHROW(check_static_width("X", "d_model", dynamic, 12));
     CHECK_NOTHROW(check_static_width("X", "d_model", 12, 12));
     CHECK_THROWS_WITH_AS(check_static_width("X", "d_model", 16, 12),
-                         "X: d_model is 12 at run time, but the type fixes it to 16", config_error);
+                         "X: d_model is 12 at run time, but the type fixes it to 16", shape_error);
     CHECK_THROWS_WITH_AS(check_static_width("X", "d_model", dynamic, -1), "X: d_model is -1, expected >= 0",
                          config_error);
 }

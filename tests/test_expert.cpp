@@ -137,18 +137,18 @@ TEST_CASE_TEMPLATE_DEFINE("experts reject mis-shaped weights and inputs", B, exp
     const Matrix<float> up = random_matrix(16, 8, 1), down = random_matrix(8, 16, 2), bad = random_matrix(8, 15, 3);
     const ConstMatrixView<float> u = up.view(), dn = down.view(), bd = bad.view();
     CHECK_THROWS_WITH_AS((FfnExpert<B, Relu>(FfnWeights{.up = u, .down = bd})),
-                         "FfnExpert: weight 'down' has shape (8, 15), expected (8, 16)", weight_error);
+                         "FfnExpert: weight 'down' has shape (8, 15), expected (8, 16)", shape_error);
     CHECK_THROWS_WITH_AS((FfnExpert<B, Relu, 12>(FfnWeights{.up = u, .down = dn})),
-                         "FfnExpert: weight 'up' gives d_model = 8, but the type fixes d_model = 12", weight_error);
+                         "FfnExpert: weight 'up' gives d_model = 8, but the type fixes d_model = 12", shape_error);
     CHECK_THROWS_WITH_AS((FfnExpert<B, Relu, 8, 32>(FfnWeights{.up = u, .down = dn})),
-                         "FfnExpert: weight 'up' gives d_ff = 16, but the type fixes d_ff = 32", weight_error);
+                         "FfnExpert: weight 'up' gives d_ff = 16, but the type fixes d_ff = 32", shape_error);
     const std::vector<float> bias(15, 0.f);
     CHECK_THROWS_WITH_AS((FfnExpert<B, Relu>(FfnWeights{.up = u, .down = dn, .up_bias = bias})),
-                         "FfnExpert weight 'up': bias has 15 elements, expected 16 (the weight's rows)", weight_error);
+                         "FfnExpert weight 'up': bias has 15 elements, expected 16 (the weight's rows)", shape_error);
     CHECK_THROWS_WITH_AS((GluExpert<B, Silu>(GluWeights{.gate = u, .up = bd, .down = dn})),
-                         "GluExpert: weight 'up' has shape (8, 15), expected (16, 8)", weight_error);
+                         "GluExpert: weight 'up' has shape (8, 15), expected (16, 8)", shape_error);
     CHECK_THROWS_WITH_AS((GluExpert<B, Silu>(GluWeights{.gate = u, .up = u, .down = dn, .gate_bias = bias})),
-                         "GluExpert: bias 'gate' has 15 elements, expected 16", weight_error);
+                         "GluExpert: bias 'gate' has 15 elements, expected 16", shape_error);
 
     const FfnExpert<B, Relu, 8> e(FfnWeights{.up = u, .down = dn});
     Workspace ws;

@@ -289,12 +289,12 @@ TEST_CASE("HyperMoE errors name both sides") {
                          config_error);
     const RandomHyper wide(24, 6, 4, 1);
     CHECK_THROWS_WITH_AS((void)wide.layer<reference>(2, 0, hyper),
-                         "HyperMoeLayer: hypernetwork generates adapters for d_model = 16, expected 24", weight_error);
+                         "HyperMoeLayer: hypernetwork generates adapters for d_model = 16, expected 24", shape_error);
     HypernetworkWeights bad = parts.hyper_weights();
     const Matrix<float> short_dw = random_matrix(16 * 4 - 1, 16, 1);
     bad.down_weight = view(short_dw);
     CHECK_THROWS_WITH_AS(Hypernetwork<reference>{bad},
-                         "Hypernetwork: weight 'down_weight' has shape (63, 16), expected (64, 16)", weight_error);
+                         "Hypernetwork: weight 'down_weight' has shape (63, 16), expected (64, 16)", shape_error);
     CHECK_THROWS_WITH_AS(HyperExpertCache<reference>(64, 20), doctest::Contains("HyperExpertCache: C(64, 20) patterns"),
                          config_error);
 }

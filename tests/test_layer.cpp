@@ -38,9 +38,9 @@ TEST_CASE("norms reject bad parameters and inputs") {
     CHECK_THROWS_WITH_AS(RmsNorm<>(w, std::numeric_limits<float>::infinity()),
                          "RmsNorm: eps is inf, expected a finite value > 0", config_error);
     CHECK_THROWS_WITH_AS(RmsNorm<8>(w, 1e-6f), "RmsNorm: weight has 4 elements, but the type fixes d = 8",
-                         weight_error);
+                         shape_error);
     CHECK_THROWS_WITH_AS(LayerNorm<>(w, b3, 1e-5f), "LayerNorm: bias has 3 elements, expected 4 (the weight's)",
-                         weight_error);
+                         shape_error);
     std::vector<float> wn = w;
     wn[2] = std::numeric_limits<float>::quiet_NaN();
     CHECK_THROWS_WITH_AS(RmsNorm<>(wn, 1e-6f), "RmsNorm: weight element 2 is nan, expected a finite value",

@@ -94,7 +94,7 @@ TEST_CASE("router configuration errors name the value and its range") {
     CHECK_THROWS_WITH_AS(HashRouter(4, HashRouting{{0, 4}}), "HashRouting: table[1] is 4, expected an expert in [0, 4)",
                          config_error);
     CHECK_THROWS_WITH_AS(TopKRouter(4, TopK{1}, {.selection_bias = {1.f, 2.f}}),
-                         "Router: selection bias has 2 elements, expected experts = 4", weight_error);
+                         "Router: selection bias has 2 elements, expected experts = 4", shape_error);
     CHECK_THROWS_WITH_AS(NoisyTopKRouter(4, NoisyTopK{.k = 1, .noise_std = -1.f}),
                          "NoisyTopK: noise_std is -1, expected a finite value >= 0", config_error);
 }
@@ -424,7 +424,7 @@ TEST_CASE("MoeLayer rejects mismatched parts and inputs") {
                          "MoeLayer: the router routes over 4 experts, but 3 experts were given", config_error);
     const Matrix<float> gate3 = random_matrix(3, 20, 1);
     CHECK_THROWS_WITH_AS(MoeLayer(WeightView(ConstMatrixView<float>(gate3.view())), TopKRouter(3, TopK{1}), three),
-                         "MoeLayer: weight 'gate' has shape (3, 20), expected (3, 24)", weight_error);
+                         "MoeLayer: weight 'gate' has shape (3, 20), expected (3, 24)", shape_error);
 }
 
 TEST_CASE("apply() takes a plan from another router, even one with more assignments") {

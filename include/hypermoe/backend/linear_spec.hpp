@@ -56,7 +56,7 @@ namespace detail {
 /// Checks a weight and bias for a linear map and returns the storage dtype.
 inline dtype validate_linear(const WeightView& w, std::span<const float> bias, const LinearOptions& opt) {
     if (!bias.empty() && static_cast<index_t>(bias.size()) != w.rows())
-        throw weight_error(concat(opt.name, ": bias has ", bias.size(), " elements, expected ", w.rows(),
+        throw shape_error(concat(opt.name, ": bias has ", bias.size(), " elements, expected ", w.rows(),
                                   " (the weight's rows)"));
     for (index_t r = 0; r < w.rows(); ++r)
         for (index_t c = 0; c < w.cols(); ++c)

@@ -123,14 +123,15 @@ private:
 };
 
 /// Checks a run-time width against a (possibly static) compile-time one: a static width that
-/// disagrees with the value a config or weight gives is a config_error naming both.
+/// disagrees with the value a config or weight gives is a shape_error naming both (as every width
+/// mismatch); a negative value is a config_error.
 inline void check_static_width(std::string_view who, std::string_view what, index_t static_value,
                                index_t run_time_value) {
     if (run_time_value < 0)
         throw config_error(detail::concat(who, ": ", what, " is ", run_time_value, ", expected >= 0"));
     if (static_value != dynamic && static_value != run_time_value)
-        throw config_error(detail::concat(who, ": ", what, " is ", run_time_value,
-                                          " at run time, but the type fixes it to ", static_value));
+        throw shape_error(detail::concat(who, ": ", what, " is ", run_time_value,
+                                         " at run time, but the type fixes it to ", static_value));
 }
 
 } // namespace hypermoe

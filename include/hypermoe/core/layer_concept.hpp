@@ -64,15 +64,17 @@ template <class W> // WeightView, or any view with rows() and cols()
 void check_weight_shape(const W& w, index_t rows, index_t cols, std::string_view who,
                                std::string_view what) {
     if (w.rows() != rows || w.cols() != cols)
-        throw weight_error(concat(who, ": weight '", what, "' has shape ", shape_str(w.rows(), w.cols()),
+        throw shape_error(concat(who, ": weight '", what, "' has shape ", shape_str(w.rows(), w.cols()),
                                   ", expected ", shape_str(rows, cols)));
 }
 
-/// A width read off a weight must agree with the type's static width: a weight_error otherwise.
+/// A width read off a weight must agree with the type's static width. Every width mismatch, wherever
+/// it is detected (a call's views, composed layers, a part's weights, a type's static width against
+/// a weight or a config), is a shape_error.
 inline void check_weight_width(index_t static_value, index_t from_weight, std::string_view who,
                                std::string_view width, std::string_view what) {
     if (static_value != dynamic && static_value != from_weight)
-        throw weight_error(concat(who, ": weight '", what, "' gives ", width, " = ", from_weight,
+        throw shape_error(concat(who, ": weight '", what, "' gives ", width, " = ", from_weight,
                                   ", but the type fixes ", width, " = ", static_value));
 }
 

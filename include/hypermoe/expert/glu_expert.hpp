@@ -80,7 +80,7 @@ private:
         detail::check_weight_shape(w.down, d, ff, "GluExpert", "down");
         const auto check_bias = [](std::span<const float> b, index_t n, const char* what) {
             if (!b.empty() && static_cast<index_t>(b.size()) != n)
-                throw weight_error(detail::concat("GluExpert: bias '", what, "' has ", b.size(),
+                throw shape_error(detail::concat("GluExpert: bias '", what, "' has ", b.size(),
                                                   " elements, expected ", n));
         };
         check_bias(w.gate_bias, ff, "gate");

@@ -143,17 +143,17 @@ private:
     void check_parts() const {
         const index_t e = moe_.num_experts();
         if (embedding_.experts() != e)
-            throw weight_error(detail::concat("HyperMoeLayer: expert embedding has ", embedding_.experts(),
+            throw shape_error(detail::concat("HyperMoeLayer: expert embedding has ", embedding_.experts(),
                                               " rows, expected experts = ", e));
         if (projector_.in_dim() != embedding_.dim())
-            throw weight_error(detail::concat("HyperMoeLayer: projector takes ", projector_.in_dim(),
+            throw shape_error(detail::concat("HyperMoeLayer: projector takes ", projector_.in_dim(),
                                               " inputs, expected the embedding width ", embedding_.dim()));
         if (!hyper_) throw config_error("HyperMoeLayer: no hypernetwork");
         if (projector_.out_dim() != hyper_->input_dim())
-            throw weight_error(detail::concat("HyperMoeLayer: projector gives ", projector_.out_dim(),
+            throw shape_error(detail::concat("HyperMoeLayer: projector gives ", projector_.out_dim(),
                                               " outputs, but the hypernetwork takes q = ", hyper_->input_dim()));
         if (hyper_->d_model() != in_width())
-            throw weight_error(detail::concat("HyperMoeLayer: hypernetwork generates adapters for d_model = ",
+            throw shape_error(detail::concat("HyperMoeLayer: hypernetwork generates adapters for d_model = ",
                                               hyper_->d_model(), ", expected ", in_width()));
         if (layer_ < 0 || layer_ >= hyper_->layers())
             throw config_error(detail::concat("HyperMoeLayer: layer index is ", layer_, ", expected 0 <= layer < ",

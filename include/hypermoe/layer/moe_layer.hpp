@@ -212,7 +212,7 @@ private:
         const index_t d = experts.front().d_model();
         for (std::size_t e = 1; e < experts.size(); ++e)
             if (experts[e].d_model() != d)
-                throw weight_error(detail::concat("MoeLayer: expert ", e, " has d_model = ", experts[e].d_model(),
+                throw shape_error(detail::concat("MoeLayer: expert ", e, " has d_model = ", experts[e].d_model(),
                                                   ", expected ", d, " (expert 0's)"));
         detail::check_weight_shape(gate, router.experts(), d, "MoeLayer", "gate");
         return gate;

@@ -20,7 +20,7 @@ namespace detail {
 
 inline void check_weight_width_of(std::string_view who, index_t static_d, index_t d) {
     if (static_d != dynamic && static_d != d)
-        throw weight_error(concat(who, ": weight has ", d, " elements, but the type fixes d = ", static_d));
+        throw shape_error(concat(who, ": weight has ", d, " elements, but the type fixes d = ", static_d));
 }
 
 /// Checks a norm's parameters: eps finite and > 0, weight (and bias) of length d, finite.
@@ -31,7 +31,7 @@ inline index_t check_norm_params(std::string_view who, index_t static_d, std::sp
     const auto d = static_cast<index_t>(weight.size());
     check_weight_width_of(who, static_d, d);
     if (has_bias && static_cast<index_t>(bias.size()) != d)
-        throw weight_error(concat(who, ": bias has ", bias.size(), " elements, expected ", d, " (the weight's)"));
+        throw shape_error(concat(who, ": bias has ", bias.size(), " elements, expected ", d, " (the weight's)"));
     if (const index_t i = find_non_finite(weight); i >= 0)
         throw weight_error(concat(who, ": weight element ", i, " is ", weight[std::size_t(i)], ", expected a finite value"));
     if (const index_t i = find_non_finite(bias); i >= 0)

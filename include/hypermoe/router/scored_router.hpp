@@ -70,7 +70,7 @@ public:
         selection_.validate(experts);
         const auto& bias = options_.selection_bias;
         if (!bias.empty() && static_cast<index_t>(bias.size()) != experts)
-            throw weight_error(detail::concat("Router: selection bias has ", bias.size(), " elements, expected experts = ",
+            throw shape_error(detail::concat("Router: selection bias has ", bias.size(), " elements, expected experts = ",
                                               experts));
         if (const index_t i = find_non_finite(bias); i >= 0)
             throw weight_error(detail::concat("Router: selection bias element ", i, " is ", bias[std::size_t(i)],
