@@ -57,10 +57,10 @@ int main() {
     int status = 0;
     try {
         const std::tuple<Family, index_t, const char*> cases[] = {
-            {Family::mixtral, 1, ""},       {Family::qwen2_moe, 0, ""},
-            {Family::olmoe, 1, ""},         {Family::deepseek_v3, 0, ""},
-            {Family::switch_transformers, 1, "decoder"}, {Family::hypermoe_gpt2, 1, ""},
-            {Family::hypermoe_switch, 1, "encoder"}};
+            {family("mixtral"), 1, ""},       {family("qwen2_moe"), 0, ""},
+            {family("olmoe"), 1, ""},         {family("deepseek_v3"), 0, ""},
+            {family("switch_transformers"), 1, "decoder"}, {family("hypermoe_gpt2"), 1, ""},
+            {family("hypermoe_switch"), 1, "encoder"}};
         for (const auto& [family, layer, stack] : cases) {
             const fs::path dir = root / std::string(to_string(family));
             write_synthetic_checkpoint(dir.string(), {.family = family, .d_model = 128, .d_ff = 352, .experts = 8,

@@ -202,7 +202,7 @@ TEST_CASE("load_model holds one hypernetwork per stack, not one per block (count
     namespace fs = std::filesystem;
     const fs::path dir = fs::temp_directory_path() / ("hypermoe-alloc-model-" + std::to_string(::getpid()));
     const index_t d = 32, r = 8, h = 16, dl = 4, layers = 4;
-    write_synthetic_checkpoint(dir.string(), {.family = Family::hypermoe_gpt2, .d_model = d, .experts = 4, .top_k = 2,
+    write_synthetic_checkpoint(dir.string(), {.family = family("hypermoe_gpt2"), .d_model = d, .experts = 4, .top_k = 2,
                                               .layers = layers, .adapter_rank = r, .hyper_dim = h, .layer_dim = dl});
     const Checkpoint ck(dir.string());
     // One hypernetwork's weights (f32): trunk, the two weight heads, the two bias heads.

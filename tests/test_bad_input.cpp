@@ -130,7 +130,7 @@ TEST_CASE("malformed metadata and config integers are config_errors naming the k
                          "safetensors: no metadata 'stack'", config_error);
 
     // A config width beyond 2^31 is refused before any size is multiplied out.
-    write_synthetic_checkpoint(tmp.path.string(), {.family = Family::mixtral});
+    write_synthetic_checkpoint(tmp.path.string(), {.family = family("mixtral")});
     nlohmann::json c;
     std::ifstream(tmp.path / "config.json") >> c;
     c["hidden_size"] = std::uint64_t(1) << 62;

@@ -1,5 +1,7 @@
 #include <doctest/doctest.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -9,6 +11,7 @@
 #include <hypermoe/io/io.hpp>
 
 #include "test_support.hpp"
+#include "tinymoe_family.hpp"
 
 using namespace hypermoe;
 using test::relative_error;
@@ -186,13 +189,13 @@ TEST_CASE_TEMPLATE_DEFINE("load_model loads every MoE block once, one hypernetwo
         CHECK(relative_error(y.view(), alone.view()) == 0.0);
     }
     // Several HyperMoE blocks per stack: one hypernetwork per stack, shared by address.
-    for (const Family family : {Family::hypermoe_gpt2, Family::hypermoe_switch}) {
-        CAPTURE(to_string(family));
-        const TempDir dir(std::string("model-") + std::string(to_string(family)));
-        write_synthetic_checkpoint(dir.path.string(), {.family = family, .d_model = 16, .d_ff = 32, .experts = 4,
-                                                       .top_k = family == Family::hypermoe_gpt2 ? 2 : 1, .layers = 4});
+    for (const Family hyper_family : {family("hypermoe_gpt2"), family("hypermoe_switch")}) {
+        CAPTURE(to_string(hyper_family));
+        const TempDir dir(std::string("model-") + std::string(to_string(hyper_family)));
+        write_synthetic_checkpoint(dir.path.string(), {.family = hyper_family, .d_model = 16, .d_ff = 32, .experts = 4,
+                                                       .top_k = hyper_family == family("hypermoe_gpt2") ? 2 : 1, .layers = 4});
         const LoadedModel<B> model = load_model<B>(Checkpoint(dir.path.string()));
-        const bool two_stacks = family == Family::hypermoe_switch;
+        const bool two_stacks = hyper_family == family("hypermoe_switch");
         REQUIRE(model.size() == 4u); // gpt2: blocks 0-3; switch: blocks 1 and 3 of each stack
         for (const auto& b : model) {
             const auto& first = model.blocks()[b.block().stack == "decoder" ? 2 : 0];
@@ -207,6 +210,87 @@ TEST_CASE_TEMPLATE_DEFINE("load_model loads every MoE block once, one hypernetwo
     }
 }
 TEST_CASE_TEMPLATE_APPLY(whole_model, test::all_backends);
+
+TEST_CASE("the family list: names, detection and layer types derived from FamilyList") {
+    CHECK(supported_families == "mixtral, qwen2_moe, olmoe, deepseek_v3, switch_transformers, hypermoe_gpt2, hypermoe_switch");
+    CHECK(all_families().size() == FamilyList::size);
+    for (const Family f : all_families()) {
+        CAPTURE(to_string(f));
+        CHECK(find_family(to_string(f)) == f);
+        CHECK(visit_family(f, []<class F>(std::type_identity<F>) { return F::name; }) == to_string(f));
+    }
+    CHECK(!find_family("llama").has_value());
+    static_assert(family("olmoe") == family_of<families::Olmoe>);
+    static_assert(to_string(family_of<families::HyperMoeSwitch>) == "hypermoe_switch");
+    CHECK(has_two_stacks(family("switch_transformers")));
+    CHECK(!has_two_stacks(family("mixtral")));
+    // mixtral and olmoe (and qwen2_moe without a shared expert) share one layer type: the variant
+    // holds each type once.
+    static_assert(std::variant_size_v<LoadedMoeBlock<reference>::Layer> == 6);
+}
+
+TEST_CASE_TEMPLATE_DEFINE("every family loads the synthetic checkpoint it writes", B, family_round_trip) {
+    for (const Family f : all_families()) {
+        CAPTURE(to_string(f));
+        const TempDir dir(std::string("round-trip-") + std::string(to_string(f)));
+        write_synthetic_checkpoint(dir.path.string(), {.family = f, .d_model = 16, .d_ff = 32, .experts = 8, .top_k = 2,
+                                                       .layers = 2, .capacity = 4});
+        const Checkpoint ck(dir.path.string());
+        const ModelInfo info = describe(ck);
+        CHECK(info.family == f);
+        CHECK(info.d_model == 16);
+        const LoadedModel<B> model = load_model<B>(ck);
+        REQUIRE(model.size() == info.moe_blocks.size());
+        REQUIRE(model.size() > 0u);
+        CHECK(model.blocks().front().is_hyper() == (info.adapter_rank > 0));
+        CHECK(model.blocks().front().has_capacity() == has_two_stacks(f));
+        const Matrix<float> x = test::random_matrix(5, 16, 3);
+        Matrix<float> y(5, 16);
+        Workspace ws;
+        for (const auto& block : model) {
+            block.forward(x.view(), y.view(), ws, Context{.sequence_length = 5});
+            CHECK(std::all_of(y.data(), y.data() + 5 * 16, [](float v) { return std::isfinite(v); }));
+            CHECK(relative_error(y.view(), x.view()) > 0.0);
+        }
+    }
+}
+TEST_CASE_TEMPLATE_APPLY(family_round_trip, test::all_backends);
+
+TEST_CASE_TEMPLATE_DEFINE("docs/checkpoints.md's walk-through adapter loads what it writes", B, walkthrough) {
+    // TinyMoe draws the same random weights as mixtral (same shapes, same order), under its own
+    // names: its block equals mixtral's bitwise.
+    using families::TinyMoe;
+    const SyntheticModel m{.family = family("mixtral"), .d_model = 16, .d_ff = 32, .experts = 4, .top_k = 2, .layers = 2};
+    const TempDir tiny("tinymoe"), mixtral("tinymoe-mixtral");
+    detail::SyntheticWriter w(m.seed, m.weights);
+    nlohmann::json config;
+    TinyMoe::write_synthetic(m, w, config);
+    write_safetensors((tiny.path / "model.safetensors").string(), w.tensors());
+    std::ofstream(tiny.path / "config.json") << config.dump();
+    write_synthetic_checkpoint(mixtral.path.string(), m);
+
+    const Checkpoint ck(tiny.path.string());
+    const ConfigReader c(ck.config(), "config.json");
+    REQUIRE(TinyMoe::matches(c));
+    ModelInfo info;
+    TinyMoe::describe(c, info);
+    CHECK(info.moe_blocks == std::vector<MoeBlockRef>{{0, ""}, {1, ""}});
+    const MoeBlockRef ref{1, ""};
+    TensorBinder t(ck, "tinymoe block 1");
+    const LoadOptions opt;
+    BlockSource<B> source{c, info, ref, t, opt, nullptr};
+    using Out = std::variant<SwiGluTopKLayer<B>>;
+    const Out layer = TinyMoe::load<Out>(source);
+
+    const Matrix<float> x = test::random_matrix(7, 16, 5);
+    Matrix<float> y(7, 16), want(7, 16);
+    Workspace ws;
+    std::get<0>(layer).forward(x.view(), y.view(), ws);
+    load_moe_block<B>(Checkpoint(mixtral.path.string()), 1).forward(x.view(), want.view(), ws);
+    CHECK(relative_error(y.view(), want.view()) == 0.0);
+    CHECK(relative_error(y.view(), x.view()) > 0.0);
+}
+TEST_CASE_TEMPLATE_APPLY(walkthrough, test::all_backends);
 
 TEST_CASE("bf16 storage of f32 weights stays within bf16 rounding") {
     const std::string dir = data_dir + "/mixtral-basic";
@@ -225,7 +309,7 @@ TEST_CASE("bf16 storage of f32 weights stays within bf16 rounding") {
 
 TEST_CASE("describe lists the MoE blocks of each family") {
     const ModelInfo q = describe(Checkpoint(data_dir + "/qwen2_moe-norm"));
-    CHECK(q.family == Family::qwen2_moe);
+    CHECK(q.family == family("qwen2_moe"));
     CHECK(q.moe_blocks == std::vector<MoeBlockRef>{{1, ""}}); // layer 0 is in mlp_only_layers
     const ModelInfo d = describe(Checkpoint(data_dir + "/deepseek_v3-basic"));
     CHECK(d.moe_blocks == std::vector<MoeBlockRef>{{1, ""}, {2, ""}});
@@ -233,7 +317,7 @@ TEST_CASE("describe lists the MoE blocks of each family") {
     const ModelInfo s = describe(Checkpoint(data_dir + "/switch_transformers-decoder"));
     CHECK(s.moe_blocks == std::vector<MoeBlockRef>{{1, "encoder"}, {1, "decoder"}});
     const ModelInfo h = describe(Checkpoint(data_dir + "/hypermoe_gpt2-k2"));
-    CHECK(h.family == Family::hypermoe_gpt2);
+    CHECK(h.family == family("hypermoe_gpt2"));
     CHECK(h.adapter_rank == 8);
     CHECK(h.dtypes == std::set<std::string>{"F32"});
     CHECK_THROWS_WITH_AS((void)load_moe_block<reference>(Checkpoint(data_dir + "/deepseek_v3-basic"), 0),

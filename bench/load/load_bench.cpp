@@ -80,11 +80,11 @@ struct Case {
     std::string stack;
 };
 
-const std::vector<Case> cases = {{hm::Family::mixtral, 1, ""},
-                                 {hm::Family::qwen2_moe, 1, ""},
-                                 {hm::Family::deepseek_v3, 1, ""},
-                                 {hm::Family::switch_transformers, 1, "encoder"},
-                                 {hm::Family::hypermoe_gpt2, 1, ""}};
+const std::vector<Case> cases = {{hm::family("mixtral"), 1, ""},
+                                 {hm::family("qwen2_moe"), 1, ""},
+                                 {hm::family("deepseek_v3"), 1, ""},
+                                 {hm::family("switch_transformers"), 1, "encoder"},
+                                 {hm::family("hypermoe_gpt2"), 1, ""}};
 
 const fs::path& root() {
     static const fs::path r = fs::temp_directory_path() / ("hypermoe-load-bench-" + std::to_string(::getpid()));

@@ -208,8 +208,7 @@ int inspect(const Args& a) {
 // -------------------------------------------------------------------------------------------- bench
 
 hm::Family family_named(const std::string& f) {
-    for (int i = 0; i <= int(hm::Family::hypermoe_switch); ++i)
-        if (hm::to_string(hm::Family(i)) == f) return hm::Family(i);
+    if (const auto family = hm::find_family(f)) return *family;
     throw usage_error("--family is '" + f + "', supported: " + std::string(hm::supported_families));
 }
 
@@ -299,7 +298,7 @@ int bench(const Args& a) {
         const auto model = hm::load_model<B>(ck, {.storage = weights_of(a), .hyper = hopt});
         const auto& block = model.block(layer, stack);
         const hm::index_t d = block.d_model(), e = info.experts, k = info.top_k;
-        const bool two_stacks = info.family == hm::Family::switch_transformers || info.family == hm::Family::hypermoe_switch;
+        const bool two_stacks = hm::has_two_stacks(info.family);
         const hm::index_t seq = two_stacks ? tokens : 0;
         hm::Matrix<float> x(tokens, d);
         for (hm::index_t i = 0; i < tokens * d; ++i)
@@ -377,7 +376,7 @@ int demo() {
         fs::path p;
         ~Cleanup() { fs::remove_all(p); }
     } cleanup{dir};
-    const hm::SyntheticModel m{.family = hm::Family::hypermoe_gpt2, .d_model = 64, .experts = 8, .top_k = 2, .layers = 2,
+    const hm::SyntheticModel m{.family = hm::family("hypermoe_gpt2"), .d_model = 64, .experts = 8, .top_k = 2, .layers = 2,
                                .adapter_rank = 8, .hyper_dim = 16, .layer_dim = 4, .seed = 2024};
     hm::write_synthetic_checkpoint(dir.string(), m);
     const hm::Checkpoint ck(dir.string());

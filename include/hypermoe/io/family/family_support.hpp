@@ -1,0 +1,209 @@
+#pragma once
+// What every family adapter (io/family/<name>.hpp) is written with:
+// - BlockSource<B>: the checkpoint, its config, the block being loaded and the options; a
+//   family's load() binds every tensor it needs through `tensors`, calls tensors.finish() (which
+//   reports all problems at once), and only then builds its layer.
+// - The shared pieces of several families: GLU experts' tensors, HyperMoE's per-block parts and
+//   its stack-wide hypernetwork.
+// - SyntheticModel and SyntheticWriter: a family's write_synthetic() writes random weights under
+//   the same names its load() reads (io/synthetic.hpp).
+//
+// A family adapter is a struct with (see io/family/mixtral.hpp, the smallest one):
+//   static constexpr std::string_view name;            the name users type (--family, errors)
+//   static constexpr bool two_stacks;                   encoder and decoder stacks
+//   static bool matches(const ConfigReader&);           is this config of this family?
+//   static void describe(const ConfigReader&, ModelInfo&);   sizes, routing, MoE blocks
+//   template <Backend B> using layers = type_list<...>;      the layer types load() returns
+//   template <class Out, Backend B> static Out load(BlockSource<B>&);
+//   static void write_synthetic(const SyntheticModel&, detail::SyntheticWriter&, nlohmann::json& config);
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "hypermoe/detail/type_list.hpp"
+#include "hypermoe/expert/expert.hpp"
+#include "hypermoe/hyper/hyper.hpp"
+#include "hypermoe/io/checkpoint.hpp"
+#include "hypermoe/io/config_reader.hpp"
+#include "hypermoe/io/model_info.hpp"
+#include "hypermoe/io/safetensors.hpp"
+#include "hypermoe/io/tensor_binder.hpp"
+#include "hypermoe/layer/moe_layer.hpp"
+#include "hypermoe/router/hash_routing.hpp"
+#include "hypermoe/router/router.hpp"
+
+namespace hypermoe {
+
+/// What a family's load() reads from: one MoE block of a checkpoint.
+template <Backend B>
+struct BlockSource {
+    const ConfigReader& config;
+    const ModelInfo& info;
+    const MoeBlockRef& block;
+    TensorBinder& tensors;
+    const LoadOptions& options;
+    /// The stack's hypernetwork when another block already holds it (HyperMoE families: then its
+    /// tensors are not bound again); null = load it.
+    std::shared_ptr<const Hypernetwork<B>> hypernetwork;
+
+    [[nodiscard]] std::string layer() const { return std::to_string(block.layer); }
+};
+
+/// Sizes of a synthetic checkpoint (io/synthetic.hpp).
+struct SyntheticModel {
+    Family family{};             ///< e.g. family("mixtral")
+    index_t d_model = 64, d_ff = 128, experts = 8, top_k = 2, layers = 2;
+    index_t capacity = 64;       ///< Switch families: expert_capacity
+    index_t adapter_rank = 8;    ///< HyperMoE: r
+    index_t hyper_dim = 16;      ///< HyperMoE: d_e = p = q = h
+    index_t layer_dim = 4;       ///< HyperMoE: d_l
+    std::uint64_t seed = 1;
+    dtype weights = dtype::f32;  ///< F32 or BF16 tensors
+};
+
+/// The SwiGLU expert of the decoder-only families, and their MoE layer with softmax top-k routing.
+template <Backend B>
+using SwiGluExpert = GluExpert<B, Silu>;
+template <Backend B>
+using SwiGluTopKLayer = MoeLayer<SwiGluExpert<B>, TopKRouter>;
+
+namespace detail {
+
+/// The views of n GLU experts' weights under `prefix`<e>.<name>.
+inline std::vector<GluWeights> glu_weights(TensorBinder& t, const std::string& prefix, index_t n, index_t d, index_t ff,
+                                           const char* gate, const char* up, const char* down) {
+    std::vector<GluWeights> w;
+    for (index_t e = 0; e < n; ++e) {
+        const std::string p = prefix + std::to_string(e) + ".";
+        w.push_back({t.matrix(p + gate, ff, d), t.matrix(p + up, ff, d), t.matrix(p + down, d, ff)});
+    }
+    return w;
+}
+
+/// One GLU expert's weights under `prefix` (gate_proj, up_proj, down_proj).
+inline GluWeights glu_weights(TensorBinder& t, const std::string& prefix, index_t d, index_t ff) {
+    return {t.matrix(prefix + "gate_proj.weight", ff, d), t.matrix(prefix + "up_proj.weight", ff, d),
+            t.matrix(prefix + "down_proj.weight", d, ff)};
+}
+
+template <class E, class W>
+std::vector<E> build_experts(const std::vector<W>& weights, dtype storage) {
+    std::vector<E> out;
+    out.reserve(weights.size());
+    for (const auto& w : weights) out.emplace_back(w, ExpertOptions{.storage = storage});
+    return out;
+}
+
+/// A HyperMoE block's own tensors (expert embeddings and projector) and, unless the stack's
+/// hypernetwork is already loaded, the hypernetwork's: bound, not yet built.
+struct HyperParts {
+    WeightView embedding;
+    ProjectorWeights projector;
+    std::optional<HypernetworkWeights> hypernetwork;
+};
+
+/// Binds the HyperMoE parts of a block whose MLP tensors are under `mlp` and whose stack's
+/// hypernetwork (the reference code's `param_gen.`) is under `gen`, for a stack of `layers` blocks.
+template <Backend B>
+HyperParts bind_hyper_parts(BlockSource<B>& s, const std::string& mlp, const std::string& gen, index_t layers) {
+    const ConfigReader& c = s.config;
+    TensorBinder& t = s.tensors;
+    const index_t e = s.info.experts, d = s.info.d_model, r = s.info.adapter_rank;
+    const index_t de = c.integer("experts_embedding_dim", 1), pd = c.integer("process_dim", 1), q = c.integer("hypernet_input", 1);
+    const index_t h = c.integer("hypernetwork_bottleneck", 1), dl = c.integer("layer_emb_dim", 1);
+    HyperParts parts{t.matrix(mlp + "n_experts_embedding.weight", e, de),
+                     {t.matrix(mlp + "embedding_process.0.weight", pd, de), t.vector(mlp + "embedding_process.0.bias", pd),
+                      t.matrix(mlp + "embedding_process.2.weight", q, pd), t.vector(mlp + "embedding_process.2.bias", q)},
+                     std::nullopt};
+    if (!s.hypernetwork)
+        parts.hypernetwork = HypernetworkWeights{
+            t.matrix(gen + "layer_embed.weight", layers, dl),
+            t.matrix(gen + "decoder.linear1.weight", h, q + dl), t.vector(gen + "decoder.linear1.bias", h),
+            t.matrix(gen + "decoder.weight_down.weight", d * r, h), t.vector(gen + "decoder.weight_down.bias", d * r),
+            t.matrix(gen + "decoder.weight_up.weight", r * d, h), t.vector(gen + "decoder.weight_up.bias", r * d),
+            t.matrix(gen + "decoder.bias_down.weight", r, h), t.vector(gen + "decoder.bias_down.bias", r),
+            t.matrix(gen + "decoder.bias_up.weight", d, h), t.vector(gen + "decoder.bias_up.bias", d)};
+    return parts;
+}
+
+/// The HyperMoE layer around `moe` from parts bound (and checked by tensors.finish()) before.
+template <Backend B, class Moe>
+auto build_hyper_layer(BlockSource<B>& s, Moe moe, const HyperParts& parts) {
+    auto hyper = s.hypernetwork ? s.hypernetwork : std::make_shared<const Hypernetwork<B>>(*parts.hypernetwork);
+    return HyperMoeLayer(std::move(moe), s.block.layer, ExpertEmbedding(parts.embedding), Projector<B>(parts.projector),
+                         std::move(hyper), s.options.hyper);
+}
+
+/// Random tensors for a synthetic checkpoint: uniform in +-scale from splitmix64 counters, F32 or BF16.
+class SyntheticWriter {
+public:
+    SyntheticWriter(std::uint64_t seed, dtype type) : seed_(seed), type_(type) {}
+    /// A (rows, cols) weight, uniform in +-1/sqrt(cols) (the fan-in), under `name`.
+    void matrix(const std::string& name, index_t rows, index_t cols) { add(name, {rows, cols}, 1.0 / std::sqrt(double(cols))); }
+    void vector(const std::string& name, index_t n, double scale = 0.02) { add(name, {n}, scale); }
+    /// A GLU expert of width `ff` under `prefix`, with the family's names for its three matrices.
+    void glu(const std::string& prefix, index_t d, index_t ff, const char* gate = "gate_proj.weight",
+             const char* up = "up_proj.weight", const char* down = "down_proj.weight") {
+        matrix(prefix + gate, ff, d);
+        matrix(prefix + up, ff, d);
+        matrix(prefix + down, d, ff);
+    }
+    [[nodiscard]] const std::vector<TensorToWrite>& tensors() const noexcept { return tensors_; }
+
+private:
+    void add(const std::string& name, std::vector<index_t> shape, double scale) {
+        index_t n = 1;
+        for (const index_t s : shape) n *= s;
+        std::vector<std::byte> bytes(std::size_t(n) * size_of(type_));
+        for (index_t i = 0; i < n; ++i) {
+            const std::uint64_t r = splitmix64(seed_ + counter_++);
+            const float v = float(scale * (double(r >> 11) * 0x1.0p-53 * 2.0 - 1.0));
+            if (type_ == dtype::f32) std::memcpy(bytes.data() + 4 * i, &v, 4);
+            else {
+                const bf16 b = bf16::from_float(v);
+                std::memcpy(bytes.data() + 2 * i, &b.bits, 2);
+            }
+        }
+        tensors_.push_back({name, type_ == dtype::f32 ? tensor_dtype::f32 : tensor_dtype::bf16, std::move(shape), std::move(bytes)});
+    }
+    std::uint64_t seed_, counter_ = 0;
+    dtype type_;
+    std::vector<TensorToWrite> tensors_;
+};
+
+/// A synthetic HyperMoE block: its own tensors under `mlp` and, when `with_hypernetwork`, the
+/// stack's hypernetwork under `gen`; every hyper width is m.hyper_dim. Sets the config keys.
+inline void write_synthetic_hyper(const SyntheticModel& m, SyntheticWriter& w, nlohmann::json& c, const std::string& mlp,
+                                  const std::string& gen, bool with_hypernetwork) {
+    const index_t e = m.experts, h = m.hyper_dim, d = m.d_model, r = m.adapter_rank, dl = m.layer_dim;
+    c.update({{"use_hypernet", true}, {"experts_embedding", true}, {"experts_embedding_dim", h}, {"process_dim", h},
+              {"hypernet_input", h}, {"hypernetwork_bottleneck", h}, {"layer_emb_dim", dl}, {"adapter_dim", r}});
+    w.matrix(mlp + "n_experts_embedding.weight", e, h);
+    w.matrix(mlp + "embedding_process.0.weight", h, h);
+    w.vector(mlp + "embedding_process.0.bias", h);
+    w.matrix(mlp + "embedding_process.2.weight", h, h);
+    w.vector(mlp + "embedding_process.2.bias", h);
+    if (!with_hypernetwork) return;
+    w.matrix(gen + "layer_embed.weight", m.layers, dl);
+    w.matrix(gen + "decoder.linear1.weight", h, h + dl);
+    w.vector(gen + "decoder.linear1.bias", h);
+    w.matrix(gen + "decoder.weight_down.weight", d * r, h);
+    w.vector(gen + "decoder.weight_down.bias", d * r);
+    w.matrix(gen + "decoder.weight_up.weight", r * d, h);
+    w.vector(gen + "decoder.weight_up.bias", r * d);
+    w.matrix(gen + "decoder.bias_down.weight", r, h);
+    w.vector(gen + "decoder.bias_down.bias", r);
+    w.matrix(gen + "decoder.bias_up.weight", d, h);
+    w.vector(gen + "decoder.bias_up.bias", d);
+}
+
+} // namespace detail
+} // namespace hypermoe

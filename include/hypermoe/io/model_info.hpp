@@ -1,0 +1,60 @@
+#pragma once
+// What a checkpoint's config says about its MoE blocks (ModelInfo), which family it is (Family),
+// and how to load its blocks (LoadOptions). The families themselves are in io/family/, listed
+// once in io/families.hpp.
+
+#include <cstdint>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "hypermoe/core/dtype.hpp"
+#include "hypermoe/core/extents.hpp"
+#include "hypermoe/hyper/hyper_moe_layer.hpp"
+#include "hypermoe/layer/moe_layer.hpp"
+
+namespace hypermoe {
+
+/// A model family: its position in FamilyList (io/families.hpp). Name one with
+/// family("mixtral") (checked at compile time) or find_family(name) (at run time), and print it
+/// with to_string(f).
+class Family {
+public:
+    constexpr Family() noexcept = default;
+    constexpr explicit Family(std::size_t index) noexcept : index_(static_cast<std::uint8_t>(index)) {}
+    [[nodiscard]] constexpr std::size_t index() const noexcept { return index_; }
+    friend constexpr bool operator==(Family, Family) noexcept = default;
+
+private:
+    std::uint8_t index_ = 0;
+};
+
+/// One MoE block of a model: its index within its stack, and the stack ("" for decoder-only).
+struct MoeBlockRef {
+    index_t layer = 0;
+    std::string stack;
+    friend bool operator==(const MoeBlockRef&, const MoeBlockRef&) = default;
+};
+
+/// What inspect prints: the family, its MoE blocks, sizes, routing and dtypes.
+struct ModelInfo {
+    Family family{};
+    index_t d_model = 0, d_ff = 0, experts = 0, top_k = 0;
+    index_t shared_ff = 0;       ///< 0 = no shared expert
+    std::string expert_kind;     ///< "SwiGLU" or the FFN activation
+    std::string routing;         ///< one line
+    std::vector<MoeBlockRef> moe_blocks;
+    std::set<std::string> dtypes;
+    index_t adapter_rank = 0;    ///< HyperMoE only
+};
+
+/// How to load a block.
+struct LoadOptions {
+    /// dtype the expert weights are kept in; default: f32 (bf16 checkpoints are widened, exactly).
+    dtype storage = dtype::f32;
+    HyperOptions hyper = {};
+    /// What a token dropped by capacity outputs (Switch families).
+    DroppedTokens dropped = DroppedTokens::scaled_input;
+};
+
+} // namespace hypermoe
