@@ -247,15 +247,18 @@ TEST_CASE("noisy top-k: noise keyed by position in the sequence, so batching and
 
 TEST_CASE("routing in parallel over tokens gives the plans of one thread, bit for bit") {
     const Matrix<float> logits = random_matrix(3000, 64, 31, 2.0f);
+    std::vector<std::int32_t> ids(3000);
+    for (std::size_t i = 0; i < ids.size(); ++i) ids[i] = std::int32_t(i * 7919 % 50000);
+    const RouterContext ctx{.token_ids = ids};
     const auto check = [&](const auto& router) {
         CAPTURE(std::decay_t<decltype(router)>::selection_type::name);
         RoutingPlan one;
         {
             const detail::ThreadCountScope single(1);
-            one = route(router, logits);
+            one = route(router, logits, ctx);
         }
         const detail::ThreadCountScope two(2);
-        const RoutingPlan many = route(router, logits);
+        const RoutingPlan many = route(router, logits, ctx);
         CHECK(std::memcmp(one.all_ids().data(), many.all_ids().data(), one.all_ids().size_bytes()) == 0);
         CHECK(std::memcmp(one.all_weights().data(), many.all_weights().data(), one.all_weights().size_bytes()) == 0);
     };
@@ -264,6 +267,8 @@ TEST_CASE("routing in parallel over tokens gives the plans of one thread, bit fo
                          {.weighting = {.renormalize = true, .epsilon = 1e-20, .scale = 2.5f},
                           .selection_bias = test::random_vector(64, 4)}));
     check(NoisyTopKRouter(64, NoisyTopK{.k = 2, .noise_std = 1.0f, .seed = 3}));
+    check(TopPRouter(64, TopP{.p = 0.3, .k_max = 8}));
+    check(HashRouter(64, HashRouting{}));
 }
 
 TEST_CASE("noisy top-k is deterministic per seed and reduces to top-k without noise") {

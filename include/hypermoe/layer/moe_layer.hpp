@@ -88,9 +88,7 @@ public:
 
     /// The router logits x W_g^T (T, E), e.g. to route with another router and apply() the plan.
     void router_logits(ConstMatrixView<float> x, MatrixView<float> logits, Workspace& ws) const {
-        if (x.cols() != in_width())
-            throw shape_error(detail::concat("MoeLayer::route: input x has ", x.cols(), " columns, expected ", in_width()));
-        check_finite(x, "MoeLayer: input x");
+        check_input(x);
         gate_(x, logits, ws);
     }
 
@@ -103,9 +101,7 @@ public:
         if constexpr (detail::router_uses_logits<R>) {
             router_logits(x, logits, ws);
         } else {
-            if (x.cols() != in_width())
-                throw shape_error(detail::concat("MoeLayer::route: input x has ", x.cols(), " columns, expected ", in_width()));
-            check_finite(x, "MoeLayer: input x");
+            check_input(x);
             std::fill_n(logits.data(), logits.rows() * logits.cols(), 0.0f);
         }
         router_.route(logits, context, plan, ws);
@@ -148,6 +144,13 @@ public:
     }
 
 private:
+    /// What routing requires of x: d_model columns, all finite.
+    void check_input(ConstMatrixView<float> x) const {
+        if (x.cols() != in_width())
+            throw shape_error(detail::concat("MoeLayer::route: input x has ", x.cols(), " columns, expected ", in_width()));
+        check_finite(x, "MoeLayer: input x");
+    }
+
     /// Scratch of one expert run as a task (single-threaded: nested inside the tasks' region).
     [[nodiscard]] std::size_t task_workspace_bytes(index_t rows) const {
         const detail::ThreadCountScope one(1);

@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "hypermoe/core/error.hpp"
+#include "hypermoe/core/parallel.hpp"
 #include "hypermoe/router/selection.hpp"
 
 namespace hypermoe {
@@ -47,10 +48,14 @@ struct HashRouting {
         if (static_cast<index_t>(in.context.token_ids.size()) != tokens)
             throw shape_error(detail::concat("HashRouting: ", in.context.token_ids.size(), " token ids for ", tokens,
                                              " tokens, expected one id per token"));
-        for (index_t t = 0; t < tokens; ++t) {
+        // Ids are checked first, in order, so a bad one is reported as the first bad one; then the
+        // tokens are mapped in parallel (each writes its own slot).
+        if (!table.empty())
+            for (index_t t = 0; t < tokens; ++t) (void)expert_of(in.context.token_ids[std::size_t(t)], in.scores.cols());
+        detail::parallel_for(tokens, tokens * 16, [&](index_t t) {
             plan.ids(t)[0] = expert_of(in.context.token_ids[std::size_t(t)], in.scores.cols());
             plan.weights(t)[0] = 1.0f;
-        }
+        });
     }
 };
 

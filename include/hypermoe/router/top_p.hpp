@@ -5,6 +5,7 @@
 
 #include "hypermoe/core/error.hpp"
 #include "hypermoe/core/finite.hpp"
+#include "hypermoe/core/parallel.hpp"
 #include "hypermoe/router/selection.hpp"
 
 namespace hypermoe {
@@ -23,7 +24,8 @@ struct TopP {
             throw config_error(detail::concat("TopP: k_max is ", k_max, ", expected 1 <= k_max <= experts = ", experts));
     }
     void select(const SelectionInput& in, RoutingPlan& plan, Workspace& /*ws*/) const {
-        for (index_t t = 0; t < in.scores.rows(); ++t) {
+        // Tokens are independent and each writes only its own slots: parallel, bitwise as serial.
+        detail::parallel_for(in.scores.rows(), in.scores.rows() * in.scores.cols() * (k_max + 2), [&](index_t t) {
             const auto ids = plan.ids(t);
             const auto w = plan.weights(t);
             double mass = 0;
@@ -36,7 +38,7 @@ struct TopP {
                     w[std::size_t(j)] = in.scores(t, i);
                     mass += in.selection_scores(t, i);
                 });
-        }
+        });
     }
 };
 

@@ -1,0 +1,148 @@
+#pragma once
+// The 8- and 4-bit block formats of weights, bit-compatible with ggml's Q8_0 and Q4_0 (so GGUF
+// files can be used without re-quantising, and results compared with llama.cpp):
+//
+//   q8_0: blocks of 32 consecutive weights along the input dimension, 34 bytes each:
+//         d = amax / 127 stored as IEEE half; q = roundf(x * (1/d)) as int8; value = q * d.
+//   q4_0: blocks of 32, 18 bytes each: max = the element of largest magnitude (signed, the first
+//         one on ties); d = max / -8 stored as half; q = min(15, (int8_t)(x * (1/d) + 8.5f));
+//         value = (q - 8) * d; element j and j + 16 share byte j (low nibble = element j).
+//
+// In both, 1/d is computed in f32 from the unrounded d (as ggml's reference quantiser does),
+// and dequantising uses the stored, half-rounded d. A zero block has d = 0 and all q = 0 (q4_0:
+// d = 0 / -8 = -0, half bits 0x8000, and every nibble 8). IEEE half conversion rounds to nearest, ties to even, bit-exact with F16C's
+// _cvtss_sh(x, 0) and ggml's GGML_FP32_TO_FP16 (tested against F16C where the CPU has it).
+
+#include <algorithm>
+#include <array>
+#include <bit>
+#include <cmath>
+#include <cstdint>
+#include <span>
+#include <string_view>
+
+#include "hypermoe/core/error.hpp"
+#include "hypermoe/core/extents.hpp"
+#include "hypermoe/detail/format.hpp"
+
+namespace hypermoe {
+
+/// IEEE-754 binary16 bits from a float: round to nearest, ties to even; overflow -> inf; NaN ->
+/// a quiet NaN of the same sign.
+[[nodiscard]] inline std::uint16_t f32_to_f16_bits(float f) noexcept {
+    const std::uint32_t u = std::bit_cast<std::uint32_t>(f);
+    const std::uint32_t sign = (u >> 16) & 0x8000u;
+    const std::uint32_t a = u & 0x7FFFFFFFu;
+    if (a > 0x7F800000u) return static_cast<std::uint16_t>(sign | 0x7E00u);     // NaN
+    if (a >= 0x477FF000u) return static_cast<std::uint16_t>(sign | 0x7C00u);    // >= 65520: inf
+    if (a < 0x38800000u) {                                                      // below 2^-14: subnormal or zero
+        // Adding 0.5 puts the value's bits 2^-24 and up into the float's mantissa, and the
+        // FPU's own rounding (to nearest even) does the rest.
+        const float shifted = std::bit_cast<float>(a) + 0.5f;
+        return static_cast<std::uint16_t>(sign | (std::bit_cast<std::uint32_t>(shifted) - 0x3F000000u));
+    }
+    const std::uint32_t odd = (a >> 13) & 1u;
+    return static_cast<std::uint16_t>(sign | ((a + 0xC8000FFFu + odd) >> 13)); // rebias 127 -> 15, round
+}
+
+/// The float value of IEEE half bits (exact).
+[[nodiscard]] inline float f16_bits_to_f32(std::uint16_t h) noexcept {
+    const std::uint32_t sign = std::uint32_t(h & 0x8000u) << 16;
+    const std::uint32_t exp = (h >> 10) & 0x1Fu, mant = h & 0x3FFu;
+    if (exp == 0) { // zero or subnormal: mant * 2^-24
+        const float v = float(mant) * 0x1.0p-24f;
+        return std::bit_cast<float>(std::bit_cast<std::uint32_t>(v) | sign);
+    }
+    if (exp == 31) return std::bit_cast<float>(sign | 0x7F800000u | (mant << 13));
+    return std::bit_cast<float>(sign | ((exp + 112u) << 23) | (mant << 13));
+}
+
+/// Weights per block of both formats.
+inline constexpr index_t quant_block = 32;
+
+/// ggml's block_q8_0: the scale's half bits, then 32 signed bytes.
+struct BlockQ8_0 {
+    std::uint16_t d = 0;
+    std::array<std::int8_t, 32> qs{};
+};
+/// ggml's block_q4_0: the scale's half bits, then 16 bytes of two 4-bit values.
+struct BlockQ4_0 {
+    std::uint16_t d = 0;
+    std::array<std::uint8_t, 16> qs{};
+};
+static_assert(sizeof(BlockQ8_0) == 34 && sizeof(BlockQ4_0) == 18, "the blocks are ggml's, byte for byte");
+
+/// A q8_0 block of 32 finite floats.
+[[nodiscard]] inline BlockQ8_0 quantize_q8_0(std::span<const float, 32> x) noexcept {
+    float amax = 0.0f;
+    for (const float v : x) amax = std::max(amax, std::fabs(v));
+    const float d = amax / 127.0f;
+    const float id = d != 0.0f ? 1.0f / d : 0.0f;
+    BlockQ8_0 b;
+    b.d = f32_to_f16_bits(d);
+    for (std::size_t j = 0; j < 32; ++j) b.qs[j] = static_cast<std::int8_t>(std::roundf(x[j] * id));
+    return b;
+}
+
+/// A q4_0 block of 32 finite floats.
+[[nodiscard]] inline BlockQ4_0 quantize_q4_0(std::span<const float, 32> x) noexcept {
+    float amax = 0.0f, max = 0.0f;
+    for (const float v : x)
+        if (amax < std::fabs(v)) amax = std::fabs(v), max = v;
+    const float d = max / -8.0f;
+    const float id = d != 0.0f ? 1.0f / d : 0.0f;
+    BlockQ4_0 b;
+    b.d = f32_to_f16_bits(d);
+    for (std::size_t j = 0; j < 16; ++j) {
+        const auto q0 = std::min<std::uint8_t>(15, static_cast<std::uint8_t>(static_cast<std::int8_t>(x[j] * id + 8.5f)));
+        const auto q1 = std::min<std::uint8_t>(15, static_cast<std::uint8_t>(static_cast<std::int8_t>(x[j + 16] * id + 8.5f)));
+        b.qs[j] = static_cast<std::uint8_t>(q0 | (q1 << 4));
+    }
+    return b;
+}
+
+/// The 32 values a block stands for.
+inline void dequantize(const BlockQ8_0& b, std::span<float, 32> out) noexcept {
+    const float d = f16_bits_to_f32(b.d);
+    for (std::size_t j = 0; j < 32; ++j) out[j] = float(b.qs[j]) * d;
+}
+inline void dequantize(const BlockQ4_0& b, std::span<float, 32> out) noexcept {
+    const float d = f16_bits_to_f32(b.d);
+    for (std::size_t j = 0; j < 16; ++j) {
+        out[j] = float(int(b.qs[j] & 0x0F) - 8) * d;
+        out[j + 16] = float(int(b.qs[j] >> 4) - 8) * d;
+    }
+}
+
+namespace detail {
+
+/// The largest magnitude a block may hold so that its half scale is finite.
+template <class Block>
+inline constexpr float max_quantizable = std::is_same_v<Block, BlockQ8_0> ? 65504.0f * 127.0f : 65504.0f * 8.0f;
+
+} // namespace detail
+
+/// A row of n finite floats as ceil(n / 32) blocks, the last zero-padded to 32. `what` names the
+/// tensor in the weight_error raised for a non-finite value or one too large for a half scale.
+template <class Block>
+void quantize_row(std::span<const float> x, std::span<Block> out, std::string_view what) {
+    const auto n = index_t(x.size());
+    const index_t blocks = (n + quant_block - 1) / quant_block;
+    if (index_t(out.size()) != blocks)
+        throw shape_error(detail::concat(what, ": ", out.size(), " blocks for a row of ", n, " values, expected ", blocks));
+    for (index_t i = 0; i < n; ++i) {
+        const float v = x[std::size_t(i)];
+        if (!std::isfinite(v) || std::fabs(v) > detail::max_quantizable<Block>)
+            throw weight_error(detail::concat(what, ": element ", i, " is ", v, ", expected a finite value of magnitude at most ",
+                                              detail::max_quantizable<Block>, " to quantise"));
+    }
+    for (index_t b = 0; b < blocks; ++b) {
+        std::array<float, 32> block{};
+        const index_t first = b * quant_block, count = std::min(quant_block, n - first);
+        std::copy_n(x.begin() + first, count, block.begin());
+        if constexpr (std::is_same_v<Block, BlockQ8_0>) out[std::size_t(b)] = quantize_q8_0(block);
+        else out[std::size_t(b)] = quantize_q4_0(block);
+    }
+}
+
+} // namespace hypermoe

@@ -1,0 +1,222 @@
+// The q8_0 / q4_0 block formats and IEEE half conversion (core/quant.hpp): bits worked out by
+// hand (zero blocks, ties in magnitude, values at the rounding edges, padding), every half value
+// round-tripped, and the software half conversion against the CPU's F16C where it has it.
+#include <doctest/doctest.h>
+
+#include <array>
+#include <bit>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <random>
+#include <vector>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+
+#include <hypermoe/core/quant.hpp>
+
+using namespace hypermoe;
+
+namespace {
+
+std::array<float, 32> block_of(std::initializer_list<std::pair<int, float>> values) {
+    std::array<float, 32> x{};
+    for (const auto& [i, v] : values) x[std::size_t(i)] = v;
+    return x;
+}
+
+std::array<float, 32> values_of(const auto& block) {
+    std::array<float, 32> out{};
+    dequantize(block, out);
+    return out;
+}
+
+#if defined(__x86_64__) || defined(__i386__)
+__attribute__((target("f16c"))) std::uint16_t f16c_convert(float f) {
+    return static_cast<std::uint16_t>(_cvtss_sh(f, 0)); // 0: round to nearest even
+}
+#endif
+
+} // namespace
+
+TEST_CASE("f32 -> f16 rounds to nearest even, by hand") {
+    CHECK(f32_to_f16_bits(1.0f) == 0x3C00);
+    CHECK(f32_to_f16_bits(-2.0f) == 0xC000);
+    CHECK(f32_to_f16_bits(-0.0f) == 0x8000);
+    CHECK(f32_to_f16_bits(0.1f) == 0x2E66);
+    CHECK(f32_to_f16_bits(1.0f / 3.0f) == 0x3555);
+    CHECK(f32_to_f16_bits(65504.0f) == 0x7BFF);                            // largest half
+    CHECK(f32_to_f16_bits(std::nextafter(65520.0f, 0.0f)) == 0x7BFF);
+    CHECK(f32_to_f16_bits(65520.0f) == 0x7C00);                            // halfway to 65536: to even = inf
+    CHECK(f32_to_f16_bits(1e10f) == 0x7C00);
+    CHECK(f32_to_f16_bits(-std::numeric_limits<float>::infinity()) == 0xFC00);
+    CHECK((f32_to_f16_bits(std::numeric_limits<float>::quiet_NaN()) & 0x7E00) == 0x7E00);
+    CHECK(f32_to_f16_bits(1.0f + 0x1.0p-11f) == 0x3C00);                   // tie: to even (down)
+    CHECK(f32_to_f16_bits(1.0f + 3 * 0x1.0p-11f) == 0x3C02);               // tie: to even (up)
+    CHECK(f32_to_f16_bits(0x1.0p-14f) == 0x0400);                          // smallest normal
+    CHECK(f32_to_f16_bits(0x1.0p-24f) == 0x0001);                          // smallest subnormal
+    CHECK(f32_to_f16_bits(0x1.0p-25f) == 0x0000);                          // tie: to even (zero)
+    CHECK(f32_to_f16_bits(3 * 0x1.0p-25f) == 0x0002);                      // tie: to even (up)
+    CHECK(f32_to_f16_bits(std::nextafter(0x1.0p-14f, 0.0f)) == 0x0400);   // rounds up into the normals
+    CHECK(f16_bits_to_f32(0x2008) == 0.00787353515625f);
+    CHECK(f16_bits_to_f32(0x0001) == 0x1.0p-24f);
+    CHECK(f16_bits_to_f32(0xFC00) == -std::numeric_limits<float>::infinity());
+}
+
+TEST_CASE("every finite half survives f16 -> f32 -> f16") {
+    for (std::uint32_t h = 0; h < 0x10000; ++h) {
+        if ((h & 0x7C00) == 0x7C00 && (h & 0x3FF) != 0) continue; // NaN
+        const float f = f16_bits_to_f32(std::uint16_t(h));
+        if (f32_to_f16_bits(f) != h) FAIL_CHECK("half ", h, " -> ", f, " -> ", f32_to_f16_bits(f));
+    }
+}
+
+TEST_CASE("f32 -> f16 equals the CPU's F16C conversion") {
+#if defined(__x86_64__) || defined(__i386__)
+    if (!__builtin_cpu_supports("f16c")) {
+        MESSAGE("this CPU has no F16C: compared by hand only");
+        return;
+    }
+    std::mt19937 rng(7);
+    std::uniform_int_distribution<std::uint32_t> bits;
+    int differ = 0;
+    for (int i = 0; i < 2000000; ++i) {
+        // Every exponent, with the subnormal and overflow edges drawn often.
+        std::uint32_t u = bits(rng);
+        if (i % 4 == 1) u = (u & 0x807FFFFFu) | ((100u + (u >> 24) % 45u) << 23);
+        const float f = std::bit_cast<float>(u);
+        if (std::isnan(f)) continue;
+        differ += f32_to_f16_bits(f) != f16c_convert(f);
+    }
+    CHECK(differ == 0);
+#else
+    MESSAGE("not an x86 CPU: compared by hand only");
+#endif
+}
+
+TEST_CASE("q8_0 bits, by hand") {
+    // amax 127: d = 1 exactly, 1/d = 1; roundf rounds halves away from zero.
+    const BlockQ8_0 a = quantize_q8_0(block_of({{0, 127.0f}, {1, 2.5f}, {2, -2.5f}, {3, 0.5f},
+                                                {4, std::nextafter(-0.5f, 0.0f)}, {5, -127.0f}, {31, 1.0f}}));
+    CHECK(a.d == 0x3C00);
+    const std::array<std::int8_t, 32> qa{127, 3, -3, 1, 0, -127, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+                                         0,   0, 0,  0, 0, 0,    0, 0, 0, 0, 0, 0, 0, 0, 0, 1};
+    CHECK(a.qs == qa);
+    CHECK(values_of(a)[1] == 3.0f);
+
+    // A zero block: d = 0 and every q = 0.
+    const BlockQ8_0 z = quantize_q8_0(block_of({}));
+    CHECK(z.d == 0);
+    CHECK(z.qs == std::array<std::int8_t, 32>{});
+    CHECK(values_of(z) == std::array<float, 32>{});
+
+    // amax 1: d = 1/127 = 0.0078740157 is stored as the half 0x2008 = 0.00787353515625; values
+    // dequantise with the stored d, so 1 comes back as 127 * 0.00787353515625.
+    const BlockQ8_0 c = quantize_q8_0(block_of({{0, 1.0f}, {1, -1.0f}, {2, 0.25f}}));
+    CHECK(c.d == 0x2008);
+    CHECK(c.qs[0] == 127);
+    CHECK(c.qs[1] == -127);
+    CHECK(c.qs[2] == 32); // 0.25 * 127 = 31.75
+    CHECK(values_of(c)[0] == 0.99993896484375f);
+    CHECK(values_of(c)[2] == 32 * 0.00787353515625f);
+}
+
+TEST_CASE("q4_0 bits, by hand") {
+    // Ties in magnitude: the first wins, so max = 8, d = 8 / -8 = -1, 1/d = -1, and
+    // q = min(15, (int8_t)(-x + 8.5)): 8 -> 0, -8 -> 16 -> 15 (clipped), 0.5 -> 8, -0.5 -> 9,
+    // 0 -> 8, 4 -> 4, -3 -> 11. Element j and j + 16 share byte j, j in the low nibble.
+    const BlockQ4_0 d = quantize_q4_0(block_of({{0, 8.0f}, {1, -8.0f}, {2, 0.5f}, {3, -0.5f}, {16, 4.0f}, {17, -3.0f}}));
+    CHECK(d.d == 0xBC00);
+    std::array<std::uint8_t, 16> qd;
+    qd.fill(0x88);
+    qd[0] = 0x40, qd[1] = 0xBF, qd[2] = 0x88, qd[3] = 0x89;
+    CHECK(d.qs == qd);
+    const auto vd = values_of(d);
+    CHECK(vd[0] == 8.0f);
+    CHECK(vd[1] == -7.0f); // -8 is not representable on this side of a negative scale
+    CHECK(vd[2] == 0.0f);
+    CHECK(vd[3] == -1.0f);
+    CHECK(vd[16] == 4.0f);
+    CHECK(vd[17] == -3.0f);
+
+    // The same tie, the negative one first: max = -8, d = 1.
+    const BlockQ4_0 e = quantize_q4_0(block_of({{0, -8.0f}, {1, 8.0f}}));
+    CHECK(e.d == 0x3C00);
+    CHECK(e.qs[0] == 0x80);
+    CHECK(e.qs[1] == 0x8F);
+    CHECK(values_of(e)[1] == 7.0f);
+
+    // A zero block: d = 0 / -8 = -0 (half bits 0x8000, as ggml stores it), every nibble
+    // (int8_t)(0 + 8.5) = 8.
+    const BlockQ4_0 z = quantize_q4_0(block_of({}));
+    CHECK(z.d == 0x8000);
+    std::array<std::uint8_t, 16> q8;
+    q8.fill(0x88);
+    CHECK(z.qs == q8);
+    CHECK(values_of(z) == std::array<float, 32>{});
+
+    // Rounding edges with d = 1 (max = -8): x + 8.5 truncated, so 0.4999 -> 8, 0.5 -> 9,
+    // -0.5 -> 8 (exactly 8.0), -0.5001 -> 7.
+    const BlockQ4_0 g = quantize_q4_0(block_of({{0, -8.0f}, {1, 0.4999f}, {2, 0.5f}, {3, -0.5f}, {4, -0.5001f}}));
+    CHECK(g.d == 0x3C00);
+    CHECK((g.qs[1] & 0x0F) == 8);
+    CHECK((g.qs[2] & 0x0F) == 9);
+    CHECK((g.qs[3] & 0x0F) == 8);
+    CHECK((g.qs[4] & 0x0F) == 7);
+}
+
+TEST_CASE("a row is quantised in blocks of 32, the last zero-padded") {
+    std::vector<float> x(40);
+    for (std::size_t i = 0; i < x.size(); ++i) x[i] = float(int(i) - 20) * 0.25f;
+    std::vector<BlockQ8_0> q(2);
+    quantize_row<BlockQ8_0>(x, q, "w");
+    std::array<float, 32> first{}, padded{};
+    std::copy_n(x.begin(), 32, first.begin());
+    std::copy_n(x.begin() + 32, 8, padded.begin());
+    CHECK(q[0].d == quantize_q8_0(first).d);
+    CHECK(q[0].qs == quantize_q8_0(first).qs);
+    CHECK(q[1].d == quantize_q8_0(padded).d);
+    CHECK(q[1].qs == quantize_q8_0(padded).qs);
+    const auto tail = values_of(q[1]);
+    for (std::size_t j = 8; j < 32; ++j) CHECK(tail[j] == 0.0f);
+
+    std::vector<BlockQ4_0> q4(2);
+    quantize_row<BlockQ4_0>(x, q4, "w");
+    CHECK(q4[1].qs == quantize_q4_0(padded).qs);
+}
+
+TEST_CASE("quantising keeps each value within half a step (q8_0) or a step (q4_0)") {
+    std::mt19937 rng(3);
+    std::normal_distribution<float> normal(0.0f, 0.05f);
+    for (int trial = 0; trial < 200; ++trial) {
+        std::array<float, 32> x{};
+        for (float& v : x) v = normal(rng);
+        const BlockQ8_0 a = quantize_q8_0(x);
+        const BlockQ4_0 b = quantize_q4_0(x);
+        const auto va = values_of(a), vb = values_of(b);
+        const float da = std::fabs(f16_bits_to_f32(a.d)), db = std::fabs(f16_bits_to_f32(b.d));
+        for (std::size_t j = 0; j < 32; ++j) {
+            CHECK(std::fabs(va[j] - x[j]) <= 0.5f * da + 1e-3f * da + 127 * da * 1e-3f);
+            CHECK(std::fabs(vb[j] - x[j]) <= db * 1.001f);
+        }
+    }
+}
+
+TEST_CASE("quantize_row refuses what a half scale cannot hold, non-finite values and a wrong block count") {
+    std::vector<float> x(32, 1.0f);
+    std::vector<BlockQ8_0> q(1);
+    x[5] = std::numeric_limits<float>::quiet_NaN();
+    CHECK_THROWS_WITH_AS(quantize_row<BlockQ8_0>(x, q, "experts.0.w1"),
+                         "experts.0.w1: element 5 is nan, expected a finite value of magnitude at most 8.31901e+06 to quantise", weight_error);
+    x[5] = 1e7f; // 1e7 / 127 > 65504
+    CHECK_THROWS_WITH_AS(quantize_row<BlockQ8_0>(x, q, "w"), doctest::Contains("element 5 is 1e+07"), weight_error);
+    x[5] = 1e6f; // fits q8_0 (d = 7874), not q4_0 (d = 125000)
+    CHECK_NOTHROW(quantize_row<BlockQ8_0>(x, q, "w"));
+    std::vector<BlockQ4_0> q4(1);
+    CHECK_THROWS_AS(quantize_row<BlockQ4_0>(x, q4, "w"), weight_error);
+    std::vector<BlockQ8_0> two(2);
+    CHECK_THROWS_WITH_AS(quantize_row<BlockQ8_0>(x, two, "w"),
+                         "w: 2 blocks for a row of 32 values, expected 1", shape_error);
+}
