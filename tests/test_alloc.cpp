@@ -197,6 +197,23 @@ TEST_CASE_TEMPLATE_DEFINE("MoE layer forward allocates nothing after warm-up (d 
 }
 TEST_CASE_TEMPLATE_APPLY(no_alloc, test::all_backends);
 
+TEST_CASE_TEMPLATE_DEFINE("q8_0 and q4_0 weights are held once, as blocks (counted in bytes)", B, blocks_held_once) {
+    if (!HYPERMOE_COUNT_ALLOCATIONS) return;
+    const index_t n = 512, k = 1024;
+    const Matrix<float> w = test::random_matrix(n, k, 3, 0.1f);
+    for (const dtype format : {dtype::q8_0, dtype::q4_0}) {
+        CAPTURE(to_string(format));
+        const Counted c = counted([&] { const typename B::template linear<Identity> lin(w.view(), {}, {"w", false, format}); });
+        const long blocks = long(weight_bytes(format, n, k));
+        MESSAGE(B::name, " ", to_string(format), ": ", c.bytes, " bytes allocated for ", blocks, " bytes of blocks");
+        // The blocks, one row of K floats while quantising, names and bookkeeping: no f32 copy
+        // (which alone would be 2 MiB).
+        CHECK(c.bytes >= blocks);
+        CHECK(c.bytes <= blocks + 64 * 1024);
+    }
+}
+TEST_CASE_TEMPLATE_APPLY(blocks_held_once, test::all_backends);
+
 TEST_CASE("load_model holds one hypernetwork per stack, not one per block (counted in bytes)" *
           doctest::skip(!HYPERMOE_COUNT_ALLOCATIONS)) {
     namespace fs = std::filesystem;

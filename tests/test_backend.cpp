@@ -1,5 +1,6 @@
 #include <doctest/doctest.h>
 
+#include <array>
 #include <cstring>
 #include <limits>
 
@@ -60,7 +61,7 @@ template <class B, class Act>
 void sweep() {
     for (const index_t m : {0, 1, 7, 64})
         for (const auto& [k, n] : {std::pair<index_t, index_t>{37, 19}, {64, 128}, {48, 48}, {0, 5}, {6, 0}})
-            for (const dtype storage : {dtype::f32, dtype::bf16}) {
+            for (const dtype storage : {dtype::f32, dtype::bf16, dtype::q8_0, dtype::q4_0}) {
                 const Matrix<float> w = random_matrix(n, k, 5, 0.3f);
                 for (const bool bias : {false, true})
                     for (const bool acc : {false, true})
@@ -96,6 +97,67 @@ TEST_CASE_TEMPLATE_DEFINE("linear matches the reference for every row count", B,
         compare_with_reference<B, Identity>({m, 70, 100, true, true, 1.0f, dtype::bf16}, wide.view());
 }
 TEST_CASE_TEMPLATE_APPLY(linear_rows, test::all_backends);
+
+TEST_CASE_TEMPLATE_DEFINE("q8_0 and q4_0 weights: every backend equals f32 arithmetic on the dequantised weights", B,
+                          linear_blocks) {
+    // K = 100: three whole blocks and a zero-padded fourth; M around the row groups of 4.
+    const index_t n = 45, k = 100;
+    const Matrix<float> w = random_matrix(n, k, 8, 0.3f);
+    for (const dtype format : {dtype::q8_0, dtype::q4_0}) {
+        CAPTURE(to_string(format));
+        // The weights' exact values, quantised and dequantised block by block (core/quant.hpp).
+        Matrix<float> exact(n, k);
+        for (index_t r = 0; r < n; ++r) {
+            std::vector<float> row(w.data() + r * k, w.data() + (r + 1) * k);
+            row.resize(128, 0.0f);
+            for (index_t b = 0; b < 4; ++b) {
+                std::array<float, 32> in{}, out{};
+                std::copy_n(row.begin() + 32 * b, 32, in.begin());
+                if (format == dtype::q8_0) dequantize(quantize_q8_0(in), out);
+                else dequantize(quantize_q4_0(in), out);
+                for (index_t i = 0; i < 32 && 32 * b + i < k; ++i) exact(r, 32 * b + i) = out[std::size_t(i)];
+            }
+        }
+        const auto bias = random_vector(n, 9);
+        const typename B::template linear<Silu> lin(ConstMatrixView<float>(w.view()), bias, {"w", true, format});
+        const reference::linear<Silu> oracle(ConstMatrixView<float>(exact.view()), bias, {"w", true, dtype::f32});
+        CHECK(lin.storage() == format);
+        for (const index_t m : {1, 3, 4, 5, 9, 33}) {
+            CAPTURE(m);
+            const Matrix<float> a = random_matrix(m, k, 10);
+            Matrix<float> got = random_matrix(m, n, 12), want = got;
+            Workspace ws;
+            lin(a.view(), got.view(), ws, 0.5f);
+            oracle(a.view(), want.view(), ws, 0.5f);
+            CHECK(relative_error(got.view(), want.view()) <= 1e-5);
+        }
+        // Quantising is not the identity: the formats lose what they must.
+        CHECK(relative_error(exact.view(), w.view()) > (format == dtype::q8_0 ? 1e-4 : 1e-2));
+    }
+}
+TEST_CASE_TEMPLATE_APPLY(linear_blocks, test::all_backends);
+
+TEST_CASE("the reference holds q8_0 / q4_0 weights as blocks and widens them exactly") {
+    const Matrix<float> w = random_matrix(3, 40, 4, 0.3f);
+    for (const dtype format : {dtype::q8_0, dtype::q4_0}) {
+        const detail::BlockWeights blocks(ConstMatrixView<float>(w.view()), format, "w");
+        CHECK(blocks.blocks_per_row() == 2);
+        CHECK(blocks.bytes() == weight_bytes(format, 3, 40));
+        CHECK(weight_bytes(format, 3, 40) == (format == dtype::q8_0 ? 3u * 2u * 34u : 3u * 2u * 18u));
+        std::array<float, 32> first{};
+        std::copy_n(w.data() + 40, 32, first.begin());
+        std::array<float, 32> want{};
+        if (format == dtype::q8_0) dequantize(quantize_q8_0(first), want);
+        else dequantize(quantize_q4_0(first), want);
+        for (index_t i = 0; i < 32; ++i) CHECK(blocks.at(1, i) == want[std::size_t(i)]);
+    }
+    Matrix<float> big(1, 4);
+    std::fill_n(big.data(), 4, 0.0f);
+    big(0, 0) = 1e8f;
+    CHECK_THROWS_WITH_AS(detail::BlockWeights(ConstMatrixView<float>(big.view()), dtype::q8_0, "up"),
+                         "up row 0: element 0 is 1e+08, expected a finite value of magnitude at most 8.31901e+06 to quantise",
+                         weight_error);
+}
 
 TEST_CASE_TEMPLATE_DEFINE("linear takes bf16 weights as stored", B, linear_bf16_source) {
     const Matrix<float> w = random_matrix(24, 40, 3);

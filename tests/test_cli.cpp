@@ -92,6 +92,25 @@ TEST_CASE("hypermoe run reproduces every fixture on every backend") {
     fs::remove(out);
 }
 
+TEST_CASE("hypermoe run and bench with 8- and 4-bit expert weights") {
+    const std::string dir = data_dir + "/qwen2_moe-basic";
+    const fs::path out = fs::temp_directory_path() / ("hypermoe-cli-q-" + std::to_string(::getpid()) + ".safetensors");
+    for (const auto& [weights, bound] : {std::pair<std::string, double>{"q8_0", 3e-2}, {"q4_0", 5e-1}}) {
+        CAPTURE(weights);
+        const Result r = run_cli("run --model " + dir + " --input " + dir + "/input.safetensors --output " + out.string() +
+                                 " --weights " + weights);
+        REQUIRE_MESSAGE(r.status == 0, r.err);
+        const SafeTensorsFile got(out.string()), want(dir + "/expected.safetensors");
+        const double err = test::relative_error(got.view().to_f32(got.view().info("y")).view(),
+                                                want.view().to_f32(want.view().info("y")).view());
+        CHECK(err > 0.0);
+        CHECK(err <= bound);
+        const Result b = run_cli("bench --d-model 64 --d-ff 64 --tokens 8 --repeat 1 --weights " + weights + " --json");
+        REQUIRE_MESSAGE(b.status == 0, b.err);
+    }
+    fs::remove(out);
+}
+
 TEST_CASE("hypermoe inspect and bench") {
     const Result i = run_cli("inspect --model " + data_dir + "/qwen2_moe-basic");
     REQUIRE(i.status == 0);
@@ -128,6 +147,7 @@ TEST_CASE("usage errors exit 2 with one line on stderr") {
              "run --model " + m + " --input " + m + "/input.safetensors --output /tmp/x --layer 7",
              "run --model " + m + " --input " + m + "/input.safetensors --output /tmp/x --backend cuda",
              "run --model " + m + " --input " + m + "/input.safetensors --output /tmp/x --threads zero",
+             "run --model " + m + " --input " + m + "/input.safetensors --output /tmp/x --weights q5_k",
              std::string("inspect --model /nonexistent"),
              std::string("bench --family llama"),
              std::string("bench --router best --tokens 4 --d-model 16 --d-ff 16 --repeat 1"),

@@ -1,6 +1,7 @@
 #include <doctest/doctest.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstring>
 #include <filesystem>
@@ -291,6 +292,37 @@ TEST_CASE_TEMPLATE_DEFINE("docs/checkpoints.md's walk-through adapter loads what
     CHECK(relative_error(y.view(), x.view()) > 0.0);
 }
 TEST_CASE_TEMPLATE_APPLY(walkthrough, test::all_backends);
+
+TEST_CASE_TEMPLATE_DEFINE("bf16 / q8_0 / q4_0 expert storage: each fixture's error against the f32 oracle", B,
+                          block_storage_fixtures) {
+    // Routing reads the (unquantised) router, so only the experts' outputs move: by about the
+    // formats' step, relative to the weights (bf16: 2^-9, q8_0: 1/254 of a block's largest,
+    // q4_0: 1/16). The bounds are about twice the worst measured (docs/checkpoints.md).
+    const std::array<std::pair<dtype, double>, 3> formats{{{dtype::bf16, 1e-2}, {dtype::q8_0, 3e-2}, {dtype::q4_0, 5e-1}}};
+    for (const auto& [format, bound] : formats) {
+        CAPTURE(to_string(format));
+        std::vector<double> errors;
+        for (const auto& name : all_cases) {
+            CAPTURE(name);
+            const std::string dir = data_dir + "/" + name;
+            const Expected e(dir);
+            const Matrix<float> x = e.x();
+            const auto block = load_moe_block<B>(Checkpoint(dir), e.layer(), e.stack(), {.storage = format});
+            Matrix<float> y(x.rows(), x.cols());
+            RoutingPlan plan;
+            Workspace ws;
+            block.forward(x.view(), y.view(), ws, plan, Context{.sequence_length = e.sequence_length()});
+            const double err = relative_error(y.view(), e.out("y").view());
+            CHECK(err <= bound);
+            errors.push_back(err);
+        }
+        std::sort(errors.begin(), errors.end());
+        CHECK(errors.back() > 0.0);
+        MESSAGE(B::name, " ", to_string(format), ": relative error over the fixtures: median ", errors[errors.size() / 2],
+                ", worst ", errors.back());
+    }
+}
+TEST_CASE_TEMPLATE_APPLY(block_storage_fixtures, test::all_backends);
 
 TEST_CASE("bf16 storage of f32 weights stays within bf16 rounding") {
     const std::string dir = data_dir + "/mixtral-basic";

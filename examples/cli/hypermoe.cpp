@@ -36,10 +36,10 @@ constexpr const char* usage_text = R"(usage:
   hypermoe                         run the demo (a small HyperMoE stack, fixed seed)
   hypermoe run --model DIR --input X.safetensors --output Y.safetensors [--layer N]
                [--stack encoder|decoder] [--backend onednn|eigen|reference] [--threads N]
-               [--weights f32|bf16]
+               [--weights f32|bf16|q8_0|q4_0]
   hypermoe inspect --model DIR
   hypermoe bench [--family F] [--d-model N] [--d-ff N] [--experts N] [--top-k N] [--tokens N]
-               [--router NAME|all|native] [--hyper cached|per-token|off] [--weights f32|bf16]
+               [--router NAME|all|native] [--hyper cached|per-token|off] [--weights f32|bf16|q8_0|q4_0]
                [--threads N] [--repeat N] [--backend B] [--model DIR [--layer N] [--stack S]] [--json]
 )";
 
@@ -101,7 +101,9 @@ hm::dtype weights_of(const Args& a) {
     const std::string w = a.get("--weights", "f32");
     if (w == "f32") return hm::dtype::f32;
     if (w == "bf16") return hm::dtype::bf16;
-    throw usage_error("--weights is '" + w + "', expected f32 or bf16");
+    if (w == "q8_0") return hm::dtype::q8_0;
+    if (w == "q4_0") return hm::dtype::q4_0;
+    throw usage_error("--weights is '" + w + "', expected f32, bf16, q8_0 or q4_0");
 }
 
 /// Calls f.template operator()<Backend>() for the named backend: dispatch hoisted to here.

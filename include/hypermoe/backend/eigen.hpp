@@ -18,11 +18,13 @@
 
 #include <algorithm>
 #include <cstddef>
+#include <optional>
 #include <span>
 #include <string_view>
 #include <vector>
 
 #include "hypermoe/backend/backend_concept.hpp"
+#include "hypermoe/backend/block_linear.hpp"
 #include "hypermoe/backend/linear_spec.hpp"
 #include "hypermoe/core/parallel.hpp"
 
@@ -63,14 +65,18 @@ struct eigen {
     public:
         linear(WeightView w, std::span<const float> bias, LinearOptions opt)
             : LinearBase(w, bias, opt),
-              bias_(bias.begin(), bias.end()), w_(n_, k_) {
+              bias_(bias.begin(), bias.end()), w_(is_block_format(storage_) ? 0 : n_, is_block_format(storage_) ? 0 : k_) {
+            if (is_block_format(storage_)) {
+                blocks_.emplace(w, bias, storage_, name_, accumulate_);
+                return;
+            }
             for (index_t r = 0; r < n_; ++r)
                 for (index_t c = 0; c < k_; ++c) w_(r, c) = detail::stored_value(w.at(r, c), storage_);
         }
 
         /// C for accumulating calls, and one pair of packing buffers per thread that runs a block.
         [[nodiscard]] std::size_t workspace_bytes(index_t rows) const noexcept {
-            if (rows <= 0 || n_ == 0) return 0;
+            if (rows <= 0 || n_ == 0 || blocks_) return 0;
             const Packing p = packing(rows);
             return (accumulate_ ? detail::padded_bytes<float>(rows, n_) : 0) +
                    std::size_t(slices()) * (detail::padded_bytes<float>(p.a) + detail::padded_bytes<float>(p.b));
@@ -83,6 +89,7 @@ struct eigen {
         void operator()(ConstMatrixView<float> a, MatrixView<float> c, Workspace& ws, float scale = 1.0f) const {
             check_call(a, c);
             if (a.rows() == 0 || n_ == 0) return;
+            if (blocks_) return (*blocks_)(a, c, scale);
             Workspace::Scope scope(ws, workspace_bytes(a.rows()));
             const index_t m = a.rows();
             const MatrixView<float> t = accumulate_ ? ws.take_matrix<float>(m, n_) : c;
@@ -147,7 +154,8 @@ struct eigen {
         }
 
         std::vector<float> bias_;
-        RowMajor w_;
+        RowMajor w_; ///< empty for block formats
+        std::optional<detail::BlockLinear<Act>> blocks_; ///< q8_0 / q4_0 weights, held only as blocks
     };
 };
 

@@ -47,7 +47,8 @@ struct LinearOptions {
     std::string name = "linear";
     /// C += result instead of C = result.
     bool accumulate = false;
-    /// dtype the weights are stored in; defaults to the source's. f32 -> bf16 rounds to nearest even.
+    /// dtype the weights are stored in; defaults to the source's. f32 -> bf16 rounds to nearest
+    /// even; q8_0 / q4_0 quantise blocks of 32 along K (core/quant.hpp).
     std::optional<dtype> storage = std::nullopt;
 };
 
@@ -69,7 +70,8 @@ inline dtype validate_linear(const WeightView& w, std::span<const float> bias, c
     return opt.storage.value_or(w.type());
 }
 
-/// The value a weight element has once stored in `storage` (bf16 storage rounds).
+/// The value a weight element has once stored in an element type (bf16 storage rounds); the
+/// block formats are quantised a block at a time (backend/block_linear.hpp).
 [[nodiscard]] inline float stored_value(float v, dtype storage) noexcept {
     return storage == dtype::bf16 ? bf16::from_float(v).to_float() : v;
 }

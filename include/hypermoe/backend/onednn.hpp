@@ -38,6 +38,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <span>
 #include <string>
 #include <string_view>
@@ -47,6 +48,7 @@
 
 #include "hypermoe/backend/backend_concept.hpp"
 #include "hypermoe/backend/bf16_panels.hpp"
+#include "hypermoe/backend/block_linear.hpp"
 #include "hypermoe/backend/linear_spec.hpp"
 
 namespace hypermoe {
@@ -270,6 +272,10 @@ struct onednn {
         linear(WeightView w, std::span<const float> bias, LinearOptions opt)
             : LinearBase(w, bias, opt),
               has_bias_(!bias.empty()), table_(std::make_shared<detail::OnednnMatmulTable>()) {
+            if (is_block_format(storage_)) { // held as blocks only; no primitive
+                blocks_.emplace(w, bias, storage_, name_, accumulate_);
+                return;
+            }
             if (k_ > 0 && n_ > 0) matmul_ = lookup(detail::current_threads());
             // Source weights as the (K, N) matrix W^T, then one reorder into the primitive's layout.
             using dt = dnnl::memory::data_type;
@@ -309,6 +315,7 @@ struct onednn {
         void operator()(ConstMatrixView<float> a, MatrixView<float> c, Workspace& ws, float scale = 1.0f) const {
             check_call(a, c);
             if (a.rows() == 0) return;
+            if (blocks_) return (*blocks_)(a, c, scale);
             if (!matmul_) {
                 detail::epilogue_bias_only<Act>(c, bias_f32_.empty() ? nullptr : bias_f32_.data(), scale, accumulate_);
                 return;
@@ -428,6 +435,7 @@ struct onednn {
         dnnl::memory bias_;
         std::vector<float> bias_f32_;  ///< the bias, for our own epilogues
         detail::Bf16Panels panels_;    ///< bf16 storage only: the weights for calls of few rows
+        std::optional<detail::BlockLinear<Act>> blocks_; ///< q8_0 / q4_0 storage: the only copy of the weights
     };
 };
 

@@ -1,13 +1,18 @@
 #pragma once
 // The reference backend: plain loops, accumulation and activation in double. It is the oracle
-// every other backend is tested against, not a fast path. bf16 weights stay bf16 in memory.
+// every other backend is tested against, not a fast path. bf16 weights stay bf16 in memory;
+// q8_0 / q4_0 weights stay in their blocks, each output row dequantised exactly when used.
 
 #include <cstddef>
 #include <span>
 #include <string_view>
 #include <vector>
 
+#include <algorithm>
+#include <array>
+
 #include "hypermoe/backend/backend_concept.hpp"
+#include "hypermoe/backend/block_linear.hpp"
 #include "hypermoe/backend/linear_spec.hpp"
 
 namespace hypermoe {
@@ -22,6 +27,10 @@ struct reference {
             : LinearBase(w, bias, opt),
               bias_(bias.begin(), bias.end()) {
             const auto count = static_cast<std::size_t>(n_ * k_);
+            if (is_block_format(storage_)) {
+                blocks_ = detail::BlockWeights(w, storage_, name_);
+                return;
+            }
             if (storage_ == dtype::f32) w_f32_.resize(count);
             else w_bf16_.resize(count);
             for (index_t r = 0; r < n_; ++r)
@@ -32,28 +41,44 @@ struct reference {
                 }
         }
 
-        [[nodiscard]] std::size_t workspace_bytes(index_t /*rows*/) const noexcept { return 0; }
+        /// One output's K weights, widened.
+        [[nodiscard]] std::size_t workspace_bytes(index_t /*rows*/) const noexcept { return detail::padded_bytes<float>(k_); }
 
-        void operator()(ConstMatrixView<float> a, MatrixView<float> c, Workspace& /*ws*/, float scale = 1.0f) const {
+        void operator()(ConstMatrixView<float> a, MatrixView<float> c, Workspace& ws, float scale = 1.0f) const {
             check_call(a, c);
-            for (index_t m = 0; m < a.rows(); ++m)
-                for (index_t j = 0; j < n_; ++j) {
+            Workspace::Scope scope(ws, workspace_bytes(a.rows()));
+            const std::span<float> w = ws.take<float>(k_);
+            for (index_t j = 0; j < n_; ++j) {
+                weight_row(j, w);
+                for (index_t m = 0; m < a.rows(); ++m) {
                     double acc = bias_.empty() ? 0.0 : bias_[static_cast<std::size_t>(j)];
-                    for (index_t k = 0; k < k_; ++k) acc += double(a(m, k)) * double(weight(j, k));
+                    for (index_t k = 0; k < k_; ++k) acc += double(a(m, k)) * double(w[static_cast<std::size_t>(k)]);
                     const auto v = static_cast<float>(double(scale) * Act::apply(acc));
                     c(m, j) = accumulate_ ? c(m, j) + v : v;
                 }
+            }
         }
 
     private:
-        [[nodiscard]] float weight(index_t n, index_t k) const noexcept {
-            const auto i = static_cast<std::size_t>(n * k_ + k);
-            return storage_ == dtype::f32 ? w_f32_[i] : w_bf16_[i].to_float();
+        /// Output n's K weights, widened exactly.
+        void weight_row(index_t n, std::span<float> out) const noexcept {
+            for (index_t k = 0; k < k_; ++k) {
+                const auto i = static_cast<std::size_t>(n * k_ + k);
+                out[std::size_t(k)] = is_block_format(storage_) ? 0.0f : storage_ == dtype::f32 ? w_f32_[i] : w_bf16_[i].to_float();
+            }
+            if (!is_block_format(storage_)) return;
+            std::array<float, 32> block;
+            for (index_t b = 0; b < blocks_.blocks_per_row(); ++b) {
+                blocks_.dequantize_block(n, b, block);
+                const index_t k0 = b * quant_block;
+                std::copy_n(block.begin(), std::min(quant_block, k_ - k0), out.begin() + k0);
+            }
         }
 
         std::vector<float> bias_;
         std::vector<float> w_f32_;
         std::vector<bf16> w_bf16_;
+        detail::BlockWeights blocks_;
     };
 };
 

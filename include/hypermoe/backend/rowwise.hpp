@@ -12,6 +12,7 @@
 #include <span>
 #include <vector>
 
+#include "hypermoe/backend/block_linear.hpp"
 #include "hypermoe/backend/linear_spec.hpp"
 #include "hypermoe/core/parallel.hpp"
 #include "hypermoe/core/workspace.hpp"
@@ -23,8 +24,12 @@ class RowwiseLinear : public LinearBase {
 public:
     RowwiseLinear(WeightView w, std::span<const float> bias, LinearOptions opt)
         : LinearBase(w, bias, opt), wt_(std::size_t(k_ * n_)), bias_(bias.begin(), bias.end()) {
+        // Block formats are widened to their exact values: this map serves small weights (the
+        // hypernetwork's), where one layout for every format keeps the kernel simple.
+        const BlockWeights blocks = is_block_format(storage_) ? BlockWeights(w, storage_, name_) : BlockWeights();
         for (index_t r = 0; r < n_; ++r)
-            for (index_t c = 0; c < k_; ++c) wt_[std::size_t(c * n_ + r)] = stored_value(w.at(r, c), storage_);
+            for (index_t c = 0; c < k_; ++c)
+                wt_[std::size_t(c * n_ + r)] = is_block_format(storage_) ? blocks.at(r, c) : stored_value(w.at(r, c), storage_);
     }
 
     [[nodiscard]] std::size_t workspace_bytes(index_t /*rows*/) const noexcept { return 0; }

@@ -1,7 +1,8 @@
 #pragma once
-// Element types of weights: f32 and bf16. bf16 is stored as its 16 bits; the conversion from
-// float rounds to nearest, ties to even, bit-exact with PyTorch's `.to(torch.bfloat16)`
-// (c10::BFloat16 round_to_nearest_even), including NaN -> 0x7FC0.
+// Storage types of weights: f32 and bf16 elements, and the q8_0 and q4_0 blocks of 32 weights
+// (core/quant.hpp). bf16 is stored as its 16 bits; the conversion from float rounds to nearest,
+// ties to even, bit-exact with PyTorch's `.to(torch.bfloat16)` (c10::BFloat16
+// round_to_nearest_even), including NaN -> 0x7FC0.
 
 #include <bit>
 #include <cstdint>
@@ -9,14 +10,30 @@
 
 namespace hypermoe {
 
-/// Element type of a tensor.
-enum class dtype : std::uint8_t { f32, bf16 };
+/// Storage type of a weight: an element type (f32, bf16) or a block format (q8_0, q4_0).
+enum class dtype : std::uint8_t { f32, bf16, q8_0, q4_0 };
 
 [[nodiscard]] constexpr std::string_view to_string(dtype t) noexcept {
-    return t == dtype::f32 ? "f32" : "bf16";
+    constexpr std::string_view names[] = {"f32", "bf16", "q8_0", "q4_0"};
+    return names[static_cast<int>(t)];
 }
 
+/// Whether weights of this type are stored in blocks of 32 along the input dimension.
+[[nodiscard]] constexpr bool is_block_format(dtype t) noexcept { return t == dtype::q8_0 || t == dtype::q4_0; }
+
+/// Bytes of one element of an element type (f32, bf16).
 [[nodiscard]] constexpr std::size_t size_of(dtype t) noexcept { return t == dtype::f32 ? 4 : 2; }
+
+/// Bytes of an (n, k) weight stored as `t`, with the scales of the block formats (rows padded
+/// to whole blocks of 32).
+[[nodiscard]] constexpr std::size_t weight_bytes(dtype t, std::size_t n, std::size_t k) noexcept {
+    const std::size_t blocks = (k + 31) / 32;
+    switch (t) {
+    case dtype::q8_0: return n * blocks * 34;
+    case dtype::q4_0: return n * blocks * 18;
+    default: return n * k * size_of(t);
+    }
+}
 
 /// bfloat16: the upper 16 bits of an IEEE-754 binary32.
 struct bf16 {
