@@ -122,6 +122,7 @@ TEST_CASE_TEMPLATE_DEFINE("q8_0 and q4_0 weights: every backend equals f32 arith
         const typename B::template linear<Silu> lin(ConstMatrixView<float>(w.view()), bias, {"w", true, format});
         const reference::linear<Silu> oracle(ConstMatrixView<float>(exact.view()), bias, {"w", true, dtype::f32});
         CHECK(lin.storage() == format);
+        MESSAGE("block kernel: ", detail::block_kernel_isa());
         for (const index_t m : {1, 3, 4, 5, 9, 33}) {
             CAPTURE(m);
             const Matrix<float> a = random_matrix(m, k, 10);

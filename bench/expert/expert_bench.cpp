@@ -118,7 +118,7 @@ int main(int argc, char** argv) {
             benchmark::RegisterBenchmark(name("BM_RawMatmul_Ffn", f32).c_str(), BM_RawMatmul, f32, 2)->UseRealTime();
             benchmark::RegisterBenchmark(name("BM_RawMatmul_Glu", f32).c_str(), BM_RawMatmul, f32, 3)->UseRealTime();
 #endif
-            for (const hm::dtype storage : {hm::dtype::f32, hm::dtype::bf16}) {
+            for (const hm::dtype storage : {hm::dtype::f32, hm::dtype::bf16, hm::dtype::q8_0, hm::dtype::q4_0}) {
                 const Shape s{d, ff, m, storage};
 #if HYPERMOE_HAS_ONEDNN
                 benchmark::RegisterBenchmark(name("BM_FfnExpert_onednn", s).c_str(), BM_FfnExpert<hm::onednn>, s)->UseRealTime();
