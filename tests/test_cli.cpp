@@ -95,7 +95,9 @@ TEST_CASE("hypermoe run reproduces every fixture on every backend") {
 TEST_CASE("hypermoe run and bench with 8- and 4-bit expert weights") {
     const std::string dir = data_dir + "/qwen2_moe-basic";
     const fs::path out = fs::temp_directory_path() / ("hypermoe-cli-q-" + std::to_string(::getpid()) + ".safetensors");
-    for (const auto& [weights, bound] : {std::pair<std::string, double>{"q8_0", 3e-2}, {"q4_0", 5e-1}}) {
+    for (const auto& weights_bound : {std::pair<std::string, double>{"q8_0", 3e-2}, {"q4_0", 5e-1}}) {
+        const std::string& weights = weights_bound.first; // not a structured binding: clang 14 cannot capture those
+        const double bound = weights_bound.second;
         CAPTURE(weights);
         const Result r = run_cli("run --model " + dir + " --input " + dir + "/input.safetensors --output " + out.string() +
                                  " --weights " + weights);

@@ -299,7 +299,9 @@ TEST_CASE_TEMPLATE_DEFINE("bf16 / q8_0 / q4_0 expert storage: each fixture's err
     // formats' step, relative to the weights (bf16: 2^-9, q8_0: 1/254 of a block's largest,
     // q4_0: 1/16). The bounds are about twice the worst measured (docs/checkpoints.md).
     const std::array<std::pair<dtype, double>, 3> formats{{{dtype::bf16, 1e-2}, {dtype::q8_0, 3e-2}, {dtype::q4_0, 5e-1}}};
-    for (const auto& [format, bound] : formats) {
+    for (const auto& format_bound : formats) {
+        const dtype format = format_bound.first; // not a structured binding: clang 14 cannot capture those
+        const double bound = format_bound.second;
         CAPTURE(to_string(format));
         std::vector<double> errors;
         for (const auto& name : all_cases) {
