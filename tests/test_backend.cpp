@@ -23,6 +23,7 @@ struct Case {
     float scale;
     dtype storage;
     bool strided = true; ///< input rows with a stride wider than K
+    precision prec = precision::exact;
 };
 
 /// Runs linear<Act> of backend B and of the reference on the same inputs and compares.
@@ -35,9 +36,10 @@ void compare_with_reference(const Case& c, WeightView w) {
     CAPTURE(c.accumulate);
     CAPTURE(c.scale);
     CAPTURE(to_string(c.storage));
+    CAPTURE(to_string(c.prec));
     CAPTURE(Act::name);
     const auto bias = c.bias ? random_vector(c.n, 7) : std::vector<float>{};
-    const LinearOptions opt{"test", c.accumulate, c.storage};
+    const LinearOptions opt{"test", c.accumulate, c.storage, c.prec};
     const typename B::template linear<Act> lin(w, bias, opt);
     const reference::linear<Act> ref(w, bias, opt);
     CHECK(lin.storage() == c.storage);
@@ -66,7 +68,9 @@ void sweep() {
                 for (const bool bias : {false, true})
                     for (const bool acc : {false, true})
                         for (const float scale : {1.0f, 0.5f})
-                            compare_with_reference<B, Act>({m, k, n, bias, acc, scale, storage}, w.view());
+                            for (const precision prec : {precision::exact, precision::fast})
+                                if (prec == precision::exact || is_block_format(storage))
+                                    compare_with_reference<B, Act>({m, k, n, bias, acc, scale, storage, true, prec}, w.view());
             }
 }
 
@@ -122,7 +126,7 @@ TEST_CASE_TEMPLATE_DEFINE("q8_0 and q4_0 weights: every backend equals f32 arith
         const typename B::template linear<Silu> lin(ConstMatrixView<float>(w.view()), bias, {"w", true, format});
         const reference::linear<Silu> oracle(ConstMatrixView<float>(exact.view()), bias, {"w", true, dtype::f32});
         CHECK(lin.storage() == format);
-        MESSAGE("block kernel: ", detail::block_kernel_isa());
+        MESSAGE("block kernels: exact ", detail::block_kernel_isa(precision::exact), ", fast ", detail::block_kernel_isa(precision::fast));
         for (const index_t m : {1, 3, 4, 5, 9, 33}) {
             CAPTURE(m);
             const Matrix<float> a = random_matrix(m, k, 10);
@@ -137,6 +141,77 @@ TEST_CASE_TEMPLATE_DEFINE("q8_0 and q4_0 weights: every backend equals f32 arith
     }
 }
 TEST_CASE_TEMPLATE_APPLY(linear_blocks, test::all_backends);
+
+namespace {
+/// The `fast` precision's activations, worked out independently of the library: per block of
+/// 32, d = amax / 127 and q = x * (1 / d) rounded to nearest even; returns q * d.
+Matrix<float> fast_activations(ConstMatrixView<float> a) {
+    Matrix<float> out(a.rows(), a.cols());
+    for (index_t r = 0; r < a.rows(); ++r)
+        for (index_t b0 = 0; b0 < a.cols(); b0 += 32) {
+            const index_t end = std::min(a.cols(), b0 + 32);
+            float amax = 0.0f;
+            for (index_t i = b0; i < end; ++i) amax = std::max(amax, std::abs(a(r, i)));
+            const float d = amax / 127.0f, id = d == 0.0f ? 0.0f : 1.0f / d;
+            for (index_t i = b0; i < end; ++i) out(r, i) = std::nearbyint(a(r, i) * id) * d;
+        }
+    return out;
+}
+} // namespace
+
+TEST_CASE_TEMPLATE_DEFINE("fast q8_0 / q4_0: every backend equals f32 arithmetic on the dequantised weights and activations", B,
+                          linear_blocks_fast) {
+    MESSAGE("fast block kernel: ", detail::block_kernel_isa(precision::fast));
+    // K = 100: four blocks, the last padded; K = 70: three (an odd count, paired with a zero block).
+    for (const index_t k : {100, 70})
+        for (const dtype format : {dtype::q8_0, dtype::q4_0}) {
+            CAPTURE(k);
+            CAPTURE(to_string(format));
+            const index_t n = 45;
+            const Matrix<float> w = random_matrix(n, k, 8, 0.3f);
+            const detail::BlockWeights blocks(ConstMatrixView<float>(w.view()), format, "w");
+            Matrix<float> exact(n, k);
+            for (index_t r = 0; r < n; ++r)
+                for (index_t i = 0; i < k; ++i) exact(r, i) = blocks.at(r, i);
+            const auto bias = random_vector(n, 9);
+            const typename B::template linear<Silu> fast(ConstMatrixView<float>(w.view()), bias, {"w", true, format, precision::fast});
+            const typename B::template linear<Silu> slow(ConstMatrixView<float>(w.view()), bias, {"w", true, format, precision::exact});
+            const reference::linear<Silu> oracle(ConstMatrixView<float>(exact.view()), bias, {"w", true, dtype::f32});
+            CHECK(fast.prec() == precision::fast);
+            for (const index_t m : {1, 2, 3, 4, 5, 9, 33}) {
+                CAPTURE(m);
+                Matrix<float> a = random_matrix(m, k, 10);
+                if (m == 5) std::fill_n(a.data() + 32, 32, 0.0f); // a zero block: d = 0
+                const Matrix<float> a_fast = fast_activations(a.view());
+                const Matrix<float> start = random_matrix(m, n, 12);
+                Matrix<float> got = start, want = start, exact_out = start;
+                Workspace ws;
+                fast(a.view(), got.view(), ws, 0.5f);
+                oracle(a_fast.view(), want.view(), ws, 0.5f);
+                CHECK(relative_error(got.view(), want.view()) <= 1e-5);
+                // The price of quantised activations, against exact arithmetic on the same weights.
+                slow(a.view(), exact_out.view(), ws, 0.5f);
+                const double cost = relative_error(got.view(), exact_out.view());
+                CHECK(cost > 1e-5);
+                CHECK(cost < 2e-2);
+            }
+        }
+}
+TEST_CASE_TEMPLATE_APPLY(linear_blocks_fast, test::all_backends);
+
+TEST_CASE("fast blocks: a non-finite activation reaches the outputs as NaN, as with exact") {
+    const Matrix<float> w = random_matrix(6, 64, 8, 0.3f);
+    const reference::linear<Identity> ref(ConstMatrixView<float>(w.view()), {}, {"w", false, dtype::q4_0, precision::fast});
+    Matrix<float> a = random_matrix(2, 64, 10);
+    a(1, 40) = std::numeric_limits<float>::infinity();
+    Matrix<float> c(2, 6);
+    Workspace ws;
+    ref(a.view(), c.view(), ws, 1.0f);
+    for (index_t j = 0; j < 6; ++j) {
+        CHECK(std::isfinite(c(0, j)));
+        CHECK(std::isnan(c(1, j)));
+    }
+}
 
 TEST_CASE("the reference holds q8_0 / q4_0 weights as blocks and widens them exactly") {
     const Matrix<float> w = random_matrix(3, 40, 4, 0.3f);

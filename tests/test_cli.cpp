@@ -99,16 +99,27 @@ TEST_CASE("hypermoe run and bench with 8- and 4-bit expert weights") {
         const std::string& weights = weights_bound.first; // not a structured binding: clang 14 cannot capture those
         const double bound = weights_bound.second;
         CAPTURE(weights);
-        const Result r = run_cli("run --model " + dir + " --input " + dir + "/input.safetensors --output " + out.string() +
-                                 " --weights " + weights);
-        REQUIRE_MESSAGE(r.status == 0, r.err);
-        const SafeTensorsFile got(out.string()), want(dir + "/expected.safetensors");
-        const double err = test::relative_error(got.view().to_f32(got.view().info("y")).view(),
-                                                want.view().to_f32(want.view().info("y")).view());
-        CHECK(err > 0.0);
-        CHECK(err <= bound);
-        const Result b = run_cli("bench --d-model 64 --d-ff 64 --tokens 8 --repeat 1 --weights " + weights + " --json");
-        REQUIRE_MESSAGE(b.status == 0, b.err);
+        for (const std::string precision : {"exact", "fast"}) {
+            CAPTURE(precision);
+            const Result r = run_cli("run --model " + dir + " --input " + dir + "/input.safetensors --output " + out.string() +
+                                     " --weights " + weights + " --precision " + precision);
+            REQUIRE_MESSAGE(r.status == 0, r.err);
+            const SafeTensorsFile got(out.string()), want(dir + "/expected.safetensors");
+            const double err = test::relative_error(got.view().to_f32(got.view().info("y")).view(),
+                                                    want.view().to_f32(want.view().info("y")).view());
+            CHECK(err > 0.0);
+            CHECK(err <= bound);
+            const Result b = run_cli("bench --d-model 64 --d-ff 64 --tokens 8 --repeat 1 --weights " + weights +
+                                     " --precision " + precision + " --json");
+            REQUIRE_MESSAGE(b.status == 0, b.err);
+            const auto row = nlohmann::json::parse(b.out.substr(0, b.out.find('\n')));
+            CHECK(row["weights"] == weights);
+            CHECK(row["precision"] == precision);
+            CHECK(row["isa"] == std::string(hypermoe::detail::block_kernel_isa(precision == "fast" ? hypermoe::precision::fast
+                                                                                                  : hypermoe::precision::exact)));
+            // 8 experts x 3 matrices of 64 x 64: 8 x 3 x 64 rows x 2 blocks.
+            CHECK(row["weight_bytes"] == 8 * 3 * 64 * 2 * (weights == "q8_0" ? 34 : 18));
+        }
     }
     fs::remove(out);
 }
@@ -118,6 +129,7 @@ TEST_CASE("hypermoe inspect and bench") {
     REQUIRE(i.status == 0);
     CHECK(i.out.find("family     qwen2_moe") != std::string::npos);
     CHECK(i.out.find("shared     width 32") != std::string::npos);
+    CHECK(i.out.find("kernels    q8_0 / q4_0 weights: exact on " + std::string(hypermoe::detail::block_kernel_isa())) != std::string::npos);
     const Result b = run_cli("bench --family deepseek_v3 --d-model 64 --d-ff 32 --tokens 16 --repeat 2 --router all --json");
     REQUIRE_MESSAGE(b.status == 0, b.err);
     std::size_t lines = 0;
@@ -125,7 +137,7 @@ TEST_CASE("hypermoe inspect and bench") {
     CHECK(lines == 9); // native + 8 routers, one JSON object each
     const auto first = nlohmann::json::parse(b.out.substr(0, b.out.find('\n')));
     for (const char* key : {"router", "tokens", "median_ms", "min_ms", "route_ms", "tokens_per_s", "gflops", "load_cv",
-                            "max_over_mean", "dropped", "entropy"})
+                            "max_over_mean", "dropped", "entropy", "weights", "precision", "isa", "weight_bytes"})
         CHECK(first.contains(key));
     // Every row times its routing policy alone (a time: no assertion on its size).
     for (std::size_t at = 0, next; (next = b.out.find('\n', at)) != std::string::npos; at = next + 1) {
@@ -150,6 +162,7 @@ TEST_CASE("usage errors exit 2 with one line on stderr") {
              "run --model " + m + " --input " + m + "/input.safetensors --output /tmp/x --backend cuda",
              "run --model " + m + " --input " + m + "/input.safetensors --output /tmp/x --threads zero",
              "run --model " + m + " --input " + m + "/input.safetensors --output /tmp/x --weights q5_k",
+             "run --model " + m + " --input " + m + "/input.safetensors --output /tmp/x --weights q4_0 --precision approximate",
              std::string("inspect --model /nonexistent"),
              std::string("bench --family llama"),
              std::string("bench --router best --tokens 4 --d-model 16 --d-ff 16 --repeat 1"),

@@ -293,23 +293,34 @@ TEST_CASE_TEMPLATE_DEFINE("docs/checkpoints.md's walk-through adapter loads what
 }
 TEST_CASE_TEMPLATE_APPLY(walkthrough, test::all_backends);
 
-TEST_CASE_TEMPLATE_DEFINE("bf16 / q8_0 / q4_0 expert storage: each fixture's error against the f32 oracle", B,
+TEST_CASE_TEMPLATE_DEFINE("bf16 / q8_0 / q4_0 expert storage, exact and fast: each fixture's error against the f32 oracle", B,
                           block_storage_fixtures) {
     // Routing reads the (unquantised) router, so only the experts' outputs move: by about the
     // formats' step, relative to the weights (bf16: 2^-9, q8_0: 1/254 of a block's largest,
-    // q4_0: 1/16). The bounds are about twice the worst measured (docs/checkpoints.md).
-    const std::array<std::pair<dtype, double>, 3> formats{{{dtype::bf16, 1e-2}, {dtype::q8_0, 3e-2}, {dtype::q4_0, 5e-1}}};
-    for (const auto& format_bound : formats) {
-        const dtype format = format_bound.first; // not a structured binding: clang 14 cannot capture those
-        const double bound = format_bound.second;
+    // q4_0: 1/16), and with `fast` also by the activations' 8-bit step. The bounds are about
+    // twice the worst measured (docs/checkpoints.md).
+    struct Format {
+        dtype storage;
+        precision prec;
+        double bound;
+    };
+    const std::array<Format, 5> formats{{{dtype::bf16, precision::exact, 1e-2},
+                                         {dtype::q8_0, precision::exact, 3e-2},
+                                         {dtype::q8_0, precision::fast, 6e-2},
+                                         {dtype::q4_0, precision::exact, 5e-1},
+                                         {dtype::q4_0, precision::fast, 5e-1}}};
+    for (const Format& f : formats) {
+        const dtype format = f.storage;
+        const double bound = f.bound;
         CAPTURE(to_string(format));
-        std::vector<double> errors;
+        CAPTURE(to_string(f.prec));
+        std::vector<double> errors, rms_errors, kernel_errors{0.0};
         for (const auto& name : all_cases) {
             CAPTURE(name);
             const std::string dir = data_dir + "/" + name;
             const Expected e(dir);
             const Matrix<float> x = e.x();
-            const auto block = load_moe_block<B>(Checkpoint(dir), e.layer(), e.stack(), {.storage = format});
+            const auto block = load_moe_block<B>(Checkpoint(dir), e.layer(), e.stack(), {.storage = format, .prec = f.prec});
             Matrix<float> y(x.rows(), x.cols());
             RoutingPlan plan;
             Workspace ws;
@@ -317,11 +328,20 @@ TEST_CASE_TEMPLATE_DEFINE("bf16 / q8_0 / q4_0 expert storage: each fixture's err
             const double err = relative_error(y.view(), e.out("y").view());
             CHECK(err <= bound);
             errors.push_back(err);
+            rms_errors.push_back(test::relative_rms_error(y.view(), e.out("y").view()));
+            if (f.prec == precision::fast) { // the kernel's own error: fast against exact on the same blocks
+                const auto exact = load_moe_block<B>(Checkpoint(dir), e.layer(), e.stack(), {.storage = format});
+                Matrix<float> y_exact(x.rows(), x.cols());
+                exact.forward(x.view(), y_exact.view(), ws, plan, Context{.sequence_length = e.sequence_length()});
+                kernel_errors.push_back(test::relative_rms_error(y.view(), y_exact.view()));
+            }
         }
         std::sort(errors.begin(), errors.end());
+        std::sort(rms_errors.begin(), rms_errors.end());
         CHECK(errors.back() > 0.0);
-        MESSAGE(B::name, " ", to_string(format), ": relative error over the fixtures: median ", errors[errors.size() / 2],
-                ", worst ", errors.back());
+        MESSAGE(B::name, " ", to_string(format), " ", to_string(f.prec), ": relative error over the fixtures: median ", errors[errors.size() / 2],
+                ", worst ", errors.back(), "; relative RMS error: median ", rms_errors[rms_errors.size() / 2], ", worst ", rms_errors.back(),
+                "; against exact on the same weights: worst ", *std::max_element(kernel_errors.begin(), kernel_errors.end()));
     }
 }
 TEST_CASE_TEMPLATE_APPLY(block_storage_fixtures, test::all_backends);

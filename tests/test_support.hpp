@@ -62,6 +62,18 @@ inline Matrix<bf16> to_bf16(ConstMatrixView<float> m) {
     return out;
 }
 
+/// sqrt(sum (got - ref)^2 / sum ref^2): the relative RMS error.
+inline double relative_rms_error(ConstMatrixView<float> got, ConstMatrixView<float> ref) {
+    double diff = 0, scale = 0;
+    for (index_t r = 0; r < ref.rows(); ++r)
+        for (index_t c = 0; c < ref.cols(); ++c) {
+            const double d = double(got(r, c)) - double(ref(r, c));
+            diff += d * d;
+            scale += double(ref(r, c)) * double(ref(r, c));
+        }
+    return scale == 0 ? std::sqrt(diff) : std::sqrt(diff / scale);
+}
+
 /// max |got - ref| / max |ref| (0 when both are empty or all zero).
 inline double relative_error(ConstMatrixView<float> got, ConstMatrixView<float> ref) {
     double diff = 0, scale = 0;

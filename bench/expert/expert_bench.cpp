@@ -1,8 +1,10 @@
-// FfnExpert and GluExpert on every fast backend, f32 and bf16 weights, against the ceiling: the
+// FfnExpert and GluExpert on every fast backend, f32, bf16, q8_0 and q4_0 weights (the block
+// formats in both precisions), against the ceiling: the
 // same GEMM chain as raw oneDNN matmul primitives created for the exact M (brgemm), no epilogue.
 // The reference backend is the tests' oracle, not a fast path, and is not timed here.
 #include <benchmark/benchmark.h>
 
+#include <algorithm>
 #include <string>
 #include <vector>
 
@@ -28,6 +30,7 @@ hm::Matrix<float> random_matrix(hm::index_t rows, hm::index_t cols, std::uint64_
 struct Shape {
     hm::index_t d, ff, m;
     hm::dtype storage;
+    hm::precision prec = hm::precision::exact;
 };
 
 /// Multiply-adds x 2 of one forward: FFN has two GEMMs, GLU three.
@@ -35,7 +38,7 @@ double flops(const Shape& s, int gemms) { return 2.0 * double(s.m) * double(s.d)
 
 template <class Expert, class Weights>
 void run_expert(benchmark::State& state, const Shape& s, const Weights& w, int gemms) {
-    const Expert expert(w, hm::ExpertOptions{.storage = s.storage});
+    const Expert expert(w, hm::ExpertOptions{.storage = s.storage, .prec = s.prec});
     const auto x = random_matrix(s.m, s.d, 9);
     hm::Matrix<float> y(s.m, s.d);
     hm::Workspace ws;
@@ -62,6 +65,59 @@ void BM_GluExpert(benchmark::State& state, Shape s) {
     const hm::GluWeights w{.gate = hm::ConstMatrixView<float>(gate.view()), .up = hm::ConstMatrixView<float>(up.view()),
                            .down = hm::ConstMatrixView<float>(down.view())};
     run_expert<hm::GluExpert<B, hm::Silu>>(state, s, w, 3);
+}
+
+/// Bytes of one GLU expert's three matrices stored as `t` (scales included).
+std::size_t glu_bytes(const Shape& s) {
+    return 2 * hm::weight_bytes(s.storage, std::size_t(s.ff), std::size_t(s.d)) + hm::weight_bytes(s.storage, std::size_t(s.d), std::size_t(s.ff));
+}
+
+/// Decode as a model runs it: every call a different expert, and enough of them (512 MiB of
+/// weights, 2 to 64 experts) that their weights come from memory, not from the caches. "GB/s" is
+/// the expert's weight bytes over the time: compare it with BM_ReadBandwidth of the same run.
+template <class B>
+void BM_GluRotating(benchmark::State& state, Shape s) {
+    const auto gate = random_matrix(s.ff, s.d, 1), up = random_matrix(s.ff, s.d, 2), down = random_matrix(s.d, s.ff, 3);
+    const hm::GluWeights w{.gate = hm::ConstMatrixView<float>(gate.view()), .up = hm::ConstMatrixView<float>(up.view()),
+                           .down = hm::ConstMatrixView<float>(down.view())};
+    const std::size_t bytes = glu_bytes(s);
+    const auto count = std::clamp<std::size_t>((std::size_t(512) << 20) / bytes, 2, 64);
+    std::vector<hm::GluExpert<B, hm::Silu>> experts;
+    experts.reserve(count);
+    for (std::size_t i = 0; i < count; ++i) experts.emplace_back(w, hm::ExpertOptions{.storage = s.storage, .prec = s.prec});
+    const auto x = random_matrix(s.m, s.d, 9);
+    hm::Matrix<float> y(s.m, s.d);
+    hm::Workspace ws;
+    for (const auto& e : experts) e.forward(x.view(), y.view(), ws);
+    std::size_t i = 0;
+    for (auto _ : state) {
+        experts[i++ % count].forward(x.view(), y.view(), ws);
+        benchmark::DoNotOptimize(y.data());
+        benchmark::ClobberMemory();
+    }
+    state.counters["experts"] = double(count);
+    state.counters["MB"] = double(bytes) / 1e6;
+    state.counters["GB/s"] = benchmark::Counter(double(bytes) / 1e9, benchmark::Counter::kIsIterationInvariantRate);
+}
+
+/// The read bandwidth the rotating benchmarks are held to: a 1 GiB f32 array summed by every
+/// OpenMP thread, in this run.
+void BM_ReadBandwidth(benchmark::State& state) {
+    const std::size_t n = std::size_t(1) << 28;
+    std::vector<float> data(n);
+    hm::bench::fill(data.data(), n, 5, 1.0f);
+    for (auto _ : state) {
+        float total = 0.0f;
+#pragma omp parallel for reduction(+ : total) schedule(static)
+        for (std::size_t c = 0; c < n / 4096; ++c) {
+            float lanes[16] = {};
+            for (std::size_t i = c * 4096; i < (c + 1) * 4096; i += 16)
+                for (std::size_t l = 0; l < 16; ++l) lanes[l] += data[i + l];
+            for (const float l : lanes) total += l;
+        }
+        benchmark::DoNotOptimize(total);
+    }
+    state.counters["GB/s"] = benchmark::Counter(double(n) * 4 / 1e9, benchmark::Counter::kIsIterationInvariantRate);
 }
 
 #if HYPERMOE_HAS_ONEDNN
@@ -105,12 +161,14 @@ void BM_RawMatmul(benchmark::State& state, Shape s, int gemms) {
 
 std::string name(const char* what, const Shape& s) {
     return std::string(what) + "/d:" + std::to_string(s.d) + "/ff:" + std::to_string(s.ff) + "/M:" +
-           std::to_string(s.m) + "/" + std::string(hm::to_string(s.storage));
+           std::to_string(s.m) + "/" + std::string(hm::to_string(s.storage)) +
+           (hm::is_block_format(s.storage) ? "/" + std::string(hm::to_string(s.prec)) : std::string());
 }
 
 } // namespace
 
 int main(int argc, char** argv) {
+    benchmark::RegisterBenchmark("BM_ReadBandwidth", BM_ReadBandwidth)->UseRealTime()->Unit(benchmark::kMillisecond);
     for (const auto& [d, ff] : {std::pair<hm::index_t, hm::index_t>{1024, 2816}, {768, 3072}})
         for (const hm::index_t m : {1, 8, 64, 512}) {
 #if HYPERMOE_HAS_ONEDNN
@@ -118,8 +176,10 @@ int main(int argc, char** argv) {
             benchmark::RegisterBenchmark(name("BM_RawMatmul_Ffn", f32).c_str(), BM_RawMatmul, f32, 2)->UseRealTime();
             benchmark::RegisterBenchmark(name("BM_RawMatmul_Glu", f32).c_str(), BM_RawMatmul, f32, 3)->UseRealTime();
 #endif
-            for (const hm::dtype storage : {hm::dtype::f32, hm::dtype::bf16, hm::dtype::q8_0, hm::dtype::q4_0}) {
-                const Shape s{d, ff, m, storage};
+            for (const auto& [storage, prec] : {std::pair{hm::dtype::f32, hm::precision::exact}, {hm::dtype::bf16, hm::precision::exact},
+                                                {hm::dtype::q8_0, hm::precision::exact}, {hm::dtype::q8_0, hm::precision::fast},
+                                                {hm::dtype::q4_0, hm::precision::exact}, {hm::dtype::q4_0, hm::precision::fast}}) {
+                const Shape s{d, ff, m, storage, prec};
 #if HYPERMOE_HAS_ONEDNN
                 benchmark::RegisterBenchmark(name("BM_FfnExpert_onednn", s).c_str(), BM_FfnExpert<hm::onednn>, s)->UseRealTime();
                 benchmark::RegisterBenchmark(name("BM_GluExpert_onednn", s).c_str(), BM_GluExpert<hm::onednn>, s)->UseRealTime();
@@ -130,6 +190,17 @@ int main(int argc, char** argv) {
 #endif
                 (void)s;
             }
+        }
+    // Decode and T = 32 with the weights streamed from memory (onednn: the default backend).
+    for (const hm::index_t m : {1, 32})
+        for (const auto& [storage, prec] : {std::pair{hm::dtype::f32, hm::precision::exact}, {hm::dtype::bf16, hm::precision::exact},
+                                            {hm::dtype::q8_0, hm::precision::exact}, {hm::dtype::q8_0, hm::precision::fast},
+                                            {hm::dtype::q4_0, hm::precision::exact}, {hm::dtype::q4_0, hm::precision::fast}}) {
+            const Shape s{1024, 2816, m, storage, prec};
+#if HYPERMOE_HAS_ONEDNN
+            benchmark::RegisterBenchmark(name("BM_GluRotating_onednn", s).c_str(), BM_GluRotating<hm::onednn>, s)->UseRealTime();
+#endif
+            (void)s;
         }
     benchmark::Initialize(&argc, argv);
     benchmark::RunSpecifiedBenchmarks();

@@ -36,11 +36,11 @@ constexpr const char* usage_text = R"(usage:
   hypermoe                         run the demo (a small HyperMoE stack, fixed seed)
   hypermoe run --model DIR --input X.safetensors --output Y.safetensors [--layer N]
                [--stack encoder|decoder] [--backend onednn|eigen|reference] [--threads N]
-               [--weights f32|bf16|q8_0|q4_0]
+               [--weights f32|bf16|q8_0|q4_0] [--precision exact|fast]
   hypermoe inspect --model DIR
   hypermoe bench [--family F] [--d-model N] [--d-ff N] [--experts N] [--top-k N] [--tokens N]
                [--router NAME|all|native] [--hyper cached|per-token|off] [--weights f32|bf16|q8_0|q4_0]
-               [--threads N] [--repeat N] [--backend B] [--model DIR [--layer N] [--stack S]] [--json]
+               [--precision exact|fast] [--threads N] [--repeat N] [--backend B] [--model DIR [--layer N] [--stack S]] [--json]
 )";
 
 /// A mistake in how the command was called: exit status 2.
@@ -106,6 +106,31 @@ hm::dtype weights_of(const Args& a) {
     throw usage_error("--weights is '" + w + "', expected f32, bf16, q8_0 or q4_0");
 }
 
+hm::precision precision_of(const Args& a) {
+    const std::string p = a.get("--precision", "exact");
+    if (p == "exact") return hm::precision::exact;
+    if (p == "fast") return hm::precision::fast;
+    throw usage_error("--precision is '" + p + "', expected exact or fast");
+}
+
+/// --weights and --precision as load options.
+hm::LoadOptions load_options(const Args& a) { return {.storage = weights_of(a), .prec = precision_of(a)}; }
+
+/// The instructions the experts' linear maps run on: the block kernel for q8_0 / q4_0 (chosen
+/// from this CPU), else the backend's own dispatch.
+template <class B>
+std::string isa_of(const hm::LoadOptions& o) {
+    if (hm::is_block_format(o.storage)) return std::string(hm::detail::block_kernel_isa(o.prec));
+    return std::string(B::name);
+}
+
+/// Bytes of one block's routed and shared expert weight matrices stored as `t`.
+std::size_t expert_weight_bytes(const hm::ModelInfo& m, hm::dtype t) {
+    const std::size_t mats = m.expert_kind == "SwiGLU" ? 3 : 2, d = std::size_t(m.d_model);
+    const auto expert = [&](std::size_t ff) { return (mats - 1) * hm::weight_bytes(t, ff, d) + hm::weight_bytes(t, d, ff); };
+    return std::size_t(m.experts) * expert(std::size_t(m.d_ff)) + (m.shared_ff > 0 ? expert(std::size_t(m.shared_ff)) : 0);
+}
+
 /// Calls f.template operator()<Backend>() for the named backend: dispatch hoisted to here.
 template <class F>
 int with_backend(const std::string& name, F&& f) {
@@ -157,7 +182,7 @@ int run(const Args& a) {
     const hm::Matrix<float> x = in.view().to_f32(*xi);
     const hm::RouterContext context{.sequence_length = xi->shape.size() == 3 ? xi->shape[1] : 0};
     return with_backend(a.get("--backend", default_backend()), [&]<class B>() {
-        const auto model = hm::load_model<B>(ck, {.storage = weights_of(a)});
+        const auto model = hm::load_model<B>(ck, load_options(a));
         const auto& block = model.block(layer, stack);
         if (x.cols() != block.d_model())
             throw usage_error(input + ": 'x' has " + std::to_string(x.cols()) + " columns, the model's d_model is " +
@@ -204,6 +229,10 @@ int inspect(const Args& a) {
     for (const auto& b : m.moe_blocks)
         blocks += (blocks.empty() ? "" : ", ") + (b.stack.empty() ? "" : b.stack + " ") + std::to_string(b.layer);
     std::printf("MoE blocks %zu: %s\n", m.moe_blocks.size(), blocks.c_str());
+    std::printf("kernels    q8_0 / q4_0 weights: exact on %s, fast on %s (this CPU: %s)\n",
+                std::string(hm::detail::block_kernel_isa(hm::precision::exact)).c_str(),
+                std::string(hm::detail::block_kernel_isa(hm::precision::fast)).c_str(),
+                std::string(hm::detail::to_string(hm::detail::cpu_block_isa())).c_str());
     return 0;
 }
 
@@ -297,7 +326,11 @@ int bench(const Args& a) {
 
     return with_backend(a.get("--backend", default_backend()), [&]<class B>() {
         const hm::HyperOptions hopt{.mode = hyper == "per-token" ? hm::HyperMode::per_token : hm::HyperMode::cached};
-        const auto model = hm::load_model<B>(ck, {.storage = weights_of(a), .hyper = hopt});
+        hm::LoadOptions opt = load_options(a);
+        opt.hyper = hopt;
+        const auto model = hm::load_model<B>(ck, opt);
+        const std::string isa = isa_of<B>(opt);
+        const std::size_t weight_bytes = expert_weight_bytes(info, opt.storage);
         const auto& block = model.block(layer, stack);
         const hm::index_t d = block.d_model(), e = info.experts, k = info.top_k;
         const bool two_stacks = hm::has_two_stacks(info.family);
@@ -342,11 +375,13 @@ int bench(const Args& a) {
             throw usage_error("--router is '" + router_arg +
                               "', expected native, all, top_k, switch, deepseek, expert_choice, hash, top_p, sinkhorn or noisy_top_k");
         if (!json) {
-            std::printf("%s block %s%lld: d_model %lld, %lld experts x %s width %lld, top-%lld, %lld tokens, backend %s, %s weights\n",
+            std::printf("%s block %s%lld: d_model %lld, %lld experts x %s width %lld, top-%lld, %lld tokens, backend %s, %s weights "
+                        "(%.1f MiB, %s, %s)\n",
                         std::string(hm::to_string(info.family)).c_str(), stack.empty() ? "" : (stack + " ").c_str(),
                         static_cast<long long>(layer), static_cast<long long>(d), static_cast<long long>(e), info.expert_kind.c_str(),
                         static_cast<long long>(info.d_ff), static_cast<long long>(k), static_cast<long long>(tokens),
-                        std::string(B::name).c_str(), a.get("--weights", "f32").c_str());
+                        std::string(B::name).c_str(), a.get("--weights", "f32").c_str(), double(weight_bytes) / 1048576.0,
+                        std::string(hm::to_string(opt.prec)).c_str(), isa.c_str());
             std::printf("%-22s %9s %9s %9s %11s %8s %7s %8s %7s %7s\n", "router", "median_ms", "min_ms", "route_ms", "tokens/s",
                         "GFLOP/s", "load_cv", "max/mean", "dropped", "entropy");
         }
@@ -358,7 +393,9 @@ int bench(const Args& a) {
                                        {"route_ms", r.route_ms},
                                        {"tokens_per_s", tps}, {"gflops", r.gflops}, {"load_cv", r.stats.load_cv},
                                        {"max_over_mean", r.stats.max_over_mean}, {"dropped", r.stats.dropped},
-                                       {"entropy", r.stats.entropy ? nlohmann::json(entropy) : nlohmann::json(nullptr)}};
+                                       {"entropy", r.stats.entropy ? nlohmann::json(entropy) : nlohmann::json(nullptr)},
+                                       {"weights", hm::to_string(opt.storage)}, {"precision", hm::to_string(opt.prec)},
+                                       {"isa", isa}, {"weight_bytes", weight_bytes}};
                 std::printf("%s\n", j.dump().c_str());
             } else {
                 std::printf("%-22s %9.3f %9.3f %9.4f %11.0f %8.1f %7.3f %8.2f %7lld %7.3f\n", r.router.c_str(), r.median_ms, r.min_ms,
@@ -455,12 +492,12 @@ int main(int argc, char** argv) {
             return 0;
         }
         if (cmd == "run")
-            return run(Args(argc, argv, 2, {"--model", "--input", "--output", "--layer", "--stack", "--backend", "--threads", "--weights"}, {}));
+            return run(Args(argc, argv, 2, {"--model", "--input", "--output", "--layer", "--stack", "--backend", "--threads", "--weights", "--precision"}, {}));
         if (cmd == "inspect") return inspect(Args(argc, argv, 2, {"--model"}, {}));
         if (cmd == "bench")
             return bench(Args(argc, argv, 2,
                               {"--family", "--d-model", "--d-ff", "--experts", "--top-k", "--tokens", "--router", "--hyper",
-                               "--weights", "--threads", "--repeat", "--backend", "--model", "--layer", "--stack"},
+                               "--weights", "--precision", "--threads", "--repeat", "--backend", "--model", "--layer", "--stack"},
                               {"--json"}));
         throw usage_error("unknown command '" + cmd + "' (expected run, inspect or bench; see hypermoe --help)");
     } catch (const usage_error& e) {

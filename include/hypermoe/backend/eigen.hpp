@@ -67,7 +67,7 @@ struct eigen {
             : LinearBase(w, bias, opt),
               bias_(bias.begin(), bias.end()), w_(is_block_format(storage_) ? 0 : n_, is_block_format(storage_) ? 0 : k_) {
             if (is_block_format(storage_)) {
-                blocks_.emplace(w, bias, storage_, name_, accumulate_);
+                blocks_.emplace(w, bias, storage_, prec_, name_, accumulate_);
                 return;
             }
             for (index_t r = 0; r < n_; ++r)
@@ -76,7 +76,8 @@ struct eigen {
 
         /// C for accumulating calls, and one pair of packing buffers per thread that runs a block.
         [[nodiscard]] std::size_t workspace_bytes(index_t rows) const noexcept {
-            if (rows <= 0 || n_ == 0 || blocks_) return 0;
+            if (blocks_) return blocks_->workspace_bytes(rows);
+            if (rows <= 0 || n_ == 0) return 0;
             const Packing p = packing(rows);
             return (accumulate_ ? detail::padded_bytes<float>(rows, n_) : 0) +
                    std::size_t(slices()) * (detail::padded_bytes<float>(p.a) + detail::padded_bytes<float>(p.b));
@@ -89,7 +90,7 @@ struct eigen {
         void operator()(ConstMatrixView<float> a, MatrixView<float> c, Workspace& ws, float scale = 1.0f) const {
             check_call(a, c);
             if (a.rows() == 0 || n_ == 0) return;
-            if (blocks_) return (*blocks_)(a, c, scale);
+            if (blocks_) return (*blocks_)(a, c, ws, scale);
             Workspace::Scope scope(ws, workspace_bytes(a.rows()));
             const index_t m = a.rows();
             const MatrixView<float> t = accumulate_ ? ws.take_matrix<float>(m, n_) : c;

@@ -50,6 +50,9 @@ struct LinearOptions {
     /// dtype the weights are stored in; defaults to the source's. f32 -> bf16 rounds to nearest
     /// even; q8_0 / q4_0 quantise blocks of 32 along K (core/quant.hpp).
     std::optional<dtype> storage = std::nullopt;
+    /// How q8_0 / q4_0 weights compute (core/dtype.hpp); f32 and bf16 storage compute exactly
+    /// either way.
+    precision prec = precision::exact;
 };
 
 namespace detail {
@@ -93,6 +96,7 @@ public:
     [[nodiscard]] index_t in_features() const noexcept { return k_; }
     [[nodiscard]] index_t out_features() const noexcept { return n_; }
     [[nodiscard]] dtype storage() const noexcept { return storage_; }
+    [[nodiscard]] precision prec() const noexcept { return prec_; }
 
     // A linear map is never copied: layers hold theirs through Shared (below), so a copied layer
     // shares its weights on every backend. Moving is allowed.
@@ -104,7 +108,8 @@ public:
 
 protected:
     LinearBase(const WeightView& w, std::span<const float> bias, const LinearOptions& opt)
-        : name_(opt.name), accumulate_(opt.accumulate), k_(w.cols()), n_(w.rows()), storage_(validate_linear(w, bias, opt)) {}
+        : name_(opt.name), accumulate_(opt.accumulate), k_(w.cols()), n_(w.rows()), storage_(validate_linear(w, bias, opt)),
+          prec_(opt.prec) {}
 
     /// Checks the views of a call: a (M, K), c (M, N).
     void check_call(ConstMatrixView<float> a, MatrixView<float> c) const { check_linear_call(a, c, k_, n_, name_); }
@@ -113,6 +118,7 @@ protected:
     bool accumulate_;
     index_t k_, n_;
     dtype storage_;
+    precision prec_;
 };
 
 /// A linear map in shared, immutable ownership. Every layer holds its linear maps this way, so

@@ -273,7 +273,7 @@ struct onednn {
             : LinearBase(w, bias, opt),
               has_bias_(!bias.empty()), table_(std::make_shared<detail::OnednnMatmulTable>()) {
             if (is_block_format(storage_)) { // held as blocks only; no primitive
-                blocks_.emplace(w, bias, storage_, name_, accumulate_);
+                blocks_.emplace(w, bias, storage_, prec_, name_, accumulate_);
                 return;
             }
             if (k_ > 0 && n_ > 0) matmul_ = lookup(detail::current_threads());
@@ -304,6 +304,7 @@ struct onednn {
         /// Scratch of a call with `rows` rows at the calling thread's current thread count (the
         /// first query at a new count creates that count's primitives).
         [[nodiscard]] std::size_t workspace_bytes(index_t rows) const {
+            if (blocks_) return blocks_->workspace_bytes(rows);
             if (!matmul_ || rows <= 0) return 0;
             // A padded or strided piece needs (bucket, K) and (bucket, N) scratch; every piece
             // needs its primitive's scratchpad.
@@ -315,7 +316,7 @@ struct onednn {
         void operator()(ConstMatrixView<float> a, MatrixView<float> c, Workspace& ws, float scale = 1.0f) const {
             check_call(a, c);
             if (a.rows() == 0) return;
-            if (blocks_) return (*blocks_)(a, c, scale);
+            if (blocks_) return (*blocks_)(a, c, ws, scale);
             if (!matmul_) {
                 detail::epilogue_bias_only<Act>(c, bias_f32_.empty() ? nullptr : bias_f32_.data(), scale, accumulate_);
                 return;

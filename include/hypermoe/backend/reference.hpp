@@ -1,7 +1,9 @@
 #pragma once
 // The reference backend: plain loops, accumulation and activation in double. It is the oracle
 // every other backend is tested against, not a fast path. bf16 weights stay bf16 in memory;
-// q8_0 / q4_0 weights stay in their blocks, each output row dequantised exactly when used.
+// q8_0 / q4_0 weights stay in their blocks, each output row dequantised exactly when used
+// (`exact`), or, with `fast`, each block's integer dot with the activations quantised as the
+// fast kernels quantise them (backend/block_linear.hpp), scaled and summed in double.
 
 #include <cstddef>
 #include <span>
@@ -41,12 +43,20 @@ struct reference {
                 }
         }
 
-        /// One output's K weights, widened.
-        [[nodiscard]] std::size_t workspace_bytes(index_t /*rows*/) const noexcept { return detail::padded_bytes<float>(k_); }
+        /// One output's K weights, widened; with `fast` blocks, the quantised activations.
+        [[nodiscard]] std::size_t workspace_bytes(index_t rows) const noexcept {
+            if (is_block_format(storage_) && prec_ == precision::fast) return detail::QuantizedRows::bytes(rows, blocks_.blocks_per_row());
+            return detail::padded_bytes<float>(k_);
+        }
 
         void operator()(ConstMatrixView<float> a, MatrixView<float> c, Workspace& ws, float scale = 1.0f) const {
             check_call(a, c);
             Workspace::Scope scope(ws, workspace_bytes(a.rows()));
+            if (is_block_format(storage_) && prec_ == precision::fast) {
+                if (storage_ == dtype::q8_0) fast(blocks_.q8_0(), a, c, ws, scale);
+                else fast(blocks_.q4_0(), a, c, ws, scale);
+                return;
+            }
             const std::span<float> w = ws.take<float>(k_);
             for (index_t j = 0; j < n_; ++j) {
                 weight_row(j, w);
@@ -60,13 +70,34 @@ struct reference {
         }
 
     private:
+        /// `fast` over blocks: integer block dots with the activations quantised as the fast
+        /// kernels quantise them, scaled and summed in double.
+        template <class Block>
+        void fast(std::span<const Block> blocks, ConstMatrixView<float> a, MatrixView<float> c, Workspace& ws, float scale) const {
+            const index_t per_row = blocks_.blocks_per_row();
+            const detail::QuantizedRows xq(a, per_row, ws);
+            for (index_t j = 0; j < n_; ++j)
+                for (index_t m = 0; m < a.rows(); ++m) {
+                    double acc = bias_.empty() ? 0.0 : bias_[static_cast<std::size_t>(j)];
+                    for (index_t b = 0; b < per_row; ++b) {
+                        const Block& w = blocks[std::size_t(j * per_row + b)];
+                        const std::int32_t dot = detail::block_int_dot(w, xq.q_row(m) + b * quant_block, xq.sum_row(m)[b]);
+                        acc += double(f16_bits_to_f32(w.d)) * double(xq.d_row(m)[b]) * double(dot);
+                    }
+                    const auto v = static_cast<float>(double(scale) * Act::apply(acc));
+                    c(m, j) = accumulate_ ? c(m, j) + v : v;
+                }
+        }
+
         /// Output n's K weights, widened exactly.
         void weight_row(index_t n, std::span<float> out) const noexcept {
-            for (index_t k = 0; k < k_; ++k) {
-                const auto i = static_cast<std::size_t>(n * k_ + k);
-                out[std::size_t(k)] = is_block_format(storage_) ? 0.0f : storage_ == dtype::f32 ? w_f32_[i] : w_bf16_[i].to_float();
+            if (!is_block_format(storage_)) {
+                for (index_t k = 0; k < k_; ++k) {
+                    const auto i = static_cast<std::size_t>(n * k_ + k);
+                    out[std::size_t(k)] = storage_ == dtype::f32 ? w_f32_[i] : w_bf16_[i].to_float();
+                }
+                return;
             }
-            if (!is_block_format(storage_)) return;
             std::array<float, 32> block;
             for (index_t b = 0; b < blocks_.blocks_per_row(); ++b) {
                 blocks_.dequantize_block(n, b, block);

@@ -35,6 +35,18 @@ enum class dtype : std::uint8_t { f32, bf16, q8_0, q4_0 };
     }
 }
 
+/// How a linear map over bf16 or block-format weights computes.
+/// - `exact`: f32 arithmetic on the weights' exact values (bf16 widened, blocks dequantised).
+/// - `fast`: for q8_0 / q4_0 weights, the activations are quantised to 8 bits per block of 32
+///   (an f32 scale, integers rounded to nearest even) and each block's dot product is an integer
+///   one (AVX-512 VNNI where the CPU has it), accumulated in f32. f32 and bf16 weights compute as
+///   with `exact`.
+enum class precision : std::uint8_t { exact, fast };
+
+[[nodiscard]] constexpr std::string_view to_string(precision p) noexcept {
+    return p == precision::exact ? "exact" : "fast";
+}
+
 /// bfloat16: the upper 16 bits of an IEEE-754 binary32.
 struct bf16 {
     std::uint16_t bits = 0;

@@ -26,6 +26,8 @@ struct FfnWeights {
 struct ExpertOptions {
     /// dtype the weights are stored in; defaults to the source's.
     std::optional<dtype> storage = std::nullopt;
+    /// How q8_0 / q4_0 weights compute: `exact` or `fast` (core/dtype.hpp).
+    precision prec = precision::exact;
 };
 
 template <Backend B, Activation Act, index_t D = dynamic, index_t FF = dynamic>
@@ -38,8 +40,8 @@ public:
 
     explicit FfnExpert(const FfnWeights& w, const ExpertOptions& opt = {})
         : Widths(checked_extents(w)),
-          up_(std::in_place, w.up, w.up_bias, LinearOptions{"FfnExpert weight 'up'", false, opt.storage}),
-          down_(std::in_place, w.down, w.down_bias, LinearOptions{"FfnExpert weight 'down'", false, opt.storage}) {}
+          up_(std::in_place, w.up, w.up_bias, LinearOptions{"FfnExpert weight 'up'", false, opt.storage, opt.prec}),
+          down_(std::in_place, w.down, w.down_bias, LinearOptions{"FfnExpert weight 'down'", false, opt.storage, opt.prec}) {}
 
     /// The linear maps (shared by copies of this expert).
     [[nodiscard]] const typename B::template linear<Act>& up() const noexcept { return *up_; }

@@ -37,7 +37,7 @@ public:
 
     explicit GluExpert(const GluWeights& w, const ExpertOptions& opt = {})
         : Widths(checked_extents(w)), gate_up_(fused_gate_up(w, opt)),
-          down_(std::in_place, w.down, w.down_bias, LinearOptions{"GluExpert weight 'down'", false, opt.storage}) {}
+          down_(std::in_place, w.down, w.down_bias, LinearOptions{"GluExpert weight 'down'", false, opt.storage, opt.prec}) {}
 
     /// The linear maps: [gate; up] fused, and down (shared by copies of this expert).
     [[nodiscard]] const typename B::template linear<Identity>& gate_up() const noexcept { return *gate_up_; }
@@ -107,7 +107,7 @@ private:
         const bool both_bf16 = w.gate.type() == dtype::bf16 && w.up.type() == dtype::bf16;
         const dtype storage = opt.storage.value_or(both_bf16 ? dtype::bf16 : dtype::f32);
         return detail::Shared<typename B::template linear<Identity>>(std::in_place, ConstMatrixView<float>(stacked.view()), bias,
-                                                                    LinearOptions{"GluExpert weight 'gate|up'", false, storage});
+                                                                    LinearOptions{"GluExpert weight 'gate|up'", false, storage, opt.prec});
     }
 
     detail::Shared<typename B::template linear<Identity>> gate_up_;

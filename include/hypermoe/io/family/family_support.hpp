@@ -94,11 +94,14 @@ inline GluWeights glu_weights(TensorBinder& t, const std::string& prefix, index_
             t.matrix(prefix + "down_proj.weight", d, ff)};
 }
 
+/// How the experts of a loaded block are stored and compute.
+[[nodiscard]] inline ExpertOptions expert_options(const LoadOptions& o) { return {.storage = o.storage, .prec = o.prec}; }
+
 template <class E, class W>
-std::vector<E> build_experts(const std::vector<W>& weights, dtype storage) {
+std::vector<E> build_experts(const std::vector<W>& weights, const LoadOptions& opt) {
     std::vector<E> out;
     out.reserve(weights.size());
-    for (const auto& w : weights) out.emplace_back(w, ExpertOptions{.storage = storage});
+    for (const auto& w : weights) out.emplace_back(w, expert_options(opt));
     return out;
 }
 
