@@ -20,6 +20,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <optional>
 #include <string_view>
@@ -92,33 +93,93 @@ enum class block_isa : std::uint8_t { portable, avx512, avx512_vnni };
 /// The name of block_kernel(p), as `hypermoe inspect` and `bench` print it.
 [[nodiscard]] inline std::string_view block_kernel_isa(precision p = precision::exact) { return to_string(block_kernel(p)); }
 
-/// Activation rows quantised for the `fast` precision, in a workspace: per row, `blocks` blocks
-/// of 32 (the weight rows' count rounded up to even: VNNI takes two blocks per instruction), each
-/// with integers in [-127, 127], an f32 scale d = amax / 127 and the integers' sum (which folds
-/// q4_0's -8 out of the integer dot).
+/// Blocks per group of the VNNI kernel: one 512-bit load of q4_0 integers holds 4 blocks (16
+/// bytes each), of q8_0 integers 2 (32 bytes each). Rows of activations are padded to whole groups.
+inline constexpr index_t vnni_group = 4;
+
+/// Activation rows quantised for the `fast` precision, in a workspace. Per row, `blocks` blocks
+/// of 32 (the weight rows' count rounded up to a multiple of 4), each with integers in
+/// [-127, 127], an f32 scale d = amax / 127 and the integers' sum (which folds the weights'
+/// unsigned offset out of the integer dot). For the VNNI kernel (`lanes`), also per 512-bit
+/// group: the integers in the order the weights' bytes unpack (q4_0: the first 16 elements of 4
+/// blocks, then their last 16; q8_0: as they are), and per int32 lane the scale and the start
+/// value -offset * sum / (lanes per block).
 struct QuantizedRows {
     index_t blocks = 0;
-    std::span<std::int8_t> q;   ///< rows x blocks x 32
-    std::span<float> d;         ///< rows x blocks
+    std::span<std::int8_t> q;    ///< rows x blocks x 32, in element order
+    std::span<float> d;          ///< rows x blocks
     std::span<std::int32_t> sum; ///< rows x blocks
+    std::span<std::int8_t> lane_q;     ///< lanes only: rows x blocks x 32, in the weights' order
+    std::span<float> lane_d;           ///< lanes only: rows x blocks / group x 16
+    std::span<std::int32_t> lane_init; ///< lanes only: rows x blocks / group x 16
 
     /// Bytes of `rows` rows of `weight_blocks` blocks in a workspace.
-    [[nodiscard]] static std::size_t bytes(index_t rows, index_t weight_blocks) noexcept {
-        const index_t blocks = (weight_blocks + 1) / 2 * 2;
-        return padded_bytes<std::int8_t>(rows, blocks, quant_block) + padded_bytes<float>(rows, blocks) +
-               padded_bytes<std::int32_t>(rows, blocks);
+    [[nodiscard]] static std::size_t bytes(index_t rows, index_t weight_blocks, bool lanes) noexcept {
+        const index_t blocks = padded_blocks(weight_blocks);
+        const std::size_t natural = padded_bytes<std::int8_t>(rows, blocks, quant_block) + padded_bytes<float>(rows, blocks) +
+                                    padded_bytes<std::int32_t>(rows, blocks);
+        if (!lanes) return natural;
+        return natural + padded_bytes<std::int8_t>(rows, blocks, quant_block) + padded_bytes<float>(rows, blocks, lane_stride) +
+               padded_bytes<std::int32_t>(rows, blocks, lane_stride);
     }
-    /// Takes the buffers from `ws` and quantises every row of `a` (in parallel over rows).
-    QuantizedRows(ConstMatrixView<float> a, index_t weight_blocks, Workspace& ws)
-        : blocks((weight_blocks + 1) / 2 * 2), q(ws.take<std::int8_t>(a.rows() * blocks * quant_block)),
+    /// Takes the buffers from `ws` and quantises every row of `a` (in parallel over rows); with
+    /// `lanes`, lays them out for the VNNI kernel of weights in `format` too.
+    QuantizedRows(ConstMatrixView<float> a, index_t weight_blocks, Workspace& ws, bool lanes = false, dtype format = dtype::q8_0)
+        : blocks(padded_blocks(weight_blocks)), q(ws.take<std::int8_t>(a.rows() * blocks * quant_block)),
           d(ws.take<float>(a.rows() * blocks)), sum(ws.take<std::int32_t>(a.rows() * blocks)) {
-        parallel_for(a.rows(), a.rows() * a.cols() * 8, [&](index_t r) { quantize_row(a.row(r), r); });
+        if (lanes) {
+            lane_q = ws.take<std::int8_t>(a.rows() * blocks * quant_block);
+            lane_d = ws.take<float>(a.rows() * blocks * lane_stride);
+            lane_init = ws.take<std::int32_t>(a.rows() * blocks * lane_stride);
+        }
+        parallel_for(a.rows(), a.rows() * a.cols() * 8, [&](index_t r) {
+            quantize_row(a.row(r), r);
+            if (lanes) lay_out(r, format);
+        });
     }
     [[nodiscard]] const std::int8_t* q_row(index_t r) const noexcept { return q.data() + r * blocks * quant_block; }
     [[nodiscard]] const float* d_row(index_t r) const noexcept { return d.data() + r * blocks; }
     [[nodiscard]] const std::int32_t* sum_row(index_t r) const noexcept { return sum.data() + r * blocks; }
+    [[nodiscard]] const std::int8_t* lane_q_row(index_t r) const noexcept { return lane_q.data() + r * blocks * quant_block; }
+    [[nodiscard]] const float* lane_d_row(index_t r) const noexcept { return lane_d.data() + r * blocks * lane_stride; }
+    [[nodiscard]] const std::int32_t* lane_init_row(index_t r) const noexcept { return lane_init.data() + r * blocks * lane_stride; }
 
 private:
+    /// Lane values per block and row: 16 per group of 2 blocks at most.
+    static constexpr index_t lane_stride = 8;
+
+    [[nodiscard]] static constexpr index_t padded_blocks(index_t weight_blocks) noexcept {
+        return (weight_blocks + vnni_group - 1) / vnni_group * vnni_group;
+    }
+
+    /// Row r's VNNI layout. Blocks per 512-bit group: 4 (q4_0) or 2 (q8_0); int32 lanes per
+    /// block: 16 / that. The weights enter as unsigned bytes, q + 8 (q4_0's nibbles) or q + 128
+    /// (q8_0's bytes with the sign bit flipped), so each block's dot carries offset * sum(xq),
+    /// taken out by starting each of its lanes at -offset * sum / lanes.
+    void lay_out(index_t r, dtype format) noexcept {
+        const bool q4 = format == dtype::q4_0;
+        const index_t per_group = q4 ? 4 : 2, lanes_per_block = 16 / per_group;
+        const std::int32_t offset_per_lane = q4 ? 8 / 4 : 128 / 8;
+        for (index_t g = 0; g < blocks / per_group; ++g) {
+            std::int8_t* out = lane_q.data() + (r * blocks + g * per_group) * quant_block;
+            const std::int8_t* in = q.data() + (r * blocks + g * per_group) * quant_block;
+            for (index_t j = 0; j < per_group; ++j) {
+                if (q4) { // first halves of the 4 blocks, then the second halves
+                    std::copy_n(in + j * quant_block, 16, out + j * 16);
+                    std::copy_n(in + j * quant_block + 16, 16, out + 64 + j * 16);
+                } else {
+                    std::copy_n(in + j * quant_block, quant_block, out + j * quant_block);
+                }
+                const index_t block = r * blocks + g * per_group + j;
+                for (index_t l = 0; l < lanes_per_block; ++l) {
+                    const auto i = std::size_t(r * blocks * lane_stride + g * 16 + j * lanes_per_block + l);
+                    lane_d[i] = d[std::size_t(block)];
+                    lane_init[i] = -offset_per_lane * sum[std::size_t(block)];
+                }
+            }
+        }
+    }
+
     /// q = x / d rounded to nearest even, d = amax / 127 (0 for a zero block); the tail of the
     /// last block and the padding blocks are zero. A block holding a non-finite value gets
     /// d = NaN (and q = 0), so the outputs it reaches are NaN, as with `exact`.
@@ -147,44 +208,47 @@ private:
     }
 };
 
-/// The exact integer dot of a weight block with a quantised activation block (the block's
-/// values are these integers times its d; q4_0's -8 included).
-[[nodiscard]] inline std::int32_t block_int_dot(const BlockQ8_0& w, const std::int8_t* xq, std::int32_t) noexcept {
+/// The exact integer dot of a weight block's integers (`qs`: ggml's bytes of a Block) with a
+/// quantised activation block (the block's values are these integers times its d; q4_0's -8
+/// included through the activations' sum).
+template <class Block>
+[[nodiscard]] std::int32_t block_int_dot(const std::uint8_t* qs, const std::int8_t* xq, std::int32_t xsum) noexcept {
     std::int32_t s = 0;
-    for (std::size_t i = 0; i < 32; ++i) s += std::int32_t(w.qs[i]) * xq[i];
-    return s;
-}
-[[nodiscard]] inline std::int32_t block_int_dot(const BlockQ4_0& w, const std::int8_t* xq, std::int32_t xsum) noexcept {
-    std::int32_t s = 0;
-    for (std::size_t j = 0; j < 16; ++j) s += std::int32_t(w.qs[j] & 0x0F) * xq[j] + std::int32_t(w.qs[j] >> 4) * xq[j + 16];
-    return s - 8 * xsum;
+    if constexpr (std::is_same_v<Block, BlockQ8_0>) {
+        // As the VNNI kernel takes it: the unsigned q + 128 times x, less 128 * sum(x). (GCC 12
+        // with -march=native turns a plain int8 x int8 sum into VPDPBUSD, which reads q as
+        // unsigned: wrong code, found by the fast-precision tests; unsigned x signed it gets right.)
+        for (std::size_t i = 0; i < 32; ++i) s += std::int32_t(std::uint8_t(qs[i] ^ 0x80u)) * xq[i];
+        return s - 128 * xsum;
+    } else {
+        for (std::size_t j = 0; j < 16; ++j) s += std::int32_t(qs[j] & 0x0F) * xq[j] + std::int32_t(qs[j] >> 4) * xq[j + 16];
+        return s - 8 * xsum;
+    }
 }
 
-/// A block of zeros, read in place of the missing second block of an odd count.
+/// Integer bytes per block of a format.
 template <class Block>
-inline const Block zero_block{};
+inline constexpr index_t block_bytes_of = std::is_same_v<Block, BlockQ8_0> ? 32 : 16;
 
 #if HYPERMOE_BLOCK_AVX512
 #define HYPERMOE_AVX512_INLINE __attribute__((target("avx512f,avx512bw"))) inline
 
 /// A block's 32 small integers (q8_0's q, q4_0's nibble - 8) as floats: elements 0..15 in lo,
 /// 16..31 in hi.
-HYPERMOE_AVX512_INLINE void block_integers_avx512(const BlockQ8_0& blk, __m512& lo, __m512& hi) {
-    lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk.qs.data()))));
-    hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk.qs.data() + 16))));
+template <class Block>
+HYPERMOE_AVX512_INLINE void block_integers_avx512(const std::uint8_t* qs, __m512& lo, __m512& hi) {
+    if constexpr (std::is_same_v<Block, BlockQ8_0>) {
+        lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qs))));
+        hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qs + 16))));
+    } else {
+        const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qs)));
+        const __m512i eight = _mm512_set1_epi32(8);
+        lo = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_and_si512(bytes, _mm512_set1_epi32(0x0F)), eight));
+        hi = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32(bytes, 4), eight));
+    }
 }
-HYPERMOE_AVX512_INLINE void block_integers_avx512(const BlockQ4_0& blk, __m512& lo, __m512& hi) {
-    const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk.qs.data())));
-    const __m512i eight = _mm512_set1_epi32(8);
-    lo = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_and_si512(bytes, _mm512_set1_epi32(0x0F)), eight));
-    hi = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32(bytes, 4), eight));
-}
-/// 16 halves widened (VCVTPH2PS is AVX-512 F).
-HYPERMOE_AVX512_INLINE __m512 widen_halves(__m256i h) { return _mm512_cvtph_ps(h); }
-/// a in the low 256 bits, b in the high.
-HYPERMOE_AVX512_INLINE __m512i join_halves(__m256i a, __m256i b) { return _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1); }
-/// A half scale in all 16 lanes.
-HYPERMOE_AVX512_INLINE __m512 broadcast_half(std::uint16_t h) { return widen_halves(_mm256_set1_epi16(static_cast<short>(h))); }
+/// A half scale in all 16 lanes (VCVTPH2PS is AVX-512 F).
+HYPERMOE_AVX512_INLINE __m512 broadcast_half(std::uint16_t h) { return _mm512_cvtph_ps(_mm256_set1_epi16(static_cast<short>(h))); }
 
 /// The 16 lanes added in a fixed order.
 HYPERMOE_AVX512_INLINE float lane_sum(__m512 v) {
@@ -195,12 +259,13 @@ HYPERMOE_AVX512_INLINE float lane_sum(__m512 v) {
     return sum;
 }
 
-/// `exact`: out[r][c] = dot of weight row w[c] (`blocks` blocks) with activation row r; blocks
-/// below `full` are read from x[r], the last one (if `full` < `blocks`) from the zero-padded x_pad[r].
+/// `exact`: out[r][c] = dot of weight row c (integers qs[c], scales d[c], `blocks` blocks) with
+/// activation row r; blocks below `full` are read from x[r], the last one (if `full` < `blocks`)
+/// from the zero-padded x_pad[r].
 template <int Rows, int Cols, class Block>
-__attribute__((target("avx512f,avx512bw"))) void exact_dots_avx512(const Block* const* w, index_t full, index_t blocks,
-                                                                  const float* const* x, const float* const* x_pad,
-                                                                  float (*out)[Cols]) {
+__attribute__((target("avx512f,avx512bw"))) void exact_dots_avx512(const std::uint8_t* const* qs, const std::uint16_t* const* d,
+                                                                  index_t full, index_t blocks, const float* const* x,
+                                                                  const float* const* x_pad, float (*out)[Cols]) {
     __m512 acc[Rows][Cols];
     for (int r = 0; r < Rows; ++r)
         for (int c = 0; c < Cols; ++c) acc[r][c] = _mm512_setzero_ps();
@@ -213,66 +278,59 @@ __attribute__((target("avx512f,avx512bw"))) void exact_dots_avx512(const Block* 
         }
         for (int c = 0; c < Cols; ++c) {
             __m512 lo, hi;
-            block_integers_avx512(w[c][b], lo, hi);
-            const __m512 d = broadcast_half(w[c][b].d);
+            block_integers_avx512<Block>(qs[c] + b * block_bytes_of<Block>, lo, hi);
+            const __m512 scale = broadcast_half(d[c][b]);
             for (int r = 0; r < Rows; ++r) // the block's scale once per block: widen, multiply, add
-                acc[r][c] = _mm512_fmadd_ps(d, _mm512_fmadd_ps(lo, xl[r], _mm512_mul_ps(hi, xh[r])), acc[r][c]);
+                acc[r][c] = _mm512_fmadd_ps(scale, _mm512_fmadd_ps(lo, xl[r], _mm512_mul_ps(hi, xh[r])), acc[r][c]);
         }
     }
     for (int r = 0; r < Rows; ++r)
         for (int c = 0; c < Cols; ++c) out[r][c] = lane_sum(acc[r][c]);
 }
 
-#define HYPERMOE_VNNI_INLINE __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) inline
-
-/// Blocks b0 and b1 of a weight row as 64 unsigned bytes in element order (VNNI's u8 operand)
-/// and their scales (lanes 0-7: b0's, 8-15: b1's). q4_0: the nibbles as stored; q8_0: |q|, with
-/// `neg` marking the bytes whose q is negative.
-HYPERMOE_VNNI_INLINE void weight_pair_vnni(const BlockQ4_0& b0, const BlockQ4_0& b1, __m512i& u, __m512& d, __mmask64& neg) {
-    const __m256i bytes = _mm256_set_m128i(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b1.qs.data())),
-                                           _mm_loadu_si128(reinterpret_cast<const __m128i*>(b0.qs.data())));
-    const __m256i m = _mm256_set1_epi8(0x0F);
-    const __m256i lo = _mm256_and_si256(bytes, m), hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), m);
-    const __m512i v = join_halves(lo, hi); // lo0 lo1 hi0 hi1
-    u = _mm512_shuffle_i64x2(v, v, _MM_SHUFFLE(3, 1, 2, 0));                // lo0 hi0 lo1 hi1
-    d = widen_halves(_mm256_set_m128i(_mm_set1_epi16(static_cast<short>(b1.d)), _mm_set1_epi16(static_cast<short>(b0.d))));
-    neg = 0;
-}
-HYPERMOE_VNNI_INLINE void weight_pair_vnni(const BlockQ8_0& b0, const BlockQ8_0& b1, __m512i& u, __m512& d, __mmask64& neg) {
-    const __m512i v = join_halves(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b0.qs.data())),
-                                  _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b1.qs.data())));
-    neg = _mm512_movepi8_mask(v);
-    u = _mm512_abs_epi8(v);
-    d = widen_halves(_mm256_set_m128i(_mm_set1_epi16(static_cast<short>(b1.d)), _mm_set1_epi16(static_cast<short>(b0.d))));
-}
-
-/// `fast`: out[r][c] = dot of weight row w[c] (`blocks` blocks) with the quantised activation
-/// chunk x[r], two blocks per VNNI instruction. Each block's 8 int32 lanes start at -xsum, so
-/// q4_0's -8 * xsum is folded into the integer sums (0 for q8_0).
+/// `fast`: out[r][c] = dot of weight row c (integers qs[c], scales d[c]) with quantised activation
+/// row r in QuantizedRows' lane layout (xq, xd, xinit at the first group), over `groups` groups
+/// of 4 (q4_0) or 2 (q8_0) blocks: one 512-bit load of weight bytes per group, one (q8_0) or two
+/// (q4_0: low and high nibbles) VPDPBUSD per row, then the int32 lanes times (d_w * d_x) into f32.
 template <int Rows, int Cols, class Block>
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void fast_dots_vnni(const Block* const* w, index_t blocks,
-                                                                                    const QuantizedRows& x, index_t r0,
-                                                                                    float (*out)[Cols]) {
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void fast_dots_vnni(
+    const std::uint8_t* const* qs, const std::uint16_t* const* d, index_t groups, const std::int8_t* const* xq,
+    const float* const* xd, const std::int32_t* const* xinit, float (*out)[Cols]) {
     constexpr bool q4 = std::is_same_v<Block, BlockQ4_0>;
+    constexpr index_t per_group = q4 ? 4 : 2;
+    // Lane l's block: l / 4 (q4_0, 4 lanes per block) or l / 8 (q8_0).
+    const __m512i lane_block = q4 ? _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0)
+                                  : _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+    const __m512i nibble = _mm512_set1_epi8(0x0F), sign = _mm512_set1_epi8(static_cast<char>(0x80));
     __m512 acc[Rows][Cols];
     for (int r = 0; r < Rows; ++r)
         for (int c = 0; c < Cols; ++c) acc[r][c] = _mm512_setzero_ps();
-    for (index_t b = 0; b < blocks; b += 2) {
-        __m512i u[Cols];
+    for (index_t g = 0; g < groups; ++g) {
+        __m512i lo[Cols], hi[Cols];
         __m512 dw[Cols];
-        __mmask64 neg[Cols];
-        for (int c = 0; c < Cols; ++c)
-            weight_pair_vnni(w[c][b], b + 1 < blocks ? w[c][b + 1] : zero_block<Block>, u[c], dw[c], neg[c]);
+        for (int c = 0; c < Cols; ++c) {
+            const __m512i v = _mm512_loadu_si512(qs[c] + g * 64);
+            if constexpr (q4) {
+                lo[c] = _mm512_and_si512(v, nibble); // elements 0..15 of the 4 blocks: q + 8
+                hi[c] = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble); // elements 16..31
+            } else {
+                lo[c] = _mm512_xor_si512(v, sign); // q + 128, unsigned
+                hi[c] = lo[c];
+            }
+            std::uint64_t halves = 0;
+            std::memcpy(&halves, d[c] + g * per_group, per_group * sizeof(std::uint16_t));
+            const __m512 scales = _mm512_cvtph_ps(_mm256_zextsi128_si256(_mm_cvtsi64_si128(static_cast<long long>(halves))));
+            dw[c] = _mm512_permutexvar_ps(lane_block, scales);
+        }
         for (int r = 0; r < Rows; ++r) {
-            const float* xd = x.d_row(r0 + r) + b;
-            const std::int32_t* xs = x.sum_row(r0 + r) + b;
-            const __m512i xv = _mm512_loadu_si512(x.q_row(r0 + r) + b * quant_block);
-            const __m512 dx = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(xd[0]), _mm512_set1_ps(xd[1]));
-            const __m512i init = q4 ? _mm512_mask_blend_epi32(0xFF00, _mm512_set1_epi32(-xs[0]), _mm512_set1_epi32(-xs[1]))
-                                    : _mm512_setzero_si512();
+            const std::int8_t* xg = xq[r] + g * per_group * quant_block;
+            const __m512i xa = _mm512_loadu_si512(xg);
+            const __m512i xb = q4 ? _mm512_loadu_si512(xg + 64) : xa;
+            const __m512 dx = _mm512_loadu_ps(xd[r] + g * 16);
+            const __m512i init = _mm512_loadu_si512(xinit[r] + g * 16);
             for (int c = 0; c < Cols; ++c) {
-                const __m512i signed_x = q4 ? xv : _mm512_mask_sub_epi8(xv, neg[c], _mm512_setzero_si512(), xv);
-                const __m512i dot = _mm512_dpbusd_epi32(init, u[c], signed_x);
+                __m512i dot = _mm512_dpbusd_epi32(init, lo[c], xa);
+                if constexpr (q4) dot = _mm512_dpbusd_epi32(dot, hi[c], xb);
                 acc[r][c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(dw[c], dx), acc[r][c]);
             }
         }
@@ -280,39 +338,60 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void fast_dots_v
     for (int r = 0; r < Rows; ++r)
         for (int c = 0; c < Cols; ++c) out[r][c] = lane_sum(acc[r][c]);
 }
-#undef HYPERMOE_VNNI_INLINE
 #undef HYPERMOE_AVX512_INLINE
 #endif
 
-/// An (N, K) weight as N rows of ceil(K / 32) blocks of one format.
+/// An (N, K) weight as N rows of ceil(K / 32) blocks of one format, held as two arrays: the
+/// blocks' scales (half bits) and their integers (ggml's `qs` bytes: 16 per q4_0 block, 32 per
+/// q8_0 block), each row contiguous. The same bytes as ggml's blocks, arranged so that one load
+/// brings several blocks' integers (`block()` gives a block back in ggml's layout).
 class BlockWeights {
 public:
     BlockWeights() = default;
     BlockWeights(const WeightView& w, dtype format, const std::string& name)
         : format_(format), n_(w.rows()), k_(w.cols()), blocks_per_row_((w.cols() + quant_block - 1) / quant_block) {
         std::vector<float> row(static_cast<std::size_t>(k_));
-        if (format == dtype::q8_0) q8_.resize(std::size_t(n_ * blocks_per_row_));
-        else q4_.resize(std::size_t(n_ * blocks_per_row_));
+        scales_.resize(std::size_t(n_ * blocks_per_row_));
+        quants_.resize(std::size_t(n_ * blocks_per_row_ * block_bytes()));
+        std::vector<BlockQ8_0> q8(format == dtype::q8_0 ? std::size_t(blocks_per_row_) : 0);
+        std::vector<BlockQ4_0> q4(format == dtype::q4_0 ? std::size_t(blocks_per_row_) : 0);
         for (index_t r = 0; r < n_; ++r) {
             for (index_t c = 0; c < k_; ++c) row[std::size_t(c)] = w.at(r, c);
             const std::string what = concat(name, " row ", r);
-            if (format == dtype::q8_0) quantize_row<BlockQ8_0>(row, std::span(q8_).subspan(std::size_t(r * blocks_per_row_), std::size_t(blocks_per_row_)), what);
-            else quantize_row<BlockQ4_0>(row, std::span(q4_).subspan(std::size_t(r * blocks_per_row_), std::size_t(blocks_per_row_)), what);
+            const auto keep = [&](const auto& blocks) {
+                for (index_t b = 0; b < blocks_per_row_; ++b) {
+                    const auto& blk = blocks[std::size_t(b)];
+                    scales_[std::size_t(r * blocks_per_row_ + b)] = blk.d;
+                    std::copy(blk.qs.begin(), blk.qs.end(), quants_.begin() + (r * blocks_per_row_ + b) * block_bytes());
+                }
+            };
+            if (format == dtype::q8_0) quantize_row<BlockQ8_0>(row, q8, what), keep(q8);
+            else quantize_row<BlockQ4_0>(row, q4, what), keep(q4);
         }
     }
 
     [[nodiscard]] dtype format() const noexcept { return format_; }
     [[nodiscard]] index_t blocks_per_row() const noexcept { return blocks_per_row_; }
-    /// Bytes held: the blocks, scales included.
-    [[nodiscard]] std::size_t bytes() const noexcept { return q8_.size() * sizeof(BlockQ8_0) + q4_.size() * sizeof(BlockQ4_0); }
-    [[nodiscard]] std::span<const BlockQ8_0> q8_0() const noexcept { return q8_; }
-    [[nodiscard]] std::span<const BlockQ4_0> q4_0() const noexcept { return q4_; }
+    /// Integer bytes per block: 32 (q8_0) or 16 (q4_0).
+    [[nodiscard]] index_t block_bytes() const noexcept { return format_ == dtype::q8_0 ? 32 : 16; }
+    /// Bytes held: the integers and the scales, as many as ggml's blocks take.
+    [[nodiscard]] std::size_t bytes() const noexcept { return quants_.size() + scales_.size() * sizeof(std::uint16_t); }
+    /// Row n's scales and integers.
+    [[nodiscard]] const std::uint16_t* scales(index_t n) const noexcept { return scales_.data() + n * blocks_per_row_; }
+    [[nodiscard]] const std::uint8_t* quants(index_t n) const noexcept { return quants_.data() + n * blocks_per_row_ * block_bytes(); }
 
+    /// Block b of row n in ggml's layout (Block matching format()).
+    template <class Block>
+    [[nodiscard]] Block block(index_t n, index_t b) const noexcept {
+        Block blk;
+        blk.d = scales(n)[b];
+        std::copy_n(quants(n) + b * block_bytes(), blk.qs.size(), reinterpret_cast<std::uint8_t*>(blk.qs.data()));
+        return blk;
+    }
     /// The 32 values of block b of row n.
     void dequantize_block(index_t n, index_t b, std::span<float, 32> out) const noexcept {
-        const auto i = std::size_t(n * blocks_per_row_ + b);
-        if (format_ == dtype::q8_0) dequantize(q8_[i], out);
-        else dequantize(q4_[i], out);
+        if (format_ == dtype::q8_0) dequantize(block<BlockQ8_0>(n, b), out);
+        else dequantize(block<BlockQ4_0>(n, b), out);
     }
     /// Weight (n, k), exactly.
     [[nodiscard]] float at(index_t n, index_t k) const noexcept {
@@ -324,8 +403,8 @@ public:
 private:
     dtype format_ = dtype::q8_0;
     index_t n_ = 0, k_ = 0, blocks_per_row_ = 0;
-    std::vector<BlockQ8_0> q8_;
-    std::vector<BlockQ4_0> q4_;
+    std::vector<std::uint16_t> scales_;
+    std::vector<std::uint8_t> quants_;
 };
 
 /// c = [c +] scale * Act(a W^T + b) with W in a block format; see the file comment.
@@ -343,21 +422,21 @@ public:
 
     /// `fast` quantises the activations into the workspace first; `exact` needs none.
     [[nodiscard]] std::size_t workspace_bytes(index_t rows) const noexcept {
-        return fast_ && rows > 0 ? QuantizedRows::bytes(rows, w_.blocks_per_row()) : 0;
+        return fast_ && rows > 0 ? QuantizedRows::bytes(rows, w_.blocks_per_row(), kernel_ == block_isa::avx512_vnni) : 0;
     }
 
     void operator()(ConstMatrixView<float> a, MatrixView<float> c, Workspace& ws, float scale) const {
         Workspace::Scope scope(ws, workspace_bytes(a.rows()));
         std::optional<QuantizedRows> xq;
-        if (fast_) xq.emplace(a, w_.blocks_per_row(), ws);
+        if (fast_) xq.emplace(a, w_.blocks_per_row(), ws, kernel_ == block_isa::avx512_vnni, w_.format());
         const index_t row_groups = (a.rows() + group_rows - 1) / group_rows;
         const index_t col_tiles = (n_ + tile - 1) / tile;
         parallel_for(row_groups * col_tiles, a.rows() * k_ * n_, [&](index_t item) {
             const index_t r0 = item / col_tiles * group_rows, j0 = item % col_tiles * tile;
             const index_t rows = std::min(group_rows, a.rows() - r0), cols = std::min(tile, n_ - j0);
             const auto go = [&]<int Rows>() {
-                if (w_.format() == dtype::q8_0) run<Rows>(w_.q8_0(), a, xq, c, r0, j0, cols, scale);
-                else run<Rows>(w_.q4_0(), a, xq, c, r0, j0, cols, scale);
+                if (w_.format() == dtype::q8_0) run<Rows, BlockQ8_0>(a, xq, c, r0, j0, cols, scale);
+                else run<Rows, BlockQ4_0>(a, xq, c, r0, j0, cols, scale);
             };
             switch (rows) { // a compile-time row count keeps every row's sums in registers
             case 1: go.template operator()<1>(); break;
@@ -375,11 +454,11 @@ private:
     /// Outputs [j0, j0 + cols) of rows [r0, r0 + Rows): sums[r][j - j0] = the dot products, then
     /// bias, activation, scale and accumulation.
     template <int Rows, class Block>
-    void run(std::span<const Block> blocks, ConstMatrixView<float> a, const std::optional<QuantizedRows>& xq, MatrixView<float> c,
-             index_t r0, index_t j0, index_t cols, float scale) const {
+    void run(ConstMatrixView<float> a, const std::optional<QuantizedRows>& xq, MatrixView<float> c, index_t r0, index_t j0,
+             index_t cols, float scale) const {
         float sums[Rows][tile] = {};
-        if (xq) fast_sums<Rows>(blocks, *xq, r0, j0, cols, sums);
-        else exact_sums<Rows>(blocks, a, r0, j0, cols, sums);
+        if (xq) fast_sums<Rows, Block>(*xq, r0, j0, cols, sums);
+        else exact_sums<Rows, Block>(a, r0, j0, cols, sums);
         for (index_t j = 0; j < cols; ++j)
             for (index_t r = 0; r < Rows; ++r) {
                 const float v = scale * Act::apply(sums[r][j] + (bias_.empty() ? 0.0f : bias_[std::size_t(j0 + j)]));
@@ -398,8 +477,7 @@ private:
     }
 
     template <int Rows, class Block>
-    void exact_sums(std::span<const Block> blocks, ConstMatrixView<float> a, index_t r0, index_t j0, index_t cols,
-                    float (&sums)[Rows][tile]) const {
+    void exact_sums(ConstMatrixView<float> a, index_t r0, index_t j0, index_t cols, float (&sums)[Rows][tile]) const {
         const index_t per_row = w_.blocks_per_row();
         const index_t full = k_ / quant_block; // blocks read straight from the rows; the rest padded
         alignas(64) float x_pad[Rows][quant_block] = {};
@@ -412,10 +490,11 @@ private:
 #if HYPERMOE_BLOCK_AVX512
         if (kernel_ != block_isa::portable) {
             over_columns<(Rows <= 2 ? 4 : 2)>(cols, [&]<int C>(index_t j) {
-                const Block* w[C];
-                for (int cc = 0; cc < C; ++cc) w[cc] = blocks.data() + (j0 + j + cc) * per_row;
+                const std::uint8_t* qs[C];
+                const std::uint16_t* d[C];
+                for (int cc = 0; cc < C; ++cc) qs[cc] = w_.quants(j0 + j + cc), d[cc] = w_.scales(j0 + j + cc);
                 float out[Rows][C];
-                exact_dots_avx512<Rows, C>(w, full, per_row, x_rows, pads, out);
+                exact_dots_avx512<Rows, C, Block>(qs, d, full, per_row, x_rows, pads, out);
                 for (int r = 0; r < Rows; ++r)
                     for (int cc = 0; cc < C; ++cc) sums[r][j + cc] = out[r][cc];
             });
@@ -424,11 +503,10 @@ private:
 #endif
         constexpr index_t lanes = 16; // partial sums per row, as the AVX-512 kernel keeps them
         for (index_t j = 0; j < cols; ++j) {
-            const Block* wj = blocks.data() + (j0 + j) * per_row;
             float acc[Rows][lanes] = {};
             for (index_t b = 0; b < per_row; ++b) {
                 alignas(64) float v[quant_block];
-                dequantize(wj[b], std::span<float, 32>(v)); // exact: a small integer times d
+                w_.dequantize_block(j0 + j, b, std::span<float, 32>(v)); // exact: a small integer times d
                 for (int r = 0; r < Rows; ++r) {
                     const float* x = b < full ? x_rows[r] + b * quant_block : x_pad[r];
                     for (index_t l = 0; l < lanes; ++l) acc[r][l] += v[l] * x[l] + v[l + 16] * x[l + 16];
@@ -440,16 +518,43 @@ private:
     }
 
     template <int Rows, class Block>
-    void fast_sums(std::span<const Block> blocks, const QuantizedRows& xq, index_t r0, index_t j0, index_t cols,
-                   float (&sums)[Rows][tile]) const {
+    void fast_sums(const QuantizedRows& xq, index_t r0, index_t j0, index_t cols, float (&sums)[Rows][tile]) const {
         const index_t per_row = w_.blocks_per_row();
+        constexpr index_t bytes = block_bytes_of<Block>;
 #if HYPERMOE_BLOCK_AVX512
         if (kernel_ == block_isa::avx512_vnni) {
+            constexpr index_t per_group = std::is_same_v<Block, BlockQ4_0> ? 4 : 2;
+            const index_t groups = per_row / per_group, tail = per_row % per_group;
+            const std::int8_t* xs[Rows];
+            const float* xd[Rows];
+            const std::int32_t* xi[Rows];
+            for (int r = 0; r < Rows; ++r) xs[r] = xq.lane_q_row(r0 + r), xd[r] = xq.lane_d_row(r0 + r), xi[r] = xq.lane_init_row(r0 + r);
             over_columns<(Rows <= 2 ? 4 : 2)>(cols, [&]<int C>(index_t j) {
-                const Block* w[C];
-                for (int cc = 0; cc < C; ++cc) w[cc] = blocks.data() + (j0 + j + cc) * per_row;
+                const std::uint8_t* qs[C];
+                const std::uint16_t* d[C];
+                for (int cc = 0; cc < C; ++cc) qs[cc] = w_.quants(j0 + j + cc), d[cc] = w_.scales(j0 + j + cc);
                 float out[Rows][C];
-                fast_dots_vnni<Rows, C>(w, per_row, xq, r0, out);
+                fast_dots_vnni<Rows, C, Block>(qs, d, groups, xs, xd, xi, out);
+                if (tail > 0) { // the row's last blocks, zero-padded to a whole group
+                    alignas(64) std::uint8_t tail_qs[C][64] = {};
+                    std::uint16_t tail_d[C][4] = {};
+                    const std::uint8_t* tq[C];
+                    const std::uint16_t* td[C];
+                    for (int cc = 0; cc < C; ++cc) {
+                        std::copy_n(qs[cc] + groups * per_group * bytes, tail * bytes, tail_qs[cc]);
+                        std::copy_n(d[cc] + groups * per_group, tail, tail_d[cc]);
+                        tq[cc] = tail_qs[cc], td[cc] = tail_d[cc];
+                    }
+                    const std::int8_t* txs[Rows];
+                    const float* txd[Rows];
+                    const std::int32_t* txi[Rows];
+                    for (int r = 0; r < Rows; ++r)
+                        txs[r] = xs[r] + groups * per_group * quant_block, txd[r] = xd[r] + groups * 16, txi[r] = xi[r] + groups * 16;
+                    float more[Rows][C];
+                    fast_dots_vnni<Rows, C, Block>(tq, td, 1, txs, txd, txi, more);
+                    for (int r = 0; r < Rows; ++r)
+                        for (int cc = 0; cc < C; ++cc) out[r][cc] += more[r][cc];
+                }
                 for (int r = 0; r < Rows; ++r)
                     for (int cc = 0; cc < C; ++cc) sums[r][j + cc] = out[r][cc];
             });
@@ -457,13 +562,14 @@ private:
         }
 #endif
         for (index_t j = 0; j < cols; ++j) {
-            const Block* wj = blocks.data() + (j0 + j) * per_row;
+            const std::uint8_t* qs = w_.quants(j0 + j);
+            const std::uint16_t* d = w_.scales(j0 + j);
             for (int r = 0; r < Rows; ++r) {
                 const std::int8_t* q = xq.q_row(r0 + r);
-                const float* d = xq.d_row(r0 + r);
+                const float* dx = xq.d_row(r0 + r);
                 const std::int32_t* sum = xq.sum_row(r0 + r);
                 for (index_t b = 0; b < per_row; ++b)
-                    sums[r][j] += float(block_int_dot(wj[b], q + b * quant_block, sum[b])) * (f16_bits_to_f32(wj[b].d) * d[b]);
+                    sums[r][j] += float(block_int_dot<Block>(qs + b * bytes, q + b * quant_block, sum[b])) * (f16_bits_to_f32(d[b]) * dx[b]);
             }
         }
     }

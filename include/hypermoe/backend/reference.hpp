@@ -45,7 +45,7 @@ struct reference {
 
         /// One output's K weights, widened; with `fast` blocks, the quantised activations.
         [[nodiscard]] std::size_t workspace_bytes(index_t rows) const noexcept {
-            if (is_block_format(storage_) && prec_ == precision::fast) return detail::QuantizedRows::bytes(rows, blocks_.blocks_per_row());
+            if (is_block_format(storage_) && prec_ == precision::fast) return detail::QuantizedRows::bytes(rows, blocks_.blocks_per_row(), false);
             return detail::padded_bytes<float>(k_);
         }
 
@@ -53,8 +53,8 @@ struct reference {
             check_call(a, c);
             Workspace::Scope scope(ws, workspace_bytes(a.rows()));
             if (is_block_format(storage_) && prec_ == precision::fast) {
-                if (storage_ == dtype::q8_0) fast(blocks_.q8_0(), a, c, ws, scale);
-                else fast(blocks_.q4_0(), a, c, ws, scale);
+                if (storage_ == dtype::q8_0) fast<BlockQ8_0>(a, c, ws, scale);
+                else fast<BlockQ4_0>(a, c, ws, scale);
                 return;
             }
             const std::span<float> w = ws.take<float>(k_);
@@ -73,16 +73,16 @@ struct reference {
         /// `fast` over blocks: integer block dots with the activations quantised as the fast
         /// kernels quantise them, scaled and summed in double.
         template <class Block>
-        void fast(std::span<const Block> blocks, ConstMatrixView<float> a, MatrixView<float> c, Workspace& ws, float scale) const {
+        void fast(ConstMatrixView<float> a, MatrixView<float> c, Workspace& ws, float scale) const {
             const index_t per_row = blocks_.blocks_per_row();
             const detail::QuantizedRows xq(a, per_row, ws);
             for (index_t j = 0; j < n_; ++j)
                 for (index_t m = 0; m < a.rows(); ++m) {
                     double acc = bias_.empty() ? 0.0 : bias_[static_cast<std::size_t>(j)];
                     for (index_t b = 0; b < per_row; ++b) {
-                        const Block& w = blocks[std::size_t(j * per_row + b)];
-                        const std::int32_t dot = detail::block_int_dot(w, xq.q_row(m) + b * quant_block, xq.sum_row(m)[b]);
-                        acc += double(f16_bits_to_f32(w.d)) * double(xq.d_row(m)[b]) * double(dot);
+                        const std::int32_t dot = detail::block_int_dot<Block>(blocks_.quants(j) + b * detail::block_bytes_of<Block>,
+                                                                              xq.q_row(m) + b * quant_block, xq.sum_row(m)[b]);
+                        acc += double(f16_bits_to_f32(blocks_.scales(j)[b])) * double(xq.d_row(m)[b]) * double(dot);
                     }
                     const auto v = static_cast<float>(double(scale) * Act::apply(acc));
                     c(m, j) = accumulate_ ? c(m, j) + v : v;
