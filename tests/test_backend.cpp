@@ -199,6 +199,30 @@ TEST_CASE_TEMPLATE_DEFINE("fast q8_0 / q4_0: every backend equals f32 arithmetic
 }
 TEST_CASE_TEMPLATE_APPLY(linear_blocks_fast, test::all_backends);
 
+TEST_CASE("block_int_dot is the exact integer dot of a weight block with quantised activations") {
+    // Expected values in double from the dequantising code (core/quant.hpp with d = 1), not from
+    // an int8 loop of the same shape: GCC 12 has miscompiled such loops (see block_int_dot).
+    std::uint64_t seed = 3;
+    const auto next = [&] { return detail::splitmix64(seed++); };
+    for (int trial = 0; trial < 500; ++trial) {
+        std::array<std::int8_t, 32> x{};
+        std::int32_t xsum = 0;
+        for (auto& v : x) v = static_cast<std::int8_t>(int(next() % 255) - 127), xsum += v;
+        BlockQ8_0 q8;
+        BlockQ4_0 q4;
+        q8.d = q4.d = 0x3C00; // 1.0: the dequantised values are the integers
+        for (auto& v : q8.qs) v = static_cast<std::int8_t>(next() % 256); // -128 too (a GGUF file may hold it)
+        for (auto& v : q4.qs) v = static_cast<std::uint8_t>(next() % 256);
+        std::array<float, 32> w8{}, w4{};
+        dequantize(q8, w8);
+        dequantize(q4, w4);
+        double want8 = 0, want4 = 0;
+        for (std::size_t i = 0; i < 32; ++i) want8 += double(w8[i]) * x[i], want4 += double(w4[i]) * x[i];
+        CHECK(detail::block_int_dot<BlockQ8_0>(reinterpret_cast<const std::uint8_t*>(q8.qs.data()), x.data(), xsum) == want8);
+        CHECK(detail::block_int_dot<BlockQ4_0>(q4.qs.data(), x.data(), xsum) == want4);
+    }
+}
+
 TEST_CASE("fast blocks: a non-finite activation reaches the outputs as NaN, as with exact") {
     const Matrix<float> w = random_matrix(6, 64, 8, 0.3f);
     const reference::linear<Identity> ref(ConstMatrixView<float>(w.view()), {}, {"w", false, dtype::q4_0, precision::fast});

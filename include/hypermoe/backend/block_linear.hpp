@@ -41,11 +41,12 @@
 #define HYPERMOE_BLOCK_AVX512 0
 #endif
 
-// GCC 12 flags the intrinsics' own _mm512_undefined_* start values as maybe uninitialised once
-// they are inlined here (GCC bug 105593, fixed in 13); the warning is false.
+// GCC 12 flags the intrinsics' own _mm512_undefined_* start values as (maybe) uninitialised once
+// they are inlined here (GCC bug 105593, fixed in 13); the warnings are false.
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #endif
 
 namespace hypermoe::detail {
@@ -215,9 +216,10 @@ template <class Block>
 [[nodiscard]] std::int32_t block_int_dot(const std::uint8_t* qs, const std::int8_t* xq, std::int32_t xsum) noexcept {
     std::int32_t s = 0;
     if constexpr (std::is_same_v<Block, BlockQ8_0>) {
-        // As the VNNI kernel takes it: the unsigned q + 128 times x, less 128 * sum(x). (GCC 12
-        // with -march=native turns a plain int8 x int8 sum into VPDPBUSD, which reads q as
-        // unsigned: wrong code, found by the fast-precision tests; unsigned x signed it gets right.)
+        // As the VNNI kernel takes it: the unsigned q + 128 times x, less 128 * sum(x). (GCC 12.2
+        // with -O2 -march=native on an AVX-512 VNNI CPU turned the plain int8 x int8 sum into
+        // VPDPBUSD, which reads q as unsigned: wrong sums, which test_backend's block_int_dot test
+        // catches; unsigned x signed it compiles right.)
         for (std::size_t i = 0; i < 32; ++i) s += std::int32_t(std::uint8_t(qs[i] ^ 0x80u)) * xq[i];
         return s - 128 * xsum;
     } else {
