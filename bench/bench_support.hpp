@@ -31,6 +31,33 @@ inline std::vector<float> random_vector(index_t n, std::uint64_t seed, float sca
     return v;
 }
 
+/// The machine's streaming read bandwidth, measured in the same run as what is held to it: a
+/// 1 GiB f32 array summed by every OpenMP thread.
+inline void BM_ReadBandwidth(benchmark::State& state) {
+    const std::size_t n = std::size_t(1) << 28; // 1 GiB of floats
+    std::vector<float> a(n);
+    fill(a.data(), n, 5, 1.0f);
+    for (auto _ : state) {
+        // 64 independent partial sums per thread (four AVX-512 registers' worth): one running
+        // float sum is bound by the add latency (~12 GB/s here), not by memory.
+        float total = 0;
+#if defined(_OPENMP)
+#pragma omp parallel reduction(+ : total)
+#endif
+        {
+            float acc[64] = {};
+#if defined(_OPENMP)
+#pragma omp for schedule(static)
+#endif
+            for (std::size_t i = 0; i < n; i += 64)
+                for (std::size_t j = 0; j < 64; ++j) acc[j] += a[i + j];
+            for (const float v : acc) total += v;
+        }
+        benchmark::DoNotOptimize(total);
+    }
+    state.counters["GB/s"] = benchmark::Counter(double(n * sizeof(float)) / 1e9, benchmark::Counter::kIsIterationInvariantRate);
+}
+
 /// Calls `timed` then `other` in every iteration, so that the drifts of this shared machine hit
 /// both alike; the iteration time is `timed`'s (register with UseManualTime). Returns
 /// other's total time / timed's total time.

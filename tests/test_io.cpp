@@ -346,6 +346,35 @@ TEST_CASE_TEMPLATE_DEFINE("bf16 / q8_0 / q4_0 expert storage, exact and fast: ea
 }
 TEST_CASE_TEMPLATE_APPLY(block_storage_fixtures, test::all_backends);
 
+TEST_CASE("releasing a packed tensor's pages keeps its bytes, and leaves memory outside the mapping alone") {
+    const std::string dir = data_dir + "/mixtral-basic";
+    const Checkpoint ck(dir);
+    TensorBinder t(ck, "test");
+    const WeightView w = t.matrix("model.layers.1.block_sparse_moe.experts.0.w1.weight", 40, 32);
+    REQUIRE(!w.extent().empty());
+    std::vector<float> before;
+    for (index_t r = 0; r < w.rows(); ++r)
+        for (index_t c = 0; c < w.cols(); ++c) before.push_back(w.at(r, c));
+    t.release(w); // a read-only private file mapping: the pages fault back in from the file
+    std::size_t i = 0;
+    for (index_t r = 0; r < w.rows(); ++r)
+        for (index_t c = 0; c < w.cols(); ++c) CHECK(w.at(r, c) == before[i++]);
+    // A view of the caller's own memory is not the checkpoint's: releasing it must not zero it.
+    Matrix<float> own = test::random_matrix(64, 1024, 3); // 256 KiB: whole pages inside it
+    const Matrix<float> copy = own;
+    t.release(WeightView(ConstMatrixView<float>(own.view())));
+    CHECK(relative_error(own.view(), copy.view()) == 0.0);
+    // Loading releases each expert's pages as it goes; the loaded block still equals the fixture.
+    const Expected e(dir);
+    const auto block = load_moe_block<reference>(ck, e.layer());
+    const Matrix<float> x = e.x();
+    Matrix<float> y(x.rows(), x.cols());
+    RoutingPlan plan;
+    Workspace ws;
+    block.forward(x.view(), y.view(), ws, plan);
+    CHECK(relative_error(y.view(), e.out("y").view()) <= 1e-5);
+}
+
 TEST_CASE("bf16 storage of f32 weights stays within bf16 rounding") {
     const std::string dir = data_dir + "/mixtral-basic";
     const Checkpoint ck(dir);

@@ -34,7 +34,7 @@ struct TinyMoe {
                                            "gate_proj.weight", "up_proj.weight", "down_proj.weight");
         s.tensors.finish();
         return Out(SwiGluTopKLayer<B>(gate, TopKRouter(e, TopK{s.info.top_k}, {.weighting = {.renormalize = true}}),
-                                      detail::build_experts<SwiGluExpert<B>>(w, s.options)));
+                                      detail::build_experts<SwiGluExpert<B>>(w, s)));
     }
 
     // The same tensor names with random weights, for `hypermoe bench --family tinymoe` and tests.

@@ -100,26 +100,6 @@ void BM_GluRotating(benchmark::State& state, Shape s) {
     state.counters["GB/s"] = benchmark::Counter(double(bytes) / 1e9, benchmark::Counter::kIsIterationInvariantRate);
 }
 
-/// The read bandwidth the rotating benchmarks are held to: a 1 GiB f32 array summed by every
-/// OpenMP thread, in this run.
-void BM_ReadBandwidth(benchmark::State& state) {
-    const std::size_t n = std::size_t(1) << 28;
-    std::vector<float> data(n);
-    hm::bench::fill(data.data(), n, 5, 1.0f);
-    for (auto _ : state) {
-        float total = 0.0f;
-#pragma omp parallel for reduction(+ : total) schedule(static)
-        for (std::size_t c = 0; c < n / 4096; ++c) {
-            float lanes[16] = {};
-            for (std::size_t i = c * 4096; i < (c + 1) * 4096; i += 16)
-                for (std::size_t l = 0; l < 16; ++l) lanes[l] += data[i + l];
-            for (const float l : lanes) total += l;
-        }
-        benchmark::DoNotOptimize(total);
-    }
-    state.counters["GB/s"] = benchmark::Counter(double(n) * 4 / 1e9, benchmark::Counter::kIsIterationInvariantRate);
-}
-
 #if HYPERMOE_HAS_ONEDNN
 /// The ceiling: `gemms` raw f32 matmuls with fixed M (oneDNN picks brgemm), (M, K) x (K, N)
 /// alternating K = d, N = gemms_ff and K = ff, N = d, as the expert's chain.
@@ -168,7 +148,7 @@ std::string name(const char* what, const Shape& s) {
 } // namespace
 
 int main(int argc, char** argv) {
-    benchmark::RegisterBenchmark("BM_ReadBandwidth", BM_ReadBandwidth)->UseRealTime()->Unit(benchmark::kMillisecond);
+    benchmark::RegisterBenchmark("BM_ReadBandwidth", hm::bench::BM_ReadBandwidth)->UseRealTime()->Unit(benchmark::kMillisecond);
     for (const auto& [d, ff] : {std::pair<hm::index_t, hm::index_t>{1024, 2816}, {768, 3072}})
         for (const hm::index_t m : {1, 8, 64, 512}) {
 #if HYPERMOE_HAS_ONEDNN

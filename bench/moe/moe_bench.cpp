@@ -156,35 +156,10 @@ void BM_MoeVsCeiling(benchmark::State& state, hm::index_t tokens) {
 }
 #endif
 
-void BM_ReadBandwidth(benchmark::State& state) {
-    const std::size_t n = std::size_t(1) << 28; // 1 GiB of floats
-    std::vector<float> a(n);
-    fill(a.data(), n, 5, 1.0f);
-    for (auto _ : state) {
-        // 64 independent partial sums per thread (four AVX-512 registers' worth): one running
-        // float sum is bound by the add latency (~12 GB/s here), not by memory.
-        float total = 0;
-#if defined(_OPENMP)
-#pragma omp parallel reduction(+ : total)
-#endif
-        {
-            float acc[64] = {};
-#if defined(_OPENMP)
-#pragma omp for schedule(static)
-#endif
-            for (std::size_t i = 0; i < n; i += 64)
-                for (std::size_t j = 0; j < 64; ++j) acc[j] += a[i + j];
-            for (const float v : acc) total += v;
-        }
-        benchmark::DoNotOptimize(total);
-    }
-    state.counters["GB/s"] = benchmark::Counter(double(n * sizeof(float)) / 1e9, benchmark::Counter::kIsIterationInvariantRate);
-}
-
 } // namespace
 
 int main(int argc, char** argv) {
-    benchmark::RegisterBenchmark("BM_ReadBandwidth", BM_ReadBandwidth)->UseRealTime()->Unit(benchmark::kMillisecond);
+    benchmark::RegisterBenchmark("BM_ReadBandwidth", hypermoe::bench::BM_ReadBandwidth)->UseRealTime()->Unit(benchmark::kMillisecond);
     for (const hm::index_t t : {1, 32, 512}) {
         const std::string suffix = "/T:" + std::to_string(t);
 #if HYPERMOE_HAS_ONEDNN

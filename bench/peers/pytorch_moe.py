@@ -4,9 +4,16 @@ k = 2) written the usual Hugging Face way (MixtralSparseMoeBlock: softmax top-k,
 a Python loop over the experts with index_add_), timed on this machine, 2 threads, f32 and bf16,
 T in {1, 32, 512}, one layer repeated and a rotation over 4 layers' weights.
 
+With --expert JSON_PATH it times one GLU expert (the same module, d = 1024, ff = 2816) at
+T in {1, 8, 64, 512}, f32 and bf16, as bench/expert's BM_GluExpert does, and writes
+{"pytorch f32": {"1": ms, ...}, "pytorch bf16": {...}} for bench/plot_edge.py.
+
 Not part of the build, the tests or CI: run it by hand (needs Debian's python3-torch) to put the
 peer's figures beside bench/moe's in docs/benchmarks.md.  Usage: /usr/bin/python3 bench/peers/pytorch_moe.py
+[--expert JSON_PATH]
 """
+import json
+import sys
 import statistics
 import time
 
@@ -65,8 +72,27 @@ def median_ms(layers, x, reps=5, min_time=0.5):
     return statistics.median(results)
 
 
+def expert_times(path):
+    """One GLU expert, called repeatedly, per T and dtype: {"pytorch f32": {"1": ms, ...}}."""
+    out = {}
+    with torch.no_grad():
+        for dtype in (torch.float32, torch.bfloat16):
+            expert = Expert().to(dtype)
+            name = f"pytorch {str(dtype).removeprefix('torch.').replace('float32', 'f32').replace('bfloat16', 'bf16')}"
+            for t in (1, 8, 64, 512):
+                x = torch.randn(t, D).to(dtype)
+                expert(x)  # warm-up
+                out.setdefault(name, {})[str(t)] = median_ms([expert], x)
+                print(f"{name} expert T={t:<4d} {out[name][str(t)]:8.3f} ms")
+    with open(path, "w") as f:
+        json.dump(out, f, indent=1)
+
+
 def main():
     torch.set_num_threads(2)
+    if len(sys.argv) == 3 and sys.argv[1] == "--expert":
+        expert_times(sys.argv[2])
+        return
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"mkldnn bf16 {torch.backends.mkldnn.is_available()}")

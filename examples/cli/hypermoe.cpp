@@ -7,6 +7,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
+#include <malloc.h>
 #include <map>
 #include <optional>
 #include <stdexcept>
@@ -484,6 +485,11 @@ std::string one_line(std::string s) {
 } // namespace
 
 int main(int argc, char** argv) {
+    // Loading packs each expert through transient buffers of tens of MB (e.g. GLU's stacked
+    // gate|up). glibc raises its mmap threshold after the first such buffer is freed, then keeps
+    // the later ones on the heap after they are freed: a fixed 1 MiB threshold gives each its own
+    // mapping, returned on free, so peak RSS stays near the packed weights (docs/benchmarks.md).
+    mallopt(M_MMAP_THRESHOLD, 1 << 20);
     try {
         if (argc == 1) return demo();
         const std::string cmd = argv[1];

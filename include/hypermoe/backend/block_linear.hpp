@@ -267,7 +267,9 @@ HYPERMOE_AVX512_INLINE float lane_sum(__m512 v) {
 template <int Rows, int Cols, class Block>
 __attribute__((target("avx512f,avx512bw"))) void exact_dots_avx512(const std::uint8_t* const* qs, const std::uint16_t* const* d,
                                                                   index_t full, index_t blocks, const float* const* x,
-                                                                  const float* const* x_pad, float (*out)[Cols]) {
+                                                                  const float* const* x_pad, std::ptrdiff_t ahead,
+                                                                  float (*out)[Cols]) {
+    constexpr index_t bytes = block_bytes_of<Block>;
     __m512 acc[Rows][Cols];
     for (int r = 0; r < Rows; ++r)
         for (int c = 0; c < Cols; ++c) acc[r][c] = _mm512_setzero_ps();
@@ -279,8 +281,9 @@ __attribute__((target("avx512f,avx512bw"))) void exact_dots_avx512(const std::ui
             xh[r] = _mm512_loadu_ps(p + 16);
         }
         for (int c = 0; c < Cols; ++c) {
+            if ((b * bytes) % 64 == 0) _mm_prefetch(reinterpret_cast<const char*>(qs[c] + b * bytes + ahead), _MM_HINT_T0);
             __m512 lo, hi;
-            block_integers_avx512<Block>(qs[c] + b * block_bytes_of<Block>, lo, hi);
+            block_integers_avx512<Block>(qs[c] + b * bytes, lo, hi);
             const __m512 scale = broadcast_half(d[c][b]);
             for (int r = 0; r < Rows; ++r) // the block's scale once per block: widen, multiply, add
                 acc[r][c] = _mm512_fmadd_ps(scale, _mm512_fmadd_ps(lo, xl[r], _mm512_mul_ps(hi, xh[r])), acc[r][c]);
@@ -297,7 +300,7 @@ __attribute__((target("avx512f,avx512bw"))) void exact_dots_avx512(const std::ui
 template <int Rows, int Cols, class Block>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void fast_dots_vnni(
     const std::uint8_t* const* qs, const std::uint16_t* const* d, index_t groups, const std::int8_t* const* xq,
-    const float* const* xd, const std::int32_t* const* xinit, float (*out)[Cols]) {
+    const float* const* xd, const std::int32_t* const* xinit, std::ptrdiff_t ahead, float (*out)[Cols]) {
     constexpr bool q4 = std::is_same_v<Block, BlockQ4_0>;
     constexpr index_t per_group = q4 ? 4 : 2;
     // Lane l's block: l / 4 (q4_0, 4 lanes per block) or l / 8 (q8_0).
@@ -311,6 +314,9 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void fast_dots_v
         __m512i lo[Cols], hi[Cols];
         __m512 dw[Cols];
         for (int c = 0; c < Cols; ++c) {
+            // The weights stream from memory once: ask for the line `ahead` bytes on (the next
+            // rows' same offset) so that short rows do not leave the prefetchers behind.
+            _mm_prefetch(reinterpret_cast<const char*>(qs[c] + g * 64 + ahead), _MM_HINT_T0);
             const __m512i v = _mm512_loadu_si512(qs[c] + g * 64);
             if constexpr (q4) {
                 lo[c] = _mm512_and_si512(v, nibble); // elements 0..15 of the 4 blocks: q + 8
@@ -496,7 +502,8 @@ private:
                 const std::uint16_t* d[C];
                 for (int cc = 0; cc < C; ++cc) qs[cc] = w_.quants(j0 + j + cc), d[cc] = w_.scales(j0 + j + cc);
                 float out[Rows][C];
-                exact_dots_avx512<Rows, C, Block>(qs, d, full, per_row, x_rows, pads, out);
+                const std::ptrdiff_t ahead = std::ptrdiff_t(C) * per_row * block_bytes_of<Block>; // the next C rows
+                exact_dots_avx512<Rows, C, Block>(qs, d, full, per_row, x_rows, pads, ahead, out);
                 for (int r = 0; r < Rows; ++r)
                     for (int cc = 0; cc < C; ++cc) sums[r][j + cc] = out[r][cc];
             });
@@ -536,7 +543,8 @@ private:
                 const std::uint16_t* d[C];
                 for (int cc = 0; cc < C; ++cc) qs[cc] = w_.quants(j0 + j + cc), d[cc] = w_.scales(j0 + j + cc);
                 float out[Rows][C];
-                fast_dots_vnni<Rows, C, Block>(qs, d, groups, xs, xd, xi, out);
+                const std::ptrdiff_t ahead = std::ptrdiff_t(C) * per_row * bytes; // the next C rows
+                fast_dots_vnni<Rows, C, Block>(qs, d, groups, xs, xd, xi, ahead, out);
                 if (tail > 0) { // the row's last blocks, zero-padded to a whole group
                     alignas(64) std::uint8_t tail_qs[C][64] = {};
                     std::uint16_t tail_d[C][4] = {};
@@ -553,7 +561,7 @@ private:
                     for (int r = 0; r < Rows; ++r)
                         txs[r] = xs[r] + groups * per_group * quant_block, txd[r] = xd[r] + groups * 16, txi[r] = xi[r] + groups * 16;
                     float more[Rows][C];
-                    fast_dots_vnni<Rows, C, Block>(tq, td, 1, txs, txd, txi, more);
+                    fast_dots_vnni<Rows, C, Block>(tq, td, 1, txs, txd, txi, 0, more);
                     for (int r = 0; r < Rows; ++r)
                         for (int cc = 0; cc < C; ++cc) out[r][cc] += more[r][cc];
                 }

@@ -28,6 +28,12 @@ public:
     [[nodiscard]] dtype type() const noexcept { return type_; }
     [[nodiscard]] index_t rows() const noexcept { return rows_; }
     [[nodiscard]] index_t cols() const noexcept { return cols_; }
+    /// The bytes the view spans in memory (from its first element to its last).
+    [[nodiscard]] std::span<const std::byte> extent() const noexcept {
+        if (rows_ == 0 || cols_ == 0) return {};
+        const std::size_t elem = type_ == dtype::f32 ? sizeof(float) : sizeof(bf16);
+        return {static_cast<const std::byte*>(data_), std::size_t((rows_ - 1) * stride_ + cols_) * elem};
+    }
     /// Element (r, c) widened to float.
     [[nodiscard]] float at(index_t r, index_t c) const noexcept {
         const index_t i = r * stride_ + c;

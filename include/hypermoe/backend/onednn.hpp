@@ -24,10 +24,11 @@
 //  * a combination that lands on the `ref` implementation (~0.1 GFLOP/s) is re-created without
 //    post-ops, and the epilogue then runs in our own pass;
 //  * bf16 matmul is emulated without avx512_bf16 (about 55 GFLOP/s vs 300 f32 here) and rounds
-//    activations to bf16, so bf16 weights are widened to f32 once at construction (exact) for
-//    the primitives, and also kept as bf16 panels (bf16_panels.hpp) that calls of at most
-//    `bf16_panel_rows` rows read instead: those are bound by reading the weights, and bf16 halves
-//    that. A bf16 linear thus holds 6 bytes per weight.
+//    activations to bf16, so bf16 weights never go to a primitive: they are held once, as bf16
+//    panels (bf16_panels.hpp, 2 bytes per weight), and every call runs that kernel (exact: the
+//    weights widened in registers), `bf16_panel_rows` rows at a time. Measured: within 1.03x of
+//    the f32 primitive at 64 and 512 rows, and twice as fast at a few rows, where reading the
+//    weights is the cost (docs/design.md).
 
 #include <oneapi/dnnl/dnnl.hpp>
 
@@ -276,6 +277,11 @@ struct onednn {
                 blocks_.emplace(w, bias, storage_, prec_, name_, accumulate_);
                 return;
             }
+            bias_f32_.assign(bias.begin(), bias.end());
+            if (storage_ == dtype::bf16) { // held once, as bf16 panels: every call runs our own kernel
+                if (k_ > 0 && n_ > 0) panels_ = detail::Bf16Panels(w);
+                return;
+            }
             if (k_ > 0 && n_ > 0) matmul_ = lookup(detail::current_threads());
             // Source weights as the (K, N) matrix W^T, then one reorder into the primitive's layout.
             using dt = dnnl::memory::data_type;
@@ -284,9 +290,7 @@ struct onednn {
                 for (index_t c = 0; c < k_; ++c)
                     wt[static_cast<std::size_t>(c * n_ + r)] = detail::stored_value(w.at(r, c), storage_);
             const auto& engine = detail::onednn_engine();
-            bias_f32_.assign(bias.begin(), bias.end());
             if (!matmul_) return; // K = 0 or N = 0: A W^T is zero, only the bias remains
-            if (storage_ == dtype::bf16) panels_ = detail::Bf16Panels(w);
             try {
                 dnnl::memory src({{k_, n_}, dt::f32, {n_, 1}}, engine, wt.data());
                 weights_ = dnnl::memory(matmul_->weights, engine);
@@ -305,6 +309,7 @@ struct onednn {
         /// first query at a new count creates that count's primitives).
         [[nodiscard]] std::size_t workspace_bytes(index_t rows) const {
             if (blocks_) return blocks_->workspace_bytes(rows);
+            if (!panels_.empty()) return accumulate_ && rows > 0 ? detail::padded_bytes<float>(rows, n_) : 0;
             if (!matmul_ || rows <= 0) return 0;
             // A padded or strided piece needs (bucket, K) and (bucket, N) scratch; every piece
             // needs its primitive's scratchpad.
@@ -317,17 +322,20 @@ struct onednn {
             check_call(a, c);
             if (a.rows() == 0) return;
             if (blocks_) return (*blocks_)(a, c, ws, scale);
-            if (!matmul_) {
-                detail::epilogue_bias_only<Act>(c, bias_f32_.empty() ? nullptr : bias_f32_.data(), scale, accumulate_);
-                return;
-            }
             Workspace::Scope scope(ws, workspace_bytes(a.rows()));
             const float* bias = bias_f32_.empty() ? nullptr : bias_f32_.data();
-            if (!panels_.empty() && a.rows() <= detail::bf16_panel_rows) {
+            if (!panels_.empty()) { // bf16: 16 rows at a time through the panels (bf16_panel_rows)
                 MatrixView<float> t = accumulate_ ? ws.take_matrix<float>(a.rows(), n_) : c;
-                panels_.multiply(a, t);
+                for (index_t r0 = 0; r0 < a.rows(); r0 += detail::bf16_panel_rows) {
+                    const index_t rows = std::min(detail::bf16_panel_rows, a.rows() - r0);
+                    panels_.multiply(a.row_block(r0, rows), t.row_block(r0, rows));
+                }
                 if (accumulate_) detail::epilogue_accumulate<Act>(t, c, bias, scale);
                 else detail::epilogue_in_place<Act>(c, bias, scale);
+                return;
+            }
+            if (!matmul_) {
+                detail::epilogue_bias_only<Act>(c, bias_f32_.empty() ? nullptr : bias_f32_.data(), scale, accumulate_);
                 return;
             }
             // The primitive always adds the bias; it applies Act and C += only where fused.

@@ -70,6 +70,12 @@ public:
     [[nodiscard]] const nlohmann::json& config() const noexcept { return config_; }
     [[nodiscard]] std::size_t tensor_count() const noexcept { return where_.size(); }
 
+    /// Drops the resident pages of `bytes` where they lie in one of the checkpoint's files
+    /// (SafeTensorsFile::release); bytes elsewhere (a converted copy) are left alone.
+    void release(std::span<const std::byte> bytes) const noexcept {
+        for (const auto& f : files_) f->release(bytes);
+    }
+
     struct Ref {
         const SafeTensorsView* file;
         const TensorInfo* info;

@@ -304,6 +304,18 @@ public:
     [[nodiscard]] const SafeTensorsView& view() const noexcept { return *view_; }
     [[nodiscard]] const std::string& path() const noexcept { return path_; }
 
+    /// Drops the resident pages wholly inside `bytes` if they lie in this file's mapping (a no-op
+    /// otherwise): a loader calls it once a tensor is packed into a layer's own storage, so the
+    /// source is not held twice. The mapping is private and read-only, so a later read simply
+    /// faults the same bytes in again from the file.
+    void release(std::span<const std::byte> bytes) const noexcept {
+        if (map_ == nullptr || bytes.empty() || bytes.data() < map_ || bytes.data() + bytes.size() > map_ + size_) return;
+        const auto page = static_cast<std::uintptr_t>(::sysconf(_SC_PAGESIZE));
+        const auto begin = (reinterpret_cast<std::uintptr_t>(bytes.data()) + page - 1) / page * page;
+        const auto end = (reinterpret_cast<std::uintptr_t>(bytes.data()) + bytes.size()) / page * page;
+        if (end > begin) ::madvise(reinterpret_cast<void*>(begin), end - begin, MADV_DONTNEED);
+    }
+
 private:
     void unmap() noexcept {
         if (map_ != nullptr) ::munmap(const_cast<std::byte*>(map_), size_);

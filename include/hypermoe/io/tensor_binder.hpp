@@ -37,6 +37,10 @@ public:
         return ConstMatrixView<float>(m.view());
     }
 
+    /// Once a weight is packed into a layer's own storage: drops its pages from memory if it is
+    /// read in place from the checkpoint's mapping (no-op for an owned copy).
+    void release(const WeightView& w) const noexcept { ck_.release(w.extent()); }
+
     /// A vector of n floats (converted from its dtype).
     std::span<const float> vector(const std::string& name, index_t n) {
         const Checkpoint::Ref r = fetch(name, {n});

@@ -57,7 +57,7 @@ struct DeepSeekV3 {
             {.weighting = {.renormalize = c.boolean_or("norm_topk_prob", false), .epsilon = 1e-20,
                            .scale = float(c.number_or("routed_scaling_factor", 1.0))},
              .selection_bias = {bias.begin(), bias.end()}});
-        return Out(Layer<B>(gate, router, detail::build_experts<SwiGluExpert<B>>(w, s.options),
+        return Out(Layer<B>(gate, router, detail::build_experts<SwiGluExpert<B>>(w, s),
                             SharedExpert<SwiGluExpert<B>>(SwiGluExpert<B>(sw, detail::expert_options(s.options)))));
     }
 

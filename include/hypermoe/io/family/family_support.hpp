@@ -97,11 +97,20 @@ inline GluWeights glu_weights(TensorBinder& t, const std::string& prefix, index_
 /// How the experts of a loaded block are stored and compute.
 [[nodiscard]] inline ExpertOptions expert_options(const LoadOptions& o) { return {.storage = o.storage, .prec = o.prec}; }
 
-template <class E, class W>
-std::vector<E> build_experts(const std::vector<W>& weights, const LoadOptions& opt) {
+/// The pages of an expert's weight matrices, released from the checkpoint's mapping once packed.
+inline void release_source(const TensorBinder& t, const GluWeights& w) noexcept { t.release(w.gate), t.release(w.up), t.release(w.down); }
+inline void release_source(const TensorBinder& t, const FfnWeights& w) noexcept { t.release(w.up), t.release(w.down); }
+
+/// The routed experts of block `s`, each built (packed into its backend's storage) and then its
+/// source pages released, so the checkpoint's bytes and the packed ones are not resident together.
+template <class E, class W, class Source>
+std::vector<E> build_experts(const std::vector<W>& weights, const Source& s) {
     std::vector<E> out;
     out.reserve(weights.size());
-    for (const auto& w : weights) out.emplace_back(w, expert_options(opt));
+    for (const auto& w : weights) {
+        out.emplace_back(w, expert_options(s.options));
+        release_source(s.tensors, w);
+    }
     return out;
 }
 

@@ -52,7 +52,7 @@ struct HyperMoeGpt2 {
         t.finish();
         const TopKRouter router(e, TopK{s.info.top_k}, {.weighting = {.renormalize = true}});
         return Out(detail::build_hyper_layer(
-            s, MoeLayer(gate, router, detail::build_experts<Expert<B>>(w, s.options)), hyper));
+            s, MoeLayer(gate, router, detail::build_experts<Expert<B>>(w, s)), hyper));
     }
 
     static void write_synthetic(const SyntheticModel& m, detail::SyntheticWriter& w, nlohmann::json& c) {

@@ -32,7 +32,7 @@ struct Mixtral {
         const auto w = detail::glu_weights(s.tensors, p + "experts.", e, d, s.info.d_ff, "w1.weight", "w3.weight", "w2.weight");
         s.tensors.finish();
         return Out(SwiGluTopKLayer<B>(gate, TopKRouter(e, TopK{s.info.top_k}, {.weighting = {.renormalize = true}}),
-                            detail::build_experts<SwiGluExpert<B>>(w, s.options)));
+                            detail::build_experts<SwiGluExpert<B>>(w, s)));
     }
 
     static void write_synthetic(const SyntheticModel& m, detail::SyntheticWriter& w, nlohmann::json& c) {

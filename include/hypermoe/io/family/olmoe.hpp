@@ -35,7 +35,7 @@ struct Olmoe {
         s.tensors.finish();
         return Out(SwiGluTopKLayer<B>(
             gate, TopKRouter(e, TopK{s.info.top_k}, {.weighting = {.renormalize = s.config.boolean_or("norm_topk_prob", false)}}),
-            detail::build_experts<SwiGluExpert<B>>(w, s.options)));
+            detail::build_experts<SwiGluExpert<B>>(w, s)));
     }
 
     static void write_synthetic(const SyntheticModel& m, detail::SyntheticWriter& w, nlohmann::json& c) {

@@ -47,12 +47,12 @@ struct Qwen2Moe {
         const TopKRouter router(e, TopK{s.info.top_k}, {.weighting = {.renormalize = s.config.boolean_or("norm_topk_prob", false)}});
         if (sf == 0) {
             s.tensors.finish();
-            return Out(SwiGluTopKLayer<B>(gate, router, detail::build_experts<SwiGluExpert<B>>(w, s.options)));
+            return Out(SwiGluTopKLayer<B>(gate, router, detail::build_experts<SwiGluExpert<B>>(w, s)));
         }
         const GluWeights sw = detail::glu_weights(s.tensors, p + "shared_expert.", d, sf);
         const WeightView shared_gate = s.tensors.matrix(p + "shared_expert_gate.weight", 1, d);
         s.tensors.finish();
-        return Out(SharedLayer<B>(gate, router, detail::build_experts<SwiGluExpert<B>>(w, s.options),
+        return Out(SharedLayer<B>(gate, router, detail::build_experts<SwiGluExpert<B>>(w, s),
                                   SharedExpert<SwiGluExpert<B>>(SwiGluExpert<B>(sw, detail::expert_options(s.options)), shared_gate)));
     }
 

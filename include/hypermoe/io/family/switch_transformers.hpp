@@ -79,7 +79,7 @@ struct SwitchBlocks {
     template <Backend B>
     static Moe<B> build(BlockSource<B>& s, const Bound& b) {
         return Moe<B>(b.gate, SwitchRouter(s.info.experts, Top1Capacity{s.config.integer("expert_capacity", 1)}),
-                      build_experts<FfnExpert<B, Relu>>(b.experts, s.options), NoSharedExpert{},
+                      build_experts<FfnExpert<B, Relu>>(b.experts, s), NoSharedExpert{},
                       {.dropped = s.options.dropped});
     }
 

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Issue 11's measurements in one sitting, then the plots: bench/expert (formats x precisions,
+# weights cached and streamed from memory, read bandwidth), peak RSS of `hypermoe run` per format
+# on a 138 MB bf16 one-block Mixtral-like checkpoint, and the PyTorch GLU expert if python3-torch
+# is installed. Not part of the build, the tests or CI. Usage: bash bench/edge.sh [BUILD_DIR]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+build=${1:-build}
+out=bench/results
+mkdir -p "$out"
+export OMP_NUM_THREADS=2
+"$build/bench/expert/expert_bench" --benchmark_min_time=0.3 \
+  --benchmark_filter='BM_ReadBandwidth|BM_GluRotating|BM_GluExpert_onednn/d:1024|BM_RawMatmul_Glu/d:1024' \
+  --benchmark_out="$out/expert.json" --benchmark_out_format=json
+ck=$(mktemp -d)
+trap 'rm -rf "$ck"' EXIT
+"$build/bench/load/write_edge_checkpoint" "$ck"
+echo "{" > "$out/rss.json"
+first=1
+for w in f32 bf16 q8_0 q4_0; do
+  for p in exact fast; do
+    if [ "$p" = fast ] && { [ "$w" = f32 ] || [ "$w" = bf16 ]; }; then continue; fi
+    kb=$( { /usr/bin/time -f "%M" "$build/examples/hypermoe" run --model "$ck" --input "$ck/input.safetensors" \
+            --output "$ck/y.safetensors" --weights "$w" --precision "$p" >/dev/null; } 2>&1 | tail -1)
+    echo "run --weights $w --precision $p: peak RSS $kb KiB"
+    [ $first = 1 ] || echo "," >> "$out/rss.json"
+    first=0
+    printf '"%s/%s": %s' "$w" "$p" "$kb" >> "$out/rss.json"
+  done
+done
+echo "}" >> "$out/rss.json"
+if /usr/bin/python3 -c "import torch" 2>/dev/null; then
+  /usr/bin/python3 bench/peers/pytorch_moe.py --expert "$out/peers.json"
+fi
+/usr/bin/python3 bench/plot_edge.py "$out" docs
