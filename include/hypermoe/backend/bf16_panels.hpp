@@ -1,8 +1,12 @@
 #pragma once
-// bf16 weights for a few rows at a time. With M <= 16 rows a linear map is bound by reading its
+// bf16 weights, held once: every backend's linear over bf16 storage (oneDNN, Eigen) multiplies
+// through these panels, for any row count. With few rows a linear map is bound by reading its
 // weights, and no CPU without avx512_bf16 has a fast bf16 GEMM (oneDNN 2.6 emulates one at about
-// 55 GFLOP/s here). This kernel reads the weights as bf16, half the bytes of f32, widens them in
-// registers (a 16-bit shift) and accumulates in f32, so it runs at the memory's speed.
+// 55 GFLOP/s). This kernel reads the weights as bf16, half the bytes of f32, widens them in
+// registers (a 16-bit shift) and accumulates in f32 (exact arithmetic on the bf16 values), so it
+// runs at the memory's speed with few rows and within 1.03x of oneDNN's f32 GEMM at 64 and 512
+// rows on an AVX-512 machine (docs/benchmarks.md). The vector width is fixed when compiling
+// (AVX-512 with -march=native on such a CPU; narrower otherwise).
 //
 // Layout: the N output columns in panels of 16; panel p holds W[16p .. 16p+15][0 .. K-1] as K
 // rows of 16 contiguous bf16, the last panel zero-padded. Each thread streams whole panels front
@@ -54,6 +58,17 @@ public:
     }
 
     [[nodiscard]] bool empty() const noexcept { return data_ == nullptr; }
+
+    /// c = [c +] scale * Act(a W^T + bias), what a backend's linear over bf16 storage computes:
+    /// the product into t (c itself, or a (M, N) scratch when accumulating), then the shared
+    /// epilogue. Every row count goes through the panels: the weights are held only here.
+    template <class Act>
+    void apply(ConstMatrixView<float> a, MatrixView<float> c, MatrixView<float> t, const float* bias, float scale,
+               bool accumulate) const {
+        multiply(a, t);
+        if (accumulate) epilogue_accumulate<Act>(t, c, bias, scale);
+        else epilogue_in_place<Act>(c, bias, scale);
+    }
 
     /// c = a W^T for a (M, K) and c (M, N); the caller checked the shapes.
     void multiply(ConstMatrixView<float> a, MatrixView<float> c) const {

@@ -1,7 +1,8 @@
 #pragma once
-// The Eigen backend (opt-in: include this header and depend on Eigen 3.4). Weights are kept as
-// a row-major f32 (N, K) matrix; bf16 weights are widened once at construction (exact: every
-// bf16 is a float), so results equal the reference's to float rounding.
+// The Eigen backend (opt-in: include this header and depend on Eigen 3.4). f32 weights are kept
+// as a row-major (N, K) matrix for Eigen's GEMM; bf16 weights stay bf16, held once as panels and
+// multiplied by the shared panel kernel (bf16_panels.hpp, the oneDNN backend's too: exact, the
+// weights widened in registers); q8_0 / q4_0 go to the shared block kernels (block_linear.hpp).
 //
 // Threading is ours, not Eigen's: N is cut into fixed blocks of `column_block` outputs, one
 // single-threaded Eigen GEMM (and its epilogue, while C is in cache) per block, blocks spread
@@ -24,6 +25,7 @@
 #include <vector>
 
 #include "hypermoe/backend/backend_concept.hpp"
+#include "hypermoe/backend/bf16_panels.hpp"
 #include "hypermoe/backend/block_linear.hpp"
 #include "hypermoe/backend/linear_spec.hpp"
 #include "hypermoe/core/parallel.hpp"
@@ -65,9 +67,13 @@ struct eigen {
     public:
         linear(WeightView w, std::span<const float> bias, LinearOptions opt)
             : LinearBase(w, bias, opt),
-              bias_(bias.begin(), bias.end()), w_(is_block_format(storage_) ? 0 : n_, is_block_format(storage_) ? 0 : k_) {
+              bias_(bias.begin(), bias.end()), w_(storage_ == dtype::f32 ? n_ : 0, storage_ == dtype::f32 ? k_ : 0) {
             if (is_block_format(storage_)) {
                 blocks_.emplace(w, bias, storage_, prec_, name_, accumulate_);
+                return;
+            }
+            if (storage_ == dtype::bf16) { // held once, as bf16 panels (the oneDNN backend's kernel too)
+                if (k_ > 0 && n_ > 0) panels_ = detail::Bf16Panels(w);
                 return;
             }
             for (index_t r = 0; r < n_; ++r)
@@ -78,6 +84,7 @@ struct eigen {
         [[nodiscard]] std::size_t workspace_bytes(index_t rows) const noexcept {
             if (blocks_) return blocks_->workspace_bytes(rows);
             if (rows <= 0 || n_ == 0) return 0;
+            if (storage_ == dtype::bf16) return accumulate_ ? detail::padded_bytes<float>(rows, n_) : 0;
             const Packing p = packing(rows);
             return (accumulate_ ? detail::padded_bytes<float>(rows, n_) : 0) +
                    std::size_t(slices()) * (detail::padded_bytes<float>(p.a) + detail::padded_bytes<float>(p.b));
@@ -92,6 +99,11 @@ struct eigen {
             if (a.rows() == 0 || n_ == 0) return;
             if (blocks_) return (*blocks_)(a, c, ws, scale);
             Workspace::Scope scope(ws, workspace_bytes(a.rows()));
+            if (storage_ == dtype::bf16) {
+                const float* bias = bias_.empty() ? nullptr : bias_.data();
+                if (panels_.empty()) return detail::epilogue_bias_only<Act>(c, bias, scale, accumulate_); // K = 0
+                return panels_.apply<Act>(a, c, accumulate_ ? ws.take_matrix<float>(a.rows(), n_) : c, bias, scale, accumulate_);
+            }
             const index_t m = a.rows();
             const MatrixView<float> t = accumulate_ ? ws.take_matrix<float>(m, n_) : c;
             const Packing p = packing(m);
@@ -155,8 +167,9 @@ struct eigen {
         }
 
         std::vector<float> bias_;
-        RowMajor w_; ///< empty for block formats
+        RowMajor w_; ///< f32 storage only
         std::optional<detail::BlockLinear<Act>> blocks_; ///< q8_0 / q4_0 weights, held only as blocks
+        detail::Bf16Panels panels_;                       ///< bf16 weights, held only as panels
     };
 };
 

@@ -26,7 +26,7 @@
 //  * bf16 matmul is emulated without avx512_bf16 (about 55 GFLOP/s vs 300 f32 here) and rounds
 //    activations to bf16, so bf16 weights never go to a primitive: they are held once, as bf16
 //    panels (bf16_panels.hpp, 2 bytes per weight), and every call runs that kernel (exact: the
-//    weights widened in registers), `bf16_panel_rows` rows at a time. Measured: within 1.03x of
+//    weights widened in registers, 8 rows at a time per panel group). Measured: within 1.03x of
 //    the f32 primitive at 64 and 512 rows, and twice as fast at a few rows, where reading the
 //    weights is the cost (docs/design.md).
 
@@ -87,9 +87,6 @@ inline const dnnl::memory& onednn_thread_memory(OnednnRole role, index_t rows, i
     m.set_data_handle(data);
     return m;
 }
-
-/// Calls with at most this many rows read bf16 weights from their bf16 panels.
-inline constexpr index_t bf16_panel_rows = 16;
 
 /// Row counts that get a primitive of their own (ascending): dense at the small end, then steps
 /// of 8 up to 64 and of 16 up to 256, so that padding a call up to its bucket never costs more
@@ -324,16 +321,8 @@ struct onednn {
             if (blocks_) return (*blocks_)(a, c, ws, scale);
             Workspace::Scope scope(ws, workspace_bytes(a.rows()));
             const float* bias = bias_f32_.empty() ? nullptr : bias_f32_.data();
-            if (!panels_.empty()) { // bf16: 16 rows at a time through the panels (bf16_panel_rows)
-                MatrixView<float> t = accumulate_ ? ws.take_matrix<float>(a.rows(), n_) : c;
-                for (index_t r0 = 0; r0 < a.rows(); r0 += detail::bf16_panel_rows) {
-                    const index_t rows = std::min(detail::bf16_panel_rows, a.rows() - r0);
-                    panels_.multiply(a.row_block(r0, rows), t.row_block(r0, rows));
-                }
-                if (accumulate_) detail::epilogue_accumulate<Act>(t, c, bias, scale);
-                else detail::epilogue_in_place<Act>(c, bias, scale);
-                return;
-            }
+            if (!panels_.empty()) // bf16 storage
+                return panels_.apply<Act>(a, c, accumulate_ ? ws.take_matrix<float>(a.rows(), n_) : c, bias, scale, accumulate_);
             if (!matmul_) {
                 detail::epilogue_bias_only<Act>(c, bias_f32_.empty() ? nullptr : bias_f32_.data(), scale, accumulate_);
                 return;
@@ -443,7 +432,7 @@ struct onednn {
         dnnl::memory weights_;
         dnnl::memory bias_;
         std::vector<float> bias_f32_;  ///< the bias, for our own epilogues
-        detail::Bf16Panels panels_;    ///< bf16 storage only: the weights for calls of few rows
+        detail::Bf16Panels panels_;    ///< bf16 storage only: the only copy of the weights
         std::optional<detail::BlockLinear<Act>> blocks_; ///< q8_0 / q4_0 storage: the only copy of the weights
     };
 };
