@@ -69,7 +69,7 @@ void sweep() {
                     for (const bool acc : {false, true})
                         for (const float scale : {1.0f, 0.5f})
                             for (const precision prec : {precision::exact, precision::fast})
-                                if (prec == precision::exact || is_block_format(storage))
+                                if (prec == precision::exact || storage != dtype::f32)
                                     compare_with_reference<B, Act>({m, k, n, bias, acc, scale, storage, true, prec}, w.view());
             }
 }
@@ -97,8 +97,9 @@ TEST_CASE_TEMPLATE_DEFINE("linear matches the reference for every row count", B,
         }
     // Wide enough for every panel-group shape of the bf16 kernel (4 + 3 panels, 7 rows).
     const Matrix<float> wide = random_matrix(100, 70, 6, 0.3f);
-    for (const index_t m : {1, 4, 7})
-        compare_with_reference<B, Identity>({m, 70, 100, true, true, 1.0f, dtype::bf16}, wide.view());
+    for (const index_t m : {1, 4, 7, 8, 13})
+        for (const precision prec : {precision::exact, precision::fast})
+            compare_with_reference<B, Identity>({m, 70, 100, true, true, 1.0f, dtype::bf16, true, prec}, wide.view());
 }
 TEST_CASE_TEMPLATE_APPLY(linear_rows, test::all_backends);
 
@@ -126,7 +127,7 @@ TEST_CASE_TEMPLATE_DEFINE("q8_0 and q4_0 weights: every backend equals f32 arith
         const typename B::template linear<Silu> lin(ConstMatrixView<float>(w.view()), bias, {"w", true, format});
         const reference::linear<Silu> oracle(ConstMatrixView<float>(exact.view()), bias, {"w", true, dtype::f32});
         CHECK(lin.storage() == format);
-        MESSAGE("block kernels: exact ", detail::block_kernel_isa(precision::exact), ", fast ", detail::block_kernel_isa(precision::fast));
+        MESSAGE("block kernels: exact ", detail::kernel_isa_name(format, precision::exact), ", fast ", detail::kernel_isa_name(format, precision::fast));
         for (const index_t m : {1, 3, 4, 5, 9, 33}) {
             CAPTURE(m);
             const Matrix<float> a = random_matrix(m, k, 10);
@@ -161,7 +162,7 @@ Matrix<float> fast_activations(ConstMatrixView<float> a) {
 
 TEST_CASE_TEMPLATE_DEFINE("fast q8_0 / q4_0: every backend equals f32 arithmetic on the dequantised weights and activations", B,
                           linear_blocks_fast) {
-    MESSAGE("fast block kernel: ", detail::block_kernel_isa(precision::fast));
+    MESSAGE("fast block kernel: ", detail::kernel_isa_name(dtype::q8_0, precision::fast));
     // K = 100: four blocks, the last padded; K = 70: three (an odd count, paired with a zero block).
     for (const index_t k : {100, 70})
         for (const dtype format : {dtype::q8_0, dtype::q4_0}) {
@@ -222,6 +223,58 @@ TEST_CASE("block_int_dot is the exact integer dot of a weight block with quantis
         CHECK(detail::block_int_dot<BlockQ4_0>(q4.qs.data(), x.data(), xsum) == want4);
     }
 }
+
+namespace {
+/// x rounded to bf16 and back, element by element (the test's own rounding: nearest, ties to
+/// even, written out here rather than taken from the library).
+Matrix<float> round_to_bf16(ConstMatrixView<float> x) {
+    Matrix<float> out(x.rows(), x.cols());
+    for (index_t r = 0; r < x.rows(); ++r)
+        for (index_t i = 0; i < x.cols(); ++i) {
+            std::uint32_t u;
+            const float v = x(r, i);
+            std::memcpy(&u, &v, 4);
+            u = (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
+            std::memcpy(&out(r, i), &u, 4);
+        }
+    return out;
+}
+} // namespace
+
+TEST_CASE_TEMPLATE_DEFINE("fast bf16: every backend equals f32 arithmetic on bf16 weights and activations", B, linear_bf16_fast) {
+    MESSAGE("bf16 kernels: exact ", detail::kernel_isa_name(dtype::bf16, precision::exact), ", fast ",
+            detail::kernel_isa_name(dtype::bf16, precision::fast));
+    // K odd and even, one and several panel groups, row counts around the kernels' row blocks.
+    for (const auto& shape : {std::pair<index_t, index_t>{37, 19}, {70, 100}, {256, 80}}) {
+        const index_t k = shape.first, n = shape.second; // not a binding: clang 14 cannot capture those
+        CAPTURE(k);
+        CAPTURE(n);
+        const Matrix<float> w = random_matrix(n, k, 8, 0.3f);
+        const Matrix<float> w16 = round_to_bf16(w.view());
+        const auto bias = random_vector(n, 9);
+        const typename B::template linear<Silu> fast(ConstMatrixView<float>(w.view()), bias, {"w", true, dtype::bf16, precision::fast});
+        const typename B::template linear<Silu> slow(ConstMatrixView<float>(w.view()), bias, {"w", true, dtype::bf16, precision::exact});
+        const reference::linear<Silu> oracle(ConstMatrixView<float>(w16.view()), bias, {"w", true, dtype::f32});
+        CHECK(fast.prec() == precision::fast);
+        for (const index_t m : {1, 2, 4, 5, 8, 9, 33}) {
+            CAPTURE(m);
+            const Matrix<float> a = random_matrix(m, k, 10);
+            const Matrix<float> a16 = round_to_bf16(a.view());
+            const Matrix<float> start = random_matrix(m, n, 12);
+            Matrix<float> got = start, want = start, exact_out = start;
+            Workspace ws;
+            fast(a.view(), got.view(), ws, 0.5f);
+            oracle(a16.view(), want.view(), ws, 0.5f);
+            CHECK(relative_error(got.view(), want.view()) <= 1e-5);
+            // The price of bf16 activations, against exact arithmetic on the same weights.
+            slow(a.view(), exact_out.view(), ws, 0.5f);
+            const double cost = relative_error(got.view(), exact_out.view());
+            CHECK(cost > 1e-5);
+            CHECK(cost < 1e-2);
+        }
+    }
+}
+TEST_CASE_TEMPLATE_APPLY(linear_bf16_fast, test::all_backends);
 
 TEST_CASE("fast blocks: a non-finite activation reaches the outputs as NaN, as with exact") {
     const Matrix<float> w = random_matrix(6, 64, 8, 0.3f);

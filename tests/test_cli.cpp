@@ -92,10 +92,10 @@ TEST_CASE("hypermoe run reproduces every fixture on every backend") {
     fs::remove(out);
 }
 
-TEST_CASE("hypermoe run and bench with 8- and 4-bit expert weights") {
+TEST_CASE("hypermoe run and bench with bf16, 8- and 4-bit expert weights") {
     const std::string dir = data_dir + "/qwen2_moe-basic";
     const fs::path out = fs::temp_directory_path() / ("hypermoe-cli-q-" + std::to_string(::getpid()) + ".safetensors");
-    for (const auto& weights_bound : {std::pair<std::string, double>{"q8_0", 3e-2}, {"q4_0", 5e-1}}) {
+    for (const auto& weights_bound : {std::pair<std::string, double>{"bf16", 1e-2}, {"q8_0", 3e-2}, {"q4_0", 5e-1}}) {
         const std::string& weights = weights_bound.first; // not a structured binding: clang 14 cannot capture those
         const double bound = weights_bound.second;
         CAPTURE(weights);
@@ -115,10 +115,12 @@ TEST_CASE("hypermoe run and bench with 8- and 4-bit expert weights") {
             const auto row = nlohmann::json::parse(b.out.substr(0, b.out.find('\n')));
             CHECK(row["weights"] == weights);
             CHECK(row["precision"] == precision);
-            CHECK(row["isa"] == std::string(hypermoe::detail::block_kernel_isa(precision == "fast" ? hypermoe::precision::fast
-                                                                                                  : hypermoe::precision::exact)));
-            // 8 experts x 3 matrices of 64 x 64: 8 x 3 x 64 rows x 2 blocks.
-            CHECK(row["weight_bytes"] == 8 * 3 * 64 * 2 * (weights == "q8_0" ? 34 : 18));
+            const hypermoe::dtype t = weights == "bf16" ? hypermoe::dtype::bf16
+                                      : weights == "q8_0" ? hypermoe::dtype::q8_0 : hypermoe::dtype::q4_0;
+            CHECK(row["isa"] == std::string(hypermoe::detail::kernel_isa_name(
+                                    t, precision == "fast" ? hypermoe::precision::fast : hypermoe::precision::exact)));
+            // 8 experts x 3 matrices of 64 x 64: 8 x 3 x 64 rows x 2 blocks of 32 (bf16: 2 bytes each).
+            CHECK(row["weight_bytes"] == 8 * 3 * 64 * 2 * (t == hypermoe::dtype::bf16 ? 64 : t == hypermoe::dtype::q8_0 ? 34 : 18));
         }
     }
     fs::remove(out);
@@ -129,7 +131,12 @@ TEST_CASE("hypermoe inspect and bench") {
     REQUIRE(i.status == 0);
     CHECK(i.out.find("family     qwen2_moe") != std::string::npos);
     CHECK(i.out.find("shared     width 32") != std::string::npos);
-    CHECK(i.out.find("kernels    q8_0 / q4_0 weights: exact on " + std::string(hypermoe::detail::block_kernel_isa())) != std::string::npos);
+    const auto on = [](hypermoe::dtype t, hypermoe::precision p) { return std::string(hypermoe::detail::kernel_isa_name(t, p)); };
+    CHECK(i.out.find("kernels    bf16 weights: exact on " + on(hypermoe::dtype::bf16, hypermoe::precision::exact) + ", fast on " +
+                     on(hypermoe::dtype::bf16, hypermoe::precision::fast) + "; q8_0 / q4_0 weights: exact on " +
+                     on(hypermoe::dtype::q8_0, hypermoe::precision::exact) + ", fast on " +
+                     on(hypermoe::dtype::q8_0, hypermoe::precision::fast) + " (this CPU: " + hypermoe::detail::cpu_isa_names() +
+                     ")") != std::string::npos);
     const Result b = run_cli("bench --family deepseek_v3 --d-model 64 --d-ff 32 --tokens 16 --repeat 2 --router all --json");
     REQUIRE_MESSAGE(b.status == 0, b.err);
     std::size_t lines = 0;

@@ -142,7 +142,7 @@ void BM_RawMatmul(benchmark::State& state, Shape s, int gemms) {
 std::string name(const char* what, const Shape& s) {
     return std::string(what) + "/d:" + std::to_string(s.d) + "/ff:" + std::to_string(s.ff) + "/M:" +
            std::to_string(s.m) + "/" + std::string(hm::to_string(s.storage)) +
-           (hm::is_block_format(s.storage) ? "/" + std::string(hm::to_string(s.prec)) : std::string());
+           (s.storage != hm::dtype::f32 ? "/" + std::string(hm::to_string(s.prec)) : std::string());
 }
 
 } // namespace
@@ -156,7 +156,7 @@ int main(int argc, char** argv) {
             benchmark::RegisterBenchmark(name("BM_RawMatmul_Ffn", f32).c_str(), BM_RawMatmul, f32, 2)->UseRealTime();
             benchmark::RegisterBenchmark(name("BM_RawMatmul_Glu", f32).c_str(), BM_RawMatmul, f32, 3)->UseRealTime();
 #endif
-            for (const auto& [storage, prec] : {std::pair{hm::dtype::f32, hm::precision::exact}, {hm::dtype::bf16, hm::precision::exact},
+            for (const auto& [storage, prec] : {std::pair{hm::dtype::f32, hm::precision::exact}, {hm::dtype::bf16, hm::precision::exact}, {hm::dtype::bf16, hm::precision::fast},
                                                 {hm::dtype::q8_0, hm::precision::exact}, {hm::dtype::q8_0, hm::precision::fast},
                                                 {hm::dtype::q4_0, hm::precision::exact}, {hm::dtype::q4_0, hm::precision::fast}}) {
                 const Shape s{d, ff, m, storage, prec};
@@ -173,7 +173,7 @@ int main(int argc, char** argv) {
         }
     // Decode and T = 32 with the weights streamed from memory (onednn: the default backend).
     for (const hm::index_t m : {1, 32})
-        for (const auto& [storage, prec] : {std::pair{hm::dtype::f32, hm::precision::exact}, {hm::dtype::bf16, hm::precision::exact},
+        for (const auto& [storage, prec] : {std::pair{hm::dtype::f32, hm::precision::exact}, {hm::dtype::bf16, hm::precision::exact}, {hm::dtype::bf16, hm::precision::fast},
                                             {hm::dtype::q8_0, hm::precision::exact}, {hm::dtype::q8_0, hm::precision::fast},
                                             {hm::dtype::q4_0, hm::precision::exact}, {hm::dtype::q4_0, hm::precision::fast}}) {
             const Shape s{1024, 2816, m, storage, prec};

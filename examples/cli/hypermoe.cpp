@@ -117,12 +117,12 @@ hm::precision precision_of(const Args& a) {
 /// --weights and --precision as load options.
 hm::LoadOptions load_options(const Args& a) { return {.storage = weights_of(a), .prec = precision_of(a)}; }
 
-/// The instructions the experts' linear maps run on: the block kernel for q8_0 / q4_0 (chosen
-/// from this CPU), else the backend's own dispatch.
+/// The instructions the experts' linear maps run on: our own kernel for bf16, q8_0 and q4_0
+/// (chosen from this CPU), else (f32) the backend's own dispatch.
 template <class B>
 std::string isa_of(const hm::LoadOptions& o) {
-    if (hm::is_block_format(o.storage)) return std::string(hm::detail::block_kernel_isa(o.prec));
-    return std::string(B::name);
+    if (o.storage == hm::dtype::f32) return std::string(B::name);
+    return std::string(hm::detail::kernel_isa_name(o.storage, o.prec));
 }
 
 /// Bytes of one block's routed and shared expert weight matrices stored as `t`.
@@ -230,10 +230,12 @@ int inspect(const Args& a) {
     for (const auto& b : m.moe_blocks)
         blocks += (blocks.empty() ? "" : ", ") + (b.stack.empty() ? "" : b.stack + " ") + std::to_string(b.layer);
     std::printf("MoE blocks %zu: %s\n", m.moe_blocks.size(), blocks.c_str());
-    std::printf("kernels    q8_0 / q4_0 weights: exact on %s, fast on %s (this CPU: %s)\n",
-                std::string(hm::detail::block_kernel_isa(hm::precision::exact)).c_str(),
-                std::string(hm::detail::block_kernel_isa(hm::precision::fast)).c_str(),
-                std::string(hm::detail::to_string(hm::detail::cpu_block_isa())).c_str());
+    const auto on = [](hm::dtype t, hm::precision p) { return std::string(hm::detail::kernel_isa_name(t, p)); };
+    std::printf("kernels    bf16 weights: exact on %s, fast on %s; q8_0 / q4_0 weights: exact on %s, fast on %s "
+                "(this CPU: %s)\n",
+                on(hm::dtype::bf16, hm::precision::exact).c_str(), on(hm::dtype::bf16, hm::precision::fast).c_str(),
+                on(hm::dtype::q8_0, hm::precision::exact).c_str(), on(hm::dtype::q8_0, hm::precision::fast).c_str(),
+                hm::detail::cpu_isa_names().c_str());
     return 0;
 }
 

@@ -1,184 +1,346 @@
 #pragma once
 // bf16 weights, held once: every backend's linear over bf16 storage (oneDNN, Eigen) multiplies
-// through these panels, for any row count. With few rows a linear map is bound by reading its
-// weights, and no CPU without avx512_bf16 has a fast bf16 GEMM (oneDNN 2.6 emulates one at about
-// 55 GFLOP/s). This kernel reads the weights as bf16, half the bytes of f32, widens them in
-// registers (a 16-bit shift) and accumulates in f32 (exact arithmetic on the bf16 values), so it
-// runs at the memory's speed with few rows and within 1.03x of oneDNN's f32 GEMM at 64 and 512
-// rows on an AVX-512 machine (docs/benchmarks.md). The vector width is fixed when compiling
-// (AVX-512 with -march=native on such a CPU; narrower otherwise).
+// through these panels, for any row count and either precision (core/dtype.hpp):
+// - exact: the weights are widened in registers (a shift or a mask) and multiply the f32
+//   activations in f32 FMAs: exact arithmetic on the bf16 values. With few rows a linear map is
+//   bound by reading its weights, and this reads 2 bytes a weight, half of f32.
+// - fast: the activations are rounded to bf16 once per call (into the caller's workspace) and
+//   VDPBF16PS multiplies pairs of bf16 into f32 sums (AVX-512 BF16), 32 products per
+//   instruction against the 16 of an f32 FMA. Without that instruction the exact kernel runs on
+//   the rounded activations: the same products (a product of two bf16 is exact in f32), summed
+//   in another order.
+// Which kernel runs is chosen at run time from the CPU (cpu_isa.hpp): AVX-512 intrinsics behind
+// `target` attributes, or portable code (GCC/Clang vector extensions, which the compiler lowers to
+// the build's own vector width; plain loops for other compilers).
 //
-// Layout: the N output columns in panels of 16; panel p holds W[16p .. 16p+15][0 .. K-1] as K
-// rows of 16 contiguous bf16, the last panel zero-padded. Each thread streams whole panels front
-// to back (a sequential read the hardware prefetches), four panels (64 columns) at a time, for
-// blocks of up to 8 rows of A (up to 4 rows: all four panels at once; 5-8 rows: two at a time,
-// so the accumulators fit the registers); the (K, 64) slice stays in L2 for the next block. A column is
-// computed by one thread in a fixed order, so results do not depend on the thread count.
-//
-// The vector code uses the GCC/Clang vector extensions (16 floats: one AVX-512 register, two
-// AVX2 ones); other compilers get the same arithmetic as plain loops.
+// Layout: the N output columns in panels of 16; panel p holds W[16p .. 16p+15][0 .. K-1] as
+// ceil(K/2) rows of 32 bf16, row j holding the pairs (W[n][2j], W[n][2j+1]) of the panel's 16
+// columns n (VDPBF16PS's operand layout; K odd and the last panel are zero-padded). Each
+// thread streams whole panels front to back (a sequential read the hardware prefetches), four
+// panels (64 columns) at a time, for blocks of up to 8 rows of A (up to 4 rows: all four panels
+// at once; 5-8 rows: two at a time, so the accumulators fit the registers; VDPBF16PS, which
+// needs no registers for widening, takes 6 rows x 4 panels); the (K, 64) slice stays in L2 for
+// the next block. (Cutting K into L1-sized chunks was measured: no faster.) A column is computed by one thread in a fixed order, so
+// results do not depend on the thread count.
 
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <type_traits>
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
-
+#include "hypermoe/backend/cpu_isa.hpp"
 #include "hypermoe/backend/linear_spec.hpp"
 #include "hypermoe/core/dtype.hpp"
 #include "hypermoe/core/matrix.hpp"
 #include "hypermoe/core/parallel.hpp"
+#include "hypermoe/core/workspace.hpp"
+
+#if HYPERMOE_X86_KERNELS
+#include <immintrin.h>
+#endif
+
+// GCC 12 flags the intrinsics' own _mm512_undefined_* start values as (maybe) uninitialised once
+// they are inlined here (GCC bug 105593, fixed in 13); the warnings are false.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#endif
 
 namespace hypermoe::detail {
+
+/// The shape of one tile call: Rows rows of A (f32, or bf16 bits in `fast`) times Panels panels.
+template <class In>
+struct Bf16Tile {
+    const In* a;             ///< first row of A
+    index_t lda;             ///< elements from one row of A to the next
+    const std::uint16_t* w;  ///< first panel
+    index_t stride;          ///< elements from one panel to the next
+    index_t k;               ///< inputs (A's valid columns; a bf16 A is zero-padded to whole pairs)
+    float* c;                ///< first output
+    index_t ldc;             ///< elements from one row of C to the next
+    index_t cols;            ///< valid outputs from c on
+};
+
+/// A's element i as a float (bf16 bits widened exactly).
+template <class In>
+[[nodiscard]] inline float bf16_panel_input(const In* a, index_t i) noexcept {
+    if constexpr (std::is_same_v<In, float>) return a[i];
+    else return bf16{a[i]}.to_float();
+}
+
+/// K rows ahead that the kernels prefetch (32 pairs: 2 KiB a panel).
+inline constexpr index_t bf16_prefetch_pairs = 32;
+
+#if defined(__GNUC__) || defined(__clang__)
+/// The exact kernel in GCC/Clang vector extensions (16 floats: one AVX-512 register, two AVX2 ones).
+template <int Rows, int Panels, class In>
+void bf16_tile_portable(const Bf16Tile<In>& t) noexcept {
+    using vfloat = float __attribute__((vector_size(64)));
+    using vuint = std::uint32_t __attribute__((vector_size(64)));
+    vfloat acc[Rows][Panels] = {};
+    const index_t full = t.k / 2;
+    for (index_t j = 0; j <= full; ++j) {
+        if (j == full && t.k % 2 == 0) break;
+        vfloat lo[Panels], hi[Panels];
+        for (int p = 0; p < Panels; ++p) {
+            vuint x;
+            std::memcpy(&x, t.w + p * t.stride + j * 32, sizeof x);
+            const vuint l = x << 16, h = x & 0xFFFF0000u;
+            std::memcpy(&lo[p], &l, sizeof l);
+            std::memcpy(&hi[p], &h, sizeof h);
+        }
+        for (int r = 0; r < Rows; ++r) {
+            const float a0 = bf16_panel_input(t.a + r * t.lda, 2 * j);
+            const float a1 = j < full ? bf16_panel_input(t.a + r * t.lda, 2 * j + 1) : 0.0f;
+            for (int p = 0; p < Panels; ++p) acc[r][p] += a0 * lo[p] + a1 * hi[p];
+        }
+    }
+    for (int r = 0; r < Rows; ++r)
+        for (int p = 0; p < Panels; ++p) {
+            const index_t valid = std::min<index_t>(16, t.cols - p * 16);
+            std::memcpy(t.c + r * t.ldc + p * 16, &acc[r][p], sizeof(float) * static_cast<std::size_t>(valid));
+        }
+}
+#else
+template <int Rows, int Panels, class In>
+void bf16_tile_portable(const Bf16Tile<In>& t) noexcept {
+    float acc[Rows][Panels * 16] = {};
+    for (index_t k = 0; k < t.k; ++k)
+        for (int r = 0; r < Rows; ++r)
+            for (int n = 0; n < Panels * 16; ++n)
+                acc[r][n] += bf16_panel_input(t.a + r * t.lda, k) *
+                             bf16{t.w[(n / 16) * t.stride + (k / 2) * 32 + (n % 16) * 2 + k % 2]}.to_float();
+    for (int r = 0; r < Rows; ++r) std::copy_n(acc[r], std::min<index_t>(t.cols, Panels * 16), t.c + r * t.ldc);
+}
+#endif
+
+#if HYPERMOE_X86_KERNELS
+/// Stores the Rows x Panels accumulators, masking the columns past t.cols.
+template <int Rows, int Panels, class In>
+__attribute__((target("avx512f"))) inline void bf16_tile_store(const Bf16Tile<In>& t, const __m512 (&acc)[Rows][Panels]) {
+    for (int p = 0; p < Panels; ++p) {
+        const index_t valid = std::min<index_t>(16, t.cols - p * 16);
+        const auto mask = static_cast<__mmask16>((1u << valid) - 1u);
+        for (int r = 0; r < Rows; ++r) _mm512_mask_storeu_ps(t.c + r * t.ldc + p * 16, mask, acc[r][p]);
+    }
+}
+
+/// The exact kernel in AVX-512 F: per row pair of a panel, one load, a shift (the even k) and a
+/// mask (the odd k) widen 32 weights, which two FMAs per row of A multiply.
+template <int Rows, int Panels, class In>
+__attribute__((target("avx512f"))) void bf16_tile_avx512(const Bf16Tile<In>& t) {
+    __m512 acc[Rows][Panels];
+    for (int r = 0; r < Rows; ++r)
+        for (int p = 0; p < Panels; ++p) acc[r][p] = _mm512_setzero_ps();
+    const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+    const index_t full = t.k / 2;
+    for (index_t j = 0; j < full; ++j) {
+        __m512 lo[Panels], hi[Panels];
+        for (int p = 0; p < Panels; ++p) {
+            const std::uint16_t* w = t.w + p * t.stride + j * 32;
+            _mm_prefetch(reinterpret_cast<const char*>(w + bf16_prefetch_pairs * 32), _MM_HINT_T0);
+            const __m512i x = _mm512_loadu_si512(w);
+            lo[p] = _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
+            hi[p] = _mm512_castsi512_ps(_mm512_and_si512(x, high));
+        }
+        for (int r = 0; r < Rows; ++r) {
+            const __m512 a0 = _mm512_set1_ps(bf16_panel_input(t.a + r * t.lda, 2 * j));
+            const __m512 a1 = _mm512_set1_ps(bf16_panel_input(t.a + r * t.lda, 2 * j + 1));
+            for (int p = 0; p < Panels; ++p) acc[r][p] = _mm512_fmadd_ps(a1, hi[p], _mm512_fmadd_ps(a0, lo[p], acc[r][p]));
+        }
+    }
+    if (t.k % 2 != 0) // the last k alone (its pair's odd half is zero padding)
+        for (int p = 0; p < Panels; ++p) {
+            const __m512 lo = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_loadu_si512(t.w + p * t.stride + full * 32), 16));
+            for (int r = 0; r < Rows; ++r)
+                acc[r][p] = _mm512_fmadd_ps(_mm512_set1_ps(bf16_panel_input(t.a + r * t.lda, 2 * full)), lo, acc[r][p]);
+        }
+    bf16_tile_store<Rows, Panels>(t, acc);
+}
+
+/// The fast kernel in AVX-512 BF16: per row pair of a panel, one load of 32 weights and one
+/// VDPBF16PS per row of A (its pair of bf16 activations broadcast), 32 products into 16 f32 sums.
+/// A's rows are bf16, zero-padded to whole pairs.
+template <int Rows, int Panels>
+__attribute__((target("avx512f,avx512bf16"))) void bf16_tile_dpbf16(const Bf16Tile<std::uint16_t>& t) {
+    __m512 acc[Rows][Panels];
+    for (int r = 0; r < Rows; ++r)
+        for (int p = 0; p < Panels; ++p) acc[r][p] = _mm512_setzero_ps();
+    const index_t pairs = (t.k + 1) / 2;
+    for (index_t j = 0; j < pairs; ++j) {
+        __m512i w[Panels];
+        for (int p = 0; p < Panels; ++p) {
+            const std::uint16_t* wp = t.w + p * t.stride + j * 32;
+            _mm_prefetch(reinterpret_cast<const char*>(wp + bf16_prefetch_pairs * 32), _MM_HINT_T0);
+            w[p] = _mm512_loadu_si512(wp);
+        }
+        for (int r = 0; r < Rows; ++r) {
+            std::int32_t pair;
+            std::memcpy(&pair, t.a + r * t.lda + 2 * j, sizeof pair);
+            const __m512i a = _mm512_set1_epi32(pair);
+            for (int p = 0; p < Panels; ++p) acc[r][p] = _mm512_dpbf16_ps(acc[r][p], (__m512bh)a, (__m512bh)w[p]);
+        }
+    }
+    bf16_tile_store<Rows, Panels>(t, acc);
+}
+/// out[0, n) = in[0, n) rounded to bf16 (to nearest, ties to even), 16 at a time with
+/// VCVTNEPS2BF16; a NaN stays a NaN. (The instruction flushes subnormal inputs to zero, which
+/// VDPBF16PS would read as zero anyway.)
+__attribute__((target("avx512f,avx512bf16"))) inline void bf16_round_avx512(const float* in, std::uint16_t* out, index_t n) {
+    index_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(in + i)));
+    for (; i < n; ++i) out[i] = bf16::from_float(in[i]).bits;
+}
+#endif
 
 /// A linear map's weights as bf16 panels; copies share them (they are never written after packing).
 class Bf16Panels {
 public:
-    static constexpr index_t panel = 16;     ///< output columns per panel
-    static constexpr index_t group = 4;      ///< panels a thread computes together
-    static constexpr index_t prefetch_rows = 64; ///< K rows ahead that the kernel prefetches (2 KiB a panel)
-    static constexpr index_t row_block = 8;  ///< rows of A computed together (5-8 rows: 2 panels at a time)
+    static constexpr index_t panel = 16;    ///< output columns per panel
+    static constexpr index_t group = 4;     ///< panels a thread computes together
+    static constexpr index_t row_block = 8;    ///< rows of A computed together (5-8 rows: 2 panels at a time)
+    static constexpr index_t row_block_dp = 6; ///< the same for VDPBF16PS: with no widening, 6 rows x 4 panels fit
 
     Bf16Panels() = default;
 
-    /// Packs W (N, K), rounding each element to bf16 (exact for bf16 sources).
-    explicit Bf16Panels(const WeightView& w)
-        : k_(w.cols()), n_(w.rows()), panels_((n_ + panel - 1) / panel),
-          data_(aligned_array<std::uint16_t>(static_cast<std::size_t>(std::max<index_t>(1, panels_ * k_ * panel)))) {
+    /// Packs W (N, K), rounding each element to bf16 (exact for bf16 sources); calls run with
+    /// precision `prec` on the kernel this CPU offers (bf16_kernel).
+    explicit Bf16Panels(const WeightView& w, precision prec = precision::exact)
+        : k_(w.cols()), n_(w.rows()), pairs_((k_ + 1) / 2), panels_((n_ + panel - 1) / panel),
+          data_(aligned_array<std::uint16_t>(static_cast<std::size_t>(std::max<index_t>(1, panels_ * pairs_ * 2 * panel)))),
+          kernel_(bf16_kernel(prec)), fast_(prec == precision::fast) {
         for (index_t p = 0; p < panels_; ++p)
-            for (index_t k = 0; k < k_; ++k)
-                for (index_t j = 0; j < panel; ++j) {
-                    const index_t n = p * panel + j;
-                    data_[static_cast<std::size_t>((p * k_ + k) * panel + j)] =
-                        n < n_ ? bf16::from_float(w.at(n, k)).bits : std::uint16_t{0};
-                }
+            for (index_t j = 0; j < pairs_; ++j)
+                for (index_t c = 0; c < panel; ++c)
+                    for (index_t h = 0; h < 2; ++h) {
+                        const index_t n = p * panel + c, k = 2 * j + h;
+                        data_[static_cast<std::size_t>(((p * pairs_ + j) * panel + c) * 2 + h)] =
+                            n < n_ && k < k_ ? bf16::from_float(w.at(n, k)).bits : std::uint16_t{0};
+                    }
     }
 
     [[nodiscard]] bool empty() const noexcept { return data_ == nullptr; }
+    /// The instructions this map's calls run on.
+    [[nodiscard]] kernel_isa kernel() const noexcept { return kernel_; }
+
+    /// Scratch of apply() with `rows` rows: the product when accumulating, the rounded
+    /// activations with `fast`.
+    [[nodiscard]] std::size_t workspace_bytes(index_t rows, bool accumulate) const noexcept {
+        if (rows <= 0) return 0;
+        return (accumulate ? padded_bytes<float>(rows, n_) : 0) + (fast_ ? padded_bytes<std::uint16_t>(rows, 2 * pairs_) : 0);
+    }
 
     /// c = [c +] scale * Act(a W^T + bias), what a backend's linear over bf16 storage computes:
-    /// the product into t (c itself, or a (M, N) scratch when accumulating), then the shared
-    /// epilogue. Every row count goes through the panels: the weights are held only here.
+    /// the product into c itself (or a (M, N) scratch when accumulating), then the shared
+    /// epilogue. The caller checked the shapes and reserved workspace_bytes(a.rows(), accumulate).
     template <class Act>
-    void apply(ConstMatrixView<float> a, MatrixView<float> c, MatrixView<float> t, const float* bias, float scale,
+    void apply(ConstMatrixView<float> a, MatrixView<float> c, Workspace& ws, const float* bias, float scale,
                bool accumulate) const {
-        multiply(a, t);
+        const MatrixView<float> t = accumulate ? ws.take_matrix<float>(a.rows(), n_) : c;
+        if (fast_) {
+            const index_t lda = 2 * pairs_;
+            const std::span<std::uint16_t> rounded = ws.take<std::uint16_t>(a.rows() * lda);
+            parallel_for(a.rows(), a.rows() * lda, [&](index_t r) {
+                std::uint16_t* out = rounded.data() + r * lda;
+                const float* in = a.row(r).data();
+#if HYPERMOE_X86_KERNELS
+                if (kernel_ == kernel_isa::avx512_bf16) bf16_round_avx512(in, out, k_);
+                else
+#endif
+                    for (index_t k = 0; k < k_; ++k) out[k] = bf16::from_float(in[k]).bits;
+                std::fill(out + k_, out + lda, std::uint16_t{0});
+            });
+            multiply<std::uint16_t>(rounded.data(), lda, a.rows(), t);
+        } else {
+            multiply<float>(a.data(), a.stride(), a.rows(), t);
+        }
         if (accumulate) epilogue_accumulate<Act>(t, c, bias, scale);
         else epilogue_in_place<Act>(c, bias, scale);
     }
 
-    /// c = a W^T for a (M, K) and c (M, N); the caller checked the shapes.
-    void multiply(ConstMatrixView<float> a, MatrixView<float> c) const {
+private:
+    /// c = a W^T for `rows` rows of a (f32, or bf16 bits); each thread takes groups of 4 panels.
+    template <class In>
+    void multiply(const In* a, index_t lda, index_t rows, MatrixView<float> c) const {
         const index_t groups = (panels_ + group - 1) / group;
-        parallel_for(groups, a.rows() * k_ * n_, [&](index_t g) {
+        parallel_for(groups, rows * k_ * n_, [&](index_t g) {
             const index_t p0 = g * group, panels = std::min(group, panels_ - p0);
-            const index_t cols = std::min(group * panel, n_ - p0 * panel);
-            const std::uint16_t* w = data_.get() + p0 * k_ * panel;
-            for (index_t m = 0; m < a.rows(); m += row_block) {
-                const index_t rows = std::min(row_block, a.rows() - m);
-                tile_dispatch(rows, panels, a.row(m).data(), a.stride(), w, c.row(m).data() + p0 * panel, c.stride(),
-                              cols);
+            Bf16Tile<In> t{nullptr, lda, data_.get() + p0 * pairs_ * 2 * panel, pairs_ * 2 * panel, k_, nullptr, c.stride(),
+                           std::min(group * panel, n_ - p0 * panel)};
+            const index_t block = dp<In>() ? row_block_dp : row_block;
+            for (index_t m = 0; m < rows; m += block) {
+                t.a = a + m * lda;
+                t.c = c.row(m).data() + p0 * panel;
+                tile_rows(std::min(block, rows - m), panels, t);
             }
         });
     }
 
-private:
-#if defined(__GNUC__) || defined(__clang__)
-    using vfloat = float __attribute__((vector_size(64)));
-    using vuint = std::uint32_t __attribute__((vector_size(64)));
-    using vhalf = std::uint16_t __attribute__((vector_size(32)));
+    /// Whether tiles of In run on VDPBF16PS.
+    template <class In>
+    [[nodiscard]] bool dp() const noexcept {
+        return std::is_same_v<In, std::uint16_t> && kernel_ == kernel_isa::avx512_bf16;
+    }
 
-    /// 16 bf16 at p, widened to floats into f. (Out-parameter: returning a 64-byte vector by
-    /// value changes the ABI without AVX-512, which g++ warns about under -Werror.)
-    static void widen(const std::uint16_t* p, vfloat& f) noexcept {
-#if defined(__AVX512F__)
-        // One vpmovzxwd + vpslld: compilers tuned for 256-bit vectors split the generic form.
-        const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-        f = reinterpret_cast<vfloat>(_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
-#else
-        vhalf h;
-        std::memcpy(&h, p, sizeof h);
-        const vuint u = __builtin_convertvector(h, vuint) << 16;
-        std::memcpy(&f, &u, sizeof f);
+    /// One tile on the chosen kernel.
+    template <int Rows, int Panels, class In>
+    void tile(const Bf16Tile<In>& t) const {
+#if HYPERMOE_X86_KERNELS
+        if constexpr (std::is_same_v<In, std::uint16_t>)
+            if (kernel_ == kernel_isa::avx512_bf16) return bf16_tile_dpbf16<Rows, Panels>(t);
+        if (kernel_ != kernel_isa::portable) return bf16_tile_avx512<Rows, Panels>(t);
 #endif
+        bf16_tile_portable<Rows, Panels>(t);
     }
 
-    /// c[0..Rows)[0..min(cols, 16 Panels)) = a[0..Rows) x the Panels panels at w.
-    template <int Rows, int Panels>
-    void tile(const float* a, index_t lda, const std::uint16_t* w, float* c, index_t ldc, index_t cols) const noexcept {
-        vfloat acc[Rows][Panels] = {};
-        const index_t stride = k_ * panel; // elements from one panel to the next
-        for (index_t k = 0; k < k_; ++k) {
-            if (k % 2 == 0)
-                for (int j = 0; j < Panels; ++j) __builtin_prefetch(w + j * stride + (k + prefetch_rows) * panel);
-            vfloat wv[Panels];
-            for (int j = 0; j < Panels; ++j) widen(w + j * stride + k * panel, wv[j]);
-            for (int r = 0; r < Rows; ++r) {
-                const float av = a[r * lda + k];
-                for (int j = 0; j < Panels; ++j) acc[r][j] += av * wv[j];
-            }
-        }
-        for (int r = 0; r < Rows; ++r)
-            for (int j = 0; j < Panels; ++j) {
-                const index_t valid = std::min(panel, cols - j * panel);
-                std::memcpy(c + r * ldc + j * panel, &acc[r][j], sizeof(float) * static_cast<std::size_t>(valid));
-            }
-    }
-#else
-    template <int Rows, int Panels>
-    void tile(const float* a, index_t lda, const std::uint16_t* w, float* c, index_t ldc, index_t cols) const noexcept {
-        float acc[Rows][Panels * panel] = {};
-        const index_t stride = k_ * panel;
-        for (index_t k = 0; k < k_; ++k)
-            for (int r = 0; r < Rows; ++r)
-                for (int j = 0; j < Panels * panel; ++j)
-                    acc[r][j] += a[r * lda + k] * bf16{w[(j / panel) * stride + k * panel + j % panel]}.to_float();
-        for (int r = 0; r < Rows; ++r) std::copy_n(acc[r], std::min<index_t>(cols, Panels * panel), c + r * ldc);
-    }
-#endif
-
-    template <int Rows>
-    void tile_panels(index_t panels, const float* a, index_t lda, const std::uint16_t* w, float* c, index_t ldc,
-                     index_t cols) const noexcept {
+    template <int Rows, class In>
+    void tile_panels(index_t panels, const Bf16Tile<In>& t) const {
         switch (panels) {
-        case 1: tile<Rows, 1>(a, lda, w, c, ldc, cols); break;
-        case 2: tile<Rows, 2>(a, lda, w, c, ldc, cols); break;
-        case 3: tile<Rows, 3>(a, lda, w, c, ldc, cols); break;
-        default: tile<Rows, 4>(a, lda, w, c, ldc, cols); break;
+        case 1: tile<Rows, 1>(t); break;
+        case 2: tile<Rows, 2>(t); break;
+        case 3: tile<Rows, 3>(t); break;
+        default: tile<Rows, 4>(t); break;
         }
     }
 
-    template <int Rows>
-    void tile_halves(index_t panels, const float* a, index_t lda, const std::uint16_t* w, float* c, index_t ldc,
-                     index_t cols) const noexcept {
-        // Rows x 2 panels (2 Rows accumulators) at a time: each widened weight vector feeds Rows FMAs.
+    template <int Rows, class In>
+    void tile_halves(index_t panels, const Bf16Tile<In>& t) const {
+        // Rows x 2 panels (2 Rows accumulators) at a time: each weight vector feeds Rows rows.
         for (index_t first = 0; first < panels; first += 2) {
-            const std::uint16_t* wf = w + first * k_ * panel;
-            float* cf = c + first * panel;
-            if (panels - first == 1) tile<Rows, 1>(a, lda, wf, cf, ldc, cols - first * panel);
-            else tile<Rows, 2>(a, lda, wf, cf, ldc, cols - first * panel);
+            Bf16Tile<In> h = t;
+            h.w += first * t.stride;
+            h.c += first * panel;
+            h.cols -= first * panel;
+            if (panels - first == 1) tile<Rows, 1>(h);
+            else tile<Rows, 2>(h);
         }
     }
 
-    void tile_dispatch(index_t rows, index_t panels, const float* a, index_t lda, const std::uint16_t* w, float* c,
-                       index_t ldc, index_t cols) const noexcept {
+    template <class In>
+    void tile_rows(index_t rows, index_t panels, const Bf16Tile<In>& t) const {
         switch (rows) {
-        case 1: tile_panels<1>(panels, a, lda, w, c, ldc, cols); break;
-        case 2: tile_panels<2>(panels, a, lda, w, c, ldc, cols); break;
-        case 3: tile_panels<3>(panels, a, lda, w, c, ldc, cols); break;
-        case 4: tile_panels<4>(panels, a, lda, w, c, ldc, cols); break;
-        case 5: tile_halves<5>(panels, a, lda, w, c, ldc, cols); break;
-        case 6: tile_halves<6>(panels, a, lda, w, c, ldc, cols); break;
-        case 7: tile_halves<7>(panels, a, lda, w, c, ldc, cols); break;
-        default: tile_halves<8>(panels, a, lda, w, c, ldc, cols); break;
+        case 1: tile_panels<1>(panels, t); break;
+        case 2: tile_panels<2>(panels, t); break;
+        case 3: tile_panels<3>(panels, t); break;
+        case 4: tile_panels<4>(panels, t); break;
+        case 5: dp<In>() ? tile_panels<5>(panels, t) : tile_halves<5>(panels, t); break;
+        case 6: dp<In>() ? tile_panels<6>(panels, t) : tile_halves<6>(panels, t); break;
+        case 7: tile_halves<7>(panels, t); break;
+        default: tile_halves<8>(panels, t); break;
         }
     }
 
-    index_t k_ = 0, n_ = 0, panels_ = 0;
+    index_t k_ = 0, n_ = 0, pairs_ = 0, panels_ = 0;
     std::shared_ptr<std::uint16_t[]> data_; ///< shared by copies, as oneDNN's weight memory is
+    kernel_isa kernel_ = kernel_isa::portable;
+    bool fast_ = false;
 };
 
 } // namespace hypermoe::detail
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif

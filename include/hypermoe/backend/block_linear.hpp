@@ -28,17 +28,15 @@
 #include <type_traits>
 #include <vector>
 
+#include "hypermoe/backend/cpu_isa.hpp"
 #include "hypermoe/backend/linear_spec.hpp"
 #include "hypermoe/core/finite.hpp"
 #include "hypermoe/core/parallel.hpp"
 #include "hypermoe/core/quant.hpp"
 #include "hypermoe/core/workspace.hpp"
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#if HYPERMOE_X86_KERNELS
 #include <immintrin.h>
-#define HYPERMOE_BLOCK_AVX512 1
-#else
-#define HYPERMOE_BLOCK_AVX512 0
 #endif
 
 // GCC 12 flags the intrinsics' own _mm512_undefined_* start values as (maybe) uninitialised once
@@ -50,49 +48,6 @@
 #endif
 
 namespace hypermoe::detail {
-
-/// Instruction sets of the block kernels, weakest first.
-enum class block_isa : std::uint8_t { portable, avx512, avx512_vnni };
-
-[[nodiscard]] constexpr std::string_view to_string(block_isa i) noexcept {
-    constexpr std::string_view names[] = {"portable", "avx512", "avx512_vnni"};
-    return names[static_cast<int>(i)];
-}
-
-/// The best instructions this CPU offers the block kernels, found once per process from CPUID:
-/// avx512_vnni (AVX-512 F, BW, VL and VNNI), avx512 (F and BW) or portable (plain C++). The
-/// environment variable HYPERMOE_BLOCK_ISA caps it (`portable`, or `avx512` to leave VNNI out),
-/// so the tests cover every kernel a CPU can run.
-[[nodiscard]] inline block_isa cpu_block_isa() {
-    static const block_isa isa = [] {
-        block_isa best = block_isa::portable;
-#if HYPERMOE_BLOCK_AVX512
-        __builtin_cpu_init();
-        if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) {
-            best = block_isa::avx512;
-            if (__builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni")) best = block_isa::avx512_vnni;
-        }
-        if (const char* cap = std::getenv("HYPERMOE_BLOCK_ISA"); cap != nullptr) {
-            if (std::string_view(cap) == "portable") best = block_isa::portable;
-            else if (std::string_view(cap) == "avx512" && best == block_isa::avx512_vnni) best = block_isa::avx512;
-        }
-#endif
-        return best;
-    }();
-    return isa;
-}
-
-/// The kernel a block-format linear of precision `p` runs on this CPU: `exact` uses AVX-512 F + BW
-/// where present; `fast` uses VNNI where present and the portable integer kernel otherwise (same
-/// block dots, so the results do not depend on the CPU beyond f32 summation order).
-[[nodiscard]] inline block_isa block_kernel(precision p) {
-    const block_isa cpu = cpu_block_isa();
-    if (p == precision::exact) return cpu == block_isa::portable ? block_isa::portable : block_isa::avx512;
-    return cpu == block_isa::avx512_vnni ? block_isa::avx512_vnni : block_isa::portable;
-}
-
-/// The name of block_kernel(p), as `hypermoe inspect` and `bench` print it.
-[[nodiscard]] inline std::string_view block_kernel_isa(precision p = precision::exact) { return to_string(block_kernel(p)); }
 
 /// Blocks per group of the VNNI kernel: one 512-bit load of q4_0 integers holds 4 blocks (16
 /// bytes each), of q8_0 integers 2 (32 bytes each). Rows of activations are padded to whole groups.
@@ -232,7 +187,7 @@ template <class Block>
 template <class Block>
 inline constexpr index_t block_bytes_of = std::is_same_v<Block, BlockQ8_0> ? 32 : 16;
 
-#if HYPERMOE_BLOCK_AVX512
+#if HYPERMOE_X86_KERNELS
 #define HYPERMOE_AVX512_INLINE __attribute__((target("avx512f,avx512bw"))) inline
 
 /// A block's 32 small integers (q8_0's q, q4_0's nibble - 8) as floats: elements 0..15 in lo,
@@ -426,17 +381,17 @@ public:
 
     [[nodiscard]] const BlockWeights& weights() const noexcept { return w_; }
     /// The instructions this map's calls run on.
-    [[nodiscard]] block_isa kernel() const noexcept { return kernel_; }
+    [[nodiscard]] kernel_isa kernel() const noexcept { return kernel_; }
 
     /// `fast` quantises the activations into the workspace first; `exact` needs none.
     [[nodiscard]] std::size_t workspace_bytes(index_t rows) const noexcept {
-        return fast_ && rows > 0 ? QuantizedRows::bytes(rows, w_.blocks_per_row(), kernel_ == block_isa::avx512_vnni) : 0;
+        return fast_ && rows > 0 ? QuantizedRows::bytes(rows, w_.blocks_per_row(), kernel_ == kernel_isa::avx512_vnni) : 0;
     }
 
     void operator()(ConstMatrixView<float> a, MatrixView<float> c, Workspace& ws, float scale) const {
         Workspace::Scope scope(ws, workspace_bytes(a.rows()));
         std::optional<QuantizedRows> xq;
-        if (fast_) xq.emplace(a, w_.blocks_per_row(), ws, kernel_ == block_isa::avx512_vnni, w_.format());
+        if (fast_) xq.emplace(a, w_.blocks_per_row(), ws, kernel_ == kernel_isa::avx512_vnni, w_.format());
         const index_t row_groups = (a.rows() + group_rows - 1) / group_rows;
         const index_t col_tiles = (n_ + tile - 1) / tile;
         parallel_for(row_groups * col_tiles, a.rows() * k_ * n_, [&](index_t item) {
@@ -495,8 +450,8 @@ private:
             x_rows[r] = a.row(r0 + r).data(), pads[r] = x_pad[r];
             if (full < per_row) std::copy_n(x_rows[r] + full * quant_block, k_ - full * quant_block, x_pad[r]);
         }
-#if HYPERMOE_BLOCK_AVX512
-        if (kernel_ != block_isa::portable) {
+#if HYPERMOE_X86_KERNELS
+        if (kernel_ != kernel_isa::portable) {
             over_columns<(Rows <= 2 ? 4 : 2)>(cols, [&]<int C>(index_t j) {
                 const std::uint8_t* qs[C];
                 const std::uint16_t* d[C];
@@ -530,8 +485,8 @@ private:
     void fast_sums(const QuantizedRows& xq, index_t r0, index_t j0, index_t cols, float (&sums)[Rows][tile]) const {
         const index_t per_row = w_.blocks_per_row();
         constexpr index_t bytes = block_bytes_of<Block>;
-#if HYPERMOE_BLOCK_AVX512
-        if (kernel_ == block_isa::avx512_vnni) {
+#if HYPERMOE_X86_KERNELS
+        if (kernel_ == kernel_isa::avx512_vnni) {
             constexpr index_t per_group = std::is_same_v<Block, BlockQ4_0> ? 4 : 2;
             const index_t groups = per_row / per_group, tail = per_row % per_group;
             const std::int8_t* xs[Rows];
@@ -588,7 +543,7 @@ private:
     std::vector<float> bias_;
     index_t n_, k_;
     bool accumulate_;
-    block_isa kernel_;
+    kernel_isa kernel_;
     bool fast_;
 };
 

@@ -1,8 +1,8 @@
 #pragma once
 // The Eigen backend (opt-in: include this header and depend on Eigen 3.4). f32 weights are kept
 // as a row-major (N, K) matrix for Eigen's GEMM; bf16 weights stay bf16, held once as panels and
-// multiplied by the shared panel kernel (bf16_panels.hpp, the oneDNN backend's too: exact, the
-// weights widened in registers); q8_0 / q4_0 go to the shared block kernels (block_linear.hpp).
+// multiplied by the shared panel kernel (bf16_panels.hpp, the oneDNN backend's too); q8_0 / q4_0
+// go to the shared block kernels (block_linear.hpp).
 //
 // Threading is ours, not Eigen's: N is cut into fixed blocks of `column_block` outputs, one
 // single-threaded Eigen GEMM (and its epilogue, while C is in cache) per block, blocks spread
@@ -73,7 +73,7 @@ struct eigen {
                 return;
             }
             if (storage_ == dtype::bf16) { // held once, as bf16 panels (the oneDNN backend's kernel too)
-                if (k_ > 0 && n_ > 0) panels_ = detail::Bf16Panels(w);
+                if (k_ > 0 && n_ > 0) panels_ = detail::Bf16Panels(w, prec_);
                 return;
             }
             for (index_t r = 0; r < n_; ++r)
@@ -84,7 +84,7 @@ struct eigen {
         [[nodiscard]] std::size_t workspace_bytes(index_t rows) const noexcept {
             if (blocks_) return blocks_->workspace_bytes(rows);
             if (rows <= 0 || n_ == 0) return 0;
-            if (storage_ == dtype::bf16) return accumulate_ ? detail::padded_bytes<float>(rows, n_) : 0;
+            if (storage_ == dtype::bf16) return panels_.workspace_bytes(rows, accumulate_);
             const Packing p = packing(rows);
             return (accumulate_ ? detail::padded_bytes<float>(rows, n_) : 0) +
                    std::size_t(slices()) * (detail::padded_bytes<float>(p.a) + detail::padded_bytes<float>(p.b));
@@ -102,7 +102,7 @@ struct eigen {
             if (storage_ == dtype::bf16) {
                 const float* bias = bias_.empty() ? nullptr : bias_.data();
                 if (panels_.empty()) return detail::epilogue_bias_only<Act>(c, bias, scale, accumulate_); // K = 0
-                return panels_.apply<Act>(a, c, accumulate_ ? ws.take_matrix<float>(a.rows(), n_) : c, bias, scale, accumulate_);
+                return panels_.apply<Act>(a, c, ws, bias, scale, accumulate_);
             }
             const index_t m = a.rows();
             const MatrixView<float> t = accumulate_ ? ws.take_matrix<float>(m, n_) : c;

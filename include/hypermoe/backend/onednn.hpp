@@ -23,12 +23,12 @@
 // Two limits of oneDNN 2.6 shape the code:
 //  * a combination that lands on the `ref` implementation (~0.1 GFLOP/s) is re-created without
 //    post-ops, and the epilogue then runs in our own pass;
-//  * bf16 matmul is emulated without avx512_bf16 (about 55 GFLOP/s vs 300 f32 here) and rounds
-//    activations to bf16, so bf16 weights never go to a primitive: they are held once, as bf16
-//    panels (bf16_panels.hpp, 2 bytes per weight), and every call runs that kernel (exact: the
-//    weights widened in registers, 8 rows at a time per panel group). Measured: within 1.03x of
-//    the f32 primitive at 64 and 512 rows, and twice as fast at a few rows, where reading the
-//    weights is the cost (docs/design.md).
+//  * bf16 matmul is emulated without avx512_bf16 (about 55 GFLOP/s vs 300 f32 here) and always
+//    rounds activations to bf16, so bf16 weights never go to a primitive: they are held once, as
+//    bf16 panels (bf16_panels.hpp, 2 bytes per weight), and every call runs that kernel
+//    (`exact`: the weights widened in registers, within 1.1x of the f32 primitive at 64 and 512
+//    rows and twice as fast at a few rows, where reading the weights is the cost; `fast`: bf16
+//    activations on VDPBF16PS where the CPU has it, 1.8x the f32 primitive; docs/design.md).
 
 #include <oneapi/dnnl/dnnl.hpp>
 
@@ -276,7 +276,7 @@ struct onednn {
             }
             bias_f32_.assign(bias.begin(), bias.end());
             if (storage_ == dtype::bf16) { // held once, as bf16 panels: every call runs our own kernel
-                if (k_ > 0 && n_ > 0) panels_ = detail::Bf16Panels(w);
+                if (k_ > 0 && n_ > 0) panels_ = detail::Bf16Panels(w, prec_);
                 return;
             }
             if (k_ > 0 && n_ > 0) matmul_ = lookup(detail::current_threads());
@@ -306,7 +306,7 @@ struct onednn {
         /// first query at a new count creates that count's primitives).
         [[nodiscard]] std::size_t workspace_bytes(index_t rows) const {
             if (blocks_) return blocks_->workspace_bytes(rows);
-            if (!panels_.empty()) return accumulate_ && rows > 0 ? detail::padded_bytes<float>(rows, n_) : 0;
+            if (!panels_.empty()) return panels_.workspace_bytes(rows, accumulate_);
             if (!matmul_ || rows <= 0) return 0;
             // A padded or strided piece needs (bucket, K) and (bucket, N) scratch; every piece
             // needs its primitive's scratchpad.
@@ -322,7 +322,7 @@ struct onednn {
             Workspace::Scope scope(ws, workspace_bytes(a.rows()));
             const float* bias = bias_f32_.empty() ? nullptr : bias_f32_.data();
             if (!panels_.empty()) // bf16 storage
-                return panels_.apply<Act>(a, c, accumulate_ ? ws.take_matrix<float>(a.rows(), n_) : c, bias, scale, accumulate_);
+                return panels_.apply<Act>(a, c, ws, bias, scale, accumulate_);
             if (!matmul_) {
                 detail::epilogue_bias_only<Act>(c, bias_f32_.empty() ? nullptr : bias_f32_.data(), scale, accumulate_);
                 return;

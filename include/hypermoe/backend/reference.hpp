@@ -3,7 +3,8 @@
 // every other backend is tested against, not a fast path. bf16 weights stay bf16 in memory;
 // q8_0 / q4_0 weights stay in their blocks, each output row dequantised exactly when used
 // (`exact`), or, with `fast`, each block's integer dot with the activations quantised as the
-// fast kernels quantise them (backend/block_linear.hpp), scaled and summed in double.
+// fast kernels quantise them (backend/block_linear.hpp), scaled and summed in double; bf16
+// weights with `fast` multiply the activations rounded to bf16, as the fast kernel does.
 
 #include <cstddef>
 #include <span>
@@ -58,11 +59,15 @@ struct reference {
                 return;
             }
             const std::span<float> w = ws.take<float>(k_);
+            const bool round_inputs = storage_ == dtype::bf16 && prec_ == precision::fast; // as the fast kernels do
             for (index_t j = 0; j < n_; ++j) {
                 weight_row(j, w);
                 for (index_t m = 0; m < a.rows(); ++m) {
                     double acc = bias_.empty() ? 0.0 : bias_[static_cast<std::size_t>(j)];
-                    for (index_t k = 0; k < k_; ++k) acc += double(a(m, k)) * double(w[static_cast<std::size_t>(k)]);
+                    for (index_t k = 0; k < k_; ++k) {
+                        const float x = round_inputs ? bf16::from_float(a(m, k)).to_float() : a(m, k);
+                        acc += double(x) * double(w[static_cast<std::size_t>(k)]);
+                    }
                     const auto v = static_cast<float>(double(scale) * Act::apply(acc));
                     c(m, j) = accumulate_ ? c(m, j) + v : v;
                 }

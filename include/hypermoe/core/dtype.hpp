@@ -39,8 +39,9 @@ enum class dtype : std::uint8_t { f32, bf16, q8_0, q4_0 };
 /// - `exact`: f32 arithmetic on the weights' exact values (bf16 widened, blocks dequantised).
 /// - `fast`: for q8_0 / q4_0 weights, the activations are quantised to 8 bits per block of 32
 ///   (an f32 scale, integers rounded to nearest even) and each block's dot product is an integer
-///   one (AVX-512 VNNI where the CPU has it), accumulated in f32. f32 and bf16 weights compute as
-///   with `exact`.
+///   one (AVX-512 VNNI where the CPU has it), accumulated in f32. For bf16 weights the activations
+///   are rounded to bf16 (to nearest even) and pairs of bf16 products are summed in f32
+///   (AVX-512 BF16 where the CPU has it). f32 weights compute as with `exact`.
 enum class precision : std::uint8_t { exact, fast };
 
 [[nodiscard]] constexpr std::string_view to_string(precision p) noexcept {

@@ -1,0 +1,91 @@
+#pragma once
+// The instructions our own kernels (the block formats' in block_linear.hpp, bf16's in
+// bf16_panels.hpp) may use, found once per process from CPUID: every path is compiled into every
+// build (through `target` attributes), and which one a call runs is chosen here, at run time.
+// The environment variable HYPERMOE_ISA caps the choice so that the tests run every kernel a CPU
+// can run: `portable` (plain C++ only) or `avx512` (AVX-512 F + BW, no VNNI and no BF16).
+
+#include <cstdint>
+#include <cstdlib>
+#include <string>
+#include <string_view>
+
+#include "hypermoe/core/dtype.hpp"
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define HYPERMOE_X86_KERNELS 1
+#else
+#define HYPERMOE_X86_KERNELS 0
+#endif
+
+namespace hypermoe::detail {
+
+/// The instruction set a kernel runs on.
+enum class kernel_isa : std::uint8_t { portable, avx512, avx512_vnni, avx512_bf16 };
+
+[[nodiscard]] constexpr std::string_view to_string(kernel_isa i) noexcept {
+    constexpr std::string_view names[] = {"portable", "avx512", "avx512_vnni", "avx512_bf16"};
+    return names[static_cast<int>(i)];
+}
+
+/// What this CPU offers our kernels (after the HYPERMOE_ISA cap).
+struct cpu_features {
+    bool avx512 = false; ///< AVX-512 F and BW
+    bool vnni = false;   ///< and VL + VNNI (VPDPBUSD)
+    bool bf16 = false;   ///< and VL + BF16 (VDPBF16PS)
+};
+
+[[nodiscard]] inline cpu_features cpu_isa() {
+    static const cpu_features cpu = [] {
+        cpu_features f;
+#if HYPERMOE_X86_KERNELS
+        __builtin_cpu_init();
+        f.avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
+        const bool vl = f.avx512 && __builtin_cpu_supports("avx512vl");
+        f.vnni = vl && __builtin_cpu_supports("avx512vnni");
+        f.bf16 = vl && __builtin_cpu_supports("avx512bf16");
+        if (const char* cap = std::getenv("HYPERMOE_ISA"); cap != nullptr) {
+            const std::string_view c(cap);
+            if (c == "portable") f = cpu_features{};
+            else if (c == "avx512") f.vnni = f.bf16 = false;
+        }
+#endif
+        return f;
+    }();
+    return cpu;
+}
+
+/// This CPU's features as `hypermoe inspect` prints them, e.g. "avx512 vnni bf16".
+[[nodiscard]] inline std::string cpu_isa_names() {
+    const cpu_features f = cpu_isa();
+    if (!f.avx512) return "portable";
+    return std::string("avx512") + (f.vnni ? " vnni" : "") + (f.bf16 ? " bf16" : "");
+}
+
+/// The kernel a block-format (q8_0 / q4_0) linear of precision `p` runs: `exact` on AVX-512 F + BW
+/// where present; `fast` on VNNI where present, else the portable integer kernel (the same block
+/// dots, so results differ between CPUs only in f32 summation order).
+[[nodiscard]] inline kernel_isa block_kernel(precision p) {
+    const cpu_features f = cpu_isa();
+    if (p == precision::exact) return f.avx512 ? kernel_isa::avx512 : kernel_isa::portable;
+    return f.vnni ? kernel_isa::avx512_vnni : kernel_isa::portable;
+}
+
+/// The kernel a bf16 linear of precision `p` runs: `exact` widens the weights (AVX-512 F where
+/// present); `fast` multiplies bf16 activations by bf16 weights with VDPBF16PS where present, else
+/// runs the exact kernel on the activations rounded to bf16 (the same products, which are exact
+/// in f32).
+[[nodiscard]] inline kernel_isa bf16_kernel(precision p) {
+    const cpu_features f = cpu_isa();
+    if (p == precision::fast && f.bf16) return kernel_isa::avx512_bf16;
+    return f.avx512 ? kernel_isa::avx512 : kernel_isa::portable;
+}
+
+/// The name of the kernel weights stored as `t` run on with precision `p` (f32: the backend's own
+/// dispatch, named by the caller).
+[[nodiscard]] inline std::string_view kernel_isa_name(dtype t, precision p = precision::exact) {
+    if (is_block_format(t)) return to_string(block_kernel(p));
+    return to_string(bf16_kernel(p));
+}
+
+} // namespace hypermoe::detail
