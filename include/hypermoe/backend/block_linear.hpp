@@ -302,6 +302,72 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void fast_dots_v
         for (int c = 0; c < Cols; ++c) out[r][c] = lane_sum(acc[r][c]);
 }
 #undef HYPERMOE_AVX512_INLINE
+/// Blocks of k a prefill pass repacks and then runs every row over (8: 8 KiB of q8_0 bytes for
+/// 32 columns, which stay in L1).
+inline constexpr index_t prefill_chunk_blocks = 8;
+
+/// `fast` with many rows: c[r][0 .. 32) (+)= dot of activation row r with 32 weight columns
+/// repacked by BlockLinear::repack (`wq`, `wd`: `nb` blocks), VNNI's operand layout: per block
+/// and quad of k, 16 columns x 4 bytes, so one VPDPBUSD multiplies 4 k of 16 columns by one
+/// broadcast of 4 activations. The weights enter unsigned (q + offset: q8_0's sign bit flipped,
+/// q4_0's nibbles as stored), so each block's int32 sums start at -offset * sum(xq). Per block,
+/// 8 VPDPBUSD per row and panel, then the int32 sums times (d_w * d_x) into f32.
+template <int Rows, class Block>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void prefill_tile_vnni(
+    const std::uint8_t* wq, const float* wd, index_t nb, const std::int8_t* const* xq, const float* const* xd,
+    const std::int32_t* const* xsum, bool first, float* c, index_t ldc, index_t cols) {
+    constexpr bool q4 = std::is_same_v<Block, BlockQ4_0>;
+    constexpr std::int32_t offset = q4 ? 8 : 128;
+    const __m512i nibble = _mm512_set1_epi8(0x0F);
+    __mmask16 mask[2];
+    for (int p = 0; p < 2; ++p)
+        mask[p] = static_cast<__mmask16>((1u << std::clamp<index_t>(cols - 16 * p, 0, 16)) - 1u);
+    __m512 acc[Rows][2];
+    for (int r = 0; r < Rows; ++r)
+        for (int p = 0; p < 2; ++p) acc[r][p] = first ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(mask[p], c + r * ldc + 16 * p);
+    const auto quad = [](const std::int8_t* x) {
+        std::int32_t v;
+        std::memcpy(&v, x, sizeof v);
+        return _mm512_set1_epi32(v);
+    };
+    for (index_t b = 0; b < nb; ++b) {
+        __m512i sum[Rows][2];
+        for (int r = 0; r < Rows; ++r) sum[r][0] = sum[r][1] = _mm512_set1_epi32(-offset * xsum[r][b]);
+        if constexpr (q4) { // per load: the low nibbles are k = 4L..4L+3, the high ones k = 16+4L..
+            for (index_t l = 0; l < 4; ++l) {
+                const std::uint8_t* w = wq + (b * 4 + l) * 128;
+                __m512i lo[2], hi[2];
+                for (int p = 0; p < 2; ++p) {
+                    const __m512i v = _mm512_loadu_si512(w + 64 * p);
+                    lo[p] = _mm512_and_si512(v, nibble);
+                    hi[p] = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
+                }
+                for (int r = 0; r < Rows; ++r) {
+                    const __m512i xl = quad(xq[r] + b * quant_block + 4 * l), xh = quad(xq[r] + b * quant_block + 16 + 4 * l);
+                    for (int p = 0; p < 2; ++p) sum[r][p] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(sum[r][p], lo[p], xl), hi[p], xh);
+                }
+            }
+        } else {
+            for (index_t j = 0; j < 8; ++j) {
+                const std::uint8_t* w = wq + (b * 8 + j) * 128;
+                const __m512i w0 = _mm512_loadu_si512(w), w1 = _mm512_loadu_si512(w + 64);
+                for (int r = 0; r < Rows; ++r) {
+                    const __m512i x = quad(xq[r] + b * quant_block + 4 * j);
+                    sum[r][0] = _mm512_dpbusd_epi32(sum[r][0], w0, x);
+                    sum[r][1] = _mm512_dpbusd_epi32(sum[r][1], w1, x);
+                }
+            }
+        }
+        const __m512 d0 = _mm512_loadu_ps(wd + b * 32), d1 = _mm512_loadu_ps(wd + b * 32 + 16);
+        for (int r = 0; r < Rows; ++r) {
+            const __m512 dx = _mm512_set1_ps(xd[r][b]);
+            acc[r][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[r][0]), _mm512_mul_ps(d0, dx), acc[r][0]);
+            acc[r][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[r][1]), _mm512_mul_ps(d1, dx), acc[r][1]);
+        }
+    }
+    for (int r = 0; r < Rows; ++r)
+        for (int p = 0; p < 2; ++p) _mm512_mask_storeu_ps(c + r * ldc + 16 * p, mask[p], acc[r][p]);
+}
 #endif
 
 /// An (N, K) weight as N rows of ceil(K / 32) blocks of one format, held as two arrays: the
@@ -383,13 +449,33 @@ public:
     /// The instructions this map's calls run on.
     [[nodiscard]] kernel_isa kernel() const noexcept { return kernel_; }
 
-    /// `fast` quantises the activations into the workspace first; `exact` needs none.
+    /// Rows from which `fast` on VNNI runs the prefill kernel (repacking the weights per call).
+    static constexpr index_t prefill_rows = 32;
+
+    /// `fast` quantises the activations into the workspace first (and the prefill kernel needs
+    /// the product apart when accumulating); `exact` needs none.
     [[nodiscard]] std::size_t workspace_bytes(index_t rows) const noexcept {
-        return fast_ && rows > 0 ? QuantizedRows::bytes(rows, w_.blocks_per_row(), kernel_ == kernel_isa::avx512_vnni) : 0;
+        if (!fast_ || rows <= 0) return 0;
+        if (prefill(rows))
+            return QuantizedRows::bytes(rows, w_.blocks_per_row(), false) + (accumulate_ ? padded_bytes<float>(rows, n_) : 0);
+        return QuantizedRows::bytes(rows, w_.blocks_per_row(), kernel_ == kernel_isa::avx512_vnni);
     }
 
     void operator()(ConstMatrixView<float> a, MatrixView<float> c, Workspace& ws, float scale) const {
         Workspace::Scope scope(ws, workspace_bytes(a.rows()));
+#if HYPERMOE_X86_KERNELS
+        if (prefill(a.rows())) {
+            const QuantizedRows xq(a, w_.blocks_per_row(), ws);
+            const MatrixView<float> t = accumulate_ ? ws.take_matrix<float>(a.rows(), n_) : c;
+            if (w_.format() == dtype::q8_0) prefill_vnni<BlockQ8_0>(xq, a.rows(), t);
+            else prefill_vnni<BlockQ4_0>(xq, a.rows(), t);
+            const float* bias = bias_.empty() ? nullptr : bias_.data();
+            if (accumulate_) epilogue_accumulate<Act>(t, c, bias, scale);
+            else epilogue_in_place<Act>(c, bias, scale);
+            return;
+        }
+#endif
+
         std::optional<QuantizedRows> xq;
         if (fast_) xq.emplace(a, w_.blocks_per_row(), ws, kernel_ == kernel_isa::avx512_vnni, w_.format());
         const index_t row_groups = (a.rows() + group_rows - 1) / group_rows;
@@ -413,6 +499,83 @@ public:
 private:
     static constexpr index_t group_rows = 4; ///< activation rows that share one pass over a weight row
     static constexpr index_t tile = 32;      ///< outputs per work item
+
+    [[nodiscard]] bool prefill(index_t rows) const noexcept {
+        return fast_ && kernel_ == kernel_isa::avx512_vnni && rows >= prefill_rows;
+    }
+
+#if HYPERMOE_X86_KERNELS
+    /// Rows of the prefill kernel per call: all their sums stay in registers.
+    static constexpr index_t prefill_row_block = 6;
+
+    /// t = a W^T (no epilogue) with many rows: per work item 32 columns, their weights repacked
+    /// into the kernel's layout a chunk of blocks at a time (on the stack: 9 KiB), then every
+    /// row block run over that chunk. Each column is computed by one thread in a fixed order.
+    template <class Block>
+    void prefill_vnni(const QuantizedRows& xq, index_t rows, MatrixView<float> t) const {
+        const index_t per_row = w_.blocks_per_row(), items = (n_ + tile - 1) / tile;
+        if (per_row == 0) { // K = 0: no blocks, the product is zero
+            for (index_t r = 0; r < rows; ++r) std::fill_n(t.row(r).data(), n_, 0.0f);
+            return;
+        }
+        parallel_for(items, rows * k_ * n_, [&](index_t item) {
+            const index_t j0 = item * tile, cols = std::min(tile, n_ - j0);
+            alignas(64) std::uint8_t wq[prefill_chunk_blocks * 8 * 128];
+            alignas(64) float wd[prefill_chunk_blocks * 32];
+            for (index_t b0 = 0; b0 < per_row; b0 += prefill_chunk_blocks) {
+                const index_t nb = std::min(prefill_chunk_blocks, per_row - b0);
+                repack<Block>(j0, b0, nb, wq, wd);
+                for (index_t m = 0; m < rows; m += prefill_row_block) {
+                    const std::int8_t* x[prefill_row_block] = {};
+                    const float* d[prefill_row_block] = {};
+                    const std::int32_t* sum[prefill_row_block] = {};
+                    const index_t here = std::min(prefill_row_block, rows - m);
+                    for (index_t r = 0; r < here; ++r)
+                        x[r] = xq.q_row(m + r) + b0 * quant_block, d[r] = xq.d_row(m + r) + b0, sum[r] = xq.sum_row(m + r) + b0;
+                    float* out = t.row(m).data() + j0;
+                    const auto go = [&]<int Rows>() {
+                        prefill_tile_vnni<Rows, Block>(wq, wd, nb, x, d, sum, b0 == 0, out, t.stride(), cols);
+                    };
+                    switch (here) {
+                    case 1: go.template operator()<1>(); break;
+                    case 2: go.template operator()<2>(); break;
+                    case 3: go.template operator()<3>(); break;
+                    case 4: go.template operator()<4>(); break;
+                    case 5: go.template operator()<5>(); break;
+                    default: go.template operator()<6>(); break;
+                    }
+                }
+            }
+        });
+    }
+
+    /// Columns [j0, j0 + 32) and blocks [b0, b0 + nb) in prefill_tile_vnni's layout: per block
+    /// and quad of k, 2 x 16 columns x 4 bytes, unsigned (q8_0: q + 128; q4_0: the stored bytes,
+    /// whose low nibbles are k = 4L.. and high ones k = 16 + 4L..); wd the blocks' scales as f32.
+    /// Columns past N get zero weights and scales.
+    template <class Block>
+    void repack(index_t j0, index_t b0, index_t nb, std::uint8_t* wq, float* wd) const noexcept {
+        constexpr bool q4 = std::is_same_v<Block, BlockQ4_0>;
+        constexpr index_t quads = q4 ? 4 : 8; // 64-byte rows of the layout per block and 16 columns
+        for (index_t c = 0; c < tile; ++c) {
+            const index_t n = j0 + c, p = c / 16, lane = c % 16;
+            const bool valid = n < n_;
+            for (index_t b = 0; b < nb; ++b) {
+                wd[b * 32 + c] = valid ? f16_bits_to_f32(w_.scales(n)[b0 + b]) : 0.0f;
+                const std::uint8_t* q = valid ? w_.quants(n) + (b0 + b) * block_bytes_of<Block> : nullptr;
+                for (index_t j = 0; j < quads; ++j) {
+                    std::uint32_t v = q4 ? 0x88888888u : 0x80808080u; // a zero weight
+                    if (valid) {
+                        std::memcpy(&v, q + 4 * j, sizeof v);
+                        if constexpr (!q4) v ^= 0x80808080u;
+                    }
+                    std::memcpy(wq + ((b * quads + j) * 2 + p) * 64 + lane * 4, &v, sizeof v);
+                }
+            }
+        }
+    }
+#endif
+
 
     /// Outputs [j0, j0 + cols) of rows [r0, r0 + Rows): sums[r][j - j0] = the dot products, then
     /// bias, activation, scale and accumulation.
