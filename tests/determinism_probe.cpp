@@ -26,9 +26,10 @@ std::uint64_t fnv1a(const Matrix<float>& m) {
 
 template <class B>
 void probe(const Checkpoint& ck, Family family, index_t layer, const std::string& stack) {
-    for (const dtype storage : {dtype::f32, dtype::bf16})
+    for (const test::StorageCase& sc : test::storage_cases)
         for (const HyperMode mode : {HyperMode::cached, HyperMode::per_token}) {
-            const auto block = load_moe_block<B>(ck, layer, stack, {.storage = storage, .hyper = {.mode = mode}});
+            if (mode == HyperMode::per_token && !sc.every_mode()) continue;
+            const auto block = load_moe_block<B>(ck, layer, stack, {.storage = sc.storage, .prec = sc.prec, .hyper = {.mode = mode}});
             if (mode == HyperMode::per_token && !block.is_hyper()) continue;
             for (const index_t t : {1, 37, 300}) {
                 const Matrix<float> x = test::random_matrix(t, block.d_model(), std::uint32_t(t));
@@ -36,8 +37,9 @@ void probe(const Checkpoint& ck, Family family, index_t layer, const std::string
                 Workspace ws;
                 RoutingPlan plan;
                 block.forward(x.view(), y.view(), ws, plan);
-                std::printf("%s %s %s %s %s T=%lld %016llx\n", std::string(to_string(family)).c_str(), stack.c_str(),
-                            std::string(B::name).c_str(), std::string(to_string(storage)).c_str(),
+                std::printf("%s %s %s %s/%s %s T=%lld %016llx\n", std::string(to_string(family)).c_str(), stack.c_str(),
+                            std::string(B::name).c_str(), std::string(to_string(sc.storage)).c_str(),
+                            std::string(to_string(sc.prec)).c_str(),
                             mode == HyperMode::cached ? "cached" : "per_token", static_cast<long long>(t),
                             static_cast<unsigned long long>(fnv1a(y)));
             }

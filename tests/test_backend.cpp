@@ -277,6 +277,27 @@ TEST_CASE_TEMPLATE_DEFINE("fast bf16: every backend equals f32 arithmetic on bf1
 }
 TEST_CASE_TEMPLATE_APPLY(linear_bf16_fast, test::all_backends);
 
+TEST_CASE_TEMPLATE_DEFINE("a linear's workspace_bytes never decreases with the row count", B, linear_workspace_monotone) {
+    // Layers size one workspace for the most rows an expert may get; a call with fewer rows
+    // must fit in it (the q8_0 / q4_0 fast kernels switch layouts at BlockLinear::prefill_rows).
+    const Matrix<float> w = random_matrix(40, 100, 8, 0.3f);
+    for (const test::StorageCase& sc : test::storage_cases)
+        for (const bool acc : {false, true}) {
+            CAPTURE(to_string(sc.storage));
+            CAPTURE(to_string(sc.prec));
+            CAPTURE(acc);
+            const typename B::template linear<Silu> lin(ConstMatrixView<float>(w.view()), {}, {"w", acc, sc.storage, sc.prec});
+            std::size_t before = 0;
+            for (index_t m = 0; m <= 80; ++m) {
+                CAPTURE(m);
+                const std::size_t now = lin.workspace_bytes(m);
+                CHECK(now >= before);
+                before = now;
+            }
+        }
+}
+TEST_CASE_TEMPLATE_APPLY(linear_workspace_monotone, test::all_backends);
+
 TEST_CASE("fast blocks: a non-finite activation reaches the outputs as NaN, as with exact") {
     const Matrix<float> w = random_matrix(6, 64, 8, 0.3f);
     const reference::linear<Identity> ref(ConstMatrixView<float>(w.view()), {}, {"w", false, dtype::q4_0, precision::fast});

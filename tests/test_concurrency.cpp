@@ -72,14 +72,15 @@ TEST_CASE_TEMPLATE_DEFINE("one const block, many threads: bitwise the serial res
         const Checkpoint ck(dir.path.string());
         const FamilyCase ref = fc;
         const bool hyper = describe(ck).adapter_rank > 0;
-        for (const dtype storage : {dtype::f32, dtype::bf16}) {
+        for (const test::StorageCase& sc : test::storage_cases) {
             for (const HyperMode mode : {HyperMode::cached, HyperMode::per_token}) {
                 CAPTURE(to_string(fc.family));
                 CAPTURE(fc.stack);
-                CAPTURE(to_string(storage));
+                CAPTURE(to_string(sc.storage));
+                CAPTURE(to_string(sc.prec));
                 CAPTURE(int(mode));
-                if (mode == HyperMode::per_token && !hyper) continue;
-                const LoadOptions opt{.storage = storage, .hyper = {.mode = mode}};
+                if (mode == HyperMode::per_token && (!hyper || !sc.every_mode())) continue;
+                const LoadOptions opt{.storage = sc.storage, .prec = sc.prec, .hyper = {.mode = mode}};
                 // Serial results, on a block of their own.
                 const auto serial_block = load_moe_block<B>(ck, ref.layer, ref.stack, opt);
                 const index_t d = serial_block.d_model();

@@ -3,6 +3,7 @@
 // every comparison uses (max |got - ref| / max |ref|, relative to the largest reference value).
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <random>
@@ -104,5 +105,22 @@ MoeLayer<GluExpert<B, Silu>, R> make_layer(R router, index_t d = 24, index_t ff 
 /// Float32 tolerance for a chain of GEMMs whose reduction lengths add up to `k_total`: the
 /// worst-case rounding grows linearly with K; activations add ~2e-7.
 inline double tolerance(index_t k_total) { return 1e-6 + 2.4e-7 * double(k_total); }
+
+/// A weight storage type and precision, as LoadOptions takes them.
+struct StorageCase {
+    dtype storage;
+    precision prec;
+    /// The two the layer-level sweeps run with every HyperMoE mode; the others with the cached one.
+    [[nodiscard]] bool every_mode() const noexcept { return prec == precision::exact && !is_block_format(storage); }
+};
+
+/// Every storage type, with each precision where the two differ.
+inline constexpr std::array<StorageCase, 7> storage_cases{{{dtype::f32, precision::exact},
+                                                           {dtype::bf16, precision::exact},
+                                                           {dtype::bf16, precision::fast},
+                                                           {dtype::q8_0, precision::exact},
+                                                           {dtype::q8_0, precision::fast},
+                                                           {dtype::q4_0, precision::exact},
+                                                           {dtype::q4_0, precision::fast}}};
 
 } // namespace hypermoe::test

@@ -111,12 +111,14 @@ TEST_CASE_TEMPLATE_DEFINE("every family, storage and HyperMoE mode: workspace_by
         const auto& meta = input.view().metadata();
         const index_t layer = std::stoll(meta.at("layer"));
         const std::string stack = meta.count("stack") ? meta.at("stack") : "";
-        for (const dtype storage : {dtype::f32, dtype::bf16})
+        for (const test::StorageCase& sc : test::storage_cases)
             for (const HyperMode mode : {HyperMode::cached, HyperMode::per_token}) {
                 CAPTURE(name);
-                CAPTURE(to_string(storage));
+                CAPTURE(to_string(sc.storage));
+                CAPTURE(to_string(sc.prec));
                 CAPTURE(int(mode));
-                const auto block = load_moe_block<B>(ck, layer, stack, {.storage = storage, .hyper = {.mode = mode}});
+                if (mode == HyperMode::per_token && !sc.every_mode()) continue;
+                const auto block = load_moe_block<B>(ck, layer, stack, {.storage = sc.storage, .prec = sc.prec, .hyper = {.mode = mode}});
                 if (mode == HyperMode::per_token && !block.is_hyper()) continue;
                 // An absurd token count saturates (UBSan fails any signed overflow on the way).
                 CHECK(block.workspace_bytes(std::numeric_limits<index_t>::max() / 2) >= detail::unreal_bytes);

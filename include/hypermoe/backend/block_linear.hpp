@@ -453,12 +453,15 @@ public:
     static constexpr index_t prefill_rows = 32;
 
     /// `fast` quantises the activations into the workspace first (and the prefill kernel needs
-    /// the product apart when accumulating); `exact` needs none.
+    /// the product apart when accumulating); `exact` needs none. Never less than for fewer rows
+    /// (callers size a workspace for the most rows a call may get): from prefill_rows on, at
+    /// least what prefill_rows - 1 rows take in the VNNI kernel's lane layout.
     [[nodiscard]] std::size_t workspace_bytes(index_t rows) const noexcept {
         if (!fast_ || rows <= 0) return 0;
-        if (prefill(rows))
-            return QuantizedRows::bytes(rows, w_.blocks_per_row(), false) + (accumulate_ ? padded_bytes<float>(rows, n_) : 0);
-        return QuantizedRows::bytes(rows, w_.blocks_per_row(), kernel_ == kernel_isa::avx512_vnni);
+        const bool lanes = kernel_ == kernel_isa::avx512_vnni;
+        if (!prefill(rows)) return QuantizedRows::bytes(rows, w_.blocks_per_row(), lanes);
+        return std::max(QuantizedRows::bytes(rows, w_.blocks_per_row(), false) + (accumulate_ ? padded_bytes<float>(rows, n_) : 0),
+                        QuantizedRows::bytes(prefill_rows - 1, w_.blocks_per_row(), lanes));
     }
 
     void operator()(ConstMatrixView<float> a, MatrixView<float> c, Workspace& ws, float scale) const {
