@@ -164,7 +164,7 @@ TEST_CASE_TEMPLATE_DEFINE("fast q8_0 / q4_0: every backend equals f32 arithmetic
                           linear_blocks_fast) {
     MESSAGE("fast block kernel: ", detail::kernel_isa_name(dtype::q8_0, precision::fast));
     // K = 100: four blocks, the last padded; K = 70: three (an odd count, paired with a zero block).
-    // K = 300: ten blocks, more than one chunk of the prefill kernel (M >= 32 on VNNI).
+    // K = 300: ten blocks, more than one chunk of the prefill kernel (M >= 16 on VNNI).
     for (const index_t k : {100, 70, 300})
         for (const dtype format : {dtype::q8_0, dtype::q4_0}) {
             CAPTURE(k);
@@ -180,7 +180,7 @@ TEST_CASE_TEMPLATE_DEFINE("fast q8_0 / q4_0: every backend equals f32 arithmetic
             const typename B::template linear<Silu> slow(ConstMatrixView<float>(w.view()), bias, {"w", true, format, precision::exact});
             const reference::linear<Silu> oracle(ConstMatrixView<float>(exact.view()), bias, {"w", true, dtype::f32});
             CHECK(fast.prec() == precision::fast);
-            for (const index_t m : {1, 2, 3, 4, 5, 9, 33, 70}) {
+            for (const index_t m : {1, 2, 3, 4, 5, 9, 15, 16, 33, 70}) {
                 CAPTURE(m);
                 Matrix<float> a = random_matrix(m, k, 10);
                 if (m == 5 || m == 70) std::fill_n(a.data() + 32, 32, 0.0f); // a zero block: d = 0

@@ -450,7 +450,7 @@ public:
     [[nodiscard]] kernel_isa kernel() const noexcept { return kernel_; }
 
     /// Rows from which `fast` on VNNI runs the prefill kernel (repacking the weights per call).
-    static constexpr index_t prefill_rows = 32;
+    static constexpr index_t prefill_rows = 16;
 
     /// `fast` quantises the activations into the workspace first (and the prefill kernel needs
     /// the product apart when accumulating); `exact` needs none. Never less than for fewer rows
