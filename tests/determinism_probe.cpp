@@ -28,6 +28,7 @@ template <class B>
 void probe(const Checkpoint& ck, Family family, index_t layer, const std::string& stack) {
     for (const test::StorageCase& sc : test::storage_cases)
         for (const HyperMode mode : {HyperMode::cached, HyperMode::per_token}) {
+            if (!sc.swept()) continue;
             if (mode == HyperMode::per_token && !sc.every_mode()) continue;
             const auto block = load_moe_block<B>(ck, layer, stack, {.storage = sc.storage, .prec = sc.prec, .hyper = {.mode = mode}});
             if (mode == HyperMode::per_token && !block.is_hyper()) continue;

@@ -73,6 +73,7 @@ TEST_CASE_TEMPLATE_DEFINE("one const block, many threads: bitwise the serial res
         const FamilyCase ref = fc;
         const bool hyper = describe(ck).adapter_rank > 0;
         for (const test::StorageCase& sc : test::storage_cases) {
+            if (!sc.swept()) continue;
             for (const HyperMode mode : {HyperMode::cached, HyperMode::per_token}) {
                 CAPTURE(to_string(fc.family));
                 CAPTURE(fc.stack);

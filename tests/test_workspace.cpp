@@ -113,6 +113,7 @@ TEST_CASE_TEMPLATE_DEFINE("every family, storage and HyperMoE mode: workspace_by
         const std::string stack = meta.count("stack") ? meta.at("stack") : "";
         for (const test::StorageCase& sc : test::storage_cases)
             for (const HyperMode mode : {HyperMode::cached, HyperMode::per_token}) {
+                if (!sc.swept()) continue;
                 CAPTURE(name);
                 CAPTURE(to_string(sc.storage));
                 CAPTURE(to_string(sc.prec));
