@@ -36,17 +36,7 @@
 #include "hypermoe/core/parallel.hpp"
 #include "hypermoe/core/workspace.hpp"
 
-#if HYPERMOE_X86_KERNELS
-#include <immintrin.h>
-#endif
-
-// GCC 12 flags the intrinsics' own _mm512_undefined_* start values as (maybe) uninitialised once
-// they are inlined here (GCC bug 105593, fixed in 13); the warnings are false.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#endif
+HYPERMOE_INTRINSICS_BEGIN
 
 namespace hypermoe::detail {
 
@@ -341,6 +331,4 @@ private:
 
 } // namespace hypermoe::detail
 
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic pop
-#endif
+HYPERMOE_INTRINSICS_END

@@ -35,17 +35,7 @@
 #include "hypermoe/core/quant.hpp"
 #include "hypermoe/core/workspace.hpp"
 
-#if HYPERMOE_X86_KERNELS
-#include <immintrin.h>
-#endif
-
-// GCC 12 flags the intrinsics' own _mm512_undefined_* start values as (maybe) uninitialised once
-// they are inlined here (GCC bug 105593, fixed in 13); the warnings are false.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#endif
+HYPERMOE_INTRINSICS_BEGIN
 
 namespace hypermoe::detail {
 
@@ -306,6 +296,13 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void fast_dots_v
 /// 32 columns, which stay in L1).
 inline constexpr index_t prefill_chunk_blocks = 8;
 
+/// 4 activation bytes at x in every int32 lane.
+__attribute__((target("avx512f"))) inline __m512i broadcast_quad(const std::int8_t* x) {
+    std::int32_t v;
+    std::memcpy(&v, x, sizeof v);
+    return _mm512_set1_epi32(v);
+}
+
 /// `fast` with many rows: c[r][0 .. 32) (+)= dot of activation row r with 32 weight columns
 /// repacked by BlockLinear::repack (`wq`, `wd`: `nb` blocks), VNNI's operand layout: per block
 /// and quad of k, 16 columns x 4 bytes, so one VPDPBUSD multiplies 4 k of 16 columns by one
@@ -325,11 +322,6 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void prefill_til
     __m512 acc[Rows][2];
     for (int r = 0; r < Rows; ++r)
         for (int p = 0; p < 2; ++p) acc[r][p] = first ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(mask[p], c + r * ldc + 16 * p);
-    const auto quad = [](const std::int8_t* x) {
-        std::int32_t v;
-        std::memcpy(&v, x, sizeof v);
-        return _mm512_set1_epi32(v);
-    };
     for (index_t b = 0; b < nb; ++b) {
         __m512i sum[Rows][2];
         for (int r = 0; r < Rows; ++r) sum[r][0] = sum[r][1] = _mm512_set1_epi32(-offset * xsum[r][b]);
@@ -343,7 +335,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void prefill_til
                     hi[p] = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
                 }
                 for (int r = 0; r < Rows; ++r) {
-                    const __m512i xl = quad(xq[r] + b * quant_block + 4 * l), xh = quad(xq[r] + b * quant_block + 16 + 4 * l);
+                    const __m512i xl = broadcast_quad(xq[r] + b * quant_block + 4 * l), xh = broadcast_quad(xq[r] + b * quant_block + 16 + 4 * l);
                     for (int p = 0; p < 2; ++p) sum[r][p] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(sum[r][p], lo[p], xl), hi[p], xh);
                 }
             }
@@ -352,7 +344,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void prefill_til
                 const std::uint8_t* w = wq + (b * 8 + j) * 128;
                 const __m512i w0 = _mm512_loadu_si512(w), w1 = _mm512_loadu_si512(w + 64);
                 for (int r = 0; r < Rows; ++r) {
-                    const __m512i x = quad(xq[r] + b * quant_block + 4 * j);
+                    const __m512i x = broadcast_quad(xq[r] + b * quant_block + 4 * j);
                     sum[r][0] = _mm512_dpbusd_epi32(sum[r][0], w0, x);
                     sum[r][1] = _mm512_dpbusd_epi32(sum[r][1], w1, x);
                 }
@@ -715,6 +707,4 @@ private:
 
 } // namespace hypermoe::detail
 
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic pop
-#endif
+HYPERMOE_INTRINSICS_END

@@ -14,8 +14,22 @@
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define HYPERMOE_X86_KERNELS 1
+#include <immintrin.h>
 #else
 #define HYPERMOE_X86_KERNELS 0
+#endif
+
+// A header with AVX-512 intrinsics puts its kernels between these two. GCC 12 flags the
+// intrinsics' own _mm512_undefined_* start values as (maybe) uninitialised once they are inlined
+// (GCC bug 105593, fixed in 13); the warnings are false.
+#if defined(__GNUC__) && !defined(__clang__)
+#define HYPERMOE_INTRINSICS_BEGIN                                                                                      \
+    _Pragma("GCC diagnostic push") _Pragma("GCC diagnostic ignored \"-Wmaybe-uninitialized\"")                       \
+        _Pragma("GCC diagnostic ignored \"-Wuninitialized\"")
+#define HYPERMOE_INTRINSICS_END _Pragma("GCC diagnostic pop")
+#else
+#define HYPERMOE_INTRINSICS_BEGIN
+#define HYPERMOE_INTRINSICS_END
 #endif
 
 namespace hypermoe::detail {
