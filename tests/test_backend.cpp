@@ -105,40 +105,45 @@ TEST_CASE_TEMPLATE_APPLY(linear_rows, test::all_backends);
 
 TEST_CASE_TEMPLATE_DEFINE("q8_0 and q4_0 weights: every backend equals f32 arithmetic on the dequantised weights", B,
                           linear_blocks) {
-    // K = 100: three whole blocks and a zero-padded fourth; M around the row groups of 4.
-    const index_t n = 45, k = 100;
-    const Matrix<float> w = random_matrix(n, k, 8, 0.3f);
-    for (const dtype format : {dtype::q8_0, dtype::q4_0}) {
-        CAPTURE(to_string(format));
-        // The weights' exact values, quantised and dequantised block by block (core/quant.hpp).
-        Matrix<float> exact(n, k);
-        for (index_t r = 0; r < n; ++r) {
-            std::vector<float> row(w.data() + r * k, w.data() + (r + 1) * k);
-            row.resize(128, 0.0f);
-            for (index_t b = 0; b < 4; ++b) {
-                std::array<float, 32> in{}, out{};
-                std::copy_n(row.begin() + 32 * b, 32, in.begin());
-                if (format == dtype::q8_0) dequantize(quantize_q8_0(in), out);
-                else dequantize(quantize_q4_0(in), out);
-                for (index_t i = 0; i < 32 && 32 * b + i < k; ++i) exact(r, 32 * b + i) = out[std::size_t(i)];
+    // K = 100: three whole blocks and a zero-padded fourth; K = 300: ten, more than one chunk of
+    // blocks when the rows are many (the partial last block in the second chunk). M around the
+    // kernels' row blocks (4 exact, 6 fast).
+    for (const index_t k : {100, 300}) {
+        CAPTURE(k);
+        const index_t n = 45, blocks = (k + 31) / 32;
+        const Matrix<float> w = random_matrix(n, k, 8, 0.3f);
+        for (const dtype format : {dtype::q8_0, dtype::q4_0}) {
+            CAPTURE(to_string(format));
+            // The weights' exact values, quantised and dequantised block by block (core/quant.hpp).
+            Matrix<float> exact(n, k);
+            for (index_t r = 0; r < n; ++r) {
+                std::vector<float> row(w.data() + r * k, w.data() + (r + 1) * k);
+                row.resize(std::size_t(blocks * 32), 0.0f);
+                for (index_t b = 0; b < blocks; ++b) {
+                    std::array<float, 32> in{}, out{};
+                    std::copy_n(row.begin() + 32 * b, 32, in.begin());
+                    if (format == dtype::q8_0) dequantize(quantize_q8_0(in), out);
+                    else dequantize(quantize_q4_0(in), out);
+                    for (index_t i = 0; i < 32 && 32 * b + i < k; ++i) exact(r, 32 * b + i) = out[std::size_t(i)];
+                }
             }
+            const auto bias = random_vector(n, 9);
+            const typename B::template linear<Silu> lin(ConstMatrixView<float>(w.view()), bias, {"w", true, format});
+            const reference::linear<Silu> oracle(ConstMatrixView<float>(exact.view()), bias, {"w", true, dtype::f32});
+            CHECK(lin.storage() == format);
+            MESSAGE("block kernels: exact ", detail::kernel_isa_name(format, precision::exact), ", fast ", detail::kernel_isa_name(format, precision::fast));
+            for (const index_t m : {1, 3, 4, 5, 9, 33}) {
+                CAPTURE(m);
+                const Matrix<float> a = random_matrix(m, k, 10);
+                Matrix<float> got = random_matrix(m, n, 12), want = got;
+                Workspace ws;
+                lin(a.view(), got.view(), ws, 0.5f);
+                oracle(a.view(), want.view(), ws, 0.5f);
+                CHECK(relative_error(got.view(), want.view()) <= 1e-5);
+            }
+            // Quantising is not the identity: the formats lose what they must.
+            CHECK(relative_error(exact.view(), w.view()) > (format == dtype::q8_0 ? 1e-4 : 1e-2));
         }
-        const auto bias = random_vector(n, 9);
-        const typename B::template linear<Silu> lin(ConstMatrixView<float>(w.view()), bias, {"w", true, format});
-        const reference::linear<Silu> oracle(ConstMatrixView<float>(exact.view()), bias, {"w", true, dtype::f32});
-        CHECK(lin.storage() == format);
-        MESSAGE("block kernels: exact ", detail::kernel_isa_name(format, precision::exact), ", fast ", detail::kernel_isa_name(format, precision::fast));
-        for (const index_t m : {1, 3, 4, 5, 9, 33}) {
-            CAPTURE(m);
-            const Matrix<float> a = random_matrix(m, k, 10);
-            Matrix<float> got = random_matrix(m, n, 12), want = got;
-            Workspace ws;
-            lin(a.view(), got.view(), ws, 0.5f);
-            oracle(a.view(), want.view(), ws, 0.5f);
-            CHECK(relative_error(got.view(), want.view()) <= 1e-5);
-        }
-        // Quantising is not the identity: the formats lose what they must.
-        CHECK(relative_error(exact.view(), w.view()) > (format == dtype::q8_0 ? 1e-4 : 1e-2));
     }
 }
 TEST_CASE_TEMPLATE_APPLY(linear_blocks, test::all_backends);
@@ -312,12 +317,14 @@ TEST_CASE("fast blocks: a non-finite activation reaches the outputs as NaN, as w
     }
 }
 
-TEST_CASE("the reference holds q8_0 / q4_0 weights as blocks and widens them exactly") {
+TEST_CASE("q8_0 / q4_0 weights are held as ggml's blocks, in panels of 16 outputs, and widen exactly") {
     const Matrix<float> w = random_matrix(3, 40, 4, 0.3f);
     for (const dtype format : {dtype::q8_0, dtype::q4_0}) {
         const detail::BlockWeights blocks(ConstMatrixView<float>(w.view()), format, "w");
         CHECK(blocks.blocks_per_row() == 2);
-        CHECK(blocks.bytes() == weight_bytes(format, 3, 40));
+        CHECK(blocks.panels() == 1);
+        // 3 outputs take one panel of 16: the padding outputs hold zero blocks.
+        CHECK(blocks.bytes() == weight_bytes(format, 16, 40));
         CHECK(weight_bytes(format, 3, 40) == (format == dtype::q8_0 ? 3u * 2u * 34u : 3u * 2u * 18u));
         std::array<float, 32> first{};
         std::copy_n(w.data() + 40, 32, first.begin());
@@ -325,6 +332,32 @@ TEST_CASE("the reference holds q8_0 / q4_0 weights as blocks and widens them exa
         if (format == dtype::q8_0) dequantize(quantize_q8_0(first), want);
         else dequantize(quantize_q4_0(first), want);
         for (index_t i = 0; i < 32; ++i) CHECK(blocks.at(1, i) == want[std::size_t(i)]);
+    }
+    // Every block of 45 outputs (three panels, the last partial) comes back with ggml's bits.
+    const Matrix<float> wide = random_matrix(45, 70, 5, 0.3f);
+    for (const dtype format : {dtype::q8_0, dtype::q4_0}) {
+        CAPTURE(to_string(format));
+        const detail::BlockWeights blocks(ConstMatrixView<float>(wide.view()), format, "w");
+        CHECK(blocks.panels() == 3);
+        CHECK(blocks.bytes() == weight_bytes(format, 48, 70));
+        for (index_t r = 0; r < 45; ++r) {
+            const std::span<const float> row(wide.data() + r * 70, 70);
+            std::vector<BlockQ8_0> q8(3);
+            std::vector<BlockQ4_0> q4(3);
+            if (format == dtype::q8_0) quantize_row<BlockQ8_0>(row, q8, "row");
+            else quantize_row<BlockQ4_0>(row, q4, "row");
+            for (index_t b = 0; b < 3; ++b) {
+                if (format == dtype::q8_0) {
+                    const BlockQ8_0 got = blocks.block<BlockQ8_0>(r, b);
+                    CHECK(got.d == q8[std::size_t(b)].d);
+                    CHECK(got.qs == q8[std::size_t(b)].qs);
+                } else {
+                    const BlockQ4_0 got = blocks.block<BlockQ4_0>(r, b);
+                    CHECK(got.d == q4[std::size_t(b)].d);
+                    CHECK(got.qs == q4[std::size_t(b)].qs);
+                }
+            }
+        }
     }
     Matrix<float> big(1, 4);
     std::fill_n(big.data(), 4, 0.0f);

@@ -77,12 +77,13 @@ struct cpu_features {
 }
 
 /// The kernel a block-format (q8_0 / q4_0) linear of precision `p` runs: `exact` on AVX-512 F + BW
-/// where present; `fast` on VNNI where present, else the portable integer kernel (the same block
-/// dots, so results differ between CPUs only in f32 summation order).
+/// where present; `fast` on VNNI where present, else on AVX-512 BW's VPMADDUBSW, else the
+/// portable integer kernel (the same block dots, so results differ between CPUs only in f32
+/// summation order).
 [[nodiscard]] inline kernel_isa block_kernel(precision p) {
     const cpu_features f = cpu_isa();
-    if (p == precision::exact) return f.avx512 ? kernel_isa::avx512 : kernel_isa::portable;
-    return f.vnni ? kernel_isa::avx512_vnni : kernel_isa::portable;
+    if (p == precision::fast && f.vnni) return kernel_isa::avx512_vnni;
+    return f.avx512 ? kernel_isa::avx512 : kernel_isa::portable;
 }
 
 /// The kernel a bf16 linear of precision `p` runs: `exact` widens the weights (AVX-512 F where

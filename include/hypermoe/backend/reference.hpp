@@ -46,7 +46,7 @@ struct reference {
 
         /// One output's K weights, widened; with `fast` blocks, the quantised activations.
         [[nodiscard]] std::size_t workspace_bytes(index_t rows) const noexcept {
-            if (is_block_format(storage_) && prec_ == precision::fast) return detail::QuantizedRows::bytes(rows, blocks_.blocks_per_row(), false);
+            if (is_block_format(storage_) && prec_ == precision::fast) return detail::QuantizedRows::bytes(rows, blocks_.blocks_per_row());
             return detail::padded_bytes<float>(k_);
         }
 
@@ -85,9 +85,10 @@ struct reference {
                 for (index_t m = 0; m < a.rows(); ++m) {
                     double acc = bias_.empty() ? 0.0 : bias_[static_cast<std::size_t>(j)];
                     for (index_t b = 0; b < per_row; ++b) {
-                        const std::int32_t dot = detail::block_int_dot<Block>(blocks_.quants(j) + b * detail::block_bytes_of<Block>,
+                        const Block blk = blocks_.block<Block>(j, b);
+                        const std::int32_t dot = detail::block_int_dot<Block>(reinterpret_cast<const std::uint8_t*>(blk.qs.data()),
                                                                               xq.q_row(m) + b * quant_block, xq.sum_row(m)[b]);
-                        acc += double(f16_bits_to_f32(blocks_.scales(j)[b])) * double(xq.d_row(m)[b]) * double(dot);
+                        acc += double(f16_bits_to_f32(blk.d)) * double(xq.d_row(m)[b]) * double(dot);
                     }
                     const auto v = static_cast<float>(double(scale) * Act::apply(acc));
                     c(m, j) = accumulate_ ? c(m, j) + v : v;
