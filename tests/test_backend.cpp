@@ -317,14 +317,14 @@ TEST_CASE("fast blocks: a non-finite activation reaches the outputs as NaN, as w
     }
 }
 
-TEST_CASE("q8_0 / q4_0 weights are held as ggml's blocks, in panels of 16 outputs, and widen exactly") {
+TEST_CASE("q8_0 / q4_0 weights are held as ggml's blocks, in tiles of 32 outputs, and widen exactly") {
     const Matrix<float> w = random_matrix(3, 40, 4, 0.3f);
     for (const dtype format : {dtype::q8_0, dtype::q4_0}) {
         const detail::BlockWeights blocks(ConstMatrixView<float>(w.view()), format, "w");
         CHECK(blocks.blocks_per_row() == 2);
-        CHECK(blocks.panels() == 1);
-        // 3 outputs take one panel of 16: the padding outputs hold zero blocks.
-        CHECK(blocks.bytes() == weight_bytes(format, 16, 40));
+        CHECK(blocks.tiles() == 1);
+        // 3 outputs take one tile of 32: the padding outputs hold zero blocks.
+        CHECK(blocks.bytes() == weight_bytes(format, 32, 40));
         CHECK(weight_bytes(format, 3, 40) == (format == dtype::q8_0 ? 3u * 2u * 34u : 3u * 2u * 18u));
         std::array<float, 32> first{};
         std::copy_n(w.data() + 40, 32, first.begin());
@@ -333,13 +333,14 @@ TEST_CASE("q8_0 / q4_0 weights are held as ggml's blocks, in panels of 16 output
         else dequantize(quantize_q4_0(first), want);
         for (index_t i = 0; i < 32; ++i) CHECK(blocks.at(1, i) == want[std::size_t(i)]);
     }
-    // Every block of 45 outputs (three panels, the last partial) comes back with ggml's bits.
+    // Every block of 45 outputs (two tiles, the second's second panel partial) comes back with
+    // ggml's bits.
     const Matrix<float> wide = random_matrix(45, 70, 5, 0.3f);
     for (const dtype format : {dtype::q8_0, dtype::q4_0}) {
         CAPTURE(to_string(format));
         const detail::BlockWeights blocks(ConstMatrixView<float>(wide.view()), format, "w");
-        CHECK(blocks.panels() == 3);
-        CHECK(blocks.bytes() == weight_bytes(format, 48, 70));
+        CHECK(blocks.tiles() == 2);
+        CHECK(blocks.bytes() == weight_bytes(format, 64, 70));
         for (index_t r = 0; r < 45; ++r) {
             const std::span<const float> row(wide.data() + r * 70, 70);
             std::vector<BlockQ8_0> q8(3);

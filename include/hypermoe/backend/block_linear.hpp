@@ -2,7 +2,7 @@
 // Linear maps over weights stored in the q8_0 / q4_0 block formats (core/quant.hpp), shared by
 // every backend: a backend's linear whose storage is a block format holds a BlockLinear and
 // forwards to it, so the weights are held once, as blocks (34 or 18 bytes per 32 weights), never
-// widened. They are held in the layout VPDPBUSD takes (BlockWeights: panels of 16 outputs), so
+// widened. They are held in the layout VPDPBUSD takes (BlockWeights: tiles of 32 outputs), so
 // that one kernel serves every row count, from decode to prefill, with nothing repacked per call.
 // Two precisions (core/dtype.hpp):
 // - exact: f32 on the weights' exact values. Per block and output, the 32 products of the
@@ -116,27 +116,29 @@ template <class Block>
 template <class Block>
 inline constexpr index_t block_bytes_of = std::is_same_v<Block, BlockQ8_0> ? 32 : 16;
 
-/// An (N, K) weight held as ceil(N / 16) panels of 16 outputs. A panel holds its outputs'
-/// ceil(K / 32) blocks the way VPDPBUSD takes them: per block and per 4 bytes of the blocks'
-/// integers (a "quad"), the 16 outputs' 4 bytes side by side, 64 bytes that one load brings in;
-/// and, in a second array, per block the 16 outputs' scales (half bits). The integers are ggml's
-/// `qs` bytes, q8_0's with the sign bit flipped (q + 128: unsigned, as VPDPBUSD reads its first
-/// operand), q4_0's as stored (byte j of a block holds element j in its low nibble and j + 16 in
-/// its high one). So a block of 16 outputs takes 16 x 34 or 16 x 18 bytes, as ggml's blocks do;
-/// outputs past N (the last panel's padding) hold zero weights. `block()` gives a block back in
-/// ggml's layout.
+/// An (N, K) weight held as ceil(N / 32) tiles of 32 outputs, each two panels of 16 (the int32
+/// lanes of a 512-bit register). A tile holds its outputs' ceil(K / 32) blocks the way VPDPBUSD
+/// takes them, one block after the other: per block, panel and 4 bytes of the blocks' integers
+/// (a "quad"), the panel's 16 outputs' 4 bytes side by side, 64 bytes that one load brings in;
+/// and, in a second array, per block the 32 outputs' scales (half bits: one cache line). The
+/// integers are ggml's `qs` bytes, q8_0's with the sign bit flipped (q + 128: unsigned, as
+/// VPDPBUSD reads its first operand), q4_0's as stored (byte j of a block holds element j in its
+/// low nibble and j + 16 in its high one). So a block of 32 outputs takes 32 x 34 or 32 x 18
+/// bytes, as ggml's blocks do, and a tile's weights are one stream; outputs past N (the last
+/// tile's padding) hold zero weights. `block()` gives a block back in ggml's layout.
 class BlockWeights {
 public:
-    /// Outputs per panel: the int32 lanes of one 512-bit register.
+    /// Outputs per panel: the int32 lanes of one 512-bit register; per tile: two panels.
     static constexpr index_t panel = 16;
+    static constexpr index_t tile = 2 * panel;
 
     BlockWeights() = default;
     BlockWeights(const WeightView& w, dtype format, const std::string& name)
         : format_(format), n_(w.rows()), k_(w.cols()), blocks_per_row_((w.cols() + quant_block - 1) / quant_block),
-          panels_((w.rows() + panel - 1) / panel) {
+          tiles_((w.rows() + tile - 1) / tile) {
         const std::uint8_t zero = format == dtype::q8_0 ? 0x80 : 0x88; // a zero weight, as held
-        scales_.assign(std::size_t(panels_ * blocks_per_row_ * panel), 0);
-        quants_.assign(std::size_t(panels_ * blocks_per_row_ * quads() * 64), zero);
+        scales_.assign(std::size_t(tiles_ * blocks_per_row_ * tile), 0);
+        quants_.assign(std::size_t(tiles_ * blocks_per_row_ * 2 * quads() * 64), zero);
         std::vector<float> row(static_cast<std::size_t>(k_));
         std::vector<BlockQ8_0> q8(format == dtype::q8_0 ? std::size_t(blocks_per_row_) : 0);
         std::vector<BlockQ4_0> q4(format == dtype::q4_0 ? std::size_t(blocks_per_row_) : 0);
@@ -162,17 +164,18 @@ public:
 
     [[nodiscard]] dtype format() const noexcept { return format_; }
     [[nodiscard]] index_t blocks_per_row() const noexcept { return blocks_per_row_; }
-    [[nodiscard]] index_t panels() const noexcept { return panels_; }
+    [[nodiscard]] index_t tiles() const noexcept { return tiles_; }
     /// Integer bytes per block: 32 (q8_0) or 16 (q4_0).
     [[nodiscard]] index_t block_bytes() const noexcept { return format_ == dtype::q8_0 ? 32 : 16; }
-    /// 64-byte rows of a panel per block: 8 (q8_0) or 4 (q4_0).
+    /// 64-byte loads of a panel per block: 8 (q8_0) or 4 (q4_0).
     [[nodiscard]] index_t quads() const noexcept { return block_bytes() / 4; }
     /// Bytes held: the integers and the scales, as many as ggml's blocks take (N rounded up to
-    /// whole panels).
+    /// whole tiles).
     [[nodiscard]] std::size_t bytes() const noexcept { return quants_.size() + scales_.size() * sizeof(std::uint16_t); }
-    /// Panel p's integers (block b, quad j at + (b * quads() + j) * 64) and scales (block b at + b * 16).
-    [[nodiscard]] const std::uint8_t* panel_quants(index_t p) const noexcept { return quants_.data() + p * blocks_per_row_ * quads() * 64; }
-    [[nodiscard]] const std::uint16_t* panel_scales(index_t p) const noexcept { return scales_.data() + p * blocks_per_row_ * panel; }
+    /// Tile t's integers (block b, panel p, quad j at + ((b * 2 + p) * quads() + j) * 64) and
+    /// scales (block b, panel p at + b * 32 + p * 16).
+    [[nodiscard]] const std::uint8_t* tile_quants(index_t t) const noexcept { return quants_.data() + t * blocks_per_row_ * 2 * quads() * 64; }
+    [[nodiscard]] const std::uint16_t* tile_scales(index_t t) const noexcept { return scales_.data() + t * blocks_per_row_ * tile; }
 
     /// Block b of row n in ggml's layout (Block matching format()).
     template <class Block>
@@ -200,24 +203,23 @@ public:
     }
 
 private:
-    [[nodiscard]] index_t scale_index(index_t n, index_t b) const noexcept { return (n / panel * blocks_per_row_ + b) * panel + n % panel; }
+    [[nodiscard]] index_t scale_index(index_t n, index_t b) const noexcept { return (n / tile * blocks_per_row_ + b) * tile + n % tile; }
     [[nodiscard]] index_t quad_offset(index_t n, index_t b, index_t j) const noexcept {
-        return ((n / panel * blocks_per_row_ + b) * quads() + j) * 64 + n % panel * 4;
+        return (((n / tile * blocks_per_row_ + b) * 2 + n % tile / panel) * quads() + j) * 64 + n % panel * 4;
     }
 
     dtype format_ = dtype::q8_0;
-    index_t n_ = 0, k_ = 0, blocks_per_row_ = 0, panels_ = 0;
+    index_t n_ = 0, k_ = 0, blocks_per_row_ = 0, tiles_ = 0;
     std::vector<std::uint16_t> scales_;
     std::vector<std::uint8_t> quants_;
 };
 
-/// One call of a tile kernel: 32 outputs (two panels; the second pointer repeats the first when
-/// the tile has one) over blocks [b0, b0 + nb) of up to 6 rows. Each output's sums go to
-/// out[r * ldc + column], added to what is there unless `first`; `mask[p]` says which of panel
-/// p's 16 columns exist.
+/// One call of a tile kernel: a tile of BlockWeights (32 outputs, two panels) over blocks
+/// [b0, b0 + nb) of up to 6 rows. Each output's sums go to out[r * ldc + column], added to what
+/// is there unless `first`; `mask[p]` says which of panel p's 16 columns exist.
 struct TileArgs {
-    const std::uint8_t* wq[2];  ///< the panels' integers at block b0
-    const std::uint16_t* wd[2]; ///< the panels' scales at block b0
+    const std::uint8_t* wq = nullptr;  ///< the tile's integers at block b0
+    const std::uint16_t* wd = nullptr; ///< the tile's scales at block b0
     index_t b0 = 0, nb = 0;
     bool first = true;
     float* out = nullptr;
@@ -280,7 +282,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void fast_tile(c
             __m512i lo[2], hi[2];
             __mmask64 negative[2] = {};
             for (int p = 0; p < 2; ++p) {
-                const std::uint8_t* w = t.wq[p] + (b * quads + j) * 64;
+                const std::uint8_t* w = t.wq + ((b * 2 + p) * quads + j) * 64;
                 if (t.ahead != 0) _mm_prefetch(reinterpret_cast<const char*>(w + t.ahead), _MM_HINT_T0);
                 const __m512i v = _mm512_loadu_si512(w);
                 if constexpr (q4) { // low nibbles: k = 4j..4j+3; high: k = 16 + 4j..
@@ -314,7 +316,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void fast_tile(c
             }
         }
         for (int p = 0; p < 2; ++p) {
-            const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(t.wd[p] + b * 16)));
+            const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(t.wd + b * 32 + p * 16)));
             for (int r = 0; r < Rows; ++r) {
                 __m512i total = sum[r][p][0];
                 for (int i = 1; i < split; ++i) total = _mm512_add_epi32(total, sum[r][p][i]);
@@ -353,7 +355,7 @@ __attribute__((target("avx512f,avx512bw"))) void exact_tile(const TileArgs& t, c
                 for (int i = 0; i < split; ++i) sum[r][p][i] = _mm512_setzero_ps();
         for (index_t j = 0; j < quads; ++j)
             for (int p = 0; p < 2; ++p) {
-                const std::uint8_t* w = t.wq[p] + (b * quads + j) * 64;
+                const std::uint8_t* w = t.wq + ((b * 2 + p) * quads + j) * 64;
                 if (t.ahead != 0) _mm_prefetch(reinterpret_cast<const char*>(w + t.ahead), _MM_HINT_T0);
                 const __m512i v = _mm512_loadu_si512(w);
                 if constexpr (q4) {
@@ -372,7 +374,7 @@ __attribute__((target("avx512f,avx512bw"))) void exact_tile(const TileArgs& t, c
                 }
             }
         for (int p = 0; p < 2; ++p) {
-            const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(t.wd[p] + b * 16)));
+            const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(t.wd + b * 32 + p * 16)));
             for (int r = 0; r < Rows; ++r) {
                 __m512 total = sum[r][p][0];
                 for (int i = 1; i < split; ++i) total = _mm512_add_ps(total, sum[r][p][i]);
@@ -401,7 +403,7 @@ void portable_tile(const TileArgs& t, const TileRows& x, int rows) {
                 std::int32_t isum[lanes] = {};
                 float fsum[lanes] = {};
                 for (index_t j = 0; j < quads; ++j) {
-                    const std::uint8_t* w = t.wq[p] + (b * quads + j) * 64;
+                    const std::uint8_t* w = t.wq + ((b * 2 + p) * quads + j) * 64;
                     for (int s = 0; s < (q4 ? 8 : 4); ++s) {
                         const index_t k = q4 ? 4 * j + s / 2 + (s % 2) * 16 : 4 * j + s;
                         for (index_t l = 0; l < lanes; ++l) {
@@ -413,7 +415,7 @@ void portable_tile(const TileArgs& t, const TileRows& x, int rows) {
                     }
                 }
                 for (index_t l = 0; l < lanes; ++l) {
-                    const float dw = f16_bits_to_f32(t.wd[p][b * 16 + l]);
+                    const float dw = f16_bits_to_f32(t.wd[b * 32 + p * 16 + l]);
                     if constexpr (Fast) acc[l] += float(isum[l]) * (dw * x.d[r][bx]);
                     else acc[l] += fsum[l] * dw;
                 }
@@ -459,7 +461,6 @@ public:
         const index_t tiles = (n_ + tile - 1) / tile, full = k_ / quant_block;
         parallel_for(tiles, rows * k_ * n_, [&](index_t item) {
             const index_t j0 = item * tile, cols = std::min(tile, n_ - j0);
-            const index_t p0 = j0 / BlockWeights::panel, p1 = std::min(p0 + 1, w_.panels() - 1);
             TileArgs args;
             args.ldc = t.stride();
             args.ahead = rows <= row_block ? prefetch_ahead : 0;
@@ -468,9 +469,7 @@ public:
             alignas(64) float pad[exact_row_block][quant_block] = {};
             for (index_t b0 = 0; b0 < per_row; b0 += chunk) {
                 args.b0 = b0, args.nb = std::min(chunk, per_row - b0), args.first = b0 == 0;
-                const index_t quads = w_.quads();
-                args.wq[0] = w_.panel_quants(p0) + b0 * quads * 64, args.wq[1] = w_.panel_quants(p1) + b0 * quads * 64;
-                args.wd[0] = w_.panel_scales(p0) + b0 * 16, args.wd[1] = w_.panel_scales(p1) + b0 * 16;
+                args.wq = w_.tile_quants(item) + b0 * 2 * w_.quads() * 64, args.wd = w_.tile_scales(item) + b0 * BlockWeights::tile;
                 for (index_t m = 0; m < rows; m += row_block) {
                     const index_t here = std::min(row_block, rows - m);
                     TileRows x;
@@ -495,15 +494,15 @@ public:
     }
 
 private:
-    static constexpr index_t tile = 2 * BlockWeights::panel; ///< outputs per work item
+    static constexpr index_t tile = BlockWeights::tile; ///< outputs per work item
     static constexpr index_t fast_row_block = 6;  ///< rows per `fast` kernel call: their sums stay in registers
     static constexpr index_t exact_row_block = 4; ///< rows per `exact` kernel call
     /// Blocks of K every row block runs over in turn when there are many rows (8: 8 KiB of q8_0
     /// integers for 32 outputs, which stay in L1).
     static constexpr index_t chunk_blocks = 8;
     /// When the weights stream from memory (few rows), each load asks for the line this many
-    /// bytes on, so that the prefetchers are not left behind at the start of each panel.
-    static constexpr std::ptrdiff_t prefetch_ahead = 1024;
+    /// bytes on, so that the prefetchers are not left behind at the start of each tile.
+    static constexpr std::ptrdiff_t prefetch_ahead = 2048;
 
     /// One kernel call for `rows` (1..6) rows, on the instructions chosen at construction.
     void run_tile(const TileArgs& t, const TileRows& x, index_t rows) const {
