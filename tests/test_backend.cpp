@@ -206,6 +206,41 @@ TEST_CASE_TEMPLATE_DEFINE("fast q8_0 / q4_0: every backend equals f32 arithmetic
 }
 TEST_CASE_TEMPLATE_APPLY(linear_blocks_fast, test::all_backends);
 
+TEST_CASE("fast q8_0 / q4_0 activations: QuantizedRows holds exactly the integers, scales and sums worked out here") {
+    // Rows of K = 100: three whole blocks (the vector path where the CPU has AVX-512) and a
+    // partial fourth; row 1 has a zero block, row 2 a NaN and row 3 an infinity in block 1.
+    const index_t m = 4, k = 100, blocks = 4;
+    Matrix<float> a = random_matrix(m, k, 21);
+    std::fill_n(a.data() + 1 * k + 32, 32, 0.0f);
+    a(2, 40) = std::numeric_limits<float>::quiet_NaN();
+    a(3, 63) = -std::numeric_limits<float>::infinity();
+    Workspace ws;
+    Workspace::Scope scope(ws, detail::QuantizedRows::bytes(m, blocks));
+    const detail::QuantizedRows xq(a.view(), blocks, ws);
+    for (index_t r = 0; r < m; ++r)
+        for (index_t b = 0; b < blocks; ++b) {
+            CAPTURE(r);
+            CAPTURE(b);
+            const index_t len = std::min<index_t>(32, k - 32 * b);
+            float amax = 0.0f;
+            bool finite = true;
+            for (index_t i = 0; i < len; ++i) {
+                finite = finite && std::isfinite(a(r, 32 * b + i));
+                amax = std::max(amax, std::abs(a(r, 32 * b + i)));
+            }
+            const float d = amax / 127.0f, id = finite && d != 0.0f ? 1.0f / d : 0.0f;
+            std::int32_t sum = 0;
+            for (index_t i = 0; i < 32; ++i) {
+                const auto q = i < len && id != 0.0f ? static_cast<std::int8_t>(std::nearbyint(a(r, 32 * b + i) * id)) : std::int8_t(0);
+                CHECK(xq.q_row(r)[32 * b + i] == q);
+                sum += q;
+            }
+            if (finite) CHECK(xq.d_row(r)[b] == d);
+            else CHECK(std::isnan(xq.d_row(r)[b]));
+            CHECK(xq.sum_row(r)[b] == sum);
+        }
+}
+
 TEST_CASE("block_int_dot is the exact integer dot of a weight block with quantised activations") {
     // Expected values in double from the dequantising code (core/quant.hpp with d = 1), not from
     // an int8 loop of the same shape: GCC 12 has miscompiled such loops (see block_int_dot).

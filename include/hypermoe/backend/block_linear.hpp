@@ -58,7 +58,8 @@ struct QuantizedRows {
     QuantizedRows(ConstMatrixView<float> a, index_t blocks_per_row, Workspace& ws)
         : blocks(blocks_per_row), q(ws.take<std::int8_t>(a.rows() * blocks * quant_block)), d(ws.take<float>(a.rows() * blocks)),
           sum(ws.take<std::int32_t>(a.rows() * blocks)) {
-        parallel_for(a.rows(), a.rows() * a.cols() * 8, [&](index_t r) { quantize_row(a.row(r), r); });
+        const bool avx512 = cpu_isa().avx512;
+        parallel_for(a.rows(), a.rows() * a.cols() * 8, [&](index_t r) { quantize_row(a.row(r), r, avx512); });
     }
     [[nodiscard]] const std::int8_t* q_row(index_t r) const noexcept { return q.data() + r * blocks * quant_block; }
     [[nodiscard]] const float* d_row(index_t r) const noexcept { return d.data() + r * blocks; }
@@ -67,13 +68,20 @@ struct QuantizedRows {
 private:
     /// q = x / d rounded to nearest even, d = amax / 127 (0 for a zero block); the tail of the
     /// last block is zero. A block holding a non-finite value gets d = NaN (and q = 0), so the
-    /// outputs it reaches are NaN, as with `exact`.
-    void quantize_row(std::span<const float> x, index_t r) noexcept {
+    /// outputs it reaches are NaN, as with `exact`. Whole blocks go through AVX-512 where
+    /// present (the same operations, so the same bits).
+    void quantize_row(std::span<const float> x, index_t r, bool avx512) noexcept {
         const auto n = static_cast<index_t>(x.size());
         for (index_t b = 0; b < blocks; ++b) {
             std::int8_t* qb = q.data() + (r * blocks + b) * quant_block;
             const index_t len = std::clamp<index_t>(n - b * quant_block, 0, quant_block);
             const float* xb = x.data() + std::min(b * quant_block, n);
+#if HYPERMOE_X86_KERNELS
+            if (avx512 && len == quant_block) {
+                quantize_block_avx512(xb, qb, d[std::size_t(r * blocks + b)], sum[std::size_t(r * blocks + b)]);
+                continue;
+            }
+#endif
             float amax = 0.0f;
             bool finite = true;
             for (index_t i = 0; i < len; ++i) {
@@ -91,6 +99,32 @@ private:
             sum[std::size_t(r * blocks + b)] = s;
         }
     }
+
+#if HYPERMOE_X86_KERNELS
+    /// One whole block as quantize_row's scalar loop does it.
+    __attribute__((target("avx512f,avx512bw"))) static void quantize_block_avx512(const float* x, std::int8_t* out, float& d,
+                                                                                 std::int32_t& sum) noexcept {
+        const __m512 lo = _mm512_loadu_ps(x), hi = _mm512_loadu_ps(x + 16);
+        const __m512 abs_lo = _mm512_abs_ps(lo), abs_hi = _mm512_abs_ps(hi);
+        // Non-finite: |x| is NaN or infinity, i.e. not below infinity (false for NaN too).
+        const __m512 inf = _mm512_set1_ps(std::numeric_limits<float>::infinity());
+        const bool finite = (_mm512_cmp_ps_mask(abs_lo, inf, _CMP_LT_OQ) & _mm512_cmp_ps_mask(abs_hi, inf, _CMP_LT_OQ)) == 0xFFFF;
+        if (!finite) {
+            std::fill_n(out, quant_block, std::int8_t(0));
+            d = std::numeric_limits<float>::quiet_NaN(), sum = 0;
+            return;
+        }
+        const float amax = _mm512_reduce_max_ps(_mm512_max_ps(abs_lo, abs_hi));
+        d = amax / 127.0f;
+        const float id = d != 0.0f ? 1.0f / d : 0.0f;
+        const __m512 scale = _mm512_set1_ps(id);
+        // Rounded to nearest even (the default MXCSR mode, as std::nearbyint uses), then narrowed.
+        const __m512i q_lo = _mm512_cvtps_epi32(_mm512_mul_ps(lo, scale)), q_hi = _mm512_cvtps_epi32(_mm512_mul_ps(hi, scale));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm512_cvtepi32_epi8(q_lo));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 16), _mm512_cvtepi32_epi8(q_hi));
+        sum = _mm512_reduce_add_epi32(_mm512_add_epi32(q_lo, q_hi));
+    }
+#endif
 };
 
 /// The exact integer dot of a weight block's integers (`qs`: ggml's bytes of a Block) with a
