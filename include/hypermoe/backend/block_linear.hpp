@@ -568,16 +568,11 @@ private:
     }
 
     /// Columns [j0, j0 + cols) of every row: c = [c +] scale * Act(t + bias), t being c itself
-    /// unless accumulating.
+    /// unless accumulating (linear_spec.hpp's epilogues on the item's columns).
     void finish(ConstMatrixView<float> t, MatrixView<float> c, index_t j0, index_t cols, const float* bias, float scale) const {
-        for (index_t r = 0; r < c.rows(); ++r) {
-            const float* src = t.row(r).data() + j0;
-            float* dst = c.row(r).data() + j0;
-            for (index_t j = 0; j < cols; ++j) {
-                const float v = scale * Act::apply(src[j] + (bias != nullptr ? bias[j0 + j] : 0.0f));
-                dst[j] = accumulate_ ? dst[j] + v : v;
-            }
-        }
+        const float* b = bias != nullptr ? bias + j0 : nullptr;
+        if (accumulate_) epilogue_accumulate<Act>(t.col_block(j0, cols), c.col_block(j0, cols), b, scale);
+        else epilogue_in_place<Act>(c.col_block(j0, cols), b, scale);
     }
 
     BlockWeights w_;
