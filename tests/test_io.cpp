@@ -227,7 +227,7 @@ TEST_CASE("the family list: names, detection and layer types derived from Family
     CHECK(!has_two_stacks(family("mixtral")));
     // mixtral and olmoe (and qwen2_moe without a shared expert) share one layer type: the variant
     // holds each type once.
-    static_assert(std::variant_size_v<LoadedMoeBlock<reference>::Layer> == 6);
+    static_assert(std::variant_size_v<LoadedMoeBlock<reference>::Layer> == 7); // deepseek_v3: sigmoid and softmax scores
 }
 
 TEST_CASE_TEMPLATE_DEFINE("every family loads the synthetic checkpoint it writes", B, family_round_trip) {
@@ -486,7 +486,7 @@ TEST_CASE("a truncated checkpoint file and broken checkpoints are reported, noth
     write_safetensors((tmp.path / "model.safetensors").string(), tensors);
     CHECK_THROWS_WITH_AS((void)load_moe_block<reference>(Checkpoint(tmp.path.string()), 0),
                          doctest::Contains(("'model.layers.0.block_sparse_moe.gate.weight' in " + file +
-                                            " has dtype I32, expected F32, BF16, F16 or F64").c_str()),
+                                            " has dtype I32, expected F32, BF16, F16, F64, Q8_0 or Q4_0").c_str()),
                          weight_error);
 
     // Bad config.json and unknown families.
@@ -500,7 +500,7 @@ TEST_CASE("a truncated checkpoint file and broken checkpoints are reported, noth
     std::ofstream(tmp.path / "config.json") << R"({"model_type": "mixtral", "hidden_size": "32"})";
     CHECK_THROWS_WITH_AS((void)describe(Checkpoint(tmp.path.string())),
                          (tmp.path.string() + "/config.json: 'hidden_size' is \"32\", expected an integer").c_str(), config_error);
-    CHECK_THROWS_WITH_AS(Checkpoint((tmp.path / "nope").string()), doctest::Contains("nope: not a directory"), config_error);
+    CHECK_THROWS_WITH_AS(Checkpoint((tmp.path / "nope").string()), doctest::Contains("nope: neither a checkpoint directory nor a GGUF file"), config_error);
 }
 
 TEST_CASE_TEMPLATE_DEFINE("a sharded checkpoint gives the same block", B, sharded) {
@@ -541,10 +541,10 @@ TEST_CASE("writer round trip, metadata, and every float dtype converts") {
     CHECK(r.to_f32(r.info("x"))(1, 0) == 0.25f);
     CHECK(r.element(r.info("ids"), 2) == 3.0);
     CHECK(r.info("x").shape_string() == "[2, 2]");
-    CHECK(f16_to_float(0x3C00) == 1.0f);
-    CHECK(f16_to_float(0xC000) == -2.0f);
-    CHECK(f16_to_float(0x0001) == 0x1.0p-24f);
-    CHECK(f16_to_float(0x7C00) == std::numeric_limits<float>::infinity());
+    CHECK(f16_bits_to_f32(0x3C00) == 1.0f);
+    CHECK(f16_bits_to_f32(0xC000) == -2.0f);
+    CHECK(f16_bits_to_f32(0x0001) == 0x1.0p-24f);
+    CHECK(f16_bits_to_f32(0x7C00) == std::numeric_limits<float>::infinity());
     std::vector<std::byte> f16{std::byte(0x00), std::byte(0x3C), std::byte(0x00), std::byte(0xB8)};
     std::vector<std::byte> f64(8);
     const double d = -0.75;

@@ -1,4 +1,5 @@
-// The `hypermoe` command: run, inspect and benchmark MoE blocks of Hugging Face checkpoints, or
+// The `hypermoe` command: run, inspect and benchmark MoE blocks of Hugging Face checkpoints and
+// GGUF files, or
 // (with no arguments) a demo on an embedded default. Usage errors, missing files and bad inputs
 // exit with status 2 and one line on stderr.
 #include <algorithm>
@@ -35,13 +36,13 @@ namespace {
 
 constexpr const char* usage_text = R"(usage:
   hypermoe                         run the demo (a small HyperMoE stack, fixed seed)
-  hypermoe run --model DIR --input X.safetensors --output Y.safetensors [--layer N]
+  hypermoe run --model DIR|FILE.gguf --input X.safetensors --output Y.safetensors [--layer N]
                [--stack encoder|decoder] [--backend onednn|eigen|reference] [--threads N]
                [--weights f32|bf16|q8_0|q4_0] [--precision exact|fast]
-  hypermoe inspect --model DIR
+  hypermoe inspect --model DIR|FILE.gguf
   hypermoe bench [--family F] [--d-model N] [--d-ff N] [--experts N] [--top-k N] [--tokens N]
                [--router NAME|all|native] [--hyper cached|per-token|off] [--weights f32|bf16|q8_0|q4_0]
-               [--precision exact|fast] [--threads N] [--repeat N] [--backend B] [--model DIR [--layer N] [--stack S]] [--json]
+               [--precision exact|fast] [--threads N] [--repeat N] [--backend B] [--model DIR|FILE.gguf [--layer N] [--stack S]] [--json]
 )";
 
 /// A mistake in how the command was called: exit status 2.
@@ -98,8 +99,18 @@ void set_threads(const Args& a) {
 #endif
 }
 
-hm::dtype weights_of(const Args& a) {
-    const std::string w = a.get("--weights", "f32");
+/// The format a GGUF file's routed experts are stored in, when it is one the library holds as
+/// stored (bf16, q8_0, q4_0); f32 otherwise (an F16 file widens exactly).
+hm::dtype stored_expert_format(const hm::Checkpoint& ck) {
+    const auto types = ck.expert_dtypes();
+    if (ck.gguf_architecture().empty() || types.size() != 1) return hm::dtype::f32;
+    const std::string& t = *types.begin();
+    return t == "BF16" ? hm::dtype::bf16 : t == "Q8_0" ? hm::dtype::q8_0 : t == "Q4_0" ? hm::dtype::q4_0 : hm::dtype::f32;
+}
+
+/// --weights, defaulting to f32 (a GGUF file: the format its experts are stored in).
+hm::dtype weights_of(const Args& a, const hm::Checkpoint* ck = nullptr) {
+    const std::string w = a.get("--weights", std::string(hm::to_string(ck != nullptr ? stored_expert_format(*ck) : hm::dtype::f32)));
     if (w == "f32") return hm::dtype::f32;
     if (w == "bf16") return hm::dtype::bf16;
     if (w == "q8_0") return hm::dtype::q8_0;
@@ -114,8 +125,8 @@ hm::precision precision_of(const Args& a) {
     throw usage_error("--precision is '" + p + "', expected exact or fast");
 }
 
-/// --weights and --precision as load options.
-hm::LoadOptions load_options(const Args& a) { return {.storage = weights_of(a), .prec = precision_of(a)}; }
+/// --weights and --precision as load options for checkpoint `ck`.
+hm::LoadOptions load_options(const Args& a, const hm::Checkpoint& ck) { return {.storage = weights_of(a, &ck), .prec = precision_of(a)}; }
 
 /// The instructions the experts' linear maps run on: our own kernel for bf16, q8_0 and q4_0
 /// (chosen from this CPU), else (f32) the backend's own dispatch.
@@ -183,7 +194,7 @@ int run(const Args& a) {
     const hm::Matrix<float> x = in.view().to_f32(*xi);
     const hm::RouterContext context{.sequence_length = xi->shape.size() == 3 ? xi->shape[1] : 0};
     return with_backend(a.get("--backend", default_backend()), [&]<class B>() {
-        const auto model = hm::load_model<B>(ck, load_options(a));
+        const auto model = hm::load_model<B>(ck, load_options(a, ck));
         const auto& block = model.block(layer, stack);
         if (x.cols() != block.d_model())
             throw usage_error(input + ": 'x' has " + std::to_string(x.cols()) + " columns, the model's d_model is " +
@@ -212,6 +223,13 @@ int run(const Args& a) {
 
 // ------------------------------------------------------------------------------------------ inspect
 
+/// "<sep><type> <n> MiB".
+std::string detail_bytes(const char* sep, const std::string& type, std::size_t n) {
+    char buf[64];
+    std::snprintf(buf, sizeof buf, "%s %.2f MiB", type.c_str(), double(n) / 1048576.0);
+    return sep + std::string(buf);
+}
+
 int inspect(const Args& a) {
     const hm::Checkpoint ck(a.need("--model"));
     const hm::ModelInfo m = hm::describe(ck);
@@ -226,6 +244,12 @@ int inspect(const Args& a) {
     std::string dtypes;
     for (const auto& d : m.dtypes) dtypes += (dtypes.empty() ? "" : ", ") + d;
     std::printf("tensors    %zu (%s)\n", ck.tensor_count(), dtypes.c_str());
+    std::string bytes;
+    for (const auto& [type, n] : ck.bytes_by_dtype()) bytes += detail_bytes(bytes.empty() ? "" : ", ", type, n);
+    std::printf("bytes      %s\n", bytes.c_str());
+    if (!ck.gguf_architecture().empty())
+        std::printf("format     GGUF, architecture %s; experts stored as %s (the default --weights)\n", ck.gguf_architecture().c_str(),
+                    std::string(hm::to_string(stored_expert_format(ck))).c_str());
     std::string blocks;
     for (const auto& b : m.moe_blocks)
         blocks += (blocks.empty() ? "" : ", ") + (b.stack.empty() ? "" : b.stack + " ") + std::to_string(b.layer);
@@ -329,7 +353,7 @@ int bench(const Args& a) {
 
     return with_backend(a.get("--backend", default_backend()), [&]<class B>() {
         const hm::HyperOptions hopt{.mode = hyper == "per-token" ? hm::HyperMode::per_token : hm::HyperMode::cached};
-        hm::LoadOptions opt = load_options(a);
+        hm::LoadOptions opt = load_options(a, ck);
         opt.hyper = hopt;
         const auto model = hm::load_model<B>(ck, opt);
         const std::string isa = isa_of<B>(opt);
@@ -383,7 +407,7 @@ int bench(const Args& a) {
                         std::string(hm::to_string(info.family)).c_str(), stack.empty() ? "" : (stack + " ").c_str(),
                         static_cast<long long>(layer), static_cast<long long>(d), static_cast<long long>(e), info.expert_kind.c_str(),
                         static_cast<long long>(info.d_ff), static_cast<long long>(k), static_cast<long long>(tokens),
-                        std::string(B::name).c_str(), a.get("--weights", "f32").c_str(), double(weight_bytes) / 1048576.0,
+                        std::string(B::name).c_str(), std::string(hm::to_string(opt.storage)).c_str(), double(weight_bytes) / 1048576.0,
                         std::string(hm::to_string(opt.prec)).c_str(), isa.c_str());
             std::printf("%-22s %9s %9s %9s %11s %8s %7s %8s %7s %7s\n", "router", "median_ms", "min_ms", "route_ms", "tokens/s",
                         "GFLOP/s", "load_cv", "max/mean", "dropped", "entropy");

@@ -176,8 +176,12 @@ public:
         std::vector<float> row(static_cast<std::size_t>(k_));
         std::vector<BlockQ8_0> q8(format == dtype::q8_0 ? std::size_t(blocks_per_row_) : 0);
         std::vector<BlockQ4_0> q4(format == dtype::q4_0 ? std::size_t(blocks_per_row_) : 0);
+        // Blocks already in this format (a GGUF file's) are kept as they are; anything else is
+        // quantised from its values.
+        const bool as_stored = w.type() == format;
         for (index_t r = 0; r < n_; ++r) {
-            for (index_t c = 0; c < k_; ++c) row[std::size_t(c)] = w.at(r, c);
+            if (!as_stored)
+                for (index_t c = 0; c < k_; ++c) row[std::size_t(c)] = w.at(r, c);
             const std::string what = concat(name, " row ", r);
             const auto keep = [&](const auto& blocks) {
                 for (index_t b = 0; b < blocks_per_row_; ++b) {
@@ -191,8 +195,13 @@ public:
                     }
                 }
             };
-            if (format == dtype::q8_0) quantize_row<BlockQ8_0>(row, q8, what), keep(q8);
-            else quantize_row<BlockQ4_0>(row, q4, what), keep(q4);
+            const auto fill = [&]<class Block>(std::vector<Block>& blocks) {
+                if (as_stored) std::memcpy(blocks.data(), w.row_bytes(r), blocks.size() * sizeof(Block));
+                else quantize_row<Block>(row, blocks, what);
+                keep(blocks);
+            };
+            if (format == dtype::q8_0) fill(q8);
+            else fill(q4);
         }
     }
 

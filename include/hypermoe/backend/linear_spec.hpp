@@ -13,11 +13,14 @@
 #include "hypermoe/core/error.hpp"
 #include "hypermoe/core/finite.hpp"
 #include "hypermoe/core/matrix.hpp"
+#include "hypermoe/core/quant.hpp"
 #include "hypermoe/detail/format.hpp"
 
 namespace hypermoe {
 
-/// A read-only weight matrix of either dtype, row-major (N, K): row n holds output n's weights.
+/// A read-only weight matrix, row-major (N, K): row n holds output n's weights. Elements are f32
+/// or bf16, or q8_0 / q4_0 blocks of 32 along K in ggml's bytes (as GGUF files hold them; K a
+/// multiple of 32), which a linear map stored in the same format keeps as they are.
 class WeightView {
 public:
     WeightView(ConstMatrixView<float> w) noexcept // NOLINT(google-explicit-constructor)
@@ -25,26 +28,48 @@ public:
     WeightView(ConstMatrixView<bf16> w) noexcept // NOLINT(google-explicit-constructor)
         : data_(w.data()), type_(dtype::bf16), rows_(w.rows()), cols_(w.cols()), stride_(w.stride()) {}
 
+    /// (rows, cols) weights held as `format` blocks (q8_0 or q4_0) at `blocks`, row after row
+    /// (any alignment). shape_error unless cols is a multiple of 32.
+    [[nodiscard]] static WeightView blocks(const void* blocks, dtype format, index_t rows, index_t cols) {
+        if (!is_block_format(format))
+            throw config_error(detail::concat("WeightView::blocks: format is ", to_string(format), ", expected q8_0 or q4_0"));
+        if (cols % quant_block != 0)
+            throw shape_error(detail::concat("WeightView::blocks: ", cols, " columns, expected a multiple of ", quant_block));
+        WeightView w(ConstMatrixView<float>{});
+        w.data_ = blocks, w.type_ = format, w.rows_ = rows, w.cols_ = cols;
+        w.stride_ = index_t(weight_bytes(format, 1, std::size_t(cols))); // bytes per row
+        return w;
+    }
+
     [[nodiscard]] dtype type() const noexcept { return type_; }
     [[nodiscard]] index_t rows() const noexcept { return rows_; }
     [[nodiscard]] index_t cols() const noexcept { return cols_; }
     /// The bytes the view spans in memory (from its first element to its last).
     [[nodiscard]] std::span<const std::byte> extent() const noexcept {
         if (rows_ == 0 || cols_ == 0) return {};
-        const std::size_t elem = type_ == dtype::f32 ? sizeof(float) : sizeof(bf16);
+        if (is_block_format(type_)) return {static_cast<const std::byte*>(data_), std::size_t(rows_ * stride_)};
+        const std::size_t elem = size_of(type_);
         return {static_cast<const std::byte*>(data_), std::size_t((rows_ - 1) * stride_ + cols_) * elem};
     }
-    /// Element (r, c) widened to float.
+    /// Row r's bytes: cols elements, or cols / 32 blocks in ggml's layout.
+    [[nodiscard]] const std::byte* row_bytes(index_t r) const noexcept {
+        return static_cast<const std::byte*>(data_) + std::size_t(r * stride_) * (is_block_format(type_) ? 1 : size_of(type_));
+    }
+    /// Element (r, c) widened to float (a block's element is its value).
     [[nodiscard]] float at(index_t r, index_t c) const noexcept {
-        const index_t i = r * stride_ + c;
-        return type_ == dtype::f32 ? static_cast<const float*>(data_)[i]
-                                   : static_cast<const bf16*>(data_)[i].to_float();
+        switch (type_) {
+        case dtype::f32: return static_cast<const float*>(data_)[r * stride_ + c];
+        case dtype::bf16: return static_cast<const bf16*>(data_)[r * stride_ + c].to_float();
+        case dtype::q8_0: case dtype::q4_0: break;
+        }
+        const std::size_t block = type_ == dtype::q8_0 ? sizeof(BlockQ8_0) : sizeof(BlockQ4_0);
+        return stored_block_element(row_bytes(r) + std::size_t(c / quant_block) * block, type_ == dtype::q8_0, c % quant_block);
     }
 
 private:
     const void* data_;
     dtype type_;
-    index_t rows_, cols_, stride_;
+    index_t rows_, cols_, stride_; ///< stride: elements between rows; bytes for blocks
 };
 
 /// Options of a linear map.

@@ -114,6 +114,16 @@ inline void dequantize(const BlockQ4_0& b, std::span<float, 32> out) noexcept {
     }
 }
 
+/// Element j (0-31) of a block stored as ggml's bytes at `block` (any alignment): q8_0 when
+/// `q8`, else q4_0.
+[[nodiscard]] inline float stored_block_element(const void* block, bool q8, index_t j) noexcept {
+    const auto* p = static_cast<const unsigned char*>(block);
+    const float d = f16_bits_to_f32(static_cast<std::uint16_t>(p[0] | (p[1] << 8)));
+    if (q8) return float(static_cast<std::int8_t>(p[2 + j])) * d;
+    const unsigned byte = p[2 + (j & 15)];
+    return float(int(j < 16 ? byte & 0x0Fu : byte >> 4) - 8) * d;
+}
+
 namespace detail {
 
 /// The largest magnitude a block may hold so that its half scale is finite.

@@ -5,6 +5,8 @@
 // reads x once and halves the GEMM calls; Act(g) * u is one pass over that output.
 
 #include <algorithm>
+#include <cstddef>
+#include <cstring>
 #include <span>
 #include <vector>
 
@@ -88,26 +90,39 @@ private:
         return extents<D, FF>(d, ff);
     }
 
-    /// [gate; up] stacked as one (2 ff, d) weight. Values are copied exactly (bf16 widens to
-    /// f32 losslessly); storage defaults to bf16 only when both sources are bf16.
+    /// [gate; up] stacked as one (2 ff, d) weight: row by row in their own type when they share
+    /// one (bf16 and q8_0 / q4_0 blocks are kept as they are, not requantised), else widened to
+    /// f32 (exact). Storage defaults to that type.
     static detail::Shared<typename B::template linear<Identity>> fused_gate_up(const GluWeights& w, const ExpertOptions& opt) {
         const index_t d = w.gate.cols(), ff = w.gate.rows();
-        Matrix<float> stacked(2 * ff, d);
-        for (index_t r = 0; r < ff; ++r)
-            for (index_t c = 0; c < d; ++c) {
-                stacked(r, c) = w.gate.at(r, c);
-                stacked(ff + r, c) = w.up.at(r, c);
+        const bool same = w.gate.type() == w.up.type();
+        const dtype type = same ? w.gate.type() : dtype::f32;
+        const std::size_t row = weight_bytes(type, 1, std::size_t(d));
+        std::vector<std::byte> stacked(std::size_t(2 * ff) * row);
+        for (index_t r = 0; r < 2 * ff; ++r) {
+            const WeightView& src = r < ff ? w.gate : w.up;
+            const index_t sr = r < ff ? r : r - ff;
+            std::byte* out = stacked.data() + std::size_t(r) * row;
+            if (same) {
+                std::memcpy(out, src.row_bytes(sr), row);
+            } else {
+                for (index_t c = 0; c < d; ++c) {
+                    const float v = src.at(sr, c);
+                    std::memcpy(out + std::size_t(c) * sizeof(float), &v, sizeof(float));
+                }
             }
+        }
+        const WeightView view = is_block_format(type) ? WeightView::blocks(stacked.data(), type, 2 * ff, d)
+                                : type == dtype::bf16 ? WeightView(ConstMatrixView<bf16>(reinterpret_cast<const bf16*>(stacked.data()), 2 * ff, d))
+                                                      : WeightView(ConstMatrixView<float>(reinterpret_cast<const float*>(stacked.data()), 2 * ff, d));
         std::vector<float> bias;
         if (!w.gate_bias.empty() || !w.up_bias.empty()) {
             bias.assign(static_cast<std::size_t>(2 * ff), 0.0f);
             std::copy(w.gate_bias.begin(), w.gate_bias.end(), bias.begin());
             std::copy(w.up_bias.begin(), w.up_bias.end(), bias.begin() + ff);
         }
-        const bool both_bf16 = w.gate.type() == dtype::bf16 && w.up.type() == dtype::bf16;
-        const dtype storage = opt.storage.value_or(both_bf16 ? dtype::bf16 : dtype::f32);
-        return detail::Shared<typename B::template linear<Identity>>(std::in_place, ConstMatrixView<float>(stacked.view()), bias,
-                                                                    LinearOptions{"GluExpert weight 'gate|up'", false, storage, opt.prec});
+        return detail::Shared<typename B::template linear<Identity>>(std::in_place, view, bias,
+                                                                    LinearOptions{"GluExpert weight 'gate|up'", false, opt.storage.value_or(type), opt.prec});
     }
 
     detail::Shared<typename B::template linear<Identity>> gate_up_;

@@ -1,6 +1,8 @@
 #pragma once
-// A Hugging Face checkpoint directory: config.json plus model.safetensors, or the shards named
-// by model.safetensors.index.json. Files are mapped once; tensors are looked up by name.
+// A checkpoint: a Hugging Face directory (config.json plus model.safetensors, or the shards named
+// by model.safetensors.index.json) or a GGUF file (io/gguf_model.hpp: its metadata becomes the
+// config, its MoE tensors get the Hugging Face names). Files are mapped once; tensors are looked
+// up by name.
 
 #include <filesystem>
 #include <fstream>
@@ -13,6 +15,7 @@
 #include <nlohmann/json.hpp>
 
 #include "hypermoe/backend/linear_spec.hpp"
+#include "hypermoe/io/gguf_model.hpp"
 #include "hypermoe/io/safetensors.hpp"
 
 namespace hypermoe {
@@ -30,12 +33,28 @@ namespace hypermoe {
 
 class Checkpoint {
 public:
-    /// Opens `dir`/config.json and its safetensors (single file or sharded).
-    explicit Checkpoint(const std::string& dir) : dir_(dir) {
+    /// Opens `path`: a directory with config.json and its safetensors (single file or sharded), or
+    /// a GGUF file.
+    explicit Checkpoint(const std::string& path) : dir_(path) {
         namespace fs = std::filesystem;
-        if (!fs::is_directory(dir)) throw config_error(detail::concat(dir, ": not a directory"));
-        config_ = read_json_file((fs::path(dir) / "config.json").string());
-        if (!config_.is_object()) throw config_error(detail::concat(dir, "/config.json: not a JSON object"));
+        if (fs::is_regular_file(path)) {
+            auto file = std::make_unique<GgufFile>(path);
+            GgufCheckpoint g = gguf_checkpoint(file->view());
+            config_ = std::move(g.config);
+            config_source_ = path + " (GGUF metadata)";
+            architecture_ = std::move(g.architecture);
+            sources_ = std::move(g.sources);
+            renamed_ = std::make_unique<TensorTable>(file->view().data_section(), path, std::move(g.tensors));
+            tables_.push_back(renamed_.get());
+            files_.push_back(std::move(file));
+            for (const auto& t : renamed_->tensors()) where_[t.name] = 0;
+            return;
+        }
+        if (!fs::is_directory(path)) throw config_error(detail::concat(path, ": neither a checkpoint directory nor a GGUF file"));
+        const std::string& dir = path;
+        config_source_ = (fs::path(dir) / "config.json").string();
+        config_ = read_json_file(config_source_);
+        if (!config_.is_object()) throw config_error(detail::concat(config_source_, ": not a JSON object"));
         const fs::path index = fs::path(dir) / "model.safetensors.index.json";
         if (fs::exists(index)) {
             const nlohmann::json j = read_json_file(index.string());
@@ -49,11 +68,8 @@ public:
                 if (f.find('/') != std::string::npos || f == ".." )
                     throw weight_error(detail::concat(index.string(), ": shard '", f, "' is not a file in the checkpoint directory"));
                 auto it = opened.find(f);
-                if (it == opened.end()) {
-                    files_.push_back(std::make_unique<SafeTensorsFile>((fs::path(dir) / f).string()));
-                    it = opened.emplace(f, files_.size() - 1).first;
-                }
-                if (!files_[it->second]->view().contains(name))
+                if (it == opened.end()) it = opened.emplace(f, add_safetensors((fs::path(dir) / f).string())).first;
+                if (!tables_[it->second]->contains(name))
                     throw weight_error(detail::concat(index.string(), ": '", name, "' is mapped to ", f, ", which has no such tensor"));
                 where_[name] = it->second;
             }
@@ -61,23 +77,33 @@ public:
             const fs::path single = fs::path(dir) / "model.safetensors";
             if (!fs::exists(single))
                 throw weight_error(detail::concat(dir, ": neither model.safetensors nor model.safetensors.index.json"));
-            files_.push_back(std::make_unique<SafeTensorsFile>(single.string()));
-            for (const auto& t : files_.back()->view().tensors()) where_[t.name] = 0;
+            const std::size_t i = add_safetensors(single.string());
+            for (const auto& t : tables_[i]->tensors()) where_[t.name] = i;
         }
     }
 
+    /// The path it was opened from (a directory, or a GGUF file).
     [[nodiscard]] const std::string& dir() const noexcept { return dir_; }
     [[nodiscard]] const nlohmann::json& config() const noexcept { return config_; }
+    /// Where the config came from, for messages: ".../config.json" or "FILE.gguf (GGUF metadata)".
+    [[nodiscard]] const std::string& config_source() const noexcept { return config_source_; }
+    /// A GGUF file's general.architecture ("" for a safetensors checkpoint).
+    [[nodiscard]] const std::string& gguf_architecture() const noexcept { return architecture_; }
+    /// Where a tensor the loaders look for is read from when that is not its name (GGUF), or "".
+    [[nodiscard]] std::string source_of(const std::string& name) const {
+        const auto it = sources_.find(name);
+        return it == sources_.end() ? std::string() : it->second;
+    }
     [[nodiscard]] std::size_t tensor_count() const noexcept { return where_.size(); }
 
     /// Drops the resident pages of `bytes` where they lie in one of the checkpoint's files
-    /// (SafeTensorsFile::release); bytes elsewhere (a converted copy) are left alone.
+    /// (MappedFile::release); bytes elsewhere (a converted copy) are left alone.
     void release(std::span<const std::byte> bytes) const noexcept {
         for (const auto& f : files_) f->release(bytes);
     }
 
     struct Ref {
-        const SafeTensorsView* file;
+        const TensorTable* file;
         const TensorInfo* info;
     };
 
@@ -85,7 +111,7 @@ public:
     [[nodiscard]] Ref find(const std::string& name) const {
         const auto it = where_.find(name);
         if (it == where_.end()) return {nullptr, nullptr};
-        const SafeTensorsView& v = files_[it->second]->view();
+        const TensorTable& v = *tables_[it->second];
         return {&v, v.find(name)};
     }
     [[nodiscard]] Ref tensor(const std::string& name) const {
@@ -97,14 +123,43 @@ public:
     [[nodiscard]] std::set<std::string> dtypes(const std::string& prefix = "") const {
         std::set<std::string> out;
         for (const auto& [name, f] : where_)
-            if (name.rfind(prefix, 0) == 0) out.insert(std::string(to_string(files_[f]->view().info(name).dtype)));
+            if (name.rfind(prefix, 0) == 0) out.insert(tables_[f]->info(name).type_string());
+        return out;
+    }
+
+    /// The dtypes of the routed experts' matrices (the tensors named "....experts.<e>....").
+    [[nodiscard]] std::set<std::string> expert_dtypes() const {
+        std::set<std::string> out;
+        for (const auto& [name, f] : where_)
+            if (name.find(".experts.") != std::string::npos) out.insert(tables_[f]->info(name).type_string());
+        return out;
+    }
+
+    /// The bytes of the tensors whose names start with `prefix`, by dtype.
+    [[nodiscard]] std::map<std::string, std::size_t> bytes_by_dtype(const std::string& prefix = "") const {
+        std::map<std::string, std::size_t> out;
+        for (const auto& [name, f] : where_)
+            if (name.rfind(prefix, 0) == 0) {
+                const TensorInfo& t = tables_[f]->info(name);
+                out[t.type_string()] += t.end - t.begin;
+            }
         return out;
     }
 
 private:
-    std::string dir_;
+    std::size_t add_safetensors(const std::string& path) {
+        auto file = std::make_unique<SafeTensorsFile>(path);
+        tables_.push_back(&file->view());
+        files_.push_back(std::move(file));
+        return tables_.size() - 1;
+    }
+
+    std::string dir_, config_source_, architecture_;
     nlohmann::json config_;
-    std::vector<std::unique_ptr<SafeTensorsFile>> files_;
+    std::vector<std::unique_ptr<MappedFile>> files_;
+    std::vector<const TensorTable*> tables_;   ///< per file: its tensors (a GGUF file's renamed)
+    std::unique_ptr<TensorTable> renamed_;     ///< GGUF only: the MoE tensors under Hugging Face names
+    std::map<std::string, std::string> sources_;
     std::map<std::string, std::size_t> where_;
 };
 

@@ -68,11 +68,12 @@ public:
         }
         return out;
     }
-    /// Requires `key` to equal one of the accepted strings (e.g. an activation we implement).
-    void expect_string(const char* key, std::string_view fallback, std::initializer_list<std::string_view> accepted) const {
-        const std::string v = string_or(key, std::string(fallback));
+    /// Requires `key` to equal one of the accepted strings (e.g. an activation we implement) and
+    /// returns it.
+    std::string expect_string(const char* key, std::string_view fallback, std::initializer_list<std::string_view> accepted) const {
+        std::string v = string_or(key, std::string(fallback));
         for (const auto a : accepted)
-            if (v == a) return;
+            if (v == a) return v;
         std::string list;
         for (const auto a : accepted) list += (list.empty() ? "" : ", ") + std::string(a);
         throw config_error(detail::concat(file_, ": '", key, "' is \"", v, "\", supported: ", list));

@@ -149,7 +149,7 @@ decltype(auto) visit_family(Family f, Fn&& fn) {
 }
 
 [[nodiscard]] inline ModelInfo describe(const Checkpoint& ck) {
-    ModelInfo m = describe(ck.config(), ck.dir() + "/config.json");
+    ModelInfo m = describe(ck.config(), ck.config_source());
     m.dtypes = ck.dtypes();
     return m;
 }
@@ -273,7 +273,7 @@ inline void check_moe_block(const std::string& dir, const ModelInfo& info, const
 template <Backend B>
 [[nodiscard]] LoadedMoeBlock<B> load_block(const Checkpoint& ck, ModelInfo info, index_t layer, std::string stack,
                                            const LoadOptions& opt, std::shared_ptr<const Hypernetwork<B>> hypernetwork) {
-    const std::string file = ck.dir() + "/config.json";
+    const std::string file = ck.config_source();
     const ConfigReader c(ck.config(), file);
     const bool two_stacks = has_two_stacks(info.family);
     if (two_stacks && stack.empty()) stack = "encoder";

@@ -39,12 +39,15 @@
 #include "hypermoe/core/dtype.hpp"
 #include "hypermoe/core/error.hpp"
 #include "hypermoe/core/matrix.hpp"
+#include "hypermoe/core/quant.hpp"
 #include "hypermoe/detail/format.hpp"
 
 namespace hypermoe {
 
-/// Element types a safetensors file may declare.
-enum class tensor_dtype { f64, f32, f16, bf16, i64, i32, i16, i8, u8, boolean };
+/// Element types of a stored tensor: those a safetensors file may declare, and the block formats
+/// of GGUF files (q8_0, q4_0: blocks of 32 along the last dimension, core/quant.hpp) and `other`
+/// for a GGUF type the library does not read (its name is TensorInfo::type_name).
+enum class tensor_dtype { f64, f32, f16, bf16, i64, i32, i16, i8, u8, boolean, q8_0, q4_0, other };
 
 [[nodiscard]] inline std::optional<tensor_dtype> parse_tensor_dtype(std::string_view s) noexcept {
     static constexpr std::pair<std::string_view, tensor_dtype> names[] = {
@@ -57,23 +60,17 @@ enum class tensor_dtype { f64, f32, f16, bf16, i64, i32, i16, i8, u8, boolean };
 }
 
 [[nodiscard]] constexpr std::string_view to_string(tensor_dtype t) noexcept {
-    constexpr std::string_view names[] = {"F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL"};
+    constexpr std::string_view names[] = {"F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL", "Q8_0", "Q4_0", "OTHER"};
     return names[static_cast<int>(t)];
 }
 
-[[nodiscard]] constexpr std::size_t size_of(tensor_dtype t) noexcept {
-    constexpr std::size_t sizes[] = {8, 4, 2, 2, 8, 4, 2, 1, 1, 1};
-    return sizes[static_cast<int>(t)];
-}
+/// Whether a tensor dtype is a block format (q8_0, q4_0).
+[[nodiscard]] constexpr bool is_block_dtype(tensor_dtype t) noexcept { return t == tensor_dtype::q8_0 || t == tensor_dtype::q4_0; }
 
-/// IEEE half to float, exact.
-[[nodiscard]] constexpr float f16_to_float(std::uint16_t h) noexcept {
-    const std::uint32_t sign = std::uint32_t(h & 0x8000u) << 16, exp = (h >> 10) & 0x1Fu, man = h & 0x3FFu;
-    if (exp == 0x1F) return std::bit_cast<float>(sign | 0x7F800000u | (man << 13));
-    if (exp != 0) return std::bit_cast<float>(sign | ((exp + 112) << 23) | (man << 13));
-    if (man == 0) return std::bit_cast<float>(sign);
-    const float v = float(man) * 0x1.0p-24f; // subnormal half: man x 2^-24
-    return sign ? -v : v;
+/// Bytes of one element of an element dtype; for the block formats, of one block of 32; 0 for `other`.
+[[nodiscard]] constexpr std::size_t size_of(tensor_dtype t) noexcept {
+    constexpr std::size_t sizes[] = {8, 4, 2, 2, 8, 4, 2, 1, 1, 1, 34, 18, 0};
+    return sizes[static_cast<int>(t)];
 }
 
 /// One tensor of a file: where its bytes are, and what they are.
@@ -82,6 +79,11 @@ struct TensorInfo {
     tensor_dtype dtype;
     std::vector<index_t> shape;
     std::size_t begin = 0, end = 0; ///< byte offsets into the data section
+    /// Where the tensor comes from when that is not `name` in the file (a GGUF tensor or a slice
+    /// of one, named by the checkpoint's loader), for messages; empty otherwise.
+    std::string origin = {};
+    /// The file's own name for the dtype when it is `other` (a GGUF type such as Q4_K).
+    std::string type_name = {};
 
     [[nodiscard]] index_t numel() const noexcept {
         index_t n = 1;
@@ -93,31 +95,29 @@ struct TensorInfo {
         for (std::size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
         return s + "]";
     }
+    /// The dtype as the file names it ("F32", "Q4_K").
+    [[nodiscard]] std::string type_string() const { return dtype == tensor_dtype::other ? type_name : std::string(to_string(dtype)); }
+    /// "'name'", or "'name' (origin)" for a tensor a loader renamed.
+    [[nodiscard]] std::string describe() const { return origin.empty() ? "'" + name + "'" : "'" + name + "' (" + origin + ")"; }
 };
 
-/// A parsed, validated safetensors image over bytes someone else owns (a mapping, a buffer).
-class SafeTensorsView {
+/// Named tensors over a data section someone else owns (a mapping, a buffer): what a checkpoint
+/// reads weights through, whatever the file format. The tensors' byte ranges were checked
+/// against the data by whoever built the table (SafeTensorsView, GgufView), so no access reads
+/// outside it.
+class TensorTable {
 public:
-    /// Validates `bytes` as a safetensors image; `source` names it in messages (a path).
-    SafeTensorsView(std::span<const std::byte> bytes, std::string source) : bytes_(bytes), source_(std::move(source)) {
-        parse();
+    TensorTable() = default;
+    /// `tensors` index into `data`; `source` names the file in messages.
+    TensorTable(std::span<const std::byte> data, std::string source, std::vector<TensorInfo> tensors)
+        : data_(data), source_(std::move(source)), tensors_(std::move(tensors)) {
+        std::sort(tensors_.begin(), tensors_.end(), [](const TensorInfo& a, const TensorInfo& b) { return a.name < b.name; });
     }
 
     [[nodiscard]] const std::string& source() const noexcept { return source_; }
-    [[nodiscard]] const std::map<std::string, std::string>& metadata() const noexcept { return metadata_; }
-    /// Metadata `key` as an integer in [min, max]; config_error naming the key and its value when
-    /// it is missing, not a base-10 integer, or out of range.
-    [[nodiscard]] index_t metadata_integer(const std::string& key, index_t min, index_t max) const {
-        const auto it = metadata_.find(key);
-        if (it == metadata_.end()) throw config_error(detail::concat("safetensors: no metadata '", key, "'"));
-        const std::string& v = it->second;
-        index_t out = 0;
-        const auto [end, ec] = std::from_chars(v.data(), v.data() + v.size(), out);
-        if (ec != std::errc{} || end != v.data() + v.size() || v.empty() || out < min || out > max)
-            throw config_error(detail::concat("safetensors: metadata '", key, "' is \"", v, "\", expected an integer in [",
-                                              min, ", ", max, "]"));
-        return out;
-    }
+    /// The bytes the tensors' offsets index.
+    [[nodiscard]] std::span<const std::byte> data_section() const noexcept { return data_; }
+    /// Every tensor, by name.
     [[nodiscard]] const std::vector<TensorInfo>& tensors() const noexcept { return tensors_; }
     [[nodiscard]] bool contains(std::string_view name) const noexcept { return find(name) != nullptr; }
 
@@ -131,13 +131,16 @@ public:
         throw weight_error(detail::concat(source_, ": no tensor '", name, "'"));
     }
     /// The raw bytes of a tensor.
-    [[nodiscard]] std::span<const std::byte> data(const TensorInfo& t) const noexcept {
-        return bytes_.subspan(data_start_ + t.begin, t.end - t.begin);
-    }
+    [[nodiscard]] std::span<const std::byte> data(const TensorInfo& t) const noexcept { return data_.subspan(t.begin, t.end - t.begin); }
 
-    /// Element i of a tensor widened to double (any numeric dtype).
+    /// Element i (row-major) of a tensor widened to double (any dtype but `other`, which gives 0);
+    /// a block format's element is its block's value.
     [[nodiscard]] double element(const TensorInfo& t, index_t i) const noexcept {
-        const std::byte* p = bytes_.data() + data_start_ + t.begin + std::size_t(i) * size_of(t.dtype);
+        const std::byte* base = data_.data() + t.begin;
+        if (is_block_dtype(t.dtype))
+            return stored_block_element(base + std::size_t(i / quant_block) * size_of(t.dtype), t.dtype == tensor_dtype::q8_0,
+                                        i % quant_block);
+        const std::byte* p = base + std::size_t(i) * size_of(t.dtype);
         const auto load = [p]<class T>(T v) {
             std::memcpy(&v, p, sizeof(T));
             return v;
@@ -145,7 +148,7 @@ public:
         switch (t.dtype) {
         case tensor_dtype::f64: return load(double{});
         case tensor_dtype::f32: return load(float{});
-        case tensor_dtype::f16: return f16_to_float(load(std::uint16_t{}));
+        case tensor_dtype::f16: return f16_bits_to_f32(load(std::uint16_t{}));
         case tensor_dtype::bf16: return bf16{load(std::uint16_t{})}.to_float();
         case tensor_dtype::i64: return double(load(std::int64_t{}));
         case tensor_dtype::i32: return load(std::int32_t{});
@@ -153,13 +156,14 @@ public:
         case tensor_dtype::i8: return load(std::int8_t{});
         case tensor_dtype::u8: return load(std::uint8_t{});
         case tensor_dtype::boolean: return load(std::uint8_t{}) != 0;
+        case tensor_dtype::q8_0: case tensor_dtype::q4_0: case tensor_dtype::other: break;
         }
         return 0;
     }
 
     /// A tensor as a (rows, cols) float matrix: the last dimension is cols, the others fold into
     /// rows (a scalar or 1-D tensor is one row). Converts F64/F16/BF16/integers exactly or by
-    /// rounding to nearest.
+    /// rounding to nearest, blocks to their values.
     [[nodiscard]] Matrix<float> to_f32(const TensorInfo& t) const {
         const index_t cols = t.shape.empty() ? 1 : t.shape.back();
         Matrix<float> m(cols == 0 ? 0 : t.numel() / cols, cols);
@@ -178,19 +182,46 @@ public:
         return {reinterpret_cast<const float*>(p), std::size_t(t.numel())};
     }
 
+protected:
+    std::span<const std::byte> data_;
+    std::string source_;
+    std::vector<TensorInfo> tensors_;
+};
+
+/// A parsed, validated safetensors image over bytes someone else owns (a mapping, a buffer).
+class SafeTensorsView : public TensorTable {
+public:
+    /// Validates `bytes` as a safetensors image; `source` names it in messages (a path).
+    SafeTensorsView(std::span<const std::byte> bytes, std::string source) { parse(bytes, std::move(source)); }
+
+    [[nodiscard]] const std::map<std::string, std::string>& metadata() const noexcept { return metadata_; }
+    /// Metadata `key` as an integer in [min, max]; config_error naming the key and its value when
+    /// it is missing, not a base-10 integer, or out of range.
+    [[nodiscard]] index_t metadata_integer(const std::string& key, index_t min, index_t max) const {
+        const auto it = metadata_.find(key);
+        if (it == metadata_.end()) throw config_error(detail::concat("safetensors: no metadata '", key, "'"));
+        const std::string& v = it->second;
+        index_t out = 0;
+        const auto [end, ec] = std::from_chars(v.data(), v.data() + v.size(), out);
+        if (ec != std::errc{} || end != v.data() + v.size() || v.empty() || out < min || out > max)
+            throw config_error(detail::concat("safetensors: metadata '", key, "' is \"", v, "\", expected an integer in [",
+                                              min, ", ", max, "]"));
+        return out;
+    }
+
 private:
     [[noreturn]] void fail(const std::string& what) const { throw weight_error(detail::concat(source_, ": ", what)); }
 
-    void parse() {
-        if (bytes_.size() < 8) fail(detail::concat("file has ", bytes_.size(), " bytes, expected at least 8 (the header length)"));
+    void parse(std::span<const std::byte> bytes, std::string source) {
+        source_ = std::move(source);
+        if (bytes.size() < 8) fail(detail::concat("file has ", bytes.size(), " bytes, expected at least 8 (the header length)"));
         std::uint64_t n = 0;
-        for (int i = 7; i >= 0; --i) n = (n << 8) | std::uint64_t(std::to_integer<unsigned>(bytes_[std::size_t(i)]));
+        for (int i = 7; i >= 0; --i) n = (n << 8) | std::uint64_t(std::to_integer<unsigned>(bytes[std::size_t(i)]));
         constexpr std::uint64_t max_header = 100'000'000;
-        if (n > bytes_.size() - 8 || n > max_header)
-            fail(detail::concat("header length is ", n, " bytes, but only ", bytes_.size() - 8, " bytes follow"));
-        data_start_ = 8 + std::size_t(n);
-        const std::size_t data_size = bytes_.size() - data_start_;
-        const auto* text = reinterpret_cast<const char*>(bytes_.data() + 8);
+        if (n > bytes.size() - 8 || n > max_header)
+            fail(detail::concat("header length is ", n, " bytes, but only ", bytes.size() - 8, " bytes follow"));
+        data_ = bytes.subspan(8 + std::size_t(n));
+        const auto* text = reinterpret_cast<const char*>(bytes.data() + 8);
 
         // Duplicate names are invisible once parsed (the last wins), so the callback sees keys.
         std::vector<std::string> top_keys;
@@ -219,7 +250,7 @@ private:
                 }
                 continue;
             }
-            tensors_.push_back(parse_entry(name, entry, data_size));
+            tensors_.push_back(parse_entry(name, entry, data_.size()));
         }
         std::sort(tensors_.begin(), tensors_.end(), [](const TensorInfo& a, const TensorInfo& b) { return a.begin < b.begin; });
         for (std::size_t i = 1; i < tensors_.size(); ++i)
@@ -262,17 +293,14 @@ private:
         return t;
     }
 
-    std::span<const std::byte> bytes_;
-    std::string source_;
-    std::size_t data_start_ = 0;
     std::map<std::string, std::string> metadata_;
-    std::vector<TensorInfo> tensors_;
 };
 
-/// A safetensors file, memory-mapped read-only for its lifetime.
-class SafeTensorsFile {
+/// A file memory-mapped read-only for the object's lifetime; the exception type names the path
+/// when it cannot be opened or mapped.
+class MappedFile {
 public:
-    explicit SafeTensorsFile(const std::string& path) : path_(path) {
+    explicit MappedFile(const std::string& path) : path_(path) {
         const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
         if (fd < 0) throw weight_error(detail::concat(path, ": cannot open the file"));
         struct stat st {};
@@ -290,19 +318,15 @@ public:
             map_ = static_cast<const std::byte*>(p);
         }
         ::close(fd);
-        try {
-            view_.emplace(std::span<const std::byte>(map_, size_), path);
-        } catch (...) {
-            unmap();
-            throw;
-        }
     }
-    SafeTensorsFile(const SafeTensorsFile&) = delete;
-    SafeTensorsFile& operator=(const SafeTensorsFile&) = delete;
-    ~SafeTensorsFile() { unmap(); }
+    MappedFile(const MappedFile&) = delete;
+    MappedFile& operator=(const MappedFile&) = delete;
+    ~MappedFile() {
+        if (map_ != nullptr) ::munmap(const_cast<std::byte*>(map_), size_);
+    }
 
-    [[nodiscard]] const SafeTensorsView& view() const noexcept { return *view_; }
     [[nodiscard]] const std::string& path() const noexcept { return path_; }
+    [[nodiscard]] std::span<const std::byte> bytes() const noexcept { return {map_, size_}; }
 
     /// Drops the resident pages wholly inside `bytes` if they lie in this file's mapping (a no-op
     /// otherwise): a loader calls it once a tensor is packed into a layer's own storage, so the
@@ -317,14 +341,20 @@ public:
     }
 
 private:
-    void unmap() noexcept {
-        if (map_ != nullptr) ::munmap(const_cast<std::byte*>(map_), size_);
-        map_ = nullptr;
-    }
     std::string path_;
     const std::byte* map_ = nullptr;
     std::size_t size_ = 0;
-    std::optional<SafeTensorsView> view_;
+};
+
+/// A safetensors file, memory-mapped read-only for its lifetime.
+class SafeTensorsFile : public MappedFile {
+public:
+    explicit SafeTensorsFile(const std::string& path) : MappedFile(path), view_(bytes(), path) {}
+
+    [[nodiscard]] const SafeTensorsView& view() const noexcept { return view_; }
+
+private:
+    SafeTensorsView view_;
 };
 
 /// A tensor to write: its dtype, shape and bytes (little-endian, row-major).

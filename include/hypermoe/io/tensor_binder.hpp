@@ -1,8 +1,9 @@
 #pragma once
 // TensorBinder: fetches the tensors of one layer from a Checkpoint as WeightViews, checking each
 // name, dtype and shape, and collecting EVERY problem before anything is built: finish() throws
-// one weight_error that lists them all. F32 and BF16 tensors are viewed in place in the mapping
-// (when aligned); F16, F64, misaligned and transposed tensors are converted into owned storage.
+// one weight_error that lists them all. F32 and BF16 tensors and Q8_0 / Q4_0 blocks (GGUF) are
+// viewed in place in the mapping (when aligned); F16, F64, misaligned and transposed tensors are
+// converted into owned storage (exactly: F16 and blocks widen to f32 without rounding).
 
 #include <deque>
 #include <span>
@@ -29,6 +30,8 @@ public:
             const auto bytes = r.file->data(t);
             if (t.dtype == tensor_dtype::bf16 && reinterpret_cast<std::uintptr_t>(bytes.data()) % alignof(bf16) == 0)
                 return ConstMatrixView<bf16>(reinterpret_cast<const bf16*>(bytes.data()), rows, cols);
+            if (is_block_dtype(t.dtype))
+                return WeightView::blocks(bytes.data(), t.dtype == tensor_dtype::q8_0 ? dtype::q8_0 : dtype::q4_0, rows, cols);
             return ConstMatrixView<float>(owned_.emplace_back(r.file->to_f32(t)).view());
         }
         Matrix<float>& m = owned_.emplace_back(rows, cols);
@@ -50,6 +53,9 @@ public:
         return v;
     }
 
+    /// Whether the checkpoint has tensor `name` (for a family's optional tensors).
+    [[nodiscard]] bool has(const std::string& name) const { return ck_.contains(name); }
+
     /// Throws one weight_error listing every problem found so far.
     void finish() const {
         if (problems_.empty()) return;
@@ -63,21 +69,22 @@ private:
     Checkpoint::Ref fetch(const std::string& name, const std::vector<index_t>& shape) {
         const Checkpoint::Ref r = ck_.find(name);
         if (r.info == nullptr) {
-            problems_.push_back(detail::concat("missing tensor '", name, "'"));
+            const std::string from = ck_.source_of(name);
+            problems_.push_back(detail::concat("missing tensor '", name, "'", from.empty() ? "" : " (" + from + ")"));
             return r;
         }
         const TensorInfo& t = *r.info;
-        const bool floating = t.dtype == tensor_dtype::f32 || t.dtype == tensor_dtype::bf16 ||
-                              t.dtype == tensor_dtype::f16 || t.dtype == tensor_dtype::f64;
-        if (!floating) {
-            problems_.push_back(detail::concat("'", name, "' in ", r.file->source(), " has dtype ", to_string(t.dtype),
-                                               ", expected F32, BF16, F16 or F64"));
+        const bool readable = t.dtype == tensor_dtype::f32 || t.dtype == tensor_dtype::bf16 || t.dtype == tensor_dtype::f16 ||
+                              t.dtype == tensor_dtype::f64 || is_block_dtype(t.dtype);
+        if (!readable) {
+            problems_.push_back(detail::concat(t.describe(), " in ", r.file->source(), " has dtype ", t.type_string(),
+                                               ", expected F32, BF16, F16, F64, Q8_0 or Q4_0"));
             return {nullptr, nullptr};
         }
         if (t.shape != shape) {
             TensorInfo want;
             want.shape = shape;
-            problems_.push_back(detail::concat("'", name, "' in ", r.file->source(), " has shape ", t.shape_string(),
+            problems_.push_back(detail::concat(t.describe(), " in ", r.file->source(), " has shape ", t.shape_string(),
                                                ", expected ", want.shape_string()));
             return {nullptr, nullptr};
         }

@@ -3,6 +3,9 @@
 // (e_score_correction_bias) added for choosing only, group-limited top-k (n_group groups, the
 // topk_group best by the sum of their two best biased scores), weights renormalised when
 // norm_topk_prob and scaled by routed_scaling_factor; plus ungated shared experts.
+// scoring_func "softmax" (what a GGUF deepseek2 file with expert_gating_func 1, DeepSeek-V2,
+// becomes: io/gguf_model.hpp) scores with a softmax instead, the same selection as llama.cpp
+// makes for it; its selection bias is optional.
 // MoE blocks: l >= first_k_dense_replace with l % moe_layer_freq == 0.
 // Tensors: model.layers.<l>.mlp.{gate.weight, gate.e_score_correction_bias,
 // experts.<e>.{gate,up,down}_proj.weight, shared_experts.{gate,up,down}_proj.weight}.
@@ -22,7 +25,7 @@ struct DeepSeekV3 {
         m.experts = c.integer("n_routed_experts", 1), m.top_k = c.integer("num_experts_per_tok", 1);
         m.shared_ff = m.d_ff * c.integer_or("n_shared_experts", 0);
         m.expert_kind = "SwiGLU";
-        m.routing = detail::concat("sigmoid + selection bias, ", c.integer("n_group", 1), " groups keep ",
+        m.routing = detail::concat(c.string_or("scoring_func", "sigmoid"), " + selection bias, ", c.integer("n_group", 1), " groups keep ",
                                    c.integer("topk_group", 1), ", top-k, ",
                                    c.boolean_or("norm_topk_prob", false) ? "renormalised" : "not renormalised", ", x ",
                                    c.number_or("routed_scaling_factor", 1.0), ", ungated shared experts");
@@ -32,33 +35,40 @@ struct DeepSeekV3 {
             if (i % freq == 0) m.moe_blocks.push_back({i, ""});
     }
 
+    template <Backend B, class Router = DeepSeekRouter>
+    using Layer = MoeLayer<SwiGluExpert<B>, Router, SharedExpert<SwiGluExpert<B>>>;
+    /// DeepSeek's selection with softmax scores.
+    using SoftmaxRouter = ScoredRouter<Softmax, GroupLimitedTopK>;
     template <Backend B>
-    using Layer = MoeLayer<SwiGluExpert<B>, DeepSeekRouter, SharedExpert<SwiGluExpert<B>>>;
-    template <Backend B>
-    using layers = type_list<Layer<B>>;
+    using layers = type_list<Layer<B>, Layer<B, SoftmaxRouter>>;
 
     template <class Out, Backend B>
     static Out load(BlockSource<B>& s) {
         const ConfigReader& c = s.config;
         c.expect_string("hidden_act", "silu", {"silu"});
-        c.expect_string("scoring_func", "sigmoid", {"sigmoid"});
+        const std::string scoring = c.expect_string("scoring_func", "sigmoid", {"sigmoid", "softmax"});
         c.expect_string("topk_method", "noaux_tc", {"noaux_tc"});
         const index_t d = s.info.d_model, e = s.info.experts, sf = s.info.shared_ff;
         if (sf == 0) throw config_error(detail::concat(c.file(), ": n_shared_experts is 0; deepseek_v3 blocks have shared experts"));
         const std::string p = "model.layers." + s.layer() + ".mlp.";
         const WeightView gate = s.tensors.matrix(p + "gate.weight", e, d);
-        const auto bias = s.tensors.vector(p + "gate.e_score_correction_bias", e);
+        const std::string bias_name = p + "gate.e_score_correction_bias";
+        const auto bias = scoring == "sigmoid" || s.tensors.has(bias_name) ? s.tensors.vector(bias_name, e) : std::span<const float>{};
         const auto w = detail::glu_weights(s.tensors, p + "experts.", e, d, s.info.d_ff, "gate_proj.weight", "up_proj.weight",
                                            "down_proj.weight");
         const GluWeights sw = detail::glu_weights(s.tensors, p + "shared_experts.", d, sf);
         s.tensors.finish();
-        const DeepSeekRouter router(
-            e, GroupLimitedTopK{.k = s.info.top_k, .n_group = c.integer("n_group", 1), .topk_group = c.integer("topk_group", 1)},
-            {.weighting = {.renormalize = c.boolean_or("norm_topk_prob", false), .epsilon = 1e-20,
-                           .scale = float(c.number_or("routed_scaling_factor", 1.0))},
-             .selection_bias = {bias.begin(), bias.end()}});
-        return Out(Layer<B>(gate, router, detail::build_experts<SwiGluExpert<B>>(w, s),
-                            SharedExpert<SwiGluExpert<B>>(SwiGluExpert<B>(sw, detail::expert_options(s.options)))));
+        const auto build = [&]<class Router>(std::type_identity<Router>) {
+            const Router router(
+                e, GroupLimitedTopK{.k = s.info.top_k, .n_group = c.integer("n_group", 1), .topk_group = c.integer("topk_group", 1)},
+                {.weighting = {.renormalize = c.boolean_or("norm_topk_prob", false), .epsilon = 1e-20,
+                               .scale = float(c.number_or("routed_scaling_factor", 1.0))},
+                 .selection_bias = {bias.begin(), bias.end()}});
+            return Out(Layer<B, Router>(gate, router, detail::build_experts<SwiGluExpert<B>>(w, s),
+                                        SharedExpert<SwiGluExpert<B>>(SwiGluExpert<B>(sw, detail::expert_options(s.options)))));
+        };
+        if (scoring == "softmax") return build(std::type_identity<SoftmaxRouter>{});
+        return build(std::type_identity<DeepSeekRouter>{});
     }
 
     static void write_synthetic(const SyntheticModel& m, detail::SyntheticWriter& w, nlohmann::json& c) {

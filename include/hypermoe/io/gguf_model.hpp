@@ -1,0 +1,218 @@
+#pragma once
+// A GGUF model seen as a Hugging Face checkpoint: the config.json its family loader reads, made
+// from the GGUF metadata keys llama.cpp writes, and its MoE tensors under the Hugging Face names,
+// each a view of the GGUF bytes (no copy). So every family loader (io/family/) reads a GGUF file
+// unchanged, and the only GGUF-specific code is this translation.
+//
+// Architectures (general.architecture) and the family each becomes:
+//   llama (with <arch>.expert_count > 0)  -> mixtral
+//   qwen2moe                              -> qwen2_moe (softmax top-k, not renormalised; shared
+//                                            expert with its sigmoid gate)
+//   olmoe                                 -> olmoe (softmax top-k, not renormalised)
+//   deepseek2                             -> deepseek_v3 (sigmoid or softmax gating, selection
+//                                            bias exp_probs_b, groups, weight norm and scale,
+//                                            shared experts, leading dense blocks)
+// The experts are read from the merged 3-D tensors blk.N.ffn_{gate,up,down}_exps.weight (expert
+// e is slice e of the outermost dimension) or, in older llama files, from the per-expert
+// blk.N.ffn_{gate,up,down}.E.weight. GGUF dims are innermost first; the names below are given
+// the Hugging Face shape (outermost first).
+
+#include <functional>
+#include <map>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "hypermoe/io/gguf.hpp"
+
+namespace hypermoe {
+
+/// What a GGUF model is to the family loaders.
+struct GgufCheckpoint {
+    std::string architecture;          ///< general.architecture
+    nlohmann::json config;             ///< the Hugging Face config the family reads
+    std::vector<TensorInfo> tensors;   ///< MoE tensors under Hugging Face names (origin: the GGUF tensor)
+    /// Every Hugging Face name the mapping knows, with the GGUF tensor(s) it is read from (for
+    /// messages about a missing tensor).
+    std::map<std::string, std::string> sources;
+};
+
+namespace detail {
+
+class GgufMapper {
+public:
+    explicit GgufMapper(const GgufView& g) : g_(g) {
+        out_.architecture = required_string("general.architecture");
+        arch_ = out_.architecture + ".";
+    }
+
+    GgufCheckpoint map() {
+        const std::string& a = out_.architecture;
+        if (a == "llama") llama();
+        else if (a == "qwen2moe") qwen2moe();
+        else if (a == "olmoe") olmoe();
+        else if (a == "deepseek2") deepseek2();
+        else
+            throw config_error(detail::concat(g_.source(), ": general.architecture is \"", a,
+                                              "\"; supported MoE architectures: llama (with experts), qwen2moe, olmoe, deepseek2"));
+        return std::move(out_);
+    }
+
+private:
+    [[nodiscard]] std::string required_string(const std::string& key) const {
+        const auto v = g_.string(key);
+        if (!v) throw config_error(detail::concat(g_.source(), ": no metadata '", key, "'"));
+        return *v;
+    }
+    /// <arch>.<key> as an integer >= min; required unless `fallback` is given.
+    [[nodiscard]] index_t integer(const std::string& key, index_t min, std::optional<index_t> fallback = std::nullopt) const {
+        const auto v = g_.integer(arch_ + key);
+        if (!v && !fallback) throw config_error(detail::concat(g_.source(), ": no metadata '", arch_, key, "'"));
+        const index_t x = v ? *v : *fallback;
+        if (x < min || x > (index_t{1} << 40))
+            throw config_error(detail::concat(g_.source(), ": metadata '", arch_, key, "' is ", x, ", expected at least ", min));
+        return x;
+    }
+
+    /// The sizes every MoE architecture has; then the experts' width from `ff_key` (or
+    /// `ff_fallback_key` when that is absent).
+    void common(const char* model_type, const std::string& ff_key, const std::string& ff_fallback_key = "") {
+        layers_ = integer("block_count", 1);
+        d_ = integer("embedding_length", 1);
+        experts_ = integer("expert_count", 0, 0);
+        if (experts_ == 0)
+            throw config_error(detail::concat(g_.source(), ": ", out_.architecture, " model without experts (", arch_,
+                                              "expert_count is absent or 0): not an MoE model"));
+        const auto fallback = ff_fallback_key.empty() ? std::nullopt : g_.integer(arch_ + ff_fallback_key);
+        ff_ = integer(ff_key, 1, fallback);
+        out_.config = {{"model_type", model_type}, {"hidden_size", d_}, {"num_hidden_layers", layers_},
+                       {"num_experts_per_tok", integer("expert_used_count", 1)}, {"hidden_act", "silu"}};
+    }
+
+    /// One tensor under `hf`, read from GGUF tensor `gguf` when present; `sources` says where it
+    /// is looked for, when that is more than `gguf`.
+    void one(const std::string& hf, const std::string& gguf, std::optional<std::vector<index_t>> shape = std::nullopt,
+             const std::string& sources = "") {
+        out_.sources[hf] = sources.empty() ? "GGUF '" + gguf + "'" : sources;
+        const TensorInfo* t = g_.find(gguf);
+        if (t == nullptr) return;
+        TensorInfo m = *t;
+        m.name = hf, m.origin = "GGUF '" + gguf + "'";
+        // A 1-D tensor read as one row ([n] -> [1, n]), as ffn_gate_inp_shexp.
+        if (shape && m.shape.size() == 1 && shape->size() == 2 && (*shape)[0] == 1) m.shape = {1, m.shape[0]};
+        out_.tensors.push_back(std::move(m));
+    }
+
+    /// Expert e's matrix under `hf(e)`, from the merged `blk.L.<merged>.weight` (slice e) or the
+    /// per-expert `blk.L.<single>.e.weight`.
+    void experts(index_t l, const std::function<std::string(index_t)>& hf, const std::string& merged, const std::string& single) {
+        const std::string b = "blk." + std::to_string(l) + ".";
+        const std::string whole = b + merged + ".weight";
+        const TensorInfo* t = g_.find(whole);
+        for (index_t e = 0; e < experts_; ++e) {
+            const std::string each = b + single + "." + std::to_string(e) + ".weight";
+            const std::string sources = "GGUF '" + whole + "' or '" + each + "'";
+            if (t == nullptr) {
+                one(hf(e), each, std::nullopt, sources);
+                continue;
+            }
+            out_.sources[hf(e)] = sources;
+            TensorInfo m = *t;
+            m.name = hf(e);
+            if (t->shape.size() == 3 && t->shape[0] == experts_) { // [E, N, K] -> expert e's [N, K]
+                const std::size_t bytes = (t->end - t->begin) / std::size_t(experts_);
+                m.shape = {t->shape[1], t->shape[2]};
+                m.begin = t->begin + std::size_t(e) * bytes, m.end = m.begin + bytes;
+                m.origin = detail::concat("GGUF '", whole, "' expert ", e);
+            } else {
+                m.origin = detail::concat("GGUF '", whole, "' ", t->shape_string(), ", expected [", experts_, ", N, K]");
+            }
+            out_.tensors.push_back(std::move(m));
+        }
+    }
+
+    /// The routed experts and router of block l under `p` (Hugging Face prefix of the MLP), with
+    /// the family's names for the three matrices.
+    void routed(index_t l, const std::string& p, const char* gate, const char* up, const char* down) {
+        const std::string b = "blk." + std::to_string(l) + ".";
+        one(p + "gate.weight", b + "ffn_gate_inp.weight");
+        const auto name = [&](const char* w) { return [p, w](index_t e) { return p + "experts." + std::to_string(e) + "." + w; }; };
+        experts(l, name(gate), "ffn_gate_exps", "ffn_gate");
+        experts(l, name(up), "ffn_up_exps", "ffn_up");
+        experts(l, name(down), "ffn_down_exps", "ffn_down");
+    }
+
+    /// A shared expert of block l under `p` from blk.l.ffn_{gate,up,down}_shexp.
+    void shared(index_t l, const std::string& p) {
+        const std::string b = "blk." + std::to_string(l) + ".";
+        one(p + "gate_proj.weight", b + "ffn_gate_shexp.weight");
+        one(p + "up_proj.weight", b + "ffn_up_shexp.weight");
+        one(p + "down_proj.weight", b + "ffn_down_shexp.weight");
+    }
+
+    void llama() {
+        common("mixtral", "feed_forward_length");
+        out_.config.update({{"intermediate_size", ff_}, {"num_local_experts", experts_}});
+        for (index_t l = 0; l < layers_; ++l)
+            routed(l, "model.layers." + std::to_string(l) + ".block_sparse_moe.", "w1.weight", "w3.weight", "w2.weight");
+    }
+
+    void qwen2moe() {
+        common("qwen2_moe", "expert_feed_forward_length");
+        const index_t shared_ff = integer("expert_shared_feed_forward_length", 0, 0);
+        out_.config.update({{"moe_intermediate_size", ff_}, {"num_experts", experts_}, {"shared_expert_intermediate_size", shared_ff},
+                            {"norm_topk_prob", false}, {"decoder_sparse_step", 1}, {"mlp_only_layers", nlohmann::json::array()}});
+        for (index_t l = 0; l < layers_; ++l) {
+            const std::string p = "model.layers." + std::to_string(l) + ".mlp.";
+            routed(l, p, "gate_proj.weight", "up_proj.weight", "down_proj.weight");
+            if (shared_ff == 0) continue;
+            shared(l, p + "shared_expert.");
+            one(p + "shared_expert_gate.weight", "blk." + std::to_string(l) + ".ffn_gate_inp_shexp.weight", std::vector<index_t>{1, d_});
+        }
+    }
+
+    void olmoe() {
+        // llama.cpp reads OLMoE's expert width from feed_forward_length.
+        common("olmoe", "expert_feed_forward_length", "feed_forward_length");
+        out_.config.update({{"intermediate_size", ff_}, {"num_experts", experts_}, {"norm_topk_prob", false}});
+        for (index_t l = 0; l < layers_; ++l)
+            routed(l, "model.layers." + std::to_string(l) + ".mlp.", "gate_proj.weight", "up_proj.weight", "down_proj.weight");
+    }
+
+    void deepseek2() {
+        common("deepseek_v3", "expert_feed_forward_length");
+        const index_t leading = integer("leading_dense_block_count", 0, 0);
+        // expert_gating_func: 1 softmax, 2 sigmoid; absent (DeepSeek-V2 files) means softmax, as in llama.cpp.
+        const index_t gating = integer("expert_gating_func", 0, 1);
+        if (gating != 1 && gating != 2)
+            throw config_error(detail::concat(g_.source(), ": metadata '", arch_, "expert_gating_func' is ", gating,
+                                              ", expected 1 (softmax) or 2 (sigmoid)"));
+        const auto scale = g_.number(arch_ + "expert_weights_scale");
+        const auto norm = g_.boolean(arch_ + "expert_weights_norm");
+        out_.config.update({{"moe_intermediate_size", ff_}, {"n_routed_experts", experts_},
+                            {"n_shared_experts", integer("expert_shared_count", 0, 0)}, {"first_k_dense_replace", leading},
+                            {"moe_layer_freq", 1}, {"routed_scaling_factor", scale.value_or(1.0)}, {"norm_topk_prob", norm.value_or(false)},
+                            {"n_group", integer("expert_group_count", 1, 1)}, {"topk_group", integer("expert_group_used_count", 1, 1)},
+                            {"scoring_func", gating == 2 ? "sigmoid" : "softmax"}, {"topk_method", "noaux_tc"}});
+        for (index_t l = leading; l < layers_; ++l) {
+            const std::string p = "model.layers." + std::to_string(l) + ".mlp.";
+            routed(l, p, "gate_proj.weight", "up_proj.weight", "down_proj.weight");
+            one(p + "gate.e_score_correction_bias", "blk." + std::to_string(l) + ".exp_probs_b.bias");
+            shared(l, p + "shared_experts.");
+        }
+    }
+
+    const GgufView& g_;
+    std::string arch_;
+    GgufCheckpoint out_;
+    index_t layers_ = 0, d_ = 0, experts_ = 0, ff_ = 0;
+};
+
+} // namespace detail
+
+/// The family config and Hugging Face-named MoE tensors of a GGUF model (see the top of this file);
+/// config_error when the architecture or a metadata key is missing or unsupported.
+[[nodiscard]] inline GgufCheckpoint gguf_checkpoint(const GgufView& g) { return detail::GgufMapper(g).map(); }
+
+} // namespace hypermoe

@@ -1,0 +1,219 @@
+#pragma once
+// A small GGUF writer for the tests (the format as ggml/docs/gguf.md describes it): metadata of
+// every value type, tensors of any ggml type id with bytes given, version and alignment chosen.
+// Plus the encodings of a float matrix as F32, F16, BF16, Q8_0 and Q4_0 (the library's own
+// quantisers, which are ggml's bit for bit), and a converter from a Hugging Face checkpoint of
+// the four families to the GGUF llama.cpp would write for it.
+
+#include <cstdint>
+#include <functional>
+#include <cstring>
+#include <fstream>
+#include <string>
+#include <vector>
+
+#include <hypermoe/io/io.hpp>
+
+namespace hypermoe::test {
+
+
+
+/// ggml type ids.
+enum ggml : std::uint32_t { F32 = 0, F16 = 1, Q4_0 = 2, Q8_0 = 8, Q4_K = 12, BF16 = 30 };
+
+class GgufWriter {
+public:
+    void u32(const std::string& key, std::uint32_t v) { kv(key, 4, &v, 4); }
+    void i32(const std::string& key, std::int32_t v) { kv(key, 5, &v, 4); }
+    void f32(const std::string& key, float v) { kv(key, 6, &v, 4); }
+    void boolean(const std::string& key, bool v) {
+        const std::uint8_t b = v;
+        kv(key, 7, &b, 1);
+    }
+    void u64(const std::string& key, std::uint64_t v) { kv(key, 10, &v, 8); }
+    void string(const std::string& key, const std::string& v) {
+        std::vector<std::byte> b;
+        put_string(b, v);
+        kv(key, 8, b.data(), b.size());
+    }
+    void strings(const std::string& key, const std::vector<std::string>& v) {
+        std::vector<std::byte> b;
+        put(b, std::uint32_t{8});
+        put(b, std::uint64_t(v.size()));
+        for (const auto& s : v) put_string(b, s);
+        kv(key, 9, b.data(), b.size());
+    }
+    void u32s(const std::string& key, const std::vector<std::uint32_t>& v) {
+        std::vector<std::byte> b;
+        put(b, std::uint32_t{4});
+        put(b, std::uint64_t(v.size()));
+        for (const auto x : v) put(b, x);
+        kv(key, 9, b.data(), b.size());
+    }
+    /// A tensor: dims innermost first (ggml's ne), its bytes as stored.
+    void tensor(const std::string& name, std::uint32_t type, std::vector<std::int64_t> ne, std::vector<std::byte> bytes) {
+        tensors_.push_back({name, type, std::move(ne), std::move(bytes)});
+    }
+
+    /// The file's bytes.
+    [[nodiscard]] std::vector<std::byte> bytes(std::uint32_t version = 3, std::uint32_t alignment = 32) const {
+        std::vector<std::byte> out;
+        out.insert(out.end(), {std::byte{'G'}, std::byte{'G'}, std::byte{'U'}, std::byte{'F'}});
+        put(out, version);
+        put(out, std::uint64_t(tensors_.size()));
+        put(out, std::uint64_t(kvs_.size()));
+        for (const auto& b : kvs_) out.insert(out.end(), b.begin(), b.end());
+        std::uint64_t offset = 0;
+        std::vector<std::uint64_t> offsets;
+        for (const auto& t : tensors_) {
+            put_string(out, t.name);
+            put(out, std::uint32_t(t.ne.size()));
+            for (const auto n : t.ne) put(out, n);
+            put(out, t.type);
+            offsets.push_back(offset);
+            put(out, offset);
+            offset += (t.bytes.size() + alignment - 1) / alignment * alignment;
+        }
+        out.resize((out.size() + alignment - 1) / alignment * alignment);
+        const std::size_t data = out.size();
+        out.resize(data + (tensors_.empty() ? 0 : offsets.back() + tensors_.back().bytes.size())); // no padding after the last
+        for (std::size_t i = 0; i < tensors_.size(); ++i)
+            if (!tensors_[i].bytes.empty()) std::memcpy(out.data() + data + offsets[i], tensors_[i].bytes.data(), tensors_[i].bytes.size());
+        return out;
+    }
+    void write(const std::string& path, std::uint32_t version = 3, std::uint32_t alignment = 32) const {
+        const auto b = bytes(version, alignment);
+        std::ofstream(path, std::ios::binary).write(reinterpret_cast<const char*>(b.data()), std::streamsize(b.size()));
+    }
+
+    template <class T>
+    static void put(std::vector<std::byte>& out, T v) {
+        const auto* p = reinterpret_cast<const std::byte*>(&v);
+        out.insert(out.end(), p, p + sizeof(T));
+    }
+    static void put_string(std::vector<std::byte>& out, const std::string& s) {
+        put(out, std::uint64_t(s.size()));
+        const auto* p = reinterpret_cast<const std::byte*>(s.data());
+        out.insert(out.end(), p, p + s.size());
+    }
+
+private:
+    void kv(const std::string& key, std::uint32_t type, const void* value, std::size_t n) {
+        std::vector<std::byte> b;
+        put_string(b, key);
+        put(b, type);
+        const auto* p = static_cast<const std::byte*>(value);
+        b.insert(b.end(), p, p + n);
+        kvs_.push_back(std::move(b));
+    }
+    struct Tensor {
+        std::string name;
+        std::uint32_t type;
+        std::vector<std::int64_t> ne;
+        std::vector<std::byte> bytes;
+    };
+    std::vector<std::vector<std::byte>> kvs_;
+    std::vector<Tensor> tensors_;
+};
+
+/// A (rows, cols) float matrix stored as ggml type `type` (row-major; blocks along cols).
+inline std::vector<std::byte> encode(hypermoe::ConstMatrixView<float> m, std::uint32_t type) {
+    std::vector<std::byte> out;
+    for (index_t r = 0; r < m.rows(); ++r) {
+        const float* row = m.row(r).data();
+        for (index_t c = 0; c < m.cols(); c += (type == Q8_0 || type == Q4_0) ? 32 : 1) {
+            if (type == F32) GgufWriter::put(out, row[c]);
+            else if (type == F16) GgufWriter::put(out, hypermoe::f32_to_f16_bits(row[c]));
+            else if (type == BF16) GgufWriter::put(out, hypermoe::bf16::from_float(row[c]).bits);
+            else if (type == Q8_0) GgufWriter::put(out, hypermoe::quantize_q8_0(std::span<const float, 32>(row + c, 32)));
+            else if (type == Q4_0) GgufWriter::put(out, hypermoe::quantize_q4_0(std::span<const float, 32>(row + c, 32)));
+        }
+    }
+    return out;
+}
+
+/// How to convert a checkpoint: the expert matrices' type (block types fall back to F32 for a
+/// matrix whose rows are not whole blocks, as llama.cpp's quantizer does), merged or per-expert
+/// tensors (llama only), and the deepseek2 gating function to write (2 sigmoid, 1 softmax).
+struct GgufConversion {
+    std::uint32_t experts = F32;
+    bool merged = true;
+    std::uint32_t gating = 2;
+    std::uint32_t version = 3;
+};
+
+/// The GGUF llama.cpp would write for the MoE blocks of a Hugging Face checkpoint of family
+/// mixtral (-> llama), qwen2_moe (-> qwen2moe), olmoe or deepseek_v3 (-> deepseek2). Only the
+/// tensors the MoE blocks read are written.
+inline GgufWriter gguf_from(const hypermoe::Checkpoint& ck, const GgufConversion& how = {}) {
+    using namespace hypermoe;
+    const nlohmann::json& c = ck.config();
+    const ModelInfo info = describe(ck);
+    const std::string family(to_string(info.family));
+    const std::string arch = family == "mixtral" ? "llama" : family == "qwen2_moe" ? "qwen2moe" : family == "olmoe" ? "olmoe" : "deepseek2";
+    GgufWriter w;
+    w.string("general.architecture", arch);
+    w.string("general.name", "converted " + family);
+    const std::string a = arch + ".";
+    w.u32(a + "block_count", std::uint32_t(c.at("num_hidden_layers").get<int>()));
+    w.u32(a + "embedding_length", std::uint32_t(info.d_model));
+    w.u32(a + "expert_count", std::uint32_t(info.experts));
+    w.u32(a + "expert_used_count", std::uint32_t(info.top_k));
+    if (arch == "llama" || arch == "olmoe") w.u32(a + "feed_forward_length", std::uint32_t(info.d_ff));
+    else w.u32(a + "expert_feed_forward_length", std::uint32_t(info.d_ff));
+    if (arch == "qwen2moe") w.u32(a + "expert_shared_feed_forward_length", std::uint32_t(info.shared_ff));
+    if (arch == "deepseek2") {
+        w.u32(a + "leading_dense_block_count", std::uint32_t(c.value("first_k_dense_replace", 0)));
+        w.u32(a + "expert_shared_count", std::uint32_t(c.value("n_shared_experts", 0)));
+        w.f32(a + "expert_weights_scale", c.value("routed_scaling_factor", 1.0f));
+        w.boolean(a + "expert_weights_norm", c.value("norm_topk_prob", false));
+        w.u32(a + "expert_gating_func", how.gating);
+        w.u32(a + "expert_group_count", std::uint32_t(c.value("n_group", 1)));
+        w.u32(a + "expert_group_used_count", std::uint32_t(c.value("topk_group", 1)));
+    }
+    w.u32s("tokenizer.ggml.token_type", {1, 1, 3}); // an array the reader must skip
+    const auto matrix = [&](const std::string& name) {
+        const Checkpoint::Ref r = ck.tensor(name);
+        return r.file->to_f32(*r.info);
+    };
+    const auto type_of = [&](index_t cols) { return (how.experts == Q8_0 || how.experts == Q4_0) && cols % 32 != 0 ? F32 : how.experts; };
+    const auto plain = [&](const std::string& gguf, const std::string& hf, std::uint32_t type, bool one_dim = false) {
+        const Matrix<float> m = matrix(hf);
+        const std::vector<std::int64_t> ne = one_dim ? std::vector<std::int64_t>{m.rows() * m.cols()} : std::vector<std::int64_t>{m.cols(), m.rows()};
+        w.tensor(gguf, type, ne, encode(m.view(), type));
+    };
+    for (const MoeBlockRef& b : info.moe_blocks) {
+        const std::string l = std::to_string(b.layer), blk = "blk." + l + ".";
+        const std::string p = "model.layers." + l + (family == "mixtral" ? ".block_sparse_moe." : ".mlp.");
+        plain(blk + "ffn_gate_inp.weight", p + "gate.weight", F32);
+        const char* names[3][2] = {{"gate", family == "mixtral" ? "w1" : "gate_proj"},
+                                   {"up", family == "mixtral" ? "w3" : "up_proj"},
+                                   {"down", family == "mixtral" ? "w2" : "down_proj"}};
+        for (const auto& [g, h] : names) {
+            std::vector<std::byte> all;
+            index_t rows = 0, cols = 0;
+            for (index_t e = 0; e < info.experts; ++e) {
+                const std::string hf = p + "experts." + std::to_string(e) + "." + h + ".weight";
+                const Matrix<float> m = matrix(hf);
+                rows = m.rows(), cols = m.cols();
+                auto bytes = encode(m.view(), type_of(cols));
+                if (!how.merged) w.tensor(blk + "ffn_" + g + "." + std::to_string(e) + ".weight", type_of(cols), {cols, rows}, std::move(bytes));
+                else all.insert(all.end(), bytes.begin(), bytes.end());
+            }
+            if (how.merged) w.tensor(blk + "ffn_" + g + "_exps.weight", type_of(cols), {cols, rows, info.experts}, std::move(all));
+        }
+        if (info.shared_ff > 0) {
+            const std::string sp = p + (family == "qwen2_moe" ? "shared_expert." : "shared_experts.");
+            for (const auto& [g, h] : {std::pair{"gate", "gate_proj"}, {"up", "up_proj"}, {"down", "down_proj"}}) {
+                const Matrix<float> m = matrix(sp + h + ".weight");
+                w.tensor(blk + "ffn_" + g + "_shexp.weight", type_of(m.cols()), {m.cols(), m.rows()}, encode(m.view(), type_of(m.cols())));
+            }
+        }
+        if (family == "qwen2_moe" && info.shared_ff > 0) plain(blk + "ffn_gate_inp_shexp.weight", p + "shared_expert_gate.weight", F32, true);
+        if (family == "deepseek_v3" && ck.contains(p + "gate.e_score_correction_bias"))
+            plain(blk + "exp_probs_b.bias", p + "gate.e_score_correction_bias", F32, true);
+    }
+    return w;
+}
+
+} // namespace hypermoe::test

@@ -1,0 +1,432 @@
+// GGUF files (io/gguf.hpp, io/gguf_model.hpp), written by the tests' own writer
+// (gguf_writer.hpp): every architecture and tensor type gives the block the same weights give
+// from safetensors; the fixtures converted to GGUF give their expected outputs; blocks are kept
+// as stored; malformed files and unsupported models give typed errors naming the problem.
+#include <doctest/doctest.h>
+
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <string>
+#include <vector>
+
+#include <hypermoe/io/io.hpp>
+
+#include "gguf_writer.hpp"
+#include "test_support.hpp"
+
+using namespace hypermoe;
+using test::relative_error;
+namespace fs = std::filesystem;
+
+namespace {
+
+const std::string data_dir = HYPERMOE_TEST_DATA;
+
+struct TempDir {
+    fs::path path;
+    explicit TempDir(const std::string& tag) {
+        path = fs::temp_directory_path() / ("hypermoe-gguf-" + tag + "-" + std::to_string(::getpid()));
+        fs::remove_all(path);
+        fs::create_directories(path);
+    }
+    ~TempDir() { fs::remove_all(path); }
+};
+
+/// y = block(x) of MoE block `layer`.
+template <class B>
+Matrix<float> forward(const Checkpoint& ck, index_t layer, ConstMatrixView<float> x, const LoadOptions& opt) {
+    const auto block = load_moe_block<B>(ck, layer, "", opt);
+    Matrix<float> y(x.rows(), x.cols());
+    Workspace ws;
+    block.forward(x, y.view(), ws);
+    return y;
+}
+
+[[nodiscard]] float max_abs_diff(ConstMatrixView<float> a, ConstMatrixView<float> b) {
+    float m = 0;
+    for (index_t r = 0; r < a.rows(); ++r)
+        for (index_t c = 0; c < a.cols(); ++c) m = std::max(m, std::fabs(a(r, c) - b(r, c)));
+    return m;
+}
+
+/// A copy of checkpoint `src` in `dst` whose expert matrices hold the values `type` stores
+/// (F16 and BF16 rounding; the block formats are left to the loader's quantiser), with config
+/// keys overridden by `config`.
+void reference_copy(const std::string& src, const std::string& dst, std::uint32_t type, const nlohmann::json& config) {
+    fs::create_directories(dst);
+    nlohmann::json c = read_json_file(src + "/config.json");
+    if (!config.is_null()) c.update(config);
+    std::ofstream(dst + "/config.json") << c.dump(2);
+    const SafeTensorsFile f(src + "/model.safetensors");
+    std::vector<TensorToWrite> out;
+    for (const TensorInfo& t : f.view().tensors()) {
+        Matrix<float> m = f.view().to_f32(t);
+        if (t.name.find("expert") != std::string::npos && t.name.find("expert_gate") == std::string::npos && t.shape.size() == 2)
+            for (index_t i = 0; i < m.rows() * m.cols(); ++i) {
+                float& v = m.data()[i];
+                if (type == test::F16) v = f16_bits_to_f32(f32_to_f16_bits(v));
+                if (type == test::BF16) v = bf16::from_float(v).to_float();
+            }
+        out.push_back(f32_tensor(t.name, t.shape, {m.data(), std::size_t(m.rows() * m.cols())}));
+    }
+    write_safetensors(dst + "/model.safetensors", out);
+}
+
+struct Variant {
+    const char* family;
+    test::GgufConversion how;
+    nlohmann::json config; ///< what the GGUF architecture implies, set on the safetensors side too
+};
+
+} // namespace
+
+TEST_CASE_TEMPLATE_DEFINE("GGUF: every architecture and tensor type gives the block its weights give from safetensors", B, every_type) {
+    const std::vector<Variant> variants = {
+        {"mixtral", {.merged = true}, {}},
+        {"mixtral", {.merged = false}, {}},
+        {"qwen2_moe", {}, {{"norm_topk_prob", false}}},
+        {"olmoe", {}, {{"norm_topk_prob", false}}},
+        {"deepseek_v3", {.gating = 2}, {}},
+        {"deepseek_v3", {.gating = 1}, {{"scoring_func", "softmax"}}},
+    };
+    const std::vector<std::pair<std::uint32_t, dtype>> types = {
+        {test::F32, dtype::f32}, {test::F16, dtype::f32}, {test::BF16, dtype::bf16}, {test::Q8_0, dtype::q8_0}, {test::Q4_0, dtype::q4_0}};
+    TempDir tmp("types");
+    const Matrix<float> x = test::random_matrix(5, 64, 7);
+    for (const Variant& v : variants) {
+        const std::string src = (tmp.path / "src").string();
+        fs::remove_all(src);
+        write_synthetic_checkpoint(src, {.family = *find_family(v.family), .d_model = 64, .d_ff = 64, .experts = 8, .top_k = 2, .layers = 2});
+        for (const auto& [type, storage] : types) {
+            CAPTURE(v.family);
+            CAPTURE(v.how.merged);
+            CAPTURE(v.how.gating);
+            CAPTURE(type);
+            const std::string ref = (tmp.path / "ref").string(), file = (tmp.path / "model.gguf").string();
+            fs::remove_all(ref);
+            reference_copy(src, ref, type, v.config);
+            test::GgufConversion how = v.how;
+            how.experts = type;
+            test::gguf_from(Checkpoint(src), how).write(file);
+            const Checkpoint g(file), r(ref);
+            CHECK(describe(g).family == describe(r).family);
+            CHECK(describe(g).moe_blocks == describe(r).moe_blocks);
+            for (const precision p : {precision::exact, precision::fast}) {
+                const LoadOptions opt{.storage = storage, .prec = p};
+                const Matrix<float> yg = forward<B>(g, 1, x.view(), opt), yr = forward<B>(r, 1, x.view(), opt);
+                CHECK(max_abs_diff(yg.view(), yr.view()) == 0.0f);
+            }
+        }
+    }
+}
+
+TEST_CASE_TEMPLATE_DEFINE("GGUF: the fixtures converted as llama.cpp would give their expected outputs", B, fixtures) {
+    TempDir tmp("fixtures");
+    for (const char* name : {"mixtral-basic", "mixtral-decode", "qwen2_moe-basic", "olmoe-basic", "deepseek_v3-basic", "deepseek_v3-decode"}) {
+        CAPTURE(name);
+        const std::string dir = data_dir + "/" + name;
+        const Checkpoint st(dir);
+        const SafeTensorsFile input(dir + "/input.safetensors"), expected(dir + "/expected.safetensors");
+        const Matrix<float> x = input.view().to_f32(input.view().info("x")), y_want = expected.view().to_f32(expected.view().info("y"));
+        const index_t layer = std::stoll(input.view().metadata().at("layer"));
+        for (const bool merged : {true, false}) {
+            if (!merged && std::string(name).rfind("mixtral", 0) != 0) continue; // per-expert tensors: llama only
+            const std::string file = (tmp.path / "f32.gguf").string();
+            test::gguf_from(st, {.experts = test::F32, .merged = merged}).write(file);
+            const Checkpoint g(file);
+            const Matrix<float> y = forward<B>(g, layer, x.view(), {});
+            CHECK(relative_error(y.view(), y_want.view()) <= 1e-5);
+        }
+        // Q8_0 / Q4_0 (matrices whose rows are not whole blocks stay F32, as llama.cpp's
+        // quantizer leaves them): exactly what the safetensors weights held in that format give.
+        for (const auto& [type, storage] : {std::pair{test::Q8_0, dtype::q8_0}, {test::Q4_0, dtype::q4_0}}) {
+            const std::string file = (tmp.path / "q.gguf").string();
+            test::gguf_from(st, {.experts = type}).write(file);
+            const LoadOptions opt{.storage = storage};
+            const Matrix<float> yg = forward<B>(Checkpoint(file), layer, x.view(), opt), ys = forward<B>(st, layer, x.view(), opt);
+            CHECK(max_abs_diff(yg.view(), ys.view()) == 0.0f);
+        }
+    }
+}
+TEST_CASE_TEMPLATE_APPLY(fixtures, test::all_backends);
+
+TEST_CASE("GGUF: Q8_0 and Q4_0 blocks are held as stored, not requantised") {
+    // Blocks no quantiser of their values would give: random integers under random scales.
+    const index_t n = 40, k = 96;
+    std::vector<std::byte> q8, q4;
+    std::uint64_t s = 12345;
+    const auto next = [&] { return s = s * 6364136223846793005ull + 1442695040888963407ull, std::uint32_t(s >> 33); };
+    std::vector<BlockQ8_0> b8(std::size_t(n * k / 32));
+    std::vector<BlockQ4_0> b4(b8.size());
+    for (std::size_t i = 0; i < b8.size(); ++i) {
+        b8[i].d = f32_to_f16_bits(float(next() % 1000 + 1) * 1e-4f);
+        b4[i].d = f32_to_f16_bits(-float(next() % 1000 + 1) * 1e-4f);
+        for (auto& q : b8[i].qs) q = std::int8_t(int(next() % 201) - 100);
+        for (auto& q : b4[i].qs) q = std::uint8_t(next() % 256);
+    }
+    const detail::BlockWeights w8(WeightView::blocks(b8.data(), dtype::q8_0, n, k), dtype::q8_0, "w8");
+    const detail::BlockWeights w4(WeightView::blocks(b4.data(), dtype::q4_0, n, k), dtype::q4_0, "w4");
+    for (index_t r = 0; r < n; ++r)
+        for (index_t b = 0; b < k / 32; ++b) {
+            const auto& want8 = b8[std::size_t(r * (k / 32) + b)];
+            const auto& want4 = b4[std::size_t(r * (k / 32) + b)];
+            const BlockQ8_0 got8 = w8.block<BlockQ8_0>(r, b);
+            const BlockQ4_0 got4 = w4.block<BlockQ4_0>(r, b);
+            CHECK(std::memcmp(&got8, &want8, sizeof got8) == 0);
+            CHECK(std::memcmp(&got4, &want4, sizeof got4) == 0);
+        }
+    // A view's elements are the blocks' values, and a GLU expert fuses gate and up as blocks.
+    const WeightView v = WeightView::blocks(b4.data(), dtype::q4_0, n, k);
+    std::array<float, 32> vals{};
+    dequantize(b4[1], vals);
+    CHECK(v.at(0, 32 + 17) == vals[17]);
+    CHECK(v.extent().size() == std::size_t(n * k / 32 * 18));
+    CHECK_THROWS_AS((void)WeightView::blocks(b4.data(), dtype::q4_0, n, 40), shape_error);
+    CHECK_THROWS_AS((void)WeightView::blocks(b4.data(), dtype::bf16, n, 32), config_error);
+}
+
+TEST_CASE("GGUF: v2 and v3, any alignment, arrays and every metadata type are read") {
+    TempDir tmp("versions");
+    const std::string dir = data_dir + "/mixtral-basic";
+    for (const std::uint32_t version : {2u, 3u})
+        for (const std::uint32_t align : {32u, 64u, 4096u}) {
+            CAPTURE(version);
+            CAPTURE(align);
+            test::GgufWriter w = test::gguf_from(Checkpoint(dir));
+            if (align != 32) w.u32("general.alignment", align);
+            w.strings("tokenizer.ggml.tokens", {"a", "bc", ""});
+            w.i32("x.i32", -3);
+            w.u64("x.u64", 5);
+            const auto bytes = w.bytes(version, align);
+            const GgufView v(bytes, "mem");
+            CHECK(v.version() == version);
+            CHECK(v.alignment() == align);
+            CHECK(*v.integer("x.i32") == -3);
+            CHECK(*v.integer("x.u64") == 5);
+            CHECK(*v.string("general.architecture") == "llama");
+            CHECK(v.find_key("tokenizer.ggml.tokens")->count == 3);
+            CHECK(v.find_key("tokenizer.ggml.tokens")->element == gguf_type::string);
+            CHECK(v.find_key("tokenizer.ggml.token_type")->count == 3);
+            const TensorInfo& t = v.info("blk.0.ffn_gate_exps.weight");
+            CHECK(t.shape == std::vector<index_t>{4, 40, 32}); // ne = [32, 40, 4], outermost first
+            CHECK(v.data(t).data() - bytes.data() >= 0);
+            CHECK(std::uintptr_t(v.data(t).data() - bytes.data()) % align == 0);
+            CHECK_THROWS_WITH_AS((void)v.string("x.i32"), doctest::Contains("metadata 'x.i32' is a i32, expected a string"), config_error);
+            CHECK_THROWS_WITH_AS((void)v.integer("general.architecture"),
+                                 doctest::Contains("metadata 'general.architecture' is a string, expected an integer"), config_error);
+        }
+}
+
+TEST_CASE("GGUF: inspect-level description: family, blocks, types and bytes") {
+    TempDir tmp("describe");
+    const std::string file = (tmp.path / "m.gguf").string();
+    test::gguf_from(Checkpoint(data_dir + "/deepseek_v3-basic"), {.experts = test::F16}).write(file);
+    const Checkpoint ck(file);
+    const ModelInfo m = describe(ck);
+    CHECK(to_string(m.family) == "deepseek_v3");
+    CHECK(ck.gguf_architecture() == "deepseek2");
+    CHECK(m.moe_blocks == std::vector<MoeBlockRef>{{1, ""}, {2, ""}}); // leading dense block 0
+    CHECK(m.experts == 8);
+    CHECK(m.top_k == 2);
+    CHECK(m.dtypes == std::set<std::string>{"F16", "F32"});
+    CHECK(ck.expert_dtypes() == std::set<std::string>{"F16"});
+    CHECK(ck.bytes_by_dtype().at("F16") == std::size_t(2 * (8 + 1) * 3 * 32 * 8 * 2));
+    CHECK(ck.config_source() == file + " (GGUF metadata)");
+}
+
+TEST_CASE("GGUF: unsupported types, missing tensors and metadata give typed errors that name them") {
+    TempDir tmp("errors");
+    const std::string file = (tmp.path / "m.gguf").string();
+    const Checkpoint st(data_dir + "/mixtral-basic");
+
+    // Block 1's up experts in Q4_K (rows of 256, a different shape too, but the type is reported):
+    // the file opens and describes, block 0 loads, block 1 names the tensor and its type.
+    {
+        test::GgufWriter w;
+        const auto base = test::gguf_from(st, {.merged = true}).bytes();
+        const GgufView v(base, "base");
+        for (const auto& [k, val] : v.metadata())
+            if (val.type == gguf_type::u32) w.u32(k, std::uint32_t(*v.integer(k)));
+            else if (val.type == gguf_type::string) w.string(k, *v.string(k));
+        for (const TensorInfo& t : v.tensors()) {
+            std::vector<std::int64_t> ne(t.shape.rbegin(), t.shape.rend());
+            const auto d = v.data(t);
+            if (t.name == "blk.1.ffn_up_exps.weight") w.tensor(t.name, test::Q4_K, {256, 5, 4}, std::vector<std::byte>(4 * 5 * 144));
+            else w.tensor(t.name, t.dtype == tensor_dtype::f32 ? test::F32 : test::F16, ne, {d.begin(), d.end()});
+        }
+        w.write(file);
+        const Checkpoint ck(file);
+        CHECK(describe(ck).dtypes.count("Q4_K") == 1);
+        CHECK_NOTHROW((void)load_moe_block<reference>(ck, 0));
+        CHECK_THROWS_WITH_AS((void)load_moe_block<reference>(ck, 1),
+                             doctest::Contains(("'model.layers.1.block_sparse_moe.experts.0.w3.weight' (GGUF "
+                                                "'blk.1.ffn_up_exps.weight' expert 0) in " + file +
+                                                " has dtype Q4_K, expected F32, BF16, F16, F64, Q8_0 or Q4_0").c_str()),
+                             weight_error);
+    }
+    // A missing expert tensor names the GGUF tensors it is read from.
+    {
+        test::GgufWriter w;
+        const auto base = test::gguf_from(st).bytes();
+        const GgufView v(base, "base");
+        for (const auto& [k, val] : v.metadata())
+            if (val.type == gguf_type::u32) w.u32(k, std::uint32_t(*v.integer(k)));
+            else if (val.type == gguf_type::string) w.string(k, *v.string(k));
+        for (const TensorInfo& t : v.tensors())
+            if (t.name != "blk.0.ffn_down_exps.weight") {
+                const auto d = v.data(t);
+                w.tensor(t.name, test::F32, std::vector<std::int64_t>(t.shape.rbegin(), t.shape.rend()), {d.begin(), d.end()});
+            }
+        w.write(file);
+        CHECK_THROWS_WITH_AS((void)load_moe_block<reference>(Checkpoint(file), 0),
+                             doctest::Contains("missing tensor 'model.layers.0.block_sparse_moe.experts.2.w2.weight' (GGUF "
+                                               "'blk.0.ffn_down_exps.weight' or 'blk.0.ffn_down.2.weight')"),
+                             weight_error);
+    }
+    // Metadata: no architecture, an unsupported one, a llama without experts, a missing key, a wrong type.
+    const auto with = [&](const std::function<void(test::GgufWriter&)>& f) {
+        test::GgufWriter w;
+        f(w);
+        w.write(file);
+        return file;
+    };
+    CHECK_THROWS_WITH_AS(Checkpoint(with([](auto&) {})), doctest::Contains("no metadata 'general.architecture'"), config_error);
+    CHECK_THROWS_WITH_AS(Checkpoint(with([](auto& w) { w.string("general.architecture", "gemma"); })),
+                         doctest::Contains("general.architecture is \"gemma\"; supported MoE architectures: llama (with experts), "
+                                           "qwen2moe, olmoe, deepseek2"),
+                         config_error);
+    CHECK_THROWS_WITH_AS(Checkpoint(with([](auto& w) {
+                             w.string("general.architecture", "llama");
+                             w.u32("llama.block_count", 2);
+                             w.u32("llama.embedding_length", 32);
+                         })),
+                         doctest::Contains("llama model without experts (llama.expert_count is absent or 0): not an MoE model"),
+                         config_error);
+    CHECK_THROWS_WITH_AS(Checkpoint(with([](auto& w) {
+                             w.string("general.architecture", "olmoe");
+                             w.u32("olmoe.block_count", 2);
+                             w.u32("olmoe.embedding_length", 32);
+                             w.u32("olmoe.expert_count", 4);
+                             w.u32("olmoe.expert_used_count", 2);
+                         })),
+                         doctest::Contains("no metadata 'olmoe.expert_feed_forward_length'"), config_error);
+    CHECK_THROWS_WITH_AS(Checkpoint(with([](auto& w) {
+                             w.string("general.architecture", "qwen2moe");
+                             w.string("qwen2moe.block_count", "two");
+                         })),
+                         doctest::Contains("metadata 'qwen2moe.block_count' is a string, expected an integer"), config_error);
+    CHECK_THROWS_WITH_AS(Checkpoint(with([](auto& w) {
+                             w.string("general.architecture", "deepseek2");
+                             w.u32("deepseek2.block_count", 2);
+                             w.u32("deepseek2.embedding_length", 32);
+                             w.u32("deepseek2.expert_count", 4);
+                             w.u32("deepseek2.expert_used_count", 2);
+                             w.u32("deepseek2.expert_feed_forward_length", 8);
+                             w.u32("deepseek2.expert_gating_func", 3);
+                         })),
+                         doctest::Contains("'deepseek2.expert_gating_func' is 3, expected 1 (softmax) or 2 (sigmoid)"), config_error);
+    CHECK_THROWS_WITH_AS(Checkpoint((tmp.path / "nope.gguf").string()), doctest::Contains("neither a checkpoint directory nor a GGUF file"),
+                         config_error);
+}
+
+TEST_CASE("GGUF: malformed files give weight_errors naming the problem, and no prefix of a file reads out of bounds") {
+    const auto base = test::gguf_from(Checkpoint(data_dir + "/olmoe-basic")).bytes();
+    // Every truncation fails cleanly (the data section's end included).
+    for (std::size_t n = 0; n < base.size(); n += (n < 2048 ? 1 : 97)) {
+        CAPTURE(n);
+        CHECK_THROWS_AS(GgufView(std::span(base.data(), n), "cut"), weight_error);
+    }
+    CHECK_NOTHROW(GgufView(base, "whole"));
+
+    const auto fails = [](const std::vector<std::byte>& bytes, const std::string& what) {
+        CAPTURE(what);
+        CHECK_THROWS_WITH_AS(GgufView(bytes, "bad.gguf"), doctest::Contains(what.c_str()), weight_error);
+    };
+    const auto header = [](std::uint32_t version, std::uint64_t tensors, std::uint64_t kvs) {
+        std::vector<std::byte> b{std::byte{'G'}, std::byte{'G'}, std::byte{'U'}, std::byte{'F'}};
+        test::GgufWriter::put(b, version);
+        test::GgufWriter::put(b, tensors);
+        test::GgufWriter::put(b, kvs);
+        return b;
+    };
+    const auto key = [](std::vector<std::byte> b, const std::string& k, std::uint32_t type) {
+        test::GgufWriter::put_string(b, k);
+        test::GgufWriter::put(b, type);
+        return b;
+    };
+    std::vector<std::byte> magic = base;
+    magic[0] = std::byte{0x7f};
+    fails(magic, "not a GGUF file: it starts with \"\\x7fGUF\", expected \"GGUF\"");
+    fails(header(1, 0, 0), "GGUF version 1 is not supported");
+    fails(header(0x03000000u, 0, 0), "big-endian GGUF file");
+    fails(header(7, 0, 0), "GGUF version is 7, expected 2 or 3");
+    fails(header(3, 0, std::uint64_t(1) << 60), "the header declares 1152921504606846976 metadata entries");
+    fails(header(3, std::uint64_t(1) << 60, 0), "the header declares 1152921504606846976 tensors");
+    {
+        auto b = header(3, 0, 1);
+        test::GgufWriter::put(b, std::uint64_t(1) << 62); // a key length past the end
+        b.resize(b.size() + 16);
+        fails(b, "truncated: metadata key 0 needs 4611686018427387904 bytes at offset 32, but the file has 16 left");
+    }
+    {
+        auto b = key(header(3, 0, 1), "a", 9);
+        test::GgufWriter::put(b, std::uint32_t(8));
+        test::GgufWriter::put(b, std::uint64_t(1) << 61);
+        fails(b, "truncated: metadata 'a' declares 2305843009213693952 string elements");
+    }
+    {
+        auto b = key(header(3, 0, 1), "a", 9);
+        test::GgufWriter::put(b, std::uint32_t(9));
+        test::GgufWriter::put(b, std::uint64_t(0));
+        fails(b, "metadata 'a' is an array of arrays");
+    }
+    fails(key(header(3, 0, 1), "a", 13), "metadata 'a' has unknown value type 13");
+    {
+        auto b = key(header(3, 0, 1), "b", 7);
+        b.push_back(std::byte{2});
+        fails(b, "metadata 'b' is a bool holding 2, expected 0 or 1");
+    }
+    {
+        auto b = key(header(3, 0, 2), "k", 4);
+        test::GgufWriter::put(b, std::uint32_t(1));
+        b = key(b, "k", 4);
+        test::GgufWriter::put(b, std::uint32_t(1));
+        fails(b, "metadata key 'k' appears twice");
+    }
+    {
+        auto b = key(header(3, 0, 1), "general.alignment", 4);
+        test::GgufWriter::put(b, std::uint32_t(24));
+        fails(b, "metadata 'general.alignment' is 24, expected a power of two");
+        auto c = key(header(3, 0, 1), "general.alignment", 5);
+        test::GgufWriter::put(c, std::int32_t(32));
+        fails(c, "metadata 'general.alignment' is a i32, expected a u32");
+    }
+    // Tensor infos.
+    const auto tensor = [&](std::vector<std::int64_t> ne, std::uint32_t type, std::uint64_t offset, std::size_t data = 64,
+                            int count = 1, const std::string& second = "t2") {
+        auto b = header(3, std::uint64_t(count), 0);
+        for (int i = 0; i < count; ++i) {
+            test::GgufWriter::put_string(b, i == 0 ? "t" : second);
+            test::GgufWriter::put(b, std::uint32_t(ne.size()));
+            for (const auto n : ne) test::GgufWriter::put(b, n);
+            test::GgufWriter::put(b, type);
+            test::GgufWriter::put(b, i == 0 ? offset : std::uint64_t(0));
+        }
+        b.resize((b.size() + 31) / 32 * 32 + data);
+        return b;
+    };
+    CHECK_NOTHROW(GgufView(tensor({4, 2}, test::F32, 32), "ok"));
+    fails(tensor({1, 1, 1, 1, 1}, test::F32, 0), "tensor 't' has 5 dimensions, expected at most 4");
+    fails(tensor({-4}, test::F32, 0), "tensor 't' has dimension 0 = -4, expected a non-negative size");
+    fails(tensor({std::int64_t(1) << 40, std::int64_t(1) << 40}, test::F32, 0), "tensor 't' has too many elements");
+    fails(tensor({4}, 5, 0), "tensor 't' has ggml type id 5, which is not a ggml type");
+    fails(tensor({48}, test::Q8_0, 0), "tensor 't' has 48 elements per row, not a whole number of Q8_0 blocks of 32");
+    fails(tensor({4}, test::F32, 16), "tensor 't' starts at data offset 16, not a multiple of the alignment 32");
+    fails(tensor({32}, test::F32, 0), "tensor 't' (F32 [32], 128 bytes at data offset 0) runs past the 64 data bytes of the file");
+    fails(tensor({4}, test::F32, std::uint64_t(1) << 63), "runs past the 64 data bytes");
+    fails(tensor({8}, test::F32, 0, 64, 2), "[0, 32) overlap");
+    fails(tensor({8}, test::F32, 0, 64, 2, "t"), "tensor name 't' appears twice");
+}
+
+TEST_CASE_TEMPLATE_APPLY(every_type, test::all_backends);
