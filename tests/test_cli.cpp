@@ -11,6 +11,7 @@
 
 #include <hypermoe/io/io.hpp>
 
+#include "gguf_writer.hpp"
 #include "test_support.hpp"
 
 using namespace hypermoe;
@@ -124,6 +125,56 @@ TEST_CASE("hypermoe run and bench with bf16, 8- and 4-bit expert weights") {
         }
     }
     fs::remove(out);
+}
+
+TEST_CASE("hypermoe inspect, run and bench on GGUF files") {
+    const std::string dir = data_dir + "/mixtral-basic";
+    const fs::path tmp = fs::temp_directory_path() / ("hypermoe-cli-gguf-" + std::to_string(::getpid()));
+    fs::create_directories(tmp);
+    const std::string f32 = (tmp / "f32.gguf").string(), q4 = (tmp / "q4.gguf").string(), out = (tmp / "y.safetensors").string();
+    const Checkpoint st(dir);
+    test::gguf_from(st).write(f32);
+    test::gguf_from(st, {.experts = test::Q4_0}).write(q4);
+
+    const Result i = run_cli("inspect --model " + q4);
+    REQUIRE_MESSAGE(i.status == 0, i.err);
+    CHECK(i.out.find("family     mixtral") != std::string::npos);
+    CHECK(i.out.find("MoE blocks 2: 0, 1") != std::string::npos);
+    CHECK(i.out.find("tensors    26 (F32, Q4_0)") != std::string::npos); // per block: gate + 3 x 4 experts
+    CHECK(i.out.find("bytes      F32 ") != std::string::npos);
+    CHECK(i.out.find(", Q4_0 ") != std::string::npos);
+    CHECK(i.out.find("format     GGUF, architecture llama; experts stored as f32 (the default --weights)") != std::string::npos);
+    const Result i32 = run_cli("inspect --model " + f32);
+    REQUIRE_MESSAGE(i32.status == 0, i32.err);
+    CHECK(i32.out.find("experts stored as f32") != std::string::npos);
+
+    // The F32 file reproduces the fixture; the Q4_0 one (down's rows of 40 stay F32, as
+    // llama.cpp's quantizer leaves them: the experts' types are mixed, so the default is f32)
+    // is what --weights q4_0 gives from the safetensors checkpoint, bit for bit.
+    for (const auto& backend : backends()) {
+        CAPTURE(backend);
+        Result r = run_cli("run --model " + f32 + " --input " + dir + "/input.safetensors --output " + out + " --backend " + backend);
+        REQUIRE_MESSAGE(r.status == 0, r.err);
+        const SafeTensorsFile want(dir + "/expected.safetensors");
+        {
+            const SafeTensorsFile got(out);
+            CHECK(test::relative_error(got.view().to_f32(got.view().info("y")).view(), want.view().to_f32(want.view().info("y")).view()) <= 1e-5);
+        }
+        const std::string q_out = (tmp / "yq.safetensors").string();
+        r = run_cli("run --model " + q4 + " --weights q4_0 --input " + dir + "/input.safetensors --output " + out + " --backend " + backend);
+        REQUIRE_MESSAGE(r.status == 0, r.err);
+        r = run_cli("run --model " + dir + " --weights q4_0 --input " + dir + "/input.safetensors --output " + q_out + " --backend " + backend);
+        REQUIRE_MESSAGE(r.status == 0, r.err);
+        const SafeTensorsFile got(out), ref(q_out);
+        CHECK(test::relative_error(got.view().to_f32(got.view().info("y")).view(), ref.view().to_f32(ref.view().info("y")).view()) == 0.0);
+    }
+    const Result b = run_cli("bench --model " + q4 + " --weights q4_0 --precision fast --tokens 8 --repeat 1 --json");
+    REQUIRE_MESSAGE(b.status == 0, b.err);
+    CHECK(nlohmann::json::parse(b.out.substr(0, b.out.find('\n')))["weights"] == "q4_0");
+    const Result bad = run_cli("inspect --model " + (tmp / "missing.gguf").string());
+    CHECK(bad.status == 2);
+    CHECK(bad.err.find("missing.gguf: neither a checkpoint directory nor a GGUF file") != std::string::npos);
+    fs::remove_all(tmp);
 }
 
 TEST_CASE("hypermoe inspect and bench") {

@@ -223,10 +223,11 @@ int run(const Args& a) {
 
 // ------------------------------------------------------------------------------------------ inspect
 
-/// "<sep><type> <n> MiB".
+/// "<sep><type> <n> MiB" (KiB under a MiB).
 std::string detail_bytes(const char* sep, const std::string& type, std::size_t n) {
     char buf[64];
-    std::snprintf(buf, sizeof buf, "%s %.2f MiB", type.c_str(), double(n) / 1048576.0);
+    if (n < 1048576) std::snprintf(buf, sizeof buf, "%s %.1f KiB", type.c_str(), double(n) / 1024.0);
+    else std::snprintf(buf, sizeof buf, "%s %.1f MiB", type.c_str(), double(n) / 1048576.0);
     return sep + std::string(buf);
 }
 
