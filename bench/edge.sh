@@ -28,6 +28,12 @@ for w in f32 bf16 q8_0 q4_0; do
     printf '"%s/%s": %s' "$w" "$p" "$kb" >> "$out/rss.json"
   done
 done
+for w in q8_0 q4_0; do # the same block from a GGUF file, its blocks used as stored
+  kb=$( { /usr/bin/time -f "%M" "$build/examples/hypermoe" run --model "$ck/$w.gguf" --input "$ck/input.safetensors" \
+          --output "$ck/y.safetensors" >/dev/null; } 2>&1 | tail -1)
+  echo "run --model $w.gguf: peak RSS $kb KiB"
+  printf ',\n"gguf %s/exact": %s' "$w" "$kb" >> "$out/rss.json"
+done
 echo "}" >> "$out/rss.json"
 if /usr/bin/python3 -c "import torch" 2>/dev/null; then
   /usr/bin/python3 bench/peers/pytorch_moe.py --expert "$out/peers.json"
