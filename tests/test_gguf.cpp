@@ -5,6 +5,9 @@
 #include <doctest/doctest.h>
 
 #include <cstring>
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <unistd.h>
 #include <filesystem>
 #include <fstream>
 #include <string>
@@ -284,6 +287,33 @@ TEST_CASE("GGUF: unsupported types, missing tensors and metadata give typed erro
                                                "'blk.0.ffn_down_exps.weight' or 'blk.0.ffn_down.2.weight')"),
                              weight_error);
     }
+    // Wrong dims: the router's matrix stored transposed, and a merged tensor of 3 experts for 4.
+    {
+        test::GgufWriter w;
+        const auto base = test::gguf_from(st).bytes();
+        const GgufView v(base, "base");
+        for (const auto& [k, val] : v.metadata())
+            if (val.type == gguf_type::u32) w.u32(k, std::uint32_t(*v.integer(k)));
+            else if (val.type == gguf_type::string) w.string(k, *v.string(k));
+        for (const TensorInfo& t : v.tensors()) {
+            const auto d = v.data(t);
+            std::vector<std::int64_t> ne(t.shape.rbegin(), t.shape.rend());
+            if (t.name == "blk.0.ffn_gate_inp.weight") std::swap(ne[0], ne[1]);
+            if (t.name == "blk.0.ffn_up_exps.weight") ne = {32, 40, 3};
+            const std::size_t n = t.name == "blk.0.ffn_up_exps.weight" ? d.size() / 4 * 3 : d.size();
+            w.tensor(t.name, test::F32, ne, {d.begin(), d.begin() + std::ptrdiff_t(n)});
+        }
+        w.write(file);
+        const Checkpoint ck(file);
+        CHECK_THROWS_WITH_AS((void)load_moe_block<reference>(ck, 0),
+                             doctest::Contains(("'model.layers.0.block_sparse_moe.gate.weight' (GGUF 'blk.0.ffn_gate_inp.weight') in " + file +
+                                                " has shape [32, 4], expected [4, 32]").c_str()),
+                             weight_error);
+        CHECK_THROWS_WITH_AS((void)load_moe_block<reference>(ck, 0),
+                             doctest::Contains("'model.layers.0.block_sparse_moe.experts.3.w3.weight' (GGUF 'blk.0.ffn_up_exps.weight' "
+                                               "[3, 40, 32], expected [4, N, K])"),
+                             weight_error);
+    }
     // Metadata: no architecture, an unsupported one, a llama without experts, a missing key, a wrong type.
     const auto with = [&](const std::function<void(test::GgufWriter&)>& f) {
         test::GgufWriter w;
@@ -326,6 +356,11 @@ TEST_CASE("GGUF: unsupported types, missing tensors and metadata give typed erro
                              w.u32("deepseek2.expert_gating_func", 3);
                          })),
                          doctest::Contains("'deepseek2.expert_gating_func' is 3, expected 1 (softmax) or 2 (sigmoid)"), config_error);
+    CHECK_THROWS_WITH_AS(Checkpoint(with([](auto& w) {
+                             w.string("general.architecture", "llama");
+                             w.u32("split.count", 3);
+                         })),
+                         doctest::Contains("one part of a split GGUF model (split.count = 3)"), config_error);
     CHECK_THROWS_WITH_AS(Checkpoint((tmp.path / "nope.gguf").string()), doctest::Contains("neither a checkpoint directory nor a GGUF file"),
                          config_error);
 }
@@ -430,3 +465,64 @@ TEST_CASE("GGUF: malformed files give weight_errors naming the problem, and no p
 }
 
 TEST_CASE_TEMPLATE_APPLY(every_type, test::all_backends);
+
+TEST_CASE("GGUF: loading a block reads only that block's tensors from the file") {
+    TempDir tmp("pages");
+    const std::string src = (tmp.path / "src").string(), file = (tmp.path / "m.gguf").string();
+    write_synthetic_checkpoint(src, {.family = family("mixtral"), .d_model = 256, .d_ff = 1024, .experts = 8, .top_k = 2, .layers = 3});
+    test::gguf_from(Checkpoint(src)).write(file); // 3 blocks of 24 MiB of F32 experts
+    fs::remove_all(src);
+    // Drop the file's pages from the page cache, then count which are read back.
+    const int fd = ::open(file.c_str(), O_RDONLY);
+    REQUIRE(fd >= 0);
+    ::fdatasync(fd);
+    ::posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED);
+    const std::size_t size = fs::file_size(file);
+    void* map = ::mmap(nullptr, size, PROT_READ, MAP_SHARED, fd, 0);
+    REQUIRE(map != MAP_FAILED);
+    const auto* base = static_cast<const std::byte*>(map);
+    const auto page = std::size_t(::sysconf(_SC_PAGESIZE));
+    const auto resident = [&](std::size_t begin, std::size_t end) { // pages of [begin, end) in the page cache
+        begin = begin / page * page;
+        std::vector<unsigned char> v((end - begin + page - 1) / page);
+        REQUIRE(::mincore(const_cast<std::byte*>(base) + begin, end - begin, v.data()) == 0);
+        std::size_t n = 0;
+        for (const unsigned char c : v) n += c & 1u;
+        return n;
+    };
+    if (resident(0, size) > size / page / 10) {
+        MESSAGE("this file system keeps the file's pages cached (tmpfs?): the residency check is skipped");
+    } else {
+        // Block 0's and block 1's byte ranges, from the file's own header (read through read(), not the mapping).
+        std::vector<std::byte> bytes(size);
+        REQUIRE(::pread(fd, bytes.data(), size, 0) == ssize_t(size));
+        ::posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED);
+        const GgufView v(bytes, "m.gguf");
+        const auto range = [&](const std::string& prefix) {
+            std::size_t lo = size, hi = 0;
+            for (const TensorInfo& t : v.tensors())
+                if (t.name.rfind(prefix, 0) == 0) {
+                    lo = std::min(lo, std::size_t(v.data(t).data() - bytes.data()));
+                    hi = std::max(hi, std::size_t(v.data(t).data() - bytes.data()) + v.data(t).size());
+                }
+            return std::pair{lo, hi};
+        };
+        const auto [b1, e1] = range("blk.1.");
+        const auto [b2, e2] = range("blk.2.");
+        REQUIRE(e1 - b1 > (std::size_t(20) << 20));
+        REQUIRE(e1 <= b2);
+        CHECK(resident(0, size) < size / page / 10);
+        {
+            const Checkpoint ck(file);
+            const auto block = load_moe_block<reference>(ck, 2);
+            CHECK(block.d_model() == 256);
+        }
+        // Block 1 lies between the header (read) and block 2 (read). The kernel reads around a
+        // page fault (read_ahead_kb, 8 MiB on this machine's disk, half of it backwards), so
+        // the 12 MiB of block 1 farthest from block 2 are never read.
+        CHECK(resident(b1, e1 - (std::size_t(12) << 20)) == 0);
+        CHECK(resident(b2, e2) > (e2 - b2) / page / 2);
+    }
+    ::munmap(map, size);
+    ::close(fd);
+}

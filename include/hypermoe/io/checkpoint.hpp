@@ -42,9 +42,10 @@ public:
             GgufCheckpoint g = gguf_checkpoint(file->view());
             config_ = std::move(g.config);
             config_source_ = path + " (GGUF metadata)";
-            architecture_ = std::move(g.architecture);
-            sources_ = std::move(g.sources);
+            architecture_ = g.architecture;
             renamed_ = std::make_unique<TensorTable>(file->view().data_section(), path, std::move(g.tensors));
+            g.tensors.clear();
+            gguf_ = std::make_unique<GgufCheckpoint>(std::move(g));
             tables_.push_back(renamed_.get());
             files_.push_back(std::move(file));
             for (const auto& t : renamed_->tensors()) where_[t.name] = 0;
@@ -90,10 +91,7 @@ public:
     /// A GGUF file's general.architecture ("" for a safetensors checkpoint).
     [[nodiscard]] const std::string& gguf_architecture() const noexcept { return architecture_; }
     /// Where a tensor the loaders look for is read from when that is not its name (GGUF), or "".
-    [[nodiscard]] std::string source_of(const std::string& name) const {
-        const auto it = sources_.find(name);
-        return it == sources_.end() ? std::string() : it->second;
-    }
+    [[nodiscard]] std::string source_of(const std::string& name) const { return gguf_ ? gguf_source(*gguf_, name) : std::string(); }
     [[nodiscard]] std::size_t tensor_count() const noexcept { return where_.size(); }
 
     /// Drops the resident pages of `bytes` where they lie in one of the checkpoint's files
@@ -159,7 +157,7 @@ private:
     std::vector<std::unique_ptr<MappedFile>> files_;
     std::vector<const TensorTable*> tables_;   ///< per file: its tensors (a GGUF file's renamed)
     std::unique_ptr<TensorTable> renamed_;     ///< GGUF only: the MoE tensors under Hugging Face names
-    std::map<std::string, std::string> sources_;
+    std::unique_ptr<GgufCheckpoint> gguf_;      ///< GGUF only: the translation (config and tensors moved out)
     std::map<std::string, std::size_t> where_;
 };
 

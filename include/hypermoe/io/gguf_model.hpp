@@ -34,7 +34,8 @@ struct GgufCheckpoint {
     nlohmann::json config;             ///< the Hugging Face config the family reads
     std::vector<TensorInfo> tensors;   ///< MoE tensors under Hugging Face names (origin: the GGUF tensor)
     /// Every Hugging Face name the mapping knows, with the GGUF tensor(s) it is read from (for
-    /// messages about a missing tensor).
+    /// messages about a missing tensor). A routed expert's matrix is listed once per block and
+    /// matrix, with `*` for the expert index in both (`gguf_source()` fills it in).
     std::map<std::string, std::string> sources;
 };
 
@@ -43,6 +44,9 @@ namespace detail {
 class GgufMapper {
 public:
     explicit GgufMapper(const GgufView& g) : g_(g) {
+        if (const auto parts = g_.integer("split.count"); parts && *parts > 1)
+            throw config_error(detail::concat(g_.source(), ": one part of a split GGUF model (split.count = ", *parts,
+                                              "); merge the parts into one file first (llama-gguf-split --merge)"));
         out_.architecture = required_string("general.architecture");
         arch_ = out_.architecture + ".";
     }
@@ -65,36 +69,38 @@ private:
         if (!v) throw config_error(detail::concat(g_.source(), ": no metadata '", key, "'"));
         return *v;
     }
-    /// <arch>.<key> as an integer >= min; required unless `fallback` is given.
-    [[nodiscard]] index_t integer(const std::string& key, index_t min, std::optional<index_t> fallback = std::nullopt) const {
+    /// <arch>.<key> as an integer in [min, max]; required unless `fallback` is given.
+    [[nodiscard]] index_t integer(const std::string& key, index_t min, std::optional<index_t> fallback = std::nullopt,
+                                  index_t max = index_t{1} << 31) const {
         const auto v = g_.integer(arch_ + key);
         if (!v && !fallback) throw config_error(detail::concat(g_.source(), ": no metadata '", arch_, key, "'"));
         const index_t x = v ? *v : *fallback;
-        if (x < min || x > (index_t{1} << 40))
-            throw config_error(detail::concat(g_.source(), ": metadata '", arch_, key, "' is ", x, ", expected at least ", min));
+        if (x < min || x > max)
+            throw config_error(detail::concat(g_.source(), ": metadata '", arch_, key, "' is ", x, ", expected an integer in [", min,
+                                              ", ", max, "]"));
         return x;
     }
+    /// Upper bounds of a block and an expert count (llama.cpp's are 512 and 512).
+    static constexpr index_t max_blocks = 4096, max_experts = 4096;
 
     /// The sizes every MoE architecture has; then the experts' width from `ff_key` (or
     /// `ff_fallback_key` when that is absent).
     void common(const char* model_type, const std::string& ff_key, const std::string& ff_fallback_key = "") {
-        layers_ = integer("block_count", 1);
+        layers_ = integer("block_count", 1, std::nullopt, max_blocks);
         d_ = integer("embedding_length", 1);
-        experts_ = integer("expert_count", 0, 0);
+        experts_ = integer("expert_count", 0, 0, max_experts);
         if (experts_ == 0)
             throw config_error(detail::concat(g_.source(), ": ", out_.architecture, " model without experts (", arch_,
                                               "expert_count is absent or 0): not an MoE model"));
         const auto fallback = ff_fallback_key.empty() ? std::nullopt : g_.integer(arch_ + ff_fallback_key);
         ff_ = integer(ff_key, 1, fallback);
         out_.config = {{"model_type", model_type}, {"hidden_size", d_}, {"num_hidden_layers", layers_},
-                       {"num_experts_per_tok", integer("expert_used_count", 1)}, {"hidden_act", "silu"}};
+                       {"num_experts_per_tok", integer("expert_used_count", 1, std::nullopt, max_experts)}, {"hidden_act", "silu"}};
     }
 
-    /// One tensor under `hf`, read from GGUF tensor `gguf` when present; `sources` says where it
-    /// is looked for, when that is more than `gguf`.
-    void one(const std::string& hf, const std::string& gguf, std::optional<std::vector<index_t>> shape = std::nullopt,
-             const std::string& sources = "") {
-        out_.sources[hf] = sources.empty() ? "GGUF '" + gguf + "'" : sources;
+    /// One tensor under `hf`, read from GGUF tensor `gguf` when present.
+    void one(const std::string& hf, const std::string& gguf, std::optional<std::vector<index_t>> shape = std::nullopt) {
+        out_.sources[hf] = "GGUF '" + gguf + "'";
         const TensorInfo* t = g_.find(gguf);
         if (t == nullptr) return;
         TensorInfo m = *t;
@@ -106,20 +112,24 @@ private:
 
     /// Expert e's matrix under `hf(e)`, from the merged `blk.L.<merged>.weight` (slice e) or the
     /// per-expert `blk.L.<single>.e.weight`.
-    void experts(index_t l, const std::function<std::string(index_t)>& hf, const std::string& merged, const std::string& single) {
+    void experts(index_t l, const std::function<std::string(const std::string&)>& hf, const std::string& merged,
+                 const std::string& single) {
         const std::string b = "blk." + std::to_string(l) + ".";
         const std::string whole = b + merged + ".weight";
+        out_.sources[hf("*")] = "GGUF '" + whole + "' or '" + b + single + ".*.weight'";
         const TensorInfo* t = g_.find(whole);
         for (index_t e = 0; e < experts_; ++e) {
             const std::string each = b + single + "." + std::to_string(e) + ".weight";
-            const std::string sources = "GGUF '" + whole + "' or '" + each + "'";
             if (t == nullptr) {
-                one(hf(e), each, std::nullopt, sources);
+                if (const TensorInfo* u = g_.find(each)) {
+                    TensorInfo m = *u;
+                    m.name = hf(std::to_string(e)), m.origin = "GGUF '" + each + "'";
+                    out_.tensors.push_back(std::move(m));
+                }
                 continue;
             }
-            out_.sources[hf(e)] = sources;
             TensorInfo m = *t;
-            m.name = hf(e);
+            m.name = hf(std::to_string(e));
             if (t->shape.size() == 3 && t->shape[0] == experts_) { // [E, N, K] -> expert e's [N, K]
                 const std::size_t bytes = (t->end - t->begin) / std::size_t(experts_);
                 m.shape = {t->shape[1], t->shape[2]};
@@ -137,7 +147,7 @@ private:
     void routed(index_t l, const std::string& p, const char* gate, const char* up, const char* down) {
         const std::string b = "blk." + std::to_string(l) + ".";
         one(p + "gate.weight", b + "ffn_gate_inp.weight");
-        const auto name = [&](const char* w) { return [p, w](index_t e) { return p + "experts." + std::to_string(e) + "." + w; }; };
+        const auto name = [&](const char* w) { return [p, w](const std::string& e) { return p + "experts." + e + "." + w; }; };
         experts(l, name(gate), "ffn_gate_exps", "ffn_gate");
         experts(l, name(up), "ffn_up_exps", "ffn_up");
         experts(l, name(down), "ffn_down_exps", "ffn_down");
@@ -210,6 +220,23 @@ private:
 };
 
 } // namespace detail
+
+/// Where a Hugging Face name of `g` is read from ("GGUF '...'"), "" if the mapping does not know it.
+[[nodiscard]] inline std::string gguf_source(const GgufCheckpoint& g, const std::string& name) {
+    if (const auto it = g.sources.find(name); it != g.sources.end()) return it->second;
+    // A routed expert: "...experts.<e>...." is listed as "...experts.*....".
+    const std::string tag = ".experts.";
+    const std::size_t at = name.find(tag);
+    if (at == std::string::npos) return "";
+    const std::size_t begin = at + tag.size(), end = name.find('.', begin);
+    if (end == std::string::npos || end == begin) return "";
+    const std::string e = name.substr(begin, end - begin);
+    const auto it = g.sources.find(name.substr(0, begin) + "*" + name.substr(end));
+    if (it == g.sources.end()) return "";
+    std::string out = it->second;
+    for (std::size_t star; (star = out.find('*')) != std::string::npos;) out.replace(star, 1, e);
+    return out;
+}
 
 /// The family config and Hugging Face-named MoE tensors of a GGUF model (see the top of this file);
 /// config_error when the architecture or a metadata key is missing or unsupported.
