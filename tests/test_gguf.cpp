@@ -101,7 +101,9 @@ TEST_CASE_TEMPLATE_DEFINE("GGUF: every architecture and tensor type gives the bl
         const std::string src = (tmp.path / "src").string();
         fs::remove_all(src);
         write_synthetic_checkpoint(src, {.family = *find_family(v.family), .d_model = 64, .d_ff = 64, .experts = 8, .top_k = 2, .layers = 2});
-        for (const auto& [type, storage] : types) {
+        for (const auto& type_storage : types) {
+            const std::uint32_t type = type_storage.first; // not a structured binding: clang 14 cannot capture those
+            const dtype storage = type_storage.second;
             CAPTURE(v.family);
             CAPTURE(v.how.merged);
             CAPTURE(v.how.gating);

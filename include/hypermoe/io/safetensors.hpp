@@ -321,7 +321,8 @@ public:
     }
     MappedFile(const MappedFile&) = delete;
     MappedFile& operator=(const MappedFile&) = delete;
-    ~MappedFile() {
+    /// Virtual: a checkpoint holds its files (SafeTensorsFile, GgufFile) as MappedFiles.
+    virtual ~MappedFile() {
         if (map_ != nullptr) ::munmap(const_cast<std::byte*>(map_), size_);
     }
 
