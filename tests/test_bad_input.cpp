@@ -15,6 +15,7 @@
 #include "test_support.hpp"
 
 using namespace hypermoe;
+using test::TempDir;
 using test::random_matrix;
 
 TEST_CASE("the load-balancing loss checks the logits' shape against the plan") {
@@ -100,18 +101,6 @@ TEST_CASE("renormalising selected scores that sum to zero is a numeric_error nam
     eps.route(logits.view(), {}, plan, ws);
     CHECK(plan.weights(2)[0] == 0.0f);
 }
-
-namespace {
-struct TempDir {
-    std::filesystem::path path;
-    explicit TempDir(const std::string& tag)
-        : path(std::filesystem::temp_directory_path() / ("hypermoe-bad-" + tag + "-" + std::to_string(::getpid()))) {
-        std::filesystem::remove_all(path);
-        std::filesystem::create_directories(path);
-    }
-    ~TempDir() { std::filesystem::remove_all(path); }
-};
-} // namespace
 
 TEST_CASE("malformed metadata and config integers are config_errors naming the key") {
     TempDir tmp("meta");

@@ -9,6 +9,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 #include <filesystem>
+#include <functional>
 #include <fstream>
 #include <string>
 #include <vector>
@@ -19,22 +20,13 @@
 #include "test_support.hpp"
 
 using namespace hypermoe;
+using test::TempDir;
 using test::relative_error;
 namespace fs = std::filesystem;
 
 namespace {
 
 const std::string data_dir = HYPERMOE_TEST_DATA;
-
-struct TempDir {
-    fs::path path;
-    explicit TempDir(const std::string& tag) {
-        path = fs::temp_directory_path() / ("hypermoe-gguf-" + tag + "-" + std::to_string(::getpid()));
-        fs::remove_all(path);
-        fs::create_directories(path);
-    }
-    ~TempDir() { fs::remove_all(path); }
-};
 
 /// y = block(x) of MoE block `layer`.
 template <class B>
@@ -74,6 +66,29 @@ void reference_copy(const std::string& src, const std::string& dst, std::uint32_
         out.push_back(f32_tensor(t.name, t.shape, {m.data(), std::size_t(m.rows() * m.cols())}));
     }
     write_safetensors(dst + "/model.safetensors", out);
+}
+
+/// A tensor of a GGUF file being rewritten: its ggml type, dims (innermost first) and bytes.
+struct TensorEdit {
+    std::uint32_t type;
+    std::vector<std::int64_t> ne;
+    std::vector<std::byte> bytes;
+};
+
+/// A copy of F32 GGUF image `base` (its u32 and string metadata, its tensors), each tensor passed
+/// through `edit` first, which may change it or return false to drop it.
+test::GgufWriter rewritten(const std::vector<std::byte>& base, const std::function<bool(const std::string&, TensorEdit&)>& edit) {
+    const GgufView v(base, "base");
+    test::GgufWriter w;
+    for (const auto& [k, val] : v.metadata())
+        if (val.type == gguf_type::u32) w.u32(k, std::uint32_t(*v.integer(k)));
+        else if (val.type == gguf_type::string) w.string(k, *v.string(k));
+    for (const TensorInfo& t : v.tensors()) {
+        const auto d = v.data(t);
+        TensorEdit e{test::F32, std::vector<std::int64_t>(t.shape.rbegin(), t.shape.rend()), {d.begin(), d.end()}};
+        if (edit(t.name, e)) w.tensor(t.name, e.type, std::move(e.ne), std::move(e.bytes));
+    }
+    return w;
 }
 
 struct Variant {
@@ -248,19 +263,10 @@ TEST_CASE("GGUF: unsupported types, missing tensors and metadata give typed erro
     // Block 1's up experts in Q4_K (rows of 256, a different shape too, but the type is reported):
     // the file opens and describes, block 0 loads, block 1 names the tensor and its type.
     {
-        test::GgufWriter w;
-        const auto base = test::gguf_from(st, {.merged = true}).bytes();
-        const GgufView v(base, "base");
-        for (const auto& [k, val] : v.metadata())
-            if (val.type == gguf_type::u32) w.u32(k, std::uint32_t(*v.integer(k)));
-            else if (val.type == gguf_type::string) w.string(k, *v.string(k));
-        for (const TensorInfo& t : v.tensors()) {
-            std::vector<std::int64_t> ne(t.shape.rbegin(), t.shape.rend());
-            const auto d = v.data(t);
-            if (t.name == "blk.1.ffn_up_exps.weight") w.tensor(t.name, test::Q4_K, {256, 5, 4}, std::vector<std::byte>(4 * 5 * 144));
-            else w.tensor(t.name, t.dtype == tensor_dtype::f32 ? test::F32 : test::F16, ne, {d.begin(), d.end()});
-        }
-        w.write(file);
+        rewritten(test::gguf_from(st).bytes(), [](const std::string& name, TensorEdit& t) {
+            if (name == "blk.1.ffn_up_exps.weight") t = {test::Q4_K, {256, 5, 4}, std::vector<std::byte>(4 * 5 * 144)};
+            return true;
+        }).write(file);
         const Checkpoint ck(file);
         CHECK(describe(ck).dtypes.count("Q4_K") == 1);
         CHECK_NOTHROW((void)load_moe_block<reference>(ck, 0));
@@ -272,18 +278,8 @@ TEST_CASE("GGUF: unsupported types, missing tensors and metadata give typed erro
     }
     // A missing expert tensor names the GGUF tensors it is read from.
     {
-        test::GgufWriter w;
-        const auto base = test::gguf_from(st).bytes();
-        const GgufView v(base, "base");
-        for (const auto& [k, val] : v.metadata())
-            if (val.type == gguf_type::u32) w.u32(k, std::uint32_t(*v.integer(k)));
-            else if (val.type == gguf_type::string) w.string(k, *v.string(k));
-        for (const TensorInfo& t : v.tensors())
-            if (t.name != "blk.0.ffn_down_exps.weight") {
-                const auto d = v.data(t);
-                w.tensor(t.name, test::F32, std::vector<std::int64_t>(t.shape.rbegin(), t.shape.rend()), {d.begin(), d.end()});
-            }
-        w.write(file);
+        rewritten(test::gguf_from(st).bytes(), [](const std::string& name, TensorEdit&) { return name != "blk.0.ffn_down_exps.weight"; })
+            .write(file);
         CHECK_THROWS_WITH_AS((void)load_moe_block<reference>(Checkpoint(file), 0),
                              doctest::Contains("missing tensor 'model.layers.0.block_sparse_moe.experts.2.w2.weight' (GGUF "
                                                "'blk.0.ffn_down_exps.weight' or 'blk.0.ffn_down.2.weight')"),
@@ -291,21 +287,11 @@ TEST_CASE("GGUF: unsupported types, missing tensors and metadata give typed erro
     }
     // Wrong dims: the router's matrix stored transposed, and a merged tensor of 3 experts for 4.
     {
-        test::GgufWriter w;
-        const auto base = test::gguf_from(st).bytes();
-        const GgufView v(base, "base");
-        for (const auto& [k, val] : v.metadata())
-            if (val.type == gguf_type::u32) w.u32(k, std::uint32_t(*v.integer(k)));
-            else if (val.type == gguf_type::string) w.string(k, *v.string(k));
-        for (const TensorInfo& t : v.tensors()) {
-            const auto d = v.data(t);
-            std::vector<std::int64_t> ne(t.shape.rbegin(), t.shape.rend());
-            if (t.name == "blk.0.ffn_gate_inp.weight") std::swap(ne[0], ne[1]);
-            if (t.name == "blk.0.ffn_up_exps.weight") ne = {32, 40, 3};
-            const std::size_t n = t.name == "blk.0.ffn_up_exps.weight" ? d.size() / 4 * 3 : d.size();
-            w.tensor(t.name, test::F32, ne, {d.begin(), d.begin() + std::ptrdiff_t(n)});
-        }
-        w.write(file);
+        rewritten(test::gguf_from(st).bytes(), [](const std::string& name, TensorEdit& t) {
+            if (name == "blk.0.ffn_gate_inp.weight") std::swap(t.ne[0], t.ne[1]);
+            if (name == "blk.0.ffn_up_exps.weight") t.ne = {32, 40, 3}, t.bytes.resize(t.bytes.size() / 4 * 3);
+            return true;
+        }).write(file);
         const Checkpoint ck(file);
         CHECK_THROWS_WITH_AS((void)load_moe_block<reference>(ck, 0),
                              doctest::Contains(("'model.layers.0.block_sparse_moe.gate.weight' (GGUF 'blk.0.ffn_gate_inp.weight') in " + file +

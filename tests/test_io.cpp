@@ -15,6 +15,7 @@
 #include "tinymoe_family.hpp"
 
 using namespace hypermoe;
+using test::TempDir;
 using test::relative_error;
 namespace fs = std::filesystem;
 
@@ -29,17 +30,6 @@ const std::vector<std::string> all_cases = {
     "deepseek_v3-decode",  "deepseek_v3-bf16",     "switch_transformers-basic", "switch_transformers-drop",
     "switch_transformers-tie", "switch_transformers-decoder", "hypermoe_gpt2-k1", "hypermoe_gpt2-k2",
     "hypermoe_switch-basic", "hypermoe_switch-drop"};
-
-/// A fresh directory under the system temp dir, removed at scope exit.
-struct TempDir {
-    fs::path path;
-    explicit TempDir(const std::string& tag) {
-        path = fs::temp_directory_path() / ("hypermoe-test-" + tag + "-" + std::to_string(::getpid()));
-        fs::remove_all(path);
-        fs::create_directories(path);
-    }
-    ~TempDir() { fs::remove_all(path); }
-};
 
 struct Expected {
     SafeTensorsFile input, expected;

@@ -6,6 +6,9 @@
 #include <array>
 #include <cmath>
 #include <cstdint>
+#include <filesystem>
+#include <string>
+#include <unistd.h>
 #include <random>
 #include <tuple>
 #include <vector>
@@ -19,6 +22,20 @@
 #endif
 
 namespace hypermoe::test {
+
+/// A fresh directory under the system temp dir (named by `tag` and the process), removed at
+/// scope exit.
+struct TempDir {
+    std::filesystem::path path;
+    explicit TempDir(const std::string& tag)
+        : path(std::filesystem::temp_directory_path() / ("hypermoe-test-" + tag + "-" + std::to_string(::getpid()))) {
+        std::filesystem::remove_all(path);
+        std::filesystem::create_directories(path);
+    }
+    TempDir(const TempDir&) = delete;
+    TempDir& operator=(const TempDir&) = delete;
+    ~TempDir() { std::filesystem::remove_all(path); }
+};
 
 /// True in a sanitizer build (meson's b_sanitize): the sweeps that only add more of the same
 /// inputs (extra token counts, repeated rounds, extra thread counts) take a subset there, where

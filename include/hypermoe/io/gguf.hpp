@@ -46,7 +46,7 @@ struct GgmlType {
 namespace detail {
 
 /// Every ggml type id a GGUF file may hold (ids ggml removed are absent).
-inline constexpr std::array<GgmlType, 34> ggml_types = {{
+inline constexpr std::array<GgmlType, 32> ggml_types = {{
     {0, "F32", 1, 4},        {1, "F16", 1, 2},        {2, "Q4_0", 32, 18},     {3, "Q4_1", 32, 20},
     {6, "Q5_0", 32, 22},     {7, "Q5_1", 32, 24},     {8, "Q8_0", 32, 34},     {9, "Q8_1", 32, 36},
     {10, "Q2_K", 256, 84},   {11, "Q3_K", 256, 110},  {12, "Q4_K", 256, 144},  {13, "Q5_K", 256, 176},
@@ -55,12 +55,11 @@ inline constexpr std::array<GgmlType, 34> ggml_types = {{
     {22, "IQ2_S", 256, 82},  {23, "IQ4_XS", 256, 136}, {24, "I8", 1, 1},       {25, "I16", 1, 2},
     {26, "I32", 1, 4},       {27, "I64", 1, 8},       {28, "F64", 1, 8},       {29, "IQ1_M", 256, 56},
     {30, "BF16", 1, 2},      {34, "TQ1_0", 256, 54},  {35, "TQ2_0", 256, 66},  {39, "MXFP4", 32, 17},
-    {4294967295u, "", 0, 0}, {4294967295u, "", 0, 0},
 }};
 
 [[nodiscard]] constexpr const GgmlType* find_ggml_type(std::uint32_t id) noexcept {
     for (const GgmlType& t : ggml_types)
-        if (t.id == id && t.block != 0) return &t;
+        if (t.id == id) return &t;
     return nullptr;
 }
 
@@ -362,14 +361,6 @@ private:
 };
 
 /// A GGUF file, memory-mapped read-only for its lifetime.
-class GgufFile : public MappedFile {
-public:
-    explicit GgufFile(const std::string& path) : MappedFile(path), view_(bytes(), path) {}
-
-    [[nodiscard]] const GgufView& view() const noexcept { return view_; }
-
-private:
-    GgufView view_;
-};
+using GgufFile = ParsedFile<GgufView>;
 
 } // namespace hypermoe

@@ -347,16 +347,21 @@ private:
     std::size_t size_ = 0;
 };
 
-/// A safetensors file, memory-mapped read-only for its lifetime.
-class SafeTensorsFile : public MappedFile {
+/// A file memory-mapped read-only for its lifetime and parsed as a View (SafeTensorsView,
+/// GgufView) over the mapping.
+template <class View>
+class ParsedFile : public MappedFile {
 public:
-    explicit SafeTensorsFile(const std::string& path) : MappedFile(path), view_(bytes(), path) {}
+    explicit ParsedFile(const std::string& path) : MappedFile(path), view_(bytes(), path) {}
 
-    [[nodiscard]] const SafeTensorsView& view() const noexcept { return view_; }
+    [[nodiscard]] const View& view() const noexcept { return view_; }
 
 private:
-    SafeTensorsView view_;
+    View view_;
 };
+
+/// A safetensors file, memory-mapped read-only for its lifetime.
+using SafeTensorsFile = ParsedFile<SafeTensorsView>;
 
 /// A tensor to write: its dtype, shape and bytes (little-endian, row-major).
 struct TensorToWrite {
