@@ -440,6 +440,11 @@ TEST_CASE("GGUF: malformed files give weight_errors naming the problem, and no p
         return b;
     };
     CHECK_NOTHROW(GgufView(tensor({4, 2}, test::F32, 32), "ok"));
+    { // An empty tensor (and an empty data section) is valid, and reads as an empty matrix (the fuzzer's find).
+        const auto empty = tensor({0}, test::F32, 0, 0);
+        const GgufView v(empty, "empty");
+        CHECK(v.to_f32(v.info("t")).rows() * v.to_f32(v.info("t")).cols() == 0);
+    }
     fails(tensor({1, 1, 1, 1, 1}, test::F32, 0), "tensor 't' has 5 dimensions, expected at most 4");
     fails(tensor({-4}, test::F32, 0), "tensor 't' has dimension 0 = -4, expected a non-negative size");
     fails(tensor({std::int64_t(1) << 40, std::int64_t(1) << 40}, test::F32, 0), "tensor 't' has too many elements");

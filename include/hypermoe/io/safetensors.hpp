@@ -168,7 +168,7 @@ public:
         const index_t cols = t.shape.empty() ? 1 : t.shape.back();
         Matrix<float> m(cols == 0 ? 0 : t.numel() / cols, cols);
         if (t.dtype == tensor_dtype::f32) {
-            std::memcpy(m.data(), data(t).data(), data(t).size());
+            if (!data(t).empty()) std::memcpy(m.data(), data(t).data(), data(t).size()); // (no memcpy of null)
         } else {
             for (index_t i = 0; i < t.numel(); ++i) m.data()[i] = float(element(t, i));
         }
