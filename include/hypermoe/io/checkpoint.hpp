@@ -119,32 +119,37 @@ public:
     }
     /// The dtypes present among the tensors whose names start with `prefix`.
     [[nodiscard]] std::set<std::string> dtypes(const std::string& prefix = "") const {
-        std::set<std::string> out;
-        for (const auto& [name, f] : where_)
-            if (name.rfind(prefix, 0) == 0) out.insert(tables_[f]->info(name).type_string());
-        return out;
+        return keys(bytes_by_dtype(prefix));
     }
 
     /// The dtypes of the routed experts' matrices (the tensors named "....experts.<e>....").
     [[nodiscard]] std::set<std::string> expert_dtypes() const {
-        std::set<std::string> out;
-        for (const auto& [name, f] : where_)
-            if (name.find(".experts.") != std::string::npos) out.insert(tables_[f]->info(name).type_string());
-        return out;
+        return keys(bytes_if([](const std::string& name) { return name.find(".experts.") != std::string::npos; }));
     }
 
     /// The bytes of the tensors whose names start with `prefix`, by dtype.
     [[nodiscard]] std::map<std::string, std::size_t> bytes_by_dtype(const std::string& prefix = "") const {
+        return bytes_if([&](const std::string& name) { return name.rfind(prefix, 0) == 0; });
+    }
+
+private:
+    /// The bytes of the tensors whose names pass `keep`, by dtype (the file's name for it).
+    template <class Keep>
+    [[nodiscard]] std::map<std::string, std::size_t> bytes_if(Keep keep) const {
         std::map<std::string, std::size_t> out;
         for (const auto& [name, f] : where_)
-            if (name.rfind(prefix, 0) == 0) {
+            if (keep(name)) {
                 const TensorInfo& t = tables_[f]->info(name);
                 out[t.type_string()] += t.end - t.begin;
             }
         return out;
     }
+    static std::set<std::string> keys(const std::map<std::string, std::size_t>& m) {
+        std::set<std::string> out;
+        for (const auto& [k, v] : m) out.insert(k);
+        return out;
+    }
 
-private:
     std::size_t add_safetensors(const std::string& path) {
         auto file = std::make_unique<SafeTensorsFile>(path);
         tables_.push_back(&file->view());
