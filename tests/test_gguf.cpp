@@ -448,6 +448,8 @@ TEST_CASE("GGUF: malformed files give weight_errors naming the problem, and no p
     fails(tensor({1, 1, 1, 1, 1}, test::F32, 0), "tensor 't' has 5 dimensions, expected at most 4");
     fails(tensor({-4}, test::F32, 0), "tensor 't' has dimension 0 = -4, expected a non-negative size");
     fails(tensor({std::int64_t(1) << 40, std::int64_t(1) << 40}, test::F32, 0), "tensor 't' has too many elements");
+    // A zero dimension does not let the others overflow (the fuzzer's find: numel() multiplies outermost first).
+    fails(tensor({0, std::int64_t(1) << 45, std::int64_t(1) << 43}, test::F32, 0), "tensor 't' has too many elements");
     fails(tensor({4}, 5, 0), "tensor 't' has ggml type id 5, which is not a ggml type");
     fails(tensor({48}, test::Q8_0, 0), "tensor 't' has 48 elements per row, not a whole number of Q8_0 blocks of 32");
     fails(tensor({4}, test::F32, 16), "tensor 't' starts at data offset 16, not a multiple of the alignment 32");

@@ -435,6 +435,8 @@ TEST_CASE("malformed safetensors images give weight_errors naming the problem") 
           "f.safetensors: tensor 'a': entry needs dtype, shape and data_offsets");
     CHECK(open_error(image(R"({"a":{"dtype":"F32","shape":[4611686018427387904, 4611686018427387904],"data_offsets":[0,4]}})", 4)) ==
           "f.safetensors: tensor 'a': shape [4611686018427387904,4611686018427387904] has too many elements");
+    CHECK(open_error(image(R"({"a":{"dtype":"F32","shape":[35184372088832, 8796093022208, 0],"data_offsets":[0,0]}})", 4)) ==
+          "f.safetensors: tensor 'a': shape [35184372088832,8796093022208,0] has too many elements");
 }
 
 TEST_CASE("a truncated checkpoint file and broken checkpoints are reported, nothing crashes") {

@@ -307,14 +307,13 @@ private:
             const auto dims = c.read<std::uint32_t>(what);
             if (dims > 4) fail(detail::concat(what, " has ", dims, " dimensions, expected at most 4"));
             std::array<std::int64_t, 4> ne{1, 1, 1, 1};
-            index_t count = 1;
             for (std::uint32_t d = 0; d < dims; ++d) {
                 ne[d] = c.read<std::int64_t>(what);
                 if (ne[d] < 0) fail(detail::concat(what, " has dimension ", d, " = ", ne[d], ", expected a non-negative size"));
-                if (ne[d] != 0 && count > (index_t{1} << 50) / ne[d]) fail(detail::concat(what, " has too many elements"));
-                count *= ne[d];
             }
             for (std::uint32_t d = dims; d-- > 0;) t.shape.push_back(ne[d]);
+            if (!shape_fits(t.shape)) fail(detail::concat(what, " has too many elements"));
+            const index_t count = t.numel();
             const auto id = c.read<std::uint32_t>(what);
             const GgmlType* type = detail::find_ggml_type(id);
             if (type == nullptr) fail(detail::concat(what, " has ggml type id ", id, ", which is not a ggml type"));

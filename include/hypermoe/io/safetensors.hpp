@@ -73,6 +73,24 @@ enum class tensor_dtype { f64, f32, f16, bf16, i64, i32, i16, i8, u8, boolean, q
     return sizes[static_cast<int>(t)];
 }
 
+/// Largest element count a tensor may declare (2^50): far above any checkpoint, far below
+/// overflow of index_t and of the byte counts derived from it.
+inline constexpr index_t max_tensor_elements = index_t{1} << 50;
+
+/// Whether a shape of non-negative dimensions stays within max_tensor_elements. It bounds the
+/// product of the non-zero dimensions, not the running product, because a zero dimension keeps
+/// the running product at 0 while the dimensions after it could overflow `TensorInfo::numel`,
+/// which multiplies in another order. With this bound every partial product, in any order, fits.
+[[nodiscard]] inline bool shape_fits(std::span<const index_t> shape) noexcept {
+    index_t nonzero = 1;
+    for (const index_t d : shape)
+        if (d != 0) {
+            if (nonzero > max_tensor_elements / d) return false;
+            nonzero *= d;
+        }
+    return true;
+}
+
 /// One tensor of a file: where its bytes are, and what they are.
 struct TensorInfo {
     std::string name;
@@ -272,14 +290,12 @@ private:
         if (!type) bad(detail::concat("unknown dtype '", dt->get<std::string>(), "'"));
         TensorInfo t{name, *type, {}, 0, 0};
         if (!sh->is_array()) bad("shape is not an array");
-        index_t count = 1;
         for (const auto& d : *sh) {
             if (!d.is_number_integer() || d.get<std::int64_t>() < 0) bad(detail::concat("shape ", sh->dump(), " has an entry that is not a non-negative integer"));
-            const index_t v = d.get<index_t>();
-            if (v != 0 && count > (index_t{1} << 50) / v) bad(detail::concat("shape ", sh->dump(), " has too many elements"));
-            count *= v;
-            t.shape.push_back(v);
+            t.shape.push_back(d.get<index_t>());
         }
+        if (!shape_fits(t.shape)) bad(detail::concat("shape ", sh->dump(), " has too many elements"));
+        const index_t count = t.numel();
         if (!off->is_array() || off->size() != 2 || !(*off)[0].is_number_unsigned() || !(*off)[1].is_number_unsigned())
             bad(detail::concat("data_offsets ", off->dump(), " is not a pair of non-negative integers"));
         const auto b = (*off)[0].get<std::uint64_t>(), en = (*off)[1].get<std::uint64_t>();
