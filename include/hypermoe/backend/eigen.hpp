@@ -53,6 +53,69 @@ public:
     }
 };
 
+/// res (m, n, row-major) += lhs (m, k) * rhs (k, n), each operand row- or column-major (with its
+/// outer stride), with Eigen's kernel: in blocks of `block` result columns over at most
+/// `threads` threads, packing buffers from the workspace (eigen_gemm_bytes). Each result
+/// element is computed by one thread in one order, so the bits do not depend on the thread
+/// count. The backward passes' products (dZ W, dZ^T A) run through it.
+struct EigenGemm {
+    static constexpr index_t block = 128;
+    index_t m, n, k;
+    int threads;
+
+    [[nodiscard]] int slices() const noexcept {
+        return int(std::min<index_t>({(n + block - 1) / block, index_t(std::max(threads, 1)), 256}));
+    }
+    [[nodiscard]] std::size_t workspace_bytes() const noexcept {
+        if (m <= 0 || n <= 0 || k <= 0) return 0;
+        const EigenBlocking b(m, std::min(block, n), k);
+        std::size_t a = b.a_elements(), bb = b.b_elements();
+        if (const index_t last = n % block; last != 0 && n > block) {
+            const EigenBlocking t(m, last, k);
+            a = std::max(a, t.a_elements());
+            bb = std::max(bb, t.b_elements());
+        }
+        return std::size_t(slices()) * (padded_bytes<float>(index_t(a)) + padded_bytes<float>(index_t(bb)));
+    }
+    template <int LhsOrder, int RhsOrder>
+    void add(const float* lhs, index_t lhs_stride, const float* rhs, index_t rhs_stride, float* res, index_t res_stride,
+             Workspace& ws) const {
+        if (m <= 0 || n <= 0 || k <= 0) return;
+        Workspace::Scope scope(ws, workspace_bytes());
+        const int used = slices();
+        const EigenBlocking full(m, std::min(block, n), k);
+        std::size_t a = full.a_elements(), bb = full.b_elements();
+        if (const index_t last = n % block; last != 0 && n > block) {
+            const EigenBlocking t(m, last, k);
+            a = std::max(a, t.a_elements());
+            bb = std::max(bb, t.b_elements());
+        }
+        float* slots[2 * 256];
+        for (int i = 0; i < used; ++i) {
+            slots[2 * i] = ws.take<float>(index_t(a)).data();
+            slots[2 * i + 1] = ws.take<float>(index_t(bb)).data();
+        }
+        const index_t blocks = (n + block - 1) / block;
+        const auto run = [&](index_t b, int slice) {
+            const index_t n0 = b * block, nb = std::min(block, n - n0);
+            EigenBlocking blocking(m, nb, k);
+            blocking.set_buffers(slots[2 * slice], slots[2 * slice + 1]);
+            const float* r = RhsOrder == Eigen::RowMajor ? rhs + n0 : rhs + n0 * rhs_stride;
+            Eigen::internal::general_matrix_matrix_product<Eigen::Index, float, LhsOrder, false, float, RhsOrder, false,
+                                                          Eigen::RowMajor, 1>::run(m, nb, k, lhs, lhs_stride, r, rhs_stride,
+                                                                                   res + n0, 1, res_stride, 1.0f, blocking, nullptr);
+        };
+#if defined(_OPENMP)
+        if (used > 1) {
+#pragma omp parallel for schedule(static) num_threads(used)
+            for (index_t b = 0; b < blocks; ++b) run(b, omp_get_thread_num());
+            return;
+        }
+#endif
+        for (index_t b = 0; b < blocks; ++b) run(b, 0);
+    }
+};
+
 } // namespace detail
 
 struct eigen {
@@ -139,6 +202,31 @@ struct eigen {
             }
 #endif
             for (index_t b = 0; b < blocks; ++b) block(b, 0);
+        }
+
+        /// Scratch of backward() for `rows` rows: the packing buffers of its two products.
+        [[nodiscard]] std::size_t backward_workspace_bytes(index_t rows) const noexcept {
+            const int threads = detail::current_threads();
+            return std::max(detail::EigenGemm{rows, k_, n_, threads}.workspace_bytes(),
+                            detail::EigenGemm{n_, k_, rows, threads}.workspace_bytes());
+        }
+
+        /// da [+]= dz W and g.weight += dz^T a, g.bias += the column sums of dz, where dz is the
+        /// gradient of A W^T + b (before the activation and scale). f32 storage only.
+        void backward(ConstMatrixView<float> a, ConstMatrixView<float> dz, MatrixView<float> da, const LinearGrads& g, Workspace& ws,
+                      bool accumulate_input = false) const {
+            check_backward(a, dz, da, g);
+            const index_t m = a.rows();
+            if (!accumulate_input)
+                for (index_t r = 0; r < m; ++r) std::fill_n(da.row(r).data(), k_, 0.0f);
+            const int threads = detail::current_threads();
+            // da (m, K) += dz (m, N) W (N, K)
+            detail::EigenGemm{m, k_, n_, threads}.add<Eigen::RowMajor, Eigen::RowMajor>(dz.data(), dz.stride(), w_.data(), k_,
+                                                                                        da.data(), da.stride(), ws);
+            // dW (N, K) += dz^T (N, m): dz read column-major, times a (m, K)
+            detail::EigenGemm{n_, k_, m, threads}.add<Eigen::ColMajor, Eigen::RowMajor>(dz.data(), dz.stride(), a.data(), a.stride(),
+                                                                                        g.weight.data(), g.weight.stride(), ws);
+            detail::add_column_sums(dz, g.bias);
         }
 
     private:

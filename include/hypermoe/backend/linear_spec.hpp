@@ -86,6 +86,14 @@ struct LinearOptions {
     precision prec = precision::exact;
 };
 
+/// Where a linear map's backward adds its parameter gradients: dW (N, K) and db (N, or empty
+/// when the caller does not want it). Both are accumulated (+=), as gradients are across the
+/// token groups of one step.
+struct LinearGrads {
+    MatrixView<float> weight;
+    std::span<float> bias = {};
+};
+
 namespace detail {
 
 /// Checks a weight and bias for a linear map and returns the storage dtype.
@@ -120,6 +128,15 @@ inline void check_linear_call(ConstMatrixView<float> a, MatrixView<float> c, ind
                                  shape_str(a.rows(), n)));
 }
 
+/// bias += the column sums of dz, each summed in double in row order (no-op for an empty bias).
+inline void add_column_sums(ConstMatrixView<float> dz, std::span<float> bias) {
+    for (std::size_t n = 0; n < bias.size(); ++n) {
+        double sum = 0;
+        for (index_t r = 0; r < dz.rows(); ++r) sum += dz(r, index_t(n));
+        bias[n] += float(sum);
+    }
+}
+
 /// What every backend's linear map knows besides its weights: the name in messages, whether it
 /// accumulates, K, N and the storage dtype, validated once. Backends derive from it.
 class LinearBase {
@@ -144,6 +161,27 @@ protected:
 
     /// Checks the views of a call: a (M, K), c (M, N).
     void check_call(ConstMatrixView<float> a, MatrixView<float> c) const { check_linear_call(a, c, k_, n_, name_); }
+
+    /// Checks a backward call: a (M, K), dz (M, N), da (M, K), gradients (N, K) and N
+    /// (or empty), and f32 storage: the backward computes with the weights as trained, so a
+    /// linear stored as bf16 or in blocks (an inference copy) is refused; load with f32 storage.
+    void check_backward(ConstMatrixView<float> a, ConstMatrixView<float> dz, MatrixView<float> da, const LinearGrads& g) const {
+        if (storage_ != dtype::f32)
+            throw config_error(concat(name_, ": backward needs f32 storage, but the weights are stored as ", to_string(storage_),
+                                      " (load or build the layer with f32 storage to train it)"));
+        if (a.cols() != k_) throw shape_error(concat(name_, " backward: input has ", a.cols(), " columns, expected ", k_));
+        if (dz.rows() != a.rows() || dz.cols() != n_)
+            throw shape_error(concat(name_, " backward: output gradient has shape ", shape_str(dz.rows(), dz.cols()), ", expected ",
+                                     shape_str(a.rows(), n_)));
+        if (da.rows() != a.rows() || da.cols() != k_)
+            throw shape_error(concat(name_, " backward: input gradient has shape ", shape_str(da.rows(), da.cols()), ", expected ",
+                                     shape_str(a.rows(), k_)));
+        if (g.weight.rows() != n_ || g.weight.cols() != k_)
+            throw shape_error(concat(name_, " backward: weight gradient has shape ", shape_str(g.weight.rows(), g.weight.cols()),
+                                     ", expected ", shape_str(n_, k_)));
+        if (!g.bias.empty() && index_t(g.bias.size()) != n_)
+            throw shape_error(concat(name_, " backward: bias gradient has ", g.bias.size(), " elements, expected ", n_));
+    }
 
     std::string name_;
     bool accumulate_;

@@ -240,6 +240,62 @@ inline void append_activation(dnnl::post_ops& po, activation_kind kind) {
     return entry.get();
 }
 
+/// C (m, n) [+]= A (m, k) B (k, n) with run-time shapes, for the backward passes: dense
+/// operands, A and B each row-major or column-major (`a_cols`, `b_cols` = column-major), C
+/// row-major. It runs on oneDNN's `gemm:jit` (run-time dims; run-time strides would land on
+/// `ref`); one primitive per (layouts, accumulate, threads), created on first use and kept for
+/// the process. The memory objects of a call are made per call (oneDNN's gemm also packs into
+/// buffers of its own): backward is not yet free of allocations on this backend.
+inline void onednn_gemm(index_t m, index_t n, index_t k, const float* a, bool a_cols, const float* b, bool b_cols, float* c,
+                        bool accumulate) {
+    if (m <= 0 || n <= 0) return;
+    using dt = dnnl::memory::data_type;
+    using tag = dnnl::memory::format_tag;
+    if (k <= 0) {
+        if (!accumulate) std::fill_n(c, m * n, 0.0f);
+        return;
+    }
+    const int threads = current_threads();
+    using Key = std::tuple<bool, bool, bool, int>;
+    static std::mutex mutex;
+    static std::map<Key, dnnl::matmul> cache;
+    dnnl::matmul primitive;
+    {
+        const std::lock_guard lock(mutex);
+        auto& entry = cache[Key{a_cols, b_cols, accumulate, threads}];
+        if (!entry) {
+            const ThreadCountScope thread_count(threads);
+            const auto r = DNNL_RUNTIME_DIM_VAL;
+            const dnnl::memory::desc ad({r, r}, dt::f32, a_cols ? tag::ba : tag::ab), bd({r, r}, dt::f32, b_cols ? tag::ba : tag::ab),
+                cd({r, r}, dt::f32, tag::ab);
+            dnnl::post_ops po;
+            if (accumulate) po.append_sum(1.f);
+            dnnl::primitive_attr attr;
+            attr.set_post_ops(po);
+            attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+            try {
+                const dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(ad, bd, cd), attr, onednn_engine());
+                if (pd.scratchpad_desc().get_size() != 0)
+                    throw backend_error(concat("onednn: the run-time matmul (", pd.impl_info_str(), ") wants a scratchpad"));
+                entry = dnnl::matmul(pd);
+            } catch (const dnnl::error& e) {
+                throw backend_error(concat("onednn: cannot create a run-time matmul: ", e.what()));
+            }
+        }
+        primitive = entry;
+    }
+    try {
+        const auto& engine = onednn_engine();
+        dnnl::memory am({{m, k}, dt::f32, a_cols ? tag::ba : tag::ab}, engine, const_cast<float*>(a));
+        dnnl::memory bm({{k, n}, dt::f32, b_cols ? tag::ba : tag::ab}, engine, const_cast<float*>(b));
+        dnnl::memory cm({{m, n}, dt::f32, tag::ab}, engine, c);
+        primitive.execute(onednn_stream(), {{DNNL_ARG_SRC, am}, {DNNL_ARG_WEIGHTS, bm}, {DNNL_ARG_DST, cm}});
+        onednn_stream().wait();
+    } catch (const dnnl::error& e) {
+        throw backend_error(concat("onednn: run-time matmul (", m, " x ", k, " times ", k, " x ", n, ") failed: ", e.what()));
+    }
+}
+
 /// What a linear remembers of the cache: its primitives for each thread count it ran at, read
 /// without a lock (counts above `slots` go through the cache's lock every call).
 class OnednnMatmulTable {
@@ -341,6 +397,66 @@ struct onednn {
             run(m, a, t, ws);
             if (m.fused_activation || m.fused_sum) detail::epilogue_accumulate<Identity>(t, c, nullptr, scale);
             else detail::epilogue_accumulate<Act>(t, c, nullptr, scale);
+        }
+
+        /// Scratch of backward() for `rows` rows: the weights unpacked to (K, N), and dense
+        /// copies of operands that come strided.
+        [[nodiscard]] std::size_t backward_workspace_bytes(index_t rows) const noexcept {
+            return detail::padded_bytes<float>(k_, n_) + 2 * detail::padded_bytes<float>(rows, k_) +
+                   detail::padded_bytes<float>(rows, n_) + detail::padded_bytes<float>(n_, k_);
+        }
+
+        /// da [+]= dz W and g.weight += dz^T a, g.bias += the column sums of dz, where dz is the
+        /// gradient of A W^T + b (before the activation and scale). The weights are reordered
+        /// from the primitive's blocked layout to plain (K, N) in the workspace for dz W. f32
+        /// storage only.
+        void backward(ConstMatrixView<float> a, ConstMatrixView<float> dz, MatrixView<float> da, const LinearGrads& g, Workspace& ws,
+                      bool accumulate_input = false) const {
+            check_backward(a, dz, da, g);
+            const index_t m = a.rows();
+            if (m == 0) return;
+            Workspace::Scope scope(ws, backward_workspace_bytes(m));
+            const auto dense = [&](auto view, index_t cols) -> const float* {
+                if (view.contiguous()) return view.data();
+                MatrixView<float> copy = ws.take_matrix<float>(view.rows(), cols);
+                for (index_t r = 0; r < view.rows(); ++r) std::ranges::copy(view.row(r), copy.row(r).begin());
+                return copy.data();
+            };
+            const float* dzd = dense(dz, n_);
+            const float* ad = dense(a, k_);
+            // da (m, K) [+]= dz (m, N) W (N, K), W being the plain (K, N) W^T read column-major.
+            MatrixView<float> wt = ws.take_matrix<float>(k_, n_);
+            if (matmul_ != nullptr) {
+                try {
+                    using dt = dnnl::memory::data_type;
+                    dnnl::memory plain({{k_, n_}, dt::f32, {n_, 1}}, detail::onednn_engine(), wt.data());
+                    dnnl::memory packed = weights_; // a handle: copying it shares the weights
+                    dnnl::reorder(packed, plain).execute(detail::onednn_stream(), packed, plain);
+                    detail::onednn_stream().wait();
+                } catch (const dnnl::error& e) {
+                    throw backend_error(detail::concat(name_, ": oneDNN weight reorder for backward failed: ", e.what()));
+                }
+            } else {
+                std::fill_n(wt.data(), k_ * n_, 0.0f); // K = 0 or N = 0
+            }
+            if (da.contiguous()) {
+                detail::onednn_gemm(m, k_, n_, dzd, false, wt.data(), true, da.data(), accumulate_input);
+            } else {
+                MatrixView<float> t = ws.take_matrix<float>(m, k_);
+                detail::onednn_gemm(m, k_, n_, dzd, false, wt.data(), true, t.data(), false);
+                for (index_t r = 0; r < m; ++r)
+                    for (index_t c = 0; c < k_; ++c) da(r, c) = accumulate_input ? da(r, c) + t(r, c) : t(r, c);
+            }
+            // dW (N, K) += dz^T (N, m: dz read column-major) a (m, K)
+            if (g.weight.contiguous()) {
+                detail::onednn_gemm(n_, k_, m, dzd, true, ad, false, g.weight.data(), true);
+            } else {
+                MatrixView<float> t = ws.take_matrix<float>(n_, k_);
+                detail::onednn_gemm(n_, k_, m, dzd, true, ad, false, t.data(), false);
+                for (index_t r = 0; r < n_; ++r)
+                    for (index_t c = 0; c < k_; ++c) g.weight(r, c) += t(r, c);
+            }
+            detail::add_column_sums(dz, g.bias);
         }
 
     private:

@@ -74,6 +74,29 @@ struct reference {
             }
         }
 
+        [[nodiscard]] std::size_t backward_workspace_bytes(index_t /*rows*/) const noexcept { return 0; }
+
+        /// da [+]= dz W and g.weight += dz^T a, g.bias += the column sums of dz, where dz is the
+        /// gradient of A W^T + b (before the activation and scale); every sum in double. f32
+        /// storage only.
+        void backward(ConstMatrixView<float> a, ConstMatrixView<float> dz, MatrixView<float> da, const LinearGrads& g, Workspace& /*ws*/,
+                      bool accumulate_input = false) const {
+            check_backward(a, dz, da, g);
+            for (index_t m = 0; m < a.rows(); ++m)
+                for (index_t k = 0; k < k_; ++k) {
+                    double acc = accumulate_input ? da(m, k) : 0.0;
+                    for (index_t n = 0; n < n_; ++n) acc += double(dz(m, n)) * double(w_f32_[std::size_t(n * k_ + k)]);
+                    da(m, k) = float(acc);
+                }
+            for (index_t n = 0; n < n_; ++n)
+                for (index_t k = 0; k < k_; ++k) {
+                    double acc = g.weight(n, k);
+                    for (index_t m = 0; m < a.rows(); ++m) acc += double(dz(m, n)) * double(a(m, k));
+                    g.weight(n, k) = float(acc);
+                }
+            detail::add_column_sums(dz, g.bias);
+        }
+
     private:
         /// `fast` over blocks: integer block dots with the activations quantised as the fast
         /// kernels quantise them, scaled and summed in double.

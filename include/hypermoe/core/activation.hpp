@@ -51,6 +51,8 @@ struct Identity {
     static constexpr std::string_view name = "identity";
     template <class T>
     [[nodiscard]] static T apply(T x) noexcept { return x; }
+    template <class T>
+    [[nodiscard]] static T derivative(T /*x*/) noexcept { return T(1); }
 };
 
 /// max(x, 0).
@@ -59,6 +61,9 @@ struct Relu {
     static constexpr std::string_view name = "relu";
     template <class T>
     [[nodiscard]] static T apply(T x) noexcept { return x > T(0) ? x : T(0); }
+    /// 0 at x = 0, as PyTorch's.
+    template <class T>
+    [[nodiscard]] static T derivative(T x) noexcept { return x > T(0) ? T(1) : T(0); }
 };
 
 /// GELU, exact form: x * Phi(x) = 0.5 x (1 + erf(x / sqrt 2)).
@@ -68,6 +73,12 @@ struct Gelu {
     template <class T>
     [[nodiscard]] static T apply(T x) noexcept {
         return T(0.5) * x * (T(1) + std::erf(x * T(0.70710678118654752440)));
+    }
+    /// Phi(x) + x phi(x).
+    template <class T>
+    [[nodiscard]] static T derivative(T x) noexcept {
+        return T(0.5) * (T(1) + std::erf(x * T(0.70710678118654752440))) +
+               x * T(0.39894228040143267794) * std::exp(T(-0.5) * x * x);
     }
 };
 
@@ -81,6 +92,12 @@ struct GeluTanh {
         if constexpr (std::is_same_v<T, float>) return 0.5f * x * (1.0f + detail::tanh_approx(y));
         else return T(0.5) * x * (T(1) + std::tanh(y));
     }
+    template <class T>
+    [[nodiscard]] static T derivative(T x) noexcept {
+        const T t = std::tanh(T(0.79788456080286535588) * (x + T(0.044715) * x * x * x));
+        return T(0.5) * (T(1) + t) +
+               T(0.5) * x * (T(1) - t * t) * T(0.79788456080286535588) * (T(1) + T(3 * 0.044715) * x * x);
+    }
 };
 
 /// SiLU (swish with beta 1): x * sigmoid(x).
@@ -92,6 +109,12 @@ struct Silu {
         if constexpr (std::is_same_v<T, float>) return x / (1.0f + detail::exp_approx(-x));
         else return x / (T(1) + std::exp(-x));
     }
+    /// s (1 + x (1 - s)), s = sigmoid(x).
+    template <class T>
+    [[nodiscard]] static T derivative(T x) noexcept {
+        const T s = T(1) / (T(1) + std::exp(-x));
+        return s * (T(1) + x * (T(1) - s));
+    }
 };
 
 /// Squared ReLU (Primer, arXiv 2109.08668): max(x, 0)^2.
@@ -100,16 +123,21 @@ struct Relu2 {
     static constexpr std::string_view name = "relu2";
     template <class T>
     [[nodiscard]] static T apply(T x) noexcept { return x > T(0) ? x * x : T(0); }
+    template <class T>
+    [[nodiscard]] static T derivative(T x) noexcept { return x > T(0) ? T(2) * x : T(0); }
 };
 
-/// An activation tag: a kind, a name and `apply` for float (fast, vectorisable) and double
-/// (std:: functions, for the reference backend).
+/// An activation tag: a kind, a name, `apply` for float (fast, vectorisable) and double
+/// (std:: functions, for the reference backend), and its `derivative` (std:: functions in both;
+/// the backward passes use it).
 template <class A>
 concept Activation = requires(float f, double d) {
     { A::kind } -> std::convertible_to<activation_kind>;
     { A::name } -> std::convertible_to<std::string_view>;
     { A::apply(f) } -> std::same_as<float>;
     { A::apply(d) } -> std::same_as<double>;
+    { A::derivative(f) } -> std::same_as<float>;
+    { A::derivative(d) } -> std::same_as<double>;
 };
 
 static_assert(Activation<Identity> && Activation<Relu> && Activation<Gelu> && Activation<GeluTanh> &&

@@ -59,6 +59,21 @@ inline void check_forward_shapes(ConstMatrixView<float> x, MatrixView<float> y, 
                                       "expected separate buffers"));
 }
 
+/// Checks the views of a backward call: x (M, in), dy (M, out), dx (M, in), dx overlapping
+/// neither x nor dy.
+inline void check_backward_shapes(ConstMatrixView<float> x, ConstMatrixView<float> dy, MatrixView<float> dx, index_t in,
+                                  index_t out, std::string_view who) {
+    if (x.cols() != in) throw shape_error(concat(who, "::backward: input x has ", x.cols(), " columns, expected ", in));
+    if (dy.rows() != x.rows() || dy.cols() != out)
+        throw shape_error(concat(who, "::backward: output gradient dy has shape ", shape_str(dy.rows(), dy.cols()),
+                                 ", expected ", shape_str(x.rows(), out)));
+    if (dx.rows() != x.rows() || dx.cols() != in)
+        throw shape_error(concat(who, "::backward: input gradient dx has shape ", shape_str(dx.rows(), dx.cols()),
+                                 ", expected ", shape_str(x.rows(), in)));
+    if (overlap(x, dx) || overlap(dy, dx))
+        throw shape_error(concat(who, "::backward: dx overlaps x or dy; expected separate buffers"));
+}
+
 /// Checks a weight's shape against (rows, cols) and that it agrees with the type's static widths.
 template <class W> // WeightView, or any view with rows() and cols()
 void check_weight_shape(const W& w, index_t rows, index_t cols, std::string_view who,

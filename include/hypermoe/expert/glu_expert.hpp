@@ -29,6 +29,19 @@ struct GluWeights {
     std::span<const float> down_bias = {};   ///< d_model, or empty
 };
 
+/// Gradients of a GluExpert's parameters, zeroed at creation (GluExpert::make_gradients);
+/// backward adds to them. gate and up are one fused (2 d_ff, d_model) matrix, as the expert
+/// computes them: gate() and up() are its two halves.
+struct GluGradients {
+    Matrix<float> gate_up;           ///< (2 d_ff, d_model)
+    Matrix<float> down;              ///< (d_model, d_ff)
+    std::vector<float> gate_up_bias; ///< 2 d_ff, or empty when the expert has no gate/up bias
+    std::vector<float> down_bias;    ///< d_model, or empty
+
+    [[nodiscard]] MatrixView<float> gate() noexcept { return gate_up.view().row_block(0, gate_up.rows() / 2); }
+    [[nodiscard]] MatrixView<float> up() noexcept { return gate_up.view().row_block(gate_up.rows() / 2, gate_up.rows() / 2); }
+};
+
 template <Backend B, Activation Act, index_t D = dynamic, index_t FF = dynamic>
 class GluExpert : public detail::ExpertWidths<B, Act, D, FF> {
     using Widths = detail::ExpertWidths<B, Act, D, FF>;
@@ -37,8 +50,11 @@ public:
     using Widths::d_ff;
     using Widths::d_model;
 
+    using gradients_type = GluGradients;
+
     explicit GluExpert(const GluWeights& w, const ExpertOptions& opt = {})
-        : Widths(checked_extents(w)), gate_up_(fused_gate_up(w, opt)),
+        : Widths(checked_extents(w)), gate_up_bias_(!w.gate_bias.empty() || !w.up_bias.empty()), down_bias_(!w.down_bias.empty()),
+          gate_up_(fused_gate_up(w, opt)),
           down_(std::in_place, w.down, w.down_bias, LinearOptions{"GluExpert weight 'down'", false, opt.storage, opt.prec}) {}
 
     /// The linear maps: [gate; up] fused, and down (shared by copies of this expert).
@@ -73,7 +89,65 @@ public:
         down_(h, y, ws);
     }
 
+    /// Zeroed gradients of this expert's parameters.
+    [[nodiscard]] GluGradients make_gradients() const {
+        GluGradients g{Matrix<float>(2 * d_ff(), d_model()), Matrix<float>(d_model(), d_ff()), {}, {}};
+        if (gate_up_bias_) g.gate_up_bias.assign(std::size_t(2 * d_ff()), 0.0f);
+        if (down_bias_) g.down_bias.assign(std::size_t(d_model()), 0.0f);
+        return g;
+    }
+
+    [[nodiscard]] std::size_t backward_workspace_bytes(index_t rows) const {
+        return 2 * detail::padded_bytes<float>(rows, 2, d_ff()) + 2 * detail::padded_bytes<float>(rows, d_ff()) +
+               std::max({gate_up_->workspace_bytes(rows), gate_up_->backward_workspace_bytes(rows),
+                         down_->backward_workspace_bytes(rows)});
+    }
+
+    /// The backward of forward(x): dx [+]= dL/dx from dy = dL/dy, and the parameter gradients
+    /// added to `g`. It recomputes the forward's [gate | up] product from x (nothing is kept
+    /// between the calls). f32 storage only (config_error otherwise).
+    void backward(ConstMatrixView<float> x, ConstMatrixView<float> dy, MatrixView<float> dx, GluGradients& g, Workspace& ws,
+                  bool accumulate_input = false) const {
+        detail::check_backward_shapes(x, dy, dx, d_model(), d_model(), "GluExpert");
+        check_gradients(g);
+        Workspace::Scope scope(ws, backward_workspace_bytes(x.rows()));
+        const index_t ff = d_ff(), m = x.rows();
+        MatrixView<float> gu = ws.take_matrix<float>(m, 2 * ff);  // [gate | up] pre-activations
+        MatrixView<float> h = ws.take_matrix<float>(m, ff);       // Act(g) * u
+        MatrixView<float> dh = ws.take_matrix<float>(m, ff);      // dL/dh
+        MatrixView<float> dgu = ws.take_matrix<float>(m, 2 * ff); // dL/d[gate | up]
+        gate_up_(x, gu, ws);
+        for (index_t r = 0; r < m; ++r)
+            for (index_t j = 0; j < ff; ++j) h(r, j) = Act::apply(gu(r, j)) * gu(r, ff + j);
+        down_->backward(h, dy, dh, LinearGrads{g.down.view(), g.down_bias}, ws);
+        for (index_t r = 0; r < m; ++r)
+            for (index_t j = 0; j < ff; ++j) {
+                const float gate = gu(r, j), up = gu(r, ff + j);
+                dgu(r, j) = dh(r, j) * up * Act::derivative(gate);
+                dgu(r, ff + j) = dh(r, j) * Act::apply(gate);
+            }
+        gate_up_->backward(x, dgu, dx, LinearGrads{g.gate_up.view(), g.gate_up_bias}, ws, accumulate_input);
+    }
+
 private:
+    void check_gradients(const GluGradients& g) const {
+        const auto bad = [](const char* what, index_t r, index_t c, index_t er, index_t ec) {
+            throw shape_error(detail::concat("GluExpert::backward: gradient '", what, "' has shape ", detail::shape_str(r, c),
+                                             ", expected ", detail::shape_str(er, ec), " (use make_gradients())"));
+        };
+        if (g.gate_up.rows() != 2 * d_ff() || g.gate_up.cols() != d_model())
+            bad("gate_up", g.gate_up.rows(), g.gate_up.cols(), 2 * d_ff(), d_model());
+        if (g.down.rows() != d_model() || g.down.cols() != d_ff()) bad("down", g.down.rows(), g.down.cols(), d_model(), d_ff());
+        const auto bad_bias = [](const char* what, std::size_t n, index_t expected) {
+            throw shape_error(detail::concat("GluExpert::backward: gradient '", what, "' has ", n, " elements, expected ", expected,
+                                             " (use make_gradients())"));
+        };
+        if (const index_t n = gate_up_bias_ ? 2 * d_ff() : 0; g.gate_up_bias.size() != std::size_t(n))
+            bad_bias("gate_up_bias", g.gate_up_bias.size(), n);
+        if (const index_t n = down_bias_ ? d_model() : 0; g.down_bias.size() != std::size_t(n))
+            bad_bias("down_bias", g.down_bias.size(), n);
+    }
+
     static extents<D, FF> checked_extents(const GluWeights& w) {
         const index_t d = w.gate.cols(), ff = w.gate.rows();
         detail::check_weight_width(D, d, "GluExpert", "d_model", "gate");
@@ -125,6 +199,7 @@ private:
                                                                     LinearOptions{"GluExpert weight 'gate|up'", false, opt.storage.value_or(type), opt.prec});
     }
 
+    bool gate_up_bias_, down_bias_;
     detail::Shared<typename B::template linear<Identity>> gate_up_;
     detail::Shared<typename B::template linear<Identity>> down_;
 };

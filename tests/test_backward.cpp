@@ -1,0 +1,234 @@
+// Backward passes (issue 12): each backend's linear map against the reference (the oracle),
+// the activations' derivatives and the experts against finite differences, and the typed
+// errors. The MoE blocks against the float64 autograd gradients of the fixtures are in
+// test_backward_fixtures.cpp.
+
+#include <doctest/doctest.h>
+
+#include <cmath>
+#include <functional>
+#include <vector>
+
+#include "test_support.hpp"
+
+using namespace hypermoe;
+using test::random_matrix;
+using test::random_vector;
+using test::relative_error;
+
+namespace {
+
+/// max |got - ref| / max |ref| over two vectors.
+double vector_error(const std::vector<float>& got, const std::vector<float>& ref) {
+    double num = 0, den = 0;
+    for (std::size_t i = 0; i < ref.size(); ++i) {
+        num = std::max(num, std::abs(double(got[i]) - ref[i]));
+        den = std::max(den, std::abs(double(ref[i])));
+    }
+    return den == 0 ? num : num / den;
+}
+
+/// A matrix as a weight (an f32 view).
+WeightView weight(const Matrix<float>& m) { return WeightView(m.view()); }
+
+/// sum(y * dy), in double.
+double dot(ConstMatrixView<float> y, ConstMatrixView<float> dy) {
+    double s = 0;
+    for (index_t r = 0; r < y.rows(); ++r)
+        for (index_t c = 0; c < y.cols(); ++c) s += double(y(r, c)) * dy(r, c);
+    return s;
+}
+
+/// Central difference of L(v) = loss() with respect to element `v`, in double.
+double central_difference(float& v, const std::function<double()>& loss, float h) {
+    const float saved = v;
+    v = saved + h;
+    const double up = loss();
+    v = saved - h;
+    const double down = loss();
+    v = saved;
+    return (up - down) / (2.0 * double(h));
+}
+
+} // namespace
+
+TEST_CASE_TEMPLATE_DEFINE("linear backward matches the reference on every backend", B, linear_backward) {
+    Workspace ws;
+    for (const index_t m : {1, 3, 17, 70})
+        for (const auto& kn : {std::pair<index_t, index_t>{8, 5}, {33, 40}, {64, 130}})
+            for (const bool bias : {false, true})
+                for (const bool accumulate : {false, true}) {
+                    const index_t k = kn.first, n = kn.second;
+                    CAPTURE(m);
+                    CAPTURE(k);
+                    CAPTURE(n);
+                    CAPTURE(bias);
+                    CAPTURE(accumulate);
+                    const auto w = random_matrix(n, k, 1);
+                    const auto b = bias ? random_vector(n, 2) : std::vector<float>{};
+                    const auto a = random_matrix(m, k, 3);
+                    const auto dz = random_matrix(m, n, 4);
+                    const typename B::template linear<Identity> lin(WeightView(w.view()), b, LinearOptions{"w"});
+                    const reference::linear<Identity> oracle(WeightView(w.view()), b, LinearOptions{"w"});
+                    // Start from non-zero gradients: backward adds to them.
+                    auto da = random_matrix(m, k, 5), dw = random_matrix(n, k, 6);
+                    auto db = bias ? random_vector(n, 7) : std::vector<float>{};
+                    auto da_ref = da, dw_ref = dw;
+                    auto db_ref = db;
+                    lin.backward(a, dz, da, LinearGrads{dw.view(), db}, ws, accumulate);
+                    oracle.backward(a, dz, da_ref, LinearGrads{dw_ref.view(), db_ref}, ws, accumulate);
+                    CHECK(relative_error(da, da_ref) <= 1e-6);
+                    CHECK(relative_error(dw, dw_ref) <= 1e-6);
+                    if (bias) CHECK(vector_error(db, db_ref) <= 1e-6);
+                }
+    // The oracle itself against the formulas: da = dz W, dW = dz^T a.
+    const auto w = random_matrix(3, 4, 8), a = random_matrix(2, 4, 9), dz = random_matrix(2, 3, 10);
+    const reference::linear<Identity> oracle(WeightView(w.view()), {}, LinearOptions{"w"});
+    Matrix<float> da(2, 4), dw(3, 4);
+    oracle.backward(a, dz, da, LinearGrads{dw.view()}, ws);
+    for (index_t i = 0; i < 2; ++i)
+        for (index_t j = 0; j < 4; ++j) {
+            double x = 0;
+            for (index_t n = 0; n < 3; ++n) x += double(dz(i, n)) * w(n, j);
+            CHECK(da(i, j) == doctest::Approx(x).epsilon(1e-6));
+        }
+    for (index_t n = 0; n < 3; ++n)
+        for (index_t j = 0; j < 4; ++j) {
+            double x = 0;
+            for (index_t i = 0; i < 2; ++i) x += double(dz(i, n)) * a(i, j);
+            CHECK(dw(n, j) == doctest::Approx(x).epsilon(1e-6));
+        }
+}
+TEST_CASE_TEMPLATE_APPLY(linear_backward, test::all_backends);
+
+TEST_CASE_TEMPLATE_DEFINE("linear backward: strided views, and its typed errors", B, linear_backward_errors) {
+    Workspace ws;
+    const auto w = random_matrix(6, 4, 1);
+    const typename B::template linear<Identity> lin(WeightView(w.view()), {}, LinearOptions{"w"});
+    // Strided a, dz, da and dW (column blocks of wider matrices) give what dense ones give.
+    auto a_wide = random_matrix(5, 7, 2), dz_wide = random_matrix(5, 9, 3);
+    const auto a = ConstMatrixView<float>(a_wide.view()).col_block(1, 4);
+    const auto dz = ConstMatrixView<float>(dz_wide.view()).col_block(2, 6);
+    Matrix<float> da_wide(5, 6), dw_wide(6, 5), da(5, 4), dw(6, 4);
+    Matrix<float> a_dense(5, 4), dz_dense(5, 6);
+    for (index_t r = 0; r < 5; ++r) {
+        for (index_t c = 0; c < 4; ++c) a_dense(r, c) = a(r, c);
+        for (index_t c = 0; c < 6; ++c) dz_dense(r, c) = dz(r, c);
+    }
+    lin.backward(a, dz, da_wide.view().col_block(1, 4), LinearGrads{dw_wide.view().col_block(1, 4)}, ws);
+    lin.backward(a_dense, dz_dense, da, LinearGrads{dw.view()}, ws);
+    for (index_t r = 0; r < 5; ++r)
+        for (index_t c = 0; c < 4; ++c) CHECK(da_wide(r, c + 1) == doctest::Approx(da(r, c)).epsilon(1e-6));
+    for (index_t r = 0; r < 6; ++r)
+        for (index_t c = 0; c < 4; ++c) CHECK(dw_wide(r, c + 1) == doctest::Approx(dw(r, c)).epsilon(1e-6));
+
+    Matrix<float> bad(5, 3), dwbad(6, 3);
+    std::vector<float> db_bad(5);
+    CHECK_THROWS_WITH_AS(lin.backward(a_dense, dz_dense, bad, LinearGrads{dw.view()}, ws),
+                         "w backward: input gradient has shape (5, 3), expected (5, 4)", shape_error);
+    CHECK_THROWS_WITH_AS(lin.backward(a_dense, bad, da, LinearGrads{dw.view()}, ws),
+                         "w backward: output gradient has shape (5, 3), expected (5, 6)", shape_error);
+    CHECK_THROWS_WITH_AS(lin.backward(a_dense, dz_dense, da, LinearGrads{dwbad.view()}, ws),
+                         "w backward: weight gradient has shape (6, 3), expected (6, 4)", shape_error);
+    CHECK_THROWS_WITH_AS(lin.backward(a_dense, dz_dense, da, LinearGrads{dw.view(), db_bad}, ws),
+                         "w backward: bias gradient has 5 elements, expected 6", shape_error);
+    CHECK_THROWS_WITH_AS(lin.backward(bad, dz_dense, da, LinearGrads{dw.view()}, ws),
+                         "w backward: input has 3 columns, expected 4", shape_error);
+    // An inference copy (bf16 or blocks) has no backward.
+    const auto w32 = random_matrix(6, 32, 4);
+    for (const dtype storage : {dtype::bf16, dtype::q8_0, dtype::q4_0}) {
+        CAPTURE(storage);
+        const typename B::template linear<Identity> stored(WeightView(w32.view()), {}, LinearOptions{"w", false, storage});
+        Matrix<float> a32(2, 32), da32(2, 32), dz32(2, 6), dw32(6, 32);
+        CHECK_THROWS_WITH_AS(stored.backward(a32, dz32, da32, LinearGrads{dw32.view()}, ws),
+                             ("w: backward needs f32 storage, but the weights are stored as " + std::string(to_string(storage)) +
+                              " (load or build the layer with f32 storage to train it)")
+                                 .c_str(),
+                             config_error);
+    }
+}
+TEST_CASE_TEMPLATE_APPLY(linear_backward_errors, test::all_backends);
+
+TEST_CASE_TEMPLATE_DEFINE("activation derivatives match central differences", Act, activation_derivative) {
+    for (double x = -6.0; x <= 6.0; x += 0.173) {
+        if (std::abs(x) < 1e-3) continue; // Relu's kink
+        const double h = 1e-6;
+        const double fd = (Act::apply(x + h) - Act::apply(x - h)) / (2 * h);
+        CAPTURE(x);
+        CHECK(Act::derivative(x) == doctest::Approx(fd).epsilon(1e-6).scale(1.0));
+        CHECK(double(Act::derivative(float(x))) == doctest::Approx(Act::derivative(x)).epsilon(1e-5).scale(1.0));
+    }
+}
+TEST_CASE_TEMPLATE_APPLY(activation_derivative, std::tuple<Identity, Relu, Gelu, GeluTanh, Silu, Relu2>);
+
+TEST_CASE_TEMPLATE_DEFINE("GluExpert backward matches finite differences and the reference on every backend", B, glu_backward) {
+    const index_t d = 12, ff = 20, m = 5;
+    auto gate = random_matrix(ff, d, 1, 0.3f), up = random_matrix(ff, d, 2, 0.3f), down = random_matrix(d, ff, 3, 0.3f);
+    auto bg = random_vector(ff, 4, 0.2f), bu = random_vector(ff, 5, 0.2f), bd = random_vector(d, 6, 0.2f);
+    auto x = random_matrix(m, d, 7);
+    const auto dy = random_matrix(m, d, 8);
+    const GluWeights weights{weight(gate), weight(up), weight(down), bg, bu, bd};
+    const GluExpert<B, Silu> expert(weights);
+    Workspace ws;
+    Matrix<float> dx(m, d);
+    GluGradients g = expert.make_gradients();
+    expert.backward(x, dy, dx, g, ws);
+
+    // The reference backend is the oracle for the other backends.
+    const GluExpert<reference, Silu> oracle(weights);
+    Matrix<float> dx_ref(m, d);
+    GluGradients g_ref = oracle.make_gradients();
+    oracle.backward(x, dy, dx_ref, g_ref, ws);
+    CHECK(relative_error(dx, dx_ref) <= 1e-5);
+    CHECK(relative_error(g.gate_up, g_ref.gate_up) <= 1e-5);
+    CHECK(relative_error(g.down, g_ref.down) <= 1e-5);
+    CHECK(vector_error(g.gate_up_bias, g_ref.gate_up_bias) <= 1e-5);
+    CHECK(vector_error(g.down_bias, g_ref.down_bias) <= 1e-5);
+
+    // The oracle against central differences of L = sum(y * dy), every parameter and input.
+    const auto loss = [&] {
+        const GluExpert<reference, Silu> e(GluWeights{weight(gate), weight(up), weight(down), bg, bu, bd});
+        Matrix<float> y(m, d);
+        e.forward(x, y, ws);
+        return dot(y, dy);
+    };
+    const float h = 1e-2f;
+    double worst = 0, scale = 0;
+    const auto compare = [&](double analytic, double fd) {
+        worst = std::max(worst, std::abs(analytic - fd));
+        scale = std::max(scale, std::abs(fd));
+    };
+    for (index_t i = 0; i < ff; i += 3)
+        for (index_t j = 0; j < d; j += 2) {
+            compare(g_ref.gate()(i, j), central_difference(gate(i, j), loss, h));
+            compare(g_ref.up()(i, j), central_difference(up(i, j), loss, h));
+            compare(g_ref.down(j, i), central_difference(down(j, i), loss, h));
+        }
+    for (index_t i = 0; i < ff; ++i) {
+        compare(g_ref.gate_up_bias[std::size_t(i)], central_difference(bg[std::size_t(i)], loss, h));
+        compare(g_ref.gate_up_bias[std::size_t(ff + i)], central_difference(bu[std::size_t(i)], loss, h));
+    }
+    for (index_t j = 0; j < d; ++j) compare(g_ref.down_bias[std::size_t(j)], central_difference(bd[std::size_t(j)], loss, h));
+    for (index_t r = 0; r < m; ++r)
+        for (index_t j = 0; j < d; ++j) compare(dx_ref(r, j), central_difference(x(r, j), loss, h));
+    CHECK(worst <= 2e-3 * scale);
+
+    // Gradients accumulate across calls; dx is written, or added with accumulate_input.
+    expert.backward(x, dy, dx, g, ws, true);
+    for (index_t r = 0; r < m; ++r)
+        for (index_t j = 0; j < d; ++j) CHECK(dx(r, j) == doctest::Approx(2 * dx_ref(r, j)).epsilon(1e-5).scale(1e-3));
+    for (index_t i = 0; i < ff; ++i) CHECK(g.down(0, i) == doctest::Approx(2 * g_ref.down(0, i)).epsilon(1e-5).scale(1e-3));
+
+    GluGradients wrong{Matrix<float>(2 * ff, d + 1), Matrix<float>(d, ff), {}, {}};
+    CHECK_THROWS_WITH_AS(expert.backward(x, dy, dx, wrong, ws),
+                         "GluExpert::backward: gradient 'gate_up' has shape (40, 13), expected (40, 12) (use make_gradients())",
+                         shape_error);
+    wrong = expert.make_gradients();
+    wrong.down_bias.clear();
+    CHECK_THROWS_WITH_AS(expert.backward(x, dy, dx, wrong, ws),
+                         "GluExpert::backward: gradient 'down_bias' has 0 elements, expected 12 (use make_gradients())", shape_error);
+    Matrix<float> narrow(m, d - 1);
+    CHECK_THROWS_WITH_AS(expert.backward(x, dy, narrow, g, ws),
+                         "GluExpert::backward: input gradient dx has shape (5, 11), expected (5, 12)", shape_error);
+}
+TEST_CASE_TEMPLATE_APPLY(glu_backward, test::all_backends);
