@@ -232,3 +232,197 @@ TEST_CASE_TEMPLATE_DEFINE("GluExpert backward matches finite differences and the
                          "GluExpert::backward: input gradient dx has shape (5, 11), expected (5, 12)", shape_error);
 }
 TEST_CASE_TEMPLATE_APPLY(glu_backward, test::all_backends);
+
+namespace {
+
+/// The parameters of a small MoE layer of gated experts, as plain matrices (so a test can
+/// perturb any of them and build the layer again).
+struct MoeParams {
+    index_t d = 8, ff = 12, experts = 4;
+    Matrix<float> gate;                               // (E, d)
+    std::vector<Matrix<float>> w_gate, w_up, w_down;  // per expert
+    Matrix<float> s_gate, s_up, s_down, s_router;     // shared expert and its gate (1, d)
+    explicit MoeParams(std::uint32_t seed) : gate(random_matrix(experts, d, seed, 0.8f)) {
+        for (index_t e = 0; e < experts; ++e) {
+            w_gate.push_back(random_matrix(ff, d, seed + 10 + std::uint32_t(e), 0.4f));
+            w_up.push_back(random_matrix(ff, d, seed + 20 + std::uint32_t(e), 0.4f));
+            w_down.push_back(random_matrix(d, ff, seed + 30 + std::uint32_t(e), 0.4f));
+        }
+        s_gate = random_matrix(ff, d, seed + 40, 0.4f), s_up = random_matrix(ff, d, seed + 41, 0.4f);
+        s_down = random_matrix(d, ff, seed + 42, 0.4f), s_router = random_matrix(1, d, seed + 43, 0.5f);
+    }
+    template <class B>
+    [[nodiscard]] std::vector<GluExpert<B, Silu>> build_experts() const {
+        std::vector<GluExpert<B, Silu>> out;
+        for (index_t e = 0; e < experts; ++e)
+            out.emplace_back(GluWeights{weight(w_gate[std::size_t(e)]), weight(w_up[std::size_t(e)]), weight(w_down[std::size_t(e)])});
+        return out;
+    }
+    template <class B>
+    [[nodiscard]] SharedExpert<GluExpert<B, Silu>> build_shared() const {
+        return SharedExpert<GluExpert<B, Silu>>(GluExpert<B, Silu>(GluWeights{weight(s_gate), weight(s_up), weight(s_down)}),
+                                                weight(s_router));
+    }
+};
+
+/// Checks the reference layer's backward against central differences of sum(y * dy) over x,
+/// the router weight, one expert's weights and the shared expert's gate; and every backend
+/// against the reference. `make(params)` builds the layer on backend B.
+template <class Make>
+void check_moe_backward(MoeParams& p, Make make, index_t tokens, const Context& ctx) {
+    auto x = random_matrix(tokens, p.d, 90);
+    const auto dy = random_matrix(tokens, p.d, 91);
+    Workspace ws;
+    const auto layer = make(p, reference{});
+    auto g = layer.make_gradients();
+    Matrix<float> dx(tokens, p.d);
+    layer.backward(x, dy, dx, g, ws, ctx);
+    const auto loss = [&] {
+        const auto l = make(p, reference{});
+        Matrix<float> y(tokens, p.d);
+        l.forward(x, y, ws, ctx);
+        return dot(y, dy);
+    };
+    const float h = 2e-3f;
+    double worst = 0, scale = 0;
+    const auto compare = [&](double analytic, double fd) {
+        worst = std::max(worst, std::abs(analytic - fd));
+        scale = std::max(scale, std::abs(fd));
+    };
+    for (index_t t = 0; t < tokens; ++t)
+        for (index_t c = 0; c < p.d; ++c) compare(dx(t, c), central_difference(x(t, c), loss, h));
+    for (index_t e = 0; e < p.experts; ++e)
+        for (index_t c = 0; c < p.d; ++c) compare(g.gate(e, c), central_difference(p.gate(e, c), loss, h));
+    for (index_t r = 0; r < p.ff; r += 2)
+        for (index_t c = 0; c < p.d; c += 3) {
+            compare(g.experts[1].gate()(r, c), central_difference(p.w_gate[1](r, c), loss, h));
+            compare(g.experts[1].down(c, r), central_difference(p.w_down[1](c, r), loss, h));
+        }
+    if constexpr (requires { g.shared.gate; })
+        for (index_t c = 0; c < p.d; ++c) compare(g.shared.gate(0, c), central_difference(p.s_router(0, c), loss, h));
+    CHECK(worst <= 3e-3 * scale);
+
+    // Every backend equals the reference.
+    const auto other = [&](auto backend) {
+        const auto l = make(p, backend);
+        auto go = l.make_gradients();
+        Matrix<float> dxo(tokens, p.d);
+        l.backward(x, dy, dxo, go, ws, ctx);
+        CHECK(relative_error(dxo, dx) <= 1e-5);
+        CHECK(relative_error(go.gate, g.gate) <= 1e-5);
+        for (index_t e = 0; e < p.experts; ++e) {
+            CHECK(relative_error(go.experts[std::size_t(e)].gate_up, g.experts[std::size_t(e)].gate_up) <= 1e-5);
+            CHECK(relative_error(go.experts[std::size_t(e)].down, g.experts[std::size_t(e)].down) <= 1e-5);
+        }
+    };
+#if HYPERMOE_HAS_EIGEN
+    other(eigen{});
+#endif
+#if HYPERMOE_HAS_ONEDNN
+    other(onednn{});
+#endif
+}
+
+} // namespace
+
+TEST_CASE("MoeLayer backward matches central differences: softmax top-k renormalised, with a gated shared expert") {
+    MoeParams p(1);
+    const auto make = [](const MoeParams& q, auto backend) {
+        using B = decltype(backend);
+        return MoeLayer<GluExpert<B, Silu>, TopKRouter, SharedExpert<GluExpert<B, Silu>>>(
+            weight(q.gate), TopKRouter(q.experts, TopK{2}, {.weighting = {.renormalize = true}}), q.build_experts<B>(),
+            q.build_shared<B>());
+    };
+    check_moe_backward(p, make, 7, {});
+}
+
+TEST_CASE("MoeLayer backward matches central differences: sigmoid scores, scaled, not renormalised (DeepSeek-style)") {
+    MoeParams p(2);
+    const auto make = [](const MoeParams& q, auto backend) {
+        using B = decltype(backend);
+        return MoeLayer<GluExpert<B, Silu>, DeepSeekRouter>(
+            weight(q.gate), DeepSeekRouter(q.experts, GroupLimitedTopK{2, 2, 1}, {.weighting = {.renormalize = false, .scale = 2.5f}}),
+            q.build_experts<B>());
+    };
+    check_moe_backward(p, make, 6, {});
+}
+
+TEST_CASE("MoeLayer backward matches central differences: Switch top-1 with capacity, dropped tokens passed through or zeroed") {
+    for (const DroppedTokens dropped : {DroppedTokens::scaled_input, DroppedTokens::zero}) {
+        CAPTURE(int(dropped));
+        MoeParams p(3);
+        const auto make = [dropped](const MoeParams& q, auto backend) {
+            using B = decltype(backend);
+            return MoeLayer<GluExpert<B, Silu>, SwitchRouter>(weight(q.gate), SwitchRouter(q.experts, Top1Capacity{2}),
+                                                              q.build_experts<B>(), NoSharedExpert{}, MoeOptions{dropped});
+        };
+        // 12 tokens in sequences of 6, at most 2 per expert and sequence: some are dropped.
+        const Context ctx{.sequence_length = 6};
+        {
+            const auto layer = make(p, reference{});
+            RoutingPlan plan;
+            Workspace ws;
+            const auto x = random_matrix(12, p.d, 90);
+            Matrix<float> y(12, p.d);
+            layer.forward(x, y, ws, plan, ctx);
+            index_t kept = 0;
+            for (index_t t = 0; t < 12; ++t) kept += plan.kept(t) ? 1 : 0;
+            REQUIRE(kept < 12);
+        }
+        check_moe_backward(p, make, 12, ctx);
+    }
+}
+
+TEST_CASE("MoeLayer and Router backward: typed errors") {
+    MoeParams p(4);
+    const MoeLayer<GluExpert<reference, Silu>, TopKRouter> layer(weight(p.gate), TopKRouter(p.experts, TopK{2}), p.build_experts<reference>());
+    const MoeLayer<GluExpert<reference, Silu>, TopKRouter> smaller(WeightView(ConstMatrixView<float>(p.gate.view().row_block(0, 3))), TopKRouter(3, TopK{2}),
+                                                                   [&] {
+                                                                       auto e = p.build_experts<reference>();
+                                                                       e.pop_back();
+                                                                       return e;
+                                                                   }());
+    Workspace ws;
+    const auto x = random_matrix(3, p.d, 1), dy = random_matrix(3, p.d, 2);
+    Matrix<float> dx(3, p.d);
+    auto wrong = smaller.make_gradients();
+    CHECK_THROWS_WITH_AS(layer.backward(x, dy, dx, wrong, ws),
+                         "MoeLayer::backward: gradients for a gate of shape (3, 8) and 3 experts, expected (4, 8) and 4 (use make_gradients())",
+                         shape_error);
+    auto g = layer.make_gradients();
+    Matrix<float> dy_bad(2, p.d);
+    CHECK_THROWS_WITH_AS(layer.backward(x, dy_bad, dx, g, ws), "MoeLayer::backward: output gradient dy has shape (2, 8), expected (3, 8)",
+                         shape_error);
+    CHECK_THROWS_WITH_AS(layer.backward(x, dy, dx.view().col_block(0, 4), g, ws),
+                         "MoeLayer::backward: input gradient dx has shape (3, 4), expected (3, 8)", shape_error);
+    Matrix<float> nan_x = random_matrix(3, p.d, 1);
+    nan_x(1, 2) = std::nanf("");
+    CHECK_THROWS_AS(layer.backward(nan_x, dy, dx, g, ws), numeric_error);
+
+    const TopKRouter router(4, TopK{2});
+    const auto logits = random_matrix(3, 4, 5);
+    RoutingPlan plan;
+    router.route(logits, {}, plan, ws);
+    Matrix<float> dl(3, 4), dw_bad(3, 3);
+    CHECK_THROWS_WITH_AS(router.backward(logits, plan, dw_bad, dl, ws), "Router::backward: dweights has shape (3, 3), expected (3, 2)",
+                         shape_error);
+    CHECK_THROWS_WITH_AS(router.backward(logits.view().row_block(0, 2), plan, random_matrix(2, 2, 6), dl, ws),
+                         "Router::backward: logits (2, 4) and a plan of 3 tokens over 4 experts, 2 slots; expected the plan route() "
+                         "made from these logits (4 experts, 2 slots)",
+                         shape_error);
+
+    // A layer stored for inference (bf16 experts) has no backward: the error names the weight.
+    const MoeLayer<GluExpert<reference, Silu>, TopKRouter> bf16_layer(
+        weight(p.gate), TopKRouter(p.experts, TopK{2}), [&] {
+            std::vector<GluExpert<reference, Silu>> e;
+            for (index_t i = 0; i < p.experts; ++i)
+                e.emplace_back(GluWeights{weight(p.w_gate[std::size_t(i)]), weight(p.w_up[std::size_t(i)]), weight(p.w_down[std::size_t(i)])},
+                               ExpertOptions{.storage = dtype::bf16});
+            return e;
+        }());
+    auto gb = bf16_layer.make_gradients();
+    CHECK_THROWS_WITH_AS(bf16_layer.backward(x, dy, dx, gb, ws),
+                         "GluExpert weight 'down': backward needs f32 storage, but the weights are stored as bf16 (load or build the "
+                         "layer with f32 storage to train it)",
+                         config_error);
+}

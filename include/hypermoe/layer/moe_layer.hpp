@@ -36,6 +36,15 @@ struct MoeOptions {
     DroppedTokens dropped = DroppedTokens::scaled_input;
 };
 
+/// Gradients of an MoeLayer's parameters, zeroed at creation (MoeLayer::make_gradients);
+/// backward adds to them.
+template <class ExpertGradients, class SharedGradients>
+struct MoeGradients {
+    Matrix<float> gate;                    ///< (experts, d_model): the router weight
+    std::vector<ExpertGradients> experts;  ///< one per expert, in expert order
+    SharedGradients shared;                ///< the shared expert's (empty without one)
+};
+
 template <Expert E, Router R, class Shared = NoSharedExpert>
 class MoeLayer {
 public:
@@ -45,11 +54,12 @@ public:
     static constexpr index_t static_in_width = E::static_d_model;
     static constexpr index_t static_out_width = E::static_d_model;
 
-    /// gate: the router weight (experts, d_model), nn.Linear layout, no bias.
+    /// gate: the router weight (experts, d_model), nn.Linear layout, no bias; held as f32 (a bf16
+    /// router is widened exactly: it is small, and backward needs f32).
     MoeLayer(WeightView gate, R router, std::vector<E> experts, Shared shared = {}, MoeOptions options = {})
         : router_(std::move(router)), experts_(std::move(experts)), shared_(std::move(shared)), options_(options),
           gate_(std::in_place, checked_gate(gate, router_, experts_), std::span<const float>{},
-                LinearOptions{"MoeLayer weight 'gate'"}) {}
+                LinearOptions{"MoeLayer weight 'gate'", false, dtype::f32}) {}
 
     [[nodiscard]] index_t in_width() const noexcept { return experts_.front().d_model(); }
     [[nodiscard]] index_t out_width() const noexcept { return in_width(); }
@@ -141,6 +151,113 @@ public:
         detail::check_forward_shapes(x, y, in_width(), out_width(), "MoeLayer");
         route(x, context, plan, ws);
         apply(x, plan, y, ws);
+    }
+
+    /// Zeroed gradients of the router weight, every expert and the shared expert.
+    [[nodiscard]] auto make_gradients() const
+        requires requires(const E& e) { e.make_gradients(); }
+    {
+        using G = MoeGradients<decltype(experts_.front().make_gradients()), decltype(shared_.make_gradients())>;
+        G g{Matrix<float>(num_experts(), in_width()), {}, shared_.make_gradients()};
+        g.experts.reserve(experts_.size());
+        for (const auto& e : experts_) g.experts.push_back(e.make_gradients());
+        return g;
+    }
+
+    /// Scratch of backward() for `rows` tokens.
+    [[nodiscard]] std::size_t backward_workspace_bytes(index_t rows) const
+        requires requires(const E& e) { e.backward_workspace_bytes(rows); }
+    {
+        const index_t d = in_width(), packed = max_assignments(rows), slots = router_.slots();
+        std::size_t inner = std::max(gate_->workspace_bytes(rows), gate_->backward_workspace_bytes(rows));
+        inner = std::max({inner, router_.workspace_bytes(rows), router_.backward_workspace_bytes(),
+                          apply_workspace_bytes(rows, packed)});
+        for (const auto& e : experts_) inner = std::max(inner, e.backward_workspace_bytes(rows));
+        if constexpr (Shared::present) inner = std::max(inner, shared_.backward_workspace_bytes(rows));
+        return 2 * detail::padded_bytes<float>(rows, num_experts()) + detail::padded_bytes<float>(rows, slots) +
+               4 * detail::padded_bytes<float>(packed, d) + inner;
+    }
+
+    /// The backward of forward(x, y, ctx): dx = dL/dx from dy = dL/dy, and the parameter
+    /// gradients added to `g`. It routes x again (with the same context, so the same plan;
+    /// nothing goes to the routing sink) and recomputes the experts' outputs: nothing is kept
+    /// between forward and backward. The routing is piecewise constant: gradient reaches the
+    /// router through the combine weights only (ScoredRouter::backward). A token that capacity
+    /// dropped passes w x (DroppedTokens::scaled_input), so its dx gets w dy and its weights
+    /// dy . x. dx is summed per token in slot order, so the bits do not depend on the thread
+    /// count. Expert weights must be stored as f32 (config_error otherwise).
+    template <class G>
+    void backward(ConstMatrixView<float> x, ConstMatrixView<float> dy, MatrixView<float> dx, G& g, Workspace& ws,
+                  const Context& context = {}) const {
+        detail::check_backward_shapes(x, dy, dx, in_width(), out_width(), "MoeLayer");
+        check_input(x);
+        if (g.gate.rows() != num_experts() || g.gate.cols() != in_width() || index_t(g.experts.size()) != num_experts())
+            throw shape_error(detail::concat("MoeLayer::backward: gradients for a gate of shape ",
+                                             detail::shape_str(g.gate.rows(), g.gate.cols()), " and ", g.experts.size(),
+                                             " experts, expected ", detail::shape_str(num_experts(), in_width()), " and ",
+                                             num_experts(), " (use make_gradients())"));
+        thread_local RoutingPlan plan;
+        const index_t tokens = x.rows(), d = in_width(), slots = router_.slots();
+        Workspace::Scope scope(ws, backward_workspace_bytes(tokens));
+        MatrixView<float> logits = ws.take_matrix<float>(tokens, num_experts());
+        MatrixView<float> dlogits = ws.take_matrix<float>(tokens, num_experts());
+        MatrixView<float> dweights = ws.take_matrix<float>(tokens, slots);
+        gate_(x, logits, ws);
+        router_.route(logits, context, plan, ws);
+        const index_t rows = plan.rows();
+        MatrixView<float> in = ws.take_matrix<float>(rows, d), out = ws.take_matrix<float>(rows, d);
+        MatrixView<float> dout = ws.take_matrix<float>(rows, d), din = ws.take_matrix<float>(rows, d);
+        const auto row_tokens = plan.row_tokens(), row_slots = plan.row_slots();
+        for (index_t r = 0; r < rows; ++r) std::ranges::copy(x.row(row_tokens[std::size_t(r)]), in.row(r).begin());
+        run_experts(plan, in, out, ws);
+        // Through the combine: dout = w dy per (token, slot) row, dweights = dy . out (kept
+        // tokens), dy . x (tokens passed through as w x).
+        for (index_t r = 0; r < rows; ++r) {
+            const index_t t = row_tokens[std::size_t(r)];
+            const float w = plan.weights(t)[std::size_t(row_slots[std::size_t(r)])];
+            for (index_t c = 0; c < d; ++c) dout(r, c) = w * dy(t, c);
+        }
+        for (index_t t = 0; t < tokens; ++t) {
+            const auto ids = plan.ids(t);
+            const bool passed = !plan.kept(t) && options_.dropped == DroppedTokens::scaled_input;
+            for (index_t j = 0; j < slots; ++j) {
+                double dot = 0;
+                if (ids[std::size_t(j)] >= 0) {
+                    const index_t r = plan.position(t, j);
+                    const auto src = r >= 0 ? out.row(r) : passed ? x.row(t) : std::span<const float>{};
+                    for (std::size_t c = 0; c < src.size(); ++c) dot += double(dy(t, index_t(c))) * src[c];
+                }
+                dweights(t, j) = float(dot);
+            }
+        }
+        const auto offsets = plan.offsets();
+        for (index_t e = 0; e < num_experts(); ++e)
+            if (const index_t n = plan.rows_of(e); n > 0) {
+                const index_t first = offsets[std::size_t(e)];
+                experts_[std::size_t(e)].backward(in.row_block(first, n), dout.row_block(first, n), din.row_block(first, n),
+                                                  g.experts[std::size_t(e)], ws);
+            }
+        // dx: each token's expert rows in slot order (or w dy for a token passed through).
+        for (index_t t = 0; t < tokens; ++t) {
+            const auto dxr = dx.row(t);
+            std::fill(dxr.begin(), dxr.end(), 0.0f);
+            const auto ids = plan.ids(t);
+            const auto w = plan.weights(t);
+            if (!plan.kept(t)) {
+                if (options_.dropped == DroppedTokens::zero) continue;
+                float sum = 0;
+                for (index_t j = 0; j < slots; ++j)
+                    if (ids[std::size_t(j)] >= 0) sum += w[std::size_t(j)];
+                for (index_t c = 0; c < d; ++c) dxr[std::size_t(c)] = sum * dy(t, c);
+                continue;
+            }
+            for (index_t j = 0; j < slots; ++j)
+                if (const index_t r = plan.position(t, j); r >= 0)
+                    for (index_t c = 0; c < d; ++c) dxr[std::size_t(c)] += din(r, c);
+        }
+        router_.backward(logits, plan, dweights, dlogits, ws);
+        gate_->backward(x, dlogits, dx, LinearGrads{g.gate.view()}, ws, true);
+        if constexpr (Shared::present) shared_.backward(x, dy, dx, g.shared, ws);
     }
 
 private:

@@ -15,6 +15,8 @@ namespace hypermoe {
 struct GroupLimitedTopK {
     static constexpr std::string_view name = "group_limited_top_k";
     static constexpr bool fixed_selection = true;
+    /// Each selected expert's combine weight is its score (ScoredRouter::backward relies on it).
+    static constexpr bool weights_are_scores = true;
     /// Largest supported group count (DeepSeek-V3 uses 8); keeps group scores on the stack.
     static constexpr index_t max_groups = 64;
     index_t k = 8;

@@ -18,6 +18,12 @@ struct Softmax {
         for (std::size_t e = 0; e < logits.size(); ++e) sum += std::exp(double(logits[e]) - m);
         for (std::size_t e = 0; e < logits.size(); ++e) scores[e] = float(std::exp(double(logits[e]) - m) / sum);
     }
+    /// dlogits = p * (ds - sum(p * ds)), from the scores p.
+    static void backward(std::span<const float> scores, std::span<const double> dscores, std::span<double> dlogits) noexcept {
+        double inner = 0;
+        for (std::size_t e = 0; e < scores.size(); ++e) inner += double(scores[e]) * dscores[e];
+        for (std::size_t e = 0; e < scores.size(); ++e) dlogits[e] = double(scores[e]) * (dscores[e] - inner);
+    }
 };
 
 /// s = sigmoid(logits), element-wise (DeepSeek-V3).
@@ -25,6 +31,10 @@ struct Sigmoid {
     static constexpr std::string_view name = "sigmoid";
     static void apply(std::span<const float> logits, std::span<float> scores) noexcept {
         for (std::size_t e = 0; e < logits.size(); ++e) scores[e] = float(1.0 / (1.0 + std::exp(-double(logits[e]))));
+    }
+    /// dlogits = s (1 - s) ds, from the scores s.
+    static void backward(std::span<const float> scores, std::span<const double> dscores, std::span<double> dlogits) noexcept {
+        for (std::size_t e = 0; e < scores.size(); ++e) dlogits[e] = double(scores[e]) * (1.0 - double(scores[e])) * dscores[e];
     }
 };
 
@@ -34,12 +44,18 @@ struct RawLogits {
     static void apply(std::span<const float> logits, std::span<float> scores) noexcept {
         for (std::size_t e = 0; e < logits.size(); ++e) scores[e] = logits[e];
     }
+    static void backward(std::span<const float> /*scores*/, std::span<const double> dscores, std::span<double> dlogits) noexcept {
+        for (std::size_t e = 0; e < dscores.size(); ++e) dlogits[e] = dscores[e];
+    }
 };
 
+/// A score function: `apply` maps a token's logits to scores; `backward` maps the gradient of
+/// the scores (given the scores) to the gradient of the logits.
 template <class S>
-concept ScoreFunction = requires(std::span<const float> l, std::span<float> s) {
+concept ScoreFunction = requires(std::span<const float> l, std::span<float> s, std::span<const double> ds, std::span<double> dl) {
     { S::name } -> std::convertible_to<std::string_view>;
     S::apply(l, s);
+    S::backward(l, ds, dl);
 };
 
 } // namespace hypermoe

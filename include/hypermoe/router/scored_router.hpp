@@ -129,6 +129,60 @@ public:
         plan.build_index();
     }
 
+    [[nodiscard]] std::size_t backward_workspace_bytes() const noexcept {
+        return detail::padded_bytes<float>(experts_) + 2 * detail::padded_bytes<double>(experts_);
+    }
+
+    /// The gradient of the logits (T, E) from `dweights` (T, slots), the gradient of the combine
+    /// weights of `plan`, which route() made from these logits. The selection is piecewise
+    /// constant, so gradient flows only through the selected experts' scores: their
+    /// renormalisation and scale, then the score function (softmax reaches every logit through
+    /// its denominator; sigmoid only the selected ones). The selection bias gets none. Each
+    /// token's sums run in double, in expert order.
+    void backward(ConstMatrixView<float> logits, const RoutingPlan& plan, ConstMatrixView<float> dweights,
+                  MatrixView<float> dlogits, Workspace& ws) const
+        requires Selection::weights_are_scores
+    {
+        const index_t tokens = logits.rows();
+        if (logits.cols() != experts_ || plan.tokens() != tokens || plan.experts() != experts_ || plan.slots() != slots())
+            throw shape_error(detail::concat("Router::backward: logits ", detail::shape_str(logits.rows(), logits.cols()),
+                                             " and a plan of ", plan.tokens(), " tokens over ", plan.experts(), " experts, ",
+                                             plan.slots(), " slots; expected the plan route() made from these logits (",
+                                             experts_, " experts, ", slots(), " slots)"));
+        if (dweights.rows() != tokens || dweights.cols() != slots())
+            throw shape_error(detail::concat("Router::backward: dweights has shape ",
+                                             detail::shape_str(dweights.rows(), dweights.cols()), ", expected ",
+                                             detail::shape_str(tokens, slots())));
+        if (dlogits.rows() != tokens || dlogits.cols() != experts_)
+            throw shape_error(detail::concat("Router::backward: dlogits has shape ", detail::shape_str(dlogits.rows(), dlogits.cols()),
+                                             ", expected ", detail::shape_str(tokens, experts_)));
+        Workspace::Scope scope(ws, backward_workspace_bytes());
+        const std::span<float> scores = ws.take<float>(experts_);
+        const std::span<double> ds = ws.take<double>(experts_), dl = ws.take<double>(experts_);
+        const Weighting& w = options_.weighting;
+        for (index_t t = 0; t < tokens; ++t) {
+            Score::apply(logits.row(t), scores);
+            std::fill(ds.begin(), ds.end(), 0.0);
+            const auto ids = plan.ids(t);
+            double sum = 0, weighted = 0; // sum of the selected scores; sum of dw * score
+            for (std::size_t j = 0; j < ids.size(); ++j)
+                if (ids[j] >= 0) {
+                    sum += scores[std::size_t(ids[j])];
+                    weighted += double(dweights(t, index_t(j))) * scores[std::size_t(ids[j])];
+                }
+            const double denominator = sum + w.epsilon;
+            for (std::size_t j = 0; j < ids.size(); ++j) {
+                if (ids[j] < 0) continue;
+                const double dwj = dweights(t, index_t(j));
+                // w_j = scale s_j / (sum + eps): d/ds_j = scale (dw_j / D - sum_i dw_i s_i / D^2)
+                ds[std::size_t(ids[j])] += w.renormalize ? double(w.scale) * (dwj / denominator - weighted / (denominator * denominator))
+                                                         : double(w.scale) * dwj;
+            }
+            Score::backward(scores, ds, dl);
+            for (index_t e = 0; e < experts_; ++e) dlogits(t, e) = float(dl[std::size_t(e)]);
+        }
+    }
+
 private:
     void apply_weighting(RoutingPlan& plan) const {
         const Weighting& w = options_.weighting;

@@ -17,6 +17,8 @@ namespace hypermoe {
 struct SinkhornBalanced {
     static constexpr std::string_view name = "sinkhorn";
     static constexpr bool fixed_selection = true;
+    /// Each selected expert's combine weight is its score (ScoredRouter::backward relies on it).
+    static constexpr bool weights_are_scores = true;
     index_t iterations = 8;
 
     [[nodiscard]] index_t slots(index_t /*experts*/) const noexcept { return 1; }

@@ -12,6 +12,8 @@ namespace hypermoe {
 struct Top1Capacity {
     static constexpr std::string_view name = "top1_capacity";
     static constexpr bool fixed_selection = true;
+    /// Each selected expert's combine weight is its score (ScoredRouter::backward relies on it).
+    static constexpr bool weights_are_scores = true;
     /// Tokens an expert takes per sequence (Switch's `expert_capacity`).
     index_t capacity = 64;
 

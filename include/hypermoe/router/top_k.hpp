@@ -11,6 +11,8 @@ namespace hypermoe {
 struct TopK {
     static constexpr std::string_view name = "top_k";
     static constexpr bool fixed_selection = true;
+    /// Each selected expert's combine weight is its score (ScoredRouter::backward relies on it).
+    static constexpr bool weights_are_scores = true;
     index_t k = 2;
 
     [[nodiscard]] index_t slots(index_t /*experts*/) const noexcept { return k; }

@@ -13,6 +13,8 @@ namespace hypermoe {
 struct TopP {
     static constexpr std::string_view name = "top_p";
     static constexpr bool fixed_selection = false;
+    /// Each selected expert's combine weight is its score (ScoredRouter::backward relies on it).
+    static constexpr bool weights_are_scores = true;
     double p = 0.5;
     index_t k_max = 4;
 

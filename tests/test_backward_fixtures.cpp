@@ -1,0 +1,110 @@
+// Backward of whole MoE blocks loaded from the fixtures' checkpoints, against the float64
+// autograd gradients in each case's grads.safetensors (tests/data/README.md, "Backward"):
+// dx and d/<tensor> for every tensor the block reads, per tensor within 1e-5 of its largest
+// entry, exact zeros for the experts no token reaches; on every backend.
+
+#include <doctest/doctest.h>
+
+#include <string>
+#include <vector>
+
+#include <hypermoe/io/io.hpp>
+
+#include "test_support.hpp"
+
+using namespace hypermoe;
+using test::relative_error;
+
+namespace {
+
+const std::string data_dir = HYPERMOE_TEST_DATA;
+
+/// The tensor names of a gated-expert family's block: router, experts (gate, up, down) and
+/// the shared expert(s) with their gate, as the checkpoint names them.
+struct GluBlockNames {
+    std::string router, experts, gate, up, down, shared, shared_gate;
+    [[nodiscard]] std::string expert(index_t e, const std::string& which) const { return experts + std::to_string(e) + "." + which; }
+};
+
+GluBlockNames names_of(const std::string& family, index_t layer) {
+    const std::string l = std::to_string(layer);
+    if (family == "mixtral") {
+        const std::string p = "model.layers." + l + ".block_sparse_moe.";
+        return {p + "gate.weight", p + "experts.", "w1.weight", "w3.weight", "w2.weight", "", ""};
+    }
+    const std::string p = "model.layers." + l + ".mlp.";
+    GluBlockNames n{p + "gate.weight", p + "experts.", "gate_proj.weight", "up_proj.weight", "down_proj.weight", "", ""};
+    if (family == "qwen2_moe") n.shared = p + "shared_expert.", n.shared_gate = p + "shared_expert_gate.weight";
+    if (family == "deepseek_v3") n.shared = p + "shared_experts.";
+    return n;
+}
+
+/// max |got - ref| <= 1e-5 max |ref|, and exact zeros where the reference is all zeros.
+void check_gradient(ConstMatrixView<float> got, const SafeTensorsView& grads, const std::string& name) {
+    CAPTURE(name);
+    REQUIRE(grads.contains(name));
+    const Matrix<float> ref = grads.to_f32(grads.info(name));
+    REQUIRE(got.rows() == ref.rows());
+    REQUIRE(got.cols() == ref.cols());
+    bool zero = true;
+    for (index_t r = 0; r < ref.rows(); ++r)
+        for (index_t c = 0; c < ref.cols(); ++c) zero = zero && ref(r, c) == 0.0f;
+    if (zero) {
+        for (index_t r = 0; r < got.rows(); ++r)
+            for (index_t c = 0; c < got.cols(); ++c) CHECK(got(r, c) == 0.0f);
+        return;
+    }
+    CHECK(relative_error(got, ref.view()) <= 1e-5);
+}
+
+template <class G>
+void check_glu(G& g, const SafeTensorsView& grads, const std::string& prefix, const GluBlockNames& n) {
+    check_gradient(g.gate(), grads, "d/" + prefix + n.gate);
+    check_gradient(g.up(), grads, "d/" + prefix + n.up);
+    check_gradient(g.down.view(), grads, "d/" + prefix + n.down);
+}
+
+} // namespace
+
+TEST_CASE_TEMPLATE_DEFINE("backward of every gated-expert fixture matches float64 autograd", B, glu_fixtures) {
+    const std::vector<std::string> cases = {"mixtral-basic", "mixtral-decode",   "mixtral-tie",       "mixtral-bf16",
+                                            "qwen2_moe-basic", "qwen2_moe-norm", "qwen2_moe-bf16",    "olmoe-basic",
+                                            "olmoe-norm",     "olmoe-bf16",      "deepseek_v3-basic", "deepseek_v3-nonorm",
+                                            "deepseek_v3-decode", "deepseek_v3-bf16"};
+    Workspace ws;
+    for (const auto& name : cases) {
+        CAPTURE(name);
+        const std::string dir = data_dir + "/" + name;
+        const SafeTensorsFile input(dir + "/input.safetensors"), grads_file(dir + "/grads.safetensors");
+        const SafeTensorsView& grads = grads_file.view();
+        const auto& meta = input.view().metadata();
+        const index_t layer = std::stoll(meta.at("layer"));
+        const std::string family = meta.at("family");
+        const Matrix<float> x = input.view().to_f32(input.view().info("x"));
+        const Matrix<float> dy = grads.to_f32(grads.info("dy"));
+        // bf16 checkpoints: the gradients are those of the stored values widened (exact in f32).
+        const auto block = load_moe_block<B>(Checkpoint(dir), layer, "", {.storage = dtype::f32});
+        const GluBlockNames n = names_of(family, layer);
+        bool ran = false;
+        std::visit(
+            [&](const auto& l) {
+                if constexpr (requires { l.make_gradients(); }) {
+                    auto g = l.make_gradients();
+                    Matrix<float> dx(x.rows(), x.cols());
+                    l.backward(x.view(), dy.view(), dx.view(), g, ws);
+                    check_gradient(dx.view(), grads, "dx");
+                    check_gradient(g.gate.view(), grads, "d/" + n.router);
+                    for (index_t e = 0; e < l.num_experts(); ++e) check_glu(g.experts[std::size_t(e)], grads, n.experts + std::to_string(e) + ".", n);
+                    if constexpr (requires { g.shared.expert; }) {
+                        check_glu(g.shared.expert, grads, n.shared, n);
+                        if (!n.shared_gate.empty()) check_gradient(g.shared.gate.view(), grads, "d/" + n.shared_gate);
+                        else CHECK(g.shared.gate.rows() == 0);
+                    }
+                    ran = true;
+                }
+            },
+            block.layer());
+        CHECK(ran);
+    }
+}
+TEST_CASE_TEMPLATE_APPLY(glu_fixtures, test::all_backends);
