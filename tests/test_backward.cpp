@@ -1,6 +1,6 @@
-// Backward passes (issue 12): each backend's linear map against the reference (the oracle),
-// the activations' derivatives and the experts against finite differences, and the typed
-// errors. The MoE blocks against the float64 autograd gradients of the fixtures are in
+// Backward passes (issue 12): each backend's linear map against the reference (the oracle)
+// and, through its fused activation and scale, against central differences; the activations'
+// derivatives; the experts and MoE layers against central differences; the typed errors. The MoE blocks against the float64 autograd gradients of the fixtures are in
 // test_backward_fixtures.cpp.
 
 #include <doctest/doctest.h>
@@ -38,6 +38,17 @@ double dot(ConstMatrixView<float> y, ConstMatrixView<float> dy) {
         for (index_t c = 0; c < y.cols(); ++c) s += double(y(r, c)) * dy(r, c);
     return s;
 }
+
+/// The largest gap between analytic gradients and central differences, and the largest
+/// central difference: a check passes when worst <= tolerance * scale.
+struct GradientGap {
+    double worst = 0, scale = 0;
+    void operator()(double analytic, double fd) {
+        worst = std::max(worst, std::abs(analytic - fd));
+        scale = std::max(scale, std::abs(fd));
+    }
+    [[nodiscard]] bool within(double tolerance) const { return worst <= tolerance * scale; }
+};
 
 /// Central difference of L(v) = loss() with respect to element `v`, in double.
 double central_difference(float& v, const std::function<double()>& loss, float h) {
@@ -149,6 +160,89 @@ TEST_CASE_TEMPLATE_DEFINE("linear backward: strided views, and its typed errors"
 }
 TEST_CASE_TEMPLATE_APPLY(linear_backward_errors, test::all_backends);
 
+TEST_CASE_TEMPLATE_DEFINE("linear backward through the fused activation and scale matches central differences", B,
+                          linear_backward_activation) {
+    const index_t m = 4, k = 9, n = 7;
+    auto w = random_matrix(n, k, 1, 0.5f);
+    auto b = random_vector(n, 2, 0.3f);
+    auto a = random_matrix(m, k, 3);
+    const auto dc = random_matrix(m, n, 4);
+    Workspace ws;
+    const auto run = [&]<class Act>(std::type_identity<Act>) {
+        CAPTURE(Act::name);
+        const float scale = 0.75f;
+        const typename B::template linear<Act> lin(weight(w), b, LinearOptions{"w"});
+        Matrix<float> da(m, k), dw(n, k);
+        auto db = std::vector<float>(std::size_t(n));
+        lin.backward(a, dc, da, LinearGrads{dw.view(), db}, ws, false, scale);
+        const auto loss = [&] {
+            const reference::linear<Act> l(weight(w), b, LinearOptions{"w"});
+            Matrix<float> c(m, n);
+            l(a, c, ws, scale);
+            return dot(c, dc);
+        };
+        GradientGap compare;
+        const float h = 1e-3f;
+        for (index_t r = 0; r < m; ++r)
+            for (index_t c = 0; c < k; ++c) compare(da(r, c), central_difference(a(r, c), loss, h));
+        for (index_t r = 0; r < n; ++r) {
+            for (index_t c = 0; c < k; ++c) compare(dw(r, c), central_difference(w(r, c), loss, h));
+            compare(db[std::size_t(r)], central_difference(b[std::size_t(r)], loss, h));
+        }
+        CHECK(compare.within(2e-3));
+    };
+    run(std::type_identity<Identity>{});
+    run(std::type_identity<Relu>{});
+    run(std::type_identity<Gelu>{});
+    run(std::type_identity<GeluTanh>{});
+    run(std::type_identity<Silu>{});
+}
+TEST_CASE_TEMPLATE_APPLY(linear_backward_activation, test::all_backends);
+
+TEST_CASE_TEMPLATE_DEFINE("FfnExpert backward matches central differences and the reference on every backend", B, ffn_backward) {
+    const index_t d = 10, ff = 16, m = 6;
+    auto up = random_matrix(ff, d, 1, 0.4f), down = random_matrix(d, ff, 2, 0.4f);
+    auto bu = random_vector(ff, 3, 0.2f), bd = random_vector(d, 4, 0.2f);
+    auto x = random_matrix(m, d, 5);
+    const auto dy = random_matrix(m, d, 6);
+    Workspace ws;
+    const FfnExpert<B, GeluTanh> expert(FfnWeights{weight(up), weight(down), bu, bd});
+    const FfnExpert<reference, GeluTanh> oracle(FfnWeights{weight(up), weight(down), bu, bd});
+    Matrix<float> dx(m, d), dx_ref(m, d);
+    FfnGradients g = expert.make_gradients(), g_ref = oracle.make_gradients();
+    expert.backward(x, dy, dx, g, ws);
+    oracle.backward(x, dy, dx_ref, g_ref, ws);
+    CHECK(relative_error(dx, dx_ref) <= 1e-5);
+    CHECK(relative_error(g.up, g_ref.up) <= 1e-5);
+    CHECK(relative_error(g.down, g_ref.down) <= 1e-5);
+    CHECK(vector_error(g.up_bias, g_ref.up_bias) <= 1e-5);
+    CHECK(vector_error(g.down_bias, g_ref.down_bias) <= 1e-5);
+    const auto loss = [&] {
+        const FfnExpert<reference, GeluTanh> e(FfnWeights{weight(up), weight(down), bu, bd});
+        Matrix<float> y(m, d);
+        e.forward(x, y, ws);
+        return dot(y, dy);
+    };
+    GradientGap compare;
+    const float h = 1e-2f;
+    for (index_t i = 0; i < ff; i += 2)
+        for (index_t j = 0; j < d; ++j) {
+            compare(g_ref.up(i, j), central_difference(up(i, j), loss, h));
+            compare(g_ref.down(j, i), central_difference(down(j, i), loss, h));
+        }
+    for (index_t i = 0; i < ff; ++i) compare(g_ref.up_bias[std::size_t(i)], central_difference(bu[std::size_t(i)], loss, h));
+    for (index_t j = 0; j < d; ++j) compare(g_ref.down_bias[std::size_t(j)], central_difference(bd[std::size_t(j)], loss, h));
+    for (index_t r = 0; r < m; ++r)
+        for (index_t j = 0; j < d; ++j) compare(dx_ref(r, j), central_difference(x(r, j), loss, h));
+    CHECK(compare.within(2e-3));
+
+    FfnGradients wrong = expert.make_gradients();
+    wrong.up_bias.pop_back();
+    CHECK_THROWS_WITH_AS(expert.backward(x, dy, dx, wrong, ws),
+                         "FfnExpert::backward: gradient 'up_bias' has 15 elements, expected 16 (use make_gradients())", shape_error);
+}
+TEST_CASE_TEMPLATE_APPLY(ffn_backward, test::all_backends);
+
 TEST_CASE_TEMPLATE_DEFINE("activation derivatives match central differences", Act, activation_derivative) {
     for (double x = -6.0; x <= 6.0; x += 0.173) {
         if (std::abs(x) < 1e-3) continue; // Relu's kink
@@ -193,11 +287,7 @@ TEST_CASE_TEMPLATE_DEFINE("GluExpert backward matches finite differences and the
         return dot(y, dy);
     };
     const float h = 1e-2f;
-    double worst = 0, scale = 0;
-    const auto compare = [&](double analytic, double fd) {
-        worst = std::max(worst, std::abs(analytic - fd));
-        scale = std::max(scale, std::abs(fd));
-    };
+    GradientGap compare;
     for (index_t i = 0; i < ff; i += 3)
         for (index_t j = 0; j < d; j += 2) {
             compare(g_ref.gate()(i, j), central_difference(gate(i, j), loss, h));
@@ -211,7 +301,7 @@ TEST_CASE_TEMPLATE_DEFINE("GluExpert backward matches finite differences and the
     for (index_t j = 0; j < d; ++j) compare(g_ref.down_bias[std::size_t(j)], central_difference(bd[std::size_t(j)], loss, h));
     for (index_t r = 0; r < m; ++r)
         for (index_t j = 0; j < d; ++j) compare(dx_ref(r, j), central_difference(x(r, j), loss, h));
-    CHECK(worst <= 2e-3 * scale);
+    CHECK(compare.within(2e-3));
 
     // Gradients accumulate across calls; dx is written, or added with accumulate_input.
     expert.backward(x, dy, dx, g, ws, true);
@@ -284,11 +374,7 @@ void check_moe_backward(MoeParams& p, Make make, index_t tokens, const Context& 
         return dot(y, dy);
     };
     const float h = 2e-3f;
-    double worst = 0, scale = 0;
-    const auto compare = [&](double analytic, double fd) {
-        worst = std::max(worst, std::abs(analytic - fd));
-        scale = std::max(scale, std::abs(fd));
-    };
+    GradientGap compare;
     for (index_t t = 0; t < tokens; ++t)
         for (index_t c = 0; c < p.d; ++c) compare(dx(t, c), central_difference(x(t, c), loss, h));
     for (index_t e = 0; e < p.experts; ++e)
@@ -300,7 +386,7 @@ void check_moe_backward(MoeParams& p, Make make, index_t tokens, const Context& 
         }
     if constexpr (requires { g.shared.gate; })
         for (index_t c = 0; c < p.d; ++c) compare(g.shared.gate(0, c), central_difference(p.s_router(0, c), loss, h));
-    CHECK(worst <= 3e-3 * scale);
+    CHECK(compare.within(3e-3));
 
     // Every backend equals the reference.
     const auto other = [&](auto backend) {

@@ -1,4 +1,5 @@
-// Backward of whole MoE blocks loaded from the fixtures' checkpoints, against the float64
+// Backward of whole MoE blocks loaded from the fixtures' checkpoints (the gated-expert families
+// and Switch Transformers; HyperMoE's backward is not written yet), against the float64
 // autograd gradients in each case's grads.safetensors (tests/data/README.md, "Backward"):
 // dx and d/<tensor> for every tensor the block reads, per tensor within 1e-5 of its largest
 // entry, exact zeros for the experts no token reaches; on every backend.
@@ -6,6 +7,7 @@
 #include <doctest/doctest.h>
 
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include <hypermoe/io/io.hpp>
@@ -16,6 +18,15 @@ using namespace hypermoe;
 using test::relative_error;
 
 namespace {
+
+/// Whether layer type L is an MoE layer whose experts have gradients of type G.
+template <class L, class G>
+constexpr bool experts_with = [] {
+    if constexpr (requires { typename L::expert_type::gradients_type; })
+        return std::is_same_v<typename L::expert_type::gradients_type, G>;
+    else
+        return false;
+}();
 
 const std::string data_dir = HYPERMOE_TEST_DATA;
 
@@ -66,6 +77,44 @@ void check_glu(G& g, const SafeTensorsView& grads, const std::string& prefix, co
 
 } // namespace
 
+/// One fixture case: its input, upstream gradient and reference gradients.
+struct GradCase {
+    std::string dir;
+    SafeTensorsFile input, grads_file;
+    index_t layer;
+    std::string family, stack;
+    Matrix<float> x, dy;
+    index_t sequence_length; // Switch: capacity is per sequence of L ([B, L, d] inputs)
+    explicit GradCase(const std::string& name)
+        : dir(data_dir + "/" + name), input(dir + "/input.safetensors"), grads_file(dir + "/grads.safetensors"),
+          layer(std::stoll(input.view().metadata().at("layer"))), family(input.view().metadata().at("family")),
+          stack(input.view().metadata().count("stack") ? input.view().metadata().at("stack") : ""),
+          x(input.view().to_f32(input.view().info("x"))), dy(grads().to_f32(grads().info("dy"))),
+          sequence_length(input.view().info("x").shape.size() == 3 ? input.view().info("x").shape[1] : 0) {}
+    [[nodiscard]] const SafeTensorsView& grads() const { return grads_file.view(); }
+};
+
+/// Runs the backward of `block`'s layer (an MoE layer whose experts have gradients G) on the
+/// case, checks dx, and hands the layer and its gradients to `check`; fails if the block's
+/// layer is not of that kind.
+template <class G, class Block, class Check>
+void run_backward(const Block& block, const GradCase& c, Workspace& ws, Check&& check) {
+    bool ran = false;
+    std::visit(
+        [&](const auto& l) {
+            if constexpr (experts_with<std::decay_t<decltype(l)>, G>) {
+                auto g = l.make_gradients();
+                Matrix<float> dx(c.x.rows(), c.x.cols());
+                l.backward(c.x.view(), c.dy.view(), dx.view(), g, ws, {.sequence_length = c.sequence_length});
+                check_gradient(dx.view(), c.grads(), "dx");
+                check(l, g);
+                ran = true;
+            }
+        },
+        block.layer());
+    CHECK(ran);
+}
+
 TEST_CASE_TEMPLATE_DEFINE("backward of every gated-expert fixture matches float64 autograd", B, glu_fixtures) {
     const std::vector<std::string> cases = {"mixtral-basic", "mixtral-decode",   "mixtral-tie",       "mixtral-bf16",
                                             "qwen2_moe-basic", "qwen2_moe-norm", "qwen2_moe-bf16",    "olmoe-basic",
@@ -74,37 +123,41 @@ TEST_CASE_TEMPLATE_DEFINE("backward of every gated-expert fixture matches float6
     Workspace ws;
     for (const auto& name : cases) {
         CAPTURE(name);
-        const std::string dir = data_dir + "/" + name;
-        const SafeTensorsFile input(dir + "/input.safetensors"), grads_file(dir + "/grads.safetensors");
-        const SafeTensorsView& grads = grads_file.view();
-        const auto& meta = input.view().metadata();
-        const index_t layer = std::stoll(meta.at("layer"));
-        const std::string family = meta.at("family");
-        const Matrix<float> x = input.view().to_f32(input.view().info("x"));
-        const Matrix<float> dy = grads.to_f32(grads.info("dy"));
+        const GradCase c(name);
         // bf16 checkpoints: the gradients are those of the stored values widened (exact in f32).
-        const auto block = load_moe_block<B>(Checkpoint(dir), layer, "", {.storage = dtype::f32});
-        const GluBlockNames n = names_of(family, layer);
-        bool ran = false;
-        std::visit(
-            [&](const auto& l) {
-                if constexpr (requires { l.make_gradients(); }) {
-                    auto g = l.make_gradients();
-                    Matrix<float> dx(x.rows(), x.cols());
-                    l.backward(x.view(), dy.view(), dx.view(), g, ws);
-                    check_gradient(dx.view(), grads, "dx");
-                    check_gradient(g.gate.view(), grads, "d/" + n.router);
-                    for (index_t e = 0; e < l.num_experts(); ++e) check_glu(g.experts[std::size_t(e)], grads, n.experts + std::to_string(e) + ".", n);
-                    if constexpr (requires { g.shared.expert; }) {
-                        check_glu(g.shared.expert, grads, n.shared, n);
-                        if (!n.shared_gate.empty()) check_gradient(g.shared.gate.view(), grads, "d/" + n.shared_gate);
-                        else CHECK(g.shared.gate.rows() == 0);
-                    }
-                    ran = true;
-                }
-            },
-            block.layer());
-        CHECK(ran);
+        const auto block = load_moe_block<B>(Checkpoint(c.dir), c.layer, "", {.storage = dtype::f32});
+        const GluBlockNames n = names_of(c.family, c.layer);
+        run_backward<GluGradients>(block, c, ws, [&](const auto& l, auto& g) {
+            check_gradient(g.gate.view(), c.grads(), "d/" + n.router);
+            for (index_t e = 0; e < l.num_experts(); ++e)
+                check_glu(g.experts[std::size_t(e)], c.grads(), n.experts + std::to_string(e) + ".", n);
+            if constexpr (requires { g.shared.expert; }) {
+                check_glu(g.shared.expert, c.grads(), n.shared, n);
+                if (!n.shared_gate.empty()) check_gradient(g.shared.gate.view(), c.grads(), "d/" + n.shared_gate);
+                else CHECK(g.shared.gate.rows() == 0);
+            }
+        });
     }
 }
 TEST_CASE_TEMPLATE_APPLY(glu_fixtures, test::all_backends);
+
+TEST_CASE_TEMPLATE_DEFINE("backward of every Switch Transformers fixture matches float64 autograd (capacity drops included)", B,
+                          switch_fixtures) {
+    Workspace ws;
+    for (const std::string name : {"switch_transformers-basic", "switch_transformers-drop", "switch_transformers-tie",
+                                   "switch_transformers-decoder"}) {
+        CAPTURE(name);
+        const GradCase c(name);
+        const auto block = load_moe_block<B>(Checkpoint(c.dir), c.layer, c.stack);
+        const std::string p = c.stack + ".block." + std::to_string(c.layer) + ".layer." + (c.stack == "encoder" ? "1" : "2") + ".mlp.";
+        run_backward<FfnGradients>(block, c, ws, [&](const auto& l, auto& g) {
+            check_gradient(g.gate.view(), c.grads(), "d/" + p + "router.classifier.weight");
+            for (index_t e = 0; e < l.num_experts(); ++e) {
+                const std::string q = "d/" + p + "experts.expert_" + std::to_string(e) + ".";
+                check_gradient(g.experts[std::size_t(e)].up.view(), c.grads(), q + "wi.weight");
+                check_gradient(g.experts[std::size_t(e)].down.view(), c.grads(), q + "wo.weight");
+            }
+        });
+    }
+}
+TEST_CASE_TEMPLATE_APPLY(switch_fixtures, test::all_backends);

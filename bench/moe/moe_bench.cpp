@@ -8,9 +8,12 @@
 //  - BM_MoeVsCeiling_onednn/T/f32/layers:4      the layer (4-layer rotation) and the ceiling
 //    alternating in one loop: counter of_ceiling = ceiling / layer, robust to machine drift,
 //  - BM_ReadBandwidth                            streaming read of 1 GiB: the machine's limit
-//    for reading weights (the T = 1 target is 1.2x the time to read 2 experts once).
+//    for reading weights (the T = 1 target is 1.2x the time to read 2 experts once),
+//  - BM_MoeBackward_<backend>/T/f32             the layer's backward, with its forward timed in
+//    the same loop (counter backward_per_forward).
 #include <benchmark/benchmark.h>
 
+#include <chrono>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -81,6 +84,35 @@ void BM_MoeLayer(benchmark::State& state, hm::index_t tokens, hm::dtype storage,
     state.counters["tokens/s"] = benchmark::Counter(double(tokens), benchmark::Counter::kIsIterationInvariantRate);
     state.counters["experts_used"] = double(stats.experts_used);
     state.counters["load_cv"] = stats.load_cv;
+}
+
+/// Backward of the layer (issue 12), timed against its forward in the same loop: the reported
+/// time is the backward's; counter backward_per_forward = backward / forward (target <= 2.2).
+/// The backward recomputes the routing and the experts' forward (nothing is kept), so it
+/// includes one forward.
+template <class B>
+void BM_MoeBackward(benchmark::State& state, hm::index_t tokens) {
+    const auto layer = make_layer<B>(1, hm::dtype::f32);
+    const auto x = random_matrix(tokens, d_model, 99, 1.0f), dy = random_matrix(tokens, d_model, 98, 1.0f);
+    hm::Matrix<float> y(tokens, d_model), dx(tokens, d_model);
+    hm::Workspace ws;
+    auto g = layer->make_gradients();
+    layer->forward(x.view(), y.view(), ws);
+    layer->backward(x.view(), dy.view(), dx.view(), g, ws);
+    double forward = 0, backward = 0;
+    for (auto _ : state) {
+        const auto t0 = std::chrono::steady_clock::now();
+        layer->forward(x.view(), y.view(), ws);
+        const auto t1 = std::chrono::steady_clock::now();
+        layer->backward(x.view(), dy.view(), dx.view(), g, ws);
+        const auto t2 = std::chrono::steady_clock::now();
+        forward += std::chrono::duration<double>(t1 - t0).count();
+        backward += std::chrono::duration<double>(t2 - t1).count();
+        state.SetIterationTime(std::chrono::duration<double>(t2 - t1).count());
+        benchmark::DoNotOptimize(dx.data());
+    }
+    state.counters["forward_ms"] = 1e3 * forward / double(state.iterations());
+    state.counters["backward_per_forward"] = backward / forward;
 }
 
 #if HYPERMOE_HAS_ONEDNN
@@ -181,6 +213,17 @@ int main(int argc, char** argv) {
                         ->UseRealTime()->Unit(benchmark::kMillisecond);
 #endif
             }
+    }
+    for (const hm::index_t t : {32, 512}) {
+        const std::string suffix = "/T:" + std::to_string(t) + "/f32";
+#if HYPERMOE_HAS_ONEDNN
+        benchmark::RegisterBenchmark(("BM_MoeBackward_onednn" + suffix).c_str(), BM_MoeBackward<hm::onednn>, t)
+            ->UseManualTime()->Unit(benchmark::kMillisecond);
+#endif
+#if HYPERMOE_HAS_EIGEN
+        benchmark::RegisterBenchmark(("BM_MoeBackward_eigen" + suffix).c_str(), BM_MoeBackward<hm::eigen>, t)
+            ->UseManualTime()->Unit(benchmark::kMillisecond);
+#endif
     }
     benchmark::Initialize(&argc, argv);
     benchmark::RunSpecifiedBenchmarks();

@@ -2,8 +2,8 @@
 // The Backend concept. A backend is a tag type with a name and a class template
 // `linear<Act>`: C = [C +] scale * Act(A W^T + b) for activations A (M x K, f32, M known only
 // at run time) and weights W (N x K) prepared once, at construction, into the backend's
-// preferred layout; and its backward, da [+]= dz W, dW += dz^T A, db += sums of dz, for
-// weights stored as f32. Dispatch is hoisted: a component's backend is part of its type.
+// preferred layout; and its backward, for weights stored as f32: from dC, dZ = scale dC
+// Act'(Z), then dA [+]= dZ W, dW += dZ^T A, db += sums of dZ. Dispatch is hoisted: a component's backend is part of its type.
 
 #include <concepts>
 #include <cstddef>
@@ -28,9 +28,10 @@ concept LinearMap = std::constructible_from<L, WeightView, std::span<const float
         l(a, c, ws, 1.0f);
     } && requires(const L& l, ConstMatrixView<float> a, ConstMatrixView<float> dz, MatrixView<float> da, const LinearGrads& g,
                   Workspace& ws, index_t m) {
-        // Backward of the affine part: da [+]= dz W, g.weight += dz^T a, g.bias += sums of dz.
+        // Backward of operator(): from dc = dL/dC, dz = scale dc Act'(Z) is the gradient of
+        // Z = a W^T + b; da [+]= dz W, g.weight += dz^T a, g.bias += sums of dz.
         { l.backward_workspace_bytes(m) } -> std::same_as<std::size_t>;
-        l.backward(a, dz, da, g, ws, false);
+        l.backward(a, dz, da, g, ws, false, 1.0f);
     };
 
 /// A compute backend: a tag with `name` and `linear<Act>` for every activation.

@@ -22,6 +22,7 @@
 #include <optional>
 #include <span>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 #include "hypermoe/backend/backend_concept.hpp"
@@ -66,8 +67,8 @@ struct EigenGemm {
     [[nodiscard]] int slices() const noexcept {
         return int(std::min<index_t>({(n + block - 1) / block, index_t(std::max(threads, 1)), 256}));
     }
-    [[nodiscard]] std::size_t workspace_bytes() const noexcept {
-        if (m <= 0 || n <= 0 || k <= 0) return 0;
+    /// Elements of one slice's two packing buffers (the largest block's).
+    [[nodiscard]] std::pair<std::size_t, std::size_t> buffer_elements() const noexcept {
         const EigenBlocking b(m, std::min(block, n), k);
         std::size_t a = b.a_elements(), bb = b.b_elements();
         if (const index_t last = n % block; last != 0 && n > block) {
@@ -75,7 +76,12 @@ struct EigenGemm {
             a = std::max(a, t.a_elements());
             bb = std::max(bb, t.b_elements());
         }
-        return std::size_t(slices()) * (padded_bytes<float>(index_t(a)) + padded_bytes<float>(index_t(bb)));
+        return {a, bb};
+    }
+    [[nodiscard]] std::size_t workspace_bytes() const noexcept {
+        if (m <= 0 || n <= 0 || k <= 0) return 0;
+        const auto [a, b] = buffer_elements();
+        return std::size_t(slices()) * (padded_bytes<float>(index_t(a)) + padded_bytes<float>(index_t(b)));
     }
     template <int LhsOrder, int RhsOrder>
     void add(const float* lhs, index_t lhs_stride, const float* rhs, index_t rhs_stride, float* res, index_t res_stride,
@@ -83,13 +89,7 @@ struct EigenGemm {
         if (m <= 0 || n <= 0 || k <= 0) return;
         Workspace::Scope scope(ws, workspace_bytes());
         const int used = slices();
-        const EigenBlocking full(m, std::min(block, n), k);
-        std::size_t a = full.a_elements(), bb = full.b_elements();
-        if (const index_t last = n % block; last != 0 && n > block) {
-            const EigenBlocking t(m, last, k);
-            a = std::max(a, t.a_elements());
-            bb = std::max(bb, t.b_elements());
-        }
+        const auto [a, bb] = buffer_elements();
         float* slots[2 * 256];
         for (int i = 0; i < used; ++i) {
             slots[2 * i] = ws.take<float>(index_t(a)).data();
@@ -204,22 +204,36 @@ struct eigen {
             for (index_t b = 0; b < blocks; ++b) block(b, 0);
         }
 
-        /// Scratch of backward() for `rows` rows: the packing buffers of its two products.
+        /// Scratch of backward() for `rows` rows: Z and its gradient, and the packing buffers of
+        /// its products.
         [[nodiscard]] std::size_t backward_workspace_bytes(index_t rows) const noexcept {
             const int threads = detail::current_threads();
-            return std::max(detail::EigenGemm{rows, k_, n_, threads}.workspace_bytes(),
-                            detail::EigenGemm{n_, k_, rows, threads}.workspace_bytes());
+            return affine_gradient_bytes(rows) + std::max({detail::EigenGemm{rows, n_, k_, threads}.workspace_bytes(),
+                                                           detail::EigenGemm{rows, k_, n_, threads}.workspace_bytes(),
+                                                           detail::EigenGemm{n_, k_, rows, threads}.workspace_bytes()});
         }
 
-        /// da [+]= dz W and g.weight += dz^T a, g.bias += the column sums of dz, where dz is the
-        /// gradient of A W^T + b (before the activation and scale). f32 storage only.
-        void backward(ConstMatrixView<float> a, ConstMatrixView<float> dz, MatrixView<float> da, const LinearGrads& g, Workspace& ws,
-                      bool accumulate_input = false) const {
-            check_backward(a, dz, da, g);
+        /// The backward of operator()(a, c, ws, scale) given dc = dL/dC: da [+]= dz W,
+        /// g.weight += dz^T a, g.bias += the column sums of dz, where dz = scale * dc * Act'(Z)
+        /// is the gradient of Z = A W^T + b (recomputed when Act is not the identity). f32
+        /// storage only.
+        void backward(ConstMatrixView<float> a, ConstMatrixView<float> dc, MatrixView<float> da, const LinearGrads& g, Workspace& ws,
+                      bool accumulate_input = false, float scale = 1.0f) const {
+            check_backward(a, dc, da, g);
             const index_t m = a.rows();
+            Workspace::Scope scope(ws, backward_workspace_bytes(m));
+            const int threads = detail::current_threads();
+            const ConstMatrixView<float> dz = affine_gradient<Act>(dc, scale, ws, [&](MatrixView<float> z) {
+                for (index_t r = 0; r < m; ++r) std::fill_n(z.row(r).data(), n_, 0.0f);
+                // Z (m, N) = a (m, K) W^T (K, N: w_ read column-major) + b
+                detail::EigenGemm{m, n_, k_, threads}.add<Eigen::RowMajor, Eigen::ColMajor>(a.data(), a.stride(), w_.data(), k_,
+                                                                                            z.data(), z.stride(), ws);
+                if (!bias_.empty())
+                    for (index_t r = 0; r < m; ++r)
+                        for (index_t c = 0; c < n_; ++c) z(r, c) += bias_[std::size_t(c)];
+            });
             if (!accumulate_input)
                 for (index_t r = 0; r < m; ++r) std::fill_n(da.row(r).data(), k_, 0.0f);
-            const int threads = detail::current_threads();
             // da (m, K) += dz (m, N) W (N, K)
             detail::EigenGemm{m, k_, n_, threads}.add<Eigen::RowMajor, Eigen::RowMajor>(dz.data(), dz.stride(), w_.data(), k_,
                                                                                         da.data(), da.stride(), ws);

@@ -8,12 +8,15 @@
 #include <span>
 #include <string>
 #include <string_view>
+#include <type_traits>
 
+#include "hypermoe/core/activation.hpp"
 #include "hypermoe/core/dtype.hpp"
 #include "hypermoe/core/error.hpp"
 #include "hypermoe/core/finite.hpp"
 #include "hypermoe/core/matrix.hpp"
 #include "hypermoe/core/quant.hpp"
+#include "hypermoe/core/workspace.hpp"
 #include "hypermoe/detail/format.hpp"
 
 namespace hypermoe {
@@ -162,10 +165,32 @@ protected:
     /// Checks the views of a call: a (M, K), c (M, N).
     void check_call(ConstMatrixView<float> a, MatrixView<float> c) const { check_linear_call(a, c, k_, n_, name_); }
 
-    /// Checks a backward call: a (M, K), dz (M, N), da (M, K), gradients (N, K) and N
+    /// The gradient of Z = A W^T + b from dc, the gradient of the call's output C = scale * Act(Z):
+    /// dc itself for Identity with scale 1 (no copy); else scale * dc * Act'(Z) in scratch taken
+    /// from `ws` (backward_scratch_bytes), where `compute_z(z)` first writes Z (each backend
+    /// with its own product: the forward's activation is fused, so Z is recomputed).
+    template <class Act, class ComputeZ>
+    [[nodiscard]] ConstMatrixView<float> affine_gradient(ConstMatrixView<float> dc, float scale, Workspace& ws,
+                                                         ComputeZ&& compute_z) const {
+        if constexpr (std::is_same_v<Act, Identity>)
+            if (scale == 1.0f) return dc;
+        MatrixView<float> z = ws.take_matrix<float>(dc.rows(), n_);
+        if constexpr (!std::is_same_v<Act, Identity>) compute_z(z);
+        for (index_t r = 0; r < dc.rows(); ++r)
+            for (index_t c = 0; c < n_; ++c) {
+                const double d = std::is_same_v<Act, Identity> ? 1.0 : Act::derivative(double(z(r, c)));
+                z(r, c) = float(double(scale) * dc(r, c) * d);
+            }
+        return z;
+    }
+    /// Scratch affine_gradient takes for `rows` rows.
+    [[nodiscard]] std::size_t affine_gradient_bytes(index_t rows) const noexcept { return padded_bytes<float>(rows, n_); }
+
+    /// Checks a backward call: a (M, K), dc (M, N), da (M, K), gradients (N, K) and N
     /// (or empty), and f32 storage: the backward computes with the weights as trained, so a
     /// linear stored as bf16 or in blocks (an inference copy) is refused; load with f32 storage.
-    void check_backward(ConstMatrixView<float> a, ConstMatrixView<float> dz, MatrixView<float> da, const LinearGrads& g) const {
+    void check_backward(ConstMatrixView<float> a, ConstMatrixView<float> dc, MatrixView<float> da, const LinearGrads& g) const {
+        const ConstMatrixView<float>& dz = dc;
         if (storage_ != dtype::f32)
             throw config_error(concat(name_, ": backward needs f32 storage, but the weights are stored as ", to_string(storage_),
                                       " (load or build the layer with f32 storage to train it)"));

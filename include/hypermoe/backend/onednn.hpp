@@ -399,20 +399,22 @@ struct onednn {
             else detail::epilogue_accumulate<Act>(t, c, nullptr, scale);
         }
 
-        /// Scratch of backward() for `rows` rows: the weights unpacked to (K, N), and dense
-        /// copies of operands that come strided.
+        /// Scratch of backward() for `rows` rows: the weights unpacked to (K, N), Z and its
+        /// gradient, and dense copies of operands that come strided.
         [[nodiscard]] std::size_t backward_workspace_bytes(index_t rows) const noexcept {
-            return detail::padded_bytes<float>(k_, n_) + 2 * detail::padded_bytes<float>(rows, k_) +
+            return detail::padded_bytes<float>(k_, n_) + affine_gradient_bytes(rows) + 2 * detail::padded_bytes<float>(rows, k_) +
                    detail::padded_bytes<float>(rows, n_) + detail::padded_bytes<float>(n_, k_);
         }
 
-        /// da [+]= dz W and g.weight += dz^T a, g.bias += the column sums of dz, where dz is the
-        /// gradient of A W^T + b (before the activation and scale). The weights are reordered
-        /// from the primitive's blocked layout to plain (K, N) in the workspace for dz W. f32
-        /// storage only.
-        void backward(ConstMatrixView<float> a, ConstMatrixView<float> dz, MatrixView<float> da, const LinearGrads& g, Workspace& ws,
-                      bool accumulate_input = false) const {
-            check_backward(a, dz, da, g);
+        /// The backward of operator()(a, c, ws, scale) given dc = dL/dC: da [+]= dz W,
+        /// g.weight += dz^T a, g.bias += the column sums of dz, where dz = scale * dc * Act'(Z)
+        /// is the gradient of Z = A W^T + b (recomputed when Act is not the identity). The
+        /// weights are reordered from the primitives' blocked layout to plain (K, N) in the
+        /// workspace, and the products run on a run-time-shaped matmul (detail::onednn_gemm).
+        /// f32 storage only.
+        void backward(ConstMatrixView<float> a, ConstMatrixView<float> dc, MatrixView<float> da, const LinearGrads& g, Workspace& ws,
+                      bool accumulate_input = false, float scale = 1.0f) const {
+            check_backward(a, dc, da, g);
             const index_t m = a.rows();
             if (m == 0) return;
             Workspace::Scope scope(ws, backward_workspace_bytes(m));
@@ -422,10 +424,8 @@ struct onednn {
                 for (index_t r = 0; r < view.rows(); ++r) std::ranges::copy(view.row(r), copy.row(r).begin());
                 return copy.data();
             };
-            const float* dzd = dense(dz, n_);
             const float* ad = dense(a, k_);
-            // da (m, K) [+]= dz (m, N) W (N, K), W being the plain (K, N) W^T read column-major.
-            MatrixView<float> wt = ws.take_matrix<float>(k_, n_);
+            MatrixView<float> wt = ws.take_matrix<float>(k_, n_); // W^T, plain
             if (matmul_ != nullptr) {
                 try {
                     using dt = dnnl::memory::data_type;
@@ -439,6 +439,14 @@ struct onednn {
             } else {
                 std::fill_n(wt.data(), k_ * n_, 0.0f); // K = 0 or N = 0
             }
+            const ConstMatrixView<float> dz = affine_gradient<Act>(dc, scale, ws, [&](MatrixView<float> z) {
+                detail::onednn_gemm(m, n_, k_, ad, false, wt.data(), false, z.data(), false); // Z = a W^T (+ b below)
+                if (!bias_f32_.empty())
+                    for (index_t r = 0; r < m; ++r)
+                        for (index_t c = 0; c < n_; ++c) z(r, c) += bias_f32_[std::size_t(c)];
+            });
+            const float* dzd = dense(dz, n_);
+            // da (m, K) [+]= dz (m, N) W (N, K), W being the plain (K, N) W^T read column-major.
             if (da.contiguous()) {
                 detail::onednn_gemm(m, k_, n_, dzd, false, wt.data(), true, da.data(), accumulate_input);
             } else {

@@ -74,14 +74,24 @@ struct reference {
             }
         }
 
-        [[nodiscard]] std::size_t backward_workspace_bytes(index_t /*rows*/) const noexcept { return 0; }
+        [[nodiscard]] std::size_t backward_workspace_bytes(index_t rows) const noexcept { return affine_gradient_bytes(rows); }
 
-        /// da [+]= dz W and g.weight += dz^T a, g.bias += the column sums of dz, where dz is the
-        /// gradient of A W^T + b (before the activation and scale); every sum in double. f32
-        /// storage only.
-        void backward(ConstMatrixView<float> a, ConstMatrixView<float> dz, MatrixView<float> da, const LinearGrads& g, Workspace& /*ws*/,
-                      bool accumulate_input = false) const {
-            check_backward(a, dz, da, g);
+        /// The backward of operator()(a, c, ws, scale) given dc = dL/dC: da [+]= dz W,
+        /// g.weight += dz^T a, g.bias += the column sums of dz, where dz = scale * dc * Act'(Z)
+        /// is the gradient of Z = A W^T + b (recomputed when Act is not the identity); every sum
+        /// in double. f32 storage only.
+        void backward(ConstMatrixView<float> a, ConstMatrixView<float> dc, MatrixView<float> da, const LinearGrads& g, Workspace& ws,
+                      bool accumulate_input = false, float scale = 1.0f) const {
+            check_backward(a, dc, da, g);
+            Workspace::Scope scope(ws, backward_workspace_bytes(a.rows()));
+            const ConstMatrixView<float> dz = affine_gradient<Act>(dc, scale, ws, [&](MatrixView<float> z) {
+                for (index_t m = 0; m < a.rows(); ++m)
+                    for (index_t n = 0; n < n_; ++n) {
+                        double acc = bias_.empty() ? 0.0 : bias_[std::size_t(n)];
+                        for (index_t k = 0; k < k_; ++k) acc += double(a(m, k)) * double(w_f32_[std::size_t(n * k_ + k)]);
+                        z(m, n) = float(acc);
+                    }
+            });
             for (index_t m = 0; m < a.rows(); ++m)
                 for (index_t k = 0; k < k_; ++k) {
                     double acc = accumulate_input ? da(m, k) : 0.0;

@@ -3,9 +3,11 @@
 // BERT-style models. up is (d_ff, d_model), down is (d_model, d_ff), nn.Linear layout; biases
 // are optional. The activation runs fused in the up GEMM's epilogue.
 
+#include <algorithm>
 #include <optional>
 #include <span>
 #include <string>
+#include <vector>
 
 #include "hypermoe/backend/backend_concept.hpp"
 #include "hypermoe/core/activation.hpp"
@@ -30,6 +32,15 @@ struct ExpertOptions {
     precision prec = precision::exact;
 };
 
+/// Gradients of an FfnExpert's parameters, zeroed at creation (FfnExpert::make_gradients);
+/// backward adds to them.
+struct FfnGradients {
+    Matrix<float> up;             ///< (d_ff, d_model)
+    Matrix<float> down;           ///< (d_model, d_ff)
+    std::vector<float> up_bias;   ///< d_ff, or empty when the expert has no up bias
+    std::vector<float> down_bias; ///< d_model, or empty
+};
+
 template <Backend B, Activation Act, index_t D = dynamic, index_t FF = dynamic>
 class FfnExpert : public detail::ExpertWidths<B, Act, D, FF> {
     using Widths = detail::ExpertWidths<B, Act, D, FF>;
@@ -38,8 +49,10 @@ public:
     using Widths::d_ff;
     using Widths::d_model;
 
+    using gradients_type = FfnGradients;
+
     explicit FfnExpert(const FfnWeights& w, const ExpertOptions& opt = {})
-        : Widths(checked_extents(w)),
+        : Widths(checked_extents(w)), up_bias_(!w.up_bias.empty()), down_bias_(!w.down_bias.empty()),
           up_(std::in_place, w.up, w.up_bias, LinearOptions{"FfnExpert weight 'up'", false, opt.storage, opt.prec}),
           down_(std::in_place, w.down, w.down_bias, LinearOptions{"FfnExpert weight 'down'", false, opt.storage, opt.prec}) {}
 
@@ -61,6 +74,38 @@ public:
         down_(h, y, ws);
     }
 
+    /// Zeroed gradients of this expert's parameters.
+    [[nodiscard]] FfnGradients make_gradients() const {
+        FfnGradients g{Matrix<float>(d_ff(), d_model()), Matrix<float>(d_model(), d_ff()), {}, {}};
+        if (up_bias_) g.up_bias.assign(std::size_t(d_ff()), 0.0f);
+        if (down_bias_) g.down_bias.assign(std::size_t(d_model()), 0.0f);
+        return g;
+    }
+
+    [[nodiscard]] std::size_t backward_workspace_bytes(index_t rows) const {
+        return 2 * detail::padded_bytes<float>(rows, d_ff()) +
+               std::max({up_->workspace_bytes(rows), up_->backward_workspace_bytes(rows), down_->backward_workspace_bytes(rows)});
+    }
+
+    /// The backward of forward(x): dx [+]= dL/dx from dy = dL/dy, and the parameter gradients
+    /// added to `g`. It recomputes the hidden activations from x (and up's backward its
+    /// pre-activations: the forward fuses the activation). f32 storage only (config_error
+    /// otherwise).
+    void backward(ConstMatrixView<float> x, ConstMatrixView<float> dy, MatrixView<float> dx, FfnGradients& g, Workspace& ws,
+                  bool accumulate_input = false) const {
+        detail::check_backward_shapes(x, dy, dx, d_model(), d_model(), "FfnExpert");
+        detail::check_expert_gradients("FfnExpert", {{"up", g.up.rows(), g.up.cols(), d_ff(), d_model()},
+                                                     {"down", g.down.rows(), g.down.cols(), d_model(), d_ff()},
+                                                     {"up_bias", index_t(g.up_bias.size()), 1, up_bias_ ? d_ff() : 0, 1},
+                                                     {"down_bias", index_t(g.down_bias.size()), 1, down_bias_ ? d_model() : 0, 1}});
+        Workspace::Scope scope(ws, backward_workspace_bytes(x.rows()));
+        MatrixView<float> h = ws.take_matrix<float>(x.rows(), d_ff());  // Act(up x + b)
+        MatrixView<float> dh = ws.take_matrix<float>(x.rows(), d_ff()); // dL/dh
+        up_(x, h, ws);
+        down_->backward(h, dy, dh, LinearGrads{g.down.view(), g.down_bias}, ws);
+        up_->backward(x, dh, dx, LinearGrads{g.up.view(), g.up_bias}, ws, accumulate_input);
+    }
+
 private:
     static extents<D, FF> checked_extents(const FfnWeights& w) {
         const index_t d = w.up.cols(), ff = w.up.rows();
@@ -70,6 +115,7 @@ private:
         return extents<D, FF>(d, ff);
     }
 
+    bool up_bias_, down_bias_;
     detail::Shared<typename B::template linear<Act>> up_;
     detail::Shared<typename B::template linear<Identity>> down_;
 };

@@ -109,7 +109,10 @@ public:
     void backward(ConstMatrixView<float> x, ConstMatrixView<float> dy, MatrixView<float> dx, GluGradients& g, Workspace& ws,
                   bool accumulate_input = false) const {
         detail::check_backward_shapes(x, dy, dx, d_model(), d_model(), "GluExpert");
-        check_gradients(g);
+        detail::check_expert_gradients("GluExpert", {{"gate_up", g.gate_up.rows(), g.gate_up.cols(), 2 * d_ff(), d_model()},
+                                                     {"down", g.down.rows(), g.down.cols(), d_model(), d_ff()},
+                                                     {"gate_up_bias", index_t(g.gate_up_bias.size()), 1, gate_up_bias_ ? 2 * d_ff() : 0, 1},
+                                                     {"down_bias", index_t(g.down_bias.size()), 1, down_bias_ ? d_model() : 0, 1}});
         Workspace::Scope scope(ws, backward_workspace_bytes(x.rows()));
         const index_t ff = d_ff(), m = x.rows();
         MatrixView<float> gu = ws.take_matrix<float>(m, 2 * ff);  // [gate | up] pre-activations
@@ -130,24 +133,6 @@ public:
     }
 
 private:
-    void check_gradients(const GluGradients& g) const {
-        const auto bad = [](const char* what, index_t r, index_t c, index_t er, index_t ec) {
-            throw shape_error(detail::concat("GluExpert::backward: gradient '", what, "' has shape ", detail::shape_str(r, c),
-                                             ", expected ", detail::shape_str(er, ec), " (use make_gradients())"));
-        };
-        if (g.gate_up.rows() != 2 * d_ff() || g.gate_up.cols() != d_model())
-            bad("gate_up", g.gate_up.rows(), g.gate_up.cols(), 2 * d_ff(), d_model());
-        if (g.down.rows() != d_model() || g.down.cols() != d_ff()) bad("down", g.down.rows(), g.down.cols(), d_model(), d_ff());
-        const auto bad_bias = [](const char* what, std::size_t n, index_t expected) {
-            throw shape_error(detail::concat("GluExpert::backward: gradient '", what, "' has ", n, " elements, expected ", expected,
-                                             " (use make_gradients())"));
-        };
-        if (const index_t n = gate_up_bias_ ? 2 * d_ff() : 0; g.gate_up_bias.size() != std::size_t(n))
-            bad_bias("gate_up_bias", g.gate_up_bias.size(), n);
-        if (const index_t n = down_bias_ ? d_model() : 0; g.down_bias.size() != std::size_t(n))
-            bad_bias("down_bias", g.down_bias.size(), n);
-    }
-
     static extents<D, FF> checked_extents(const GluWeights& w) {
         const index_t d = w.gate.cols(), ff = w.gate.rows();
         detail::check_weight_width(D, d, "GluExpert", "d_model", "gate");

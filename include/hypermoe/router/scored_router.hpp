@@ -47,6 +47,13 @@ inline constexpr bool router_uses_logits = [] {
     if constexpr (requires { R::selection_type::uses_logits; }) return bool(R::selection_type::uses_logits);
     else return true;
 }();
+/// Whether a selection policy declares `weights_are_scores = true` (each selected expert's
+/// combine weight is its score), which ScoredRouter::backward relies on.
+template <class S>
+inline constexpr bool weights_are_scores = [] {
+    if constexpr (requires { S::weights_are_scores; }) return bool(S::weights_are_scores);
+    else return false;
+}();
 } // namespace detail
 
 template <class R>
@@ -141,7 +148,7 @@ public:
     /// token's sums run in double, in expert order.
     void backward(ConstMatrixView<float> logits, const RoutingPlan& plan, ConstMatrixView<float> dweights,
                   MatrixView<float> dlogits, Workspace& ws) const
-        requires Selection::weights_are_scores
+        requires detail::weights_are_scores<Selection>
     {
         const index_t tokens = logits.rows();
         if (logits.cols() != experts_ || plan.tokens() != tokens || plan.experts() != experts_ || plan.slots() != slots())
