@@ -459,6 +459,59 @@ TEST_CASE("MoeLayer backward matches central differences: Switch top-1 with capa
     }
 }
 
+TEST_CASE("MoeLayer backward matches central differences: expert choice (tokens taken by several experts or by none)") {
+    MoeParams p(5);
+    const auto make = [](const MoeParams& q, auto backend) {
+        using B = decltype(backend);
+        return MoeLayer<GluExpert<B, Silu>, ExpertChoiceRouter>(weight(q.gate), ExpertChoiceRouter(q.experts, ExpertChoice{1.0}),
+                                                                q.build_experts<B>());
+    };
+    {   // The batch has tokens no expert takes and tokens several take.
+        const auto layer = make(p, reference{});
+        RoutingPlan plan;
+        Workspace ws;
+        const auto x = random_matrix(12, p.d, 90);
+        Matrix<float> y(12, p.d);
+        layer.forward(x, y, ws, plan);
+        index_t none = 0, several = 0;
+        for (index_t t = 0; t < 12; ++t) {
+            index_t n = 0;
+            for (const auto id : plan.ids(t)) n += id >= 0 ? 1 : 0;
+            none += n == 0 ? 1 : 0;
+            several += n > 1 ? 1 : 0;
+        }
+        REQUIRE(none > 0);
+        REQUIRE(several > 0);
+    }
+    check_moe_backward(p, make, 12, {});
+}
+
+TEST_CASE("MoeLayer backward with hash routing: the router gets no gradient, the experts and x do") {
+    MoeParams p(6);
+    const std::vector<std::int32_t> ids = {3, 1, 4, 1, 5, 9, 2};
+    const auto make = [](const MoeParams& q, auto backend) {
+        using B = decltype(backend);
+        return MoeLayer<GluExpert<B, Silu>, HashRouter>(weight(q.gate), HashRouter(q.experts, HashRouting{}), q.build_experts<B>());
+    };
+    check_moe_backward(p, make, 7, Context{.token_ids = ids});
+    const auto layer = make(p, reference{});
+    auto g = layer.make_gradients();
+    Workspace ws;
+    Matrix<float> dx(7, p.d);
+    layer.backward(random_matrix(7, p.d, 1), random_matrix(7, p.d, 2), dx, g, ws, Context{.token_ids = ids});
+    for (index_t e = 0; e < p.experts; ++e)
+        for (index_t c = 0; c < p.d; ++c) CHECK(g.gate(e, c) == 0.0f);
+    // The router alone: constant weights give zero logit gradients.
+    const HashRouter router(p.experts, HashRouting{});
+    const auto logits = random_matrix(7, p.experts, 3);
+    RoutingPlan plan;
+    router.route(logits, Context{.token_ids = ids}, plan, ws);
+    auto dl = random_matrix(7, p.experts, 4);
+    router.backward(logits, plan, random_matrix(7, 1, 5), dl, ws);
+    for (index_t t = 0; t < 7; ++t)
+        for (index_t e = 0; e < p.experts; ++e) CHECK(dl(t, e) == 0.0f);
+}
+
 TEST_CASE("MoeLayer and Router backward: typed errors") {
     MoeParams p(4);
     const MoeLayer<GluExpert<reference, Silu>, TopKRouter> layer(weight(p.gate), TopKRouter(p.experts, TopK{2}), p.build_experts<reference>());

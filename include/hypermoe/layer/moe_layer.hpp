@@ -202,7 +202,8 @@ public:
         MatrixView<float> logits = ws.take_matrix<float>(tokens, num_experts());
         MatrixView<float> dlogits = ws.take_matrix<float>(tokens, num_experts());
         MatrixView<float> dweights = ws.take_matrix<float>(tokens, slots);
-        gate_(x, logits, ws);
+        if constexpr (detail::router_uses_logits<R>) gate_(x, logits, ws); // as route(): zeros for a router without logits
+        else std::fill_n(logits.data(), tokens * num_experts(), 0.0f);
         router_.route(logits, context, plan, ws);
         const index_t rows = plan.rows();
         MatrixView<float> in = ws.take_matrix<float>(rows, d), out = ws.take_matrix<float>(rows, d);
@@ -255,8 +256,10 @@ public:
                 if (const index_t r = plan.position(t, j); r >= 0)
                     for (index_t c = 0; c < d; ++c) dxr[std::size_t(c)] += din(r, c);
         }
-        router_.backward(logits, plan, dweights, dlogits, ws);
-        gate_->backward(x, dlogits, dx, LinearGrads{g.gate.view()}, ws, true);
+        if constexpr (detail::router_uses_logits<R>) {
+            router_.backward(logits, plan, dweights, dlogits, ws);
+            gate_->backward(x, dlogits, dx, LinearGrads{g.gate.view()}, ws, true);
+        }
         if constexpr (Shared::present) shared_.backward(x, dy, dx, g.shared, ws);
     }
 

@@ -17,6 +17,8 @@ namespace hypermoe {
 struct ExpertChoice {
     static constexpr std::string_view name = "expert_choice";
     static constexpr bool fixed_selection = false;
+    /// Each selected expert's combine weight is its score (ScoredRouter::backward relies on it).
+    static constexpr bool weights_are_scores = true;
     /// Average experts per token (the paper's c); tokens per expert = tokens * c / experts.
     double capacity_factor = 2.0;
 

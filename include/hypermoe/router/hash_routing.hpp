@@ -25,6 +25,8 @@ struct HashRouting {
     static constexpr std::string_view name = "hash";
     static constexpr bool fixed_selection = true;
     static constexpr bool uses_logits = false; // MoeLayer skips the gate GEMM
+    /// Every weight is 1 whatever the scores: the router gets no gradient.
+    static constexpr bool constant_weights = true;
     /// table[token id] = expert; empty = use splitmix64(id) % experts.
     std::vector<std::int32_t> table = {};
 

@@ -54,6 +54,13 @@ inline constexpr bool weights_are_scores = [] {
     if constexpr (requires { S::weights_are_scores; }) return bool(S::weights_are_scores);
     else return false;
 }();
+/// Whether a selection policy declares `constant_weights = true` (weights that do not depend on
+/// the scores, as hash routing's 1): its logits get no gradient.
+template <class S>
+inline constexpr bool weights_are_constant = [] {
+    if constexpr (requires { S::constant_weights; }) return bool(S::constant_weights);
+    else return false;
+}();
 } // namespace detail
 
 template <class R>
@@ -144,11 +151,12 @@ public:
     /// weights of `plan`, which route() made from these logits. The selection is piecewise
     /// constant, so gradient flows only through the selected experts' scores: their
     /// renormalisation and scale, then the score function (softmax reaches every logit through
-    /// its denominator; sigmoid only the selected ones). The selection bias gets none. Each
-    /// token's sums run in double, in expert order.
+    /// its denominator; sigmoid only the selected ones). The selection bias gets none, and a
+    /// policy with constant weights (hash routing) gives zeros. Each token's sums run in double,
+    /// in expert order.
     void backward(ConstMatrixView<float> logits, const RoutingPlan& plan, ConstMatrixView<float> dweights,
                   MatrixView<float> dlogits, Workspace& ws) const
-        requires detail::weights_are_scores<Selection>
+        requires(detail::weights_are_scores<Selection> || detail::weights_are_constant<Selection>)
     {
         const index_t tokens = logits.rows();
         if (logits.cols() != experts_ || plan.tokens() != tokens || plan.experts() != experts_ || plan.slots() != slots())
@@ -163,6 +171,10 @@ public:
         if (dlogits.rows() != tokens || dlogits.cols() != experts_)
             throw shape_error(detail::concat("Router::backward: dlogits has shape ", detail::shape_str(dlogits.rows(), dlogits.cols()),
                                              ", expected ", detail::shape_str(tokens, experts_)));
+        if constexpr (detail::weights_are_constant<Selection>) {
+            for (index_t t = 0; t < tokens; ++t) std::fill_n(dlogits.row(t).data(), experts_, 0.0f);
+            return;
+        }
         Workspace::Scope scope(ws, backward_workspace_bytes());
         const std::span<float> scores = ws.take<float>(experts_);
         const std::span<double> ds = ws.take<double>(experts_), dl = ws.take<double>(experts_);
