@@ -184,8 +184,9 @@ public:
     /// between forward and backward. The routing is piecewise constant: gradient reaches the
     /// router through the combine weights only (ScoredRouter::backward). A token that capacity
     /// dropped passes w x (DroppedTokens::scaled_input), so its dx gets w dy and its weights
-    /// dy . x. dx is summed per token in slot order, so the bits do not depend on the thread
-    /// count. Expert weights must be stored as f32 (config_error otherwise).
+    /// dy . x. dx is summed per token in slot order (no atomics); whether the experts' gradient
+    /// GEMMs give the same bits at every thread count depends on the backend (not yet tested:
+    /// docs/training.md). Expert weights must be stored as f32 (config_error otherwise).
     template <class G>
     void backward(ConstMatrixView<float> x, ConstMatrixView<float> dy, MatrixView<float> dx, G& g, Workspace& ws,
                   const Context& context = {}) const {
