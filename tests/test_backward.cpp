@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <functional>
+#include <thread>
 #include <vector>
 
 #include "test_support.hpp"
@@ -565,3 +566,41 @@ TEST_CASE("MoeLayer and Router backward: typed errors") {
                          "layer with f32 storage to train it)",
                          config_error);
 }
+
+TEST_CASE_TEMPLATE_DEFINE("backward on one const layer from several threads at once equals the serial result", B, backward_threads) {
+    // Each thread has its own workspace and gradients; the layer, its linear maps and the
+    // backends' caches are shared.
+    MoeParams p(7);
+    const MoeLayer<GluExpert<B, Silu>, TopKRouter, SharedExpert<GluExpert<B, Silu>>> layer(
+        weight(p.gate), TopKRouter(p.experts, TopK{2}, {.weighting = {.renormalize = true}}), p.build_experts<B>(), p.build_shared<B>());
+    const auto x = random_matrix(11, p.d, 1), dy = random_matrix(11, p.d, 2);
+    Workspace ws;
+    auto serial = layer.make_gradients();
+    Matrix<float> dx_serial(11, p.d);
+    layer.backward(x, dy, dx_serial, serial, ws);
+    constexpr int threads = 4;
+    std::vector<decltype(layer.make_gradients())> grads;
+    std::vector<Matrix<float>> dxs;
+    for (int i = 0; i < threads; ++i) grads.push_back(layer.make_gradients()), dxs.emplace_back(11, p.d);
+    std::vector<std::thread> pool;
+    for (int i = 0; i < threads; ++i)
+        pool.emplace_back([&, i] {
+            const detail::ThreadCountScope one(1); // as an embedding application's worker threads would
+            Workspace mine;
+            for (int round = 0; round < 3; ++round) {
+                auto g = layer.make_gradients();
+                layer.backward(x, dy, dxs[std::size_t(i)], g, mine);
+                if (round == 2) grads[std::size_t(i)] = std::move(g);
+            }
+        });
+    for (auto& t : pool) t.join();
+    for (int i = 0; i < threads; ++i) {
+        CAPTURE(i);
+        CHECK(relative_error(dxs[std::size_t(i)], dx_serial) <= 1e-5);
+        CHECK(relative_error(grads[std::size_t(i)].gate, serial.gate) <= 1e-5);
+        for (index_t e = 0; e < p.experts; ++e)
+            CHECK(relative_error(grads[std::size_t(i)].experts[std::size_t(e)].gate_up, serial.experts[std::size_t(e)].gate_up) <= 1e-5);
+        CHECK(relative_error(grads[std::size_t(i)].shared.gate, serial.shared.gate) <= 1e-5);
+    }
+}
+TEST_CASE_TEMPLATE_APPLY(backward_threads, test::all_backends);
