@@ -8,6 +8,7 @@
 #include <cmath>
 #include <functional>
 #include <thread>
+#include <tuple>
 #include <vector>
 
 #include "test_support.hpp"
@@ -16,6 +17,9 @@ using namespace hypermoe;
 using test::random_matrix;
 using test::random_vector;
 using test::relative_error;
+using test::GradientGap;
+using test::central_difference;
+using test::dot;
 
 namespace {
 
@@ -32,39 +36,17 @@ double vector_error(const std::vector<float>& got, const std::vector<float>& ref
 /// A matrix as a weight (an f32 view).
 WeightView weight(const Matrix<float>& m) { return WeightView(m.view()); }
 
-/// sum(y * dy), in double.
-double dot(ConstMatrixView<float> y, ConstMatrixView<float> dy) {
-    double s = 0;
-    for (index_t r = 0; r < y.rows(); ++r)
-        for (index_t c = 0; c < y.cols(); ++c) s += double(y(r, c)) * dy(r, c);
-    return s;
-}
-
-/// The largest gap between analytic gradients and central differences, and the largest
-/// central difference: a check passes when worst <= tolerance * scale.
-struct GradientGap {
-    double worst = 0, scale = 0;
-    void operator()(double analytic, double fd) {
-        worst = std::max(worst, std::abs(analytic - fd));
-        scale = std::max(scale, std::abs(fd));
-    }
-    [[nodiscard]] bool within(double tolerance) const { return worst <= tolerance * scale; }
+/// The row-wise linear map (HyperMoE's generation runs on it) in a backend's shape, so the
+/// linear tests below cover it beside the backends.
+struct rowwise_map {
+    template <class Act>
+    using linear = detail::RowwiseLinear<Act>;
 };
-
-/// Central difference of L(v) = loss() with respect to element `v`, in double.
-double central_difference(float& v, const std::function<double()>& loss, float h) {
-    const float saved = v;
-    v = saved + h;
-    const double up = loss();
-    v = saved - h;
-    const double down = loss();
-    v = saved;
-    return (up - down) / (2.0 * double(h));
-}
+using linear_maps = decltype(std::tuple_cat(test::all_backends{}, std::tuple<rowwise_map>{}));
 
 } // namespace
 
-TEST_CASE_TEMPLATE_DEFINE("linear backward matches the reference on every backend", B, linear_backward) {
+TEST_CASE_TEMPLATE_DEFINE("linear backward matches the reference on every backend and the row-wise map", B, linear_backward) {
     Workspace ws;
     for (const index_t m : {1, 3, 17, 70})
         for (const auto& kn : {std::pair<index_t, index_t>{8, 5}, {33, 40}, {64, 130}})
@@ -111,7 +93,7 @@ TEST_CASE_TEMPLATE_DEFINE("linear backward matches the reference on every backen
             CHECK(dw(n, j) == doctest::Approx(x).epsilon(1e-6));
         }
 }
-TEST_CASE_TEMPLATE_APPLY(linear_backward, test::all_backends);
+TEST_CASE_TEMPLATE_APPLY(linear_backward, linear_maps);
 
 TEST_CASE_TEMPLATE_DEFINE("linear backward: strided views, and its typed errors", B, linear_backward_errors) {
     Workspace ws;
@@ -198,7 +180,7 @@ TEST_CASE_TEMPLATE_DEFINE("linear backward through the fused activation and scal
     run(std::type_identity<GeluTanh>{});
     run(std::type_identity<Silu>{});
 }
-TEST_CASE_TEMPLATE_APPLY(linear_backward_activation, test::all_backends);
+TEST_CASE_TEMPLATE_APPLY(linear_backward_activation, linear_maps);
 
 TEST_CASE_TEMPLATE_DEFINE("FfnExpert backward matches central differences and the reference on every backend", B, ffn_backward) {
     const index_t d = 10, ff = 16, m = 6;

@@ -1,5 +1,5 @@
-// Backward of whole MoE blocks loaded from the fixtures' checkpoints (the gated-expert families
-// and Switch Transformers; HyperMoE's backward is not written yet), against the float64
+// Backward of whole MoE blocks loaded from the fixtures' checkpoints (the gated-expert families,
+// Switch Transformers and both HyperMoE variants), against the float64
 // autograd gradients in each case's grads.safetensors (tests/data/README.md, "Backward"):
 // dx and d/<tensor> for every tensor the block reads, per tensor within 1e-5 of its largest
 // entry, exact zeros for the experts no token reaches; on every backend.
@@ -66,6 +66,18 @@ void check_gradient(ConstMatrixView<float> got, const SafeTensorsView& grads, co
         return;
     }
     CHECK(relative_error(got, ref.view()) <= 1e-5);
+}
+
+/// A gradient against a reference stored transposed (GPT-2's Conv1D weights are [in, out]).
+void check_transposed(ConstMatrixView<float> got, const SafeTensorsView& grads, const std::string& name) {
+    Matrix<float> t(got.cols(), got.rows());
+    for (index_t r = 0; r < got.rows(); ++r)
+        for (index_t c = 0; c < got.cols(); ++c) t(c, r) = got(r, c);
+    check_gradient(t.view(), grads, name);
+}
+
+void check_vector(const std::vector<float>& got, const SafeTensorsView& grads, const std::string& name) {
+    check_gradient(ConstMatrixView<float>(got.data(), 1, index_t(got.size())), grads, name);
 }
 
 template <class G>
@@ -161,3 +173,86 @@ TEST_CASE_TEMPLATE_DEFINE("backward of every Switch Transformers fixture matches
     }
 }
 TEST_CASE_TEMPLATE_APPLY(switch_fixtures, test::all_backends);
+
+/// The HyperMoE parts' gradients: expert embeddings, projector, and the stack's whole
+/// hypernetwork (layer_embed's other rows must stay zero, as in the reference).
+template <class G>
+void check_hyper_parts(const G& g, const SafeTensorsView& grads, const std::string& mlp, const std::string& gen) {
+    check_gradient(g.embedding.view(), grads, "d/" + mlp + "n_experts_embedding.weight");
+    check_gradient(g.projector.first.view(), grads, "d/" + mlp + "embedding_process.0.weight");
+    check_vector(g.projector.first_bias, grads, "d/" + mlp + "embedding_process.0.bias");
+    check_gradient(g.projector.second.view(), grads, "d/" + mlp + "embedding_process.2.weight");
+    check_vector(g.projector.second_bias, grads, "d/" + mlp + "embedding_process.2.bias");
+    const HypernetworkGradients& h = *g.hypernetwork;
+    check_gradient(h.layer_embed.view(), grads, "d/" + gen + "layer_embed.weight");
+    const std::string dec = "d/" + gen + "decoder.";
+    check_gradient(h.trunk.view(), grads, dec + "linear1.weight");
+    check_vector(h.trunk_bias, grads, dec + "linear1.bias");
+    check_gradient(h.down_weight.view(), grads, dec + "weight_down.weight");
+    check_vector(h.down_weight_bias, grads, dec + "weight_down.bias");
+    check_gradient(h.up_weight.view(), grads, dec + "weight_up.weight");
+    check_vector(h.up_weight_bias, grads, dec + "weight_up.bias");
+    check_gradient(h.down_bias.view(), grads, dec + "bias_down.weight");
+    check_vector(h.down_bias_bias, grads, dec + "bias_down.bias");
+    check_gradient(h.up_bias.view(), grads, dec + "bias_up.weight");
+    check_vector(h.up_bias_bias, grads, dec + "bias_up.bias");
+}
+
+/// Runs the backward of a HyperMoE block on the case, checks dx, and hands the layer and its
+/// gradients to `check`; fails if the block's layer is not a HyperMoE layer.
+template <class Block, class Check>
+void run_hyper_backward(const Block& block, const GradCase& c, Workspace& ws, Check&& check) {
+    bool ran = false;
+    std::visit(
+        [&](const auto& l) {
+            if constexpr (requires { typename std::decay_t<decltype(l)>::hypernetwork_type; }) {
+                auto g = l.make_gradients();
+                Matrix<float> dx(c.x.rows(), c.x.cols());
+                l.backward(c.x.view(), c.dy.view(), dx.view(), g, ws, {.sequence_length = c.sequence_length});
+                check_gradient(dx.view(), c.grads(), "dx");
+                check(l, g);
+                ran = true;
+            }
+        },
+        block.layer());
+    CHECK(ran);
+}
+
+TEST_CASE_TEMPLATE_DEFINE("backward of every HyperMoE fixture matches float64 autograd (adapter, projector, embeddings, hypernetwork)",
+                          B, hyper_fixtures) {
+    Workspace ws;
+    for (const std::string name : {"hypermoe_gpt2-k1", "hypermoe_gpt2-k2"}) {
+        CAPTURE(name);
+        const GradCase c(name);
+        const auto block = load_moe_block<B>(Checkpoint(c.dir), c.layer, "");
+        const std::string p = "transformer.h." + std::to_string(c.layer) + ".mlp.";
+        run_hyper_backward(block, c, ws, [&](const auto& l, auto& g) {
+            check_transposed(g.moe.gate.view(), c.grads(), "d/" + p + "w_gate");
+            for (index_t e = 0; e < l.moe().num_experts(); ++e) {
+                const std::string q = "d/" + p + "experts.expert_" + std::to_string(e) + ".";
+                const FfnGradients& x = g.moe.experts[std::size_t(e)];
+                check_transposed(x.up.view(), c.grads(), q + "c_fc.weight");
+                check_vector(x.up_bias, c.grads(), q + "c_fc.bias");
+                check_transposed(x.down.view(), c.grads(), q + "c_proj.weight");
+                check_vector(x.down_bias, c.grads(), q + "c_proj.bias");
+            }
+            check_hyper_parts(g, c.grads(), p, "transformer.param_gen.");
+        });
+    }
+    for (const std::string name : {"hypermoe_switch-basic", "hypermoe_switch-drop"}) {
+        CAPTURE(name);
+        const GradCase c(name);
+        const auto block = load_moe_block<B>(Checkpoint(c.dir), c.layer, c.stack);
+        const std::string p = c.stack + ".block." + std::to_string(c.layer) + ".layer." + (c.stack == "encoder" ? "1" : "2") + ".mlp.";
+        run_hyper_backward(block, c, ws, [&](const auto& l, auto& g) {
+            check_gradient(g.moe.gate.view(), c.grads(), "d/" + p + "router.classifier.weight");
+            for (index_t e = 0; e < l.moe().num_experts(); ++e) {
+                const std::string q = "d/" + p + "experts.expert_" + std::to_string(e) + ".";
+                check_gradient(g.moe.experts[std::size_t(e)].up.view(), c.grads(), q + "wi.weight");
+                check_gradient(g.moe.experts[std::size_t(e)].down.view(), c.grads(), q + "wo.weight");
+            }
+            check_hyper_parts(g, c.grads(), p, c.stack + ".param_gen.");
+        });
+    }
+}
+TEST_CASE_TEMPLATE_APPLY(hyper_fixtures, test::all_backends);

@@ -312,3 +312,195 @@ TEST_CASE("pattern ranks are a bijection onto 0 .. C(E, k) - 1") {
                 seen[std::size_t(r)] = true;
             }
 }
+
+// ---- Backward (issue 12): the HyperExpert's gradient through the adapter, the hypernetwork,
+// the projector and the expert embeddings. The fixtures' float64 autograd gradients are checked
+// in test_backward_fixtures.cpp; here central differences of each part, every backend against
+// the reference, accumulation across the layers that share a hypernetwork, thread counts and
+// the typed errors.
+
+namespace {
+
+/// Every gradient of a HyperMoE layer against another set (relative to each one's largest entry).
+template <class G>
+double worst_gap(const G& a, const G& b) {
+    const auto m = [](const Matrix<float>& x, const Matrix<float>& y) { return relative_error(x.view(), y.view()); };
+    const auto v = [](const std::vector<float>& x, const std::vector<float>& y) {
+        return relative_error(ConstMatrixView<float>(x.data(), 1, index_t(x.size())),
+                              ConstMatrixView<float>(y.data(), 1, index_t(y.size())));
+    };
+    const HypernetworkGradients &h = *a.hypernetwork, &k = *b.hypernetwork;
+    double w = std::max({m(a.moe.gate, b.moe.gate), m(a.embedding, b.embedding), m(a.projector.first, b.projector.first),
+                         v(a.projector.first_bias, b.projector.first_bias), m(a.projector.second, b.projector.second),
+                         v(a.projector.second_bias, b.projector.second_bias), m(h.layer_embed, k.layer_embed), m(h.trunk, k.trunk),
+                         v(h.trunk_bias, k.trunk_bias), m(h.down_weight, k.down_weight), v(h.down_weight_bias, k.down_weight_bias),
+                         m(h.up_weight, k.up_weight), v(h.up_weight_bias, k.up_weight_bias), m(h.down_bias, k.down_bias),
+                         v(h.down_bias_bias, k.down_bias_bias), m(h.up_bias, k.up_bias), v(h.up_bias_bias, k.up_bias_bias)});
+    for (std::size_t e = 0; e < a.moe.experts.size(); ++e)
+        w = std::max({w, m(a.moe.experts[e].up, b.moe.experts[e].up), m(a.moe.experts[e].down, b.moe.experts[e].down)});
+    return w;
+}
+
+} // namespace
+
+TEST_CASE("HyperMoeLayer backward matches central differences of every HyperMoE part") {
+    RandomHyper parts(6, 4, 3, 21);
+    const index_t tokens = 9, layer = 1;
+    auto x = random_matrix(tokens, parts.d, 90);
+    const auto dy = random_matrix(tokens, parts.d, 91);
+    Workspace ws;
+    const auto make = [&] { return parts.layer<reference>(2, layer, parts.hypernetwork<reference>()); };
+    const auto l = make();
+    auto g = l.make_gradients();
+    Matrix<float> dx(tokens, parts.d);
+    l.backward(x.view(), dy.view(), dx.view(), g, ws);
+    const auto loss = [&] {
+        const auto fresh = make();
+        Matrix<float> y(tokens, parts.d);
+        fresh.forward(x.view(), y.view(), ws);
+        return test::dot(y.view(), dy.view());
+    };
+    const float step = 2e-3f;
+    const HypernetworkGradients& h = *g.hypernetwork;
+    // Each part separately, so a failure names it.
+    const auto check = [&](const std::string& name, auto&& each) {
+        CAPTURE(name);
+        test::GradientGap gap;
+        each(gap);
+        CHECK(gap.scale > 0);
+        CHECK(gap.within(3e-3));
+    };
+    const auto matrix = [&](test::GradientGap& gap, const Matrix<float>& analytic, Matrix<float>& param, index_t stride) {
+        for (index_t i = 0; i < param.rows() * param.cols(); i += stride)
+            gap(analytic.data()[i], test::central_difference(param.data()[i], loss, step));
+    };
+    const auto vector = [&](test::GradientGap& gap, const std::vector<float>& analytic, std::vector<float>& param, index_t stride) {
+        for (std::size_t i = 0; i < param.size(); i += std::size_t(stride))
+            gap(analytic[i], test::central_difference(param[i], loss, step));
+    };
+    check("x", [&](auto& gap) { matrix(gap, dx, x, 1); });
+    check("router", [&](auto& gap) { matrix(gap, g.moe.gate, parts.gate, 1); });
+    check("expert embeddings", [&](auto& gap) { matrix(gap, g.embedding, parts.emb, 1); });
+    check("projector", [&](auto& gap) {
+        matrix(gap, g.projector.first, parts.w0, 1), vector(gap, g.projector.first_bias, parts.b0, 1);
+        matrix(gap, g.projector.second, parts.w2, 1), vector(gap, g.projector.second_bias, parts.b2, 1);
+    });
+    check("layer embedding", [&](auto& gap) { matrix(gap, h.layer_embed, parts.layer_embed, 1); });
+    check("trunk", [&](auto& gap) { matrix(gap, h.trunk, parts.trunk, 3), vector(gap, h.trunk_bias, parts.trunk_b, 1); });
+    check("heads", [&](auto& gap) {
+        matrix(gap, h.down_weight, parts.dw, 5), vector(gap, h.down_weight_bias, parts.dw_b, 1);
+        matrix(gap, h.up_weight, parts.uw, 5), vector(gap, h.up_weight_bias, parts.uw_b, 1);
+        matrix(gap, h.down_bias, parts.db, 1), vector(gap, h.down_bias_bias, parts.db_b, 1);
+        matrix(gap, h.up_bias, parts.ub, 1), vector(gap, h.up_bias_bias, parts.ub_b, 1);
+    });
+    // Only the layer's own row of the layer embedding gets gradient.
+    for (index_t r = 0; r < parts.layers; ++r)
+        for (index_t c = 0; c < parts.dl; ++c)
+            if (r != layer) CHECK(h.layer_embed(r, c) == 0.0f);
+}
+
+TEST_CASE_TEMPLATE_DEFINE("HyperMoeLayer backward on every backend equals the reference", B, hyper_backward_backends) {
+    const RandomHyper parts(16, 6, 4, 22);
+    const auto x = random_matrix(40, parts.d, 92), dy = random_matrix(40, parts.d, 93);
+    Workspace ws;
+    const auto run = [&](const auto& l) {
+        auto g = l.make_gradients();
+        Matrix<float> dx(x.rows(), x.cols());
+        l.backward(x.view(), dy.view(), dx.view(), g, ws);
+        return std::pair{std::move(dx), std::move(g)};
+    };
+    for (const HyperMode mode : {HyperMode::cached, HyperMode::per_token}) {
+        const auto [dx_ref, g_ref] = run(parts.layer<reference>(2, 0, parts.hypernetwork<reference>(), {.mode = mode}));
+        const auto [dx, g] = run(parts.layer<B>(2, 0, parts.hypernetwork<B>(), {.mode = mode}));
+        CHECK(relative_error(dx.view(), dx_ref.view()) <= 1e-5);
+        CHECK(worst_gap(g, g_ref) <= 1e-5);
+    }
+}
+TEST_CASE_TEMPLATE_APPLY(hyper_backward_backends, test::all_backends);
+
+TEST_CASE("HyperMoE layers that share a hypernetwork accumulate into one set of its gradients") {
+    const RandomHyper parts(8, 5, 2, 23);
+    const auto hyper = parts.hypernetwork<reference>();
+    const auto l0 = parts.layer<reference>(2, 0, hyper), l2 = parts.layer<reference>(2, 2, hyper);
+    const auto x = random_matrix(12, parts.d, 94), dy = random_matrix(12, parts.d, 95);
+    Workspace ws;
+    Matrix<float> dx(x.rows(), x.cols());
+    auto g0 = l0.make_gradients();
+    auto g2 = l2.make_gradients(g0.hypernetwork); // the stack's one set
+    CHECK(g2.hypernetwork == g0.hypernetwork);
+    l0.backward(x.view(), dy.view(), dx.view(), g0, ws);
+    l2.backward(x.view(), dy.view(), dx.view(), g2, ws);
+    // The same two calls into separate sets: the shared one holds their sum.
+    auto a = l0.make_gradients(), b = l2.make_gradients();
+    CHECK(a.hypernetwork != b.hypernetwork);
+    l0.backward(x.view(), dy.view(), dx.view(), a, ws);
+    l2.backward(x.view(), dy.view(), dx.view(), b, ws);
+    const HypernetworkGradients &s = *g0.hypernetwork, &ha = *a.hypernetwork, &hb = *b.hypernetwork;
+    for (index_t i = 0; i < s.trunk.rows() * s.trunk.cols(); ++i)
+        CHECK(s.trunk.data()[i] == doctest::Approx(ha.trunk.data()[i] + hb.trunk.data()[i]).epsilon(1e-6));
+    for (index_t c = 0; c < parts.dl; ++c) {
+        CHECK(s.layer_embed(0, c) == ha.layer_embed(0, c));
+        CHECK(s.layer_embed(1, c) == 0.0f);
+        CHECK(s.layer_embed(2, c) == hb.layer_embed(2, c));
+    }
+}
+
+TEST_CASE("HyperMoeLayer backward gives the same bits at 1 and 2 threads (reference backend)") {
+    const RandomHyper parts(16, 6, 4, 24);
+    const auto l = parts.layer<reference>(2, 1, parts.hypernetwork<reference>());
+    const auto x = random_matrix(300, parts.d, 96), dy = random_matrix(300, parts.d, 97);
+    const auto run = [&](int threads) {
+        const detail::ThreadCountScope scope(threads);
+        Workspace ws;
+        auto g = l.make_gradients();
+        Matrix<float> dx(x.rows(), x.cols());
+        l.backward(x.view(), dy.view(), dx.view(), g, ws);
+        return std::pair{std::move(dx), std::move(g)};
+    };
+    const auto [dx1, g1] = run(1);
+    const auto [dx2, g2] = run(2);
+    CHECK(bitwise(dx1, dx2));
+    CHECK(worst_gap(g1, g2) == 0.0);
+}
+
+TEST_CASE("HyperMoeLayer backward: typed errors") {
+    const RandomHyper parts(8, 4, 2, 25);
+    const auto l = parts.layer<reference>(2, 0, parts.hypernetwork<reference>());
+    const auto x = random_matrix(5, parts.d, 98), dy = random_matrix(5, parts.d, 99);
+    Matrix<float> dx(5, parts.d);
+    Workspace ws;
+    auto g = l.make_gradients();
+    g.hypernetwork.reset();
+    CHECK_THROWS_WITH_AS(l.backward(x.view(), dy.view(), dx.view(), g, ws),
+                         "HyperMoeLayer::backward: no hypernetwork gradients (use make_gradients())", config_error);
+    g = l.make_gradients();
+    g.embedding = Matrix<float>(4, 7);
+    CHECK_THROWS_WITH_AS(l.backward(x.view(), dy.view(), dx.view(), g, ws),
+                         "HyperMoeLayer::backward: gradient 'embedding' has shape (4, 7), expected (4, 8) (use make_gradients())",
+                         shape_error);
+    g = l.make_gradients();
+    g.hypernetwork->trunk_bias.resize(3);
+    CHECK_THROWS_WITH_AS(l.backward(x.view(), dy.view(), dx.view(), g, ws),
+                         "Hypernetwork::backward: gradient 'trunk_bias' has 3 elements, expected 16 (use make_gradients())",
+                         shape_error);
+    g = l.make_gradients();
+    g.projector.second = Matrix<float>(10, 11);
+    CHECK_THROWS_WITH_AS(l.backward(x.view(), dy.view(), dx.view(), g, ws),
+                         "Projector::backward: gradient 'second' has shape (10, 11), expected (10, 12) (use make_gradients())",
+                         shape_error);
+    g = l.make_gradients();
+    const Matrix<float> short_dy(4, parts.d);
+    CHECK_THROWS_WITH_AS(l.backward(x.view(), short_dy.view(), dx.view(), g, ws),
+                         "HyperMoeLayer::backward: output gradient dy has shape (4, 8), expected (5, 8)", shape_error);
+    // Training needs f32 weights: a bf16 inference copy is refused, naming the weight.
+    std::vector<FfnExpert<reference, GeluTanh>> experts;
+    for (index_t e = 0; e < parts.e; ++e)
+        experts.emplace_back(FfnWeights{.up = view(parts.up[std::size_t(e)]), .down = view(parts.down[std::size_t(e)])},
+                             ExpertOptions{.storage = dtype::bf16});
+    const HyperMoeLayer bf16_layer(MoeLayer(view(parts.gate), TopKRouter(parts.e, TopK{2}), experts), 0, ExpertEmbedding(view(parts.emb)),
+                                   Projector<reference>(ProjectorWeights{view(parts.w0), parts.b0, view(parts.w2), parts.b2}),
+                                   parts.hypernetwork<reference>());
+    auto gb = bf16_layer.make_gradients();
+    CHECK_THROWS_WITH_AS(bf16_layer.backward(x.view(), dy.view(), dx.view(), gb, ws),
+                         doctest::Contains("backward needs f32 storage, but the weights are stored as bf16"), config_error);
+}

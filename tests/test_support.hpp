@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdint>
 #include <filesystem>
+#include <functional>
 #include <string>
 #include <unistd.h>
 #include <random>
@@ -142,5 +143,35 @@ inline constexpr std::array<StorageCase, 7> storage_cases{{{dtype::f32, precisio
                                                            {dtype::q8_0, precision::fast},
                                                            {dtype::q4_0, precision::exact},
                                                            {dtype::q4_0, precision::fast}}};
+
+/// sum(y * dy), in double.
+inline double dot(ConstMatrixView<float> y, ConstMatrixView<float> dy) {
+    double s = 0;
+    for (index_t r = 0; r < y.rows(); ++r)
+        for (index_t c = 0; c < y.cols(); ++c) s += double(y(r, c)) * dy(r, c);
+    return s;
+}
+
+/// The largest gap between analytic gradients and central differences, and the largest
+/// central difference: a check passes when worst <= tolerance * scale.
+struct GradientGap {
+    double worst = 0, scale = 0;
+    void operator()(double analytic, double fd) {
+        worst = std::max(worst, std::abs(analytic - fd));
+        scale = std::max(scale, std::abs(fd));
+    }
+    [[nodiscard]] bool within(double tolerance) const { return worst <= tolerance * scale; }
+};
+
+/// Central difference of L(v) = loss() with respect to element `v`, in double.
+inline double central_difference(float& v, const std::function<double()>& loss, float h) {
+    const float saved = v;
+    v = saved + h;
+    const double up = loss();
+    v = saved - h;
+    const double down = loss();
+    v = saved;
+    return (up - down) / (2.0 * double(h));
+}
 
 } // namespace hypermoe::test

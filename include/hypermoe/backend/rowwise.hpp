@@ -33,6 +33,7 @@ public:
     }
 
     [[nodiscard]] std::size_t workspace_bytes(index_t /*rows*/) const noexcept { return 0; }
+    [[nodiscard]] bool has_bias() const noexcept { return !bias_.empty(); }
 
     /// c = [c +] scale * Act(a W^T + b).
     void operator()(ConstMatrixView<float> a, MatrixView<float> c, Workspace& /*ws*/, float scale = 1.0f) const {
@@ -41,14 +42,57 @@ public:
         const index_t col_tiles = (n_ + tile - 1) / tile;
         parallel_for(row_blocks * col_tiles, a.rows() * k_ * n_, [&](index_t item) {
             const index_t r0 = item / col_tiles * block_rows, j0 = item % col_tiles * tile;
-            block(a, c, r0, std::min(block_rows, a.rows() - r0), j0, std::min(tile, n_ - j0), scale);
+            block<false>(a, c, r0, std::min(block_rows, a.rows() - r0), j0, std::min(tile, n_ - j0), scale);
         });
+    }
+
+    [[nodiscard]] std::size_t backward_workspace_bytes(index_t rows) const noexcept { return affine_gradient_bytes(rows); }
+
+    /// The backward of operator()(a, c, ws, scale) given dc = dL/dC: da [+]= dz W,
+    /// g.weight += dz^T a, g.bias += the column sums of dz, where dz = scale * dc * Act'(Z)
+    /// (Z recomputed with the forward's own sums). Row-wise like the forward: every element
+    /// of da and of the gradients is summed in one fixed order (da over N in double, the
+    /// weight gradient over the rows in order), so the result does not depend on the thread
+    /// count. f32 storage only.
+    void backward(ConstMatrixView<float> a, ConstMatrixView<float> dc, MatrixView<float> da, const LinearGrads& g, Workspace& ws,
+                  bool accumulate_input = false, float scale = 1.0f) const {
+        check_backward(a, dc, da, g);
+        Workspace::Scope scope(ws, backward_workspace_bytes(a.rows()));
+        const index_t m = a.rows();
+        const ConstMatrixView<float> dz = affine_gradient<Act>(dc, scale, ws, [&](MatrixView<float> z) {
+            const index_t row_blocks = (m + block_rows - 1) / block_rows, col_tiles = (n_ + tile - 1) / tile;
+            parallel_for(row_blocks * col_tiles, m * k_ * n_, [&](index_t item) {
+                const index_t r0 = item / col_tiles * block_rows, j0 = item % col_tiles * tile;
+                block<true>(a, z, r0, std::min(block_rows, m - r0), j0, std::min(tile, n_ - j0), 1.0f);
+            });
+        });
+        // da (m, k) = dz (m, n) W (n, k): one dot over a row of W^T per element.
+        parallel_for(m * k_, m * k_ * n_, [&](index_t item) {
+            const index_t r = item / k_, k = item % k_;
+            const float* w = wt_.data() + k * n_;
+            double acc = accumulate_input ? da(r, k) : 0.0;
+            for (index_t j = 0; j < n_; ++j) acc += double(dz(r, j)) * w[j];
+            da(r, k) = float(acc);
+        });
+        // dW (n, k) += dz^T a: row n of dW gathers the rows of a in order.
+        parallel_for(n_, m * k_ * n_, [&](index_t n) {
+            const auto out = g.weight.row(n);
+            for (index_t r = 0; r < m; ++r) {
+                const float s = dz(r, n);
+                const auto in = a.row(r);
+                for (index_t k = 0; k < k_; ++k) out[std::size_t(k)] += s * in[std::size_t(k)];
+            }
+        });
+        add_column_sums(dz, g.bias);
     }
 
 private:
     static constexpr index_t block_rows = 4; ///< rows that share one pass over a weight tile
     static constexpr index_t tile = 64;      ///< output columns per item (4 AVX-512 registers a row)
 
+    /// Rows r0 .. r0+rows, columns j0 .. j0+cols of the call's result; with `pre_activation`,
+    /// of Z = a W^T + b instead (for backward: no activation, no scale, no accumulation).
+    template <bool pre_activation>
     void block(ConstMatrixView<float> a, MatrixView<float> c, index_t r0, index_t rows, index_t j0, index_t cols,
                float scale) const {
         float acc[block_rows][tile] = {};
@@ -62,8 +106,13 @@ private:
         for (index_t r = 0; r < rows; ++r) {
             float* out = c.row(r0 + r).data() + j0;
             for (index_t j = 0; j < cols; ++j) {
-                const float v = scale * Act::apply(acc[r][j] + (bias_.empty() ? 0.0f : bias_[std::size_t(j0 + j)]));
-                out[j] = accumulate_ ? out[j] + v : v;
+                const float z = acc[r][j] + (bias_.empty() ? 0.0f : bias_[std::size_t(j0 + j)]);
+                if constexpr (pre_activation) {
+                    out[j] = z;
+                } else {
+                    const float v = scale * Act::apply(z);
+                    out[j] = accumulate_ ? out[j] + v : v;
+                }
             }
         }
     }

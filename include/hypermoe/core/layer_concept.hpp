@@ -10,6 +10,7 @@
 #include <concepts>
 #include <cstddef>
 #include <cstdint>
+#include <initializer_list>
 #include <string_view>
 
 #include "hypermoe/core/context.hpp"
@@ -57,6 +58,25 @@ inline void check_forward_shapes(ConstMatrixView<float> x, MatrixView<float> y, 
     if (overlap(x, y))
         throw shape_error(concat(who, "::forward: output y overlaps input x; in-place forward is not supported, "
                                       "expected separate buffers"));
+}
+
+/// One gradient a backward was given: its name, shape, and the expected shape (a
+/// vector as (n, 1), an absent bias as (0, 1)).
+struct GradientShape {
+    const char* name;
+    index_t rows, cols, expected_rows, expected_cols;
+};
+
+/// A shape_error naming the first gradient whose shape is not the expected one.
+inline void check_gradient_shapes(std::string_view who, std::initializer_list<GradientShape> shapes) {
+    for (const auto& s : shapes) {
+        if (s.rows == s.expected_rows && s.cols == s.expected_cols) continue;
+        if (s.expected_cols == 1)
+            throw shape_error(concat(who, "::backward: gradient '", s.name, "' has ", s.rows, " elements, expected ", s.expected_rows,
+                                     " (use make_gradients())"));
+        throw shape_error(concat(who, "::backward: gradient '", s.name, "' has shape ", shape_str(s.rows, s.cols), ", expected ",
+                                 shape_str(s.expected_rows, s.expected_cols), " (use make_gradients())"));
+    }
 }
 
 /// Checks the views of a backward call: x (M, in), dy (M, out), dx (M, in), dx overlapping

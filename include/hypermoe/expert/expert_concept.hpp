@@ -23,25 +23,6 @@ concept Expert = Layer<E> && requires(const E& e) {
 
 namespace detail {
 
-/// One gradient an expert's backward was given: its name, shape, and the expected shape (a
-/// vector as (n, 1), an absent bias as (0, 1)).
-struct GradientShape {
-    const char* name;
-    index_t rows, cols, expected_rows, expected_cols;
-};
-
-/// A shape_error naming the first gradient whose shape is not the expected one.
-inline void check_expert_gradients(std::string_view who, std::initializer_list<GradientShape> shapes) {
-    for (const auto& s : shapes) {
-        if (s.rows == s.expected_rows && s.cols == s.expected_cols) continue;
-        if (s.expected_cols == 1)
-            throw shape_error(concat(who, "::backward: gradient '", s.name, "' has ", s.rows, " elements, expected ", s.expected_rows,
-                                     " (use make_gradients())"));
-        throw shape_error(concat(who, "::backward: gradient '", s.name, "' has shape ", shape_str(s.rows, s.cols), ", expected ",
-                                 shape_str(s.expected_rows, s.expected_cols), " (use make_gradients())"));
-    }
-}
-
 /// What both expert kinds share: their types, static widths and width getters.
 template <class B, class Act, index_t D, index_t FF>
 class ExpertWidths {

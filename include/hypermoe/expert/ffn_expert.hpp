@@ -94,7 +94,7 @@ public:
     void backward(ConstMatrixView<float> x, ConstMatrixView<float> dy, MatrixView<float> dx, FfnGradients& g, Workspace& ws,
                   bool accumulate_input = false) const {
         detail::check_backward_shapes(x, dy, dx, d_model(), d_model(), "FfnExpert");
-        detail::check_expert_gradients("FfnExpert", {{"up", g.up.rows(), g.up.cols(), d_ff(), d_model()},
+        detail::check_gradient_shapes("FfnExpert", {{"up", g.up.rows(), g.up.cols(), d_ff(), d_model()},
                                                      {"down", g.down.rows(), g.down.cols(), d_model(), d_ff()},
                                                      {"up_bias", index_t(g.up_bias.size()), 1, up_bias_ ? d_ff() : 0, 1},
                                                      {"down_bias", index_t(g.down_bias.size()), 1, down_bias_ ? d_model() : 0, 1}});

@@ -4,12 +4,15 @@
 // as total - sum_{j in S} emb[j]: O(k) instead of O(E), in double, so it matches the plain
 // sum to float rounding.
 
+#include <algorithm>
+#include <cstdint>
 #include <span>
 #include <vector>
 
 #include "hypermoe/backend/linear_spec.hpp"
 #include "hypermoe/core/error.hpp"
 #include "hypermoe/core/finite.hpp"
+#include "hypermoe/core/matrix.hpp"
 
 namespace hypermoe {
 
@@ -43,6 +46,32 @@ public:
             for (const std::int32_t e : selected) v -= table_[std::size_t(e * dim_ + c)];
             out[std::size_t(c)] = float(v);
         }
+    }
+
+    /// The backward of unselected_sum for n selections: row i of `ds` (n, d_e) is the gradient
+    /// of the sum for the sorted ids `selected_rows[i k .. i k + k)`; every expert NOT in that
+    /// selection gets it added to its row of `dtable` (experts, d_e). Each element is summed in
+    /// double over the selections in order.
+    void backward(std::span<const std::int32_t> selected_rows, ConstMatrixView<float> ds, MatrixView<float> dtable) const {
+        const index_t n = ds.rows();
+        if (ds.cols() != dim_ || dtable.rows() != experts_ || dtable.cols() != dim_ || n < 0 ||
+            (n > 0 && index_t(selected_rows.size()) % n != 0) || (n == 0 && !selected_rows.empty()))
+            throw shape_error(detail::concat("ExpertEmbedding::backward: ds has shape ", detail::shape_str(ds.rows(), ds.cols()),
+                                             " for ", selected_rows.size(), " selected ids and the gradient has shape ",
+                                             detail::shape_str(dtable.rows(), dtable.cols()), ", expected ds (n, ", dim_,
+                                             "), n k ids and a gradient of shape ", detail::shape_str(experts_, dim_)));
+        const std::size_t k = n > 0 ? selected_rows.size() / std::size_t(n) : 0;
+        const auto unselected = [&](index_t i, index_t e) {
+            const auto sel = selected_rows.subspan(std::size_t(i) * k, k);
+            return std::find(sel.begin(), sel.end(), std::int32_t(e)) == sel.end();
+        };
+        for (index_t e = 0; e < experts_; ++e)
+            for (index_t c = 0; c < dim_; ++c) {
+                double sum = 0;
+                for (index_t i = 0; i < n; ++i)
+                    if (unselected(i, e)) sum += ds(i, c);
+                dtable(e, c) += float(sum);
+            }
     }
 
 private:

@@ -71,6 +71,46 @@ inline void apply_adapter(std::span<const float> x, const HyperExpert& h, float*
     apply_adapter(x, h.down.data(), h.down_bias.data(), h.up.data(), h.up_bias.data(), h.d, h.r, hidden, out);
 }
 
+/// The backward of apply_adapter for one token: from dy (d), adds the token's gradient to dx
+/// (d) and to the adapter's gradients dD (d, r), dbD (r), dU (r, d), dbU (d). The hidden
+/// pre-activations are recomputed with apply_adapter's sums; `pre` and `dpre` (r) are scratch.
+/// relu'(0) = 0, as in PyTorch.
+inline void adapter_backward(std::span<const float> x, std::span<const float> dy, const float* down, const float* down_bias,
+                             const float* up, index_t d, index_t r, float* pre, float* dpre, std::span<float> dx, float* ddown,
+                             float* ddown_bias, float* dup, float* dup_bias) noexcept {
+    for (index_t b = 0; b < r; ++b) pre[b] = 0.0f;
+    for (index_t a = 0; a < d; ++a) {
+        const float xa = x[std::size_t(a)];
+        const float* row = down + a * r;
+        for (index_t b = 0; b < r; ++b) pre[b] += xa * row[b];
+    }
+    for (index_t b = 0; b < r; ++b) pre[b] += down_bias[b];
+    for (index_t a = 0; a < d; ++a) dup_bias[a] += dy[std::size_t(a)];
+    for (index_t b = 0; b < r; ++b) {
+        const float hb = pre[b] > 0.0f ? pre[b] : 0.0f;
+        const float* row = up + b * d;
+        float* drow = dup + b * d;
+        double dh = 0;
+        for (index_t a = 0; a < d; ++a) {
+            drow[a] += hb * dy[std::size_t(a)];
+            dh += double(row[a]) * dy[std::size_t(a)];
+        }
+        dpre[b] = pre[b] > 0.0f ? float(dh) : 0.0f;
+        ddown_bias[b] += dpre[b];
+    }
+    for (index_t a = 0; a < d; ++a) {
+        const float xa = x[std::size_t(a)];
+        const float* row = down + a * r;
+        float* drow = ddown + a * r;
+        double sum = 0;
+        for (index_t b = 0; b < r; ++b) {
+            drow[b] += xa * dpre[b];
+            sum += double(row[b]) * dpre[b];
+        }
+        dx[std::size_t(a)] += float(sum);
+    }
+}
+
 } // namespace detail
 
 template <Backend B>

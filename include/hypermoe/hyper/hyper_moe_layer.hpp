@@ -43,6 +43,18 @@ struct HyperOptions {
     std::size_t cache_budget_bytes = std::size_t{256} << 20;
 };
 
+/// Gradients of a HyperMoeLayer's parameters (HyperMoeLayer::make_gradients); backward adds to
+/// them. The hypernetwork's are held by shared_ptr, as the hypernetwork is: the layers of one
+/// stack share one set, which collects gradient from every block (their backward calls must not
+/// run concurrently on it).
+template <class MoeGradientsType>
+struct HyperMoeGradients {
+    MoeGradientsType moe;                                  ///< router, experts, shared expert
+    Matrix<float> embedding;                               ///< (experts, d_e): the expert embeddings
+    ProjectorGradients projector;                          ///< the layer's projector
+    std::shared_ptr<HypernetworkGradients> hypernetwork;   ///< the stack's hypernetwork
+};
+
 template <Expert E, Router R, class Shared = NoSharedExpert>
 class HyperMoeLayer {
 public:
@@ -94,6 +106,83 @@ public:
         hyper_term(x, plan, h, ws);
         for (index_t t = 0; t < x.rows(); ++t)
             for (index_t c = 0; c < in_width(); ++c) y(t, c) += h(t, c);
+    }
+
+    /// Zeroed gradients of the layer's parameters. `hypernetwork` is the gradient set of the
+    /// stack's hypernetwork to accumulate into (the same for every layer of the stack); a new
+    /// one is made when it is null.
+    [[nodiscard]] auto make_gradients(std::shared_ptr<HypernetworkGradients> hypernetwork = nullptr) const
+        requires requires(const moe_type& m) { m.make_gradients(); }
+    {
+        if (!hypernetwork) hypernetwork = std::make_shared<HypernetworkGradients>(hyper_->make_gradients());
+        return HyperMoeGradients<decltype(moe_.make_gradients())>{moe_.make_gradients(), Matrix<float>(moe_.num_experts(), embedding_.dim()),
+                                                                  projector_.make_gradients(), std::move(hypernetwork)};
+    }
+
+    /// Scratch of backward() for `rows` tokens.
+    [[nodiscard]] std::size_t backward_workspace_bytes(index_t rows) const
+        requires requires(const moe_type& m) { m.backward_workspace_bytes(rows); }
+    {
+        const index_t k = moe_.router().slots(), de = embedding_.dim(), q = hyper_->input_dim();
+        const std::size_t inner = std::max({projector_.workspace_bytes(rows), hyper_->workspace_bytes(rows),
+                                            hyper_->backward_workspace_bytes(rows), projector_.backward_workspace_bytes(rows)});
+        const std::size_t hyper = detail::padded_bytes<std::int64_t>(rows) + detail::padded_bytes<std::int32_t>(rows, k) +
+                                  detail::padded_bytes<index_t>(rows + 1) + 2 * heads_bytes(rows) +
+                                  detail::padded_bytes<float>(rows, 2 * hyper_->rank()) + 2 * detail::padded_bytes<float>(rows, de) +
+                                  2 * detail::padded_bytes<float>(rows, q) + inner;
+        return std::max(moe_.backward_workspace_bytes(rows), hyper);
+    }
+
+    /// The backward of forward(x, y, ctx): dx = dL/dx from dy, the parameter gradients added to
+    /// `g`. The MoE part is MoeLayer::backward; the HyperExpert part, per selection pattern of
+    /// the call: each token's gradient through its adapter (dx, and the pattern's generated
+    /// heads), then the heads' gradients back through the hypernetwork, the projector and the
+    /// unselected experts' embeddings. The adapters are generated again, not taken from the
+    /// cache (the same bits either way). Each pattern's sums run over its tokens in order, so
+    /// the HyperExpert part's gradients do not depend on the thread count.
+    template <class G>
+    void backward(ConstMatrixView<float> x, ConstMatrixView<float> dy, MatrixView<float> dx, G& g, Workspace& ws,
+                  const Context& context = {}) const {
+        detail::check_backward_shapes(x, dy, dx, in_width(), out_width(), "HyperMoeLayer");
+        if (!g.hypernetwork) throw config_error("HyperMoeLayer::backward: no hypernetwork gradients (use make_gradients())");
+        detail::check_gradient_shapes("HyperMoeLayer", {{"embedding", g.embedding.rows(), g.embedding.cols(), moe_.num_experts(),
+                                                         embedding_.dim()}});
+        thread_local RoutingPlan plan;
+        moe_.backward(x, dy, dx, g.moe, ws, plan, context);
+        const index_t tokens = x.rows(), d = in_width(), r = hyper_->rank(), k = moe_.router().slots();
+        Workspace::Scope scope(ws, backward_workspace_bytes(tokens));
+        const auto pairs = ws.take<std::int64_t>(tokens);
+        const auto ids = ws.take<std::int32_t>(tokens * k);
+        const auto starts = ws.take<index_t>(tokens + 1);
+        // The call's patterns in rank order: pattern i has the sorted ids ids[i k ..) and the
+        // tokens token_of(starts[i] .. starts[i + 1]).
+        index_t n = 0;
+        sort_by_pattern(plan, tokens, pairs, ids);
+        for (index_t begin = 0; begin < tokens; begin = next_pattern(pairs, begin, tokens), ++n) {
+            starts[std::size_t(n)] = begin;
+            sorted_selection(plan, token_of(pairs, begin, tokens), ids.subspan(std::size_t(n * k), std::size_t(k)));
+        }
+        starts[std::size_t(n)] = tokens;
+        MatrixView<float> s = ws.take_matrix<float>(n, embedding_.dim()), z = ws.take_matrix<float>(n, hyper_->input_dim());
+        const GeneratedAdapters heads = take_adapters(n, ws), dheads = take_adapters(n, ws);
+        embed(ids, n, s, z, ws);
+        hyper_->generate(layer_, z, heads, ws);
+        for (const MatrixView<float>& m : {dheads.down, dheads.up, dheads.down_bias, dheads.up_bias})
+            for (index_t i = 0; i < n; ++i) std::ranges::fill(m.row(i), 0.0f);
+        MatrixView<float> scratch = ws.take_matrix<float>(n, 2 * r);
+        detail::parallel_for(n, tokens * d * r * 4, [&](index_t i) {
+            float* pre = scratch.row(i).data();
+            for (index_t j = starts[std::size_t(i)]; j < starts[std::size_t(i + 1)]; ++j) {
+                const index_t t = token_of(pairs, j, tokens);
+                detail::adapter_backward(x.row(t), dy.row(t), heads.down.row(i).data(), heads.down_bias.row(i).data(),
+                                         heads.up.row(i).data(), d, r, pre, pre + r, dx.row(t), dheads.down.row(i).data(),
+                                         dheads.down_bias.row(i).data(), dheads.up.row(i).data(), dheads.up_bias.row(i).data());
+            }
+        });
+        MatrixView<float> dz = ws.take_matrix<float>(n, hyper_->input_dim()), ds = ws.take_matrix<float>(n, embedding_.dim());
+        hyper_->backward(layer_, z, dheads, dz, *g.hypernetwork, ws);
+        projector_.backward(s, dz, ds, g.projector, ws);
+        embedding_.backward(ids.first(std::size_t(n * k)), ds, g.embedding.view());
     }
 
     /// Generates and caches every selection pattern's adapter now (C(E, k) of them), in batches of
@@ -210,14 +299,44 @@ static_assert(R::selection_type::fixed_selection,
     /// The four generated heads of n selections (from their sorted ids) into `out`.
     void generate(std::span<const std::int32_t> sorted_ids_rows, index_t n, const GeneratedAdapters& out,
                   Workspace& ws) const {
-        const index_t k = moe_.router().slots();
         Workspace::Scope scope(ws, generation_bytes(n));
         MatrixView<float> s = ws.take_matrix<float>(n, embedding_.dim());   // (n, d_e)
         MatrixView<float> z = ws.take_matrix<float>(n, hyper_->input_dim()); // (n, q)
+        embed(sorted_ids_rows, n, s, z, ws);
+        hyper_->generate(layer_, z, out, ws);
+    }
+
+    /// s (n, d_e), the unselected experts' embeddings summed, and z (n, q), their projection,
+    /// of n selections (from their sorted ids).
+    void embed(std::span<const std::int32_t> sorted_ids_rows, index_t n, MatrixView<float> s, MatrixView<float> z,
+               Workspace& ws) const {
+        const index_t k = moe_.router().slots();
         for (index_t i = 0; i < n; ++i)
             embedding_.unselected_sum(sorted_ids_rows.subspan(std::size_t(i * k), std::size_t(k)), s.row(i));
         projector_.forward(s, z, ws);
-        hyper_->generate(layer_, z, out, ws);
+    }
+
+    /// (pattern rank, token) of every token, sorted: tokens grouped by pattern, in rank order,
+    /// each group's tokens in order. `ids` (k) is scratch.
+    void sort_by_pattern(const RoutingPlan& plan, index_t tokens, std::span<std::int64_t> pairs, std::span<std::int32_t> ids) const {
+        const std::size_t k = std::size_t(moe_.router().slots());
+        for (index_t t = 0; t < tokens; ++t) {
+            sorted_selection(plan, t, ids.first(k));
+            pairs[std::size_t(t)] = pattern_rank(ids.first(k)) * (tokens + 1) + t;
+        }
+        std::sort(pairs.begin(), pairs.begin() + tokens);
+    }
+    [[nodiscard]] static index_t pattern_of(std::span<const std::int64_t> pairs, index_t i, index_t tokens) noexcept {
+        return pairs[std::size_t(i)] / (tokens + 1);
+    }
+    [[nodiscard]] static index_t token_of(std::span<const std::int64_t> pairs, index_t i, index_t tokens) noexcept {
+        return pairs[std::size_t(i)] % (tokens + 1);
+    }
+    /// The first entry of `pairs` after `begin` with another pattern (or `tokens`).
+    [[nodiscard]] static index_t next_pattern(std::span<const std::int64_t> pairs, index_t begin, index_t tokens) noexcept {
+        index_t end = begin;
+        while (end < tokens && pattern_of(pairs, end, tokens) == pattern_of(pairs, begin, tokens)) ++end;
+        return end;
     }
 
     [[nodiscard]] GeneratedAdapters take_adapters(index_t n, Workspace& ws) const {
@@ -255,35 +374,29 @@ static_assert(R::selection_type::fixed_selection,
     void cached(ConstMatrixView<float> x, const RoutingPlan& plan, MatrixView<float> out, Workspace& ws) const {
         cache_->sync_version(hyper_->version());
         const index_t tokens = x.rows(), d = in_width(), r = hyper_->rank(), k = moe_.router().slots();
-        // (pattern, token) pairs sorted: tokens grouped by pattern, so each pattern is looked up
-        // (and on a miss generated) once per call.
         const auto pairs = ws.take<std::int64_t>(tokens);
         const auto adapters = ws.take<const HyperExpert*>(tokens);
         const auto ids = ws.take<std::int32_t>(k);
         MatrixView<float> hidden = ws.take_matrix<float>(tokens, r);
-        for (index_t t = 0; t < tokens; ++t) {
-            sorted_selection(plan, t, ids);
-            pairs[std::size_t(t)] = pattern_rank(ids) * (tokens + 1) + t;
-        }
-        std::sort(pairs.begin(), pairs.begin() + tokens);
-        for (index_t begin = 0; begin < tokens;) {
-            const index_t pattern = pairs[std::size_t(begin)] / (tokens + 1);
-            index_t end = begin;
-            while (end < tokens && pairs[std::size_t(end)] / (tokens + 1) == pattern) ++end;
-            const auto token_of = [&](index_t i) { return pairs[std::size_t(begin + i)] % (tokens + 1); };
+        // Tokens grouped by pattern, so each pattern is looked up (and on a miss generated) once
+        // per call.
+        sort_by_pattern(plan, tokens, pairs, ids);
+        for (index_t begin = 0, end = 0; begin < tokens; begin = end) {
+            end = next_pattern(pairs, begin, tokens);
+            const index_t pattern = pattern_of(pairs, begin, tokens);
+            const auto group_token = [&](index_t i) { return token_of(pairs, begin + i, tokens); };
             const HyperExpert* adapter = cache_->find(pattern);
             if (adapter == nullptr) {
                 Workspace::Scope gen_scope(ws, heads_bytes(1) + generation_bytes(1));
-                sorted_selection(plan, token_of(0), ids);
+                sorted_selection(plan, group_token(0), ids);
                 const GeneratedAdapters g = take_adapters(1, ws);
                 generate(ids, 1, g, ws);
                 auto made = prepare(g, 0);
                 adapter = cache_->insert(pattern, made);
                 // Over budget: this call applies the generated adapter itself, now.
-                if (adapter == nullptr) apply_generated(x, g, 0, end - begin, token_of, hidden, out);
+                if (adapter == nullptr) apply_generated(x, g, 0, end - begin, group_token, hidden, out);
             }
-            for (index_t i = 0; i < end - begin; ++i) adapters[std::size_t(token_of(i))] = adapter;
-            begin = end;
+            for (index_t i = 0; i < end - begin; ++i) adapters[std::size_t(group_token(i))] = adapter;
         }
         // One token-parallel pass over the cached adapters.
         detail::parallel_for(tokens, tokens * d * r * 2, [&](index_t t) {

@@ -19,9 +19,11 @@
 // runs once per pattern, off the hot path. B remains the type's parameter so that a stack's
 // parts keep one backend in their types.
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <span>
+#include <utility>
 #include <vector>
 
 #include "hypermoe/backend/backend_concept.hpp"
@@ -52,6 +54,23 @@ struct GeneratedAdapters {
     MatrixView<float> up;   ///< (n, r d): row i is U_i, row-major (r, d)
     MatrixView<float> down_bias; ///< (n, r)
     MatrixView<float> up_bias;   ///< (n, d)
+};
+
+/// Gradients of a Hypernetwork's parameters, zeroed at creation (Hypernetwork::make_gradients);
+/// backward adds to them. One set serves every layer that shares the hypernetwork, as the
+/// reference code's single `param_gen` collects gradient from every block.
+struct HypernetworkGradients {
+    Matrix<float> layer_embed; ///< (layers, d_l): only the rows of the layers run get gradient
+    Matrix<float> trunk;       ///< (h, q + d_l)
+    std::vector<float> trunk_bias;
+    Matrix<float> down_weight; ///< (d r, h)
+    std::vector<float> down_weight_bias;
+    Matrix<float> up_weight;   ///< (r d, h)
+    std::vector<float> up_weight_bias;
+    Matrix<float> down_bias;   ///< (r, h)
+    std::vector<float> down_bias_bias;
+    Matrix<float> up_bias;     ///< (d, h)
+    std::vector<float> up_bias_bias;
 };
 
 template <Backend B>
@@ -86,27 +105,114 @@ public:
     /// Adapters for n selections of layer `layer` from their projected embeddings z (n, q).
     void generate(index_t layer, ConstMatrixView<float> z, const GeneratedAdapters& out, Workspace& ws) const {
         const Parts& p = parts_;
-        if (layer < 0 || layer >= p.layers)
-            throw config_error(detail::concat("Hypernetwork: layer index is ", layer, ", expected 0 <= layer < ", p.layers,
-                                              " (rows of layer_embed)"));
-        if (z.cols() != p.q)
-            throw shape_error(detail::concat("Hypernetwork::generate: z has ", z.cols(), " columns, expected q = ", p.q));
+        check_input(layer, z, "generate");
         const index_t n = z.rows();
         Workspace::Scope scope(ws, workspace_bytes(n));
-        MatrixView<float> u = ws.take_matrix<float>(n, p.q + p.dl); // (n, q + d_l) = [z ; layer_embed[l]]
-        for (index_t i = 0; i < n; ++i) {
-            for (index_t c = 0; c < p.q; ++c) u(i, c) = z(i, c);
-            for (index_t c = 0; c < p.dl; ++c) u(i, p.q + c) = p.layer_embed[std::size_t(layer * p.dl + c)];
-        }
-        MatrixView<float> g = ws.take_matrix<float>(n, hidden_dim()); // (n, h)
-        p.trunk(u, g, ws);
+        const auto [u, g] = trunk_forward(layer, z, ws);
         p.down_weight(g, out.down, ws);
         p.up_weight(g, out.up, ws);
         p.down_bias(g, out.down_bias, ws);
         p.up_bias(g, out.up_bias, ws);
     }
 
+    /// Zeroed gradients shaped like the parameters (biases sized as the weights have them).
+    [[nodiscard]] HypernetworkGradients make_gradients() const {
+        const Parts& p = parts_;
+        const auto bias = [](const auto& lin) { return std::vector<float>(lin.has_bias() ? std::size_t(lin.out_features()) : 0); };
+        const auto weight = [](const auto& lin) { return Matrix<float>(lin.out_features(), lin.in_features()); };
+        return {Matrix<float>(p.layers, p.dl), weight(p.trunk),       bias(p.trunk),       weight(p.down_weight),
+                bias(p.down_weight),           weight(p.up_weight),   bias(p.up_weight),   weight(p.down_bias),
+                bias(p.down_bias),             weight(p.up_bias),     bias(p.up_bias)};
+    }
+
+    /// Scratch of backward() for n selections.
+    [[nodiscard]] std::size_t backward_workspace_bytes(index_t n) const {
+        const Parts& p = parts_;
+        return 2 * detail::padded_bytes<float>(n, p.q + p.dl) + 2 * detail::padded_bytes<float>(n, hidden_dim()) +
+               std::max({p.trunk.workspace_bytes(n), p.trunk.backward_workspace_bytes(n), p.down_weight.backward_workspace_bytes(n),
+                         p.up_weight.backward_workspace_bytes(n), p.down_bias.backward_workspace_bytes(n),
+                         p.up_bias.backward_workspace_bytes(n)});
+    }
+
+    /// The backward of generate(layer, z, out, ws): from `dout`, the gradients of the four
+    /// generated heads (shaped as generate's `out`), dz = dL/dz (n, q), and the parameter
+    /// gradients added to `g` (layer_embed's row `layer` only). The trunk's input and output
+    /// are recomputed from z. Sums run in a fixed order (the row-wise map's backward), so the
+    /// result does not depend on the thread count.
+    void backward(index_t layer, ConstMatrixView<float> z, const GeneratedAdapters& dout, MatrixView<float> dz,
+                  HypernetworkGradients& g, Workspace& ws) const {
+        const Parts& p = parts_;
+        check_input(layer, z, "backward");
+        const index_t n = z.rows(), h = hidden_dim();
+        if (dz.rows() != n || dz.cols() != p.q)
+            throw shape_error(detail::concat("Hypernetwork::backward: dz has shape ", detail::shape_str(dz.rows(), dz.cols()),
+                                             ", expected ", detail::shape_str(n, p.q)));
+        check_gradients(g);
+        Workspace::Scope scope(ws, backward_workspace_bytes(n));
+        const auto trunk = trunk_forward(layer, z, ws); // (no structured binding: the lambda below captures it)
+        const MatrixView<float> u = trunk.first, hidden = trunk.second;
+        MatrixView<float> dhidden = ws.take_matrix<float>(n, h); // (n, h): the four heads' input gradients summed
+        MatrixView<float> du = ws.take_matrix<float>(n, p.q + p.dl);
+        const auto head = [&](const detail::RowwiseLinear<Identity>& lin, MatrixView<float> dhead, Matrix<float>& dw,
+                              std::vector<float>& db, bool accumulate) {
+            lin.backward(hidden, dhead, dhidden, LinearGrads{dw.view(), db}, ws, accumulate);
+        };
+        head(p.down_weight, dout.down, g.down_weight, g.down_weight_bias, false);
+        head(p.up_weight, dout.up, g.up_weight, g.up_weight_bias, true);
+        head(p.down_bias, dout.down_bias, g.down_bias, g.down_bias_bias, true);
+        head(p.up_bias, dout.up_bias, g.up_bias, g.up_bias_bias, true);
+        p.trunk.backward(u, dhidden, du, LinearGrads{g.trunk.view(), g.trunk_bias}, ws);
+        for (index_t i = 0; i < n; ++i)
+            for (index_t c = 0; c < p.q; ++c) dz(i, c) = du(i, c);
+        for (index_t c = 0; c < p.dl; ++c) {
+            double sum = 0;
+            for (index_t i = 0; i < n; ++i) sum += du(i, p.q + c);
+            g.layer_embed(layer, c) += float(sum);
+        }
+    }
+
 private:
+    void check_input(index_t layer, ConstMatrixView<float> z, const char* call) const {
+        if (layer < 0 || layer >= parts_.layers)
+            throw config_error(detail::concat("Hypernetwork: layer index is ", layer, ", expected 0 <= layer < ", parts_.layers,
+                                              " (rows of layer_embed)"));
+        if (z.cols() != parts_.q)
+            throw shape_error(detail::concat("Hypernetwork::", call, ": z has ", z.cols(), " columns, expected q = ", parts_.q));
+    }
+
+    void check_gradients(const HypernetworkGradients& g) const {
+        const Parts& p = parts_;
+        const auto shape = [](const char* name, const Matrix<float>& m, const auto& lin) {
+            return detail::GradientShape{name, m.rows(), m.cols(), lin.out_features(), lin.in_features()};
+        };
+        const auto bias = [](const char* name, const std::vector<float>& v, const auto& lin) {
+            return detail::GradientShape{name, index_t(v.size()), 1, lin.has_bias() ? lin.out_features() : 0, 1};
+        };
+        detail::check_gradient_shapes(
+            "Hypernetwork", {{"layer_embed", g.layer_embed.rows(), g.layer_embed.cols(), p.layers, p.dl},
+                             shape("trunk", g.trunk, p.trunk), bias("trunk_bias", g.trunk_bias, p.trunk),
+                             shape("down_weight", g.down_weight, p.down_weight),
+                             bias("down_weight_bias", g.down_weight_bias, p.down_weight),
+                             shape("up_weight", g.up_weight, p.up_weight), bias("up_weight_bias", g.up_weight_bias, p.up_weight),
+                             shape("down_bias", g.down_bias, p.down_bias), bias("down_bias_bias", g.down_bias_bias, p.down_bias),
+                             shape("up_bias", g.up_bias, p.up_bias), bias("up_bias_bias", g.up_bias_bias, p.up_bias)});
+    }
+
+    /// u = [z ; layer_embed[layer]] (n, q + d_l) and the trunk's output relu(trunk u + c)
+    /// (n, h), both taken from `ws`.
+    std::pair<MatrixView<float>, MatrixView<float>> trunk_forward(index_t layer, ConstMatrixView<float> z, Workspace& ws) const {
+        const Parts& p = parts_;
+        const index_t n = z.rows();
+        MatrixView<float> u = ws.take_matrix<float>(n, p.q + p.dl);
+        for (index_t i = 0; i < n; ++i) {
+            for (index_t c = 0; c < p.q; ++c) u(i, c) = z(i, c);
+            for (index_t c = 0; c < p.dl; ++c) u(i, p.q + c) = p.layer_embed[std::size_t(layer * p.dl + c)];
+        }
+        MatrixView<float> g = ws.take_matrix<float>(n, hidden_dim());
+        p.trunk(u, g, ws);
+        return {u, g};
+    }
+
     struct Parts {
         index_t layers, dl, q, d, r;
         std::vector<float> layer_embed;

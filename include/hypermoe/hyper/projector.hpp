@@ -3,7 +3,9 @@
 // `embedding_process`: Linear, ReLU, Linear). It runs on the row-wise map whatever the backend
 // B: a pattern's projection must be the same bits in any batch (see hypernetwork.hpp).
 
+#include <algorithm>
 #include <span>
+#include <vector>
 
 #include "hypermoe/backend/backend_concept.hpp"
 #include "hypermoe/backend/rowwise.hpp"
@@ -18,6 +20,14 @@ struct ProjectorWeights {
     std::span<const float> first_bias; ///< p
     WeightView second;                ///< (q, p)
     std::span<const float> second_bias; ///< q
+};
+
+/// Gradients of a Projector's parameters (Projector::make_gradients); backward adds to them.
+struct ProjectorGradients {
+    Matrix<float> first; ///< (p, d_e)
+    std::vector<float> first_bias;
+    Matrix<float> second; ///< (q, p)
+    std::vector<float> second_bias;
 };
 
 template <Backend B>
@@ -40,6 +50,34 @@ public:
         MatrixView<float> h = ws.take_matrix<float>(s.rows(), first_->out_features()); // (n, p)
         first_(s, h, ws);
         second_(h, z, ws);
+    }
+
+    [[nodiscard]] ProjectorGradients make_gradients() const {
+        const auto bias = [](const auto& lin) { return std::vector<float>(lin.has_bias() ? std::size_t(lin.out_features()) : 0); };
+        return {Matrix<float>(first_->out_features(), first_->in_features()), bias(*first_),
+                Matrix<float>(second_->out_features(), second_->in_features()), bias(*second_)};
+    }
+
+    [[nodiscard]] std::size_t backward_workspace_bytes(index_t rows) const {
+        return 2 * detail::padded_bytes<float>(rows, first_->out_features()) +
+               std::max({first_->workspace_bytes(rows), first_->backward_workspace_bytes(rows), second_->backward_workspace_bytes(rows)});
+    }
+
+    /// The backward of forward(s, z, ws): ds (n, d_e) from dz (n, q), the parameter gradients
+    /// added to `g`; the hidden layer is recomputed from s.
+    void backward(ConstMatrixView<float> s, ConstMatrixView<float> dz, MatrixView<float> ds, ProjectorGradients& g,
+                  Workspace& ws) const {
+        const index_t p = first_->out_features();
+        detail::check_gradient_shapes(
+            "Projector", {{"first", g.first.rows(), g.first.cols(), p, in_dim()},
+                          {"first_bias", index_t(g.first_bias.size()), 1, first_->has_bias() ? p : 0, 1},
+                          {"second", g.second.rows(), g.second.cols(), out_dim(), p},
+                          {"second_bias", index_t(g.second_bias.size()), 1, second_->has_bias() ? out_dim() : 0, 1}});
+        Workspace::Scope scope(ws, backward_workspace_bytes(s.rows()));
+        MatrixView<float> h = ws.take_matrix<float>(s.rows(), p), dh = ws.take_matrix<float>(s.rows(), p);
+        (*first_)(s, h, ws);
+        second_->backward(h, dz, dh, LinearGrads{g.second.view(), g.second_bias}, ws);
+        first_->backward(s, dh, ds, LinearGrads{g.first.view(), g.first_bias}, ws);
     }
 
 private:

@@ -190,6 +190,14 @@ public:
     template <class G>
     void backward(ConstMatrixView<float> x, ConstMatrixView<float> dy, MatrixView<float> dx, G& g, Workspace& ws,
                   const Context& context = {}) const {
+        thread_local RoutingPlan plan;
+        backward(x, dy, dx, g, ws, plan, context);
+    }
+
+    /// The same, routing into `plan` (which the caller may then use, as HyperMoeLayer does).
+    template <class G>
+    void backward(ConstMatrixView<float> x, ConstMatrixView<float> dy, MatrixView<float> dx, G& g, Workspace& ws,
+                  RoutingPlan& plan, const Context& context = {}) const {
         detail::check_backward_shapes(x, dy, dx, in_width(), out_width(), "MoeLayer");
         check_input(x);
         if (g.gate.rows() != num_experts() || g.gate.cols() != in_width() || index_t(g.experts.size()) != num_experts())
@@ -197,7 +205,6 @@ public:
                                              detail::shape_str(g.gate.rows(), g.gate.cols()), " and ", g.experts.size(),
                                              " experts, expected ", detail::shape_str(num_experts(), in_width()), " and ",
                                              num_experts(), " (use make_gradients())"));
-        thread_local RoutingPlan plan;
         const index_t tokens = x.rows(), d = in_width(), slots = router_.slots();
         Workspace::Scope scope(ws, backward_workspace_bytes(tokens));
         MatrixView<float> logits = ws.take_matrix<float>(tokens, num_experts());
