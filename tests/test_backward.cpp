@@ -442,6 +442,85 @@ TEST_CASE("MoeLayer backward matches central differences: Switch top-1 with capa
     }
 }
 
+TEST_CASE("auxiliary losses: gradients with respect to the logits match central differences, and an MoE layer's backward adds them") {
+    // 12 tokens in sequences of 6, top-1 with at most 2 per expert and sequence: some are dropped.
+    const index_t tokens = 12, experts = 4;
+    const SwitchRouter router(experts, Top1Capacity{2});
+    auto logits = random_matrix(tokens, experts, 11, 1.5f);
+    const Context ctx{.sequence_length = 6};
+    RoutingPlan plan;
+    Workspace ws;
+    router.route(logits, ctx, plan, ws);
+    index_t kept = 0;
+    for (index_t t = 0; t < tokens; ++t) kept += plan.kept(t) ? 1 : 0;
+    REQUIRE(kept < tokens);
+    const float h = 1e-3f;
+    for (const LoadBalancingOptions opt : {LoadBalancingOptions{}, LoadBalancingOptions{.group_size = 6},
+                                           LoadBalancingOptions{.group_size = 6, .dropped_as_first_expert = true},
+                                           LoadBalancingOptions{.group_size = 5}}) {
+        CAPTURE(opt.group_size);
+        CAPTURE(opt.dropped_as_first_expert);
+        Matrix<float> dl = random_matrix(tokens, experts, 12); // backward adds to it
+        const Matrix<float> before = dl;
+        load_balancing_loss_backward(plan, logits, dl, 0.5, ws, opt);
+        GradientGap gap;
+        for (index_t t = 0; t < tokens; ++t)
+            for (index_t e = 0; e < experts; ++e)
+                gap(dl(t, e) - before(t, e),
+                    0.5 * central_difference(logits(t, e), [&] { return load_balancing_loss(plan, logits, opt); }, h));
+        CHECK(gap.scale > 0);
+        CHECK(gap.within(1e-3));
+    }
+    {
+        Matrix<float> dl(tokens, experts);
+        router_z_loss_backward(logits, dl, 2.0);
+        GradientGap gap;
+        for (index_t t = 0; t < tokens; ++t)
+            for (index_t e = 0; e < experts; ++e)
+                gap(dl(t, e), 2.0 * central_difference(logits(t, e), [&] { return router_z_loss(logits); }, h));
+        CHECK(gap.within(1e-3));
+    }
+    // Grouping per sequence and counting a dropped token for expert 0 change the value.
+    CHECK(load_balancing_loss(plan, logits, {.group_size = 6}) != load_balancing_loss(plan, logits));
+    CHECK(load_balancing_loss(plan, logits, {.group_size = 6, .dropped_as_first_expert = true}) !=
+          load_balancing_loss(plan, logits, {.group_size = 6}));
+    CHECK(load_balancing_options(Context{.sequence_length = 6, .aux_losses = {.per_sequence = true}}).group_size == 6);
+    CHECK(load_balancing_options(Context{.sequence_length = 6}).group_size == 0);
+
+    // Through an MoE layer: with dy = 0, the router weight's gradient is exactly the aux
+    // losses' dlogits^T x, and nothing else moves.
+    MoeParams p(8);
+    const MoeLayer<GluExpert<reference, Silu>, SwitchRouter> layer(weight(p.gate), SwitchRouter(p.experts, Top1Capacity{2}),
+                                                                   p.build_experts<reference>());
+    const auto x = random_matrix(tokens, p.d, 13);
+    const Matrix<float> zero(tokens, p.d);
+    const Context aux_ctx{.sequence_length = 6, .aux_losses = {.load_balancing = 0.01, .z_loss = 0.001, .per_sequence = true}};
+    auto g = layer.make_gradients();
+    Matrix<float> dx(tokens, p.d), layer_logits(tokens, p.experts), dl(tokens, p.experts);
+    layer.backward(x, zero, dx, g, ws, aux_ctx);
+    Matrix<float> y(tokens, p.d);
+    layer.forward(x, y, ws, plan, aux_ctx);
+    layer.router_logits(x, layer_logits, ws);
+    load_balancing_loss_backward(plan, layer_logits, dl, 0.01, ws, load_balancing_options(aux_ctx));
+    router_z_loss_backward(layer_logits, dl, 0.001);
+    Matrix<float> want(p.experts, p.d);
+    for (index_t e = 0; e < p.experts; ++e)
+        for (index_t c = 0; c < p.d; ++c) {
+            double sum = 0;
+            for (index_t t = 0; t < tokens; ++t) sum += double(dl(t, e)) * x(t, c);
+            want(e, c) = float(sum);
+        }
+    CHECK(relative_error(g.gate, want) <= 1e-6);
+    CHECK(test::dot(g.experts[0].down, g.experts[0].down) == 0.0);
+    // The logits' gradient goes on to x through the router weight.
+    CHECK(test::dot(dx, dx) > 0.0);
+    Matrix<float> bad(tokens, 3);
+    CHECK_THROWS_WITH_AS(load_balancing_loss_backward(plan, layer_logits, bad, 1.0, ws),
+                         "load_balancing_loss_backward: dlogits has shape (12, 3), expected (12, 4)", shape_error);
+    CHECK_THROWS_WITH_AS(router_z_loss_backward(layer_logits, bad, 1.0),
+                         "router_z_loss_backward: dlogits has shape (12, 3), expected (12, 4)", shape_error);
+}
+
 TEST_CASE("MoeLayer backward matches central differences: expert choice (tokens taken by several experts or by none)") {
     MoeParams p(5);
     const auto make = [](const MoeParams& q, auto backend) {

@@ -256,3 +256,74 @@ TEST_CASE_TEMPLATE_DEFINE("backward of every HyperMoE fixture matches float64 au
     }
 }
 TEST_CASE_TEMPLATE_APPLY(hyper_fixtures, test::all_backends);
+
+namespace {
+
+/// The MoE part of a loaded block's layer: the layer itself, or a HyperMoE layer's moe().
+template <class L>
+const auto& moe_part(const L& l) {
+    if constexpr (requires { l.moe(); }) return l.moe();
+    else return l;
+}
+
+/// The router tensor the case's auxiliary-loss gradients are for (from its d_aux_z/ entry).
+std::string aux_router(const SafeTensorsView& grads) {
+    for (const TensorInfo& t : grads.tensors())
+        if (t.name.starts_with("d_aux_z/")) return t.name.substr(8);
+    return "";
+}
+
+} // namespace
+
+TEST_CASE_TEMPLATE_DEFINE("auxiliary losses and their router gradients match every fixture's float64 values", B, aux_fixtures) {
+    const std::vector<std::string> cases = {
+        "mixtral-basic",   "mixtral-decode",   "mixtral-tie",       "mixtral-bf16",          "qwen2_moe-basic",
+        "qwen2_moe-norm",  "qwen2_moe-bf16",   "olmoe-basic",       "olmoe-norm",            "olmoe-bf16",
+        "hypermoe_gpt2-k1", "hypermoe_gpt2-k2", "switch_transformers-basic", "switch_transformers-drop",
+        "switch_transformers-tie", "switch_transformers-decoder", "hypermoe_switch-basic", "hypermoe_switch-drop"};
+    Workspace ws;
+    for (const auto& name : cases) {
+        CAPTURE(name);
+        const GradCase c(name);
+        const std::string router = aux_router(c.grads());
+        REQUIRE(!router.empty());
+        const bool switch_family = c.family == "switch_transformers" || c.family == "hypermoe_switch";
+        const auto block = load_moe_block<B>(Checkpoint(c.dir), c.layer, c.stack, {.storage = dtype::f32});
+        std::visit(
+            [&](const auto& l) {
+                const auto& moe = moe_part(l);
+                const Matrix<float> zero_dy(c.x.rows(), c.x.cols());
+                // name in the fixture, the weights that switch on that loss alone
+                struct Aux {
+                    std::string value, gradient;
+                    AuxLossWeights weights;
+                };
+                std::vector<Aux> losses = {{"aux/switch_lb", "d_aux_lb/", {.load_balancing = 1, .per_sequence = switch_family}},
+                                           {"aux/z_loss", "d_aux_z/", {.z_loss = 1}}};
+                if (switch_family)
+                    losses.push_back({"aux/switch_lb_hf", "d_aux_lb_hf/",
+                                      {.load_balancing = 1, .per_sequence = true, .dropped_as_first_expert = true}});
+                for (const Aux& a : losses) {
+                    CAPTURE(a.value);
+                    const Context ctx{.sequence_length = c.sequence_length, .aux_losses = a.weights};
+                    // The value, from the plan and logits of a forward call.
+                    RoutingPlan plan;
+                    Matrix<float> y(c.x.rows(), c.x.cols()), logits(c.x.rows(), moe.num_experts());
+                    moe.forward(c.x.view(), y.view(), ws, plan, ctx);
+                    moe.router_logits(c.x.view(), logits.view(), ws);
+                    const double want = c.grads().to_f32(c.grads().info(a.value))(0, 0);
+                    const double got = a.weights.z_loss != 0 ? router_z_loss(logits.view())
+                                                             : load_balancing_loss(plan, logits.view(), load_balancing_options(ctx));
+                    CHECK(got == doctest::Approx(want).epsilon(1e-5));
+                    // The gradient: the layer's backward with dy = 0 and only this loss on.
+                    auto g = moe.make_gradients();
+                    Matrix<float> dx(c.x.rows(), c.x.cols());
+                    moe.backward(c.x.view(), zero_dy.view(), dx.view(), g, ws, ctx);
+                    if (c.family == "hypermoe_gpt2") check_transposed(g.gate.view(), c.grads(), a.gradient + router);
+                    else check_gradient(g.gate.view(), c.grads(), a.gradient + router);
+                }
+            },
+            block.layer());
+    }
+}
+TEST_CASE_TEMPLATE_APPLY(aux_fixtures, test::all_backends);

@@ -1,8 +1,8 @@
 #pragma once
-// Context: what a forward call carries besides its activations. Routers read what they need from
-// it (token ids for hash routing, the sequence layout for per-sequence capacity and for noise
-// keyed by position, a per-call noise seed), and every MoE block reports its routing to the
-// optional sink. Every layer takes one and passes it on unchanged (Sequential, Residual,
+// Context: what a forward (or backward) call carries besides its activations. Routers read what
+// they need from it (token ids for hash routing, the sequence layout for per-sequence capacity and
+// for noise keyed by position, a per-call noise seed), every MoE block reports its routing to the
+// optional sink, and a backward adds the auxiliary losses it names. Every layer takes one and passes it on unchanged (Sequential, Residual,
 // DynamicStack, HyperMoE layers, loaded blocks), so a router deep inside a stack sees what the
 // caller gave the stack. A Context is cheap to copy (spans and a pointer) and owns nothing.
 
@@ -31,6 +31,19 @@ protected:
     RoutingSink& operator=(const RoutingSink&) = default;
 };
 
+/// Auxiliary routing losses a backward call adds, with these coefficients, to the loss it
+/// differentiates (router/losses.hpp): their gradients reach each MoE block's router weight
+/// through its logits. 0 = off. Forward calls ignore them.
+struct AuxLossWeights {
+    double load_balancing = 0; ///< load_balancing_loss
+    double z_loss = 0;         ///< router_z_loss
+    /// Load balancing per sequence of Context::sequence_length (Switch Transformers), instead of
+    /// over the whole call (Hugging Face's top-k form).
+    bool per_sequence = false;
+    /// Count a token that capacity dropped for expert 0, as Hugging Face's SwitchTransformers does.
+    bool dropped_as_first_expert = false;
+};
+
 struct Context {
     /// Token ids (T), for hash routing; empty otherwise.
     std::span<const std::int32_t> token_ids = {};
@@ -45,6 +58,8 @@ struct Context {
     std::uint64_t noise_seed = 0;
     /// Where MoE blocks report their routing; null = nowhere.
     RoutingSink* routing_sink = nullptr;
+    /// Auxiliary losses a backward call adds (none by default).
+    AuxLossWeights aux_losses = {};
 
     /// The position of row t in its sequence.
     [[nodiscard]] constexpr index_t position(index_t t) const noexcept {

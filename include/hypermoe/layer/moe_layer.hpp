@@ -21,6 +21,7 @@
 #include "hypermoe/expert/expert_concept.hpp"
 #include "hypermoe/core/layer_concept.hpp"
 #include "hypermoe/layer/shared_expert.hpp"
+#include "hypermoe/router/losses.hpp"
 #include "hypermoe/router/routing_plan.hpp"
 #include "hypermoe/router/scored_router.hpp"
 
@@ -170,7 +171,8 @@ public:
     {
         const index_t d = in_width(), packed = max_assignments(rows), slots = router_.slots();
         std::size_t inner = std::max(gate_->workspace_bytes(rows), gate_->backward_workspace_bytes(rows));
-        inner = std::max({inner, router_.workspace_bytes(rows), router_.backward_workspace_bytes(),
+        const std::size_t balancing = detail::padded_bytes<double>(num_experts()) + detail::padded_bytes<float>(num_experts());
+        inner = std::max({inner, router_.workspace_bytes(rows), router_.backward_workspace_bytes(), balancing,
                           apply_workspace_bytes(rows, packed)});
         for (const auto& e : experts_) inner = std::max(inner, e.backward_workspace_bytes(rows));
         if constexpr (Shared::present) inner = std::max(inner, shared_.backward_workspace_bytes(rows));
@@ -184,7 +186,8 @@ public:
     /// between forward and backward. The routing is piecewise constant: gradient reaches the
     /// router through the combine weights only (ScoredRouter::backward). A token that capacity
     /// dropped passes w x (DroppedTokens::scaled_input), so its dx gets w dy and its weights
-    /// dy . x. dx is summed per token in slot order (no atomics); whether the experts' gradient
+    /// dy . x. The auxiliary losses the context names (Context::aux_losses) are added, with
+    /// their coefficients, through the router logits. dx is summed per token in slot order (no atomics); whether the experts' gradient
     /// GEMMs give the same bits at every thread count depends on the backend (not yet tested:
     /// docs/training.md). Expert weights must be stored as f32 (config_error otherwise).
     template <class G>
@@ -266,6 +269,10 @@ public:
         }
         if constexpr (detail::router_uses_logits<R>) {
             router_.backward(logits, plan, dweights, dlogits, ws);
+            const AuxLossWeights& aux = context.aux_losses;
+            if (aux.load_balancing != 0)
+                load_balancing_loss_backward(plan, logits, dlogits, aux.load_balancing, ws, load_balancing_options(context));
+            if (aux.z_loss != 0) router_z_loss_backward(logits, dlogits, aux.z_loss);
             gate_->backward(x, dlogits, dx, LinearGrads{g.gate.view()}, ws, true);
         }
         if constexpr (Shared::present) shared_.backward(x, dy, dx, g.shared, ws);

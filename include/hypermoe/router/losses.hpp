@@ -1,36 +1,114 @@
 #pragma once
-// Auxiliary routing losses, computed from a plan and the router's logits, for people who train
-// elsewhere and want the same numbers. Values in double.
+// Auxiliary routing losses, computed from a plan and the router's logits, and their gradients
+// with respect to the logits (an MoE layer's backward adds them when the call's Context asks,
+// core/context.hpp's AuxLossWeights). Values in double.
 
 #include <algorithm>
 #include <cmath>
 #include <span>
 #include <vector>
 
+#include "hypermoe/core/context.hpp"
 #include "hypermoe/core/matrix.hpp"
+#include "hypermoe/core/workspace.hpp"
 #include "hypermoe/router/routing_plan.hpp"
 #include "hypermoe/router/score.hpp"
 
 namespace hypermoe {
 
-/// Switch load-balancing loss (arXiv 2101.03961, eq. 4, as Hugging Face generalises it to top-k):
-/// E * sum_e f_e * P_e, f_e = (assignments to e) / T, P_e = mean softmax probability of e.
-/// 1 when routing is perfectly uniform (k = 1).
-[[nodiscard]] inline double load_balancing_loss(const RoutingPlan& plan, ConstMatrixView<float> logits) {
-    const index_t t_count = plan.tokens(), e_count = plan.experts();
-    check_shape(logits, t_count, e_count, "load_balancing_loss", "logits");
-    if (t_count == 0) return 0.0;
-    std::vector<double> f(std::size_t(e_count), 0.0), p(std::size_t(e_count), 0.0);
-    std::vector<float> probs(static_cast<std::size_t>(e_count));
-    for (index_t t = 0; t < t_count; ++t) {
+/// How load_balancing_loss counts and groups (defaults: Hugging Face's top-k form).
+struct LoadBalancingOptions {
+    /// Tokens per group: the loss is the mean of the groups' losses, as Switch Transformers
+    /// computes it per sequence (rows [i G, (i + 1) G) are group i; a last, shorter group is a
+    /// group of its own). 0 = the whole call is one group.
+    index_t group_size = 0;
+    /// Count a token that capacity dropped for expert 0 in each of its slots, as Hugging Face's
+    /// SwitchTransformers does (argmax of the capacity-masked mask); otherwise it counts for the
+    /// experts it selected, before capacity.
+    bool dropped_as_first_expert = false;
+};
+
+/// The load-balancing options a call's Context asks for (core/context.hpp, AuxLossWeights).
+[[nodiscard]] inline LoadBalancingOptions load_balancing_options(const Context& c) noexcept {
+    return {c.aux_losses.per_sequence ? c.sequence_length : 0, c.aux_losses.dropped_as_first_expert};
+}
+
+namespace detail {
+
+/// Rows of a load-balancing group.
+[[nodiscard]] inline index_t balancing_group(index_t tokens, const LoadBalancingOptions& opt) noexcept {
+    return opt.group_size > 0 ? std::min(opt.group_size, tokens) : tokens;
+}
+
+/// f (E) of tokens [t0, t1): the (token, slot) assignments to each expert, over the tokens.
+inline void assignment_fractions(const RoutingPlan& plan, index_t t0, index_t t1, const LoadBalancingOptions& opt,
+                                 std::span<double> f) {
+    std::fill(f.begin(), f.end(), 0.0);
+    for (index_t t = t0; t < t1; ++t)
         for (const std::int32_t e : plan.ids(t))
-            if (e >= 0) f[std::size_t(e)] += 1.0;
-        Softmax::apply(logits.row(t), probs);
-        for (index_t e = 0; e < e_count; ++e) p[std::size_t(e)] += probs[std::size_t(e)];
+            if (e >= 0) f[(opt.dropped_as_first_expert && !plan.kept(t)) ? 0 : std::size_t(e)] += 1.0;
+    for (double& v : f) v /= double(t1 - t0);
+}
+
+inline void check_loss_shapes(const RoutingPlan& plan, ConstMatrixView<float> logits, const char* who) {
+    check_shape(logits, plan.tokens(), plan.experts(), who, "logits");
+}
+
+} // namespace detail
+
+/// Switch load-balancing loss (arXiv 2101.03961, eq. 4, as Hugging Face generalises it to top-k):
+/// E * sum_e f_e * P_e, f_e = (assignments to e) / T, P_e = mean softmax probability of e, the
+/// mean over groups when `opt` groups the tokens. 1 when routing is perfectly uniform (k = 1).
+[[nodiscard]] inline double load_balancing_loss(const RoutingPlan& plan, ConstMatrixView<float> logits,
+                                                const LoadBalancingOptions& opt = {}) {
+    const index_t t_count = plan.tokens(), e_count = plan.experts();
+    detail::check_loss_shapes(plan, logits, "load_balancing_loss");
+    if (t_count == 0) return 0.0;
+    std::vector<double> f(static_cast<std::size_t>(e_count)), p(static_cast<std::size_t>(e_count));
+    std::vector<float> probs(static_cast<std::size_t>(e_count));
+    const index_t group = detail::balancing_group(t_count, opt);
+    double total = 0;
+    index_t groups = 0;
+    for (index_t t0 = 0; t0 < t_count; t0 += group, ++groups) {
+        const index_t t1 = std::min(t0 + group, t_count);
+        detail::assignment_fractions(plan, t0, t1, opt, f);
+        std::fill(p.begin(), p.end(), 0.0);
+        for (index_t t = t0; t < t1; ++t) {
+            Softmax::apply(logits.row(t), probs);
+            for (index_t e = 0; e < e_count; ++e) p[std::size_t(e)] += probs[std::size_t(e)];
+        }
+        double loss = 0;
+        for (index_t e = 0; e < e_count; ++e) loss += f[std::size_t(e)] * (p[std::size_t(e)] / double(t1 - t0));
+        total += double(e_count) * loss;
     }
-    double loss = 0;
-    for (index_t e = 0; e < e_count; ++e) loss += (f[std::size_t(e)] / double(t_count)) * (p[std::size_t(e)] / double(t_count));
-    return double(e_count) * loss;
+    return total / double(groups);
+}
+
+/// dlogits += scale * d load_balancing_loss / d logits. The counts f are piecewise constant, so
+/// the gradient flows through the softmax probabilities only: for token t of a group of n,
+/// E / (n groups) * p_j (f_j - sum_e f_e p_e). Scratch from `ws`; every sum in double.
+inline void load_balancing_loss_backward(const RoutingPlan& plan, ConstMatrixView<float> logits, MatrixView<float> dlogits,
+                                         double scale, Workspace& ws, const LoadBalancingOptions& opt = {}) {
+    const index_t t_count = plan.tokens(), e_count = plan.experts();
+    detail::check_loss_shapes(plan, logits, "load_balancing_loss_backward");
+    check_shape(dlogits, t_count, e_count, "load_balancing_loss_backward", "dlogits");
+    if (t_count == 0) return;
+    Workspace::Scope scope(ws, detail::padded_bytes<double>(e_count) + detail::padded_bytes<float>(e_count));
+    const std::span<double> f = ws.take<double>(e_count);
+    const std::span<float> probs = ws.take<float>(e_count);
+    const index_t group = detail::balancing_group(t_count, opt), groups = (t_count + group - 1) / group;
+    for (index_t t0 = 0; t0 < t_count; t0 += group) {
+        const index_t t1 = std::min(t0 + group, t_count);
+        detail::assignment_fractions(plan, t0, t1, opt, f);
+        const double c = scale * double(e_count) / (double(groups) * double(t1 - t0));
+        for (index_t t = t0; t < t1; ++t) {
+            Softmax::apply(logits.row(t), probs);
+            double mean_f = 0;
+            for (index_t e = 0; e < e_count; ++e) mean_f += f[std::size_t(e)] * probs[std::size_t(e)];
+            for (index_t e = 0; e < e_count; ++e)
+                dlogits(t, e) += float(c * probs[std::size_t(e)] * (f[std::size_t(e)] - mean_f));
+        }
+    }
 }
 
 /// Squared coefficient of variation of a per-expert quantity (Shazeer et al. 2017's importance
@@ -79,6 +157,20 @@ namespace hypermoe {
         total += lse * lse;
     }
     return total / double(logits.rows());
+}
+
+/// dlogits += scale * d router_z_loss / d logits = scale * 2 / T * lse_t * softmax(logits_t).
+inline void router_z_loss_backward(ConstMatrixView<float> logits, MatrixView<float> dlogits, double scale) {
+    check_shape(dlogits, logits.rows(), logits.cols(), "router_z_loss_backward", "dlogits");
+    const index_t t_count = logits.rows();
+    for (index_t t = 0; t < t_count; ++t) {
+        double m = logits(t, 0);
+        for (index_t e = 1; e < logits.cols(); ++e) m = std::max(m, double(logits(t, e)));
+        double s = 0;
+        for (index_t e = 0; e < logits.cols(); ++e) s += std::exp(double(logits(t, e)) - m);
+        const double lse = m + std::log(s), c = scale * 2.0 / double(t_count) * lse;
+        for (index_t e = 0; e < logits.cols(); ++e) dlogits(t, e) += float(c * std::exp(double(logits(t, e)) - m) / s);
+    }
 }
 
 } // namespace hypermoe
