@@ -11,4 +11,5 @@
 #include "hypermoe/router/router.hpp"
 #include "hypermoe/stack/stack.hpp"
 #include "hypermoe/stats/stats.hpp"
+#include "hypermoe/train/train.hpp"
 #include "hypermoe/version.hpp"

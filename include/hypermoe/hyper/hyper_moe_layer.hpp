@@ -77,6 +77,12 @@ public:
     [[nodiscard]] index_t out_width() const noexcept { return moe_.out_width(); }
     [[nodiscard]] index_t layer_index() const noexcept { return layer_; }
     [[nodiscard]] const moe_type& moe() const noexcept { return moe_; }
+    /// MoeLayer::set_selection_bias (the HyperExpert cache is keyed by pattern, so it stays valid).
+    void set_selection_bias(std::span<const float> bias)
+        requires requires(moe_type& m) { m.set_selection_bias(bias); }
+    {
+        moe_.set_selection_bias(bias);
+    }
     [[nodiscard]] const hypernetwork_type& hypernetwork() const noexcept { return *hyper_; }
     [[nodiscard]] const std::shared_ptr<const hypernetwork_type>& shared_hypernetwork() const noexcept { return hyper_; }
     [[nodiscard]] HyperExpertCache<backend_type>& cache() const noexcept { return *cache_; }

@@ -66,6 +66,14 @@ public:
     [[nodiscard]] index_t out_width() const noexcept { return in_width(); }
     [[nodiscard]] index_t num_experts() const noexcept { return static_cast<index_t>(experts_.size()); }
     [[nodiscard]] const R& router() const noexcept { return router_; }
+    /// Replaces the router's selection-only bias (E values; ScoredRouter::set_selection_bias),
+    /// as auxiliary-loss-free balancing does between steps (router/bias_balancer.hpp). Not to
+    /// run concurrently with a forward or backward call on this layer.
+    void set_selection_bias(std::span<const float> bias)
+        requires requires(R& r) { r.set_selection_bias(std::vector<float>{}); }
+    {
+        router_.set_selection_bias(std::vector<float>(bias.begin(), bias.end()));
+    }
     [[nodiscard]] const E& expert(index_t e) const noexcept { return experts_[std::size_t(e)]; }
     [[nodiscard]] const Shared& shared() const noexcept { return shared_; }
     [[nodiscard]] const MoeOptions& options() const noexcept { return options_; }

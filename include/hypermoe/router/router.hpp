@@ -2,6 +2,7 @@
 // router/: RoutingPlan, score functions, selection policies, ScoredRouter, losses, and the
 // routers of the public model families as aliases.
 
+#include "hypermoe/router/bias_balancer.hpp"
 #include "hypermoe/router/expert_choice.hpp"
 #include "hypermoe/router/group_limited_top_k.hpp"
 #include "hypermoe/router/hash_routing.hpp"

@@ -82,13 +82,7 @@ public:
         : experts_(experts), selection_(std::move(selection)), options_(std::move(options)) {
         if (experts < 1) throw config_error(detail::concat("Router: experts is ", experts, ", expected >= 1"));
         selection_.validate(experts);
-        const auto& bias = options_.selection_bias;
-        if (!bias.empty() && static_cast<index_t>(bias.size()) != experts)
-            throw shape_error(detail::concat("Router: selection bias has ", bias.size(), " elements, expected experts = ",
-                                              experts));
-        if (const index_t i = find_non_finite(bias); i >= 0)
-            throw weight_error(detail::concat("Router: selection bias element ", i, " is ", bias[std::size_t(i)],
-                                              ", expected a finite value"));
+        check_bias(options_.selection_bias, experts);
         const Weighting& w = options_.weighting;
         if (!(w.epsilon >= 0) || !is_finite(float(w.epsilon)) || !is_finite(w.scale))
             throw config_error(detail::concat("Router: weighting epsilon = ", w.epsilon, ", scale = ", w.scale,
@@ -97,6 +91,14 @@ public:
 
     [[nodiscard]] index_t experts() const noexcept { return experts_; }
     [[nodiscard]] index_t slots() const noexcept { return selection_.slots(experts_); }
+
+    /// Replaces the selection-only bias (E values, or empty for none), e.g. after a step of
+    /// auxiliary-loss-free balancing (router/bias_balancer.hpp). Not to run concurrently with
+    /// route() on this router.
+    void set_selection_bias(std::vector<float> bias) {
+        check_bias(bias, experts_);
+        options_.selection_bias = std::move(bias);
+    }
     [[nodiscard]] const Selection& selection() const noexcept { return selection_; }
     [[nodiscard]] const RouterOptions& options() const noexcept { return options_; }
 
@@ -203,6 +205,15 @@ public:
     }
 
 private:
+    static void check_bias(const std::vector<float>& bias, index_t experts) {
+        if (!bias.empty() && static_cast<index_t>(bias.size()) != experts)
+            throw shape_error(detail::concat("Router: selection bias has ", bias.size(), " elements, expected experts = ",
+                                              experts));
+        if (const index_t i = find_non_finite(bias); i >= 0)
+            throw weight_error(detail::concat("Router: selection bias element ", i, " is ", bias[std::size_t(i)],
+                                              ", expected a finite value"));
+    }
+
     void apply_weighting(RoutingPlan& plan) const {
         const Weighting& w = options_.weighting;
         if (!w.renormalize && w.scale == 1.0f) return;

@@ -1,0 +1,216 @@
+#pragma once
+// Optimisers for the parameters a backward pass differentiates: AdamW (decoupled weight decay,
+// Loshchilov & Hutter 2019) and SGD with momentum, with the update rules of torch.optim (so a
+// run here and one in PyTorch step the same way), parameter groups (e.g. no weight decay on
+// norms and biases) and clipping by the global gradient norm (torch.nn.utils.clip_grad_norm_).
+//
+// An optimiser works on flat views: each Parameter is a tensor's values and its gradient, as
+// spans into the caller's storage (a Matrix, a std::vector), and the index of its group. The
+// state (moments) is allocated once, at construction; step() allocates nothing. Every element's
+// update is computed in double from float state, element by element, so the result does not
+// depend on the thread count.
+
+#include <cmath>
+#include <span>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "hypermoe/core/error.hpp"
+#include "hypermoe/core/extents.hpp"
+#include "hypermoe/core/finite.hpp"
+#include "hypermoe/detail/format.hpp"
+
+namespace hypermoe {
+
+/// One parameter tensor: its values, its gradient (same length) and its group.
+struct Parameter {
+    std::string name;          ///< for messages
+    std::span<float> value;    ///< updated in place by step()
+    std::span<float> grad;     ///< read by step(), scaled by clip_grad_norm()
+    std::size_t group = 0;     ///< index into the optimiser's groups
+};
+
+namespace detail {
+
+/// Checks a parameter list against `groups` groups: matching lengths, a valid group index.
+inline void check_parameters(std::span<const Parameter> params, std::size_t groups, const char* who) {
+    if (groups == 0) throw config_error(concat(who, ": no parameter groups, expected at least one"));
+    for (const Parameter& p : params) {
+        if (p.value.size() != p.grad.size())
+            throw shape_error(concat(who, ": parameter '", p.name, "' has ", p.value.size(), " values but its gradient has ",
+                                     p.grad.size(), " elements"));
+        if (p.group >= groups)
+            throw config_error(concat(who, ": parameter '", p.name, "' is in group ", p.group, ", expected a group below ", groups));
+    }
+}
+
+/// A numeric_error naming the first parameter whose gradient has a NaN or infinity; checked
+/// before any update, so a failed step changes nothing.
+inline void check_gradients_finite(std::span<const Parameter> params, const char* who) {
+    for (const Parameter& p : params)
+        if (const index_t i = find_non_finite(std::span<const float>(p.grad)); i >= 0)
+            throw numeric_error(concat(who, ": gradient of '", p.name, "' element ", i, " is ", p.grad[std::size_t(i)],
+                                       ", expected a finite value"));
+}
+
+inline void check_range(double v, double lo, double hi, bool hi_open, const char* who, const char* what) {
+    if (!(v >= lo && (hi_open ? v < hi : v <= hi)))
+        throw config_error(concat(who, ": ", what, " is ", v, ", expected ", lo, " <= ", what, hi_open ? " < " : " <= ", hi));
+}
+
+} // namespace detail
+
+/// Scales every gradient by max_norm / (norm + 1e-6) when the global L2 norm of all of them
+/// exceeds max_norm, as torch.nn.utils.clip_grad_norm_; returns the norm before clipping
+/// (summed in double). A non-finite norm is a numeric_error (nothing is scaled).
+inline double clip_grad_norm(std::span<const Parameter> params, double max_norm) {
+    if (!(max_norm > 0) || !std::isfinite(max_norm))
+        throw config_error(detail::concat("clip_grad_norm: max_norm is ", max_norm, ", expected a finite value > 0"));
+    double sum = 0;
+    for (const Parameter& p : params)
+        for (const float g : p.grad) sum += double(g) * g;
+    const double norm = std::sqrt(sum);
+    if (!std::isfinite(norm)) {
+        detail::check_gradients_finite(params, "clip_grad_norm");
+        throw numeric_error(detail::concat("clip_grad_norm: the gradients' norm is ", norm, ", expected a finite value"));
+    }
+    const double coef = max_norm / (norm + 1e-6);
+    if (coef < 1)
+        for (const Parameter& p : params)
+            for (float& g : p.grad) g = float(double(g) * coef);
+    return norm;
+}
+
+/// AdamW as torch.optim.AdamW (amsgrad off): per step t, p -= lr wd p; m = b1 m + (1 - b1) g;
+/// v = b2 v + (1 - b2) g^2; p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps).
+class AdamW {
+public:
+    struct Group {
+        double lr = 1e-3;
+        double beta1 = 0.9, beta2 = 0.999;
+        double eps = 1e-8;
+        double weight_decay = 1e-2; ///< decoupled: p -= lr * weight_decay * p
+    };
+
+    AdamW(std::vector<Parameter> params, std::vector<Group> groups) : params_(std::move(params)), groups_(std::move(groups)) {
+        detail::check_parameters(params_, groups_.size(), "AdamW");
+        for (const Group& g : groups_) check(g);
+        for (const Parameter& p : params_) {
+            m_.emplace_back(p.value.size(), 0.0f);
+            v_.emplace_back(p.value.size(), 0.0f);
+        }
+    }
+
+    /// One update of every parameter from its gradient.
+    void step() {
+        detail::check_gradients_finite(params_, "AdamW::step");
+        ++steps_;
+        for (std::size_t i = 0; i < params_.size(); ++i) {
+            const Parameter& p = params_[i];
+            const Group& g = groups_[p.group];
+            const double c1 = 1 - std::pow(g.beta1, double(steps_)), c2 = std::sqrt(1 - std::pow(g.beta2, double(steps_)));
+            const double decay = 1 - g.lr * g.weight_decay, step = g.lr / c1;
+            float* m = m_[i].data();
+            float* v = v_[i].data();
+            for (std::size_t j = 0; j < p.value.size(); ++j) {
+                const double grad = p.grad[j];
+                const double mj = g.beta1 * m[j] + (1 - g.beta1) * grad;
+                const double vj = g.beta2 * v[j] + (1 - g.beta2) * grad * grad;
+                m[j] = float(mj), v[j] = float(vj);
+                p.value[j] = float(double(p.value[j]) * decay - step * mj / (std::sqrt(vj) / c2 + g.eps));
+            }
+        }
+    }
+
+    [[nodiscard]] std::span<const Parameter> parameters() const noexcept { return params_; }
+    [[nodiscard]] const Group& group(std::size_t i) const { return groups_.at(i); }
+    /// Changes a group's learning rate (a schedule's step).
+    void set_lr(std::size_t group, double lr) {
+        Group g = groups_.at(group);
+        g.lr = lr;
+        check(g);
+        groups_[group] = g;
+    }
+    [[nodiscard]] long long steps() const noexcept { return steps_; }
+
+private:
+    static void check(const Group& g) {
+        detail::check_range(g.lr, 0, 1e6, false, "AdamW", "lr");
+        detail::check_range(g.beta1, 0, 1, true, "AdamW", "beta1");
+        detail::check_range(g.beta2, 0, 1, true, "AdamW", "beta2");
+        detail::check_range(g.eps, 1e-30, 1, false, "AdamW", "eps");
+        detail::check_range(g.weight_decay, 0, 1e6, false, "AdamW", "weight_decay");
+    }
+
+    std::vector<Parameter> params_;
+    std::vector<Group> groups_;
+    std::vector<std::vector<float>> m_, v_;
+    long long steps_ = 0;
+};
+
+/// SGD with momentum as torch.optim.SGD: g += wd p (coupled L2); b = g on the first step, else
+/// b = mu b + (1 - dampening) g; the step is g + mu b with Nesterov, else b; p -= lr step.
+class Sgd {
+public:
+    struct Group {
+        double lr = 1e-2;
+        double momentum = 0;
+        double dampening = 0;
+        double weight_decay = 0; ///< coupled (added to the gradient), as torch.optim.SGD
+        bool nesterov = false;
+    };
+
+    Sgd(std::vector<Parameter> params, std::vector<Group> groups) : params_(std::move(params)), groups_(std::move(groups)) {
+        detail::check_parameters(params_, groups_.size(), "Sgd");
+        for (const Group& g : groups_) check(g);
+        for (const Parameter& p : params_) buf_.emplace_back(p.value.size(), 0.0f);
+    }
+
+    void step() {
+        detail::check_gradients_finite(params_, "Sgd::step");
+        for (std::size_t i = 0; i < params_.size(); ++i) {
+            const Parameter& p = params_[i];
+            const Group& g = groups_[p.group];
+            float* b = buf_[i].data();
+            for (std::size_t j = 0; j < p.value.size(); ++j) {
+                double d = double(p.grad[j]) + g.weight_decay * p.value[j];
+                if (g.momentum != 0) {
+                    const double bj = steps_ == 0 ? d : g.momentum * b[j] + (1 - g.dampening) * d;
+                    b[j] = float(bj);
+                    d = g.nesterov ? d + g.momentum * bj : bj;
+                }
+                p.value[j] = float(double(p.value[j]) - g.lr * d);
+            }
+        }
+        ++steps_;
+    }
+
+    [[nodiscard]] std::span<const Parameter> parameters() const noexcept { return params_; }
+    [[nodiscard]] const Group& group(std::size_t i) const { return groups_.at(i); }
+    void set_lr(std::size_t group, double lr) {
+        Group g = groups_.at(group);
+        g.lr = lr;
+        check(g);
+        groups_[group] = g;
+    }
+    [[nodiscard]] long long steps() const noexcept { return steps_; }
+
+private:
+    static void check(const Group& g) {
+        detail::check_range(g.lr, 0, 1e6, false, "Sgd", "lr");
+        detail::check_range(g.momentum, 0, 1, false, "Sgd", "momentum");
+        detail::check_range(g.dampening, 0, 1, false, "Sgd", "dampening");
+        detail::check_range(g.weight_decay, 0, 1e6, false, "Sgd", "weight_decay");
+        if (g.nesterov && (g.momentum == 0 || g.dampening != 0))
+            throw config_error(detail::concat("Sgd: nesterov needs momentum > 0 and dampening = 0, but momentum is ", g.momentum,
+                                              " and dampening is ", g.dampening));
+    }
+
+    std::vector<Parameter> params_;
+    std::vector<Group> groups_;
+    std::vector<std::vector<float>> buf_;
+    long long steps_ = 0;
+};
+
+} // namespace hypermoe
