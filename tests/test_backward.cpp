@@ -665,3 +665,174 @@ TEST_CASE_TEMPLATE_DEFINE("backward on one const layer from several threads at o
     }
 }
 TEST_CASE_TEMPLATE_APPLY(backward_threads, test::all_backends);
+
+// ---- Norms, Residual, DenseFfn and the stacks.
+
+TEST_CASE("RmsNorm and LayerNorm backward match central differences") {
+    const index_t rows = 5, d = 12;
+    auto x = random_matrix(rows, d, 31);
+    const auto dy = random_matrix(rows, d, 32);
+    auto w = random_vector(d, 33), b = random_vector(d, 34, 0.3f);
+    Workspace ws;
+    const float h = 1e-3f;
+    {
+        const RmsNorm<> norm(w, 1e-5f);
+        auto g = norm.make_gradients();
+        Matrix<float> dx(rows, d);
+        norm.backward(x, dy, dx, g, ws);
+        const auto loss = [&] {
+            Matrix<float> y(rows, d);
+            RmsNorm<>(w, 1e-5f).forward(x, y, ws);
+            return dot(y, dy);
+        };
+        GradientGap gap;
+        for (index_t r = 0; r < rows; ++r)
+            for (index_t c = 0; c < d; ++c) gap(dx(r, c), central_difference(x(r, c), loss, h));
+        for (index_t c = 0; c < d; ++c) gap(g.weight[std::size_t(c)], central_difference(w[std::size_t(c)], loss, h));
+        CHECK(gap.within(2e-3));
+        Matrix<float> short_dx(rows - 1, d);
+        CHECK_THROWS_WITH_AS(norm.backward(x, dy, short_dx, g, ws),
+                             "RmsNorm::backward: input gradient dx has shape (4, 12), expected (5, 12)", shape_error);
+        g.weight.resize(3);
+        CHECK_THROWS_WITH_AS(norm.backward(x, dy, dx, g, ws),
+                             "RmsNorm::backward: gradient 'weight' has 3 elements, expected 12 (use make_gradients())", shape_error);
+    }
+    {
+        const LayerNorm<> norm(w, b, 1e-5f);
+        auto g = norm.make_gradients();
+        Matrix<float> dx(rows, d);
+        norm.backward(x, dy, dx, g, ws);
+        const auto loss = [&] {
+            Matrix<float> y(rows, d);
+            LayerNorm<>(w, b, 1e-5f).forward(x, y, ws);
+            return dot(y, dy);
+        };
+        GradientGap gap;
+        for (index_t r = 0; r < rows; ++r)
+            for (index_t c = 0; c < d; ++c) gap(dx(r, c), central_difference(x(r, c), loss, h));
+        for (index_t c = 0; c < d; ++c) {
+            gap(g.weight[std::size_t(c)], central_difference(w[std::size_t(c)], loss, h));
+            gap(g.bias[std::size_t(c)], central_difference(b[std::size_t(c)], loss, h));
+        }
+        CHECK(gap.within(2e-3));
+        x(1, 2) = std::nanf("");
+        CHECK_THROWS_WITH_AS(norm.backward(x, dy, dx, g, ws),
+                             "LayerNorm::backward: input x: element (1, 2) is nan, expected a finite value", numeric_error);
+    }
+}
+
+namespace {
+
+/// A pre-norm block stack: RmsNorm -> Residual(MoE with a shared expert) -> LayerNorm ->
+/// Residual(DenseFfn), from MoeParams plus its own norm and dense weights.
+struct StackParams {
+    MoeParams moe{9};
+    std::vector<float> rms = random_vector(8, 41), ln_w = random_vector(8, 42), ln_b = random_vector(8, 43, 0.3f);
+    Matrix<float> up = random_matrix(16, 8, 44, 0.4f), down = random_matrix(8, 16, 45, 0.4f);
+    std::vector<float> up_b = random_vector(16, 46, 0.2f), down_b = random_vector(8, 47, 0.2f);
+
+    template <class B>
+    auto layers() const {
+        using Glu = GluExpert<B, Silu>;
+        using Moe = MoeLayer<Glu, TopKRouter, SharedExpert<Glu>>;
+        return std::tuple{RmsNorm<>(rms, 1e-5f),
+                          Residual<Moe>(Moe(weight(moe.gate), TopKRouter(moe.experts, TopK{2}, {.weighting = {.renormalize = true}}),
+                                            moe.build_experts<B>(), moe.build_shared<B>())),
+                          LayerNorm<>(ln_w, ln_b, 1e-5f),
+                          Residual<DenseFfn<FfnExpert<B, GeluTanh>>>(
+                              DenseFfn<FfnExpert<B, GeluTanh>>(FfnExpert<B, GeluTanh>(FfnWeights{weight(up), weight(down), up_b, down_b})))};
+    }
+    template <class B>
+    auto sequential() const {
+        return std::apply([](auto... l) { return Sequential(std::move(l)...); }, layers<B>());
+    }
+    template <class B>
+    DynamicStack dynamic() const {
+        DynamicStack s;
+        std::apply([&](auto... l) { (s.push_back(std::move(l)), ...); }, layers<B>());
+        return s;
+    }
+};
+
+/// A layer without a backward (a copy).
+struct NoBackward {
+    static constexpr index_t static_in_width = dynamic, static_out_width = dynamic;
+    [[nodiscard]] index_t in_width() const noexcept { return 8; }
+    [[nodiscard]] index_t out_width() const noexcept { return 8; }
+    [[nodiscard]] std::size_t workspace_bytes(index_t) const noexcept { return 0; }
+    void forward(ConstMatrixView<float> in, MatrixView<float> out, Workspace&, const Context& = {}) const {
+        for (index_t r = 0; r < in.rows(); ++r)
+            for (index_t c = 0; c < 8; ++c) out(r, c) = in(r, c);
+    }
+};
+
+} // namespace
+
+TEST_CASE("Sequential backward through norms, residual MoE and dense blocks matches central differences; DynamicStack gives the same") {
+    StackParams p;
+    const index_t tokens = 7;
+    auto x = random_matrix(tokens, 8, 48);
+    const auto dy = random_matrix(tokens, 8, 49);
+    Workspace ws;
+    const auto stack = p.sequential<reference>();
+    static_assert(TrainableLayer<decltype(stack)>);
+    auto g = stack.make_gradients();
+    Matrix<float> dx(tokens, 8);
+    stack.backward(x, dy, dx, g, ws);
+    const auto loss = [&] {
+        Matrix<float> y(tokens, 8);
+        p.sequential<reference>().forward(x, y, ws);
+        return dot(y, dy);
+    };
+    const float h = 2e-3f;
+    GradientGap gap;
+    for (index_t t = 0; t < tokens; ++t)
+        for (index_t c = 0; c < 8; ++c) gap(dx(t, c), central_difference(x(t, c), loss, h));
+    for (index_t c = 0; c < 8; ++c) {
+        gap(std::get<0>(g).weight[std::size_t(c)], central_difference(p.rms[std::size_t(c)], loss, h));
+        gap(std::get<2>(g).bias[std::size_t(c)], central_difference(p.ln_b[std::size_t(c)], loss, h));
+        gap(std::get<1>(g).gate(1, c), central_difference(p.moe.gate(1, c), loss, h));
+        gap(std::get<3>(g).down(c, 3), central_difference(p.down(c, 3), loss, h));
+    }
+    CHECK(gap.within(3e-3));
+
+    // The type-erased stack: the same gradients, bit for bit.
+    const DynamicStack dyn = p.dynamic<reference>();
+    auto gd = dyn.make_gradients();
+    Matrix<float> dxd(tokens, 8);
+    dyn.backward(x, dy, dxd, gd, ws);
+    CHECK(relative_error(dxd, dx) == 0.0);
+    const auto& moe_d = std::any_cast<const gradients_of<std::tuple_element_t<1, decltype(p.layers<reference>())>>&>(gd[1]);
+    CHECK(relative_error(moe_d.gate, std::get<1>(g).gate) == 0.0);
+    CHECK(relative_error(std::any_cast<const FfnGradients&>(gd[3]).up, std::get<3>(g).up) == 0.0);
+
+    // Every backend equals the reference.
+    const auto other = [&](auto backend) {
+        using B = decltype(backend);
+        const auto s = p.sequential<B>();
+        auto go = s.make_gradients();
+        Matrix<float> dxo(tokens, 8);
+        s.backward(x, dy, dxo, go, ws);
+        CHECK(relative_error(dxo, dx) <= 1e-5);
+        CHECK(relative_error(std::get<1>(go).gate, std::get<1>(g).gate) <= 1e-5);
+        CHECK(relative_error(std::get<3>(go).down, std::get<3>(g).down) <= 1e-5);
+    };
+#if HYPERMOE_HAS_EIGEN
+    other(eigen{});
+#endif
+#if HYPERMOE_HAS_ONEDNN
+    other(onednn{});
+#endif
+
+    // Typed errors of the type-erased stack.
+    auto wrong = gd;
+    std::swap(wrong[0], wrong[2]);
+    CHECK_THROWS_WITH_AS(dyn.backward(x, dy, dxd, wrong, ws),
+                         "DynamicStack::backward: the gradients given for layer 2 are not that layer's (use make_gradients())", shape_error);
+    wrong.pop_back();
+    CHECK_THROWS_WITH_AS(dyn.backward(x, dy, dxd, wrong, ws),
+                         "DynamicStack::backward: gradients for 3 layers, expected 4 (use make_gradients())", shape_error);
+    DynamicStack plain = p.dynamic<reference>();
+    plain.push_back(NoBackward{});
+    CHECK_THROWS_WITH_AS((void)plain.make_gradients(), "DynamicStack: layer 4 has no backward (it cannot be trained)", config_error);
+}

@@ -504,3 +504,38 @@ TEST_CASE("HyperMoeLayer backward: typed errors") {
     CHECK_THROWS_WITH_AS(bf16_layer.backward(x.view(), dy.view(), dx.view(), gb, ws),
                          doctest::Contains("backward needs f32 storage, but the weights are stored as bf16"), config_error);
 }
+
+TEST_CASE("a stack of HyperMoE layers shares one set of hypernetwork gradients and equals the layers chained by hand") {
+    const RandomHyper parts(8, 5, 2, 26);
+    const auto hyper = parts.hypernetwork<reference>();
+    const auto l0 = parts.layer<reference>(2, 0, hyper), l1 = parts.layer<reference>(2, 1, hyper);
+    const auto x = random_matrix(10, parts.d, 60), dy = random_matrix(10, parts.d, 61);
+    Workspace ws;
+    // By hand: forward through l0, backward through l1 then l0, into one hypernetwork set.
+    Matrix<float> h(10, parts.d), dh(10, parts.d), dx(10, parts.d);
+    l0.forward(x.view(), h.view(), ws);
+    auto g0 = l0.make_gradients();
+    auto g1 = l1.make_gradients(g0.hypernetwork);
+    l1.backward(h.view(), dy.view(), dh.view(), g1, ws);
+    l0.backward(x.view(), dh.view(), dx.view(), g0, ws);
+    const auto check = [&](const auto& stack, auto& g, const auto& first, const auto& second) {
+        CHECK(first.hypernetwork == second.hypernetwork); // one set for the shared hypernetwork
+        Matrix<float> dxs(10, parts.d);
+        stack.backward(x.view(), dy.view(), dxs.view(), g, ws);
+        CHECK(bitwise(dxs, dx));
+        CHECK(worst_gap(first, g0) == 0.0);
+        CHECK(worst_gap(second, g1) == 0.0);
+    };
+    {
+        const Sequential stack(l0, l1);
+        auto g = stack.make_gradients();
+        check(stack, g, std::get<0>(g), std::get<1>(g));
+    }
+    {
+        DynamicStack stack;
+        stack.push_back(l0).push_back(l1);
+        auto g = stack.make_gradients();
+        using G = gradients_of<decltype(l0)>;
+        check(stack, g, std::any_cast<G&>(g[0]), std::any_cast<G&>(g[1]));
+    }
+}

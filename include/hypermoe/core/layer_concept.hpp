@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <initializer_list>
 #include <string_view>
+#include <utility>
 
 #include "hypermoe/core/context.hpp"
 #include "hypermoe/core/error.hpp"
@@ -33,6 +34,21 @@ concept Layer = requires(const L& layer, ConstMatrixView<float> x, MatrixView<fl
     layer.forward(x, y, ws, ctx);
     layer.forward(x, y, ws); // the context defaults to Context{}
 };
+
+/// The gradient type of a layer: what its make_gradients() returns.
+template <class L>
+using gradients_of = decltype(std::declval<const L&>().make_gradients());
+
+/// A Layer with a backward pass: make_gradients() gives zeroed gradients of its parameters, and
+/// backward(x, dy, dx, g, ws, ctx) writes dx = dL/dx from dy = dL/dy and adds the parameter
+/// gradients to g, recomputing what it needs from x (docs/training.md).
+template <class L>
+concept TrainableLayer = Layer<L> && requires { typename gradients_of<L>; } &&
+    requires(const L& layer, ConstMatrixView<float> x, MatrixView<float> dx, gradients_of<L>& g, Workspace& ws, index_t rows,
+             const Context& ctx) {
+        { layer.backward_workspace_bytes(rows) } -> std::same_as<std::size_t>;
+        layer.backward(x, x, dx, g, ws, ctx);
+    };
 
 namespace detail {
 

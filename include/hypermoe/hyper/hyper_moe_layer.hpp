@@ -125,6 +125,14 @@ public:
                                                                   projector_.make_gradients(), std::move(hypernetwork)};
     }
 
+    /// The same, with the hypernetwork's gradients taken from `pool` (shared with the other
+    /// layers of the stack that use this hypernetwork).
+    [[nodiscard]] auto make_gradients(HypernetworkGradientPool& pool) const
+        requires requires(const moe_type& m) { m.make_gradients(); }
+    {
+        return make_gradients(pool.get(hyper_.get(), [&] { return hyper_->make_gradients(); }));
+    }
+
     /// Scratch of backward() for `rows` tokens.
     [[nodiscard]] std::size_t backward_workspace_bytes(index_t rows) const
         requires requires(const moe_type& m) { m.backward_workspace_bytes(rows); }
@@ -148,7 +156,9 @@ public:
     /// the HyperExpert part's gradients do not depend on the thread count.
     template <class G>
     void backward(ConstMatrixView<float> x, ConstMatrixView<float> dy, MatrixView<float> dx, G& g, Workspace& ws,
-                  const Context& context = {}) const {
+                  const Context& context = {}) const
+        requires detail::router_has_backward<R>
+    {
         detail::check_backward_shapes(x, dy, dx, in_width(), out_width(), "HyperMoeLayer");
         if (!g.hypernetwork) throw config_error("HyperMoeLayer::backward: no hypernetwork gradients (use make_gradients())");
         detail::check_gradient_shapes("HyperMoeLayer", {{"embedding", g.embedding.rows(), g.embedding.cols(), moe_.num_experts(),

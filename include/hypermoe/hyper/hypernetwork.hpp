@@ -22,6 +22,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <memory>
 #include <span>
 #include <utility>
 #include <vector>
@@ -71,6 +72,25 @@ struct HypernetworkGradients {
     std::vector<float> down_bias_bias;
     Matrix<float> up_bias;     ///< (d, h)
     std::vector<float> up_bias_bias;
+};
+
+/// One HypernetworkGradients per hypernetwork: a stack makes its layers' gradients through one
+/// pool (Sequential::make_gradients, DynamicStack::make_gradients), so the HyperMoE layers that
+/// share a hypernetwork share its gradients, as they share its weights.
+class HypernetworkGradientPool {
+public:
+    /// The set for `hypernetwork`, made by `make()` the first time it is asked for.
+    template <class Make>
+    std::shared_ptr<HypernetworkGradients> get(const void* hypernetwork, Make&& make) {
+        for (const auto& [key, value] : sets_)
+            if (key == hypernetwork) return value;
+        sets_.emplace_back(hypernetwork, std::make_shared<HypernetworkGradients>(make()));
+        return sets_.back().second;
+    }
+    [[nodiscard]] std::size_t size() const noexcept { return sets_.size(); }
+
+private:
+    std::vector<std::pair<const void*, std::shared_ptr<HypernetworkGradients>>> sets_;
 };
 
 template <Backend B>

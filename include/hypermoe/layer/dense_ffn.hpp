@@ -30,6 +30,26 @@ public:
         expert_.forward(x, y, ws, ctx);
     }
 
+    [[nodiscard]] auto make_gradients() const
+        requires requires(const E& e) { e.make_gradients(); }
+    {
+        return expert_.make_gradients();
+    }
+    [[nodiscard]] std::size_t backward_workspace_bytes(index_t rows) const
+        requires requires(const E& e) { e.backward_workspace_bytes(rows); }
+    {
+        return expert_.backward_workspace_bytes(rows);
+    }
+
+    /// The expert's backward (f32 weights only), after the same input check as forward.
+    template <class G>
+    void backward(ConstMatrixView<float> x, ConstMatrixView<float> dy, MatrixView<float> dx, G& g, Workspace& ws,
+                  const Context& /*ctx*/ = {}) const {
+        detail::check_backward_shapes(x, dy, dx, in_width(), out_width(), "DenseFfn");
+        check_finite(x, "DenseFfn::backward: input x");
+        expert_.backward(x, dy, dx, g, ws);
+    }
+
 private:
     E expert_;
 };

@@ -37,6 +37,14 @@ struct MoeOptions {
     DroppedTokens dropped = DroppedTokens::scaled_input;
 };
 
+namespace detail {
+/// Whether a router has a backward pass (ScoredRouter with a policy whose weights are its
+/// scores or constant): an MoeLayer with it has one too.
+template <class R>
+concept router_has_backward = requires(const R& r, ConstMatrixView<float> logits, const RoutingPlan& plan, MatrixView<float> d,
+                                       Workspace& ws) { r.backward(logits, plan, logits, d, ws); };
+} // namespace detail
+
 /// Gradients of an MoeLayer's parameters, zeroed at creation (MoeLayer::make_gradients);
 /// backward adds to them.
 template <class ExpertGradients, class SharedGradients>
@@ -200,7 +208,9 @@ public:
     /// docs/training.md). Expert weights must be stored as f32 (config_error otherwise).
     template <class G>
     void backward(ConstMatrixView<float> x, ConstMatrixView<float> dy, MatrixView<float> dx, G& g, Workspace& ws,
-                  const Context& context = {}) const {
+                  const Context& context = {}) const
+        requires detail::router_has_backward<R>
+    {
         thread_local RoutingPlan plan;
         backward(x, dy, dx, g, ws, plan, context);
     }
@@ -208,7 +218,9 @@ public:
     /// The same, routing into `plan` (which the caller may then use, as HyperMoeLayer does).
     template <class G>
     void backward(ConstMatrixView<float> x, ConstMatrixView<float> dy, MatrixView<float> dx, G& g, Workspace& ws,
-                  RoutingPlan& plan, const Context& context = {}) const {
+                  RoutingPlan& plan, const Context& context = {}) const
+        requires detail::router_has_backward<R>
+    {
         detail::check_backward_shapes(x, dy, dx, in_width(), out_width(), "MoeLayer");
         check_input(x);
         if (g.gate.rows() != num_experts() || g.gate.cols() != in_width() || index_t(g.experts.size()) != num_experts())

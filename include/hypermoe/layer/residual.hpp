@@ -38,6 +38,33 @@ public:
             for (index_t j = 0; j < x.cols(); ++j) y(r, j) += x(r, j);
     }
 
+    /// The inner layer's gradients (`pool...`: what a stack passes down for HyperMoE layers that
+    /// share a hypernetwork; see Sequential::make_gradients).
+    template <class... Pool>
+    [[nodiscard]] auto make_gradients(Pool&... pool) const
+        requires requires(const Inner& i) { i.make_gradients(); }
+    {
+        if constexpr (requires { inner_.make_gradients(pool...); }) return inner_.make_gradients(pool...);
+        else return inner_.make_gradients();
+    }
+    [[nodiscard]] std::size_t backward_workspace_bytes(index_t rows) const
+        requires TrainableLayer<Inner>
+    {
+        return inner_.backward_workspace_bytes(rows);
+    }
+
+    /// dx = dy + the inner layer's dx; its parameter gradients added to g.
+    template <class G>
+    void backward(ConstMatrixView<float> x, ConstMatrixView<float> dy, MatrixView<float> dx, G& g, Workspace& ws,
+                  const Context& ctx = {}) const
+        requires TrainableLayer<Inner>
+    {
+        detail::check_backward_shapes(x, dy, dx, in_width(), out_width(), "Residual");
+        inner_.backward(x, dy, dx, g, ws, ctx);
+        for (index_t r = 0; r < x.rows(); ++r)
+            for (index_t j = 0; j < x.cols(); ++j) dx(r, j) += dy(r, j);
+    }
+
 private:
     Inner inner_;
 };
