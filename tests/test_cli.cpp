@@ -93,6 +93,37 @@ TEST_CASE("hypermoe run reproduces every fixture on every backend") {
     fs::remove(out);
 }
 
+TEST_CASE("hypermoe run --grad writes dx and d/<tensor> matching every fixture's float64 gradients") {
+    const fs::path out = fs::temp_directory_path() / ("hypermoe-cli-y-" + std::to_string(::getpid()) + ".safetensors");
+    const fs::path grads = fs::temp_directory_path() / ("hypermoe-cli-g-" + std::to_string(::getpid()) + ".safetensors");
+    for (const auto& entry : fs::directory_iterator(data_dir)) {
+        if (!entry.is_directory()) continue;
+        const std::string dir = entry.path().string();
+        CAPTURE(dir);
+        // The fixture's grads.safetensors holds `dy`: it is the --grad file as it stands.
+        const Result r = run_cli("run --model " + dir + " --input " + dir + "/input.safetensors --output " + out.string() + " --grad " +
+                                 dir + "/grads.safetensors --output-grads " + grads.string() + " --threads 2");
+        REQUIRE_MESSAGE(r.status == 0, r.err);
+        const SafeTensorsFile got(grads.string()), want(dir + "/grads.safetensors");
+        const auto& g = got.view();
+        const auto& w = want.view();
+        std::set<std::string> have, expected;
+        for (const TensorInfo& t : g.tensors()) have.insert(t.name);
+        for (const TensorInfo& t : w.tensors())
+            if (t.name == "dx" || t.name.starts_with("d/")) expected.insert(t.name);
+        CHECK(have == expected);
+        for (const std::string& name : expected) {
+            CAPTURE(name);
+            if (!g.contains(name)) continue;
+            CHECK(g.info(name).shape == w.info(name).shape);
+            const Matrix<float> a = g.to_f32(g.info(name)), b = w.to_f32(w.info(name));
+            CHECK(test::relative_error(a.view(), b.view()) <= 1e-5);
+        }
+    }
+    fs::remove(out);
+    fs::remove(grads);
+}
+
 TEST_CASE("hypermoe run and bench with bf16, 8- and 4-bit expert weights") {
     const std::string dir = data_dir + "/qwen2_moe-basic";
     const fs::path out = fs::temp_directory_path() / ("hypermoe-cli-q-" + std::to_string(::getpid()) + ".safetensors");
@@ -221,6 +252,11 @@ TEST_CASE("usage errors exit 2 with one line on stderr") {
              "run --model " + m + " --input " + m + "/input.safetensors --output /tmp/x --threads zero",
              "run --model " + m + " --input " + m + "/input.safetensors --output /tmp/x --weights q5_k",
              "run --model " + m + " --input " + m + "/input.safetensors --output /tmp/x --weights q4_0 --precision approximate",
+             "run --model " + m + " --input " + m + "/input.safetensors --output /tmp/x --grad " + m + "/grads.safetensors",
+             "run --model " + m + " --input " + m + "/input.safetensors --output /tmp/x --grad " + m +
+                 "/grads.safetensors --output-grads /tmp/g --weights bf16",
+             "run --model " + m + " --input " + m + "/input.safetensors --output /tmp/x --grad " + m +
+                 "/input.safetensors --output-grads /tmp/g",
              std::string("inspect --model /nonexistent"),
              std::string("bench --family llama"),
              std::string("bench --router best --tokens 4 --d-model 16 --d-ff 16 --repeat 1"),

@@ -29,8 +29,8 @@ struct TinyMoe {
     static Out load(BlockSource<B>& s) {
         const index_t d = s.info.d_model, e = s.info.experts;
         const std::string p = "model.layers." + s.layer() + ".moe.";
-        const WeightView gate = s.tensors.matrix(p + "router.weight", e, d);
-        const auto w = detail::glu_weights(s.tensors, p + "experts.", e, d, s.info.d_ff,
+        const WeightView gate = s.bind_matrix(s.names.router, p + "router.weight", e, d);
+        const auto w = detail::glu_weights(s, p + "experts.", e, d, s.info.d_ff,
                                            "gate_proj.weight", "up_proj.weight", "down_proj.weight");
         s.tensors.finish();
         return Out(SwiGluTopKLayer<B>(gate, TopKRouter(e, TopK{s.info.top_k}, {.weighting = {.renormalize = true}}),

@@ -39,6 +39,7 @@ constexpr const char* usage_text = R"(usage:
   hypermoe run --model DIR|FILE.gguf --input X.safetensors --output Y.safetensors [--layer N]
                [--stack encoder|decoder] [--backend onednn|eigen|reference] [--threads N]
                [--weights f32|bf16|q8_0|q4_0] [--precision exact|fast]
+               [--grad DY.safetensors --output-grads G.safetensors]   (backward: dx and d/<tensor>)
   hypermoe inspect --model DIR|FILE.gguf
   hypermoe bench [--family F] [--d-model N] [--d-ff N] [--experts N] [--top-k N] [--tokens N]
                [--router NAME|all|native] [--hyper cached|per-token|off] [--weights f32|bf16|q8_0|q4_0]
@@ -193,8 +194,27 @@ int run(const Args& a) {
     set_threads(a);
     const hm::Matrix<float> x = in.view().to_f32(*xi);
     const hm::RouterContext context{.sequence_length = xi->shape.size() == 3 ? xi->shape[1] : 0};
+    // Backward: dy (the shape of x) from --grad, the gradients to --output-grads; it computes
+    // with the weights as trained, so they are held as f32.
+    if (a.has("--grad") != a.has("--output-grads")) throw usage_error("--grad and --output-grads go together");
+    hm::LoadOptions options = load_options(a, ck);
+    std::optional<hm::Matrix<float>> dy;
+    if (a.has("--grad")) {
+        if (a.has("--weights") && options.storage != hm::dtype::f32)
+            throw usage_error("--grad needs f32 weights (a backward computes with the weights as trained), but --weights is " +
+                              a.get("--weights", ""));
+        options.storage = hm::dtype::f32;
+        const std::string grad = a.need("--grad");
+        if (!fs::exists(grad)) throw usage_error("--grad " + grad + ": no such file");
+        const hm::SafeTensorsFile g(grad);
+        const hm::TensorInfo* di = g.view().find("dy");
+        if (di == nullptr) throw usage_error(grad + ": no tensor 'dy' (the gradient of the output)");
+        if (di->shape != xi->shape)
+            throw usage_error(grad + ": 'dy' has shape " + di->shape_string() + ", expected the shape of 'x', " + xi->shape_string());
+        dy = g.view().to_f32(*di);
+    }
     return with_backend(a.get("--backend", default_backend()), [&]<class B>() {
-        const auto model = hm::load_model<B>(ck, load_options(a, ck));
+        const auto model = hm::load_model<B>(ck, options);
         const auto& block = model.block(layer, stack);
         if (x.cols() != block.d_model())
             throw usage_error(input + ": 'x' has " + std::to_string(x.cols()) + " columns, the model's d_model is " +
@@ -217,6 +237,12 @@ int run(const Args& a) {
                                               {"layer", std::to_string(layer)}};
         if (!stack.empty()) md["stack"] = stack;
         hm::write_safetensors(output, out, md);
+        if (dy) {
+            hm::Matrix<float> dx(x.rows(), x.cols());
+            std::vector<hm::TensorToWrite> grads = block.gradients(x.view(), dy->view(), dx.view(), ws, context);
+            grads.push_back(hm::f32_tensor("dx", xi->shape, std::span<const float>(dx.data(), std::size_t(t * x.cols()))));
+            hm::write_safetensors(a.need("--output-grads"), grads, md);
+        }
         return 0;
     });
 }
@@ -525,7 +551,10 @@ int main(int argc, char** argv) {
             return 0;
         }
         if (cmd == "run")
-            return run(Args(argc, argv, 2, {"--model", "--input", "--output", "--layer", "--stack", "--backend", "--threads", "--weights", "--precision"}, {}));
+            return run(Args(argc, argv, 2,
+                            {"--model", "--input", "--output", "--layer", "--stack", "--backend", "--threads", "--weights", "--precision",
+                             "--grad", "--output-grads"},
+                            {}));
         if (cmd == "inspect") return inspect(Args(argc, argv, 2, {"--model"}, {}));
         if (cmd == "bench")
             return bench(Args(argc, argv, 2,

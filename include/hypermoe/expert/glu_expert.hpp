@@ -40,6 +40,8 @@ struct GluGradients {
 
     [[nodiscard]] MatrixView<float> gate() noexcept { return gate_up.view().row_block(0, gate_up.rows() / 2); }
     [[nodiscard]] MatrixView<float> up() noexcept { return gate_up.view().row_block(gate_up.rows() / 2, gate_up.rows() / 2); }
+    [[nodiscard]] ConstMatrixView<float> gate() const noexcept { return gate_up.view().row_block(0, gate_up.rows() / 2); }
+    [[nodiscard]] ConstMatrixView<float> up() const noexcept { return gate_up.view().row_block(gate_up.rows() / 2, gate_up.rows() / 2); }
 };
 
 template <Backend B, Activation Act, index_t D = dynamic, index_t FF = dynamic>

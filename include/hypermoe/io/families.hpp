@@ -163,8 +163,30 @@ public:
     static constexpr index_t static_in_width = dynamic;
     static constexpr index_t static_out_width = dynamic;
 
-    LoadedMoeBlock(Layer layer, ModelInfo info, MoeBlockRef block)
-        : layer_(std::move(layer)), info_(std::move(info)), block_(std::move(block)) {}
+    LoadedMoeBlock(Layer layer, ModelInfo info, MoeBlockRef block, BlockParameterNames names = {})
+        : layer_(std::move(layer)), info_(std::move(info)), block_(std::move(block)), names_(std::move(names)) {}
+
+    /// The checkpoint names of the block's tensors, by role, as its family's load() bound them.
+    [[nodiscard]] const BlockParameterNames& parameter_names() const noexcept { return names_; }
+
+    /// The backward of forward(x, y, ws, context): writes dx = dL/dx from dy = dL/dy and returns
+    /// dL/d<tensor> for every tensor the block reads, as `d/<checkpoint name>` F32 tensors in the
+    /// checkpoint's shapes (the fixtures' grads.safetensors layout). The block must hold its
+    /// weights as f32 (LoadOptions::storage = dtype::f32; bf16 checkpoints widen exactly).
+    [[nodiscard]] std::vector<TensorToWrite> gradients(ConstMatrixView<float> x, ConstMatrixView<float> dy, MatrixView<float> dx,
+                                                       Workspace& ws, const Context& context = {}) const {
+        return std::visit(
+            [&](const auto& l) -> std::vector<TensorToWrite> {
+                if constexpr (TrainableLayer<std::decay_t<decltype(l)>>) {
+                    auto g = l.make_gradients();
+                    l.backward(x, dy, dx, g, ws, context);
+                    return named_gradients(names_, g);
+                } else {
+                    throw config_error(detail::concat(to_string(info_.family), " block ", block_.layer, ": its router has no backward"));
+                }
+            },
+            layer_);
+    }
 
     [[nodiscard]] const ModelInfo& info() const noexcept { return info_; }
     [[nodiscard]] const MoeBlockRef& block() const noexcept { return block_; }
@@ -253,6 +275,7 @@ private:
     Layer layer_;
     ModelInfo info_;
     MoeBlockRef block_;
+    BlockParameterNames names_;
 };
 
 namespace detail {
@@ -288,7 +311,7 @@ template <Backend B>
     BlockSource<B> source{c, info, ref, t, opt, std::move(hypernetwork)};
     using Layer = typename LoadedMoeBlock<B>::Layer;
     Layer loaded = visit_family(info.family, [&]<class F>(std::type_identity<F>) { return F::template load<Layer>(source); });
-    return LoadedMoeBlock<B>(std::move(loaded), std::move(info), ref);
+    return LoadedMoeBlock<B>(std::move(loaded), std::move(info), ref, std::move(source.names));
 }
 
 } // namespace detail

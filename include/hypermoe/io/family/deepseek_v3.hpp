@@ -51,12 +51,12 @@ struct DeepSeekV3 {
         const index_t d = s.info.d_model, e = s.info.experts, sf = s.info.shared_ff;
         if (sf == 0) throw config_error(detail::concat(c.file(), ": n_shared_experts is 0; deepseek_v3 blocks have shared experts"));
         const std::string p = "model.layers." + s.layer() + ".mlp.";
-        const WeightView gate = s.tensors.matrix(p + "gate.weight", e, d);
+        const WeightView gate = s.bind_matrix(s.names.router, p + "gate.weight", e, d);
         const std::string bias_name = p + "gate.e_score_correction_bias";
         const auto bias = scoring == "sigmoid" || s.tensors.has(bias_name) ? s.tensors.vector(bias_name, e) : std::span<const float>{};
-        const auto w = detail::glu_weights(s.tensors, p + "experts.", e, d, s.info.d_ff, "gate_proj.weight", "up_proj.weight",
+        const auto w = detail::glu_weights(s, p + "experts.", e, d, s.info.d_ff, "gate_proj.weight", "up_proj.weight",
                                            "down_proj.weight");
-        const GluWeights sw = detail::glu_weights(s.tensors, p + "shared_experts.", d, sf);
+        const GluWeights sw = detail::shared_glu_weights(s, p + "shared_experts.", d, sf);
         s.tensors.finish();
         const auto build = [&]<class Router>(std::type_identity<Router>) {
             const Router router(

@@ -34,6 +34,7 @@
 #include "hypermoe/io/checkpoint.hpp"
 #include "hypermoe/io/config_reader.hpp"
 #include "hypermoe/io/model_info.hpp"
+#include "hypermoe/io/parameter_names.hpp"
 #include "hypermoe/io/safetensors.hpp"
 #include "hypermoe/io/tensor_binder.hpp"
 #include "hypermoe/layer/moe_layer.hpp"
@@ -53,8 +54,22 @@ struct BlockSource {
     /// The stack's hypernetwork when another block already holds it (HyperMoE families: then its
     /// tensors are not bound again); null = load it.
     std::shared_ptr<const Hypernetwork<B>> hypernetwork;
+    /// Where load() records the checkpoint name of every tensor it binds, by role
+    /// (io/parameter_names.hpp): the names the block's gradients are written under.
+    BlockParameterNames names = {};
 
     [[nodiscard]] std::string layer() const { return std::to_string(block.layer); }
+
+    /// tensors.matrix(name, ...), with the name recorded in `slot`.
+    WeightView bind_matrix(TensorName& slot, std::string name, index_t rows, index_t cols, bool transpose = false) {
+        slot = {std::move(name), transpose};
+        return tensors.matrix(slot.name, rows, cols, transpose);
+    }
+    /// tensors.vector(name, n), with the name recorded in `slot`.
+    std::span<const float> bind_vector(TensorName& slot, std::string name, index_t n) {
+        slot = {std::move(name), false};
+        return tensors.vector(slot.name, n);
+    }
 };
 
 /// Sizes of a synthetic checkpoint (io/synthetic.hpp).
@@ -77,21 +92,30 @@ using SwiGluTopKLayer = MoeLayer<SwiGluExpert<B>, TopKRouter>;
 
 namespace detail {
 
-/// The views of n GLU experts' weights under `prefix`<e>.<name>.
-inline std::vector<GluWeights> glu_weights(TensorBinder& t, const std::string& prefix, index_t n, index_t d, index_t ff,
-                                           const char* gate, const char* up, const char* down) {
+/// One GLU expert's weights under `prefix`<name>, the names recorded in `n`.
+template <Backend B>
+GluWeights bind_glu(BlockSource<B>& s, ExpertTensorNames& n, const std::string& prefix, index_t d, index_t ff, const char* gate,
+                    const char* up, const char* down) {
+    return {s.bind_matrix(n.gate, prefix + gate, ff, d), s.bind_matrix(n.up, prefix + up, ff, d),
+            s.bind_matrix(n.down, prefix + down, d, ff)};
+}
+
+/// The views of n GLU experts' weights under `prefix`<e>.<name> (names recorded as the experts').
+template <Backend B>
+std::vector<GluWeights> glu_weights(BlockSource<B>& s, const std::string& prefix, index_t n, index_t d, index_t ff, const char* gate,
+                                    const char* up, const char* down) {
     std::vector<GluWeights> w;
-    for (index_t e = 0; e < n; ++e) {
-        const std::string p = prefix + std::to_string(e) + ".";
-        w.push_back({t.matrix(p + gate, ff, d), t.matrix(p + up, ff, d), t.matrix(p + down, d, ff)});
-    }
+    s.names.experts.resize(std::size_t(n));
+    for (index_t e = 0; e < n; ++e)
+        w.push_back(bind_glu(s, s.names.experts[std::size_t(e)], prefix + std::to_string(e) + ".", d, ff, gate, up, down));
     return w;
 }
 
-/// One GLU expert's weights under `prefix` (gate_proj, up_proj, down_proj).
-inline GluWeights glu_weights(TensorBinder& t, const std::string& prefix, index_t d, index_t ff) {
-    return {t.matrix(prefix + "gate_proj.weight", ff, d), t.matrix(prefix + "up_proj.weight", ff, d),
-            t.matrix(prefix + "down_proj.weight", d, ff)};
+/// The shared expert's weights under `prefix` (gate_proj, up_proj, down_proj; names recorded as
+/// the shared expert's).
+template <Backend B>
+GluWeights shared_glu_weights(BlockSource<B>& s, const std::string& prefix, index_t d, index_t ff) {
+    return bind_glu(s, s.names.shared.emplace(), prefix, d, ff, "gate_proj.weight", "up_proj.weight", "down_proj.weight");
 }
 
 /// How the experts of a loaded block are stored and compute.
@@ -131,18 +155,29 @@ HyperParts bind_hyper_parts(BlockSource<B>& s, const std::string& mlp, const std
     const index_t e = s.info.experts, d = s.info.d_model, r = s.info.adapter_rank;
     const index_t de = c.integer("experts_embedding_dim", 1), pd = c.integer("process_dim", 1), q = c.integer("hypernet_input", 1);
     const index_t h = c.integer("hypernetwork_bottleneck", 1), dl = c.integer("layer_emb_dim", 1);
-    HyperParts parts{t.matrix(mlp + "n_experts_embedding.weight", e, de),
-                     {t.matrix(mlp + "embedding_process.0.weight", pd, de), t.vector(mlp + "embedding_process.0.bias", pd),
-                      t.matrix(mlp + "embedding_process.2.weight", q, pd), t.vector(mlp + "embedding_process.2.bias", q)},
+    BlockParameterNames& n = s.names;
+    HyperParts parts{s.bind_matrix(n.embedding, mlp + "n_experts_embedding.weight", e, de),
+                     {s.bind_matrix(n.projector_first, mlp + "embedding_process.0.weight", pd, de),
+                      s.bind_vector(n.projector_first_bias, mlp + "embedding_process.0.bias", pd),
+                      s.bind_matrix(n.projector_second, mlp + "embedding_process.2.weight", q, pd),
+                      s.bind_vector(n.projector_second_bias, mlp + "embedding_process.2.bias", q)},
                      std::nullopt};
+    // The hypernetwork's names, recorded whether or not this block binds its tensors (a later
+    // block of the stack shares the first one's).
+    n.layer_embed = {gen + "layer_embed.weight"};
+    n.trunk = {gen + "decoder.linear1.weight"}, n.trunk_bias = {gen + "decoder.linear1.bias"};
+    n.down_weight = {gen + "decoder.weight_down.weight"}, n.down_weight_bias = {gen + "decoder.weight_down.bias"};
+    n.up_weight = {gen + "decoder.weight_up.weight"}, n.up_weight_bias = {gen + "decoder.weight_up.bias"};
+    n.down_bias = {gen + "decoder.bias_down.weight"}, n.down_bias_bias = {gen + "decoder.bias_down.bias"};
+    n.up_bias = {gen + "decoder.bias_up.weight"}, n.up_bias_bias = {gen + "decoder.bias_up.bias"};
     if (!s.hypernetwork)
         parts.hypernetwork = HypernetworkWeights{
-            t.matrix(gen + "layer_embed.weight", layers, dl),
-            t.matrix(gen + "decoder.linear1.weight", h, q + dl), t.vector(gen + "decoder.linear1.bias", h),
-            t.matrix(gen + "decoder.weight_down.weight", d * r, h), t.vector(gen + "decoder.weight_down.bias", d * r),
-            t.matrix(gen + "decoder.weight_up.weight", r * d, h), t.vector(gen + "decoder.weight_up.bias", r * d),
-            t.matrix(gen + "decoder.bias_down.weight", r, h), t.vector(gen + "decoder.bias_down.bias", r),
-            t.matrix(gen + "decoder.bias_up.weight", d, h), t.vector(gen + "decoder.bias_up.bias", d)};
+            t.matrix(n.layer_embed.name, layers, dl),
+            t.matrix(n.trunk.name, h, q + dl), t.vector(n.trunk_bias.name, h),
+            t.matrix(n.down_weight.name, d * r, h), t.vector(n.down_weight_bias.name, d * r),
+            t.matrix(n.up_weight.name, r * d, h), t.vector(n.up_weight_bias.name, r * d),
+            t.matrix(n.down_bias.name, r, h), t.vector(n.down_bias_bias.name, r),
+            t.matrix(n.up_bias.name, d, h), t.vector(n.up_bias_bias.name, d)};
     return parts;
 }
 

@@ -41,12 +41,14 @@ struct HyperMoeGpt2 {
         const index_t d = s.info.d_model, ff = s.info.d_ff, e = s.info.experts;
         const std::string p = "transformer.h." + s.layer() + ".mlp.";
         TensorBinder& t = s.tensors;
-        const WeightView gate = t.matrix(p + "w_gate", e, d, /*transpose=*/true);
+        const WeightView gate = s.bind_matrix(s.names.router, p + "w_gate", e, d, /*transpose=*/true);
         std::vector<FfnWeights> w;
+        s.names.experts.resize(std::size_t(e));
         for (index_t x = 0; x < e; ++x) {
             const std::string q = p + "experts.expert_" + std::to_string(x) + ".";
-            w.push_back({t.matrix(q + "c_fc.weight", ff, d, true), t.matrix(q + "c_proj.weight", d, ff, true),
-                         t.vector(q + "c_fc.bias", ff), t.vector(q + "c_proj.bias", d)});
+            ExpertTensorNames& n = s.names.experts[std::size_t(x)];
+            w.push_back({s.bind_matrix(n.up, q + "c_fc.weight", ff, d, true), s.bind_matrix(n.down, q + "c_proj.weight", d, ff, true),
+                         s.bind_vector(n.up_bias, q + "c_fc.bias", ff), s.bind_vector(n.down_bias, q + "c_proj.bias", d)});
         }
         const auto hyper = detail::bind_hyper_parts(s, p, "transformer.param_gen.", s.config.integer("n_layer", 1));
         t.finish();

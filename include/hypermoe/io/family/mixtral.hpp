@@ -28,8 +28,8 @@ struct Mixtral {
         s.config.expect_string("hidden_act", "silu", {"silu"});
         const index_t d = s.info.d_model, e = s.info.experts;
         const std::string p = "model.layers." + s.layer() + ".block_sparse_moe.";
-        const WeightView gate = s.tensors.matrix(p + "gate.weight", e, d);
-        const auto w = detail::glu_weights(s.tensors, p + "experts.", e, d, s.info.d_ff, "w1.weight", "w3.weight", "w2.weight");
+        const WeightView gate = s.bind_matrix(s.names.router, p + "gate.weight", e, d);
+        const auto w = detail::glu_weights(s, p + "experts.", e, d, s.info.d_ff, "w1.weight", "w3.weight", "w2.weight");
         s.tensors.finish();
         return Out(SwiGluTopKLayer<B>(gate, TopKRouter(e, TopK{s.info.top_k}, {.weighting = {.renormalize = true}}),
                             detail::build_experts<SwiGluExpert<B>>(w, s)));

@@ -29,8 +29,8 @@ struct Olmoe {
         s.config.expect_string("hidden_act", "silu", {"silu"});
         const index_t d = s.info.d_model, e = s.info.experts;
         const std::string p = "model.layers." + s.layer() + ".mlp.";
-        const WeightView gate = s.tensors.matrix(p + "gate.weight", e, d);
-        const auto w = detail::glu_weights(s.tensors, p + "experts.", e, d, s.info.d_ff, "gate_proj.weight", "up_proj.weight",
+        const WeightView gate = s.bind_matrix(s.names.router, p + "gate.weight", e, d);
+        const auto w = detail::glu_weights(s, p + "experts.", e, d, s.info.d_ff, "gate_proj.weight", "up_proj.weight",
                                            "down_proj.weight");
         s.tensors.finish();
         return Out(SwiGluTopKLayer<B>(

@@ -41,16 +41,16 @@ struct Qwen2Moe {
         s.config.expect_string("hidden_act", "silu", {"silu"});
         const index_t d = s.info.d_model, e = s.info.experts, sf = s.info.shared_ff;
         const std::string p = "model.layers." + s.layer() + ".mlp.";
-        const WeightView gate = s.tensors.matrix(p + "gate.weight", e, d);
-        const auto w = detail::glu_weights(s.tensors, p + "experts.", e, d, s.info.d_ff, "gate_proj.weight", "up_proj.weight",
+        const WeightView gate = s.bind_matrix(s.names.router, p + "gate.weight", e, d);
+        const auto w = detail::glu_weights(s, p + "experts.", e, d, s.info.d_ff, "gate_proj.weight", "up_proj.weight",
                                            "down_proj.weight");
         const TopKRouter router(e, TopK{s.info.top_k}, {.weighting = {.renormalize = s.config.boolean_or("norm_topk_prob", false)}});
         if (sf == 0) {
             s.tensors.finish();
             return Out(SwiGluTopKLayer<B>(gate, router, detail::build_experts<SwiGluExpert<B>>(w, s)));
         }
-        const GluWeights sw = detail::glu_weights(s.tensors, p + "shared_expert.", d, sf);
-        const WeightView shared_gate = s.tensors.matrix(p + "shared_expert_gate.weight", 1, d);
+        const GluWeights sw = detail::shared_glu_weights(s, p + "shared_expert.", d, sf);
+        const WeightView shared_gate = s.bind_matrix(s.names.shared_gate, p + "shared_expert_gate.weight", 1, d);
         s.tensors.finish();
         return Out(SharedLayer<B>(gate, router, detail::build_experts<SwiGluExpert<B>>(w, s),
                                   SharedExpert<SwiGluExpert<B>>(SwiGluExpert<B>(sw, detail::expert_options(s.options)), shared_gate)));

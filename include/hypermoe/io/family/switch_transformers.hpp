@@ -68,10 +68,12 @@ struct SwitchBlocks {
         s.config.expect_string("dense_act_fn", "relu", {"relu"});
         const index_t d = s.info.d_model, ff = s.info.d_ff, e = s.info.experts;
         const std::string p = mlp_prefix(s.block.stack, s.block.layer);
-        Bound b{s.tensors.matrix(p + "router.classifier.weight", e, d), {}};
+        Bound b{s.bind_matrix(s.names.router, p + "router.classifier.weight", e, d), {}};
+        s.names.experts.resize(std::size_t(e));
         for (index_t x = 0; x < e; ++x) {
             const std::string q = p + "experts.expert_" + std::to_string(x) + ".";
-            b.experts.push_back({s.tensors.matrix(q + "wi.weight", ff, d), s.tensors.matrix(q + "wo.weight", d, ff)});
+            ExpertTensorNames& n = s.names.experts[std::size_t(x)];
+            b.experts.push_back({s.bind_matrix(n.up, q + "wi.weight", ff, d), s.bind_matrix(n.down, q + "wo.weight", d, ff)});
         }
         return b;
     }
