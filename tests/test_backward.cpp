@@ -521,6 +521,65 @@ TEST_CASE("auxiliary losses: gradients with respect to the logits match central 
                          "router_z_loss_backward: dlogits has shape (12, 3), expected (12, 4)", shape_error);
 }
 
+TEST_CASE("MoeLayer backward matches central differences: noisy top-k (softmax over the selected noisy logits), renormalised and scaled") {
+    for (const bool renormalize : {false, true}) {
+        CAPTURE(renormalize);
+        MoeParams p(10);
+        const auto make = [renormalize](const MoeParams& q, auto backend) {
+            using B = decltype(backend);
+            return MoeLayer<GluExpert<B, Silu>, NoisyTopKRouter>(
+                weight(q.gate),
+                NoisyTopKRouter(q.experts, NoisyTopK{.k = 2, .noise_std = 0.5f, .seed = 7},
+                                {.weighting = {.renormalize = renormalize, .epsilon = 0.1, .scale = 1.5f}}),
+                q.build_experts<B>());
+        };
+        // The noise is a function of (position, expert, call seed): the same in every call.
+        check_moe_backward(p, make, 9, Context{.noise_seed = 3});
+    }
+}
+
+TEST_CASE("importance loss (cv^2 of the experts' summed weights): gradient through the combine weights matches central differences") {
+    const index_t tokens = 10, experts = 4;
+    Workspace ws;
+    RoutingPlan plan;
+    TopKRouter(experts, TopK{2}).route(random_matrix(tokens, experts, 51, 2.0f), {}, plan, ws);
+    Matrix<float> dw(tokens, 2);
+    importance_loss_backward(plan, dw, 0.5, ws);
+    GradientGap gap;
+    for (index_t t = 0; t < tokens; ++t)
+        for (index_t j = 0; j < 2; ++j)
+            gap(dw(t, j), 0.5 * central_difference(plan.weights(t)[std::size_t(j)], [&] { return cv_squared(importance(plan)); }, 1e-3f));
+    CHECK(gap.scale > 0);
+    CHECK(gap.within(1e-3));
+    // Through an MoE layer (dy = 0, so only the loss): the router weight's gradient.
+    MoeParams p(11);
+    const auto make = [&] {
+        return MoeLayer<GluExpert<reference, Silu>, TopKRouter>(weight(p.gate),
+                                                                TopKRouter(p.experts, TopK{2}, {.weighting = {.renormalize = true}}),
+                                                                p.build_experts<reference>());
+    };
+    const auto x = random_matrix(tokens, p.d, 52);
+    const Matrix<float> zero(tokens, p.d);
+    const Context ctx{.aux_losses = {.importance = 0.5}};
+    auto g = make().make_gradients();
+    Matrix<float> dx(tokens, p.d);
+    make().backward(x, zero, dx, g, ws, ctx);
+    const auto loss = [&] {
+        RoutingPlan q;
+        Matrix<float> y(tokens, p.d);
+        make().forward(x, y, ws, q, ctx);
+        return 0.5 * cv_squared(importance(q));
+    };
+    GradientGap through;
+    for (index_t e = 0; e < p.experts; ++e)
+        for (index_t c = 0; c < p.d; ++c) through(g.gate(e, c), central_difference(p.gate(e, c), loss, 2e-3f));
+    CHECK(through.scale > 0);
+    CHECK(through.within(3e-3));
+    Matrix<float> bad(tokens, 3);
+    CHECK_THROWS_WITH_AS(importance_loss_backward(plan, bad, 1.0, ws),
+                         "importance_loss_backward: dweights has shape (10, 3), expected (10, 2)", shape_error);
+}
+
 TEST_CASE("MoeLayer backward matches central differences: expert choice (tokens taken by several experts or by none)") {
     MoeParams p(5);
     const auto make = [](const MoeParams& q, auto backend) {

@@ -37,6 +37,7 @@ protected:
 struct AuxLossWeights {
     double load_balancing = 0; ///< load_balancing_loss
     double z_loss = 0;         ///< router_z_loss
+    double importance = 0;     ///< cv_squared(importance(plan)) (Shazeer et al.), through the combine weights
     /// Load balancing per sequence of Context::sequence_length (Switch Transformers), instead of
     /// over the whole call (Hugging Face's top-k form).
     bool per_sequence = false;

@@ -187,7 +187,7 @@ public:
     {
         const index_t d = in_width(), packed = max_assignments(rows), slots = router_.slots();
         std::size_t inner = std::max(gate_->workspace_bytes(rows), gate_->backward_workspace_bytes(rows));
-        const std::size_t balancing = detail::padded_bytes<double>(num_experts()) + detail::padded_bytes<float>(num_experts());
+        const std::size_t balancing = 2 * detail::padded_bytes<double>(num_experts()) + detail::padded_bytes<float>(num_experts());
         inner = std::max({inner, router_.workspace_bytes(rows), router_.backward_workspace_bytes(), balancing,
                           apply_workspace_bytes(rows, packed)});
         for (const auto& e : experts_) inner = std::max(inner, e.backward_workspace_bytes(rows));
@@ -288,8 +288,9 @@ public:
                     for (index_t c = 0; c < d; ++c) dxr[std::size_t(c)] += din(r, c);
         }
         if constexpr (detail::router_uses_logits<R>) {
-            router_.backward(logits, plan, dweights, dlogits, ws);
             const AuxLossWeights& aux = context.aux_losses;
+            if (aux.importance != 0) importance_loss_backward(plan, dweights, aux.importance, ws);
+            router_.backward(logits, plan, dweights, dlogits, ws);
             if (aux.load_balancing != 0)
                 load_balancing_loss_backward(plan, logits, dlogits, aux.load_balancing, ws, load_balancing_options(context));
             if (aux.z_loss != 0) router_z_loss_backward(logits, dlogits, aux.z_loss);

@@ -137,6 +137,41 @@ inline void load_balancing_loss_backward(const RoutingPlan& plan, ConstMatrixVie
     return imp;
 }
 
+/// dweights (T, slots) += scale * d cv_squared(importance(plan)) / d weights: Shazeer et al.'s
+/// importance loss, whose gradient reaches the router through the combine weights. With
+/// I = importance, m its mean over the n experts and v its unbiased variance,
+/// d cv^2 / d I_e = 2 (I_e - m) / ((n - 1) m^2) - 2 v / (n m^3); each (token, slot) gets its
+/// expert's. No change when cv_squared is 0 by definition (n < 2 or m = 0).
+inline void importance_loss_backward(const RoutingPlan& plan, MatrixView<float> dweights, double scale, Workspace& ws) {
+    check_shape(dweights, plan.tokens(), plan.slots(), "importance_loss_backward", "dweights");
+    const index_t n = plan.experts();
+    if (n < 2) return;
+    Workspace::Scope scope(ws, 2 * detail::padded_bytes<double>(n));
+    const std::span<double> imp = ws.take<double>(n), grad = ws.take<double>(n);
+    std::fill(imp.begin(), imp.end(), 0.0);
+    for (index_t t = 0; t < plan.tokens(); ++t) {
+        const auto ids = plan.ids(t);
+        const auto w = plan.weights(t);
+        for (std::size_t j = 0; j < ids.size(); ++j)
+            if (ids[j] >= 0) imp[std::size_t(ids[j])] += w[j];
+    }
+    double mean = 0;
+    for (const double v : imp) mean += v;
+    mean /= double(n);
+    if (mean == 0) return;
+    double var = 0;
+    for (const double v : imp) var += (v - mean) * (v - mean);
+    var /= double(n - 1);
+    for (index_t e = 0; e < n; ++e)
+        grad[std::size_t(e)] = scale * (2 * (imp[std::size_t(e)] - mean) / (double(n - 1) * mean * mean) -
+                                        2 * var / (double(n) * mean * mean * mean));
+    for (index_t t = 0; t < plan.tokens(); ++t) {
+        const auto ids = plan.ids(t);
+        for (std::size_t j = 0; j < ids.size(); ++j)
+            if (ids[j] >= 0) dweights(t, index_t(j)) += float(grad[std::size_t(ids[j])]);
+    }
+}
+
 /// Load (kept assignments per expert) of a plan, for cv_squared.
 [[nodiscard]] inline std::vector<double> load(const RoutingPlan& plan) {
     std::vector<double> l(std::size_t(plan.experts()), 0.0);

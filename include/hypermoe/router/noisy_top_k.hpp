@@ -19,6 +19,8 @@ namespace hypermoe {
 struct NoisyTopK {
     static constexpr std::string_view name = "noisy_top_k";
     static constexpr bool fixed_selection = true;
+    /// The weights are a softmax over the selected H, H - score a constant: ScoredRouter::backward.
+    static constexpr bool weights_are_selected_softmax = true;
     index_t k = 2;
     float noise_std = 1.0f;
     std::uint64_t seed = 0;

@@ -54,6 +54,14 @@ inline constexpr bool weights_are_scores = [] {
     if constexpr (requires { S::weights_are_scores; }) return bool(S::weights_are_scores);
     else return false;
 }();
+/// Whether a selection policy declares `weights_are_selected_softmax = true` (the weights are
+/// a softmax over the selected experts' selection values, which differ from the scores by a
+/// constant per (token, expert), e.g. noise: noisy top-k).
+template <class S>
+inline constexpr bool weights_are_selected_softmax = [] {
+    if constexpr (requires { S::weights_are_selected_softmax; }) return bool(S::weights_are_selected_softmax);
+    else return false;
+}();
 /// Whether a selection policy declares `constant_weights = true` (weights that do not depend on
 /// the scores, as hash routing's 1): its logits get no gradient.
 template <class S>
@@ -146,19 +154,21 @@ public:
     }
 
     [[nodiscard]] std::size_t backward_workspace_bytes() const noexcept {
-        return detail::padded_bytes<float>(experts_) + 2 * detail::padded_bytes<double>(experts_);
+        return detail::padded_bytes<float>(experts_) + 2 * detail::padded_bytes<double>(experts_) + 2 * detail::padded_bytes<double>(slots());
     }
 
     /// The gradient of the logits (T, E) from `dweights` (T, slots), the gradient of the combine
     /// weights of `plan`, which route() made from these logits. The selection is piecewise
     /// constant, so gradient flows only through the selected experts' scores: their
     /// renormalisation and scale, then the score function (softmax reaches every logit through
-    /// its denominator; sigmoid only the selected ones). The selection bias gets none, and a
-    /// policy with constant weights (hash routing) gives zeros. Each token's sums run in double,
+    /// its denominator; sigmoid only the selected ones). With noisy top-k the weights are a
+    /// softmax over the selected noisy values, whose noise is a constant. The selection bias
+    /// gets none, and a policy with constant weights (hash routing) gives zeros. Each token's sums run in double,
     /// in expert order.
     void backward(ConstMatrixView<float> logits, const RoutingPlan& plan, ConstMatrixView<float> dweights,
                   MatrixView<float> dlogits, Workspace& ws) const
-        requires(detail::weights_are_scores<Selection> || detail::weights_are_constant<Selection>)
+        requires(detail::weights_are_scores<Selection> || detail::weights_are_constant<Selection> ||
+                 detail::weights_are_selected_softmax<Selection>)
     {
         const index_t tokens = logits.rows();
         if (logits.cols() != experts_ || plan.tokens() != tokens || plan.experts() != experts_ || plan.slots() != slots())
@@ -180,24 +190,42 @@ public:
         Workspace::Scope scope(ws, backward_workspace_bytes());
         const std::span<float> scores = ws.take<float>(experts_);
         const std::span<double> ds = ws.take<double>(experts_), dl = ws.take<double>(experts_);
+        const std::span<double> v = ws.take<double>(slots()), dv = ws.take<double>(slots());
         const Weighting& w = options_.weighting;
         for (index_t t = 0; t < tokens; ++t) {
             Score::apply(logits.row(t), scores);
             std::fill(ds.begin(), ds.end(), 0.0);
             const auto ids = plan.ids(t);
-            double sum = 0, weighted = 0; // sum of the selected scores; sum of dw * score
+            // v: the selected slots' values before the weighting: their scores, or (selected
+            // softmax) the softmax weights, recovered from the plan's weights, which are
+            // proportional to them and sum to 1 before the weighting.
+            double total = 0;
+            for (std::size_t j = 0; j < ids.size(); ++j) total += ids[j] >= 0 ? double(plan.weights(t)[j]) : 0.0;
+            for (std::size_t j = 0; j < ids.size(); ++j) {
+                if constexpr (detail::weights_are_selected_softmax<Selection>)
+                    v[j] = ids[j] >= 0 && total != 0 ? double(plan.weights(t)[j]) / total : 0.0;
+                else
+                    v[j] = ids[j] >= 0 ? double(scores[std::size_t(ids[j])]) : 0.0;
+            }
+            double sum = 0, weighted = 0; // sum of the selected values; sum of dw * value
             for (std::size_t j = 0; j < ids.size(); ++j)
-                if (ids[j] >= 0) {
-                    sum += scores[std::size_t(ids[j])];
-                    weighted += double(dweights(t, index_t(j))) * scores[std::size_t(ids[j])];
-                }
+                if (ids[j] >= 0) sum += v[j], weighted += double(dweights(t, index_t(j))) * v[j];
             const double denominator = sum + w.epsilon;
             for (std::size_t j = 0; j < ids.size(); ++j) {
-                if (ids[j] < 0) continue;
-                const double dwj = dweights(t, index_t(j));
-                // w_j = scale s_j / (sum + eps): d/ds_j = scale (dw_j / D - sum_i dw_i s_i / D^2)
-                ds[std::size_t(ids[j])] += w.renormalize ? double(w.scale) * (dwj / denominator - weighted / (denominator * denominator))
-                                                         : double(w.scale) * dwj;
+                const double dwj = ids[j] >= 0 ? double(dweights(t, index_t(j))) : 0.0;
+                // w_j = scale v_j / (sum + eps): d/dv_j = scale (dw_j / D - sum_i dw_i v_i / D^2)
+                dv[j] = w.renormalize ? double(w.scale) * (dwj / denominator - weighted / (denominator * denominator))
+                                      : double(w.scale) * dwj;
+            }
+            if constexpr (detail::weights_are_selected_softmax<Selection>) {
+                // v = softmax over the selected values H (H - score is constant): dH_i = v_i (dv_i - sum_j v_j dv_j).
+                double mean = 0;
+                for (std::size_t j = 0; j < ids.size(); ++j) mean += v[j] * dv[j];
+                for (std::size_t j = 0; j < ids.size(); ++j)
+                    if (ids[j] >= 0) ds[std::size_t(ids[j])] += v[j] * (dv[j] - mean);
+            } else {
+                for (std::size_t j = 0; j < ids.size(); ++j)
+                    if (ids[j] >= 0) ds[std::size_t(ids[j])] += dv[j];
             }
             Score::backward(scores, ds, dl);
             for (index_t e = 0; e < experts_; ++e) dlogits(t, e) = float(dl[std::size_t(e)]);
