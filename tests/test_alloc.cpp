@@ -197,6 +197,56 @@ TEST_CASE_TEMPLATE_DEFINE("MoE layer forward allocates nothing after warm-up (d 
 }
 TEST_CASE_TEMPLATE_APPLY(no_alloc, test::all_backends);
 
+TEST_CASE_TEMPLATE_DEFINE("backward of a norm + residual MoE stack allocates nothing after warm-up", B, backward_no_alloc) {
+    if (!HYPERMOE_COUNT_ALLOCATIONS) return;
+    constexpr index_t d = 192, ff = 320;
+    const auto layer = test::make_layer<B>(TopKRouter(8, TopK{2}, {.weighting = {.renormalize = true}}), d, ff);
+    const auto norm_w = test::random_vector(d, 4);
+    const auto stack = Sequential(RmsNorm<>(norm_w, 1e-6f), Residual(layer));
+    const index_t most = 64;
+    const Matrix<float> x = test::random_matrix(most, d, 5), dy = test::random_matrix(most, d, 6);
+    Matrix<float> dx(most, d);
+    Workspace ws;
+    auto g = stack.make_gradients();
+    auto gl = layer.make_gradients();
+    const Context ctx{.aux_losses = {.load_balancing = 0.01, .z_loss = 0.001, .importance = 0.01}};
+    const int threads = omp_get_max_threads();
+    const auto calls = [&] {
+        for (const index_t rows : {most, index_t(1), index_t(7)}) {
+            layer.backward(x.view().row_block(0, rows), dy.view().row_block(0, rows), dx.view().row_block(0, rows), gl, ws, ctx);
+            stack.backward(x.view().row_block(0, rows), dy.view().row_block(0, rows), dx.view().row_block(0, rows), g, ws, ctx);
+        }
+    };
+    calls();
+    const Counted c = counted(calls);
+    omp_set_num_threads(1);
+    calls();
+    const Counted one = counted(calls);
+    omp_set_num_threads(threads);
+    MESSAGE(B::name, ": ", c.count, " allocations, ", c.bytes, " bytes in 6 backward calls after warm-up (", one.count, " and ",
+            one.bytes, " at 1 thread)");
+#if defined(__clang__)
+    // libomp's fork/join bookkeeping (see above); a backward opens more parallel regions than a
+    // forward (measured: eigen about 150 blocks and 77 KB per call at 2 threads, none at 1).
+    constexpr long runtime_count = 6 * 512, runtime_bytes = 6 * 262144;
+#else
+    constexpr long runtime_count = 0, runtime_bytes = 0;
+#endif
+#if HYPERMOE_HAS_ONEDNN
+    if constexpr (std::is_same_v<B, onednn>) {
+        // Not yet allocation-free (docs/training.md, "What is next"): oneDNN 2.6's gemm:jit, the
+        // only matmul with run-time shapes, mallocs its packing buffers on every execution
+        // (measured: about 1,000 allocations and 1.9 MB per backward call here), and each call
+        // makes its memory objects. Reported, not required, until the backward GEMMs move off it.
+        return;
+    }
+#endif
+    CHECK(c.count <= runtime_count);
+    CHECK(c.bytes <= runtime_bytes);
+    CHECK(one.count == 0);
+}
+TEST_CASE_TEMPLATE_APPLY(backward_no_alloc, test::all_backends);
+
 TEST_CASE_TEMPLATE_DEFINE("q8_0 and q4_0 weights are held once, as blocks (counted in bytes)", B, blocks_held_once) {
     if (!HYPERMOE_COUNT_ALLOCATIONS) return;
     const index_t n = 512, k = 1024;

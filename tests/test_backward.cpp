@@ -9,6 +9,7 @@
 #include <functional>
 #include <thread>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "test_support.hpp"
@@ -895,3 +896,33 @@ TEST_CASE("Sequential backward through norms, residual MoE and dense blocks matc
     plain.push_back(NoBackward{});
     CHECK_THROWS_WITH_AS((void)plain.make_gradients(), "DynamicStack: layer 4 has no backward (it cannot be trained)", config_error);
 }
+
+TEST_CASE_TEMPLATE_DEFINE("MoE layer backward gives the same bits at 1 and 2 threads", B, backward_thread_counts) {
+    // Large enough for every parallel path to split (the GEMMs, the row-wise loops).
+    const auto layer = test::make_layer<B>(TopKRouter(8, TopK{2}, {.weighting = {.renormalize = true}}), 192, 320);
+    const auto x = random_matrix(512, 192, 60), dy = random_matrix(512, 192, 61);
+    const auto run = [&](int threads) {
+        const detail::ThreadCountScope scope(threads);
+        Workspace ws;
+        auto g = layer.make_gradients();
+        Matrix<float> dx(x.rows(), x.cols());
+        layer.backward(x, dy, dx, g, ws);
+        return std::pair{std::move(dx), std::move(g)};
+    };
+    const auto [dx1, g1] = run(1);
+    const auto [dx2, g2] = run(2);
+    bool same = relative_error(dx1, dx2) == 0.0 && relative_error(g1.gate, g2.gate) == 0.0;
+    for (std::size_t e = 0; e < g1.experts.size(); ++e)
+        same = same && relative_error(g1.experts[e].gate_up, g2.experts[e].gate_up) == 0.0 &&
+               relative_error(g1.experts[e].down, g2.experts[e].down) == 0.0;
+    const std::string verdict = std::string(B::name) + ": 1 and 2 threads give " + (same ? "the same bits" : "different bits");
+    MESSAGE(verdict);
+    // Our loops and Eigen's GEMM (fixed 128-column blocks, never a split reduction) give the same
+    // bits at any thread count by construction; oneDNN 2.6 promises nothing (its gemm may split
+    // the reduction over threads on other CPUs), so its result is reported, not required.
+#if HYPERMOE_HAS_ONEDNN
+    if constexpr (std::is_same_v<B, onednn>) return;
+#endif
+    CHECK(same);
+}
+TEST_CASE_TEMPLATE_APPLY(backward_thread_counts, test::all_backends);
