@@ -8,6 +8,7 @@
 #include <cmath>
 #include <span>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 #include "hypermoe/core/error.hpp"
@@ -137,14 +138,8 @@ public:
         const index_t d = in_width();
         detail::check_forward_shapes(x, y, d, d, "LayerNorm");
         check_finite(x, "LayerNorm::forward: input x");
-        const double n = double(d > 0 ? d : 1);
         for (index_t r = 0; r < x.rows(); ++r) {
-            double sum = 0;
-            for (index_t j = 0; j < d; ++j) sum += x(r, j);
-            const double mean = sum / n;
-            double ss = 0;
-            for (index_t j = 0; j < d; ++j) ss += (x(r, j) - mean) * (x(r, j) - mean);
-            const double inv = 1.0 / std::sqrt(ss / n + double(eps_));
+            const auto [mean, inv] = row_stats(x.row(r));
             for (index_t j = 0; j < d; ++j)
                 y(r, j) = static_cast<float>((x(r, j) - mean) * inv) * weight_[std::size_t(j)] + bias_[std::size_t(j)];
         }
@@ -177,12 +172,7 @@ public:
         std::fill(db.begin(), db.end(), 0.0);
         const double n = double(d);
         for (index_t r = 0; r < x.rows(); ++r) {
-            double sum = 0;
-            for (index_t j = 0; j < d; ++j) sum += x(r, j);
-            const double mean = sum / n;
-            double ss = 0;
-            for (index_t j = 0; j < d; ++j) ss += (x(r, j) - mean) * (x(r, j) - mean);
-            const double inv = 1.0 / std::sqrt(ss / n + double(eps_));
+            const auto [mean, inv] = row_stats(x.row(r));
             double mu = 0, mux = 0;
             for (index_t j = 0; j < d; ++j) {
                 const double u = double(weight_[std::size_t(j)]) * dy(r, j), xhat = (x(r, j) - mean) * inv;
@@ -201,6 +191,17 @@ public:
     }
 
 private:
+    /// A row's mean and 1 / sqrt(biased variance + eps), summed in double.
+    [[nodiscard]] std::pair<double, double> row_stats(std::span<const float> x) const noexcept {
+        const double n = double(x.empty() ? 1 : x.size());
+        double sum = 0;
+        for (const float v : x) sum += v;
+        const double mean = sum / n;
+        double ss = 0;
+        for (const float v : x) ss += (v - mean) * (v - mean);
+        return {mean, 1.0 / std::sqrt(ss / n + double(eps_))};
+    }
+
     extents<D> d_;
     float eps_;
     std::vector<float> weight_;

@@ -59,6 +59,34 @@ inline void check_range(double v, double lo, double hi, bool hi_open, const char
         throw config_error(concat(who, ": ", what, " is ", v, ", expected ", lo, " <= ", what, hi_open ? " < " : " <= ", hi));
 }
 
+/// What both optimisers share: the parameters, their groups (each checked by Derived::check),
+/// the step count and the learning-rate setter.
+template <class Derived, class Group>
+class OptimizerBase {
+public:
+    [[nodiscard]] std::span<const Parameter> parameters() const noexcept { return params_; }
+    [[nodiscard]] const Group& group(std::size_t i) const { return groups_.at(i); }
+    /// Changes a group's learning rate (a schedule's step).
+    void set_lr(std::size_t group, double lr) {
+        Group g = groups_.at(group);
+        g.lr = lr;
+        Derived::check(g);
+        groups_[group] = g;
+    }
+    [[nodiscard]] long long steps() const noexcept { return steps_; }
+
+protected:
+    OptimizerBase(std::vector<Parameter> params, std::vector<Group> groups, const char* who)
+        : params_(std::move(params)), groups_(std::move(groups)) {
+        check_parameters(params_, groups_.size(), who);
+        for (const Group& g : groups_) Derived::check(g);
+    }
+
+    std::vector<Parameter> params_;
+    std::vector<Group> groups_;
+    long long steps_ = 0;
+};
+
 } // namespace detail
 
 /// Scales every gradient by max_norm / (norm + 1e-6) when the global L2 norm of all of them
@@ -82,20 +110,21 @@ inline double clip_grad_norm(std::span<const Parameter> params, double max_norm)
     return norm;
 }
 
+/// One AdamW parameter group's settings.
+struct AdamWGroup {
+    double lr = 1e-3;
+    double beta1 = 0.9, beta2 = 0.999;
+    double eps = 1e-8;
+    double weight_decay = 1e-2; ///< decoupled: p -= lr * weight_decay * p
+};
+
 /// AdamW as torch.optim.AdamW (amsgrad off): per step t, p -= lr wd p; m = b1 m + (1 - b1) g;
 /// v = b2 v + (1 - b2) g^2; p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps).
-class AdamW {
+class AdamW : public detail::OptimizerBase<AdamW, AdamWGroup> {
 public:
-    struct Group {
-        double lr = 1e-3;
-        double beta1 = 0.9, beta2 = 0.999;
-        double eps = 1e-8;
-        double weight_decay = 1e-2; ///< decoupled: p -= lr * weight_decay * p
-    };
+    using Group = AdamWGroup;
 
-    AdamW(std::vector<Parameter> params, std::vector<Group> groups) : params_(std::move(params)), groups_(std::move(groups)) {
-        detail::check_parameters(params_, groups_.size(), "AdamW");
-        for (const Group& g : groups_) check(g);
+    AdamW(std::vector<Parameter> params, std::vector<Group> groups) : OptimizerBase(std::move(params), std::move(groups), "AdamW") {
         for (const Parameter& p : params_) {
             m_.emplace_back(p.value.size(), 0.0f);
             v_.emplace_back(p.value.size(), 0.0f);
@@ -123,18 +152,7 @@ public:
         }
     }
 
-    [[nodiscard]] std::span<const Parameter> parameters() const noexcept { return params_; }
-    [[nodiscard]] const Group& group(std::size_t i) const { return groups_.at(i); }
-    /// Changes a group's learning rate (a schedule's step).
-    void set_lr(std::size_t group, double lr) {
-        Group g = groups_.at(group);
-        g.lr = lr;
-        check(g);
-        groups_[group] = g;
-    }
-    [[nodiscard]] long long steps() const noexcept { return steps_; }
-
-private:
+    /// A config_error naming the first setting out of range.
     static void check(const Group& g) {
         detail::check_range(g.lr, 0, 1e6, false, "AdamW", "lr");
         detail::check_range(g.beta1, 0, 1, true, "AdamW", "beta1");
@@ -143,27 +161,26 @@ private:
         detail::check_range(g.weight_decay, 0, 1e6, false, "AdamW", "weight_decay");
     }
 
-    std::vector<Parameter> params_;
-    std::vector<Group> groups_;
+private:
     std::vector<std::vector<float>> m_, v_;
-    long long steps_ = 0;
+};
+
+/// One SGD parameter group's settings.
+struct SgdGroup {
+    double lr = 1e-2;
+    double momentum = 0;
+    double dampening = 0;
+    double weight_decay = 0; ///< coupled (added to the gradient), as torch.optim.SGD
+    bool nesterov = false;
 };
 
 /// SGD with momentum as torch.optim.SGD: g += wd p (coupled L2); b = g on the first step, else
 /// b = mu b + (1 - dampening) g; the step is g + mu b with Nesterov, else b; p -= lr step.
-class Sgd {
+class Sgd : public detail::OptimizerBase<Sgd, SgdGroup> {
 public:
-    struct Group {
-        double lr = 1e-2;
-        double momentum = 0;
-        double dampening = 0;
-        double weight_decay = 0; ///< coupled (added to the gradient), as torch.optim.SGD
-        bool nesterov = false;
-    };
+    using Group = SgdGroup;
 
-    Sgd(std::vector<Parameter> params, std::vector<Group> groups) : params_(std::move(params)), groups_(std::move(groups)) {
-        detail::check_parameters(params_, groups_.size(), "Sgd");
-        for (const Group& g : groups_) check(g);
+    Sgd(std::vector<Parameter> params, std::vector<Group> groups) : OptimizerBase(std::move(params), std::move(groups), "Sgd") {
         for (const Parameter& p : params_) buf_.emplace_back(p.value.size(), 0.0f);
     }
 
@@ -186,17 +203,7 @@ public:
         ++steps_;
     }
 
-    [[nodiscard]] std::span<const Parameter> parameters() const noexcept { return params_; }
-    [[nodiscard]] const Group& group(std::size_t i) const { return groups_.at(i); }
-    void set_lr(std::size_t group, double lr) {
-        Group g = groups_.at(group);
-        g.lr = lr;
-        check(g);
-        groups_[group] = g;
-    }
-    [[nodiscard]] long long steps() const noexcept { return steps_; }
-
-private:
+    /// A config_error naming the first setting out of range.
     static void check(const Group& g) {
         detail::check_range(g.lr, 0, 1e6, false, "Sgd", "lr");
         detail::check_range(g.momentum, 0, 1, false, "Sgd", "momentum");
@@ -207,10 +214,8 @@ private:
                                               " and dampening is ", g.dampening));
     }
 
-    std::vector<Parameter> params_;
-    std::vector<Group> groups_;
+private:
     std::vector<std::vector<float>> buf_;
-    long long steps_ = 0;
 };
 
 } // namespace hypermoe
