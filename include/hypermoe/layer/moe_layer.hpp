@@ -146,11 +146,7 @@ public:
         Workspace::Scope scope(ws, apply_workspace_bytes(x.rows(), rows));
         MatrixView<float> in = ws.take_matrix<float>(rows, d);  // (rows, d): tokens grouped by expert
         MatrixView<float> out = ws.take_matrix<float>(rows, d); // (rows, d)
-        const auto tokens = plan.row_tokens();
-        detail::parallel_for(rows, rows * d, [&](index_t r) {
-            const auto src = x.row(tokens[std::size_t(r)]);
-            std::copy(src.begin(), src.end(), in.row(r).begin());
-        });
+        gather(x, plan, in);
         run_experts(plan, in, out, ws);
         detail::parallel_for(x.rows(), x.rows() * d * plan.slots(), [&](index_t t) { combine(x, plan, out, y, t); });
         if constexpr (Shared::present) shared_.add_to(x, y, ws);
@@ -240,7 +236,7 @@ public:
         MatrixView<float> in = ws.take_matrix<float>(rows, d), out = ws.take_matrix<float>(rows, d);
         MatrixView<float> dout = ws.take_matrix<float>(rows, d), din = ws.take_matrix<float>(rows, d);
         const auto row_tokens = plan.row_tokens(), row_slots = plan.row_slots();
-        for (index_t r = 0; r < rows; ++r) std::ranges::copy(x.row(row_tokens[std::size_t(r)]), in.row(r).begin());
+        gather(x, plan, in);
         run_experts(plan, in, out, ws);
         // Through the combine: dout = w dy per (token, slot) row, dweights = dy . out (kept
         // tokens), dy . x (tokens passed through as w x).
@@ -273,13 +269,8 @@ public:
         for (index_t t = 0; t < tokens; ++t) {
             const auto dxr = dx.row(t);
             std::fill(dxr.begin(), dxr.end(), 0.0f);
-            const auto ids = plan.ids(t);
-            const auto w = plan.weights(t);
             if (!plan.kept(t)) {
-                if (options_.dropped == DroppedTokens::zero) continue;
-                float sum = 0;
-                for (index_t j = 0; j < slots; ++j)
-                    if (ids[std::size_t(j)] >= 0) sum += w[std::size_t(j)];
+                const float sum = passed_weight(plan, t);
                 for (index_t c = 0; c < d; ++c) dxr[std::size_t(c)] = sum * dy(t, c);
                 continue;
             }
@@ -377,16 +368,34 @@ private:
         return gate;
     }
 
+    /// in (rows, d): x's rows in the plan's row order (tokens grouped by expert).
+    static void gather(ConstMatrixView<float> x, const RoutingPlan& plan, MatrixView<float> in) {
+        const auto tokens = plan.row_tokens();
+        detail::parallel_for(plan.rows(), plan.rows() * x.cols(), [&](index_t r) {
+            const auto src = x.row(tokens[std::size_t(r)]);
+            std::copy(src.begin(), src.end(), in.row(r).begin());
+        });
+    }
+
+    /// What a token that capacity dropped passes on: y = this * x (the sum of its weights with
+    /// DroppedTokens::scaled_input; 0 with DroppedTokens::zero).
+    [[nodiscard]] float passed_weight(const RoutingPlan& plan, index_t t) const noexcept {
+        if (options_.dropped == DroppedTokens::zero) return 0.0f;
+        const auto ids = plan.ids(t);
+        const auto w = plan.weights(t);
+        float sum = 0;
+        for (std::size_t j = 0; j < ids.size(); ++j)
+            if (ids[j] >= 0) sum += w[j];
+        return sum;
+    }
+
     void combine(ConstMatrixView<float> x, const RoutingPlan& plan, ConstMatrixView<float> out, MatrixView<float> y,
                  index_t t) const {
         const auto yr = y.row(t);
         std::fill(yr.begin(), yr.end(), 0.0f);
         const auto w = plan.weights(t);
         if (!plan.kept(t)) {
-            if (options_.dropped == DroppedTokens::zero) return;
-            float sum = 0;
-            for (index_t j = 0; j < plan.slots(); ++j)
-                if (plan.ids(t)[std::size_t(j)] >= 0) sum += w[std::size_t(j)];
+            const float sum = passed_weight(plan, t);
             const auto xr = x.row(t);
             for (std::size_t c = 0; c < yr.size(); ++c) yr[c] = sum * xr[c];
             return;
