@@ -6,9 +6,11 @@
 // BM_Paired_cached_vs_plain alternates the two in one loop and reports their ratio (x_plain),
 // the figure the target is about. BM_HyperTerm times the HyperExpert term alone (cached, the
 // plan given); BM_HyperColdPattern times generating and preparing one pattern's adapter (a
-// cache miss).
+// cache miss). BM_HyperBackward times the backward (issue 12) against the forward and against
+// the plain MoE's backward.
 #include <benchmark/benchmark.h>
 
+#include <chrono>
 #include <memory>
 #include <string>
 #include <vector>
@@ -126,6 +128,40 @@ void BM_HyperColdPattern(benchmark::State& state) {
     }
 }
 
+/// HyperMoE's backward (issue 12) with the cached forward and the MoE part's own backward
+/// timed in the same loop: the reported time is the HyperMoE backward's; counters
+/// backward_per_forward (HyperMoE backward / its forward) and x_moe_backward (HyperMoE
+/// backward / the plain MoE backward: what the HyperExpert's gradient adds).
+void BM_HyperBackward(benchmark::State& state, hm::index_t k, hm::index_t tokens) {
+    Layer& m = layer(k);
+    m.set_mode(hm::HyperMode::cached);
+    const auto x = mat(tokens, d, 99, 1.0f), dy = mat(tokens, d, 98, 1.0f);
+    hm::Matrix<float> y(tokens, d), dx(tokens, d);
+    hm::Workspace ws;
+    auto g = m.make_gradients();
+    auto gm = m.moe().make_gradients();
+    m.forward(x.view(), y.view(), ws);
+    m.backward(x.view(), dy.view(), dx.view(), g, ws);
+    m.moe().backward(x.view(), dy.view(), dx.view(), gm, ws);
+    double forward = 0, backward = 0, moe_backward = 0;
+    for (auto _ : state) {
+        const auto t0 = std::chrono::steady_clock::now();
+        m.forward(x.view(), y.view(), ws);
+        const auto t1 = std::chrono::steady_clock::now();
+        m.backward(x.view(), dy.view(), dx.view(), g, ws);
+        const auto t2 = std::chrono::steady_clock::now();
+        m.moe().backward(x.view(), dy.view(), dx.view(), gm, ws);
+        const auto t3 = std::chrono::steady_clock::now();
+        forward += std::chrono::duration<double>(t1 - t0).count();
+        backward += std::chrono::duration<double>(t2 - t1).count();
+        moe_backward += std::chrono::duration<double>(t3 - t2).count();
+        state.SetIterationTime(std::chrono::duration<double>(t2 - t1).count());
+        benchmark::DoNotOptimize(dx.data());
+    }
+    state.counters["backward_per_forward"] = backward / forward;
+    state.counters["x_moe_backward"] = backward / moe_backward;
+}
+
 } // namespace
 
 int main(int argc, char** argv) {
@@ -142,6 +178,9 @@ int main(int argc, char** argv) {
                                          BM_Paired, k, t)
                 ->UseManualTime()->Unit(benchmark::kMillisecond);
     benchmark::RegisterBenchmark("BM_HyperColdPattern", BM_HyperColdPattern)->UseRealTime()->Unit(benchmark::kMillisecond);
+    for (const hm::index_t t : {32, 512})
+        benchmark::RegisterBenchmark(("BM_HyperBackward/k:2/T:" + std::to_string(t)).c_str(), BM_HyperBackward, 2, t)
+            ->UseManualTime()->Unit(benchmark::kMillisecond);
     benchmark::Initialize(&argc, argv);
     benchmark::RunSpecifiedBenchmarks();
     benchmark::Shutdown();
