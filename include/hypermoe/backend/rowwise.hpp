@@ -66,12 +66,21 @@ public:
                 block<true>(a, z, r0, std::min(block_rows, m - r0), j0, std::min(tile, n_ - j0), 1.0f);
             });
         });
-        // da (m, k) = dz (m, n) W (n, k): one dot over a row of W^T per element.
+        // da (m, k) = dz (m, n) W (n, k): one dot over a row of W^T per element, in double, in
+        // `lanes` partial sums (element j goes to lane j % lanes; the lanes are added in order):
+        // a fixed order that vectorises.
         parallel_for(m * k_, m * k_ * n_, [&](index_t item) {
             const index_t r = item / k_, k = item % k_;
             const float* w = wt_.data() + k * n_;
+            const float* g = dz.row(r).data();
+            constexpr index_t lanes = 8;
+            double part[lanes] = {};
+            index_t j = 0;
+            for (; j + lanes <= n_; j += lanes)
+                for (index_t l = 0; l < lanes; ++l) part[l] += double(g[j + l]) * double(w[j + l]);
+            for (; j < n_; ++j) part[j % lanes] += double(g[j]) * double(w[j]);
             double acc = accumulate_input ? da(r, k) : 0.0;
-            for (index_t j = 0; j < n_; ++j) acc += double(dz(r, j)) * w[j];
+            for (index_t l = 0; l < lanes; ++l) acc += part[l];
             da(r, k) = float(acc);
         });
         // dW (n, k) += dz^T a: row n of dW gathers the rows of a in order.
