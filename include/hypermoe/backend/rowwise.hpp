@@ -14,6 +14,7 @@
 
 #include "hypermoe/backend/block_linear.hpp"
 #include "hypermoe/backend/linear_spec.hpp"
+#include "hypermoe/core/layer_concept.hpp"
 #include "hypermoe/core/parallel.hpp"
 #include "hypermoe/core/workspace.hpp"
 
@@ -129,5 +130,24 @@ private:
     std::vector<float> wt_;   ///< W^T (K, N) row-major
     std::vector<float> bias_; ///< N, or empty
 };
+
+/// The zeroed gradients of a row-wise map's weight (N, K) and bias (N, or empty without one),
+/// and their GradientShape entries: what the HyperMoE parts built on it share.
+template <class Act>
+[[nodiscard]] Matrix<float> weight_gradient(const RowwiseLinear<Act>& lin) {
+    return Matrix<float>(lin.out_features(), lin.in_features());
+}
+template <class Act>
+[[nodiscard]] std::vector<float> bias_gradient(const RowwiseLinear<Act>& lin) {
+    return std::vector<float>(lin.has_bias() ? std::size_t(lin.out_features()) : 0);
+}
+template <class Act>
+[[nodiscard]] GradientShape weight_gradient_shape(const char* name, const Matrix<float>& g, const RowwiseLinear<Act>& lin) {
+    return {name, g.rows(), g.cols(), lin.out_features(), lin.in_features()};
+}
+template <class Act>
+[[nodiscard]] GradientShape bias_gradient_shape(const char* name, const std::vector<float>& g, const RowwiseLinear<Act>& lin) {
+    return {name, index_t(g.size()), 1, lin.has_bias() ? lin.out_features() : 0, 1};
+}
 
 } // namespace hypermoe::detail

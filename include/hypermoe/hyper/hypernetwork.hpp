@@ -138,11 +138,11 @@ public:
     /// Zeroed gradients shaped like the parameters (biases sized as the weights have them).
     [[nodiscard]] HypernetworkGradients make_gradients() const {
         const Parts& p = parts_;
-        const auto bias = [](const auto& lin) { return std::vector<float>(lin.has_bias() ? std::size_t(lin.out_features()) : 0); };
-        const auto weight = [](const auto& lin) { return Matrix<float>(lin.out_features(), lin.in_features()); };
-        return {Matrix<float>(p.layers, p.dl), weight(p.trunk),       bias(p.trunk),       weight(p.down_weight),
-                bias(p.down_weight),           weight(p.up_weight),   bias(p.up_weight),   weight(p.down_bias),
-                bias(p.down_bias),             weight(p.up_bias),     bias(p.up_bias)};
+        using detail::bias_gradient, detail::weight_gradient;
+        return {Matrix<float>(p.layers, p.dl), weight_gradient(p.trunk),       bias_gradient(p.trunk),
+                weight_gradient(p.down_weight), bias_gradient(p.down_weight),  weight_gradient(p.up_weight),
+                bias_gradient(p.up_weight),     weight_gradient(p.down_bias),  bias_gradient(p.down_bias),
+                weight_gradient(p.up_bias),     bias_gradient(p.up_bias)};
     }
 
     /// Scratch of backward() for n selections.
@@ -202,20 +202,15 @@ private:
 
     void check_gradients(const HypernetworkGradients& g) const {
         const Parts& p = parts_;
-        const auto shape = [](const char* name, const Matrix<float>& m, const auto& lin) {
-            return detail::GradientShape{name, m.rows(), m.cols(), lin.out_features(), lin.in_features()};
-        };
-        const auto bias = [](const char* name, const std::vector<float>& v, const auto& lin) {
-            return detail::GradientShape{name, index_t(v.size()), 1, lin.has_bias() ? lin.out_features() : 0, 1};
-        };
+        using detail::bias_gradient_shape, detail::weight_gradient_shape;
         detail::check_gradient_shapes(
             "Hypernetwork", {{"layer_embed", g.layer_embed.rows(), g.layer_embed.cols(), p.layers, p.dl},
-                             shape("trunk", g.trunk, p.trunk), bias("trunk_bias", g.trunk_bias, p.trunk),
-                             shape("down_weight", g.down_weight, p.down_weight),
-                             bias("down_weight_bias", g.down_weight_bias, p.down_weight),
-                             shape("up_weight", g.up_weight, p.up_weight), bias("up_weight_bias", g.up_weight_bias, p.up_weight),
-                             shape("down_bias", g.down_bias, p.down_bias), bias("down_bias_bias", g.down_bias_bias, p.down_bias),
-                             shape("up_bias", g.up_bias, p.up_bias), bias("up_bias_bias", g.up_bias_bias, p.up_bias)});
+                             weight_gradient_shape("trunk", g.trunk, p.trunk), bias_gradient_shape("trunk_bias", g.trunk_bias, p.trunk),
+                             weight_gradient_shape("down_weight", g.down_weight, p.down_weight),
+                             bias_gradient_shape("down_weight_bias", g.down_weight_bias, p.down_weight),
+                             weight_gradient_shape("up_weight", g.up_weight, p.up_weight), bias_gradient_shape("up_weight_bias", g.up_weight_bias, p.up_weight),
+                             weight_gradient_shape("down_bias", g.down_bias, p.down_bias), bias_gradient_shape("down_bias_bias", g.down_bias_bias, p.down_bias),
+                             weight_gradient_shape("up_bias", g.up_bias, p.up_bias), bias_gradient_shape("up_bias_bias", g.up_bias_bias, p.up_bias)});
     }
 
     /// u = [z ; layer_embed[layer]] (n, q + d_l) and the trunk's output relu(trunk u + c)

@@ -53,9 +53,8 @@ public:
     }
 
     [[nodiscard]] ProjectorGradients make_gradients() const {
-        const auto bias = [](const auto& lin) { return std::vector<float>(lin.has_bias() ? std::size_t(lin.out_features()) : 0); };
-        return {Matrix<float>(first_->out_features(), first_->in_features()), bias(*first_),
-                Matrix<float>(second_->out_features(), second_->in_features()), bias(*second_)};
+        return {detail::weight_gradient(*first_), detail::bias_gradient(*first_), detail::weight_gradient(*second_),
+                detail::bias_gradient(*second_)};
     }
 
     [[nodiscard]] std::size_t backward_workspace_bytes(index_t rows) const {
@@ -68,11 +67,10 @@ public:
     void backward(ConstMatrixView<float> s, ConstMatrixView<float> dz, MatrixView<float> ds, ProjectorGradients& g,
                   Workspace& ws) const {
         const index_t p = first_->out_features();
-        detail::check_gradient_shapes(
-            "Projector", {{"first", g.first.rows(), g.first.cols(), p, in_dim()},
-                          {"first_bias", index_t(g.first_bias.size()), 1, first_->has_bias() ? p : 0, 1},
-                          {"second", g.second.rows(), g.second.cols(), out_dim(), p},
-                          {"second_bias", index_t(g.second_bias.size()), 1, second_->has_bias() ? out_dim() : 0, 1}});
+        detail::check_gradient_shapes("Projector", {detail::weight_gradient_shape("first", g.first, *first_),
+                                                    detail::bias_gradient_shape("first_bias", g.first_bias, *first_),
+                                                    detail::weight_gradient_shape("second", g.second, *second_),
+                                                    detail::bias_gradient_shape("second_bias", g.second_bias, *second_)});
         Workspace::Scope scope(ws, backward_workspace_bytes(s.rows()));
         MatrixView<float> h = ws.take_matrix<float>(s.rows(), p), dh = ws.take_matrix<float>(s.rows(), p);
         (*first_)(s, h, ws);
