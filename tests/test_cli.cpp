@@ -240,6 +240,59 @@ TEST_CASE("hypermoe inspect and bench") {
     CHECK(h.out.find("native+hyper:off") != std::string::npos);
 }
 
+TEST_CASE("hypermoe train: progress lines or JSON, a saved model that hypermoe run reads, and data files") {
+    const fs::path tmp = fs::temp_directory_path() / ("hypermoe-cli-train-" + std::to_string(::getpid()));
+    fs::create_directories(tmp);
+    // The synthetic multi-task problem, JSON lines: the loss falls, each line has the keys.
+    const Result r = run_cli("train --family hypermoe_switch --d-model 32 --d-ff 32 --experts 4 --steps 30 --batch 32 --lr 3e-3 "
+                             "--log-every 10 --train-rows 512 --eval-rows 256 --json --backend reference --save " + (tmp / "trained").string());
+    REQUIRE(r.status == 0);
+    std::vector<nlohmann::json> lines;
+    std::size_t at = 0;
+    while (at < r.out.size()) {
+        const std::size_t end = r.out.find('\n', at);
+        lines.push_back(nlohmann::json::parse(r.out.substr(at, end - at)));
+        at = end + 1;
+    }
+    REQUIRE(lines.size() == 5); // eval, 3 progress lines, eval
+    for (const char* key : {"step", "loss", "tokens_per_s", "load_cv"}) CHECK(lines[1].contains(key));
+    CHECK(lines[0]["step"] == 0);
+    CHECK(lines[4]["eval_loss"].get<double>() < lines[0]["eval_loss"].get<double>());
+    CHECK(lines[3]["loss"].get<double>() < lines[1]["loss"].get<double>());
+
+    // The saved checkpoint is a checkpoint: inspect and run read it.
+    const Result i = run_cli("inspect --model " + (tmp / "trained").string());
+    CHECK(i.status == 0);
+    CHECK(i.out.find("hypermoe_switch") != std::string::npos);
+
+    // A data file (mse): x and y.
+    Matrix<float> x(64, 32), y(64, 32);
+    for (index_t j = 0; j < 64 * 32; ++j) x.data()[j] = float(j % 7) * 0.1f - 0.3f, y.data()[j] = float(j % 5) * 0.05f;
+    write_safetensors((tmp / "data.safetensors").string(), {f32_tensor("x", {64, 32}, {x.data(), 64 * 32}), f32_tensor("y", {64, 32}, {y.data(), 64 * 32})});
+    const Result m = run_cli("train --model " + (tmp / "trained").string() + " --data " + (tmp / "data.safetensors").string() + " --eval " +
+                             (tmp / "data.safetensors").string() + " --loss mse --steps 4 --batch 16 --log-every 2");
+    CHECK(m.status == 0);
+    CHECK(m.out.find("step     4  loss ") != std::string::npos);
+    CHECK(m.out.find("eval at step 4: loss ") != std::string::npos);
+
+    for (const std::string& args : {
+             "train --model " + (tmp / "trained").string() + " --family mixtral",
+             std::string("train --loss mse --steps 2"),
+             std::string("train --loss hinge --steps 2"),
+             "train --model " + (tmp / "trained").string() + " --data " + (tmp / "data.safetensors").string() + " --steps 2",
+             std::string("train --family mixtral --d-model 16 --train-rows 8 --batch 64"),
+             "train --family mixtral --d-model 16 --data " + (tmp / "data.safetensors").string() + " --loss mse",
+             std::string("train --lr fast"),
+         }) {
+        CAPTURE(args);
+        const Result e = run_cli(args);
+        CHECK(e.status == 2);
+        CHECK(e.err.rfind("hypermoe: ", 0) == 0);
+        CHECK(std::count(e.err.begin(), e.err.end(), '\n') == 1);
+    }
+    fs::remove_all(tmp);
+}
+
 TEST_CASE("usage errors exit 2 with one line on stderr") {
     const std::string m = data_dir + "/mixtral-basic";
     for (const std::string& args : {

@@ -22,6 +22,8 @@
 
 #include <hypermoe/hypermoe.hpp>
 #include <hypermoe/io/io.hpp>
+#include <hypermoe/train/multitask.hpp>
+#include <hypermoe/train/trainer.hpp>
 #if HYPERMOE_HAS_EIGEN
 #include <hypermoe/backend/eigen.hpp>
 #endif
@@ -44,6 +46,12 @@ constexpr const char* usage_text = R"(usage:
   hypermoe bench [--family F] [--d-model N] [--d-ff N] [--experts N] [--top-k N] [--tokens N]
                [--router NAME|all|native] [--hyper cached|per-token|off] [--weights f32|bf16|q8_0|q4_0]
                [--precision exact|fast] [--threads N] [--repeat N] [--backend B] [--model DIR|FILE.gguf [--layer N] [--stack S]] [--json]
+  hypermoe train [--model DIR|FILE.gguf | --family F [--d-model N] [--d-ff N] [--experts N] [--top-k N] [--layers N] [--seed N]]
+               [--data TRAIN.safetensors [--eval EVAL.safetensors] | --tasks N [--train-rows N] [--eval-rows N] [--data-seed N]]
+               [--loss ce|mse] [--classes N] [--steps N] [--batch N] [--lr X] [--weight-decay X] [--clip X] [--aux-lb X]
+               [--log-every N] [--save DIR] [--backend B] [--threads N] [--json]
+               (trains every MoE block of the model, chained as h + block(h); a data file holds x [N, d] and
+                labels [N] (ce) or y [N, d] (mse); without one, the synthetic multi-task problem of docs/training.md)
 )";
 
 /// A mistake in how the command was called: exit status 2.
@@ -461,6 +469,164 @@ int bench(const Args& a) {
     });
 }
 
+// --------------------------------------------------------------------------------------------- train
+
+/// Rows for training or evaluation: the tokens and their targets (labels or values).
+struct TrainData {
+    hm::Matrix<float> x, y;
+    std::vector<std::int32_t> labels;
+    [[nodiscard]] hm::index_t rows() const { return x.rows(); }
+};
+
+/// A data file: safetensors with `x` (N, d) and `labels` (N, integers) or `y` (N, d).
+TrainData read_train_data(const std::string& path, hm::index_t d, bool ce) {
+    if (!fs::exists(path)) throw usage_error(path + ": no such file");
+    const hm::SafeTensorsFile file(path);
+    const hm::TensorTable& t = file.view();
+    const auto need = [&](const char* name) -> const hm::TensorInfo& {
+        const hm::TensorInfo* i = t.find(name);
+        if (i == nullptr) throw usage_error(path + ": no tensor '" + name + "' (a data file holds x and " + (ce ? "labels" : "y") + ")");
+        return *i;
+    };
+    const hm::TensorInfo& x = need("x");
+    if (x.shape.size() != 2 || x.shape[1] != d)
+        throw usage_error(path + ": x has shape " + x.shape_string() + ", expected [N, " + std::to_string(d) + "] (the model's d_model)");
+    TrainData out{hm::Matrix<float>(x.shape[0], d), {}, {}};
+    for (hm::index_t i = 0; i < x.numel(); ++i) out.x.data()[i] = float(t.element(x, i));
+    if (ce) {
+        const hm::TensorInfo& l = need("labels");
+        if (l.shape != std::vector<hm::index_t>{x.shape[0]})
+            throw usage_error(path + ": labels has shape " + l.shape_string() + ", expected [" + std::to_string(x.shape[0]) + "]");
+        for (hm::index_t i = 0; i < l.numel(); ++i) out.labels.push_back(std::int32_t(t.element(l, i)));
+    } else {
+        const hm::TensorInfo& y = need("y");
+        if (y.shape != x.shape) throw usage_error(path + ": y has shape " + y.shape_string() + ", expected " + x.shape_string());
+        out.y = hm::Matrix<float>(x.shape[0], d);
+        for (hm::index_t i = 0; i < y.numel(); ++i) out.y.data()[i] = float(t.element(y, i));
+    }
+    return out;
+}
+
+/// A real number flag in [min, max].
+double real(const Args& a, const std::string& f, double fallback, double min, double max) {
+    if (!a.has(f)) return fallback;
+    const std::string v = a.get(f);
+    char* end = nullptr;
+    const double x = std::strtod(v.c_str(), &end);
+    if (v.empty() || *end != '\0' || !(x >= min && x <= max))
+        throw usage_error(f + " is '" + v + "', expected a number in [" + hm::detail::concat(min, ", ", max) + "]");
+    return x;
+}
+
+int train(const Args& a) {
+    set_threads(a);
+    const std::string loss = a.get("--loss", "ce");
+    if (loss != "ce" && loss != "mse") throw usage_error("--loss is '" + loss + "', expected ce or mse");
+    const bool ce = loss == "ce", json = a.has("--json");
+    const hm::index_t steps = a.integer("--steps", 200), batch = a.integer("--batch", 64), log_every = a.integer("--log-every", 20);
+    const hm::index_t classes = a.integer("--classes", 4, 2);
+    if (a.has("--data") && a.has("--tasks")) throw usage_error("--data and --tasks are alternatives (a file, or the synthetic multi-task problem)");
+    if (a.has("--model") && a.has("--family")) throw usage_error("--model and --family are alternatives (a checkpoint, or fixed-seed weights)");
+    if (!ce && !a.has("--data")) throw usage_error("--loss mse needs --data (the synthetic problem is a classification)");
+
+    // The starting weights: a checkpoint, or a synthetic one of --family (in memory).
+    std::optional<hm::Checkpoint> from_disk;
+    hm::SyntheticImage image;
+    const hm::Checkpoint* start = nullptr;
+    if (a.has("--model")) {
+        start = &from_disk.emplace(a.get("--model"));
+    } else {
+        hm::SyntheticModel m{.family = family_named(a.get("--family", "hypermoe_gpt2")), .d_model = a.integer("--d-model", 64),
+                             .d_ff = a.integer("--d-ff", 128), .experts = a.integer("--experts", 8), .top_k = a.integer("--top-k", 2),
+                             .layers = a.integer("--layers", 2), .seed = std::uint64_t(a.integer("--seed", 1, 0))};
+        if (m.top_k > m.experts) throw usage_error("--top-k is larger than --experts");
+        m.capacity = std::max<hm::index_t>(1, (batch * 5 / 4 + m.experts - 1) / m.experts); // capacity factor 1.25
+        image = hm::synthetic_image(m);
+        start = &from_disk.emplace(image.config, image.safetensors, "synthetic " + a.get("--family", "hypermoe_gpt2"));
+    }
+    const hm::ModelInfo info = hm::describe(*start);
+    const hm::index_t d = info.d_model;
+
+    // The data: files, or the synthetic multi-task problem (a fixed training set, a held-out one).
+    TrainData train_set, eval_set;
+    std::string data_name;
+    if (a.has("--data")) {
+        train_set = read_train_data(a.get("--data"), d, ce);
+        if (a.has("--eval")) eval_set = read_train_data(a.get("--eval"), d, ce);
+        data_name = a.get("--data");
+    } else {
+        const hm::MultiTaskGenerator gen(hm::MultiTaskProblem{.tasks = a.integer("--tasks", 8), .width = d, .classes = classes,
+                                                              .seed = std::uint64_t(a.integer("--data-seed", 1, 0))});
+        hm::MultiTaskBatch tr = gen.sample(a.integer("--train-rows", 4096), 0), ev = gen.sample(a.integer("--eval-rows", 2048), 1);
+        train_set = {std::move(tr.x), {}, std::move(tr.labels)};
+        eval_set = {std::move(ev.x), {}, std::move(ev.labels)};
+        data_name = "multitask";
+    }
+    if (train_set.rows() < batch)
+        throw usage_error("the training data has " + std::to_string(train_set.rows()) + " rows, fewer than --batch " + std::to_string(batch));
+
+    hm::TrainOptions opt{.loss = ce ? hm::LossKind::cross_entropy : hm::LossKind::mse, .classes = ce ? classes : 0};
+    opt.matrices.lr = opt.vectors.lr = real(a, "--lr", 1e-3, 0, 10);
+    opt.matrices.weight_decay = real(a, "--weight-decay", 1e-2, 0, 1);
+    opt.clip_norm = real(a, "--clip", 1.0, 0, 1e9);
+    if (hm::has_two_stacks(info.family)) opt.context.sequence_length = batch; // capacity per batch
+    opt.context.aux_losses.load_balancing = real(a, "--aux-lb", 0, 0, 100);
+
+    return with_backend(a.get("--backend", default_backend()), [&]<class B>() {
+        hm::Trainer<B> trainer(*start, opt);
+        if (!json)
+            std::printf("training %s (%s, %lld MoE blocks, d_model %lld, %lld experts, top-%lld) on %s: %lld rows, batch %lld, "
+                        "%lld steps, backend %s\n",
+                        std::string(hm::to_string(info.family)).c_str(), from_disk->dir().c_str(),
+                        static_cast<long long>(info.moe_blocks.size()), static_cast<long long>(d), static_cast<long long>(info.experts),
+                        static_cast<long long>(info.top_k), data_name.c_str(), static_cast<long long>(train_set.rows()),
+                        static_cast<long long>(batch), static_cast<long long>(steps), std::string(B::name).c_str());
+        const auto targets = [&](const TrainData& s, hm::index_t first, hm::index_t rows) {
+            return hm::Targets{s.y.rows() > 0 ? hm::ConstMatrixView<float>(s.y.view().row_block(first, rows)) : hm::ConstMatrixView<float>(),
+                               ce ? std::span<const std::int32_t>(s.labels).subspan(std::size_t(first), std::size_t(rows))
+                                  : std::span<const std::int32_t>()};
+        };
+        const auto evaluate = [&](hm::index_t step) {
+            if (eval_set.rows() == 0) return;
+            const hm::TrainMetrics e = trainer.evaluate(eval_set.x.view(), targets(eval_set, 0, eval_set.rows()));
+            if (json)
+                std::printf("%s\n", nlohmann::json{{"step", step}, {"eval_loss", e.loss}, {"eval_accuracy", ce ? nlohmann::json(e.accuracy) : nlohmann::json(nullptr)},
+                                                   {"eval_load_cv", e.load_cv}}.dump().c_str());
+            else if (ce)
+                std::printf("  eval at step %lld: loss %.4f, accuracy %.3f, load CV %.3f\n", static_cast<long long>(step), e.loss, e.accuracy, e.load_cv);
+            else
+                std::printf("  eval at step %lld: loss %.4f, load CV %.3f\n", static_cast<long long>(step), e.loss, e.load_cv);
+        };
+        evaluate(0);
+        double loss_sum = 0, cv_sum = 0, seconds = 0, total_seconds = 0;
+        hm::index_t logged = 0, next = 0;
+        for (hm::index_t step = 1; step <= steps; ++step) {
+            // Batches cycle through the training rows in order (the last one of a pass wraps).
+            if (next + batch > train_set.rows()) next = 0;
+            const hm::TrainMetrics m = trainer.step(train_set.x.view().row_block(next, batch), targets(train_set, next, batch));
+            next += batch;
+            loss_sum += m.loss, cv_sum += m.load_cv, seconds += m.seconds, total_seconds += m.seconds, ++logged;
+            if (step % log_every == 0 || step == steps) {
+                const double tps = double(batch * logged) / seconds;
+                if (json)
+                    std::printf("%s\n", nlohmann::json{{"step", step}, {"loss", loss_sum / double(logged)}, {"tokens_per_s", tps},
+                                                       {"load_cv", cv_sum / double(logged)}}.dump().c_str());
+                else
+                    std::printf("step %5lld  loss %.4f  tokens/s %8.0f  load CV %.3f\n", static_cast<long long>(step),
+                                loss_sum / double(logged), tps, cv_sum / double(logged));
+                std::fflush(stdout);
+                loss_sum = cv_sum = seconds = 0, logged = 0;
+            }
+        }
+        evaluate(steps);
+        if (a.has("--save")) {
+            trainer.save(a.get("--save"));
+            if (!json) std::printf("saved the trained blocks to %s (%.1f s of training)\n", a.get("--save").c_str(), total_seconds);
+        }
+        return 0;
+    });
+}
+
 // --------------------------------------------------------------------------------------------- demo
 
 int demo() {
@@ -561,7 +727,13 @@ int main(int argc, char** argv) {
                               {"--family", "--d-model", "--d-ff", "--experts", "--top-k", "--tokens", "--router", "--hyper",
                                "--weights", "--precision", "--threads", "--repeat", "--backend", "--model", "--layer", "--stack"},
                               {"--json"}));
-        throw usage_error("unknown command '" + cmd + "' (expected run, inspect or bench; see hypermoe --help)");
+        if (cmd == "train")
+            return train(Args(argc, argv, 2,
+                              {"--model", "--family", "--d-model", "--d-ff", "--experts", "--top-k", "--layers", "--seed", "--data", "--eval",
+                               "--tasks", "--classes", "--train-rows", "--eval-rows", "--data-seed", "--loss", "--steps", "--batch",
+                               "--lr", "--weight-decay", "--clip", "--aux-lb", "--log-every", "--save", "--backend", "--threads"},
+                              {"--json"}));
+        throw usage_error("unknown command '" + cmd + "' (expected run, inspect, bench or train; see hypermoe --help)");
     } catch (const usage_error& e) {
         std::fprintf(stderr, "hypermoe: %s\n", one_line(e.what()).c_str());
         return 2;

@@ -9,6 +9,7 @@
 #include <map>
 #include <memory>
 #include <set>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -83,8 +84,26 @@ public:
         }
     }
 
+    /// A checkpoint held in memory: `config` (what config.json would hold) and a safetensors
+    /// image the caller owns and keeps alive as long as this object (ParameterStore, the trainer's
+    /// weights, is one). `name` stands for the path in messages.
+    Checkpoint(nlohmann::json config, std::span<const std::byte> safetensors, std::string name)
+        : dir_(std::move(name)), config_source_(dir_ + " (in memory)"), config_(std::move(config)) {
+        if (!config_.is_object()) throw config_error(detail::concat(config_source_, ": the config is not a JSON object"));
+        memory_ = std::make_unique<SafeTensorsView>(safetensors, dir_ + "/model.safetensors (in memory)");
+        tables_.push_back(memory_.get());
+        for (const auto& t : memory_->tensors()) where_[t.name] = 0;
+    }
+
     /// The path it was opened from (a directory, or a GGUF file).
     [[nodiscard]] const std::string& dir() const noexcept { return dir_; }
+    /// Every tensor's name, sorted.
+    [[nodiscard]] std::vector<std::string> tensor_names() const {
+        std::vector<std::string> out;
+        out.reserve(where_.size());
+        for (const auto& [name, f] : where_) out.push_back(name);
+        return out;
+    }
     [[nodiscard]] const nlohmann::json& config() const noexcept { return config_; }
     /// Where the config came from, for messages: ".../config.json" or "FILE.gguf (GGUF metadata)".
     [[nodiscard]] const std::string& config_source() const noexcept { return config_source_; }
@@ -163,6 +182,7 @@ private:
     std::vector<const TensorTable*> tables_;   ///< per file: its tensors (a GGUF file's renamed)
     std::unique_ptr<TensorTable> renamed_;     ///< GGUF only: the MoE tensors under Hugging Face names
     std::unique_ptr<GgufCheckpoint> gguf_;      ///< GGUF only: the translation (config and tensors moved out)
+    std::unique_ptr<SafeTensorsView> memory_;  ///< in-memory checkpoints only: the caller's image
     std::map<std::string, std::size_t> where_;
 };
 

@@ -6,6 +6,7 @@
 // layout (tests/data/README.md, "Backward"): F32, the checkpoint's shape (GPT-2's Conv1D
 // weights, stored [in, out], are transposed back).
 
+#include <algorithm>
 #include <optional>
 #include <string>
 #include <type_traits>
@@ -73,6 +74,27 @@ void add_expert_gradients(std::vector<TensorToWrite>& out, const ExpertTensorNam
 }
 
 } // namespace detail
+
+/// Every tensor name recorded in `names` (each once, in role order): the tensors a block's
+/// backward gives gradients for, which a trainer updates.
+[[nodiscard]] inline std::vector<std::string> parameter_tensor_names(const BlockParameterNames& names) {
+    std::vector<std::string> out;
+    const auto add = [&](const TensorName& n) {
+        if (!n.empty() && std::find(out.begin(), out.end(), n.name) == out.end()) out.push_back(n.name);
+    };
+    const auto add_expert = [&](const ExpertTensorNames& e) {
+        for (const TensorName* n : {&e.gate, &e.up, &e.down, &e.up_bias, &e.down_bias}) add(*n);
+    };
+    add(names.router);
+    for (const auto& e : names.experts) add_expert(e);
+    if (names.shared) add_expert(*names.shared);
+    for (const TensorName* n : {&names.shared_gate, &names.embedding, &names.projector_first, &names.projector_first_bias,
+                                &names.projector_second, &names.projector_second_bias, &names.layer_embed, &names.trunk,
+                                &names.trunk_bias, &names.down_weight, &names.down_weight_bias, &names.up_weight,
+                                &names.up_weight_bias, &names.down_bias, &names.down_bias_bias, &names.up_bias, &names.up_bias_bias})
+        add(*n);
+    return out;
+}
 
 /// The gradients `g` of a block loaded with these names (MoeGradients or HyperMoeGradients, as
 /// the block's make_gradients() made them) as `d/<checkpoint name>` F32 tensors.

@@ -9,6 +9,7 @@
 #include <fstream>
 #include <string>
 #include <type_traits>
+#include <vector>
 
 #include <nlohmann/json.hpp>
 
@@ -17,16 +18,33 @@
 
 namespace hypermoe {
 
+/// A synthetic checkpoint in memory: what config.json would hold and model.safetensors' bytes
+/// (view it with Checkpoint(config, safetensors, name), keeping this alive).
+struct SyntheticImage {
+    nlohmann::json config;
+    std::vector<std::byte> safetensors;
+};
+
+/// The checkpoint of `m`, in memory.
+[[nodiscard]] inline SyntheticImage synthetic_image(const SyntheticModel& m) {
+    detail::SyntheticWriter w(m.seed, m.weights);
+    SyntheticImage out;
+    out.config["torch_dtype"] = m.weights == dtype::f32 ? "float32" : "bfloat16";
+    visit_family(m.family, [&]<class F>(std::type_identity<F>) { F::write_synthetic(m, w, out.config); });
+    out.safetensors = safetensors_bytes(w.tensors(), {{"format", "pt"}});
+    return out;
+}
+
 /// Writes `dir`/config.json and `dir`/model.safetensors for `m` (creating `dir`).
 inline void write_synthetic_checkpoint(const std::string& dir, const SyntheticModel& m) {
     namespace fs = std::filesystem;
     fs::create_directories(dir);
-    detail::SyntheticWriter w(m.seed, m.weights);
-    nlohmann::json c;
-    c["torch_dtype"] = m.weights == dtype::f32 ? "float32" : "bfloat16";
-    visit_family(m.family, [&]<class F>(std::type_identity<F>) { F::write_synthetic(m, w, c); });
-    write_safetensors((fs::path(dir) / "model.safetensors").string(), w.tensors(), {{"format", "pt"}});
-    std::ofstream(fs::path(dir) / "config.json") << c.dump(2);
+    const SyntheticImage image = synthetic_image(m);
+    const std::string model = (fs::path(dir) / "model.safetensors").string();
+    std::ofstream out(model, std::ios::binary | std::ios::trunc);
+    out.write(reinterpret_cast<const char*>(image.safetensors.data()), std::streamsize(image.safetensors.size()));
+    if (!out) throw weight_error(detail::concat(model, ": cannot write the file"));
+    std::ofstream(fs::path(dir) / "config.json") << image.config.dump(2);
 }
 
 } // namespace hypermoe

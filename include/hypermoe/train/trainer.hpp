@@ -1,0 +1,322 @@
+#pragma once
+// Training a checkpoint's MoE blocks on the CPU: the weights are held once, as the checkpoint's
+// own named F32 tensors (ParameterStore, a safetensors image in memory), the blocks are built
+// from them by the same family loaders that read checkpoints from disk, and a step is forward,
+// loss, backward (each block's LoadedMoeBlock::gradients, by tensor name), clipping and an AdamW
+// step on the stored tensors, after which the blocks are rebuilt from the updated tensors (the
+// backends pack weights into their own layouts, and a HyperMoE block's HyperExpert cache must
+// not outlive the weights it was generated from). Saving writes the image as model.safetensors
+// beside the config: it loads back, through Checkpoint and load_model, into bitwise the same
+// blocks. This header needs nlohmann/json (as io/ does); hypermoe.hpp does not include it.
+//
+// The model is the checkpoint's MoE blocks in describe()'s order, chained: h_{i+1} = h_i +
+// block_i(h_i) with TrainOptions::residual (the default, as in the transformers these blocks
+// come from), else h_{i+1} = block_i(h_i). Tensors no block reads (a real checkpoint's attention,
+// DeepSeek's selection bias) are carried unchanged.
+
+#include <chrono>
+#include <cstdint>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <memory>
+#include <optional>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "hypermoe/io/families.hpp"
+#include "hypermoe/io/parameter_names.hpp"
+#include "hypermoe/stats/routing_stats.hpp"
+#include "hypermoe/train/loss.hpp"
+#include "hypermoe/train/optimizer.hpp"
+
+namespace hypermoe {
+
+/// A checkpoint's tensors copied into one safetensors image in memory, every floating tensor as
+/// F32 (BF16, F16, F64 and q8_0 / q4_0 blocks widened to their exact values, as an f32 load
+/// would), integer tensors as they are; with the checkpoint's config. checkpoint() views it as a
+/// Checkpoint (for the loaders), values() gives a tensor's floats to update in place, save()
+/// writes config.json and model.safetensors. Movable, not copyable.
+class ParameterStore {
+public:
+    explicit ParameterStore(const Checkpoint& source) {
+        std::vector<TensorToWrite> tensors;
+        for (const std::string& name : source.tensor_names()) {
+            const Checkpoint::Ref r = source.tensor(name);
+            const TensorInfo& t = *r.info;
+            const bool floating = t.dtype == tensor_dtype::f32 || t.dtype == tensor_dtype::bf16 || t.dtype == tensor_dtype::f16 ||
+                                  t.dtype == tensor_dtype::f64 || is_block_dtype(t.dtype);
+            if (t.dtype == tensor_dtype::other)
+                throw weight_error(detail::concat(source.dir(), ": tensor ", t.describe(), " has dtype ", t.type_string(),
+                                                  ", which cannot be held for training"));
+            if (!floating) {
+                const auto bytes = r.file->data(t);
+                tensors.push_back({name, t.dtype, t.shape, std::vector<std::byte>(bytes.begin(), bytes.end())});
+                continue;
+            }
+            std::vector<float> v(std::size_t(t.numel()));
+            for (index_t i = 0; i < t.numel(); ++i) v[std::size_t(i)] = float(r.file->element(t, i));
+            tensors.push_back(f32_tensor(name, t.shape, v));
+        }
+        image_ = safetensors_bytes(tensors, {{"format", "pt"}});
+        tensors.clear();
+        checkpoint_ = std::make_unique<Checkpoint>(source.config(), image_, source.dir());
+    }
+
+    /// The tensors as a Checkpoint (for load_model and the other loaders); valid while *this is.
+    [[nodiscard]] const Checkpoint& checkpoint() const noexcept { return *checkpoint_; }
+
+    /// Tensor `name`'s values, to update in place; weight_error when there is no such F32 tensor.
+    [[nodiscard]] std::span<float> values(const std::string& name) {
+        const Checkpoint::Ref r = checkpoint_->tensor(name);
+        if (r.info->dtype != tensor_dtype::f32)
+            throw weight_error(detail::concat(checkpoint_->dir(), ": tensor '", name, "' is ", r.info->type_string(), ", not F32"));
+        const auto at = std::size_t(r.file->data_section().data() - image_.data()) + r.info->begin;
+        return {reinterpret_cast<float*>(image_.data() + at), std::size_t(r.info->numel())};
+    }
+    [[nodiscard]] std::span<const float> values(const std::string& name) const {
+        return const_cast<ParameterStore&>(*this).values(name);
+    }
+
+    /// Writes `dir`/config.json and `dir`/model.safetensors (creating `dir`); a weight_error names
+    /// the file that cannot be written.
+    void save(const std::string& dir) const {
+        namespace fs = std::filesystem;
+        std::error_code ec;
+        fs::create_directories(dir, ec);
+        if (ec) throw weight_error(detail::concat(dir, ": cannot create the directory (", ec.message(), ")"));
+        const std::string model = (fs::path(dir) / "model.safetensors").string(), config = (fs::path(dir) / "config.json").string();
+        std::ofstream out(model, std::ios::binary | std::ios::trunc);
+        out.write(reinterpret_cast<const char*>(image_.data()), std::streamsize(image_.size()));
+        if (!out) throw weight_error(detail::concat(model, ": cannot write the file"));
+        std::ofstream c(config, std::ios::trunc);
+        c << checkpoint_->config().dump(2) << '\n';
+        if (!c) throw weight_error(detail::concat(config, ": cannot write the file"));
+    }
+
+private:
+    std::vector<std::byte> image_; ///< a safetensors file's bytes (its buffer does not move when *this does)
+    std::unique_ptr<Checkpoint> checkpoint_;
+};
+
+/// What a trainer minimises.
+enum class LossKind {
+    mse,          ///< mean squared error against Targets::values (the output's shape)
+    cross_entropy ///< softmax cross-entropy of Targets::labels over the output's first `classes` columns
+};
+
+/// What a Trainer is told once.
+struct TrainOptions {
+    LossKind loss = LossKind::mse;
+    index_t classes = 0;  ///< cross-entropy: the class count (the logits are the output's first columns)
+    bool residual = true; ///< h + block(h) (true) or block(h) for each MoE block
+    Context context = {}; ///< routing seed, sequence length (capacity) and the auxiliary losses' weights
+    LoadOptions load = {};///< how the blocks are built (storage must be f32: a backward needs the weights as trained)
+    AdamWGroup matrices = {};                    ///< AdamW for every tensor of two or more dimensions
+    AdamWGroup vectors = {.weight_decay = 0.0};  ///< and for biases and other 1-D tensors (no decay by default)
+    double clip_norm = 0; ///< clip the global gradient norm to this (0: no clipping)
+};
+
+/// The targets of a batch: values for LossKind::mse, labels for LossKind::cross_entropy.
+struct Targets {
+    ConstMatrixView<float> values;
+    std::span<const std::int32_t> labels;
+};
+
+/// What a step or an evaluation measured.
+struct TrainMetrics {
+    double loss = 0;     ///< the task loss (the auxiliary losses are not included)
+    double accuracy = 0; ///< cross-entropy: the fraction of rows classified right (else 0)
+    double load_cv = 0;  ///< the MoE blocks' mean load CV (sample std / mean of tokens per expert)
+    index_t tokens = 0;
+    double seconds = 0;  ///< wall time of the call
+};
+
+/// Trains the MoE blocks of a checkpoint with AdamW (see the file comment). Not for use by
+/// several threads at once (a step's blocks run on the library's OpenMP threads).
+template <Backend B>
+class Trainer {
+public:
+    Trainer(const Checkpoint& start, TrainOptions options) : store_(start), opt_(std::move(options)) {
+        if (opt_.load.storage != dtype::f32)
+            throw config_error(detail::concat("Trainer: LoadOptions::storage is ", to_string(opt_.load.storage),
+                                              ", expected f32 (a backward computes with the weights as trained)"));
+        rebuild();
+        if (opt_.loss == LossKind::cross_entropy && (opt_.classes < 2 || opt_.classes > width()))
+            throw config_error(detail::concat("Trainer: classes is ", opt_.classes, ", expected 2 <= classes <= ", width(),
+                                              " (the blocks' width)"));
+        std::vector<Parameter> params;
+        for (const auto& block : model_->blocks())
+            for (const std::string& name : parameter_tensor_names(block.parameter_names())) {
+                if (index_.count(name)) continue;
+                const std::span<float> v = store_.values(name);
+                const bool vector = store_.checkpoint().tensor(name).info->shape.size() < 2;
+                index_[name] = params.size();
+                grads_.emplace_back(v.size(), 0.0f);
+                params.push_back({name, v, grads_.back(), vector ? 1u : 0u});
+            }
+        adamw_.emplace(std::move(params), std::vector<AdamWGroup>{opt_.matrices, opt_.vectors});
+    }
+
+    /// The blocks' width (d_model): the input's and output's columns.
+    [[nodiscard]] index_t width() const noexcept { return model_->info().d_model; }
+    /// The blocks as now built from the stored tensors.
+    [[nodiscard]] const LoadedModel<B>& model() const noexcept { return *model_; }
+    [[nodiscard]] const ParameterStore& parameters() const noexcept { return store_; }
+    [[nodiscard]] const AdamW& optimizer() const noexcept { return *adamw_; }
+    /// Changes the learning rate of both groups (a schedule's step).
+    void set_lr(double matrices, double vectors) {
+        adamw_->set_lr(0, matrices);
+        adamw_->set_lr(1, vectors);
+    }
+
+    /// y = the chained blocks applied to x, (rows, width()).
+    void forward(ConstMatrixView<float> x, MatrixView<float> y) {
+        check_shape(x, x.rows(), width(), "Trainer::forward", "x");
+        check_shape(y, x.rows(), width(), "Trainer::forward", "y");
+        run_forward(x);
+        for (index_t r = 0; r < x.rows(); ++r)
+            for (index_t c = 0; c < width(); ++c) y(r, c) = hs_.back()(r, c);
+    }
+
+    /// The loss (and accuracy, load CV) of the model on a batch; changes nothing.
+    TrainMetrics evaluate(ConstMatrixView<float> x, const Targets& t) {
+        const auto start = std::chrono::steady_clock::now();
+        check_shape(x, x.rows(), width(), "Trainer::evaluate", "x");
+        run_forward(x);
+        TrainMetrics m = measure(t, {});
+        m.seconds = seconds_since(start);
+        return m;
+    }
+
+    /// One step: gradients(x, t), clipping, AdamW, zeroed gradients, rebuild. Returns what the
+    /// forward measured (the loss before the update).
+    TrainMetrics step(ConstMatrixView<float> x, const Targets& t) {
+        const auto start = std::chrono::steady_clock::now();
+        TrainMetrics m = gradients(x, t);
+        if (opt_.clip_norm > 0) clip_grad_norm(adamw_->parameters(), opt_.clip_norm);
+        adamw_->step();
+        for (auto& g : grads_) std::fill(g.begin(), g.end(), 0.0f);
+        rebuild();
+        m.seconds = seconds_since(start);
+        return m;
+    }
+
+    /// Forward, loss and backward of every block: adds dL/d<tensor> to gradient(name) for every
+    /// parameter (a HyperMoE stack's shared hypernetwork gets every block's part). Nothing is
+    /// updated; step() calls it.
+    TrainMetrics gradients(ConstMatrixView<float> x, const Targets& t) {
+        const auto start = std::chrono::steady_clock::now();
+        check_shape(x, x.rows(), width(), "Trainer::gradients", "x");
+        run_forward(x);
+        fit(dh_, x.rows());
+        TrainMetrics m = measure(t, dh_.view());
+        fit(dx_, x.rows());
+        const auto& blocks = model_->blocks();
+        for (std::size_t i = blocks.size(); i-- > 0;) {
+            for (const TensorToWrite& g : blocks[i].gradients(hs_[i].view(), dh_.view(), dx_.view(), ws_, opt_.context)) accumulate(g);
+            for (index_t r = 0; r < x.rows(); ++r)
+                for (index_t c = 0; c < width(); ++c) dh_(r, c) = opt_.residual ? dh_(r, c) + dx_(r, c) : dx_(r, c);
+        }
+        m.seconds = seconds_since(start);
+        return m;
+    }
+
+    /// The trained tensors' names (the optimiser's parameters), in the order the blocks read them.
+    [[nodiscard]] std::vector<std::string> parameter_names() const {
+        std::vector<std::string> out;
+        for (const Parameter& p : adamw_->parameters()) out.push_back(p.name);
+        return out;
+    }
+    /// The accumulated gradient of tensor `name` (config_error when it is not a parameter).
+    [[nodiscard]] std::span<const float> gradient(const std::string& name) const { return grads_[index_of(name)]; }
+    /// Tensor `name`'s values, to change by hand; call refresh() after.
+    [[nodiscard]] std::span<float> values(const std::string& name) { return store_.values(name); }
+    /// Rebuilds the blocks from the stored tensors (after values() were changed by hand).
+    void refresh() { rebuild(); }
+
+    /// Writes the trained tensors as a checkpoint directory (ParameterStore::save).
+    void save(const std::string& dir) const { store_.save(dir); }
+
+private:
+    void rebuild() { model_.emplace(load_model<B>(store_.checkpoint(), opt_.load)); }
+
+    /// Runs the chain on x, keeping every block's input (hs_[i]) and the output (hs_.back()).
+    void run_forward(ConstMatrixView<float> x) {
+        const auto& blocks = model_->blocks();
+        if (blocks.empty()) throw config_error(detail::concat(store_.checkpoint().dir(), ": no MoE block to train"));
+        hs_.resize(blocks.size() + 1);
+        plans_.resize(blocks.size());
+        fit(hs_[0], x.rows());
+        hs_[0].copy_from(x);
+        check_finite(ConstMatrixView<float>(hs_[0].view()), "Trainer: x");
+        for (std::size_t i = 0; i < blocks.size(); ++i) {
+            Matrix<float>& out = hs_[i + 1];
+            fit(out, x.rows());
+            blocks[i].forward(hs_[i].view(), out.view(), ws_, plans_[i], opt_.context);
+            if (opt_.residual)
+                for (index_t r = 0; r < x.rows(); ++r)
+                    for (index_t c = 0; c < width(); ++c) out(r, c) += hs_[i](r, c);
+        }
+    }
+
+    /// The loss of hs_.back() against t (and its gradient into dy when given) and the load CV.
+    TrainMetrics measure(const Targets& t, MatrixView<float> dy) const {
+        TrainMetrics m;
+        const ConstMatrixView<float> y = hs_.back().view();
+        m.tokens = y.rows();
+        if (opt_.loss == LossKind::mse) {
+            m.loss = mse_loss(y, t.values, dy);
+        } else {
+            const CrossEntropy ce = cross_entropy_loss(y, t.labels, opt_.classes, dy);
+            m.loss = ce.loss;
+            m.accuracy = y.rows() > 0 ? double(ce.correct) / double(y.rows()) : 0.0;
+        }
+        for (const RoutingPlan& p : plans_) m.load_cv += routing_stats(p).load_cv / double(plans_.size());
+        return m;
+    }
+
+    [[nodiscard]] std::size_t index_of(const std::string& name) const {
+        const auto it = index_.find(name);
+        if (it == index_.end()) throw config_error(detail::concat("Trainer: '", name, "' is not a trained parameter"));
+        return it->second;
+    }
+
+    /// Adds a block's `d/<name>` gradient to its parameter's.
+    void accumulate(const TensorToWrite& g) {
+        const std::string name = g.name.substr(2);
+        std::vector<float>& into = grads_[index_of(name)];
+        if (g.bytes.size() != into.size() * sizeof(float))
+            throw shape_error(detail::concat("Trainer: the gradient of '", name, "' has ", g.bytes.size() / sizeof(float),
+                                             " elements, expected ", into.size()));
+        for (std::size_t j = 0; j < into.size(); ++j) {
+            float v;
+            std::memcpy(&v, g.bytes.data() + j * sizeof(float), sizeof(float));
+            into[j] += v;
+        }
+    }
+
+    /// Makes m (rows, width()), reallocating only when its shape changes.
+    void fit(Matrix<float>& m, index_t rows) const {
+        if (m.rows() != rows || m.cols() != width()) m = Matrix<float>(rows, width());
+    }
+
+    static double seconds_since(std::chrono::steady_clock::time_point start) {
+        return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    }
+
+    ParameterStore store_;
+    TrainOptions opt_;
+    std::optional<LoadedModel<B>> model_;
+    std::map<std::string, std::size_t> index_; ///< parameter name -> its index in grads_ and the optimiser
+    std::vector<std::vector<float>> grads_;
+    std::optional<AdamW> adamw_;
+    std::vector<Matrix<float>> hs_;
+    std::vector<RoutingPlan> plans_;
+    Matrix<float> dh_, dx_;
+    Workspace ws_;
+};
+
+} // namespace hypermoe

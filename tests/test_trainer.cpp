@@ -1,0 +1,237 @@
+// The trainer (issue 12, point 6): the losses and their gradients, the parameter store, the
+// chained blocks' gradients against central differences of the loss (a HyperMoE stack's shared
+// hypernetwork included), training that lowers the loss, save and bitwise reload, and the
+// typed errors.
+
+#include <doctest/doctest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <filesystem>
+#include <string>
+#include <vector>
+
+#include "hypermoe/io/synthetic.hpp"
+#include "hypermoe/train/multitask.hpp"
+#include "hypermoe/train/trainer.hpp"
+#include "test_support.hpp"
+
+using namespace hypermoe;
+
+namespace {
+
+/// A small synthetic model of `family` (2 MoE blocks), in memory.
+SyntheticImage small_model(std::string_view family, dtype weights = dtype::f32) {
+    SyntheticModel m{.family = *find_family(family), .d_model = 32, .d_ff = 48, .experts = 4, .top_k = 2, .layers = 2};
+    m.capacity = 64;
+    m.weights = weights;
+    return synthetic_image(m);
+}
+
+Matrix<float> random_rows(index_t rows, index_t cols, std::uint64_t seed, double scale = 1.0) {
+    Matrix<float> m(rows, cols);
+    for (index_t r = 0; r < rows; ++r)
+        for (index_t c = 0; c < cols; ++c)
+            m(r, c) = float(scale * (double(detail::splitmix64(seed + std::uint64_t(r * cols + c)) >> 11) * 0x1.0p-53 * 2 - 1));
+    return m;
+}
+
+} // namespace
+
+TEST_CASE("mse_loss and cross_entropy_loss: values and gradients against central differences") {
+    const Matrix<float> y = random_rows(5, 6, 11), target = random_rows(5, 6, 12);
+    Matrix<float> dy(5, 6);
+    const double loss = mse_loss(y.view(), target.view(), dy.view());
+    double want = 0;
+    for (index_t r = 0; r < 5; ++r)
+        for (index_t c = 0; c < 6; ++c) want += std::pow(double(y(r, c)) - target(r, c), 2) / 30.0;
+    CHECK(loss == doctest::Approx(want).epsilon(1e-12));
+    CHECK(dy(2, 3) == doctest::Approx(2.0 * (double(y(2, 3)) - target(2, 3)) / 30.0).epsilon(1e-6));
+
+    const std::vector<std::int32_t> labels = {0, 3, 1, 3, 2};
+    const CrossEntropy ce = cross_entropy_loss(y.view(), labels, 4, dy.view());
+    double ce_want = 0;
+    index_t correct = 0;
+    for (index_t r = 0; r < 5; ++r) {
+        double sum = 0;
+        index_t best = 0;
+        for (index_t c = 0; c < 4; ++c) {
+            sum += std::exp(double(y(r, c)));
+            if (y(r, c) > y(r, best)) best = c;
+        }
+        ce_want += (std::log(sum) - y(r, labels[std::size_t(r)])) / 5.0;
+        correct += best == labels[std::size_t(r)];
+    }
+    CHECK(ce.loss == doctest::Approx(ce_want).epsilon(1e-9));
+    CHECK(ce.correct == correct);
+    // The gradient against central differences of the loss; columns past the classes get 0.
+    for (index_t r = 0; r < 5; ++r)
+        for (index_t c = 0; c < 6; ++c) {
+            Matrix<float> yp = y, ym = y;
+            const float h = 1e-2f;
+            yp(r, c) += h;
+            ym(r, c) -= h;
+            const double fd = (cross_entropy_loss(yp.view(), labels, 4).loss - cross_entropy_loss(ym.view(), labels, 4).loss) / (2.0 * h);
+            CAPTURE(r);
+            CAPTURE(c);
+            CHECK(dy(r, c) == doctest::Approx(fd).epsilon(1e-3).scale(1e-3));
+            if (c >= 4) CHECK(dy(r, c) == 0.0f);
+        }
+
+    Matrix<float> narrow(5, 5);
+    CHECK_THROWS_WITH_AS(mse_loss(y.view(), narrow.view()), "mse_loss: target has shape (5, 5), expected (5, 6)", shape_error);
+    CHECK_THROWS_WITH_AS(cross_entropy_loss(y.view(), labels, 7), "cross_entropy_loss: classes is 7, expected 2 <= classes <= 6 (the output's width)",
+                         config_error);
+    CHECK_THROWS_WITH_AS(cross_entropy_loss(y.view(), std::vector<std::int32_t>{0, 1}, 4), "cross_entropy_loss: 2 labels for 5 rows of logits",
+                         shape_error);
+    CHECK_THROWS_WITH_AS(cross_entropy_loss(y.view(), std::vector<std::int32_t>{0, 1, 4, 0, 0}, 4),
+                         "cross_entropy_loss: label of row 2 is 4, expected 0 <= label < 4", config_error);
+    Matrix<float> bad = target;
+    bad(1, 1) = std::numeric_limits<float>::quiet_NaN();
+    CHECK_THROWS_AS(mse_loss(y.view(), bad.view()), numeric_error);
+}
+
+TEST_CASE("ParameterStore: F32 copies of a checkpoint's tensors that load into the same blocks, saved as a checkpoint") {
+    const SyntheticImage image = small_model("qwen2_moe", dtype::bf16);
+    const Checkpoint source(image.config, image.safetensors, "qwen2 bf16");
+    const ParameterStore store(source);
+    CHECK(store.checkpoint().tensor_names() == source.tensor_names());
+    const std::string name = source.tensor_names().front();
+    const Checkpoint::Ref r = source.tensor(name);
+    const std::span<const float> v = store.values(name);
+    REQUIRE(index_t(v.size()) == r.info->numel());
+    for (index_t i = 0; i < r.info->numel(); ++i) REQUIRE(double(v[std::size_t(i)]) == r.file->element(*r.info, i));
+
+    // The same blocks, bit for bit, from the store as from the bf16 source widened at load.
+    const auto a = load_model<reference>(source), b = load_model<reference>(store.checkpoint());
+    const Matrix<float> x = random_rows(9, 32, 3);
+    Matrix<float> ya(9, 32), yb(9, 32);
+    Workspace ws;
+    a.blocks()[0].forward(x.view(), ya.view(), ws);
+    b.blocks()[0].forward(x.view(), yb.view(), ws);
+    CHECK(std::equal(ya.data(), ya.data() + 9 * 32, yb.data()));
+
+    const std::string dir = (std::filesystem::temp_directory_path() / "hypermoe_test_store").string();
+    store.save(dir);
+    const Checkpoint saved(dir);
+    CHECK(saved.tensor_names() == source.tensor_names());
+    CHECK(saved.dtypes() == std::set<std::string>{"F32"});
+    CHECK_THROWS_WITH_AS((void)store.values("no.such.tensor"), "qwen2 bf16: missing tensor 'no.such.tensor'", weight_error);
+    std::filesystem::remove_all(dir);
+}
+
+TEST_CASE_TEMPLATE_DEFINE("Trainer: every parameter's gradient against central differences of the loss through the chained blocks", B,
+                          trainer_gradients) {
+    for (const std::string_view family : {"hypermoe_switch", "mixtral"}) {
+        CAPTURE(family);
+        const SyntheticImage image = small_model(family);
+        const Checkpoint ck(image.config, image.safetensors, std::string(family));
+        Trainer<B> trainer(ck, TrainOptions{});
+        const Matrix<float> x = random_rows(24, 32, 5), target = random_rows(24, 32, 6, 0.5);
+        const Targets t{target.view(), {}};
+        trainer.gradients(x.view(), t);
+        const auto names = trainer.parameter_names();
+        CHECK(names.size() >= 4);
+        int checked = 0, kinks = 0;
+        for (const std::string& name : names) {
+            const std::vector<float> g(trainer.gradient(name).begin(), trainer.gradient(name).end());
+            double largest = 0;
+            std::size_t at = 0;
+            for (std::size_t j = 0; j < g.size(); ++j)
+                if (std::abs(g[j]) > largest) largest = std::abs(g[j]), at = j;
+            CAPTURE(name);
+            REQUIRE(largest > 0);
+            // The largest entry and one more, by central differences of the evaluated loss at two
+            // step sizes; where they disagree a token's selection flipped inside the step (routing
+            // is piecewise constant), and that entry is not a test of the gradient. The steps are
+            // small because a fresh HyperExpert's ReLU inputs all lie within about 0.02 of zero:
+            // at h = 4e-3 the adapter's down bias crosses enough kinks to move the quotient by 8%.
+            for (const std::size_t j : {at, g.size() / 2}) {
+                const auto central = [&](float h) {
+                    const float v = trainer.values(name)[j];
+                    trainer.values(name)[j] = v + h;
+                    trainer.refresh();
+                    const double up = trainer.evaluate(x.view(), t).loss;
+                    trainer.values(name)[j] = v - h;
+                    trainer.refresh();
+                    const double down = trainer.evaluate(x.view(), t).loss;
+                    trainer.values(name)[j] = v;
+                    trainer.refresh();
+                    return (up - down) / (2.0 * double(h));
+                };
+                const double fd = central(1e-3f), fd_half = central(5e-4f);
+                const double tolerance = 0.02 * largest + 0.03 * std::abs(fd);
+                CAPTURE(j);
+                CAPTURE(fd_half);
+                if (std::abs(fd - fd_half) > tolerance) {
+                    ++kinks;
+                    continue;
+                }
+                ++checked;
+                CHECK(std::abs(double(g[j]) - fd) <= tolerance);
+            }
+        }
+        const std::string summary = detail::concat(family, ": ", checked, " entries checked, ", kinks, " skipped at a selection change");
+        MESSAGE(summary);
+        CHECK(kinks * 4 <= checked);
+    }
+}
+
+TEST_CASE_TEMPLATE_DEFINE("Trainer: training lowers the multi-task loss, and a saved model reloads into bitwise the same outputs", B,
+                          trainer_learns) {
+    const MultiTaskGenerator gen(MultiTaskProblem{.tasks = 4, .width = 32, .classes = 4, .task_dims = 4, .seed = 3});
+    const MultiTaskBatch eval = gen.sample(256, 1000);
+    const SyntheticImage image = small_model("hypermoe_gpt2");
+    const Checkpoint ck(image.config, image.safetensors, "hypermoe_gpt2");
+    TrainOptions opt{.loss = LossKind::cross_entropy, .classes = 4};
+    opt.matrices.lr = 3e-3;
+    Trainer<B> trainer(ck, opt);
+    const TrainMetrics before = trainer.evaluate(eval.x.view(), {{}, eval.labels});
+    for (int s = 0; s < 40; ++s) {
+        const MultiTaskBatch b = gen.sample(64, std::uint64_t(s));
+        const TrainMetrics m = trainer.step(b.x.view(), {{}, b.labels});
+        CHECK(std::isfinite(m.loss));
+        CHECK(m.tokens == 64);
+    }
+    const TrainMetrics after = trainer.evaluate(eval.x.view(), {{}, eval.labels});
+    const std::string progress = detail::concat("eval loss ", before.loss, " -> ", after.loss, ", accuracy ", before.accuracy, " -> ", after.accuracy);
+    MESSAGE(progress);
+    CHECK(after.loss < 0.8 * before.loss);
+    CHECK(after.accuracy > before.accuracy + 0.1);
+    CHECK(trainer.optimizer().steps() == 40);
+
+    const std::string dir = (std::filesystem::temp_directory_path() / ("hypermoe_test_trained_" + std::string(B::name))).string();
+    trainer.save(dir);
+    Trainer<B> reloaded(Checkpoint(dir), opt);
+    Matrix<float> y1(256, 32), y2(256, 32);
+    trainer.forward(eval.x.view(), y1.view());
+    reloaded.forward(eval.x.view(), y2.view());
+    CHECK(std::equal(y1.data(), y1.data() + 256 * 32, y2.data()));
+    CHECK(reloaded.evaluate(eval.x.view(), {{}, eval.labels}).loss == after.loss);
+    std::filesystem::remove_all(dir);
+}
+
+TEST_CASE_TEMPLATE_APPLY(trainer_gradients, test::all_backends);
+TEST_CASE_TEMPLATE_APPLY(trainer_learns, test::all_backends);
+
+TEST_CASE("Trainer: typed errors name the argument and both sides") {
+    const SyntheticImage image = small_model("mixtral");
+    const Checkpoint ck(image.config, image.safetensors, "mixtral");
+    TrainOptions bf16_storage;
+    bf16_storage.load.storage = dtype::bf16;
+    CHECK_THROWS_WITH_AS(Trainer<reference>(ck, bf16_storage),
+                         "Trainer: LoadOptions::storage is bf16, expected f32 (a backward computes with the weights as trained)", config_error);
+    CHECK_THROWS_WITH_AS(Trainer<reference>(ck, TrainOptions{.loss = LossKind::cross_entropy, .classes = 40}),
+                         "Trainer: classes is 40, expected 2 <= classes <= 32 (the blocks' width)", config_error);
+    Trainer<reference> trainer(ck, TrainOptions{});
+    const Matrix<float> x = random_rows(4, 31, 1), target = random_rows(4, 32, 2);
+    CHECK_THROWS_WITH_AS(trainer.step(x.view(), {target.view(), {}}), "Trainer::gradients: x has shape (4, 31), expected (4, 32)", shape_error);
+    const Matrix<float> x2 = random_rows(4, 32, 1), short_target = random_rows(3, 32, 2);
+    CHECK_THROWS_WITH_AS(trainer.step(x2.view(), {short_target.view(), {}}), "mse_loss: target has shape (3, 32), expected (4, 32)",
+                         shape_error);
+    CHECK_THROWS_WITH_AS((void)trainer.gradient("model.norm.weight"), "Trainer: 'model.norm.weight' is not a trained parameter", config_error);
+    CHECK_THROWS_WITH_AS(MultiTaskGenerator(MultiTaskProblem{.width = 12, .classes = 4, .task_dims = 8}),
+                         "MultiTaskProblem: tasks 8, classes 4, task_dims 8, task_rank 2 and width 12, expected tasks >= 1, classes >= 2, "
+                         "task_dims >= 1, task_rank >= 1 and width > classes + task_dims",
+                         config_error);
+}
