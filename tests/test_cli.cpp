@@ -254,7 +254,9 @@ TEST_CASE("hypermoe train: progress lines or JSON, a saved model that hypermoe r
         lines.push_back(nlohmann::json::parse(r.out.substr(at, end - at)));
         at = end + 1;
     }
-    REQUIRE(lines.size() == 5); // eval, 3 progress lines, eval
+    REQUIRE(lines.size() == 6); // eval, 3 progress lines, eval, the total time
+    CHECK(lines[5]["steps"] == 30);
+    CHECK(lines[5]["train_seconds"].get<double>() > 0);
     for (const char* key : {"step", "loss", "tokens_per_s", "load_cv"}) CHECK(lines[1].contains(key));
     CHECK(lines[0]["step"] == 0);
     CHECK(lines[4]["eval_loss"].get<double>() < lines[0]["eval_loss"].get<double>());

@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cmath>
 #include <filesystem>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -88,7 +89,7 @@ TEST_CASE("mse_loss and cross_entropy_loss: values and gradients against central
                          "cross_entropy_loss: label of row 2 is 4, expected 0 <= label < 4", config_error);
     Matrix<float> bad = target;
     bad(1, 1) = std::numeric_limits<float>::quiet_NaN();
-    CHECK_THROWS_AS(mse_loss(y.view(), bad.view()), numeric_error);
+    CHECK_THROWS_WITH_AS(mse_loss(y.view(), bad.view()), "mse_loss: target: element (1, 1) is nan, expected a finite value", numeric_error);
 }
 
 TEST_CASE("ParameterStore: F32 copies of a checkpoint's tensors that load into the same blocks, saved as a checkpoint") {
@@ -122,16 +123,25 @@ TEST_CASE("ParameterStore: F32 copies of a checkpoint's tensors that load into t
 
 TEST_CASE_TEMPLATE_DEFINE("Trainer: every parameter's gradient against central differences of the loss through the chained blocks", B,
                           trainer_gradients) {
-    for (const std::string_view family : {"hypermoe_switch", "mixtral"}) {
+    // HyperMoE, HyperMoE trained without its HyperExpert (the plain MoE of the paper's
+    // comparison), and a plain family.
+    for (const auto& [family, with_hyper] : {std::pair<std::string_view, bool>{"hypermoe_switch", true}, {"hypermoe_switch", false},
+                                              {"mixtral", true}}) {
         CAPTURE(family);
+        CAPTURE(with_hyper);
         const SyntheticImage image = small_model(family);
         const Checkpoint ck(image.config, image.safetensors, std::string(family));
-        Trainer<B> trainer(ck, TrainOptions{});
+        Trainer<B> trainer(ck, TrainOptions{.with_hyper = with_hyper});
         const Matrix<float> x = random_rows(24, 32, 5), target = random_rows(24, 32, 6, 0.5);
         const Targets t{target.view(), {}};
         trainer.gradients(x.view(), t);
         const auto names = trainer.parameter_names();
         CHECK(names.size() >= 4);
+        const bool has_hyper_tensor = std::any_of(names.begin(), names.end(), [](const std::string& n) {
+            return n.find("param_gen") != std::string::npos || n.find("n_experts_embedding") != std::string::npos ||
+                   n.find("embedding_process") != std::string::npos;
+        });
+        CHECK(has_hyper_tensor == (with_hyper && family == "hypermoe_switch"));
         int checked = 0, kinks = 0;
         for (const std::string& name : names) {
             const std::vector<float> g(trainer.gradient(name).begin(), trainer.gradient(name).end());
@@ -214,6 +224,25 @@ TEST_CASE_TEMPLATE_DEFINE("Trainer: training lowers the multi-task loss, and a s
 TEST_CASE_TEMPLATE_APPLY(trainer_gradients, test::all_backends);
 TEST_CASE_TEMPLATE_APPLY(trainer_learns, test::all_backends);
 
+TEST_CASE("Trainer without the HyperExpert: the chained MoE parts, as LoadedMoeBlock::forward(..., with_hyper = false) runs them") {
+    const SyntheticImage image = small_model("hypermoe_gpt2");
+    const Checkpoint ck(image.config, image.safetensors, "hypermoe_gpt2");
+    Trainer<reference> plain(ck, TrainOptions{.with_hyper = false}), hyper(ck, TrainOptions{});
+    const Matrix<float> x = random_rows(16, 32, 8);
+    Matrix<float> y_plain(16, 32), y_hyper(16, 32), h = x, y_block(16, 32);
+    plain.forward(x.view(), y_plain.view());
+    hyper.forward(x.view(), y_hyper.view());
+    Workspace ws;
+    RoutingPlan plan;
+    for (const auto& block : plain.model().blocks()) {
+        block.forward(h.view(), y_block.view(), ws, plan, {}, false);
+        for (index_t j = 0; j < 16 * 32; ++j) h.data()[j] += y_block.data()[j];
+    }
+    CHECK(std::equal(h.data(), h.data() + 16 * 32, y_plain.data()));
+    CHECK_FALSE(std::equal(y_hyper.data(), y_hyper.data() + 16 * 32, y_plain.data()));
+    CHECK(plain.parameter_names().size() < hyper.parameter_names().size());
+}
+
 TEST_CASE("Trainer: typed errors name the argument and both sides") {
     const SyntheticImage image = small_model("mixtral");
     const Checkpoint ck(image.config, image.safetensors, "mixtral");
@@ -229,6 +258,11 @@ TEST_CASE("Trainer: typed errors name the argument and both sides") {
     const Matrix<float> x2 = random_rows(4, 32, 1), short_target = random_rows(3, 32, 2);
     CHECK_THROWS_WITH_AS(trainer.step(x2.view(), {short_target.view(), {}}), "mse_loss: target has shape (3, 32), expected (4, 32)",
                          shape_error);
+    Matrix<float> inf_x = random_rows(4, 32, 1);
+    inf_x(0, 3) = std::numeric_limits<float>::infinity();
+    CHECK_THROWS_WITH_AS(trainer.step(inf_x.view(), {target.view(), {}}), "Trainer: x: element (0, 3) is inf, expected a finite value", numeric_error);
+    CHECK_THROWS_WITH_AS(Checkpoint(nlohmann::json::array(), image.safetensors, "mixtral"), "mixtral (in memory): the config is not a JSON object",
+                         config_error);
     CHECK_THROWS_WITH_AS((void)trainer.gradient("model.norm.weight"), "Trainer: 'model.norm.weight' is not a trained parameter", config_error);
     CHECK_THROWS_WITH_AS(MultiTaskGenerator(MultiTaskProblem{.width = 12, .classes = 4, .task_dims = 8}),
                          "MultiTaskProblem: tasks 8, classes 4, task_dims 8, task_rank 2 and width 12, expected tasks >= 1, classes >= 2, "

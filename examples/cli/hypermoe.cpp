@@ -49,9 +49,10 @@ constexpr const char* usage_text = R"(usage:
   hypermoe train [--model DIR|FILE.gguf | --family F [--d-model N] [--d-ff N] [--experts N] [--top-k N] [--layers N] [--seed N]]
                [--data TRAIN.safetensors [--eval EVAL.safetensors] | --tasks N [--train-rows N] [--eval-rows N] [--data-seed N]]
                [--loss ce|mse] [--classes N] [--steps N] [--batch N] [--lr X] [--weight-decay X] [--clip X] [--aux-lb X]
-               [--log-every N] [--save DIR] [--backend B] [--threads N] [--json]
+               [--no-hyper] [--log-every N] [--eval-every N] [--save DIR] [--backend B] [--threads N] [--json]
                (trains every MoE block of the model, chained as h + block(h); a data file holds x [N, d] and
-                labels [N] (ce) or y [N, d] (mse); without one, the synthetic multi-task problem of docs/training.md)
+                labels [N] (ce) or y [N, d] (mse); without one, the synthetic multi-task problem of docs/training.md;
+                --no-hyper trains HyperMoE blocks without their HyperExpert)
 )";
 
 /// A mistake in how the command was called: exit status 2.
@@ -524,6 +525,7 @@ int train(const Args& a) {
     if (loss != "ce" && loss != "mse") throw usage_error("--loss is '" + loss + "', expected ce or mse");
     const bool ce = loss == "ce", json = a.has("--json");
     const hm::index_t steps = a.integer("--steps", 200), batch = a.integer("--batch", 64), log_every = a.integer("--log-every", 20);
+    const hm::index_t eval_every = a.integer("--eval-every", steps);
     const hm::index_t classes = a.integer("--classes", 4, 2);
     if (a.has("--data") && a.has("--tasks")) throw usage_error("--data and --tasks are alternatives (a file, or the synthetic multi-task problem)");
     if (a.has("--model") && a.has("--family")) throw usage_error("--model and --family are alternatives (a checkpoint, or fixed-seed weights)");
@@ -571,6 +573,7 @@ int train(const Args& a) {
     opt.clip_norm = real(a, "--clip", 1.0, 0, 1e9);
     if (hm::has_two_stacks(info.family)) opt.context.sequence_length = batch; // capacity per batch
     opt.context.aux_losses.load_balancing = real(a, "--aux-lb", 0, 0, 100);
+    opt.with_hyper = !a.has("--no-hyper");
 
     return with_backend(a.get("--backend", default_backend()), [&]<class B>() {
         hm::Trainer<B> trainer(*start, opt);
@@ -617,8 +620,9 @@ int train(const Args& a) {
                 std::fflush(stdout);
                 loss_sum = cv_sum = seconds = 0, logged = 0;
             }
+            if (step % eval_every == 0 || step == steps) evaluate(step);
         }
-        evaluate(steps);
+        if (json) std::printf("%s\n", nlohmann::json{{"steps", steps}, {"train_seconds", total_seconds}}.dump().c_str());
         if (a.has("--save")) {
             trainer.save(a.get("--save"));
             if (!json) std::printf("saved the trained blocks to %s (%.1f s of training)\n", a.get("--save").c_str(), total_seconds);
@@ -731,8 +735,8 @@ int main(int argc, char** argv) {
             return train(Args(argc, argv, 2,
                               {"--model", "--family", "--d-model", "--d-ff", "--experts", "--top-k", "--layers", "--seed", "--data", "--eval",
                                "--tasks", "--classes", "--train-rows", "--eval-rows", "--data-seed", "--loss", "--steps", "--batch",
-                               "--lr", "--weight-decay", "--clip", "--aux-lb", "--log-every", "--save", "--backend", "--threads"},
-                              {"--json"}));
+                               "--lr", "--weight-decay", "--clip", "--aux-lb", "--log-every", "--eval-every", "--save", "--backend", "--threads"},
+                              {"--json", "--no-hyper"}));
         throw usage_error("unknown command '" + cmd + "' (expected run, inspect, bench or train; see hypermoe --help)");
     } catch (const usage_error& e) {
         std::fprintf(stderr, "hypermoe: %s\n", one_line(e.what()).c_str());

@@ -173,11 +173,20 @@ public:
     /// dL/d<tensor> for every tensor the block reads, as `d/<checkpoint name>` F32 tensors in the
     /// checkpoint's shapes (the fixtures' grads.safetensors layout). The block must hold its
     /// weights as f32 (LoadOptions::storage = dtype::f32; bf16 checkpoints widen exactly).
+    /// With with_hyper = false, a HyperMoE block's backward is that of forward(..., with_hyper =
+    /// false): its MoE part alone (and only the MoE part's tensors get gradients).
     [[nodiscard]] std::vector<TensorToWrite> gradients(ConstMatrixView<float> x, ConstMatrixView<float> dy, MatrixView<float> dx,
-                                                       Workspace& ws, const Context& context = {}) const {
+                                                       Workspace& ws, const Context& context = {}, bool with_hyper = true) const {
         return std::visit(
             [&](const auto& l) -> std::vector<TensorToWrite> {
                 if constexpr (TrainableLayer<std::decay_t<decltype(l)>>) {
+                    if constexpr (requires { l.moe(); }) {
+                        if (!with_hyper) {
+                            auto g = l.moe().make_gradients();
+                            l.moe().backward(x, dy, dx, g, ws, context);
+                            return named_gradients(names_, g);
+                        }
+                    }
                     auto g = l.make_gradients();
                     l.backward(x, dy, dx, g, ws, context);
                     return named_gradients(names_, g);

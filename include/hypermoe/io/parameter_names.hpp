@@ -76,8 +76,9 @@ void add_expert_gradients(std::vector<TensorToWrite>& out, const ExpertTensorNam
 } // namespace detail
 
 /// Every tensor name recorded in `names` (each once, in role order): the tensors a block's
-/// backward gives gradients for, which a trainer updates.
-[[nodiscard]] inline std::vector<std::string> parameter_tensor_names(const BlockParameterNames& names) {
+/// backward gives gradients for, which a trainer updates; with with_hyper = false, a HyperMoE
+/// block's MoE part only (router, experts, shared expert).
+[[nodiscard]] inline std::vector<std::string> parameter_tensor_names(const BlockParameterNames& names, bool with_hyper = true) {
     std::vector<std::string> out;
     const auto add = [&](const TensorName& n) {
         if (!n.empty() && std::find(out.begin(), out.end(), n.name) == out.end()) out.push_back(n.name);
@@ -88,7 +89,9 @@ void add_expert_gradients(std::vector<TensorToWrite>& out, const ExpertTensorNam
     add(names.router);
     for (const auto& e : names.experts) add_expert(e);
     if (names.shared) add_expert(*names.shared);
-    for (const TensorName* n : {&names.shared_gate, &names.embedding, &names.projector_first, &names.projector_first_bias,
+    add(names.shared_gate);
+    if (!with_hyper) return out;
+    for (const TensorName* n : {&names.embedding, &names.projector_first, &names.projector_first_bias,
                                 &names.projector_second, &names.projector_second_bias, &names.layer_embed, &names.trunk,
                                 &names.trunk_bias, &names.down_weight, &names.down_weight_bias, &names.up_weight,
                                 &names.up_weight_bias, &names.down_bias, &names.down_bias_bias, &names.up_bias, &names.up_bias_bias})

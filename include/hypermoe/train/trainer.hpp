@@ -112,6 +112,7 @@ struct TrainOptions {
     LossKind loss = LossKind::mse;
     index_t classes = 0;  ///< cross-entropy: the class count (the logits are the output's first columns)
     bool residual = true; ///< h + block(h) (true) or block(h) for each MoE block
+    bool with_hyper = true; ///< false: HyperMoE blocks run and train without their HyperExpert (plain MoE, same experts)
     Context context = {}; ///< routing seed, sequence length (capacity) and the auxiliary losses' weights
     LoadOptions load = {};///< how the blocks are built (storage must be f32: a backward needs the weights as trained)
     AdamWGroup matrices = {};                    ///< AdamW for every tensor of two or more dimensions
@@ -121,8 +122,8 @@ struct TrainOptions {
 
 /// The targets of a batch: values for LossKind::mse, labels for LossKind::cross_entropy.
 struct Targets {
-    ConstMatrixView<float> values;
-    std::span<const std::int32_t> labels;
+    ConstMatrixView<float> values = {};
+    std::span<const std::int32_t> labels = {};
 };
 
 /// What a step or an evaluation measured.
@@ -149,7 +150,7 @@ public:
                                               " (the blocks' width)"));
         std::vector<Parameter> params;
         for (const auto& block : model_->blocks())
-            for (const std::string& name : parameter_tensor_names(block.parameter_names())) {
+            for (const std::string& name : parameter_tensor_names(block.parameter_names(), opt_.with_hyper)) {
                 if (index_.count(name)) continue;
                 const std::span<float> v = store_.values(name);
                 const bool vector = store_.checkpoint().tensor(name).info->shape.size() < 2;
@@ -216,7 +217,7 @@ public:
         fit(dx_, x.rows());
         const auto& blocks = model_->blocks();
         for (std::size_t i = blocks.size(); i-- > 0;) {
-            for (const TensorToWrite& g : blocks[i].gradients(hs_[i].view(), dh_.view(), dx_.view(), ws_, opt_.context)) accumulate(g);
+            for (const TensorToWrite& g : blocks[i].gradients(hs_[i].view(), dh_.view(), dx_.view(), ws_, opt_.context, opt_.with_hyper)) accumulate(g);
             for (index_t r = 0; r < x.rows(); ++r)
                 for (index_t c = 0; c < width(); ++c) dh_(r, c) = opt_.residual ? dh_(r, c) + dx_(r, c) : dx_(r, c);
         }
@@ -255,7 +256,7 @@ private:
         for (std::size_t i = 0; i < blocks.size(); ++i) {
             Matrix<float>& out = hs_[i + 1];
             fit(out, x.rows());
-            blocks[i].forward(hs_[i].view(), out.view(), ws_, plans_[i], opt_.context);
+            blocks[i].forward(hs_[i].view(), out.view(), ws_, plans_[i], opt_.context, opt_.with_hyper);
             if (opt_.residual)
                 for (index_t r = 0; r < x.rows(); ++r)
                     for (index_t c = 0; c < width(); ++c) out(r, c) += hs_[i](r, c);
