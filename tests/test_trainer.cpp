@@ -125,8 +125,9 @@ TEST_CASE_TEMPLATE_DEFINE("Trainer: every parameter's gradient against central d
                           trainer_gradients) {
     // HyperMoE, HyperMoE trained without its HyperExpert (the plain MoE of the paper's
     // comparison), and a plain family.
-    for (const auto& [family, with_hyper] : {std::pair<std::string_view, bool>{"hypermoe_switch", true}, {"hypermoe_switch", false},
-                                              {"mixtral", true}}) {
+    for (const auto& config : {std::pair<std::string_view, bool>{"hypermoe_switch", true}, {"hypermoe_switch", false}, {"mixtral", true}}) {
+        const std::string_view family = config.first;
+        const bool with_hyper = config.second;
         CAPTURE(family);
         CAPTURE(with_hyper);
         const SyntheticImage image = small_model(family);

@@ -53,7 +53,7 @@ public:
     }
 
 private:
-    int saved_ = 0;
+    [[maybe_unused]] int saved_ = 0; // unused without OpenMP
 };
 
 /// Runs fn(); an exception it throws is kept in `failure` (the first one of a region wins), so
