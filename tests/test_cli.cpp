@@ -267,12 +267,12 @@ TEST_CASE("hypermoe train: progress lines or JSON, a saved model that hypermoe r
     CHECK(i.status == 0);
     CHECK(i.out.find("hypermoe_switch") != std::string::npos);
 
-    // A data file (mse): x and y.
+    // A data file (mse): x and y; with auxiliary-loss-free balancing.
     Matrix<float> x(64, 32), y(64, 32);
     for (index_t j = 0; j < 64 * 32; ++j) x.data()[j] = float(j % 7) * 0.1f - 0.3f, y.data()[j] = float(j % 5) * 0.05f;
     write_safetensors((tmp / "data.safetensors").string(), {f32_tensor("x", {64, 32}, {x.data(), 64 * 32}), f32_tensor("y", {64, 32}, {y.data(), 64 * 32})});
     const Result m = run_cli("train --model " + (tmp / "trained").string() + " --data " + (tmp / "data.safetensors").string() + " --eval " +
-                             (tmp / "data.safetensors").string() + " --loss mse --steps 4 --batch 16 --log-every 2");
+                             (tmp / "data.safetensors").string() + " --loss mse --steps 4 --batch 16 --log-every 2 --balance 0.01");
     CHECK(m.status == 0);
     CHECK(m.out.find("step     4  loss ") != std::string::npos);
     CHECK(m.out.find("eval at step 4: loss ") != std::string::npos);

@@ -49,7 +49,7 @@ constexpr const char* usage_text = R"(usage:
   hypermoe train [--model DIR|FILE.gguf | --family F [--d-model N] [--d-ff N] [--experts N] [--top-k N] [--layers N] [--seed N]]
                [--data TRAIN.safetensors [--eval EVAL.safetensors] | --tasks N [--train-rows N] [--eval-rows N] [--data-seed N]]
                [--loss ce|mse] [--classes N] [--steps N] [--batch N] [--lr X] [--weight-decay X] [--clip X] [--aux-lb X]
-               [--no-hyper] [--log-every N] [--eval-every N] [--save DIR] [--backend B] [--threads N] [--json]
+               [--balance GAMMA] [--no-hyper] [--log-every N] [--eval-every N] [--save DIR] [--backend B] [--threads N] [--json]
                (trains every MoE block of the model, chained as h + block(h); a data file holds x [N, d] and
                 labels [N] (ce) or y [N, d] (mse); without one, the synthetic multi-task problem of docs/training.md;
                 --no-hyper trains HyperMoE blocks without their HyperExpert)
@@ -574,6 +574,7 @@ int train(const Args& a) {
     if (hm::has_two_stacks(info.family)) opt.context.sequence_length = batch; // capacity per batch
     opt.context.aux_losses.load_balancing = real(a, "--aux-lb", 0, 0, 100);
     opt.with_hyper = !a.has("--no-hyper");
+    opt.balance_gamma = real(a, "--balance", 0, 0, 10);
 
     return with_backend(a.get("--backend", default_backend()), [&]<class B>() {
         hm::Trainer<B> trainer(*start, opt);
@@ -735,7 +736,7 @@ int main(int argc, char** argv) {
             return train(Args(argc, argv, 2,
                               {"--model", "--family", "--d-model", "--d-ff", "--experts", "--top-k", "--layers", "--seed", "--data", "--eval",
                                "--tasks", "--classes", "--train-rows", "--eval-rows", "--data-seed", "--loss", "--steps", "--batch",
-                               "--lr", "--weight-decay", "--clip", "--aux-lb", "--log-every", "--eval-every", "--save", "--backend", "--threads"},
+                               "--lr", "--weight-decay", "--clip", "--aux-lb", "--balance", "--log-every", "--eval-every", "--save", "--backend", "--threads"},
                               {"--json", "--no-hyper"}));
         throw usage_error("unknown command '" + cmd + "' (expected run, inspect, bench or train; see hypermoe --help)");
     } catch (const usage_error& e) {

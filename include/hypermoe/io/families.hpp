@@ -197,6 +197,18 @@ public:
             layer_);
     }
 
+    /// Replaces the router's selection-only bias (E values; MoeLayer::set_selection_bias): what
+    /// auxiliary-loss-free balancing moves. A config_error when the block's router has none to
+    /// set (not a ScoredRouter).
+    void set_selection_bias(std::span<const float> bias) {
+        std::visit(
+            [&](auto& l) {
+                if constexpr (requires { l.set_selection_bias(bias); }) l.set_selection_bias(bias);
+                else throw config_error(detail::concat(to_string(info_.family), " block ", block_.layer, ": its router has no selection bias to set"));
+            },
+            layer_);
+    }
+
     [[nodiscard]] const ModelInfo& info() const noexcept { return info_; }
     [[nodiscard]] const MoeBlockRef& block() const noexcept { return block_; }
     [[nodiscard]] const Layer& layer() const noexcept { return layer_; }
@@ -351,6 +363,8 @@ public:
     [[nodiscard]] const ModelInfo& info() const noexcept { return info_; }
     [[nodiscard]] std::size_t size() const noexcept { return blocks_.size(); }
     [[nodiscard]] const std::vector<LoadedMoeBlock<B>>& blocks() const noexcept { return blocks_; }
+    /// The blocks, to change a router's selection bias (LoadedMoeBlock::set_selection_bias).
+    [[nodiscard]] std::vector<LoadedMoeBlock<B>>& blocks() noexcept { return blocks_; }
     [[nodiscard]] auto begin() const noexcept { return blocks_.begin(); }
     [[nodiscard]] auto end() const noexcept { return blocks_.end(); }
 

@@ -35,6 +35,7 @@ struct ExpertTensorNames {
 /// Every tensor a block's forward reads, by role.
 struct BlockParameterNames {
     TensorName router;
+    TensorName selection_bias; ///< a router's selection-only bias (DeepSeek-V3): no gradient, not a trained parameter
     std::vector<ExpertTensorNames> experts;
     std::optional<ExpertTensorNames> shared; ///< the shared expert(s), merged as the block runs them
     TensorName shared_gate;

@@ -28,6 +28,7 @@
 
 #include "hypermoe/io/families.hpp"
 #include "hypermoe/io/parameter_names.hpp"
+#include "hypermoe/router/bias_balancer.hpp"
 #include "hypermoe/stats/routing_stats.hpp"
 #include "hypermoe/train/loss.hpp"
 #include "hypermoe/train/optimizer.hpp"
@@ -118,6 +119,11 @@ struct TrainOptions {
     AdamWGroup matrices = {};                    ///< AdamW for every tensor of two or more dimensions
     AdamWGroup vectors = {.weight_decay = 0.0};  ///< and for biases and other 1-D tensors (no decay by default)
     double clip_norm = 0; ///< clip the global gradient norm to this (0: no clipping)
+    /// Auxiliary-loss-free balancing (DeepSeek-V3, router/bias_balancer.hpp): after each step,
+    /// each block's selection bias moves by balance_gamma * sign(mean load - load_e) from the
+    /// step's routing (0: off). A block whose checkpoint holds the bias (DeepSeek-V3's
+    /// e_score_correction_bias) starts from it and saves it; other blocks start from zeros.
+    double balance_gamma = 0;
 };
 
 /// The targets of a batch: values for LossKind::mse, labels for LossKind::cross_entropy.
@@ -159,6 +165,16 @@ public:
                 params.push_back({name, v, grads_.back(), vector ? 1u : 0u});
             }
         adamw_.emplace(std::move(params), std::vector<AdamWGroup>{opt_.matrices, opt_.vectors});
+        if (opt_.balance_gamma != 0) {
+            for (auto& block : model_->blocks()) {
+                const index_t experts = block.info().experts;
+                balancers_.emplace_back(experts, opt_.balance_gamma);
+                const TensorName& stored = block.parameter_names().selection_bias;
+                if (stored.empty()) biases_.emplace_back(std::size_t(experts), 0.0f);
+                else biases_.emplace_back(store_.values(stored.name).begin(), store_.values(stored.name).end());
+                block.set_selection_bias(biases_.back());
+            }
+        }
     }
 
     /// The blocks' width (d_model): the input's and output's columns.
@@ -200,6 +216,7 @@ public:
         if (opt_.clip_norm > 0) clip_grad_norm(adamw_->parameters(), opt_.clip_norm);
         adamw_->step();
         for (auto& g : grads_) std::fill(g.begin(), g.end(), 0.0f);
+        balance();
         rebuild();
         m.seconds = seconds_since(start);
         return m;
@@ -225,6 +242,11 @@ public:
         return m;
     }
 
+    /// Block i's selection bias as balancing has moved it (empty when TrainOptions::balance_gamma is 0).
+    [[nodiscard]] std::span<const float> selection_bias(std::size_t block) const {
+        return block < biases_.size() ? std::span<const float>(biases_[block]) : std::span<const float>();
+    }
+
     /// The trained tensors' names (the optimiser's parameters), in the order the blocks read them.
     [[nodiscard]] std::vector<std::string> parameter_names() const {
         std::vector<std::string> out;
@@ -242,7 +264,22 @@ public:
     void save(const std::string& dir) const { store_.save(dir); }
 
 private:
-    void rebuild() { model_.emplace(load_model<B>(store_.checkpoint(), opt_.load)); }
+    /// Rebuilds the blocks from the stored tensors, with the balanced selection biases.
+    void rebuild() {
+        model_.emplace(load_model<B>(store_.checkpoint(), opt_.load));
+        for (std::size_t i = 0; i < biases_.size(); ++i) model_->blocks()[i].set_selection_bias(biases_[i]);
+    }
+
+    /// Moves each block's selection bias from the last forward's loads (and the stored tensor,
+    /// where the checkpoint holds one, so that saving keeps it).
+    void balance() {
+        for (std::size_t i = 0; i < balancers_.size(); ++i) {
+            balancers_[i].observe(plans_[i]);
+            balancers_[i].update(biases_[i]);
+            const TensorName& stored = model_->blocks()[i].parameter_names().selection_bias;
+            if (!stored.empty()) std::copy(biases_[i].begin(), biases_[i].end(), store_.values(stored.name).begin());
+        }
+    }
 
     /// Runs the chain on x, keeping every block's input (hs_[i]) and the output (hs_.back()).
     void run_forward(ConstMatrixView<float> x) {
@@ -316,6 +353,8 @@ private:
     std::optional<AdamW> adamw_;
     std::vector<Matrix<float>> hs_;
     std::vector<RoutingPlan> plans_;
+    std::vector<BiasBalancer> balancers_;      ///< per block, with balance_gamma
+    std::vector<std::vector<float>> biases_;   ///< per block: its selection bias
     Matrix<float> dh_, dx_;
     Workspace ws_;
 };

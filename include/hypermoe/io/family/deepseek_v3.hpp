@@ -53,7 +53,8 @@ struct DeepSeekV3 {
         const std::string p = "model.layers." + s.layer() + ".mlp.";
         const WeightView gate = s.bind_matrix(s.names.router, p + "gate.weight", e, d);
         const std::string bias_name = p + "gate.e_score_correction_bias";
-        const auto bias = scoring == "sigmoid" || s.tensors.has(bias_name) ? s.tensors.vector(bias_name, e) : std::span<const float>{};
+        const auto bias = scoring == "sigmoid" || s.tensors.has(bias_name) ? s.bind_vector(s.names.selection_bias, bias_name, e)
+                                                                            : std::span<const float>{};
         const auto w = detail::glu_weights(s, p + "experts.", e, d, s.info.d_ff, "gate_proj.weight", "up_proj.weight",
                                            "down_proj.weight");
         const GluWeights sw = detail::shared_glu_weights(s, p + "shared_experts.", d, sf);
