@@ -10,6 +10,7 @@
 
 #include <cmath>
 #include <limits>
+#include <tuple>
 #include <vector>
 
 #include "test_support.hpp"
@@ -90,6 +91,36 @@ TEST_CASE("clip_grad_norm matches torch.nn.utils.clip_grad_norm_") {
     CHECK(clip_grad_norm(params, 20.0) == doctest::Approx(13.0));
     CHECK(ga == std::vector<float>{3, 4});
     CHECK(gb == std::vector<float>{12});
+}
+
+TEST_CASE("clip_grad_norm, AdamW and SGD on parameters of many chunks: the same bits at 1 and 2 threads") {
+    // 200,003 elements: 13 chunks of the optimisers' parallel loops, the last one short.
+    const index_t n = 200003;
+    const auto run = [&](int threads) {
+        const detail::ThreadCountScope scope(threads);
+        const auto size = static_cast<std::size_t>(n);
+        std::vector<float> a(size), ga(size), b(size), gb(size);
+        for (index_t j = 0; j < n; ++j) {
+            a[std::size_t(j)] = b[std::size_t(j)] = float(std::sin(0.001 * double(j)));
+            ga[std::size_t(j)] = gb[std::size_t(j)] = float(std::cos(0.37 * double(j)));
+        }
+        const std::vector<Parameter> params = {{"a", a, ga, 0}};
+        AdamW adamw(params, {AdamWGroup{}});
+        Sgd sgd({{"b", b, gb, 0}}, {SgdGroup{.momentum = 0.9}});
+        const double norm = clip_grad_norm(params, 1.0);
+        adamw.step();
+        sgd.step();
+        sgd.step();
+        return std::tuple(norm, a, b);
+    };
+    const auto [norm1, a1, b1] = run(1);
+    const auto [norm2, a2, b2] = run(2);
+    double want = 0;
+    for (index_t j = 0; j < n; ++j) want += std::pow(double(float(std::cos(0.37 * double(j)))), 2);
+    CHECK(norm1 == doctest::Approx(std::sqrt(want)).epsilon(1e-12));
+    CHECK(norm1 == norm2);
+    CHECK(a1 == a2);
+    CHECK(b1 == b2);
 }
 
 TEST_CASE("optimiser errors name the parameter, the option and both sides") {

@@ -124,8 +124,9 @@ TEST_CASE("ParameterStore: F32 copies of a checkpoint's tensors that load into t
 TEST_CASE_TEMPLATE_DEFINE("Trainer: every parameter's gradient against central differences of the loss through the chained blocks", B,
                           trainer_gradients) {
     // HyperMoE, HyperMoE trained without its HyperExpert (the plain MoE of the paper's
-    // comparison), and a plain family.
-    for (const auto& config : {std::pair<std::string_view, bool>{"hypermoe_switch", true}, {"hypermoe_switch", false}, {"mixtral", true}}) {
+    // comparison), a plain family, and GPT-2 HyperMoE (its Conv1D weights stored transposed).
+    for (const auto& config : {std::pair<std::string_view, bool>{"hypermoe_switch", true}, {"hypermoe_switch", false}, {"mixtral", true},
+                               {"hypermoe_gpt2", true}}) {
         const std::string_view family = config.first;
         const bool with_hyper = config.second;
         CAPTURE(family);
@@ -142,7 +143,7 @@ TEST_CASE_TEMPLATE_DEFINE("Trainer: every parameter's gradient against central d
             return n.find("param_gen") != std::string::npos || n.find("n_experts_embedding") != std::string::npos ||
                    n.find("embedding_process") != std::string::npos;
         });
-        CHECK(has_hyper_tensor == (with_hyper && family == "hypermoe_switch"));
+        CHECK(has_hyper_tensor == (with_hyper && family.starts_with("hypermoe")));
         int checked = 0, kinks = 0;
         for (const std::string& name : names) {
             const std::vector<float> g(trainer.gradient(name).begin(), trainer.gradient(name).end());

@@ -10,7 +10,9 @@
 //  - BM_ReadBandwidth                            streaming read of 1 GiB: the machine's limit
 //    for reading weights (the T = 1 target is 1.2x the time to read 2 experts once),
 //  - BM_MoeBackward_<backend>/T/f32             the layer's backward, with its forward timed in
-//    the same loop (counter backward_per_forward).
+//    the same loop (counter backward_per_forward),
+//  - BM_TrainStep_<backend>/T:512/f32            a training step through Trainer (forward,
+//    backward, AdamW, rebuild), with each phase's ms as counters.
 #include <benchmark/benchmark.h>
 
 #include <chrono>
@@ -20,6 +22,8 @@
 #include <vector>
 
 #include <hypermoe/hypermoe.hpp>
+#include <hypermoe/io/io.hpp>
+#include <hypermoe/train/trainer.hpp>
 
 #include "../bench_support.hpp"
 #if HYPERMOE_HAS_EIGEN
@@ -113,6 +117,32 @@ void BM_MoeBackward(benchmark::State& state, hm::index_t tokens) {
     }
     state.counters["forward_ms"] = 1e3 * forward / double(state.iterations());
     state.counters["backward_per_forward"] = backward / forward;
+}
+
+/// A training step of the layer (issue 12, point 8): forward, loss, backward, clipping, AdamW and
+/// the rebuild of the block from the updated tensors, through Trainer on a fixed-seed Mixtral
+/// checkpoint of the same sizes (one block, no residual, mean squared error against a target).
+/// Counters: each phase's share in ms. bench/peers/pytorch_moe.py --train times PyTorch's step.
+template <class B>
+void BM_TrainStep(benchmark::State& state, hm::index_t tokens) {
+    const hm::SyntheticImage image = hm::synthetic_image(
+        {.family = hm::family("mixtral"), .d_model = d_model, .d_ff = d_ff, .experts = experts, .top_k = top_k, .layers = 1, .seed = 1});
+    const hm::Checkpoint start(image.config, image.safetensors, "mixtral-like");
+    hm::TrainOptions opt{.residual = false, .clip_norm = 1.0};
+    opt.matrices.lr = opt.vectors.lr = 1e-5;
+    hm::Trainer<B> trainer(start, opt);
+    const auto x = random_matrix(tokens, d_model, 99, 1.0f), target = random_matrix(tokens, d_model, 98, 0.1f);
+    trainer.step(x.view(), {.values = target.view()});
+    double grad = 0, update = 0, rebuild = 0;
+    for (auto _ : state) {
+        const hm::TrainMetrics m = trainer.step(x.view(), {.values = target.view()});
+        grad += m.gradient_seconds, update += m.optimizer_seconds, rebuild += m.rebuild_seconds;
+        state.SetIterationTime(m.seconds);
+    }
+    const double n = double(state.iterations());
+    state.counters["gradients_ms"] = 1e3 * grad / n;
+    state.counters["optimizer_ms"] = 1e3 * update / n;
+    state.counters["rebuild_ms"] = 1e3 * rebuild / n;
 }
 
 #if HYPERMOE_HAS_ONEDNN
@@ -225,6 +255,12 @@ int main(int argc, char** argv) {
             ->UseManualTime()->Unit(benchmark::kMillisecond);
 #endif
     }
+#if HYPERMOE_HAS_ONEDNN
+    benchmark::RegisterBenchmark("BM_TrainStep_onednn/T:512/f32", BM_TrainStep<hm::onednn>, 512)->UseManualTime()->Unit(benchmark::kMillisecond);
+#endif
+#if HYPERMOE_HAS_EIGEN
+    benchmark::RegisterBenchmark("BM_TrainStep_eigen/T:512/f32", BM_TrainStep<hm::eigen>, 512)->UseManualTime()->Unit(benchmark::kMillisecond);
+#endif
     benchmark::Initialize(&argc, argv);
     benchmark::RunSpecifiedBenchmarks();
     benchmark::Shutdown();

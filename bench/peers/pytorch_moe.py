@@ -4,13 +4,16 @@ k = 2) written the usual Hugging Face way (MixtralSparseMoeBlock: softmax top-k,
 a Python loop over the experts with index_add_), timed on this machine, 2 threads, f32 and bf16,
 T in {1, 32, 512}, one layer repeated and a rotation over 4 layers' weights.
 
+With --train it times a training step (forward, MSE, backward, clipping, AdamW) at T = 512, f32,
+as bench/moe's BM_TrainStep does.
+
 With --expert JSON_PATH it times one GLU expert (the same module, d = 1024, ff = 2816) at
 T in {1, 8, 64, 512}, f32 and bf16, as bench/expert's BM_GluExpert does, and writes
 {"pytorch f32": {"1": ms, ...}, "pytorch bf16": {...}} for bench/plot_edge.py.
 
 Not part of the build, the tests or CI: run it by hand (needs Debian's python3-torch) to put the
 peer's figures beside bench/moe's in docs/benchmarks.md.  Usage: /usr/bin/python3 bench/peers/pytorch_moe.py
-[--expert JSON_PATH]
+[--expert JSON_PATH | --train]
 """
 import json
 import sys
@@ -88,10 +91,49 @@ def expert_times(path):
         json.dump(out, f, indent=1)
 
 
+def train_step_times():
+    """A training step of the layer at T = 512, f32 (issue 12, point 8): forward, mean squared
+    error against a target, backward, clipping the global norm to 1, torch.optim.AdamW, as
+    bench/moe's BM_TrainStep_<backend>/T:512/f32 does (no residual, one block)."""
+    torch.manual_seed(0)
+    layer = MoeBlock()
+    opt = torch.optim.AdamW(layer.parameters(), lr=1e-5, weight_decay=1e-2)
+    x = torch.empty(512, D).uniform_(-1, 1)
+    target = torch.empty(512, D).uniform_(-0.1, 0.1)
+
+    def step():
+        opt.zero_grad(set_to_none=False)
+        loss = F.mse_loss(layer(x), target)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(layer.parameters(), 1.0)
+        opt.step()
+
+    def forward():
+        with torch.no_grad():
+            layer(x)
+
+    step()  # warm-up (allocates AdamW's state)
+    for name, fn in (("train step", step), ("forward", forward)):
+        results = []
+        for _ in range(5):
+            calls, start = 0, time.perf_counter()
+            while True:
+                fn()
+                calls += 1
+                elapsed = time.perf_counter() - start
+                if elapsed >= 2.0 and calls >= 3:
+                    break
+            results.append(elapsed / calls * 1e3)
+        print(f"pytorch float32 T=512 {name:10s} {statistics.median(results):8.2f} ms (median of 5)")
+
+
 def main():
     torch.set_num_threads(2)
     if len(sys.argv) == 3 and sys.argv[1] == "--expert":
         expert_times(sys.argv[2])
+        return
+    if len(sys.argv) == 2 and sys.argv[1] == "--train":
+        train_step_times()
         return
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "

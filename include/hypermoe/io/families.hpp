@@ -177,24 +177,17 @@ public:
     /// false): its MoE part alone (and only the MoE part's tensors get gradients).
     [[nodiscard]] std::vector<TensorToWrite> gradients(ConstMatrixView<float> x, ConstMatrixView<float> dy, MatrixView<float> dx,
                                                        Workspace& ws, const Context& context = {}, bool with_hyper = true) const {
-        return std::visit(
-            [&](const auto& l) -> std::vector<TensorToWrite> {
-                if constexpr (TrainableLayer<std::decay_t<decltype(l)>>) {
-                    if constexpr (requires { l.moe(); }) {
-                        if (!with_hyper) {
-                            auto g = l.moe().make_gradients();
-                            l.moe().backward(x, dy, dx, g, ws, context);
-                            return named_gradients(names_, g);
-                        }
-                    }
-                    auto g = l.make_gradients();
-                    l.backward(x, dy, dx, g, ws, context);
-                    return named_gradients(names_, g);
-                } else {
-                    throw config_error(detail::concat(to_string(info_.family), " block ", block_.layer, ": its router has no backward"));
-                }
-            },
-            layer_);
+        std::vector<TensorToWrite> out;
+        visit_gradients(x, dy, dx, ws, context, with_hyper, [&](const auto& g) { out = named_gradients(names_, g); });
+        return out;
+    }
+
+    /// The same backward, with each gradient given to fn(name, view, is_vector) in the block's
+    /// layout (for_each_named_gradient) instead of copied out: what a trainer adds up.
+    template <class Fn>
+    void for_each_gradient(ConstMatrixView<float> x, ConstMatrixView<float> dy, MatrixView<float> dx, Workspace& ws,
+                           const Context& context, bool with_hyper, Fn&& fn) const {
+        visit_gradients(x, dy, dx, ws, context, with_hyper, [&](const auto& g) { for_each_named_gradient(names_, g, fn); });
     }
 
     /// Replaces the router's selection-only bias (E values; MoeLayer::set_selection_bias): what
@@ -293,6 +286,31 @@ public:
     }
 
 private:
+    /// Runs the backward into fresh gradients and calls use(gradients).
+    template <class Use>
+    void visit_gradients(ConstMatrixView<float> x, ConstMatrixView<float> dy, MatrixView<float> dx, Workspace& ws,
+                         const Context& context, bool with_hyper, Use&& use) const {
+        std::visit(
+            [&](const auto& l) {
+                if constexpr (TrainableLayer<std::decay_t<decltype(l)>>) {
+                    if constexpr (requires { l.moe(); }) {
+                        if (!with_hyper) {
+                            auto g = l.moe().make_gradients();
+                            l.moe().backward(x, dy, dx, g, ws, context);
+                            use(g);
+                            return;
+                        }
+                    }
+                    auto g = l.make_gradients();
+                    l.backward(x, dy, dx, g, ws, context);
+                    use(g);
+                } else {
+                    throw config_error(detail::concat(to_string(info_.family), " block ", block_.layer, ": its router has no backward"));
+                }
+            },
+            layer_);
+    }
+
     Layer layer_;
     ModelInfo info_;
     MoeBlockRef block_;

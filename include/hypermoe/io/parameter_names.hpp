@@ -47,31 +47,23 @@ struct BlockParameterNames {
 
 namespace detail {
 
-/// Appends `d/<name>` for a matrix gradient (transposed back when the checkpoint stores it so).
-inline void add_gradient(std::vector<TensorToWrite>& out, const TensorName& n, ConstMatrixView<float> g) {
-    if (n.empty()) return;
-    Matrix<float> m(n.transposed ? g.cols() : g.rows(), n.transposed ? g.rows() : g.cols());
-    for (index_t r = 0; r < g.rows(); ++r)
-        for (index_t c = 0; c < g.cols(); ++c) (n.transposed ? m(c, r) : m(r, c)) = g(r, c);
-    out.push_back(f32_tensor("d/" + n.name, {m.rows(), m.cols()}, {m.data(), std::size_t(m.rows() * m.cols())}));
-}
-inline void add_gradient(std::vector<TensorToWrite>& out, const TensorName& n, const std::vector<float>& g) {
-    if (n.empty() || g.empty()) return;
-    out.push_back(f32_tensor("d/" + n.name, {index_t(g.size())}, g));
+/// A vector as a one-row matrix view.
+[[nodiscard]] inline ConstMatrixView<float> as_row(const std::vector<float>& v) {
+    return {v.data(), v.empty() ? 0 : 1, index_t(v.size())};
 }
 
-/// An expert's gradients (GluGradients or FfnGradients) under its names.
-template <class G>
-void add_expert_gradients(std::vector<TensorToWrite>& out, const ExpertTensorNames& n, const G& g) {
+/// An expert's gradients (GluGradients or FfnGradients) to fn under their names.
+template <class G, class Fn>
+void visit_expert_gradients(const ExpertTensorNames& n, const G& g, Fn& fn) {
     if constexpr (requires { g.gate_up; }) {
-        add_gradient(out, n.gate, g.gate());
-        add_gradient(out, n.up, g.up());
+        fn(n.gate, g.gate(), false);
+        fn(n.up, g.up(), false);
     } else {
-        add_gradient(out, n.up, g.up.view());
-        add_gradient(out, n.up_bias, g.up_bias);
+        fn(n.up, g.up.view(), false);
+        fn(n.up_bias, as_row(g.up_bias), true);
     }
-    add_gradient(out, n.down, g.down.view());
-    add_gradient(out, n.down_bias, g.down_bias);
+    fn(n.down, g.down.view(), false);
+    fn(n.down_bias, as_row(g.down_bias), true);
 }
 
 } // namespace detail
@@ -100,43 +92,64 @@ void add_expert_gradients(std::vector<TensorToWrite>& out, const ExpertTensorNam
     return out;
 }
 
-/// The gradients `g` of a block loaded with these names (MoeGradients or HyperMoeGradients, as
-/// the block's make_gradients() made them) as `d/<checkpoint name>` F32 tensors.
-template <class G>
-[[nodiscard]] std::vector<TensorToWrite> named_gradients(const BlockParameterNames& names, const G& g) {
-    std::vector<TensorToWrite> out;
+/// Calls fn(name, gradient, is_vector) for every tensor gradient of `g` (MoeGradients or
+/// HyperMoeGradients, as the block's make_gradients() made them) whose name `names` recorded:
+/// `gradient` is a view into g in the block's layout (a vector as one row; a name with
+/// `transposed` is stored transposed in the checkpoint). The one walk over a block's gradients
+/// by name: named_gradients() and the trainer both use it.
+template <class G, class Fn>
+void for_each_named_gradient(const BlockParameterNames& names, const G& g, Fn&& fn) {
+    const auto visit = [&](const TensorName& n, ConstMatrixView<float> m, bool vector) {
+        if (!n.empty() && m.rows() * m.cols() > 0) fn(n, m, vector);
+    };
     if constexpr (requires { g.moe; g.hypernetwork; }) {
-        out = named_gradients(names, g.moe);
-        detail::add_gradient(out, names.embedding, g.embedding.view());
-        detail::add_gradient(out, names.projector_first, g.projector.first.view());
-        detail::add_gradient(out, names.projector_first_bias, g.projector.first_bias);
-        detail::add_gradient(out, names.projector_second, g.projector.second.view());
-        detail::add_gradient(out, names.projector_second_bias, g.projector.second_bias);
+        for_each_named_gradient(names, g.moe, fn);
+        visit(names.embedding, g.embedding.view(), false);
+        visit(names.projector_first, g.projector.first.view(), false);
+        visit(names.projector_first_bias, detail::as_row(g.projector.first_bias), true);
+        visit(names.projector_second, g.projector.second.view(), false);
+        visit(names.projector_second_bias, detail::as_row(g.projector.second_bias), true);
         if (g.hypernetwork) {
             const auto& h = *g.hypernetwork;
-            detail::add_gradient(out, names.layer_embed, h.layer_embed.view());
-            detail::add_gradient(out, names.trunk, h.trunk.view());
-            detail::add_gradient(out, names.trunk_bias, h.trunk_bias);
-            detail::add_gradient(out, names.down_weight, h.down_weight.view());
-            detail::add_gradient(out, names.down_weight_bias, h.down_weight_bias);
-            detail::add_gradient(out, names.up_weight, h.up_weight.view());
-            detail::add_gradient(out, names.up_weight_bias, h.up_weight_bias);
-            detail::add_gradient(out, names.down_bias, h.down_bias.view());
-            detail::add_gradient(out, names.down_bias_bias, h.down_bias_bias);
-            detail::add_gradient(out, names.up_bias, h.up_bias.view());
-            detail::add_gradient(out, names.up_bias_bias, h.up_bias_bias);
+            visit(names.layer_embed, h.layer_embed.view(), false);
+            visit(names.trunk, h.trunk.view(), false);
+            visit(names.trunk_bias, detail::as_row(h.trunk_bias), true);
+            visit(names.down_weight, h.down_weight.view(), false);
+            visit(names.down_weight_bias, detail::as_row(h.down_weight_bias), true);
+            visit(names.up_weight, h.up_weight.view(), false);
+            visit(names.up_weight_bias, detail::as_row(h.up_weight_bias), true);
+            visit(names.down_bias, h.down_bias.view(), false);
+            visit(names.down_bias_bias, detail::as_row(h.down_bias_bias), true);
+            visit(names.up_bias, h.up_bias.view(), false);
+            visit(names.up_bias_bias, detail::as_row(h.up_bias_bias), true);
         }
     } else {
         if (names.experts.size() != g.experts.size())
             throw config_error(detail::concat("named_gradients: names for ", names.experts.size(), " experts, but gradients of ",
                                               g.experts.size(), " (names recorded by another block's load?)"));
-        detail::add_gradient(out, names.router, g.gate.view());
-        for (std::size_t e = 0; e < g.experts.size(); ++e) detail::add_expert_gradients(out, names.experts[e], g.experts[e]);
+        visit(names.router, g.gate.view(), false);
+        for (std::size_t e = 0; e < g.experts.size(); ++e) detail::visit_expert_gradients(names.experts[e], g.experts[e], visit);
         if constexpr (requires { g.shared.expert; }) {
-            if (names.shared) detail::add_expert_gradients(out, *names.shared, g.shared.expert);
-            if (g.shared.gate.rows() > 0) detail::add_gradient(out, names.shared_gate, g.shared.gate.view());
+            if (names.shared) detail::visit_expert_gradients(*names.shared, g.shared.expert, visit);
+            if (g.shared.gate.rows() > 0) visit(names.shared_gate, g.shared.gate.view(), false);
         }
     }
+}
+
+/// The gradients `g` of a block loaded with these names as `d/<checkpoint name>` F32 tensors in
+/// the checkpoint's shapes (transposed back where the checkpoint stores a tensor transposed).
+template <class G>
+[[nodiscard]] std::vector<TensorToWrite> named_gradients(const BlockParameterNames& names, const G& g) {
+    std::vector<TensorToWrite> out;
+    for_each_named_gradient(names, g, [&](const TensorName& n, ConstMatrixView<float> m, bool vector) {
+        const index_t rows = n.transposed ? m.cols() : m.rows(), cols = n.transposed ? m.rows() : m.cols();
+        TensorToWrite t{"d/" + n.name, tensor_dtype::f32, vector ? std::vector<index_t>{cols} : std::vector<index_t>{rows, cols},
+                        std::vector<std::byte>(std::size_t(rows * cols) * sizeof(float))};
+        auto* dst = reinterpret_cast<float*>(t.bytes.data());
+        for (index_t r = 0; r < m.rows(); ++r)
+            for (index_t c = 0; c < m.cols(); ++c) dst[n.transposed ? c * cols + r : r * cols + c] = m(r, c); // cols = m.rows() when transposed
+        out.push_back(std::move(t));
+    });
     return out;
 }
 

@@ -7,9 +7,10 @@
 // An optimiser works on flat views: each Parameter is a tensor's values and its gradient, as
 // spans into the caller's storage (a Matrix, a std::vector), and the index of its group. The
 // state (moments) is allocated once, at construction; step() allocates nothing. Every element's
-// update is computed in double from float state, element by element, so the result does not
-// depend on the thread count.
+// update is computed in double from float state, element by element (in fixed chunks of elements
+// on the library's threads), so the result does not depend on the thread count.
 
+#include <algorithm>
 #include <cmath>
 #include <span>
 #include <string>
@@ -19,6 +20,7 @@
 #include "hypermoe/core/error.hpp"
 #include "hypermoe/core/extents.hpp"
 #include "hypermoe/core/finite.hpp"
+#include "hypermoe/core/parallel.hpp"
 #include "hypermoe/detail/format.hpp"
 
 namespace hypermoe {
@@ -59,6 +61,18 @@ inline void check_range(double v, double lo, double hi, bool hi_open, const char
         throw config_error(concat(who, ": ", what, " is ", v, ", expected ", lo, " <= ", what, hi_open ? " < " : " <= ", hi));
 }
 
+/// Elements per work item of the optimisers' loops.
+inline constexpr std::size_t update_chunk = 16384;
+
+/// fn(begin, end) over [0, n) in fixed chunks of update_chunk elements, on the library's threads
+/// when there are several: for element-wise updates, which give the same bits at any thread count.
+template <class Fn>
+void for_each_chunk(std::size_t n, Fn&& fn) {
+    constexpr std::size_t chunk = update_chunk;
+    const auto chunks = index_t((n + chunk - 1) / chunk);
+    parallel_for(chunks, index_t(n) * 16, [&](index_t c) { fn(std::size_t(c) * chunk, std::min(n, std::size_t(c + 1) * chunk)); });
+}
+
 /// What both optimisers share: the parameters, their groups (each checked by Derived::check),
 /// the step count and the learning-rate setter.
 template <class Derived, class Group>
@@ -95,9 +109,20 @@ protected:
 inline double clip_grad_norm(std::span<const Parameter> params, double max_norm) {
     if (!(max_norm > 0) || !std::isfinite(max_norm))
         throw config_error(detail::concat("clip_grad_norm: max_norm is ", max_norm, ", expected a finite value > 0"));
+    // Each parameter's sum of squares in fixed chunks (in parallel), added in chunk order: the
+    // same bits at any thread count.
     double sum = 0;
-    for (const Parameter& p : params)
-        for (const float g : p.grad) sum += double(g) * g;
+    thread_local std::vector<double> partial; // reused: no allocation once it is large enough
+    for (const Parameter& p : params) {
+        partial.assign((p.grad.size() + detail::update_chunk - 1) / detail::update_chunk, 0.0);
+        double* const out = partial.data(); // the calling thread's vector, written by every thread
+        detail::for_each_chunk(p.grad.size(), [&](std::size_t begin, std::size_t end) {
+            double s = 0;
+            for (std::size_t j = begin; j < end; ++j) s += double(p.grad[j]) * p.grad[j];
+            out[begin / detail::update_chunk] = s;
+        });
+        for (const double s : partial) sum += s;
+    }
     const double norm = std::sqrt(sum);
     if (!std::isfinite(norm)) {
         detail::check_gradients_finite(params, "clip_grad_norm");
@@ -106,7 +131,9 @@ inline double clip_grad_norm(std::span<const Parameter> params, double max_norm)
     const double coef = max_norm / (norm + 1e-6);
     if (coef < 1)
         for (const Parameter& p : params)
-            for (float& g : p.grad) g = float(double(g) * coef);
+            detail::for_each_chunk(p.grad.size(), [&](std::size_t begin, std::size_t end) {
+                for (std::size_t j = begin; j < end; ++j) p.grad[j] = float(double(p.grad[j]) * coef);
+            });
     return norm;
 }
 
@@ -142,13 +169,15 @@ public:
             const double decay = 1 - g.lr * g.weight_decay, step = g.lr / c1;
             float* m = m_[i].data();
             float* v = v_[i].data();
-            for (std::size_t j = 0; j < p.value.size(); ++j) {
-                const double grad = p.grad[j];
-                const double mj = g.beta1 * m[j] + (1 - g.beta1) * grad;
-                const double vj = g.beta2 * v[j] + (1 - g.beta2) * grad * grad;
-                m[j] = float(mj), v[j] = float(vj);
-                p.value[j] = float(double(p.value[j]) * decay - step * mj / (std::sqrt(vj) / c2 + g.eps));
-            }
+            detail::for_each_chunk(p.value.size(), [&](std::size_t begin, std::size_t end) {
+                for (std::size_t j = begin; j < end; ++j) {
+                    const double grad = p.grad[j];
+                    const double mj = g.beta1 * m[j] + (1 - g.beta1) * grad;
+                    const double vj = g.beta2 * v[j] + (1 - g.beta2) * grad * grad;
+                    m[j] = float(mj), v[j] = float(vj);
+                    p.value[j] = float(double(p.value[j]) * decay - step * mj / (std::sqrt(vj) / c2 + g.eps));
+                }
+            });
         }
     }
 
@@ -190,15 +219,17 @@ public:
             const Parameter& p = params_[i];
             const Group& g = groups_[p.group];
             float* b = buf_[i].data();
-            for (std::size_t j = 0; j < p.value.size(); ++j) {
-                double d = double(p.grad[j]) + g.weight_decay * p.value[j];
-                if (g.momentum != 0) {
-                    const double bj = steps_ == 0 ? d : g.momentum * b[j] + (1 - g.dampening) * d;
-                    b[j] = float(bj);
-                    d = g.nesterov ? d + g.momentum * bj : bj;
+            detail::for_each_chunk(p.value.size(), [&](std::size_t begin, std::size_t end) {
+                for (std::size_t j = begin; j < end; ++j) {
+                    double d = double(p.grad[j]) + g.weight_decay * p.value[j];
+                    if (g.momentum != 0) {
+                        const double bj = steps_ == 0 ? d : g.momentum * b[j] + (1 - g.dampening) * d;
+                        b[j] = float(bj);
+                        d = g.nesterov ? d + g.momentum * bj : bj;
+                    }
+                    p.value[j] = float(double(p.value[j]) - g.lr * d);
                 }
-                p.value[j] = float(double(p.value[j]) - g.lr * d);
-            }
+            });
         }
         ++steps_;
     }

@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "hypermoe/io/families.hpp"
+#include "hypermoe/core/parallel.hpp"
 #include "hypermoe/io/parameter_names.hpp"
 #include "hypermoe/router/bias_balancer.hpp"
 #include "hypermoe/stats/routing_stats.hpp"
@@ -139,6 +140,8 @@ struct TrainMetrics {
     double load_cv = 0;  ///< the MoE blocks' mean load CV (sample std / mean of tokens per expert)
     index_t tokens = 0;
     double seconds = 0;  ///< wall time of the call
+    // Of a step's seconds: forward, loss and backward; clipping and AdamW; the blocks' rebuild.
+    double gradient_seconds = 0, optimizer_seconds = 0, rebuild_seconds = 0;
 };
 
 /// Trains the MoE blocks of a checkpoint with AdamW (see the file comment). Not for use by
@@ -213,11 +216,17 @@ public:
     TrainMetrics step(ConstMatrixView<float> x, const Targets& t) {
         const auto start = std::chrono::steady_clock::now();
         TrainMetrics m = gradients(x, t);
+        m.gradient_seconds = m.seconds;
+        const auto update = std::chrono::steady_clock::now();
         if (opt_.clip_norm > 0) clip_grad_norm(adamw_->parameters(), opt_.clip_norm);
         adamw_->step();
-        for (auto& g : grads_) std::fill(g.begin(), g.end(), 0.0f);
+        for (auto& g : grads_)
+            detail::for_each_chunk(g.size(), [&](std::size_t begin, std::size_t end) { std::fill(g.begin() + std::ptrdiff_t(begin), g.begin() + std::ptrdiff_t(end), 0.0f); });
         balance();
+        m.optimizer_seconds = seconds_since(update);
+        const auto built = std::chrono::steady_clock::now();
         rebuild();
+        m.rebuild_seconds = seconds_since(built);
         m.seconds = seconds_since(start);
         return m;
     }
@@ -234,7 +243,8 @@ public:
         fit(dx_, x.rows());
         const auto& blocks = model_->blocks();
         for (std::size_t i = blocks.size(); i-- > 0;) {
-            for (const TensorToWrite& g : blocks[i].gradients(hs_[i].view(), dh_.view(), dx_.view(), ws_, opt_.context, opt_.with_hyper)) accumulate(g);
+            blocks[i].for_each_gradient(hs_[i].view(), dh_.view(), dx_.view(), ws_, opt_.context, opt_.with_hyper,
+                                        [&](const TensorName& n, ConstMatrixView<float> g, bool) { accumulate(n, g); });
             for (index_t r = 0; r < x.rows(); ++r)
                 for (index_t c = 0; c < width(); ++c) dh_(r, c) = opt_.residual ? dh_(r, c) + dx_(r, c) : dx_(r, c);
         }
@@ -322,18 +332,21 @@ private:
         return it->second;
     }
 
-    /// Adds a block's `d/<name>` gradient to its parameter's.
-    void accumulate(const TensorToWrite& g) {
-        const std::string name = g.name.substr(2);
-        std::vector<float>& into = grads_[index_of(name)];
-        if (g.bytes.size() != into.size() * sizeof(float))
-            throw shape_error(detail::concat("Trainer: the gradient of '", name, "' has ", g.bytes.size() / sizeof(float),
-                                             " elements, expected ", into.size()));
-        for (std::size_t j = 0; j < into.size(); ++j) {
-            float v;
-            std::memcpy(&v, g.bytes.data() + j * sizeof(float), sizeof(float));
-            into[j] += v;
-        }
+    /// Adds a block's gradient of tensor n (in the block's layout) to its parameter's (in the
+    /// checkpoint's: transposed back where n says so).
+    void accumulate(const TensorName& n, ConstMatrixView<float> g) {
+        std::vector<float>& into = grads_[index_of(n.name)];
+        if (std::size_t(g.rows() * g.cols()) != into.size())
+            throw shape_error(detail::concat("Trainer: the gradient of '", n.name, "' has ", g.rows() * g.cols(), " elements, expected ",
+                                             into.size()));
+        float* const dst = into.data();
+        detail::parallel_for(g.rows(), g.rows() * g.cols(), [&](index_t r) {
+            const auto row = g.row(r);
+            if (n.transposed)
+                for (index_t c = 0; c < g.cols(); ++c) dst[c * g.rows() + r] += row[std::size_t(c)];
+            else
+                for (index_t c = 0; c < g.cols(); ++c) dst[r * g.cols() + c] += row[std::size_t(c)];
+        });
     }
 
     /// Makes m (rows, width()), reallocating only when its shape changes.
