@@ -47,6 +47,8 @@ public:
     [[nodiscard]] dtype type() const noexcept { return type_; }
     [[nodiscard]] index_t rows() const noexcept { return rows_; }
     [[nodiscard]] index_t cols() const noexcept { return cols_; }
+    /// Elements between rows (f32, bf16); bytes per row for blocks.
+    [[nodiscard]] index_t stride() const noexcept { return stride_; }
     /// The bytes the view spans in memory (from its first element to its last).
     [[nodiscard]] std::span<const std::byte> extent() const noexcept {
         if (rows_ == 0 || cols_ == 0) return {};

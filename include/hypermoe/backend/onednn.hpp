@@ -337,15 +337,23 @@ struct onednn {
             }
             if (k_ > 0 && n_ > 0) matmul_ = lookup(detail::current_threads());
             // Source weights as the (K, N) matrix W^T, then one reorder into the primitive's layout.
+            // f32 weights are read in place (W, N x K with row stride s, is W^T with strides
+            // {1, s}); others are widened into a plain copy first.
             using dt = dnnl::memory::data_type;
-            std::vector<float> wt(static_cast<std::size_t>(k_ * n_));
-            for (index_t r = 0; r < n_; ++r)
-                for (index_t c = 0; c < k_; ++c)
-                    wt[static_cast<std::size_t>(c * n_ + r)] = detail::stored_value(w.at(r, c), storage_);
-            const auto& engine = detail::onednn_engine();
             if (!matmul_) return; // K = 0 or N = 0: A W^T is zero, only the bias remains
+            const auto& engine = detail::onednn_engine();
+            std::vector<float> wt;
+            const bool in_place = w.type() == dtype::f32 && storage_ == dtype::f32;
+            if (!in_place) {
+                wt.resize(static_cast<std::size_t>(k_ * n_));
+                for (index_t r = 0; r < n_; ++r)
+                    for (index_t c = 0; c < k_; ++c)
+                        wt[static_cast<std::size_t>(c * n_ + r)] = detail::stored_value(w.at(r, c), storage_);
+            }
             try {
-                dnnl::memory src({{k_, n_}, dt::f32, {n_, 1}}, engine, wt.data());
+                dnnl::memory src = in_place ? dnnl::memory({{k_, n_}, dt::f32, {1, w.stride()}}, engine,
+                                                           const_cast<std::byte*>(w.row_bytes(0)))
+                                            : dnnl::memory({{k_, n_}, dt::f32, {n_, 1}}, engine, wt.data());
                 weights_ = dnnl::memory(matmul_->weights, engine);
                 dnnl::reorder(src, weights_).execute(detail::onednn_stream(), src, weights_);
                 if (!bias.empty()) {
