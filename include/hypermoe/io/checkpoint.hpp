@@ -32,6 +32,20 @@ namespace hypermoe {
     }
 }
 
+/// Writes a checkpoint directory: `dir`/config.json from `config` and `dir`/model.safetensors
+/// from a safetensors image (creating `dir`); a weight_error names what cannot be written.
+inline void write_checkpoint(const std::string& dir, const nlohmann::json& config, std::span<const std::byte> safetensors) {
+    namespace fs = std::filesystem;
+    std::error_code ec;
+    fs::create_directories(dir, ec);
+    if (ec) throw weight_error(detail::concat(dir, ": cannot create the directory (", ec.message(), ")"));
+    write_file_bytes((fs::path(dir) / "model.safetensors").string(), safetensors);
+    const std::string path = (fs::path(dir) / "config.json").string();
+    std::ofstream c(path, std::ios::trunc);
+    c << config.dump(2) << '\n';
+    if (!c) throw weight_error(detail::concat(path, ": cannot write the file"));
+}
+
 class Checkpoint {
 public:
     /// Opens `path`: a directory with config.json and its safetensors (single file or sharded), or

@@ -427,13 +427,17 @@ struct TensorToWrite {
     return out;
 }
 
-/// Writes a safetensors file; a weight_error names the path when it cannot be written.
-inline void write_safetensors(const std::string& path, const std::vector<TensorToWrite>& tensors,
-                              const std::map<std::string, std::string>& metadata = {}) {
-    const auto bytes = safetensors_bytes(tensors, metadata);
+/// Writes `bytes` as the file `path`; a weight_error names the path when it cannot be written.
+inline void write_file_bytes(const std::string& path, std::span<const std::byte> bytes) {
     std::ofstream out(path, std::ios::binary | std::ios::trunc);
     out.write(reinterpret_cast<const char*>(bytes.data()), std::streamsize(bytes.size()));
     if (!out) throw weight_error(detail::concat(path, ": cannot write the file"));
+}
+
+/// Writes a safetensors file; a weight_error names the path when it cannot be written.
+inline void write_safetensors(const std::string& path, const std::vector<TensorToWrite>& tensors,
+                              const std::map<std::string, std::string>& metadata = {}) {
+    write_file_bytes(path, safetensors_bytes(tensors, metadata));
 }
 
 } // namespace hypermoe

@@ -5,8 +5,6 @@
 // demo build their layers this way, so random-weight layers go through the same loading path as
 // real ones.
 
-#include <filesystem>
-#include <fstream>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -37,14 +35,8 @@ struct SyntheticImage {
 
 /// Writes `dir`/config.json and `dir`/model.safetensors for `m` (creating `dir`).
 inline void write_synthetic_checkpoint(const std::string& dir, const SyntheticModel& m) {
-    namespace fs = std::filesystem;
-    fs::create_directories(dir);
     const SyntheticImage image = synthetic_image(m);
-    const std::string model = (fs::path(dir) / "model.safetensors").string();
-    std::ofstream out(model, std::ios::binary | std::ios::trunc);
-    out.write(reinterpret_cast<const char*>(image.safetensors.data()), std::streamsize(image.safetensors.size()));
-    if (!out) throw weight_error(detail::concat(model, ": cannot write the file"));
-    std::ofstream(fs::path(dir) / "config.json") << image.config.dump(2);
+    write_checkpoint(dir, image.config, image.safetensors);
 }
 
 } // namespace hypermoe

@@ -17,8 +17,6 @@
 #include <chrono>
 #include <cstdint>
 #include <cstring>
-#include <filesystem>
-#include <fstream>
 #include <map>
 #include <memory>
 #include <optional>
@@ -84,19 +82,7 @@ public:
 
     /// Writes `dir`/config.json and `dir`/model.safetensors (creating `dir`); a weight_error names
     /// the file that cannot be written.
-    void save(const std::string& dir) const {
-        namespace fs = std::filesystem;
-        std::error_code ec;
-        fs::create_directories(dir, ec);
-        if (ec) throw weight_error(detail::concat(dir, ": cannot create the directory (", ec.message(), ")"));
-        const std::string model = (fs::path(dir) / "model.safetensors").string(), config = (fs::path(dir) / "config.json").string();
-        std::ofstream out(model, std::ios::binary | std::ios::trunc);
-        out.write(reinterpret_cast<const char*>(image_.data()), std::streamsize(image_.size()));
-        if (!out) throw weight_error(detail::concat(model, ": cannot write the file"));
-        std::ofstream c(config, std::ios::trunc);
-        c << checkpoint_->config().dump(2) << '\n';
-        if (!c) throw weight_error(detail::concat(config, ": cannot write the file"));
-    }
+    void save(const std::string& dir) const { write_checkpoint(dir, checkpoint_->config(), image_); }
 
 private:
     std::vector<std::byte> image_; ///< a safetensors file's bytes (its buffer does not move when *this does)
