@@ -9,8 +9,8 @@
 //   instruction against the 16 of an f32 FMA. Without that instruction the exact kernel runs on
 //   the rounded activations: the same products (a product of two bf16 is exact in f32), summed
 //   in another order.
-// Which kernel runs is chosen at run time from the CPU (cpu_isa.hpp): AVX-512 intrinsics behind
-// `target` attributes, or portable code (GCC/Clang vector extensions, which the compiler lowers to
+// Which kernel runs is chosen at run time from the CPU (cpu_isa.hpp): AVX-512 or AVX2 intrinsics
+// behind `target` attributes, or portable code (GCC/Clang vector extensions, which the compiler lowers to
 // the build's own vector width; plain loops for other compilers).
 //
 // Layout: the N output columns in panels of 16; panel p holds W[16p .. 16p+15][0 .. K-1] as
@@ -150,6 +150,46 @@ __attribute__((target("avx512f"))) void bf16_tile_avx512(const Bf16Tile<In>& t) 
     bf16_tile_store<Rows, Panels>(t, acc);
 }
 
+/// The exact kernel on AVX2 + FMA, for CPUs without AVX-512: the same widening per 32-byte half
+/// of a row pair (8 columns). 16 registers hold at most 12 accumulators, so Rows x Panels is
+/// computed as groups of panels that fit (each panel's weights are still read once per call).
+template <int Rows, int Panels, class In>
+__attribute__((target("avx2,fma"))) void bf16_tile_avx2(const Bf16Tile<In>& t) {
+    constexpr int per_call = std::max(1, std::min(Panels, 6 / Rows)); // 2 x per_call x Rows <= 12 (Rows <= 6)
+    const __m256i high = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
+    const index_t full = t.k / 2;
+    for (int p0 = 0; p0 < Panels; p0 += per_call) {
+        const int panels = std::min(per_call, Panels - p0);
+        __m256 acc[Rows][per_call][2];
+        for (int r = 0; r < Rows; ++r)
+            for (int p = 0; p < per_call; ++p) acc[r][p][0] = acc[r][p][1] = _mm256_setzero_ps();
+        // Pair j of every panel of the group (the last one of an odd K holds one k: `both` false).
+        // (A plain loop: a lambda would not inherit this function's target attribute.)
+        for (index_t j = 0; j < (t.k + 1) / 2; ++j) {
+            const bool both = j < full;
+            for (int p = 0; p < panels; ++p) {
+                const std::uint16_t* w = t.w + (p0 + p) * t.stride + j * 32;
+                _mm_prefetch(reinterpret_cast<const char*>(w + bf16_prefetch_pairs * 32), _MM_HINT_T0);
+                for (int h = 0; h < 2; ++h) {
+                    const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 16 * h));
+                    const __m256 lo = _mm256_castsi256_ps(_mm256_slli_epi32(x, 16)), hi = _mm256_castsi256_ps(_mm256_and_si256(x, high));
+                    for (int r = 0; r < Rows; ++r) {
+                        acc[r][p][h] = _mm256_fmadd_ps(_mm256_set1_ps(bf16_panel_input(t.a + r * t.lda, 2 * j)), lo, acc[r][p][h]);
+                        if (both) acc[r][p][h] = _mm256_fmadd_ps(_mm256_set1_ps(bf16_panel_input(t.a + r * t.lda, 2 * j + 1)), hi, acc[r][p][h]);
+                    }
+                }
+            }
+        }
+        for (int p = 0; p < panels; ++p)
+            for (int h = 0; h < 2; ++h) {
+                const index_t valid = std::clamp<index_t>(t.cols - (p0 + p) * 16 - 8 * h, 0, 8);
+                if (valid == 0) continue;
+                const __m256i lanes = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(valid)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+                for (int r = 0; r < Rows; ++r) _mm256_maskstore_ps(t.c + r * t.ldc + (p0 + p) * 16 + 8 * h, lanes, acc[r][p][h]);
+            }
+    }
+}
+
 /// The fast kernel in AVX-512 BF16: per row pair of a panel, one load of 32 weights and one
 /// VDPBF16PS per row of A (its pair of bf16 activations broadcast), 32 products into 16 f32 sums.
 /// A's rows are bf16, zero-padded to whole pairs.
@@ -281,6 +321,7 @@ private:
 #if HYPERMOE_X86_KERNELS
         if constexpr (std::is_same_v<In, std::uint16_t>)
             if (kernel_ == kernel_isa::avx512_bf16) return bf16_tile_dpbf16<Rows, Panels>(t);
+        if (kernel_ == kernel_isa::avx2) return bf16_tile_avx2<Rows, Panels>(t);
         if (kernel_ != kernel_isa::portable) return bf16_tile_avx512<Rows, Panels>(t);
 #endif
         bf16_tile_portable<Rows, Panels>(t);

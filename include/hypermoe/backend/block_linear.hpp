@@ -58,8 +58,8 @@ struct QuantizedRows {
     QuantizedRows(ConstMatrixView<float> a, index_t blocks_per_row, Workspace& ws)
         : blocks(blocks_per_row), q(ws.take<std::int8_t>(a.rows() * blocks * quant_block)), d(ws.take<float>(a.rows() * blocks)),
           sum(ws.take<std::int32_t>(a.rows() * blocks)) {
-        const bool avx512 = cpu_isa().avx512;
-        parallel_for(a.rows(), a.rows() * a.cols() * 8, [&](index_t r) { quantize_row(a.row(r), r, avx512); });
+        const kernel_isa isa = vector_kernel();
+        parallel_for(a.rows(), a.rows() * a.cols() * 8, [&](index_t r) { quantize_row(a.row(r), r, isa); });
     }
     [[nodiscard]] const std::int8_t* q_row(index_t r) const noexcept { return q.data() + r * blocks * quant_block; }
     [[nodiscard]] const float* d_row(index_t r) const noexcept { return d.data() + r * blocks; }
@@ -68,17 +68,18 @@ struct QuantizedRows {
 private:
     /// q = x / d rounded to nearest even, d = amax / 127 (0 for a zero block); the tail of the
     /// last block is zero. A block holding a non-finite value gets d = NaN (and q = 0), so the
-    /// outputs it reaches are NaN, as with `exact`. Whole blocks go through AVX-512 where
+    /// outputs it reaches are NaN, as with `exact`. Whole blocks go through AVX-512 or AVX2 where
     /// present (the same operations, so the same bits).
-    void quantize_row(std::span<const float> x, index_t r, bool avx512) noexcept {
+    void quantize_row(std::span<const float> x, index_t r, kernel_isa isa) noexcept {
         const auto n = static_cast<index_t>(x.size());
         for (index_t b = 0; b < blocks; ++b) {
             std::int8_t* qb = q.data() + (r * blocks + b) * quant_block;
             const index_t len = std::clamp<index_t>(n - b * quant_block, 0, quant_block);
             const float* xb = x.data() + std::min(b * quant_block, n);
 #if HYPERMOE_X86_KERNELS
-            if (avx512 && len == quant_block) {
-                quantize_block_avx512(xb, qb, d[std::size_t(r * blocks + b)], sum[std::size_t(r * blocks + b)]);
+            if (isa != kernel_isa::portable && len == quant_block) {
+                if (isa == kernel_isa::avx2) quantize_block_avx2(xb, qb, d[std::size_t(r * blocks + b)], sum[std::size_t(r * blocks + b)]);
+                else quantize_block_avx512(xb, qb, d[std::size_t(r * blocks + b)], sum[std::size_t(r * blocks + b)]);
                 continue;
             }
 #endif
@@ -123,6 +124,41 @@ private:
         _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm512_cvtepi32_epi8(q_lo));
         _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 16), _mm512_cvtepi32_epi8(q_hi));
         sum = _mm512_reduce_add_epi32(_mm512_add_epi32(q_lo, q_hi));
+    }
+
+    /// The same on AVX2: 4 registers of 8.
+    __attribute__((target("avx2"))) static void quantize_block_avx2(const float* x, std::int8_t* out, float& d, std::int32_t& sum) noexcept {
+        const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+        const __m256 inf = _mm256_set1_ps(std::numeric_limits<float>::infinity());
+        __m256 v[4], amax = _mm256_setzero_ps();
+        int finite = 0xFF;
+        for (int i = 0; i < 4; ++i) {
+            v[i] = _mm256_loadu_ps(x + 8 * i);
+            const __m256 a = _mm256_and_ps(v[i], magnitude);
+            finite &= _mm256_movemask_ps(_mm256_cmp_ps(a, inf, _CMP_LT_OQ));
+            amax = _mm256_max_ps(amax, a);
+        }
+        if (finite != 0xFF) {
+            std::fill_n(out, quant_block, std::int8_t(0));
+            d = std::numeric_limits<float>::quiet_NaN(), sum = 0;
+            return;
+        }
+        __m128 m = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+        m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        m = _mm_max_ss(m, _mm_movehdup_ps(m));
+        d = _mm_cvtss_f32(m) / 127.0f;
+        const __m256 scale = _mm256_set1_ps(d != 0.0f ? 1.0f / d : 0.0f);
+        __m256i q[4]; // rounded to nearest even, as quantize_row's std::nearbyint
+        for (int i = 0; i < 4; ++i) q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], scale));
+        const __m256i total = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+        // Narrowed (|q| <= 127: no saturation); the packs interleave 128-bit lanes, which the
+        // permutation puts back in order.
+        const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+        __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(total), _mm256_extracti128_si256(total, 1));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
+        sum = _mm_cvtsi128_si32(s4);
     }
 #endif
 };
@@ -428,9 +464,139 @@ __attribute__((target("avx512f,avx512bw"))) void exact_tile(const TileArgs& t, c
     for (int r = 0; r < Rows; ++r)
         for (int p = 0; p < 2; ++p) _mm512_mask_storeu_ps(t.out + r * t.ldc + 16 * p, t.mask[p], acc[r][p]);
 }
+
+/// The lanes of an AVX2 mask load / store that bits [0, 8) of `bits` select.
+__attribute__((target("avx2"))) inline __m256i avx2_lane_mask(unsigned bits) {
+    const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    return _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(static_cast<int>(bits)), bit), bit);
+}
+
+/// 4 activation bytes at x in every int32 lane of a 256-bit register.
+__attribute__((target("avx2"))) inline __m256i broadcast_quad_avx2(const std::int8_t* x) {
+    std::int32_t v;
+    std::memcpy(&v, x, sizeof v);
+    return _mm256_set1_epi32(v);
+}
+
+/// Both precisions on AVX2 (with FMA and F16C), for CPUs without AVX-512: the tile's 32 outputs
+/// as 4 groups of 8 (half a panel: one 32-byte half of each 64-byte load), each group a pass over
+/// the blocks for up to 4 rows (the two halves of a panel read the same cache lines, the second
+/// time from L1).
+/// - fast: VPMADDUBSW's u8 x s8 pairs, summed by VPMADDWD into int32, as ggml does on AVX2: q4_0's
+///   nibbles (0..15) go in unsigned and the -8 comes off through the activations' sum (a block's
+///   16 products per int16 lane stay below 16 x 15 x 127 < 2^15, so one VPMADDWD per block);
+///   q8_0 takes |q| and moves q's sign onto the activations (VPSIGNB), one VPMADDWD per 4 k.
+/// - exact: each weight widened to f32 and dequantised in a register (q * d, or q4_0's
+///   (q - 8) * d as one FMA: both exact in f32), then one FMA per row: f32 arithmetic on the
+///   dequantised weights.
+template <int Rows, class Block, bool Fast>
+__attribute__((target("avx2,fma,f16c"))) void avx2_tile(const TileArgs& t, const TileRows& x) {
+    static_assert(Rows >= 1 && Rows <= 4);
+    constexpr bool q4 = std::is_same_v<Block, BlockQ4_0>;
+    constexpr index_t quads = q4 ? 4 : 8;
+    constexpr int split = Fast ? 1 : Rows == 1 ? 4 : Rows == 2 ? 2 : 1;
+    const __m256i nibble = _mm256_set1_epi8(0x0F), sign = _mm256_set1_epi8(static_cast<char>(0x80)), ones = _mm256_set1_epi16(1);
+    for (int g = 0; g < 4; ++g) { // outputs 8g .. 8g + 7: panel g / 2, half g % 2
+        const int p = g / 2, h = g % 2;
+        const unsigned bits = (t.mask[p] >> (8 * h)) & 0xFFu;
+        if (bits == 0) continue;
+        const __m256i lanes = avx2_lane_mask(bits);
+        // A row's sums; `exact` with few rows sends its FMAs round `split` registers, so that they
+        // are not one chain of dependent FMAs (4 cycles each), and adds them up at the end.
+        __m256 part[Rows][split];
+        for (int r = 0; r < Rows; ++r)
+            for (int i = 0; i < split; ++i)
+                part[r][i] = i > 0 || t.first ? _mm256_setzero_ps() : _mm256_maskload_ps(t.out + r * t.ldc + 8 * g, lanes);
+        for (index_t b = 0; b < t.nb; ++b) {
+            const index_t bx = t.b0 + b; // the block's index in the activation rows
+            const std::uint8_t* wb = t.wq + (b * 2 + p) * quads * 64 + 32 * h;
+            const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(t.wd + b * 32 + 8 * g)));
+            if constexpr (Fast) {
+                __m256i sum[Rows];
+                if constexpr (q4) {
+                    __m256i pairs[Rows];
+                    for (int r = 0; r < Rows; ++r) pairs[r] = _mm256_setzero_si256();
+                    for (index_t j = 0; j < quads; ++j) {
+                        const std::uint8_t* w = wb + j * 64;
+                        if (t.ahead != 0 && h == 0) _mm_prefetch(reinterpret_cast<const char*>(w + t.ahead), _MM_HINT_T0);
+                        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+                        const __m256i lo = _mm256_and_si256(v, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
+                        for (int r = 0; r < Rows; ++r) {
+                            const std::int8_t* xr = x.q[r] + bx * quant_block + 4 * j;
+                            pairs[r] = _mm256_add_epi16(pairs[r], _mm256_add_epi16(_mm256_maddubs_epi16(lo, broadcast_quad_avx2(xr)),
+                                                                                   _mm256_maddubs_epi16(hi, broadcast_quad_avx2(xr + 16))));
+                        }
+                    }
+                    for (int r = 0; r < Rows; ++r)
+                        sum[r] = _mm256_sub_epi32(_mm256_madd_epi16(pairs[r], ones), _mm256_set1_epi32(8 * x.sum[r][bx]));
+                } else {
+                    for (int r = 0; r < Rows; ++r) sum[r] = _mm256_setzero_si256();
+                    for (index_t j = 0; j < quads; ++j) {
+                        const std::uint8_t* w = wb + j * 64;
+                        if (t.ahead != 0 && h == 0) _mm_prefetch(reinterpret_cast<const char*>(w + t.ahead), _MM_HINT_T0);
+                        const __m256i q = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w)), sign);
+                        const __m256i magnitude = _mm256_abs_epi8(q);
+                        for (int r = 0; r < Rows; ++r) {
+                            const __m256i xs = _mm256_sign_epi8(broadcast_quad_avx2(x.q[r] + bx * quant_block + 4 * j), q);
+                            sum[r] = _mm256_add_epi32(sum[r], _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, xs), ones));
+                        }
+                    }
+                }
+                for (int r = 0; r < Rows; ++r)
+                    part[r][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[r]), _mm256_mul_ps(dw, _mm256_set1_ps(x.d[r][bx])), part[r][0]);
+            } else {
+                const float* xb[Rows];
+                for (int r = 0; r < Rows; ++r) xb[r] = bx < x.full ? x.x[r] + bx * quant_block : x.pad[r];
+                const __m256 minus8d = _mm256_mul_ps(dw, _mm256_set1_ps(-8.0f));
+                for (index_t j = 0; j < quads; ++j) {
+                    const std::uint8_t* w = wb + j * 64;
+                    if (t.ahead != 0 && h == 0) _mm_prefetch(reinterpret_cast<const char*>(w + t.ahead), _MM_HINT_T0);
+                    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+                    if constexpr (q4) {
+                        for (int s = 0; s < 8; ++s) { // nibble s of each lane: k = 4j + s / 2, + 16 if s is odd
+                            const __m256i n = _mm256_and_si256(_mm256_srli_epi32(v, 4 * s), _mm256_set1_epi32(0x0F));
+                            const __m256 wf = _mm256_fmadd_ps(_mm256_cvtepi32_ps(n), dw, minus8d);
+                            const index_t k = 4 * j + s / 2 + (s % 2) * 16;
+                            for (int r = 0; r < Rows; ++r)
+                                part[r][s % split] = _mm256_fmadd_ps(wf, _mm256_broadcast_ss(xb[r] + k), part[r][s % split]);
+                        }
+                    } else {
+                        const __m256i q = _mm256_xor_si256(v, sign); // the signed q
+                        for (int s = 0; s < 4; ++s) {             // byte s of each lane: k = 4j + s
+                            const __m256 wf = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(q, 24 - 8 * s), 24)), dw);
+                            for (int r = 0; r < Rows; ++r)
+                                part[r][s % split] = _mm256_fmadd_ps(wf, _mm256_broadcast_ss(xb[r] + 4 * j + s), part[r][s % split]);
+                        }
+                    }
+                }
+            }
+        }
+        for (int r = 0; r < Rows; ++r) {
+            for (int i = 1; i < split; ++i) part[r][0] = _mm256_add_ps(part[r][0], part[r][i]);
+            _mm256_maskstore_ps(t.out + r * t.ldc + 8 * g, lanes, part[r][0]);
+        }
+    }
+}
+
+/// avx2_tile for 1..6 rows: more than 4 in two calls.
+template <int Rows, class Block, bool Fast>
+void avx2_tile_rows(const TileArgs& t, const TileRows& x) {
+    if constexpr (Rows <= 4) {
+        avx2_tile<Rows, Block, Fast>(t, x);
+    } else {
+        avx2_tile<4, Block, Fast>(t, x);
+        TileArgs rest = t;
+        rest.out = t.out + 4 * t.ldc;
+        TileRows tail;
+        tail.full = x.full;
+        for (int r = 0; r < Rows - 4; ++r)
+            tail.q[r] = x.q[r + 4], tail.d[r] = x.d[r + 4], tail.sum[r] = x.sum[r + 4], tail.x[r] = x.x[r + 4], tail.pad[r] = x.pad[r + 4];
+        avx2_tile<Rows - 4, Block, Fast>(rest, tail);
+    }
+}
 #endif
 
-/// The tile kernels in plain C++, for CPUs without AVX-512: the same sums in the same order per
+/// The tile kernels in plain C++, for CPUs without AVX2: the same sums in the same order per
 /// output (16 outputs side by side, which compilers vectorise), one row at a time.
 template <class Block, bool Fast>
 void portable_tile(const TileArgs& t, const TileRows& x, int rows) {
@@ -553,7 +719,10 @@ private:
 #if HYPERMOE_X86_KERNELS
         if (kernel_ != kernel_isa::portable) {
             const auto go = [&]<int Rows>() {
-                if (!fast_) {
+                if (kernel_ == kernel_isa::avx2) {
+                    if (fast_) q8 ? avx2_tile_rows<Rows, BlockQ8_0, true>(t, x) : avx2_tile_rows<Rows, BlockQ4_0, true>(t, x);
+                    else q8 ? avx2_tile_rows<Rows, BlockQ8_0, false>(t, x) : avx2_tile_rows<Rows, BlockQ4_0, false>(t, x);
+                } else if (!fast_) {
                     if constexpr (Rows <= exact_row_block) q8 ? exact_tile<Rows, BlockQ8_0>(t, x) : exact_tile<Rows, BlockQ4_0>(t, x);
                 } else if (kernel_ == kernel_isa::avx512_vnni) {
                     q8 ? fast_tile<Rows, BlockQ8_0, true>(t, x) : fast_tile<Rows, BlockQ4_0, true>(t, x);
