@@ -1,6 +1,6 @@
 #pragma once
 // The instructions our own kernels (the block formats' in block_linear.hpp, bf16's in
-// bf16_panels.hpp) may use, found once per process from CPUID: every path is compiled into every
+// panels.hpp) may use, found once per process from CPUID: every path is compiled into every
 // build (through `target` attributes), and which one a call runs is chosen here, at run time.
 // The tiers: portable C++, AVX2 (with FMA and F16C: most laptops' and desktops' CPUs, and every
 // x86 server of the last ten years), AVX-512 F + BW, and AVX-512 with VNNI or BF16.

@@ -1,7 +1,7 @@
 #pragma once
 // The Eigen backend (opt-in: include this header and depend on Eigen 3.4). f32 weights are kept
 // as a row-major (N, K) matrix for Eigen's GEMM; bf16 weights stay bf16, held once as panels and
-// multiplied by the shared panel kernel (bf16_panels.hpp, the oneDNN backend's too); q8_0 / q4_0
+// multiplied by the shared panel kernel (panels.hpp, the oneDNN backend's too); q8_0 / q4_0
 // go to the shared block kernels (block_linear.hpp).
 //
 // Threading is ours, not Eigen's: N is cut into fixed blocks of `column_block` outputs, one
@@ -26,7 +26,7 @@
 #include <vector>
 
 #include "hypermoe/backend/backend_concept.hpp"
-#include "hypermoe/backend/bf16_panels.hpp"
+#include "hypermoe/backend/panels.hpp"
 #include "hypermoe/backend/block_linear.hpp"
 #include "hypermoe/backend/linear_spec.hpp"
 #include "hypermoe/core/parallel.hpp"
@@ -136,7 +136,7 @@ struct eigen {
                 return;
             }
             if (storage_ == dtype::bf16) { // held once, as bf16 panels (the oneDNN backend's kernel too)
-                if (k_ > 0 && n_ > 0) panels_ = detail::Bf16Panels(w, prec_);
+                if (k_ > 0 && n_ > 0) panels_ = detail::WeightPanels(w, dtype::bf16, prec_);
                 return;
             }
             for (index_t r = 0; r < n_; ++r)
@@ -271,7 +271,7 @@ struct eigen {
         std::vector<float> bias_;
         RowMajor w_; ///< f32 storage only
         std::optional<detail::BlockLinear<Act>> blocks_; ///< q8_0 / q4_0 weights, held only as blocks
-        detail::Bf16Panels panels_;                       ///< bf16 weights, held only as panels
+        detail::WeightPanels panels_;                     ///< bf16 weights, held only as panels
     };
 };
 

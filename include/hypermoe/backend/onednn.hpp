@@ -25,10 +25,16 @@
 //    post-ops, and the epilogue then runs in our own pass;
 //  * bf16 matmul is emulated without avx512_bf16 (about 55 GFLOP/s vs 300 f32 here) and always
 //    rounds activations to bf16, so bf16 weights never go to a primitive: they are held once, as
-//    bf16 panels (bf16_panels.hpp, 2 bytes per weight), and every call runs that kernel
+//    bf16 panels (panels.hpp, 2 bytes per weight), and every call runs that kernel
 //    (`exact`: the weights widened in registers, within 1.1x of the f32 primitive at 64 and 512
 //    rows and twice as fast at a few rows, where reading the weights is the cost; `fast`: bf16
-//    activations on VDPBF16PS where the CPU has it, 1.8x the f32 primitive; docs/design.md).
+//    activations on VDPBF16PS where the CPU has it, 1.8x the f32 primitive; docs/design.md);
+//  * brgemm, the matmul that takes fixed M and a scratchpad, needs AVX-512. Below it (an AVX2
+//    CPU, or DNNL_MAX_CPU_ISA=AVX2) every f32 matmul is `gemm:jit`, which allocates its packing
+//    buffers on every call and splits K across threads at small M, so its results change with
+//    the thread count. There f32 weights are held as our own f32 panels too (panels.hpp), so a
+//    linear keeps its promises (nothing allocated per call, the same bits at any thread count)
+//    on every CPU (onednn_f32_brgemm).
 
 #include <oneapi/dnnl/dnnl.hpp>
 
@@ -48,7 +54,7 @@
 #include <vector>
 
 #include "hypermoe/backend/backend_concept.hpp"
-#include "hypermoe/backend/bf16_panels.hpp"
+#include "hypermoe/backend/panels.hpp"
 #include "hypermoe/backend/block_linear.hpp"
 #include "hypermoe/backend/linear_spec.hpp"
 
@@ -162,6 +168,25 @@ inline void append_activation(dnnl::post_ops& po, activation_kind kind) {
     } catch (const dnnl::error& e) {
         throw backend_error(concat("onednn: cannot create a matmul for K = ", k, ", N = ", n, ": ", e.what()));
     }
+}
+
+/// Whether oneDNN's f32 matmul is brgemm here (decided once per process from a probe primitive;
+/// DNNL_MAX_CPU_ISA caps it). Only then do f32 weights go to oneDNN primitives (file comment).
+[[nodiscard]] inline bool onednn_f32_brgemm() {
+    static const bool brgemm = [] {
+        using dt = dnnl::memory::data_type;
+        try {
+            const dnnl::memory::desc a({64, 256}, dt::f32, {256, 1}), c({64, 256}, dt::f32, {256, 1});
+            const dnnl::memory::desc w({256, 256}, dt::f32, dnnl::memory::format_tag::any);
+            dnnl::primitive_attr attr;
+            attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+            const dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(a, w, c), attr, onednn_engine());
+            return std::string_view(pd.impl_info_str()).starts_with("brg");
+        } catch (const dnnl::error&) {
+            return false;
+        }
+    }();
+    return brgemm;
 }
 
 /// The bucket primitives of one (K, N, epilogue) for `threads` OpenMP threads and the weight
@@ -331,8 +356,10 @@ struct onednn {
                 return;
             }
             bias_f32_.assign(bias.begin(), bias.end());
-            if (storage_ == dtype::bf16) { // held once, as bf16 panels: every call runs our own kernel
-                if (k_ > 0 && n_ > 0) panels_ = detail::Bf16Panels(w, prec_);
+            // Held once, as panels, where every call runs our own kernel: bf16 always, f32 where
+            // oneDNN has no brgemm (file comment).
+            if (storage_ == dtype::bf16 || !detail::onednn_f32_brgemm()) {
+                if (k_ > 0 && n_ > 0) panels_ = detail::WeightPanels(w, storage_, prec_);
                 return;
             }
             if (k_ > 0 && n_ > 0) matmul_ = lookup(detail::current_threads());
@@ -385,7 +412,7 @@ struct onednn {
             if (blocks_) return (*blocks_)(a, c, ws, scale);
             Workspace::Scope scope(ws, workspace_bytes(a.rows()));
             const float* bias = bias_f32_.empty() ? nullptr : bias_f32_.data();
-            if (!panels_.empty()) // bf16 storage
+            if (!panels_.empty()) // bf16 storage, or f32 without brgemm
                 return panels_.apply<Act>(a, c, ws, bias, scale, accumulate_);
             if (!matmul_) {
                 detail::epilogue_bias_only<Act>(c, bias_f32_.empty() ? nullptr : bias_f32_.data(), scale, accumulate_);
@@ -418,8 +445,8 @@ struct onednn {
         /// g.weight += dz^T a, g.bias += the column sums of dz, where dz = scale * dc * Act'(Z)
         /// is the gradient of Z = A W^T + b (recomputed when Act is not the identity). The
         /// weights are reordered from the primitives' blocked layout to plain (K, N) in the
-        /// workspace, and the products run on a run-time-shaped matmul (detail::onednn_gemm).
-        /// f32 storage only.
+        /// workspace (or read out of our f32 panels), and the products run on a run-time-shaped
+        /// matmul (detail::onednn_gemm). f32 storage only.
         void backward(ConstMatrixView<float> a, ConstMatrixView<float> dc, MatrixView<float> da, const LinearGrads& g, Workspace& ws,
                       bool accumulate_input = false, float scale = 1.0f) const {
             check_backward(a, dc, da, g);
@@ -444,6 +471,8 @@ struct onednn {
                 } catch (const dnnl::error& e) {
                     throw backend_error(detail::concat(name_, ": oneDNN weight reorder for backward failed: ", e.what()));
                 }
+            } else if (!panels_.empty()) {
+                panels_.transpose_into(wt);
             } else {
                 std::fill_n(wt.data(), k_ * n_, 0.0f); // K = 0 or N = 0
             }
@@ -564,7 +593,7 @@ struct onednn {
         dnnl::memory weights_;
         dnnl::memory bias_;
         std::vector<float> bias_f32_;  ///< the bias, for our own epilogues
-        detail::Bf16Panels panels_;    ///< bf16 storage only: the only copy of the weights
+        detail::WeightPanels panels_;  ///< bf16 storage, or f32 without brgemm: the only copy of the weights
         std::optional<detail::BlockLinear<Act>> blocks_; ///< q8_0 / q4_0 storage: the only copy of the weights
     };
 };

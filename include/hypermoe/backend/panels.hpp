@@ -1,27 +1,32 @@
 #pragma once
-// bf16 weights, held once: every backend's linear over bf16 storage (oneDNN, Eigen) multiplies
-// through these panels, for any row count and either precision (core/dtype.hpp):
-// - exact: the weights are widened in registers (a shift or a mask) and multiply the f32
+// Weights held once as panels of 16 output columns, multiplied by our own kernels: every
+// backend's linear over bf16 storage (oneDNN, Eigen), and the oneDNN backend's over f32 storage
+// on CPUs where oneDNN 2.6 has no brgemm matmul (no AVX-512: its `gemm:jit` then allocates
+// packing buffers on every call and splits K across threads, so its results change with the
+// thread count; onednn.hpp). For any row count:
+// - bf16, exact: the weights are widened in registers (a shift or a mask) and multiply the f32
 //   activations in f32 FMAs: exact arithmetic on the bf16 values. With few rows a linear map is
 //   bound by reading its weights, and this reads 2 bytes a weight, half of f32.
-// - fast: the activations are rounded to bf16 once per call (into the caller's workspace) and
-//   VDPBF16PS multiplies pairs of bf16 into f32 sums (AVX-512 BF16), 32 products per
+// - bf16, fast: the activations are rounded to bf16 once per call (into the caller's workspace)
+//   and VDPBF16PS multiplies pairs of bf16 into f32 sums (AVX-512 BF16), 32 products per
 //   instruction against the 16 of an f32 FMA. Without that instruction the exact kernel runs on
 //   the rounded activations: the same products (a product of two bf16 is exact in f32), summed
 //   in another order.
+// - f32: one load of 16 weights and one FMA per row of A.
 // Which kernel runs is chosen at run time from the CPU (cpu_isa.hpp): AVX-512 or AVX2 intrinsics
-// behind `target` attributes, or portable code (GCC/Clang vector extensions, which the compiler lowers to
-// the build's own vector width; plain loops for other compilers).
+// behind `target` attributes, or portable code (GCC/Clang vector extensions, which the compiler
+// lowers to the build's own vector width; plain loops for other compilers).
 //
-// Layout: the N output columns in panels of 16; panel p holds W[16p .. 16p+15][0 .. K-1] as
-// ceil(K/2) rows of 32 bf16, row j holding the pairs (W[n][2j], W[n][2j+1]) of the panel's 16
-// columns n (VDPBF16PS's operand layout; K odd and the last panel are zero-padded). Each
-// thread streams whole panels front to back (a sequential read the hardware prefetches), four
-// panels (64 columns) at a time, for blocks of up to 8 rows of A (up to 4 rows: all four panels
-// at once; 5-8 rows: two at a time, so the accumulators fit the registers; VDPBF16PS, which
-// needs no registers for widening, takes 6 rows x 4 panels); the (K, 64) slice stays in L2 for
-// the next block. (Cutting K into L1-sized chunks was measured: no faster.) A column is computed by one thread in a fixed order, so
-// results do not depend on the thread count.
+// Layout: the N output columns in panels of 16. bf16: panel p holds W[16p .. 16p+15][0 .. K-1]
+// as ceil(K/2) rows of 32 bf16, row j holding the pairs (W[n][2j], W[n][2j+1]) of the panel's 16
+// columns n (VDPBF16PS's operand layout; K odd and the last panel are zero-padded). f32: K rows
+// of the panel's 16 columns. Each thread streams whole panels front to back (a sequential read
+// the hardware prefetches), four panels (64 columns) at a time, for blocks of up to 8 rows of A
+// (up to 4 rows: all four panels at once; 5-8 rows: two at a time, so the accumulators fit the
+// registers; VDPBF16PS, which needs no registers for widening, takes 6 rows x 4 panels); the
+// (K, 64) slice stays in L2 for the next block. (Cutting K into L1-sized chunks was measured: no
+// faster.) A column is computed by one thread in a fixed order, so results do not depend on the
+// thread count.
 
 #include <algorithm>
 #include <cstdint>
@@ -40,18 +45,22 @@ HYPERMOE_INTRINSICS_BEGIN
 
 namespace hypermoe::detail {
 
-/// The shape of one tile call: Rows rows of A (f32, or bf16 bits in `fast`) times Panels panels.
-template <class In>
-struct Bf16Tile {
+/// The shape of one tile call: Rows rows of A (f32, or bf16 bits in bf16's `fast`) times Panels
+/// panels of W (bf16 bits or f32).
+template <class W, class In>
+struct PanelTile {
     const In* a;             ///< first row of A
     index_t lda;             ///< elements from one row of A to the next
-    const std::uint16_t* w;  ///< first panel
+    const W* w;              ///< first panel
     index_t stride;          ///< elements from one panel to the next
     index_t k;               ///< inputs (A's valid columns; a bf16 A is zero-padded to whole pairs)
     float* c;                ///< first output
     index_t ldc;             ///< elements from one row of C to the next
     index_t cols;            ///< valid outputs from c on
 };
+template <class In>
+using Bf16Tile = PanelTile<std::uint16_t, In>;
+using F32Tile = PanelTile<float, float>;
 
 /// A's element i as a float (bf16 bits widened exactly).
 template <class In>
@@ -106,10 +115,25 @@ void bf16_tile_portable(const Bf16Tile<In>& t) noexcept {
 }
 #endif
 
+/// f32 weights in plain C++ (vectorised by the compiler: 16 columns side by side).
+template <int Rows, int Panels>
+void f32_tile_portable(const F32Tile& t) noexcept {
+    float acc[Rows][Panels][16] = {};
+    for (index_t k = 0; k < t.k; ++k)
+        for (int r = 0; r < Rows; ++r) {
+            const float a = t.a[r * t.lda + k];
+            for (int p = 0; p < Panels; ++p)
+                for (int n = 0; n < 16; ++n) acc[r][p][n] += a * t.w[p * t.stride + k * 16 + n];
+        }
+    for (int r = 0; r < Rows; ++r)
+        for (int p = 0; p < Panels; ++p)
+            std::copy_n(acc[r][p], std::clamp<index_t>(t.cols - p * 16, 0, 16), t.c + r * t.ldc + p * 16);
+}
+
 #if HYPERMOE_X86_KERNELS
 /// Stores the Rows x Panels accumulators, masking the columns past t.cols.
-template <int Rows, int Panels, class In>
-__attribute__((target("avx512f"))) inline void bf16_tile_store(const Bf16Tile<In>& t, const __m512 (&acc)[Rows][Panels]) {
+template <int Rows, int Panels, class W, class In>
+__attribute__((target("avx512f"))) inline void panel_tile_store(const PanelTile<W, In>& t, const __m512 (&acc)[Rows][Panels]) {
     for (int p = 0; p < Panels; ++p) {
         const index_t valid = std::min<index_t>(16, t.cols - p * 16);
         const auto mask = static_cast<__mmask16>((1u << valid) - 1u);
@@ -147,7 +171,71 @@ __attribute__((target("avx512f"))) void bf16_tile_avx512(const Bf16Tile<In>& t) 
             for (int r = 0; r < Rows; ++r)
                 acc[r][p] = _mm512_fmadd_ps(_mm512_set1_ps(bf16_panel_input(t.a + r * t.lda, 2 * full)), lo, acc[r][p]);
         }
-    bf16_tile_store<Rows, Panels>(t, acc);
+    panel_tile_store<Rows, Panels>(t, acc);
+}
+
+/// Stores panels [p0, p0 + panels) of an AVX2 tile (two registers of 8 columns a panel), masking
+/// the columns past t.cols.
+template <int Rows, int PerCall, class W, class In>
+__attribute__((target("avx2"))) inline void panel_tile_store_avx2(const PanelTile<W, In>& t, int p0, int panels,
+                                                                  const __m256 (&acc)[Rows][PerCall][2]) {
+    for (int p = 0; p < panels; ++p)
+        for (int h = 0; h < 2; ++h) {
+            const index_t valid = std::clamp<index_t>(t.cols - (p0 + p) * 16 - 8 * h, 0, 8);
+            if (valid == 0) continue;
+            const __m256i lanes = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(valid)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+            for (int r = 0; r < Rows; ++r) _mm256_maskstore_ps(t.c + r * t.ldc + (p0 + p) * 16 + 8 * h, lanes, acc[r][p][h]);
+        }
+}
+
+/// Panels an AVX2 tile of Rows rows computes together: 2 x that x Rows accumulators, at most 12
+/// of the 16 registers (Rows <= 6).
+template <int Rows, int Panels>
+inline constexpr int avx2_panels_per_call = std::max(1, std::min(Panels, 6 / Rows));
+
+/// f32 weights on AVX-512: per k and panel one load of 16 weights, one FMA per row of A.
+template <int Rows, int Panels>
+__attribute__((target("avx512f"))) void f32_tile_avx512(const F32Tile& t) {
+    __m512 acc[Rows][Panels];
+    for (int r = 0; r < Rows; ++r)
+        for (int p = 0; p < Panels; ++p) acc[r][p] = _mm512_setzero_ps();
+    for (index_t k = 0; k < t.k; ++k) {
+        __m512 w[Panels];
+        for (int p = 0; p < Panels; ++p) {
+            const float* wp = t.w + p * t.stride + k * 16;
+            _mm_prefetch(reinterpret_cast<const char*>(wp + 2 * bf16_prefetch_pairs * 16), _MM_HINT_T0);
+            w[p] = _mm512_loadu_ps(wp);
+        }
+        for (int r = 0; r < Rows; ++r) {
+            const __m512 a = _mm512_set1_ps(t.a[r * t.lda + k]);
+            for (int p = 0; p < Panels; ++p) acc[r][p] = _mm512_fmadd_ps(a, w[p], acc[r][p]);
+        }
+    }
+    panel_tile_store<Rows, Panels>(t, acc);
+}
+
+/// f32 weights on AVX2 + FMA: the same, 8 columns a register, panels in groups that fit.
+template <int Rows, int Panels>
+__attribute__((target("avx2,fma"))) void f32_tile_avx2(const F32Tile& t) {
+    constexpr int per_call = avx2_panels_per_call<Rows, Panels>;
+    for (int p0 = 0; p0 < Panels; p0 += per_call) {
+        const int panels = std::min(per_call, Panels - p0);
+        __m256 acc[Rows][per_call][2];
+        for (int r = 0; r < Rows; ++r)
+            for (int p = 0; p < per_call; ++p) acc[r][p][0] = acc[r][p][1] = _mm256_setzero_ps();
+        for (index_t k = 0; k < t.k; ++k)
+            for (int p = 0; p < panels; ++p) {
+                const float* wp = t.w + (p0 + p) * t.stride + k * 16;
+                _mm_prefetch(reinterpret_cast<const char*>(wp + 2 * bf16_prefetch_pairs * 16), _MM_HINT_T0);
+                const __m256 lo = _mm256_loadu_ps(wp), hi = _mm256_loadu_ps(wp + 8);
+                for (int r = 0; r < Rows; ++r) {
+                    const __m256 a = _mm256_broadcast_ss(t.a + r * t.lda + k);
+                    acc[r][p][0] = _mm256_fmadd_ps(a, lo, acc[r][p][0]);
+                    acc[r][p][1] = _mm256_fmadd_ps(a, hi, acc[r][p][1]);
+                }
+            }
+        panel_tile_store_avx2<Rows, per_call>(t, p0, panels, acc);
+    }
 }
 
 /// The exact kernel on AVX2 + FMA, for CPUs without AVX-512: the same widening per 32-byte half
@@ -155,7 +243,7 @@ __attribute__((target("avx512f"))) void bf16_tile_avx512(const Bf16Tile<In>& t) 
 /// computed as groups of panels that fit (each panel's weights are still read once per call).
 template <int Rows, int Panels, class In>
 __attribute__((target("avx2,fma"))) void bf16_tile_avx2(const Bf16Tile<In>& t) {
-    constexpr int per_call = std::max(1, std::min(Panels, 6 / Rows)); // 2 x per_call x Rows <= 12 (Rows <= 6)
+    constexpr int per_call = avx2_panels_per_call<Rows, Panels>;
     const __m256i high = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
     const index_t full = t.k / 2;
     for (int p0 = 0; p0 < Panels; p0 += per_call) {
@@ -180,13 +268,7 @@ __attribute__((target("avx2,fma"))) void bf16_tile_avx2(const Bf16Tile<In>& t) {
                 }
             }
         }
-        for (int p = 0; p < panels; ++p)
-            for (int h = 0; h < 2; ++h) {
-                const index_t valid = std::clamp<index_t>(t.cols - (p0 + p) * 16 - 8 * h, 0, 8);
-                if (valid == 0) continue;
-                const __m256i lanes = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(valid)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-                for (int r = 0; r < Rows; ++r) _mm256_maskstore_ps(t.c + r * t.ldc + (p0 + p) * 16 + 8 * h, lanes, acc[r][p][h]);
-            }
+        panel_tile_store_avx2<Rows, per_call>(t, p0, panels, acc);
     }
 }
 
@@ -213,7 +295,7 @@ __attribute__((target("avx512f,avx512bf16"))) void bf16_tile_dpbf16(const Bf16Ti
             for (int p = 0; p < Panels; ++p) acc[r][p] = _mm512_dpbf16_ps(acc[r][p], (__m512bh)a, (__m512bh)w[p]);
         }
     }
-    bf16_tile_store<Rows, Panels>(t, acc);
+    panel_tile_store<Rows, Panels>(t, acc);
 }
 /// out[0, n) = in[0, n) rounded to bf16 (to nearest, ties to even), 16 at a time with
 /// VCVTNEPS2BF16; a NaN stays a NaN. (The instruction flushes subnormal inputs to zero, which
@@ -226,44 +308,74 @@ __attribute__((target("avx512f,avx512bf16"))) inline void bf16_round_avx512(cons
 }
 #endif
 
-/// A linear map's weights as bf16 panels; copies share them (they are never written after packing).
-class Bf16Panels {
+/// A linear map's weights as panels of bf16 or f32 values; copies share them (they are never
+/// written after packing).
+class WeightPanels {
 public:
     static constexpr index_t panel = 16;    ///< output columns per panel
     static constexpr index_t group = 4;     ///< panels a thread computes together
     static constexpr index_t row_block = 8;    ///< rows of A computed together (5-8 rows: 2 panels at a time)
     static constexpr index_t row_block_dp = 6; ///< the same for VDPBF16PS: with no widening, 6 rows x 4 panels fit
 
-    Bf16Panels() = default;
+    WeightPanels() = default;
 
-    /// Packs W (N, K), rounding each element to bf16 (exact for bf16 sources); calls run with
-    /// precision `prec` on the kernel this CPU offers (bf16_kernel).
-    explicit Bf16Panels(const WeightView& w, precision prec = precision::exact)
-        : k_(w.cols()), n_(w.rows()), pairs_((k_ + 1) / 2), panels_((n_ + panel - 1) / panel),
-          data_(aligned_array<std::uint16_t>(static_cast<std::size_t>(std::max<index_t>(1, panels_ * pairs_ * 2 * panel)))),
-          kernel_(bf16_kernel(prec)), fast_(prec == precision::fast) {
+    /// Packs W (N, K) as `values` (bf16: each element rounded to bf16, exact for bf16 sources;
+    /// f32); calls run with precision `prec` (bf16 only) on the kernel this CPU offers.
+    WeightPanels(const WeightView& w, dtype values, precision prec = precision::exact)
+        : k_(w.cols()), n_(w.rows()), panels_((n_ + panel - 1) / panel), values_(values),
+          kernel_(values == dtype::bf16 ? bf16_kernel(prec) : vector_kernel()), fast_(values == dtype::bf16 && prec == precision::fast) {
+        if (values == dtype::f32) {
+            f32_ = aligned_array<float>(static_cast<std::size_t>(std::max<index_t>(1, panels_ * k_ * panel)));
+            for (index_t p = 0; p < panels_; ++p)
+                for (index_t k = 0; k < k_; ++k)
+                    for (index_t c = 0; c < panel; ++c) {
+                        const index_t n = p * panel + c;
+                        f32_[static_cast<std::size_t>((p * k_ + k) * panel + c)] = n < n_ ? w.at(n, k) : 0.0f;
+                    }
+            return;
+        }
+        const index_t pairs = (k_ + 1) / 2;
+        bf16_ = aligned_array<std::uint16_t>(static_cast<std::size_t>(std::max<index_t>(1, panels_ * pairs * 2 * panel)));
         for (index_t p = 0; p < panels_; ++p)
-            for (index_t j = 0; j < pairs_; ++j)
+            for (index_t j = 0; j < pairs; ++j)
                 for (index_t c = 0; c < panel; ++c)
                     for (index_t h = 0; h < 2; ++h) {
                         const index_t n = p * panel + c, k = 2 * j + h;
-                        data_[static_cast<std::size_t>(((p * pairs_ + j) * panel + c) * 2 + h)] =
+                        bf16_[static_cast<std::size_t>(((p * pairs + j) * panel + c) * 2 + h)] =
                             n < n_ && k < k_ ? bf16::from_float(w.at(n, k)).bits : std::uint16_t{0};
                     }
     }
 
-    [[nodiscard]] bool empty() const noexcept { return data_ == nullptr; }
+    [[nodiscard]] bool empty() const noexcept { return bf16_ == nullptr && f32_ == nullptr; }
     /// The instructions this map's calls run on.
     [[nodiscard]] kernel_isa kernel() const noexcept { return kernel_; }
+    /// Bytes held: the panels, padding included.
+    [[nodiscard]] std::size_t bytes() const noexcept {
+        return values_ == dtype::f32 ? std::size_t(panels_ * k_ * panel) * sizeof(float)
+                                     : std::size_t(panels_ * ((k_ + 1) / 2) * 2 * panel) * sizeof(std::uint16_t);
+    }
+
+    /// Weight (n, k) as held.
+    [[nodiscard]] float at(index_t n, index_t k) const noexcept {
+        const index_t p = n / panel, c = n % panel;
+        if (values_ == dtype::f32) return f32_[static_cast<std::size_t>((p * k_ + k) * panel + c)];
+        const index_t pairs = (k_ + 1) / 2;
+        return bf16{bf16_[static_cast<std::size_t>(((p * pairs + k / 2) * panel + c) * 2 + k % 2)]}.to_float();
+    }
+    /// wt (K, N) = W^T, as held (for the backward passes).
+    void transpose_into(MatrixView<float> wt) const noexcept {
+        for (index_t k = 0; k < k_; ++k)
+            for (index_t n = 0; n < n_; ++n) wt(k, n) = at(n, k);
+    }
 
     /// Scratch of apply() with `rows` rows: the product when accumulating, the rounded
     /// activations with `fast`.
     [[nodiscard]] std::size_t workspace_bytes(index_t rows, bool accumulate) const noexcept {
         if (rows <= 0) return 0;
-        return (accumulate ? padded_bytes<float>(rows, n_) : 0) + (fast_ ? padded_bytes<std::uint16_t>(rows, 2 * pairs_) : 0);
+        return (accumulate ? padded_bytes<float>(rows, n_) : 0) + (fast_ ? padded_bytes<std::uint16_t>(rows, 2 * ((k_ + 1) / 2)) : 0);
     }
 
-    /// c = [c +] scale * Act(a W^T + bias), what a backend's linear over bf16 storage computes:
+    /// c = [c +] scale * Act(a W^T + bias), what a backend's linear over these weights computes:
     /// the product into c itself (or a (M, N) scratch when accumulating), then the shared
     /// epilogue. The caller checked the shapes and reserved workspace_bytes(a.rows(), accumulate).
     template <class Act>
@@ -271,7 +383,7 @@ public:
                bool accumulate) const {
         const MatrixView<float> t = accumulate ? ws.take_matrix<float>(a.rows(), n_) : c;
         if (fast_) {
-            const index_t lda = 2 * pairs_;
+            const index_t lda = 2 * ((k_ + 1) / 2);
             const std::span<std::uint16_t> rounded = ws.take<std::uint16_t>(a.rows() * lda);
             parallel_for(a.rows(), a.rows() * lda, [&](index_t r) {
                 std::uint16_t* out = rounded.data() + r * lda;
@@ -283,24 +395,27 @@ public:
                     for (index_t k = 0; k < k_; ++k) out[k] = bf16::from_float(in[k]).bits;
                 std::fill(out + k_, out + lda, std::uint16_t{0});
             });
-            multiply<std::uint16_t>(rounded.data(), lda, a.rows(), t);
+            multiply(bf16_.get(), rounded.data(), lda, a.rows(), t);
+        } else if (values_ == dtype::f32) {
+            multiply(f32_.get(), a.data(), a.stride(), a.rows(), t);
         } else {
-            multiply<float>(a.data(), a.stride(), a.rows(), t);
+            multiply(bf16_.get(), a.data(), a.stride(), a.rows(), t);
         }
         if (accumulate) epilogue_accumulate<Act>(t, c, bias, scale);
         else epilogue_in_place<Act>(c, bias, scale);
     }
 
 private:
-    /// c = a W^T for `rows` rows of a (f32, or bf16 bits); each thread takes groups of 4 panels.
-    template <class In>
-    void multiply(const In* a, index_t lda, index_t rows, MatrixView<float> c) const {
+    /// c = a W^T for `rows` rows of a (f32, or bf16 bits) and the panels at w; each thread takes
+    /// groups of 4 panels.
+    template <class W, class In>
+    void multiply(const W* w, const In* a, index_t lda, index_t rows, MatrixView<float> c) const {
         const index_t groups = (panels_ + group - 1) / group;
+        const index_t stride = values_ == dtype::f32 ? k_ * panel : ((k_ + 1) / 2) * 2 * panel; // elements a panel
         parallel_for(groups, rows * k_ * n_, [&](index_t g) {
             const index_t p0 = g * group, panels = std::min(group, panels_ - p0);
-            Bf16Tile<In> t{nullptr, lda, data_.get() + p0 * pairs_ * 2 * panel, pairs_ * 2 * panel, k_, nullptr, c.stride(),
-                           std::min(group * panel, n_ - p0 * panel)};
-            const index_t block = dp<In>() ? row_block_dp : row_block;
+            PanelTile<W, In> t{nullptr, lda, w + p0 * stride, stride, k_, nullptr, c.stride(), std::min(group * panel, n_ - p0 * panel)};
+            const index_t block = dp<W, In>() ? row_block_dp : row_block;
             for (index_t m = 0; m < rows; m += block) {
                 t.a = a + m * lda;
                 t.c = c.row(m).data() + p0 * panel;
@@ -309,26 +424,43 @@ private:
         });
     }
 
-    /// Whether tiles of In run on VDPBF16PS.
-    template <class In>
+    /// Whether tiles of bf16 weights and In activations run on VDPBF16PS.
+    template <class W, class In>
     [[nodiscard]] bool dp() const noexcept {
-        return std::is_same_v<In, std::uint16_t> && kernel_ == kernel_isa::avx512_bf16;
+        return std::is_same_v<W, std::uint16_t> && std::is_same_v<In, std::uint16_t> && kernel_ == kernel_isa::avx512_bf16;
     }
 
     /// One tile on the chosen kernel.
-    template <int Rows, int Panels, class In>
-    void tile(const Bf16Tile<In>& t) const {
+    template <int Rows, int Panels, class W, class In>
+    void tile(const PanelTile<W, In>& t) const {
+        if constexpr (Rows > 6) { // AVX2's 16 registers hold at most 6 rows' accumulators
+            if (kernel_ == kernel_isa::avx2) {
+                tile<4, Panels>(t);
+                PanelTile<W, In> rest = t;
+                rest.a += 4 * t.lda;
+                rest.c += 4 * t.ldc;
+                return tile<Rows - 4, Panels>(rest);
+            }
+        }
+        if constexpr (std::is_same_v<W, float>) {
 #if HYPERMOE_X86_KERNELS
-        if constexpr (std::is_same_v<In, std::uint16_t>)
-            if (kernel_ == kernel_isa::avx512_bf16) return bf16_tile_dpbf16<Rows, Panels>(t);
-        if (kernel_ == kernel_isa::avx2) return bf16_tile_avx2<Rows, Panels>(t);
-        if (kernel_ != kernel_isa::portable) return bf16_tile_avx512<Rows, Panels>(t);
+            if (kernel_ == kernel_isa::avx2) return f32_tile_avx2<Rows, Panels>(t);
+            if (kernel_ != kernel_isa::portable) return f32_tile_avx512<Rows, Panels>(t);
 #endif
-        bf16_tile_portable<Rows, Panels>(t);
+            f32_tile_portable<Rows, Panels>(t);
+        } else {
+#if HYPERMOE_X86_KERNELS
+            if constexpr (std::is_same_v<In, std::uint16_t>)
+                if (kernel_ == kernel_isa::avx512_bf16) return bf16_tile_dpbf16<Rows, Panels>(t);
+            if (kernel_ == kernel_isa::avx2) return bf16_tile_avx2<Rows, Panels>(t);
+            if (kernel_ != kernel_isa::portable) return bf16_tile_avx512<Rows, Panels>(t);
+#endif
+            bf16_tile_portable<Rows, Panels>(t);
+        }
     }
 
-    template <int Rows, class In>
-    void tile_panels(index_t panels, const Bf16Tile<In>& t) const {
+    template <int Rows, class W, class In>
+    void tile_panels(index_t panels, const PanelTile<W, In>& t) const {
         switch (panels) {
         case 1: tile<Rows, 1>(t); break;
         case 2: tile<Rows, 2>(t); break;
@@ -337,11 +469,11 @@ private:
         }
     }
 
-    template <int Rows, class In>
-    void tile_halves(index_t panels, const Bf16Tile<In>& t) const {
+    template <int Rows, class W, class In>
+    void tile_halves(index_t panels, const PanelTile<W, In>& t) const {
         // Rows x 2 panels (2 Rows accumulators) at a time: each weight vector feeds Rows rows.
         for (index_t first = 0; first < panels; first += 2) {
-            Bf16Tile<In> h = t;
+            PanelTile<W, In> h = t;
             h.w += first * t.stride;
             h.c += first * panel;
             h.cols -= first * panel;
@@ -350,22 +482,24 @@ private:
         }
     }
 
-    template <class In>
-    void tile_rows(index_t rows, index_t panels, const Bf16Tile<In>& t) const {
+    template <class W, class In>
+    void tile_rows(index_t rows, index_t panels, const PanelTile<W, In>& t) const {
         switch (rows) {
         case 1: tile_panels<1>(panels, t); break;
         case 2: tile_panels<2>(panels, t); break;
         case 3: tile_panels<3>(panels, t); break;
         case 4: tile_panels<4>(panels, t); break;
-        case 5: dp<In>() ? tile_panels<5>(panels, t) : tile_halves<5>(panels, t); break;
-        case 6: dp<In>() ? tile_panels<6>(panels, t) : tile_halves<6>(panels, t); break;
+        case 5: dp<W, In>() ? tile_panels<5>(panels, t) : tile_halves<5>(panels, t); break;
+        case 6: dp<W, In>() ? tile_panels<6>(panels, t) : tile_halves<6>(panels, t); break;
         case 7: tile_halves<7>(panels, t); break;
         default: tile_halves<8>(panels, t); break;
         }
     }
 
-    index_t k_ = 0, n_ = 0, pairs_ = 0, panels_ = 0;
-    std::shared_ptr<std::uint16_t[]> data_; ///< shared by copies, as oneDNN's weight memory is
+    index_t k_ = 0, n_ = 0, panels_ = 0;
+    dtype values_ = dtype::bf16;
+    std::shared_ptr<std::uint16_t[]> bf16_; ///< bf16 values (shared by copies, as oneDNN's weight memory is)
+    std::shared_ptr<float[]> f32_;          ///< or f32 ones
     kernel_isa kernel_ = kernel_isa::portable;
     bool fast_ = false;
 };
