@@ -38,20 +38,28 @@ namespace detail {
 /// Eigen's blocking of one (M, nb, K) product, with its packing buffers supplied by the caller.
 /// The product runs transposed inside Eigen (row-major result), so Eigen's "rows" are our nb
 /// outputs and its "cols" our M rows, as in its own gemm_blocking_space.
+///
+/// The buffers are sized kc x nb and kc x M, not Eigen's kc x mc and kc x nc: mc <= nb and
+/// nc <= M always, and kc depends on K and the L1 size only, so these sizes never shrink as M
+/// grows, which Eigen's do (it evens out the last block: with this Zen 3's caches nc fell from
+/// 40 to 24 as M went from 40 to 41, so a workspace sized for more rows was too small for fewer).
 class EigenBlocking : public Eigen::internal::level3_blocking<float, float> {
 public:
-    EigenBlocking(index_t rows, index_t outputs, index_t depth) {
+    EigenBlocking(index_t rows, index_t outputs, index_t depth) : rows_(rows), outputs_(outputs) {
         m_mc = outputs;
         m_nc = rows;
         m_kc = depth;
         Eigen::internal::computeProductBlockingSizes<float, float, 1>(m_kc, m_mc, m_nc, Eigen::Index(1));
     }
-    [[nodiscard]] std::size_t a_elements() const noexcept { return std::size_t(m_kc * m_mc); }
-    [[nodiscard]] std::size_t b_elements() const noexcept { return std::size_t(m_kc * m_nc); }
+    [[nodiscard]] std::size_t a_elements() const noexcept { return std::size_t(m_kc * std::max<index_t>(outputs_, m_mc)); }
+    [[nodiscard]] std::size_t b_elements() const noexcept { return std::size_t(m_kc * std::max<index_t>(rows_, m_nc)); }
     void set_buffers(float* a, float* b) noexcept {
         m_blockA = a;
         m_blockB = b;
     }
+
+private:
+    index_t rows_, outputs_;
 };
 
 /// res (m, n, row-major) += lhs (m, k) * rhs (k, n), each operand row- or column-major (with its
