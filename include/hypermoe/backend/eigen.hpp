@@ -51,8 +51,9 @@ public:
         m_kc = depth;
         Eigen::internal::computeProductBlockingSizes<float, float, 1>(m_kc, m_mc, m_nc, Eigen::Index(1));
     }
-    [[nodiscard]] std::size_t a_elements() const noexcept { return std::size_t(m_kc * std::max<index_t>(outputs_, m_mc)); }
-    [[nodiscard]] std::size_t b_elements() const noexcept { return std::size_t(m_kc * std::max<index_t>(rows_, m_nc)); }
+    /// (Saturating: a caller may ask for any row count, and gets unreal_bytes back for an absurd one.)
+    [[nodiscard]] std::size_t a_elements() const noexcept { return std::size_t(saturating_mul(m_kc, std::max<index_t>(outputs_, m_mc))); }
+    [[nodiscard]] std::size_t b_elements() const noexcept { return std::size_t(saturating_mul(m_kc, std::max<index_t>(rows_, m_nc))); }
     void set_buffers(float* a, float* b) noexcept {
         m_blockA = a;
         m_blockB = b;
