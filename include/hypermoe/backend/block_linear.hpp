@@ -465,12 +465,6 @@ __attribute__((target("avx512f,avx512bw"))) void exact_tile(const TileArgs& t, c
         for (int p = 0; p < 2; ++p) _mm512_mask_storeu_ps(t.out + r * t.ldc + 16 * p, t.mask[p], acc[r][p]);
 }
 
-/// The lanes of an AVX2 mask load / store that bits [0, 8) of `bits` select.
-__attribute__((target("avx2"))) inline __m256i avx2_lane_mask(unsigned bits) {
-    const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
-    return _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(static_cast<int>(bits)), bit), bit);
-}
-
 /// 4 activation bytes at x in every int32 lane of a 256-bit register.
 __attribute__((target("avx2"))) inline __m256i broadcast_quad_avx2(const std::int8_t* x) {
     std::int32_t v;

@@ -52,6 +52,13 @@ enum class kernel_isa : std::uint8_t { portable, avx2, avx512, avx512_vnni, avx5
     unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
     return __get_cpuid(1, &eax, &ebx, &ecx, &edx) != 0 && (ecx & bit_F16C) != 0;
 }
+
+/// The lanes of an AVX2 mask load / store that bits [0, 8) of `bits` select (the AVX2 kernels'
+/// partial tiles).
+__attribute__((target("avx2"))) inline __m256i avx2_lane_mask(unsigned bits) {
+    const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    return _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(static_cast<int>(bits)), bit), bit);
+}
 #endif
 
 /// What this CPU offers our kernels (after the HYPERMOE_ISA cap).

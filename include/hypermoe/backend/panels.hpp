@@ -183,7 +183,7 @@ __attribute__((target("avx2"))) inline void panel_tile_store_avx2(const PanelTil
         for (int h = 0; h < 2; ++h) {
             const index_t valid = std::clamp<index_t>(t.cols - (p0 + p) * 16 - 8 * h, 0, 8);
             if (valid == 0) continue;
-            const __m256i lanes = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(valid)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+            const __m256i lanes = avx2_lane_mask((1u << valid) - 1u);
             for (int r = 0; r < Rows; ++r) _mm256_maskstore_ps(t.c + r * t.ldc + (p0 + p) * 16 + 8 * h, lanes, acc[r][p][h]);
         }
 }
