@@ -232,15 +232,6 @@ TEST_CASE_TEMPLATE_DEFINE("backward of a norm + residual MoE stack allocates not
 #else
     constexpr long runtime_count = 0, runtime_bytes = 0;
 #endif
-#if HYPERMOE_HAS_ONEDNN
-    if constexpr (std::is_same_v<B, onednn>) {
-        // Not yet allocation-free (docs/training.md, "What is next"): oneDNN 2.6's gemm:jit, the
-        // only matmul with run-time shapes, mallocs its packing buffers on every execution
-        // (measured: about 1,000 allocations and 1.9 MB per backward call here), and each call
-        // makes its memory objects. Reported, not required, until the backward GEMMs move off it.
-        return;
-    }
-#endif
     CHECK(c.count <= runtime_count);
     CHECK(c.bytes <= runtime_bytes);
     CHECK(one.count == 0);

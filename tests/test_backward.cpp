@@ -220,6 +220,16 @@ TEST_CASE_TEMPLATE_DEFINE("FfnExpert backward matches central differences and th
         for (index_t j = 0; j < d; ++j) compare(dx_ref(r, j), central_difference(x(r, j), loss, h));
     CHECK(compare.within(2e-3));
 
+    // On request the backward also gives the forward's output, the same bits as forward().
+    Matrix<float> y(m, d), y_fwd(m, d), narrow_y(m, d - 1);
+    FfnGradients again = expert.make_gradients();
+    expert.backward(x, dy, dx, again, ws, false, y);
+    expert.forward(x, y_fwd, ws);
+    CHECK(relative_error(y, y_fwd) == 0.0);
+    CHECK(relative_error(dx, dx_ref) <= 1e-5);
+    CHECK_THROWS_WITH_AS(expert.backward(x, dy, dx, again, ws, false, narrow_y),
+                         "FfnExpert::backward: output y has shape (6, 9), expected (6, 10)", shape_error);
+
     FfnGradients wrong = expert.make_gradients();
     wrong.up_bias.pop_back();
     CHECK_THROWS_WITH_AS(expert.backward(x, dy, dx, wrong, ws),
@@ -292,6 +302,16 @@ TEST_CASE_TEMPLATE_DEFINE("GluExpert backward matches finite differences and the
     for (index_t r = 0; r < m; ++r)
         for (index_t j = 0; j < d; ++j) CHECK(dx(r, j) == doctest::Approx(2 * dx_ref(r, j)).epsilon(1e-5).scale(1e-3));
     for (index_t i = 0; i < ff; ++i) CHECK(g.down(0, i) == doctest::Approx(2 * g_ref.down(0, i)).epsilon(1e-5).scale(1e-3));
+
+    // On request the backward also gives the forward's output, the same bits as forward().
+    Matrix<float> y(m, d), y_fwd(m, d);
+    GluGradients again = expert.make_gradients();
+    expert.backward(x, dy, dx, again, ws, false, y);
+    expert.forward(x, y_fwd, ws);
+    CHECK(relative_error(y, y_fwd) == 0.0);
+    CHECK(relative_error(again.gate_up, g_ref.gate_up) <= 1e-5);
+    CHECK_THROWS_WITH_AS(expert.backward(x, dy, dx, again, ws, false, y.view().row_block(0, m - 1)),
+                         "GluExpert::backward: output y has shape (4, 12), expected (5, 12)", shape_error);
 
     GluGradients wrong{Matrix<float>(2 * ff, d + 1), Matrix<float>(d, ff), {}, {}};
     CHECK_THROWS_WITH_AS(expert.backward(x, dy, dx, wrong, ws),
@@ -917,12 +937,8 @@ TEST_CASE_TEMPLATE_DEFINE("MoE layer backward gives the same bits at 1 and 2 thr
                relative_error(g1.experts[e].down, g2.experts[e].down) == 0.0;
     const std::string verdict = std::string(B::name) + ": 1 and 2 threads give " + (same ? "the same bits" : "different bits");
     MESSAGE(verdict);
-    // Our loops and Eigen's GEMM (fixed 128-column blocks, never a split reduction) give the same
-    // bits at any thread count by construction; oneDNN 2.6 promises nothing (its gemm may split
-    // the reduction over threads on other CPUs), so its result is reported, not required.
-#if HYPERMOE_HAS_ONEDNN
-    if constexpr (std::is_same_v<B, onednn>) return;
-#endif
+    // Our loops, our panel kernels (oneDNN's backward products) and Eigen's GEMM (fixed 128-column
+    // blocks) never split a reduction over threads: the same bits at any thread count.
     CHECK(same);
 }
 TEST_CASE_TEMPLATE_APPLY(backward_thread_counts, test::all_backends);

@@ -265,62 +265,6 @@ inline void append_activation(dnnl::post_ops& po, activation_kind kind) {
     return entry.get();
 }
 
-/// C (m, n) [+]= A (m, k) B (k, n) with run-time shapes, for the backward passes: dense
-/// operands, A and B each row-major or column-major (`a_cols`, `b_cols` = column-major), C
-/// row-major. It runs on oneDNN's `gemm:jit` (run-time dims; run-time strides would land on
-/// `ref`); one primitive per (layouts, accumulate, threads), created on first use and kept for
-/// the process. The memory objects of a call are made per call (oneDNN's gemm also packs into
-/// buffers of its own): backward is not yet free of allocations on this backend.
-inline void onednn_gemm(index_t m, index_t n, index_t k, const float* a, bool a_cols, const float* b, bool b_cols, float* c,
-                        bool accumulate) {
-    if (m <= 0 || n <= 0) return;
-    using dt = dnnl::memory::data_type;
-    using tag = dnnl::memory::format_tag;
-    if (k <= 0) {
-        if (!accumulate) std::fill_n(c, m * n, 0.0f);
-        return;
-    }
-    const int threads = current_threads();
-    using Key = std::tuple<bool, bool, bool, int>;
-    static std::mutex mutex;
-    static std::map<Key, dnnl::matmul> cache;
-    dnnl::matmul primitive;
-    {
-        const std::lock_guard lock(mutex);
-        auto& entry = cache[Key{a_cols, b_cols, accumulate, threads}];
-        if (!entry) {
-            const ThreadCountScope thread_count(threads);
-            const auto r = DNNL_RUNTIME_DIM_VAL;
-            const dnnl::memory::desc ad({r, r}, dt::f32, a_cols ? tag::ba : tag::ab), bd({r, r}, dt::f32, b_cols ? tag::ba : tag::ab),
-                cd({r, r}, dt::f32, tag::ab);
-            dnnl::post_ops po;
-            if (accumulate) po.append_sum(1.f);
-            dnnl::primitive_attr attr;
-            attr.set_post_ops(po);
-            attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
-            try {
-                const dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(ad, bd, cd), attr, onednn_engine());
-                if (pd.scratchpad_desc().get_size() != 0)
-                    throw backend_error(concat("onednn: the run-time matmul (", pd.impl_info_str(), ") wants a scratchpad"));
-                entry = dnnl::matmul(pd);
-            } catch (const dnnl::error& e) {
-                throw backend_error(concat("onednn: cannot create a run-time matmul: ", e.what()));
-            }
-        }
-        primitive = entry;
-    }
-    try {
-        const auto& engine = onednn_engine();
-        dnnl::memory am({{m, k}, dt::f32, a_cols ? tag::ba : tag::ab}, engine, const_cast<float*>(a));
-        dnnl::memory bm({{k, n}, dt::f32, b_cols ? tag::ba : tag::ab}, engine, const_cast<float*>(b));
-        dnnl::memory cm({{m, n}, dt::f32, tag::ab}, engine, c);
-        primitive.execute(onednn_stream(), {{DNNL_ARG_SRC, am}, {DNNL_ARG_WEIGHTS, bm}, {DNNL_ARG_DST, cm}});
-        onednn_stream().wait();
-    } catch (const dnnl::error& e) {
-        throw backend_error(concat("onednn: run-time matmul (", m, " x ", k, " times ", k, " x ", n, ") failed: ", e.what()));
-    }
-}
-
 /// What a linear remembers of the cache: its primitives for each thread count it ran at, read
 /// without a lock (counts above `slots` go through the cache's lock every call).
 class OnednnMatmulTable {
@@ -434,37 +378,33 @@ struct onednn {
             else detail::epilogue_accumulate<Act>(t, c, nullptr, scale);
         }
 
-        /// Scratch of backward() for `rows` rows: the weights unpacked to (K, N), Z and its
-        /// gradient, and dense copies of operands that come strided.
+        /// Scratch of backward() for `rows` rows: the weights unpacked to plain (N, K), the
+        /// gradient of Z (Z itself when recomputed), dz^T, and the largest packed operand of
+        /// the three products.
         [[nodiscard]] std::size_t backward_workspace_bytes(index_t rows) const noexcept {
-            return detail::padded_bytes<float>(k_, n_) + affine_gradient_bytes(rows) + 2 * detail::padded_bytes<float>(rows, k_) +
-                   detail::padded_bytes<float>(rows, n_) + detail::padded_bytes<float>(n_, k_);
+            return detail::padded_bytes<float>(n_, k_) + affine_gradient_bytes(rows) + detail::padded_bytes<float>(n_, rows) +
+                   std::max({detail::panel_gemm_bytes(k_, n_), detail::panel_gemm_bytes(n_, k_), detail::panel_gemm_bytes(rows, k_)});
         }
 
         /// The backward of operator()(a, c, ws, scale) given dc = dL/dC: da [+]= dz W,
         /// g.weight += dz^T a, g.bias += the column sums of dz, where dz = scale * dc * Act'(Z)
         /// is the gradient of Z = A W^T + b (recomputed when Act is not the identity). The
-        /// weights are reordered from the primitives' blocked layout to plain (K, N) in the
-        /// workspace (or read out of our f32 panels), and the products run on a run-time-shaped
-        /// matmul (detail::onednn_gemm). f32 storage only.
+        /// weights are unpacked from the primitives' blocked layout (or our f32 panels) to plain
+        /// (N, K) in the workspace, and the products run on our panel kernels
+        /// (detail::panel_gemm): no allocation, and the same bits at every thread count (oneDNN's
+        /// run-time-shaped `gemm:jit` allocated on every call and split K across threads). f32
+        /// storage only.
         void backward(ConstMatrixView<float> a, ConstMatrixView<float> dc, MatrixView<float> da, const LinearGrads& g, Workspace& ws,
                       bool accumulate_input = false, float scale = 1.0f) const {
             check_backward(a, dc, da, g);
             const index_t m = a.rows();
             if (m == 0) return;
             Workspace::Scope scope(ws, backward_workspace_bytes(m));
-            const auto dense = [&](auto view, index_t cols) -> const float* {
-                if (view.contiguous()) return view.data();
-                MatrixView<float> copy = ws.take_matrix<float>(view.rows(), cols);
-                for (index_t r = 0; r < view.rows(); ++r) std::ranges::copy(view.row(r), copy.row(r).begin());
-                return copy.data();
-            };
-            const float* ad = dense(a, k_);
-            MatrixView<float> wt = ws.take_matrix<float>(k_, n_); // W^T, plain
+            MatrixView<float> w = ws.take_matrix<float>(n_, k_); // W, plain
             if (matmul_ != nullptr) {
                 try {
                     using dt = dnnl::memory::data_type;
-                    dnnl::memory plain({{k_, n_}, dt::f32, {n_, 1}}, detail::onednn_engine(), wt.data());
+                    dnnl::memory plain({{k_, n_}, dt::f32, {1, k_}}, detail::onednn_engine(), w.data());
                     dnnl::memory packed = weights_; // a handle: copying it shares the weights
                     dnnl::reorder(packed, plain).execute(detail::onednn_stream(), packed, plain);
                     detail::onednn_stream().wait();
@@ -472,35 +412,29 @@ struct onednn {
                     throw backend_error(detail::concat(name_, ": oneDNN weight reorder for backward failed: ", e.what()));
                 }
             } else if (!panels_.empty()) {
-                panels_.transpose_into(wt);
+                panels_.copy_into(w);
             } else {
-                std::fill_n(wt.data(), k_ * n_, 0.0f); // K = 0 or N = 0
+                std::fill_n(w.data(), n_ * k_, 0.0f); // K = 0 or N = 0
             }
+            const detail::kernel_isa isa = detail::vector_kernel();
             const ConstMatrixView<float> dz = affine_gradient<Act>(dc, scale, ws, [&](MatrixView<float> z) {
-                detail::onednn_gemm(m, n_, k_, ad, false, wt.data(), false, z.data(), false); // Z = a W^T (+ b below)
+                // Z (m, N) = a W^T (+ b below): W read column-major as W^T (K, N)
+                detail::panel_gemm(isa, m, n_, k_, a.data(), a.stride(), w.data(), k_, true, z.data(), z.stride(), false, ws);
                 if (!bias_f32_.empty())
                     for (index_t r = 0; r < m; ++r)
                         for (index_t c = 0; c < n_; ++c) z(r, c) += bias_f32_[std::size_t(c)];
             });
-            const float* dzd = dense(dz, n_);
-            // da (m, K) [+]= dz (m, N) W (N, K), W being the plain (K, N) W^T read column-major.
-            if (da.contiguous()) {
-                detail::onednn_gemm(m, k_, n_, dzd, false, wt.data(), true, da.data(), accumulate_input);
-            } else {
-                MatrixView<float> t = ws.take_matrix<float>(m, k_);
-                detail::onednn_gemm(m, k_, n_, dzd, false, wt.data(), true, t.data(), false);
+            // da (m, K) [+]= dz (m, N) W (N, K)
+            detail::panel_gemm(isa, m, k_, n_, dz.data(), dz.stride(), w.data(), k_, false, da.data(), da.stride(), accumulate_input, ws);
+            // dW (N, K) += dz^T (N, m) a (m, K)
+            MatrixView<float> dzt = ws.take_matrix<float>(n_, m);
+            detail::parallel_for((n_ + 15) / 16, m * n_, [&](index_t b) { // 16 columns of dz at a time
+                const index_t c0 = 16 * b, c1 = std::min(n_, c0 + 16);
                 for (index_t r = 0; r < m; ++r)
-                    for (index_t c = 0; c < k_; ++c) da(r, c) = accumulate_input ? da(r, c) + t(r, c) : t(r, c);
-            }
-            // dW (N, K) += dz^T (N, m: dz read column-major) a (m, K)
-            if (g.weight.contiguous()) {
-                detail::onednn_gemm(n_, k_, m, dzd, true, ad, false, g.weight.data(), true);
-            } else {
-                MatrixView<float> t = ws.take_matrix<float>(n_, k_);
-                detail::onednn_gemm(n_, k_, m, dzd, true, ad, false, t.data(), false);
-                for (index_t r = 0; r < n_; ++r)
-                    for (index_t c = 0; c < k_; ++c) g.weight(r, c) += t(r, c);
-            }
+                    for (index_t c = c0; c < c1; ++c) dzt(c, r) = dz(r, c);
+            });
+            detail::panel_gemm(isa, n_, k_, m, dzt.data(), dzt.stride(), a.data(), a.stride(), false, g.weight.data(), g.weight.stride(),
+                               true, ws);
             detail::add_column_sums(dz, g.bias);
         }
 

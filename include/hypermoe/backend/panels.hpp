@@ -57,10 +57,19 @@ struct PanelTile {
     float* c;                ///< first output
     index_t ldc;             ///< elements from one row of C to the next
     index_t cols;            ///< valid outputs from c on
+    bool accumulate = false; ///< C += the product (else C =)
 };
 template <class In>
 using Bf16Tile = PanelTile<std::uint16_t, In>;
 using F32Tile = PanelTile<float, float>;
+
+/// Stores (or adds, t.accumulate) the 16 sums of row r, panel p of a tile, up to t.cols.
+template <class W, class In>
+inline void panel_store_portable(const PanelTile<W, In>& t, int r, int p, const float* sums) noexcept {
+    float* c = t.c + r * t.ldc + p * 16;
+    const index_t valid = std::clamp<index_t>(t.cols - p * 16, 0, 16);
+    for (index_t i = 0; i < valid; ++i) c[i] = t.accumulate ? c[i] + sums[i] : sums[i];
+}
 
 /// A's element i as a float (bf16 bits widened exactly).
 template <class In>
@@ -98,8 +107,9 @@ void bf16_tile_portable(const Bf16Tile<In>& t) noexcept {
     }
     for (int r = 0; r < Rows; ++r)
         for (int p = 0; p < Panels; ++p) {
-            const index_t valid = std::min<index_t>(16, t.cols - p * 16);
-            std::memcpy(t.c + r * t.ldc + p * 16, &acc[r][p], sizeof(float) * static_cast<std::size_t>(valid));
+            float sums[16];
+            std::memcpy(sums, &acc[r][p], sizeof sums);
+            panel_store_portable(t, r, p, sums);
         }
 }
 #else
@@ -111,7 +121,8 @@ void bf16_tile_portable(const Bf16Tile<In>& t) noexcept {
             for (int n = 0; n < Panels * 16; ++n)
                 acc[r][n] += bf16_panel_input(t.a + r * t.lda, k) *
                              bf16{t.w[(n / 16) * t.stride + (k / 2) * 32 + (n % 16) * 2 + k % 2]}.to_float();
-    for (int r = 0; r < Rows; ++r) std::copy_n(acc[r], std::min<index_t>(t.cols, Panels * 16), t.c + r * t.ldc);
+    for (int r = 0; r < Rows; ++r)
+        for (int p = 0; p < Panels; ++p) panel_store_portable(t, r, p, acc[r] + 16 * p);
 }
 #endif
 
@@ -126,8 +137,7 @@ void f32_tile_portable(const F32Tile& t) noexcept {
                 for (int n = 0; n < 16; ++n) acc[r][p][n] += a * t.w[p * t.stride + k * 16 + n];
         }
     for (int r = 0; r < Rows; ++r)
-        for (int p = 0; p < Panels; ++p)
-            std::copy_n(acc[r][p], std::clamp<index_t>(t.cols - p * 16, 0, 16), t.c + r * t.ldc + p * 16);
+        for (int p = 0; p < Panels; ++p) panel_store_portable(t, r, p, acc[r][p]);
 }
 
 #if HYPERMOE_X86_KERNELS
@@ -137,7 +147,11 @@ __attribute__((target("avx512f"))) inline void panel_tile_store(const PanelTile<
     for (int p = 0; p < Panels; ++p) {
         const index_t valid = std::min<index_t>(16, t.cols - p * 16);
         const auto mask = static_cast<__mmask16>((1u << valid) - 1u);
-        for (int r = 0; r < Rows; ++r) _mm512_mask_storeu_ps(t.c + r * t.ldc + p * 16, mask, acc[r][p]);
+        for (int r = 0; r < Rows; ++r) {
+            float* c = t.c + r * t.ldc + p * 16;
+            const __m512 sum = t.accumulate ? _mm512_add_ps(_mm512_maskz_loadu_ps(mask, c), acc[r][p]) : acc[r][p];
+            _mm512_mask_storeu_ps(c, mask, sum);
+        }
     }
 }
 
@@ -184,7 +198,11 @@ __attribute__((target("avx2"))) inline void panel_tile_store_avx2(const PanelTil
             const index_t valid = std::clamp<index_t>(t.cols - (p0 + p) * 16 - 8 * h, 0, 8);
             if (valid == 0) continue;
             const __m256i lanes = avx2_lane_mask((1u << valid) - 1u);
-            for (int r = 0; r < Rows; ++r) _mm256_maskstore_ps(t.c + r * t.ldc + (p0 + p) * 16 + 8 * h, lanes, acc[r][p][h]);
+            for (int r = 0; r < Rows; ++r) {
+                float* c = t.c + r * t.ldc + (p0 + p) * 16 + 8 * h;
+                const __m256 sum = t.accumulate ? _mm256_add_ps(_mm256_maskload_ps(c, lanes), acc[r][p][h]) : acc[r][p][h];
+                _mm256_maskstore_ps(c, lanes, sum);
+            }
         }
 }
 
@@ -308,122 +326,39 @@ __attribute__((target("avx512f,avx512bf16"))) inline void bf16_round_avx512(cons
 }
 #endif
 
-/// A linear map's weights as panels of bf16 or f32 values; copies share them (they are never
-/// written after packing).
-class WeightPanels {
+/// Which kernel multiplies a tile of a panel layout, chosen at run time from the CPU
+/// (kernel_isa), and the walk over a whole product: WeightPanels' calls and panel_gemm's.
+class PanelKernels {
 public:
-    static constexpr index_t panel = 16;    ///< output columns per panel
-    static constexpr index_t group = 4;     ///< panels a thread computes together
+    static constexpr index_t panel = 16;       ///< output columns per panel
+    static constexpr index_t group = 4;        ///< panels a thread computes together
     static constexpr index_t row_block = 8;    ///< rows of A computed together (5-8 rows: 2 panels at a time)
     static constexpr index_t row_block_dp = 6; ///< the same for VDPBF16PS: with no widening, 6 rows x 4 panels fit
 
-    WeightPanels() = default;
+    explicit PanelKernels(kernel_isa isa) noexcept : kernel_(isa) {}
+    [[nodiscard]] kernel_isa isa() const noexcept { return kernel_; }
 
-    /// Packs W (N, K) as `values` (bf16: each element rounded to bf16, exact for bf16 sources;
-    /// f32); calls run with precision `prec` (bf16 only) on the kernel this CPU offers.
-    WeightPanels(const WeightView& w, dtype values, precision prec = precision::exact)
-        : k_(w.cols()), n_(w.rows()), panels_((n_ + panel - 1) / panel), values_(values),
-          kernel_(values == dtype::bf16 ? bf16_kernel(prec) : vector_kernel()), fast_(values == dtype::bf16 && prec == precision::fast) {
-        if (values == dtype::f32) {
-            f32_ = aligned_array<float>(static_cast<std::size_t>(std::max<index_t>(1, panels_ * k_ * panel)));
-            for (index_t p = 0; p < panels_; ++p)
-                for (index_t k = 0; k < k_; ++k)
-                    for (index_t c = 0; c < panel; ++c) {
-                        const index_t n = p * panel + c;
-                        f32_[static_cast<std::size_t>((p * k_ + k) * panel + c)] = n < n_ ? w.at(n, k) : 0.0f;
-                    }
-            return;
-        }
-        const index_t pairs = (k_ + 1) / 2;
-        bf16_ = aligned_array<std::uint16_t>(static_cast<std::size_t>(std::max<index_t>(1, panels_ * pairs * 2 * panel)));
-        for (index_t p = 0; p < panels_; ++p)
-            for (index_t j = 0; j < pairs; ++j)
-                for (index_t c = 0; c < panel; ++c)
-                    for (index_t h = 0; h < 2; ++h) {
-                        const index_t n = p * panel + c, k = 2 * j + h;
-                        bf16_[static_cast<std::size_t>(((p * pairs + j) * panel + c) * 2 + h)] =
-                            n < n_ && k < k_ ? bf16::from_float(w.at(n, k)).bits : std::uint16_t{0};
-                    }
-    }
-
-    [[nodiscard]] bool empty() const noexcept { return bf16_ == nullptr && f32_ == nullptr; }
-    /// The instructions this map's calls run on.
-    [[nodiscard]] kernel_isa kernel() const noexcept { return kernel_; }
-    /// Bytes held: the panels, padding included.
-    [[nodiscard]] std::size_t bytes() const noexcept {
-        return values_ == dtype::f32 ? std::size_t(panels_ * k_ * panel) * sizeof(float)
-                                     : std::size_t(panels_ * ((k_ + 1) / 2) * 2 * panel) * sizeof(std::uint16_t);
-    }
-
-    /// Weight (n, k) as held.
-    [[nodiscard]] float at(index_t n, index_t k) const noexcept {
-        const index_t p = n / panel, c = n % panel;
-        if (values_ == dtype::f32) return f32_[static_cast<std::size_t>((p * k_ + k) * panel + c)];
-        const index_t pairs = (k_ + 1) / 2;
-        return bf16{bf16_[static_cast<std::size_t>(((p * pairs + k / 2) * panel + c) * 2 + k % 2)]}.to_float();
-    }
-    /// wt (K, N) = W^T, as held (for the backward passes).
-    void transpose_into(MatrixView<float> wt) const noexcept {
-        for (index_t k = 0; k < k_; ++k)
-            for (index_t n = 0; n < n_; ++n) wt(k, n) = at(n, k);
-    }
-
-    /// Scratch of apply() with `rows` rows: the product when accumulating, the rounded
-    /// activations with `fast`.
-    [[nodiscard]] std::size_t workspace_bytes(index_t rows, bool accumulate) const noexcept {
-        if (rows <= 0) return 0;
-        return (accumulate ? padded_bytes<float>(rows, n_) : 0) + (fast_ ? padded_bytes<std::uint16_t>(rows, 2 * ((k_ + 1) / 2)) : 0);
-    }
-
-    /// c = [c +] scale * Act(a W^T + bias), what a backend's linear over these weights computes:
-    /// the product into c itself (or a (M, N) scratch when accumulating), then the shared
-    /// epilogue. The caller checked the shapes and reserved workspace_bytes(a.rows(), accumulate).
-    template <class Act>
-    void apply(ConstMatrixView<float> a, MatrixView<float> c, Workspace& ws, const float* bias, float scale,
-               bool accumulate) const {
-        const MatrixView<float> t = accumulate ? ws.take_matrix<float>(a.rows(), n_) : c;
-        if (fast_) {
-            const index_t lda = 2 * ((k_ + 1) / 2);
-            const std::span<std::uint16_t> rounded = ws.take<std::uint16_t>(a.rows() * lda);
-            parallel_for(a.rows(), a.rows() * lda, [&](index_t r) {
-                std::uint16_t* out = rounded.data() + r * lda;
-                const float* in = a.row(r).data();
-#if HYPERMOE_X86_KERNELS
-                if (kernel_ == kernel_isa::avx512_bf16) bf16_round_avx512(in, out, k_);
-                else
-#endif
-                    for (index_t k = 0; k < k_; ++k) out[k] = bf16::from_float(in[k]).bits;
-                std::fill(out + k_, out + lda, std::uint16_t{0});
-            });
-            multiply(bf16_.get(), rounded.data(), lda, a.rows(), t);
-        } else if (values_ == dtype::f32) {
-            multiply(f32_.get(), a.data(), a.stride(), a.rows(), t);
-        } else {
-            multiply(bf16_.get(), a.data(), a.stride(), a.rows(), t);
-        }
-        if (accumulate) epilogue_accumulate<Act>(t, c, bias, scale);
-        else epilogue_in_place<Act>(c, bias, scale);
-    }
-
-private:
-    /// c = a W^T for `rows` rows of a (f32, or bf16 bits) and the panels at w; each thread takes
-    /// groups of 4 panels.
+    /// c [+]= a W^T for `rows` rows of a (f32, or bf16 bits; lda elements apart) and the n
+    /// outputs held as panels at w (`stride` elements from one panel to the next, k inputs each);
+    /// c's rows are ldc apart. Each thread takes groups of 4 panels, and each output is summed by
+    /// one thread in k order: the bits do not depend on the thread count.
     template <class W, class In>
-    void multiply(const W* w, const In* a, index_t lda, index_t rows, MatrixView<float> c) const {
-        const index_t groups = (panels_ + group - 1) / group;
-        const index_t stride = values_ == dtype::f32 ? k_ * panel : ((k_ + 1) / 2) * 2 * panel; // elements a panel
-        parallel_for(groups, rows * k_ * n_, [&](index_t g) {
-            const index_t p0 = g * group, panels = std::min(group, panels_ - p0);
-            PanelTile<W, In> t{nullptr, lda, w + p0 * stride, stride, k_, nullptr, c.stride(), std::min(group * panel, n_ - p0 * panel)};
+    void multiply(const W* w, index_t stride, index_t k, index_t n, const In* a, index_t lda, index_t rows, float* c,
+                  index_t ldc, bool accumulate) const {
+        const index_t panels = (n + panel - 1) / panel, groups = (panels + group - 1) / group;
+        parallel_for(groups, rows * k * n, [&](index_t g) {
+            const index_t p0 = g * group, count = std::min(group, panels - p0);
+            PanelTile<W, In> t{nullptr, lda, w + p0 * stride, stride, k, nullptr, ldc, std::min(group * panel, n - p0 * panel), accumulate};
             const index_t block = dp<W, In>() ? row_block_dp : row_block;
             for (index_t m = 0; m < rows; m += block) {
                 t.a = a + m * lda;
-                t.c = c.row(m).data() + p0 * panel;
-                tile_rows(std::min(block, rows - m), panels, t);
+                t.c = c + m * ldc + p0 * panel;
+                tile_rows(std::min(block, rows - m), count, t);
             }
         });
     }
 
+private:
     /// Whether tiles of bf16 weights and In activations run on VDPBF16PS.
     template <class W, class In>
     [[nodiscard]] bool dp() const noexcept {
@@ -496,6 +431,116 @@ private:
         }
     }
 
+    kernel_isa kernel_;
+};
+
+/// A linear map's weights as panels of bf16 or f32 values; copies share them (they are never
+/// written after packing).
+class WeightPanels {
+public:
+    static constexpr index_t panel = PanelKernels::panel; ///< output columns per panel
+
+    WeightPanels() = default;
+
+    /// Packs W (N, K) as `values` (bf16: each element rounded to bf16, exact for bf16 sources;
+    /// f32); calls run with precision `prec` (bf16 only) on the kernel this CPU offers.
+    WeightPanels(const WeightView& w, dtype values, precision prec = precision::exact)
+        : k_(w.cols()), n_(w.rows()), panels_((n_ + panel - 1) / panel), values_(values),
+          kernel_(values == dtype::bf16 ? bf16_kernel(prec) : vector_kernel()), fast_(values == dtype::bf16 && prec == precision::fast) {
+        if (values == dtype::f32) {
+            f32_ = aligned_array<float>(static_cast<std::size_t>(std::max<index_t>(1, panels_ * k_ * panel)));
+            for (index_t p = 0; p < panels_; ++p)
+                for (index_t k = 0; k < k_; ++k)
+                    for (index_t c = 0; c < panel; ++c) {
+                        const index_t n = p * panel + c;
+                        f32_[static_cast<std::size_t>((p * k_ + k) * panel + c)] = n < n_ ? w.at(n, k) : 0.0f;
+                    }
+            return;
+        }
+        const index_t pairs = (k_ + 1) / 2;
+        bf16_ = aligned_array<std::uint16_t>(static_cast<std::size_t>(std::max<index_t>(1, panels_ * pairs * 2 * panel)));
+        for (index_t p = 0; p < panels_; ++p)
+            for (index_t j = 0; j < pairs; ++j)
+                for (index_t c = 0; c < panel; ++c)
+                    for (index_t h = 0; h < 2; ++h) {
+                        const index_t n = p * panel + c, k = 2 * j + h;
+                        bf16_[static_cast<std::size_t>(((p * pairs + j) * panel + c) * 2 + h)] =
+                            n < n_ && k < k_ ? bf16::from_float(w.at(n, k)).bits : std::uint16_t{0};
+                    }
+    }
+
+    [[nodiscard]] bool empty() const noexcept { return bf16_ == nullptr && f32_ == nullptr; }
+    /// The instructions this map's calls run on.
+    [[nodiscard]] kernel_isa kernel() const noexcept { return kernel_; }
+    /// Bytes held: the panels, padding included.
+    [[nodiscard]] std::size_t bytes() const noexcept {
+        return values_ == dtype::f32 ? std::size_t(panels_ * k_ * panel) * sizeof(float)
+                                     : std::size_t(panels_ * ((k_ + 1) / 2) * 2 * panel) * sizeof(std::uint16_t);
+    }
+
+    /// Weight (n, k) as held.
+    [[nodiscard]] float at(index_t n, index_t k) const noexcept {
+        const index_t p = n / panel, c = n % panel;
+        if (values_ == dtype::f32) return f32_[static_cast<std::size_t>((p * k_ + k) * panel + c)];
+        const index_t pairs = (k_ + 1) / 2;
+        return bf16{bf16_[static_cast<std::size_t>(((p * pairs + k / 2) * panel + c) * 2 + k % 2)]}.to_float();
+    }
+    /// w (N, K) = W as held (for the backward passes), threaded over the panels.
+    void copy_into(MatrixView<float> w) const {
+        parallel_for(panels_, k_ * n_, [&](index_t p) {
+            const index_t cols = std::min(panel, n_ - p * panel);
+            for (index_t c = 0; c < cols; ++c) {
+                float* row = w.row(p * panel + c).data();
+                for (index_t k = 0; k < k_; ++k) row[k] = at(p * panel + c, k);
+            }
+        });
+    }
+
+    /// Scratch of apply() with `rows` rows: the product when accumulating, the rounded
+    /// activations with `fast`.
+    [[nodiscard]] std::size_t workspace_bytes(index_t rows, bool accumulate) const noexcept {
+        if (rows <= 0) return 0;
+        return (accumulate ? padded_bytes<float>(rows, n_) : 0) + (fast_ ? padded_bytes<std::uint16_t>(rows, 2 * ((k_ + 1) / 2)) : 0);
+    }
+
+    /// c = [c +] scale * Act(a W^T + bias), what a backend's linear over these weights computes:
+    /// the product into c itself (or a (M, N) scratch when accumulating), then the shared
+    /// epilogue. The caller checked the shapes and reserved workspace_bytes(a.rows(), accumulate).
+    template <class Act>
+    void apply(ConstMatrixView<float> a, MatrixView<float> c, Workspace& ws, const float* bias, float scale,
+               bool accumulate) const {
+        const MatrixView<float> t = accumulate ? ws.take_matrix<float>(a.rows(), n_) : c;
+        if (fast_) {
+            const index_t lda = 2 * ((k_ + 1) / 2);
+            const std::span<std::uint16_t> rounded = ws.take<std::uint16_t>(a.rows() * lda);
+            parallel_for(a.rows(), a.rows() * lda, [&](index_t r) {
+                std::uint16_t* out = rounded.data() + r * lda;
+                const float* in = a.row(r).data();
+#if HYPERMOE_X86_KERNELS
+                if (kernel_ == kernel_isa::avx512_bf16) bf16_round_avx512(in, out, k_);
+                else
+#endif
+                    for (index_t k = 0; k < k_; ++k) out[k] = bf16::from_float(in[k]).bits;
+                std::fill(out + k_, out + lda, std::uint16_t{0});
+            });
+            multiply(bf16_.get(), rounded.data(), lda, a.rows(), t);
+        } else if (values_ == dtype::f32) {
+            multiply(f32_.get(), a.data(), a.stride(), a.rows(), t);
+        } else {
+            multiply(bf16_.get(), a.data(), a.stride(), a.rows(), t);
+        }
+        if (accumulate) epilogue_accumulate<Act>(t, c, bias, scale);
+        else epilogue_in_place<Act>(c, bias, scale);
+    }
+
+private:
+    /// t = a W^T for `rows` rows of a (f32, or bf16 bits) on this map's panels.
+    template <class W, class In>
+    void multiply(const W* w, const In* a, index_t lda, index_t rows, MatrixView<float> t) const {
+        const index_t stride = values_ == dtype::f32 ? k_ * panel : ((k_ + 1) / 2) * 2 * panel; // elements a panel
+        PanelKernels(kernel_).multiply(w, stride, k_, n_, a, lda, rows, t.data(), t.stride(), false);
+    }
+
     index_t k_ = 0, n_ = 0, panels_ = 0;
     dtype values_ = dtype::bf16;
     std::shared_ptr<std::uint16_t[]> bf16_; ///< bf16 values (shared by copies, as oneDNN's weight memory is)
@@ -503,6 +548,54 @@ private:
     kernel_isa kernel_ = kernel_isa::portable;
     bool fast_ = false;
 };
+
+/// Floats of B (k, n) packed as f32 panels (pack_f32_panels).
+[[nodiscard]] inline index_t f32_panel_floats(index_t k, index_t n) noexcept {
+    return saturating_mul(saturating_mul((n + PanelKernels::panel - 1) / PanelKernels::panel, PanelKernels::panel), std::max<index_t>(k, 0));
+}
+
+/// B (k, n) packed into `out` (f32_panel_floats(k, n)) as the panel kernels read weights: column
+/// j of B goes to panel j / 16, lane j % 16, k rows (zero lanes past n). B's element (i, j) is
+/// b[i * ldb + j] (row-major), or b[j * ldb + i] with `b_cols` (column-major). Threaded over
+/// panels.
+inline void pack_f32_panels(const float* b, index_t ldb, bool b_cols, index_t k, index_t n, float* out) {
+    constexpr index_t panel = PanelKernels::panel;
+    const index_t panels = (n + panel - 1) / panel;
+    parallel_for(panels, k * n, [&](index_t p) {
+        const index_t j0 = p * panel, cols = std::min(panel, n - j0);
+        float* dst = out + p * k * panel;
+        for (index_t i = 0; i < k; ++i, dst += panel) {
+            if (b_cols)
+                for (index_t c = 0; c < cols; ++c) dst[c] = b[(j0 + c) * ldb + i];
+            else std::copy_n(b + i * ldb + j0, cols, dst);
+            std::fill(dst + cols, dst + panel, 0.0f);
+        }
+    });
+}
+
+/// Scratch of panel_gemm with B (k, n).
+[[nodiscard]] inline std::size_t panel_gemm_bytes(index_t k, index_t n) noexcept {
+    return padded_bytes<float>(f32_panel_floats(k, n));
+}
+
+/// C (m, n) [+]= A (m, k) B (k, n), all f32, on the panel kernels of `isa`: B is packed into the
+/// workspace (pack_f32_panels; the caller reserved panel_gemm_bytes(k, n)), then multiplied as
+/// WeightPanels multiplies its weights. A's and C's rows are lda and ldc apart; B as in
+/// pack_f32_panels. No allocation, and each output is summed by one thread in k order, so the
+/// bits do not depend on the thread count: the backward passes' products (onednn.hpp).
+inline void panel_gemm(kernel_isa isa, index_t m, index_t n, index_t k, const float* a, index_t lda, const float* b, index_t ldb,
+                       bool b_cols, float* c, index_t ldc, bool accumulate, Workspace& ws) {
+    if (m <= 0 || n <= 0) return;
+    if (k <= 0) {
+        if (!accumulate)
+            for (index_t r = 0; r < m; ++r) std::fill_n(c + r * ldc, n, 0.0f);
+        return;
+    }
+    Workspace::Scope scope(ws, panel_gemm_bytes(k, n));
+    const std::span<float> packed = ws.take<float>(f32_panel_floats(k, n));
+    pack_f32_panels(b, ldb, b_cols, k, n, packed.data());
+    PanelKernels(isa).multiply(packed.data(), k * PanelKernels::panel, k, n, a, lda, m, c, ldc, accumulate);
+}
 
 } // namespace hypermoe::detail
 

@@ -76,6 +76,15 @@ inline void check_forward_shapes(ConstMatrixView<float> x, MatrixView<float> y, 
                                       "expected separate buffers"));
 }
 
+/// Checks the forward output a backward was asked for (empty: none): y (M, out), apart from x.
+inline void check_backward_output(ConstMatrixView<float> x, MatrixView<float> y, index_t out, std::string_view who) {
+    if (y.data() == nullptr) return;
+    if (y.rows() != x.rows() || y.cols() != out)
+        throw shape_error(concat(who, "::backward: output y has shape ", shape_str(y.rows(), y.cols()), ", expected ",
+                                 shape_str(x.rows(), out)));
+    if (overlap(x, y)) throw shape_error(concat(who, "::backward: output y overlaps input x, expected separate buffers"));
+}
+
 /// One gradient a backward was given: its name, shape, and the expected shape (a
 /// vector as (n, 1), an absent bias as (0, 1)).
 struct GradientShape {

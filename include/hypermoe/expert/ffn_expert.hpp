@@ -84,16 +84,19 @@ public:
 
     [[nodiscard]] std::size_t backward_workspace_bytes(index_t rows) const {
         return 2 * detail::padded_bytes<float>(rows, d_ff()) +
-               std::max({up_->workspace_bytes(rows), up_->backward_workspace_bytes(rows), down_->backward_workspace_bytes(rows)});
+               std::max({up_->workspace_bytes(rows), up_->backward_workspace_bytes(rows), down_->workspace_bytes(rows),
+                         down_->backward_workspace_bytes(rows)});
     }
 
     /// The backward of forward(x): dx [+]= dL/dx from dy = dL/dy, and the parameter gradients
     /// added to `g`. It recomputes the hidden activations from x (and up's backward its
-    /// pre-activations: the forward fuses the activation). f32 storage only (config_error
-    /// otherwise).
+    /// pre-activations: the forward fuses the activation). A non-empty `y` (M, d_model) also gets
+    /// forward(x), from the recomputed hidden activations (one product instead of a forward
+    /// call's two). f32 storage only (config_error otherwise).
     void backward(ConstMatrixView<float> x, ConstMatrixView<float> dy, MatrixView<float> dx, FfnGradients& g, Workspace& ws,
-                  bool accumulate_input = false) const {
+                  bool accumulate_input = false, MatrixView<float> y = {}) const {
         detail::check_backward_shapes(x, dy, dx, d_model(), d_model(), "FfnExpert");
+        detail::check_backward_output(x, y, d_model(), "FfnExpert");
         detail::check_gradient_shapes("FfnExpert", {{"up", g.up.rows(), g.up.cols(), d_ff(), d_model()},
                                                      {"down", g.down.rows(), g.down.cols(), d_model(), d_ff()},
                                                      {"up_bias", index_t(g.up_bias.size()), 1, up_bias_ ? d_ff() : 0, 1},
@@ -102,6 +105,7 @@ public:
         MatrixView<float> h = ws.take_matrix<float>(x.rows(), d_ff());  // Act(up x + b)
         MatrixView<float> dh = ws.take_matrix<float>(x.rows(), d_ff()); // dL/dh
         up_(x, h, ws);
+        if (y.data() != nullptr) down_(h, y, ws);
         down_->backward(h, dy, dh, LinearGrads{g.down.view(), g.down_bias}, ws);
         up_->backward(x, dh, dx, LinearGrads{g.up.view(), g.up_bias}, ws, accumulate_input);
     }

@@ -101,16 +101,20 @@ public:
 
     [[nodiscard]] std::size_t backward_workspace_bytes(index_t rows) const {
         return 2 * detail::padded_bytes<float>(rows, 2, d_ff()) + 2 * detail::padded_bytes<float>(rows, d_ff()) +
-               std::max({gate_up_->workspace_bytes(rows), gate_up_->backward_workspace_bytes(rows),
+               std::max({gate_up_->workspace_bytes(rows), gate_up_->backward_workspace_bytes(rows), down_->workspace_bytes(rows),
                          down_->backward_workspace_bytes(rows)});
     }
 
     /// The backward of forward(x): dx [+]= dL/dx from dy = dL/dy, and the parameter gradients
     /// added to `g`. It recomputes the forward's [gate | up] product from x (nothing is kept
-    /// between the calls). f32 storage only (config_error otherwise).
+    /// between the calls). A non-empty `y` (M, d_model) also gets forward(x), from the recomputed
+    /// hidden activations: one product, where a forward call would recompute [gate | up] too (an
+    /// MoE layer's backward needs the experts' outputs for its combine weights). f32 storage only
+    /// (config_error otherwise).
     void backward(ConstMatrixView<float> x, ConstMatrixView<float> dy, MatrixView<float> dx, GluGradients& g, Workspace& ws,
-                  bool accumulate_input = false) const {
+                  bool accumulate_input = false, MatrixView<float> y = {}) const {
         detail::check_backward_shapes(x, dy, dx, d_model(), d_model(), "GluExpert");
+        detail::check_backward_output(x, y, d_model(), "GluExpert");
         detail::check_gradient_shapes("GluExpert", {{"gate_up", g.gate_up.rows(), g.gate_up.cols(), 2 * d_ff(), d_model()},
                                                      {"down", g.down.rows(), g.down.cols(), d_model(), d_ff()},
                                                      {"gate_up_bias", index_t(g.gate_up_bias.size()), 1, gate_up_bias_ ? 2 * d_ff() : 0, 1},
@@ -124,6 +128,7 @@ public:
         gate_up_(x, gu, ws);
         for (index_t r = 0; r < m; ++r)
             for (index_t j = 0; j < ff; ++j) h(r, j) = Act::apply(gu(r, j)) * gu(r, ff + j);
+        if (y.data() != nullptr) down_(h, y, ws);
         down_->backward(h, dy, dh, LinearGrads{g.down.view(), g.down_bias}, ws);
         for (index_t r = 0; r < m; ++r)
             for (index_t j = 0; j < ff; ++j) {

@@ -194,7 +194,8 @@ public:
 
     /// The backward of forward(x, y, ctx): dx = dL/dx from dy = dL/dy, and the parameter
     /// gradients added to `g`. It routes x again (with the same context, so the same plan;
-    /// nothing goes to the routing sink) and recomputes the experts' outputs: nothing is kept
+    /// nothing goes to the routing sink), and each expert's backward recomputes its hidden
+    /// activations and, from them, its output (for the combine weights): nothing is kept
     /// between forward and backward. The routing is piecewise constant: gradient reaches the
     /// router through the combine weights only (ScoredRouter::backward). A token that capacity
     /// dropped passes w x (DroppedTokens::scaled_input), so its dx gets w dy and its weights
@@ -237,14 +238,21 @@ public:
         MatrixView<float> dout = ws.take_matrix<float>(rows, d), din = ws.take_matrix<float>(rows, d);
         const auto row_tokens = plan.row_tokens(), row_slots = plan.row_slots();
         gather(x, plan, in);
-        run_experts(plan, in, out, ws);
-        // Through the combine: dout = w dy per (token, slot) row, dweights = dy . out (kept
-        // tokens), dy . x (tokens passed through as w x).
+        // dout = w dy per (token, slot) row; the experts' backward also gives their outputs
+        // (from the activations it recomputes anyway), which the combine weights' gradient reads.
         for (index_t r = 0; r < rows; ++r) {
             const index_t t = row_tokens[std::size_t(r)];
             const float w = plan.weights(t)[std::size_t(row_slots[std::size_t(r)])];
             for (index_t c = 0; c < d; ++c) dout(r, c) = w * dy(t, c);
         }
+        const auto offsets = plan.offsets();
+        for (index_t e = 0; e < num_experts(); ++e)
+            if (const index_t n = plan.rows_of(e); n > 0) {
+                const index_t first = offsets[std::size_t(e)];
+                experts_[std::size_t(e)].backward(in.row_block(first, n), dout.row_block(first, n), din.row_block(first, n),
+                                                  g.experts[std::size_t(e)], ws, false, out.row_block(first, n));
+            }
+        // dweights = dy . out (kept tokens), dy . x (tokens passed through as w x).
         for (index_t t = 0; t < tokens; ++t) {
             const auto ids = plan.ids(t);
             const bool passed = !plan.kept(t) && options_.dropped == DroppedTokens::scaled_input;
@@ -258,13 +266,6 @@ public:
                 dweights(t, j) = float(dot);
             }
         }
-        const auto offsets = plan.offsets();
-        for (index_t e = 0; e < num_experts(); ++e)
-            if (const index_t n = plan.rows_of(e); n > 0) {
-                const index_t first = offsets[std::size_t(e)];
-                experts_[std::size_t(e)].backward(in.row_block(first, n), dout.row_block(first, n), din.row_block(first, n),
-                                                  g.experts[std::size_t(e)], ws);
-            }
         // dx: each token's expert rows in slot order (or w dy for a token passed through).
         for (index_t t = 0; t < tokens; ++t) {
             const auto dxr = dx.row(t);
