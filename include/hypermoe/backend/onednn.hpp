@@ -378,54 +378,61 @@ struct onednn {
             else detail::epilogue_accumulate<Act>(t, c, nullptr, scale);
         }
 
-        /// Scratch of backward() for `rows` rows: the weights unpacked to plain (N, K), the
-        /// gradient of Z (Z itself when recomputed), dz^T, and the largest packed operand of
-        /// the three products.
+        /// Scratch of backward() for `rows` rows: W packed for dz W (and, from oneDNN's layout,
+        /// first unpacked to plain (N, K)), the gradient of Z (Z itself when recomputed), dz^T,
+        /// and the larger packed operand of the other two products.
         [[nodiscard]] std::size_t backward_workspace_bytes(index_t rows) const noexcept {
-            return detail::padded_bytes<float>(n_, k_) + affine_gradient_bytes(rows) + detail::padded_bytes<float>(n_, rows) +
-                   std::max({detail::panel_gemm_bytes(k_, n_), detail::panel_gemm_bytes(n_, k_), detail::panel_gemm_bytes(rows, k_)});
+            return detail::padded_bytes<float>(detail::f32_panel_floats(n_, k_)) + (matmul_ != nullptr ? detail::padded_bytes<float>(n_, k_) : 0) +
+                   affine_gradient_bytes(rows) + detail::padded_bytes<float>(n_, rows) +
+                   std::max({detail::panel_gemm_bytes(k_, n_), detail::panel_gemm_bytes(rows, k_)});
         }
 
         /// The backward of operator()(a, c, ws, scale) given dc = dL/dC: da [+]= dz W,
         /// g.weight += dz^T a, g.bias += the column sums of dz, where dz = scale * dc * Act'(Z)
         /// is the gradient of Z = A W^T + b (recomputed when Act is not the identity). The
-        /// weights are unpacked from the primitives' blocked layout (or our f32 panels) to plain
-        /// (N, K) in the workspace, and the products run on our panel kernels
-        /// (detail::panel_gemm): no allocation, and the same bits at every thread count (oneDNN's
-        /// run-time-shaped `gemm:jit` allocated on every call and split K across threads). f32
-        /// storage only.
+        /// products run on our panel kernels (detail::PanelKernels, as the f32 panels' forward):
+        /// no allocation, and the same bits at every thread count (oneDNN's run-time-shaped
+        /// `gemm:jit` allocated on every call and split K across threads). W is packed for dz W
+        /// in the workspace: from our f32 panels directly, or from the primitives' blocked layout
+        /// through a plain (N, K) copy. f32 storage only.
         void backward(ConstMatrixView<float> a, ConstMatrixView<float> dc, MatrixView<float> da, const LinearGrads& g, Workspace& ws,
                       bool accumulate_input = false, float scale = 1.0f) const {
             check_backward(a, dc, da, g);
             const index_t m = a.rows();
             if (m == 0) return;
             Workspace::Scope scope(ws, backward_workspace_bytes(m));
-            MatrixView<float> w = ws.take_matrix<float>(n_, k_); // W, plain
+            const detail::kernel_isa isa = detail::vector_kernel();
+            float* const w_rows = ws.take<float>(detail::f32_panel_floats(n_, k_)).data(); // W as B (N, K), packed
+            MatrixView<float> plain; // W (N, K), from oneDNN's layout
             if (matmul_ != nullptr) {
+                plain = ws.take_matrix<float>(n_, k_);
                 try {
                     using dt = dnnl::memory::data_type;
-                    dnnl::memory plain({{k_, n_}, dt::f32, {1, k_}}, detail::onednn_engine(), w.data());
+                    dnnl::memory out({{k_, n_}, dt::f32, {1, k_}}, detail::onednn_engine(), plain.data());
                     dnnl::memory packed = weights_; // a handle: copying it shares the weights
-                    dnnl::reorder(packed, plain).execute(detail::onednn_stream(), packed, plain);
+                    dnnl::reorder(packed, out).execute(detail::onednn_stream(), packed, out);
                     detail::onednn_stream().wait();
                 } catch (const dnnl::error& e) {
                     throw backend_error(detail::concat(name_, ": oneDNN weight reorder for backward failed: ", e.what()));
                 }
+                detail::pack_f32_panels(plain.data(), k_, false, n_, k_, w_rows);
             } else if (!panels_.empty()) {
-                panels_.copy_into(w);
+                panels_.pack_transposed(w_rows);
             } else {
-                std::fill_n(w.data(), n_ * k_, 0.0f); // K = 0 or N = 0
+                std::fill_n(w_rows, detail::f32_panel_floats(n_, k_), 0.0f); // K = 0 or N = 0
             }
-            const detail::kernel_isa isa = detail::vector_kernel();
             const ConstMatrixView<float> dz = affine_gradient<Act>(dc, scale, ws, [&](MatrixView<float> z) {
-                // Z (m, N) = a W^T (+ b below): W read column-major as W^T (K, N)
-                detail::panel_gemm(isa, m, n_, k_, a.data(), a.stride(), w.data(), k_, true, z.data(), z.stride(), false, ws);
+                // Z (m, N) = a W^T (+ b below): the forward's own product on our panels, or W
+                // read column-major as W^T (K, N)
+                if (!panels_.empty()) panels_.apply<Identity>(a, z, ws, nullptr, 1.0f, false);
+                else detail::panel_gemm(isa, m, n_, k_, a.data(), a.stride(), plain.data(), k_, true, z.data(), z.stride(), false, ws);
                 if (!bias_f32_.empty())
                     for (index_t r = 0; r < m; ++r)
                         for (index_t c = 0; c < n_; ++c) z(r, c) += bias_f32_[std::size_t(c)];
             });
             // da (m, K) [+]= dz (m, N) W (N, K)
-            detail::panel_gemm(isa, m, k_, n_, dz.data(), dz.stride(), w.data(), k_, false, da.data(), da.stride(), accumulate_input, ws);
+            detail::PanelKernels(isa).multiply(w_rows, n_ * detail::PanelKernels::panel, n_, k_, dz.data(), dz.stride(), m, da.data(),
+                                               da.stride(), accumulate_input);
             // dW (N, K) += dz^T (N, m) a (m, K)
             MatrixView<float> dzt = ws.take_matrix<float>(n_, m);
             detail::parallel_for((n_ + 15) / 16, m * n_, [&](index_t b) { // 16 columns of dz at a time
