@@ -229,6 +229,16 @@ TEST_CASE_TEMPLATE_DEFINE("FfnExpert backward matches central differences and th
     CHECK(relative_error(dx, dx_ref) <= 1e-5);
     CHECK_THROWS_WITH_AS(expert.backward(x, dy, dx, again, ws, false, narrow_y),
                          "FfnExpert::backward: output y has shape (6, 9), expected (6, 10)", shape_error);
+    Matrix<float> keep(m, expert.kept_width()), y_keep(m, d), dx_kept(m, d);
+    expert.forward(x, y_keep, ws, {}, keep);
+    CHECK(relative_error(y_keep, y_fwd) == 0.0);
+    FfnGradients from_kept = expert.make_gradients();
+    expert.backward(x, dy, dx_kept, from_kept, ws, false, {}, keep);
+    CHECK(relative_error(dx_kept, dx) == 0.0);
+    CHECK(relative_error(from_kept.up, again.up) == 0.0);
+    CHECK(relative_error(from_kept.down, again.down) == 0.0);
+    CHECK_THROWS_WITH_AS(expert.forward(x, y_keep, ws, {}, keep.view().col_block(0, 3)),
+                         "FfnExpert: kept activations 'keep' have shape (6, 3), expected (6, 16)", shape_error);
 
     FfnGradients wrong = expert.make_gradients();
     wrong.up_bias.pop_back();
@@ -312,6 +322,22 @@ TEST_CASE_TEMPLATE_DEFINE("GluExpert backward matches finite differences and the
     CHECK(relative_error(again.gate_up, g_ref.gate_up) <= 1e-5);
     CHECK_THROWS_WITH_AS(expert.backward(x, dy, dx, again, ws, false, y.view().row_block(0, m - 1)),
                          "GluExpert::backward: output y has shape (4, 12), expected (5, 12)", shape_error);
+    // Kept activations: what a forward with `keep` wrote gives the same gradients, in their shape only.
+    Matrix<float> keep(m, expert.kept_width()), y_keep(m, d);
+    expert.forward(x, y_keep, ws, {}, keep);
+    CHECK(relative_error(y_keep, y_fwd) == 0.0);
+    GluGradients from_kept = expert.make_gradients();
+    Matrix<float> dx_kept(m, d), dx_again(m, d);
+    expert.backward(x, dy, dx_kept, from_kept, ws, false, {}, keep);
+    GluGradients recomputed = expert.make_gradients();
+    expert.backward(x, dy, dx_again, recomputed, ws);
+    CHECK(relative_error(dx_kept, dx_again) == 0.0);
+    CHECK(relative_error(from_kept.gate_up, recomputed.gate_up) == 0.0);
+    CHECK(relative_error(from_kept.down, recomputed.down) == 0.0);
+    CHECK_THROWS_WITH_AS(expert.forward(x, y_keep, ws, {}, keep.view().col_block(0, 3)),
+                         "GluExpert: kept activations 'keep' have shape (5, 3), expected (5, 40)", shape_error);
+    CHECK_THROWS_WITH_AS(expert.backward(x, dy, dx_kept, from_kept, ws, false, {}, keep.view().row_block(0, 2)),
+                         "GluExpert: kept activations 'kept' have shape (2, 40), expected (5, 40)", shape_error);
 
     GluGradients wrong{Matrix<float>(2 * ff, d + 1), Matrix<float>(d, ff), {}, {}};
     CHECK_THROWS_WITH_AS(expert.backward(x, dy, dx, wrong, ws),
@@ -392,7 +418,8 @@ void check_moe_backward(MoeParams& p, Make make, index_t tokens, const Context& 
         for (index_t c = 0; c < p.d; ++c) compare(g.shared.gate(0, c), central_difference(p.s_router(0, c), loss, h));
     CHECK(compare.within(3e-3));
 
-    // Every backend equals the reference.
+    // Every backend equals the reference, and on each the backward from a forward's kept
+    // activations gives the same bits as the one that recomputes them.
     const auto other = [&](auto backend) {
         const auto l = make(p, backend);
         auto go = l.make_gradients();
@@ -404,7 +431,22 @@ void check_moe_backward(MoeParams& p, Make make, index_t tokens, const Context& 
             CHECK(relative_error(go.experts[std::size_t(e)].gate_up, g.experts[std::size_t(e)].gate_up) <= 1e-5);
             CHECK(relative_error(go.experts[std::size_t(e)].down, g.experts[std::size_t(e)].down) <= 1e-5);
         }
+        MoeActivations kept;
+        Matrix<float> y(tokens, p.d), y_kept(tokens, p.d), dxk(tokens, p.d);
+        l.forward(x, y, ws, ctx);
+        l.forward(x, y_kept, ws, kept, ctx);
+        CHECK(relative_error(y_kept, y) == 0.0);
+        auto gk = l.make_gradients();
+        l.backward(kept, x, dy, dxk, gk, ws, ctx);
+        CHECK(relative_error(dxk, dxo) == 0.0);
+        CHECK(relative_error(gk.gate, go.gate) == 0.0);
+        for (index_t e = 0; e < p.experts; ++e) {
+            CHECK(relative_error(gk.experts[std::size_t(e)].gate_up, go.experts[std::size_t(e)].gate_up) == 0.0);
+            CHECK(relative_error(gk.experts[std::size_t(e)].down, go.experts[std::size_t(e)].down) == 0.0);
+        }
+        if constexpr (requires { gk.shared.gate; }) CHECK(relative_error(gk.shared.gate, go.shared.gate) == 0.0);
     };
+    other(reference{});
 #if HYPERMOE_HAS_EIGEN
     other(eigen{});
 #endif
@@ -676,6 +718,26 @@ TEST_CASE("MoeLayer and Router backward: typed errors") {
                          shape_error);
     CHECK_THROWS_WITH_AS(layer.backward(x, dy, dx.view().col_block(0, 4), g, ws),
                          "MoeLayer::backward: input gradient dx has shape (3, 4), expected (3, 8)", shape_error);
+    // Kept activations must be what this layer's forward kept for x.
+    MoeActivations kept, never;
+    Matrix<float> y(3, p.d), y2(2, p.d);
+    CHECK_THROWS_WITH_AS(layer.backward(never, x, dy, dx, g, ws),
+                         "MoeLayer::backward: the kept activations are for 0 tokens of another layer (or incomplete), expected 3 "
+                         "tokens of this layer (pass what forward(x, y, ws, kept) kept)",
+                         shape_error);
+    smaller.forward(x, y, ws, kept);
+    CHECK_THROWS_WITH_AS(layer.backward(kept, x, dy, dx, g, ws),
+                         "MoeLayer::backward: the kept activations are for 3 tokens of another layer (or incomplete), expected 3 "
+                         "tokens of this layer (pass what forward(x, y, ws, kept) kept)",
+                         shape_error);
+    layer.forward(x.view().row_block(0, 2), y2, ws, kept);
+    CHECK_THROWS_WITH_AS(layer.backward(kept, x, dy, dx, g, ws),
+                         "MoeLayer::backward: the kept activations are for 2 tokens, expected 3 tokens of this layer (pass what "
+                         "forward(x, y, ws, kept) kept)",
+                         shape_error);
+    CHECK_THROWS_WITH_AS(layer.backward(kept, x, dy, dx, wrong, ws),
+                         "MoeLayer::backward: gradients for a gate of shape (3, 8) and 3 experts, expected (4, 8) and 4 (use make_gradients())",
+                         shape_error);
     Matrix<float> nan_x = random_matrix(3, p.d, 1);
     nan_x(1, 2) = std::nanf("");
     CHECK_THROWS_AS(layer.backward(nan_x, dy, dx, g, ws), numeric_error);

@@ -245,6 +245,48 @@ TEST_CASE("Trainer without the HyperExpert: the chained MoE parts, as LoadedMoeB
     CHECK(plain.parameter_names().size() < hyper.parameter_names().size());
 }
 
+TEST_CASE("LoadedMoeBlock: gradients from a forward's kept activations equal the recomputing backward's; a block with its HyperExpert keeps none") {
+    for (const auto& config : {std::pair<std::string_view, bool>{"mixtral", true}, {"hypermoe_switch", false}}) {
+        CAPTURE(config.first);
+        const SyntheticImage image = small_model(config.first);
+        const Checkpoint ck(image.config, image.safetensors, std::string(config.first));
+        const auto model = load_model<reference>(ck, LoadOptions{.storage = dtype::f32});
+        const auto& block = model.blocks().front();
+        const bool with_hyper = config.second;
+        REQUIRE(block.keeps_activations(with_hyper));
+        const Matrix<float> x = random_rows(16, 32, 3), dy = random_rows(16, 32, 4);
+        Matrix<float> y(16, 32), y_kept(16, 32), dx(16, 32), dx_kept(16, 32);
+        Workspace ws;
+        RoutingPlan plan;
+        MoeActivations kept;
+        block.forward(x.view(), y.view(), ws, plan, {}, with_hyper);
+        block.forward(x.view(), y_kept.view(), ws, kept, {}, with_hyper);
+        CHECK(std::equal(y.data(), y.data() + 16 * 32, y_kept.data()));
+        std::vector<std::vector<float>> recomputed, from_kept;
+        const auto collect = [](std::vector<std::vector<float>>& into) {
+            return [&into](const TensorName&, ConstMatrixView<float> g, bool) {
+                auto& v = into.emplace_back();
+                for (index_t r = 0; r < g.rows(); ++r) v.insert(v.end(), g.row(r).begin(), g.row(r).end());
+            };
+        };
+        block.for_each_gradient(x.view(), dy.view(), dx.view(), ws, {}, with_hyper, collect(recomputed));
+        block.for_each_gradient(kept, x.view(), dy.view(), dx_kept.view(), ws, {}, with_hyper, collect(from_kept));
+        CHECK(recomputed.size() >= 3);
+        CHECK(recomputed == from_kept);
+        CHECK(std::equal(dx.data(), dx.data() + 16 * 32, dx_kept.data()));
+    }
+    const SyntheticImage image = small_model("hypermoe_switch");
+    const Checkpoint ck(image.config, image.safetensors, "hypermoe_switch");
+    const auto model = load_model<reference>(ck, LoadOptions{.storage = dtype::f32});
+    const auto& block = model.blocks().front();
+    CHECK_FALSE(block.keeps_activations(true));
+    const Matrix<float> x = random_rows(4, 32, 3);
+    Matrix<float> y(4, 32);
+    Workspace ws;
+    MoeActivations kept;
+    CHECK_THROWS_AS(block.forward(x.view(), y.view(), ws, kept), config_error);
+}
+
 TEST_CASE("Trainer with auxiliary-loss-free balancing: a lower load CV than the same run without, no auxiliary loss, and a saved bias") {
     // Training runs (400 steps in all), on Eigen where the build has it (the cheapest rebuild
     // per step): balancing does not depend on the backend.

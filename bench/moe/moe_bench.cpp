@@ -9,8 +9,9 @@
 //    alternating in one loop: counter of_ceiling = ceiling / layer, robust to machine drift,
 //  - BM_ReadBandwidth                            streaming read of 1 GiB: the machine's limit
 //    for reading weights (the T = 1 target is 1.2x the time to read 2 experts once),
-//  - BM_MoeBackward_<backend>/T/f32             the layer's backward, with its forward timed in
-//    the same loop (counter backward_per_forward),
+//  - BM_MoeBackward_<backend>/T/f32[/kept]      the layer's backward, with its forward timed in
+//    the same loop (counter backward_per_forward); /kept: the forward keeps its activations
+//    (MoeActivations) and the backward starts from them,
 //  - BM_TrainStep_<backend>/T:512/f32            a training step through Trainer (forward,
 //    backward, AdamW, rebuild), with each phase's ms as counters.
 #include <benchmark/benchmark.h>
@@ -92,23 +93,32 @@ void BM_MoeLayer(benchmark::State& state, hm::index_t tokens, hm::dtype storage,
 
 /// Backward of the layer (issue 12), timed against its forward in the same loop: the reported
 /// time is the backward's; counter backward_per_forward = backward / forward (target <= 2.2).
-/// The backward recomputes the routing and the experts' forward (nothing is kept), so it
-/// includes one forward.
+/// Without `kept` the backward routes again and recomputes the experts' hidden activations;
+/// with it the forward keeps them (MoeActivations) and the backward starts from them.
 template <class B>
-void BM_MoeBackward(benchmark::State& state, hm::index_t tokens) {
+void BM_MoeBackward(benchmark::State& state, hm::index_t tokens, bool kept) {
     const auto layer = make_layer<B>(1, hm::dtype::f32);
     const auto x = random_matrix(tokens, d_model, 99, 1.0f), dy = random_matrix(tokens, d_model, 98, 1.0f);
     hm::Matrix<float> y(tokens, d_model), dx(tokens, d_model);
     hm::Workspace ws;
+    hm::MoeActivations activations;
     auto g = layer->make_gradients();
-    layer->forward(x.view(), y.view(), ws);
-    layer->backward(x.view(), dy.view(), dx.view(), g, ws);
+    const auto forward_call = [&] {
+        if (kept) layer->forward(x.view(), y.view(), ws, activations);
+        else layer->forward(x.view(), y.view(), ws);
+    };
+    const auto backward_call = [&] {
+        if (kept) layer->backward(activations, x.view(), dy.view(), dx.view(), g, ws);
+        else layer->backward(x.view(), dy.view(), dx.view(), g, ws);
+    };
+    forward_call();
+    backward_call();
     double forward = 0, backward = 0;
     for (auto _ : state) {
         const auto t0 = std::chrono::steady_clock::now();
-        layer->forward(x.view(), y.view(), ws);
+        forward_call();
         const auto t1 = std::chrono::steady_clock::now();
-        layer->backward(x.view(), dy.view(), dx.view(), g, ws);
+        backward_call();
         const auto t2 = std::chrono::steady_clock::now();
         forward += std::chrono::duration<double>(t1 - t0).count();
         backward += std::chrono::duration<double>(t2 - t1).count();
@@ -246,14 +256,17 @@ int main(int argc, char** argv) {
     }
     for (const hm::index_t t : {32, 512}) {
         const std::string suffix = "/T:" + std::to_string(t) + "/f32";
+        for (const bool kept : {false, true}) {
+            const std::string name = suffix + (kept ? "/kept" : "");
 #if HYPERMOE_HAS_ONEDNN
-        benchmark::RegisterBenchmark(("BM_MoeBackward_onednn" + suffix).c_str(), BM_MoeBackward<hm::onednn>, t)
-            ->UseManualTime()->Unit(benchmark::kMillisecond);
+            benchmark::RegisterBenchmark(("BM_MoeBackward_onednn" + name).c_str(), BM_MoeBackward<hm::onednn>, t, kept)
+                ->UseManualTime()->Unit(benchmark::kMillisecond);
 #endif
 #if HYPERMOE_HAS_EIGEN
-        benchmark::RegisterBenchmark(("BM_MoeBackward_eigen" + suffix).c_str(), BM_MoeBackward<hm::eigen>, t)
-            ->UseManualTime()->Unit(benchmark::kMillisecond);
+            benchmark::RegisterBenchmark(("BM_MoeBackward_eigen" + name).c_str(), BM_MoeBackward<hm::eigen>, t, kept)
+                ->UseManualTime()->Unit(benchmark::kMillisecond);
 #endif
+        }
     }
 #if HYPERMOE_HAS_ONEDNN
     benchmark::RegisterBenchmark("BM_TrainStep_onednn/T:512/f32", BM_TrainStep<hm::onednn>, 512)->UseManualTime()->Unit(benchmark::kMillisecond);

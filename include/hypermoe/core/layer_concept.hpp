@@ -85,6 +85,17 @@ inline void check_backward_output(ConstMatrixView<float> x, MatrixView<float> y,
     if (overlap(x, y)) throw shape_error(concat(who, "::backward: output y overlaps input x, expected separate buffers"));
 }
 
+/// Checks activations a forward keeps for its backward, or a backward was given (empty: none):
+/// (M, width) for x (M, .), apart from x.
+inline void check_kept(ConstMatrixView<float> x, ConstMatrixView<float> kept, index_t width, std::string_view who,
+                       std::string_view what) {
+    if (kept.data() == nullptr) return;
+    if (kept.rows() != x.rows() || kept.cols() != width)
+        throw shape_error(concat(who, ": kept activations '", what, "' have shape ", shape_str(kept.rows(), kept.cols()),
+                                 ", expected ", shape_str(x.rows(), width)));
+    if (overlap(x, kept)) throw shape_error(concat(who, ": kept activations '", what, "' overlap input x, expected separate buffers"));
+}
+
 /// One gradient a backward was given: its name, shape, and the expected shape (a
 /// vector as (n, 1), an absent bias as (0, 1)).
 struct GradientShape {

@@ -65,11 +65,18 @@ public:
         return detail::padded_bytes<float>(rows, d_ff()) + std::max(up_->workspace_bytes(rows), down_->workspace_bytes(rows));
     }
 
-    /// y = down(Act(up x + b_up)) + b_down for x (M, d_model), y (M, d_model).
-    void forward(ConstMatrixView<float> x, MatrixView<float> y, Workspace& ws, const Context& /*ctx*/ = {}) const {
+    /// Floats per row that a forward keeps for the backward (kept_width() columns of `keep`): the
+    /// hidden activations h = Act(up x + b_up).
+    [[nodiscard]] index_t kept_width() const noexcept { return d_ff(); }
+
+    /// y = down(Act(up x + b_up)) + b_down for x (M, d_model), y (M, d_model). A non-empty
+    /// `keep` (M, kept_width()) receives the hidden activations for the backward.
+    void forward(ConstMatrixView<float> x, MatrixView<float> y, Workspace& ws, const Context& /*ctx*/ = {},
+                 MatrixView<float> keep = {}) const {
         detail::check_forward_shapes(x, y, d_model(), d_model(), "FfnExpert");
+        detail::check_kept(x, keep, kept_width(), "FfnExpert", "keep");
         Workspace::Scope scope(ws, workspace_bytes(x.rows()));
-        MatrixView<float> h = ws.take_matrix<float>(x.rows(), d_ff()); // (M, d_ff)
+        MatrixView<float> h = keep.data() != nullptr ? keep : ws.take_matrix<float>(x.rows(), d_ff()); // (M, d_ff)
         up_(x, h, ws);
         down_(h, y, ws);
     }
@@ -89,22 +96,25 @@ public:
     }
 
     /// The backward of forward(x): dx [+]= dL/dx from dy = dL/dy, and the parameter gradients
-    /// added to `g`. It recomputes the hidden activations from x (and up's backward its
-    /// pre-activations: the forward fuses the activation). A non-empty `y` (M, d_model) also gets
-    /// forward(x), from the recomputed hidden activations (one product instead of a forward
-    /// call's two). f32 storage only (config_error otherwise).
+    /// added to `g`. It reads the hidden activations from `kept` (what a forward with `keep` wrote
+    /// for this x), or recomputes them from x; up's backward recomputes its pre-activations either
+    /// way (the forward fuses the activation). A non-empty `y` (M, d_model) also gets forward(x),
+    /// from the hidden activations (one product instead of a forward call's two). f32 storage
+    /// only (config_error otherwise).
     void backward(ConstMatrixView<float> x, ConstMatrixView<float> dy, MatrixView<float> dx, FfnGradients& g, Workspace& ws,
-                  bool accumulate_input = false, MatrixView<float> y = {}) const {
+                  bool accumulate_input = false, MatrixView<float> y = {}, ConstMatrixView<float> kept = {}) const {
         detail::check_backward_shapes(x, dy, dx, d_model(), d_model(), "FfnExpert");
         detail::check_backward_output(x, y, d_model(), "FfnExpert");
+        detail::check_kept(x, kept, kept_width(), "FfnExpert", "kept");
         detail::check_gradient_shapes("FfnExpert", {{"up", g.up.rows(), g.up.cols(), d_ff(), d_model()},
                                                      {"down", g.down.rows(), g.down.cols(), d_model(), d_ff()},
                                                      {"up_bias", index_t(g.up_bias.size()), 1, up_bias_ ? d_ff() : 0, 1},
                                                      {"down_bias", index_t(g.down_bias.size()), 1, down_bias_ ? d_model() : 0, 1}});
         Workspace::Scope scope(ws, backward_workspace_bytes(x.rows()));
-        MatrixView<float> h = ws.take_matrix<float>(x.rows(), d_ff());  // Act(up x + b)
-        MatrixView<float> dh = ws.take_matrix<float>(x.rows(), d_ff()); // dL/dh
-        up_(x, h, ws);
+        MatrixView<float> scratch = ws.take_matrix<float>(x.rows(), d_ff()); // Act(up x + b), unless kept
+        MatrixView<float> dh = ws.take_matrix<float>(x.rows(), d_ff());      // dL/dh
+        if (kept.data() == nullptr) up_(x, scratch, ws);
+        const ConstMatrixView<float> h = kept.data() != nullptr ? kept : ConstMatrixView<float>(scratch);
         if (y.data() != nullptr) down_(h, y, ws);
         down_->backward(h, dy, dh, LinearGrads{g.down.view(), g.down_bias}, ws);
         up_->backward(x, dh, dx, LinearGrads{g.up.view(), g.up_bias}, ws, accumulate_input);

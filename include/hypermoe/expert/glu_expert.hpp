@@ -69,11 +69,20 @@ public:
                std::max(gate_up_->workspace_bytes(rows), down_->workspace_bytes(rows));
     }
 
-    void forward(ConstMatrixView<float> x, MatrixView<float> y, Workspace& ws, const Context& /*ctx*/ = {}) const {
+    /// Floats per row that a forward keeps for the backward (kept_width() columns of `keep`):
+    /// the [gate | up] pre-activations.
+    [[nodiscard]] index_t kept_width() const noexcept { return 2 * d_ff(); }
+
+    /// y (M, d_model) from x (M, d_model). A non-empty `keep` (M, kept_width()) receives what the
+    /// backward would otherwise recompute (backward(..., kept = keep)).
+    void forward(ConstMatrixView<float> x, MatrixView<float> y, Workspace& ws, const Context& /*ctx*/ = {},
+                 MatrixView<float> keep = {}) const {
         detail::check_forward_shapes(x, y, d_model(), d_model(), "GluExpert");
+        detail::check_kept(x, keep, kept_width(), "GluExpert", "keep");
         Workspace::Scope scope(ws, workspace_bytes(x.rows()));
         const index_t ff = d_ff();
-        MatrixView<float> gu = ws.take_matrix<float>(x.rows(), 2 * ff); // (M, 2 ff): [gate | up]
+        // (M, 2 ff): [gate | up], kept or scratch
+        MatrixView<float> gu = keep.data() != nullptr ? keep : ws.take_matrix<float>(x.rows(), 2 * ff);
         gate_up_(x, gu, ws);
         // h = Act(g) * u into its own contiguous buffer: the down GEMM reading h with stride
         // 2 ff instead measured 10-20% slower at M = 8. Split into (row, column block) items so
@@ -106,26 +115,28 @@ public:
     }
 
     /// The backward of forward(x): dx [+]= dL/dx from dy = dL/dy, and the parameter gradients
-    /// added to `g`. It recomputes the forward's [gate | up] product from x (nothing is kept
-    /// between the calls). A non-empty `y` (M, d_model) also gets forward(x), from the recomputed
-    /// hidden activations: one product, where a forward call would recompute [gate | up] too (an
-    /// MoE layer's backward needs the experts' outputs for its combine weights). f32 storage only
-    /// (config_error otherwise).
+    /// added to `g`. It reads the [gate | up] pre-activations from `kept` (what a forward with
+    /// `keep` wrote for this x), or recomputes them from x. A non-empty `y` (M, d_model) also gets
+    /// forward(x), from the hidden activations: one product, where a forward call would recompute
+    /// [gate | up] too (an MoE layer's backward needs the experts' outputs for its combine
+    /// weights). f32 storage only (config_error otherwise).
     void backward(ConstMatrixView<float> x, ConstMatrixView<float> dy, MatrixView<float> dx, GluGradients& g, Workspace& ws,
-                  bool accumulate_input = false, MatrixView<float> y = {}) const {
+                  bool accumulate_input = false, MatrixView<float> y = {}, ConstMatrixView<float> kept = {}) const {
         detail::check_backward_shapes(x, dy, dx, d_model(), d_model(), "GluExpert");
         detail::check_backward_output(x, y, d_model(), "GluExpert");
+        detail::check_kept(x, kept, kept_width(), "GluExpert", "kept");
         detail::check_gradient_shapes("GluExpert", {{"gate_up", g.gate_up.rows(), g.gate_up.cols(), 2 * d_ff(), d_model()},
                                                      {"down", g.down.rows(), g.down.cols(), d_model(), d_ff()},
                                                      {"gate_up_bias", index_t(g.gate_up_bias.size()), 1, gate_up_bias_ ? 2 * d_ff() : 0, 1},
                                                      {"down_bias", index_t(g.down_bias.size()), 1, down_bias_ ? d_model() : 0, 1}});
         Workspace::Scope scope(ws, backward_workspace_bytes(x.rows()));
         const index_t ff = d_ff(), m = x.rows();
-        MatrixView<float> gu = ws.take_matrix<float>(m, 2 * ff);  // [gate | up] pre-activations
-        MatrixView<float> h = ws.take_matrix<float>(m, ff);       // Act(g) * u
-        MatrixView<float> dh = ws.take_matrix<float>(m, ff);      // dL/dh
-        MatrixView<float> dgu = ws.take_matrix<float>(m, 2 * ff); // dL/d[gate | up]
-        gate_up_(x, gu, ws);
+        MatrixView<float> scratch = ws.take_matrix<float>(m, 2 * ff); // [gate | up] pre-activations, unless kept
+        MatrixView<float> h = ws.take_matrix<float>(m, ff);           // Act(g) * u
+        MatrixView<float> dh = ws.take_matrix<float>(m, ff);          // dL/dh
+        MatrixView<float> dgu = ws.take_matrix<float>(m, 2 * ff);     // dL/d[gate | up]
+        if (kept.data() == nullptr) gate_up_(x, scratch, ws);
+        const ConstMatrixView<float> gu = kept.data() != nullptr ? kept : ConstMatrixView<float>(scratch);
         for (index_t r = 0; r < m; ++r)
             for (index_t j = 0; j < ff; ++j) h(r, j) = Act::apply(gu(r, j)) * gu(r, ff + j);
         if (y.data() != nullptr) down_(h, y, ws);

@@ -178,7 +178,7 @@ public:
     [[nodiscard]] std::vector<TensorToWrite> gradients(ConstMatrixView<float> x, ConstMatrixView<float> dy, MatrixView<float> dx,
                                                        Workspace& ws, const Context& context = {}, bool with_hyper = true) const {
         std::vector<TensorToWrite> out;
-        visit_gradients(x, dy, dx, ws, context, with_hyper, [&](const auto& g) { out = named_gradients(names_, g); });
+        visit_gradients(x, dy, dx, ws, context, with_hyper, nullptr, [&](const auto& g) { out = named_gradients(names_, g); });
         return out;
     }
 
@@ -187,7 +187,28 @@ public:
     template <class Fn>
     void for_each_gradient(ConstMatrixView<float> x, ConstMatrixView<float> dy, MatrixView<float> dx, Workspace& ws,
                            const Context& context, bool with_hyper, Fn&& fn) const {
-        visit_gradients(x, dy, dx, ws, context, with_hyper, [&](const auto& g) { for_each_named_gradient(names_, g, fn); });
+        visit_gradients(x, dy, dx, ws, context, with_hyper, nullptr, [&](const auto& g) { for_each_named_gradient(names_, g, fn); });
+    }
+    /// The same from what forward(x, y, ws, kept, context, with_hyper) kept (MoeLayer's backward
+    /// from kept activations: no second routing, no recomputed expert activations).
+    template <class Fn>
+    void for_each_gradient(const MoeActivations& kept, ConstMatrixView<float> x, ConstMatrixView<float> dy, MatrixView<float> dx,
+                           Workspace& ws, const Context& context, bool with_hyper, Fn&& fn) const {
+        visit_gradients(x, dy, dx, ws, context, with_hyper, &kept, [&](const auto& g) { for_each_named_gradient(names_, g, fn); });
+    }
+
+    /// Whether forward(x, y, ws, kept, ...) can keep activations for a backward: an MoE block, or
+    /// a HyperMoE block run without its HyperExpert (its HyperExpert's backward recomputes).
+    [[nodiscard]] bool keeps_activations(bool with_hyper) const noexcept { return !(with_hyper && is_hyper()); }
+
+    /// y = block(x), keeping in `kept` what for_each_gradient(kept, ...) needs; a config_error
+    /// where keeps_activations(with_hyper) is false.
+    void forward(ConstMatrixView<float> x, MatrixView<float> y, Workspace& ws, MoeActivations& kept, const Context& context = {},
+                 bool with_hyper = true) const {
+        if (!keeps_activations(with_hyper))
+            throw config_error(detail::concat(to_string(info_.family), " block ", block_.layer,
+                                              ": a HyperMoE block with its HyperExpert keeps no activations (use forward with a plan)"));
+        visit_moe([&](const auto& m) { m.forward(x, y, ws, kept, context); });
     }
 
     /// Replaces the router's selection-only bias (E values; MoeLayer::set_selection_bias): what
@@ -289,21 +310,27 @@ private:
     /// Runs the backward into fresh gradients and calls use(gradients).
     template <class Use>
     void visit_gradients(ConstMatrixView<float> x, ConstMatrixView<float> dy, MatrixView<float> dx, Workspace& ws,
-                         const Context& context, bool with_hyper, Use&& use) const {
+                         const Context& context, bool with_hyper, const MoeActivations* kept, Use&& use) const {
         std::visit(
             [&](const auto& l) {
                 if constexpr (TrainableLayer<std::decay_t<decltype(l)>>) {
+                    const auto moe_backward = [&](const auto& moe) {
+                        auto g = moe.make_gradients();
+                        if (kept != nullptr) moe.backward(*kept, x, dy, dx, g, ws, context);
+                        else moe.backward(x, dy, dx, g, ws, context);
+                        use(g);
+                    };
                     if constexpr (requires { l.moe(); }) {
-                        if (!with_hyper) {
-                            auto g = l.moe().make_gradients();
-                            l.moe().backward(x, dy, dx, g, ws, context);
-                            use(g);
-                            return;
-                        }
+                        if (!with_hyper) return moe_backward(l.moe());
+                        if (kept != nullptr)
+                            throw config_error(detail::concat(to_string(info_.family), " block ", block_.layer,
+                                                              ": a HyperMoE block with its HyperExpert keeps no activations"));
+                        auto g = l.make_gradients();
+                        l.backward(x, dy, dx, g, ws, context);
+                        use(g);
+                    } else {
+                        moe_backward(l);
                     }
-                    auto g = l.make_gradients();
-                    l.backward(x, dy, dx, g, ws, context);
-                    use(g);
                 } else {
                     throw config_error(detail::concat(to_string(info_.family), " block ", block_.layer, ": its router has no backward"));
                 }

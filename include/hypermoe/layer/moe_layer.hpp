@@ -54,6 +54,28 @@ struct MoeGradients {
     SharedGradients shared;                ///< the shared expert's (empty without one)
 };
 
+/// What MoeLayer::forward(x, y, ws, kept, ctx) keeps for backward(kept, ...), so the backward
+/// neither routes again nor recomputes the experts: the plan, the router logits, the experts'
+/// gathered inputs and outputs, and each expert's hidden activations (Expert::kept_width()
+/// columns a row: GLU's [gate | up] pre-activations, FFN's hidden activations). The caller owns
+/// it, one per call in flight (a layer stays const and shared); its buffers grow to the largest
+/// call and are then reused, so a training loop allocates nothing in the steady state. Valid
+/// until the next forward into it.
+struct MoeActivations {
+    RoutingPlan plan;
+    std::vector<float> logits; ///< (tokens, experts)
+    std::vector<float> in;     ///< (plan rows, d_model): x's rows grouped by expert
+    std::vector<float> out;    ///< (plan rows, d_model): the experts' outputs
+    std::vector<float> hidden; ///< (plan rows, kept width)
+    index_t tokens = 0, width = 0, kept_width = 0;
+    const void* layer = nullptr; ///< the layer that kept them (checked by backward)
+
+    /// Bytes held (the plan's excepted).
+    [[nodiscard]] std::size_t bytes() const noexcept {
+        return (logits.capacity() + in.capacity() + out.capacity() + hidden.capacity()) * sizeof(float);
+    }
+};
+
 template <Expert E, Router R, class Shared = NoSharedExpert>
 class MoeLayer {
 public:
@@ -166,6 +188,47 @@ public:
         apply(x, plan, y, ws);
     }
 
+    /// The same, keeping in `kept` what backward(kept, ...) needs (MoeActivations). The routing
+    /// sink, if any, is called as by the other forwards.
+    void forward(ConstMatrixView<float> x, MatrixView<float> y, Workspace& ws, MoeActivations& kept,
+                 const Context& context = {}) const {
+        detail::check_forward_shapes(x, y, in_width(), out_width(), "MoeLayer");
+        check_input(x);
+        const index_t tokens = x.rows(), d = in_width(), kw = kept_width();
+        kept.layer = nullptr; // invalid until complete
+        kept.logits.resize(std::size_t(tokens * num_experts()));
+        const MatrixView<float> logits(kept.logits.data(), tokens, num_experts());
+        {
+            Workspace::Scope scope(ws, route_workspace_bytes(tokens));
+            if constexpr (detail::router_uses_logits<R>) gate_(x, logits, ws);
+            else std::fill(kept.logits.begin(), kept.logits.end(), 0.0f);
+            router_.route(logits, context, kept.plan, ws);
+            if (context.routing_sink != nullptr) context.routing_sink->record(kept.plan, logits);
+        }
+        const RoutingPlan& plan = kept.plan;
+        const index_t rows = plan.rows();
+        kept.in.resize(std::size_t(detail::checked_elements(rows, d, sizeof(float), "MoeLayer: kept inputs")));
+        kept.out.resize(kept.in.size());
+        kept.hidden.resize(std::size_t(detail::checked_elements(rows, kw, sizeof(float), "MoeLayer: kept activations")));
+        const MatrixView<float> in(kept.in.data(), rows, d), out(kept.out.data(), rows, d), hidden(kept.hidden.data(), rows, kw);
+        Workspace::Scope scope(ws, apply_workspace_bytes(tokens, rows));
+        gather(x, plan, in);
+        run_experts(plan, in, out, ws, hidden);
+        detail::parallel_for(tokens, tokens * d * plan.slots(), [&](index_t t) { combine(x, plan, out, y, t); });
+        if constexpr (Shared::present) shared_.add_to(x, y, ws);
+        kept.tokens = tokens;
+        kept.width = d;
+        kept.kept_width = kw;
+        kept.layer = this;
+    }
+
+    /// Floats per plan row that the experts keep (the widest expert's kept_width()).
+    [[nodiscard]] index_t kept_width() const noexcept {
+        index_t w = 0;
+        for (const auto& e : experts_) w = std::max(w, e.kept_width());
+        return w;
+    }
+
     /// Zeroed gradients of the router weight, every expert and the shared expert.
     [[nodiscard]] auto make_gradients() const
         requires requires(const E& e) { e.make_gradients(); }
@@ -220,26 +283,68 @@ public:
     {
         detail::check_backward_shapes(x, dy, dx, in_width(), out_width(), "MoeLayer");
         check_input(x);
-        if (g.gate.rows() != num_experts() || g.gate.cols() != in_width() || index_t(g.experts.size()) != num_experts())
-            throw shape_error(detail::concat("MoeLayer::backward: gradients for a gate of shape ",
-                                             detail::shape_str(g.gate.rows(), g.gate.cols()), " and ", g.experts.size(),
-                                             " experts, expected ", detail::shape_str(num_experts(), in_width()), " and ",
-                                             num_experts(), " (use make_gradients())"));
-        const index_t tokens = x.rows(), d = in_width(), slots = router_.slots();
+        check_gradients(g);
+        const index_t tokens = x.rows(), d = in_width();
         Workspace::Scope scope(ws, backward_workspace_bytes(tokens));
         MatrixView<float> logits = ws.take_matrix<float>(tokens, num_experts());
-        MatrixView<float> dlogits = ws.take_matrix<float>(tokens, num_experts());
-        MatrixView<float> dweights = ws.take_matrix<float>(tokens, slots);
         if constexpr (detail::router_uses_logits<R>) gate_(x, logits, ws); // as route(): zeros for a router without logits
         else std::fill_n(logits.data(), tokens * num_experts(), 0.0f);
         router_.route(logits, context, plan, ws);
         const index_t rows = plan.rows();
         MatrixView<float> in = ws.take_matrix<float>(rows, d), out = ws.take_matrix<float>(rows, d);
+        gather(x, plan, in);
+        backward_through(x, dy, dx, g, ws, plan, logits, in, out, {}, context);
+    }
+
+    /// The backward of forward(x, y, ws, kept, ctx) from what that forward kept: the same
+    /// gradients as backward(x, dy, ...) without routing again or recomputing the experts'
+    /// hidden activations (for a GluExpert, 6 products against the forward's 3, where
+    /// backward(x, ...) makes 9). `x` and `context` must be the forward's.
+    template <class G>
+    void backward(const MoeActivations& kept, ConstMatrixView<float> x, ConstMatrixView<float> dy, MatrixView<float> dx, G& g,
+                  Workspace& ws, const Context& context = {}) const
+        requires detail::router_has_backward<R>
+    {
+        detail::check_backward_shapes(x, dy, dx, in_width(), out_width(), "MoeLayer");
+        check_gradients(g);
+        if (kept.layer != this || kept.tokens != x.rows() || kept.width != in_width() || kept.kept_width != kept_width())
+            throw shape_error(detail::concat("MoeLayer::backward: the kept activations are for ", kept.tokens, " tokens",
+                                             kept.layer == this ? "" : " of another layer (or incomplete)", ", expected ",
+                                             x.rows(), " tokens of this layer (pass what forward(x, y, ws, kept) kept)"));
+        const index_t rows = kept.plan.rows(), d = in_width();
+        Workspace::Scope scope(ws, backward_workspace_bytes(x.rows()));
+        const auto view = [](const std::vector<float>& v, index_t r, index_t c) { return ConstMatrixView<float>(v.data(), r, c); };
+        backward_through(x, dy, dx, g, ws, kept.plan, view(kept.logits, x.rows(), num_experts()), view(kept.in, rows, d),
+                         view(kept.out, rows, d), view(kept.hidden, rows, kept.kept_width), context);
+    }
+
+private:
+    /// Checks gradients made by make_gradients().
+    template <class G>
+    void check_gradients(const G& g) const {
+        if (g.gate.rows() != num_experts() || g.gate.cols() != in_width() || index_t(g.experts.size()) != num_experts())
+            throw shape_error(detail::concat("MoeLayer::backward: gradients for a gate of shape ",
+                                             detail::shape_str(g.gate.rows(), g.gate.cols()), " and ", g.experts.size(),
+                                             " experts, expected ", detail::shape_str(num_experts(), in_width()), " and ",
+                                             num_experts(), " (use make_gradients())"));
+    }
+
+    /// The backward from the routing on: `in` holds x's rows grouped by expert; `out` is written
+    /// with the experts' outputs by their backward (`hidden` empty: recomputed), or holds them
+    /// with the experts' kept activations in `hidden`. Its scratch is within
+    /// backward_workspace_bytes(x.rows()).
+    template <class G, class Out>
+    void backward_through(ConstMatrixView<float> x, ConstMatrixView<float> dy, MatrixView<float> dx, G& g, Workspace& ws,
+                          const RoutingPlan& plan, ConstMatrixView<float> logits, ConstMatrixView<float> in, Out out,
+                          ConstMatrixView<float> hidden, const Context& context) const {
+        const index_t tokens = x.rows(), d = in_width(), slots = router_.slots(), rows = plan.rows();
+        MatrixView<float> dlogits = ws.take_matrix<float>(tokens, num_experts());
+        MatrixView<float> dweights = ws.take_matrix<float>(tokens, slots);
         MatrixView<float> dout = ws.take_matrix<float>(rows, d), din = ws.take_matrix<float>(rows, d);
         const auto row_tokens = plan.row_tokens(), row_slots = plan.row_slots();
-        gather(x, plan, in);
-        // dout = w dy per (token, slot) row; the experts' backward also gives their outputs
-        // (from the activations it recomputes anyway), which the combine weights' gradient reads.
+        // dout = w dy per (token, slot) row; without kept activations the experts' backward also
+        // gives their outputs (from the activations it recomputes anyway), which the combine
+        // weights' gradient reads.
         for (index_t r = 0; r < rows; ++r) {
             const index_t t = row_tokens[std::size_t(r)];
             const float w = plan.weights(t)[std::size_t(row_slots[std::size_t(r)])];
@@ -249,8 +354,14 @@ public:
         for (index_t e = 0; e < num_experts(); ++e)
             if (const index_t n = plan.rows_of(e); n > 0) {
                 const index_t first = offsets[std::size_t(e)];
-                experts_[std::size_t(e)].backward(in.row_block(first, n), dout.row_block(first, n), din.row_block(first, n),
-                                                  g.experts[std::size_t(e)], ws, false, out.row_block(first, n));
+                const auto& expert = experts_[std::size_t(e)];
+                if constexpr (std::is_same_v<Out, MatrixView<float>>)
+                    expert.backward(in.row_block(first, n), dout.row_block(first, n), din.row_block(first, n),
+                                    g.experts[std::size_t(e)], ws, false, out.row_block(first, n));
+                else
+                    expert.backward(in.row_block(first, n), dout.row_block(first, n), din.row_block(first, n),
+                                    g.experts[std::size_t(e)], ws, false, MatrixView<float>{},
+                                    hidden.row_block(first, n).col_block(0, expert.kept_width()));
             }
         // dweights = dy . out (kept tokens), dy . x (tokens passed through as w x).
         for (index_t t = 0; t < tokens; ++t) {
@@ -291,7 +402,6 @@ public:
         if constexpr (Shared::present) shared_.backward(x, dy, dx, g.shared, ws);
     }
 
-private:
     /// What routing requires of x: d_model columns, all finite.
     void check_input(ConstMatrixView<float> x) const {
         if (x.cols() != in_width())
@@ -314,12 +424,17 @@ private:
     /// another process takes a core (each region ends in a barrier). Otherwise (one thread, or one
     /// expert holding most rows) they run one after another, each GEMM threaded by the backend.
     /// Both ways give the same bits (tests/test_determinism.cpp).
-    void run_experts(const RoutingPlan& plan, MatrixView<float> in, MatrixView<float> out, Workspace& ws) const {
+    /// With a non-empty `hidden` (rows, kept_width()), each expert keeps its activations in its
+    /// rows of it.
+    void run_experts(const RoutingPlan& plan, MatrixView<float> in, MatrixView<float> out, Workspace& ws,
+                     MatrixView<float> hidden = {}) const {
         const auto offsets = plan.offsets();
         const auto run = [&](index_t e, Workspace& w) {
-            const index_t n = plan.rows_of(e);
-            experts_[std::size_t(e)].forward(in.row_block(offsets[std::size_t(e)], n),
-                                             out.row_block(offsets[std::size_t(e)], n), w);
+            const index_t n = plan.rows_of(e), first = offsets[std::size_t(e)];
+            const auto& expert = experts_[std::size_t(e)];
+            const MatrixView<float> keep =
+                hidden.data() != nullptr ? hidden.row_block(first, n).col_block(0, expert.kept_width()) : MatrixView<float>{};
+            expert.forward(in.row_block(first, n), out.row_block(first, n), w, {}, keep);
         };
         const int threads = detail::current_threads();
         index_t active = 0, largest = 0;

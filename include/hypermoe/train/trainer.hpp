@@ -229,8 +229,11 @@ public:
         fit(dx_, x.rows());
         const auto& blocks = model_->blocks();
         for (std::size_t i = blocks.size(); i-- > 0;) {
-            blocks[i].for_each_gradient(hs_[i].view(), dh_.view(), dx_.view(), ws_, opt_.context, opt_.with_hyper,
-                                        [&](const TensorName& n, ConstMatrixView<float> g, bool) { accumulate(n, g); });
+            const auto add = [&](const TensorName& n, ConstMatrixView<float> g, bool) { accumulate(n, g); };
+            if (blocks[i].keeps_activations(opt_.with_hyper))
+                blocks[i].for_each_gradient(kept_[i], hs_[i].view(), dh_.view(), dx_.view(), ws_, opt_.context, opt_.with_hyper, add);
+            else
+                blocks[i].for_each_gradient(hs_[i].view(), dh_.view(), dx_.view(), ws_, opt_.context, opt_.with_hyper, add);
             for (index_t r = 0; r < x.rows(); ++r)
                 for (index_t c = 0; c < width(); ++c) dh_(r, c) = opt_.residual ? dh_(r, c) + dx_(r, c) : dx_(r, c);
         }
@@ -270,26 +273,37 @@ private:
     /// where the checkpoint holds one, so that saving keeps it).
     void balance() {
         for (std::size_t i = 0; i < balancers_.size(); ++i) {
-            balancers_[i].observe(plans_[i]);
+            balancers_[i].observe(plan(i));
             balancers_[i].update(biases_[i]);
             const TensorName& stored = model_->blocks()[i].parameter_names().selection_bias;
             if (!stored.empty()) std::copy(biases_[i].begin(), biases_[i].end(), store_.values(stored.name).begin());
         }
     }
 
-    /// Runs the chain on x, keeping every block's input (hs_[i]) and the output (hs_.back()).
+    /// Block i's routing in the last forward.
+    [[nodiscard]] const RoutingPlan& plan(std::size_t i) const {
+        return model_->blocks()[i].keeps_activations(opt_.with_hyper) ? kept_[i].plan : plans_[i];
+    }
+
+    /// Runs the chain on x, keeping every block's input (hs_[i]) and the output (hs_.back()), and
+    /// each MoE block's activations for its backward (kept_[i]; a HyperMoE block with its
+    /// HyperExpert only its plan).
     void run_forward(ConstMatrixView<float> x) {
         const auto& blocks = model_->blocks();
         if (blocks.empty()) throw config_error(detail::concat(store_.checkpoint().dir(), ": no MoE block to train"));
         hs_.resize(blocks.size() + 1);
         plans_.resize(blocks.size());
+        kept_.resize(blocks.size());
         fit(hs_[0], x.rows());
         hs_[0].copy_from(x);
         check_finite(ConstMatrixView<float>(hs_[0].view()), "Trainer: x");
         for (std::size_t i = 0; i < blocks.size(); ++i) {
             Matrix<float>& out = hs_[i + 1];
             fit(out, x.rows());
-            blocks[i].forward(hs_[i].view(), out.view(), ws_, plans_[i], opt_.context, opt_.with_hyper);
+            if (blocks[i].keeps_activations(opt_.with_hyper))
+                blocks[i].forward(hs_[i].view(), out.view(), ws_, kept_[i], opt_.context, opt_.with_hyper);
+            else
+                blocks[i].forward(hs_[i].view(), out.view(), ws_, plans_[i], opt_.context, opt_.with_hyper);
             if (opt_.residual)
                 for (index_t r = 0; r < x.rows(); ++r)
                     for (index_t c = 0; c < width(); ++c) out(r, c) += hs_[i](r, c);
@@ -308,7 +322,7 @@ private:
             m.loss = ce.loss;
             m.accuracy = y.rows() > 0 ? double(ce.correct) / double(y.rows()) : 0.0;
         }
-        for (const RoutingPlan& p : plans_) m.load_cv += routing_stats(p).load_cv / double(plans_.size());
+        for (std::size_t i = 0; i < plans_.size(); ++i) m.load_cv += routing_stats(plan(i)).load_cv / double(plans_.size());
         return m;
     }
 
@@ -351,7 +365,8 @@ private:
     std::vector<std::vector<float>> grads_;
     std::optional<AdamW> adamw_;
     std::vector<Matrix<float>> hs_;
-    std::vector<RoutingPlan> plans_;
+    std::vector<RoutingPlan> plans_;          ///< each block's routing (HyperMoE blocks with their HyperExpert)
+    std::vector<MoeActivations> kept_;        ///< each MoE block's activations for its backward
     std::vector<BiasBalancer> balancers_;      ///< per block, with balance_gamma
     std::vector<std::vector<float>> biases_;   ///< per block: its selection bias
     Matrix<float> dh_, dx_;
