@@ -444,6 +444,34 @@ private:
     kernel_isa kernel_;
 };
 
+/// Floats of B (k, n) packed as f32 panels (pack_f32_panels).
+[[nodiscard]] inline index_t f32_panel_floats(index_t k, index_t n) noexcept {
+    return saturating_mul(saturating_mul((n + PanelKernels::panel - 1) / PanelKernels::panel, PanelKernels::panel), std::max<index_t>(k, 0));
+}
+
+/// B (k, n), element (i, j) = b(i, j), packed into `out` (f32_panel_floats(k, n) floats) as the
+/// panel kernels read weights: column j goes to panel j / 16, lane j % 16, k rows (zero lanes
+/// past n). Threaded over panels.
+template <class At>
+void pack_f32_panels(index_t k, index_t n, float* out, At&& b) {
+    constexpr index_t panel = PanelKernels::panel;
+    parallel_for((n + panel - 1) / panel, k * n, [&](index_t p) {
+        const index_t j0 = p * panel, cols = std::min(panel, n - j0);
+        float* dst = out + p * k * panel;
+        for (index_t i = 0; i < k; ++i, dst += panel) {
+            for (index_t c = 0; c < cols; ++c) dst[c] = b(i, j0 + c);
+            std::fill(dst + cols, dst + panel, 0.0f);
+        }
+    });
+}
+
+/// The same from memory: B's element (i, j) is b[i * ldb + j] (row-major), or b[j * ldb + i]
+/// with `b_cols` (column-major).
+inline void pack_f32_panels(const float* b, index_t ldb, bool b_cols, index_t k, index_t n, float* out) {
+    if (b_cols) pack_f32_panels(k, n, out, [&](index_t i, index_t j) { return b[j * ldb + i]; });
+    else pack_f32_panels(k, n, out, [&](index_t i, index_t j) { return b[i * ldb + j]; });
+}
+
 /// A linear map's weights as panels of bf16 or f32 values; copies share them (they are never
 /// written after packing).
 class WeightPanels {
@@ -458,13 +486,8 @@ public:
         : k_(w.cols()), n_(w.rows()), panels_((n_ + panel - 1) / panel), values_(values),
           kernel_(values == dtype::bf16 ? bf16_kernel(prec) : vector_kernel()), fast_(values == dtype::bf16 && prec == precision::fast) {
         if (values == dtype::f32) {
-            f32_ = aligned_array<float>(static_cast<std::size_t>(std::max<index_t>(1, panels_ * k_ * panel)));
-            for (index_t p = 0; p < panels_; ++p)
-                for (index_t k = 0; k < k_; ++k)
-                    for (index_t c = 0; c < panel; ++c) {
-                        const index_t n = p * panel + c;
-                        f32_[static_cast<std::size_t>((p * k_ + k) * panel + c)] = n < n_ ? w.at(n, k) : 0.0f;
-                    }
+            f32_ = aligned_array<float>(static_cast<std::size_t>(std::max<index_t>(1, f32_panel_floats(k_, n_))));
+            pack_f32_panels(k_, n_, f32_.get(), [&](index_t k, index_t n) { return w.at(n, k); }); // B = W^T
             return;
         }
         const index_t pairs = (k_ + 1) / 2;
@@ -501,18 +524,9 @@ public:
     /// panels only (the backward passes refuse other storage first).
     void pack_transposed(float* out) const {
         if (values_ != dtype::f32) throw config_error("WeightPanels::pack_transposed: the panels hold bf16, expected f32");
-        const index_t q_panels = (k_ + panel - 1) / panel;
-        parallel_for(q_panels, k_ * n_, [&](index_t q) {
-            float* dst = out + q * n_ * panel;
-            const index_t k0 = q * panel, ks = std::min(panel, k_ - k0);
-            for (index_t n = 0; n < n_; ++n) {
-                const float* src = f32_.get() + ((n / panel) * k_ + k0) * panel + n % panel;
-                float* row = dst + n * panel;
-                for (index_t c = 0; c < ks; ++c) row[c] = src[c * panel];
-                std::fill(row + ks, row + panel, 0.0f);
-            }
-        });
+        pack_f32_panels(n_, k_, out, [&](index_t n, index_t k) { return f32_[static_cast<std::size_t>(((n / panel) * k_ + k) * panel + n % panel)]; });
     }
+
     /// Scratch of apply() with `rows` rows: the product when accumulating, the rounded
     /// activations with `fast`.
     [[nodiscard]] std::size_t workspace_bytes(index_t rows, bool accumulate) const noexcept {
@@ -565,30 +579,6 @@ private:
     kernel_isa kernel_ = kernel_isa::portable;
     bool fast_ = false;
 };
-
-/// Floats of B (k, n) packed as f32 panels (pack_f32_panels).
-[[nodiscard]] inline index_t f32_panel_floats(index_t k, index_t n) noexcept {
-    return saturating_mul(saturating_mul((n + PanelKernels::panel - 1) / PanelKernels::panel, PanelKernels::panel), std::max<index_t>(k, 0));
-}
-
-/// B (k, n) packed into `out` (f32_panel_floats(k, n)) as the panel kernels read weights: column
-/// j of B goes to panel j / 16, lane j % 16, k rows (zero lanes past n). B's element (i, j) is
-/// b[i * ldb + j] (row-major), or b[j * ldb + i] with `b_cols` (column-major). Threaded over
-/// panels.
-inline void pack_f32_panels(const float* b, index_t ldb, bool b_cols, index_t k, index_t n, float* out) {
-    constexpr index_t panel = PanelKernels::panel;
-    const index_t panels = (n + panel - 1) / panel;
-    parallel_for(panels, k * n, [&](index_t p) {
-        const index_t j0 = p * panel, cols = std::min(panel, n - j0);
-        float* dst = out + p * k * panel;
-        for (index_t i = 0; i < k; ++i, dst += panel) {
-            if (b_cols)
-                for (index_t c = 0; c < cols; ++c) dst[c] = b[(j0 + c) * ldb + i];
-            else std::copy_n(b + i * ldb + j0, cols, dst);
-            std::fill(dst + cols, dst + panel, 0.0f);
-        }
-    });
-}
 
 /// Scratch of panel_gemm with B (k, n).
 [[nodiscard]] inline std::size_t panel_gemm_bytes(index_t k, index_t n) noexcept {

@@ -76,24 +76,28 @@ inline void check_forward_shapes(ConstMatrixView<float> x, MatrixView<float> y, 
                                       "expected separate buffers"));
 }
 
+/// Checks an optional buffer beside x (empty: none): (M, width) for x (M, .), apart from x.
+/// `subject()` names it in the message (made only on an error: the checks run on every call and
+/// allocate nothing); `plural` takes the verbs' plural form.
+template <class Subject>
+void check_beside_input(ConstMatrixView<float> x, ConstMatrixView<float> m, index_t width, Subject&& subject, bool plural) {
+    if (m.data() == nullptr) return;
+    if (m.rows() != x.rows() || m.cols() != width)
+        throw shape_error(concat(subject(), plural ? " have shape " : " has shape ", shape_str(m.rows(), m.cols()), ", expected ",
+                                 shape_str(x.rows(), width)));
+    if (overlap(x, m)) throw shape_error(concat(subject(), plural ? " overlap" : " overlaps", " input x, expected separate buffers"));
+}
+
 /// Checks the forward output a backward was asked for (empty: none): y (M, out), apart from x.
 inline void check_backward_output(ConstMatrixView<float> x, MatrixView<float> y, index_t out, std::string_view who) {
-    if (y.data() == nullptr) return;
-    if (y.rows() != x.rows() || y.cols() != out)
-        throw shape_error(concat(who, "::backward: output y has shape ", shape_str(y.rows(), y.cols()), ", expected ",
-                                 shape_str(x.rows(), out)));
-    if (overlap(x, y)) throw shape_error(concat(who, "::backward: output y overlaps input x, expected separate buffers"));
+    check_beside_input(x, y, out, [&] { return concat(who, "::backward: output y"); }, false);
 }
 
 /// Checks activations a forward keeps for its backward, or a backward was given (empty: none):
 /// (M, width) for x (M, .), apart from x.
 inline void check_kept(ConstMatrixView<float> x, ConstMatrixView<float> kept, index_t width, std::string_view who,
                        std::string_view what) {
-    if (kept.data() == nullptr) return;
-    if (kept.rows() != x.rows() || kept.cols() != width)
-        throw shape_error(concat(who, ": kept activations '", what, "' have shape ", shape_str(kept.rows(), kept.cols()),
-                                 ", expected ", shape_str(x.rows(), width)));
-    if (overlap(x, kept)) throw shape_error(concat(who, ": kept activations '", what, "' overlap input x, expected separate buffers"));
+    check_beside_input(x, kept, width, [&] { return concat(who, ": kept activations '", what, "'"); }, true);
 }
 
 /// One gradient a backward was given: its name, shape, and the expected shape (a

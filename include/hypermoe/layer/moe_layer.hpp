@@ -67,13 +67,8 @@ struct MoeActivations {
     std::vector<float> in;     ///< (plan rows, d_model): x's rows grouped by expert
     std::vector<float> out;    ///< (plan rows, d_model): the experts' outputs
     std::vector<float> hidden; ///< (plan rows, kept width)
-    index_t tokens = 0, width = 0, kept_width = 0;
-    const void* layer = nullptr; ///< the layer that kept them (checked by backward)
-
-    /// Bytes held (the plan's excepted).
-    [[nodiscard]] std::size_t bytes() const noexcept {
-        return (logits.capacity() + in.capacity() + out.capacity() + hidden.capacity()) * sizeof(float);
-    }
+    index_t tokens = 0;          ///< rows of the forward's x
+    const void* layer = nullptr; ///< the layer that kept them (checked by backward; its widths give the shapes)
 };
 
 template <Expert E, Router R, class Shared = NoSharedExpert>
@@ -145,16 +140,9 @@ public:
     /// to the context's routing sink, if any. A router that ignores logits (hash routing) is given
     /// zeros, and the gate GEMM is skipped.
     void route(ConstMatrixView<float> x, const Context& context, RoutingPlan& plan, Workspace& ws) const {
+        check_input(x);
         Workspace::Scope scope(ws, route_workspace_bytes(x.rows()));
-        MatrixView<float> logits = ws.take_matrix<float>(x.rows(), num_experts()); // (T, E)
-        if constexpr (detail::router_uses_logits<R>) {
-            router_logits(x, logits, ws);
-        } else {
-            check_input(x);
-            std::fill_n(logits.data(), logits.rows() * logits.cols(), 0.0f);
-        }
-        router_.route(logits, context, plan, ws);
-        if (context.routing_sink != nullptr) context.routing_sink->record(plan, logits);
+        route_into(x, context, plan, ws.take_matrix<float>(x.rows(), num_experts()), ws, true);
     }
 
     /// y (T, d_model) from x and a plan made for x (by route(), or by any router over the same
@@ -168,10 +156,7 @@ public:
         Workspace::Scope scope(ws, apply_workspace_bytes(x.rows(), rows));
         MatrixView<float> in = ws.take_matrix<float>(rows, d);  // (rows, d): tokens grouped by expert
         MatrixView<float> out = ws.take_matrix<float>(rows, d); // (rows, d)
-        gather(x, plan, in);
-        run_experts(plan, in, out, ws);
-        detail::parallel_for(x.rows(), x.rows() * d * plan.slots(), [&](index_t t) { combine(x, plan, out, y, t); });
-        if constexpr (Shared::present) shared_.add_to(x, y, ws);
+        apply_into(x, plan, y, in, out, {}, ws);
     }
 
     /// The Layer entry point: routes with a per-thread plan that keeps its capacity.
@@ -197,28 +182,18 @@ public:
         const index_t tokens = x.rows(), d = in_width(), kw = kept_width();
         kept.layer = nullptr; // invalid until complete
         kept.logits.resize(std::size_t(tokens * num_experts()));
-        const MatrixView<float> logits(kept.logits.data(), tokens, num_experts());
         {
             Workspace::Scope scope(ws, route_workspace_bytes(tokens));
-            if constexpr (detail::router_uses_logits<R>) gate_(x, logits, ws);
-            else std::fill(kept.logits.begin(), kept.logits.end(), 0.0f);
-            router_.route(logits, context, kept.plan, ws);
-            if (context.routing_sink != nullptr) context.routing_sink->record(kept.plan, logits);
+            route_into(x, context, kept.plan, MatrixView<float>(kept.logits.data(), tokens, num_experts()), ws, true);
         }
-        const RoutingPlan& plan = kept.plan;
-        const index_t rows = plan.rows();
+        const index_t rows = kept.plan.rows();
         kept.in.resize(std::size_t(detail::checked_elements(rows, d, sizeof(float), "MoeLayer: kept inputs")));
         kept.out.resize(kept.in.size());
         kept.hidden.resize(std::size_t(detail::checked_elements(rows, kw, sizeof(float), "MoeLayer: kept activations")));
-        const MatrixView<float> in(kept.in.data(), rows, d), out(kept.out.data(), rows, d), hidden(kept.hidden.data(), rows, kw);
         Workspace::Scope scope(ws, apply_workspace_bytes(tokens, rows));
-        gather(x, plan, in);
-        run_experts(plan, in, out, ws, hidden);
-        detail::parallel_for(tokens, tokens * d * plan.slots(), [&](index_t t) { combine(x, plan, out, y, t); });
-        if constexpr (Shared::present) shared_.add_to(x, y, ws);
+        apply_into(x, kept.plan, y, MatrixView<float>(kept.in.data(), rows, d), MatrixView<float>(kept.out.data(), rows, d),
+                   MatrixView<float>(kept.hidden.data(), rows, kw), ws);
         kept.tokens = tokens;
-        kept.width = d;
-        kept.kept_width = kw;
         kept.layer = this;
     }
 
@@ -287,9 +262,7 @@ public:
         const index_t tokens = x.rows(), d = in_width();
         Workspace::Scope scope(ws, backward_workspace_bytes(tokens));
         MatrixView<float> logits = ws.take_matrix<float>(tokens, num_experts());
-        if constexpr (detail::router_uses_logits<R>) gate_(x, logits, ws); // as route(): zeros for a router without logits
-        else std::fill_n(logits.data(), tokens * num_experts(), 0.0f);
-        router_.route(logits, context, plan, ws);
+        route_into(x, context, plan, logits, ws, false);
         const index_t rows = plan.rows();
         MatrixView<float> in = ws.take_matrix<float>(rows, d), out = ws.take_matrix<float>(rows, d);
         gather(x, plan, in);
@@ -307,7 +280,7 @@ public:
     {
         detail::check_backward_shapes(x, dy, dx, in_width(), out_width(), "MoeLayer");
         check_gradients(g);
-        if (kept.layer != this || kept.tokens != x.rows() || kept.width != in_width() || kept.kept_width != kept_width())
+        if (kept.layer != this || kept.tokens != x.rows())
             throw shape_error(detail::concat("MoeLayer::backward: the kept activations are for ", kept.tokens, " tokens",
                                              kept.layer == this ? "" : " of another layer (or incomplete)", ", expected ",
                                              x.rows(), " tokens of this layer (pass what forward(x, y, ws, kept) kept)"));
@@ -315,7 +288,7 @@ public:
         Workspace::Scope scope(ws, backward_workspace_bytes(x.rows()));
         const auto view = [](const std::vector<float>& v, index_t r, index_t c) { return ConstMatrixView<float>(v.data(), r, c); };
         backward_through(x, dy, dx, g, ws, kept.plan, view(kept.logits, x.rows(), num_experts()), view(kept.in, rows, d),
-                         view(kept.out, rows, d), view(kept.hidden, rows, kept.kept_width), context);
+                         view(kept.out, rows, d), view(kept.hidden, rows, kept_width()), context);
     }
 
 private:
@@ -400,6 +373,27 @@ private:
             gate_->backward(x, dlogits, dx, LinearGrads{g.gate.view()}, ws, true);
         }
         if constexpr (Shared::present) shared_.backward(x, dy, dx, g.shared, ws);
+    }
+
+    /// Router logits of x into `logits` (zeros for a router that ignores them: the gate GEMM is
+    /// skipped) and the routing into `plan`; with `record`, the plan and logits go to the
+    /// context's routing sink. Within route_workspace_bytes(x.rows()) less the logits.
+    void route_into(ConstMatrixView<float> x, const Context& context, RoutingPlan& plan, MatrixView<float> logits, Workspace& ws,
+                    bool record) const {
+        if constexpr (detail::router_uses_logits<R>) gate_(x, logits, ws);
+        else std::fill_n(logits.data(), logits.rows() * logits.cols(), 0.0f);
+        router_.route(logits, context, plan, ws);
+        if (record && context.routing_sink != nullptr) context.routing_sink->record(plan, logits);
+    }
+
+    /// y from x and its plan through `in` and `out` (plan rows x d_model): gather, the experts
+    /// (keeping their activations in a non-empty `hidden`), combine, the shared expert.
+    void apply_into(ConstMatrixView<float> x, const RoutingPlan& plan, MatrixView<float> y, MatrixView<float> in,
+                    MatrixView<float> out, MatrixView<float> hidden, Workspace& ws) const {
+        gather(x, plan, in);
+        run_experts(plan, in, out, ws, hidden);
+        detail::parallel_for(x.rows(), x.rows() * in_width() * plan.slots(), [&](index_t t) { combine(x, plan, out, y, t); });
+        if constexpr (Shared::present) shared_.add_to(x, y, ws);
     }
 
     /// What routing requires of x: d_model columns, all finite.
