@@ -124,7 +124,7 @@ TEST_CASE("hypermoe run --grad writes dx and d/<tensor> matching every fixture's
     fs::remove(grads);
 }
 
-TEST_CASE("hypermoe run and bench with bf16, 8- and 4-bit expert weights") {
+TEST_CASE("hypermoe run and bench with bf16, 8- and 4-bit expert weights; bench names the f32 kernels") {
     const std::string dir = data_dir + "/qwen2_moe-basic";
     const fs::path out = fs::temp_directory_path() / ("hypermoe-cli-q-" + std::to_string(::getpid()) + ".safetensors");
     for (const auto& weights_bound : {std::pair<std::string, double>{"bf16", 1e-2}, {"q8_0", 3e-2}, {"q4_0", 5e-1}}) {
@@ -154,6 +154,22 @@ TEST_CASE("hypermoe run and bench with bf16, 8- and 4-bit expert weights") {
             // 8 experts x 3 matrices of 64 x 64: 8 x 3 x 64 rows x 2 blocks of 32 (bf16: 2 bytes each).
             CHECK(row["weight_bytes"] == 8 * 3 * 64 * 2 * (t == hypermoe::dtype::bf16 ? 64 : t == hypermoe::dtype::q8_0 ? 34 : 18));
         }
+    }
+    // f32: the backend's name, or the instructions of our f32 panels where oneDNN runs them.
+    for (const auto& backend : backends()) {
+        CAPTURE(backend);
+        const Result b = run_cli("bench --d-model 64 --d-ff 64 --tokens 8 --repeat 1 --weights f32 --backend " + backend + " --json");
+        REQUIRE_MESSAGE(b.status == 0, b.err);
+        const auto row = nlohmann::json::parse(b.out.substr(0, b.out.find('\n')));
+#if HYPERMOE_HAS_ONEDNN
+        if (backend == "onednn") {
+            CHECK(row["isa"] == std::string(hypermoe::detail::onednn_f32_kernel_name()));
+            CHECK(row["isa"] == (hypermoe::detail::onednn_f32_brgemm() ? std::string("onednn")
+                                                                       : std::string(to_string(hypermoe::detail::vector_kernel()))));
+            continue;
+        }
+#endif
+        CHECK(row["isa"] == backend);
     }
     fs::remove(out);
 }

@@ -139,9 +139,14 @@ hm::precision precision_of(const Args& a) {
 hm::LoadOptions load_options(const Args& a, const hm::Checkpoint& ck) { return {.storage = weights_of(a, &ck), .prec = precision_of(a)}; }
 
 /// The instructions the experts' linear maps run on: our own kernel for bf16, q8_0 and q4_0
-/// (chosen from this CPU), else (f32) the backend's own dispatch.
+/// (chosen from this CPU); for f32 the backend's name, except where oneDNN has no f32 brgemm and
+/// the oneDNN backend runs our f32 panel kernels (then their instructions).
 template <class B>
 std::string isa_of(const hm::LoadOptions& o) {
+#if HYPERMOE_HAS_ONEDNN
+    if constexpr (std::is_same_v<B, hm::onednn>)
+        if (o.storage == hm::dtype::f32) return std::string(hm::detail::onednn_f32_kernel_name());
+#endif
     if (o.storage == hm::dtype::f32) return std::string(B::name);
     return std::string(hm::detail::kernel_isa_name(o.storage, o.prec));
 }

@@ -151,20 +151,25 @@ inline void append_activation(dnnl::post_ops& po, activation_kind kind) {
     }
 }
 
+/// oneDNN's plan for an f32 matmul of M rows by a (K, N) weight whose layout oneDNN chooses, in
+/// user scratchpad mode, for the calling thread's OpenMP thread count.
+[[nodiscard]] inline dnnl::matmul::primitive_desc onednn_f32_plan(index_t m, index_t k, index_t n) {
+    using dt = dnnl::memory::data_type;
+    const dnnl::memory::desc a({m, k}, dt::f32, {k, 1}), c({m, n}, dt::f32, {n, 1});
+    const dnnl::memory::desc w({k, n}, dt::f32, dnnl::memory::format_tag::any);
+    dnnl::primitive_attr attr;
+    attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+    return dnnl::matmul::primitive_desc(dnnl::matmul::desc(a, w, c), attr, onednn_engine());
+}
+
 /// The weight layout of (K, N): the one oneDNN prefers for the largest bucket at `threads`
 /// threads. Every bucket, at every thread count, is then created for this layout, so a linear
 /// stores its weights once (left to choose, oneDNN 2.6 picks other blockings for some buckets
 /// at 3 or more threads).
 [[nodiscard]] inline dnnl::memory::desc onednn_weight_layout(index_t k, index_t n, int threads) {
     const ThreadCountScope thread_count(threads);
-    using dt = dnnl::memory::data_type;
     try {
-        const index_t m = onednn_row_buckets.back();
-        const dnnl::memory::desc a({m, k}, dt::f32, {k, 1}), c({m, n}, dt::f32, {n, 1});
-        const dnnl::memory::desc w({k, n}, dt::f32, dnnl::memory::format_tag::any);
-        dnnl::primitive_attr attr;
-        attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
-        return dnnl::matmul::primitive_desc(dnnl::matmul::desc(a, w, c), attr, onednn_engine()).weights_desc();
+        return onednn_f32_plan(onednn_row_buckets.back(), k, n).weights_desc();
     } catch (const dnnl::error& e) {
         throw backend_error(concat("onednn: cannot create a matmul for K = ", k, ", N = ", n, ": ", e.what()));
     }
@@ -174,19 +179,19 @@ inline void append_activation(dnnl::post_ops& po, activation_kind kind) {
 /// DNNL_MAX_CPU_ISA caps it). Only then do f32 weights go to oneDNN primitives (file comment).
 [[nodiscard]] inline bool onednn_f32_brgemm() {
     static const bool brgemm = [] {
-        using dt = dnnl::memory::data_type;
         try {
-            const dnnl::memory::desc a({64, 256}, dt::f32, {256, 1}), c({64, 256}, dt::f32, {256, 1});
-            const dnnl::memory::desc w({256, 256}, dt::f32, dnnl::memory::format_tag::any);
-            dnnl::primitive_attr attr;
-            attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
-            const dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(a, w, c), attr, onednn_engine());
-            return std::string_view(pd.impl_info_str()).starts_with("brg");
+            return std::string_view(onednn_f32_plan(64, 256, 256).impl_info_str()).starts_with("brg");
         } catch (const dnnl::error&) {
             return false;
         }
     }();
     return brgemm;
+}
+
+/// What runs the oneDNN backend's f32 linears here: "onednn" (its brgemm primitives) or the
+/// instructions of our f32 panel kernels (backend/panels.hpp) where oneDNN has no brgemm.
+[[nodiscard]] inline std::string_view onednn_f32_kernel_name() {
+    return onednn_f32_brgemm() ? std::string_view("onednn") : to_string(vector_kernel());
 }
 
 /// The bucket primitives of one (K, N, epilogue) for `threads` OpenMP threads and the weight
