@@ -197,7 +197,7 @@ TEST_CASE_TEMPLATE_DEFINE("MoE layer forward allocates nothing after warm-up (d 
 }
 TEST_CASE_TEMPLATE_APPLY(no_alloc, test::all_backends);
 
-TEST_CASE_TEMPLATE_DEFINE("backward of a norm + residual MoE stack, and an MoE layer's from kept activations, allocate nothing after warm-up", B, backward_no_alloc) {
+TEST_CASE_TEMPLATE_DEFINE("backward of a norm + residual MoE stack, an MoE layer's from kept activations and a noisy top-k layer's with the smooth load loss allocate nothing after warm-up", B, backward_no_alloc) {
     if (!HYPERMOE_COUNT_ALLOCATIONS) return;
     constexpr index_t d = 192, ff = 320;
     const auto layer = test::make_layer<B>(TopKRouter(8, TopK{2}, {.weighting = {.renormalize = true}}), d, ff);
@@ -210,6 +210,10 @@ TEST_CASE_TEMPLATE_DEFINE("backward of a norm + residual MoE stack, and an MoE l
     auto g = stack.make_gradients();
     auto gl = layer.make_gradients();
     const Context ctx{.aux_losses = {.load_balancing = 0.01, .z_loss = 0.001, .importance = 0.01}};
+    // Noisy top-k with Shazeer's smooth load loss as well.
+    const auto noisy = test::make_layer<B>(NoisyTopKRouter(8, NoisyTopK{.k = 2, .noise_std = 0.5f, .seed = 3}), d, ff);
+    auto gn = noisy.make_gradients();
+    const Context noisy_ctx{.noise_seed = 5, .aux_losses = {.importance = 0.01, .load = 0.01}};
     const int threads = omp_get_max_threads();
     MoeActivations kept; // grows to the largest call in the warm-up, then is reused
     Matrix<float> y(most, d);
@@ -220,6 +224,7 @@ TEST_CASE_TEMPLATE_DEFINE("backward of a norm + residual MoE stack, and an MoE l
             stack.backward(xs, dys, dx.view().row_block(0, rows), g, ws, ctx);
             layer.forward(xs, y.view().row_block(0, rows), ws, kept, ctx);
             layer.backward(kept, xs, dys, dx.view().row_block(0, rows), gl, ws, ctx);
+            noisy.backward(xs, dys, dx.view().row_block(0, rows), gn, ws, noisy_ctx);
         }
     };
     calls();
@@ -228,7 +233,7 @@ TEST_CASE_TEMPLATE_DEFINE("backward of a norm + residual MoE stack, and an MoE l
     calls();
     const Counted one = counted(calls);
     omp_set_num_threads(threads);
-    MESSAGE(B::name, ": ", c.count, " allocations, ", c.bytes, " bytes in 9 backward calls and 3 forwards after warm-up (", one.count, " and ",
+    MESSAGE(B::name, ": ", c.count, " allocations, ", c.bytes, " bytes in 12 backward calls and 3 forwards after warm-up (", one.count, " and ",
             one.bytes, " at 1 thread)");
 #if defined(__clang__)
     // libomp's fork/join bookkeeping (see above); a backward opens more parallel regions than a

@@ -7,6 +7,8 @@
 
 #include <cmath>
 #include <functional>
+#include <limits>
+#include <random>
 #include <thread>
 #include <tuple>
 #include <type_traits>
@@ -641,6 +643,119 @@ TEST_CASE("importance loss (cv^2 of the experts' summed weights): gradient throu
     Matrix<float> bad(tokens, 3);
     CHECK_THROWS_WITH_AS(importance_loss_backward(plan, bad, 1.0, ws),
                          "importance_loss_backward: dweights has shape (10, 3), expected (10, 2)", shape_error);
+}
+
+TEST_CASE("smooth load (Shazeer et al.'s load estimator): the probability the definition states, its limits, and its loss's gradient") {
+    const index_t tokens = 12, experts = 5;
+    const Context ctx{.sequence_length = 6, .noise_seed = 9};
+    using NoisySoftmaxRouter = ScoredRouter<Softmax, NoisyTopK>;
+    const NoisyTopKRouter raw(experts, NoisyTopK{.k = 2, .noise_std = 0.8f, .seed = 4});
+    // Softmax scores with a selection bias: the load is counted on scores + bias.
+    const NoisySoftmaxRouter biased(experts, NoisyTopK{.k = 2, .noise_std = 0.1f, .seed = 5},
+                                    {.selection_bias = {0.05f, -0.02f, 0.0f, 0.03f, -0.04f}});
+    Matrix<float> logits = random_matrix(tokens, experts, 61, 1.5f);
+    {   // P(t, e) by sampling: redraw expert e's noise alone and count how often e stays in the
+        // top k of the noisy logits (raw scores, no bias).
+        const std::vector<double> got = smooth_load(raw, logits, ctx);
+        std::mt19937 rng(3);
+        std::normal_distribution<double> normal;
+        const int draws = 4000;
+        std::vector<double> sampled(std::size_t(experts), 0.0);
+        const NoisyTopK& pol = raw.selection();
+        for (index_t t = 0; t < tokens; ++t)
+            for (index_t e = 0; e < experts; ++e) {
+                int stays = 0;
+                for (int n = 0; n < draws; ++n) {
+                    const double h_e = logits(t, e) + pol.noise_std * normal(rng);
+                    int above = 0; // the other experts whose noisy logit beats h_e
+                    for (index_t o = 0; o < experts; ++o)
+                        if (o != e && double(pol.noisy_value(logits(t, o), ctx.position(t), o, ctx.noise_seed)) > h_e) ++above;
+                    stays += above < pol.k;
+                }
+                sampled[std::size_t(e)] += double(stays) / draws;
+            }
+        double total = 0;
+        for (index_t e = 0; e < experts; ++e) {
+            CHECK(std::abs(got[std::size_t(e)] - sampled[std::size_t(e)]) <= 0.1); // 12 tokens x ~0.008 sampling error each
+            total += got[std::size_t(e)];
+        }
+        CHECK(total > 0.5 * tokens * pol.k); // close to k per token, not exactly: each P is taken alone
+        CHECK(smooth_load_loss(raw, logits, ctx) == doctest::Approx(cv_squared(got)));
+    }
+    {   // Without noise it is the counts of the plan route() makes; with k = E every P is 1.
+        Workspace ws;
+        RoutingPlan plan;
+        const NoisyTopKRouter exact(experts, NoisyTopK{.k = 2, .noise_std = 0.0f, .seed = 4});
+        exact.route(logits, ctx, plan, ws);
+        CHECK(smooth_load(exact, logits, ctx) == load(plan));
+        const NoisyTopKRouter all(experts, NoisyTopK{.k = experts, .noise_std = 1.0f});
+        CHECK(smooth_load(all, logits, ctx) == std::vector<double>(std::size_t(experts), double(tokens)));
+        CHECK(smooth_load_loss(all, logits, ctx) == 0.0);
+        Matrix<float> dl(tokens, experts);
+        smooth_load_loss_backward(exact, logits, ctx, dl, 1.0, ws);
+        smooth_load_loss_backward(all, logits, ctx, dl, 1.0, ws);
+        CHECK(dot(dl, dl) == 0.0);
+    }
+    // The gradient with respect to the logits, for both routers, against central differences.
+    const auto check_gradient = [&](const auto& router) {
+        Workspace ws;
+        Matrix<float> dl(tokens, experts);
+        smooth_load_loss_backward(router, logits, ctx, dl, 0.5, ws);
+        GradientGap gap;
+        for (index_t t = 0; t < tokens; ++t)
+            for (index_t e = 0; e < experts; ++e)
+                gap(dl(t, e), 0.5 * central_difference(logits(t, e), [&] { return smooth_load_loss(router, logits, ctx); }, 1e-3f));
+        CHECK(gap.scale > 0);
+        CHECK(gap.within(2e-3));
+    };
+    check_gradient(raw);
+    check_gradient(biased);
+    // Through an MoE layer (dy = 0, so only the loss): the router weight's gradient.
+    MoeParams p(12);
+    const NoisyTopK policy{.k = 2, .noise_std = 0.5f, .seed = 8};
+    const auto make = [&] {
+        return MoeLayer<GluExpert<reference, Silu>, NoisyTopKRouter>(weight(p.gate), NoisyTopKRouter(p.experts, policy),
+                                                                     p.build_experts<reference>());
+    };
+    const auto x = random_matrix(tokens, p.d, 62);
+    const Matrix<float> zero(tokens, p.d);
+    const Context aux{.sequence_length = 6, .noise_seed = 9, .aux_losses = {.load = 0.5}};
+    Workspace ws;
+    auto g = make().make_gradients();
+    Matrix<float> dx(tokens, p.d);
+    make().backward(x, zero, dx, g, ws, aux);
+    const auto loss = [&] {
+        Matrix<float> l(tokens, p.experts);
+        for (index_t t = 0; t < tokens; ++t)
+            for (index_t e = 0; e < p.experts; ++e) {
+                double sum = 0;
+                for (index_t c = 0; c < p.d; ++c) sum += double(x(t, c)) * p.gate(e, c);
+                l(t, e) = float(sum);
+            }
+        return 0.5 * smooth_load_loss(NoisyTopKRouter(p.experts, policy), l, aux);
+    };
+    GradientGap through;
+    for (index_t e = 0; e < p.experts; ++e)
+        for (index_t c = 0; c < p.d; ++c) through(g.gate(e, c), central_difference(p.gate(e, c), loss, 2e-3f));
+    CHECK(through.scale > 0);
+    CHECK(through.within(5e-3));
+    CHECK(dot(dx, dx) > 0.0);
+    // Errors: a router without noise, a dlogits of the wrong shape, non-finite logits.
+    MoeParams q(13);
+    const MoeLayer<GluExpert<reference, Silu>, TopKRouter> top_k(weight(q.gate), TopKRouter(q.experts, TopK{2}),
+                                                                 q.build_experts<reference>());
+    auto gq = top_k.make_gradients();
+    CHECK_THROWS_WITH_AS(top_k.backward(x, zero, dx, gq, ws, aux),
+                         "MoeLayer::backward: Context::aux_losses.load is 0.5, expected 0: Shazeer's smooth load loss needs a "
+                         "noisy top-k router (NoisyTopKRouter), which this layer's router is not",
+                         config_error);
+    Matrix<float> bad(tokens, 3);
+    CHECK_THROWS_WITH_AS(smooth_load_loss_backward(raw, logits, ctx, bad, 1.0, ws),
+                         "smooth_load_loss_backward: dlogits has shape (12, 3), expected (12, 5)", shape_error);
+    CHECK_THROWS_WITH_AS((void)smooth_load(raw, bad, ctx), "smooth_load: logits have 3 columns, expected experts = 5", shape_error);
+    logits(4, 2) = std::numeric_limits<float>::quiet_NaN();
+    CHECK_THROWS_WITH_AS((void)smooth_load_loss(raw, logits, ctx),
+                         "smooth_load: token 4 has router logit nan for expert 2, expected finite logits", numeric_error);
 }
 
 TEST_CASE("MoeLayer backward matches central differences: expert choice (tokens taken by several experts or by none)") {

@@ -38,6 +38,9 @@ struct AuxLossWeights {
     double load_balancing = 0; ///< load_balancing_loss
     double z_loss = 0;         ///< router_z_loss
     double importance = 0;     ///< cv_squared(importance(plan)) (Shazeer et al.), through the combine weights
+    /// smooth_load_loss (Shazeer et al.'s load loss, cv^2 of the smooth load estimator): noisy
+    /// top-k routers only (a config_error for any other).
+    double load = 0;
     /// Load balancing per sequence of Context::sequence_length (Switch Transformers), instead of
     /// over the whole call (Hugging Face's top-k form).
     bool per_sequence = false;

@@ -222,6 +222,7 @@ public:
         const index_t d = in_width(), packed = max_assignments(rows), slots = router_.slots();
         std::size_t inner = std::max(gate_->workspace_bytes(rows), gate_->backward_workspace_bytes(rows));
         const std::size_t balancing = 2 * detail::padded_bytes<double>(num_experts()) + detail::padded_bytes<float>(num_experts());
+        if constexpr (detail::is_noisy_router<R>) inner = std::max(inner, smooth_load_loss_workspace_bytes(router_));
         inner = std::max({inner, router_.workspace_bytes(rows), router_.backward_workspace_bytes(), balancing,
                           apply_workspace_bytes(rows, packed)});
         for (const auto& e : experts_) inner = std::max(inner, e.backward_workspace_bytes(rows));
@@ -258,7 +259,7 @@ public:
     {
         detail::check_backward_shapes(x, dy, dx, in_width(), out_width(), "MoeLayer");
         check_input(x);
-        check_gradients(g);
+        check_gradients(g, context);
         const index_t tokens = x.rows(), d = in_width();
         Workspace::Scope scope(ws, backward_workspace_bytes(tokens));
         MatrixView<float> logits = ws.take_matrix<float>(tokens, num_experts());
@@ -279,7 +280,7 @@ public:
         requires detail::router_has_backward<R>
     {
         detail::check_backward_shapes(x, dy, dx, in_width(), out_width(), "MoeLayer");
-        check_gradients(g);
+        check_gradients(g, context);
         if (kept.layer != this || kept.tokens != x.rows())
             throw shape_error(detail::concat("MoeLayer::backward: the kept activations are for ", kept.tokens, " tokens",
                                              kept.layer == this ? "" : " of another layer (or incomplete)", ", expected ",
@@ -292,9 +293,14 @@ public:
     }
 
 private:
-    /// Checks gradients made by make_gradients().
+    /// Checks gradients made by make_gradients(), and that the context's auxiliary losses suit
+    /// this layer's router.
     template <class G>
-    void check_gradients(const G& g) const {
+    void check_gradients(const G& g, const Context& context) const {
+        if (context.aux_losses.load != 0 && !detail::is_noisy_router<R>)
+            throw config_error(detail::concat("MoeLayer::backward: Context::aux_losses.load is ", context.aux_losses.load,
+                                              ", expected 0: Shazeer's smooth load loss needs a noisy top-k router "
+                                              "(NoisyTopKRouter), which this layer's router is not"));
         if (g.gate.rows() != num_experts() || g.gate.cols() != in_width() || index_t(g.experts.size()) != num_experts())
             throw shape_error(detail::concat("MoeLayer::backward: gradients for a gate of shape ",
                                              detail::shape_str(g.gate.rows(), g.gate.cols()), " and ", g.experts.size(),
@@ -370,6 +376,8 @@ private:
             if (aux.load_balancing != 0)
                 load_balancing_loss_backward(plan, logits, dlogits, aux.load_balancing, ws, load_balancing_options(context));
             if (aux.z_loss != 0) router_z_loss_backward(logits, dlogits, aux.z_loss);
+            if constexpr (detail::is_noisy_router<R>)
+                if (aux.load != 0) smooth_load_loss_backward(router_, logits, context, dlogits, aux.load, ws);
             gate_->backward(x, dlogits, dx, LinearGrads{g.gate.view()}, ws, true);
         }
         if constexpr (Shared::present) shared_.backward(x, dy, dx, g.shared, ws);

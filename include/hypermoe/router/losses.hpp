@@ -9,10 +9,14 @@
 #include <vector>
 
 #include "hypermoe/core/context.hpp"
+#include "hypermoe/core/error.hpp"
+#include "hypermoe/core/finite.hpp"
 #include "hypermoe/core/matrix.hpp"
 #include "hypermoe/core/workspace.hpp"
+#include "hypermoe/router/noisy_top_k.hpp"
 #include "hypermoe/router/routing_plan.hpp"
 #include "hypermoe/router/score.hpp"
+#include "hypermoe/router/scored_router.hpp"
 
 namespace hypermoe {
 
@@ -125,6 +129,26 @@ inline void load_balancing_loss_backward(const RoutingPlan& plan, ConstMatrixVie
     return var / (mean * mean);
 }
 
+namespace detail {
+/// grad = scale * d cv_squared(v) / dv. With m the mean of the n values and s^2 their unbiased
+/// variance, d cv^2 / dv_e = 2 (v_e - m) / ((n - 1) m^2) - 2 s^2 / (n m^3). False (grad
+/// untouched) where cv_squared is 0 by definition (n < 2 or m = 0).
+inline bool cv_squared_gradient(std::span<const double> v, std::span<double> grad, double scale) {
+    const std::size_t n = v.size();
+    if (n < 2) return false;
+    double mean = 0;
+    for (const double x : v) mean += x;
+    mean /= double(n);
+    if (mean == 0) return false;
+    double var = 0;
+    for (const double x : v) var += (x - mean) * (x - mean);
+    var /= double(n - 1);
+    for (std::size_t e = 0; e < n; ++e)
+        grad[e] = scale * (2 * (v[e] - mean) / (double(n - 1) * mean * mean) - 2 * var / (double(n) * mean * mean * mean));
+    return true;
+}
+} // namespace detail
+
 /// Importance (sum of combine weights per expert) of a plan, for cv_squared.
 [[nodiscard]] inline std::vector<double> importance(const RoutingPlan& plan) {
     std::vector<double> imp(std::size_t(plan.experts()), 0.0);
@@ -138,10 +162,9 @@ inline void load_balancing_loss_backward(const RoutingPlan& plan, ConstMatrixVie
 }
 
 /// dweights (T, slots) += scale * d cv_squared(importance(plan)) / d weights: Shazeer et al.'s
-/// importance loss, whose gradient reaches the router through the combine weights. With
-/// I = importance, m its mean over the n experts and v its unbiased variance,
-/// d cv^2 / d I_e = 2 (I_e - m) / ((n - 1) m^2) - 2 v / (n m^3); each (token, slot) gets its
-/// expert's. No change when cv_squared is 0 by definition (n < 2 or m = 0).
+/// importance loss, whose gradient reaches the router through the combine weights: each
+/// (token, slot) gets d cv^2 / d I_e of its expert e (detail::cv_squared_gradient). No change
+/// when cv_squared is 0 by definition (n < 2 or m = 0).
 inline void importance_loss_backward(const RoutingPlan& plan, MatrixView<float> dweights, double scale, Workspace& ws) {
     check_shape(dweights, plan.tokens(), plan.slots(), "importance_loss_backward", "dweights");
     const index_t n = plan.experts();
@@ -155,16 +178,7 @@ inline void importance_loss_backward(const RoutingPlan& plan, MatrixView<float> 
         for (std::size_t j = 0; j < ids.size(); ++j)
             if (ids[j] >= 0) imp[std::size_t(ids[j])] += w[j];
     }
-    double mean = 0;
-    for (const double v : imp) mean += v;
-    mean /= double(n);
-    if (mean == 0) return;
-    double var = 0;
-    for (const double v : imp) var += (v - mean) * (v - mean);
-    var /= double(n - 1);
-    for (index_t e = 0; e < n; ++e)
-        grad[std::size_t(e)] = scale * (2 * (imp[std::size_t(e)] - mean) / (double(n - 1) * mean * mean) -
-                                        2 * var / (double(n) * mean * mean * mean));
+    if (!detail::cv_squared_gradient(imp, grad, scale)) return;
     for (index_t t = 0; t < plan.tokens(); ++t) {
         const auto ids = plan.ids(t);
         for (std::size_t j = 0; j < ids.size(); ++j)
@@ -177,6 +191,142 @@ inline void importance_loss_backward(const RoutingPlan& plan, MatrixView<float> 
     std::vector<double> l(std::size_t(plan.experts()), 0.0);
     for (index_t e = 0; e < plan.experts(); ++e) l[std::size_t(e)] = double(plan.rows_of(e));
     return l;
+}
+
+namespace detail {
+/// Whether R is a ScoredRouter with noisy top-k selection (the routers smooth_load accepts).
+template <class R>
+inline constexpr bool is_noisy_router = false;
+template <class S>
+inline constexpr bool is_noisy_router<ScoredRouter<S, NoisyTopK>> = true;
+
+/// Per-token scratch of smooth_load_token.
+struct SmoothLoadScratch {
+    std::span<float> scores, selection, noisy; // (E) each
+    std::span<index_t> top;                     // (k + 1)
+};
+
+[[nodiscard]] inline std::size_t smooth_load_scratch_bytes(index_t experts, index_t k) noexcept {
+    return 3 * padded_bytes<float>(experts) + padded_bytes<index_t>(k + 1);
+}
+
+[[nodiscard]] inline SmoothLoadScratch take_smooth_load_scratch(Workspace& ws, index_t experts, index_t k) {
+    return {ws.take<float>(experts), ws.take<float>(experts), ws.take<float>(experts), ws.take<index_t>(k + 1)};
+}
+
+/// Token t's terms of the smooth load: f(e, P, density, theta) for each expert e, in expert
+/// order, where P = P(t, e), density = dP / dc_te = -dP / dH_theta and theta is the expert whose
+/// noisy value is e's threshold. The scores and noisy values are computed as route() computes
+/// them, so the top k here are the plan's. Leaves token t's scores in `s.scores`.
+template <class S, class F>
+void smooth_load_token(const ScoredRouter<S, NoisyTopK>& router, ConstMatrixView<float> logits, const Context& context,
+                       index_t t, const SmoothLoadScratch& s, F&& f) {
+    const NoisyTopK& policy = router.selection();
+    const std::vector<float>& bias = router.options().selection_bias;
+    const index_t experts = router.experts(), k = policy.k;
+    S::apply(logits.row(t), s.scores);
+    for (index_t e = 0; e < experts; ++e) {
+        const std::size_t i = std::size_t(e);
+        s.selection[i] = bias.empty() ? s.scores[i] : s.scores[i] + bias[i];
+        s.noisy[i] = policy.noisy_value(s.selection[i], context.position(t), e, context.noise_seed);
+    }
+    if (k >= experts) { // every expert is always selected
+        for (index_t e = 0; e < experts; ++e) f(e, 1.0, 0.0, e);
+        return;
+    }
+    ordered_top_k(
+        experts, k + 1, [&](index_t i) { return s.noisy[std::size_t(i)]; }, all_allowed,
+        [&](index_t j, index_t i) { s.top[std::size_t(j)] = i; });
+    const double sigma = policy.noise_std;
+    for (index_t e = 0; e < experts; ++e) {
+        const bool in = std::find(s.top.begin(), s.top.begin() + k, e) != s.top.begin() + k;
+        // The k-th largest of the other experts' noisy values: the (k+1)-th of all, or the k-th.
+        const index_t theta = s.top[std::size_t(in ? k : k - 1)];
+        if (sigma == 0) {
+            f(e, in ? 1.0 : 0.0, 0.0, theta);
+            continue;
+        }
+        const double z = (double(s.selection[std::size_t(e)]) - double(s.noisy[std::size_t(theta)])) / sigma;
+        f(e, 0.5 * std::erfc(-z * 0.7071067811865476), std::exp(-0.5 * z * z) * 0.3989422804014327 / sigma, theta);
+    }
+}
+
+template <class S>
+void check_smooth_load_logits(const ScoredRouter<S, NoisyTopK>& router, ConstMatrixView<float> logits, const char* who) {
+    if (logits.cols() != router.experts())
+        throw shape_error(concat(who, ": logits have ", logits.cols(), " columns, expected experts = ", router.experts()));
+    for (index_t t = 0; t < logits.rows(); ++t)
+        if (const index_t e = find_non_finite(logits.row(t)); e >= 0)
+            throw numeric_error(concat(who, ": token ", t, " has router logit ", logits(t, e), " for expert ", e,
+                                       ", expected finite logits"));
+}
+} // namespace detail
+
+/// Shazeer et al.'s smooth load estimator (arXiv 1701.06538, appendix A; `_prob_in_top_k` of the
+/// HyperMoE reference code) of a noisy top-k router on `logits` (T, E) under the forward call's
+/// `context` (its positions and noise seed give the noise route() drew): load_e = sum_t P(t, e),
+/// where P(t, e) = Phi((c_te - H_theta) / noise_std) is the probability that e stays among token
+/// t's top k if its own noise alone is drawn again. c = the selection scores (scores plus the
+/// selection bias), H = c + noise_std * noise the noisy values selection ranks, and H_theta the
+/// k-th largest of the other experts' H (the (k+1)-th of all when e is selected, else the k-th).
+/// Unlike the counts of load(plan), it is differentiable in the logits. With noise_std = 0 it is
+/// those counts (P is the selection); with k = E every P is 1.
+template <class S>
+[[nodiscard]] std::vector<double> smooth_load(const ScoredRouter<S, NoisyTopK>& router, ConstMatrixView<float> logits,
+                                              const Context& context = {}) {
+    detail::check_smooth_load_logits(router, logits, "smooth_load");
+    const index_t experts = router.experts(), k = router.selection().k;
+    Workspace ws;
+    Workspace::Scope scope(ws, detail::smooth_load_scratch_bytes(experts, k));
+    const detail::SmoothLoadScratch s = detail::take_smooth_load_scratch(ws, experts, k);
+    std::vector<double> l(std::size_t(experts), 0.0);
+    for (index_t t = 0; t < logits.rows(); ++t)
+        detail::smooth_load_token(router, logits, context, t, s, [&](index_t e, double p, double, index_t) { l[std::size_t(e)] += p; });
+    return l;
+}
+
+/// Shazeer et al.'s load loss: cv_squared(smooth_load(router, logits, context)).
+template <class S>
+[[nodiscard]] double smooth_load_loss(const ScoredRouter<S, NoisyTopK>& router, ConstMatrixView<float> logits,
+                                      const Context& context = {}) {
+    return cv_squared(smooth_load(router, logits, context));
+}
+
+/// Scratch of smooth_load_loss_backward.
+template <class S>
+[[nodiscard]] std::size_t smooth_load_loss_workspace_bytes(const ScoredRouter<S, NoisyTopK>& router) noexcept {
+    const index_t experts = router.experts();
+    return detail::smooth_load_scratch_bytes(experts, router.selection().k) + 4 * detail::padded_bytes<double>(experts);
+}
+
+/// dlogits += scale * d smooth_load_loss / d logits. Each P(t, e) moves with c_te (through the
+/// score function to the logits) and against its threshold's noisy value H_theta, which moves
+/// with c_t,theta; the noise and the selection bias are constants. Two passes over the tokens
+/// (the loads, then their gradient), every sum in double in token order. Scratch from `ws`.
+template <class S>
+void smooth_load_loss_backward(const ScoredRouter<S, NoisyTopK>& router, ConstMatrixView<float> logits, const Context& context,
+                               MatrixView<float> dlogits, double scale, Workspace& ws) {
+    detail::check_smooth_load_logits(router, logits, "smooth_load_loss_backward");
+    check_shape(dlogits, logits.rows(), router.experts(), "smooth_load_loss_backward", "dlogits");
+    const index_t experts = router.experts(), k = router.selection().k;
+    Workspace::Scope scope(ws, smooth_load_loss_workspace_bytes(router));
+    const detail::SmoothLoadScratch s = detail::take_smooth_load_scratch(ws, experts, k);
+    const std::span<double> l = ws.take<double>(experts), grad = ws.take<double>(experts);
+    const std::span<double> dc = ws.take<double>(experts), dl = ws.take<double>(experts);
+    std::fill(l.begin(), l.end(), 0.0);
+    for (index_t t = 0; t < logits.rows(); ++t)
+        detail::smooth_load_token(router, logits, context, t, s, [&](index_t e, double p, double, index_t) { l[std::size_t(e)] += p; });
+    if (!detail::cv_squared_gradient(l, grad, scale)) return;
+    for (index_t t = 0; t < logits.rows(); ++t) {
+        std::fill(dc.begin(), dc.end(), 0.0);
+        detail::smooth_load_token(router, logits, context, t, s, [&](index_t e, double, double density, index_t theta) {
+            const double c = grad[std::size_t(e)] * density;
+            dc[std::size_t(e)] += c;
+            dc[std::size_t(theta)] -= c;
+        });
+        S::backward(s.scores, dc, dl);
+        for (index_t e = 0; e < experts; ++e) dlogits(t, e) += float(dl[std::size_t(e)]);
+    }
 }
 
 /// Router z-loss (ST-MoE, arXiv 2202.08906, eq. 5): mean over tokens of logsumexp(logits)^2.

@@ -5,7 +5,9 @@
 // constant, as routers in this library see only logits. The noise is a pure function of (seed,
 // the call's noise seed, the token's position in its sequence, expert): splitmix64 counters
 // through Box-Muller, so runs are reproducible, independent of threading, and a sequence gets
-// the same noise however it is batched or cut into calls (Context::position).
+// the same noise however it is batched or cut into calls (Context::position). Shazeer's smooth
+// load estimator, the load loss's differentiable stand-in for the counts, is smooth_load in
+// router/losses.hpp.
 
 #include <cmath>
 
@@ -44,6 +46,11 @@ struct NoisyTopK {
         const double u1 = (double(a >> 11) + 0.5) * 0x1.0p-53, u2 = double(b >> 11) * 0x1.0p-53;
         return float(std::sqrt(-2.0 * std::log(u1)) * std::cos(6.283185307179586 * u2));
     }
+    /// The value selection ranks: a selection score plus noise_std times the sample of
+    /// (position, expert) under the call's noise seed (smooth_load_loss recomputes it).
+    [[nodiscard]] float noisy_value(float selection_score, index_t position, index_t expert, std::uint64_t call_seed) const noexcept {
+        return selection_score + noise_std * noise(position, expert, call_seed);
+    }
     void select(const SelectionInput& in, RoutingPlan& plan, Workspace& ws) const {
         const index_t tokens = in.scores.rows(), e = in.scores.cols();
         Workspace::Scope scope(ws, workspace_bytes(tokens, e));
@@ -51,8 +58,7 @@ struct NoisyTopK {
         // Tokens are independent: in parallel, each writing only its own row of h and plan.
         detail::parallel_for(tokens, tokens * e * (k + 8), [&](index_t t) {
             for (index_t x = 0; x < e; ++x)
-                h[std::size_t(t * e + x)] =
-                    in.selection_scores(t, x) + noise_std * noise(in.context.position(t), x, in.context.noise_seed);
+                h[std::size_t(t * e + x)] = noisy_value(in.selection_scores(t, x), in.context.position(t), x, in.context.noise_seed);
             const auto ids = plan.ids(t);
             const auto w = plan.weights(t);
             const float* row = h.data() + t * e;
