@@ -383,12 +383,15 @@ struct onednn {
             else detail::epilogue_accumulate<Act>(t, c, nullptr, scale);
         }
 
-        /// Scratch of backward() for `rows` rows: W packed for dz W (and, from oneDNN's layout,
-        /// first unpacked to plain (N, K)), the gradient of Z (Z itself when recomputed), dz^T,
-        /// and the larger packed operand of the other two products.
+        /// Scratch of backward() for `rows` rows: W for dz W (from oneDNN's layout: unpacked to
+        /// plain (N, K), then packed; from our panels: each thread's 4 panels at a time), the
+        /// gradient of Z (Z itself when recomputed), dz^T, and the larger packed operand of the
+        /// other two products.
         [[nodiscard]] std::size_t backward_workspace_bytes(index_t rows) const noexcept {
-            return detail::padded_bytes<float>(detail::f32_panel_floats(n_, k_)) + (matmul_ != nullptr ? detail::padded_bytes<float>(n_, k_) : 0) +
-                   affine_gradient_bytes(rows) + detail::padded_bytes<float>(n_, rows) +
+            const std::size_t w = matmul_ != nullptr
+                                      ? detail::padded_bytes<float>(detail::f32_panel_floats(n_, k_)) + detail::padded_bytes<float>(n_, k_)
+                                      : panels_.transposed_workspace_bytes(detail::current_threads());
+            return w + affine_gradient_bytes(rows) + detail::padded_bytes<float>(n_, rows) +
                    std::max({detail::panel_gemm_bytes(k_, n_), detail::panel_gemm_bytes(rows, k_)});
         }
 
@@ -397,9 +400,10 @@ struct onednn {
         /// is the gradient of Z = A W^T + b (recomputed when Act is not the identity). The
         /// products run on our panel kernels (detail::PanelKernels, as the f32 panels' forward):
         /// no allocation, and the same bits at every thread count (oneDNN's run-time-shaped
-        /// `gemm:jit` allocated on every call and split K across threads). W is packed for dz W
-        /// in the workspace: from our f32 panels directly, or from the primitives' blocked layout
-        /// through a plain (N, K) copy. f32 storage only.
+        /// `gemm:jit` allocated on every call and split K across threads). dz W reads W from our
+        /// f32 panels 4 transposed panels at a time (WeightPanels::multiply_transposed), or from
+        /// the primitives' blocked layout through a plain (N, K) copy packed whole. f32 storage
+        /// only.
         void backward(ConstMatrixView<float> a, ConstMatrixView<float> dc, MatrixView<float> da, const LinearGrads& g, Workspace& ws,
                       bool accumulate_input = false, float scale = 1.0f) const {
             check_backward(a, dc, da, g);
@@ -407,9 +411,10 @@ struct onednn {
             if (m == 0) return;
             Workspace::Scope scope(ws, backward_workspace_bytes(m));
             const detail::kernel_isa isa = detail::vector_kernel();
-            float* const w_rows = ws.take<float>(detail::f32_panel_floats(n_, k_)).data(); // W as B (N, K), packed
-            MatrixView<float> plain; // W (N, K), from oneDNN's layout
+            float* w_rows = nullptr; // W as B (N, K), packed, from oneDNN's layout
+            MatrixView<float> plain;  // W (N, K), from oneDNN's layout
             if (matmul_ != nullptr) {
+                w_rows = ws.take<float>(detail::f32_panel_floats(n_, k_)).data();
                 plain = ws.take_matrix<float>(n_, k_);
                 try {
                     using dt = dnnl::memory::data_type;
@@ -421,10 +426,6 @@ struct onednn {
                     throw backend_error(detail::concat(name_, ": oneDNN weight reorder for backward failed: ", e.what()));
                 }
                 detail::pack_f32_panels(plain.data(), k_, false, n_, k_, w_rows);
-            } else if (!panels_.empty()) {
-                panels_.pack_transposed(w_rows);
-            } else {
-                std::fill_n(w_rows, detail::f32_panel_floats(n_, k_), 0.0f); // K = 0 or N = 0
             }
             const ConstMatrixView<float> dz = affine_gradient<Act>(dc, scale, ws, [&](MatrixView<float> z) {
                 // Z (m, N) = a W^T (+ b below): the forward's own product on our panels, or W
@@ -436,8 +437,13 @@ struct onednn {
                         for (index_t c = 0; c < n_; ++c) z(r, c) += bias_f32_[std::size_t(c)];
             });
             // da (m, K) [+]= dz (m, N) W (N, K)
-            detail::PanelKernels(isa).multiply(w_rows, n_ * detail::PanelKernels::panel, n_, k_, dz.data(), dz.stride(), m, da.data(),
-                                               da.stride(), accumulate_input);
+            if (w_rows != nullptr)
+                detail::PanelKernels(isa).multiply(w_rows, n_ * detail::PanelKernels::panel, n_, k_, dz.data(), dz.stride(), m,
+                                                   da.data(), da.stride(), accumulate_input);
+            else if (!panels_.empty())
+                panels_.multiply_transposed(dz.data(), dz.stride(), m, da.data(), da.stride(), accumulate_input, ws);
+            else if (!accumulate_input) // K = 0 or N = 0
+                for (index_t r = 0; r < m; ++r) std::fill_n(da.row(r).data(), k_, 0.0f);
             // dW (N, K) += dz^T (N, m) a (m, K)
             MatrixView<float> dzt = ws.take_matrix<float>(n_, m);
             detail::parallel_for((n_ + 15) / 16, m * n_, [&](index_t b) { // 16 columns of dz at a time

@@ -328,6 +328,34 @@ __attribute__((target("avx512f,avx512bf16"))) inline void bf16_round_avx512(cons
 }
 #endif
 
+#if HYPERMOE_X86_KERNELS
+/// dst[r * 16 + c] = src[c * 16 + r] for a 16 x 16 block of floats (rows 64 bytes apart): four
+/// 8 x 8 transposes (unpack, shuffle, lane permute).
+__attribute__((target("avx2"))) inline void transpose16_avx2(const float* src, float* dst) noexcept {
+    for (int bi = 0; bi < 2; ++bi)     // block row of src: src rows 8 bi ..
+        for (int bj = 0; bj < 2; ++bj) { // block column of src: lanes 8 bj ..
+            __m256 r[8], t[8];
+            for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + (8 * bi + i) * 16 + 8 * bj);
+            for (int i = 0; i < 8; i += 2) {
+                t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+                t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+            }
+            for (int i = 0; i < 8; i += 4) {
+                r[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+                r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+                r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+                r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+            }
+            for (int i = 0; i < 4; ++i) {
+                t[i] = _mm256_permute2f128_ps(r[i], r[i + 4], 0x20);
+                t[i + 4] = _mm256_permute2f128_ps(r[i], r[i + 4], 0x31);
+            }
+            // t[i] is column i of the 8 x 8 block: dst row 8 bj + i, lanes 8 bi ..
+            for (int i = 0; i < 8; ++i) _mm256_storeu_ps(dst + (8 * bj + i) * 16 + 8 * bi, t[i]);
+        }
+}
+#endif
+
 /// Which kernel multiplies a tile of a panel layout, chosen at run time from the CPU
 /// (kernel_isa), and the walk over a whole product: WeightPanels' calls and panel_gemm's.
 class PanelKernels {
@@ -348,18 +376,49 @@ public:
                   index_t ldc, bool accumulate) const {
         const index_t panels = (n + panel - 1) / panel, groups = (panels + group - 1) / group;
         parallel_for(groups, rows * k * n, [&](index_t g) {
+            run_group(w + g * group * stride, stride, k, n, g * group, a, lda, rows, c, ldc, accumulate);
+        });
+    }
+
+    /// Floats of the per-thread scratch of multiply_packed with k inputs, for `threads` threads.
+    [[nodiscard]] static index_t packed_scratch_floats(index_t k, int threads) noexcept {
+        return saturating_mul(saturating_mul(index_t(std::max(threads, 1)), group * panel), std::max<index_t>(k, 0));
+    }
+
+    /// As multiply(), on f32 panels made group by group: each work item has pack(p0, count, out)
+    /// write panels [p0, p0 + count) (k inputs each, k * 16 floats apart) into its thread's part
+    /// of `scratch` (packed_scratch_floats(k, threads) floats, threads = current_threads()) and
+    /// multiplies them while they are still in cache, so the whole packed operand is never
+    /// written to memory. The same tiles as multiply(), so the same bits.
+    template <class Pack>
+    void multiply_packed(index_t k, index_t n, const float* a, index_t lda, index_t rows, float* c, index_t ldc, bool accumulate,
+                         float* scratch, Pack&& pack) const {
+        const index_t panels = (n + panel - 1) / panel, groups = (panels + group - 1) / group;
+        // Small products on one thread, as parallel_for decides (the scratch has room for more).
+        const int threads = saturating_mul(saturating_mul(rows, k), n) >= parallel_grain ? current_threads() : 1;
+        parallel_tasks(groups, threads, [&](index_t g, int slot) {
             const index_t p0 = g * group, count = std::min(group, panels - p0);
-            PanelTile<W, In> t{nullptr, lda, w + p0 * stride, stride, k, nullptr, ldc, std::min(group * panel, n - p0 * panel), accumulate};
-            const index_t block = six_rows<W, In>() ? 6 : row_block;
-            for (index_t m = 0; m < rows; m += block) {
-                t.a = a + m * lda;
-                t.c = c + m * ldc + p0 * panel;
-                tile_rows(std::min(block, rows - m), count, t);
-            }
+            float* mine = scratch + index_t(slot) * group * panel * k;
+            pack(p0, count, mine);
+            run_group(static_cast<const float*>(mine), k * panel, k, n, p0, a, lda, rows, c, ldc, accumulate);
         });
     }
 
 private:
+    /// The rows of a times the up to `group` panels from p0 on (the first at w).
+    template <class W, class In>
+    void run_group(const W* w, index_t stride, index_t k, index_t n, index_t p0, const In* a, index_t lda, index_t rows, float* c,
+                   index_t ldc, bool accumulate) const {
+        const index_t panels = (n + panel - 1) / panel, count = std::min(group, panels - p0);
+        PanelTile<W, In> t{nullptr, lda, w, stride, k, nullptr, ldc, std::min(group * panel, n - p0 * panel), accumulate};
+        const index_t block = six_rows<W, In>() ? 6 : row_block;
+        for (index_t m = 0; m < rows; m += block) {
+            t.a = a + m * lda;
+            t.c = c + m * ldc + p0 * panel;
+            tile_rows(std::min(block, rows - m), count, t);
+        }
+    }
+
     /// Whether rows go in blocks of 6 instead of 8: on VDPBF16PS (no registers for widening, so
     /// 6 rows x 4 panels fit), and for f32 weights on AVX2, whose 16 registers then hold 6 rows
     /// x 1 panel (12 accumulators) instead of two 4-row halves of 8 (measured 7% faster, forward
@@ -518,13 +577,23 @@ public:
         const index_t pairs = (k_ + 1) / 2;
         return bf16{bf16_[static_cast<std::size_t>(((p * pairs + k / 2) * panel + c) * 2 + k % 2)]}.to_float();
     }
-    /// W read as B (N, K), packed as pack_f32_panels packs it (panels of 16 of the K columns, N
-    /// rows each; f32_panel_floats(N, K) floats at `out`): the operand of dz W in the backward
-    /// passes, straight from the held f32 panels (each 16 x 16 block transposed). Threaded. f32
-    /// panels only (the backward passes refuse other storage first).
-    void pack_transposed(float* out) const {
-        if (values_ != dtype::f32) throw config_error("WeightPanels::pack_transposed: the panels hold bf16, expected f32");
-        pack_f32_panels(n_, k_, out, [&](index_t n, index_t k) { return f32_[static_cast<std::size_t>(((n / panel) * k_ + k) * panel + n % panel)]; });
+    /// Scratch of multiply_transposed for `threads` threads.
+    [[nodiscard]] std::size_t transposed_workspace_bytes(int threads) const noexcept {
+        return padded_bytes<float>(PanelKernels::packed_scratch_floats(n_, threads));
+    }
+
+    /// da (rows, K) [+]= dz (rows, N) W: the backward passes' dz W, W read as B (N, K) from the
+    /// held f32 panels. Each work item transposes the 16 x 16 blocks of its 4 output panels into
+    /// its thread's scratch and multiplies them there (PanelKernels::multiply_packed): no packed
+    /// copy of the whole W. f32 panels only (the backward passes refuse other storage first).
+    void multiply_transposed(const float* dz, index_t lddz, index_t rows, float* da, index_t ldda, bool accumulate,
+                             Workspace& ws) const {
+        if (values_ != dtype::f32) throw config_error("WeightPanels::multiply_transposed: the panels hold bf16, expected f32");
+        const int threads = current_threads();
+        Workspace::Scope scope(ws, transposed_workspace_bytes(threads));
+        float* scratch = ws.take<float>(PanelKernels::packed_scratch_floats(n_, threads)).data();
+        PanelKernels(kernel_).multiply_packed(n_, k_, dz, lddz, rows, da, ldda, accumulate, scratch,
+                                              [&](index_t q0, index_t count, float* out) { transpose_panels(q0, count, out); });
     }
 
     /// Scratch of apply() with `rows` rows: the product when accumulating, the rounded
@@ -565,6 +634,27 @@ public:
     }
 
 private:
+    /// Panels [q0, q0 + count) of W read as B (N, K) (panel q: inputs 16 q .. 16 q + 15 as its
+    /// lanes, N rows) into `out`, k = N rows each: the held panels' 16 x 16 blocks transposed.
+    void transpose_panels(index_t q0, index_t count, float* out) const {
+        for (index_t q = q0; q < q0 + count; ++q, out += n_ * panel)
+            for (index_t p = 0; p < panels_; ++p) {
+                const float* src = f32_.get() + (p * k_ + q * panel) * panel; // rows k = 16 q .., lanes n = 16 p ..
+                const index_t ks = std::min(panel, k_ - q * panel), ns = std::min(panel, n_ - p * panel);
+                float* dst = out + p * panel * panel; // rows n = 16 p .., lanes k = 16 q ..
+#if HYPERMOE_X86_KERNELS
+                if (ks == panel && ns == panel && kernel_ != kernel_isa::portable) {
+                    transpose16_avx2(src, dst);
+                    continue;
+                }
+#endif
+                for (index_t n = 0; n < ns; ++n) {
+                    for (index_t k = 0; k < ks; ++k) dst[n * panel + k] = src[k * panel + n];
+                    std::fill(dst + n * panel + ks, dst + (n + 1) * panel, 0.0f);
+                }
+            }
+    }
+
     /// t = a W^T for `rows` rows of a (f32, or bf16 bits) on this map's panels.
     template <class W, class In>
     void multiply(const W* w, const In* a, index_t lda, index_t rows, MatrixView<float> t) const {
