@@ -1112,6 +1112,22 @@ TEST_CASE_TEMPLATE_DEFINE("MoE layer backward gives the same bits at 1 and 2 thr
     for (std::size_t e = 0; e < g1.experts.size(); ++e)
         same = same && relative_error(g1.experts[e].gate_up, g2.experts[e].gate_up) == 0.0 &&
                relative_error(g1.experts[e].down, g2.experts[e].down) == 0.0;
+    // The layer's experts balance, so at 2 threads they run as tasks, each on one thread; one
+    // expert's backward alone splits its products over both threads.
+    const auto gw = random_matrix(320, 192, 62, 0.3f), uw = random_matrix(320, 192, 63, 0.3f), dw = random_matrix(192, 320, 64, 0.3f);
+    const GluExpert<B, Silu> expert(GluWeights{weight(gw), weight(uw), weight(dw)});
+    const auto run_expert = [&](int threads) {
+        const detail::ThreadCountScope scope(threads);
+        Workspace ws;
+        auto g = expert.make_gradients();
+        Matrix<float> dx(x.rows(), x.cols());
+        expert.backward(x, dy, dx, g, ws);
+        return std::pair{std::move(dx), std::move(g)};
+    };
+    const auto [ex1, eg1] = run_expert(1);
+    const auto [ex2, eg2] = run_expert(2);
+    same = same && relative_error(ex1, ex2) == 0.0 && relative_error(eg1.gate_up, eg2.gate_up) == 0.0 &&
+           relative_error(eg1.down, eg2.down) == 0.0;
     const std::string verdict = std::string(B::name) + ": 1 and 2 threads give " + (same ? "the same bits" : "different bits");
     MESSAGE(verdict);
     // Our loops, our panel kernels (oneDNN's backward products) and Eigen's GEMM (fixed 128-column

@@ -114,10 +114,7 @@ public:
         for (const auto& e : experts_) inner = std::max(inner, e.workspace_bytes(rows));
         if constexpr (Shared::present) inner = std::max(inner, shared_.workspace_bytes(rows));
         // Experts as tasks: a list of experts and one scratch slice per thread.
-        const int threads = detail::current_threads();
-        if (threads > 1)
-            inner = std::max(inner, detail::padded_bytes<std::int32_t>(num_experts()) +
-                                        detail::saturating_bytes(threads, task_workspace_bytes(rows)));
+        inner = std::max(inner, tasks_workspace_bytes(rows, false));
         return 2 * detail::padded_bytes<float>(packed, in_width()) + inner;
     }
     [[nodiscard]] std::size_t workspace_bytes(index_t rows) const {
@@ -226,6 +223,7 @@ public:
         inner = std::max({inner, router_.workspace_bytes(rows), router_.backward_workspace_bytes(), balancing,
                           apply_workspace_bytes(rows, packed)});
         for (const auto& e : experts_) inner = std::max(inner, e.backward_workspace_bytes(rows));
+        inner = std::max(inner, tasks_workspace_bytes(rows, true));
         if constexpr (Shared::present) inner = std::max(inner, shared_.backward_workspace_bytes(rows));
         return 2 * detail::padded_bytes<float>(rows, num_experts()) + detail::padded_bytes<float>(rows, slots) +
                4 * detail::padded_bytes<float>(packed, d) + inner;
@@ -329,19 +327,18 @@ private:
             const float w = plan.weights(t)[std::size_t(row_slots[std::size_t(r)])];
             for (index_t c = 0; c < d; ++c) dout(r, c) = w * dy(t, c);
         }
+        // Each expert writes only its own rows and gradients: as tasks where they balance.
         const auto offsets = plan.offsets();
-        for (index_t e = 0; e < num_experts(); ++e)
-            if (const index_t n = plan.rows_of(e); n > 0) {
-                const index_t first = offsets[std::size_t(e)];
-                const auto& expert = experts_[std::size_t(e)];
-                if constexpr (std::is_same_v<Out, MatrixView<float>>)
-                    expert.backward(in.row_block(first, n), dout.row_block(first, n), din.row_block(first, n),
-                                    g.experts[std::size_t(e)], ws, false, out.row_block(first, n));
-                else
-                    expert.backward(in.row_block(first, n), dout.row_block(first, n), din.row_block(first, n),
-                                    g.experts[std::size_t(e)], ws, false, MatrixView<float>{},
-                                    hidden.row_block(first, n).col_block(0, expert.kept_width()));
-            }
+        for_each_expert(plan, ws, true, [&](index_t e, Workspace& w) {
+            const index_t n = plan.rows_of(e), first = offsets[std::size_t(e)];
+            const auto& expert = experts_[std::size_t(e)];
+            if constexpr (std::is_same_v<Out, MatrixView<float>>)
+                expert.backward(in.row_block(first, n), dout.row_block(first, n), din.row_block(first, n), g.experts[std::size_t(e)],
+                                w, false, out.row_block(first, n));
+            else
+                expert.backward(in.row_block(first, n), dout.row_block(first, n), din.row_block(first, n), g.experts[std::size_t(e)],
+                                w, false, MatrixView<float>{}, hidden.row_block(first, n).col_block(0, expert.kept_width()));
+        });
         // dweights = dy . out (kept tokens), dy . x (tokens passed through as w x).
         for (index_t t = 0; t < tokens; ++t) {
             const auto ids = plan.ids(t);
@@ -411,33 +408,34 @@ private:
         check_finite(x, "MoeLayer: input x");
     }
 
-    /// Scratch of one expert run as a task (single-threaded: nested inside the tasks' region).
-    [[nodiscard]] std::size_t task_workspace_bytes(index_t rows) const {
+    /// Scratch of one expert run as a task (single-threaded: nested inside the tasks' region):
+    /// its forward's, or (`backward`) its backward's.
+    [[nodiscard]] std::size_t task_workspace_bytes(index_t rows, bool backward = false) const {
         const detail::ThreadCountScope one(1);
         std::size_t bytes = 0;
-        for (const auto& e : experts_) bytes = std::max(bytes, e.workspace_bytes(rows));
+        for (const auto& e : experts_) {
+            if (!backward) bytes = std::max(bytes, e.workspace_bytes(rows));
+            else if constexpr (requires { e.backward_workspace_bytes(rows); }) bytes = std::max(bytes, e.backward_workspace_bytes(rows));
+        }
         return detail::padded_bytes<std::byte>(index_t(bytes));
     }
+    /// Scratch of for_each_expert's tasks for `rows` tokens.
+    [[nodiscard]] std::size_t tasks_workspace_bytes(index_t rows, bool backward) const {
+        const int threads = detail::current_threads();
+        if (threads <= 1) return 0;
+        return detail::padded_bytes<std::int32_t>(num_experts()) + detail::saturating_bytes(threads, task_workspace_bytes(rows, backward));
+    }
 
-    /// Every non-empty expert's GEMM chain on its rows. When the experts balance across the
-    /// threads, they run as tasks in ONE parallel region, each single-threaded on a scratch slice
-    /// of its thread (largest first, to whichever thread is free): a forward then opens a handful
-    /// of parallel regions instead of two per expert, which is what keeps it from collapsing when
-    /// another process takes a core (each region ends in a barrier). Otherwise (one thread, or one
-    /// expert holding most rows) they run one after another, each GEMM threaded by the backend.
-    /// Both ways give the same bits (tests/test_determinism.cpp).
-    /// With a non-empty `hidden` (rows, kept_width()), each expert keeps its activations in its
-    /// rows of it.
-    void run_experts(const RoutingPlan& plan, MatrixView<float> in, MatrixView<float> out, Workspace& ws,
-                     MatrixView<float> hidden = {}) const {
-        const auto offsets = plan.offsets();
-        const auto run = [&](index_t e, Workspace& w) {
-            const index_t n = plan.rows_of(e), first = offsets[std::size_t(e)];
-            const auto& expert = experts_[std::size_t(e)];
-            const MatrixView<float> keep =
-                hidden.data() != nullptr ? hidden.row_block(first, n).col_block(0, expert.kept_width()) : MatrixView<float>{};
-            expert.forward(in.row_block(first, n), out.row_block(first, n), w, {}, keep);
-        };
+    /// Every non-empty expert's GEMM chain on its rows: fn(e, ws) with the scratch to use. When
+    /// the experts balance across the threads, they run as tasks in ONE parallel region, each
+    /// single-threaded on a scratch slice of its thread (largest first, to whichever thread is
+    /// free): a forward or backward then opens a handful of parallel regions instead of several
+    /// per expert, which is what keeps it from collapsing when another process takes a core (each
+    /// region ends in a barrier). Otherwise (one thread, or one expert holding most rows) they run
+    /// one after another, each GEMM threaded by the backend. Both ways give the same bits
+    /// (tests/test_determinism.cpp, tests/test_backward.cpp).
+    template <class Fn>
+    void for_each_expert(const RoutingPlan& plan, Workspace& ws, bool backward, Fn&& fn) const {
         const int threads = detail::current_threads();
         index_t active = 0, largest = 0;
         for (index_t e = 0; e < num_experts(); ++e)
@@ -446,11 +444,11 @@ private:
         const bool tasks = threads > 1 && active >= threads && largest * threads <= plan.rows() * 5 / 4 + threads;
         if (!tasks) {
             for (index_t e = 0; e < num_experts(); ++e)
-                if (plan.rows_of(e) > 0) run(e, ws);
+                if (plan.rows_of(e) > 0) fn(e, ws);
             return;
         }
         // The largest T an expert may get is plan.tokens() (one row per token per expert).
-        const std::size_t slice = task_workspace_bytes(plan.tokens());
+        const std::size_t slice = task_workspace_bytes(plan.tokens(), backward);
         Workspace::Scope scope(ws, detail::padded_bytes<std::int32_t>(num_experts()) + std::size_t(threads) * slice);
         const auto order = ws.take<std::int32_t>(num_experts());
         index_t count = 0;
@@ -468,7 +466,21 @@ private:
         std::byte* slices = ws.take<std::byte>(index_t(slice) * threads).data();
         detail::parallel_tasks(count, threads, [&](index_t i, int slot) {
             Workspace mine(std::span<std::byte>(slices + std::size_t(slot) * slice, slice));
-            run(order[std::size_t(i)], mine);
+            fn(order[std::size_t(i)], mine);
+        });
+    }
+
+    /// The experts' forward (for_each_expert). With a non-empty `hidden` (rows, kept_width()),
+    /// each expert keeps its activations in its rows of it.
+    void run_experts(const RoutingPlan& plan, MatrixView<float> in, MatrixView<float> out, Workspace& ws,
+                     MatrixView<float> hidden = {}) const {
+        const auto offsets = plan.offsets();
+        for_each_expert(plan, ws, false, [&](index_t e, Workspace& w) {
+            const index_t n = plan.rows_of(e), first = offsets[std::size_t(e)];
+            const auto& expert = experts_[std::size_t(e)];
+            const MatrixView<float> keep =
+                hidden.data() != nullptr ? hidden.row_block(first, n).col_block(0, expert.kept_width()) : MatrixView<float>{};
+            expert.forward(in.row_block(first, n), out.row_block(first, n), w, {}, keep);
         });
     }
 
