@@ -1098,16 +1098,16 @@ TEST_CASE_TEMPLATE_DEFINE("MoE layer backward gives the same bits at 1 and 2 thr
     // Large enough for every parallel path to split (the GEMMs, the row-wise loops).
     const auto layer = test::make_layer<B>(TopKRouter(8, TopK{2}, {.weighting = {.renormalize = true}}), 192, 320);
     const auto x = random_matrix(512, 192, 60), dy = random_matrix(512, 192, 61);
-    const auto run = [&](int threads) {
+    const auto run = [&](const auto& what, int threads) { // a layer or an expert
         const detail::ThreadCountScope scope(threads);
         Workspace ws;
-        auto g = layer.make_gradients();
+        auto g = what.make_gradients();
         Matrix<float> dx(x.rows(), x.cols());
-        layer.backward(x, dy, dx, g, ws);
+        what.backward(x, dy, dx, g, ws);
         return std::pair{std::move(dx), std::move(g)};
     };
-    const auto [dx1, g1] = run(1);
-    const auto [dx2, g2] = run(2);
+    const auto [dx1, g1] = run(layer, 1);
+    const auto [dx2, g2] = run(layer, 2);
     bool same = relative_error(dx1, dx2) == 0.0 && relative_error(g1.gate, g2.gate) == 0.0;
     for (std::size_t e = 0; e < g1.experts.size(); ++e)
         same = same && relative_error(g1.experts[e].gate_up, g2.experts[e].gate_up) == 0.0 &&
@@ -1116,16 +1116,8 @@ TEST_CASE_TEMPLATE_DEFINE("MoE layer backward gives the same bits at 1 and 2 thr
     // expert's backward alone splits its products over both threads.
     const auto gw = random_matrix(320, 192, 62, 0.3f), uw = random_matrix(320, 192, 63, 0.3f), dw = random_matrix(192, 320, 64, 0.3f);
     const GluExpert<B, Silu> expert(GluWeights{weight(gw), weight(uw), weight(dw)});
-    const auto run_expert = [&](int threads) {
-        const detail::ThreadCountScope scope(threads);
-        Workspace ws;
-        auto g = expert.make_gradients();
-        Matrix<float> dx(x.rows(), x.cols());
-        expert.backward(x, dy, dx, g, ws);
-        return std::pair{std::move(dx), std::move(g)};
-    };
-    const auto [ex1, eg1] = run_expert(1);
-    const auto [ex2, eg2] = run_expert(2);
+    const auto [ex1, eg1] = run(expert, 1);
+    const auto [ex2, eg2] = run(expert, 2);
     same = same && relative_error(ex1, ex2) == 0.0 && relative_error(eg1.gate_up, eg2.gate_up) == 0.0 &&
            relative_error(eg1.down, eg2.down) == 0.0;
     const std::string verdict = std::string(B::name) + ": 1 and 2 threads give " + (same ? "the same bits" : "different bits");
