@@ -410,7 +410,7 @@ private:
 
     /// Scratch of one expert run as a task (single-threaded: nested inside the tasks' region):
     /// its forward's, or (`backward`) its backward's.
-    [[nodiscard]] std::size_t task_workspace_bytes(index_t rows, bool backward = false) const {
+    [[nodiscard]] std::size_t task_workspace_bytes(index_t rows, bool backward) const {
         const detail::ThreadCountScope one(1);
         std::size_t bytes = 0;
         for (const auto& e : experts_) {
@@ -449,7 +449,7 @@ private:
         }
         // The largest T an expert may get is plan.tokens() (one row per token per expert).
         const std::size_t slice = task_workspace_bytes(plan.tokens(), backward);
-        Workspace::Scope scope(ws, detail::padded_bytes<std::int32_t>(num_experts()) + std::size_t(threads) * slice);
+        Workspace::Scope scope(ws, tasks_workspace_bytes(plan.tokens(), backward));
         const auto order = ws.take<std::int32_t>(num_experts());
         index_t count = 0;
         for (index_t e = 0; e < num_experts(); ++e)

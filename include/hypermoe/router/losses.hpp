@@ -9,8 +9,6 @@
 #include <vector>
 
 #include "hypermoe/core/context.hpp"
-#include "hypermoe/core/error.hpp"
-#include "hypermoe/core/finite.hpp"
 #include "hypermoe/core/matrix.hpp"
 #include "hypermoe/core/workspace.hpp"
 #include "hypermoe/router/noisy_top_k.hpp"
@@ -251,15 +249,6 @@ void smooth_load_token(const ScoredRouter<S, NoisyTopK>& router, ConstMatrixView
     }
 }
 
-template <class S>
-void check_smooth_load_logits(const ScoredRouter<S, NoisyTopK>& router, ConstMatrixView<float> logits, const char* who) {
-    if (logits.cols() != router.experts())
-        throw shape_error(concat(who, ": logits have ", logits.cols(), " columns, expected experts = ", router.experts()));
-    for (index_t t = 0; t < logits.rows(); ++t)
-        if (const index_t e = find_non_finite(logits.row(t)); e >= 0)
-            throw numeric_error(concat(who, ": token ", t, " has router logit ", logits(t, e), " for expert ", e,
-                                       ", expected finite logits"));
-}
 } // namespace detail
 
 /// Shazeer et al.'s smooth load estimator (arXiv 1701.06538, appendix A; `_prob_in_top_k` of the
@@ -274,7 +263,7 @@ void check_smooth_load_logits(const ScoredRouter<S, NoisyTopK>& router, ConstMat
 template <class S>
 [[nodiscard]] std::vector<double> smooth_load(const ScoredRouter<S, NoisyTopK>& router, ConstMatrixView<float> logits,
                                               const Context& context = {}) {
-    detail::check_smooth_load_logits(router, logits, "smooth_load");
+    detail::check_router_logits(logits, router.experts(), "smooth_load");
     const index_t experts = router.experts(), k = router.selection().k;
     Workspace ws;
     Workspace::Scope scope(ws, detail::smooth_load_scratch_bytes(experts, k));
@@ -306,7 +295,7 @@ template <class S>
 template <class S>
 void smooth_load_loss_backward(const ScoredRouter<S, NoisyTopK>& router, ConstMatrixView<float> logits, const Context& context,
                                MatrixView<float> dlogits, double scale, Workspace& ws) {
-    detail::check_smooth_load_logits(router, logits, "smooth_load_loss_backward");
+    detail::check_router_logits(logits, router.experts(), "smooth_load_loss_backward");
     check_shape(dlogits, logits.rows(), router.experts(), "smooth_load_loss_backward", "dlogits");
     const index_t experts = router.experts(), k = router.selection().k;
     Workspace::Scope scope(ws, smooth_load_loss_workspace_bytes(router));

@@ -69,6 +69,17 @@ inline constexpr bool weights_are_constant = [] {
     if constexpr (requires { S::constant_weights; }) return bool(S::constant_weights);
     else return false;
 }();
+
+/// What a router's logits must be: `experts` columns (shape_error) and finite (numeric_error
+/// naming the token and expert); `who` names the caller in the message.
+inline void check_router_logits(ConstMatrixView<float> logits, index_t experts, const char* who) {
+    if (logits.cols() != experts)
+        throw shape_error(concat(who, ": logits have ", logits.cols(), " columns, expected experts = ", experts));
+    for (index_t t = 0; t < logits.rows(); ++t)
+        if (const index_t e = find_non_finite(logits.row(t)); e >= 0)
+            throw numeric_error(concat(who, ": token ", t, " has router logit ", logits(t, e), " for expert ", e,
+                                       ", expected finite logits"));
+}
 } // namespace detail
 
 template <class R>
@@ -125,13 +136,7 @@ public:
 
     /// Scores, selects and weights `logits` (T, E) into `plan`.
     void route(ConstMatrixView<float> logits, const RouterContext& context, RoutingPlan& plan, Workspace& ws) const {
-        if (logits.cols() != experts_)
-            throw shape_error(detail::concat("Router::route: logits have ", logits.cols(), " columns, expected experts = ",
-                                             experts_));
-        for (index_t t = 0; t < logits.rows(); ++t)
-            if (const index_t e = find_non_finite(logits.row(t)); e >= 0)
-                throw numeric_error(detail::concat("Router::route: token ", t, " has router logit ", logits(t, e),
-                                                   " for expert ", e, ", expected finite logits"));
+        detail::check_router_logits(logits, experts_, "Router::route");
         const index_t tokens = logits.rows();
         Workspace::Scope scope(ws, workspace_bytes(tokens));
         // Scores are per token: in parallel over tokens (as are the token-independent policies'
