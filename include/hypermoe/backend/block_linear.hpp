@@ -315,6 +315,7 @@ struct TileRows {
     const std::int32_t* sum[6] = {};
     const float* x[6] = {};
     const float* pad[6] = {};
+    const float* x_sum[6] = {}; ///< `exact` q4_0 on AVX2: each block's input sum, for the nibbles' -8
     index_t full = 0;
 };
 
@@ -472,103 +473,161 @@ __attribute__((target("avx2"))) inline __m256i broadcast_quad_avx2(const std::in
     return _mm256_set1_epi32(v);
 }
 
+/// Byte m (0..3) of every int32 lane of v, zero-extended (VPSHUFB).
+__attribute__((target("avx2"))) inline __m256i lane_byte_avx2(__m256i v, int m) {
+    const auto b = [m](int lane) { return static_cast<char>(4 * lane + m); };
+    const char z = static_cast<char>(0x80); // VPSHUFB writes a zero byte
+    return _mm256_shuffle_epi8(v, _mm256_setr_epi8(b(0), z, z, z, b(1), z, z, z, b(2), z, z, z, b(3), z, z, z, //
+                                                   b(0), z, z, z, b(1), z, z, z, b(2), z, z, z, b(3), z, z, z));
+}
+
+/// Byte m (0..3) of every int32 lane of v, sign-extended (VPSHUFB to the top byte, then an
+/// arithmetic shift).
+__attribute__((target("avx2"))) inline __m256i lane_byte_signed_avx2(__m256i v, int m) {
+    const auto b = [m](int lane) { return static_cast<char>(4 * lane + m); };
+    const char z = static_cast<char>(0x80);
+    return _mm256_srai_epi32(_mm256_shuffle_epi8(v, _mm256_setr_epi8(z, z, z, b(0), z, z, z, b(1), z, z, z, b(2), z, z, z, b(3), //
+                                                                     z, z, z, b(0), z, z, z, b(1), z, z, z, b(2), z, z, z, b(3))),
+                             24);
+}
+
 /// Both precisions on AVX2 (with FMA and F16C), for CPUs without AVX-512: the tile's 32 outputs
-/// as 4 groups of 8 (half a panel: one 32-byte half of each 64-byte load), each group a pass over
-/// the blocks for up to 4 rows (the two halves of a panel read the same cache lines, the second
-/// time from L1).
+/// as 4 groups of 8 (half a panel: one 32-byte half of each 64-byte load). One or two rows keep
+/// every group's sums in registers (4 or 2 groups per pass), so that the tile's lines are read
+/// once, front to back, as they stream from memory at decode; more rows take a pass over the
+/// blocks per group (the two halves of a panel read the same cache lines, the second time from
+/// L1). Either way each row has 4 independent chains of adds.
 /// - fast: VPMADDUBSW's u8 x s8 pairs, summed by VPMADDWD into int32, as ggml does on AVX2: q4_0's
 ///   nibbles (0..15) go in unsigned and the -8 comes off through the activations' sum (a block's
 ///   16 products per int16 lane stay below 16 x 15 x 127 < 2^15, so one VPMADDWD per block);
 ///   q8_0 takes |q| and moves q's sign onto the activations (VPSIGNB), one VPMADDWD per 4 k.
-/// - exact: each weight widened to f32 and dequantised in a register (q * d, or q4_0's
-///   (q - 8) * d as one FMA: both exact in f32), then one FMA per row: f32 arithmetic on the
-///   dequantised weights.
+/// - exact: each weight's integer widened to f32 (VPSHUFB picks byte m of every lane), one FMA
+///   per row into the block's sum, which is scaled by the block's d at its end (q4_0: the sum of
+///   nibble x input less 8 x the block's input sum): f32 arithmetic on the dequantised weights up
+///   to the order of the additions, as the AVX-512 and portable kernels.
 template <int Rows, class Block, bool Fast>
 __attribute__((target("avx2,fma,f16c"))) void avx2_tile(const TileArgs& t, const TileRows& x) {
     static_assert(Rows >= 1 && Rows <= 4);
     constexpr bool q4 = std::is_same_v<Block, BlockQ4_0>;
     constexpr index_t quads = q4 ? 4 : 8;
-    constexpr int split = Fast ? 1 : Rows == 1 ? 4 : Rows == 2 ? 2 : 1;
+    constexpr int groups = Rows == 1 ? 4 : Rows == 2 ? 2 : 1; // per pass over the blocks
+    // `exact` sums a q4_0 load's 8 k (q8_0's 4) into each group: with one or two rows, round two
+    // registers, so that consecutive FMAs do not wait for each other (4 cycles each).
+    constexpr int split = !Fast && Rows <= 2 ? 2 : 1;
     const __m256i nibble = _mm256_set1_epi8(0x0F), sign = _mm256_set1_epi8(static_cast<char>(0x80)), ones = _mm256_set1_epi16(1);
-    for (int g = 0; g < 4; ++g) { // outputs 8g .. 8g + 7: panel g / 2, half g % 2
-        const int p = g / 2, h = g % 2;
-        const unsigned bits = (t.mask[p] >> (8 * h)) & 0xFFu;
-        if (bits == 0) continue;
-        const __m256i lanes = avx2_lane_mask(bits);
-        // A row's sums; `exact` with few rows sends its FMAs round `split` registers, so that they
-        // are not one chain of dependent FMAs (4 cycles each), and adds them up at the end.
-        __m256 part[Rows][split];
+    for (int g0 = 0; g0 < 4; g0 += groups) { // outputs 8g .. 8g + 7: panel g / 2, half g % 2
+        __m256i lanes[groups];
+        unsigned any = 0;
+        for (int i = 0; i < groups; ++i) {
+            const int g = g0 + i;
+            const unsigned bits = (t.mask[g / 2] >> (8 * (g % 2))) & 0xFFu;
+            any |= bits;
+            lanes[i] = avx2_lane_mask(bits);
+        }
+        if (any == 0) continue;
+        __m256 part[Rows][groups];
         for (int r = 0; r < Rows; ++r)
-            for (int i = 0; i < split; ++i)
-                part[r][i] = i > 0 || t.first ? _mm256_setzero_ps() : _mm256_maskload_ps(t.out + r * t.ldc + 8 * g, lanes);
+            for (int i = 0; i < groups; ++i)
+                part[r][i] = t.first ? _mm256_setzero_ps() : _mm256_maskload_ps(t.out + r * t.ldc + 8 * (g0 + i), lanes[i]);
         for (index_t b = 0; b < t.nb; ++b) {
             const index_t bx = t.b0 + b; // the block's index in the activation rows
-            const std::uint8_t* wb = t.wq + (b * 2 + p) * quads * 64 + 32 * h;
-            const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(t.wd + b * 32 + 8 * g)));
+            // Group g0 + i's 32 bytes of the 64-byte load j (prefetching ahead from the first half).
+            const auto load = [&](int i, index_t j) {
+                const int g = g0 + i;
+                const std::uint8_t* w = t.wq + ((b * 2 + g / 2) * quads + j) * 64 + 32 * (g % 2);
+                if (t.ahead != 0 && g % 2 == 0) _mm_prefetch(reinterpret_cast<const char*>(w + t.ahead), _MM_HINT_T0);
+                return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+            };
+            const auto scales = [&](int i) {
+                return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(t.wd + b * 32 + 8 * (g0 + i))));
+            };
             if constexpr (Fast) {
-                __m256i sum[Rows];
+                __m256i sum[Rows][groups];
                 if constexpr (q4) {
-                    __m256i pairs[Rows];
-                    for (int r = 0; r < Rows; ++r) pairs[r] = _mm256_setzero_si256();
-                    for (index_t j = 0; j < quads; ++j) {
-                        const std::uint8_t* w = wb + j * 64;
-                        if (t.ahead != 0 && h == 0) _mm_prefetch(reinterpret_cast<const char*>(w + t.ahead), _MM_HINT_T0);
-                        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
-                        const __m256i lo = _mm256_and_si256(v, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
-                        for (int r = 0; r < Rows; ++r) {
-                            const std::int8_t* xr = x.q[r] + bx * quant_block + 4 * j;
-                            pairs[r] = _mm256_add_epi16(pairs[r], _mm256_add_epi16(_mm256_maddubs_epi16(lo, broadcast_quad_avx2(xr)),
-                                                                                   _mm256_maddubs_epi16(hi, broadcast_quad_avx2(xr + 16))));
-                        }
-                    }
+                    __m256i pairs[Rows][groups];
                     for (int r = 0; r < Rows; ++r)
-                        sum[r] = _mm256_sub_epi32(_mm256_madd_epi16(pairs[r], ones), _mm256_set1_epi32(8 * x.sum[r][bx]));
+                        for (int i = 0; i < groups; ++i) pairs[r][i] = _mm256_setzero_si256();
+                    for (index_t j = 0; j < quads; ++j)
+                        for (int i = 0; i < groups; ++i) {
+                            const __m256i v = load(i, j);
+                            const __m256i lo = _mm256_and_si256(v, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
+                            for (int r = 0; r < Rows; ++r) {
+                                const std::int8_t* xr = x.q[r] + bx * quant_block + 4 * j;
+                                pairs[r][i] = _mm256_add_epi16(pairs[r][i], _mm256_add_epi16(_mm256_maddubs_epi16(lo, broadcast_quad_avx2(xr)),
+                                                                                             _mm256_maddubs_epi16(hi, broadcast_quad_avx2(xr + 16))));
+                            }
+                        }
+                    for (int r = 0; r < Rows; ++r)
+                        for (int i = 0; i < groups; ++i)
+                            sum[r][i] = _mm256_sub_epi32(_mm256_madd_epi16(pairs[r][i], ones), _mm256_set1_epi32(8 * x.sum[r][bx]));
                 } else {
-                    for (int r = 0; r < Rows; ++r) sum[r] = _mm256_setzero_si256();
+                    for (int r = 0; r < Rows; ++r)
+                        for (int i = 0; i < groups; ++i) sum[r][i] = _mm256_setzero_si256();
                     for (index_t j = 0; j < quads; ++j) {
-                        const std::uint8_t* w = wb + j * 64;
-                        if (t.ahead != 0 && h == 0) _mm_prefetch(reinterpret_cast<const char*>(w + t.ahead), _MM_HINT_T0);
-                        const __m256i q = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w)), sign);
-                        const __m256i magnitude = _mm256_abs_epi8(q);
-                        for (int r = 0; r < Rows; ++r) {
-                            const __m256i xs = _mm256_sign_epi8(broadcast_quad_avx2(x.q[r] + bx * quant_block + 4 * j), q);
-                            sum[r] = _mm256_add_epi32(sum[r], _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, xs), ones));
+                        // The rows' 4 activations, in registers across the groups while there is room.
+                        __m256i xj[Rows];
+                        if constexpr (groups > 1)
+                            for (int r = 0; r < Rows; ++r) xj[r] = broadcast_quad_avx2(x.q[r] + bx * quant_block + 4 * j);
+                        for (int i = 0; i < groups; ++i) {
+                            const __m256i q = _mm256_xor_si256(load(i, j), sign);
+                            const __m256i magnitude = _mm256_abs_epi8(q);
+                            for (int r = 0; r < Rows; ++r) {
+                                if constexpr (groups == 1) xj[r] = broadcast_quad_avx2(x.q[r] + bx * quant_block + 4 * j);
+                                const __m256i xs = _mm256_sign_epi8(xj[r], q);
+                                sum[r][i] = _mm256_add_epi32(sum[r][i], _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, xs), ones));
+                            }
                         }
                     }
                 }
-                for (int r = 0; r < Rows; ++r)
-                    part[r][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[r]), _mm256_mul_ps(dw, _mm256_set1_ps(x.d[r][bx])), part[r][0]);
+                for (int i = 0; i < groups; ++i) {
+                    const __m256 dw = scales(i);
+                    for (int r = 0; r < Rows; ++r)
+                        part[r][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[r][i]), _mm256_mul_ps(dw, _mm256_set1_ps(x.d[r][bx])), part[r][i]);
+                }
             } else {
                 const float* xb[Rows];
                 for (int r = 0; r < Rows; ++r) xb[r] = bx < x.full ? x.x[r] + bx * quant_block : x.pad[r];
-                const __m256 minus8d = _mm256_mul_ps(dw, _mm256_set1_ps(-8.0f));
-                for (index_t j = 0; j < quads; ++j) {
-                    const std::uint8_t* w = wb + j * 64;
-                    if (t.ahead != 0 && h == 0) _mm_prefetch(reinterpret_cast<const char*>(w + t.ahead), _MM_HINT_T0);
-                    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
-                    if constexpr (q4) {
-                        for (int s = 0; s < 8; ++s) { // nibble s of each lane: k = 4j + s / 2, + 16 if s is odd
-                            const __m256i n = _mm256_and_si256(_mm256_srli_epi32(v, 4 * s), _mm256_set1_epi32(0x0F));
-                            const __m256 wf = _mm256_fmadd_ps(_mm256_cvtepi32_ps(n), dw, minus8d);
-                            const index_t k = 4 * j + s / 2 + (s % 2) * 16;
-                            for (int r = 0; r < Rows; ++r)
-                                part[r][s % split] = _mm256_fmadd_ps(wf, _mm256_broadcast_ss(xb[r] + k), part[r][s % split]);
+                __m256 sum[Rows][groups][split];
+                for (int r = 0; r < Rows; ++r)
+                    for (int i = 0; i < groups; ++i)
+                        for (int h = 0; h < split; ++h) sum[r][i][h] = _mm256_setzero_ps();
+                for (index_t j = 0; j < quads; ++j)
+                    for (int i = 0; i < groups; ++i) {
+                        const __m256i v = load(i, j);
+                        if constexpr (q4) {
+                            const __m256i lo = _mm256_and_si256(v, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
+                            for (int s = 0; s < 8; ++s) { // nibble s of each lane: k = 4j + s / 2, + 16 if s is odd
+                                const __m256 wf = _mm256_cvtepi32_ps(lane_byte_avx2(s % 2 ? hi : lo, s / 2));
+                                const index_t k = 4 * j + s / 2 + (s % 2) * 16;
+                                for (int r = 0; r < Rows; ++r) {
+                                    __m256& acc = sum[r][i][s % split];
+                                    acc = _mm256_fmadd_ps(wf, _mm256_broadcast_ss(xb[r] + k), acc);
+                                }
+                            }
+                        } else {
+                            const __m256i q = _mm256_xor_si256(v, sign); // the signed q
+                            for (int s = 0; s < 4; ++s) {             // byte s of each lane: k = 4j + s
+                                const __m256 wf = _mm256_cvtepi32_ps(lane_byte_signed_avx2(q, s));
+                                for (int r = 0; r < Rows; ++r) {
+                                    __m256& acc = sum[r][i][s % split];
+                                    acc = _mm256_fmadd_ps(wf, _mm256_broadcast_ss(xb[r] + 4 * j + s), acc);
+                                }
+                            }
                         }
-                    } else {
-                        const __m256i q = _mm256_xor_si256(v, sign); // the signed q
-                        for (int s = 0; s < 4; ++s) {             // byte s of each lane: k = 4j + s
-                            const __m256 wf = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(q, 24 - 8 * s), 24)), dw);
-                            for (int r = 0; r < Rows; ++r)
-                                part[r][s % split] = _mm256_fmadd_ps(wf, _mm256_broadcast_ss(xb[r] + 4 * j + s), part[r][s % split]);
-                        }
+                    }
+                for (int i = 0; i < groups; ++i) {
+                    const __m256 dw = scales(i);
+                    for (int r = 0; r < Rows; ++r) {
+                        __m256 s = sum[r][i][0];
+                        for (int h = 1; h < split; ++h) s = _mm256_add_ps(s, sum[r][i][h]);
+                        if constexpr (q4) s = _mm256_sub_ps(s, _mm256_set1_ps(8.0f * x.x_sum[r][bx])); // every nibble's -8
+                        part[r][i] = _mm256_fmadd_ps(s, dw, part[r][i]);
                     }
                 }
             }
         }
-        for (int r = 0; r < Rows; ++r) {
-            for (int i = 1; i < split; ++i) part[r][0] = _mm256_add_ps(part[r][0], part[r][i]);
-            _mm256_maskstore_ps(t.out + r * t.ldc + 8 * g, lanes, part[r][0]);
-        }
+        for (int r = 0; r < Rows; ++r)
+            for (int i = 0; i < groups; ++i) _mm256_maskstore_ps(t.out + r * t.ldc + 8 * (g0 + i), lanes[i], part[r][i]);
     }
 }
 
@@ -584,7 +643,8 @@ void avx2_tile_rows(const TileArgs& t, const TileRows& x) {
         TileRows tail;
         tail.full = x.full;
         for (int r = 0; r < Rows - 4; ++r)
-            tail.q[r] = x.q[r + 4], tail.d[r] = x.d[r + 4], tail.sum[r] = x.sum[r + 4], tail.x[r] = x.x[r + 4], tail.pad[r] = x.pad[r + 4];
+            tail.q[r] = x.q[r + 4], tail.d[r] = x.d[r + 4], tail.sum[r] = x.sum[r + 4], tail.x[r] = x.x[r + 4], tail.pad[r] = x.pad[r + 4],
+            tail.x_sum[r] = x.x_sum[r + 4];
         avx2_tile<Rows - 4, Block, Fast>(rest, tail);
     }
 }
@@ -641,11 +701,13 @@ public:
     /// The instructions this map's calls run on.
     [[nodiscard]] kernel_isa kernel() const noexcept { return kernel_; }
 
-    /// `fast` quantises the activations into the workspace; accumulating into c needs the
-    /// product apart (it is summed over chunks of blocks first). Never less than for fewer rows.
+    /// `fast` quantises the activations into the workspace (the AVX2 `exact` q4_0 kernel takes
+    /// their block sums); accumulating into c needs the product apart (it is summed over chunks of
+    /// blocks first). Never less than for fewer rows.
     [[nodiscard]] std::size_t workspace_bytes(index_t rows) const noexcept {
         if (rows <= 0) return 0;
-        return (fast_ ? QuantizedRows::bytes(rows, w_.blocks_per_row()) : 0) + (accumulate_ ? padded_bytes<float>(rows, n_) : 0);
+        return (fast_ ? QuantizedRows::bytes(rows, w_.blocks_per_row()) : 0) +
+               (takes_block_sums() ? padded_bytes<float>(rows, w_.blocks_per_row()) : 0) + (accumulate_ ? padded_bytes<float>(rows, n_) : 0);
     }
 
     void operator()(ConstMatrixView<float> a, MatrixView<float> c, Workspace& ws, float scale) const {
@@ -656,6 +718,18 @@ public:
         if (per_row == 0) return epilogue_bias_only<Act>(c, bias, scale, accumulate_); // K = 0: A W^T is zero
         std::optional<QuantizedRows> xq;
         if (fast_) xq.emplace(a, per_row, ws);
+        std::span<float> x_sums; // per row and block, the inputs' sum
+        if (takes_block_sums()) {
+            x_sums = ws.take<float>(rows * per_row);
+            parallel_for(rows, rows * k_, [&](index_t r) {
+                const auto row = a.row(r);
+                for (index_t b = 0; b < per_row; ++b) {
+                    float sum = 0;
+                    for (index_t k = b * quant_block; k < std::min(k_, (b + 1) * quant_block); ++k) sum += row[std::size_t(k)];
+                    x_sums[std::size_t(r * per_row + b)] = sum;
+                }
+            });
+        }
         const MatrixView<float> t = accumulate_ ? ws.take_matrix<float>(rows, n_) : c;
         const index_t row_block = fast_ ? fast_row_block : exact_row_block;
         // Few rows (decode) stream the weights once, all blocks per kernel call; many rows cut K
@@ -682,6 +756,7 @@ public:
                             x.q[r] = xq->q_row(m + r), x.d[r] = xq->d_row(m + r), x.sum[r] = xq->sum_row(m + r);
                         } else {
                             x.x[r] = a.row(m + r).data(), x.pad[r] = pad[r];
+                            if (!x_sums.empty()) x.x_sum[r] = x_sums.data() + (m + r) * per_row;
                             if (full < per_row && b0 + args.nb > full) { // this chunk holds the partial last block
                                 std::fill_n(pad[r], quant_block, 0.0f);
                                 std::copy_n(x.x[r] + full * quant_block, k_ - full * quant_block, pad[r]);
@@ -706,6 +781,12 @@ private:
     /// When the weights stream from memory (few rows), each load asks for the line this many
     /// bytes on, so that the prefetchers are not left behind at the start of each tile.
     static constexpr std::ptrdiff_t prefetch_ahead = 2048;
+
+    /// Whether the kernel takes q4_0's -8 off through each block's input sum (TileRows::x_sum):
+    /// the AVX2 `exact` one.
+    [[nodiscard]] bool takes_block_sums() const noexcept {
+        return !fast_ && kernel_ == kernel_isa::avx2 && w_.format() == dtype::q4_0;
+    }
 
     /// One kernel call for `rows` (1..6) rows, on the instructions chosen at construction.
     void run_tile(const TileArgs& t, const TileRows& x, index_t rows) const {
