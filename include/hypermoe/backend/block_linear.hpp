@@ -491,6 +491,20 @@ __attribute__((target("avx2"))) inline __m256i lane_byte_signed_avx2(__m256i v, 
                              24);
 }
 
+/// Output group g's (8 outputs: panel g / 2, half g % 2) 32 bytes of 64-byte load j of a tile's
+/// block b (Quads loads a block), asking for the line `t.ahead` bytes on from the first half.
+template <index_t Quads>
+inline const __m256i* avx2_group_bytes(const TileArgs& t, index_t b, int g, index_t j) noexcept {
+    const std::uint8_t* w = t.wq + ((b * 2 + g / 2) * Quads + j) * 64 + 32 * (g % 2);
+    if (t.ahead != 0 && g % 2 == 0) _mm_prefetch(reinterpret_cast<const char*>(w + t.ahead), _MM_HINT_T0);
+    return reinterpret_cast<const __m256i*>(w);
+}
+
+/// Output group g's 8 scales of a tile's block b, as floats.
+__attribute__((target("avx2,f16c"))) inline __m256 avx2_group_scales(const TileArgs& t, index_t b, int g) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(t.wd + b * 32 + 8 * g)));
+}
+
 /// Both precisions on AVX2 (with FMA and F16C), for CPUs without AVX-512: the tile's 32 outputs
 /// as 4 groups of 8 (half a panel: one 32-byte half of each 64-byte load). One or two rows keep
 /// every group's sums in registers (4 or 2 groups per pass), so that the tile's lines are read
@@ -531,25 +545,18 @@ __attribute__((target("avx2,fma,f16c"))) void avx2_tile(const TileArgs& t, const
                 part[r][i] = t.first ? _mm256_setzero_ps() : _mm256_maskload_ps(t.out + r * t.ldc + 8 * (g0 + i), lanes[i]);
         for (index_t b = 0; b < t.nb; ++b) {
             const index_t bx = t.b0 + b; // the block's index in the activation rows
-            // Group g0 + i's 32 bytes of the 64-byte load j (prefetching ahead from the first half).
-            const auto load = [&](int i, index_t j) {
-                const int g = g0 + i;
-                const std::uint8_t* w = t.wq + ((b * 2 + g / 2) * quads + j) * 64 + 32 * (g % 2);
-                if (t.ahead != 0 && g % 2 == 0) _mm_prefetch(reinterpret_cast<const char*>(w + t.ahead), _MM_HINT_T0);
-                return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
-            };
-            const auto scales = [&](int i) {
-                return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(t.wd + b * 32 + 8 * (g0 + i))));
-            };
+            __m256 dw[groups];               // the block's scales
+            for (int i = 0; i < groups; ++i) dw[i] = avx2_group_scales(t, b, g0 + i);
             if constexpr (Fast) {
                 __m256i sum[Rows][groups];
                 if constexpr (q4) {
                     __m256i pairs[Rows][groups];
                     for (int r = 0; r < Rows; ++r)
                         for (int i = 0; i < groups; ++i) pairs[r][i] = _mm256_setzero_si256();
+#pragma GCC unroll 1 // unrolled, every j's activation broadcasts are hoisted and spilled
                     for (index_t j = 0; j < quads; ++j)
                         for (int i = 0; i < groups; ++i) {
-                            const __m256i v = load(i, j);
+                            const __m256i v = _mm256_loadu_si256(avx2_group_bytes<quads>(t, b, g0 + i, j));
                             const __m256i lo = _mm256_and_si256(v, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
                             for (int r = 0; r < Rows; ++r) {
                                 const std::int8_t* xr = x.q[r] + bx * quant_block + 4 * j;
@@ -569,7 +576,7 @@ __attribute__((target("avx2,fma,f16c"))) void avx2_tile(const TileArgs& t, const
                         if constexpr (groups > 1)
                             for (int r = 0; r < Rows; ++r) xj[r] = broadcast_quad_avx2(x.q[r] + bx * quant_block + 4 * j);
                         for (int i = 0; i < groups; ++i) {
-                            const __m256i q = _mm256_xor_si256(load(i, j), sign);
+                            const __m256i q = _mm256_xor_si256(_mm256_loadu_si256(avx2_group_bytes<quads>(t, b, g0 + i, j)), sign);
                             const __m256i magnitude = _mm256_abs_epi8(q);
                             for (int r = 0; r < Rows; ++r) {
                                 if constexpr (groups == 1) xj[r] = broadcast_quad_avx2(x.q[r] + bx * quant_block + 4 * j);
@@ -579,11 +586,9 @@ __attribute__((target("avx2,fma,f16c"))) void avx2_tile(const TileArgs& t, const
                         }
                     }
                 }
-                for (int i = 0; i < groups; ++i) {
-                    const __m256 dw = scales(i);
+                for (int i = 0; i < groups; ++i)
                     for (int r = 0; r < Rows; ++r)
-                        part[r][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[r][i]), _mm256_mul_ps(dw, _mm256_set1_ps(x.d[r][bx])), part[r][i]);
-                }
+                        part[r][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[r][i]), _mm256_mul_ps(dw[i], _mm256_set1_ps(x.d[r][bx])), part[r][i]);
             } else {
                 const float* xb[Rows];
                 for (int r = 0; r < Rows; ++r) xb[r] = bx < x.full ? x.x[r] + bx * quant_block : x.pad[r];
@@ -593,7 +598,7 @@ __attribute__((target("avx2,fma,f16c"))) void avx2_tile(const TileArgs& t, const
                         for (int h = 0; h < split; ++h) sum[r][i][h] = _mm256_setzero_ps();
                 for (index_t j = 0; j < quads; ++j)
                     for (int i = 0; i < groups; ++i) {
-                        const __m256i v = load(i, j);
+                        const __m256i v = _mm256_loadu_si256(avx2_group_bytes<quads>(t, b, g0 + i, j));
                         if constexpr (q4) {
                             const __m256i lo = _mm256_and_si256(v, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
                             for (int s = 0; s < 8; ++s) { // nibble s of each lane: k = 4j + s / 2, + 16 if s is odd
@@ -616,12 +621,11 @@ __attribute__((target("avx2,fma,f16c"))) void avx2_tile(const TileArgs& t, const
                         }
                     }
                 for (int i = 0; i < groups; ++i) {
-                    const __m256 dw = scales(i);
                     for (int r = 0; r < Rows; ++r) {
                         __m256 s = sum[r][i][0];
                         for (int h = 1; h < split; ++h) s = _mm256_add_ps(s, sum[r][i][h]);
                         if constexpr (q4) s = _mm256_sub_ps(s, _mm256_set1_ps(8.0f * x.x_sum[r][bx])); // every nibble's -8
-                        part[r][i] = _mm256_fmadd_ps(s, dw, part[r][i]);
+                        part[r][i] = _mm256_fmadd_ps(s, dw[i], part[r][i]);
                     }
                 }
             }
