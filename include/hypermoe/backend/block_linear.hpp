@@ -510,7 +510,8 @@ __attribute__((target("avx2,f16c"))) inline __m256 avx2_group_scales(const TileA
 /// every group's sums in registers (4 or 2 groups per pass), so that the tile's lines are read
 /// once, front to back, as they stream from memory at decode; more rows take a pass over the
 /// blocks per group (the two halves of a panel read the same cache lines, the second time from
-/// L1). Either way each row has 4 independent chains of adds.
+/// L1). Either way at least 3 chains of sums (rows x groups, x 2 for `exact` with 1 or 2 rows)
+/// are independent of each other.
 /// - fast: VPMADDUBSW's u8 x s8 pairs, summed by VPMADDWD into int32, as ggml does on AVX2: q4_0's
 ///   nibbles (0..15) go in unsigned and the -8 comes off through the activations' sum (a block's
 ///   16 products per int16 lane stay below 16 x 15 x 127 < 2^15, so one VPMADDWD per block);
@@ -595,7 +596,7 @@ __attribute__((target("avx2,fma,f16c"))) void avx2_tile(const TileArgs& t, const
                 __m256 sum[Rows][groups][split];
                 for (int r = 0; r < Rows; ++r)
                     for (int i = 0; i < groups; ++i)
-                        for (int h = 0; h < split; ++h) sum[r][i][h] = _mm256_setzero_ps();
+                        for (int c = 0; c < split; ++c) sum[r][i][c] = _mm256_setzero_ps();
                 for (index_t j = 0; j < quads; ++j)
                     for (int i = 0; i < groups; ++i) {
                         const __m256i v = _mm256_loadu_si256(avx2_group_bytes<quads>(t, b, g0 + i, j));
@@ -623,7 +624,7 @@ __attribute__((target("avx2,fma,f16c"))) void avx2_tile(const TileArgs& t, const
                 for (int i = 0; i < groups; ++i) {
                     for (int r = 0; r < Rows; ++r) {
                         __m256 s = sum[r][i][0];
-                        for (int h = 1; h < split; ++h) s = _mm256_add_ps(s, sum[r][i][h]);
+                        for (int c = 1; c < split; ++c) s = _mm256_add_ps(s, sum[r][i][c]);
                         if constexpr (q4) s = _mm256_sub_ps(s, _mm256_set1_ps(8.0f * x.x_sum[r][bx])); // every nibble's -8
                         part[r][i] = _mm256_fmadd_ps(s, dw[i], part[r][i]);
                     }
@@ -705,9 +706,9 @@ public:
     /// The instructions this map's calls run on.
     [[nodiscard]] kernel_isa kernel() const noexcept { return kernel_; }
 
-    /// `fast` quantises the activations into the workspace (the AVX2 `exact` q4_0 kernel takes
-    /// their block sums); accumulating into c needs the product apart (it is summed over chunks of
-    /// blocks first). Never less than for fewer rows.
+    /// `fast` quantises the activations into the workspace, and the AVX2 `exact` q4_0 kernel
+    /// takes their block sums there; accumulating into c needs the product apart (it is summed
+    /// over chunks of blocks first). Never less than for fewer rows.
     [[nodiscard]] std::size_t workspace_bytes(index_t rows) const noexcept {
         if (rows <= 0) return 0;
         return (fast_ ? QuantizedRows::bytes(rows, w_.blocks_per_row()) : 0) +
