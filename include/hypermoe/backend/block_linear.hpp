@@ -526,9 +526,6 @@ __attribute__((target("avx2,fma,f16c"))) void avx2_tile(const TileArgs& t, const
     constexpr bool q4 = std::is_same_v<Block, BlockQ4_0>;
     constexpr index_t quads = q4 ? 4 : 8;
     constexpr int groups = Rows == 1 ? 4 : Rows == 2 ? 2 : 1; // per pass over the blocks
-    // `exact` sums a q4_0 load's 8 k (q8_0's 4) into each group: with one or two rows, round two
-    // registers, so that consecutive FMAs do not wait for each other (4 cycles each).
-    constexpr int split = !Fast && Rows <= 2 ? 2 : 1;
     const __m256i nibble = _mm256_set1_epi8(0x0F), sign = _mm256_set1_epi8(static_cast<char>(0x80)), ones = _mm256_set1_epi16(1);
     for (int g0 = 0; g0 < 4; g0 += groups) { // outputs 8g .. 8g + 7: panel g / 2, half g % 2
         __m256i lanes[groups];
@@ -593,38 +590,30 @@ __attribute__((target("avx2,fma,f16c"))) void avx2_tile(const TileArgs& t, const
             } else {
                 const float* xb[Rows];
                 for (int r = 0; r < Rows; ++r) xb[r] = bx < x.full ? x.x[r] + bx * quant_block : x.pad[r];
-                __m256 sum[Rows][groups][split];
+                __m256 sum[Rows][groups];
                 for (int r = 0; r < Rows; ++r)
-                    for (int i = 0; i < groups; ++i)
-                        for (int c = 0; c < split; ++c) sum[r][i][c] = _mm256_setzero_ps();
-                for (index_t j = 0; j < quads; ++j)
+                    for (int i = 0; i < groups; ++i) sum[r][i] = _mm256_setzero_ps();
+                for (index_t j = 0; j < quads; ++j) {
+                    // Every group's load j, then each k's activations broadcast once for all groups.
+                    __m256i lo[groups], hi[groups]; // q4_0: the low and high nibbles; q8_0: q in lo
                     for (int i = 0; i < groups; ++i) {
                         const __m256i v = _mm256_loadu_si256(avx2_group_bytes<quads>(t, b, g0 + i, j));
-                        if constexpr (q4) {
-                            const __m256i lo = _mm256_and_si256(v, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
-                            for (int s = 0; s < 8; ++s) { // nibble s of each lane: k = 4j + s / 2, + 16 if s is odd
-                                const __m256 wf = _mm256_cvtepi32_ps(lane_byte_avx2(s % 2 ? hi : lo, s / 2));
-                                const index_t k = 4 * j + s / 2 + (s % 2) * 16;
-                                for (int r = 0; r < Rows; ++r) {
-                                    __m256& acc = sum[r][i][s % split];
-                                    acc = _mm256_fmadd_ps(wf, _mm256_broadcast_ss(xb[r] + k), acc);
-                                }
-                            }
-                        } else {
-                            const __m256i q = _mm256_xor_si256(v, sign); // the signed q
-                            for (int s = 0; s < 4; ++s) {             // byte s of each lane: k = 4j + s
-                                const __m256 wf = _mm256_cvtepi32_ps(lane_byte_signed_avx2(q, s));
-                                for (int r = 0; r < Rows; ++r) {
-                                    __m256& acc = sum[r][i][s % split];
-                                    acc = _mm256_fmadd_ps(wf, _mm256_broadcast_ss(xb[r] + 4 * j + s), acc);
-                                }
-                            }
+                        if constexpr (q4) lo[i] = _mm256_and_si256(v, nibble), hi[i] = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
+                        else lo[i] = _mm256_xor_si256(v, sign); // the signed q
+                    }
+                    for (int s = 0; s < (q4 ? 8 : 4); ++s) { // q4_0: nibble s of each lane, k = 4j + s / 2, + 16 if s is odd;
+                        const index_t k = q4 ? 4 * j + s / 2 + (s % 2) * 16 : 4 * j + s; // q8_0: byte s, k = 4j + s
+                        __m256 xk[Rows];
+                        for (int r = 0; r < Rows; ++r) xk[r] = _mm256_broadcast_ss(xb[r] + k);
+                        for (int i = 0; i < groups; ++i) {
+                            const __m256 wf = _mm256_cvtepi32_ps(q4 ? lane_byte_avx2(s % 2 ? hi[i] : lo[i], s / 2) : lane_byte_signed_avx2(lo[i], s));
+                            for (int r = 0; r < Rows; ++r) sum[r][i] = _mm256_fmadd_ps(wf, xk[r], sum[r][i]);
                         }
                     }
+                }
                 for (int i = 0; i < groups; ++i) {
                     for (int r = 0; r < Rows; ++r) {
-                        __m256 s = sum[r][i][0];
-                        for (int c = 1; c < split; ++c) s = _mm256_add_ps(s, sum[r][i][c]);
+                        __m256 s = sum[r][i];
                         if constexpr (q4) s = _mm256_sub_ps(s, _mm256_set1_ps(8.0f * x.x_sum[r][bx])); // every nibble's -8
                         part[r][i] = _mm256_fmadd_ps(s, dw[i], part[r][i]);
                     }
