@@ -473,22 +473,18 @@ __attribute__((target("avx2"))) inline __m256i broadcast_quad_avx2(const std::in
     return _mm256_set1_epi32(v);
 }
 
-/// Byte m (0..3) of every int32 lane of v, zero-extended (VPSHUFB).
+/// Byte m (0..3) of every int32 lane of v as an int32: zero-extended (one VPSHUFB), or with
+/// Signed sign-extended (VPSHUFB to the lane's top byte, then an arithmetic shift).
+template <bool Signed>
 __attribute__((target("avx2"))) inline __m256i lane_byte_avx2(__m256i v, int m) {
-    const auto b = [m](int lane) { return static_cast<char>(4 * lane + m); };
-    const char z = static_cast<char>(0x80); // VPSHUFB writes a zero byte
-    return _mm256_shuffle_epi8(v, _mm256_setr_epi8(b(0), z, z, z, b(1), z, z, z, b(2), z, z, z, b(3), z, z, z, //
-                                                   b(0), z, z, z, b(1), z, z, z, b(2), z, z, z, b(3), z, z, z));
-}
-
-/// Byte m (0..3) of every int32 lane of v, sign-extended (VPSHUFB to the top byte, then an
-/// arithmetic shift).
-__attribute__((target("avx2"))) inline __m256i lane_byte_signed_avx2(__m256i v, int m) {
-    const auto b = [m](int lane) { return static_cast<char>(4 * lane + m); };
-    const char z = static_cast<char>(0x80);
-    return _mm256_srai_epi32(_mm256_shuffle_epi8(v, _mm256_setr_epi8(z, z, z, b(0), z, z, z, b(1), z, z, z, b(2), z, z, z, b(3), //
-                                                                     z, z, z, b(0), z, z, z, b(1), z, z, z, b(2), z, z, z, b(3))),
-                             24);
+    // VPSHUFB's control per int32 lane l: byte 4l + m into the lane's low (top if Signed) byte,
+    // 0x80 (a zero byte) elsewhere.
+    const auto lane = [m](int l) {
+        const unsigned byte = unsigned(4 * l + m);
+        return static_cast<int>(Signed ? byte << 24 | 0x808080u : byte | 0x80808000u);
+    };
+    const __m256i picked = _mm256_shuffle_epi8(v, _mm256_setr_epi32(lane(0), lane(1), lane(2), lane(3), lane(0), lane(1), lane(2), lane(3)));
+    return Signed ? _mm256_srai_epi32(picked, 24) : picked;
 }
 
 /// Output group g's (8 outputs: panel g / 2, half g % 2) 32 bytes of 64-byte load j of a tile's
@@ -606,7 +602,7 @@ __attribute__((target("avx2,fma,f16c"))) void avx2_tile(const TileArgs& t, const
                         __m256 xk[Rows];
                         for (int r = 0; r < Rows; ++r) xk[r] = _mm256_broadcast_ss(xb[r] + k);
                         for (int i = 0; i < groups; ++i) {
-                            const __m256 wf = _mm256_cvtepi32_ps(q4 ? lane_byte_avx2(s % 2 ? hi[i] : lo[i], s / 2) : lane_byte_signed_avx2(lo[i], s));
+                            const __m256 wf = _mm256_cvtepi32_ps(q4 ? lane_byte_avx2<false>(s % 2 ? hi[i] : lo[i], s / 2) : lane_byte_avx2<true>(lo[i], s));
                             for (int r = 0; r < Rows; ++r) sum[r][i] = _mm256_fmadd_ps(wf, xk[r], sum[r][i]);
                         }
                     }
