@@ -195,15 +195,23 @@ __attribute__((target("avx512f"))) void bf16_tile_avx512(const Bf16Tile<In>& t) 
 template <int Rows, int PerCall, class W, class In>
 __attribute__((target("avx2"))) inline void panel_tile_store_avx2(const PanelTile<W, In>& t, int p0, int panels,
                                                                   const __m256 (&acc)[Rows][PerCall][2]) {
-    for (int p = 0; p < panels; ++p)
+    // Loops over the compile-time bounds, so that acc stays in registers (with `panels` as the
+    // bound GCC kept it on the stack).
+#pragma GCC unroll 8
+    for (int p = 0; p < PerCall; ++p)
+#pragma GCC unroll 2
         for (int h = 0; h < 2; ++h) {
-            const index_t valid = std::clamp<index_t>(t.cols - (p0 + p) * 16 - 8 * h, 0, 8);
+            const index_t valid = p < panels ? std::clamp<index_t>(t.cols - (p0 + p) * 16 - 8 * h, 0, 8) : 0;
             if (valid == 0) continue;
             const __m256i lanes = avx2_lane_mask((1u << valid) - 1u);
             for (int r = 0; r < Rows; ++r) {
                 float* c = t.c + r * t.ldc + (p0 + p) * 16 + 8 * h;
-                const __m256 sum = t.accumulate ? _mm256_add_ps(_mm256_maskload_ps(c, lanes), acc[r][p][h]) : acc[r][p][h];
-                _mm256_maskstore_ps(c, lanes, sum);
+                if (valid == 8) { // plain moves: VMASKMOVPS stores are slow on AMD (Zen 3)
+                    _mm256_storeu_ps(c, t.accumulate ? _mm256_add_ps(_mm256_loadu_ps(c), acc[r][p][h]) : acc[r][p][h]);
+                } else {
+                    const __m256 sum = t.accumulate ? _mm256_add_ps(_mm256_maskload_ps(c, lanes), acc[r][p][h]) : acc[r][p][h];
+                    _mm256_maskstore_ps(c, lanes, sum);
+                }
             }
         }
 }
@@ -243,6 +251,9 @@ __attribute__((target("avx2,fma"))) void f32_tile_avx2(const F32Tile& t) {
         __m256 acc[Rows][per_call][2];
         for (int r = 0; r < Rows; ++r)
             for (int p = 0; p < per_call; ++p) acc[r][p][0] = acc[r][p][1] = _mm256_setzero_ps();
+        if (t.accumulate) // C's lines arrive while the k loop runs (a backward's dW is far out of cache)
+            for (int r = 0; r < Rows; ++r)
+                for (int p = 0; p < panels; ++p) _mm_prefetch(reinterpret_cast<const char*>(t.c + r * t.ldc + (p0 + p) * 16), _MM_HINT_T0);
         for (index_t k = 0; k < t.k; ++k)
             for (int p = 0; p < panels; ++p) {
                 const float* wp = t.w + (p0 + p) * t.stride + k * 16;
