@@ -525,18 +525,23 @@ __attribute__((target("avx2,fma,f16c"))) void avx2_tile(const TileArgs& t, const
     const __m256i nibble = _mm256_set1_epi8(0x0F), sign = _mm256_set1_epi8(static_cast<char>(0x80)), ones = _mm256_set1_epi16(1);
     for (int g0 = 0; g0 < 4; g0 += groups) { // outputs 8g .. 8g + 7: panel g / 2, half g % 2
         __m256i lanes[groups];
-        unsigned any = 0;
+        unsigned any = 0, all = 0xFFu;
         for (int i = 0; i < groups; ++i) {
             const int g = g0 + i;
             const unsigned bits = (t.mask[g / 2] >> (8 * (g % 2))) & 0xFFu;
             any |= bits;
+            all &= bits;
             lanes[i] = avx2_lane_mask(bits);
         }
         if (any == 0) continue;
+        // Plain moves when every lane is an output: VMASKMOVPS stores are slow on AMD (Zen 3).
+        const bool full = all == 0xFFu;
         __m256 part[Rows][groups];
         for (int r = 0; r < Rows; ++r)
-            for (int i = 0; i < groups; ++i)
-                part[r][i] = t.first ? _mm256_setzero_ps() : _mm256_maskload_ps(t.out + r * t.ldc + 8 * (g0 + i), lanes[i]);
+            for (int i = 0; i < groups; ++i) {
+                const float* out = t.out + r * t.ldc + 8 * (g0 + i);
+                part[r][i] = t.first ? _mm256_setzero_ps() : full ? _mm256_loadu_ps(out) : _mm256_maskload_ps(out, lanes[i]);
+            }
         for (index_t b = 0; b < t.nb; ++b) {
             const index_t bx = t.b0 + b; // the block's index in the activation rows
             __m256 dw[groups];               // the block's scales
@@ -617,7 +622,11 @@ __attribute__((target("avx2,fma,f16c"))) void avx2_tile(const TileArgs& t, const
             }
         }
         for (int r = 0; r < Rows; ++r)
-            for (int i = 0; i < groups; ++i) _mm256_maskstore_ps(t.out + r * t.ldc + 8 * (g0 + i), lanes[i], part[r][i]);
+            for (int i = 0; i < groups; ++i) {
+                float* out = t.out + r * t.ldc + 8 * (g0 + i);
+                if (full) _mm256_storeu_ps(out, part[r][i]);
+                else _mm256_maskstore_ps(out, lanes[i], part[r][i]);
+            }
     }
 }
 
