@@ -227,6 +227,9 @@ __attribute__((target("avx512f"))) void f32_tile_avx512(const F32Tile& t) {
     __m512 acc[Rows][Panels];
     for (int r = 0; r < Rows; ++r)
         for (int p = 0; p < Panels; ++p) acc[r][p] = _mm512_setzero_ps();
+    if (t.accumulate) // as f32_tile_avx2: C's lines arrive while the k loop runs
+        for (int r = 0; r < Rows; ++r)
+            for (int p = 0; p < Panels; ++p) _mm_prefetch(reinterpret_cast<const char*>(t.c + r * t.ldc + p * 16), _MM_HINT_T0);
     for (index_t k = 0; k < t.k; ++k) {
         __m512 w[Panels];
         for (int p = 0; p < Panels; ++p) {
