@@ -534,14 +534,11 @@ __attribute__((target("avx2,fma,f16c"))) void avx2_tile(const TileArgs& t, const
             lanes[i] = avx2_lane_mask(bits);
         }
         if (any == 0) continue;
-        // Plain moves when every lane is an output: VMASKMOVPS stores are slow on AMD (Zen 3).
-        const bool full = all == 0xFFu;
+        const bool full = all == 0xFFu; // plain moves (avx2_load_lanes)
         __m256 part[Rows][groups];
         for (int r = 0; r < Rows; ++r)
-            for (int i = 0; i < groups; ++i) {
-                const float* out = t.out + r * t.ldc + 8 * (g0 + i);
-                part[r][i] = t.first ? _mm256_setzero_ps() : full ? _mm256_loadu_ps(out) : _mm256_maskload_ps(out, lanes[i]);
-            }
+            for (int i = 0; i < groups; ++i)
+                part[r][i] = t.first ? _mm256_setzero_ps() : avx2_load_lanes(t.out + r * t.ldc + 8 * (g0 + i), lanes[i], full);
         for (index_t b = 0; b < t.nb; ++b) {
             const index_t bx = t.b0 + b; // the block's index in the activation rows
             __m256 dw[groups];               // the block's scales
@@ -622,11 +619,7 @@ __attribute__((target("avx2,fma,f16c"))) void avx2_tile(const TileArgs& t, const
             }
         }
         for (int r = 0; r < Rows; ++r)
-            for (int i = 0; i < groups; ++i) {
-                float* out = t.out + r * t.ldc + 8 * (g0 + i);
-                if (full) _mm256_storeu_ps(out, part[r][i]);
-                else _mm256_maskstore_ps(out, lanes[i], part[r][i]);
-            }
+            for (int i = 0; i < groups; ++i) avx2_store_lanes(t.out + r * t.ldc + 8 * (g0 + i), lanes[i], full, part[r][i]);
     }
 }
 

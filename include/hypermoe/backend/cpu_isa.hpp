@@ -59,6 +59,17 @@ __attribute__((target("avx2"))) inline __m256i avx2_lane_mask(unsigned bits) {
     const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
     return _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(static_cast<int>(bits)), bit), bit);
 }
+
+/// The 8 floats at p in the lanes `lanes` selects (avx2_lane_mask; the rest read as 0), or all
+/// 8 with `full`: plain moves where every lane is in range, as VMASKMOVPS is slow on AMD (Zen 3).
+__attribute__((target("avx2"))) inline __m256 avx2_load_lanes(const float* p, __m256i lanes, bool full) {
+    return full ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, lanes);
+}
+/// Stores v's lanes that `lanes` selects at p, or all 8 with `full` (as avx2_load_lanes).
+__attribute__((target("avx2"))) inline void avx2_store_lanes(float* p, __m256i lanes, bool full, __m256 v) {
+    if (full) _mm256_storeu_ps(p, v);
+    else _mm256_maskstore_ps(p, lanes, v);
+}
 #endif
 
 /// What this CPU offers our kernels (after the HYPERMOE_ISA cap).

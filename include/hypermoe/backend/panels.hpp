@@ -206,12 +206,8 @@ __attribute__((target("avx2"))) inline void panel_tile_store_avx2(const PanelTil
             const __m256i lanes = avx2_lane_mask((1u << valid) - 1u);
             for (int r = 0; r < Rows; ++r) {
                 float* c = t.c + r * t.ldc + (p0 + p) * 16 + 8 * h;
-                if (valid == 8) { // plain moves: VMASKMOVPS stores are slow on AMD (Zen 3)
-                    _mm256_storeu_ps(c, t.accumulate ? _mm256_add_ps(_mm256_loadu_ps(c), acc[r][p][h]) : acc[r][p][h]);
-                } else {
-                    const __m256 sum = t.accumulate ? _mm256_add_ps(_mm256_maskload_ps(c, lanes), acc[r][p][h]) : acc[r][p][h];
-                    _mm256_maskstore_ps(c, lanes, sum);
-                }
+                const bool full = valid == 8;
+                avx2_store_lanes(c, lanes, full, t.accumulate ? _mm256_add_ps(avx2_load_lanes(c, lanes, full), acc[r][p][h]) : acc[r][p][h]);
             }
         }
 }
