@@ -409,7 +409,7 @@ void check_moe_backward(MoeParams& p, Make make, index_t tokens, const Context& 
     GradientGap compare;
     for (index_t t = 0; t < tokens; ++t)
         for (index_t c = 0; c < p.d; ++c) compare(dx(t, c), central_difference(x(t, c), loss, h));
-    for (index_t e = 0; e < p.experts; ++e)
+    for (index_t e = 0; e < p.gate.rows(); ++e) // one row per expert, then any noise rows
         for (index_t c = 0; c < p.d; ++c) compare(g.gate(e, c), central_difference(p.gate(e, c), loss, h));
     for (index_t r = 0; r < p.ff; r += 2)
         for (index_t c = 0; c < p.d; c += 3) {
@@ -603,6 +603,66 @@ TEST_CASE("MoeLayer backward matches central differences: noisy top-k (softmax o
     }
 }
 
+TEST_CASE("MoeLayer backward matches central differences: noisy top-k with Shazeer's learned noise scale (gate = W_g over W_noise)") {
+    MoeParams p(25);
+    p.gate = random_matrix(2 * p.experts, p.d, 25, 0.8f); // E clean rows, then E noise rows
+    const auto make = [](const MoeParams& q, auto backend) {
+        using B = decltype(backend);
+        return MoeLayer<GluExpert<B, Silu>, NoisyTopKRouter>(
+            weight(q.gate), NoisyTopKRouter(q.experts, NoisyTopK{.k = 2, .noise_std = 0.7f, .seed = 5, .learned_scale = true}),
+            q.build_experts<B>());
+    };
+    check_moe_backward(p, make, 9, Context{.sequence_length = 3, .noise_seed = 4});
+    // The noise rows get a gradient (through the selected experts' noisy values).
+    const auto layer = make(p, reference{});
+    CHECK(layer.logit_columns() == 2 * p.experts);
+    auto g = layer.make_gradients();
+    Workspace ws;
+    Matrix<float> dx(9, p.d);
+    layer.backward(random_matrix(9, p.d, 3), random_matrix(9, p.d, 4), dx, g, ws, Context{.noise_seed = 4});
+    double noise_rows = 0;
+    for (index_t e = p.experts; e < 2 * p.experts; ++e)
+        for (index_t c = 0; c < p.d; ++c) noise_rows += std::abs(g.gate(e, c));
+    CHECK(noise_rows > 0);
+    // Shazeer's load loss through the layer (dy = 0): the gate's gradient is dlogits^T x, with
+    // dlogits from smooth_load_loss_backward on the layer's own 2E logits.
+    {
+        const auto x = random_matrix(9, p.d, 5);
+        const Matrix<float> zero(9, p.d);
+        const Context aux{.noise_seed = 4, .aux_losses = {.load = 0.5}};
+        auto ga = layer.make_gradients();
+        layer.backward(x, zero, dx, ga, ws, aux);
+        Matrix<float> l(9, 2 * p.experts), dl(9, 2 * p.experts);
+        layer.router_logits(x, l, ws);
+        smooth_load_loss_backward(layer.router(), l, aux, dl, 0.5, ws);
+        Matrix<float> want(2 * p.experts, p.d);
+        for (index_t e = 0; e < 2 * p.experts; ++e)
+            for (index_t c = 0; c < p.d; ++c) {
+                double sum = 0;
+                for (index_t t = 0; t < 9; ++t) sum += double(dl(t, e)) * x(t, c);
+                want(e, c) = float(sum);
+            }
+        CHECK(test::dot(want, want) > 0);
+        CHECK(relative_error(ga.gate, want) <= 1e-6);
+    }
+    // A gate of E rows is not enough for it.
+    const Matrix<float> clean_only = random_matrix(p.experts, p.d, 15);
+    CHECK_THROWS_WITH_AS((MoeLayer<GluExpert<reference, Silu>, NoisyTopKRouter>(
+                             weight(clean_only), NoisyTopKRouter(p.experts, NoisyTopK{.k = 2, .learned_scale = true}),
+                             p.build_experts<reference>())),
+                         "MoeLayer: weight 'gate' has shape (4, 8), expected (8, 8): 4 experts' rows, then 4 noise rows "
+                         "(the router learns its noise scale)",
+                         shape_error);
+    // Gradients made by a layer without the noise rows.
+    auto wrong = MoeLayer<GluExpert<reference, Silu>, NoisyTopKRouter>(weight(clean_only), NoisyTopKRouter(p.experts, NoisyTopK{.k = 2}),
+                                                                        p.build_experts<reference>())
+                     .make_gradients();
+    CHECK_THROWS_WITH_AS(layer.backward(random_matrix(9, p.d, 3), random_matrix(9, p.d, 4), dx, wrong, ws),
+                         "MoeLayer::backward: gradients for a gate of shape (4, 8) and 4 experts, expected (8, 8) and 4 "
+                         "(use make_gradients())",
+                         shape_error);
+}
+
 TEST_CASE("importance loss (cv^2 of the experts' summed weights): gradient through the combine weights matches central differences") {
     const index_t tokens = 10, experts = 4;
     Workspace ws;
@@ -653,23 +713,28 @@ TEST_CASE("smooth load (Shazeer et al.'s load estimator): the probability the de
     // Softmax scores with a selection bias: the load is counted on scores + bias.
     const NoisySoftmaxRouter biased(experts, NoisyTopK{.k = 2, .noise_std = 0.1f, .seed = 5},
                                     {.selection_bias = {0.05f, -0.02f, 0.0f, 0.03f, -0.04f}});
-    Matrix<float> logits = random_matrix(tokens, experts, 61, 1.5f);
-    {   // P(t, e) by sampling: redraw expert e's noise alone and count how often e stays in the
-        // top k of the noisy logits (raw scores, no bias).
-        const std::vector<double> got = smooth_load(raw, logits, ctx);
+    // Shazeer's learned scale: 2E logit columns, the noise logits after the clean ones.
+    const NoisyTopKRouter learned(experts, NoisyTopK{.k = 2, .noise_std = 0.6f, .seed = 6, .learned_scale = true});
+    Matrix<float> logits = random_matrix(tokens, experts, 61, 1.5f), logits2 = random_matrix(tokens, 2 * experts, 63, 1.5f);
+    // P(t, e) by sampling: redraw expert e's noise alone and count how often e stays in the top
+    // k of the noisy logits (raw scores, no bias).
+    const auto check_sampled = [&](const NoisyTopKRouter& router, const Matrix<float>& l) {
+        const std::vector<double> got = smooth_load(router, l, ctx);
         std::mt19937 rng(3);
         std::normal_distribution<double> normal;
         const int draws = 4000;
         std::vector<double> sampled(std::size_t(experts), 0.0);
-        const NoisyTopK& pol = raw.selection();
+        const NoisyTopK& pol = router.selection();
         for (index_t t = 0; t < tokens; ++t)
             for (index_t e = 0; e < experts; ++e) {
                 int stays = 0;
                 for (int n = 0; n < draws; ++n) {
-                    const double h_e = logits(t, e) + pol.noise_std * normal(rng);
+                    const double h_e = l(t, e) + pol.scale(l.view().row(t), experts, e) * normal(rng);
                     int above = 0; // the other experts whose noisy logit beats h_e
                     for (index_t o = 0; o < experts; ++o)
-                        if (o != e && double(pol.noisy_value(logits(t, o), ctx.position(t), o, ctx.noise_seed)) > h_e) ++above;
+                        if (o != e && double(pol.noisy_value(l(t, o), pol.scale(l.view().row(t), experts, o), ctx.position(t), o,
+                                                             ctx.noise_seed)) > h_e)
+                            ++above;
                     stays += above < pol.k;
                 }
                 sampled[std::size_t(e)] += double(stays) / draws;
@@ -680,7 +745,14 @@ TEST_CASE("smooth load (Shazeer et al.'s load estimator): the probability the de
             total += got[std::size_t(e)];
         }
         CHECK(total > 0.5 * tokens * pol.k); // close to k per token, not exactly: each P is taken alone
-        CHECK(smooth_load_loss(raw, logits, ctx) == doctest::Approx(cv_squared(got)));
+        CHECK(smooth_load_loss(router, l, ctx) == doctest::Approx(cv_squared(got)));
+    };
+    check_sampled(raw, logits);
+    check_sampled(learned, logits2);
+    {   // The learned scale is noise_std (softplus(r) + noise_floor), by hand.
+        const double r = logits2(3, experts + 1), softplus = std::log1p(std::exp(r));
+        CHECK(learned.selection().scale(logits2.view().row(3), experts, 1) == doctest::Approx(0.6 * (softplus + 0.01)).epsilon(1e-6));
+        CHECK(raw.selection().scale(logits.view().row(3), experts, 1) == 0.8f);
     }
     {   // Without noise it is the counts of the plan route() makes; with k = E every P is 1.
         Workspace ws;
@@ -697,19 +769,22 @@ TEST_CASE("smooth load (Shazeer et al.'s load estimator): the probability the de
         CHECK(dot(dl, dl) == 0.0);
     }
     // The gradient with respect to the logits, for both routers, against central differences.
-    const auto check_gradient = [&](const auto& router) {
+    const auto check_gradient = [&](const auto& router, Matrix<float>& l) {
         Workspace ws;
-        Matrix<float> dl(tokens, experts);
-        smooth_load_loss_backward(router, logits, ctx, dl, 0.5, ws);
-        GradientGap gap;
+        Matrix<float> dl(tokens, l.cols());
+        smooth_load_loss_backward(router, l, ctx, dl, 0.5, ws);
+        GradientGap gap, noise;
         for (index_t t = 0; t < tokens; ++t)
-            for (index_t e = 0; e < experts; ++e)
-                gap(dl(t, e), 0.5 * central_difference(logits(t, e), [&] { return smooth_load_loss(router, logits, ctx); }, 1e-3f));
+            for (index_t e = 0; e < l.cols(); ++e)
+                (e < experts ? gap : noise)(dl(t, e), 0.5 * central_difference(l(t, e), [&] { return smooth_load_loss(router, l, ctx); }, 1e-3f));
         CHECK(gap.scale > 0);
         CHECK(gap.within(2e-3));
+        CHECK(noise.within(2e-3));
+        return noise.scale;
     };
-    check_gradient(raw);
-    check_gradient(biased);
+    CHECK(check_gradient(raw, logits) == 0);
+    CHECK(check_gradient(biased, logits) == 0);
+    CHECK(check_gradient(learned, logits2) > 0); // the noise logits' gradient
     // Through an MoE layer (dy = 0, so only the loss): the router weight's gradient.
     MoeParams p(12);
     const NoisyTopK policy{.k = 2, .noise_std = 0.5f, .seed = 8};
@@ -756,6 +831,12 @@ TEST_CASE("smooth load (Shazeer et al.'s load estimator): the probability the de
     logits(4, 2) = std::numeric_limits<float>::quiet_NaN();
     CHECK_THROWS_WITH_AS((void)smooth_load_loss(raw, logits, ctx),
                          "smooth_load: token 4 has router logit nan for expert 2, expected finite logits", numeric_error);
+    // With a learned scale: the noise logits are missing, or one is not finite.
+    CHECK_THROWS_WITH_AS((void)smooth_load(learned, random_matrix(tokens, experts, 64), ctx),
+                         "smooth_load: logits have 5 columns, expected 10 (5 experts' logits, then 5 noise logits)", shape_error);
+    logits2(4, experts + 2) = std::numeric_limits<float>::infinity();
+    CHECK_THROWS_WITH_AS(smooth_load_loss_backward(learned, logits2, ctx, bad, 1.0, ws),
+                         "smooth_load_loss_backward: token 4 has noise logit inf for expert 2, expected finite logits", numeric_error);
 }
 
 TEST_CASE("MoeLayer backward matches central differences: expert choice (tokens taken by several experts or by none)") {
@@ -865,9 +946,21 @@ TEST_CASE("MoeLayer and Router backward: typed errors") {
     CHECK_THROWS_WITH_AS(router.backward(logits, plan, dw_bad, dl, ws), "Router::backward: dweights has shape (3, 3), expected (3, 2)",
                          shape_error);
     CHECK_THROWS_WITH_AS(router.backward(logits.view().row_block(0, 2), plan, random_matrix(2, 2, 6), dl, ws),
-                         "Router::backward: logits (2, 4) and a plan of 3 tokens over 4 experts, 2 slots; expected the plan route() "
-                         "made from these logits (4 experts, 2 slots)",
+                         "Router::backward: logits (2, 4) and a plan of 3 tokens over 4 experts, 2 slots; expected 4 logit columns "
+                         "and the plan route() made from these logits (4 experts, 2 slots)",
                          shape_error);
+    {   // A router that learns its noise scale reads 2E logit columns.
+        const NoisyTopKRouter learned(4, NoisyTopK{.k = 2, .learned_scale = true});
+        RoutingPlan lp;
+        const auto l2 = random_matrix(3, 8, 7);
+        learned.route(l2, {}, lp, ws);
+        CHECK_THROWS_WITH_AS(learned.backward(l2, lp, random_matrix(3, 2, 6), dl, ws),
+                             "Router::backward: dlogits has shape (3, 4), expected (3, 8)", shape_error);
+        CHECK_THROWS_WITH_AS(learned.backward(logits, lp, random_matrix(3, 2, 6), dl, ws),
+                             "Router::backward: logits (3, 4) and a plan of 3 tokens over 4 experts, 2 slots; expected 8 logit "
+                             "columns and the plan route() made from these logits (4 experts, 2 slots)",
+                             shape_error);
+    }
 
     // A layer stored for inference (bf16 experts) has no backward: the error names the weight.
     const MoeLayer<GluExpert<reference, Silu>, TopKRouter> bf16_layer(

@@ -97,6 +97,8 @@ TEST_CASE("router configuration errors name the value and its range") {
                          "Router: selection bias has 2 elements, expected experts = 4", shape_error);
     CHECK_THROWS_WITH_AS(NoisyTopKRouter(4, NoisyTopK{.k = 1, .noise_std = -1.f}),
                          "NoisyTopK: noise_std is -1, expected a finite value >= 0", config_error);
+    CHECK_THROWS_WITH_AS(NoisyTopKRouter(4, NoisyTopK{.k = 1, .learned_scale = true, .noise_floor = -0.5f}),
+                         "NoisyTopK: noise_floor is -0.5, expected a finite value >= 0", config_error);
 }
 
 TEST_CASE("group-limited top-k: the bias selects, the unbiased score weights, groups limit the choice") {
@@ -243,6 +245,44 @@ TEST_CASE("noisy top-k: noise keyed by position in the sequence, so batching and
     // Position 0 and 3 differ in noise; the per-call seed changes it too.
     CHECK(router.selection().noise(0, 1) != router.selection().noise(3, 1));
     CHECK(router.selection().noise(3, 1, 99) != router.selection().noise(3, 1));
+}
+
+TEST_CASE("noisy top-k with Shazeer's learned noise scale: H = logits + noise_std (softplus(r) + noise_floor) n, by hand") {
+    const index_t tokens = 7, experts = 5;
+    const NoisyTopKRouter router(experts, NoisyTopK{.k = 2, .noise_std = 1.5f, .seed = 11, .learned_scale = true});
+    CHECK(router.logit_columns() == 2 * experts);
+    const Matrix<float> logits = random_matrix(tokens, 2 * experts, 41, 2.0f); // clean, then noise logits r
+    const RouterContext ctx{.noise_seed = 6};
+    const RoutingPlan plan = route(router, logits, ctx);
+    const NoisyTopK& pol = router.selection();
+    for (index_t t = 0; t < tokens; ++t) {
+        std::vector<double> h(static_cast<std::size_t>(experts));
+        for (index_t e = 0; e < experts; ++e) {
+            const double r = logits(t, experts + e);
+            h[std::size_t(e)] = double(logits(t, e)) + 1.5 * (std::log1p(std::exp(r)) + 0.01) * double(pol.noise(t, e, 6));
+        }
+        std::vector<index_t> order(static_cast<std::size_t>(experts));
+        std::iota(order.begin(), order.end(), index_t(0));
+        std::stable_sort(order.begin(), order.end(), [&](index_t a, index_t b) { return h[std::size_t(a)] > h[std::size_t(b)]; });
+        CHECK(plan.ids(t)[0] == order[0]);
+        CHECK(plan.ids(t)[1] == order[1]);
+        const double w0 = 1.0 / (1.0 + std::exp(h[std::size_t(order[1])] - h[std::size_t(order[0])]));
+        CHECK(plan.weights(t)[0] == doctest::Approx(w0).epsilon(1e-5));
+    }
+    // Very negative noise logits with no floor: no noise, plain top-k of the clean logits.
+    Matrix<float> quiet(tokens, 2 * experts), clean(tokens, experts);
+    for (index_t t = 0; t < tokens; ++t)
+        for (index_t e = 0; e < experts; ++e) clean(t, e) = quiet(t, e) = logits(t, e), quiet(t, experts + e) = -200.0f;
+    const NoisyTopKRouter floorless(experts, NoisyTopK{.k = 2, .noise_std = 1.5f, .seed = 11, .learned_scale = true, .noise_floor = 0});
+    const RoutingPlan calm = route(floorless, quiet, ctx);
+    const RoutingPlan top = route(TopKRouter(experts, TopK{2}), clean);
+    CHECK(std::equal(calm.all_ids().begin(), calm.all_ids().end(), top.all_ids().begin()));
+    // The logits must carry the noise logits, finite.
+    CHECK_THROWS_WITH_AS((void)route(router, clean),
+                         "Router::route: logits have 5 columns, expected 10 (5 experts' logits, then 5 noise logits)", shape_error);
+    quiet(2, experts + 3) = std::numeric_limits<float>::quiet_NaN();
+    CHECK_THROWS_WITH_AS((void)route(floorless, quiet),
+                         "Router::route: token 2 has noise logit nan for expert 3, expected finite logits", numeric_error);
 }
 
 TEST_CASE("routing in parallel over tokens gives the plans of one thread, bit for bit") {

@@ -49,7 +49,7 @@ concept router_has_backward = requires(const R& r, ConstMatrixView<float> logits
 /// backward adds to them.
 template <class ExpertGradients, class SharedGradients>
 struct MoeGradients {
-    Matrix<float> gate;                    ///< (experts, d_model): the router weight
+    Matrix<float> gate;                    ///< (logit columns, d_model): the router weight
     std::vector<ExpertGradients> experts;  ///< one per expert, in expert order
     SharedGradients shared;                ///< the shared expert's (empty without one)
 };
@@ -63,7 +63,7 @@ struct MoeGradients {
 /// until the next forward into it.
 struct MoeActivations {
     RoutingPlan plan;
-    std::vector<float> logits; ///< (tokens, experts)
+    std::vector<float> logits; ///< (tokens, logit columns)
     std::vector<float> in;     ///< (plan rows, d_model): x's rows grouped by expert
     std::vector<float> out;    ///< (plan rows, d_model): the experts' outputs
     std::vector<float> hidden; ///< (plan rows, kept width)
@@ -80,8 +80,10 @@ public:
     static constexpr index_t static_in_width = E::static_d_model;
     static constexpr index_t static_out_width = E::static_d_model;
 
-    /// gate: the router weight (experts, d_model), nn.Linear layout, no bias; held as f32 (a bf16
-    /// router is widened exactly: it is small, and backward needs f32).
+    /// gate: the router weight (logit columns, d_model), nn.Linear layout, no bias: one row per
+    /// expert, then any logits the router reads beside them (a noisy top-k router with a learned
+    /// noise scale: W_noise's E rows below W_g's). Held as f32 (a bf16 router is widened exactly:
+    /// it is small, and backward needs f32).
     MoeLayer(WeightView gate, R router, std::vector<E> experts, Shared shared = {}, MoeOptions options = {})
         : router_(std::move(router)), experts_(std::move(experts)), shared_(std::move(shared)), options_(options),
           gate_(std::in_place, checked_gate(gate, router_, experts_), std::span<const float>{},
@@ -90,6 +92,9 @@ public:
     [[nodiscard]] index_t in_width() const noexcept { return experts_.front().d_model(); }
     [[nodiscard]] index_t out_width() const noexcept { return in_width(); }
     [[nodiscard]] index_t num_experts() const noexcept { return static_cast<index_t>(experts_.size()); }
+    /// Columns of the router logits (rows of the gate weight): num_experts(), plus the router's
+    /// noise logits if it learns its noise scale.
+    [[nodiscard]] index_t logit_columns() const noexcept { return detail::router_logit_columns(router_); }
     [[nodiscard]] const R& router() const noexcept { return router_; }
     /// Replaces the router's selection-only bias (E values; ScoredRouter::set_selection_bias),
     /// as auxiliary-loss-free balancing does between steps (router/bias_balancer.hpp). Not to
@@ -104,7 +109,7 @@ public:
     [[nodiscard]] const MoeOptions& options() const noexcept { return options_; }
 
     [[nodiscard]] std::size_t route_workspace_bytes(index_t rows) const {
-        return detail::padded_bytes<float>(rows, num_experts()) +
+        return detail::padded_bytes<float>(rows, logit_columns()) +
                std::max(gate_->workspace_bytes(rows), router_.workspace_bytes(rows));
     }
     /// Scratch of apply() for `rows` tokens whose plan has `packed` assignments (the layer's own
@@ -127,7 +132,7 @@ public:
         else return detail::saturating_mul(rows, router_.slots());
     }
 
-    /// The router logits x W_g^T (T, E), e.g. to route with another router and apply() the plan.
+    /// The router logits x W_g^T (T, logit_columns()), e.g. to route with another router and apply() the plan.
     void router_logits(ConstMatrixView<float> x, MatrixView<float> logits, Workspace& ws) const {
         check_input(x);
         gate_(x, logits, ws);
@@ -139,7 +144,7 @@ public:
     void route(ConstMatrixView<float> x, const Context& context, RoutingPlan& plan, Workspace& ws) const {
         check_input(x);
         Workspace::Scope scope(ws, route_workspace_bytes(x.rows()));
-        route_into(x, context, plan, ws.take_matrix<float>(x.rows(), num_experts()), ws, true);
+        route_into(x, context, plan, ws.take_matrix<float>(x.rows(), logit_columns()), ws, true);
     }
 
     /// y (T, d_model) from x and a plan made for x (by route(), or by any router over the same
@@ -178,10 +183,10 @@ public:
         check_input(x);
         const index_t tokens = x.rows(), d = in_width(), kw = kept_width();
         kept.layer = nullptr; // invalid until complete
-        kept.logits.resize(std::size_t(tokens * num_experts()));
+        kept.logits.resize(std::size_t(tokens * logit_columns()));
         {
             Workspace::Scope scope(ws, route_workspace_bytes(tokens));
-            route_into(x, context, kept.plan, MatrixView<float>(kept.logits.data(), tokens, num_experts()), ws, true);
+            route_into(x, context, kept.plan, MatrixView<float>(kept.logits.data(), tokens, logit_columns()), ws, true);
         }
         const index_t rows = kept.plan.rows();
         kept.in.resize(std::size_t(detail::checked_elements(rows, d, sizeof(float), "MoeLayer: kept inputs")));
@@ -206,7 +211,7 @@ public:
         requires requires(const E& e) { e.make_gradients(); }
     {
         using G = MoeGradients<decltype(experts_.front().make_gradients()), decltype(shared_.make_gradients())>;
-        G g{Matrix<float>(num_experts(), in_width()), {}, shared_.make_gradients()};
+        G g{Matrix<float>(logit_columns(), in_width()), {}, shared_.make_gradients()};
         g.experts.reserve(experts_.size());
         for (const auto& e : experts_) g.experts.push_back(e.make_gradients());
         return g;
@@ -225,7 +230,7 @@ public:
         for (const auto& e : experts_) inner = std::max(inner, e.backward_workspace_bytes(rows));
         inner = std::max(inner, tasks_workspace_bytes(rows, true));
         if constexpr (Shared::present) inner = std::max(inner, shared_.backward_workspace_bytes(rows));
-        return 2 * detail::padded_bytes<float>(rows, num_experts()) + detail::padded_bytes<float>(rows, slots) +
+        return 2 * detail::padded_bytes<float>(rows, logit_columns()) + detail::padded_bytes<float>(rows, slots) +
                4 * detail::padded_bytes<float>(packed, d) + inner;
     }
 
@@ -260,7 +265,7 @@ public:
         check_gradients(g, context);
         const index_t tokens = x.rows(), d = in_width();
         Workspace::Scope scope(ws, backward_workspace_bytes(tokens));
-        MatrixView<float> logits = ws.take_matrix<float>(tokens, num_experts());
+        MatrixView<float> logits = ws.take_matrix<float>(tokens, logit_columns());
         route_into(x, context, plan, logits, ws, false);
         const index_t rows = plan.rows();
         MatrixView<float> in = ws.take_matrix<float>(rows, d), out = ws.take_matrix<float>(rows, d);
@@ -286,7 +291,7 @@ public:
         const index_t rows = kept.plan.rows(), d = in_width();
         Workspace::Scope scope(ws, backward_workspace_bytes(x.rows()));
         const auto view = [](const std::vector<float>& v, index_t r, index_t c) { return ConstMatrixView<float>(v.data(), r, c); };
-        backward_through(x, dy, dx, g, ws, kept.plan, view(kept.logits, x.rows(), num_experts()), view(kept.in, rows, d),
+        backward_through(x, dy, dx, g, ws, kept.plan, view(kept.logits, x.rows(), logit_columns()), view(kept.in, rows, d),
                          view(kept.out, rows, d), view(kept.hidden, rows, kept_width()), context);
     }
 
@@ -299,10 +304,10 @@ private:
             throw config_error(detail::concat("MoeLayer::backward: Context::aux_losses.load is ", context.aux_losses.load,
                                               ", expected 0: Shazeer's smooth load loss needs a noisy top-k router "
                                               "(NoisyTopKRouter), which this layer's router is not"));
-        if (g.gate.rows() != num_experts() || g.gate.cols() != in_width() || index_t(g.experts.size()) != num_experts())
+        if (g.gate.rows() != logit_columns() || g.gate.cols() != in_width() || index_t(g.experts.size()) != num_experts())
             throw shape_error(detail::concat("MoeLayer::backward: gradients for a gate of shape ",
                                              detail::shape_str(g.gate.rows(), g.gate.cols()), " and ", g.experts.size(),
-                                             " experts, expected ", detail::shape_str(num_experts(), in_width()), " and ",
+                                             " experts, expected ", detail::shape_str(logit_columns(), in_width()), " and ",
                                              num_experts(), " (use make_gradients())"));
     }
 
@@ -315,7 +320,7 @@ private:
                           const RoutingPlan& plan, ConstMatrixView<float> logits, ConstMatrixView<float> in, Out out,
                           ConstMatrixView<float> hidden, const Context& context) const {
         const index_t tokens = x.rows(), d = in_width(), slots = router_.slots(), rows = plan.rows();
-        MatrixView<float> dlogits = ws.take_matrix<float>(tokens, num_experts());
+        MatrixView<float> dlogits = ws.take_matrix<float>(tokens, logit_columns());
         MatrixView<float> dweights = ws.take_matrix<float>(tokens, slots);
         MatrixView<float> dout = ws.take_matrix<float>(rows, d), din = ws.take_matrix<float>(rows, d);
         const auto row_tokens = plan.row_tokens(), row_slots = plan.row_slots();
@@ -369,10 +374,13 @@ private:
         if constexpr (detail::router_uses_logits<R>) {
             const AuxLossWeights& aux = context.aux_losses;
             if (aux.importance != 0) importance_loss_backward(plan, dweights, aux.importance, ws);
-            router_.backward(logits, plan, dweights, dlogits, ws);
+            router_.backward(logits, plan, dweights, dlogits, ws, context);
+            // The experts' logits (the noise logits, if any, follow them): what these losses read.
+            const auto clean = logits.col_block(0, num_experts());
+            const auto dclean = dlogits.col_block(0, num_experts());
             if (aux.load_balancing != 0)
-                load_balancing_loss_backward(plan, logits, dlogits, aux.load_balancing, ws, load_balancing_options(context));
-            if (aux.z_loss != 0) router_z_loss_backward(logits, dlogits, aux.z_loss);
+                load_balancing_loss_backward(plan, clean, dclean, aux.load_balancing, ws, load_balancing_options(context));
+            if (aux.z_loss != 0) router_z_loss_backward(clean, dclean, aux.z_loss);
             if constexpr (detail::is_noisy_router<R>)
                 if (aux.load != 0) smooth_load_loss_backward(router_, logits, context, dlogits, aux.load, ws);
             gate_->backward(x, dlogits, dx, LinearGrads{g.gate.view()}, ws, true);
@@ -388,7 +396,7 @@ private:
         if constexpr (detail::router_uses_logits<R>) gate_(x, logits, ws);
         else std::fill_n(logits.data(), logits.rows() * logits.cols(), 0.0f);
         router_.route(logits, context, plan, ws);
-        if (record && context.routing_sink != nullptr) context.routing_sink->record(plan, logits);
+        if (record && context.routing_sink != nullptr) context.routing_sink->record(plan, logits.col_block(0, num_experts()));
     }
 
     /// y from x and its plan through `in` and `out` (plan rows x d_model): gather, the experts
@@ -494,7 +502,12 @@ private:
             if (experts[e].d_model() != d)
                 throw shape_error(detail::concat("MoeLayer: expert ", e, " has d_model = ", experts[e].d_model(),
                                                   ", expected ", d, " (expert 0's)"));
-        detail::check_weight_shape(gate, router.experts(), d, "MoeLayer", "gate");
+        const index_t columns = detail::router_logit_columns(router), e = router.experts();
+        if (columns != e && (gate.rows() != columns || gate.cols() != d))
+            throw shape_error(detail::concat("MoeLayer: weight 'gate' has shape ", detail::shape_str(gate.rows(), gate.cols()),
+                                             ", expected ", detail::shape_str(columns, d), ": ", e, " experts' rows, then ",
+                                             columns - e, " noise rows (the router learns its noise scale)"));
+        detail::check_weight_shape(gate, columns, d, "MoeLayer", "gate");
         return gate;
     }
 

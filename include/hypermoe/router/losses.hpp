@@ -200,52 +200,57 @@ inline constexpr bool is_noisy_router<ScoredRouter<S, NoisyTopK>> = true;
 
 /// Per-token scratch of smooth_load_token.
 struct SmoothLoadScratch {
-    std::span<float> scores, selection, noisy; // (E) each
-    std::span<index_t> top;                     // (k + 1)
+    std::span<float> scores, selection, noisy, scale, noise; // (E) each
+    std::span<index_t> top;                                  // (k + 1)
 };
 
 [[nodiscard]] inline std::size_t smooth_load_scratch_bytes(index_t experts, index_t k) noexcept {
-    return 3 * padded_bytes<float>(experts) + padded_bytes<index_t>(k + 1);
+    return 5 * padded_bytes<float>(experts) + padded_bytes<index_t>(k + 1);
 }
 
 [[nodiscard]] inline SmoothLoadScratch take_smooth_load_scratch(Workspace& ws, index_t experts, index_t k) {
-    return {ws.take<float>(experts), ws.take<float>(experts), ws.take<float>(experts), ws.take<index_t>(k + 1)};
+    return {ws.take<float>(experts), ws.take<float>(experts), ws.take<float>(experts),
+            ws.take<float>(experts), ws.take<float>(experts), ws.take<index_t>(k + 1)};
 }
 
-/// Token t's terms of the smooth load: f(e, P, density, theta) for each expert e, in expert
-/// order, where P = P(t, e), density = dP / dc_te = -dP / dH_theta and theta is the expert whose
-/// noisy value is e's threshold. The scores and noisy values are computed as route() computes
-/// them, so the top k here are the plan's. Leaves token t's scores in `s.scores`.
+/// Token t's terms of the smooth load: f(e, P, density, theta, z) for each expert e, in expert
+/// order, where P = P(t, e) = Phi(z), z = (c_te - H_theta) / scale_te, density = dP / dc_te =
+/// -dP / dH_theta, and theta is the expert whose noisy value is e's threshold. The scores,
+/// noise scales and noisy values are computed as route() computes them, so the top k here are
+/// the plan's. Leaves token t's scores, scales and noise samples in `s`.
 template <class S, class F>
 void smooth_load_token(const ScoredRouter<S, NoisyTopK>& router, ConstMatrixView<float> logits, const Context& context,
                        index_t t, const SmoothLoadScratch& s, F&& f) {
     const NoisyTopK& policy = router.selection();
     const std::vector<float>& bias = router.options().selection_bias;
     const index_t experts = router.experts(), k = policy.k;
-    S::apply(logits.row(t), s.scores);
+    const std::span<const float> row = logits.row(t);
+    S::apply(row.first(std::size_t(experts)), s.scores);
     for (index_t e = 0; e < experts; ++e) {
         const std::size_t i = std::size_t(e);
         s.selection[i] = bias.empty() ? s.scores[i] : s.scores[i] + bias[i];
-        s.noisy[i] = policy.noisy_value(s.selection[i], context.position(t), e, context.noise_seed);
+        s.scale[i] = policy.scale(row, experts, e);
+        s.noise[i] = policy.noise(context.position(t), e, context.noise_seed);
+        s.noisy[i] = policy.noisy_value(s.selection[i], s.scale[i], context.position(t), e, context.noise_seed);
     }
     if (k >= experts) { // every expert is always selected
-        for (index_t e = 0; e < experts; ++e) f(e, 1.0, 0.0, e);
+        for (index_t e = 0; e < experts; ++e) f(e, 1.0, 0.0, e, 0.0);
         return;
     }
     ordered_top_k(
         experts, k + 1, [&](index_t i) { return s.noisy[std::size_t(i)]; }, all_allowed,
         [&](index_t j, index_t i) { s.top[std::size_t(j)] = i; });
-    const double sigma = policy.noise_std;
     for (index_t e = 0; e < experts; ++e) {
         const bool in = std::find(s.top.begin(), s.top.begin() + k, e) != s.top.begin() + k;
         // The k-th largest of the other experts' noisy values: the (k+1)-th of all, or the k-th.
         const index_t theta = s.top[std::size_t(in ? k : k - 1)];
+        const double sigma = s.scale[std::size_t(e)];
         if (sigma == 0) {
-            f(e, in ? 1.0 : 0.0, 0.0, theta);
+            f(e, in ? 1.0 : 0.0, 0.0, theta, 0.0);
             continue;
         }
         const double z = (double(s.selection[std::size_t(e)]) - double(s.noisy[std::size_t(theta)])) / sigma;
-        f(e, 0.5 * std::erfc(-z * 0.7071067811865476), std::exp(-0.5 * z * z) * 0.3989422804014327 / sigma, theta);
+        f(e, 0.5 * std::erfc(-z * 0.7071067811865476), std::exp(-0.5 * z * z) * 0.3989422804014327 / sigma, theta, z);
     }
 }
 
@@ -254,23 +259,25 @@ void smooth_load_token(const ScoredRouter<S, NoisyTopK>& router, ConstMatrixView
 /// Shazeer et al.'s smooth load estimator (arXiv 1701.06538, appendix A; `_prob_in_top_k` of the
 /// HyperMoE reference code) of a noisy top-k router on `logits` (T, E) under the forward call's
 /// `context` (its positions and noise seed give the noise route() drew): load_e = sum_t P(t, e),
-/// where P(t, e) = Phi((c_te - H_theta) / noise_std) is the probability that e stays among token
+/// where P(t, e) = Phi((c_te - H_theta) / scale_te) is the probability that e stays among token
 /// t's top k if its own noise alone is drawn again. c = the selection scores (scores plus the
-/// selection bias), H = c + noise_std * noise the noisy values selection ranks, and H_theta the
-/// k-th largest of the other experts' H (the (k+1)-th of all when e is selected, else the k-th).
-/// Unlike the counts of load(plan), it is differentiable in the logits. With noise_std = 0 it is
-/// those counts (P is the selection); with k = E every P is 1.
+/// selection bias), H = c + scale * noise the noisy values selection ranks (scale: noise_std, or
+/// the learned scale from the noise logits, NoisyTopK::scale), and H_theta the k-th largest of
+/// the other experts' H (the (k+1)-th of all when e is selected, else the k-th). Unlike the
+/// counts of load(plan), it is differentiable in the logits. With noise_std = 0 it is those
+/// counts (P is the selection); with k = E every P is 1.
 template <class S>
 [[nodiscard]] std::vector<double> smooth_load(const ScoredRouter<S, NoisyTopK>& router, ConstMatrixView<float> logits,
                                               const Context& context = {}) {
-    detail::check_router_logits(logits, router.experts(), "smooth_load");
+    detail::check_router_logits(logits, router.experts(), router.logit_columns() - router.experts(), "smooth_load");
     const index_t experts = router.experts(), k = router.selection().k;
     Workspace ws;
     Workspace::Scope scope(ws, detail::smooth_load_scratch_bytes(experts, k));
     const detail::SmoothLoadScratch s = detail::take_smooth_load_scratch(ws, experts, k);
     std::vector<double> l(std::size_t(experts), 0.0);
     for (index_t t = 0; t < logits.rows(); ++t)
-        detail::smooth_load_token(router, logits, context, t, s, [&](index_t e, double p, double, index_t) { l[std::size_t(e)] += p; });
+        detail::smooth_load_token(router, logits, context, t, s,
+                                  [&](index_t e, double p, double, index_t, double) { l[std::size_t(e)] += p; });
     return l;
 }
 
@@ -285,36 +292,48 @@ template <class S>
 template <class S>
 [[nodiscard]] std::size_t smooth_load_loss_workspace_bytes(const ScoredRouter<S, NoisyTopK>& router) noexcept {
     const index_t experts = router.experts();
-    return detail::smooth_load_scratch_bytes(experts, router.selection().k) + 4 * detail::padded_bytes<double>(experts);
+    return detail::smooth_load_scratch_bytes(experts, router.selection().k) + 5 * detail::padded_bytes<double>(experts);
 }
 
 /// dlogits += scale * d smooth_load_loss / d logits. Each P(t, e) moves with c_te (through the
 /// score function to the logits) and against its threshold's noisy value H_theta, which moves
-/// with c_t,theta; the noise and the selection bias are constants. Two passes over the tokens
-/// (the loads, then their gradient), every sum in double in token order. Scratch from `ws`.
+/// with c_t,theta; with a learned noise scale, also against scale_te (dP/dscale = -density z) and
+/// with H_theta's scale (by its noise), through softplus to the noise logits. The noise samples
+/// and the selection bias are constants. Two passes over the tokens (the loads, then their
+/// gradient), every sum in double in token order. Scratch from `ws`.
 template <class S>
 void smooth_load_loss_backward(const ScoredRouter<S, NoisyTopK>& router, ConstMatrixView<float> logits, const Context& context,
                                MatrixView<float> dlogits, double scale, Workspace& ws) {
-    detail::check_router_logits(logits, router.experts(), "smooth_load_loss_backward");
-    check_shape(dlogits, logits.rows(), router.experts(), "smooth_load_loss_backward", "dlogits");
+    detail::check_router_logits(logits, router.experts(), router.logit_columns() - router.experts(), "smooth_load_loss_backward");
+    check_shape(dlogits, logits.rows(), router.logit_columns(), "smooth_load_loss_backward", "dlogits");
     const index_t experts = router.experts(), k = router.selection().k;
     Workspace::Scope scope(ws, smooth_load_loss_workspace_bytes(router));
     const detail::SmoothLoadScratch s = detail::take_smooth_load_scratch(ws, experts, k);
     const std::span<double> l = ws.take<double>(experts), grad = ws.take<double>(experts);
-    const std::span<double> dc = ws.take<double>(experts), dl = ws.take<double>(experts);
+    const std::span<double> dc = ws.take<double>(experts), dl = ws.take<double>(experts), dscale = ws.take<double>(experts);
     std::fill(l.begin(), l.end(), 0.0);
     for (index_t t = 0; t < logits.rows(); ++t)
-        detail::smooth_load_token(router, logits, context, t, s, [&](index_t e, double p, double, index_t) { l[std::size_t(e)] += p; });
+        detail::smooth_load_token(router, logits, context, t, s,
+                                  [&](index_t e, double p, double, index_t, double) { l[std::size_t(e)] += p; });
     if (!detail::cv_squared_gradient(l, grad, scale)) return;
+    const NoisyTopK& policy = router.selection();
     for (index_t t = 0; t < logits.rows(); ++t) {
         std::fill(dc.begin(), dc.end(), 0.0);
-        detail::smooth_load_token(router, logits, context, t, s, [&](index_t e, double, double density, index_t theta) {
+        std::fill(dscale.begin(), dscale.end(), 0.0);
+        detail::smooth_load_token(router, logits, context, t, s, [&](index_t e, double, double density, index_t theta, double z) {
             const double c = grad[std::size_t(e)] * density;
             dc[std::size_t(e)] += c;
-            dc[std::size_t(theta)] -= c;
+            dc[std::size_t(theta)] -= c; // H_theta = c_theta + scale_theta n_theta
+            dscale[std::size_t(e)] -= c * z;
+            dscale[std::size_t(theta)] -= c * double(s.noise[std::size_t(theta)]);
         });
         S::backward(s.scores, dc, dl);
-        for (index_t e = 0; e < experts; ++e) dlogits(t, e) += float(dl[std::size_t(e)]);
+        const std::span<const float> row = logits.row(t);
+        for (index_t e = 0; e < experts; ++e) {
+            dlogits(t, e) += float(dl[std::size_t(e)]);
+            if (policy.learned_scale)
+                dlogits(t, experts + e) += float(dscale[std::size_t(e)] * policy.scale_derivative(row, experts, e));
+        }
     }
 }
 

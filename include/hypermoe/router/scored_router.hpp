@@ -70,15 +70,38 @@ inline constexpr bool weights_are_constant = [] {
     else return false;
 }();
 
-/// What a router's logits must be: `experts` columns (shape_error) and finite (numeric_error
-/// naming the token and expert); `who` names the caller in the message.
-inline void check_router_logits(ConstMatrixView<float> logits, index_t experts, const char* who) {
-    if (logits.cols() != experts)
-        throw shape_error(concat(who, ": logits have ", logits.cols(), " columns, expected experts = ", experts));
+/// Logit columns a selection policy reads beside the experts' (`extra_logit_columns`, e.g. noisy
+/// top-k's noise logits), else 0.
+template <class S>
+[[nodiscard]] index_t extra_logit_columns(const S& policy, index_t experts) noexcept {
+    if constexpr (requires { policy.extra_logit_columns(experts); }) return policy.extra_logit_columns(experts);
+    else return 0;
+}
+/// The columns of the logits a router reads (its logit_columns(), else one per expert): the
+/// rows of the layer's gate weight.
+template <class R>
+[[nodiscard]] index_t router_logit_columns(const R& router) noexcept {
+    if constexpr (requires { router.logit_columns(); }) return router.logit_columns();
+    else return router.experts();
+}
+
+/// What a router's logits must be: `experts` columns, plus `extra` beside them (noise logits),
+/// (shape_error) and finite (numeric_error naming the token and column); `who` names the caller.
+inline void check_router_logits(ConstMatrixView<float> logits, index_t experts, index_t extra, const char* who) {
+    if (logits.cols() != experts + extra) {
+        if (extra == 0)
+            throw shape_error(concat(who, ": logits have ", logits.cols(), " columns, expected experts = ", experts));
+        throw shape_error(concat(who, ": logits have ", logits.cols(), " columns, expected ", experts + extra, " (", experts,
+                                 " experts' logits, then ", extra, " noise logits)"));
+    }
     for (index_t t = 0; t < logits.rows(); ++t)
-        if (const index_t e = find_non_finite(logits.row(t)); e >= 0)
-            throw numeric_error(concat(who, ": token ", t, " has router logit ", logits(t, e), " for expert ", e,
+        if (const index_t e = find_non_finite(logits.row(t)); e >= 0) {
+            if (e < experts)
+                throw numeric_error(concat(who, ": token ", t, " has router logit ", logits(t, e), " for expert ", e,
+                                           ", expected finite logits"));
+            throw numeric_error(concat(who, ": token ", t, " has noise logit ", logits(t, e), " for expert ", e - experts,
                                        ", expected finite logits"));
+        }
 }
 } // namespace detail
 
@@ -110,6 +133,9 @@ public:
 
     [[nodiscard]] index_t experts() const noexcept { return experts_; }
     [[nodiscard]] index_t slots() const noexcept { return selection_.slots(experts_); }
+    /// Columns of the logits route() reads: one per expert, then any the policy reads beside
+    /// them (noisy top-k's learned noise scale: E more).
+    [[nodiscard]] index_t logit_columns() const noexcept { return experts_ + detail::extra_logit_columns(selection_, experts_); }
 
     /// Replaces the selection-only bias (E values, or empty for none), e.g. after a step of
     /// auxiliary-loss-free balancing (router/bias_balancer.hpp). Not to run concurrently with
@@ -134,9 +160,9 @@ public:
             return detail::saturating_mul(tokens, slots());
     }
 
-    /// Scores, selects and weights `logits` (T, E) into `plan`.
+    /// Scores, selects and weights `logits` (T, logit_columns()) into `plan`.
     void route(ConstMatrixView<float> logits, const RouterContext& context, RoutingPlan& plan, Workspace& ws) const {
-        detail::check_router_logits(logits, experts_, "Router::route");
+        detail::check_router_logits(logits, experts_, logit_columns() - experts_, "Router::route");
         const index_t tokens = logits.rows();
         Workspace::Scope scope(ws, workspace_bytes(tokens));
         // Scores are per token: in parallel over tokens (as are the token-independent policies'
@@ -145,7 +171,7 @@ public:
         MatrixView<float> biased = options_.selection_bias.empty() ? MatrixView<float>{}
                                                                    : ws.take_matrix<float>(tokens, experts_);
         detail::parallel_for(tokens, tokens * experts_ * 8, [&](index_t t) {
-            Score::apply(logits.row(t), scores.row(t));
+            Score::apply(logits.row(t).first(std::size_t(experts_)), scores.row(t));
             if (!options_.selection_bias.empty())
                 for (index_t e = 0; e < experts_; ++e)
                     biased(t, e) = scores(t, e) + options_.selection_bias[std::size_t(e)];
@@ -162,34 +188,37 @@ public:
         return detail::padded_bytes<float>(experts_) + 2 * detail::padded_bytes<double>(experts_) + 2 * detail::padded_bytes<double>(slots());
     }
 
-    /// The gradient of the logits (T, E) from `dweights` (T, slots), the gradient of the combine
-    /// weights of `plan`, which route() made from these logits. The selection is piecewise
+    /// The gradient of the logits (T, logit_columns()) from `dweights` (T, slots), the gradient
+    /// of the combine weights of `plan`, which route() made from these logits under `context`. The selection is piecewise
     /// constant, so gradient flows only through the selected experts' scores: their
     /// renormalisation and scale, then the score function (softmax reaches every logit through
     /// its denominator; sigmoid only the selected ones). With noisy top-k the weights are a
-    /// softmax over the selected noisy values, whose noise is a constant. The selection bias
+    /// softmax over the selected noisy values H = c + scale n: H moves with the scores and, with
+    /// a learned scale, with the noise logits (by n dscale/dr; the noise n is recomputed from the
+    /// context's positions and noise seed, so pass route()'s context). The selection bias
     /// gets none, and a policy with constant weights (hash routing) gives zeros. Each token's sums run in double,
     /// in expert order.
     void backward(ConstMatrixView<float> logits, const RoutingPlan& plan, ConstMatrixView<float> dweights,
-                  MatrixView<float> dlogits, Workspace& ws) const
+                  MatrixView<float> dlogits, Workspace& ws, const RouterContext& context = {}) const
         requires(detail::weights_are_scores<Selection> || detail::weights_are_constant<Selection> ||
                  detail::weights_are_selected_softmax<Selection>)
     {
         const index_t tokens = logits.rows();
-        if (logits.cols() != experts_ || plan.tokens() != tokens || plan.experts() != experts_ || plan.slots() != slots())
+        const index_t columns = logit_columns();
+        if (logits.cols() != columns || plan.tokens() != tokens || plan.experts() != experts_ || plan.slots() != slots())
             throw shape_error(detail::concat("Router::backward: logits ", detail::shape_str(logits.rows(), logits.cols()),
                                              " and a plan of ", plan.tokens(), " tokens over ", plan.experts(), " experts, ",
-                                             plan.slots(), " slots; expected the plan route() made from these logits (",
+                                             plan.slots(), " slots; expected ", columns, " logit columns and the plan route() made from these logits (",
                                              experts_, " experts, ", slots(), " slots)"));
         if (dweights.rows() != tokens || dweights.cols() != slots())
             throw shape_error(detail::concat("Router::backward: dweights has shape ",
                                              detail::shape_str(dweights.rows(), dweights.cols()), ", expected ",
                                              detail::shape_str(tokens, slots())));
-        if (dlogits.rows() != tokens || dlogits.cols() != experts_)
+        if (dlogits.rows() != tokens || dlogits.cols() != columns)
             throw shape_error(detail::concat("Router::backward: dlogits has shape ", detail::shape_str(dlogits.rows(), dlogits.cols()),
-                                             ", expected ", detail::shape_str(tokens, experts_)));
+                                             ", expected ", detail::shape_str(tokens, columns)));
         if constexpr (detail::weights_are_constant<Selection>) {
-            for (index_t t = 0; t < tokens; ++t) std::fill_n(dlogits.row(t).data(), experts_, 0.0f);
+            for (index_t t = 0; t < tokens; ++t) std::fill_n(dlogits.row(t).data(), columns, 0.0f);
             return;
         }
         Workspace::Scope scope(ws, backward_workspace_bytes());
@@ -198,7 +227,9 @@ public:
         const std::span<double> v = ws.take<double>(slots()), dv = ws.take<double>(slots());
         const Weighting& w = options_.weighting;
         for (index_t t = 0; t < tokens; ++t) {
-            Score::apply(logits.row(t), scores);
+            const std::span<const float> row = logits.row(t);
+            Score::apply(row.first(std::size_t(experts_)), scores);
+            std::fill(dlogits.row(t).begin() + experts_, dlogits.row(t).end(), 0.0f);
             std::fill(ds.begin(), ds.end(), 0.0);
             const auto ids = plan.ids(t);
             // v: the selected slots' values before the weighting: their scores, or (selected
@@ -226,8 +257,17 @@ public:
                 // v = softmax over the selected values H (H - score is constant): dH_i = v_i (dv_i - sum_j v_j dv_j).
                 double mean = 0;
                 for (std::size_t j = 0; j < ids.size(); ++j) mean += v[j] * dv[j];
-                for (std::size_t j = 0; j < ids.size(); ++j)
-                    if (ids[j] >= 0) ds[std::size_t(ids[j])] += v[j] * (dv[j] - mean);
+                for (std::size_t j = 0; j < ids.size(); ++j) {
+                    if (ids[j] < 0) continue;
+                    const index_t e = ids[j];
+                    const double dh = v[j] * (dv[j] - mean);
+                    ds[std::size_t(e)] += dh;
+                    // H = c + scale(r) n: the noise logit r_e gets dh n dscale/dr.
+                    if constexpr (requires { selection_.scale_derivative(row, experts_, e); })
+                        if (const double ds_dr = selection_.scale_derivative(row, experts_, e); ds_dr != 0)
+                            dlogits(t, experts_ + e) =
+                                float(dh * ds_dr * double(selection_.noise(context.position(t), e, context.noise_seed)));
+                }
             } else {
                 for (std::size_t j = 0; j < ids.size(); ++j)
                     if (ids[j] >= 0) ds[std::size_t(ids[j])] += dv[j];

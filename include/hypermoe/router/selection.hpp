@@ -23,7 +23,7 @@ using RouterContext = Context;
 
 /// The inputs of a selection policy, all (T, E).
 struct SelectionInput {
-    ConstMatrixView<float> logits;           ///< raw router logits
+    ConstMatrixView<float> logits;           ///< raw router logits: the experts' E, then any the policy reads beside them
     ConstMatrixView<float> scores;           ///< Score(logits): what selected experts are weighted by
     ConstMatrixView<float> selection_scores; ///< scores + selection-only bias: what selects
     const RouterContext& context;
