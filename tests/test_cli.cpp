@@ -293,6 +293,14 @@ TEST_CASE("hypermoe train: progress lines or JSON, a saved model that hypermoe r
     CHECK(m.out.find("step     4  loss ") != std::string::npos);
     CHECK(m.out.find("eval at step 4: loss ") != std::string::npos);
 
+    // GPT-2 HyperMoE with the reference code's training routing and Shazeer's load loss.
+    const Result n = run_cli("train --family hypermoe_gpt2 --d-model 32 --experts 4 --steps 4 --batch 16 --log-every 2 --train-rows 64 "
+                             "--eval-rows 32 --noisy-gating --aux-load 0.01 --backend reference --save " + (tmp / "noisy").string());
+    CHECK(n.status == 0);
+    CHECK(n.out.find("step     4  loss ") != std::string::npos);
+    const Result ni = run_cli("inspect --model " + (tmp / "noisy").string());
+    CHECK(ni.status == 0);
+
     for (const std::string& args : {
              "train --model " + (tmp / "trained").string() + " --family mixtral",
              std::string("train --loss mse --steps 2"),
@@ -301,6 +309,8 @@ TEST_CASE("hypermoe train: progress lines or JSON, a saved model that hypermoe r
              std::string("train --family mixtral --d-model 16 --train-rows 8 --batch 64"),
              "train --family mixtral --d-model 16 --data " + (tmp / "data.safetensors").string() + " --loss mse",
              std::string("train --lr fast"),
+             std::string("train --family hypermoe_gpt2 --aux-load 0.1 --steps 2"),
+             std::string("train --family mixtral --d-model 16 --noisy-gating --steps 2"),
          }) {
         CAPTURE(args);
         const Result e = run_cli(args);

@@ -277,6 +277,10 @@ TEST_CASE("noisy top-k with Shazeer's learned noise scale: H = logits + noise_st
     const RoutingPlan calm = route(floorless, quiet, ctx);
     const RoutingPlan top = route(TopKRouter(experts, TopK{2}), clean);
     CHECK(std::equal(calm.all_ids().begin(), calm.all_ids().end(), top.all_ids().begin()));
+    // A context with router noise off (evaluation): the same, whatever the noise logits.
+    const RoutingPlan off = route(router, logits, {.noise_seed = 6, .router_noise = false});
+    CHECK(std::equal(off.all_ids().begin(), off.all_ids().end(), top.all_ids().begin()));
+    CHECK_FALSE(std::equal(plan.all_ids().begin(), plan.all_ids().end(), top.all_ids().begin()));
     // The logits must carry the noise logits, finite.
     CHECK_THROWS_WITH_AS((void)route(router, clean),
                          "Router::route: logits have 5 columns, expected 10 (5 experts' logits, then 5 noise logits)", shape_error);

@@ -336,6 +336,94 @@ TEST_CASE("Trainer with auxiliary-loss-free balancing: a lower load CV than the 
     }
 }
 
+TEST_CASE("hypermoe_gpt2 with noisy gating (the reference code's training routing): w_noise's gradient against central differences, no noise in evaluation") {
+    const SyntheticImage image = small_model("hypermoe_gpt2");
+    const Checkpoint ck(image.config, image.safetensors, "hypermoe_gpt2");
+    ParameterStore store(ck);
+    const LoadOptions noisy{.noisy_gating = true};
+    const index_t rows = 16, d = 32, experts = 4;
+    const Matrix<float> x = random_rows(rows, d, 7), dy = random_rows(rows, d, 8);
+    const Context ctx{.noise_seed = 5};
+    Workspace ws;
+    const std::string w_noise = "transformer.h.0.mlp.w_noise", w_gate = "transformer.h.0.mlp.w_gate";
+    {
+        const LoadedModel<reference> model = load_model<reference>(store.checkpoint(), noisy);
+        CHECK(model.blocks()[0].parameter_names().router_noise.name == w_noise);
+        CHECK(model.blocks()[0].visit_moe([](const auto& m) { return m.logit_columns(); }) == 2 * experts);
+        // Without noise it routes as the clean model: the same outputs to float rounding.
+        const LoadedModel<reference> clean = load_model<reference>(ck);
+        Matrix<float> y_noisy(rows, d), y_clean(rows, d), y_drawn(rows, d);
+        RoutingPlan plan;
+        model.blocks()[0].forward(x.view(), y_noisy.view(), ws, plan, Context{.router_noise = false});
+        clean.blocks()[0].forward(x.view(), y_clean.view(), ws, plan);
+        CHECK(test::relative_error(y_noisy, y_clean) <= 1e-5);
+        model.blocks()[0].forward(x.view(), y_drawn.view(), ws, plan, ctx);
+        CHECK(test::relative_error(y_drawn, y_clean) > 1e-3);
+    }
+    // The gradients of sum(y * dy) by checkpoint name, w_noise in its [d, E] layout.
+    Matrix<float> dx(rows, d);
+    const std::vector<TensorToWrite> grads = load_model<reference>(store.checkpoint(), noisy).blocks()[0].gradients(x.view(), dy.view(), dx.view(), ws, ctx);
+    const auto find = [&](const std::string& name) -> const TensorToWrite& {
+        const auto it = std::find_if(grads.begin(), grads.end(), [&](const TensorToWrite& t) { return t.name == "d/" + name; });
+        REQUIRE(it != grads.end());
+        return *it;
+    };
+    const auto loss = [&] {
+        const LoadedModel<reference> model = load_model<reference>(store.checkpoint(), noisy);
+        Matrix<float> y(rows, d);
+        RoutingPlan plan;
+        model.blocks()[0].forward(x.view(), y.view(), ws, plan, ctx);
+        return test::dot(y, dy);
+    };
+    int checked = 0, kinks = 0;
+    for (const std::string& name : {w_noise, w_gate}) {
+        const TensorToWrite& g = find(name);
+        CHECK(g.shape == std::vector<index_t>{d, experts});
+        const auto* gv = reinterpret_cast<const float*>(g.bytes.data());
+        double largest = 0;
+        for (index_t j = 0; j < d * experts; ++j) largest = std::max(largest, double(std::abs(gv[j])));
+        CAPTURE(name);
+        REQUIRE(largest > 0);
+        for (index_t j = 0; j < d * experts; j += 3) {
+            const auto central = [&](float h) {
+                float& v = store.values(name)[std::size_t(j)];
+                const float saved = v;
+                v = saved + h;
+                const double up = loss();
+                v = saved - h;
+                const double down = loss();
+                v = saved;
+                return (up - down) / (2.0 * double(h));
+            };
+            const double fd = central(1e-3f), fd_half = central(5e-4f), tolerance = 0.01 * largest + 0.02 * std::abs(fd);
+            if (std::abs(fd - fd_half) > tolerance) { // a selection flipped inside the step
+                ++kinks;
+                continue;
+            }
+            ++checked;
+            CAPTURE(j);
+            CHECK(std::abs(double(gv[j]) - fd) <= tolerance);
+        }
+    }
+    MESSAGE(detail::concat("noisy gating: ", checked, " entries of w_noise and w_gate checked, ", kinks, " skipped at a selection change"));
+    CHECK(kinks * 4 <= checked);
+    // The trainer trains w_noise, and evaluates without noise (as the clean model does).
+    Trainer<reference> trainer(ck, TrainOptions{.load = noisy}), clean(ck, TrainOptions{});
+    const auto names = trainer.parameter_names();
+    CHECK(std::find(names.begin(), names.end(), w_noise) != names.end());
+    const Matrix<float> target = random_rows(rows, d, 9, 0.5);
+    CHECK(trainer.evaluate(x.view(), {target.view(), {}}).loss == doctest::Approx(clean.evaluate(x.view(), {target.view(), {}}).loss).epsilon(1e-6));
+    const std::vector<float> before(trainer.values(w_noise).begin(), trainer.values(w_noise).end());
+    trainer.step(x.view(), {target.view(), {}});
+    CHECK_FALSE(std::equal(before.begin(), before.end(), trainer.values(w_noise).begin()));
+    // Only hypermoe_gpt2 checkpoints hold a noise weight.
+    const SyntheticImage mixtral = small_model("mixtral");
+    CHECK_THROWS_WITH_AS((void)load_model<reference>(Checkpoint(mixtral.config, mixtral.safetensors, "mixtral"), noisy),
+                         "LoadOptions::noisy_gating is set, but mixtral checkpoints hold no noise weight (the HyperMoE reference "
+                         "code's w_noise; hypermoe_gpt2's do)",
+                         config_error);
+}
+
 TEST_CASE("Trainer: typed errors name the argument and both sides") {
     const SyntheticImage image = small_model("mixtral");
     const Checkpoint ck(image.config, image.safetensors, "mixtral");

@@ -49,9 +49,12 @@ constexpr const char* usage_text = R"(usage:
   hypermoe train [--model DIR|FILE.gguf | --family F [--d-model N] [--d-ff N] [--experts N] [--top-k N] [--layers N] [--seed N]]
                [--data TRAIN.safetensors [--eval EVAL.safetensors] | --tasks N [--train-rows N] [--eval-rows N] [--data-seed N]]
                [--loss ce|mse] [--classes N] [--steps N] [--batch N] [--lr X] [--weight-decay X] [--clip X] [--aux-lb X]
-               [--balance GAMMA] [--no-hyper] [--log-every N] [--eval-every N] [--save DIR] [--backend B] [--threads N] [--json]
+               [--noisy-gating [--aux-load X]] [--balance GAMMA] [--no-hyper] [--log-every N] [--eval-every N] [--save DIR]
+               [--backend B] [--threads N] [--json]
                (trains every MoE block of the model, chained as h + block(h); a data file holds x [N, d] and
                 labels [N] (ce) or y [N, d] (mse); without one, the synthetic multi-task problem of docs/training.md;
+                --noisy-gating routes hypermoe_gpt2 as its reference code trains, noisy top-k with the learned
+                noise scale softplus(x w_noise) + 0.01, and --aux-load adds Shazeer's load loss;
                 --no-hyper trains HyperMoE blocks without their HyperExpert)
 )";
 
@@ -578,6 +581,9 @@ int train(const Args& a) {
     opt.clip_norm = real(a, "--clip", 1.0, 0, 1e9);
     if (hm::has_two_stacks(info.family)) opt.context.sequence_length = batch; // capacity per batch
     opt.context.aux_losses.load_balancing = real(a, "--aux-lb", 0, 0, 100);
+    if (a.has("--aux-load") && !a.has("--noisy-gating")) throw usage_error("--aux-load needs --noisy-gating (Shazeer's load loss is a noisy router's)");
+    opt.context.aux_losses.load = real(a, "--aux-load", 0, 0, 100);
+    opt.load.noisy_gating = a.has("--noisy-gating");
     opt.with_hyper = !a.has("--no-hyper");
     opt.balance_gamma = real(a, "--balance", 0, 0, 10);
 
@@ -741,8 +747,9 @@ int main(int argc, char** argv) {
             return train(Args(argc, argv, 2,
                               {"--model", "--family", "--d-model", "--d-ff", "--experts", "--top-k", "--layers", "--seed", "--data", "--eval",
                                "--tasks", "--classes", "--train-rows", "--eval-rows", "--data-seed", "--loss", "--steps", "--batch",
-                               "--lr", "--weight-decay", "--clip", "--aux-lb", "--balance", "--log-every", "--eval-every", "--save", "--backend", "--threads"},
-                              {"--json", "--no-hyper"}));
+                               "--lr", "--weight-decay", "--clip", "--aux-lb", "--aux-load", "--balance", "--log-every", "--eval-every", "--save",
+                               "--backend", "--threads"},
+                              {"--json", "--no-hyper", "--noisy-gating"}));
         throw usage_error("unknown command '" + cmd + "' (expected run, inspect, bench or train; see hypermoe --help)");
     } catch (const usage_error& e) {
         std::fprintf(stderr, "hypermoe: %s\n", one_line(e.what()).c_str());

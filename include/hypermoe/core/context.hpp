@@ -60,6 +60,9 @@ struct Context {
     index_t first_position = 0;
     /// A per-call seed mixed into the noise of noisy routers (e.g. the training step); 0 = none.
     std::uint64_t noise_seed = 0;
+    /// Whether noisy routers draw their noise; false: they rank the clean selection scores, as
+    /// the HyperMoE reference code routes when not training (an evaluation's setting).
+    bool router_noise = true;
     /// Where MoE blocks report their routing; null = nowhere.
     RoutingSink* routing_sink = nullptr;
     /// Auxiliary losses a backward call adds (none by default).

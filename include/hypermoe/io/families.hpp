@@ -373,6 +373,10 @@ template <Backend B>
         throw config_error(detail::concat("stack is \"", stack, "\", expected encoder or decoder"));
     const MoeBlockRef ref{layer, stack};
     check_moe_block(ck.dir(), info, ref);
+    if (opt.noisy_gating &&
+        !visit_family(info.family, []<class F>(std::type_identity<F>) { return requires { F::has_noise_weights; }; }))
+        throw config_error(detail::concat("LoadOptions::noisy_gating is set, but ", to_string(info.family),
+                                          " checkpoints hold no noise weight (the HyperMoE reference code's w_noise; hypermoe_gpt2's do)"));
     TensorBinder t(ck, detail::concat(to_string(info.family), " block ", stack.empty() ? "" : stack + " ", layer));
     BlockSource<B> source{c, info, ref, t, opt, std::move(hypernetwork)};
     using Layer = typename LoadedMoeBlock<B>::Layer;

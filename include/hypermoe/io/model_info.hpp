@@ -57,6 +57,12 @@ struct LoadOptions {
     HyperOptions hyper = {};
     /// What a token dropped by capacity outputs (Switch families).
     DroppedTokens dropped = DroppedTokens::scaled_input;
+    /// Route as the HyperMoE reference code trains (hypermoe_gpt2, whose checkpoints hold the
+    /// noise weight `w_noise`): noisy top-k with the learned noise scale softplus(x w_noise) +
+    /// 1e-2 (NoisyTopK::learned_scale), the gate being w_gate over w_noise, so a backward gives
+    /// w_noise a gradient. A context with router_noise = false routes as the clean softmax
+    /// top-k. A config_error for a family without noise weights.
+    bool noisy_gating = false;
 };
 
 } // namespace hypermoe

@@ -35,6 +35,7 @@ struct ExpertTensorNames {
 /// Every tensor a block's forward reads, by role.
 struct BlockParameterNames {
     TensorName router;
+    TensorName router_noise;   ///< the noise weight below the router's in the gate (LoadOptions::noisy_gating)
     TensorName selection_bias; ///< a router's selection-only bias (DeepSeek-V3): no gradient, not a trained parameter
     std::vector<ExpertTensorNames> experts;
     std::optional<ExpertTensorNames> shared; ///< the shared expert(s), merged as the block runs them
@@ -80,6 +81,7 @@ void visit_expert_gradients(const ExpertTensorNames& n, const G& g, Fn& fn) {
         for (const TensorName* n : {&e.gate, &e.up, &e.down, &e.up_bias, &e.down_bias}) add(*n);
     };
     add(names.router);
+    add(names.router_noise);
     for (const auto& e : names.experts) add_expert(e);
     if (names.shared) add_expert(*names.shared);
     add(names.shared_gate);
@@ -127,7 +129,14 @@ void for_each_named_gradient(const BlockParameterNames& names, const G& g, Fn&& 
         if (names.experts.size() != g.experts.size())
             throw config_error(detail::concat("named_gradients: names for ", names.experts.size(), " experts, but gradients of ",
                                               g.experts.size(), " (names recorded by another block's load?)"));
-        visit(names.router, g.gate.view(), false);
+        // The gate: the experts' rows, then (noisy gating) the noise weight's.
+        const index_t experts = index_t(g.experts.size());
+        if (names.router_noise.empty()) {
+            visit(names.router, g.gate.view(), false);
+        } else {
+            visit(names.router, g.gate.view().row_block(0, experts), false);
+            visit(names.router_noise, g.gate.view().row_block(experts, g.gate.rows() - experts), false);
+        }
         for (std::size_t e = 0; e < g.experts.size(); ++e) detail::visit_expert_gradients(names.experts[e], g.experts[e], visit);
         if constexpr (requires { g.shared.expert; }) {
             if (names.shared) detail::visit_expert_gradients(*names.shared, g.shared.expert, visit);

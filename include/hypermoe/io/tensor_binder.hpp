@@ -40,6 +40,17 @@ public:
         return ConstMatrixView<float>(m.view());
     }
 
+    /// Two weights of one width stacked into one, `top`'s rows then `bottom`'s, in owned f32
+    /// storage (a router weight over its noise weight, so that one GEMM computes both); a
+    /// placeholder when either is one (a missing tensor, already reported).
+    WeightView stack_rows(const WeightView& top, const WeightView& bottom) {
+        if (top.rows() * top.cols() == 0 || bottom.rows() * bottom.cols() == 0 || top.cols() != bottom.cols()) return placeholder();
+        Matrix<float>& m = owned_.emplace_back(top.rows() + bottom.rows(), top.cols());
+        for (index_t i = 0; i < m.rows(); ++i)
+            for (index_t j = 0; j < m.cols(); ++j) m(i, j) = i < top.rows() ? top.at(i, j) : bottom.at(i - top.rows(), j);
+        return ConstMatrixView<float>(m.view());
+    }
+
     /// Once a weight is packed into a layer's own storage: drops its pages from memory if it is
     /// read in place from the checkpoint's mapping (no-op for an owned copy).
     void release(const WeightView& w) const noexcept { ck_.release(w.extent()); }

@@ -230,8 +230,8 @@ void smooth_load_token(const ScoredRouter<S, NoisyTopK>& router, ConstMatrixView
         const std::size_t i = std::size_t(e);
         s.selection[i] = bias.empty() ? s.scores[i] : s.scores[i] + bias[i];
         s.scale[i] = policy.scale(row, experts, e);
-        s.noise[i] = policy.noise(context.position(t), e, context.noise_seed);
-        s.noisy[i] = policy.noisy_value(s.selection[i], s.scale[i], context.position(t), e, context.noise_seed);
+        s.noise[i] = policy.sample(context, t, e);
+        s.noisy[i] = policy.noisy_value(s.selection[i], s.scale[i], context, t, e);
     }
     if (k >= experts) { // every expert is always selected
         for (index_t e = 0; e < experts; ++e) f(e, 1.0, 0.0, e, 0.0);

@@ -73,12 +73,16 @@ struct NoisyTopK {
         const double u1 = (double(a >> 11) + 0.5) * 0x1.0p-53, u2 = double(b >> 11) * 0x1.0p-53;
         return float(std::sqrt(-2.0 * std::log(u1)) * std::cos(6.283185307179586 * u2));
     }
-    /// The value selection ranks: a selection score plus the noise scale (scale()) times the
-    /// sample of (position, expert) under the call's noise seed (smooth_load_loss and the
-    /// router's backward recompute it).
-    [[nodiscard]] float noisy_value(float selection_score, float scale, index_t position, index_t expert,
-                                    std::uint64_t call_seed) const noexcept {
-        return selection_score + scale * noise(position, expert, call_seed);
+    /// Token t's noise sample for `expert` in a call with `context`: noise() at the token's
+    /// position under the call's noise seed, or 0 when the context turns router noise off.
+    [[nodiscard]] float sample(const RouterContext& context, index_t t, index_t expert) const noexcept {
+        return context.router_noise ? noise(context.position(t), expert, context.noise_seed) : 0.0f;
+    }
+    /// The value selection ranks: a selection score plus the noise scale (scale()) times token
+    /// t's sample (smooth_load_loss and the router's backward recompute it).
+    [[nodiscard]] float noisy_value(float selection_score, float scale, const RouterContext& context, index_t t,
+                                    index_t expert) const noexcept {
+        return selection_score + scale * sample(context, t, expert);
     }
     void select(const SelectionInput& in, RoutingPlan& plan, Workspace& ws) const {
         const index_t tokens = in.scores.rows(), e = in.scores.cols();
@@ -87,8 +91,7 @@ struct NoisyTopK {
         // Tokens are independent: in parallel, each writing only its own row of h and plan.
         detail::parallel_for(tokens, tokens * e * (k + 8), [&](index_t t) {
             for (index_t x = 0; x < e; ++x)
-                h[std::size_t(t * e + x)] = noisy_value(in.selection_scores(t, x), scale(in.logits.row(t), e, x),
-                                                        in.context.position(t), x, in.context.noise_seed);
+                h[std::size_t(t * e + x)] = noisy_value(in.selection_scores(t, x), scale(in.logits.row(t), e, x), in.context, t, x);
             const auto ids = plan.ids(t);
             const auto w = plan.weights(t);
             const float* row = h.data() + t * e;

@@ -266,7 +266,7 @@ public:
                     if constexpr (requires { selection_.scale_derivative(row, experts_, e); })
                         if (const double ds_dr = selection_.scale_derivative(row, experts_, e); ds_dr != 0)
                             dlogits(t, experts_ + e) =
-                                float(dh * ds_dr * double(selection_.noise(context.position(t), e, context.noise_seed)));
+                                float(dh * ds_dr * double(selection_.sample(context, t, e)));
                 }
             } else {
                 for (std::size_t j = 0; j < ids.size(); ++j)

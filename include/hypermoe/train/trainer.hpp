@@ -101,7 +101,10 @@ struct TrainOptions {
     index_t classes = 0;  ///< cross-entropy: the class count (the logits are the output's first columns)
     bool residual = true; ///< h + block(h) (true) or block(h) for each MoE block
     bool with_hyper = true; ///< false: HyperMoE blocks run and train without their HyperExpert (plain MoE, same experts)
-    Context context = {}; ///< routing seed, sequence length (capacity) and the auxiliary losses' weights
+    /// Sequence length (capacity), the auxiliary losses' weights and the noise seed. Noisy routers
+    /// (LoadOptions::noisy_gating) draw fresh noise each step (noise_seed + the step count + 1)
+    /// and none in forward() and evaluate(), as the reference code routes when not training.
+    Context context = {};
     LoadOptions load = {};///< how the blocks are built (storage must be f32: a backward needs the weights as trained)
     AdamWGroup matrices = {};                    ///< AdamW for every tensor of two or more dimensions
     AdamWGroup vectors = {.weight_decay = 0.0};  ///< and for biases and other 1-D tensors (no decay by default)
@@ -182,7 +185,7 @@ public:
     void forward(ConstMatrixView<float> x, MatrixView<float> y) {
         check_shape(x, x.rows(), width(), "Trainer::forward", "x");
         check_shape(y, x.rows(), width(), "Trainer::forward", "y");
-        run_forward(x);
+        run_forward(x, eval_context());
         for (index_t r = 0; r < x.rows(); ++r)
             for (index_t c = 0; c < width(); ++c) y(r, c) = hs_.back()(r, c);
     }
@@ -191,7 +194,7 @@ public:
     TrainMetrics evaluate(ConstMatrixView<float> x, const Targets& t) {
         const auto start = std::chrono::steady_clock::now();
         check_shape(x, x.rows(), width(), "Trainer::evaluate", "x");
-        run_forward(x);
+        run_forward(x, eval_context());
         TrainMetrics m = measure(t, {});
         m.seconds = seconds_since(start);
         return m;
@@ -212,6 +215,7 @@ public:
         m.optimizer_seconds = seconds_since(update);
         const auto built = std::chrono::steady_clock::now();
         rebuild();
+        ++steps_;
         m.rebuild_seconds = seconds_since(built);
         m.seconds = seconds_since(start);
         return m;
@@ -223,7 +227,8 @@ public:
     TrainMetrics gradients(ConstMatrixView<float> x, const Targets& t) {
         const auto start = std::chrono::steady_clock::now();
         check_shape(x, x.rows(), width(), "Trainer::gradients", "x");
-        run_forward(x);
+        const Context context = step_context();
+        run_forward(x, context);
         fit(dh_, x.rows());
         TrainMetrics m = measure(t, dh_.view());
         fit(dx_, x.rows());
@@ -231,9 +236,9 @@ public:
         for (std::size_t i = blocks.size(); i-- > 0;) {
             const auto add = [&](const TensorName& n, ConstMatrixView<float> g, bool) { accumulate(n, g); };
             if (blocks[i].keeps_activations(opt_.with_hyper))
-                blocks[i].for_each_gradient(kept_[i], hs_[i].view(), dh_.view(), dx_.view(), ws_, opt_.context, opt_.with_hyper, add);
+                blocks[i].for_each_gradient(kept_[i], hs_[i].view(), dh_.view(), dx_.view(), ws_, context, opt_.with_hyper, add);
             else
-                blocks[i].for_each_gradient(hs_[i].view(), dh_.view(), dx_.view(), ws_, opt_.context, opt_.with_hyper, add);
+                blocks[i].for_each_gradient(hs_[i].view(), dh_.view(), dx_.view(), ws_, context, opt_.with_hyper, add);
             for (index_t r = 0; r < x.rows(); ++r)
                 for (index_t c = 0; c < width(); ++c) dh_(r, c) = opt_.residual ? dh_(r, c) + dx_(r, c) : dx_(r, c);
         }
@@ -263,6 +268,19 @@ public:
     void save(const std::string& dir) const { store_.save(dir); }
 
 private:
+    /// A training step's context: TrainOptions::context with the step's noise seed.
+    [[nodiscard]] Context step_context() const noexcept {
+        Context c = opt_.context;
+        c.noise_seed = opt_.context.noise_seed + steps_ + 1;
+        return c;
+    }
+    /// An evaluation's: TrainOptions::context without router noise.
+    [[nodiscard]] Context eval_context() const noexcept {
+        Context c = opt_.context;
+        c.router_noise = false;
+        return c;
+    }
+
     /// Rebuilds the blocks from the stored tensors, with the balanced selection biases.
     void rebuild() {
         model_.emplace(load_model<B>(store_.checkpoint(), opt_.load));
@@ -288,7 +306,7 @@ private:
     /// Runs the chain on x, keeping every block's input (hs_[i]) and the output (hs_.back()), and
     /// each MoE block's activations for its backward (kept_[i]; a HyperMoE block with its
     /// HyperExpert only its plan).
-    void run_forward(ConstMatrixView<float> x) {
+    void run_forward(ConstMatrixView<float> x, const Context& context) {
         const auto& blocks = model_->blocks();
         if (blocks.empty()) throw config_error(detail::concat(store_.checkpoint().dir(), ": no MoE block to train"));
         hs_.resize(blocks.size() + 1);
@@ -301,9 +319,9 @@ private:
             Matrix<float>& out = hs_[i + 1];
             fit(out, x.rows());
             if (blocks[i].keeps_activations(opt_.with_hyper))
-                blocks[i].forward(hs_[i].view(), out.view(), ws_, kept_[i], opt_.context, opt_.with_hyper);
+                blocks[i].forward(hs_[i].view(), out.view(), ws_, kept_[i], context, opt_.with_hyper);
             else
-                blocks[i].forward(hs_[i].view(), out.view(), ws_, plans_[i], opt_.context, opt_.with_hyper);
+                blocks[i].forward(hs_[i].view(), out.view(), ws_, plans_[i], context, opt_.with_hyper);
             if (opt_.residual)
                 for (index_t r = 0; r < x.rows(); ++r)
                     for (index_t c = 0; c < width(); ++c) out(r, c) += hs_[i](r, c);
@@ -369,6 +387,7 @@ private:
     std::vector<MoeActivations> kept_;        ///< each MoE block's activations for its backward
     std::vector<BiasBalancer> balancers_;      ///< per block, with balance_gamma
     std::vector<std::vector<float>> biases_;   ///< per block: its selection bias
+    std::uint64_t steps_ = 0;                  ///< steps taken (the next step's noise seed)
     Matrix<float> dh_, dx_;
     Workspace ws_;
 };
