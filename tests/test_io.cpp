@@ -217,7 +217,8 @@ TEST_CASE("the family list: names, detection and layer types derived from Family
     CHECK(!has_two_stacks(family("mixtral")));
     // mixtral and olmoe (and qwen2_moe without a shared expert) share one layer type: the variant
     // holds each type once.
-    static_assert(std::variant_size_v<LoadedMoeBlock<reference>::Layer> == 7); // deepseek_v3: sigmoid and softmax scores
+    // deepseek_v3: sigmoid and softmax scores; hypermoe_gpt2: clean and noisy gating.
+    static_assert(std::variant_size_v<LoadedMoeBlock<reference>::Layer> == 8);
 }
 
 TEST_CASE_TEMPLATE_DEFINE("every family loads the synthetic checkpoint it writes", B, family_round_trip) {
