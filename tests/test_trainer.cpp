@@ -385,17 +385,9 @@ TEST_CASE("hypermoe_gpt2 with noisy gating (the reference code's training routin
         CAPTURE(name);
         REQUIRE(largest > 0);
         for (index_t j = 0; j < d * experts; j += 3) {
-            const auto central = [&](float h) {
-                float& v = store.values(name)[std::size_t(j)];
-                const float saved = v;
-                v = saved + h;
-                const double up = loss();
-                v = saved - h;
-                const double down = loss();
-                v = saved;
-                return (up - down) / (2.0 * double(h));
-            };
-            const double fd = central(1e-3f), fd_half = central(5e-4f), tolerance = 0.01 * largest + 0.02 * std::abs(fd);
+            float& v = store.values(name)[std::size_t(j)];
+            const double fd = test::central_difference(v, loss, 1e-3f), fd_half = test::central_difference(v, loss, 5e-4f);
+            const double tolerance = 0.01 * largest + 0.02 * std::abs(fd);
             if (std::abs(fd - fd_half) > tolerance) { // a selection flipped inside the step
                 ++kinks;
                 continue;
