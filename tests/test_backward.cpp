@@ -732,7 +732,7 @@ TEST_CASE("smooth load (Shazeer et al.'s load estimator): the probability the de
                     const double h_e = l(t, e) + pol.scale(l.view().row(t), experts, e) * normal(rng);
                     int above = 0; // the other experts whose noisy logit beats h_e
                     for (index_t o = 0; o < experts; ++o)
-                        if (o != e && double(pol.noisy_value(l(t, o), pol.scale(l.view().row(t), experts, o), ctx, t, o)) > h_e)
+                        if (o != e && double(pol.noisy_value(l(t, o), pol.scale(l.view().row(t), experts, o), pol.sample(ctx, t, o))) > h_e)
                             ++above;
                     stays += above < pol.k;
                 }

@@ -231,7 +231,7 @@ void smooth_load_token(const ScoredRouter<S, NoisyTopK>& router, ConstMatrixView
         s.selection[i] = bias.empty() ? s.scores[i] : s.scores[i] + bias[i];
         s.scale[i] = policy.scale(row, experts, e);
         s.noise[i] = policy.sample(context, t, e);
-        s.noisy[i] = policy.noisy_value(s.selection[i], s.scale[i], context, t, e);
+        s.noisy[i] = NoisyTopK::noisy_value(s.selection[i], s.scale[i], s.noise[i]);
     }
     if (k >= experts) { // every expert is always selected
         for (index_t e = 0; e < experts; ++e) f(e, 1.0, 0.0, e, 0.0);

@@ -4,8 +4,8 @@
 // The noise scale is one constant, or Shazeer's learned one (learned_scale): the router's logits
 // then have 2E columns, the clean logits x W_g^T and beside them r = x W_noise^T (the layer's gate
 // weight is the two stacked, (2E, d_model)), and expert e's scale is noise_std (softplus(r_e) +
-// noise_floor), as the HyperMoE reference code's softplus(x w_noise) + 1e-2. The noise is a pure function of (seed,
-// the call's noise seed, the token's position in its sequence, expert): splitmix64 counters
+// noise_floor), as the HyperMoE reference code's softplus(x w_noise) + 1e-2. The noise is a pure
+// function of (seed, the call's noise seed, the token's position in its sequence, expert): splitmix64 counters
 // through Box-Muller, so runs are reproducible, independent of threading, and a sequence gets
 // the same noise however it is batched or cut into calls (Context::position). Shazeer's smooth
 // load estimator, the load loss's differentiable stand-in for the counts, is smooth_load in
@@ -78,11 +78,10 @@ struct NoisyTopK {
     [[nodiscard]] float sample(const RouterContext& context, index_t t, index_t expert) const noexcept {
         return context.router_noise ? noise(context.position(t), expert, context.noise_seed) : 0.0f;
     }
-    /// The value selection ranks: a selection score plus the noise scale (scale()) times token
-    /// t's sample (smooth_load_loss and the router's backward recompute it).
-    [[nodiscard]] float noisy_value(float selection_score, float scale, const RouterContext& context, index_t t,
-                                    index_t expert) const noexcept {
-        return selection_score + scale * sample(context, t, expert);
+    /// The value selection ranks: a selection score plus the noise scale (scale()) times the
+    /// token's noise sample (sample()); smooth_load_loss recomputes it the same way.
+    [[nodiscard]] static float noisy_value(float selection_score, float scale, float sample) noexcept {
+        return selection_score + scale * sample;
     }
     void select(const SelectionInput& in, RoutingPlan& plan, Workspace& ws) const {
         const index_t tokens = in.scores.rows(), e = in.scores.cols();
@@ -91,7 +90,8 @@ struct NoisyTopK {
         // Tokens are independent: in parallel, each writing only its own row of h and plan.
         detail::parallel_for(tokens, tokens * e * (k + 8), [&](index_t t) {
             for (index_t x = 0; x < e; ++x)
-                h[std::size_t(t * e + x)] = noisy_value(in.selection_scores(t, x), scale(in.logits.row(t), e, x), in.context, t, x);
+                h[std::size_t(t * e + x)] =
+                    noisy_value(in.selection_scores(t, x), scale(in.logits.row(t), e, x), sample(in.context, t, x));
             const auto ids = plan.ids(t);
             const auto w = plan.weights(t);
             const float* row = h.data() + t * e;
