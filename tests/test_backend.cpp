@@ -521,6 +521,42 @@ TEST_CASE("onednn: a call runs as 256-row pieces and one remainder padded by at 
     }
 }
 
+TEST_CASE("onednn: a weight in a blocked layout reorders straight into the f32 panels the backward's products read") {
+    // Where oneDNN has brgemm (AVX-512), a linear holds W^T (K, N) in a blocked layout such as
+    // BA16a64b, and backward() reorders it into panels of W and of W^T. Here from that layout and
+    // from the plain ones, on every CPU (reorders need no AVX-512), at sizes that pad the panels:
+    // the same floats as pack_f32_panels, zeros in the padding, whatever the buffer held before.
+    using tag = dnnl::memory::format_tag;
+    using dt = dnnl::memory::data_type;
+    const auto& engine = detail::onednn_engine();
+    for (const auto& shape : {std::pair<index_t, index_t>{37, 50}, {64, 16}, {5, 129}}) {
+        const index_t k = shape.first, n = shape.second;
+        const Matrix<float> w = random_matrix(n, k, 7); // W (N, K)
+        Matrix<float> wt(k, n);
+        for (index_t r = 0; r < n; ++r)
+            for (index_t c = 0; c < k; ++c) wt(c, r) = w(r, c);
+        std::vector<float> want_w(std::size_t(detail::f32_panel_floats(n, k))), want_wt(std::size_t(detail::f32_panel_floats(k, n)));
+        detail::pack_f32_panels(w.data(), k, false, n, k, want_w.data());   // B = W: K columns in panels
+        detail::pack_f32_panels(wt.data(), n, false, k, n, want_wt.data()); // B = W^T: N columns in panels
+        for (const tag layout : {tag::BA16a64b, tag::ab, tag::ba}) {
+            CAPTURE(k);
+            CAPTURE(n);
+            CAPTURE(static_cast<int>(layout));
+            dnnl::memory plain({{k, n}, dt::f32, tag::ab}, engine, wt.data());
+            dnnl::memory held(dnnl::memory::desc({k, n}, dt::f32, layout), engine);
+            dnnl::reorder(plain, held).execute(detail::onednn_stream(), plain, held);
+            detail::onednn_stream().wait();
+            const auto* reorders = detail::onednn_panel_reorders(k, n, held.get_desc());
+            Workspace ws;
+            std::vector<float> got_w(want_w.size(), std::numeric_limits<float>::quiet_NaN()), got_wt(want_wt.size(), -1.0f);
+            detail::onednn_reorder_into_panels(*reorders, held, k, n, detail::OnednnRole::panels_of_w, got_w.data(), ws, "w");
+            detail::onednn_reorder_into_panels(*reorders, held, k, n, detail::OnednnRole::panels_of_wt, got_wt.data(), ws, "w");
+            CHECK(std::memcmp(got_w.data(), want_w.data(), got_w.size() * sizeof(float)) == 0);
+            CHECK(std::memcmp(got_wt.data(), want_wt.data(), got_wt.size() * sizeof(float)) == 0);
+        }
+    }
+}
+
 TEST_CASE("onednn: a primitive oneDNN cannot create is a backend_error naming the shape") {
     CHECK_THROWS_WITH_AS((void)detail::onednn_matmul(-3, 16, false, activation_kind::relu, false, 1),
                          doctest::Contains("onednn: cannot create a matmul for K = -3, N = 16: "), backend_error);

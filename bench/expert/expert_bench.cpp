@@ -137,6 +137,27 @@ void BM_RawMatmul(benchmark::State& state, Shape s, int gemms) {
     state.SetLabel(pd_up.impl_info_str());
     state.counters["GFLOP/s"] = benchmark::Counter(flops(s, gemms) / 1e9, benchmark::Counter::kIsIterationInvariantRate);
 }
+
+/// What a oneDNN linear's backward costs beside its products where its weights live in
+/// oneDNN's layout (brgemm, AVX-512): one reorder of the (K, N) weight from the layout oneDNN's
+/// f32 matmul chooses into the f32 panels `dz W` reads. GB/s counts the bytes read and written.
+void BM_WeightsToPanels(benchmark::State& state, hm::index_t k, hm::index_t n) {
+    namespace d = hm::detail;
+    const auto layout = d::onednn_f32_plan(d::onednn_row_buckets.back(), k, n).weights_desc();
+    dnnl::memory held(layout, d::onednn_engine());
+    hm::bench::fill(static_cast<float*>(held.get_data_handle()), layout.get_size() / sizeof(float), 3, 0.05f);
+    const auto* reorders = d::onednn_panel_reorders(k, n, layout);
+    std::vector<float> panels(static_cast<std::size_t>(d::f32_panel_floats(n, k)));
+    hm::Workspace ws;
+    for (auto _ : state) {
+        d::onednn_reorder_into_panels(*reorders, held, k, n, d::OnednnRole::panels_of_w, panels.data(), ws, "bench");
+        benchmark::DoNotOptimize(panels.data());
+        benchmark::ClobberMemory();
+    }
+    state.SetLabel(d::onednn_f32_brgemm() ? "from brgemm's blocked layout" : "from gemm:jit's plain layout");
+    const double bytes = double(layout.get_size()) + double(panels.size() * sizeof(float));
+    state.counters["GB/s"] = benchmark::Counter(bytes / 1e9, benchmark::Counter::kIsIterationInvariantRate);
+}
 #endif
 
 std::string name(const char* what, const Shape& s) {
@@ -149,6 +170,12 @@ std::string name(const char* what, const Shape& s) {
 
 int main(int argc, char** argv) {
     benchmark::RegisterBenchmark("BM_ReadBandwidth", hm::bench::BM_ReadBandwidth)->UseRealTime()->Unit(benchmark::kMillisecond);
+#if HYPERMOE_HAS_ONEDNN
+    for (const auto& [k, n] : {std::pair<hm::index_t, hm::index_t>{1024, 2816}, {2816, 1024}})
+        benchmark::RegisterBenchmark(("BM_WeightsToPanels/K:" + std::to_string(k) + "/N:" + std::to_string(n)).c_str(), BM_WeightsToPanels, k, n)
+            ->UseRealTime()
+            ->Unit(benchmark::kMillisecond);
+#endif
     for (const auto& [d, ff] : {std::pair<hm::index_t, hm::index_t>{1024, 2816}, {768, 3072}})
         for (const hm::index_t m : {1, 8, 64, 512}) {
 #if HYPERMOE_HAS_ONEDNN

@@ -74,21 +74,48 @@ inline dnnl::stream& onednn_stream() {
 }
 
 /// Which argument of an execution a memory object is for: one object per role, so the source
-/// and destination of a square matrix never share one.
-enum class OnednnRole { source, destination, scratchpad };
+/// and destination of a square matrix never share one. The panel roles are a (K, N) weight laid
+/// out as our f32 panels (onednn_panel_desc).
+enum class OnednnRole { source, destination, scratchpad, panels_of_w, panels_of_wt };
 
-/// A memory object of a dense (rows, cols) f32 matrix, or of `rows` bytes (the scratchpad), for
-/// the calling thread and `role`, pointed at `data`: made on first use of that shape by the
-/// thread, then only repointed, so executing a primitive does not create memory objects. Not
-/// shared between threads: a call runs on its caller's thread.
+/// The memory desc of a (K, N) f32 weight tensor (the primitives' W^T) laid out as the panel
+/// kernels read weights (pack_f32_panels): with `role` panels_of_wt, B = W^T, whose N columns go
+/// in panels of 16 (the layout WeightPanels holds: offset (n / 16) 16 K + 16 k + n % 16); with
+/// panels_of_w, B = W, whose K columns go in panels (offset (k / 16) 16 N + 16 n + k % 16). The
+/// panelled dimension is padded to a multiple of 16, which a reorder fills with zeros.
+[[nodiscard]] inline dnnl::memory::desc onednn_panel_desc(index_t k, index_t n, OnednnRole role) {
+    using dt = dnnl::memory::data_type;
+    dnnl::memory::desc desc({k, n}, dt::f32, {n, 1});
+    const int along = role == OnednnRole::panels_of_w ? 0 : 1; // the dimension cut into panels
+    const index_t other = along == 0 ? n : k;
+    dnnl_memory_desc_t& d = desc.data;
+    d.padded_dims[along] = (d.dims[along] + 15) / 16 * 16;
+    d.format_desc.blocking.strides[along] = 16 * other; // from one panel to the next
+    d.format_desc.blocking.strides[1 - along] = 16;      // from one row of a panel to the next
+    d.format_desc.blocking.inner_nblks = 1;
+    d.format_desc.blocking.inner_blks[0] = 16;
+    d.format_desc.blocking.inner_idxs[0] = along;
+    return desc;
+}
+
+/// A memory object of a dense (rows, cols) f32 matrix, of `rows` bytes (the scratchpad), or of a
+/// (rows = K, cols = N) weight as panels (the panel roles), for the calling thread and `role`,
+/// pointed at `data`: made on first use of that shape by the thread, then only repointed, so
+/// executing a primitive does not create memory objects. Not shared between threads: a call
+/// runs on its caller's thread.
 inline const dnnl::memory& onednn_thread_memory(OnednnRole role, index_t rows, index_t cols, void* data) {
     using dt = dnnl::memory::data_type;
     thread_local std::map<std::tuple<OnednnRole, index_t, index_t>, dnnl::memory> memories;
     auto& m = memories[{role, rows, cols}];
     if (!m) {
-        m = role != OnednnRole::scratchpad
-                ? dnnl::memory({{rows, cols}, dt::f32, {cols, 1}}, onednn_engine(), DNNL_MEMORY_NONE)
-                : dnnl::memory({{rows}, dt::u8, {1}}, onednn_engine(), DNNL_MEMORY_NONE);
+        const auto& engine = onednn_engine();
+        switch (role) {
+        case OnednnRole::source:
+        case OnednnRole::destination: m = dnnl::memory({{rows, cols}, dt::f32, {cols, 1}}, engine, DNNL_MEMORY_NONE); break;
+        case OnednnRole::scratchpad: m = dnnl::memory({{rows}, dt::u8, {1}}, engine, DNNL_MEMORY_NONE); break;
+        case OnednnRole::panels_of_w:
+        case OnednnRole::panels_of_wt: m = dnnl::memory(onednn_panel_desc(rows, cols, role), engine, DNNL_MEMORY_NONE); break;
+        }
     }
     m.set_data_handle(data);
     return m;
@@ -192,6 +219,64 @@ inline void append_activation(dnnl::post_ops& po, activation_kind kind) {
 /// instructions of our f32 panel kernels (backend/panels.hpp) where oneDNN has no brgemm.
 [[nodiscard]] inline std::string_view onednn_f32_kernel_name() {
     return onednn_f32_brgemm() ? std::string_view("onednn") : to_string(vector_kernel());
+}
+
+/// The reorders of a (K, N) weight from the primitives' layout `w` into our f32 panels, each in
+/// user scratchpad mode: what a backward's products read (onednn::linear::backward).
+struct OnednnPanelReorders {
+    dnnl::reorder to_w, to_wt;    ///< into OnednnRole::panels_of_w and panels_of_wt
+    std::size_t scratchpad = 0;   ///< bytes: the larger of their scratchpads
+};
+
+/// The panel reorders of (K, N) from layout `w`: made once per process, (K, N) and layout (a
+/// linear's layout is decided once per (K, N)), so that a backward neither creates a primitive
+/// nor takes a lock.
+[[nodiscard]] inline const OnednnPanelReorders* onednn_panel_reorders(index_t k, index_t n, const dnnl::memory::desc& w) {
+    using Entry = std::pair<dnnl::memory::desc, std::unique_ptr<const OnednnPanelReorders>>;
+    static std::mutex mutex;
+    static std::map<std::pair<index_t, index_t>, std::vector<Entry>> cache; // descs have == only
+    const std::lock_guard lock(mutex);
+    auto& entries = cache[{k, n}];
+    for (const auto& [layout, reorders] : entries)
+        if (layout == w) return reorders.get();
+    try {
+        dnnl::primitive_attr attr;
+        attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+        const auto& engine = onednn_engine();
+        const dnnl::reorder::primitive_desc w_pd(engine, w, engine, onednn_panel_desc(k, n, OnednnRole::panels_of_w), attr);
+        const dnnl::reorder::primitive_desc wt_pd(engine, w, engine, onednn_panel_desc(k, n, OnednnRole::panels_of_wt), attr);
+        entries.emplace_back(w, std::make_unique<const OnednnPanelReorders>(OnednnPanelReorders{
+                                    dnnl::reorder(w_pd), dnnl::reorder(wt_pd),
+                                    std::max(w_pd.scratchpad_desc().get_size(), wt_pd.scratchpad_desc().get_size())}));
+    } catch (const dnnl::error& e) {
+        throw backend_error(concat("onednn: cannot create the weight reorders into panels for K = ", k, ", N = ", n, ": ", e.what()));
+    }
+    return entries.back().second.get();
+}
+
+/// The (K, N) weight `from` (in the layout `reorders` were made for) into `out` as the panels of
+/// `role` (onednn_panel_desc; f32_panel_floats(N, K) or (K, N) floats): one execution, with the
+/// reorder's scratchpad from `ws`. Errors name `who`.
+inline void onednn_reorder_into_panels(const OnednnPanelReorders& reorders, const dnnl::memory& from, index_t k, index_t n,
+                                       OnednnRole role, float* out, Workspace& ws, std::string_view who) {
+    Workspace::Scope scope(ws, padded_bytes<std::byte>(index_t(reorders.scratchpad)));
+    const auto scratchpad = ws.take<std::byte>(index_t(reorders.scratchpad));
+    try {
+        const auto& to = onednn_thread_memory(role, k, n, out);
+        std::array<dnnl_exec_arg_t, 3> args{{{DNNL_ARG_FROM, from.get()}, {DNNL_ARG_TO, to.get()}}};
+        int nargs = 2;
+        if (!scratchpad.empty()) {
+            const auto& sm = onednn_thread_memory(OnednnRole::scratchpad, index_t(scratchpad.size()), 0, scratchpad.data());
+            args[std::size_t(nargs++)] = {DNNL_ARG_SCRATCHPAD, sm.get()};
+        }
+        const auto& reorder = role == OnednnRole::panels_of_w ? reorders.to_w : reorders.to_wt;
+        const auto status = dnnl_primitive_execute(reorder.get(), onednn_stream().get(), nargs, args.data());
+        if (status != dnnl_success)
+            throw backend_error(concat(who, ": oneDNN weight reorder into panels failed with status ", static_cast<int>(status)));
+        onednn_stream().wait();
+    } catch (const dnnl::error& e) {
+        throw backend_error(concat(who, ": oneDNN weight reorder into panels failed: ", e.what()));
+    }
 }
 
 /// The bucket primitives of one (K, N, epilogue) for `threads` OpenMP threads and the weight
@@ -326,6 +411,7 @@ struct onednn {
                     for (index_t c = 0; c < k_; ++c)
                         wt[static_cast<std::size_t>(c * n_ + r)] = detail::stored_value(w.at(r, c), storage_);
             }
+            reorders_ = detail::onednn_panel_reorders(k_, n_, matmul_->weights);
             try {
                 dnnl::memory src = in_place ? dnnl::memory({{k_, n_}, dt::f32, {1, w.stride()}}, engine,
                                                            const_cast<std::byte*>(w.row_bytes(0)))
@@ -383,13 +469,15 @@ struct onednn {
             else detail::epilogue_accumulate<Act>(t, c, nullptr, scale);
         }
 
-        /// Scratch of backward() for `rows` rows: W for dz W (from oneDNN's layout: unpacked to
-        /// plain (N, K), then packed; from our panels: each thread's 4 panels at a time), the
-        /// gradient of Z (Z itself when recomputed), dz^T, and the larger packed operand of the
-        /// other two products.
+        /// Scratch of backward() for `rows` rows: W for dz W (from oneDNN's layout: reordered
+        /// into f32 panels, and W^T too for a recomputed Z; from our panels: each thread's 4
+        /// panels at a time), the gradient of Z (Z itself when recomputed), dz^T, and the larger
+        /// packed operand of the other two products.
         [[nodiscard]] std::size_t backward_workspace_bytes(index_t rows) const noexcept {
             const std::size_t w = matmul_ != nullptr
-                                      ? detail::padded_bytes<float>(detail::f32_panel_floats(n_, k_)) + detail::padded_bytes<float>(n_, k_)
+                                      ? detail::padded_bytes<float>(detail::f32_panel_floats(n_, k_)) +
+                                            detail::padded_bytes<float>(detail::f32_panel_floats(k_, n_)) +
+                                            detail::padded_bytes<std::byte>(index_t(reorders_->scratchpad))
                                       : panels_.transposed_workspace_bytes(detail::current_threads());
             return w + affine_gradient_bytes(rows) + detail::padded_bytes<float>(n_, rows) +
                    std::max({detail::panel_gemm_bytes(k_, n_), detail::panel_gemm_bytes(rows, k_)});
@@ -402,8 +490,8 @@ struct onednn {
         /// no allocation, and the same bits at every thread count (oneDNN's run-time-shaped
         /// `gemm:jit` allocated on every call and split K across threads). dz W reads W from our
         /// f32 panels 4 transposed panels at a time (WeightPanels::multiply_transposed), or from
-        /// the primitives' blocked layout through a plain (N, K) copy packed whole. f32 storage
-        /// only.
+        /// the primitives' blocked layout through one oneDNN reorder straight into panels (and a
+        /// recomputed Z through another, of W^T). f32 storage only.
         void backward(ConstMatrixView<float> a, ConstMatrixView<float> dc, MatrixView<float> da, const LinearGrads& g, Workspace& ws,
                       bool accumulate_input = false, float scale = 1.0f) const {
             check_backward(a, dc, da, g);
@@ -411,35 +499,31 @@ struct onednn {
             if (m == 0) return;
             Workspace::Scope scope(ws, backward_workspace_bytes(m));
             const detail::kernel_isa isa = detail::vector_kernel();
-            float* w_rows = nullptr; // W as B (N, K), packed, from oneDNN's layout
-            MatrixView<float> plain;  // W (N, K), from oneDNN's layout
+            constexpr index_t panel = detail::PanelKernels::panel;
+            float* w_panels = nullptr; // W as B (N, K) in panels, from oneDNN's layout
             if (matmul_ != nullptr) {
-                w_rows = ws.take<float>(detail::f32_panel_floats(n_, k_)).data();
-                plain = ws.take_matrix<float>(n_, k_);
-                try {
-                    using dt = dnnl::memory::data_type;
-                    dnnl::memory out({{k_, n_}, dt::f32, {1, k_}}, detail::onednn_engine(), plain.data());
-                    dnnl::memory packed = weights_; // a handle: copying it shares the weights
-                    dnnl::reorder(packed, out).execute(detail::onednn_stream(), packed, out);
-                    detail::onednn_stream().wait();
-                } catch (const dnnl::error& e) {
-                    throw backend_error(detail::concat(name_, ": oneDNN weight reorder for backward failed: ", e.what()));
-                }
-                detail::pack_f32_panels(plain.data(), k_, false, n_, k_, w_rows);
+                w_panels = ws.take<float>(detail::f32_panel_floats(n_, k_)).data();
+                detail::onednn_reorder_into_panels(*reorders_, weights_, k_, n_, detail::OnednnRole::panels_of_w, w_panels, ws, name_);
             }
             const ConstMatrixView<float> dz = affine_gradient<Act>(dc, scale, ws, [&](MatrixView<float> z) {
-                // Z (m, N) = a W^T (+ b below): the forward's own product on our panels, or W
-                // read column-major as W^T (K, N)
-                if (!panels_.empty()) panels_.apply<Identity>(a, z, ws, nullptr, 1.0f, false);
-                else detail::panel_gemm(isa, m, n_, k_, a.data(), a.stride(), plain.data(), k_, true, z.data(), z.stride(), false, ws);
+                // Z (m, N) = a W^T (+ b below): the forward's own product on our panels, or on
+                // W^T reordered into panels
+                if (!panels_.empty()) {
+                    panels_.apply<Identity>(a, z, ws, nullptr, 1.0f, false);
+                } else {
+                    float* wt_panels = ws.take<float>(detail::f32_panel_floats(k_, n_)).data();
+                    detail::onednn_reorder_into_panels(*reorders_, weights_, k_, n_, detail::OnednnRole::panels_of_wt, wt_panels,
+                                                       ws, name_);
+                    detail::PanelKernels(isa).multiply(wt_panels, k_ * panel, k_, n_, a.data(), a.stride(), m, z.data(), z.stride(), false);
+                }
                 if (!bias_f32_.empty())
                     for (index_t r = 0; r < m; ++r)
                         for (index_t c = 0; c < n_; ++c) z(r, c) += bias_f32_[std::size_t(c)];
             });
             // da (m, K) [+]= dz (m, N) W (N, K)
-            if (w_rows != nullptr)
-                detail::PanelKernels(isa).multiply(w_rows, n_ * detail::PanelKernels::panel, n_, k_, dz.data(), dz.stride(), m,
-                                                   da.data(), da.stride(), accumulate_input);
+            if (w_panels != nullptr)
+                detail::PanelKernels(isa).multiply(w_panels, n_ * panel, n_, k_, dz.data(), dz.stride(), m, da.data(), da.stride(),
+                                                   accumulate_input);
             else if (!panels_.empty())
                 panels_.multiply_transposed(dz.data(), dz.stride(), m, da.data(), da.stride(), accumulate_input, ws);
             else if (!accumulate_input) // K = 0 or N = 0
@@ -542,6 +626,7 @@ struct onednn {
         bool has_bias_ = false;
         std::shared_ptr<detail::OnednnMatmulTable> table_;  ///< stays put when the linear moves
         const detail::OnednnMatmul* matmul_ = nullptr;      ///< the construction's; null when K = 0 or N = 0
+        const detail::OnednnPanelReorders* reorders_ = nullptr; ///< for backward; set with matmul_
         dnnl::memory weights_;
         dnnl::memory bias_;
         std::vector<float> bias_f32_;  ///< the bias, for our own epilogues
