@@ -18,6 +18,17 @@ namespace hypermoe {
     return (std::bit_cast<std::uint32_t>(f) & 0x7F800000u) != 0x7F800000u;
 }
 
+/// Whether every element of `values` is finite: no early exit, so that compilers vectorise it
+/// (the checks of large arrays, such as an optimiser's gradients, then run at memory speed).
+[[nodiscard]] inline bool all_finite(std::span<const float> values) noexcept {
+    std::uint32_t exponents = 0; // ones where some element has an all-ones exponent
+    for (const float f : values) {
+        const std::uint32_t e = std::bit_cast<std::uint32_t>(f) & 0x7F800000u;
+        exponents |= e == 0x7F800000u ? 1u : 0u;
+    }
+    return exponents == 0;
+}
+
 /// Index of the first NaN or Inf in `values`, or -1 when all are finite.
 [[nodiscard]] inline index_t find_non_finite(std::span<const float> values) noexcept {
     for (std::size_t i = 0; i < values.size(); ++i)
