@@ -106,11 +106,16 @@ inline dtype validate_linear(const WeightView& w, std::span<const float> bias, c
     if (!bias.empty() && static_cast<index_t>(bias.size()) != w.rows())
         throw shape_error(concat(opt.name, ": bias has ", bias.size(), " elements, expected ", w.rows(),
                                   " (the weight's rows)"));
-    for (index_t r = 0; r < w.rows(); ++r)
+    for (index_t r = 0; r < w.rows(); ++r) {
+        // f32 rows through the vectorised check; the first bad element is looked for only then
+        if (w.type() == dtype::f32 &&
+            all_finite(std::span<const float>(reinterpret_cast<const float*>(w.row_bytes(r)), std::size_t(w.cols()))))
+            continue;
         for (index_t c = 0; c < w.cols(); ++c)
             if (!is_finite(w.at(r, c)))
                 throw weight_error(concat(opt.name, ": weight element (", r, ", ", c, ") is ", w.at(r, c),
                                           ", expected a finite value"));
+    }
     if (const index_t i = find_non_finite(bias); i >= 0)
         throw weight_error(concat(opt.name, ": bias element ", i, " is ", bias[static_cast<std::size_t>(i)],
                                   ", expected a finite value"));
