@@ -107,14 +107,13 @@ inline dtype validate_linear(const WeightView& w, std::span<const float> bias, c
         throw shape_error(concat(opt.name, ": bias has ", bias.size(), " elements, expected ", w.rows(),
                                   " (the weight's rows)"));
     for (index_t r = 0; r < w.rows(); ++r) {
-        // f32 rows through the vectorised check; the first bad element is looked for only then
-        if (w.type() == dtype::f32 &&
-            all_finite(std::span<const float>(reinterpret_cast<const float*>(w.row_bytes(r)), std::size_t(w.cols()))))
-            continue;
-        for (index_t c = 0; c < w.cols(); ++c)
-            if (!is_finite(w.at(r, c)))
-                throw weight_error(concat(opt.name, ": weight element (", r, ", ", c, ") is ", w.at(r, c),
-                                          ", expected a finite value"));
+        index_t c = -1; // the row's first non-finite element (f32 rows in place, vectorised)
+        if (w.type() == dtype::f32)
+            c = find_non_finite(std::span<const float>(reinterpret_cast<const float*>(w.row_bytes(r)), std::size_t(w.cols())));
+        else
+            for (index_t i = 0; i < w.cols() && c < 0; ++i) c = is_finite(w.at(r, i)) ? -1 : i;
+        if (c >= 0)
+            throw weight_error(concat(opt.name, ": weight element (", r, ", ", c, ") is ", w.at(r, c), ", expected a finite value"));
     }
     if (const index_t i = find_non_finite(bias); i >= 0)
         throw weight_error(concat(opt.name, ": bias element ", i, " is ", bias[static_cast<std::size_t>(i)],
