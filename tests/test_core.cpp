@@ -85,6 +85,14 @@ TEST_CASE("MatrixView: blocks, strides and checked construction") {
     CHECK(rows(0, 5) == 25.0f);
     CHECK(rows.row(1)[3] == 33.0f);
     const ConstMatrixView<float> cv = v; // mutable -> const converts
+    // An empty matrix may hold no storage: its blocks are empty views with no storage either
+    // (never null plus an offset, which clang's UBSan reports).
+    const Matrix<float> empty(0, 6);
+    const auto none = empty.view().col_block(2, 3);
+    CHECK(none.rows() == 0);
+    CHECK(none.cols() == 3);
+    CHECK(none.data() == empty.data());
+    CHECK(empty.view().row_block(0, 0).rows() == 0);
     CHECK(cv(3, 5) == 35.0f);
     float data[4] = {};
     CHECK_THROWS_WITH_AS(MatrixView<float>(data, 2, 3, 2),

@@ -654,7 +654,8 @@ void portable_tile(const TileArgs& t, const TileRows& x, int rows) {
             for (index_t l = 0; l < lanes; ++l) acc[l] = t.first || !((t.mask[p] >> l) & 1u) ? 0.0f : t.out[r * t.ldc + 16 * p + l];
             for (index_t b = 0; b < t.nb; ++b) {
                 const index_t bx = t.b0 + b;
-                const float* xb = bx < x.full ? x.x[r] + bx * quant_block : x.pad[r];
+                // The fast path reads the quantised rows only (x.x is null there).
+                const float* xb = Fast ? nullptr : bx < x.full ? x.x[r] + bx * quant_block : x.pad[r];
                 std::int32_t isum[lanes] = {};
                 float fsum[lanes] = {};
                 for (index_t j = 0; j < quads; ++j) {

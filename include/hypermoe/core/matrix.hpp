@@ -57,15 +57,20 @@ public:
     }
     /// Rows [first, first + count).
     [[nodiscard]] constexpr MatrixView row_block(index_t first, index_t count) const noexcept {
-        return MatrixView(data_ + first * stride_, count, cols_, stride_, unchecked{});
+        return MatrixView(offset(first * stride_), count, cols_, stride_, unchecked{});
     }
     /// Columns [first, first + count).
     [[nodiscard]] constexpr MatrixView col_block(index_t first, index_t count) const noexcept {
-        return MatrixView(data_ + first, rows_, count, stride_, unchecked{});
+        return MatrixView(offset(first), rows_, count, stride_, unchecked{});
     }
 
 private:
     struct unchecked {};
+    // An empty matrix may have no storage: a block of it is empty too, and null plus an offset is
+    // undefined behaviour, so it stays null.
+    [[nodiscard]] constexpr T* offset(index_t elements) const noexcept {
+        return data_ == nullptr ? nullptr : data_ + elements;
+    }
     constexpr MatrixView(T* data, index_t rows, index_t cols, index_t stride, unchecked) noexcept
         : data_(data), rows_(rows), cols_(cols), stride_(stride) {}
 
