@@ -425,8 +425,19 @@ private:
         for (index_t m = 0; m < rows; m += block) {
             t.a = a + m * lda;
             t.c = c + m * ldc + p0 * panel;
+            if (m + block < rows) prefetch_c(c + (m + block) * ldc + p0 * panel, ldc, std::min(block, rows - m - block), t.cols);
             tile_rows(std::min(block, rows - m), count, t);
         }
+    }
+
+    /// Asks for the next row block's lines of C (`rows` rows of `cols` floats, ldc apart) while
+    /// this block computes: a tile's short k loop (a backward's dW, whose k is the token count)
+    /// is too short to hide the memory latency of C's lines, which both C += and C = (a write
+    /// allocates its line) wait for. dW += dz^T A of 5632 x 1024 with 128 tokens (2-core Zen 5):
+    /// 6.0-6.2 -> 5.4-5.7 ms at 2 threads, 3-8% at 1; the forward's shapes unchanged.
+    static void prefetch_c(const float* c, index_t ldc, index_t rows, index_t cols) noexcept {
+        for (index_t r = 0; r < rows; ++r)
+            for (index_t j = 0; j < cols; j += 16) __builtin_prefetch(c + r * ldc + j, 1);
     }
 
     /// Whether rows go in blocks of 6 instead of 8: on VDPBF16PS (no registers for widening, so
