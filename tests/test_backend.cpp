@@ -528,10 +528,12 @@ TEST_CASE("onednn: a weight in a blocked layout reorders straight into the f32 p
     // BA16a64b, and backward() reorders it into panels of W and of W^T. Here from that layout and
     // from the plain ones, on every CPU (reorders need no AVX-512), at sizes that pad the panels:
     // the same floats as pack_f32_panels, zeros in the padding, whatever the buffer held before.
+    // BA16a64b without padding (K a multiple of 16, N of 64) is read directly instead, panel
+    // group by panel group (onednn_pack_w_panels): the same floats again.
     using tag = dnnl::memory::format_tag;
     using dt = dnnl::memory::data_type;
     const auto& engine = detail::onednn_engine();
-    for (const auto& shape : {std::pair<index_t, index_t>{37, 50}, {64, 16}, {5, 129}}) {
+    for (const auto& shape : {std::pair<index_t, index_t>{37, 50}, {64, 16}, {5, 129}, {48, 128}, {32, 64}}) {
         const index_t k = shape.first, n = shape.second;
         const Matrix<float> w = random_matrix(n, k, 7); // W (N, K)
         Matrix<float> wt(k, n);
@@ -555,6 +557,18 @@ TEST_CASE("onednn: a weight in a blocked layout reorders straight into the f32 p
             detail::onednn_reorder_into_panels(*reorders, held, k, n, detail::OnednnRole::panels_of_wt, got_wt.data(), ws, "w");
             CHECK(std::memcmp(got_w.data(), want_w.data(), got_w.size() * sizeof(float)) == 0);
             CHECK(std::memcmp(got_wt.data(), want_wt.data(), got_wt.size() * sizeof(float)) == 0);
+            const bool direct = layout == tag::BA16a64b && k % 16 == 0 && n % 64 == 0;
+            CHECK(reorders->ba16a64b == direct);
+            CHECK(detail::onednn_is_ba16a64b(held.get_desc(), k, n) == direct);
+            if (!direct) continue;
+            // every panel of W, from two calls: panels [0, 1) and [1, K / 16)
+            std::vector<float> packed(want_w.size(), std::numeric_limits<float>::quiet_NaN());
+            const auto* from = static_cast<const float*>(held.get_data_handle());
+            for (const detail::kernel_isa isa : {detail::vector_kernel(), detail::kernel_isa::portable}) {
+                detail::onednn_pack_w_panels(isa, from, k, n, 0, 1, packed.data());
+                detail::onednn_pack_w_panels(isa, from, k, n, 1, k / 16 - 1, packed.data() + n * 16);
+                CHECK(std::memcmp(packed.data(), want_w.data(), packed.size() * sizeof(float)) == 0);
+            }
         }
     }
 }

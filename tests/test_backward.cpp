@@ -52,7 +52,8 @@ using linear_maps = decltype(std::tuple_cat(test::all_backends{}, std::tuple<row
 TEST_CASE_TEMPLATE_DEFINE("linear backward matches the reference on every backend and the row-wise map", B, linear_backward) {
     Workspace ws;
     for (const index_t m : {1, 3, 17, 70})
-        for (const auto& kn : {std::pair<index_t, index_t>{8, 5}, {33, 40}, {64, 130}})
+        // (80, 192): where oneDNN has brgemm, W^T is held in BA16a64b and dz W reads it directly
+        for (const auto& kn : {std::pair<index_t, index_t>{8, 5}, {33, 40}, {64, 130}, {80, 192}})
             for (const bool bias : {false, true})
                 for (const bool accumulate : {false, true}) {
                     const index_t k = kn.first, n = kn.second;

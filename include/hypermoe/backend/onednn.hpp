@@ -226,7 +226,36 @@ inline void append_activation(dnnl::post_ops& po, activation_kind kind) {
 struct OnednnPanelReorders {
     dnnl::reorder to_w, to_wt;    ///< into OnednnRole::panels_of_w and panels_of_wt
     std::size_t scratchpad = 0;   ///< bytes: the larger of their scratchpads
+    /// The layout is brgemm's f32 BA16a64b without padding (onednn_is_ba16a64b): dz W then
+    /// transposes W's blocks into panels group by group (onednn_pack_w_panels) instead of
+    /// reordering all of W first.
+    bool ba16a64b = false;
 };
+
+/// Whether the (K, N) layout `w` is f32 BA16a64b without padding, as oneDNN 2.6's brgemm matmul
+/// holds f32 weights on AVX-512: element (k, n) at (k / 16) 1024 + (n / 64) 64 K + (k % 16) 64 +
+/// n % 64 floats, i.e. for each 64 columns n, K rows of 64 floats.
+[[nodiscard]] inline bool onednn_is_ba16a64b(const dnnl::memory::desc& w, index_t k, index_t n) {
+    const dnnl_memory_desc_t& d = w.data;
+    if (d.format_kind != dnnl_blocked || d.ndims != 2 || d.data_type != dnnl_f32 || d.offset0 != 0) return false;
+    if (k <= 0 || n <= 0 || k % 16 != 0 || n % 64 != 0 || d.dims[0] != k || d.dims[1] != n || d.padded_dims[0] != k ||
+        d.padded_dims[1] != n)
+        return false;
+    const auto& b = d.format_desc.blocking;
+    return b.inner_nblks == 2 && b.inner_blks[0] == 16 && b.inner_idxs[0] == 0 && b.inner_blks[1] == 64 && b.inner_idxs[1] == 1 &&
+           b.strides[0] == 16 * 64 && b.strides[1] == 64 * k;
+}
+
+/// Panels [q0, q0 + count) of W as OnednnRole::panels_of_w lays them out (panel q: inputs
+/// 16 q .. 16 q + 15 as its lanes, N rows), from W^T (K, N) held in BA16a64b at `w`: each
+/// 16 x 64 block's four 16 x 16 blocks transposed. The same floats as the reorder writes.
+inline void onednn_pack_w_panels(kernel_isa isa, const float* w, index_t k, index_t n, index_t q0, index_t count, float* out) {
+    for (index_t q = q0; q < q0 + count; ++q, out += n * 16)
+        for (index_t nb = 0; nb < n / 64; ++nb) {
+            const float* block = w + q * 16 * 64 + nb * 64 * k; // rows k = 16 q .., 64 columns n = 64 nb ..
+            for (index_t s = 0; s < 4; ++s) transpose16(isa, block + 16 * s, 64, out + (64 * nb + 16 * s) * 16);
+        }
+}
 
 /// The panel reorders of (K, N) from layout `w`: made once per process, (K, N) and layout (a
 /// linear's layout is decided once per (K, N)), so that a backward neither creates a primitive
@@ -247,7 +276,8 @@ struct OnednnPanelReorders {
         const dnnl::reorder::primitive_desc wt_pd(engine, w, engine, onednn_panel_desc(k, n, OnednnRole::panels_of_wt), attr);
         entries.emplace_back(w, std::make_unique<const OnednnPanelReorders>(OnednnPanelReorders{
                                     dnnl::reorder(w_pd), dnnl::reorder(wt_pd),
-                                    std::max(w_pd.scratchpad_desc().get_size(), wt_pd.scratchpad_desc().get_size())}));
+                                    std::max(w_pd.scratchpad_desc().get_size(), wt_pd.scratchpad_desc().get_size()),
+                                    onednn_is_ba16a64b(w, k, n)}));
     } catch (const dnnl::error& e) {
         throw backend_error(concat("onednn: cannot create the weight reorders into panels for K = ", k, ", N = ", n, ": ", e.what()));
     }
@@ -475,7 +505,9 @@ struct onednn {
         /// packed operand of the other two products.
         [[nodiscard]] std::size_t backward_workspace_bytes(index_t rows) const noexcept {
             const std::size_t w = matmul_ != nullptr
-                                      ? detail::padded_bytes<float>(detail::f32_panel_floats(n_, k_)) +
+                                      ? (reorders_->ba16a64b
+                                             ? detail::padded_bytes<float>(detail::PanelKernels::packed_scratch_floats(n_, detail::current_threads()))
+                                             : detail::padded_bytes<float>(detail::f32_panel_floats(n_, k_))) +
                                             detail::padded_bytes<float>(detail::f32_panel_floats(k_, n_)) +
                                             detail::padded_bytes<std::byte>(index_t(reorders_->scratchpad))
                                       : panels_.transposed_workspace_bytes(detail::current_threads());
@@ -490,8 +522,10 @@ struct onednn {
         /// no allocation, and the same bits at every thread count (oneDNN's run-time-shaped
         /// `gemm:jit` allocated on every call and split K across threads). dz W reads W from our
         /// f32 panels 4 transposed panels at a time (WeightPanels::multiply_transposed), or from
-        /// the primitives' blocked layout through one oneDNN reorder straight into panels (and a
-        /// recomputed Z through another, of W^T). f32 storage only.
+        /// the primitives' blocked layout: brgemm's BA16a64b 4 panels at a time too, its 16 x 16
+        /// blocks transposed by each thread just before it multiplies them (onednn_pack_w_panels),
+        /// other layouts through one oneDNN reorder straight into panels (and a recomputed Z
+        /// through another, of W^T). f32 storage only.
         void backward(ConstMatrixView<float> a, ConstMatrixView<float> dc, MatrixView<float> da, const LinearGrads& g, Workspace& ws,
                       bool accumulate_input = false, float scale = 1.0f) const {
             check_backward(a, dc, da, g);
@@ -500,8 +534,8 @@ struct onednn {
             Workspace::Scope scope(ws, backward_workspace_bytes(m));
             const detail::kernel_isa isa = detail::vector_kernel();
             constexpr index_t panel = detail::PanelKernels::panel;
-            float* w_panels = nullptr; // W as B (N, K) in panels, from oneDNN's layout
-            if (matmul_ != nullptr) {
+            float* w_panels = nullptr; // W as B (N, K) in panels, reordered from oneDNN's layout
+            if (matmul_ != nullptr && !reorders_->ba16a64b) {
                 w_panels = ws.take<float>(detail::f32_panel_floats(n_, k_)).data();
                 detail::onednn_reorder_into_panels(*reorders_, weights_, k_, n_, detail::OnednnRole::panels_of_w, w_panels, ws, name_);
             }
@@ -521,9 +555,21 @@ struct onednn {
                         for (index_t c = 0; c < n_; ++c) z(r, c) += bias_f32_[std::size_t(c)];
             });
             // da (m, K) [+]= dz (m, N) W (N, K)
-            if (w_panels != nullptr)
+            if (w_panels != nullptr) {
                 detail::PanelKernels(isa).multiply(w_panels, n_ * panel, n_, k_, dz.data(), dz.stride(), m, da.data(), da.stride(),
                                                    accumulate_input);
+            } else if (matmul_ != nullptr) {
+                // BA16a64b: the same panels, made group by group while in cache, where the
+                // reorder wrote all of W (23 MB for a 5632 x 1024 weight) and the product read it
+                // back. The Mixtral-like layer's kept backward at T = 512 on a 2-core Zen 5:
+                // 125-137 -> 117 ms (docs/training.md).
+                float* scratch = ws.take<float>(detail::PanelKernels::packed_scratch_floats(n_, detail::current_threads())).data();
+                const float* w = static_cast<const float*>(weights_.get_data_handle());
+                detail::PanelKernels(isa).multiply_packed(n_, k_, dz.data(), dz.stride(), m, da.data(), da.stride(), accumulate_input, scratch,
+                                                          [&](index_t q0, index_t count, float* out) {
+                                                              detail::onednn_pack_w_panels(isa, w, k_, n_, q0, count, out);
+                                                          });
+            }
             else if (!panels_.empty())
                 panels_.multiply_transposed(dz.data(), dz.stride(), m, da.data(), da.stride(), accumulate_input, ws);
             else if (!accumulate_input) // K = 0 or N = 0

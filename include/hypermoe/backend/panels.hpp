@@ -339,13 +339,13 @@ __attribute__((target("avx512f,avx512bf16"))) inline void bf16_round_avx512(cons
 #endif
 
 #if HYPERMOE_X86_KERNELS
-/// dst[r * 16 + c] = src[c * 16 + r] for a 16 x 16 block of floats (rows 64 bytes apart): four
-/// 8 x 8 transposes (unpack, shuffle, lane permute).
-__attribute__((target("avx2"))) inline void transpose16_avx2(const float* src, float* dst) noexcept {
+/// dst[r * 16 + c] = src[c * lds + r] for a 16 x 16 block of floats (src's rows lds floats
+/// apart): four 8 x 8 transposes (unpack, shuffle, lane permute).
+__attribute__((target("avx2"))) inline void transpose16_avx2(const float* src, index_t lds, float* dst) noexcept {
     for (int bi = 0; bi < 2; ++bi)     // block row of src: src rows 8 bi ..
         for (int bj = 0; bj < 2; ++bj) { // block column of src: lanes 8 bj ..
             __m256 r[8], t[8];
-            for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + (8 * bi + i) * 16 + 8 * bj);
+            for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + (8 * bi + i) * lds + 8 * bj);
             for (int i = 0; i < 8; i += 2) {
                 t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
                 t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
@@ -365,6 +365,18 @@ __attribute__((target("avx2"))) inline void transpose16_avx2(const float* src, f
         }
 }
 #endif
+
+/// dst[r * 16 + c] = src[c * lds + r] for r, c < 16: a 16 x 16 block of W transposed into 16
+/// rows of a panel, on AVX2 unless `isa` is portable.
+inline void transpose16(kernel_isa isa, const float* src, index_t lds, float* dst) noexcept {
+#if HYPERMOE_X86_KERNELS
+    if (isa != kernel_isa::portable) return transpose16_avx2(src, lds, dst);
+#else
+    (void)isa;
+#endif
+    for (index_t r = 0; r < 16; ++r)
+        for (index_t c = 0; c < 16; ++c) dst[r * 16 + c] = src[c * lds + r];
+}
 
 /// Which kernel multiplies a tile of a panel layout, chosen at run time from the CPU
 /// (kernel_isa), and the walk over a whole product: WeightPanels' calls and panel_gemm's.
@@ -683,12 +695,10 @@ private:
                 const float* src = f32_.get() + (p * k_ + q * panel) * panel; // rows k = 16 q .., lanes n = 16 p ..
                 const index_t ks = std::min(panel, k_ - q * panel), ns = std::min(panel, n_ - p * panel);
                 float* dst = out + p * panel * panel; // rows n = 16 p .., lanes k = 16 q ..
-#if HYPERMOE_X86_KERNELS
-                if (ks == panel && ns == panel && kernel_ != kernel_isa::portable) {
-                    transpose16_avx2(src, dst);
+                if (ks == panel && ns == panel) {
+                    transpose16(kernel_, src, panel, dst);
                     continue;
                 }
-#endif
                 for (index_t n = 0; n < ns; ++n) {
                     for (index_t k = 0; k < ks; ++k) dst[n * panel + k] = src[k * panel + n];
                     std::fill(dst + n * panel + ks, dst + (n + 1) * panel, 0.0f);
