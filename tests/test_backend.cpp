@@ -573,6 +573,35 @@ TEST_CASE("onednn: a weight in a blocked layout reorders straight into the f32 p
     }
 }
 
+TEST_CASE("onednn: f32 products longer than one k slice of the panel kernels match the reference, forward and backward") {
+    // The panel kernels take f32 weights through k in slices of 1024 inputs, adding each slice's
+    // sums to C (PanelKernels::k_slice). Here every product they run has k > 1024: the forward
+    // on our panels (K = 2100; where oneDNN is capped below brgemm: test backend_onednn_avx2),
+    // the backward's dz W (k = N = 2112, held in BA16a64b where brgemm exists; 2100, reordered
+    // into panels) and its dW (k = the 1030 rows).
+    const Matrix<float> w = random_matrix(40, 2100, 21, 0.3f);
+    for (const index_t m : {3, 17})
+        for (const bool acc : {false, true}) {
+            compare_with_reference<onednn, Silu>({m, 2100, 40, true, acc, 1.0f, dtype::f32, true}, w.view());
+            compare_with_reference<onednn, Identity>({m, 2100, 40, false, acc, 0.5f, dtype::f32, false}, w.view());
+        }
+    Workspace ws;
+    for (const auto& [m, k, n] : {std::array<index_t, 3>{5, 64, 2112}, {5, 48, 2100}, {1030, 24, 40}}) {
+        CAPTURE(m);
+        CAPTURE(k);
+        CAPTURE(n);
+        const auto wn = random_matrix(n, k, 22), a = random_matrix(m, k, 23), dz = random_matrix(m, n, 24);
+        const onednn::linear<Identity> lin(WeightView(wn.view()), {}, LinearOptions{"w"});
+        const reference::linear<Identity> oracle(WeightView(wn.view()), {}, LinearOptions{"w"});
+        auto da = random_matrix(m, k, 25), dw = random_matrix(n, k, 26); // backward adds to dW
+        auto da_ref = da, dw_ref = dw;
+        lin.backward(a, dz, da, LinearGrads{dw.view()}, ws);
+        oracle.backward(a, dz, da_ref, LinearGrads{dw_ref.view()}, ws);
+        CHECK(relative_error(da, da_ref) <= test::tolerance(n));
+        CHECK(relative_error(dw, dw_ref) <= test::tolerance(m));
+    }
+}
+
 TEST_CASE("onednn: a primitive oneDNN cannot create is a backend_error naming the shape") {
     CHECK_THROWS_WITH_AS((void)detail::onednn_matmul(-3, 16, false, activation_kind::relu, false, 1),
                          doctest::Contains("onednn: cannot create a matmul for K = -3, N = 16: "), backend_error);

@@ -26,9 +26,10 @@
 // registers; VDPBF16PS, which needs no registers for widening, takes 6 rows x 4 panels, and f32
 // on AVX2 blocks of 6 rows, 1 panel at a time); the (K, 64) slice stays in L2 for the next block.
 // The backward passes' products run on the same kernels (panel_gemm: the right-hand operand
-// packed into panels in the workspace first), which can also add to C. (Cutting K into L1-sized chunks was measured: no
-// faster.) A column is computed by one thread in a fixed order, so results do not depend on the
-// thread count.
+// packed into panels in the workspace first), which can also add to C. f32 panels go through
+// K in slices of 1024 inputs (PanelKernels::k_slice: a group's slice stays in L2; L1-sized
+// chunks were measured no faster). A column is computed by one thread in a fixed order, so
+// results do not depend on the thread count.
 
 #include <algorithm>
 #include <cstdint>
@@ -433,13 +434,33 @@ private:
                    index_t ldc, bool accumulate) const {
         const index_t panels = (n + panel - 1) / panel, count = std::min(group, panels - p0);
         PanelTile<W, In> t{nullptr, lda, w, stride, k, nullptr, ldc, std::min(group * panel, n - p0 * panel), accumulate};
-        const index_t block = six_rows<W, In>() ? 6 : row_block;
-        for (index_t m = 0; m < rows; m += block) {
-            t.a = a + m * lda;
-            t.c = c + m * ldc + p0 * panel;
-            if (m + block < rows) prefetch_c(c + (m + block) * ldc + p0 * panel, ldc, std::min(block, rows - m - block), t.cols);
-            tile_rows(std::min(block, rows - m), count, t);
+        const index_t block = six_rows<W, In>() ? 6 : row_block, slice = k_slice<W>(k);
+        for (index_t k0 = 0; k0 == 0 || k0 < k; k0 += slice) { // once for k = 0: C = 0 or C unchanged
+            t.w = w + k0 * panel;
+            t.k = std::min(slice, k - k0);
+            t.accumulate = accumulate || k0 > 0;
+            for (index_t m = 0; m < rows; m += block) {
+                t.a = a + m * lda + k0;
+                t.c = c + m * ldc + p0 * panel;
+                if (m + block < rows) prefetch_c(c + (m + block) * ldc + p0 * panel, ldc, std::min(block, rows - m - block), t.cols);
+                tile_rows(std::min(block, rows - m), count, t);
+            }
         }
+    }
+
+    /// Inputs per slice of k that run_group takes through all the rows before the next slice:
+    /// f32 panels in slices of 1024 inputs, so that a group's slice (4 panels x 1024 x 64 B =
+    /// 256 KiB) stays in L2 while every row block reads it, and each slice's sums are added to
+    /// C. A backward's dz W, whose k is N (5632 for a Mixtral-like gate|up): 4 panels' whole
+    /// 1.4 MiB fell out of L2 between row blocks; the layer's dz W took 111-115 -> 105-110 ms of
+    /// thread time, its backward 2.19-2.20x -> 2.14-2.16x its forward (2-core Zen 5, alternated
+    /// in one process). Slices of 256 or 512 were no faster, 2048 as fast. bf16 panels (the
+    /// edge formats' forward) are not sliced: unmeasured. The slices do not depend on the
+    /// thread count, so neither do the bits.
+    template <class W>
+    [[nodiscard]] static index_t k_slice(index_t k) noexcept {
+        constexpr index_t f32_slice = 1024;
+        return std::is_same_v<W, float> && k > f32_slice ? f32_slice : std::max<index_t>(k, 1);
     }
 
     /// Asks for the next row block's lines of C (`rows` rows of `cols` floats, ldc apart) while
