@@ -245,6 +245,38 @@ TEST_CASE("Trainer without the HyperExpert: the chained MoE parts, as LoadedMoeB
     CHECK(plain.parameter_names().size() < hyper.parameter_names().size());
 }
 
+TEST_CASE("GradientBuffers: gradients into reused buffers equal fresh ones call after call, and a block of another layer type replaces them") {
+    const auto collect = [](std::vector<std::vector<float>>& into) {
+        return [&into](const TensorName&, ConstMatrixView<float> g, bool) {
+            auto& v = into.emplace_back();
+            for (index_t r = 0; r < g.rows(); ++r) v.insert(v.end(), g.row(r).begin(), g.row(r).end());
+        };
+    };
+    GradientBuffers buffers; // one for all the blocks below: each new layer type replaces what it holds
+    // mixtral: GLU experts; switch_transformers: FFN experts; qwen2_moe: a gated shared expert;
+    // hypermoe_switch with its HyperExpert: the projector, embeddings and hypernetwork too.
+    for (const auto& config : {std::pair<std::string_view, bool>{"mixtral", false}, {"switch_transformers", false},
+                               {"qwen2_moe", false}, {"hypermoe_switch", true}, {"hypermoe_switch", false}}) {
+        CAPTURE(config.first);
+        CAPTURE(config.second);
+        const SyntheticImage image = small_model(config.first);
+        const Checkpoint ck(image.config, image.safetensors, std::string(config.first));
+        const auto model = load_model<reference>(ck, LoadOptions{.storage = dtype::f32});
+        const auto& block = model.blocks().front();
+        Workspace ws;
+        for (std::uint64_t call = 0; call < 3; ++call) { // the 2nd and 3rd reuse (and must zero) the 1st's buffers
+            const Matrix<float> x = random_rows(16, 32, 10 + call), dy = random_rows(16, 32, 20 + call);
+            Matrix<float> dx(16, 32), dx_reused(16, 32);
+            std::vector<std::vector<float>> fresh, reused;
+            block.for_each_gradient(x.view(), dy.view(), dx.view(), ws, {}, config.second, collect(fresh));
+            block.for_each_gradient(x.view(), dy.view(), dx_reused.view(), ws, {}, config.second, buffers, collect(reused));
+            CHECK(fresh.size() >= 3);
+            CHECK(reused == fresh);
+            CHECK(std::equal(dx.data(), dx.data() + 16 * 32, dx_reused.data()));
+        }
+    }
+}
+
 TEST_CASE("LoadedMoeBlock: gradients from a forward's kept activations equal the recomputing backward's; a block with its HyperExpert keeps none") {
     for (const auto& config : {std::pair<std::string_view, bool>{"mixtral", true}, {"hypermoe_switch", false}}) {
         CAPTURE(config.first);
@@ -437,6 +469,27 @@ TEST_CASE("Trainer: typed errors name the argument and both sides") {
     CHECK_THROWS_WITH_AS(Checkpoint(nlohmann::json::array(), image.safetensors, "mixtral"), "mixtral (in memory): the config is not a JSON object",
                          config_error);
     CHECK_THROWS_WITH_AS((void)trainer.gradient("model.norm.weight"), "Trainer: 'model.norm.weight' is not a trained parameter", config_error);
+    // A tensor that no longer loads: the rebuild's error, then no blocks until a refresh loads.
+    const std::string name = trainer.parameter_names().back();
+    const float kept = trainer.values(name)[0];
+    trainer.values(name)[0] = std::numeric_limits<float>::quiet_NaN();
+    std::string load_error;
+    try {
+        trainer.refresh();
+    } catch (const error& e) {
+        load_error = e.what();
+    }
+    CAPTURE(load_error);
+    CHECK(load_error.find("nan") != std::string::npos);
+    CHECK(trainer.width() == 32);
+    const std::string no_blocks = "Trainer: no blocks, since rebuilding them from the updated tensors failed: " + load_error;
+    CHECK_THROWS_WITH_AS(trainer.step(x2.view(), {target.view(), {}}), no_blocks.c_str(), config_error);
+    Matrix<float> y(4, 32);
+    CHECK_THROWS_WITH_AS(trainer.forward(x2.view(), y.view()), no_blocks.c_str(), config_error);
+    CHECK_THROWS_WITH_AS((void)trainer.model(), no_blocks.c_str(), config_error);
+    trainer.values(name)[0] = kept;
+    trainer.refresh();
+    CHECK_NOTHROW(trainer.step(x2.view(), {target.view(), {}}));
     CHECK_THROWS_WITH_AS(MultiTaskGenerator(MultiTaskProblem{.width = 12, .classes = 4, .task_dims = 8}),
                          "MultiTaskProblem: tasks 8, classes 4, task_dims 8, task_rank 2 and width 12, expected tasks >= 1, classes >= 2, "
                          "task_dims >= 1, task_rank >= 1 and width > classes + task_dims",

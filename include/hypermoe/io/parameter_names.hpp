@@ -14,6 +14,7 @@
 
 #include "hypermoe/core/error.hpp"
 #include "hypermoe/core/matrix.hpp"
+#include "hypermoe/core/parallel.hpp"
 #include "hypermoe/detail/format.hpp"
 #include "hypermoe/io/safetensors.hpp"
 
@@ -144,6 +145,52 @@ void for_each_named_gradient(const BlockParameterNames& names, const G& g, Fn&& 
         }
     }
 }
+
+namespace detail {
+
+inline void zero_buffer(Matrix<float>& m) {
+    parallel_for(m.rows(), m.rows() * m.cols(), [&](index_t r) { std::fill_n(m.data() + r * m.cols(), m.cols(), 0.0f); });
+}
+inline void zero_buffer(std::vector<float>& v) { std::fill(v.begin(), v.end(), 0.0f); }
+
+/// Sets every buffer of `g` (MoeGradients or HyperMoeGradients, with their experts', shared
+/// expert's, projector's and hypernetwork's parts) to zero, as make_gradients() made it: what
+/// GradientBuffers does before a backward adds to buffers it reuses.
+template <class G>
+void zero_gradients(G& g) {
+    if constexpr (requires { g.moe; g.hypernetwork; }) { // HyperMoeGradients
+        zero_gradients(g.moe);
+        zero_buffer(g.embedding);
+        zero_buffer(g.projector.first);
+        zero_buffer(g.projector.first_bias);
+        zero_buffer(g.projector.second);
+        zero_buffer(g.projector.second_bias);
+        if (auto* h = g.hypernetwork.get()) {
+            for (Matrix<float>* m : {&h->layer_embed, &h->trunk, &h->down_weight, &h->up_weight, &h->down_bias, &h->up_bias}) zero_buffer(*m);
+            for (std::vector<float>* v : {&h->trunk_bias, &h->down_weight_bias, &h->up_weight_bias, &h->down_bias_bias, &h->up_bias_bias})
+                zero_buffer(*v);
+        }
+    } else if constexpr (requires { g.experts; g.gate; }) { // MoeGradients
+        zero_buffer(g.gate);
+        for (auto& e : g.experts) zero_gradients(e);
+        if constexpr (requires { g.shared.expert; }) {
+            zero_gradients(g.shared.expert);
+            zero_buffer(g.shared.gate);
+        }
+    } else if constexpr (requires { g.gate_up; }) { // GluGradients
+        zero_buffer(g.gate_up);
+        zero_buffer(g.gate_up_bias);
+        zero_buffer(g.down);
+        zero_buffer(g.down_bias);
+    } else { // FfnGradients
+        zero_buffer(g.up);
+        zero_buffer(g.up_bias);
+        zero_buffer(g.down);
+        zero_buffer(g.down_bias);
+    }
+}
+
+} // namespace detail
 
 /// The gradients `g` of a block loaded with these names as `d/<checkpoint name>` F32 tensors in
 /// the checkpoint's shapes (transposed back where the checkpoint stores a tensor transposed).

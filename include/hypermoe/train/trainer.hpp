@@ -17,11 +17,13 @@
 #include <chrono>
 #include <cstdint>
 #include <cstring>
+#include <exception>
 #include <map>
 #include <memory>
 #include <optional>
 #include <span>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "hypermoe/io/families.hpp"
@@ -147,7 +149,7 @@ public:
             throw config_error(detail::concat("Trainer: classes is ", opt_.classes, ", expected 2 <= classes <= ", width(),
                                               " (the blocks' width)"));
         std::vector<Parameter> params;
-        for (const auto& block : model_->blocks())
+        for (const auto& block : loaded().blocks())
             for (const std::string& name : parameter_tensor_names(block.parameter_names(), opt_.with_hyper)) {
                 if (index_.count(name)) continue;
                 const std::span<float> v = store_.values(name);
@@ -158,7 +160,7 @@ public:
             }
         adamw_.emplace(std::move(params), std::vector<AdamWGroup>{opt_.matrices, opt_.vectors});
         if (opt_.balance_gamma != 0) {
-            for (auto& block : model_->blocks()) {
+            for (auto& block : loaded().blocks()) {
                 const index_t experts = block.info().experts;
                 balancers_.emplace_back(experts, opt_.balance_gamma);
                 const TensorName& stored = block.parameter_names().selection_bias;
@@ -170,9 +172,10 @@ public:
     }
 
     /// The blocks' width (d_model): the input's and output's columns.
-    [[nodiscard]] index_t width() const noexcept { return model_->info().d_model; }
+    [[nodiscard]] index_t width() const noexcept { return width_; }
     /// The blocks as now built from the stored tensors.
-    [[nodiscard]] const LoadedModel<B>& model() const noexcept { return *model_; }
+    /// (A config_error after a rebuild failed: see refresh().)
+    [[nodiscard]] const LoadedModel<B>& model() const { return loaded(); }
     [[nodiscard]] const ParameterStore& parameters() const noexcept { return store_; }
     [[nodiscard]] const AdamW& optimizer() const noexcept { return *adamw_; }
     /// Changes the learning rate of both groups (a schedule's step).
@@ -232,13 +235,14 @@ public:
         fit(dh_, x.rows());
         TrainMetrics m = measure(t, dh_.view());
         fit(dx_, x.rows());
-        const auto& blocks = model_->blocks();
+        const auto& blocks = loaded().blocks();
+        buffers_.resize(blocks.size());
         for (std::size_t i = blocks.size(); i-- > 0;) {
             const auto add = [&](const TensorName& n, ConstMatrixView<float> g, bool) { accumulate(n, g); };
             if (blocks[i].keeps_activations(opt_.with_hyper))
-                blocks[i].for_each_gradient(kept_[i], hs_[i].view(), dh_.view(), dx_.view(), ws_, context, opt_.with_hyper, add);
+                blocks[i].for_each_gradient(kept_[i], hs_[i].view(), dh_.view(), dx_.view(), ws_, context, opt_.with_hyper, buffers_[i], add);
             else
-                blocks[i].for_each_gradient(hs_[i].view(), dh_.view(), dx_.view(), ws_, context, opt_.with_hyper, add);
+                blocks[i].for_each_gradient(hs_[i].view(), dh_.view(), dx_.view(), ws_, context, opt_.with_hyper, buffers_[i], add);
             for (index_t r = 0; r < x.rows(); ++r)
                 for (index_t c = 0; c < width(); ++c) dh_(r, c) = opt_.residual ? dh_(r, c) + dx_(r, c) : dx_(r, c);
         }
@@ -261,7 +265,10 @@ public:
     [[nodiscard]] std::span<const float> gradient(const std::string& name) const { return grads_[index_of(name)]; }
     /// Tensor `name`'s values, to change by hand; call refresh() after.
     [[nodiscard]] std::span<float> values(const std::string& name) { return store_.values(name); }
-    /// Rebuilds the blocks from the stored tensors (after values() were changed by hand).
+    /// Rebuilds the blocks from the stored tensors (after values() were changed by hand). When
+    /// they no longer load (a non-finite value, say), the load's error is thrown and the trainer
+    /// holds no blocks until a refresh() succeeds: until then every call that needs them (step,
+    /// forward, evaluate, model, ...) is a config_error that gives the load's message.
     void refresh() { rebuild(); }
 
     /// Writes the trained tensors as a checkpoint directory (ParameterStore::save).
@@ -281,11 +288,30 @@ private:
         return c;
     }
 
-    /// Rebuilds the blocks from the stored tensors, with the balanced selection biases.
+    /// Rebuilds the blocks from the stored tensors, with the balanced selection biases. The old
+    /// blocks go first, so that the new ones take their memory instead of fresh pages (the
+    /// Mixtral-like layer's weights: 277 MB, faulted in page by page): its step 445-644 ->
+    /// 367-568 ms, with the gradients kept between steps (GradientBuffers), on a 2-core Zen 5.
+    /// So if the load fails, the trainer holds no blocks, and every later call that needs them
+    /// is a config_error that says why.
     void rebuild() {
-        model_.emplace(load_model<B>(store_.checkpoint(), opt_.load));
+        model_.reset();
+        try {
+            model_.emplace(load_model<B>(store_.checkpoint(), opt_.load));
+        } catch (const std::exception& e) {
+            failed_rebuild_ = e.what();
+            throw;
+        }
+        width_ = model_->info().d_model;
         for (std::size_t i = 0; i < biases_.size(); ++i) model_->blocks()[i].set_selection_bias(biases_[i]);
     }
+
+    /// The blocks, or a config_error when the last rebuild failed.
+    [[nodiscard]] const LoadedModel<B>& loaded() const {
+        if (!model_) throw config_error(detail::concat("Trainer: no blocks, since rebuilding them from the updated tensors failed: ", failed_rebuild_));
+        return *model_;
+    }
+    [[nodiscard]] LoadedModel<B>& loaded() { return const_cast<LoadedModel<B>&>(std::as_const(*this).loaded()); }
 
     /// Moves each block's selection bias from the last forward's loads (and the stored tensor,
     /// where the checkpoint holds one, so that saving keeps it).
@@ -293,21 +319,21 @@ private:
         for (std::size_t i = 0; i < balancers_.size(); ++i) {
             balancers_[i].observe(plan(i));
             balancers_[i].update(biases_[i]);
-            const TensorName& stored = model_->blocks()[i].parameter_names().selection_bias;
+            const TensorName& stored = loaded().blocks()[i].parameter_names().selection_bias;
             if (!stored.empty()) std::copy(biases_[i].begin(), biases_[i].end(), store_.values(stored.name).begin());
         }
     }
 
     /// Block i's routing in the last forward.
     [[nodiscard]] const RoutingPlan& plan(std::size_t i) const {
-        return model_->blocks()[i].keeps_activations(opt_.with_hyper) ? kept_[i].plan : plans_[i];
+        return loaded().blocks()[i].keeps_activations(opt_.with_hyper) ? kept_[i].plan : plans_[i];
     }
 
     /// Runs the chain on x, keeping every block's input (hs_[i]) and the output (hs_.back()), and
     /// each MoE block's activations for its backward (kept_[i]; a HyperMoE block with its
     /// HyperExpert only its plan).
     void run_forward(ConstMatrixView<float> x, const Context& context) {
-        const auto& blocks = model_->blocks();
+        const auto& blocks = loaded().blocks();
         if (blocks.empty()) throw config_error(detail::concat(store_.checkpoint().dir(), ": no MoE block to train"));
         hs_.resize(blocks.size() + 1);
         plans_.resize(blocks.size());
@@ -379,12 +405,15 @@ private:
     ParameterStore store_;
     TrainOptions opt_;
     std::optional<LoadedModel<B>> model_;
+    index_t width_ = 0;         ///< the blocks' d_model
+    std::string failed_rebuild_; ///< why the last rebuild failed (model_ is then empty)
     std::map<std::string, std::size_t> index_; ///< parameter name -> its index in grads_ and the optimiser
     std::vector<std::vector<float>> grads_;
     std::optional<AdamW> adamw_;
     std::vector<Matrix<float>> hs_;
     std::vector<RoutingPlan> plans_;          ///< each block's routing (HyperMoE blocks with their HyperExpert)
     std::vector<MoeActivations> kept_;        ///< each MoE block's activations for its backward
+    std::vector<GradientBuffers> buffers_;    ///< each block's gradients, reused step after step
     std::vector<BiasBalancer> balancers_;      ///< per block, with balance_gamma
     std::vector<std::vector<float>> biases_;   ///< per block: its selection bias
     std::uint64_t steps_ = 0;                  ///< steps taken (the next step's noise seed)
