@@ -586,7 +586,8 @@ TEST_CASE("onednn: f32 products longer than one k slice of the panel kernels mat
             compare_with_reference<onednn, Identity>({m, 2100, 40, false, acc, 0.5f, dtype::f32, false}, w.view());
         }
     Workspace ws;
-    for (const auto& [m, k, n] : {std::array<index_t, 3>{5, 64, 2112}, {5, 48, 2100}, {1030, 24, 40}}) {
+    for (const auto& shape : {std::array<index_t, 3>{5, 64, 2112}, {5, 48, 2100}, {1030, 24, 40}}) {
+        const index_t m = shape[0], k = shape[1], n = shape[2]; // (not a structured binding: CAPTURE's lambda takes them)
         CAPTURE(m);
         CAPTURE(k);
         CAPTURE(n);
