@@ -354,15 +354,10 @@ private:
         // backward(g) on the gradients make() makes, fresh or held by `reuse`, then use(g).
         const auto into = [&](const auto& make, const auto& backward) {
             using G = decltype(make());
-            if (reuse != nullptr) {
-                G& g = reuse->get<G>(make);
-                backward(g);
-                use(g);
-            } else {
-                G g = make();
-                backward(g);
-                use(g);
-            }
+            std::optional<G> fresh;
+            G& g = reuse != nullptr ? reuse->get<G>(make) : fresh.emplace(make());
+            backward(g);
+            use(g);
         };
         std::visit(
             [&](const auto& l) {
