@@ -327,11 +327,14 @@ private:
         // dout = w dy per (token, slot) row; without kept activations the experts' backward also
         // gives their outputs (from the activations it recomputes anyway), which the combine
         // weights' gradient reads.
-        for (index_t r = 0; r < rows; ++r) {
+        // These per-row and per-token steps run on every thread (each row or token written by
+        // one: the same bits at any thread count); serial they took 1.8 of the Mixtral-like
+        // layer's 110 ms backward at T = 512 with the other core idle.
+        detail::parallel_for(rows, rows * d, [&](index_t r) {
             const index_t t = row_tokens[std::size_t(r)];
             const float w = plan.weights(t)[std::size_t(row_slots[std::size_t(r)])];
             for (index_t c = 0; c < d; ++c) dout(r, c) = w * dy(t, c);
-        }
+        });
         // Each expert writes only its own rows and gradients: as tasks where they balance.
         const auto offsets = plan.offsets();
         for_each_expert(plan, ws, true, [&](index_t e, Workspace& w) {
@@ -345,7 +348,7 @@ private:
                                 w, false, MatrixView<float>{}, hidden.row_block(first, n).col_block(0, expert.kept_width()));
         });
         // dweights = dy . out (kept tokens), dy . x (tokens passed through as w x).
-        for (index_t t = 0; t < tokens; ++t) {
+        detail::parallel_for(tokens, tokens * slots * d, [&](index_t t) {
             const auto ids = plan.ids(t);
             const bool passed = !plan.kept(t) && options_.dropped == DroppedTokens::scaled_input;
             for (index_t j = 0; j < slots; ++j) {
@@ -357,20 +360,20 @@ private:
                 }
                 dweights(t, j) = float(dot);
             }
-        }
+        });
         // dx: each token's expert rows in slot order (or w dy for a token passed through).
-        for (index_t t = 0; t < tokens; ++t) {
+        detail::parallel_for(tokens, tokens * slots * d, [&](index_t t) {
             const auto dxr = dx.row(t);
             std::fill(dxr.begin(), dxr.end(), 0.0f);
             if (!plan.kept(t)) {
                 const float sum = passed_weight(plan, t);
                 for (index_t c = 0; c < d; ++c) dxr[std::size_t(c)] = sum * dy(t, c);
-                continue;
+                return;
             }
             for (index_t j = 0; j < slots; ++j)
                 if (const index_t r = plan.position(t, j); r >= 0)
                     for (index_t c = 0; c < d; ++c) dxr[std::size_t(c)] += din(r, c);
-        }
+        });
         if constexpr (detail::router_uses_logits<R>) {
             const AuxLossWeights& aux = context.aux_losses;
             if (aux.importance != 0) importance_loss_backward(plan, dweights, aux.importance, ws);
