@@ -1,8 +1,10 @@
 #include <doctest/doctest.h>
 
 #include <array>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <string>
 
 #include <omp.h>
 #include <vector>
@@ -601,6 +603,45 @@ TEST_CASE("onednn: f32 products longer than one k slice of the panel kernels mat
         CHECK(relative_error(da, da_ref) <= test::tolerance(n));
         CHECK(relative_error(dw, dw_ref) <= test::tolerance(m));
     }
+}
+
+TEST_CASE("onednn: bf16 `fast` runs oneDNN's bf16 matmul on AMX or where HYPERMOE_ONEDNN_BF16=primitive, else our panels") {
+    // The suite runs this binary again with HYPERMOE_ONEDNN_BF16=primitive (tests/meson.build), so
+    // that the AMX path's code runs on every CPU whose oneDNN has a bf16 matmul; the bf16 `fast`
+    // test above then checks its results against the reference.
+    const char* env = std::getenv("HYPERMOE_ONEDNN_BF16");
+    const std::string choice = env != nullptr ? env : "";
+    const std::string& impl = detail::onednn_bf16_impl();
+    MESSAGE("oneDNN's bf16 matmul here: ", impl.empty() ? "none" : impl, ", HYPERMOE_ONEDNN_BF16=", choice);
+    const bool available = !impl.empty() && !impl.starts_with("ref");
+    const bool expected = choice == "primitive" ? available
+                          : choice == "panels"  ? false
+                                                : available && detail::cpu_isa().bf16 && impl.find("amx") != std::string::npos;
+    CHECK(detail::onednn_bf16_primitive() == expected);
+    const Matrix<float> w = random_matrix(48, 64, 3, 0.3f);
+    const onednn::linear<Identity> fast(ConstMatrixView<float>(w.view()), {}, {"w", false, dtype::bf16, precision::fast});
+    const onednn::linear<Identity> exact(ConstMatrixView<float>(w.view()), {}, {"w", false, dtype::bf16, precision::exact});
+    CHECK(exact.kernel() == "panels");
+    if (expected) CHECK(fast.kernel() == impl);
+    else CHECK(fast.kernel() == "panels");
+    // Either way the weights are held once, as bf16: no f32 copy. bf16 source weights (a bf16
+    // checkpoint's) go in as they are and give the same bits as f32 ones rounded at load.
+    CHECK(fast.storage() == dtype::bf16);
+    std::vector<bf16> w16(std::size_t(w.rows() * w.cols()));
+    for (index_t r = 0; r < w.rows(); ++r)
+        for (index_t c = 0; c < w.cols(); ++c) w16[std::size_t(r * w.cols() + c)] = bf16::from_float(w(r, c));
+    const onednn::linear<Identity> from16(ConstMatrixView<bf16>(w16.data(), w.rows(), w.cols()), {},
+                                          {"w", false, dtype::bf16, precision::fast});
+    CHECK(from16.kernel() == fast.kernel());
+    const Matrix<float> a = random_matrix(5, 64, 4);
+    Matrix<float> y(5, 48), y16(5, 48);
+    Workspace ws;
+    fast(a.view(), y.view(), ws);
+    from16(a.view(), y16.view(), ws);
+    CHECK(std::memcmp(y.data(), y16.data(), sizeof(float) * 5 * 48) == 0);
+    const onednn::linear<Identity> f32(ConstMatrixView<float>(w.view()), {}, {"w", false, dtype::f32});
+    if (detail::onednn_f32_brgemm()) CHECK(f32.kernel().starts_with("brg"));
+    else CHECK(f32.kernel() == "panels");
 }
 
 TEST_CASE("onednn: a primitive oneDNN cannot create is a backend_error naming the shape") {

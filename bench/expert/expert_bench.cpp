@@ -143,7 +143,7 @@ void BM_RawMatmul(benchmark::State& state, Shape s, int gemms) {
 /// f32 matmul chooses into the f32 panels `dz W` reads. GB/s counts the bytes read and written.
 void BM_WeightsToPanels(benchmark::State& state, hm::index_t k, hm::index_t n) {
     namespace d = hm::detail;
-    const auto layout = d::onednn_f32_plan(d::onednn_row_buckets.back(), k, n).weights_desc();
+    const auto layout = d::onednn_plan(d::onednn_row_buckets.back(), k, n).weights_desc();
     dnnl::memory held(layout, d::onednn_engine());
     hm::bench::fill(static_cast<float*>(held.get_data_handle()), layout.get_size() / sizeof(float), 3, 0.05f);
     const auto* reorders = d::onednn_panel_reorders(k, n, layout);

@@ -143,12 +143,16 @@ hm::LoadOptions load_options(const Args& a, const hm::Checkpoint& ck) { return {
 
 /// The instructions the experts' linear maps run on: our own kernel for bf16, q8_0 and q4_0
 /// (chosen from this CPU); for f32 the backend's name, except where oneDNN has no f32 brgemm and
-/// the oneDNN backend runs our f32 panel kernels (then their instructions).
+/// the oneDNN backend runs our f32 panel kernels (then their instructions); for bf16 `fast` on
+/// the oneDNN backend where that runs oneDNN's bf16 matmul (AMX), "onednn" and its implementation.
 template <class B>
 std::string isa_of(const hm::LoadOptions& o) {
 #if HYPERMOE_HAS_ONEDNN
-    if constexpr (std::is_same_v<B, hm::onednn>)
+    if constexpr (std::is_same_v<B, hm::onednn>) {
         if (o.storage == hm::dtype::f32) return std::string(hm::detail::onednn_f32_kernel_name());
+        if (o.storage == hm::dtype::bf16 && o.prec == hm::precision::fast && hm::detail::onednn_bf16_primitive())
+            return "onednn " + hm::detail::onednn_bf16_impl();
+    }
 #endif
     if (o.storage == hm::dtype::f32) return std::string(B::name);
     return std::string(hm::detail::kernel_isa_name(o.storage, o.prec));
@@ -298,7 +302,13 @@ int inspect(const Args& a) {
     for (const auto& b : m.moe_blocks)
         blocks += (blocks.empty() ? "" : ", ") + (b.stack.empty() ? "" : b.stack + " ") + std::to_string(b.layer);
     std::printf("MoE blocks %zu: %s\n", m.moe_blocks.size(), blocks.c_str());
-    const auto on = [](hm::dtype t, hm::precision p) { return std::string(hm::detail::kernel_isa_name(t, p)); };
+    const auto on = [](hm::dtype t, hm::precision p) {
+#if HYPERMOE_HAS_ONEDNN
+        if (t == hm::dtype::bf16 && p == hm::precision::fast && hm::detail::onednn_bf16_primitive())
+            return std::string(hm::detail::kernel_isa_name(t, p)) + " (the oneDNN backend: onednn " + hm::detail::onednn_bf16_impl() + ")";
+#endif
+        return std::string(hm::detail::kernel_isa_name(t, p));
+    };
     std::printf("kernels    bf16 weights: exact on %s, fast on %s; q8_0 / q4_0 weights: exact on %s, fast on %s "
                 "(this CPU: %s)\n",
                 on(hm::dtype::bf16, hm::precision::exact).c_str(), on(hm::dtype::bf16, hm::precision::fast).c_str(),

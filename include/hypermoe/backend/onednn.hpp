@@ -24,11 +24,14 @@
 //  * a combination that lands on the `ref` implementation (~0.1 GFLOP/s) is re-created without
 //    post-ops, and the epilogue then runs in our own pass;
 //  * bf16 matmul is emulated without avx512_bf16 (about 55 GFLOP/s vs 300 f32 here) and always
-//    rounds activations to bf16, so bf16 weights never go to a primitive: they are held once, as
-//    bf16 panels (panels.hpp, 2 bytes per weight), and every call runs that kernel
-//    (`exact`: the weights widened in registers, within 1.1x of the f32 primitive at 64 and 512
-//    rows and twice as fast at a few rows, where reading the weights is the cost; `fast`: bf16
-//    activations on VDPBF16PS where the CPU has it, 1.8x the f32 primitive; docs/design.md);
+//    rounds activations to bf16, so bf16 weights are held once, as bf16 panels (panels.hpp, 2
+//    bytes per weight), and every call runs that kernel (`exact`: the weights widened in
+//    registers, within 1.1x of the f32 primitive at 64 and 512 rows and twice as fast at a few
+//    rows, where reading the weights is the cost; `fast`: bf16 activations on VDPBF16PS where the
+//    CPU has it, 1.8x the f32 primitive; docs/design.md). The one exception: where oneDNN runs its
+//    bf16 matmul on AMX (onednn_bf16_primitive), bf16 `fast` weights are held once in that
+//    primitive's layout and run through the same bucket primitives as f32, on activations
+//    rounded to bf16 as our kernel rounds them;
 //  * brgemm, the matmul that takes fixed M and a scratchpad, needs AVX-512. Below it (an AVX2
 //    CPU, or DNNL_MAX_CPU_ISA=AVX2) every f32 matmul is `gemm:jit`, which allocates its packing
 //    buffers on every call and splits K across threads at small M, so its results change with
@@ -42,6 +45,8 @@
 #include <array>
 #include <atomic>
 #include <cstddef>
+#include <cstdint>
+#include <cstdlib>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -50,6 +55,7 @@
 #include <string>
 #include <string_view>
 #include <tuple>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -76,7 +82,7 @@ inline dnnl::stream& onednn_stream() {
 /// Which argument of an execution a memory object is for: one object per role, so the source
 /// and destination of a square matrix never share one. The panel roles are a (K, N) weight laid
 /// out as our f32 panels (onednn_panel_desc).
-enum class OnednnRole { source, destination, scratchpad, panels_of_w, panels_of_wt };
+enum class OnednnRole { source, source_bf16, destination, scratchpad, panels_of_w, panels_of_wt };
 
 /// The memory desc of a (K, N) f32 weight tensor (the primitives' W^T) laid out as the panel
 /// kernels read weights (pack_f32_panels): with `role` panels_of_wt, B = W^T, whose N columns go
@@ -98,7 +104,7 @@ enum class OnednnRole { source, destination, scratchpad, panels_of_w, panels_of_
     return desc;
 }
 
-/// A memory object of a dense (rows, cols) f32 matrix, of `rows` bytes (the scratchpad), or of a
+/// A memory object of a dense (rows, cols) f32 matrix (bf16 for source_bf16), of `rows` bytes (the scratchpad), or of a
 /// (rows = K, cols = N) weight as panels (the panel roles), for the calling thread and `role`,
 /// pointed at `data`: made on first use of that shape by the thread, then only repointed, so
 /// executing a primitive does not create memory objects. Not shared between threads: a call
@@ -112,6 +118,7 @@ inline const dnnl::memory& onednn_thread_memory(OnednnRole role, index_t rows, i
         switch (role) {
         case OnednnRole::source:
         case OnednnRole::destination: m = dnnl::memory({{rows, cols}, dt::f32, {cols, 1}}, engine, DNNL_MEMORY_NONE); break;
+        case OnednnRole::source_bf16: m = dnnl::memory({{rows, cols}, dt::bf16, {cols, 1}}, engine, DNNL_MEMORY_NONE); break;
         case OnednnRole::scratchpad: m = dnnl::memory({{rows}, dt::u8, {1}}, engine, DNNL_MEMORY_NONE); break;
         case OnednnRole::panels_of_w:
         case OnednnRole::panels_of_wt: m = dnnl::memory(onednn_panel_desc(rows, cols, role), engine, DNNL_MEMORY_NONE); break;
@@ -151,8 +158,8 @@ struct OnednnPiece {
     return rows <= 0 ? 0 : onednn_row_buckets[onednn_next_piece(rows).index];
 }
 
-/// The fixed-M matmul primitives of one (K, N, epilogue), one per row bucket, and the post-ops
-/// they fuse.
+/// The fixed-M matmul primitives of one (K, N, epilogue, source type), one per row bucket, and
+/// the post-ops they fuse.
 struct OnednnMatmul {
     std::vector<dnnl::matmul> primitives; ///< primitives[i] runs onednn_row_buckets[i] rows
     dnnl::memory::desc weights;           ///< the layout all of them take the weights in
@@ -161,6 +168,7 @@ struct OnednnMatmul {
     bool fused_sum = false;               ///< C += runs inside the primitive.
     int threads = 1;                      ///< the OpenMP thread count the primitives were made for
     std::vector<std::size_t> scratchpad;  ///< scratchpad bytes of each bucket's primitive
+    dnnl::memory::data_type source = dnnl::memory::data_type::f32; ///< of A and W (f32, or bf16: C is f32 either way)
 };
 
 inline void append_activation(dnnl::post_ops& po, activation_kind kind) {
@@ -178,12 +186,14 @@ inline void append_activation(dnnl::post_ops& po, activation_kind kind) {
     }
 }
 
-/// oneDNN's plan for an f32 matmul of M rows by a (K, N) weight whose layout oneDNN chooses, in
-/// user scratchpad mode, for the calling thread's OpenMP thread count.
-[[nodiscard]] inline dnnl::matmul::primitive_desc onednn_f32_plan(index_t m, index_t k, index_t n) {
+/// oneDNN's plan for a matmul of M rows by a (K, N) weight whose layout oneDNN chooses, A and W
+/// of type `source` (f32 or bf16), C f32, in user scratchpad mode, for the calling thread's
+/// OpenMP thread count.
+[[nodiscard]] inline dnnl::matmul::primitive_desc onednn_plan(index_t m, index_t k, index_t n,
+                                                              dnnl::memory::data_type source = dnnl::memory::data_type::f32) {
     using dt = dnnl::memory::data_type;
-    const dnnl::memory::desc a({m, k}, dt::f32, {k, 1}), c({m, n}, dt::f32, {n, 1});
-    const dnnl::memory::desc w({k, n}, dt::f32, dnnl::memory::format_tag::any);
+    const dnnl::memory::desc a({m, k}, source, {k, 1}), c({m, n}, dt::f32, {n, 1});
+    const dnnl::memory::desc w({k, n}, source, dnnl::memory::format_tag::any);
     dnnl::primitive_attr attr;
     attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
     return dnnl::matmul::primitive_desc(dnnl::matmul::desc(a, w, c), attr, onednn_engine());
@@ -193,10 +203,10 @@ inline void append_activation(dnnl::post_ops& po, activation_kind kind) {
 /// threads. Every bucket, at every thread count, is then created for this layout, so a linear
 /// stores its weights once (left to choose, oneDNN 2.6 picks other blockings for some buckets
 /// at 3 or more threads).
-[[nodiscard]] inline dnnl::memory::desc onednn_weight_layout(index_t k, index_t n, int threads) {
+[[nodiscard]] inline dnnl::memory::desc onednn_weight_layout(index_t k, index_t n, int threads, dnnl::memory::data_type source) {
     const ThreadCountScope thread_count(threads);
     try {
-        return onednn_f32_plan(onednn_row_buckets.back(), k, n).weights_desc();
+        return onednn_plan(onednn_row_buckets.back(), k, n, source).weights_desc();
     } catch (const dnnl::error& e) {
         throw backend_error(concat("onednn: cannot create a matmul for K = ", k, ", N = ", n, ": ", e.what()));
     }
@@ -207,7 +217,7 @@ inline void append_activation(dnnl::post_ops& po, activation_kind kind) {
 [[nodiscard]] inline bool onednn_f32_brgemm() {
     static const bool brgemm = [] {
         try {
-            return std::string_view(onednn_f32_plan(64, 256, 256).impl_info_str()).starts_with("brg");
+            return std::string_view(onednn_plan(64, 256, 256).impl_info_str()).starts_with("brg");
         } catch (const dnnl::error&) {
             return false;
         }
@@ -219,6 +229,38 @@ inline void append_activation(dnnl::post_ops& po, activation_kind kind) {
 /// instructions of our f32 panel kernels (backend/panels.hpp) where oneDNN has no brgemm.
 [[nodiscard]] inline std::string_view onednn_f32_kernel_name() {
     return onednn_f32_brgemm() ? std::string_view("onednn") : to_string(vector_kernel());
+}
+
+/// oneDNN's implementation of a bf16 matmul here (e.g. "brg:avx512_core_amx"), from a probe
+/// primitive made once per process; empty if oneDNN cannot make one.
+[[nodiscard]] inline const std::string& onednn_bf16_impl() {
+    static const std::string impl = [] {
+        try {
+            return std::string(onednn_plan(64, 256, 256, dnnl::memory::data_type::bf16).impl_info_str());
+        } catch (const dnnl::error&) {
+            return std::string();
+        }
+    }();
+    return impl;
+}
+
+/// Whether bf16 weights of precision `fast` go to oneDNN's bf16 matmul (held once, in its
+/// layout) instead of our VDPBF16PS panels: where oneDNN runs it on AMX (the CPU's tile
+/// registers: oneDNN's brgemm on AMX, which our panel kernels do not use) and HYPERMOE_ISA does
+/// not cap our kernels below AVX-512 BF16. Decided once per process. HYPERMOE_ONEDNN_BF16 forces
+/// the choice, so that every CPU tests both paths: `primitive` (wherever oneDNN has a bf16 matmul
+/// other than its reference one: on AVX-512 BF16 brgemm, on plain AVX-512 `gemm:jit`) or
+/// `panels`; any other value is the default.
+[[nodiscard]] inline bool onednn_bf16_primitive() {
+    static const bool use = [] {
+        const char* env = std::getenv("HYPERMOE_ONEDNN_BF16");
+        const std::string_view choice = env != nullptr ? env : "";
+        const std::string& impl = onednn_bf16_impl();
+        if (choice == "panels" || impl.empty() || impl.starts_with("ref")) return false;
+        if (choice == "primitive") return true;
+        return cpu_isa().bf16 && impl.find("amx") != std::string::npos;
+    }();
+    return use;
 }
 
 /// The reorders of a (K, N) weight from the primitives' layout `w` into our f32 panels, each in
@@ -313,7 +355,8 @@ inline void onednn_reorder_into_panels(const OnednnPanelReorders& reorders, cons
 /// layout `w`, each in user scratchpad mode.
 [[nodiscard]] inline std::shared_ptr<const OnednnMatmul> make_onednn_matmul(index_t k, index_t n, bool bias,
                                                                           activation_kind act, bool accumulate,
-                                                                          int threads, const dnnl::memory::desc& w) {
+                                                                          int threads, const dnnl::memory::desc& w,
+                                                                          dnnl::memory::data_type source) {
     // oneDNN plans a primitive for the calling thread's thread count at creation.
     const ThreadCountScope thread_count(threads);
     using dt = dnnl::memory::data_type;
@@ -323,7 +366,7 @@ inline void onednn_reorder_into_panels(const OnednnPanelReorders& reorders, cons
     try {
         const dnnl::memory::desc b({1, n}, dt::f32, {n, 1});
         const auto create = [&](index_t m, bool with_act, bool with_sum) {
-            const dnnl::memory::desc a({m, k}, dt::f32, {k, 1});
+            const dnnl::memory::desc a({m, k}, source, {k, 1});
             const dnnl::memory::desc c({m, n}, dt::f32, {n, 1});
             dnnl::post_ops po;
             if (with_act) append_activation(po, act);
@@ -350,6 +393,7 @@ inline void onednn_reorder_into_panels(const OnednnPanelReorders& reorders, cons
         result->fused_activation = fused;
         result->fused_sum = fused && sum;
         result->threads = threads;
+        result->source = source;
         for (std::size_t i = 0; i < pds.size(); ++i) {
             if (is_ref(pds[i]))
                 throw backend_error(concat("onednn: no optimised matmul for M = ", onednn_row_buckets[i], ", K = ",
@@ -367,20 +411,23 @@ inline void onednn_reorder_into_panels(const OnednnPanelReorders& reorders, cons
 }
 
 /// Process-wide cache: one set of bucket primitives per (K, N, bias, activation, accumulate,
-/// threads). Entries live as long as the process, so a pointer to one stays valid. Only the
-/// first use of a shape at a thread count takes the lock; linears remember what they got.
+/// threads, source type). Entries live as long as the process, so a pointer to one stays valid.
+/// Only the first use of a shape at a thread count takes the lock; linears remember what they got.
 [[nodiscard]] inline const OnednnMatmul* onednn_matmul(index_t k, index_t n, bool bias, activation_kind act,
-                                                       bool accumulate, int threads) {
-    using Key = std::tuple<index_t, index_t, bool, activation_kind, bool, int>;
+                                                       bool accumulate, int threads,
+                                                       dnnl::memory::data_type source = dnnl::memory::data_type::f32) {
+    using Key = std::tuple<index_t, index_t, bool, activation_kind, bool, int, dnnl::memory::data_type>;
     static std::mutex mutex;
     static std::map<Key, std::shared_ptr<const OnednnMatmul>> cache;
-    static std::map<std::pair<index_t, index_t>, dnnl::memory::desc> layouts; // decided once per (K, N)
+    // decided once per (K, N, source type)
+    static std::map<std::tuple<index_t, index_t, dnnl::memory::data_type>, dnnl::memory::desc> layouts;
     const std::lock_guard lock(mutex);
-    auto& entry = cache[Key{k, n, bias, act, accumulate, threads}];
+    auto& entry = cache[Key{k, n, bias, act, accumulate, threads, source}];
     if (!entry) {
-        auto layout = layouts.find({k, n});
-        if (layout == layouts.end()) layout = layouts.emplace(std::pair{k, n}, onednn_weight_layout(k, n, threads)).first;
-        entry = make_onednn_matmul(k, n, bias, act, accumulate, threads, layout->second);
+        auto layout = layouts.find({k, n, source});
+        if (layout == layouts.end())
+            layout = layouts.emplace(std::tuple{k, n, source}, onednn_weight_layout(k, n, threads, source)).first;
+        entry = make_onednn_matmul(k, n, bias, act, accumulate, threads, layout->second, source);
     }
     return entry.get();
 }
@@ -420,30 +467,34 @@ struct onednn {
                 return;
             }
             bias_f32_.assign(bias.begin(), bias.end());
-            // Held once, as panels, where every call runs our own kernel: bf16 always, f32 where
-            // oneDNN has no brgemm (file comment).
-            if (storage_ == dtype::bf16 || !detail::onednn_f32_brgemm()) {
+            // Held once, as panels, where every call runs our own kernel: bf16 unless `fast` goes
+            // to oneDNN's bf16 matmul (onednn_bf16_primitive: AMX), f32 where oneDNN has no
+            // brgemm (file comment).
+            using dt = dnnl::memory::data_type;
+            const bool bf16 = storage_ == dtype::bf16;
+            if (bf16 ? !(prec_ == precision::fast && detail::onednn_bf16_primitive()) : !detail::onednn_f32_brgemm()) {
                 if (k_ > 0 && n_ > 0) panels_ = detail::WeightPanels(w, storage_, prec_);
                 return;
             }
+            source_ = bf16 ? dt::bf16 : dt::f32;
             if (k_ > 0 && n_ > 0) matmul_ = lookup(detail::current_threads());
             // Source weights as the (K, N) matrix W^T, then one reorder into the primitive's layout.
-            // f32 weights are read in place (W, N x K with row stride s, is W^T with strides
-            // {1, s}); others are widened into a plain copy first.
-            using dt = dnnl::memory::data_type;
+            // Weights already of the storage type are read in place (W, N x K with row stride s,
+            // is W^T with strides {1, s}); others are converted into a plain f32 copy first (f32
+            // weights stored as bf16: rounded to bf16 there, then reordered exactly).
             if (!matmul_) return; // K = 0 or N = 0: A W^T is zero, only the bias remains
             const auto& engine = detail::onednn_engine();
             std::vector<float> wt;
-            const bool in_place = w.type() == dtype::f32 && storage_ == dtype::f32;
+            const bool in_place = w.type() == storage_; // f32 into f32, bf16 into bf16 (`fast` on AMX)
             if (!in_place) {
                 wt.resize(static_cast<std::size_t>(k_ * n_));
                 for (index_t r = 0; r < n_; ++r)
                     for (index_t c = 0; c < k_; ++c)
                         wt[static_cast<std::size_t>(c * n_ + r)] = detail::stored_value(w.at(r, c), storage_);
             }
-            reorders_ = detail::onednn_panel_reorders(k_, n_, matmul_->weights);
+            if (!bf16) reorders_ = detail::onednn_panel_reorders(k_, n_, matmul_->weights); // backward is f32 only
             try {
-                dnnl::memory src = in_place ? dnnl::memory({{k_, n_}, dt::f32, {1, w.stride()}}, engine,
+                dnnl::memory src = in_place ? dnnl::memory({{k_, n_}, source_, {1, w.stride()}}, engine,
                                                            const_cast<std::byte*>(w.row_bytes(0)))
                                             : dnnl::memory({{k_, n_}, dt::f32, {n_, 1}}, engine, wt.data());
                 weights_ = dnnl::memory(matmul_->weights, engine);
@@ -458,6 +509,16 @@ struct onednn {
             }
         }
 
+        /// What runs this linear's forward: oneDNN's implementation of its primitives (e.g.
+        /// "brg:avx512_core" for f32, "brg:avx512_core_amx" for bf16 `fast` on AMX), or "panels"
+        /// (our panel kernels, panels.hpp), "blocks" (q8_0 / q4_0, block_linear.hpp), "none"
+        /// (K = 0 or N = 0).
+        [[nodiscard]] std::string_view kernel() const noexcept {
+            if (blocks_) return "blocks";
+            if (!panels_.empty()) return "panels";
+            return matmul_ != nullptr ? std::string_view(matmul_->impl) : std::string_view("none");
+        }
+
         /// Scratch of a call with `rows` rows at the calling thread's current thread count (the
         /// first query at a new count creates that count's primitives).
         [[nodiscard]] std::size_t workspace_bytes(index_t rows) const {
@@ -468,7 +529,8 @@ struct onednn {
             // needs its primitive's scratchpad.
             const index_t piece = detail::onednn_largest_piece(rows);
             const std::size_t pieces = detail::padded_bytes<float>(piece, k_) + detail::padded_bytes<float>(piece, n_);
-            return (accumulate_ ? detail::padded_bytes<float>(rows, n_) : 0) + pieces + scratchpad_bytes(rows);
+            const std::size_t rounded = source_ == dnnl::memory::data_type::bf16 ? detail::padded_bytes<std::uint16_t>(rows, k_) : 0;
+            return (accumulate_ ? detail::padded_bytes<float>(rows, n_) : 0) + rounded + pieces + scratchpad_bytes(rows);
         }
 
         void operator()(ConstMatrixView<float> a, MatrixView<float> c, Workspace& ws, float scale = 1.0f) const {
@@ -483,20 +545,13 @@ struct onednn {
                 detail::epilogue_bias_only<Act>(c, bias_f32_.empty() ? nullptr : bias_f32_.data(), scale, accumulate_);
                 return;
             }
-            // The primitive always adds the bias; it applies Act and C += only where fused.
             const detail::OnednnMatmul& m = current();
-            const bool sum_in_primitive = accumulate_ && m.fused_sum && scale == 1.0f;
-            if (!accumulate_ || sum_in_primitive) {
-                run(m, a, c, ws);
-                if (!m.fused_activation) detail::epilogue_in_place<Act>(c, nullptr, scale);
-                else if (scale != 1.0f) detail::epilogue_in_place<Identity>(c, nullptr, scale);
-                return;
+            if (source_ == dnnl::memory::data_type::bf16) { // `fast`: A rounded to bf16 once, as our panels do
+                const MatrixView<std::uint16_t> a16 = ws.take_matrix<std::uint16_t>(a.rows(), k_);
+                detail::bf16_round_rows(a, a16.data(), a16.stride(), detail::cpu_isa().bf16);
+                return apply(m, ConstMatrixView<std::uint16_t>(a16), c, ws, scale);
             }
-            MatrixView<float> t = ws.take_matrix<float>(a.rows(), n_);
-            if (m.fused_sum) std::fill_n(t.data(), t.rows() * t.cols(), 0.0f); // the fused C += adds to 0
-            run(m, a, t, ws);
-            if (m.fused_activation || m.fused_sum) detail::epilogue_accumulate<Identity>(t, c, nullptr, scale);
-            else detail::epilogue_accumulate<Act>(t, c, nullptr, scale);
+            apply(m, a, c, ws, scale);
         }
 
         /// Scratch of backward() for `rows` rows: W for dz W (from oneDNN's layout: reordered
@@ -504,6 +559,7 @@ struct onednn {
         /// panels at a time), the gradient of Z (Z itself when recomputed), dz^T, and the larger
         /// packed operand of the other two products.
         [[nodiscard]] std::size_t backward_workspace_bytes(index_t rows) const noexcept {
+            if (storage_ != dtype::f32) return 0; // backward() refuses them before taking scratch
             const std::size_t w = matmul_ != nullptr
                                       ? (reorders_->ba16a64b
                                              ? detail::padded_bytes<float>(detail::PanelKernels::packed_scratch_floats(n_, detail::current_threads()))
@@ -590,7 +646,7 @@ struct onednn {
         /// The primitives for `threads` threads: remembered, or from the process-wide cache.
         [[nodiscard]] const detail::OnednnMatmul* lookup(int threads) const {
             if (const auto* m = table_->find(threads)) return m;
-            const auto* m = detail::onednn_matmul(k_, n_, has_bias_, Act::kind, accumulate_, threads);
+            const auto* m = detail::onednn_matmul(k_, n_, has_bias_, Act::kind, accumulate_, threads, source_);
             if (matmul_ != nullptr && m->weights != matmul_->weights)
                 throw backend_error(detail::concat(name_, ": oneDNN wants another weight layout at ", threads,
                                                    " threads than at ", matmul_->threads, " (K = ", k_, ", N = ", n_, ")"));
@@ -609,27 +665,47 @@ struct onednn {
             return detail::padded_bytes<std::byte>(static_cast<index_t>(bytes));
         }
 
+        /// c [+]= scale * Act(A W^T + b) from A in the primitives' source type (f32, or bf16 bits):
+        /// the primitive always adds the bias; it applies Act and C += only where fused.
+        template <class T>
+        void apply(const detail::OnednnMatmul& m, ConstMatrixView<T> a, MatrixView<float> c, Workspace& ws, float scale) const {
+            const bool sum_in_primitive = accumulate_ && m.fused_sum && scale == 1.0f;
+            if (!accumulate_ || sum_in_primitive) {
+                run(m, a, c, ws);
+                if (!m.fused_activation) detail::epilogue_in_place<Act>(c, nullptr, scale);
+                else if (scale != 1.0f) detail::epilogue_in_place<Identity>(c, nullptr, scale);
+                return;
+            }
+            MatrixView<float> t = ws.take_matrix<float>(a.rows(), n_);
+            if (m.fused_sum) std::fill_n(t.data(), t.rows() * t.cols(), 0.0f); // the fused C += adds to 0
+            run(m, a, t, ws);
+            if (m.fused_activation || m.fused_sum) detail::epilogue_accumulate<Identity>(t, c, nullptr, scale);
+            else detail::epilogue_accumulate<Act>(t, c, nullptr, scale);
+        }
+
         /// out = A W^T + b with the primitives' fused post-ops (C += where fused_sum), piece by piece.
-        void run(const detail::OnednnMatmul& m, ConstMatrixView<float> a, MatrixView<float> out, Workspace& ws) const {
+        template <class T>
+        void run(const detail::OnednnMatmul& m, ConstMatrixView<T> a, MatrixView<float> out, Workspace& ws) const {
             for (index_t row = 0; row < a.rows();) {
                 const auto piece = detail::onednn_next_piece(a.rows() - row);
                 const index_t bucket = detail::onednn_row_buckets[piece.index];
                 const auto& primitive = m.primitives[piece.index];
                 const std::size_t scratch_bytes = m.scratchpad[piece.index];
-                const ConstMatrixView<float> as = a.row_block(row, piece.rows);
+                const ConstMatrixView<T> as = a.row_block(row, piece.rows);
                 const MatrixView<float> os = out.row_block(row, piece.rows);
                 const bool dense = piece.rows == 1 || (as.stride() == k_ && os.stride() == n_);
                 if (piece.rows == bucket && dense) {
                     Workspace::Scope scope(ws, detail::padded_bytes<std::byte>(index_t(scratch_bytes)));
                     execute(primitive, bucket, as.data(), os.data(), ws.take<std::byte>(index_t(scratch_bytes)));
                 } else { // padded to the bucket's rows, or strided: through scratch
-                    Workspace::Scope scope(ws, detail::padded_bytes<float>(bucket, k_) +
+                    Workspace::Scope scope(ws, detail::padded_bytes<T>(bucket, k_) +
                                                    detail::padded_bytes<float>(bucket, n_) +
                                                    detail::padded_bytes<std::byte>(index_t(scratch_bytes)));
-                    MatrixView<float> sa = ws.take_matrix<float>(bucket, k_), sc = ws.take_matrix<float>(bucket, n_);
+                    MatrixView<T> sa = ws.take_matrix<T>(bucket, k_);
+                    MatrixView<float> sc = ws.take_matrix<float>(bucket, n_);
                     const auto scratchpad = ws.take<std::byte>(index_t(scratch_bytes));
                     for (index_t i = 0; i < piece.rows; ++i) std::ranges::copy(as.row(i), sa.row(i).begin());
-                    std::fill(sa.data() + piece.rows * k_, sa.data() + bucket * k_, 0.0f);
+                    std::fill(sa.data() + piece.rows * k_, sa.data() + bucket * k_, T{});
                     if (matmul_->fused_sum) { // C += reads C: the rows, then zeros in the padding
                         for (index_t i = 0; i < piece.rows; ++i) std::ranges::copy(os.row(i), sc.row(i).begin());
                         std::fill(sc.data() + piece.rows * n_, sc.data() + bucket * n_, 0.0f);
@@ -642,11 +718,13 @@ struct onednn {
         }
 
         /// One primitive on dense (bucket, K) and (bucket, N) buffers, with its scratchpad.
-        void execute(const dnnl::matmul& primitive, index_t rows, const float* a, float* c,
-                     std::span<std::byte> scratchpad) const {
+        template <class T>
+        void execute(const dnnl::matmul& primitive, index_t rows, const T* a, float* c, std::span<std::byte> scratchpad) const {
+            static_assert(std::is_same_v<T, float> || std::is_same_v<T, std::uint16_t>, "f32, or bf16 bits");
+            constexpr auto role = std::is_same_v<T, float> ? detail::OnednnRole::source : detail::OnednnRole::source_bf16;
             try {
                 // oneDNN takes a non-const handle; the source is only read.
-                const auto& am = detail::onednn_thread_memory(detail::OnednnRole::source, rows, k_, const_cast<float*>(a));
+                const auto& am = detail::onednn_thread_memory(role, rows, k_, const_cast<T*>(a));
                 const auto& cm = detail::onednn_thread_memory(detail::OnednnRole::destination, rows, n_, c);
                 std::array<dnnl_exec_arg_t, 5> args{{{DNNL_ARG_SRC, am.get()},
                                                      {DNNL_ARG_WEIGHTS, weights_.get()},
@@ -670,13 +748,14 @@ struct onednn {
         }
 
         bool has_bias_ = false;
+        dnnl::memory::data_type source_ = dnnl::memory::data_type::f32; ///< the primitives' A and W: bf16 for bf16 `fast`
         std::shared_ptr<detail::OnednnMatmulTable> table_;  ///< stays put when the linear moves
         const detail::OnednnMatmul* matmul_ = nullptr;      ///< the construction's; null when K = 0 or N = 0
-        const detail::OnednnPanelReorders* reorders_ = nullptr; ///< for backward; set with matmul_
+        const detail::OnednnPanelReorders* reorders_ = nullptr; ///< for backward; set with matmul_ for f32
         dnnl::memory weights_;
         dnnl::memory bias_;
         std::vector<float> bias_f32_;  ///< the bias, for our own epilogues
-        detail::WeightPanels panels_;  ///< bf16 storage, or f32 without brgemm: the only copy of the weights
+        detail::WeightPanels panels_;  ///< bf16 storage (but `fast` on AMX), or f32 without brgemm: the only copy of the weights
         std::optional<detail::BlockLinear<Act>> blocks_; ///< q8_0 / q4_0 storage: the only copy of the weights
     };
 };

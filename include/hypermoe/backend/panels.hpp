@@ -339,6 +339,24 @@ __attribute__((target("avx512f,avx512bf16"))) inline void bf16_round_avx512(cons
 }
 #endif
 
+/// Each row of a rounded to bf16 (to nearest, ties to even) into out, rows ld >= a.cols()
+/// elements apart, the columns past a.cols() zeroed: with VCVTNEPS2BF16 where `vcvt` (the CPU has
+/// avx512_bf16), else bf16::from_float. Threaded over rows. What the bf16 `fast` paths multiply:
+/// WeightPanels' VDPBF16PS kernel and the oneDNN backend's bf16 primitive.
+inline void bf16_round_rows(ConstMatrixView<float> a, std::uint16_t* out, index_t ld, [[maybe_unused]] bool vcvt) {
+    const index_t k = a.cols();
+    parallel_for(a.rows(), a.rows() * ld, [&](index_t r) {
+        std::uint16_t* o = out + r * ld;
+        const float* in = a.row(r).data();
+#if HYPERMOE_X86_KERNELS
+        if (vcvt) bf16_round_avx512(in, o, k);
+        else
+#endif
+            for (index_t i = 0; i < k; ++i) o[i] = bf16::from_float(in[i]).bits;
+        std::fill(o + k, o + ld, std::uint16_t{0});
+    });
+}
+
 #if HYPERMOE_X86_KERNELS
 /// dst[r * 16 + c] = src[c * lds + r] for a 16 x 16 block of floats (src's rows lds floats
 /// apart): four 8 x 8 transposes (unpack, shuffle, lane permute).
@@ -687,16 +705,7 @@ public:
         if (fast_) {
             const index_t lda = 2 * ((k_ + 1) / 2);
             const std::span<std::uint16_t> rounded = ws.take<std::uint16_t>(a.rows() * lda);
-            parallel_for(a.rows(), a.rows() * lda, [&](index_t r) {
-                std::uint16_t* out = rounded.data() + r * lda;
-                const float* in = a.row(r).data();
-#if HYPERMOE_X86_KERNELS
-                if (kernel_ == kernel_isa::avx512_bf16) bf16_round_avx512(in, out, k_);
-                else
-#endif
-                    for (index_t k = 0; k < k_; ++k) out[k] = bf16::from_float(in[k]).bits;
-                std::fill(out + k_, out + lda, std::uint16_t{0});
-            });
+            bf16_round_rows(a, rounded.data(), lda, kernel_ == kernel_isa::avx512_bf16);
             multiply(bf16_.get(), rounded.data(), lda, a.rows(), t);
         } else if (values_ == dtype::f32) {
             multiply(f32_.get(), a.data(), a.stride(), a.rows(), t);
