@@ -27,10 +27,11 @@ struct Result {
     std::string out, err;
 };
 
-/// Runs the command with `args`, capturing stdout and stderr.
-Result run_cli(const std::string& args) {
+/// Runs the command with `args` (and the environment variables `env`, "NAME=value ..."),
+/// capturing stdout and stderr.
+Result run_cli(const std::string& args, const std::string& env = "") {
     const fs::path err_file = fs::temp_directory_path() / ("hypermoe-cli-err-" + std::to_string(::getpid()));
-    const std::string cmd = cli + " " + args + " 2>" + err_file.string();
+    const std::string cmd = (env.empty() ? "" : "env " + env + " ") + cli + " " + args + " 2>" + err_file.string();
     FILE* p = ::popen(cmd.c_str(), "r");
     REQUIRE(p != nullptr);
     std::string out;
@@ -44,6 +45,20 @@ Result run_cli(const std::string& args) {
     }
     fs::remove(err_file);
     return {WIFEXITED(raw) ? WEXITSTATUS(raw) : -1, out, err};
+}
+
+/// What the command names as the path of weights stored as `t` with precision `p` on its
+/// default backend: our kernels' instructions, or oneDNN's bf16 matmul for bf16 `fast` where the
+/// oneDNN backend takes it (`forced`: as under HYPERMOE_ONEDNN_BF16=primitive).
+std::string kernel_name(hypermoe::dtype t, hypermoe::precision p, bool forced = false) {
+#if HYPERMOE_HAS_ONEDNN
+    const std::string& impl = hypermoe::detail::onednn_bf16_impl();
+    const bool primitive = forced ? !impl.empty() && !impl.starts_with("ref") : hypermoe::detail::onednn_bf16_primitive();
+    if (t == hypermoe::dtype::bf16 && p == hypermoe::precision::fast && primitive) return "onednn " + impl;
+#else
+    (void)forced;
+#endif
+    return std::string(hypermoe::detail::kernel_isa_name(t, p));
 }
 
 std::vector<std::string> backends() {
@@ -149,8 +164,15 @@ TEST_CASE("hypermoe run and bench with bf16, 8- and 4-bit expert weights; bench 
             CHECK(row["precision"] == precision);
             const hypermoe::dtype t = weights == "bf16" ? hypermoe::dtype::bf16
                                       : weights == "q8_0" ? hypermoe::dtype::q8_0 : hypermoe::dtype::q4_0;
-            CHECK(row["isa"] == std::string(hypermoe::detail::kernel_isa_name(
-                                    t, precision == "fast" ? hypermoe::precision::fast : hypermoe::precision::exact)));
+            const hypermoe::precision p = precision == "fast" ? hypermoe::precision::fast : hypermoe::precision::exact;
+            CHECK(row["isa"] == kernel_name(t, p));
+            if (t == hypermoe::dtype::bf16 && p == hypermoe::precision::fast) {
+                // The AMX path's name, on any CPU whose oneDNN has a bf16 matmul (onednn.hpp).
+                const Result forced = run_cli("bench --d-model 64 --d-ff 64 --tokens 8 --repeat 1 --weights bf16 --precision fast --json",
+                                              "HYPERMOE_ONEDNN_BF16=primitive");
+                REQUIRE_MESSAGE(forced.status == 0, forced.err);
+                CHECK(nlohmann::json::parse(forced.out.substr(0, forced.out.find('\n')))["isa"] == kernel_name(t, p, true));
+            }
             // 8 experts x 3 matrices of 64 x 64: 8 x 3 x 64 rows x 2 blocks of 32 (bf16: 2 bytes each).
             CHECK(row["weight_bytes"] == 8 * 3 * 64 * 2 * (t == hypermoe::dtype::bf16 ? 64 : t == hypermoe::dtype::q8_0 ? 34 : 18));
         }
@@ -230,8 +252,12 @@ TEST_CASE("hypermoe inspect and bench") {
     CHECK(i.out.find("family     qwen2_moe") != std::string::npos);
     CHECK(i.out.find("shared     width 32") != std::string::npos);
     const auto on = [](hypermoe::dtype t, hypermoe::precision p) { return std::string(hypermoe::detail::kernel_isa_name(t, p)); };
+    std::string bf16_fast = on(hypermoe::dtype::bf16, hypermoe::precision::fast);
+#if HYPERMOE_HAS_ONEDNN
+    if (hypermoe::detail::onednn_bf16_primitive()) bf16_fast += " (the oneDNN backend: " + kernel_name(hypermoe::dtype::bf16, hypermoe::precision::fast) + ")";
+#endif
     CHECK(i.out.find("kernels    bf16 weights: exact on " + on(hypermoe::dtype::bf16, hypermoe::precision::exact) + ", fast on " +
-                     on(hypermoe::dtype::bf16, hypermoe::precision::fast) + "; q8_0 / q4_0 weights: exact on " +
+                     bf16_fast + "; q8_0 / q4_0 weights: exact on " +
                      on(hypermoe::dtype::q8_0, hypermoe::precision::exact) + ", fast on " +
                      on(hypermoe::dtype::q8_0, hypermoe::precision::fast) + " (this CPU: " + hypermoe::detail::cpu_isa_names() +
                      ")") != std::string::npos);
