@@ -141,6 +141,15 @@ hm::precision precision_of(const Args& a) {
 /// --weights and --precision as load options for checkpoint `ck`.
 hm::LoadOptions load_options(const Args& a, const hm::Checkpoint& ck) { return {.storage = weights_of(a, &ck), .prec = precision_of(a)}; }
 
+/// The oneDNN backend's path for bf16 `fast` where it is oneDNN's bf16 matmul (AMX), e.g. "onednn
+/// brg:avx512_core_amx"; empty where it is our own kernel.
+std::string onednn_bf16_fast_path() {
+#if HYPERMOE_HAS_ONEDNN
+    if (hm::detail::onednn_bf16_primitive()) return "onednn " + hm::detail::onednn_bf16_impl();
+#endif
+    return "";
+}
+
 /// The instructions the experts' linear maps run on: our own kernel for bf16, q8_0 and q4_0
 /// (chosen from this CPU); for f32 the backend's name, except where oneDNN has no f32 brgemm and
 /// the oneDNN backend runs our f32 panel kernels (then their instructions); for bf16 `fast` on
@@ -150,8 +159,8 @@ std::string isa_of(const hm::LoadOptions& o) {
 #if HYPERMOE_HAS_ONEDNN
     if constexpr (std::is_same_v<B, hm::onednn>) {
         if (o.storage == hm::dtype::f32) return std::string(hm::detail::onednn_f32_kernel_name());
-        if (o.storage == hm::dtype::bf16 && o.prec == hm::precision::fast && hm::detail::onednn_bf16_primitive())
-            return "onednn " + hm::detail::onednn_bf16_impl();
+        if (o.storage == hm::dtype::bf16 && o.prec == hm::precision::fast && !onednn_bf16_fast_path().empty())
+            return onednn_bf16_fast_path();
     }
 #endif
     if (o.storage == hm::dtype::f32) return std::string(B::name);
@@ -303,11 +312,10 @@ int inspect(const Args& a) {
         blocks += (blocks.empty() ? "" : ", ") + (b.stack.empty() ? "" : b.stack + " ") + std::to_string(b.layer);
     std::printf("MoE blocks %zu: %s\n", m.moe_blocks.size(), blocks.c_str());
     const auto on = [](hm::dtype t, hm::precision p) {
-#if HYPERMOE_HAS_ONEDNN
-        if (t == hm::dtype::bf16 && p == hm::precision::fast && hm::detail::onednn_bf16_primitive())
-            return std::string(hm::detail::kernel_isa_name(t, p)) + " (the oneDNN backend: onednn " + hm::detail::onednn_bf16_impl() + ")";
-#endif
-        return std::string(hm::detail::kernel_isa_name(t, p));
+        std::string name(hm::detail::kernel_isa_name(t, p));
+        if (t == hm::dtype::bf16 && p == hm::precision::fast && !onednn_bf16_fast_path().empty())
+            name += " (the oneDNN backend: " + onednn_bf16_fast_path() + ")";
+        return name;
     };
     std::printf("kernels    bf16 weights: exact on %s, fast on %s; q8_0 / q4_0 weights: exact on %s, fast on %s "
                 "(this CPU: %s)\n",

@@ -168,7 +168,6 @@ struct OnednnMatmul {
     bool fused_sum = false;               ///< C += runs inside the primitive.
     int threads = 1;                      ///< the OpenMP thread count the primitives were made for
     std::vector<std::size_t> scratchpad;  ///< scratchpad bytes of each bucket's primitive
-    dnnl::memory::data_type source = dnnl::memory::data_type::f32; ///< of A and W (f32, or bf16: C is f32 either way)
 };
 
 inline void append_activation(dnnl::post_ops& po, activation_kind kind) {
@@ -393,7 +392,6 @@ inline void onednn_reorder_into_panels(const OnednnPanelReorders& reorders, cons
         result->fused_activation = fused;
         result->fused_sum = fused && sum;
         result->threads = threads;
-        result->source = source;
         for (std::size_t i = 0; i < pds.size(); ++i) {
             if (is_ref(pds[i]))
                 throw backend_error(concat("onednn: no optimised matmul for M = ", onednn_row_buckets[i], ", K = ",
@@ -476,7 +474,6 @@ struct onednn {
                 if (k_ > 0 && n_ > 0) panels_ = detail::WeightPanels(w, storage_, prec_);
                 return;
             }
-            source_ = bf16 ? dt::bf16 : dt::f32;
             if (k_ > 0 && n_ > 0) matmul_ = lookup(detail::current_threads());
             // Source weights as the (K, N) matrix W^T, then one reorder into the primitive's layout.
             // Weights already of the storage type are read in place (W, N x K with row stride s,
@@ -494,7 +491,7 @@ struct onednn {
             }
             if (!bf16) reorders_ = detail::onednn_panel_reorders(k_, n_, matmul_->weights); // backward is f32 only
             try {
-                dnnl::memory src = in_place ? dnnl::memory({{k_, n_}, source_, {1, w.stride()}}, engine,
+                dnnl::memory src = in_place ? dnnl::memory({{k_, n_}, source(), {1, w.stride()}}, engine,
                                                            const_cast<std::byte*>(w.row_bytes(0)))
                                             : dnnl::memory({{k_, n_}, dt::f32, {n_, 1}}, engine, wt.data());
                 weights_ = dnnl::memory(matmul_->weights, engine);
@@ -529,7 +526,7 @@ struct onednn {
             // needs its primitive's scratchpad.
             const index_t piece = detail::onednn_largest_piece(rows);
             const std::size_t pieces = detail::padded_bytes<float>(piece, k_) + detail::padded_bytes<float>(piece, n_);
-            const std::size_t rounded = source_ == dnnl::memory::data_type::bf16 ? detail::padded_bytes<std::uint16_t>(rows, k_) : 0;
+            const std::size_t rounded = storage_ == dtype::bf16 ? detail::padded_bytes<std::uint16_t>(rows, k_) : 0;
             return (accumulate_ ? detail::padded_bytes<float>(rows, n_) : 0) + rounded + pieces + scratchpad_bytes(rows);
         }
 
@@ -546,7 +543,7 @@ struct onednn {
                 return;
             }
             const detail::OnednnMatmul& m = current();
-            if (source_ == dnnl::memory::data_type::bf16) { // `fast`: A rounded to bf16 once, as our panels do
+            if (storage_ == dtype::bf16) { // `fast` (exact is on the panels): A rounded to bf16 once, as they round it
                 const MatrixView<std::uint16_t> a16 = ws.take_matrix<std::uint16_t>(a.rows(), k_);
                 detail::bf16_round_rows(a, a16.data(), a16.stride(), detail::cpu_isa().bf16);
                 return apply(m, ConstMatrixView<std::uint16_t>(a16), c, ws, scale);
@@ -643,10 +640,16 @@ struct onednn {
         }
 
     private:
+        /// The type of the primitives' A and W: bf16 for bf16 storage (which reaches the
+        /// primitives only as `fast` on AMX), else f32.
+        [[nodiscard]] dnnl::memory::data_type source() const noexcept {
+            return storage_ == dtype::bf16 ? dnnl::memory::data_type::bf16 : dnnl::memory::data_type::f32;
+        }
+
         /// The primitives for `threads` threads: remembered, or from the process-wide cache.
         [[nodiscard]] const detail::OnednnMatmul* lookup(int threads) const {
             if (const auto* m = table_->find(threads)) return m;
-            const auto* m = detail::onednn_matmul(k_, n_, has_bias_, Act::kind, accumulate_, threads, source_);
+            const auto* m = detail::onednn_matmul(k_, n_, has_bias_, Act::kind, accumulate_, threads, source());
             if (matmul_ != nullptr && m->weights != matmul_->weights)
                 throw backend_error(detail::concat(name_, ": oneDNN wants another weight layout at ", threads,
                                                    " threads than at ", matmul_->threads, " (K = ", k_, ", N = ", n_, ")"));
@@ -748,7 +751,6 @@ struct onednn {
         }
 
         bool has_bias_ = false;
-        dnnl::memory::data_type source_ = dnnl::memory::data_type::f32; ///< the primitives' A and W: bf16 for bf16 `fast`
         std::shared_ptr<detail::OnednnMatmulTable> table_;  ///< stays put when the linear moves
         const detail::OnednnMatmul* matmul_ = nullptr;      ///< the construction's; null when K = 0 or N = 0
         const detail::OnednnPanelReorders* reorders_ = nullptr; ///< for backward; set with matmul_ for f32
