@@ -5,10 +5,12 @@
 
 #include <doctest/doctest.h>
 
+#include <array>
 #include <cmath>
 #include <functional>
 #include <limits>
 #include <random>
+#include <string>
 #include <thread>
 #include <tuple>
 #include <type_traits>
@@ -46,6 +48,13 @@ struct rowwise_map {
     using linear = detail::RowwiseLinear<Act>;
 };
 using linear_maps = decltype(std::tuple_cat(test::all_backends{}, std::tuple<rowwise_map>{}));
+
+template <class B>
+constexpr bool is_eigen = false;
+#if HYPERMOE_HAS_EIGEN
+template <>
+constexpr bool is_eigen<eigen> = true;
+#endif
 
 } // namespace
 
@@ -146,6 +155,70 @@ TEST_CASE_TEMPLATE_DEFINE("linear backward: strided views, and its typed errors"
     }
 }
 TEST_CASE_TEMPLATE_APPLY(linear_backward_errors, test::all_backends);
+
+TEST_CASE_TEMPLATE_DEFINE("linear backward a tile at a time: backward_input's columns and weight_gradient's blocks give the "
+                          "whole backward's bits", B, linear_backward_tiles) {
+    // What a pool of work items runs (GluExpert::backward_tile): da's columns in multiples of
+    // backward_column_unit(), dW in blocks of rows and columns, in any order.
+    Workspace ws;
+    for (const auto& shape : {std::array<index_t, 3>{3, 8, 5}, {17, 80, 192}, {9, 300, 130}, {6, 1100, 40}, {5, 64, 2112}})
+        for (const bool accumulate : {false, true}) {
+            const index_t m = shape[0], k = shape[1], n = shape[2]; // (not a structured binding: CAPTURE's lambda takes them)
+            CAPTURE(m);
+            CAPTURE(k);
+            CAPTURE(n);
+            CAPTURE(accumulate);
+            const auto w = random_matrix(n, k, 1), a = random_matrix(m, k, 3), dz = random_matrix(m, n, 4);
+            const typename B::template linear<Identity> lin(WeightView(w.view()), {}, LinearOptions{"w"});
+            const auto da0 = random_matrix(m, k, 5), dw0 = random_matrix(n, k, 6);
+            auto da = da0, dw = dw0, da_tiles = da0, dw_tiles = dw0;
+            lin.backward(a, dz, da, LinearGrads{dw.view()}, ws, accumulate);
+            const index_t unit = lin.backward_column_unit(), width = std::max<index_t>(unit, (40 + unit - 1) / unit * unit);
+            CHECK(unit >= 1);
+            // Last tile first: each tile's columns depend on no other tile.
+            for (index_t k0 = (k - 1) / width * width; k0 >= 0; k0 -= width)
+                lin.backward_input(dz, da_tiles.view().col_block(k0, std::min(width, k - k0)), k0, ws, accumulate);
+            for (index_t n0 = 0; n0 < n; n0 += 24)
+                for (index_t k0 = (k - 1) / width * width; k0 >= 0; k0 -= width) {
+                    const index_t rows = std::min<index_t>(24, n - n0), cols = std::min(width, k - k0);
+                    lin.weight_gradient(a.view().col_block(k0, cols), dz.view().col_block(n0, rows),
+                                        dw_tiles.view().row_block(n0, rows).col_block(k0, cols), ws);
+                }
+            CHECK(relative_error(da_tiles, da) == 0.0);
+            // Eigen blocks a product by its shape, so a block of dW may sum in another order.
+            CHECK(relative_error(dw_tiles, dw) <= (is_eigen<B> ? 1e-6 : 0.0));
+        }
+
+    // Typed errors, naming the call and both sides.
+    const auto w = random_matrix(6, 64, 1);
+    const typename B::template linear<Identity> lin(WeightView(w.view()), {}, LinearOptions{"w"});
+    Matrix<float> dz(5, 6), da(5, 16), dz_bad(5, 7), da_short(4, 16), a(5, 64), dw(6, 64);
+    CHECK_THROWS_WITH_AS(lin.backward_input(dz, da, 56, ws), "w backward_input: columns [56, 72) of the input gradient, expected a range within [0, 64)",
+                         shape_error);
+    CHECK_THROWS_WITH_AS(lin.backward_input(dz_bad, da, 0, ws), "w backward_input: output gradient has 7 columns, expected 6", shape_error);
+    CHECK_THROWS_WITH_AS(lin.backward_input(dz, da_short, 0, ws),
+                         "w backward_input: input gradient has 4 rows, expected 5 (the output gradient's)", shape_error);
+    if (const index_t unit = lin.backward_column_unit(); unit > 1 && unit < 64) {
+        const index_t k0 = unit / 2;
+        CHECK_THROWS_WITH_AS(lin.backward_input(dz, da.view().col_block(0, unit), k0, ws),
+                             ("w backward_input: columns [" + std::to_string(k0) + ", " + std::to_string(k0 + unit) +
+                              ") of the input gradient, expected multiples of " + std::to_string(unit) +
+                              " (backward_column_unit()) or a range that ends at 64")
+                                 .c_str(),
+                             shape_error);
+    }
+    CHECK_THROWS_WITH_AS(lin.weight_gradient(a, dz, dw.view().col_block(0, 32), ws),
+                         "w weight_gradient: weight gradient block has shape (6, 32), expected (6, 64)", shape_error);
+    CHECK_THROWS_WITH_AS(lin.weight_gradient(a.view().row_block(0, 4), dz, dw, ws),
+                         "w weight_gradient: output gradient has 5 rows, expected 4 (the input's)", shape_error);
+    CHECK_THROWS_WITH_AS(lin.weight_gradient(a, dz_bad, dw, ws),
+                         "w weight_gradient: input block has 64 columns and output gradient block 7, expected at most 64 and 6",
+                         shape_error);
+    const typename B::template linear<Identity> stored(WeightView(w.view()), {}, LinearOptions{"w", false, dtype::bf16});
+    CHECK_THROWS_AS(stored.backward_input(dz, da, 0, ws), config_error);
+    CHECK_THROWS_AS(stored.weight_gradient(a, dz, dw, ws), config_error);
+}
+TEST_CASE_TEMPLATE_APPLY(linear_backward_tiles, test::all_backends);
 
 TEST_CASE_TEMPLATE_DEFINE("linear backward through the fused activation and scale matches central differences", B,
                           linear_backward_activation) {

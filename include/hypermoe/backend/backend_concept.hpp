@@ -3,7 +3,8 @@
 // `linear<Act>`: C = [C +] scale * Act(A W^T + b) for activations A (M x K, f32, M known only
 // at run time) and weights W (N x K) prepared once, at construction, into the backend's
 // preferred layout; and its backward, for weights stored as f32: from dC, dZ = scale dC
-// Act'(Z), then dA [+]= dZ W, dW += dZ^T A, db += sums of dZ. Dispatch is hoisted: a component's backend is part of its type.
+// Act'(Z), then dA [+]= dZ W, dW += dZ^T A, db += sums of dZ, whole or a tile at a time.
+// Dispatch is hoisted: a component's backend is part of its type.
 
 #include <concepts>
 #include <cstddef>
@@ -32,6 +33,14 @@ concept LinearMap = std::constructible_from<L, WeightView, std::span<const float
         // Z = a W^T + b; da [+]= dz W, g.weight += dz^T a, g.bias += sums of dz.
         { l.backward_workspace_bytes(m) } -> std::same_as<std::size_t>;
         l.backward(a, dz, da, g, ws, false, 1.0f);
+        // Its two products a tile at a time (for a pool of work items, MoeLayer's backward):
+        // columns [k0, k0 + da.cols()) of da [+]= dz W, in multiples of backward_column_unit();
+        // a block of g.weight += dz^T a from column blocks of dz and a.
+        { l.backward_column_unit() } -> std::same_as<index_t>;
+        { l.backward_input_workspace_bytes(m, m) } -> std::same_as<std::size_t>;
+        l.backward_input(dz, da, m, ws, false);
+        { l.weight_gradient_workspace_bytes(m, m, m) } -> std::same_as<std::size_t>;
+        l.weight_gradient(a, dz, da, ws);
     };
 
 /// A compute backend: a tag with `name` and `linear<Act>` for every activation.

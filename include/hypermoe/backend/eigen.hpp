@@ -218,8 +218,8 @@ struct eigen {
         [[nodiscard]] std::size_t backward_workspace_bytes(index_t rows) const noexcept {
             const int threads = detail::current_threads();
             return affine_gradient_bytes(rows) + std::max({detail::EigenGemm{rows, n_, k_, threads}.workspace_bytes(),
-                                                           detail::EigenGemm{rows, k_, n_, threads}.workspace_bytes(),
-                                                           detail::EigenGemm{n_, k_, rows, threads}.workspace_bytes()});
+                                                           backward_input_workspace_bytes(rows, k_),
+                                                           weight_gradient_workspace_bytes(rows, n_, k_)});
         }
 
         /// The backward of operator()(a, c, ws, scale) given dc = dL/dC: da [+]= dz W,
@@ -241,15 +241,41 @@ struct eigen {
                     for (index_t r = 0; r < m; ++r)
                         for (index_t c = 0; c < n_; ++c) z(r, c) += bias_[std::size_t(c)];
             });
-            if (!accumulate_input)
-                for (index_t r = 0; r < m; ++r) std::fill_n(da.row(r).data(), k_, 0.0f);
-            // da (m, K) += dz (m, N) W (N, K)
-            detail::EigenGemm{m, k_, n_, threads}.add<Eigen::RowMajor, Eigen::RowMajor>(dz.data(), dz.stride(), w_.data(), k_,
-                                                                                        da.data(), da.stride(), ws);
-            // dW (N, K) += dz^T (N, m): dz read column-major, times a (m, K)
-            detail::EigenGemm{n_, k_, m, threads}.add<Eigen::ColMajor, Eigen::RowMajor>(dz.data(), dz.stride(), a.data(), a.stride(),
-                                                                                        g.weight.data(), g.weight.stride(), ws);
+            backward_input(dz, da, 0, ws, accumulate_input);
+            weight_gradient(a, dz, g.weight, ws);
             detail::add_column_sums(dz, g.bias);
+        }
+
+        /// Columns a backward_input tile is made of: Eigen's blocks of result columns, so that a
+        /// tile's bits are the whole product's.
+        [[nodiscard]] index_t backward_column_unit() const noexcept { return detail::EigenGemm::block; }
+        [[nodiscard]] std::size_t backward_input_workspace_bytes(index_t rows, index_t columns) const noexcept {
+            return detail::EigenGemm{rows, columns, n_, detail::current_threads()}.workspace_bytes();
+        }
+
+        /// The input gradient's columns [k0, k0 + da.cols()) alone: da [+]= dz W[:, k0 ..] for
+        /// dz = dL/dZ (M, N).
+        void backward_input(ConstMatrixView<float> dz, MatrixView<float> da, index_t k0, Workspace& ws, bool accumulate = false) const {
+            check_backward_input(dz, da, k0, backward_column_unit());
+            if (!accumulate)
+                for (index_t r = 0; r < da.rows(); ++r) std::fill_n(da.row(r).data(), da.cols(), 0.0f);
+            // da (m, columns) += dz (m, N) W[:, k0 ..] (N, columns: rows of w_ from column k0)
+            detail::EigenGemm{dz.rows(), da.cols(), n_, detail::current_threads()}.add<Eigen::RowMajor, Eigen::RowMajor>(
+                dz.data(), dz.stride(), w_.data() + k0, k_, da.data(), da.stride(), ws);
+        }
+
+        [[nodiscard]] std::size_t weight_gradient_workspace_bytes(index_t rows, index_t n, index_t k) const noexcept {
+            return detail::EigenGemm{n, k, rows, detail::current_threads()}.workspace_bytes();
+        }
+
+        /// A block of the weight gradient: dw (n, k) += dz^T a for dz (M, n) the gradient of
+        /// outputs [n0, n0 + n) and a (M, k) the inputs [k0, k0 + k), dw the gradient's block at
+        /// (n0, k0).
+        void weight_gradient(ConstMatrixView<float> a, ConstMatrixView<float> dz, MatrixView<float> dw, Workspace& ws) const {
+            check_weight_gradient(a, dz, dw);
+            // dw (n, k) += dz^T (n, m): dz read column-major, times a (m, k)
+            detail::EigenGemm{dw.rows(), dw.cols(), a.rows(), detail::current_threads()}.add<Eigen::ColMajor, Eigen::RowMajor>(
+                dz.data(), dz.stride(), a.data(), a.stride(), dw.data(), dw.stride(), ws);
         }
 
     private:

@@ -155,6 +155,14 @@ public:
     [[nodiscard]] dtype storage() const noexcept { return storage_; }
     [[nodiscard]] precision prec() const noexcept { return prec_; }
 
+    /// Checks f32 storage, which every backward needs: it computes with the weights as trained,
+    /// so a linear stored as bf16 or in blocks (an inference copy) is refused (config_error).
+    void check_trainable() const {
+        if (storage_ != dtype::f32)
+            throw config_error(concat(name_, ": backward needs f32 storage, but the weights are stored as ", to_string(storage_),
+                                      " (load or build the layer with f32 storage to train it)"));
+    }
+
     // A linear map is never copied: layers hold theirs through Shared (below), so a copied layer
     // shares its weights on every backend. Moving is allowed.
     LinearBase(const LinearBase&) = delete;
@@ -197,9 +205,7 @@ protected:
     /// linear stored as bf16 or in blocks (an inference copy) is refused; load with f32 storage.
     void check_backward(ConstMatrixView<float> a, ConstMatrixView<float> dc, MatrixView<float> da, const LinearGrads& g) const {
         const ConstMatrixView<float>& dz = dc;
-        if (storage_ != dtype::f32)
-            throw config_error(concat(name_, ": backward needs f32 storage, but the weights are stored as ", to_string(storage_),
-                                      " (load or build the layer with f32 storage to train it)"));
+        check_trainable();
         if (a.cols() != k_) throw shape_error(concat(name_, " backward: input has ", a.cols(), " columns, expected ", k_));
         if (dz.rows() != a.rows() || dz.cols() != n_)
             throw shape_error(concat(name_, " backward: output gradient has shape ", shape_str(dz.rows(), dz.cols()), ", expected ",
@@ -212,6 +218,38 @@ protected:
                                      ", expected ", shape_str(n_, k_)));
         if (!g.bias.empty() && index_t(g.bias.size()) != n_)
             throw shape_error(concat(name_, " backward: bias gradient has ", g.bias.size(), " elements, expected ", n_));
+    }
+
+    /// Checks a backward_input call: dz (M, N), da (M, columns) for the input gradient's columns
+    /// [k0, k0 + columns) within K, k0 a multiple of `unit` and columns one too unless the tile
+    /// reaches K; f32 storage.
+    void check_backward_input(ConstMatrixView<float> dz, MatrixView<float> da, index_t k0, index_t unit) const {
+        check_trainable();
+        if (dz.cols() != n_)
+            throw shape_error(concat(name_, " backward_input: output gradient has ", dz.cols(), " columns, expected ", n_));
+        if (da.rows() != dz.rows())
+            throw shape_error(concat(name_, " backward_input: input gradient has ", da.rows(), " rows, expected ", dz.rows(),
+                                     " (the output gradient's)"));
+        if (k0 < 0 || da.cols() > k_ - k0)
+            throw shape_error(concat(name_, " backward_input: columns [", k0, ", ", k0 + da.cols(), ") of the input gradient, expected ",
+                                     "a range within [0, ", k_, ")"));
+        if (k0 % unit != 0 || (da.cols() % unit != 0 && k0 + da.cols() != k_))
+            throw shape_error(concat(name_, " backward_input: columns [", k0, ", ", k0 + da.cols(), ") of the input gradient, expected ",
+                                     "multiples of ", unit, " (backward_column_unit()) or a range that ends at ", k_));
+    }
+
+    /// Checks a weight_gradient call: a (M, k) and dz (M, n) with k <= K and n <= N, dw (n, k).
+    void check_weight_gradient(ConstMatrixView<float> a, ConstMatrixView<float> dz, MatrixView<float> dw) const {
+        check_trainable();
+        if (a.cols() > k_ || dz.cols() > n_)
+            throw shape_error(concat(name_, " weight_gradient: input block has ", a.cols(), " columns and output gradient block ",
+                                     dz.cols(), ", expected at most ", k_, " and ", n_));
+        if (dz.rows() != a.rows())
+            throw shape_error(concat(name_, " weight_gradient: output gradient has ", dz.rows(), " rows, expected ", a.rows(),
+                                     " (the input's)"));
+        if (dw.rows() != dz.cols() || dw.cols() != a.cols())
+            throw shape_error(concat(name_, " weight_gradient: weight gradient block has shape ", shape_str(dw.rows(), dw.cols()),
+                                     ", expected ", shape_str(dz.cols(), a.cols())));
     }
 
     std::string name_;

@@ -551,92 +551,127 @@ struct onednn {
             apply(m, a, c, ws, scale);
         }
 
-        /// Scratch of backward() for `rows` rows: W for dz W (from oneDNN's layout: reordered
-        /// into f32 panels, and W^T too for a recomputed Z; from our panels: each thread's 4
-        /// panels at a time), the gradient of Z (Z itself when recomputed), dz^T, and the larger
-        /// packed operand of the other two products.
+        /// Scratch of backward() for `rows` rows: the gradient of Z (Z itself when recomputed, on
+        /// W^T reordered into panels where oneDNN holds the weights), then the larger of
+        /// backward_input's and weight_gradient's.
         [[nodiscard]] std::size_t backward_workspace_bytes(index_t rows) const noexcept {
             if (storage_ != dtype::f32) return 0; // backward() refuses them before taking scratch
-            const std::size_t w = matmul_ != nullptr
-                                      ? (reorders_->ba16a64b
-                                             ? detail::padded_bytes<float>(detail::PanelKernels::packed_scratch_floats(n_, detail::current_threads()))
-                                             : detail::padded_bytes<float>(detail::f32_panel_floats(n_, k_))) +
-                                            detail::padded_bytes<float>(detail::f32_panel_floats(k_, n_)) +
-                                            detail::padded_bytes<std::byte>(index_t(reorders_->scratchpad))
-                                      : panels_.transposed_workspace_bytes(detail::current_threads());
-            return w + affine_gradient_bytes(rows) + detail::padded_bytes<float>(n_, rows) +
-                   std::max({detail::panel_gemm_bytes(k_, n_), detail::panel_gemm_bytes(rows, k_)});
+            std::size_t z = 0;
+            if constexpr (!std::is_same_v<Act, Identity>) {
+                if (!panels_.empty()) z = panels_.workspace_bytes(rows, false);
+                else if (matmul_ != nullptr)
+                    z = detail::padded_bytes<float>(detail::f32_panel_floats(k_, n_)) + detail::padded_bytes<std::byte>(index_t(reorders_->scratchpad));
+            }
+            return affine_gradient_bytes(rows) + z +
+                   std::max(backward_input_workspace_bytes(rows, k_), weight_gradient_workspace_bytes(rows, n_, k_));
         }
 
         /// The backward of operator()(a, c, ws, scale) given dc = dL/dC: da [+]= dz W,
         /// g.weight += dz^T a, g.bias += the column sums of dz, where dz = scale * dc * Act'(Z)
-        /// is the gradient of Z = A W^T + b (recomputed when Act is not the identity). The
-        /// products run on our panel kernels (detail::PanelKernels, as the f32 panels' forward):
-        /// no allocation, and the same bits at every thread count (oneDNN's run-time-shaped
-        /// `gemm:jit` allocated on every call and split K across threads). dz W reads W from our
-        /// f32 panels 4 transposed panels at a time (WeightPanels::multiply_transposed), or from
-        /// the primitives' blocked layout: brgemm's BA16a64b 4 panels at a time too, its 16 x 16
-        /// blocks transposed by each thread just before it multiplies them (onednn_pack_w_panels),
-        /// other layouts through one oneDNN reorder straight into panels (and a recomputed Z
-        /// through another, of W^T). f32 storage only.
+        /// is the gradient of Z = A W^T + b (recomputed when Act is not the identity), through
+        /// backward_input and weight_gradient. The products run on our panel kernels
+        /// (detail::PanelKernels, as the f32 panels' forward): no allocation, and the same bits
+        /// at every thread count (oneDNN's run-time-shaped `gemm:jit` allocated on every call and
+        /// split K across threads). f32 storage only.
         void backward(ConstMatrixView<float> a, ConstMatrixView<float> dc, MatrixView<float> da, const LinearGrads& g, Workspace& ws,
                       bool accumulate_input = false, float scale = 1.0f) const {
             check_backward(a, dc, da, g);
             const index_t m = a.rows();
             if (m == 0) return;
             Workspace::Scope scope(ws, backward_workspace_bytes(m));
-            const detail::kernel_isa isa = detail::vector_kernel();
-            constexpr index_t panel = detail::PanelKernels::panel;
-            float* w_panels = nullptr; // W as B (N, K) in panels, reordered from oneDNN's layout
-            if (matmul_ != nullptr && !reorders_->ba16a64b) {
-                w_panels = ws.take<float>(detail::f32_panel_floats(n_, k_)).data();
-                detail::onednn_reorder_into_panels(*reorders_, weights_, k_, n_, detail::OnednnRole::panels_of_w, w_panels, ws, name_);
-            }
             const ConstMatrixView<float> dz = affine_gradient<Act>(dc, scale, ws, [&](MatrixView<float> z) {
                 // Z (m, N) = a W^T (+ b below): the forward's own product on our panels, or on
                 // W^T reordered into panels
                 if (!panels_.empty()) {
                     panels_.apply<Identity>(a, z, ws, nullptr, 1.0f, false);
-                } else {
+                } else if (matmul_ != nullptr) {
                     float* wt_panels = ws.take<float>(detail::f32_panel_floats(k_, n_)).data();
                     detail::onednn_reorder_into_panels(*reorders_, weights_, k_, n_, detail::OnednnRole::panels_of_wt, wt_panels,
                                                        ws, name_);
-                    detail::PanelKernels(isa).multiply(wt_panels, k_ * panel, k_, n_, a.data(), a.stride(), m, z.data(), z.stride(), false);
+                    detail::PanelKernels(detail::vector_kernel())
+                        .multiply(wt_panels, k_ * detail::PanelKernels::panel, k_, n_, a.data(), a.stride(), m, z.data(), z.stride(), false);
+                } else {
+                    for (index_t r = 0; r < m; ++r) std::fill_n(z.row(r).data(), n_, 0.0f);
                 }
                 if (!bias_f32_.empty())
                     for (index_t r = 0; r < m; ++r)
                         for (index_t c = 0; c < n_; ++c) z(r, c) += bias_f32_[std::size_t(c)];
             });
-            // da (m, K) [+]= dz (m, N) W (N, K)
-            if (w_panels != nullptr) {
-                detail::PanelKernels(isa).multiply(w_panels, n_ * panel, n_, k_, dz.data(), dz.stride(), m, da.data(), da.stride(),
-                                                   accumulate_input);
-            } else if (matmul_ != nullptr) {
-                // BA16a64b: the same panels, made group by group while in cache, where the
-                // reorder wrote all of W (23 MB for a 5632 x 1024 weight) and the product read it
-                // back. The Mixtral-like layer's kept backward at T = 512 on a 2-core Zen 5:
-                // 125-137 -> 117 ms (docs/training.md).
+            backward_input(dz, da, 0, ws, accumulate_input);
+            weight_gradient(a, dz, g.weight, ws);
+            detail::add_column_sums(dz, g.bias);
+        }
+
+        /// Columns a backward_input tile is made of: a panel (16) where dz W reads W a few
+        /// panels at a time, all of K where oneDNN's layout is first reordered into panels whole.
+        [[nodiscard]] index_t backward_column_unit() const noexcept {
+            return matmul_ != nullptr && !reorders_->ba16a64b ? std::max<index_t>(k_, 1) : detail::PanelKernels::panel;
+        }
+
+        /// Scratch of backward_input at the calling thread's thread count: W's panels for the
+        /// call (from brgemm's BA16a64b or our panels: each thread's 4 panels at a time; from
+        /// another oneDNN layout: all of W, through a reorder).
+        [[nodiscard]] std::size_t backward_input_workspace_bytes(index_t /*rows*/, index_t /*columns*/) const noexcept {
+            if (storage_ != dtype::f32) return 0;
+            if (matmul_ == nullptr) return panels_.empty() ? 0 : panels_.transposed_workspace_bytes(detail::current_threads());
+            if (reorders_->ba16a64b)
+                return detail::padded_bytes<float>(detail::PanelKernels::packed_scratch_floats(n_, detail::current_threads()));
+            return detail::padded_bytes<float>(detail::f32_panel_floats(n_, k_)) + detail::padded_bytes<std::byte>(index_t(reorders_->scratchpad));
+        }
+
+        /// The input gradient's columns [k0, k0 + da.cols()) alone: da [+]= dz W[:, k0 ..] for
+        /// dz = dL/dZ (M, N), with the bits backward() gives them. dz W reads W from our f32
+        /// panels 4 transposed panels at a time (WeightPanels::multiply_transposed), or from the
+        /// primitives' blocked layout: brgemm's BA16a64b 4 panels at a time too, its 16 x 16
+        /// blocks transposed by each thread just before it multiplies them (onednn_pack_w_panels:
+        /// where reordering all of W first wrote 23 MB for a 5632 x 1024 weight and read it back,
+        /// the Mixtral-like layer's kept backward at T = 512 took 125-137 instead of 117 ms on a
+        /// 2-core Zen 5, docs/training.md); other layouts through one oneDNN reorder into panels.
+        void backward_input(ConstMatrixView<float> dz, MatrixView<float> da, index_t k0, Workspace& ws, bool accumulate = false) const {
+            check_backward_input(dz, da, k0, backward_column_unit());
+            const index_t m = dz.rows();
+            if (m == 0 || da.cols() == 0) return;
+            Workspace::Scope scope(ws, backward_input_workspace_bytes(m, da.cols()));
+            const detail::kernel_isa isa = detail::vector_kernel();
+            constexpr index_t panel = detail::PanelKernels::panel;
+            const index_t p_begin = k0 / panel, p_end = (k0 + da.cols() + panel - 1) / panel;
+            if (matmul_ != nullptr && reorders_->ba16a64b) {
                 float* scratch = ws.take<float>(detail::PanelKernels::packed_scratch_floats(n_, detail::current_threads())).data();
                 const float* w = static_cast<const float*>(weights_.get_data_handle());
-                detail::PanelKernels(isa).multiply_packed(n_, k_, dz.data(), dz.stride(), m, da.data(), da.stride(), accumulate_input, scratch,
-                                                          [&](index_t q0, index_t count, float* out) {
-                                                              detail::onednn_pack_w_panels(isa, w, k_, n_, q0, count, out);
-                                                          });
+                detail::PanelKernels(isa).multiply_packed(
+                    n_, k_, dz.data(), dz.stride(), m, da.data(), da.stride(), accumulate, scratch,
+                    [&](index_t q0, index_t count, float* out) { detail::onednn_pack_w_panels(isa, w, k_, n_, q0, count, out); }, p_begin,
+                    p_end);
+            } else if (matmul_ != nullptr) {
+                float* w_panels = ws.take<float>(detail::f32_panel_floats(n_, k_)).data(); // W as B (N, K) in panels
+                detail::onednn_reorder_into_panels(*reorders_, weights_, k_, n_, detail::OnednnRole::panels_of_w, w_panels, ws, name_);
+                detail::PanelKernels(isa).multiply(w_panels, n_ * panel, n_, k_, dz.data(), dz.stride(), m, da.data(), da.stride(),
+                                                   accumulate, p_begin, p_end);
+            } else if (!panels_.empty()) {
+                panels_.multiply_transposed(dz.data(), dz.stride(), m, da.data(), da.stride(), accumulate, ws, p_begin, p_end);
+            } else if (!accumulate) { // K = 0 or N = 0
+                for (index_t r = 0; r < m; ++r) std::fill_n(da.row(r).data(), da.cols(), 0.0f);
             }
-            else if (!panels_.empty())
-                panels_.multiply_transposed(dz.data(), dz.stride(), m, da.data(), da.stride(), accumulate_input, ws);
-            else if (!accumulate_input) // K = 0 or N = 0
-                for (index_t r = 0; r < m; ++r) std::fill_n(da.row(r).data(), k_, 0.0f);
-            // dW (N, K) += dz^T (N, m) a (m, K)
-            MatrixView<float> dzt = ws.take_matrix<float>(n_, m);
-            detail::parallel_for((n_ + 15) / 16, m * n_, [&](index_t b) { // 16 columns of dz at a time
-                const index_t c0 = 16 * b, c1 = std::min(n_, c0 + 16);
-                for (index_t r = 0; r < m; ++r)
-                    for (index_t c = c0; c < c1; ++c) dzt(c, r) = dz(r, c);
-            });
-            detail::panel_gemm(isa, n_, k_, m, dzt.data(), dzt.stride(), a.data(), a.stride(), false, g.weight.data(), g.weight.stride(),
-                               true, ws);
-            detail::add_column_sums(dz, g.bias);
+        }
+
+        /// Scratch of weight_gradient: dz^T and the packed input block.
+        [[nodiscard]] std::size_t weight_gradient_workspace_bytes(index_t rows, index_t n, index_t k) const noexcept {
+            return detail::padded_bytes<float>(n, rows) + detail::panel_gemm_bytes(rows, k);
+        }
+
+        /// A block of the weight gradient: dw (n, k) += dz^T a for dz (M, n) the gradient of
+        /// outputs [n0, n0 + n) and a (M, k) the inputs [k0, k0 + k), dw the gradient's block at
+        /// (n0, k0): dz transposed (16 x 16 blocks at a time), then our panel kernels
+        /// (panel_gemm), each element summed in token order.
+        void weight_gradient(ConstMatrixView<float> a, ConstMatrixView<float> dz, MatrixView<float> dw, Workspace& ws) const {
+            check_weight_gradient(a, dz, dw);
+            const index_t m = a.rows(), n = dz.cols();
+            if (m == 0 || n == 0) return;
+            Workspace::Scope scope(ws, weight_gradient_workspace_bytes(m, n, a.cols()));
+            const MatrixView<float> dzt = ws.take_matrix<float>(n, m);
+            detail::transpose_matrix(detail::vector_kernel(), dz, dzt);
+            detail::panel_gemm(detail::vector_kernel(), n, a.cols(), m, dzt.data(), dzt.stride(), a.data(), a.stride(), false, dw.data(),
+                               dw.stride(), true, ws);
         }
 
     private:

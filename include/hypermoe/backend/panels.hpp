@@ -358,9 +358,9 @@ inline void bf16_round_rows(ConstMatrixView<float> a, std::uint16_t* out, index_
 }
 
 #if HYPERMOE_X86_KERNELS
-/// dst[r * 16 + c] = src[c * lds + r] for a 16 x 16 block of floats (src's rows lds floats
+/// dst[r * ldd + c] = src[c * lds + r] for a 16 x 16 block of floats (src's rows lds floats
 /// apart): four 8 x 8 transposes (unpack, shuffle, lane permute).
-__attribute__((target("avx2"))) inline void transpose16_avx2(const float* src, index_t lds, float* dst) noexcept {
+__attribute__((target("avx2"))) inline void transpose16_avx2(const float* src, index_t lds, float* dst, index_t ldd = 16) noexcept {
     for (int bi = 0; bi < 2; ++bi)     // block row of src: src rows 8 bi ..
         for (int bj = 0; bj < 2; ++bj) { // block column of src: lanes 8 bj ..
             __m256 r[8], t[8];
@@ -380,21 +380,36 @@ __attribute__((target("avx2"))) inline void transpose16_avx2(const float* src, i
                 t[i + 4] = _mm256_permute2f128_ps(r[i], r[i + 4], 0x31);
             }
             // t[i] is column i of the 8 x 8 block: dst row 8 bj + i, lanes 8 bi ..
-            for (int i = 0; i < 8; ++i) _mm256_storeu_ps(dst + (8 * bj + i) * 16 + 8 * bi, t[i]);
+            for (int i = 0; i < 8; ++i) _mm256_storeu_ps(dst + (8 * bj + i) * ldd + 8 * bi, t[i]);
         }
 }
 #endif
 
-/// dst[r * 16 + c] = src[c * lds + r] for r, c < 16: a 16 x 16 block of W transposed into 16
-/// rows of a panel, on AVX2 unless `isa` is portable.
-inline void transpose16(kernel_isa isa, const float* src, index_t lds, float* dst) noexcept {
+/// dst[r * ldd + c] = src[c * lds + r] for r, c < 16: a 16 x 16 block transposed (of W into 16
+/// rows of a panel: ldd = 16), on AVX2 unless `isa` is portable.
+inline void transpose16(kernel_isa isa, const float* src, index_t lds, float* dst, index_t ldd = 16) noexcept {
 #if HYPERMOE_X86_KERNELS
-    if (isa != kernel_isa::portable) return transpose16_avx2(src, lds, dst);
+    if (isa != kernel_isa::portable) return transpose16_avx2(src, lds, dst, ldd);
 #else
     (void)isa;
 #endif
     for (index_t r = 0; r < 16; ++r)
-        for (index_t c = 0; c < 16; ++c) dst[r * 16 + c] = src[c * lds + r];
+        for (index_t c = 0; c < 16; ++c) dst[r * ldd + c] = src[c * lds + r];
+}
+
+/// dst (cols, rows) = src (rows, cols)^T, 16 x 16 blocks at a time (transpose16), threaded
+/// over blocks of 16 columns: a backward's dz^T.
+inline void transpose_matrix(kernel_isa isa, ConstMatrixView<float> src, MatrixView<float> dst) {
+    const index_t rows = src.rows(), cols = src.cols();
+    parallel_for((cols + 15) / 16, rows * cols, [&](index_t b) {
+        const index_t c0 = 16 * b, c1 = std::min(cols, c0 + 16);
+        index_t r0 = 0;
+        if (c1 - c0 == 16)
+            for (; r0 + 16 <= rows; r0 += 16)
+                transpose16(isa, src.data() + r0 * src.stride() + c0, src.stride(), dst.data() + c0 * dst.stride() + r0, dst.stride());
+        for (index_t r = r0; r < rows; ++r)
+            for (index_t c = c0; c < c1; ++c) dst(c, r) = src(r, c);
+    });
 }
 
 /// Which kernel multiplies a tile of a panel layout, chosen at run time from the CPU
@@ -412,12 +427,16 @@ public:
     /// outputs held as panels at w (`stride` elements from one panel to the next, k inputs each);
     /// c's rows are ldc apart. Each thread takes groups of 4 panels, and each output is summed by
     /// one thread in k order: the bits do not depend on the thread count.
+    /// With a panel range [p_begin, p_end): only those outputs (columns 16 p_begin .. of the
+    /// product, at c), each summed as the whole product sums it, so a tile of a product has its
+    /// bits.
     template <class W, class In>
     void multiply(const W* w, index_t stride, index_t k, index_t n, const In* a, index_t lda, index_t rows, float* c,
-                  index_t ldc, bool accumulate) const {
-        const index_t panels = (n + panel - 1) / panel, groups = (panels + group - 1) / group;
-        parallel_for(groups, rows * k * n, [&](index_t g) {
-            run_group(w + g * group * stride, stride, k, n, g * group, a, lda, rows, c, ldc, accumulate);
+                  index_t ldc, bool accumulate, index_t p_begin = 0, index_t p_end = -1) const {
+        const PanelRange r = range(n, p_begin, p_end);
+        parallel_for(r.groups, rows * k * (r.end - 16 * p_begin), [&](index_t g) {
+            const index_t p0 = p_begin + g * group;
+            run_group(w + p0 * stride, stride, k, r.end, p0, a, lda, rows, c + (p0 - p_begin) * panel, ldc, accumulate);
         });
     }
 
@@ -431,22 +450,35 @@ public:
     /// of `scratch` (packed_scratch_floats(k, threads) floats, threads = current_threads()) and
     /// multiplies them while they are still in cache, so the whole packed operand is never
     /// written to memory. The same tiles as multiply(), so the same bits.
+    /// With a panel range, as multiply().
     template <class Pack>
     void multiply_packed(index_t k, index_t n, const float* a, index_t lda, index_t rows, float* c, index_t ldc, bool accumulate,
-                         float* scratch, Pack&& pack) const {
-        const index_t panels = (n + panel - 1) / panel, groups = (panels + group - 1) / group;
+                         float* scratch, Pack&& pack, index_t p_begin = 0, index_t p_end = -1) const {
+        const PanelRange r = range(n, p_begin, p_end);
         // Small products on one thread, as parallel_for decides (the scratch has room for more).
-        const int threads = saturating_mul(saturating_mul(rows, k), n) >= parallel_grain ? current_threads() : 1;
-        parallel_tasks(groups, threads, [&](index_t g, int slot) {
-            const index_t p0 = g * group, count = std::min(group, panels - p0);
+        const int threads = saturating_mul(saturating_mul(rows, k), r.end - 16 * p_begin) >= parallel_grain ? current_threads() : 1;
+        parallel_tasks(r.groups, threads, [&](index_t g, int slot) {
+            const index_t p0 = p_begin + g * group, count = std::min(group, r.panels - p0);
             float* mine = scratch + index_t(slot) * group * panel * k;
             pack(p0, count, mine);
-            run_group(static_cast<const float*>(mine), k * panel, k, n, p0, a, lda, rows, c, ldc, accumulate);
+            run_group(static_cast<const float*>(mine), k * panel, k, r.end, p0, a, lda, rows, c + (p0 - p_begin) * panel, ldc,
+                      accumulate);
         });
     }
 
 private:
-    /// The rows of a times the up to `group` panels from p0 on (the first at w).
+    /// Panels [p_begin, panels) of an n-column product, whose last output column is end - 1, in
+    /// `groups` groups.
+    struct PanelRange {
+        index_t panels, end, groups;
+    };
+    [[nodiscard]] static PanelRange range(index_t n, index_t p_begin, index_t p_end) noexcept {
+        const index_t all = (n + panel - 1) / panel, panels = p_end < 0 ? all : std::min(p_end, all);
+        return {panels, std::min(n, panels * panel), (std::max<index_t>(panels - p_begin, 0) + group - 1) / group};
+    }
+
+    /// The rows of a times the up to `group` panels from p0 on (the first at w) of a product
+    /// whose outputs end at column n, into c (column 16 p0 of the product).
     template <class W, class In>
     void run_group(const W* w, index_t stride, index_t k, index_t n, index_t p0, const In* a, index_t lda, index_t rows, float* c,
                    index_t ldc, bool accumulate) const {
@@ -459,8 +491,8 @@ private:
             t.accumulate = accumulate || k0 > 0;
             for (index_t m = 0; m < rows; m += block) {
                 t.a = a + m * lda + k0;
-                t.c = c + m * ldc + p0 * panel;
-                if (m + block < rows) prefetch_c(c + (m + block) * ldc + p0 * panel, ldc, std::min(block, rows - m - block), t.cols);
+                t.c = c + m * ldc;
+                if (m + block < rows) prefetch_c(c + (m + block) * ldc, ldc, std::min(block, rows - m - block), t.cols);
                 tile_rows(std::min(block, rows - m), count, t);
             }
         }
@@ -602,8 +634,18 @@ void pack_f32_panels(index_t k, index_t n, float* out, At&& b) {
 /// columns, whole panel rows written (3x faster than element by element: 1.1 ms for 2816 x 1024
 /// at 2 threads here).
 inline void pack_f32_panels(const float* b, index_t ldb, bool b_cols, index_t k, index_t n, float* out) {
-    if (!b_cols) return pack_f32_panels(k, n, out, [&](index_t i, index_t j) { return b[i * ldb + j]; });
     constexpr index_t panel = PanelKernels::panel;
+    if (!b_cols) { // a panel's row is 16 consecutive floats of a row of B
+        parallel_for((n + panel - 1) / panel, k * n, [&](index_t p) {
+            const index_t j0 = p * panel, cols = std::min(panel, n - j0);
+            float* dst = out + p * k * panel;
+            for (index_t i = 0; i < k; ++i, dst += panel) {
+                std::memcpy(dst, b + i * ldb + j0, std::size_t(cols) * sizeof(float));
+                std::fill(dst + cols, dst + panel, 0.0f);
+            }
+        });
+        return;
+    }
     parallel_for((n + panel - 1) / panel, k * n, [&](index_t p) {
         const index_t j0 = p * panel, cols = std::min(panel, n - j0);
         float* dst = out + p * k * panel;
@@ -678,14 +720,17 @@ public:
     /// held f32 panels. Each work item transposes the 16 x 16 blocks of its 4 output panels into
     /// its thread's scratch and multiplies them there (PanelKernels::multiply_packed): no packed
     /// copy of the whole W. f32 panels only (the backward passes refuse other storage first).
+    /// With a panel range [p_begin, p_end) of da's columns (da at column 16 p_begin), those
+    /// columns alone, with the same bits.
     void multiply_transposed(const float* dz, index_t lddz, index_t rows, float* da, index_t ldda, bool accumulate,
-                             Workspace& ws) const {
+                             Workspace& ws, index_t p_begin = 0, index_t p_end = -1) const {
         if (values_ != dtype::f32) throw config_error("WeightPanels::multiply_transposed: the panels hold bf16, expected f32");
         const int threads = current_threads();
         Workspace::Scope scope(ws, transposed_workspace_bytes(threads));
         float* scratch = ws.take<float>(PanelKernels::packed_scratch_floats(n_, threads)).data();
         PanelKernels(kernel_).multiply_packed(n_, k_, dz, lddz, rows, da, ldda, accumulate, scratch,
-                                              [&](index_t q0, index_t count, float* out) { transpose_panels(q0, count, out); });
+                                              [&](index_t q0, index_t count, float* out) { transpose_panels(q0, count, out); },
+                                              p_begin, p_end);
     }
 
     /// Scratch of apply() with `rows` rows: the product when accumulating, the rounded
@@ -760,7 +805,9 @@ private:
 /// workspace (pack_f32_panels; the caller reserved panel_gemm_bytes(k, n)), then multiplied as
 /// WeightPanels multiplies its weights. A's and C's rows are lda and ldc apart; B as in
 /// pack_f32_panels. No allocation, and each output is summed by one thread in k order, so the
-/// bits do not depend on the thread count: the backward passes' products (onednn.hpp).
+/// bits do not depend on the thread count: the backward passes' products (onednn.hpp). (B read
+/// in place instead, a's rows 4 KiB apart alias in L1: the Mixtral-like layer's backward at
+/// T = 512 took 141-148 instead of 111-120 ms on a 2-core Zen 5.)
 inline void panel_gemm(kernel_isa isa, index_t m, index_t n, index_t k, const float* a, index_t lda, const float* b, index_t ldb,
                        bool b_cols, float* c, index_t ldc, bool accumulate, Workspace& ws) {
     if (m <= 0 || n <= 0) return;

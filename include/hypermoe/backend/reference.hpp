@@ -92,19 +92,43 @@ struct reference {
                         z(m, n) = float(acc);
                     }
             });
-            for (index_t m = 0; m < a.rows(); ++m)
-                for (index_t k = 0; k < k_; ++k) {
-                    double acc = accumulate_input ? da(m, k) : 0.0;
-                    for (index_t n = 0; n < n_; ++n) acc += double(dz(m, n)) * double(w_f32_[std::size_t(n * k_ + k)]);
-                    da(m, k) = float(acc);
-                }
-            for (index_t n = 0; n < n_; ++n)
-                for (index_t k = 0; k < k_; ++k) {
-                    double acc = g.weight(n, k);
-                    for (index_t m = 0; m < a.rows(); ++m) acc += double(dz(m, n)) * double(a(m, k));
-                    g.weight(n, k) = float(acc);
-                }
+            backward_input(dz, da, 0, ws, accumulate_input);
+            weight_gradient(a, dz, g.weight, ws);
             detail::add_column_sums(dz, g.bias);
+        }
+
+        /// Columns a backward_input tile is made of: any.
+        [[nodiscard]] index_t backward_column_unit() const noexcept { return 1; }
+        [[nodiscard]] std::size_t backward_input_workspace_bytes(index_t /*rows*/, index_t /*columns*/) const noexcept { return 0; }
+
+        /// The input gradient's columns [k0, k0 + da.cols()) alone: da [+]= dz W[:, k0 ..] for
+        /// dz = dL/dZ (M, N); each sum in double, as backward() makes it.
+        void backward_input(ConstMatrixView<float> dz, MatrixView<float> da, index_t k0, Workspace& /*ws*/,
+                            bool accumulate = false) const {
+            check_backward_input(dz, da, k0, backward_column_unit());
+            for (index_t m = 0; m < dz.rows(); ++m)
+                for (index_t j = 0; j < da.cols(); ++j) {
+                    double acc = accumulate ? da(m, j) : 0.0;
+                    for (index_t n = 0; n < n_; ++n) acc += double(dz(m, n)) * double(w_f32_[std::size_t(n * k_ + k0 + j)]);
+                    da(m, j) = float(acc);
+                }
+        }
+
+        [[nodiscard]] std::size_t weight_gradient_workspace_bytes(index_t /*rows*/, index_t /*n*/, index_t /*k*/) const noexcept {
+            return 0;
+        }
+
+        /// A block of the weight gradient: dw (n, k) += dz^T a for dz (M, n) the gradient of
+        /// outputs [n0, n0 + n) and a (M, k) the inputs [k0, k0 + k), dw the gradient's block at
+        /// (n0, k0); each sum in double.
+        void weight_gradient(ConstMatrixView<float> a, ConstMatrixView<float> dz, MatrixView<float> dw, Workspace& /*ws*/) const {
+            check_weight_gradient(a, dz, dw);
+            for (index_t n = 0; n < dw.rows(); ++n)
+                for (index_t k = 0; k < dw.cols(); ++k) {
+                    double acc = dw(n, k);
+                    for (index_t m = 0; m < a.rows(); ++m) acc += double(dz(m, n)) * double(a(m, k));
+                    dw(n, k) = float(acc);
+                }
         }
 
     private:
