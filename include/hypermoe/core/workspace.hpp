@@ -164,4 +164,30 @@ private:
     int threads_ = 0;
 };
 
+namespace detail {
+
+/// Scratch of run_task_pool on `threads` threads with `slice` bytes an item (a padded size).
+[[nodiscard]] constexpr std::size_t task_pool_bytes(int threads, std::size_t slice) noexcept {
+    return saturating_bytes(std::max(threads, 1), slice);
+}
+
+/// fn(item, ws) for item in [0, items) as tasks in one parallel region on up to `threads`
+/// threads (parallel_tasks: items in the given order, to whichever thread is free), each item
+/// on one thread with its thread's `slice` bytes of `ws` (a padded size, what one item takes
+/// at one thread) as its workspace. With one thread or one item they run here, still each on
+/// one thread. Within task_pool_bytes(threads, slice) of `ws`.
+template <class Fn>
+void run_task_pool(Workspace& ws, index_t items, int threads, std::size_t slice, Fn&& fn) {
+    const int slots = int(std::min<index_t>(std::max(threads, 1), items));
+    if (slots <= 0) return;
+    Workspace::Scope scope(ws, task_pool_bytes(slots, slice));
+    std::byte* slices = ws.take<std::byte>(index_t(slice) * slots).data();
+    const ThreadCountScope one(slots == 1 ? 1 : 0); // nested regions are serial anyway
+    parallel_tasks(items, slots, [&](index_t item, int slot) {
+        Workspace mine(std::span<std::byte>(slices + std::size_t(slot) * slice, slice));
+        fn(item, mine);
+    });
+}
+
+} // namespace detail
 } // namespace hypermoe

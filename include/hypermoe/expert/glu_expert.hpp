@@ -8,6 +8,7 @@
 #include <cstddef>
 #include <cstring>
 #include <span>
+#include <utility>
 #include <vector>
 
 #include "hypermoe/backend/backend_concept.hpp"
@@ -108,10 +109,13 @@ public:
         return g;
     }
 
+    /// Scratch of backward() for `rows` rows: the [gate | up] pre-activations (unless kept), the
+    /// stages' scratch, and the larger of the forward products' (recomputing, or giving y) and
+    /// the tiles' pool at the calling thread's thread count.
     [[nodiscard]] std::size_t backward_workspace_bytes(index_t rows) const {
-        return 2 * detail::padded_bytes<float>(rows, 2, d_ff()) + 2 * detail::padded_bytes<float>(rows, d_ff()) +
-               std::max({gate_up_->workspace_bytes(rows), gate_up_->backward_workspace_bytes(rows), down_->workspace_bytes(rows),
-                         down_->backward_workspace_bytes(rows)});
+        const std::size_t pool = detail::task_pool_bytes(detail::current_threads(), backward_tile_workspace_bytes(rows));
+        return detail::padded_bytes<float>(rows, 2 * d_ff()) + detail::padded_bytes<float>(rows, backward_scratch_width()) +
+               std::max({gate_up_->workspace_bytes(rows), down_->workspace_bytes(rows), pool});
     }
 
     /// The backward of forward(x): dx [+]= dL/dx from dy = dL/dy, and the parameter gradients
@@ -119,40 +123,111 @@ public:
     /// `keep` wrote for this x), or recomputes them from x. A non-empty `y` (M, d_model) also gets
     /// forward(x), from the hidden activations: one product, where a forward call would recompute
     /// [gate | up] too (an MoE layer's backward needs the experts' outputs for its combine
-    /// weights). f32 storage only (config_error otherwise).
+    /// weights). It runs as two pools of tiles on the calling thread's threads (backward_tile).
+    /// f32 storage only (config_error otherwise).
     void backward(ConstMatrixView<float> x, ConstMatrixView<float> dy, MatrixView<float> dx, GluGradients& g, Workspace& ws,
                   bool accumulate_input = false, MatrixView<float> y = {}, ConstMatrixView<float> kept = {}) const {
         detail::check_backward_shapes(x, dy, dx, d_model(), d_model(), "GluExpert");
         detail::check_backward_output(x, y, d_model(), "GluExpert");
         detail::check_kept(x, kept, kept_width(), "GluExpert", "kept");
+        check_gradients(g);
+        Workspace::Scope scope(ws, backward_workspace_bytes(x.rows()));
+        const index_t m = x.rows();
+        MatrixView<float> recomputed = ws.take_matrix<float>(m, 2 * d_ff()); // [gate | up] pre-activations, unless kept
+        const MatrixView<float> scratch = ws.take_matrix<float>(m, backward_scratch_width());
+        if (kept.data() == nullptr) gate_up_(x, recomputed, ws);
+        const BackwardTile t{x, dy, kept.data() != nullptr ? kept : ConstMatrixView<float>(recomputed), scratch, dx, accumulate_input};
+        const int threads = detail::current_threads();
+        const std::size_t slice = backward_tile_workspace_bytes(m);
+        detail::run_task_pool(ws, backward_tiles(1), threads, slice, [&](index_t i, Workspace& w) { backward_tile(1, i, t, g, w); });
+        if (y.data() != nullptr) down_(scratch.col_block(0, d_ff()), y, ws);
+        detail::run_task_pool(ws, backward_tiles(2), threads, slice, [&](index_t i, Workspace& w) { backward_tile(2, i, t, g, w); });
+    }
+
+    /// What a backward's tiles read and write for one expert's M rows: x, dy, the [gate | up]
+    /// pre-activations (M, 2 d_ff), the stages' scratch (M, backward_scratch_width()) and dx.
+    struct BackwardTile {
+        ConstMatrixView<float> x, dy, gate_up;
+        MatrixView<float> scratch, dx;
+        bool accumulate_input = false;
+    };
+
+    /// The backward as work items (an MoE layer runs every expert's items in one pool; tests/
+    /// test_backward.cpp). Stage 1 items are tiles of d_ff: h = Act(g) * u, dh = dy W_down, the
+    /// SwiGLU backward into d[gate | up], dW_down's columns and dW_gate|up's rows of the tile
+    /// (everything but dx is local to a tile). Stage 2 items, after every stage 1 item of the
+    /// expert, are tiles of d_model: dx's columns = d[gate | up] W_gate|up, and db_down's. Each
+    /// element is summed by one item in the products' own order: the same bits as one thread.
+    [[nodiscard]] index_t backward_tiles(int stage) const noexcept {
+        const index_t extent = stage == 1 ? d_ff() : d_model();
+        return extent == 0 ? 0 : (extent + tile_width(stage) - 1) / tile_width(stage);
+    }
+    /// Floats per row that the stages share: h (d_ff) and d[gate | up] (2 d_ff).
+    [[nodiscard]] index_t backward_scratch_width() const noexcept { return 3 * d_ff(); }
+    /// The columns (of d_ff for stage 1, of d_model for stage 2) of item `tile`.
+    [[nodiscard]] std::pair<index_t, index_t> backward_tile_columns(int stage, index_t tile) const noexcept {
+        const index_t w = tile_width(stage), c0 = tile * w;
+        return {c0, std::min(w, (stage == 1 ? d_ff() : d_model()) - c0)};
+    }
+    /// Scratch of one item with `rows` rows run on one thread (padded).
+    [[nodiscard]] std::size_t backward_tile_workspace_bytes(index_t rows) const {
+        const detail::ThreadCountScope one(1);
+        std::size_t bytes = 0;
+        for (const int stage : {1, 2})
+            for (const index_t tile : {index_t(0), backward_tiles(stage) - 1}) { // a whole tile, the last (narrower) one
+                const index_t w = backward_tile_columns(stage, std::max<index_t>(tile, 0)).second;
+                bytes = std::max(bytes, stage == 1 ? std::max({down_->backward_input_workspace_bytes(rows, w),
+                                                               down_->weight_gradient_workspace_bytes(rows, d_model(), w),
+                                                               gate_up_->weight_gradient_workspace_bytes(rows, w, d_model())})
+                                                   : gate_up_->backward_input_workspace_bytes(rows, w));
+            }
+        return detail::padded_bytes<std::byte>(index_t(bytes));
+    }
+
+    /// Item `tile` of `stage` (1 or 2) of the backward of t's rows; g gets its tile of the
+    /// gradients. Stage 2 items read what every stage 1 item of these rows wrote.
+    void backward_tile(int stage, index_t tile, const BackwardTile& t, GluGradients& g, Workspace& ws) const {
+        const index_t ff = d_ff(), m = t.x.rows();
+        const auto [c0, w] = backward_tile_columns(stage, tile);
+        const MatrixView<float> h = t.scratch.col_block(0, ff), dgu = t.scratch.col_block(ff, 2 * ff);
+        if (stage == 2) {
+            gate_up_->backward_input(dgu, t.dx.col_block(c0, w), c0, ws, t.accumulate_input);
+            if (!g.down_bias.empty()) detail::add_column_sums(t.dy.col_block(c0, w), std::span<float>(g.down_bias).subspan(std::size_t(c0), std::size_t(w)));
+            return;
+        }
+        for (index_t r = 0; r < m; ++r) {
+            const float* __restrict gate = t.gate_up.row(r).data() + c0;
+            const float* __restrict up = gate + ff;
+            float* __restrict out = h.row(r).data() + c0;
+            for (index_t j = 0; j < w; ++j) out[j] = Act::apply(gate[j]) * up[j];
+        }
+        // dh (the tile's columns) into d[up]'s, which the SwiGLU backward then overwrites
+        down_->backward_input(t.dy, dgu.col_block(ff + c0, w), c0, ws);
+        down_->weight_gradient(h.col_block(c0, w), t.dy, g.down.view().col_block(c0, w), ws);
+        for (index_t r = 0; r < m; ++r) {
+            const float* gu = t.gate_up.row(r).data();
+            float* d = dgu.row(r).data();
+            for (index_t j = c0; j < c0 + w; ++j) {
+                const float gate = gu[j], up = gu[ff + j], dh = d[ff + j];
+                d[j] = dh * up * Act::derivative(gate);
+                d[ff + j] = dh * Act::apply(gate);
+            }
+        }
+        for (const index_t half : {index_t(0), ff}) {
+            gate_up_->weight_gradient(t.x, dgu.col_block(half + c0, w), g.gate_up.view().row_block(half + c0, w), ws);
+            if (!g.gate_up_bias.empty())
+                detail::add_column_sums(dgu.col_block(half + c0, w), std::span<float>(g.gate_up_bias).subspan(std::size_t(half + c0), std::size_t(w)));
+        }
+    }
+
+    /// Checks gradients made by make_gradients() and f32 weights (what a backward needs).
+    void check_gradients(const GluGradients& g) const {
+        gate_up_->check_trainable();
+        down_->check_trainable();
         detail::check_gradient_shapes("GluExpert", {{"gate_up", g.gate_up.rows(), g.gate_up.cols(), 2 * d_ff(), d_model()},
                                                      {"down", g.down.rows(), g.down.cols(), d_model(), d_ff()},
                                                      {"gate_up_bias", index_t(g.gate_up_bias.size()), 1, gate_up_bias_ ? 2 * d_ff() : 0, 1},
                                                      {"down_bias", index_t(g.down_bias.size()), 1, down_bias_ ? d_model() : 0, 1}});
-        Workspace::Scope scope(ws, backward_workspace_bytes(x.rows()));
-        const index_t ff = d_ff(), m = x.rows();
-        MatrixView<float> scratch = ws.take_matrix<float>(m, 2 * ff); // [gate | up] pre-activations, unless kept
-        MatrixView<float> h = ws.take_matrix<float>(m, ff);           // Act(g) * u
-        MatrixView<float> dh = ws.take_matrix<float>(m, ff);          // dL/dh
-        MatrixView<float> dgu = ws.take_matrix<float>(m, 2 * ff);     // dL/d[gate | up]
-        if (kept.data() == nullptr) gate_up_(x, scratch, ws);
-        const ConstMatrixView<float> gu = kept.data() != nullptr ? kept : ConstMatrixView<float>(scratch);
-        // The element-wise steps row by row on every thread (each row written by one: the same
-        // bits at any thread count).
-        const index_t work = m * ff * 16; // an activation costs about an exp
-        detail::parallel_for(m, work, [&](index_t r) {
-            for (index_t j = 0; j < ff; ++j) h(r, j) = Act::apply(gu(r, j)) * gu(r, ff + j);
-        });
-        if (y.data() != nullptr) down_(h, y, ws);
-        down_->backward(h, dy, dh, LinearGrads{g.down.view(), g.down_bias}, ws);
-        detail::parallel_for(m, work, [&](index_t r) {
-            for (index_t j = 0; j < ff; ++j) {
-                const float gate = gu(r, j), up = gu(r, ff + j);
-                dgu(r, j) = dh(r, j) * up * Act::derivative(gate);
-                dgu(r, ff + j) = dh(r, j) * Act::apply(gate);
-            }
-        });
-        gate_up_->backward(x, dgu, dx, LinearGrads{g.gate_up.view(), g.gate_up_bias}, ws, accumulate_input);
     }
 
 private:
@@ -205,6 +280,19 @@ private:
         }
         return detail::Shared<typename B::template linear<Identity>>(std::in_place, view, bias,
                                                                     LinearOptions{"GluExpert weight 'gate|up'", false, opt.storage.value_or(type), opt.prec});
+    }
+
+    /// Columns of a backward tile: 512 of d_ff, 256 of d_model (several calls of every backend's
+    /// kernels, and enough items: a Mixtral-like expert has 6 and 4), a multiple of the
+    /// product's backward_column_unit(); all of them where that unit is the whole width. Each
+    /// stage 1 item packs x and transposes dy for its weight gradients: with 256 columns of
+    /// d_ff, 11 times an expert, the Mixtral-like layer's kept backward at T = 512 took 112-115
+    /// ms where 512 took 110-112 (one process, 2-core Zen 5).
+    [[nodiscard]] index_t tile_width(int stage) const noexcept {
+        const index_t target = stage == 1 ? 512 : 256;
+        const index_t extent = stage == 1 ? d_ff() : d_model();
+        const index_t unit = stage == 1 ? down_->backward_column_unit() : gate_up_->backward_column_unit();
+        return std::max<index_t>(1, std::min(extent, (target + unit - 1) / unit * unit));
     }
 
     bool gate_up_bias_, down_bias_;

@@ -27,6 +27,15 @@
 
 namespace hypermoe {
 
+namespace detail {
+/// An expert whose backward runs as work items (GluExpert::backward_tile).
+template <class E>
+concept TiledBackward = requires { typename E::BackwardTile; } &&
+    requires(const E& e, const typename E::BackwardTile& t, typename E::gradients_type& g, Workspace& w) {
+        e.backward_tile(1, index_t{0}, t, g, w);
+    };
+} // namespace detail
+
 /// What a token that capacity dropped outputs.
 enum class DroppedTokens {
     scaled_input, ///< w * x: the input passes through, scaled (Switch in Hugging Face transformers)
@@ -227,8 +236,11 @@ public:
         if constexpr (detail::is_noisy_router<R>) inner = std::max(inner, smooth_load_loss_workspace_bytes(router_));
         inner = std::max({inner, router_.workspace_bytes(rows), router_.backward_workspace_bytes(), balancing,
                           apply_workspace_bytes(rows, packed)});
-        for (const auto& e : experts_) inner = std::max(inner, e.backward_workspace_bytes(rows));
-        inner = std::max(inner, tasks_workspace_bytes(rows, true));
+        if constexpr (tiled_backward) inner = std::max(inner, tiles_workspace_bytes(rows, packed));
+        else {
+            for (const auto& e : experts_) inner = std::max(inner, e.backward_workspace_bytes(rows));
+            inner = std::max(inner, tasks_workspace_bytes(rows, true));
+        }
         if constexpr (Shared::present) inner = std::max(inner, shared_.backward_workspace_bytes(rows));
         return 2 * detail::padded_bytes<float>(rows, logit_columns()) + detail::padded_bytes<float>(rows, slots) +
                4 * detail::padded_bytes<float>(packed, d) + inner;
@@ -335,9 +347,11 @@ private:
             const float w = plan.weights(t)[std::size_t(row_slots[std::size_t(r)])];
             for (index_t c = 0; c < d; ++c) dout(r, c) = w * dy(t, c);
         });
-        // Each expert writes only its own rows and gradients: as tasks where they balance.
+        // Each expert writes only its own rows and gradients: as a pool of tiles, or as tasks
+        // where they balance.
         const auto offsets = plan.offsets();
-        for_each_expert(plan, ws, true, [&](index_t e, Workspace& w) {
+        if constexpr (tiled_backward) backward_tiles(plan, in, dout, din, out, hidden, g, ws);
+        else for_each_expert(plan, ws, true, [&](index_t e, Workspace& w) {
             const index_t n = plan.rows_of(e), first = offsets[std::size_t(e)];
             const auto& expert = experts_[std::size_t(e)];
             if constexpr (std::is_same_v<Out, MatrixView<float>>)
@@ -419,6 +433,84 @@ private:
         check_finite(x, "MoeLayer: input x");
     }
 
+    /// Whether the experts' backward runs as work items (GluExpert::backward_tile): one pool of
+    /// (expert, tile) items across all experts, in two stages; other experts run their whole
+    /// backward as tasks (for_each_expert).
+    static constexpr bool tiled_backward = detail::TiledBackward<E>;
+
+    /// Scratch of backward_tiles for `rows` tokens whose plan has `packed` rows.
+    [[nodiscard]] std::size_t tiles_workspace_bytes(index_t rows, index_t packed) const {
+        index_t kept = 0, scratch = 0, items = 0;
+        std::size_t slice = 0, forward = tasks_workspace_bytes(rows, false);
+        for (const auto& e : experts_) {
+            kept = std::max(kept, e.kept_width());
+            scratch = std::max(scratch, e.backward_scratch_width());
+            items = std::max(items, e.backward_tiles(1) + e.backward_tiles(2));
+            slice = std::max(slice, e.backward_tile_workspace_bytes(rows));
+            forward = std::max(forward, e.workspace_bytes(rows));
+        }
+        return detail::padded_bytes<float>(packed, kept) + detail::padded_bytes<float>(packed, scratch) +
+               detail::padded_bytes<TileItem>(detail::saturating_mul(num_experts(), items)) +
+               std::max(forward, detail::task_pool_bytes(detail::current_threads(), slice));
+    }
+
+    /// The experts' backward as one pool of (expert, tile) items, stage 1 then stage 2 (a pool
+    /// each), the largest items first: the tail at the end of a stage is one tile, not one
+    /// expert's whole backward (docs/design.md). Without kept activations (`Out` a view to
+    /// write), the experts' forward first keeps them, in scratch, and gives their outputs.
+    template <class G, class Out>
+    void backward_tiles(const RoutingPlan& plan, ConstMatrixView<float> in, ConstMatrixView<float> dout, MatrixView<float> din, Out out,
+                        ConstMatrixView<float> hidden, G& g, Workspace& ws) const {
+        const index_t rows = plan.rows();
+        Workspace::Scope scope(ws, tiles_workspace_bytes(plan.tokens(), rows));
+        index_t scratch_width = 0, most = 0;
+        for (const auto& e : experts_) {
+            scratch_width = std::max(scratch_width, e.backward_scratch_width());
+            most = std::max(most, e.backward_tiles(1) + e.backward_tiles(2));
+        }
+        if constexpr (std::is_same_v<Out, MatrixView<float>>) {
+            const MatrixView<float> kept = ws.take_matrix<float>(rows, kept_width());
+            run_experts(plan, in, out, ws, kept);
+            hidden = kept;
+        }
+        const MatrixView<float> scratch = ws.take_matrix<float>(rows, scratch_width);
+        const auto offsets = plan.offsets();
+        const auto tile = [&](index_t e) {
+            const index_t n = plan.rows_of(e), first = offsets[std::size_t(e)];
+            const auto& expert = experts_[std::size_t(e)];
+            return typename E::BackwardTile{in.row_block(first, n), dout.row_block(first, n),
+                                            hidden.row_block(first, n).col_block(0, expert.kept_width()),
+                                            scratch.row_block(first, n).col_block(0, expert.backward_scratch_width()),
+                                            din.row_block(first, n), false};
+        };
+        std::size_t slice = 0;
+        for (const auto& e : experts_) slice = std::max(slice, e.backward_tile_workspace_bytes(plan.tokens()));
+        const std::span<TileItem> items = ws.take<TileItem>(detail::saturating_mul(num_experts(), most));
+        const int threads = detail::current_threads();
+        for (const int stage : {1, 2}) {
+            std::size_t count = 0;
+            for (index_t e = 0; e < num_experts(); ++e)
+                for (index_t i = 0; plan.rows_of(e) > 0 && i < experts_[std::size_t(e)].backward_tiles(stage); ++i)
+                    items[count++] = {plan.rows_of(e) * experts_[std::size_t(e)].backward_tile_columns(stage, i).second, std::int32_t(e),
+                                      std::int32_t(i)};
+            // Most rows x columns first; ties in expert, then tile order (a total order: the same
+            // schedule every call; std::sort sorts in place)
+            std::sort(items.begin(), items.begin() + std::ptrdiff_t(count), [](const TileItem& a, const TileItem& b) {
+                return a.cost != b.cost ? a.cost > b.cost : a.expert != b.expert ? a.expert < b.expert : a.tile < b.tile;
+            });
+            detail::run_task_pool(ws, index_t(count), threads, slice, [&](index_t item, Workspace& w) {
+                const TileItem& it = items[std::size_t(item)];
+                experts_[std::size_t(it.expert)].backward_tile(stage, it.tile, tile(it.expert), g.experts[std::size_t(it.expert)], w);
+            });
+        }
+    }
+
+    /// A work item of backward_tiles: (expert, tile) and its cost, rows x columns.
+    struct TileItem {
+        index_t cost;
+        std::int32_t expert, tile;
+    };
+
     /// Scratch of one expert run as a task (single-threaded: nested inside the tasks' region):
     /// its forward's, or (`backward`) its backward's.
     [[nodiscard]] std::size_t task_workspace_bytes(index_t rows, bool backward) const {
@@ -474,16 +566,12 @@ private:
                 order[std::size_t(j)] = order[std::size_t(j - 1)];
             order[std::size_t(j)] = e;
         }
-        std::byte* slices = ws.take<std::byte>(index_t(slice) * threads).data();
-        detail::parallel_tasks(count, threads, [&](index_t i, int slot) {
-            Workspace mine(std::span<std::byte>(slices + std::size_t(slot) * slice, slice));
-            fn(order[std::size_t(i)], mine);
-        });
+        detail::run_task_pool(ws, count, threads, slice, [&](index_t i, Workspace& mine) { fn(order[std::size_t(i)], mine); });
     }
 
     /// The experts' forward (for_each_expert). With a non-empty `hidden` (rows, kept_width()),
     /// each expert keeps its activations in its rows of it.
-    void run_experts(const RoutingPlan& plan, MatrixView<float> in, MatrixView<float> out, Workspace& ws,
+    void run_experts(const RoutingPlan& plan, ConstMatrixView<float> in, MatrixView<float> out, Workspace& ws,
                      MatrixView<float> hidden = {}) const {
         const auto offsets = plan.offsets();
         for_each_expert(plan, ws, false, [&](index_t e, Workspace& w) {
