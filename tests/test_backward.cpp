@@ -41,6 +41,21 @@ double vector_error(const std::vector<float>& got, const std::vector<float>& ref
 /// A matrix as a weight (an f32 view).
 WeightView weight(const Matrix<float>& m) { return WeightView(m.view()); }
 
+/// The reference backend's GluExpert backward of (x, dy) into dx_ref and the returned
+/// gradients, checked against another backend's dx and g to 1e-5.
+GluGradients check_glu_against_reference(const GluWeights& w, const Matrix<float>& x, const Matrix<float>& dy, const Matrix<float>& dx,
+                                         const GluGradients& g, Matrix<float>& dx_ref, Workspace& ws) {
+    const GluExpert<reference, Silu> oracle(w);
+    GluGradients g_ref = oracle.make_gradients();
+    oracle.backward(x, dy, dx_ref, g_ref, ws);
+    CHECK(relative_error(dx, dx_ref) <= 1e-5);
+    CHECK(relative_error(g.gate_up, g_ref.gate_up) <= 1e-5);
+    CHECK(relative_error(g.down, g_ref.down) <= 1e-5);
+    CHECK(vector_error(g.gate_up_bias, g_ref.gate_up_bias) <= 1e-5);
+    CHECK(vector_error(g.down_bias, g_ref.down_bias) <= 1e-5);
+    return g_ref;
+}
+
 /// The row-wise linear map (HyperMoE's generation runs on it) in a backend's shape, so the
 /// linear tests below cover it beside the backends.
 struct rowwise_map {
@@ -349,15 +364,8 @@ TEST_CASE_TEMPLATE_DEFINE("GluExpert backward matches finite differences and the
     expert.backward(x, dy, dx, g, ws);
 
     // The reference backend is the oracle for the other backends.
-    const GluExpert<reference, Silu> oracle(weights);
     Matrix<float> dx_ref(m, d);
-    GluGradients g_ref = oracle.make_gradients();
-    oracle.backward(x, dy, dx_ref, g_ref, ws);
-    CHECK(relative_error(dx, dx_ref) <= 1e-5);
-    CHECK(relative_error(g.gate_up, g_ref.gate_up) <= 1e-5);
-    CHECK(relative_error(g.down, g_ref.down) <= 1e-5);
-    CHECK(vector_error(g.gate_up_bias, g_ref.gate_up_bias) <= 1e-5);
-    CHECK(vector_error(g.down_bias, g_ref.down_bias) <= 1e-5);
+    const GluGradients g_ref = check_glu_against_reference(weights, x, dy, dx, g, dx_ref, ws);
 
     // The oracle against central differences of L = sum(y * dy), every parameter and input.
     const auto loss = [&] {
@@ -464,13 +472,8 @@ TEST_CASE_TEMPLATE_DEFINE("GluExpert backward: its tiles run in any order give b
     CHECK(vector_error(g_tiles.down_bias, g.down_bias) == 0.0);
 
     // And the reference backend agrees, within float tolerance.
-    const GluExpert<reference, Silu> oracle(GluWeights{weight(gate), weight(up), weight(down), bg, bu, bd});
     Matrix<float> dx_ref(m, d);
-    GluGradients g_ref = oracle.make_gradients();
-    oracle.backward(x, dy, dx_ref, g_ref, ws);
-    CHECK(relative_error(dx, dx_ref) <= 1e-5);
-    CHECK(relative_error(g.gate_up, g_ref.gate_up) <= 1e-5);
-    CHECK(relative_error(g.down, g_ref.down) <= 1e-5);
+    (void)check_glu_against_reference(GluWeights{weight(gate), weight(up), weight(down), bg, bu, bd}, x, dy, dx, g, dx_ref, ws);
 }
 TEST_CASE_TEMPLATE_APPLY(glu_backward_tiles, test::all_backends);
 
