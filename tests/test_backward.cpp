@@ -171,8 +171,8 @@ TEST_CASE_TEMPLATE_DEFINE("linear backward: strided views, and its typed errors"
 }
 TEST_CASE_TEMPLATE_APPLY(linear_backward_errors, test::all_backends);
 
-TEST_CASE_TEMPLATE_DEFINE("linear backward a tile at a time: backward_input's columns and weight_gradient's blocks give the "
-                          "whole backward's bits", B, linear_backward_tiles) {
+TEST_CASE_TEMPLATE_DEFINE("linear backward a tile at a time: affine_columns', backward_input's columns and weight_gradient's "
+                          "blocks give the whole product's bits", B, linear_backward_tiles) {
     // What a pool of work items runs (GluExpert::backward_tile): da's columns in multiples of
     // backward_column_unit(), dW in blocks of rows and columns, in any order.
     Workspace ws;
@@ -202,6 +202,19 @@ TEST_CASE_TEMPLATE_DEFINE("linear backward a tile at a time: backward_input's co
             CHECK(relative_error(da_tiles, da) == 0.0);
             // Eigen blocks a product by its shape, so a block of dW may sum in another order.
             CHECK(relative_error(dw_tiles, dw) <= (is_eigen<B> ? 1e-6 : 0.0));
+
+            // The pre-activation Z = a W^T + b, whole and in tiles of forward_column_unit()
+            const auto b = random_vector(n, 7);
+            const typename B::template linear<Silu> biased(WeightView(w.view()), b, LinearOptions{"w"});
+            const reference::linear<Silu> oracle(WeightView(w.view()), b, LinearOptions{"w"});
+            Matrix<float> z(m, n), z_ref(m, n), z_tiles(m, n);
+            biased.affine_columns(a, z.view(), 0, ws);
+            oracle.affine_columns(a, z_ref.view(), 0, ws);
+            CHECK(relative_error(z, z_ref) <= test::tolerance(k));
+            const index_t f_unit = biased.forward_column_unit(), f_width = std::max<index_t>(f_unit, (40 + f_unit - 1) / f_unit * f_unit);
+            for (index_t n0 = (n - 1) / f_width * f_width; n0 >= 0; n0 -= f_width)
+                biased.affine_columns(a, z_tiles.view().col_block(n0, std::min(f_width, n - n0)), n0, ws);
+            CHECK(relative_error(z_tiles, z) == 0.0);
         }
 
     // Typed errors, naming the call and both sides.
@@ -229,7 +242,28 @@ TEST_CASE_TEMPLATE_DEFINE("linear backward a tile at a time: backward_input's co
     CHECK_THROWS_WITH_AS(lin.weight_gradient(a, dz_bad, dw, ws),
                          "w weight_gradient: input block has 64 columns and output gradient block 7, expected at most 64 and 6",
                          shape_error);
+    Matrix<float> z(5, 6);
+    CHECK_THROWS_WITH_AS(lin.affine_columns(a, z.view().col_block(2, 4), 4, ws),
+                         "w affine_columns: columns [4, 8) of Z, expected a range within [0, 6)", shape_error);
+    CHECK_THROWS_WITH_AS(lin.affine_columns(a.view().col_block(0, 60), z, 0, ws), "w affine_columns: input has 60 columns, expected 64",
+                         shape_error);
+    CHECK_THROWS_WITH_AS(lin.affine_columns(a.view().row_block(0, 4), z, 0, ws),
+                         "w affine_columns: output has 5 rows, expected 4 (the input's)", shape_error);
+    {
+        const auto wide = random_matrix(40, 64, 2);
+        const typename B::template linear<Identity> lin40(WeightView(wide.view()), {}, LinearOptions{"w"});
+        Matrix<float> z40(5, 40);
+        if (const index_t unit = lin40.forward_column_unit(); unit > 1 && unit < 40) {
+            const index_t n0 = unit / 2;
+            CHECK_THROWS_WITH_AS(lin40.affine_columns(a, z40.view().col_block(0, unit), n0, ws),
+                                 ("w affine_columns: columns [" + std::to_string(n0) + ", " + std::to_string(n0 + unit) +
+                                  ") of Z, expected multiples of " + std::to_string(unit) + " (forward_column_unit()) or a range that ends at 40")
+                                     .c_str(),
+                                 shape_error);
+        }
+    }
     const typename B::template linear<Identity> stored(WeightView(w.view()), {}, LinearOptions{"w", false, dtype::bf16});
+    CHECK_THROWS_AS(stored.affine_columns(a, z, 0, ws), config_error);
     CHECK_THROWS_AS(stored.backward_input(dz, da, 0, ws), config_error);
     CHECK_THROWS_AS(stored.weight_gradient(a, dz, dw, ws), config_error);
 }
@@ -476,6 +510,50 @@ TEST_CASE_TEMPLATE_DEFINE("GluExpert backward: its tiles run in any order give b
     (void)check_glu_against_reference(GluWeights{weight(gate), weight(up), weight(down), bg, bu, bd}, x, dy, dx, g, dx_ref, ws);
 }
 TEST_CASE_TEMPLATE_APPLY(glu_backward_tiles, test::all_backends);
+
+TEST_CASE_TEMPLATE_DEFINE("FfnExpert backward: its tiles run in any order give backward()'s bits on every backend", B,
+                          ffn_backward_tiles) {
+    // Stage 1 tiles of d_ff (512, 512, 64 columns), each recomputing its columns of up's
+    // pre-activations through the GELU; stage 2 tiles of d_model (256, 64); last first.
+    const index_t d = 320, ff = 1088, m = 7;
+    const auto up = random_matrix(ff, d, 1, 0.3f), down = random_matrix(d, ff, 3, 0.3f);
+    const auto bu = random_vector(ff, 5, 0.2f), bd = random_vector(d, 6, 0.2f);
+    const auto x = random_matrix(m, d, 7), dy = random_matrix(m, d, 8);
+    const FfnWeights weights{weight(up), weight(down), bu, bd};
+    const FfnExpert<B, GeluTanh> expert(weights);
+    Workspace ws;
+    Matrix<float> dx(m, d), y(m, d);
+    FfnGradients g = expert.make_gradients();
+    expert.backward(x, dy, dx, g, ws); // h recomputed
+
+    Matrix<float> kept(m, expert.kept_width()), scratch(m, expert.backward_scratch_width()), dx_tiles(m, d);
+    expert.forward(x, y, ws, {}, kept.view());
+    FfnGradients g_tiles = expert.make_gradients();
+    const typename FfnExpert<B, GeluTanh>::BackwardTile t{x, dy, kept, scratch.view(), dx_tiles.view(), false};
+    REQUIRE(expert.backward_tiles(1) == 3);
+    REQUIRE(expert.backward_tiles(2) == 2);
+    for (const int stage : {1, 2})
+        for (index_t i = expert.backward_tiles(stage) - 1; i >= 0; --i) {
+            Workspace item(expert.backward_tile_workspace_bytes(m), WorkspaceGrowth::fixed);
+            const detail::ThreadCountScope one(1);
+            expert.backward_tile(stage, i, t, g_tiles, item);
+        }
+    CHECK(relative_error(dx_tiles, dx) == 0.0);
+    CHECK(relative_error(g_tiles.up, g.up) == 0.0);
+    CHECK(relative_error(g_tiles.down, g.down) == 0.0);
+    CHECK(vector_error(g_tiles.up_bias, g.up_bias) == 0.0);
+    CHECK(vector_error(g_tiles.down_bias, g.down_bias) == 0.0);
+
+    const FfnExpert<reference, GeluTanh> oracle(weights);
+    Matrix<float> dx_ref(m, d);
+    FfnGradients g_ref = oracle.make_gradients();
+    oracle.backward(x, dy, dx_ref, g_ref, ws);
+    CHECK(relative_error(dx, dx_ref) <= 1e-5);
+    CHECK(relative_error(g.up, g_ref.up) <= 1e-5);
+    CHECK(relative_error(g.down, g_ref.down) <= 1e-5);
+    CHECK(vector_error(g.up_bias, g_ref.up_bias) <= 1e-5);
+}
+TEST_CASE_TEMPLATE_APPLY(ffn_backward_tiles, test::all_backends);
 
 namespace {
 

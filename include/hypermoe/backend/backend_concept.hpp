@@ -33,9 +33,13 @@ concept LinearMap = std::constructible_from<L, WeightView, std::span<const float
         // Z = a W^T + b; da [+]= dz W, g.weight += dz^T a, g.bias += sums of dz.
         { l.backward_workspace_bytes(m) } -> std::same_as<std::size_t>;
         l.backward(a, dz, da, g, ws, false, 1.0f);
-        // Its two products a tile at a time (for a pool of work items, MoeLayer's backward):
-        // columns [k0, k0 + da.cols()) of da [+]= dz W, in multiples of backward_column_unit();
-        // a block of g.weight += dz^T a from column blocks of dz and a.
+        // Its products a tile at a time (for a pool of work items, MoeLayer's backward):
+        // columns [n0, n0 + c.cols()) of the pre-activation Z = a W^T + b, in multiples of
+        // forward_column_unit(); columns [k0, k0 + da.cols()) of da [+]= dz W, in multiples of
+        // backward_column_unit(); a block of g.weight += dz^T a from column blocks of dz and a.
+        { l.forward_column_unit() } -> std::same_as<index_t>;
+        { l.affine_columns_workspace_bytes(m, m) } -> std::same_as<std::size_t>;
+        l.affine_columns(a, da, m, ws);
         { l.backward_column_unit() } -> std::same_as<index_t>;
         { l.backward_input_workspace_bytes(m, m) } -> std::same_as<std::size_t>;
         l.backward_input(dz, da, m, ws, false);

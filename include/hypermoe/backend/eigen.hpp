@@ -216,8 +216,7 @@ struct eigen {
         /// Scratch of backward() for `rows` rows: Z and its gradient, and the packing buffers of
         /// its products.
         [[nodiscard]] std::size_t backward_workspace_bytes(index_t rows) const noexcept {
-            const int threads = detail::current_threads();
-            return affine_gradient_bytes(rows) + std::max({detail::EigenGemm{rows, n_, k_, threads}.workspace_bytes(),
+            return affine_gradient_bytes(rows) + std::max({affine_columns_workspace_bytes(rows, n_),
                                                            backward_input_workspace_bytes(rows, k_),
                                                            weight_gradient_workspace_bytes(rows, n_, k_)});
         }
@@ -231,19 +230,32 @@ struct eigen {
             check_backward(a, dc, da, g);
             const index_t m = a.rows();
             Workspace::Scope scope(ws, backward_workspace_bytes(m));
-            const int threads = detail::current_threads();
-            const ConstMatrixView<float> dz = affine_gradient<Act>(dc, scale, ws, [&](MatrixView<float> z) {
-                for (index_t r = 0; r < m; ++r) std::fill_n(z.row(r).data(), n_, 0.0f);
-                // Z (m, N) = a (m, K) W^T (K, N: w_ read column-major) + b
-                detail::EigenGemm{m, n_, k_, threads}.add<Eigen::RowMajor, Eigen::ColMajor>(a.data(), a.stride(), w_.data(), k_,
-                                                                                            z.data(), z.stride(), ws);
-                if (!bias_.empty())
-                    for (index_t r = 0; r < m; ++r)
-                        for (index_t c = 0; c < n_; ++c) z(r, c) += bias_[std::size_t(c)];
-            });
+            const ConstMatrixView<float> dz =
+                affine_gradient<Act>(dc, scale, ws, [&](MatrixView<float> z) { affine_columns(a, z, 0, ws); });
             backward_input(dz, da, 0, ws, accumulate_input);
             weight_gradient(a, dz, g.weight, ws);
             detail::add_column_sums(dz, g.bias);
+        }
+
+        /// Columns an affine_columns tile is made of: Eigen's blocks of result columns, so that
+        /// a tile's bits are the whole product's.
+        [[nodiscard]] index_t forward_column_unit() const noexcept { return detail::EigenGemm::block; }
+        [[nodiscard]] std::size_t affine_columns_workspace_bytes(index_t rows, index_t columns) const noexcept {
+            return detail::EigenGemm{rows, columns, k_, detail::current_threads()}.workspace_bytes();
+        }
+
+        /// Columns [n0, n0 + z.cols()) of Z = a W^T + b, the pre-activation a backward
+        /// recomputes. f32 storage only.
+        void affine_columns(ConstMatrixView<float> a, MatrixView<float> z, index_t n0, Workspace& ws) const {
+            check_affine_columns(a, z, n0, forward_column_unit());
+            const index_t m = a.rows();
+            for (index_t r = 0; r < m; ++r) std::fill_n(z.row(r).data(), z.cols(), 0.0f);
+            // Z (m, columns) = a (m, K) W[n0 ..]^T (K, columns: rows of w_ from n0, read column-major) + b
+            detail::EigenGemm{m, z.cols(), k_, detail::current_threads()}.add<Eigen::RowMajor, Eigen::ColMajor>(
+                a.data(), a.stride(), w_.data() + n0 * k_, k_, z.data(), z.stride(), ws);
+            if (!bias_.empty())
+                for (index_t r = 0; r < m; ++r)
+                    for (index_t c = 0; c < z.cols(); ++c) z(r, c) += bias_[std::size_t(n0 + c)];
         }
 
         /// Columns a backward_input tile is made of: Eigen's blocks of result columns, so that a

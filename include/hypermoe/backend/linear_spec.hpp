@@ -238,6 +238,22 @@ protected:
                                      "multiples of ", unit, " (backward_column_unit()) or a range that ends at ", k_));
     }
 
+    /// Checks an affine_columns call: a (M, K), z (M, columns) for Z's columns [n0, n0 + columns)
+    /// within N, n0 a multiple of `unit` and columns one too unless the tile reaches N; f32
+    /// storage.
+    void check_affine_columns(ConstMatrixView<float> a, MatrixView<float> z, index_t n0, index_t unit) const {
+        check_trainable();
+        if (a.cols() != k_) throw shape_error(concat(name_, " affine_columns: input has ", a.cols(), " columns, expected ", k_));
+        if (z.rows() != a.rows())
+            throw shape_error(concat(name_, " affine_columns: output has ", z.rows(), " rows, expected ", a.rows(), " (the input's)"));
+        if (n0 < 0 || z.cols() > n_ - n0)
+            throw shape_error(concat(name_, " affine_columns: columns [", n0, ", ", n0 + z.cols(), ") of Z, expected a range within [0, ",
+                                     n_, ")"));
+        if (n0 % unit != 0 || (z.cols() % unit != 0 && n0 + z.cols() != n_))
+            throw shape_error(concat(name_, " affine_columns: columns [", n0, ", ", n0 + z.cols(), ") of Z, expected multiples of ", unit,
+                                     " (forward_column_unit()) or a range that ends at ", n_));
+    }
+
     /// Checks a weight_gradient call: a (M, k) and dz (M, n) with k <= K and n <= N, dw (n, k).
     void check_weight_gradient(ConstMatrixView<float> a, ConstMatrixView<float> dz, MatrixView<float> dw) const {
         check_trainable();

@@ -47,6 +47,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -296,6 +297,16 @@ inline void onednn_pack_w_panels(kernel_isa isa, const float* w, index_t k, inde
             const float* block = w + q * 16 * 64 + nb * 64 * k; // rows k = 16 q .., 64 columns n = 64 nb ..
             for (index_t s = 0; s < 4; ++s) transpose16(isa, block + 16 * s, 64, out + (64 * nb + 16 * s) * 16);
         }
+}
+
+/// Panels [p0, p0 + count) of W^T as OnednnRole::panels_of_wt lays them out (panel p: outputs
+/// 16 p .. 16 p + 15 as its lanes, K rows), from W^T (K, N) held in BA16a64b at `w`: each row of
+/// a panel is 16 consecutive floats there. The same floats as the reorder writes.
+inline void onednn_pack_wt_panels(const float* w, index_t k, index_t p0, index_t count, float* out) noexcept {
+    for (index_t p = p0; p < p0 + count; ++p, out += k * 16) {
+        const float* strip = w + (p / 4) * 64 * k + (p % 4) * 16; // columns n = 16 p .., rows k = 0 ..
+        for (index_t i = 0; i < k; ++i) std::memcpy(out + i * 16, strip + (i / 16) * 1024 + (i % 16) * 64, 16 * sizeof(float));
+    }
 }
 
 /// The panel reorders of (K, N) from layout `w`: made once per process, (K, N) and layout (a
@@ -556,14 +567,8 @@ struct onednn {
         /// backward_input's and weight_gradient's.
         [[nodiscard]] std::size_t backward_workspace_bytes(index_t rows) const noexcept {
             if (storage_ != dtype::f32) return 0; // backward() refuses them before taking scratch
-            std::size_t z = 0;
-            if constexpr (!std::is_same_v<Act, Identity>) {
-                if (!panels_.empty()) z = panels_.workspace_bytes(rows, false);
-                else if (matmul_ != nullptr)
-                    z = detail::padded_bytes<float>(detail::f32_panel_floats(k_, n_)) + detail::padded_bytes<std::byte>(index_t(reorders_->scratchpad));
-            }
-            return affine_gradient_bytes(rows) + z +
-                   std::max(backward_input_workspace_bytes(rows, k_), weight_gradient_workspace_bytes(rows, n_, k_));
+            return affine_gradient_bytes(rows) + std::max({affine_columns_workspace_bytes(rows, n_), backward_input_workspace_bytes(rows, k_),
+                                                           weight_gradient_workspace_bytes(rows, n_, k_)});
         }
 
         /// The backward of operator()(a, c, ws, scale) given dc = dL/dC: da [+]= dz W,
@@ -579,27 +584,58 @@ struct onednn {
             const index_t m = a.rows();
             if (m == 0) return;
             Workspace::Scope scope(ws, backward_workspace_bytes(m));
-            const ConstMatrixView<float> dz = affine_gradient<Act>(dc, scale, ws, [&](MatrixView<float> z) {
-                // Z (m, N) = a W^T (+ b below): the forward's own product on our panels, or on
-                // W^T reordered into panels
-                if (!panels_.empty()) {
-                    panels_.apply<Identity>(a, z, ws, nullptr, 1.0f, false);
-                } else if (matmul_ != nullptr) {
-                    float* wt_panels = ws.take<float>(detail::f32_panel_floats(k_, n_)).data();
-                    detail::onednn_reorder_into_panels(*reorders_, weights_, k_, n_, detail::OnednnRole::panels_of_wt, wt_panels,
-                                                       ws, name_);
-                    detail::PanelKernels(detail::vector_kernel())
-                        .multiply(wt_panels, k_ * detail::PanelKernels::panel, k_, n_, a.data(), a.stride(), m, z.data(), z.stride(), false);
-                } else {
-                    for (index_t r = 0; r < m; ++r) std::fill_n(z.row(r).data(), n_, 0.0f);
-                }
-                if (!bias_f32_.empty())
-                    for (index_t r = 0; r < m; ++r)
-                        for (index_t c = 0; c < n_; ++c) z(r, c) += bias_f32_[std::size_t(c)];
-            });
+            const ConstMatrixView<float> dz =
+                affine_gradient<Act>(dc, scale, ws, [&](MatrixView<float> z) { affine_columns(a, z, 0, ws); });
             backward_input(dz, da, 0, ws, accumulate_input);
             weight_gradient(a, dz, g.weight, ws);
             detail::add_column_sums(dz, g.bias);
+        }
+
+        /// Columns an affine_columns tile is made of: a panel (16) where W^T is read a few panels
+        /// at a time, all of N where oneDNN's layout is first reordered into panels whole.
+        [[nodiscard]] index_t forward_column_unit() const noexcept {
+            return matmul_ != nullptr && !reorders_->ba16a64b ? std::max<index_t>(n_, 1) : detail::PanelKernels::panel;
+        }
+
+        /// Scratch of affine_columns at the calling thread's thread count: W^T's panels (from
+        /// BA16a64b each thread's 4 at a time; from another oneDNN layout all of them, through a
+        /// reorder; our f32 panels are read as held).
+        [[nodiscard]] std::size_t affine_columns_workspace_bytes(index_t /*rows*/, index_t /*columns*/) const noexcept {
+            if (storage_ != dtype::f32 || matmul_ == nullptr) return 0;
+            if (reorders_->ba16a64b)
+                return detail::padded_bytes<float>(detail::PanelKernels::packed_scratch_floats(k_, detail::current_threads()));
+            return detail::padded_bytes<float>(detail::f32_panel_floats(k_, n_)) + detail::padded_bytes<std::byte>(index_t(reorders_->scratchpad));
+        }
+
+        /// Columns [n0, n0 + z.cols()) of Z = a W^T + b, the pre-activation a backward
+        /// recomputes, on our panel kernels (the same sums as the forward on our panels).
+        /// f32 storage only.
+        void affine_columns(ConstMatrixView<float> a, MatrixView<float> z, index_t n0, Workspace& ws) const {
+            check_affine_columns(a, z, n0, forward_column_unit());
+            const index_t m = a.rows();
+            if (m == 0 || z.cols() == 0) return;
+            Workspace::Scope scope(ws, affine_columns_workspace_bytes(m, z.cols()));
+            constexpr index_t panel = detail::PanelKernels::panel;
+            const index_t p_begin = n0 / panel, p_end = (n0 + z.cols() + panel - 1) / panel;
+            const detail::PanelKernels kernels(detail::vector_kernel());
+            if (matmul_ != nullptr && reorders_->ba16a64b) {
+                float* scratch = ws.take<float>(detail::PanelKernels::packed_scratch_floats(k_, detail::current_threads())).data();
+                const float* w = static_cast<const float*>(weights_.get_data_handle());
+                kernels.multiply_packed(
+                    k_, n_, a.data(), a.stride(), m, z.data(), z.stride(), false, scratch,
+                    [&](index_t p0, index_t count, float* out) { detail::onednn_pack_wt_panels(w, k_, p0, count, out); }, p_begin, p_end);
+            } else if (matmul_ != nullptr) {
+                float* wt_panels = ws.take<float>(detail::f32_panel_floats(k_, n_)).data();
+                detail::onednn_reorder_into_panels(*reorders_, weights_, k_, n_, detail::OnednnRole::panels_of_wt, wt_panels, ws, name_);
+                kernels.multiply(wt_panels, k_ * panel, k_, n_, a.data(), a.stride(), m, z.data(), z.stride(), false, p_begin, p_end);
+            } else if (!panels_.empty()) {
+                panels_.multiply_columns(a.data(), a.stride(), m, z.data(), z.stride(), p_begin, p_end);
+            } else {
+                for (index_t r = 0; r < m; ++r) std::fill_n(z.row(r).data(), z.cols(), 0.0f);
+            }
+            if (!bias_f32_.empty())
+                for (index_t r = 0; r < m; ++r)
+                    for (index_t c = 0; c < z.cols(); ++c) z(r, c) += bias_f32_[std::size_t(n0 + c)];
         }
 
         /// Columns a backward_input tile is made of: a panel (16) where dz W reads W a few

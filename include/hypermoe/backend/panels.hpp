@@ -733,6 +733,13 @@ public:
                                               p_begin, p_end);
     }
 
+    /// c (rows, columns 16 p_begin .. of a W^T) = a W^T's panels [p_begin, p_end), exactly as
+    /// apply() computes them: the f32 panels only (a backward's recomputed pre-activation).
+    void multiply_columns(const float* a, index_t lda, index_t rows, float* c, index_t ldc, index_t p_begin, index_t p_end) const {
+        if (values_ != dtype::f32) throw config_error("WeightPanels::multiply_columns: the panels hold bf16, expected f32");
+        PanelKernels(kernel_).multiply(f32_.get(), k_ * panel, k_, n_, a, lda, rows, c, ldc, false, p_begin, p_end);
+    }
+
     /// Scratch of apply() with `rows` rows: the product when accumulating, the rounded
     /// activations with `fast`.
     [[nodiscard]] std::size_t workspace_bytes(index_t rows, bool accumulate) const noexcept {

@@ -84,17 +84,28 @@ struct reference {
                       bool accumulate_input = false, float scale = 1.0f) const {
             check_backward(a, dc, da, g);
             Workspace::Scope scope(ws, backward_workspace_bytes(a.rows()));
-            const ConstMatrixView<float> dz = affine_gradient<Act>(dc, scale, ws, [&](MatrixView<float> z) {
-                for (index_t m = 0; m < a.rows(); ++m)
-                    for (index_t n = 0; n < n_; ++n) {
-                        double acc = bias_.empty() ? 0.0 : bias_[std::size_t(n)];
-                        for (index_t k = 0; k < k_; ++k) acc += double(a(m, k)) * double(w_f32_[std::size_t(n * k_ + k)]);
-                        z(m, n) = float(acc);
-                    }
-            });
+            const ConstMatrixView<float> dz =
+                affine_gradient<Act>(dc, scale, ws, [&](MatrixView<float> z) { affine_columns(a, z, 0, ws); });
             backward_input(dz, da, 0, ws, accumulate_input);
             weight_gradient(a, dz, g.weight, ws);
             detail::add_column_sums(dz, g.bias);
+        }
+
+        /// Columns an affine_columns tile is made of: any.
+        [[nodiscard]] index_t forward_column_unit() const noexcept { return 1; }
+        [[nodiscard]] std::size_t affine_columns_workspace_bytes(index_t /*rows*/, index_t /*columns*/) const noexcept { return 0; }
+
+        /// Columns [n0, n0 + z.cols()) of Z = a W^T + b, the pre-activation a backward
+        /// recomputes; each sum in double. f32 storage only.
+        void affine_columns(ConstMatrixView<float> a, MatrixView<float> z, index_t n0, Workspace& /*ws*/) const {
+            check_affine_columns(a, z, n0, forward_column_unit());
+            for (index_t m = 0; m < a.rows(); ++m)
+                for (index_t j = 0; j < z.cols(); ++j) {
+                    const index_t n = n0 + j;
+                    double acc = bias_.empty() ? 0.0 : bias_[std::size_t(n)];
+                    for (index_t k = 0; k < k_; ++k) acc += double(a(m, k)) * double(w_f32_[std::size_t(n * k_ + k)]);
+                    z(m, j) = float(acc);
+                }
         }
 
         /// Columns a backward_input tile is made of: any.

@@ -2,12 +2,15 @@
 // An Expert is a Layer of width d_model -> d_model with a hidden width d_ff. Experts check
 // shapes but not finiteness: the layer that owns them checks its input once.
 
+#include <algorithm>
 #include <concepts>
+#include <cstddef>
 #include <initializer_list>
 #include <string_view>
 
 #include "hypermoe/backend/linear_spec.hpp"
 #include "hypermoe/core/layer_concept.hpp"
+#include "hypermoe/core/workspace.hpp"
 
 namespace hypermoe {
 
@@ -46,6 +49,32 @@ protected:
 private:
     extents<D, FF> extents_;
 };
+
+/// What an expert's backward tiles (GluExpert, FfnExpert: backward_tile) read and write for one
+/// expert's M rows: x, dy, what its forward kept (M, kept_width()), the stages' shared scratch
+/// (M, backward_scratch_width()) and dx.
+struct ExpertBackwardTile {
+    ConstMatrixView<float> x, dy, kept;
+    MatrixView<float> scratch, dx;
+    bool accumulate_input = false;
+};
+
+/// An expert's backward as its own items: every stage 1 tile, then `between()`, then every
+/// stage 2 tile, each stage a pool on the calling thread's threads (run_task_pool).
+template <class E, class G, class Between>
+void run_backward_tiles(const E& e, const ExpertBackwardTile& t, G& g, Workspace& ws, Between&& between) {
+    const int threads = current_threads();
+    const std::size_t slice = e.backward_tile_workspace_bytes(t.x.rows());
+    run_task_pool(ws, e.backward_tiles(1), threads, slice, [&](index_t i, Workspace& w) { e.backward_tile(1, i, t, g, w); });
+    between();
+    run_task_pool(ws, e.backward_tiles(2), threads, slice, [&](index_t i, Workspace& w) { e.backward_tile(2, i, t, g, w); });
+}
+
+/// Columns of a backward tile: `target` rounded up to a multiple of `unit`, all of `extent` where
+/// that is more; at least 1.
+[[nodiscard]] inline index_t backward_tile_width(index_t extent, index_t target, index_t unit) noexcept {
+    return std::max<index_t>(1, std::min(extent, (target + unit - 1) / unit * unit));
+}
 
 } // namespace detail
 } // namespace hypermoe

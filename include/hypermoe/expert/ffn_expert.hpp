@@ -4,9 +4,12 @@
 // are optional. The activation runs fused in the up GEMM's epilogue.
 
 #include <algorithm>
+#include <cstddef>
+#include <numeric>
 #include <optional>
 #include <span>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "hypermoe/backend/backend_concept.hpp"
@@ -89,35 +92,102 @@ public:
         return g;
     }
 
+    /// Scratch of backward() for `rows` rows: the hidden activations (unless kept), the
+    /// stages' scratch, and the larger of the forward products' (recomputing, or giving y) and
+    /// the tiles' pool at the calling thread's thread count.
     [[nodiscard]] std::size_t backward_workspace_bytes(index_t rows) const {
-        return 2 * detail::padded_bytes<float>(rows, d_ff()) +
-               std::max({up_->workspace_bytes(rows), up_->backward_workspace_bytes(rows), down_->workspace_bytes(rows),
-                         down_->backward_workspace_bytes(rows)});
+        const std::size_t pool = detail::task_pool_bytes(detail::current_threads(), backward_tile_workspace_bytes(rows));
+        return detail::padded_bytes<float>(rows, d_ff()) + detail::padded_bytes<float>(rows, backward_scratch_width()) +
+               std::max({up_->workspace_bytes(rows), down_->workspace_bytes(rows), pool});
     }
 
     /// The backward of forward(x): dx [+]= dL/dx from dy = dL/dy, and the parameter gradients
     /// added to `g`. It reads the hidden activations from `kept` (what a forward with `keep` wrote
-    /// for this x), or recomputes them from x; up's backward recomputes its pre-activations either
-    /// way (the forward fuses the activation). A non-empty `y` (M, d_model) also gets forward(x),
-    /// from the hidden activations (one product instead of a forward call's two). f32 storage
-    /// only (config_error otherwise).
+    /// for this x), or recomputes them from x; each tile recomputes its columns of up's
+    /// pre-activations (the forward fuses the activation). A non-empty `y` (M, d_model) also
+    /// gets forward(x), from the hidden activations (one product instead of a forward call's
+    /// two). It runs as two pools of tiles on the calling thread's threads (backward_tile). f32
+    /// storage only (config_error otherwise).
     void backward(ConstMatrixView<float> x, ConstMatrixView<float> dy, MatrixView<float> dx, FfnGradients& g, Workspace& ws,
                   bool accumulate_input = false, MatrixView<float> y = {}, ConstMatrixView<float> kept = {}) const {
         detail::check_backward_shapes(x, dy, dx, d_model(), d_model(), "FfnExpert");
         detail::check_backward_output(x, y, d_model(), "FfnExpert");
         detail::check_kept(x, kept, kept_width(), "FfnExpert", "kept");
+        check_gradients(g);
+        Workspace::Scope scope(ws, backward_workspace_bytes(x.rows()));
+        const index_t m = x.rows();
+        MatrixView<float> recomputed = ws.take_matrix<float>(m, d_ff()); // Act(up x + b), unless kept
+        const MatrixView<float> scratch = ws.take_matrix<float>(m, backward_scratch_width());
+        if (kept.data() == nullptr) up_(x, recomputed, ws);
+        const ConstMatrixView<float> h = kept.data() != nullptr ? kept : ConstMatrixView<float>(recomputed);
+        detail::run_backward_tiles(*this, BackwardTile{x, dy, h, scratch, dx, accumulate_input}, g, ws, [&] {
+            if (y.data() != nullptr) down_(h, y, ws);
+        });
+    }
+
+    /// What a backward's tiles read and write; `kept` holds the hidden activations.
+    using BackwardTile = detail::ExpertBackwardTile;
+
+    /// The backward as work items, as GluExpert's: stage 1 items are tiles of d_ff (dh = dy
+    /// W_down, dW_down's columns, up's pre-activations recomputed for the tile, dz = dh Act'(z),
+    /// dW_up's rows and db_up's), stage 2 items tiles of d_model (dx's columns = dz W_up, and
+    /// db_down's). Each element is summed as the whole products sum it.
+    [[nodiscard]] index_t backward_tiles(int stage) const noexcept {
+        const index_t extent = stage == 1 ? d_ff() : d_model();
+        return extent == 0 ? 0 : (extent + tile_width(stage) - 1) / tile_width(stage);
+    }
+    /// Floats per row that the stages share: dz (d_ff).
+    [[nodiscard]] index_t backward_scratch_width() const noexcept { return d_ff(); }
+    /// The columns (of d_ff for stage 1, of d_model for stage 2) of item `tile`.
+    [[nodiscard]] std::pair<index_t, index_t> backward_tile_columns(int stage, index_t tile) const noexcept {
+        const index_t w = tile_width(stage), c0 = tile * w;
+        return {c0, std::min(w, (stage == 1 ? d_ff() : d_model()) - c0)};
+    }
+    /// Scratch of one item with `rows` rows run on one thread (padded).
+    [[nodiscard]] std::size_t backward_tile_workspace_bytes(index_t rows) const {
+        const detail::ThreadCountScope one(1);
+        std::size_t bytes = 0;
+        for (const int stage : {1, 2})
+            for (const index_t tile : {index_t(0), backward_tiles(stage) - 1}) { // a whole tile, the last (narrower) one
+                const index_t w = backward_tile_columns(stage, std::max<index_t>(tile, 0)).second;
+                bytes = std::max(bytes, stage == 1 ? detail::padded_bytes<float>(rows, w) +
+                                                         std::max({down_->backward_input_workspace_bytes(rows, w),
+                                                                   down_->weight_gradient_workspace_bytes(rows, d_model(), w),
+                                                                   up_->affine_columns_workspace_bytes(rows, w),
+                                                                   up_->weight_gradient_workspace_bytes(rows, w, d_model())})
+                                                   : up_->backward_input_workspace_bytes(rows, w));
+            }
+        return detail::padded_bytes<std::byte>(index_t(bytes));
+    }
+
+    /// Item `tile` of `stage` (1 or 2) of the backward of t's rows; g gets its tile of the
+    /// gradients. Stage 2 items read what every stage 1 item of these rows wrote.
+    void backward_tile(int stage, index_t tile, const BackwardTile& t, FfnGradients& g, Workspace& ws) const {
+        const auto [c0, w] = backward_tile_columns(stage, tile);
+        if (stage == 2) {
+            up_->backward_input(t.scratch, t.dx.col_block(c0, w), c0, ws, t.accumulate_input);
+            if (!g.down_bias.empty()) detail::add_column_sums(t.dy.col_block(c0, w), std::span<float>(g.down_bias).subspan(std::size_t(c0), std::size_t(w)));
+            return;
+        }
+        Workspace::Scope scope(ws, detail::padded_bytes<float>(t.x.rows(), w));
+        const MatrixView<float> dz = t.scratch.col_block(c0, w), z = ws.take_matrix<float>(t.x.rows(), w);
+        down_->backward_input(t.dy, dz, c0, ws); // dh
+        down_->weight_gradient(t.kept.col_block(c0, w), t.dy, g.down.view().col_block(c0, w), ws);
+        up_->affine_columns(t.x, z, c0, ws);
+        for (index_t r = 0; r < z.rows(); ++r)
+            for (index_t j = 0; j < w; ++j) dz(r, j) = float(double(dz(r, j)) * Act::derivative(double(z(r, j))));
+        up_->weight_gradient(t.x, dz, g.up.view().row_block(c0, w), ws);
+        if (!g.up_bias.empty()) detail::add_column_sums(dz, std::span<float>(g.up_bias).subspan(std::size_t(c0), std::size_t(w)));
+    }
+
+    /// Checks gradients made by make_gradients() and f32 weights (what a backward needs).
+    void check_gradients(const FfnGradients& g) const {
+        up_->check_trainable();
+        down_->check_trainable();
         detail::check_gradient_shapes("FfnExpert", {{"up", g.up.rows(), g.up.cols(), d_ff(), d_model()},
                                                      {"down", g.down.rows(), g.down.cols(), d_model(), d_ff()},
                                                      {"up_bias", index_t(g.up_bias.size()), 1, up_bias_ ? d_ff() : 0, 1},
                                                      {"down_bias", index_t(g.down_bias.size()), 1, down_bias_ ? d_model() : 0, 1}});
-        Workspace::Scope scope(ws, backward_workspace_bytes(x.rows()));
-        MatrixView<float> scratch = ws.take_matrix<float>(x.rows(), d_ff()); // Act(up x + b), unless kept
-        MatrixView<float> dh = ws.take_matrix<float>(x.rows(), d_ff());      // dL/dh
-        if (kept.data() == nullptr) up_(x, scratch, ws);
-        const ConstMatrixView<float> h = kept.data() != nullptr ? kept : ConstMatrixView<float>(scratch);
-        if (y.data() != nullptr) down_(h, y, ws);
-        down_->backward(h, dy, dh, LinearGrads{g.down.view(), g.down_bias}, ws);
-        up_->backward(x, dh, dx, LinearGrads{g.up.view(), g.up_bias}, ws, accumulate_input);
     }
 
 private:
@@ -127,6 +197,13 @@ private:
         detail::check_weight_width(FF, ff, "FfnExpert", "d_ff", "up");
         detail::check_weight_shape(w.down, d, ff, "FfnExpert", "down");
         return extents<D, FF>(d, ff);
+    }
+
+    /// Columns of a backward tile, as GluExpert's: 512 of d_ff (a multiple of both the down
+    /// product's backward_column_unit() and up's forward_column_unit()), 256 of d_model.
+    [[nodiscard]] index_t tile_width(int stage) const noexcept {
+        return stage == 1 ? detail::backward_tile_width(d_ff(), 512, std::lcm(down_->backward_column_unit(), up_->forward_column_unit()))
+                          : detail::backward_tile_width(d_model(), 256, up_->backward_column_unit());
     }
 
     bool up_bias_, down_bias_;

@@ -137,20 +137,13 @@ public:
         const MatrixView<float> scratch = ws.take_matrix<float>(m, backward_scratch_width());
         if (kept.data() == nullptr) gate_up_(x, recomputed, ws);
         const BackwardTile t{x, dy, kept.data() != nullptr ? kept : ConstMatrixView<float>(recomputed), scratch, dx, accumulate_input};
-        const int threads = detail::current_threads();
-        const std::size_t slice = backward_tile_workspace_bytes(m);
-        detail::run_task_pool(ws, backward_tiles(1), threads, slice, [&](index_t i, Workspace& w) { backward_tile(1, i, t, g, w); });
-        if (y.data() != nullptr) down_(scratch.col_block(0, d_ff()), y, ws);
-        detail::run_task_pool(ws, backward_tiles(2), threads, slice, [&](index_t i, Workspace& w) { backward_tile(2, i, t, g, w); });
+        detail::run_backward_tiles(*this, t, g, ws, [&] {
+            if (y.data() != nullptr) down_(scratch.col_block(0, d_ff()), y, ws);
+        });
     }
 
-    /// What a backward's tiles read and write for one expert's M rows: x, dy, the [gate | up]
-    /// pre-activations (M, 2 d_ff), the stages' scratch (M, backward_scratch_width()) and dx.
-    struct BackwardTile {
-        ConstMatrixView<float> x, dy, gate_up;
-        MatrixView<float> scratch, dx;
-        bool accumulate_input = false;
-    };
+    /// What a backward's tiles read and write; `kept` holds the [gate | up] pre-activations.
+    using BackwardTile = detail::ExpertBackwardTile;
 
     /// The backward as work items (an MoE layer runs every expert's items in one pool; tests/
     /// test_backward.cpp). Stage 1 items are tiles of d_ff: h = Act(g) * u, dh = dy W_down, the
@@ -196,7 +189,7 @@ public:
             return;
         }
         for (index_t r = 0; r < m; ++r) {
-            const float* __restrict gate = t.gate_up.row(r).data() + c0;
+            const float* __restrict gate = t.kept.row(r).data() + c0;
             const float* __restrict up = gate + ff;
             float* __restrict out = h.row(r).data() + c0;
             for (index_t j = 0; j < w; ++j) out[j] = Act::apply(gate[j]) * up[j];
@@ -205,7 +198,7 @@ public:
         down_->backward_input(t.dy, dgu.col_block(ff + c0, w), c0, ws);
         down_->weight_gradient(h.col_block(c0, w), t.dy, g.down.view().col_block(c0, w), ws);
         for (index_t r = 0; r < m; ++r) {
-            const float* gu = t.gate_up.row(r).data();
+            const float* gu = t.kept.row(r).data();
             float* d = dgu.row(r).data();
             for (index_t j = c0; j < c0 + w; ++j) {
                 const float gate = gu[j], up = gu[ff + j], dh = d[ff + j];
@@ -289,10 +282,8 @@ private:
     /// d_ff, 11 times an expert, the Mixtral-like layer's kept backward at T = 512 took 112-115
     /// ms where 512 took 110-112 (one process, 2-core Zen 5).
     [[nodiscard]] index_t tile_width(int stage) const noexcept {
-        const index_t target = stage == 1 ? 512 : 256;
-        const index_t extent = stage == 1 ? d_ff() : d_model();
-        const index_t unit = stage == 1 ? down_->backward_column_unit() : gate_up_->backward_column_unit();
-        return std::max<index_t>(1, std::min(extent, (target + unit - 1) / unit * unit));
+        return stage == 1 ? detail::backward_tile_width(d_ff(), 512, down_->backward_column_unit())
+                          : detail::backward_tile_width(d_model(), 256, gate_up_->backward_column_unit());
     }
 
     bool gate_up_bias_, down_bias_;

@@ -128,7 +128,7 @@ public:
         for (const auto& e : experts_) inner = std::max(inner, e.workspace_bytes(rows));
         if constexpr (Shared::present) inner = std::max(inner, shared_.workspace_bytes(rows));
         // Experts as tasks: a list of experts and one scratch slice per thread.
-        inner = std::max(inner, tasks_workspace_bytes(rows, false));
+        inner = std::max(inner, tasks_workspace_bytes(rows));
         return 2 * detail::padded_bytes<float>(packed, in_width()) + inner;
     }
     [[nodiscard]] std::size_t workspace_bytes(index_t rows) const {
@@ -228,7 +228,7 @@ public:
 
     /// Scratch of backward() for `rows` tokens.
     [[nodiscard]] std::size_t backward_workspace_bytes(index_t rows) const
-        requires requires(const E& e) { e.backward_workspace_bytes(rows); }
+        requires detail::TiledBackward<E>
     {
         const index_t d = in_width(), packed = max_assignments(rows), slots = router_.slots();
         std::size_t inner = std::max(gate_->workspace_bytes(rows), gate_->backward_workspace_bytes(rows));
@@ -236,11 +236,7 @@ public:
         if constexpr (detail::is_noisy_router<R>) inner = std::max(inner, smooth_load_loss_workspace_bytes(router_));
         inner = std::max({inner, router_.workspace_bytes(rows), router_.backward_workspace_bytes(), balancing,
                           apply_workspace_bytes(rows, packed)});
-        if constexpr (tiled_backward) inner = std::max(inner, tiles_workspace_bytes(rows, packed));
-        else {
-            for (const auto& e : experts_) inner = std::max(inner, e.backward_workspace_bytes(rows));
-            inner = std::max(inner, tasks_workspace_bytes(rows, true));
-        }
+        inner = std::max(inner, tiles_workspace_bytes(rows, packed));
         if constexpr (Shared::present) inner = std::max(inner, shared_.backward_workspace_bytes(rows));
         return 2 * detail::padded_bytes<float>(rows, logit_columns()) + detail::padded_bytes<float>(rows, slots) +
                4 * detail::padded_bytes<float>(packed, d) + inner;
@@ -248,19 +244,20 @@ public:
 
     /// The backward of forward(x, y, ctx): dx = dL/dx from dy = dL/dy, and the parameter
     /// gradients added to `g`. It routes x again (with the same context, so the same plan;
-    /// nothing goes to the routing sink), and each expert's backward recomputes its hidden
-    /// activations and, from them, its output (for the combine weights): nothing is kept
-    /// between forward and backward. The routing is piecewise constant: gradient reaches the
+    /// nothing goes to the routing sink), and the experts' forward runs again, keeping its hidden
+    /// activations and giving its outputs (for the combine weights): nothing is kept between
+    /// forward and backward. The experts' backward runs as one pool of (expert, tile) items per
+    /// stage (GluExpert::backward_tile, FfnExpert::backward_tile). The routing is piecewise constant: gradient reaches the
     /// router through the combine weights only (ScoredRouter::backward). A token that capacity
     /// dropped passes w x (DroppedTokens::scaled_input), so its dx gets w dy and its weights
     /// dy . x. The auxiliary losses the context names (Context::aux_losses) are added, with
-    /// their coefficients, through the router logits. dx is summed per token in slot order (no atomics); whether the experts' gradient
-    /// GEMMs give the same bits at every thread count depends on the backend (not yet tested:
-    /// docs/training.md). Expert weights must be stored as f32 (config_error otherwise).
+    /// their coefficients, through the router logits. dx is summed per token in slot order (no atomics), and
+    /// every element by one item: the same bits at every thread count (tests/test_backward.cpp,
+    /// tests/test_determinism.cpp). Expert weights must be stored as f32 (config_error otherwise).
     template <class G>
     void backward(ConstMatrixView<float> x, ConstMatrixView<float> dy, MatrixView<float> dx, G& g, Workspace& ws,
                   const Context& context = {}) const
-        requires detail::router_has_backward<R>
+        requires detail::router_has_backward<R> && detail::TiledBackward<E>
     {
         thread_local RoutingPlan plan;
         backward(x, dy, dx, g, ws, plan, context);
@@ -270,7 +267,7 @@ public:
     template <class G>
     void backward(ConstMatrixView<float> x, ConstMatrixView<float> dy, MatrixView<float> dx, G& g, Workspace& ws,
                   RoutingPlan& plan, const Context& context = {}) const
-        requires detail::router_has_backward<R>
+        requires detail::router_has_backward<R> && detail::TiledBackward<E>
     {
         detail::check_backward_shapes(x, dy, dx, in_width(), out_width(), "MoeLayer");
         check_input(x);
@@ -292,7 +289,7 @@ public:
     template <class G>
     void backward(const MoeActivations& kept, ConstMatrixView<float> x, ConstMatrixView<float> dy, MatrixView<float> dx, G& g,
                   Workspace& ws, const Context& context = {}) const
-        requires detail::router_has_backward<R>
+        requires detail::router_has_backward<R> && detail::TiledBackward<E>
     {
         detail::check_backward_shapes(x, dy, dx, in_width(), out_width(), "MoeLayer");
         check_gradients(g, context);
@@ -347,20 +344,8 @@ private:
             const float w = plan.weights(t)[std::size_t(row_slots[std::size_t(r)])];
             for (index_t c = 0; c < d; ++c) dout(r, c) = w * dy(t, c);
         });
-        // Each expert writes only its own rows and gradients: as a pool of tiles, or as tasks
-        // where they balance.
-        const auto offsets = plan.offsets();
-        if constexpr (tiled_backward) backward_tiles(plan, in, dout, din, out, hidden, g, ws);
-        else for_each_expert(plan, ws, true, [&](index_t e, Workspace& w) {
-            const index_t n = plan.rows_of(e), first = offsets[std::size_t(e)];
-            const auto& expert = experts_[std::size_t(e)];
-            if constexpr (std::is_same_v<Out, MatrixView<float>>)
-                expert.backward(in.row_block(first, n), dout.row_block(first, n), din.row_block(first, n), g.experts[std::size_t(e)],
-                                w, false, out.row_block(first, n));
-            else
-                expert.backward(in.row_block(first, n), dout.row_block(first, n), din.row_block(first, n), g.experts[std::size_t(e)],
-                                w, false, MatrixView<float>{}, hidden.row_block(first, n).col_block(0, expert.kept_width()));
-        });
+        // Each expert writes only its own rows and gradients, as items of one pool per stage.
+        backward_tiles(plan, in, dout, din, out, hidden, g, ws);
         // dweights = dy . out (kept tokens), dy . x (tokens passed through as w x).
         detail::parallel_for(tokens, tokens * slots * d, [&](index_t t) {
             const auto ids = plan.ids(t);
@@ -433,15 +418,10 @@ private:
         check_finite(x, "MoeLayer: input x");
     }
 
-    /// Whether the experts' backward runs as work items (GluExpert::backward_tile): one pool of
-    /// (expert, tile) items across all experts, in two stages; other experts run their whole
-    /// backward as tasks (for_each_expert).
-    static constexpr bool tiled_backward = detail::TiledBackward<E>;
-
     /// Scratch of backward_tiles for `rows` tokens whose plan has `packed` rows.
     [[nodiscard]] std::size_t tiles_workspace_bytes(index_t rows, index_t packed) const {
         index_t kept = 0, scratch = 0, items = 0;
-        std::size_t slice = 0, forward = tasks_workspace_bytes(rows, false);
+        std::size_t slice = 0, forward = tasks_workspace_bytes(rows);
         for (const auto& e : experts_) {
             kept = std::max(kept, e.kept_width());
             scratch = std::max(scratch, e.backward_scratch_width());
@@ -511,34 +491,31 @@ private:
         std::int32_t expert, tile;
     };
 
-    /// Scratch of one expert run as a task (single-threaded: nested inside the tasks' region):
-    /// its forward's, or (`backward`) its backward's.
-    [[nodiscard]] std::size_t task_workspace_bytes(index_t rows, bool backward) const {
+    /// Scratch of one expert's forward run as a task (single-threaded: nested inside the tasks'
+    /// region).
+    [[nodiscard]] std::size_t task_workspace_bytes(index_t rows) const {
         const detail::ThreadCountScope one(1);
         std::size_t bytes = 0;
-        for (const auto& e : experts_) {
-            if (!backward) bytes = std::max(bytes, e.workspace_bytes(rows));
-            else if constexpr (requires { e.backward_workspace_bytes(rows); }) bytes = std::max(bytes, e.backward_workspace_bytes(rows));
-        }
+        for (const auto& e : experts_) bytes = std::max(bytes, e.workspace_bytes(rows));
         return detail::padded_bytes<std::byte>(index_t(bytes));
     }
     /// Scratch of for_each_expert's tasks for `rows` tokens.
-    [[nodiscard]] std::size_t tasks_workspace_bytes(index_t rows, bool backward) const {
+    [[nodiscard]] std::size_t tasks_workspace_bytes(index_t rows) const {
         const int threads = detail::current_threads();
         if (threads <= 1) return 0;
-        return detail::padded_bytes<std::int32_t>(num_experts()) + detail::saturating_bytes(threads, task_workspace_bytes(rows, backward));
+        return detail::padded_bytes<std::int32_t>(num_experts()) + detail::saturating_bytes(threads, task_workspace_bytes(rows));
     }
 
-    /// Every non-empty expert's GEMM chain on its rows: fn(e, ws) with the scratch to use. When
+    /// Every non-empty expert's forward on its rows: fn(e, ws) with the scratch to use. When
     /// the experts balance across the threads, they run as tasks in ONE parallel region, each
     /// single-threaded on a scratch slice of its thread (largest first, to whichever thread is
-    /// free): a forward or backward then opens a handful of parallel regions instead of several
-    /// per expert, which is what keeps it from collapsing when another process takes a core (each
-    /// region ends in a barrier). Otherwise (one thread, or one expert holding most rows) they run
+    /// free): a forward then opens a handful of parallel regions instead of several per expert,
+    /// which is what keeps it from collapsing when another process takes a core (each region
+    /// ends in a barrier). Otherwise (one thread, or one expert holding most rows) they run
     /// one after another, each GEMM threaded by the backend. Both ways give the same bits
     /// (tests/test_determinism.cpp, tests/test_backward.cpp).
     template <class Fn>
-    void for_each_expert(const RoutingPlan& plan, Workspace& ws, bool backward, Fn&& fn) const {
+    void for_each_expert(const RoutingPlan& plan, Workspace& ws, Fn&& fn) const {
         const int threads = detail::current_threads();
         index_t active = 0, largest = 0;
         for (index_t e = 0; e < num_experts(); ++e)
@@ -551,8 +528,8 @@ private:
             return;
         }
         // The largest T an expert may get is plan.tokens() (one row per token per expert).
-        const std::size_t slice = task_workspace_bytes(plan.tokens(), backward);
-        Workspace::Scope scope(ws, tasks_workspace_bytes(plan.tokens(), backward));
+        const std::size_t slice = task_workspace_bytes(plan.tokens());
+        Workspace::Scope scope(ws, tasks_workspace_bytes(plan.tokens()));
         const auto order = ws.take<std::int32_t>(num_experts());
         index_t count = 0;
         for (index_t e = 0; e < num_experts(); ++e)
@@ -574,7 +551,7 @@ private:
     void run_experts(const RoutingPlan& plan, ConstMatrixView<float> in, MatrixView<float> out, Workspace& ws,
                      MatrixView<float> hidden = {}) const {
         const auto offsets = plan.offsets();
-        for_each_expert(plan, ws, false, [&](index_t e, Workspace& w) {
+        for_each_expert(plan, ws, [&](index_t e, Workspace& w) {
             const index_t n = plan.rows_of(e), first = offsets[std::size_t(e)];
             const auto& expert = experts_[std::size_t(e)];
             const MatrixView<float> keep =
