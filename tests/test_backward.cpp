@@ -1386,7 +1386,7 @@ TEST_CASE("Sequential backward through norms, residual MoE and dense blocks matc
     CHECK_THROWS_WITH_AS((void)plain.make_gradients(), "DynamicStack: layer 4 has no backward (it cannot be trained)", config_error);
 }
 
-TEST_CASE_TEMPLATE_DEFINE("MoE layer backward gives the same bits at 1 and 2 threads", B, backward_thread_counts) {
+TEST_CASE_TEMPLATE_DEFINE("MoE layer backward gives the same bits at 1, 2 and 16 threads", B, backward_thread_counts) {
     // Large enough for every parallel path to split (the GEMMs, the row-wise loops).
     const auto layer = test::make_layer<B>(TopKRouter(8, TopK{2}, {.weighting = {.renormalize = true}}), 192, 320);
     const auto x = random_matrix(512, 192, 60), dy = random_matrix(512, 192, 61);
@@ -1399,20 +1399,24 @@ TEST_CASE_TEMPLATE_DEFINE("MoE layer backward gives the same bits at 1 and 2 thr
         return std::pair{std::move(dx), std::move(g)};
     };
     const auto [dx1, g1] = run(layer, 1);
-    const auto [dx2, g2] = run(layer, 2);
-    bool same = relative_error(dx1, dx2) == 0.0 && relative_error(g1.gate, g2.gate) == 0.0;
-    for (std::size_t e = 0; e < g1.experts.size(); ++e)
-        same = same && relative_error(g1.experts[e].gate_up, g2.experts[e].gate_up) == 0.0 &&
-               relative_error(g1.experts[e].down, g2.experts[e].down) == 0.0;
-    // The layer's experts balance, so at 2 threads they run as tasks, each on one thread; one
-    // expert's backward alone splits its products over both threads.
+    bool same = true;
+    // The layer's experts balance, so at 2 threads each expert's tiles run as one item on one
+    // thread; at 16 threads (more than the 8 experts) as one pool of (expert, tile) items per
+    // stage. One expert's backward alone runs its tiles as such pools.
+    for (const int threads : {2, 16}) {
+        const auto [dx2, g2] = run(layer, threads);
+        same = same && relative_error(dx1, dx2) == 0.0 && relative_error(g1.gate, g2.gate) == 0.0;
+        for (std::size_t e = 0; e < g1.experts.size(); ++e)
+            same = same && relative_error(g1.experts[e].gate_up, g2.experts[e].gate_up) == 0.0 &&
+                   relative_error(g1.experts[e].down, g2.experts[e].down) == 0.0;
+    }
     const auto gw = random_matrix(320, 192, 62, 0.3f), uw = random_matrix(320, 192, 63, 0.3f), dw = random_matrix(192, 320, 64, 0.3f);
     const GluExpert<B, Silu> expert(GluWeights{weight(gw), weight(uw), weight(dw)});
     const auto [ex1, eg1] = run(expert, 1);
     const auto [ex2, eg2] = run(expert, 2);
     same = same && relative_error(ex1, ex2) == 0.0 && relative_error(eg1.gate_up, eg2.gate_up) == 0.0 &&
            relative_error(eg1.down, eg2.down) == 0.0;
-    const std::string verdict = std::string(B::name) + ": 1 and 2 threads give " + (same ? "the same bits" : "different bits");
+    const std::string verdict = std::string(B::name) + ": 1, 2 and 16 threads give " + (same ? "the same bits" : "different bits");
     MESSAGE(verdict);
     // Our loops, our panel kernels (oneDNN's backward products) and Eigen's GEMM (fixed 128-column
     // blocks) never split a reduction over threads: the same bits at any thread count.
