@@ -7,6 +7,7 @@
 #include <cstddef>
 #include <initializer_list>
 #include <string_view>
+#include <utility>
 
 #include "hypermoe/backend/linear_spec.hpp"
 #include "hypermoe/core/layer_concept.hpp"
@@ -69,6 +70,32 @@ void run_backward_tiles(const E& e, const ExpertBackwardTile& t, G& g, Workspace
     between();
     run_task_pool(ws, e.backward_tiles(2), threads, slice, [&](index_t i, Workspace& w) { e.backward_tile(2, i, t, g, w); });
 }
+
+/// The tiles of an expert's backward (backward_tile): stage 1 over d_ff in tiles of `hidden`
+/// columns, stage 2 over d_model in tiles of `model` columns, the last tile of each narrower.
+struct BackwardTiling {
+    index_t d_ff, d_model, hidden, model;
+
+    [[nodiscard]] index_t extent(int stage) const noexcept { return stage == 1 ? d_ff : d_model; }
+    [[nodiscard]] index_t tiles(int stage) const noexcept {
+        const index_t w = stage == 1 ? hidden : model;
+        return extent(stage) == 0 ? 0 : (extent(stage) + w - 1) / w;
+    }
+    /// The first column and width of `tile`.
+    [[nodiscard]] std::pair<index_t, index_t> columns(int stage, index_t tile) const noexcept {
+        const index_t w = stage == 1 ? hidden : model, c0 = tile * w;
+        return {c0, std::min(w, extent(stage) - c0)};
+    }
+    /// The largest of bytes(stage, width) over each stage's widths (a whole tile's, the last one's).
+    template <class Bytes>
+    [[nodiscard]] std::size_t largest(Bytes&& bytes) const {
+        std::size_t most = 0;
+        for (const int stage : {1, 2})
+            for (const index_t tile : {index_t(0), tiles(stage) - 1})
+                most = std::max(most, std::size_t(bytes(stage, columns(stage, std::max<index_t>(tile, 0)).second)));
+        return most;
+    }
+};
 
 /// Columns of a backward tile: `target` rounded up to a multiple of `unit`, all of `extent` where
 /// that is more; at least 1.

@@ -132,31 +132,24 @@ public:
     /// W_down, dW_down's columns, up's pre-activations recomputed for the tile, dz = dh Act'(z),
     /// dW_up's rows and db_up's), stage 2 items tiles of d_model (dx's columns = dz W_up, and
     /// db_down's). Each element is summed as the whole products sum it.
-    [[nodiscard]] index_t backward_tiles(int stage) const noexcept {
-        const index_t extent = stage == 1 ? d_ff() : d_model();
-        return extent == 0 ? 0 : (extent + tile_width(stage) - 1) / tile_width(stage);
-    }
+    [[nodiscard]] index_t backward_tiles(int stage) const noexcept { return tiling().tiles(stage); }
     /// Floats per row that the stages share: dz (d_ff).
     [[nodiscard]] index_t backward_scratch_width() const noexcept { return d_ff(); }
     /// The columns (of d_ff for stage 1, of d_model for stage 2) of item `tile`.
     [[nodiscard]] std::pair<index_t, index_t> backward_tile_columns(int stage, index_t tile) const noexcept {
-        const index_t w = tile_width(stage), c0 = tile * w;
-        return {c0, std::min(w, (stage == 1 ? d_ff() : d_model()) - c0)};
+        return tiling().columns(stage, tile);
     }
     /// Scratch of one item with `rows` rows run on one thread (padded).
     [[nodiscard]] std::size_t backward_tile_workspace_bytes(index_t rows) const {
         const detail::ThreadCountScope one(1);
-        std::size_t bytes = 0;
-        for (const int stage : {1, 2})
-            for (const index_t tile : {index_t(0), backward_tiles(stage) - 1}) { // a whole tile, the last (narrower) one
-                const index_t w = backward_tile_columns(stage, std::max<index_t>(tile, 0)).second;
-                bytes = std::max(bytes, stage == 1 ? detail::padded_bytes<float>(rows, w) +
-                                                         std::max({down_->backward_input_workspace_bytes(rows, w),
-                                                                   down_->weight_gradient_workspace_bytes(rows, d_model(), w),
-                                                                   up_->affine_columns_workspace_bytes(rows, w),
-                                                                   up_->weight_gradient_workspace_bytes(rows, w, d_model())})
-                                                   : up_->backward_input_workspace_bytes(rows, w));
-            }
+        const std::size_t bytes = tiling().largest([&](int stage, index_t w) {
+            return stage == 1 ? detail::padded_bytes<float>(rows, w) +
+                                 std::max({down_->backward_input_workspace_bytes(rows, w),
+                                           down_->weight_gradient_workspace_bytes(rows, d_model(), w),
+                                           up_->affine_columns_workspace_bytes(rows, w),
+                                           up_->weight_gradient_workspace_bytes(rows, w, d_model())})
+                           : up_->backward_input_workspace_bytes(rows, w);
+        });
         return detail::padded_bytes<std::byte>(index_t(bytes));
     }
 
@@ -201,6 +194,7 @@ private:
 
     /// Columns of a backward tile, as GluExpert's: 512 of d_ff (a multiple of both the down
     /// product's backward_column_unit() and up's forward_column_unit()), 256 of d_model.
+    [[nodiscard]] detail::BackwardTiling tiling() const noexcept { return {d_ff(), d_model(), tile_width(1), tile_width(2)}; }
     [[nodiscard]] index_t tile_width(int stage) const noexcept {
         return stage == 1 ? detail::backward_tile_width(d_ff(), 512, std::lcm(down_->backward_column_unit(), up_->forward_column_unit()))
                           : detail::backward_tile_width(d_model(), 256, up_->backward_column_unit());

@@ -151,29 +151,22 @@ public:
     /// (everything but dx is local to a tile). Stage 2 items, after every stage 1 item of the
     /// expert, are tiles of d_model: dx's columns = d[gate | up] W_gate|up, and db_down's. Each
     /// element is summed by one item in the products' own order: the same bits as one thread.
-    [[nodiscard]] index_t backward_tiles(int stage) const noexcept {
-        const index_t extent = stage == 1 ? d_ff() : d_model();
-        return extent == 0 ? 0 : (extent + tile_width(stage) - 1) / tile_width(stage);
-    }
+    [[nodiscard]] index_t backward_tiles(int stage) const noexcept { return tiling().tiles(stage); }
     /// Floats per row that the stages share: h (d_ff) and d[gate | up] (2 d_ff).
     [[nodiscard]] index_t backward_scratch_width() const noexcept { return 3 * d_ff(); }
     /// The columns (of d_ff for stage 1, of d_model for stage 2) of item `tile`.
     [[nodiscard]] std::pair<index_t, index_t> backward_tile_columns(int stage, index_t tile) const noexcept {
-        const index_t w = tile_width(stage), c0 = tile * w;
-        return {c0, std::min(w, (stage == 1 ? d_ff() : d_model()) - c0)};
+        return tiling().columns(stage, tile);
     }
     /// Scratch of one item with `rows` rows run on one thread (padded).
     [[nodiscard]] std::size_t backward_tile_workspace_bytes(index_t rows) const {
         const detail::ThreadCountScope one(1);
-        std::size_t bytes = 0;
-        for (const int stage : {1, 2})
-            for (const index_t tile : {index_t(0), backward_tiles(stage) - 1}) { // a whole tile, the last (narrower) one
-                const index_t w = backward_tile_columns(stage, std::max<index_t>(tile, 0)).second;
-                bytes = std::max(bytes, stage == 1 ? std::max({down_->backward_input_workspace_bytes(rows, w),
-                                                               down_->weight_gradient_workspace_bytes(rows, d_model(), w),
-                                                               gate_up_->weight_gradient_workspace_bytes(rows, w, d_model())})
-                                                   : gate_up_->backward_input_workspace_bytes(rows, w));
-            }
+        const std::size_t bytes = tiling().largest([&](int stage, index_t w) {
+            return stage == 1 ? std::max({down_->backward_input_workspace_bytes(rows, w),
+                                       down_->weight_gradient_workspace_bytes(rows, d_model(), w),
+                                       gate_up_->weight_gradient_workspace_bytes(rows, w, d_model())})
+                           : gate_up_->backward_input_workspace_bytes(rows, w);
+        });
         return detail::padded_bytes<std::byte>(index_t(bytes));
     }
 
@@ -281,6 +274,7 @@ private:
     /// stage 1 item packs x and transposes dy for its weight gradients: with 256 columns of
     /// d_ff, 11 times an expert, the Mixtral-like layer's kept backward at T = 512 took 112-115
     /// ms where 512 took 110-112 (one process, 2-core Zen 5).
+    [[nodiscard]] detail::BackwardTiling tiling() const noexcept { return {d_ff(), d_model(), tile_width(1), tile_width(2)}; }
     [[nodiscard]] index_t tile_width(int stage) const noexcept {
         return stage == 1 ? detail::backward_tile_width(d_ff(), 512, down_->backward_column_unit())
                           : detail::backward_tile_width(d_model(), 256, gate_up_->backward_column_unit());
