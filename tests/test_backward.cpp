@@ -501,6 +501,13 @@ TEST_CASE_TEMPLATE_DEFINE("GluExpert backward: its tiles run in any order give b
         }
     CHECK(relative_error(dx_tiles, dx) == 0.0);
     CHECK(relative_error(g_tiles.gate_up, g.gate_up) == 0.0);
+    // Typed errors: the stage, the tile, a view of another shape.
+    CHECK_THROWS_WITH_AS(expert.backward_tile(3, 0, t, g_tiles, ws), "GluExpert::backward_tile: stage 3, expected 1 or 2", config_error);
+    CHECK_THROWS_WITH_AS(expert.backward_tile(1, 3, t, g_tiles, ws), "GluExpert::backward_tile: tile 3 of stage 1, expected one of [0, 3)",
+                         shape_error);
+    const typename GluExpert<B, Silu>::BackwardTile narrow{x, dy, kept, scratch.view().col_block(0, 100), dx_tiles.view(), false};
+    CHECK_THROWS_WITH_AS(expert.backward_tile(2, 0, narrow, g_tiles, ws), "GluExpert::backward_tile: scratch has shape (7, 100), expected (7, 3264)",
+                         shape_error);
     CHECK(relative_error(g_tiles.down, g.down) == 0.0);
     CHECK(vector_error(g_tiles.gate_up_bias, g.gate_up_bias) == 0.0);
     CHECK(vector_error(g_tiles.down_bias, g.down_bias) == 0.0);
@@ -1133,6 +1140,14 @@ TEST_CASE("MoeLayer and Router backward: typed errors") {
     CHECK_THROWS_WITH_AS(layer.backward(kept, x, dy, dx, wrong, ws),
                          "MoeLayer::backward: gradients for a gate of shape (3, 8) and 3 experts, expected (4, 8) and 4 (use make_gradients())",
                          shape_error);
+    // An expert's gradients of another shape are refused before any tile runs.
+    auto g_bad = layer.make_gradients();
+    g_bad.experts[2].down = Matrix<float>(p.d, 3);
+    CHECK_THROWS_WITH_AS(layer.backward(x, dy, dx, g_bad, ws),
+                         ("GluExpert::backward: gradient 'down' has shape (8, 3), expected (8, " + std::to_string(p.ff) +
+                          ") (use make_gradients())")
+                             .c_str(),
+                         shape_error);
     Matrix<float> nan_x = random_matrix(3, p.d, 1);
     nan_x(1, 2) = std::nanf("");
     CHECK_THROWS_AS(layer.backward(nan_x, dy, dx, g, ws), numeric_error);
@@ -1172,7 +1187,7 @@ TEST_CASE("MoeLayer and Router backward: typed errors") {
         }());
     auto gb = bf16_layer.make_gradients();
     CHECK_THROWS_WITH_AS(bf16_layer.backward(x, dy, dx, gb, ws),
-                         "GluExpert weight 'down': backward needs f32 storage, but the weights are stored as bf16 (load or build the "
+                         "GluExpert weight 'gate|up': backward needs f32 storage, but the weights are stored as bf16 (load or build the "
                          "layer with f32 storage to train it)",
                          config_error);
 }

@@ -60,6 +60,25 @@ struct ExpertBackwardTile {
     bool accumulate_input = false;
 };
 
+/// Checks a backward_tile call of expert `who` with `tiles` tiles in `stage`: the stage, the
+/// tile, and t's views for d_model `d` (x, dy and dx (M, d); kept and scratch (M, their widths)).
+inline void check_backward_tile(std::string_view who, int stage, index_t tile, index_t tiles, const ExpertBackwardTile& t, index_t d,
+                                index_t kept_width, index_t scratch_width) {
+    if (stage != 1 && stage != 2) throw config_error(concat(who, "::backward_tile: stage ", stage, ", expected 1 or 2"));
+    if (tile < 0 || tile >= tiles)
+        throw shape_error(concat(who, "::backward_tile: tile ", tile, " of stage ", stage, ", expected one of [0, ", tiles, ")"));
+    const index_t m = t.x.rows();
+    const auto check = [&](index_t rows, index_t cols, index_t want, const char* what) {
+        if (rows != m || cols != want)
+            throw shape_error(concat(who, "::backward_tile: ", what, " has shape ", shape_str(rows, cols), ", expected ", shape_str(m, want)));
+    };
+    check(t.x.rows(), t.x.cols(), d, "x");
+    check(t.dy.rows(), t.dy.cols(), d, "dy");
+    check(t.kept.rows(), t.kept.cols(), kept_width, "kept");
+    check(t.scratch.rows(), t.scratch.cols(), scratch_width, "scratch");
+    check(t.dx.rows(), t.dx.cols(), d, "dx");
+}
+
 /// An expert's backward as its own items: every stage 1 tile, then `between()`, then every
 /// stage 2 tile, each stage a pool on the calling thread's threads (run_task_pool).
 template <class E, class G, class Between>

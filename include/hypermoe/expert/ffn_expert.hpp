@@ -154,8 +154,11 @@ public:
     }
 
     /// Item `tile` of `stage` (1 or 2) of the backward of t's rows; g gets its tile of the
-    /// gradients. Stage 2 items read what every stage 1 item of these rows wrote.
+    /// gradients. Stage 2 items read what every stage 1 item of these rows wrote. A stage other
+    /// than 1 or 2 is a config_error, a tile out of range or a view of the wrong shape a
+    /// shape_error. g is checked by backward() (check_gradients), not per item.
     void backward_tile(int stage, index_t tile, const BackwardTile& t, FfnGradients& g, Workspace& ws) const {
+        detail::check_backward_tile("FfnExpert", stage, tile, backward_tiles(stage), t, d_model(), kept_width(), backward_scratch_width());
         const auto [c0, w] = backward_tile_columns(stage, tile);
         if (stage == 2) {
             up_->backward_input(t.scratch, t.dx.col_block(c0, w), c0, ws, t.accumulate_input);

@@ -171,9 +171,12 @@ public:
     }
 
     /// Item `tile` of `stage` (1 or 2) of the backward of t's rows; g gets its tile of the
-    /// gradients. Stage 2 items read what every stage 1 item of these rows wrote.
+    /// gradients. Stage 2 items read what every stage 1 item of these rows wrote. A stage other
+    /// than 1 or 2 is a config_error, a tile out of range or a view of the wrong shape a
+    /// shape_error. g is checked by backward() (check_gradients), not per item.
     void backward_tile(int stage, index_t tile, const BackwardTile& t, GluGradients& g, Workspace& ws) const {
         const index_t ff = d_ff(), m = t.x.rows();
+        detail::check_backward_tile("GluExpert", stage, tile, backward_tiles(stage), t, d_model(), kept_width(), backward_scratch_width());
         const auto [c0, w] = backward_tile_columns(stage, tile);
         const MatrixView<float> h = t.scratch.col_block(0, ff), dgu = t.scratch.col_block(ff, 2 * ff);
         if (stage == 2) {

@@ -443,6 +443,7 @@ private:
     template <class G, class Out>
     void backward_tiles(const RoutingPlan& plan, ConstMatrixView<float> in, ConstMatrixView<float> dout, MatrixView<float> din, Out out,
                         ConstMatrixView<float> hidden, G& g, Workspace& ws) const {
+        for (index_t e = 0; e < num_experts(); ++e) experts_[std::size_t(e)].check_gradients(g.experts[std::size_t(e)]);
         const index_t rows = plan.rows();
         Workspace::Scope scope(ws, tiles_workspace_bytes(plan.tokens(), rows));
         index_t scratch_width = 0, most = 0;
