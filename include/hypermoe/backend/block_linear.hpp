@@ -733,7 +733,6 @@ public:
             const index_t j0 = item * tile, cols = std::min(tile, n_ - j0);
             TileArgs args;
             args.ldc = t.stride();
-            args.ahead = rows <= row_block ? prefetch_ahead : 0;
             for (int p = 0; p < 2; ++p)
                 args.mask[p] = static_cast<std::uint16_t>((1u << std::clamp<index_t>(cols - 16 * p, 0, 16)) - 1u);
             alignas(64) float pad[exact_row_block][quant_block] = {};
@@ -757,6 +756,7 @@ public:
                         }
                     }
                     args.out = t.row(m).data() + j0;
+                    args.ahead = m == 0 ? prefetch_ahead : 0; // the first row block brings the chunk in
                     run_tile(args, x, here);
                 }
             }
@@ -771,9 +771,13 @@ private:
     /// Blocks of K every row block runs over in turn when there are many rows (8: 8 KiB of q8_0
     /// integers for 32 outputs, which stay in L1).
     static constexpr index_t chunk_blocks = 8;
-    /// When the weights stream from memory (few rows), each load asks for the line this many
-    /// bytes on, so that the prefetchers are not left behind at the start of each tile.
-    static constexpr std::ptrdiff_t prefetch_ahead = 2048;
+    /// Each weight load of a chunk's first row block asks for the line this many bytes on (two
+    /// q4_0 chunks, one of q8_0), so that the prefetchers are not left behind at the start of
+    /// each tile, nor where a chunk's later row blocks leave the stream alone. Without it where
+    /// rows > 6 (2048 only below), the Mixtral-like layer at T = 32 read q4_0 `fast` at 1.60-1.75
+    /// ms; with 2048 at 1.53-1.59 and 8192 at 1.43-1.47 (6 alternations, 2-core Zen 5). Decode
+    /// (one chunk) is within noise from 2048 to 8192.
+    static constexpr std::ptrdiff_t prefetch_ahead = 8192;
 
     /// Whether the kernel takes q4_0's -8 off through each block's input sum (TileRows::x_sum):
     /// the AVX2 `exact` one.
