@@ -109,9 +109,8 @@ TEST_CASE_TEMPLATE_APPLY(linear_rows, test::all_backends);
 
 TEST_CASE_TEMPLATE_DEFINE("q8_0 and q4_0 weights: every backend equals f32 arithmetic on the dequantised weights", B,
                           linear_blocks) {
-    // K = 100: three whole blocks and a zero-padded fourth; K = 300: ten, more than one chunk of
-    // blocks when the rows are many (the partial last block in the second chunk). M around the
-    // kernels' row blocks (4 exact, 6 fast).
+    // K = 100: three whole blocks and a zero-padded fourth; K = 300: ten, the partial last block
+    // read by every row block. M around the kernels' row blocks (4 exact, 6 fast).
     for (const index_t k : {100, 300}) {
         CAPTURE(k);
         const index_t n = 45, blocks = (k + 31) / 32;
@@ -173,7 +172,7 @@ TEST_CASE_TEMPLATE_DEFINE("fast q8_0 / q4_0: every backend equals f32 arithmetic
                           linear_blocks_fast) {
     MESSAGE("fast block kernel: ", detail::kernel_isa_name(dtype::q8_0, precision::fast));
     // K = 100: four blocks, the last padded; K = 70: three (an odd count, paired with a zero block).
-    // K = 300: ten blocks, more than one chunk of the prefill kernel (M >= 16 on VNNI).
+    // K = 300: ten blocks, read by every row block (M up to 70: 12 row blocks).
     for (const index_t k : {100, 70, 300})
         for (const dtype format : {dtype::q8_0, dtype::q4_0}) {
             CAPTURE(k);
