@@ -759,11 +759,12 @@ private:
     /// Each weight load of an item's first row block asks for the line this many bytes on, so
     /// that the prefetchers are not left behind at the start of each tile; the later row blocks
     /// read the tile again from L1 or L2 (a tile of 32 outputs: K x 18 / 32 bytes of q4_0, K x
-    /// 34 / 32 of q8_0). Until 2026-12-04 more than 6 rows cut K into chunks of 8 blocks (in L1)
-    /// that every row block ran over in turn, without prefetching: one GLU expert (d = 1024, ff
-    /// = 2816, q4_0 `fast`, 2 threads, 2-core Zen 5) took 10.0 ms at 512 rows and 1.16 ms at 64
-    /// where whole tiles take 8.2 and 1.00 (q8_0: 10.6 -> 9.4-9.7, 1.25 -> 1.12-1.15; `exact`
-    /// within noise); with the chunks, 8192 bytes ahead took the Mixtral-like layer at T = 32
+    /// 34 / 32 of q8_0). Until 2026-12-04 more than one row block cut K into chunks of 8 blocks
+    /// (in L1) that every row block ran over in turn, without prefetching: one GLU expert (d =
+    /// 1024, ff = 2816, q4_0 `fast`, 2 threads, 2-core Zen 5) took 9.8-10.0 ms at 512 rows and
+    /// 1.16 ms at 64 where whole tiles take 8.2 and 1.00-1.03 (q8_0: 10.6 -> 9.4-9.7, 1.25 ->
+    /// 1.12-1.19; `exact` within noise in one run, 2-14% faster in another); with the chunks,
+    /// 8192 bytes ahead took the Mixtral-like layer at T = 32
     /// from 1.60-1.75 to 1.43-1.47 ms (2048: 1.53-1.59). Decode is within noise from 2048 to 8192.
     static constexpr std::ptrdiff_t prefetch_ahead = 8192;
 
