@@ -1,5 +1,6 @@
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <array>
 #include <cstdlib>
 #include <cstring>
@@ -243,6 +244,77 @@ TEST_CASE("fast q8_0 / q4_0 activations: QuantizedRows holds exactly the integer
             CHECK(xq.sum_row(r)[b] == sum);
         }
 }
+
+#if HYPERMOE_X86_KERNELS
+TEST_CASE("fast q8_0 / q4_0 on AMX-INT8: the tile kernel gives the VNNI kernel's bits, on emulated tiles and on the CPU's") {
+    // amx_fast_tile's logic (the q4_0 unpacking into tile rows, the A tile's stride, the offsets,
+    // the scales, the masks) on AmxTilesEmulated, whose integer dots are written out in C++,
+    // against fast_tile in row blocks of 6; on a CPU with AMX also on its tiles (AmxTiles).
+    if (!detail::cpu_isa().avx512) {
+        MESSAGE("no AVX-512 here: the AMX kernel's vector part cannot run");
+        return;
+    }
+    const bool vnni = detail::cpu_isa().vnni, amx = detail::cpu_isa().amx_int8 && !detail::cpu_isa().amx_emulated;
+    MESSAGE("AMX kernel against fast_tile ", std::string(vnni ? "with" : "without"), " VNNI; on the CPU's tiles: ", std::string(amx ? "yes" : "no (none here)"));
+    for (const index_t k : {32, 100, 300})
+        for (const dtype format : {dtype::q8_0, dtype::q4_0})
+            for (const int rows : {1, 7, 16}) {
+                CAPTURE(k);
+                CAPTURE(to_string(format));
+                CAPTURE(rows);
+                const index_t n = 45; // two tiles, the second one of 13 outputs
+                Matrix<float> w = random_matrix(n, k, 31, 0.3f);
+                std::fill_n(w.data() + 3 * k, k, 0.0f); // a zero row: d = 0
+                const detail::BlockWeights blocks(ConstMatrixView<float>(w.view()), format, "w");
+                Matrix<float> a = random_matrix(rows, k, 32);
+                if (rows > 1) std::fill_n(a.data() + k, std::min<index_t>(k, 32), 0.0f); // a zero block
+                Workspace ws;
+                Workspace::Scope scope(ws, detail::QuantizedRows::bytes(rows, blocks.blocks_per_row()));
+                const detail::QuantizedRows xq(a.view(), blocks.blocks_per_row(), ws);
+                const float sentinel = -12345.0f;
+                Matrix<float> want(rows, n), got(rows, n), on_cpu(rows, n);
+                std::fill_n(want.data(), rows * n, sentinel), std::fill_n(got.data(), rows * n, sentinel), std::fill_n(on_cpu.data(), rows * n, sentinel);
+                for (index_t tile = 0; tile < blocks.tiles(); ++tile) {
+                    detail::TileArgs args;
+                    args.wq = blocks.tile_quants(tile), args.wd = blocks.tile_scales(tile), args.nb = blocks.blocks_per_row();
+                    const index_t cols = std::min<index_t>(32, n - 32 * tile);
+                    for (int p = 0; p < 2; ++p)
+                        args.mask[p] = static_cast<std::uint16_t>((1u << std::clamp<index_t>(cols - 16 * p, 0, 16)) - 1u);
+                    args.ldc = n;
+                    const detail::AmxRows x{xq.q_row(0), xq.d_row(0), xq.sum_row(0), blocks.blocks_per_row(), rows};
+                    args.out = got.data() + 32 * tile;
+                    if (format == dtype::q8_0) detail::amx_fast_tile<detail::AmxTilesEmulated, BlockQ8_0>(args, x);
+                    else detail::amx_fast_tile<detail::AmxTilesEmulated, BlockQ4_0>(args, x);
+                    if (amx) {
+                        args.out = on_cpu.data() + 32 * tile;
+                        if (format == dtype::q8_0) detail::amx_fast_tile<detail::AmxTiles, BlockQ8_0>(args, x);
+                        else detail::amx_fast_tile<detail::AmxTiles, BlockQ4_0>(args, x);
+                    }
+                    for (int m = 0; m < rows; m += 6) {
+                        detail::TileRows tr;
+                        const int here = std::min(6, rows - m);
+                        for (int r = 0; r < here; ++r) tr.q[r] = xq.q_row(m + r), tr.d[r] = xq.d_row(m + r), tr.sum[r] = xq.sum_row(m + r);
+                        args.out = want.data() + m * n + 32 * tile;
+                        const auto run = [&]<int R>() {
+                            if (format == dtype::q8_0)
+                                vnni ? detail::fast_tile<R, BlockQ8_0, true>(args, tr) : detail::fast_tile<R, BlockQ8_0, false>(args, tr);
+                            else vnni ? detail::fast_tile<R, BlockQ4_0, true>(args, tr) : detail::fast_tile<R, BlockQ4_0, false>(args, tr);
+                        };
+                        if (here == 6) run.template operator()<6>();
+                        else if (here == 4) run.template operator()<4>();
+                        else run.template operator()<1>();
+                    }
+                }
+                CHECK(std::memcmp(got.data(), want.data(), sizeof(float) * std::size_t(rows * n)) == 0);
+                if (amx) CHECK(std::memcmp(on_cpu.data(), want.data(), sizeof(float) * std::size_t(rows * n)) == 0);
+                // Every output was written, and the reference is no trivial one.
+                index_t written = 0, nonzero = 0;
+                for (index_t i = 0; i < rows * n; ++i) written += got.data()[i] != sentinel, nonzero += got.data()[i] != 0.0f;
+                CHECK(written == rows * n);
+                CHECK(nonzero >= rows * (n - 1) - (rows > 1 ? n : 0));
+            }
+}
+#endif
 
 TEST_CASE("block_int_dot is the exact integer dot of a weight block with quantised activations") {
     // Expected values in double from the dequantising code (core/quant.hpp with d = 1), not from

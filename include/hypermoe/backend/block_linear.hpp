@@ -10,7 +10,8 @@
 //   (q * d is exact in f32, so this equals f32 arithmetic on the dequantised weights up to the
 //   order of the additions).
 // - fast: the activations are quantised per block of 32 (QuantizedRows) and each block's dot
-//   product is an integer one: VPDPBUSD's u8 x s8 products on VNNI, VPMADDUBSW's on AVX-512 BW.
+//   product is an integer one: TDPBSUD's s8 x u8 tile products on AMX-INT8 (calls of 16 rows or
+//   more), VPDPBUSD's u8 x s8 products on VNNI, VPMADDUBSW's on AVX-512 BW.
 //   The integer sums are exact, so every kernel gives the same block dots; only the f32
 //   accumulation order differs between them.
 
@@ -406,6 +407,131 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void fast_tile(c
         for (int p = 0; p < 2; ++p) _mm512_mask_storeu_ps(t.out + r * t.ldc + 16 * p, t.mask[p], acc[r][p]);
 }
 
+/// The rows an AMX-INT8 call reads: 1 to 16 consecutive rows of QuantizedRows (row r's integers
+/// at q + r * blocks * 32, its scales and sums at d and sum + r * blocks).
+struct AmxRows {
+    const std::int8_t* q = nullptr;
+    const float* d = nullptr;
+    const std::int32_t* sum = nullptr;
+    index_t blocks = 0;
+    int rows = 0;
+};
+
+/// The AMX tile configuration (palette 1): 64 bytes, as LDTILECFG reads them.
+struct AmxTileConfig {
+    std::uint8_t palette = 1, start_row = 0;
+    std::uint8_t reserved[14] = {};
+    std::uint16_t colsb[16] = {}; ///< bytes per row of each tile register
+    std::uint8_t rows[16] = {};
+};
+static_assert(sizeof(AmxTileConfig) == 64);
+
+/// The tile registers amx_fast_tile uses, for `rows` (1..16) activation rows: tmm0 and tmm1 the
+/// two panels' int32 sums (rows x 16), tmm2 the activations' block (rows x 32 bytes), tmm3 and
+/// tmm4 the two panels' weights (8 rows of 64 bytes: row i holds k = 4i..4i+3 of the 16
+/// outputs, BlockWeights' quads as held). The tiles are this thread's while the object lives
+/// (LDTILECFG in the constructor, TILERELEASE in the destructor), so a call never depends on
+/// what another library (oneDNN's AMX brgemm) left configured.
+class AmxTiles {
+public:
+    __attribute__((target("amx-tile"))) explicit AmxTiles(int rows) {
+        AmxTileConfig config;
+        config.rows[0] = config.rows[1] = config.rows[2] = static_cast<std::uint8_t>(rows);
+        config.colsb[0] = config.colsb[1] = 64;
+        config.colsb[2] = 32;
+        config.rows[3] = config.rows[4] = 8;
+        config.colsb[3] = config.colsb[4] = 64;
+        _tile_loadconfig(&config);
+    }
+    __attribute__((target("amx-tile"))) ~AmxTiles() { _tile_release(); }
+    AmxTiles(const AmxTiles&) = delete;
+    AmxTiles& operator=(const AmxTiles&) = delete;
+
+    /// One block: c[r * 32 + 16 p + n] = the integer dot of activation row r (32 signed bytes at
+    /// a + r * lda) with output n of panel p (unsigned bytes, w[p]), by TDPBSUD.
+    __attribute__((target("amx-tile,amx-int8"))) void block(const std::int8_t* a, index_t lda, const std::uint8_t* const w[2],
+                                                            std::int32_t* c) const {
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_loadd(2, a, lda);
+        _tile_loadd(3, w[0], 64);
+        _tile_loadd(4, w[1], 64);
+        _tile_dpbsud(0, 2, 3);
+        _tile_dpbsud(1, 2, 4);
+        _tile_stored(0, c, 32 * sizeof(std::int32_t));
+        _tile_stored(1, c + 16, 32 * sizeof(std::int32_t));
+    }
+};
+
+/// AmxTiles' block() in plain C++ (HYPERMOE_AMX=emulate, cpu_isa.hpp): the same integer dots, so
+/// amx_fast_tile gives the same bits on either, and its logic is tested on CPUs without AMX.
+class AmxTilesEmulated {
+public:
+    explicit AmxTilesEmulated(int rows) noexcept : rows_(rows) {}
+    void block(const std::int8_t* a, index_t lda, const std::uint8_t* const w[2], std::int32_t* c) const noexcept {
+        for (int r = 0; r < rows_; ++r)
+            for (int p = 0; p < 2; ++p)
+                for (index_t n = 0; n < 16; ++n) {
+                    std::int32_t s = 0;
+                    for (index_t k = 0; k < quant_block; ++k) s += std::int32_t(a[r * lda + k]) * std::int32_t(w[p][k / 4 * 64 + n * 4 + k % 4]);
+                    c[r * 32 + 16 * p + n] = s;
+                }
+    }
+
+private:
+    int rows_;
+};
+
+/// `fast` on AMX-INT8: a tile's integer block dots (see TileArgs) for up to 16 rows, by `Tiles`
+/// (AmxTiles, or AmxTilesEmulated). Per block, one TDPBSUD per panel multiplies all the rows'
+/// signed activations by the panel's unsigned weights as held (q8_0: q + 128; q4_0: the nibbles,
+/// q + 8, first unpacked into the 8 rows of 64 bytes a tile takes); then per row and panel the
+/// sums less offset * sum(xq), times (d_w * d_x), into f32: fast_tile's operations, so its bits.
+/// A block's sums go through memory (2 KiB), and so do the 16 rows' f32 sums (32 registers'
+/// worth): AVX-512 work per block of about 7 instructions per row and panel, against VNNI's 11
+/// (8 VPDPBUSD).
+template <class Tiles, class Block>
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void amx_fast_tile(const TileArgs& t, const AmxRows& x) {
+    constexpr bool q4 = std::is_same_v<Block, BlockQ4_0>;
+    constexpr index_t quads = q4 ? 4 : 8;
+    constexpr std::int32_t offset = q4 ? 8 : 128;
+    const Tiles tiles(x.rows);
+    alignas(64) std::int32_t c[16 * 32];
+    alignas(64) float acc[16 * 32];
+    alignas(64) std::uint8_t unpacked[2][8 * 64];
+    std::fill_n(acc, 32 * x.rows, 0.0f);
+    const __m512i nibble = _mm512_set1_epi8(0x0F);
+    const index_t lda = x.blocks * quant_block;
+    for (index_t b = 0; b < t.nb; ++b) {
+        const std::uint8_t* w[2];
+        for (int p = 0; p < 2; ++p) {
+            w[p] = t.wq + (b * 2 + p) * quads * 64;
+            for (index_t j = 0; t.ahead != 0 && j < quads; ++j)
+                _mm_prefetch(reinterpret_cast<const char*>(w[p] + j * 64 + t.ahead), _MM_HINT_T0);
+            if constexpr (q4) { // quad j's low nibbles are k = 4j..4j+3 (tile row j), its high ones k + 16 (row 4 + j)
+                for (index_t j = 0; j < 4; ++j) {
+                    const __m512i v = _mm512_loadu_si512(w[p] + j * 64);
+                    _mm512_store_si512(unpacked[p] + j * 64, _mm512_and_si512(v, nibble));
+                    _mm512_store_si512(unpacked[p] + (4 + j) * 64, _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble));
+                }
+                w[p] = unpacked[p];
+            }
+        }
+        tiles.block(x.q + b * quant_block, lda, w, c);
+        for (int p = 0; p < 2; ++p) {
+            const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(t.wd + b * 32 + p * 16)));
+            for (int r = 0; r < x.rows; ++r) {
+                const __m512i total = _mm512_add_epi32(_mm512_load_si512(c + r * 32 + 16 * p), _mm512_set1_epi32(-offset * x.sum[r * x.blocks + b]));
+                float* a = acc + r * 32 + 16 * p;
+                _mm512_store_ps(a, _mm512_fmadd_ps(_mm512_cvtepi32_ps(total), _mm512_mul_ps(dw, _mm512_set1_ps(x.d[r * x.blocks + b])),
+                                                   _mm512_load_ps(a)));
+            }
+        }
+    }
+    for (int r = 0; r < x.rows; ++r)
+        for (int p = 0; p < 2; ++p) _mm512_mask_storeu_ps(t.out + r * t.ldc + 16 * p, t.mask[p], _mm512_load_ps(acc + r * 32 + 16 * p));
+}
+
 /// `exact`: a tile's f32 dots (see TileArgs). Each 64-byte load holds 4 (q8_0) or 8 (q4_0) k of
 /// 16 outputs; each k is widened to 16 floats in place (q8_0: a shift left and an arithmetic
 /// shift right of the signed bytes; q4_0: a shift right and a lookup of nibble - 8 with
@@ -718,7 +844,8 @@ public:
             });
         }
         const MatrixView<float> t = accumulate_ ? ws.take_matrix<float>(rows, n_) : c;
-        const index_t row_block = fast_ ? fast_row_block : exact_row_block;
+        const bool amx = kernel_ == kernel_isa::amx_int8 && rows >= amx_rows;
+        const index_t row_block = amx ? amx_rows : fast_ ? fast_row_block : exact_row_block;
         const index_t tiles = (n_ + tile - 1) / tile, full = k_ / quant_block;
         parallel_for(tiles, rows * k_ * n_, [&](index_t item) {
             const index_t j0 = item * tile, cols = std::min(tile, n_ - j0);
@@ -730,6 +857,12 @@ public:
             args.nb = per_row, args.wq = w_.tile_quants(item), args.wd = w_.tile_scales(item);
             for (index_t m = 0; m < rows; m += row_block) {
                 const index_t here = std::min(row_block, rows - m);
+                args.out = t.row(m).data() + j0;
+                args.ahead = m == 0 ? prefetch_ahead : 0; // the first row block streams the tile in
+                if (amx) {
+                    run_amx(args, AmxRows{xq->q_row(m), xq->d_row(m), xq->sum_row(m), per_row, int(here)});
+                    continue;
+                }
                 TileRows x;
                 x.full = full;
                 for (index_t r = 0; r < here; ++r) {
@@ -744,8 +877,6 @@ public:
                         }
                     }
                 }
-                args.out = t.row(m).data() + j0;
-                args.ahead = m == 0 ? prefetch_ahead : 0; // the first row block streams the tile in
                 run_tile(args, x, here);
             }
             finish(t, c, j0, cols, bias, scale);
@@ -756,6 +887,10 @@ private:
     static constexpr index_t tile = BlockWeights::tile; ///< outputs per work item
     static constexpr index_t fast_row_block = 6;  ///< rows per `fast` kernel call: their sums stay in registers
     static constexpr index_t exact_row_block = 4; ///< rows per `exact` kernel call
+    /// Rows per AMX-INT8 call (a tile register's), and the fewest a call must have to take the AMX
+    /// kernel: decode and a few rows stay on VNNI, where the weights' bytes bound the time and
+    /// a block's sums through memory would only add work. Not measured on an AMX CPU yet.
+    static constexpr index_t amx_rows = 16;
     /// Each weight load of an item's first row block asks for the line this many bytes on, so
     /// that the prefetchers are not left behind at the start of each tile; the later row blocks
     /// read the tile again from L1 or L2 (a tile of 32 outputs: K x 18 / 32 bytes of q4_0, K x
@@ -774,6 +909,17 @@ private:
         return !fast_ && kernel_ == kernel_isa::avx2 && w_.format() == dtype::q4_0;
     }
 
+    /// One AMX-INT8 kernel call (`fast` only), on the CPU's tiles or HYPERMOE_AMX=emulate's.
+    void run_amx(const TileArgs& t, const AmxRows& x) const {
+#if HYPERMOE_X86_KERNELS
+        const bool q8 = w_.format() == dtype::q8_0;
+        if (cpu_isa().amx_emulated) q8 ? amx_fast_tile<AmxTilesEmulated, BlockQ8_0>(t, x) : amx_fast_tile<AmxTilesEmulated, BlockQ4_0>(t, x);
+        else q8 ? amx_fast_tile<AmxTiles, BlockQ8_0>(t, x) : amx_fast_tile<AmxTiles, BlockQ4_0>(t, x);
+#else
+        (void)t, (void)x; // kernel_isa::amx_int8 is chosen on x86 only
+#endif
+    }
+
     /// One kernel call for `rows` (1..6) rows, on the instructions chosen at construction.
     void run_tile(const TileArgs& t, const TileRows& x, index_t rows) const {
         const bool q8 = w_.format() == dtype::q8_0;
@@ -785,7 +931,7 @@ private:
                     else q8 ? avx2_tile_rows<Rows, BlockQ8_0, false>(t, x) : avx2_tile_rows<Rows, BlockQ4_0, false>(t, x);
                 } else if (!fast_) {
                     if constexpr (Rows <= exact_row_block) q8 ? exact_tile<Rows, BlockQ8_0>(t, x) : exact_tile<Rows, BlockQ4_0>(t, x);
-                } else if (kernel_ == kernel_isa::avx512_vnni) {
+                } else if (kernel_ == kernel_isa::avx512_vnni || kernel_ == kernel_isa::amx_int8) { // AMX: calls of few rows
                     q8 ? fast_tile<Rows, BlockQ8_0, true>(t, x) : fast_tile<Rows, BlockQ4_0, true>(t, x);
                 } else {
                     q8 ? fast_tile<Rows, BlockQ8_0, false>(t, x) : fast_tile<Rows, BlockQ4_0, false>(t, x);

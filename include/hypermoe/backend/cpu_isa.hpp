@@ -3,10 +3,14 @@
 // panels.hpp) may use, found once per process from CPUID: every path is compiled into every
 // build (through `target` attributes), and which one a call runs is chosen here, at run time.
 // The tiers: portable C++, AVX2 (with FMA and F16C: most laptops' and desktops' CPUs, and every
-// x86 server of the last ten years), AVX-512 F + BW, and AVX-512 with VNNI or BF16.
+// x86 server of the last ten years), AVX-512 F + BW, AVX-512 with VNNI or BF16, and AMX-INT8
+// (the tile registers of Intel's Sapphire Rapids and later, where the OS lets the process use
+// them).
 // The environment variable HYPERMOE_ISA caps the choice so that the tests run every kernel a CPU
-// can run: `portable` (plain C++ only), `avx2` (no AVX-512) or `avx512` (AVX-512 F + BW, no VNNI
-// and no BF16).
+// can run: `portable` (plain C++ only), `avx2` (no AVX-512), `avx512` (AVX-512 F + BW, no VNNI,
+// no BF16 and no AMX) or `avx512_vnni` (no AMX). HYPERMOE_AMX=emulate runs the AMX-INT8 block
+// kernel on a CPU with AVX-512 VNNI but no AMX, its tile instructions emulated in C++ (slowly),
+// so that the kernel's own logic is tested on every such CPU (block_linear.hpp, AmxTiles).
 
 #include <cstdint>
 #include <cstdlib>
@@ -19,6 +23,10 @@
 #define HYPERMOE_X86_KERNELS 1
 #include <cpuid.h>
 #include <immintrin.h>
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 #else
 #define HYPERMOE_X86_KERNELS 0
 #endif
@@ -39,10 +47,10 @@
 namespace hypermoe::detail {
 
 /// The instruction set a kernel runs on.
-enum class kernel_isa : std::uint8_t { portable, avx2, avx512, avx512_vnni, avx512_bf16 };
+enum class kernel_isa : std::uint8_t { portable, avx2, avx512, avx512_vnni, avx512_bf16, amx_int8 };
 
 [[nodiscard]] constexpr std::string_view to_string(kernel_isa i) noexcept {
-    constexpr std::string_view names[] = {"portable", "avx2", "avx512", "avx512_vnni", "avx512_bf16"};
+    constexpr std::string_view names[] = {"portable", "avx2", "avx512", "avx512_vnni", "avx512_bf16", "amx_int8"};
     return names[static_cast<int>(i)];
 }
 
@@ -51,6 +59,22 @@ enum class kernel_isa : std::uint8_t { portable, avx2, avx512, avx512_vnni, avx5
 [[nodiscard]] inline bool has_f16c() noexcept {
     unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
     return __get_cpuid(1, &eax, &ebx, &ecx, &edx) != 0 && (ecx & bit_F16C) != 0;
+}
+
+/// Whether the CPU has AMX-TILE and AMX-INT8 (CPUID leaf 7: EDX bits 24 and 25) and the OS lets
+/// this process use the tile registers: Linux (5.16 and later) enables them per process on
+/// request (arch_prctl ARCH_REQ_XCOMP_PERM for XTILEDATA), which is asked here, once.
+[[nodiscard]] inline bool amx_int8_usable() noexcept {
+    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+    if (__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) == 0 || (edx & (1u << 24)) == 0 || (edx & (1u << 25)) == 0) return false;
+#if defined(__linux__)
+    constexpr long get_permission = 0x1022, request_permission = 0x1023, xtiledata = 18;
+    if (syscall(SYS_arch_prctl, request_permission, xtiledata) != 0) return false;
+    unsigned long granted = 0;
+    return syscall(SYS_arch_prctl, get_permission, &granted) == 0 && (granted & (1ul << xtiledata)) != 0;
+#else
+    return false; // our kernels ask for the tiles the Linux way only
+#endif
 }
 
 /// The lanes of an AVX2 mask load / store that bits [0, 8) of `bits` select (the AVX2 kernels'
@@ -78,6 +102,8 @@ struct cpu_features {
     bool avx512 = false; ///< AVX-512 F and BW (with AVX2 and F16C: every CPU that has it)
     bool vnni = false;   ///< and VL + VNNI (VPDPBUSD)
     bool bf16 = false;   ///< and VL + BF16 (VDPBF16PS)
+    bool amx_int8 = false;    ///< and AMX-TILE + AMX-INT8, usable by this process (or emulated)
+    bool amx_emulated = false; ///< amx_int8 is HYPERMOE_AMX=emulate's C++ tiles, not the CPU's
 };
 
 [[nodiscard]] inline cpu_features cpu_isa() {
@@ -90,11 +116,17 @@ struct cpu_features {
         const bool vl = f.avx512 && __builtin_cpu_supports("avx512vl");
         f.vnni = vl && __builtin_cpu_supports("avx512vnni");
         f.bf16 = vl && __builtin_cpu_supports("avx512bf16");
-        if (const char* cap = std::getenv("HYPERMOE_ISA"); cap != nullptr) {
-            const std::string_view c(cap);
-            if (c == "portable") f = cpu_features{};
-            else if (c == "avx2") f.avx512 = f.vnni = f.bf16 = false;
-            else if (c == "avx512") f.vnni = f.bf16 = false;
+        const char* cap = std::getenv("HYPERMOE_ISA");
+        const std::string_view c(cap != nullptr ? cap : "");
+        if (c == "portable") f = cpu_features{};
+        else if (c == "avx2") f.avx512 = f.vnni = f.bf16 = false;
+        else if (c == "avx512") f.vnni = f.bf16 = false;
+        // The AMX kernel falls back to the VNNI one for few rows, so it needs VNNI too (every AMX
+        // CPU has it). The OS is asked for the tiles only where they would be used.
+        if (f.vnni && c != "avx512_vnni") {
+            const char* amx = std::getenv("HYPERMOE_AMX");
+            f.amx_emulated = amx != nullptr && std::string_view(amx) == "emulate";
+            f.amx_int8 = f.amx_emulated || amx_int8_usable();
         }
 #endif
         return f;
@@ -106,7 +138,8 @@ struct cpu_features {
 [[nodiscard]] inline std::string cpu_isa_names() {
     const cpu_features f = cpu_isa();
     if (!f.avx512) return f.avx2 ? "avx2" : "portable";
-    return std::string("avx512") + (f.vnni ? " vnni" : "") + (f.bf16 ? " bf16" : "");
+    return std::string("avx512") + (f.vnni ? " vnni" : "") + (f.bf16 ? " bf16" : "") +
+           (f.amx_int8 ? f.amx_emulated ? " amx_int8(emulated)" : " amx_int8" : "");
 }
 
 /// The widest of AVX-512, AVX2 and portable code this CPU runs.
@@ -116,10 +149,12 @@ struct cpu_features {
 }
 
 /// The kernel a block-format (q8_0 / q4_0) linear of precision `p` runs: `exact` on AVX-512 F + BW
-/// or AVX2 where present; `fast` on VNNI where present, else on VPMADDUBSW (AVX-512 BW's or
+/// or AVX2 where present; `fast` on AMX-INT8 where present (calls of at least
+/// BlockLinear::amx_rows rows; fewer on VNNI), else on VNNI, else on VPMADDUBSW (AVX-512 BW's or
 /// AVX2's), else the portable integer kernel (the same block dots, so results differ between
-/// CPUs only in f32 summation order).
+/// CPUs only in f32 summation order; AMX and VNNI give the same bits).
 [[nodiscard]] inline kernel_isa block_kernel(precision p) {
+    if (p == precision::fast && cpu_isa().amx_int8) return kernel_isa::amx_int8;
     if (p == precision::fast && cpu_isa().vnni) return kernel_isa::avx512_vnni;
     return vector_kernel();
 }
@@ -136,7 +171,12 @@ struct cpu_features {
 /// The name of the kernel weights stored as `t` run on with precision `p` (f32: the backend's own
 /// dispatch, named by the caller).
 [[nodiscard]] inline std::string_view kernel_isa_name(dtype t, precision p = precision::exact) {
-    if (is_block_format(t)) return to_string(block_kernel(p));
+    if (is_block_format(t)) {
+        const kernel_isa k = block_kernel(p);
+        if (k == kernel_isa::amx_int8)
+            return cpu_isa().amx_emulated ? "amx_int8 emulated (avx512_vnni below 16 rows)" : "amx_int8 (avx512_vnni below 16 rows)";
+        return to_string(k);
+    }
     return to_string(bf16_kernel(p));
 }
 
