@@ -434,6 +434,12 @@ static_assert(sizeof(AmxTileConfig) == 64);
 /// what another library (oneDNN's AMX brgemm) left configured.
 class AmxTiles {
 public:
+    /// A compiler barrier that makes every store to *p happen before the next tile instruction:
+    /// GCC 12's AMX intrinsics are inline assembly that declares no read of TILELOADD's rows and
+    /// only 8 of LDTILECFG's 64 bytes, so without it the configuration's rows and q4_0's unpacked
+    /// weights could be left unwritten (dead stores, to the compiler) or written too late.
+    static void publish(const void* p) noexcept { asm volatile("" : : "r"(p) : "memory"); }
+
     __attribute__((target("amx-tile"))) explicit AmxTiles(int rows) {
         AmxTileConfig config;
         config.rows[0] = config.rows[1] = config.rows[2] = static_cast<std::uint8_t>(rows);
@@ -441,6 +447,7 @@ public:
         config.colsb[2] = 32;
         config.rows[3] = config.rows[4] = 8;
         config.colsb[3] = config.colsb[4] = 64;
+        publish(&config);
         _tile_loadconfig(&config);
     }
     __attribute__((target("amx-tile"))) ~AmxTiles() { _tile_release(); }
@@ -451,6 +458,7 @@ public:
     /// a + r * lda) with output n of panel p (unsigned bytes, w[p]), by TDPBSUD.
     __attribute__((target("amx-tile,amx-int8"))) void block(const std::int8_t* a, index_t lda, const std::uint8_t* const w[2],
                                                             std::int32_t* c) const {
+        publish(a), publish(w[0]), publish(w[1]);
         _tile_zero(0);
         _tile_zero(1);
         _tile_loadd(2, a, lda);
