@@ -327,6 +327,17 @@ __attribute__((target("avx512f"))) inline __m512i broadcast_quad(const std::int8
     return _mm512_set1_epi32(v);
 }
 
+/// Block b's scales of panel p of a tile (16 halves) as floats.
+__attribute__((target("avx512f"))) inline __m512 panel_scales(const TileArgs& t, index_t b, int p) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(t.wd + b * 32 + p * 16)));
+}
+
+/// `fast`: acc + a block's exact int32 sums times (d_w * d_x), the one way every AVX-512 `fast`
+/// kernel (fast_tile, amx_fast_tile) takes them into f32, so that they give the same bits.
+__attribute__((target("avx512f"))) inline __m512 add_block_sums(__m512 acc, __m512i total, __m512 dw, float dx) {
+    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(total), _mm512_mul_ps(dw, _mm512_set1_ps(dx)), acc);
+}
+
 /// acc + per int32 lane the dot of 4 unsigned bytes of u with 4 signed bytes of x, without VNNI
 /// (VPMADDUBSW then VPMADDWD): exact while a pair's sum stays within int16, which holds for
 /// u <= 128 and |x| <= 127.
@@ -395,11 +406,11 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void fast_tile(c
             }
         }
         for (int p = 0; p < 2; ++p) {
-            const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(t.wd + b * 32 + p * 16)));
+            const __m512 dw = panel_scales(t, b, p);
             for (int r = 0; r < Rows; ++r) {
                 __m512i total = sum[r][p][0];
                 for (int i = 1; i < split; ++i) total = _mm512_add_epi32(total, sum[r][p][i]);
-                acc[r][p] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(total), _mm512_mul_ps(dw, _mm512_set1_ps(x.d[r][b])), acc[r][p]);
+                acc[r][p] = add_block_sums(acc[r][p], total, dw, x.d[r][b]);
             }
         }
     }
@@ -494,7 +505,7 @@ private:
 /// (AmxTiles, or AmxTilesEmulated). Per block, one TDPBSUD per panel multiplies all the rows'
 /// signed activations by the panel's unsigned weights as held (q8_0: q + 128; q4_0: the nibbles,
 /// q + 8, first unpacked into the 8 rows of 64 bytes a tile takes); then per row and panel the
-/// sums less offset * sum(xq), times (d_w * d_x), into f32: fast_tile's operations, so its bits.
+/// sums less offset * sum(xq), into f32 by add_block_sums as in fast_tile, so with its bits.
 /// A block's sums go through memory (2 KiB), and so do the 16 rows' f32 sums (32 registers'
 /// worth): AVX-512 work per block of about 7 instructions per row and panel, against VNNI's 11
 /// (8 VPDPBUSD).
@@ -527,12 +538,11 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void amx_fast_tile(const Ti
         }
         tiles.block(x.q + b * quant_block, lda, w, c);
         for (int p = 0; p < 2; ++p) {
-            const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(t.wd + b * 32 + p * 16)));
+            const __m512 dw = panel_scales(t, b, p);
             for (int r = 0; r < x.rows; ++r) {
                 const __m512i total = _mm512_add_epi32(_mm512_load_si512(c + r * 32 + 16 * p), _mm512_set1_epi32(-offset * x.sum[r * x.blocks + b]));
                 float* a = acc + r * 32 + 16 * p;
-                _mm512_store_ps(a, _mm512_fmadd_ps(_mm512_cvtepi32_ps(total), _mm512_mul_ps(dw, _mm512_set1_ps(x.d[r * x.blocks + b])),
-                                                   _mm512_load_ps(a)));
+                _mm512_store_ps(a, add_block_sums(_mm512_load_ps(a), total, dw, x.d[r * x.blocks + b]));
             }
         }
     }
@@ -585,7 +595,7 @@ __attribute__((target("avx512f,avx512bw"))) void exact_tile(const TileArgs& t, c
                 }
             }
         for (int p = 0; p < 2; ++p) {
-            const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(t.wd + b * 32 + p * 16)));
+            const __m512 dw = panel_scales(t, b, p);
             for (int r = 0; r < Rows; ++r) {
                 __m512 total = sum[r][p][0];
                 for (int i = 1; i < split; ++i) total = _mm512_add_ps(total, sum[r][p][i]);
@@ -898,7 +908,7 @@ private:
     /// Rows per AMX-INT8 call (a tile register's), and the fewest a call must have to take the AMX
     /// kernel: decode and a few rows stay on VNNI, where the weights' bytes bound the time and
     /// a block's sums through memory would only add work. Not measured on an AMX CPU yet.
-    static constexpr index_t amx_rows = 16;
+    static constexpr index_t amx_rows = amx_min_rows;
     /// Each weight load of an item's first row block asks for the line this many bytes on, so
     /// that the prefetchers are not left behind at the start of each tile; the later row blocks
     /// read the tile again from L1 or L2 (a tile of 32 outputs: K x 18 / 32 bytes of q4_0, K x

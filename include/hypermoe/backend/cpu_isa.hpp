@@ -148,9 +148,13 @@ struct cpu_features {
     return f.avx512 ? kernel_isa::avx512 : f.avx2 ? kernel_isa::avx2 : kernel_isa::portable;
 }
 
+/// The fewest rows a block-format `fast` call must have to take the AMX-INT8 kernel (a tile
+/// register's rows; BlockLinear::amx_rows): fewer run on VNNI.
+inline constexpr int amx_min_rows = 16;
+
 /// The kernel a block-format (q8_0 / q4_0) linear of precision `p` runs: `exact` on AVX-512 F + BW
 /// or AVX2 where present; `fast` on AMX-INT8 where present (calls of at least
-/// BlockLinear::amx_rows rows; fewer on VNNI), else on VNNI, else on VPMADDUBSW (AVX-512 BW's or
+/// amx_min_rows rows; fewer on VNNI), else on VNNI, else on VPMADDUBSW (AVX-512 BW's or
 /// AVX2's), else the portable integer kernel (the same block dots, so results differ between
 /// CPUs only in f32 summation order; AMX and VNNI give the same bits).
 [[nodiscard]] inline kernel_isa block_kernel(precision p) {
@@ -173,6 +177,7 @@ struct cpu_features {
 [[nodiscard]] inline std::string_view kernel_isa_name(dtype t, precision p = precision::exact) {
     if (is_block_format(t)) {
         const kernel_isa k = block_kernel(p);
+        static_assert(amx_min_rows == 16, "the names below give the AMX kernel's row threshold");
         if (k == kernel_isa::amx_int8)
             return cpu_isa().amx_emulated ? "amx_int8 emulated (avx512_vnni below 16 rows)" : "amx_int8 (avx512_vnni below 16 rows)";
         return to_string(k);
