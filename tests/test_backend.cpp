@@ -91,6 +91,85 @@ TEST_CASE_TEMPLATE_DEFINE("linear matches the reference for every epilogue", B, 
 }
 TEST_CASE_TEMPLATE_APPLY(linear_sweep, test::all_backends);
 
+namespace {
+
+/// forward_columns over tiles `width` columns wide (the last one what is left), run from the
+/// last tile to the first, against the whole call on the same inputs: the same bits.
+template <class B, class Act>
+void compare_columns(const Case& c, WeightView w) {
+    CAPTURE(c.m);
+    CAPTURE(c.k);
+    CAPTURE(c.n);
+    CAPTURE(c.bias);
+    CAPTURE(c.accumulate);
+    CAPTURE(to_string(c.storage));
+    CAPTURE(to_string(c.prec));
+    CAPTURE(Act::name);
+    const auto bias = c.bias ? random_vector(c.n, 7) : std::vector<float>{};
+    const typename B::template linear<Act> lin(w, bias, LinearOptions{"test", c.accumulate, c.storage, c.prec});
+    const Matrix<float> wide = random_matrix(c.m, c.k + 3, 11);
+    const auto a = ConstMatrixView<float>(wide.view()).col_block(2, c.k);
+    Matrix<float> want = random_matrix(c.m, c.n + 5, 13); // accumulate adds to these; c strided
+    Matrix<float> got = want;
+    Workspace ws;
+    lin(a, want.view().col_block(1, c.n), ws, c.scale);
+    const index_t unit = lin.forward_column_unit();
+    CAPTURE(unit);
+    REQUIRE(unit >= 1);
+    for (const index_t width : {unit, 2 * unit, std::max<index_t>(c.n, 1)}) {
+        CAPTURE(width);
+        Matrix<float> tiled = got;
+        {
+            Workspace::Scope scope(ws, lin.prepared_bytes(c.m));
+            const PreparedInput p = lin.prepare(a, ws);
+            const index_t tiles = (c.n + width - 1) / width;
+            for (index_t t = tiles - 1; t >= 0; --t) {
+                const index_t n0 = t * width, cols = std::min(width, c.n - n0);
+                lin.forward_columns(p, tiled.view().col_block(1 + n0, cols), n0, ws, c.scale);
+            }
+        }
+        index_t differ = 0;
+        for (index_t r = 0; r < c.m; ++r)
+            for (index_t j = 0; j < c.n + 5; ++j) differ += std::memcmp(&tiled(r, j), &want(r, j), sizeof(float)) != 0;
+        CHECK(differ == 0);
+    }
+}
+
+} // namespace
+
+TEST_CASE_TEMPLATE_DEFINE("forward_columns: a linear's tiles give the whole call's bits, for every storage and precision", B,
+                          linear_columns) {
+    for (const auto& [k, n] : {std::pair<index_t, index_t>{100, 300}, {64, 256}, {37, 19}, {0, 40}}) {
+        const Matrix<float> w = random_matrix(n, k, 5, 0.3f);
+        for (const index_t m : {1, 7, 33, 300})
+            for (const dtype storage : {dtype::f32, dtype::bf16, dtype::q8_0, dtype::q4_0})
+                for (const precision prec : {precision::exact, precision::fast}) {
+                    if (prec == precision::fast && storage == dtype::f32) continue;
+                    if (m == 300 && std::is_same_v<B, reference>) continue; // slow, and no different
+                    for (const bool bias : {false, true})
+                        for (const bool acc : {false, true}) {
+                            compare_columns<B, Identity>({m, k, n, bias, acc, 0.5f, storage, true, prec}, w.view());
+                            compare_columns<B, Silu>({m, k, n, bias, acc, 1.0f, storage, true, prec}, w.view());
+                        }
+                }
+    }
+    // Typed errors name the call, the columns asked for and what is allowed.
+    const Matrix<float> w = random_matrix(300, 100, 5, 0.3f);
+    const typename B::template linear<Identity> lin(w.view(), {}, LinearOptions{"lin300"});
+    const Matrix<float> a = random_matrix(4, 100, 3);
+    Workspace ws;
+    const PreparedInput p = lin.prepare(a.view(), ws);
+    Matrix<float> c(4, 300);
+    CHECK_THROWS_WITH_AS(lin.forward_columns(p, c.view().col_block(0, 20), 290, ws), doctest::Contains("lin300 forward_columns: columns [290, 310) of the output, expected a range within [0, 300)"), shape_error);
+    Matrix<float> c3(3, 300);
+    CHECK_THROWS_WITH_AS(lin.forward_columns(p, c3.view(), 0, ws), doctest::Contains("lin300 forward_columns: output has 3 rows, expected 4 (the input's)"), shape_error);
+    if (const index_t unit = lin.forward_column_unit(); unit > 1 && unit < 300)
+        CHECK_THROWS_WITH_AS(lin.forward_columns(p, c.view().col_block(0, unit), 1, ws),
+                             doctest::Contains(("expected multiples of " + std::to_string(unit) + " (forward_column_unit()) or a range that ends at 300").c_str()),
+                             shape_error);
+}
+TEST_CASE_TEMPLATE_APPLY(linear_columns, test::all_backends);
+
 // Row counts around the oneDNN backend's buckets (exact, padded and 256-row pieces), dense rows.
 TEST_CASE_TEMPLATE_DEFINE("linear matches the reference for every row count", B, linear_rows) {
     const Matrix<float> w = random_matrix(19, 37, 5, 0.3f);

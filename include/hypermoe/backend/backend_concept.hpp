@@ -3,14 +3,17 @@
 // `linear<Act>`: C = [C +] scale * Act(A W^T + b) for activations A (M x K, f32, M known only
 // at run time) and weights W (N x K) prepared once, at construction, into the backend's
 // preferred layout; and its backward, for weights stored as f32: from dC, dZ = scale dC
-// Act'(Z), then dA [+]= dZ W, dW += dZ^T A, db += sums of dZ, whole or a tile at a time.
+// Act'(Z), then dA [+]= dZ W, dW += dZ^T A, db += sums of dZ, whole or a tile at a time; the
+// forward too runs whole or a tile of output columns at a time.
 // Dispatch is hoisted: a component's backend is part of its type.
 
 #include <concepts>
 #include <cstddef>
 #include <span>
 #include <string_view>
+#include <utility>
 
+#include "hypermoe/backend/block_linear.hpp"
 #include "hypermoe/backend/linear_spec.hpp"
 #include "hypermoe/core/activation.hpp"
 #include "hypermoe/core/matrix.hpp"
@@ -27,6 +30,14 @@ concept LinearMap = std::constructible_from<L, WeightView, std::span<const float
         { l.storage() } -> std::same_as<dtype>;
         { l.workspace_bytes(m) } -> std::same_as<std::size_t>;
         l(a, c, ws, 1.0f);
+        // The forward a tile at a time (for a pool of work items, MoeLayer's forward): the input
+        // made ready once for all tiles (rounded or quantised for `fast`), then columns
+        // [n0, n0 + c.cols()) of the call's c, in multiples of forward_column_unit(), on the
+        // calling thread, with the bits of the whole call.
+        { l.prepared_bytes(m) } -> std::same_as<std::size_t>;
+        { l.prepare(a, ws) } -> std::same_as<PreparedInput>;
+        { l.forward_columns_workspace_bytes(m, m) } -> std::same_as<std::size_t>;
+        l.forward_columns(std::declval<const PreparedInput&>(), c, m, ws, 1.0f);
     } && requires(const L& l, ConstMatrixView<float> a, ConstMatrixView<float> dz, MatrixView<float> da, const LinearGrads& g,
                   Workspace& ws, index_t m) {
         // Backward of operator(): from dc = dL/dC, dz = scale dc Act'(Z) is the gradient of

@@ -164,6 +164,27 @@ private:
 #endif
 };
 
+} // namespace hypermoe::detail
+
+namespace hypermoe {
+
+/// A linear map's input made ready for the map's tiles (LinearMap::prepare): the rows, and
+/// what the `fast` kernels read in their place, made once in the caller's workspace for every
+/// tile of a product (a tile per call would repeat it: a Mixtral-like expert's forward tiles
+/// call its gate|up product 12 times). bf16 `fast` rounds the rows to bf16 (`rounded`); q8_0 / q4_0 `fast`
+/// quantises them per block of 32 (`quantized`); AVX2 `exact` q4_0 sums each block of inputs
+/// (`block_sums`). Views only: valid while the workspace scope that prepare() took them in.
+struct PreparedInput {
+    ConstMatrixView<float> a;                          ///< the input (M, K)
+    ConstMatrixView<std::uint16_t> rounded;            ///< bf16 bits of a, or empty
+    std::optional<detail::QuantizedRows> quantized;    ///< a quantised per block, or none
+    std::span<const float> block_sums;                 ///< per row and block of 32, the inputs' sum, or empty
+};
+
+} // namespace hypermoe
+
+namespace hypermoe::detail {
+
 /// The exact integer dot of a weight block's integers (`qs`: ggml's bytes of a Block) with a
 /// quantised activation block (the block's values are these integers times its d; q4_0's -8
 /// included through the activations' sum).
@@ -833,72 +854,68 @@ public:
     [[nodiscard]] kernel_isa kernel() const noexcept { return kernel_; }
 
     /// `fast` quantises the activations into the workspace, and the AVX2 `exact` q4_0 kernel
-    /// takes their block sums there; accumulating into c needs the product apart (c += the
-    /// epilogue of it). Never less than for fewer rows.
+    /// takes their block sums there (prepared_bytes); accumulating into c needs the product
+    /// apart (c += the epilogue of it). Never less than for fewer rows.
     [[nodiscard]] std::size_t workspace_bytes(index_t rows) const noexcept {
         if (rows <= 0) return 0;
-        return (fast_ ? QuantizedRows::bytes(rows, w_.blocks_per_row()) : 0) +
-               (takes_block_sums() ? padded_bytes<float>(rows, w_.blocks_per_row()) : 0) + (accumulate_ ? padded_bytes<float>(rows, n_) : 0);
+        return prepared_bytes(rows) + columns_workspace_bytes(rows, n_);
     }
 
-    void operator()(ConstMatrixView<float> a, MatrixView<float> c, Workspace& ws, float scale) const {
-        Workspace::Scope scope(ws, workspace_bytes(a.rows()));
-        const float* bias = bias_.empty() ? nullptr : bias_.data();
+    /// Bytes prepare() takes for `rows` rows.
+    [[nodiscard]] std::size_t prepared_bytes(index_t rows) const noexcept {
+        if (rows <= 0) return 0;
+        return (fast_ ? QuantizedRows::bytes(rows, w_.blocks_per_row()) : 0) +
+               (takes_block_sums() ? padded_bytes<float>(rows, w_.blocks_per_row()) : 0);
+    }
+
+    /// What every tile of a product with input `a` reads (PreparedInput), in `ws` (the caller's
+    /// scope, prepared_bytes(a.rows())); in parallel over rows.
+    [[nodiscard]] PreparedInput prepare(ConstMatrixView<float> a, Workspace& ws) const {
+        PreparedInput p{a, {}, {}, {}};
         const index_t rows = a.rows(), per_row = w_.blocks_per_row();
-        if (rows == 0) return;
-        if (per_row == 0) return epilogue_bias_only<Act>(c, bias, scale, accumulate_); // K = 0: A W^T is zero
-        std::optional<QuantizedRows> xq;
-        if (fast_) xq.emplace(a, per_row, ws);
-        std::span<float> x_sums; // per row and block, the inputs' sum
+        if (rows == 0 || per_row == 0) return p;
+        if (fast_) p.quantized.emplace(a, per_row, ws);
         if (takes_block_sums()) {
-            x_sums = ws.take<float>(rows * per_row);
+            const std::span<float> sums = ws.take<float>(rows * per_row);
             parallel_for(rows, rows * k_, [&](index_t r) {
                 const auto row = a.row(r);
                 for (index_t b = 0; b < per_row; ++b) {
                     float sum = 0;
                     for (index_t k = b * quant_block; k < std::min(k_, (b + 1) * quant_block); ++k) sum += row[std::size_t(k)];
-                    x_sums[std::size_t(r * per_row + b)] = sum;
+                    sums[std::size_t(r * per_row + b)] = sum;
                 }
             });
+            p.block_sums = sums;
         }
+        return p;
+    }
+
+    /// Scratch of columns() for `rows` rows and `columns` columns: the product apart when
+    /// accumulating.
+    [[nodiscard]] std::size_t columns_workspace_bytes(index_t rows, index_t columns) const noexcept {
+        return accumulate_ && rows > 0 ? padded_bytes<float>(rows, columns) : 0;
+    }
+
+    void operator()(ConstMatrixView<float> a, MatrixView<float> c, Workspace& ws, float scale) const {
+        Workspace::Scope scope(ws, workspace_bytes(a.rows()));
+        const index_t rows = a.rows();
+        if (rows == 0) return;
+        if (w_.blocks_per_row() == 0) return epilogue_bias_only<Act>(c, bias(0), scale, accumulate_); // K = 0: A W^T is zero
+        const PreparedInput p = prepare(a, ws);
         const MatrixView<float> t = accumulate_ ? ws.take_matrix<float>(rows, n_) : c;
-        const bool amx = kernel_ == kernel_isa::amx_int8 && rows >= amx_rows;
-        const index_t row_block = amx ? amx_rows : fast_ ? fast_row_block : exact_row_block;
-        const index_t tiles = (n_ + tile - 1) / tile, full = k_ / quant_block;
-        parallel_for(tiles, rows * k_ * n_, [&](index_t item) {
-            const index_t j0 = item * tile, cols = std::min(tile, n_ - j0);
-            TileArgs args;
-            args.ldc = t.stride();
-            for (int p = 0; p < 2; ++p)
-                args.mask[p] = static_cast<std::uint16_t>((1u << std::clamp<index_t>(cols - 16 * p, 0, 16)) - 1u);
-            alignas(64) float pad[exact_row_block][quant_block] = {};
-            args.nb = per_row, args.wq = w_.tile_quants(item), args.wd = w_.tile_scales(item);
-            for (index_t m = 0; m < rows; m += row_block) {
-                const index_t here = std::min(row_block, rows - m);
-                args.out = t.row(m).data() + j0;
-                args.ahead = m == 0 ? prefetch_ahead : 0; // the first row block streams the tile in
-                if (amx) {
-                    run_amx(args, AmxRows{xq->q_row(m), xq->d_row(m), xq->sum_row(m), per_row, int(here)});
-                    continue;
-                }
-                TileRows x;
-                x.full = full;
-                for (index_t r = 0; r < here; ++r) {
-                    if (xq) {
-                        x.q[r] = xq->q_row(m + r), x.d[r] = xq->d_row(m + r), x.sum[r] = xq->sum_row(m + r);
-                    } else {
-                        x.x[r] = a.row(m + r).data(), x.pad[r] = pad[r];
-                        if (!x_sums.empty()) x.x_sum[r] = x_sums.data() + (m + r) * per_row;
-                        if (full < per_row) { // the partial last block, zero-padded
-                            std::fill_n(pad[r], quant_block, 0.0f);
-                            std::copy_n(x.x[r] + full * quant_block, k_ - full * quant_block, pad[r]);
-                        }
-                    }
-                }
-                run_tile(args, x, here);
-            }
-            finish(t, c, j0, cols, bias, scale);
-        });
+        parallel_for((n_ + tile - 1) / tile, rows * k_ * n_, [&](index_t item) { run_item(p, t, c, item * tile, 0, scale); });
+    }
+
+    /// Columns [n0, n0 + c.cols()) of operator()'s c from the prepared input, on the calling
+    /// thread: the tiles of 32 outputs operator() runs there, so the same bits. n0 a multiple
+    /// of 32, c.cols() one too unless the columns reach N (the caller checked; scratch
+    /// columns_workspace_bytes).
+    void columns(const PreparedInput& p, MatrixView<float> c, index_t n0, Workspace& ws, float scale) const {
+        Workspace::Scope scope(ws, columns_workspace_bytes(p.a.rows(), c.cols()));
+        if (p.a.rows() == 0 || c.cols() == 0) return;
+        if (w_.blocks_per_row() == 0) return epilogue_bias_only<Act>(c, bias(n0), scale, accumulate_);
+        const MatrixView<float> t = accumulate_ ? ws.take_matrix<float>(p.a.rows(), c.cols()) : c;
+        for (index_t j0 = n0; j0 < n0 + c.cols(); j0 += tile) run_item(p, t, c, j0, n0, scale);
     }
 
 private:
@@ -970,12 +987,49 @@ private:
         else q8 ? portable_tile<BlockQ8_0, false>(t, x, int(rows)) : portable_tile<BlockQ4_0, false>(t, x, int(rows));
     }
 
-    /// Columns [j0, j0 + cols) of every row: c = [c +] scale * Act(t + bias), t being c itself
-    /// unless accumulating (linear_spec.hpp's epilogues on the item's columns).
-    void finish(ConstMatrixView<float> t, MatrixView<float> c, index_t j0, index_t cols, const float* bias, float scale) const {
-        const float* b = bias != nullptr ? bias + j0 : nullptr;
-        if (accumulate_) epilogue_accumulate<Act>(t.col_block(j0, cols), c.col_block(j0, cols), b, scale);
-        else epilogue_in_place<Act>(c.col_block(j0, cols), b, scale);
+    /// The bias from output n on, or null.
+    [[nodiscard]] const float* bias(index_t n) const noexcept { return bias_.empty() ? nullptr : bias_.data() + n; }
+
+    /// One work item: outputs [j0, j0 + 32) (fewer at N) for every row, into t's and c's
+    /// columns from j0 - n0 (t: c itself unless accumulating), then the epilogue on them.
+    void run_item(const PreparedInput& p, MatrixView<float> t, MatrixView<float> c, index_t j0, index_t n0, float scale) const {
+        const index_t rows = p.a.rows(), per_row = w_.blocks_per_row(), full = k_ / quant_block, item = j0 / tile;
+        const index_t cols = std::min(tile, n_ - j0), at = j0 - n0;
+        const bool amx = kernel_ == kernel_isa::amx_int8 && rows >= amx_rows;
+        const index_t row_block = amx ? amx_rows : fast_ ? fast_row_block : exact_row_block;
+        const QuantizedRows* xq = p.quantized ? &*p.quantized : nullptr;
+        TileArgs args;
+        args.ldc = t.stride();
+        for (int q = 0; q < 2; ++q) args.mask[q] = static_cast<std::uint16_t>((1u << std::clamp<index_t>(cols - 16 * q, 0, 16)) - 1u);
+        alignas(64) float pad[exact_row_block][quant_block] = {};
+        args.nb = per_row, args.wq = w_.tile_quants(item), args.wd = w_.tile_scales(item);
+        for (index_t m = 0; m < rows; m += row_block) {
+            const index_t here = std::min(row_block, rows - m);
+            args.out = t.row(m).data() + at;
+            args.ahead = m == 0 ? prefetch_ahead : 0; // the first row block streams the tile in
+            if (amx) {
+                run_amx(args, AmxRows{xq->q_row(m), xq->d_row(m), xq->sum_row(m), per_row, int(here)});
+                continue;
+            }
+            TileRows x;
+            x.full = full;
+            for (index_t r = 0; r < here; ++r) {
+                if (xq != nullptr) {
+                    x.q[r] = xq->q_row(m + r), x.d[r] = xq->d_row(m + r), x.sum[r] = xq->sum_row(m + r);
+                } else {
+                    x.x[r] = p.a.row(m + r).data(), x.pad[r] = pad[r];
+                    if (!p.block_sums.empty()) x.x_sum[r] = p.block_sums.data() + (m + r) * per_row;
+                    if (full < per_row) { // the partial last block, zero-padded
+                        std::fill_n(pad[r], quant_block, 0.0f);
+                        std::copy_n(x.x[r] + full * quant_block, k_ - full * quant_block, pad[r]);
+                    }
+                }
+            }
+            run_tile(args, x, here);
+        }
+        // c = [c +] scale * Act(t + bias) on the item's columns (linear_spec.hpp's epilogues)
+        if (accumulate_) epilogue_accumulate<Act>(t.col_block(at, cols), c.col_block(at, cols), bias(j0), scale);
+        else epilogue_in_place<Act>(c.col_block(at, cols), bias(j0), scale);
     }
 
     BlockWeights w_;

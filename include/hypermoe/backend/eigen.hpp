@@ -187,21 +187,7 @@ struct eigen {
             }
             const index_t blocks = (n_ + column_block - 1) / column_block;
             const auto block = [&](index_t b, int slice) {
-                const index_t n0 = b * column_block, nb = std::min(column_block, n_ - n0);
-                const MatrixView<float> tb = t.col_block(n0, nb);
-                for (index_t r = 0; r < m; ++r) std::fill_n(tb.row(r).data(), nb, 0.0f);
-                if (k_ > 0) {
-                    detail::EigenBlocking blocking(m, nb, k_);
-                    blocking.set_buffers(buffers[2 * slice], buffers[2 * slice + 1]);
-                    // tb += A W_b^T: A (m, K) row-major, W_b^T (K, nb) column-major, tb row-major.
-                    Eigen::internal::general_matrix_matrix_product<Eigen::Index, float, Eigen::RowMajor, false, float,
-                                                                  Eigen::ColMajor, false, Eigen::RowMajor, 1>::
-                        run(m, nb, k_, a.data(), a.stride(), w_.data() + n0 * k_, k_, tb.data(), 1, tb.stride(), 1.0f,
-                            blocking, nullptr);
-                }
-                const float* bias = bias_.empty() ? nullptr : bias_.data() + n0;
-                if (accumulate_) detail::epilogue_accumulate<Act>(tb, c.col_block(n0, nb), bias, scale);
-                else detail::epilogue_in_place<Act>(tb, bias, scale);
+                f32_block(a, t, c, b * column_block, 0, buffers[2 * slice], buffers[2 * slice + 1], scale);
             };
 #if defined(_OPENMP)
             if (slices_used > 1) {
@@ -211,6 +197,49 @@ struct eigen {
             }
 #endif
             for (index_t b = 0; b < blocks; ++b) block(b, 0);
+        }
+
+        /// Bytes prepare() takes: the rows rounded to bf16 (bf16 `fast`) or quantised (`fast`
+        /// blocks).
+        [[nodiscard]] std::size_t prepared_bytes(index_t rows) const noexcept {
+            if (blocks_) return blocks_->prepared_bytes(rows);
+            return panels_.empty() ? 0 : panels_.prepared_bytes(rows);
+        }
+        /// The input as every forward_columns tile reads it (PreparedInput), in `ws`.
+        [[nodiscard]] PreparedInput prepare(ConstMatrixView<float> a, Workspace& ws) const {
+            if (blocks_) return blocks_->prepare(a, ws);
+            if (!panels_.empty()) return panels_.prepare(a, ws);
+            return PreparedInput{a, {}, {}, {}};
+        }
+        /// Scratch of forward_columns: the product apart when accumulating, and one block's
+        /// packing buffers (f32).
+        [[nodiscard]] std::size_t forward_columns_workspace_bytes(index_t rows, index_t columns) const noexcept {
+            if (blocks_) return blocks_->columns_workspace_bytes(rows, columns);
+            if (storage_ == dtype::bf16) return detail::WeightPanels::columns_workspace_bytes(rows, columns, accumulate_);
+            if (rows <= 0) return 0;
+            const Packing p = packing(rows);
+            return (accumulate_ ? detail::padded_bytes<float>(rows, columns) : 0) + detail::padded_bytes<float>(p.a) +
+                   detail::padded_bytes<float>(p.b);
+        }
+        /// Columns [n0, n0 + c.cols()) of operator()'s c from prepare(a)'s input, on the calling
+        /// thread: the blocks operator() computes there, so the same bits.
+        void forward_columns(const PreparedInput& p, MatrixView<float> c, index_t n0, Workspace& ws, float scale = 1.0f) const {
+            check_forward_columns(p.a, c, n0, forward_column_unit());
+            const index_t m = p.a.rows();
+            if (m == 0 || c.cols() == 0) return;
+            if (blocks_) return blocks_->columns(p, c, n0, ws, scale);
+            Workspace::Scope scope(ws, forward_columns_workspace_bytes(m, c.cols()));
+            const detail::ThreadCountScope one(1); // after the scope, which may apply ws's thread budget
+            const float* bias = bias_.empty() ? nullptr : bias_.data();
+            if (storage_ == dtype::bf16) {
+                if (panels_.empty()) return detail::epilogue_bias_only<Act>(c, bias != nullptr ? bias + n0 : nullptr, scale, accumulate_);
+                return panels_.apply_columns<Act>(p, c, n0, ws, bias, scale, accumulate_);
+            }
+            const MatrixView<float> t = accumulate_ ? ws.take_matrix<float>(m, c.cols()) : c;
+            const Packing pk = packing(m);
+            float* pack_a = ws.take<float>(index_t(pk.a)).data();
+            float* pack_b = ws.take<float>(index_t(pk.b)).data();
+            for (index_t n = n0; n < n0 + c.cols(); n += column_block) f32_block(p.a, t, c, n, n0, pack_a, pack_b, scale);
         }
 
         /// Scratch of backward() for `rows` rows: Z and its gradient, and the packing buffers of
@@ -239,7 +268,10 @@ struct eigen {
 
         /// Columns an affine_columns tile is made of: Eigen's blocks of result columns, so that
         /// a tile's bits are the whole product's.
-        [[nodiscard]] index_t forward_column_unit() const noexcept { return detail::EigenGemm::block; }
+        [[nodiscard]] index_t forward_column_unit() const noexcept {
+            if (blocks_) return detail::BlockWeights::tile;
+            return storage_ == dtype::bf16 ? detail::WeightPanels::panel : column_block;
+        }
         [[nodiscard]] std::size_t affine_columns_workspace_bytes(index_t rows, index_t columns) const noexcept {
             return detail::EigenGemm{rows, columns, k_, detail::current_threads()}.workspace_bytes();
         }
@@ -291,6 +323,27 @@ struct eigen {
         }
 
     private:
+        /// Outputs [n0, n0 + 128) (fewer at N) of c [+]= scale * Act(a W^T + b), into t's and c's
+        /// columns from n0 - base (t: c itself unless accumulating), packing in pack_a / pack_b.
+        void f32_block(ConstMatrixView<float> a, MatrixView<float> t, MatrixView<float> c, index_t n0, index_t base, float* pack_a,
+                       float* pack_b, float scale) const {
+            const index_t m = a.rows(), nb = std::min(column_block, n_ - n0), at = n0 - base;
+            const MatrixView<float> tb = t.col_block(at, nb);
+            for (index_t r = 0; r < m; ++r) std::fill_n(tb.row(r).data(), nb, 0.0f);
+            if (k_ > 0) {
+                detail::EigenBlocking blocking(m, nb, k_);
+                blocking.set_buffers(pack_a, pack_b);
+                // tb += A W_b^T: A (m, K) row-major, W_b^T (K, nb) column-major, tb row-major.
+                Eigen::internal::general_matrix_matrix_product<Eigen::Index, float, Eigen::RowMajor, false, float, Eigen::ColMajor, false,
+                                                              Eigen::RowMajor, 1>::run(m, nb, k_, a.data(), a.stride(),
+                                                                                       w_.data() + n0 * k_, k_, tb.data(), 1, tb.stride(),
+                                                                                       1.0f, blocking, nullptr);
+            }
+            const float* bias = bias_.empty() ? nullptr : bias_.data() + n0;
+            if (accumulate_) detail::epilogue_accumulate<Act>(tb, c.col_block(at, nb), bias, scale);
+            else detail::epilogue_in_place<Act>(tb, bias, scale);
+        }
+
         /// At most this many threads run blocks of one call (each needs its own buffers).
         static constexpr int max_slices = 256;
 

@@ -243,15 +243,14 @@ protected:
     /// storage.
     void check_affine_columns(ConstMatrixView<float> a, MatrixView<float> z, index_t n0, index_t unit) const {
         check_trainable();
-        if (a.cols() != k_) throw shape_error(concat(name_, " affine_columns: input has ", a.cols(), " columns, expected ", k_));
-        if (z.rows() != a.rows())
-            throw shape_error(concat(name_, " affine_columns: output has ", z.rows(), " rows, expected ", a.rows(), " (the input's)"));
-        if (n0 < 0 || z.cols() > n_ - n0)
-            throw shape_error(concat(name_, " affine_columns: columns [", n0, ", ", n0 + z.cols(), ") of Z, expected a range within [0, ",
-                                     n_, ")"));
-        if (n0 % unit != 0 || (z.cols() % unit != 0 && n0 + z.cols() != n_))
-            throw shape_error(concat(name_, " affine_columns: columns [", n0, ", ", n0 + z.cols(), ") of Z, expected multiples of ", unit,
-                                     " (forward_column_unit()) or a range that ends at ", n_));
+        check_column_range("affine_columns", "Z", a, z, n0, unit);
+    }
+
+    /// Checks a forward_columns call: the prepared input (M, K), c (M, columns) for the output's
+    /// columns [n0, n0 + columns) within N, n0 a multiple of `unit` and columns one too unless
+    /// the tile reaches N.
+    void check_forward_columns(ConstMatrixView<float> a, MatrixView<float> c, index_t n0, index_t unit) const {
+        check_column_range("forward_columns", "the output", a, c, n0, unit);
     }
 
     /// Checks a weight_gradient call: a (M, k) and dz (M, n) with k <= K and n <= N, dw (n, k).
@@ -266,6 +265,22 @@ protected:
         if (dw.rows() != dz.cols() || dw.cols() != a.cols())
             throw shape_error(concat(name_, " weight_gradient: weight gradient block has shape ", shape_str(dw.rows(), dw.cols()),
                                      ", expected ", shape_str(dz.cols(), a.cols())));
+    }
+
+    /// Checks a tile of a product's columns: a (M, K), z (M, columns) for `what`'s columns
+    /// [n0, n0 + columns) within N, in multiples of `unit` (forward_column_unit()) unless the
+    /// tile reaches N.
+    void check_column_range(std::string_view call, std::string_view what, ConstMatrixView<float> a, MatrixView<float> z, index_t n0,
+                            index_t unit) const {
+        if (a.cols() != k_) throw shape_error(concat(name_, " ", call, ": input has ", a.cols(), " columns, expected ", k_));
+        if (z.rows() != a.rows())
+            throw shape_error(concat(name_, " ", call, ": output has ", z.rows(), " rows, expected ", a.rows(), " (the input's)"));
+        if (n0 < 0 || z.cols() > n_ - n0)
+            throw shape_error(concat(name_, " ", call, ": columns [", n0, ", ", n0 + z.cols(), ") of ", what,
+                                     ", expected a range within [0, ", n_, ")"));
+        if (n0 % unit != 0 || (z.cols() % unit != 0 && n0 + z.cols() != n_))
+            throw shape_error(concat(name_, " ", call, ": columns [", n0, ", ", n0 + z.cols(), ") of ", what, ", expected multiples of ",
+                                     unit, " (forward_column_unit()) or a range that ends at ", n_));
     }
 
     std::string name_;

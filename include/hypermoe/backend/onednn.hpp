@@ -51,6 +51,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <numeric>
 #include <optional>
 #include <span>
 #include <string>
@@ -83,7 +84,7 @@ inline dnnl::stream& onednn_stream() {
 /// Which argument of an execution a memory object is for: one object per role, so the source
 /// and destination of a square matrix never share one. The panel roles are a (K, N) weight laid
 /// out as our f32 panels (onednn_panel_desc).
-enum class OnednnRole { source, source_bf16, destination, scratchpad, panels_of_w, panels_of_wt };
+enum class OnednnRole { source, source_bf16, destination, bias, scratchpad, panels_of_w, panels_of_wt };
 
 /// The memory desc of a (K, N) f32 weight tensor (the primitives' W^T) laid out as the panel
 /// kernels read weights (pack_f32_panels): with `role` panels_of_wt, B = W^T, whose N columns go
@@ -118,6 +119,7 @@ inline const dnnl::memory& onednn_thread_memory(OnednnRole role, index_t rows, i
         const auto& engine = onednn_engine();
         switch (role) {
         case OnednnRole::source:
+        case OnednnRole::bias:
         case OnednnRole::destination: m = dnnl::memory({{rows, cols}, dt::f32, {cols, 1}}, engine, DNNL_MEMORY_NONE); break;
         case OnednnRole::source_bf16: m = dnnl::memory({{rows, cols}, dt::bf16, {cols, 1}}, engine, DNNL_MEMORY_NONE); break;
         case OnednnRole::scratchpad: m = dnnl::memory({{rows}, dt::u8, {1}}, engine, DNNL_MEMORY_NONE); break;
@@ -169,6 +171,7 @@ struct OnednnMatmul {
     bool fused_sum = false;               ///< C += runs inside the primitive.
     int threads = 1;                      ///< the OpenMP thread count the primitives were made for
     std::vector<std::size_t> scratchpad;  ///< scratchpad bytes of each bucket's primitive
+    index_t columns = 0;                  ///< N, the outputs they compute
 };
 
 inline void append_activation(dnnl::post_ops& po, activation_kind kind) {
@@ -403,6 +406,7 @@ inline void onednn_reorder_into_panels(const OnednnPanelReorders& reorders, cons
         result->fused_activation = fused;
         result->fused_sum = fused && sum;
         result->threads = threads;
+        result->columns = n;
         for (std::size_t i = 0; i < pds.size(); ++i) {
             if (is_ref(pds[i]))
                 throw backend_error(concat("onednn: no optimised matmul for M = ", onednn_row_buckets[i], ", K = ",
@@ -441,6 +445,57 @@ inline void onednn_reorder_into_panels(const OnednnPanelReorders& reorders, cons
     return entry.get();
 }
 
+/// Columns a tile of a (K, N) weight in the blocked layout `w` can start at: the product of
+/// N's inner blocks (64 in brgemm's BA16a64b), so that a tile's first element starts a block;
+/// 0 if `w` is not a blocked layout.
+[[nodiscard]] inline index_t onednn_column_block(const dnnl::memory::desc& w) {
+    const dnnl_memory_desc_t& d = w.data;
+    if (d.format_kind != dnnl_blocked || d.ndims != 2) return 0;
+    index_t block = 1;
+    for (int i = 0; i < d.format_desc.blocking.inner_nblks; ++i)
+        if (d.format_desc.blocking.inner_idxs[i] == 1) block *= d.format_desc.blocking.inner_blks[i];
+    return block;
+}
+
+/// Columns [n0, n0 + width) of a (K, N) weight laid out as `w` (n0 a multiple of
+/// onednn_column_block(w)): the same layout over (K, width), whose elements start
+/// onednn_column_offset(w, n0) elements into the whole's. Where N's blocks are outermost
+/// (BA16a64b), a tile is a contiguous run of the whole.
+[[nodiscard]] inline dnnl::memory::desc onednn_column_tile(const dnnl::memory::desc& w, index_t width) {
+    dnnl::memory::desc tile = w;
+    const index_t block = onednn_column_block(w);
+    tile.data.dims[1] = width;
+    tile.data.padded_dims[1] = (width + block - 1) / block * block;
+    return tile;
+}
+[[nodiscard]] inline index_t onednn_column_offset(const dnnl::memory::desc& w, index_t n0) {
+    return n0 / onednn_column_block(w) * index_t(w.data.format_desc.blocking.strides[1]);
+}
+
+/// The bucket primitives of columns tiles `width` wide of a (K, N) weight laid out as `w`, for
+/// one thread (a tile is a pool's work item), from a process-wide cache as onednn_matmul's.
+[[nodiscard]] inline const OnednnMatmul* onednn_tile_matmul(index_t k, index_t n, index_t width, bool bias, activation_kind act,
+                                                            bool accumulate, const dnnl::memory::desc& w,
+                                                            dnnl::memory::data_type source) {
+    using Key = std::tuple<index_t, index_t, index_t, bool, activation_kind, bool, dnnl::memory::data_type>;
+    static std::mutex mutex;
+    static std::map<Key, std::shared_ptr<const OnednnMatmul>> cache;
+    const std::lock_guard lock(mutex);
+    auto& entry = cache[Key{k, n, width, bias, act, accumulate, source}];
+    if (!entry) entry = make_onednn_matmul(k, width, bias, act, accumulate, 1, onednn_column_tile(w, width), source);
+    return entry.get();
+}
+
+/// A memory object of the columns tile `width` wide of a (K, N) weight laid out as `w`, for the
+/// calling thread, pointed at `data`: made on first use, then only repointed (onednn_thread_memory).
+inline const dnnl::memory& onednn_thread_tile_memory(const dnnl::memory::desc& w, index_t width, void* data) {
+    thread_local std::map<std::tuple<index_t, index_t, index_t, int>, dnnl::memory> memories;
+    auto& m = memories[{index_t(w.data.dims[0]), index_t(w.data.dims[1]), width, int(w.data.data_type)}];
+    if (!m) m = dnnl::memory(onednn_column_tile(w, width), onednn_engine(), DNNL_MEMORY_NONE);
+    m.set_data_handle(data);
+    return m;
+}
+
 /// What a linear remembers of the cache: its primitives for each thread count it ran at, read
 /// without a lock (counts above `slots` go through the cache's lock every call).
 class OnednnMatmulTable {
@@ -460,6 +515,30 @@ private:
     std::array<std::atomic<const OnednnMatmul*>, slots> by_threads_;
 };
 
+/// What a linear remembers of its forward_columns tiles' primitives (onednn_tile_matmul): a few
+/// widths, read without a lock (a width beyond them goes through the cache's lock every call).
+class OnednnTileTable {
+public:
+    static constexpr int slots = 8;
+    OnednnTileTable() {
+        for (auto& s : sets_) s.store(nullptr, std::memory_order_relaxed);
+    }
+    [[nodiscard]] const OnednnMatmul* find(index_t columns) const noexcept {
+        for (const auto& s : sets_)
+            if (const OnednnMatmul* m = s.load(std::memory_order_acquire); m == nullptr || m->columns == columns) return m;
+        return nullptr;
+    }
+    void remember(const OnednnMatmul* m) noexcept {
+        for (auto& s : sets_) {
+            const OnednnMatmul* expected = nullptr;
+            if (s.compare_exchange_strong(expected, m, std::memory_order_acq_rel) || expected->columns == m->columns) return;
+        }
+    }
+
+private:
+    std::array<std::atomic<const OnednnMatmul*>, slots> sets_;
+};
+
 } // namespace detail
 
 struct onednn {
@@ -470,7 +549,8 @@ struct onednn {
     public:
         linear(WeightView w, std::span<const float> bias, LinearOptions opt)
             : LinearBase(w, bias, opt),
-              has_bias_(!bias.empty()), table_(std::make_shared<detail::OnednnMatmulTable>()) {
+              has_bias_(!bias.empty()), table_(std::make_shared<detail::OnednnMatmulTable>()),
+              tiles_(std::make_shared<detail::OnednnTileTable>()) {
             if (is_block_format(storage_)) { // held as blocks only; no primitive
                 blocks_.emplace(w, bias, storage_, prec_, name_, accumulate_);
                 return;
@@ -553,13 +633,62 @@ struct onednn {
                 detail::epilogue_bias_only<Act>(c, bias_f32_.empty() ? nullptr : bias_f32_.data(), scale, accumulate_);
                 return;
             }
-            const detail::OnednnMatmul& m = current();
-            if (storage_ == dtype::bf16) { // `fast` (exact is on the panels): A rounded to bf16 once, as they round it
+            const Operands whole = whole_operands(current());
+            if (storage_ == dtype::bf16) // `fast` (exact is on the panels): A rounded to bf16 once, as they round it
+                return apply(whole, prepare(a, ws).rounded, c, ws, scale);
+            apply(whole, a, c, ws, scale);
+        }
+
+        /// Bytes prepare() takes for `rows` rows: the rows rounded to bf16 (bf16 `fast`) or
+        /// quantised (`fast` blocks).
+        [[nodiscard]] std::size_t prepared_bytes(index_t rows) const noexcept {
+            if (blocks_) return blocks_->prepared_bytes(rows);
+            if (!panels_.empty()) return panels_.prepared_bytes(rows);
+            return matmul_ != nullptr && storage_ == dtype::bf16 && rows > 0 ? detail::padded_bytes<std::uint16_t>(rows, k_) : 0;
+        }
+        /// The input as every forward_columns tile reads it (PreparedInput), in `ws`.
+        [[nodiscard]] PreparedInput prepare(ConstMatrixView<float> a, Workspace& ws) const {
+            if (blocks_) return blocks_->prepare(a, ws);
+            if (!panels_.empty()) return panels_.prepare(a, ws);
+            PreparedInput p{a, {}, {}, {}};
+            if (matmul_ != nullptr && storage_ == dtype::bf16 && a.rows() > 0) { // rounded as our kernel rounds them
                 const MatrixView<std::uint16_t> a16 = ws.take_matrix<std::uint16_t>(a.rows(), k_);
                 detail::bf16_round_rows(a, a16.data(), a16.stride(), detail::cpu_isa().bf16);
-                return apply(m, ConstMatrixView<std::uint16_t>(a16), c, ws, scale);
+                p.rounded = a16;
             }
-            apply(m, a, c, ws, scale);
+            return p;
+        }
+
+        /// Scratch of forward_columns for `rows` rows and `columns` columns (the first call for
+        /// a tile width creates that width's primitives).
+        [[nodiscard]] std::size_t forward_columns_workspace_bytes(index_t rows, index_t columns) const {
+            if (blocks_) return blocks_->columns_workspace_bytes(rows, columns);
+            if (!panels_.empty()) return detail::WeightPanels::columns_workspace_bytes(rows, columns, accumulate_);
+            if (!matmul_ || rows <= 0 || columns <= 0) return 0;
+            const index_t piece = detail::onednn_largest_piece(rows);
+            return (accumulate_ ? detail::padded_bytes<float>(rows, columns) : 0) + detail::padded_bytes<float>(piece, k_) +
+                   detail::padded_bytes<float>(piece, columns) + scratchpad_bytes(column_primitives(columns), rows);
+        }
+
+        /// Columns [n0, n0 + c.cols()) of operator()'s c, from prepare(a)'s input, on the calling
+        /// thread. oneDNN's f32 (and AMX bf16) matmul runs on primitives made for the tile's
+        /// width, on the weights' columns where they are (brgemm's BA16a64b holds 64 columns
+        /// after another: a tile at a multiple of 64 is a valid weight at an offset), into a
+        /// contiguous scratch (with a strided output oneDNN 2.6 leaves brgemm); each output is
+        /// then summed as the whole call sums it (probed, docs/design.md; tested per shape).
+        void forward_columns(const PreparedInput& p, MatrixView<float> c, index_t n0, Workspace& ws, float scale = 1.0f) const {
+            check_forward_columns(p.a, c, n0, forward_column_unit());
+            const index_t m = p.a.rows();
+            if (m == 0 || c.cols() == 0) return;
+            if (blocks_) return blocks_->columns(p, c, n0, ws, scale);
+            Workspace::Scope scope(ws, forward_columns_workspace_bytes(m, c.cols()));
+            const detail::ThreadCountScope one(1); // after the scope, which may apply ws's thread budget
+            const float* bias = bias_f32_.empty() ? nullptr : bias_f32_.data();
+            if (!panels_.empty()) return panels_.apply_columns<Act>(p, c, n0, ws, bias, scale, accumulate_);
+            if (!matmul_) return detail::epilogue_bias_only<Act>(c, bias != nullptr ? bias + n0 : nullptr, scale, accumulate_);
+            const Operands o = column_operands(n0, c.cols());
+            if (storage_ == dtype::bf16) return apply(o, p.rounded, c, ws, scale);
+            apply(o, p.a, c, ws, scale);
         }
 
         /// Scratch of backward() for `rows` rows: the gradient of Z (Z itself when recomputed, on
@@ -591,10 +720,17 @@ struct onednn {
             detail::add_column_sums(dz, g.bias);
         }
 
-        /// Columns an affine_columns tile is made of: a panel (16) where W^T is read a few panels
-        /// at a time, all of N where oneDNN's layout is first reordered into panels whole.
+        /// Columns a forward_columns or affine_columns tile is made of: 64 where oneDNN holds
+        /// f32 weights as brgemm's BA16a64b (its column blocks, and 4 of affine_columns' panels),
+        /// the column block of the AMX bf16 primitives' layout, 16 on our panels, 32 in blocks;
+        /// all of N where oneDNN's layout cannot be cut into columns (affine_columns reorders it
+        /// into panels whole first).
         [[nodiscard]] index_t forward_column_unit() const noexcept {
-            return matmul_ != nullptr && !reorders_->ba16a64b ? std::max<index_t>(n_, 1) : detail::PanelKernels::panel;
+            if (blocks_) return detail::BlockWeights::tile;
+            if (matmul_ == nullptr) return detail::PanelKernels::panel;
+            const index_t block = detail::onednn_column_block(matmul_->weights);
+            const bool cut = storage_ == dtype::bf16 ? block > 1 : reorders_->ba16a64b;
+            return cut ? std::lcm(block, detail::PanelKernels::panel) : std::max<index_t>(n_, 1);
         }
 
         /// Scratch of affine_columns at the calling thread's thread count: W^T's panels (from
@@ -730,61 +866,95 @@ struct onednn {
         /// The primitives for the thread count this call will run with.
         [[nodiscard]] const detail::OnednnMatmul& current() const { return *lookup(detail::current_threads()); }
 
-        /// The largest scratchpad of the buckets an M-row call runs.
-        [[nodiscard]] std::size_t scratchpad_bytes(index_t rows) const {
-            const detail::OnednnMatmul& m = current();
+        /// The largest scratchpad of the buckets an M-row call runs (on `m`, or on the primitives
+        /// of the calling thread's thread count).
+        [[nodiscard]] std::size_t scratchpad_bytes(index_t rows) const { return scratchpad_bytes(current(), rows); }
+        [[nodiscard]] static std::size_t scratchpad_bytes(const detail::OnednnMatmul& m, index_t rows) {
             const std::size_t last = detail::onednn_next_piece(std::min(rows, detail::onednn_row_buckets.back())).index;
             std::size_t bytes = 0;
             for (std::size_t i = 0; i <= last; ++i) bytes = std::max(bytes, m.scratchpad[i]);
             return detail::padded_bytes<std::byte>(static_cast<index_t>(bytes));
         }
 
+        /// What a product runs on: its primitives, its output width, and its weights' and
+        /// bias's memory objects (the whole linear's, or a tile's at an offset into them).
+        struct Operands {
+            const detail::OnednnMatmul& m;
+            index_t n;
+            const dnnl::memory& w;
+            const dnnl::memory* bias; ///< or null
+        };
+        [[nodiscard]] Operands whole_operands(const detail::OnednnMatmul& m) const { return {m, n_, weights_, bias_ ? &bias_ : nullptr}; }
+
+        /// The primitives of a forward_columns tile `width` wide: made for one thread, for the
+        /// weights' columns at an offset (all of them: the 1-thread whole set).
+        [[nodiscard]] const detail::OnednnMatmul& column_primitives(index_t width) const {
+            if (width == n_) return *lookup(1);
+            if (const auto* m = tiles_->find(width)) return *m;
+            const auto* m = detail::onednn_tile_matmul(k_, n_, width, has_bias_, Act::kind, accumulate_, matmul_->weights, source());
+            tiles_->remember(m);
+            return *m;
+        }
+        /// The operands of columns [n0, n0 + width) on the calling thread.
+        [[nodiscard]] Operands column_operands(index_t n0, index_t width) const {
+            const detail::OnednnMatmul& m = column_primitives(width);
+            if (width == n_) return whole_operands(m);
+            const std::size_t element = storage_ == dtype::bf16 ? sizeof(std::uint16_t) : sizeof(float);
+            std::byte* w = static_cast<std::byte*>(weights_.get_data_handle()) +
+                           std::size_t(detail::onednn_column_offset(matmul_->weights, n0)) * element;
+            const dnnl::memory* bias = nullptr;
+            if (has_bias_) // oneDNN takes a non-const handle; the bias is only read
+                bias = &detail::onednn_thread_memory(detail::OnednnRole::bias, 1, width, const_cast<float*>(bias_f32_.data() + n0));
+            return {m, width, detail::onednn_thread_tile_memory(matmul_->weights, width, w), bias};
+        }
+
         /// c [+]= scale * Act(A W^T + b) from A in the primitives' source type (f32, or bf16 bits):
         /// the primitive always adds the bias; it applies Act and C += only where fused.
         template <class T>
-        void apply(const detail::OnednnMatmul& m, ConstMatrixView<T> a, MatrixView<float> c, Workspace& ws, float scale) const {
-            const bool sum_in_primitive = accumulate_ && m.fused_sum && scale == 1.0f;
+        void apply(const Operands& o, ConstMatrixView<T> a, MatrixView<float> c, Workspace& ws, float scale) const {
+            const bool sum_in_primitive = accumulate_ && o.m.fused_sum && scale == 1.0f;
             if (!accumulate_ || sum_in_primitive) {
-                run(m, a, c, ws);
-                if (!m.fused_activation) detail::epilogue_in_place<Act>(c, nullptr, scale);
+                run(o, a, c, ws);
+                if (!o.m.fused_activation) detail::epilogue_in_place<Act>(c, nullptr, scale);
                 else if (scale != 1.0f) detail::epilogue_in_place<Identity>(c, nullptr, scale);
                 return;
             }
-            MatrixView<float> t = ws.take_matrix<float>(a.rows(), n_);
-            if (m.fused_sum) std::fill_n(t.data(), t.rows() * t.cols(), 0.0f); // the fused C += adds to 0
-            run(m, a, t, ws);
-            if (m.fused_activation || m.fused_sum) detail::epilogue_accumulate<Identity>(t, c, nullptr, scale);
+            MatrixView<float> t = ws.take_matrix<float>(a.rows(), o.n);
+            if (o.m.fused_sum) std::fill_n(t.data(), t.rows() * t.cols(), 0.0f); // the fused C += adds to 0
+            run(o, a, t, ws);
+            if (o.m.fused_activation || o.m.fused_sum) detail::epilogue_accumulate<Identity>(t, c, nullptr, scale);
             else detail::epilogue_accumulate<Act>(t, c, nullptr, scale);
         }
 
         /// out = A W^T + b with the primitives' fused post-ops (C += where fused_sum), piece by piece.
         template <class T>
-        void run(const detail::OnednnMatmul& m, ConstMatrixView<T> a, MatrixView<float> out, Workspace& ws) const {
+        void run(const Operands& o, ConstMatrixView<T> a, MatrixView<float> out, Workspace& ws) const {
+            const index_t n = o.n;
             for (index_t row = 0; row < a.rows();) {
                 const auto piece = detail::onednn_next_piece(a.rows() - row);
                 const index_t bucket = detail::onednn_row_buckets[piece.index];
-                const auto& primitive = m.primitives[piece.index];
-                const std::size_t scratch_bytes = m.scratchpad[piece.index];
+                const auto& primitive = o.m.primitives[piece.index];
+                const std::size_t scratch_bytes = o.m.scratchpad[piece.index];
                 const ConstMatrixView<T> as = a.row_block(row, piece.rows);
                 const MatrixView<float> os = out.row_block(row, piece.rows);
-                const bool dense = piece.rows == 1 || (as.stride() == k_ && os.stride() == n_);
+                const bool dense = piece.rows == 1 || (as.stride() == k_ && os.stride() == n);
                 if (piece.rows == bucket && dense) {
                     Workspace::Scope scope(ws, detail::padded_bytes<std::byte>(index_t(scratch_bytes)));
-                    execute(primitive, bucket, as.data(), os.data(), ws.take<std::byte>(index_t(scratch_bytes)));
+                    execute(o, primitive, bucket, as.data(), os.data(), ws.take<std::byte>(index_t(scratch_bytes)));
                 } else { // padded to the bucket's rows, or strided: through scratch
                     Workspace::Scope scope(ws, detail::padded_bytes<T>(bucket, k_) +
-                                                   detail::padded_bytes<float>(bucket, n_) +
+                                                   detail::padded_bytes<float>(bucket, n) +
                                                    detail::padded_bytes<std::byte>(index_t(scratch_bytes)));
                     MatrixView<T> sa = ws.take_matrix<T>(bucket, k_);
-                    MatrixView<float> sc = ws.take_matrix<float>(bucket, n_);
+                    MatrixView<float> sc = ws.take_matrix<float>(bucket, n);
                     const auto scratchpad = ws.take<std::byte>(index_t(scratch_bytes));
                     for (index_t i = 0; i < piece.rows; ++i) std::ranges::copy(as.row(i), sa.row(i).begin());
                     std::fill(sa.data() + piece.rows * k_, sa.data() + bucket * k_, T{});
-                    if (matmul_->fused_sum) { // C += reads C: the rows, then zeros in the padding
+                    if (o.m.fused_sum) { // C += reads C: the rows, then zeros in the padding
                         for (index_t i = 0; i < piece.rows; ++i) std::ranges::copy(os.row(i), sc.row(i).begin());
-                        std::fill(sc.data() + piece.rows * n_, sc.data() + bucket * n_, 0.0f);
+                        std::fill(sc.data() + piece.rows * n, sc.data() + bucket * n, 0.0f);
                     }
-                    execute(primitive, bucket, sa.data(), sc.data(), scratchpad);
+                    execute(o, primitive, bucket, sa.data(), sc.data(), scratchpad);
                     for (index_t i = 0; i < piece.rows; ++i) std::ranges::copy(sc.row(i), os.row(i).begin());
                 }
                 row += piece.rows;
@@ -793,18 +963,19 @@ struct onednn {
 
         /// One primitive on dense (bucket, K) and (bucket, N) buffers, with its scratchpad.
         template <class T>
-        void execute(const dnnl::matmul& primitive, index_t rows, const T* a, float* c, std::span<std::byte> scratchpad) const {
+        void execute(const Operands& o, const dnnl::matmul& primitive, index_t rows, const T* a, float* c,
+                     std::span<std::byte> scratchpad) const {
             static_assert(std::is_same_v<T, float> || std::is_same_v<T, std::uint16_t>, "f32, or bf16 bits");
             constexpr auto role = std::is_same_v<T, float> ? detail::OnednnRole::source : detail::OnednnRole::source_bf16;
             try {
                 // oneDNN takes a non-const handle; the source is only read.
                 const auto& am = detail::onednn_thread_memory(role, rows, k_, const_cast<T*>(a));
-                const auto& cm = detail::onednn_thread_memory(detail::OnednnRole::destination, rows, n_, c);
+                const auto& cm = detail::onednn_thread_memory(detail::OnednnRole::destination, rows, o.n, c);
                 std::array<dnnl_exec_arg_t, 5> args{{{DNNL_ARG_SRC, am.get()},
-                                                     {DNNL_ARG_WEIGHTS, weights_.get()},
+                                                     {DNNL_ARG_WEIGHTS, o.w.get()},
                                                      {DNNL_ARG_DST, cm.get()}}};
                 int nargs = 3;
-                if (bias_) args[std::size_t(nargs++)] = {DNNL_ARG_BIAS, bias_.get()};
+                if (o.bias != nullptr) args[std::size_t(nargs++)] = {DNNL_ARG_BIAS, o.bias->get()};
                 if (!scratchpad.empty()) {
                     const auto& sm = detail::onednn_thread_memory(detail::OnednnRole::scratchpad,
                                                                  index_t(scratchpad.size()), 0, scratchpad.data());
@@ -823,6 +994,7 @@ struct onednn {
 
         bool has_bias_ = false;
         std::shared_ptr<detail::OnednnMatmulTable> table_;  ///< stays put when the linear moves
+        std::shared_ptr<detail::OnednnTileTable> tiles_;    ///< likewise
         const detail::OnednnMatmul* matmul_ = nullptr;      ///< the construction's; null when K = 0 or N = 0
         const detail::OnednnPanelReorders* reorders_ = nullptr; ///< for backward; set with matmul_ for f32
         dnnl::memory weights_;

@@ -37,6 +37,7 @@
 #include <memory>
 #include <type_traits>
 
+#include "hypermoe/backend/block_linear.hpp"
 #include "hypermoe/backend/cpu_isa.hpp"
 #include "hypermoe/backend/linear_spec.hpp"
 #include "hypermoe/core/dtype.hpp"
@@ -741,10 +742,26 @@ public:
     }
 
     /// Scratch of apply() with `rows` rows: the product when accumulating, the rounded
-    /// activations with `fast`.
+    /// activations with `fast` (prepared_bytes).
     [[nodiscard]] std::size_t workspace_bytes(index_t rows, bool accumulate) const noexcept {
         if (rows <= 0) return 0;
-        return (accumulate ? padded_bytes<float>(rows, n_) : 0) + (fast_ ? padded_bytes<std::uint16_t>(rows, 2 * ((k_ + 1) / 2)) : 0);
+        return (accumulate ? padded_bytes<float>(rows, n_) : 0) + prepared_bytes(rows);
+    }
+
+    /// Bytes prepare() takes for `rows` rows: with `fast`, the rows rounded to bf16.
+    [[nodiscard]] std::size_t prepared_bytes(index_t rows) const noexcept {
+        return fast_ && rows > 0 ? padded_bytes<std::uint16_t>(rows, rounded_stride()) : 0;
+    }
+
+    /// What every tile of a product with input `a` reads: with `fast`, a rounded to bf16 (in
+    /// parallel over rows) into `ws` (the caller's scope, prepared_bytes(a.rows())).
+    [[nodiscard]] PreparedInput prepare(ConstMatrixView<float> a, Workspace& ws) const {
+        PreparedInput p{a, {}, {}, {}};
+        if (!fast_ || a.rows() == 0) return p;
+        const MatrixView<std::uint16_t> rounded = ws.take_matrix<std::uint16_t>(a.rows(), rounded_stride());
+        bf16_round_rows(a, rounded.data(), rounded.stride(), kernel_ == kernel_isa::avx512_bf16);
+        p.rounded = rounded;
+        return p;
     }
 
     /// c = [c +] scale * Act(a W^T + bias), what a backend's linear over these weights computes:
@@ -753,19 +770,31 @@ public:
     template <class Act>
     void apply(ConstMatrixView<float> a, MatrixView<float> c, Workspace& ws, const float* bias, float scale,
                bool accumulate) const {
-        const MatrixView<float> t = accumulate ? ws.take_matrix<float>(a.rows(), n_) : c;
-        if (fast_) {
-            const index_t lda = 2 * ((k_ + 1) / 2);
-            const std::span<std::uint16_t> rounded = ws.take<std::uint16_t>(a.rows() * lda);
-            bf16_round_rows(a, rounded.data(), lda, kernel_ == kernel_isa::avx512_bf16);
-            multiply(bf16_.get(), rounded.data(), lda, a.rows(), t);
-        } else if (values_ == dtype::f32) {
-            multiply(f32_.get(), a.data(), a.stride(), a.rows(), t);
-        } else {
-            multiply(bf16_.get(), a.data(), a.stride(), a.rows(), t);
-        }
-        if (accumulate) epilogue_accumulate<Act>(t, c, bias, scale);
-        else epilogue_in_place<Act>(c, bias, scale);
+        apply_columns<Act>(prepare(a, ws), c, 0, ws, bias, scale, accumulate);
+    }
+
+    /// Scratch of apply_columns for `rows` rows and `columns` columns: the product apart when
+    /// accumulating.
+    [[nodiscard]] static std::size_t columns_workspace_bytes(index_t rows, index_t columns, bool accumulate) noexcept {
+        return accumulate && rows > 0 ? padded_bytes<float>(rows, columns) : 0;
+    }
+
+    /// Columns [n0, n0 + c.cols()) of apply()'s c from the prepared input (n0 a multiple of 16,
+    /// c.cols() one too unless the columns reach N; `bias` the whole bias or null): the same
+    /// panels summed the same way, so the same bits, on the calling thread's threads.
+    template <class Act>
+    void apply_columns(const PreparedInput& p, MatrixView<float> c, index_t n0, Workspace& ws, const float* bias, float scale,
+                       bool accumulate) const {
+        Workspace::Scope scope(ws, columns_workspace_bytes(p.a.rows(), c.cols(), accumulate));
+        if (p.a.rows() == 0 || c.cols() == 0) return;
+        const MatrixView<float> t = accumulate ? ws.take_matrix<float>(p.a.rows(), c.cols()) : c;
+        const index_t p_begin = n0 / panel, p_end = (n0 + c.cols() + panel - 1) / panel;
+        if (fast_) multiply(bf16_.get(), p.rounded.data(), p.rounded.stride(), p.a.rows(), t, p_begin, p_end);
+        else if (values_ == dtype::f32) multiply(f32_.get(), p.a.data(), p.a.stride(), p.a.rows(), t, p_begin, p_end);
+        else multiply(bf16_.get(), p.a.data(), p.a.stride(), p.a.rows(), t, p_begin, p_end);
+        const float* b = bias != nullptr ? bias + n0 : nullptr;
+        if (accumulate) epilogue_accumulate<Act>(t, c, b, scale);
+        else epilogue_in_place<Act>(c, b, scale);
     }
 
 private:
@@ -788,11 +817,15 @@ private:
             }
     }
 
-    /// t = a W^T for `rows` rows of a (f32, or bf16 bits) on this map's panels.
+    /// Elements of a row of the rounded activations: K rounded up to pairs.
+    [[nodiscard]] index_t rounded_stride() const noexcept { return 2 * ((k_ + 1) / 2); }
+
+    /// t = panels [p_begin, p_end) of a W^T (columns 16 p_begin .. at t) for `rows` rows of a
+    /// (f32, or bf16 bits) on this map's panels.
     template <class W, class In>
-    void multiply(const W* w, const In* a, index_t lda, index_t rows, MatrixView<float> t) const {
+    void multiply(const W* w, const In* a, index_t lda, index_t rows, MatrixView<float> t, index_t p_begin, index_t p_end) const {
         const index_t stride = values_ == dtype::f32 ? k_ * panel : ((k_ + 1) / 2) * 2 * panel; // elements a panel
-        PanelKernels(kernel_).multiply(w, stride, k_, n_, a, lda, rows, t.data(), t.stride(), false);
+        PanelKernels(kernel_).multiply(w, stride, k_, n_, a, lda, rows, t.data(), t.stride(), false, p_begin, p_end);
     }
 
     index_t k_ = 0, n_ = 0, panels_ = 0;

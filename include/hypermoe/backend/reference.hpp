@@ -44,34 +44,38 @@ struct reference {
                 }
         }
 
-        /// One output's K weights, widened; with `fast` blocks, the quantised activations.
+        /// The quantised activations (`fast` blocks), and one output's K weights, widened.
         [[nodiscard]] std::size_t workspace_bytes(index_t rows) const noexcept {
-            if (is_block_format(storage_) && prec_ == precision::fast) return detail::QuantizedRows::bytes(rows, blocks_.blocks_per_row());
-            return detail::padded_bytes<float>(k_);
+            return prepared_bytes(rows) + forward_columns_workspace_bytes(rows, n_);
         }
 
         void operator()(ConstMatrixView<float> a, MatrixView<float> c, Workspace& ws, float scale = 1.0f) const {
             check_call(a, c);
             Workspace::Scope scope(ws, workspace_bytes(a.rows()));
-            if (is_block_format(storage_) && prec_ == precision::fast) {
-                if (storage_ == dtype::q8_0) fast<BlockQ8_0>(a, c, ws, scale);
-                else fast<BlockQ4_0>(a, c, ws, scale);
-                return;
-            }
-            const std::span<float> w = ws.take<float>(k_);
-            const bool round_inputs = storage_ == dtype::bf16 && prec_ == precision::fast; // as the fast kernels do
-            for (index_t j = 0; j < n_; ++j) {
-                weight_row(j, w);
-                for (index_t m = 0; m < a.rows(); ++m) {
-                    double acc = bias_.empty() ? 0.0 : bias_[static_cast<std::size_t>(j)];
-                    for (index_t k = 0; k < k_; ++k) {
-                        const float x = round_inputs ? bf16::from_float(a(m, k)).to_float() : a(m, k);
-                        acc += double(x) * double(w[static_cast<std::size_t>(k)]);
-                    }
-                    const auto v = static_cast<float>(double(scale) * Act::apply(acc));
-                    c(m, j) = accumulate_ ? c(m, j) + v : v;
-                }
-            }
+            columns(prepare(a, ws), c, 0, ws, scale);
+        }
+
+        /// Bytes prepare() takes: the activations quantised as the fast kernels quantise them,
+        /// for `fast` blocks.
+        [[nodiscard]] std::size_t prepared_bytes(index_t rows) const noexcept {
+            return fast_blocks() ? detail::QuantizedRows::bytes(rows, blocks_.blocks_per_row()) : 0;
+        }
+        /// The input as forward_columns reads it: quantised for `fast` blocks (bf16 `fast`
+        /// rounds each input as it multiplies it).
+        [[nodiscard]] PreparedInput prepare(ConstMatrixView<float> a, Workspace& ws) const {
+            PreparedInput p{a, {}, {}, {}};
+            if (fast_blocks()) p.quantized.emplace(a, blocks_.blocks_per_row(), ws);
+            return p;
+        }
+        /// One output's K weights, widened.
+        [[nodiscard]] std::size_t forward_columns_workspace_bytes(index_t /*rows*/, index_t /*columns*/) const noexcept {
+            return detail::padded_bytes<float>(k_);
+        }
+        /// Columns [n0, n0 + c.cols()) of operator()'s c: the same sums, column by column.
+        void forward_columns(const PreparedInput& p, MatrixView<float> c, index_t n0, Workspace& ws, float scale = 1.0f) const {
+            check_forward_columns(p.a, c, n0, forward_column_unit());
+            Workspace::Scope scope(ws, forward_columns_workspace_bytes(p.a.rows(), c.cols()));
+            columns(p, c, n0, ws, scale);
         }
 
         [[nodiscard]] std::size_t backward_workspace_bytes(index_t rows) const noexcept { return affine_gradient_bytes(rows); }
@@ -143,14 +147,41 @@ struct reference {
         }
 
     private:
+        [[nodiscard]] bool fast_blocks() const noexcept { return is_block_format(storage_) && prec_ == precision::fast; }
+
+        /// Columns [n0, n0 + c.cols()) of c [+]= scale * Act(a W^T + b), each output's sum in
+        /// double; the scratch of forward_columns_workspace_bytes taken from `ws`.
+        void columns(const PreparedInput& p, MatrixView<float> c, index_t n0, Workspace& ws, float scale) const {
+            const ConstMatrixView<float> a = p.a;
+            if (fast_blocks()) {
+                if (storage_ == dtype::q8_0) fast<BlockQ8_0>(p, c, n0, scale);
+                else fast<BlockQ4_0>(p, c, n0, scale);
+                return;
+            }
+            const std::span<float> w = ws.take<float>(k_);
+            const bool round_inputs = storage_ == dtype::bf16 && prec_ == precision::fast; // as the fast kernels do
+            for (index_t j = n0; j < n0 + c.cols(); ++j) {
+                weight_row(j, w);
+                for (index_t m = 0; m < a.rows(); ++m) {
+                    double acc = bias_.empty() ? 0.0 : bias_[static_cast<std::size_t>(j)];
+                    for (index_t k = 0; k < k_; ++k) {
+                        const float x = round_inputs ? bf16::from_float(a(m, k)).to_float() : a(m, k);
+                        acc += double(x) * double(w[static_cast<std::size_t>(k)]);
+                    }
+                    const auto v = static_cast<float>(double(scale) * Act::apply(acc));
+                    c(m, j - n0) = accumulate_ ? c(m, j - n0) + v : v;
+                }
+            }
+        }
+
         /// `fast` over blocks: integer block dots with the activations quantised as the fast
         /// kernels quantise them, scaled and summed in double.
         template <class Block>
-        void fast(ConstMatrixView<float> a, MatrixView<float> c, Workspace& ws, float scale) const {
+        void fast(const PreparedInput& p, MatrixView<float> c, index_t n0, float scale) const {
             const index_t per_row = blocks_.blocks_per_row();
-            const detail::QuantizedRows xq(a, per_row, ws);
-            for (index_t j = 0; j < n_; ++j)
-                for (index_t m = 0; m < a.rows(); ++m) {
+            const detail::QuantizedRows& xq = *p.quantized;
+            for (index_t j = n0; j < n0 + c.cols(); ++j)
+                for (index_t m = 0; m < p.a.rows(); ++m) {
                     double acc = bias_.empty() ? 0.0 : bias_[static_cast<std::size_t>(j)];
                     for (index_t b = 0; b < per_row; ++b) {
                         const Block blk = blocks_.block<Block>(j, b);
@@ -159,7 +190,7 @@ struct reference {
                         acc += double(f16_bits_to_f32(blk.d)) * double(xq.d_row(m)[b]) * double(dot);
                     }
                     const auto v = static_cast<float>(double(scale) * Act::apply(acc));
-                    c(m, j) = accumulate_ ? c(m, j) + v : v;
+                    c(m, j - n0) = accumulate_ ? c(m, j - n0) + v : v;
                 }
         }
 
