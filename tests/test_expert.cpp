@@ -1,5 +1,7 @@
 #include <doctest/doctest.h>
 
+#include <cstring>
+#include <utility>
 #include <vector>
 
 #include "test_support.hpp"
@@ -160,3 +162,81 @@ TEST_CASE_TEMPLATE_DEFINE("experts reject mis-shaped weights and inputs", B, exp
                          "FfnExpert::forward: output y has shape (4, 8), expected (3, 8)", shape_error);
 }
 TEST_CASE_TEMPLATE_APPLY(expert_errors, test::all_backends);
+
+namespace {
+
+/// An expert's forward as its tiles (each stage's from the last to the first, from inputs
+/// prepared once per stage) against forward() on the same rows: the same bits, kept
+/// activations included.
+template <class Expert>
+void check_forward_tiles(const Expert& e, index_t rows, bool keep) {
+    CAPTURE(rows);
+    CAPTURE(keep);
+    const index_t d = e.d_model(), ff = e.d_ff();
+    const Matrix<float> x = random_matrix(rows, d, 21);
+    Matrix<float> want(rows, d), got(rows, d), hidden(rows, ff);
+    Matrix<float> kept_want(rows, e.kept_width()), kept_got(rows, e.kept_width());
+    Workspace ws;
+    e.forward(x.view(), want.view(), ws, {}, keep ? kept_want.view() : MatrixView<float>{});
+    const typename Expert::ForwardTile t{x.view(), got.view(), hidden.view(), keep ? kept_got.view() : MatrixView<float>{}};
+    for (const int stage : {1, 2}) {
+        Workspace::Scope scope(ws, e.forward_prepared_bytes(stage, rows) + e.forward_tile_workspace_bytes(rows));
+        const PreparedInput in = e.forward_prepare(stage, t, ws);
+        for (index_t i = e.forward_tiles(stage) - 1; i >= 0; --i) e.forward_tile(stage, i, t, in, ws);
+    }
+    const auto same = [](const Matrix<float>& a, const Matrix<float>& b) {
+        return std::memcmp(a.data(), b.data(), sizeof(float) * std::size_t(a.rows() * a.cols())) == 0;
+    };
+    CHECK(same(got, want));
+    if (keep) CHECK(same(kept_got, kept_want));
+}
+
+} // namespace
+
+TEST_CASE_TEMPLATE_DEFINE("expert forward tiles, in any order, give forward()'s bits for every storage and precision", B,
+                          expert_forward_tiles) {
+    for (const auto& shape : {std::pair<index_t, index_t>{320, 1152}, {24, 40}}) {
+        const index_t d = shape.first, ff = shape.second;
+        CAPTURE(d);
+        CAPTURE(ff);
+        const Matrix<float> gate = random_matrix(ff, d, 1, 0.2f), up = random_matrix(ff, d, 2, 0.2f), down = random_matrix(d, ff, 3, 0.2f);
+        const std::vector<float> bg = random_vector(ff, 4), bu = random_vector(ff, 5), bd = random_vector(d, 6);
+        for (const dtype storage : {dtype::f32, dtype::bf16, dtype::q8_0, dtype::q4_0})
+            for (const precision prec : {precision::exact, precision::fast}) {
+                if (prec == precision::fast && storage == dtype::f32) continue;
+                CAPTURE(to_string(storage));
+                CAPTURE(to_string(prec));
+                const ExpertOptions opt{storage, prec};
+                const GluExpert<B, Silu> glu(GluWeights{gate.view(), up.view(), down.view(), bg, bu, bd}, opt);
+                const FfnExpert<B, Gelu> ffn(FfnWeights{up.view(), down.view(), bu, bd}, opt);
+                if (d == 320) {
+                    CHECK(glu.forward_tiles(1) == 3); // 512, 512 and 128 columns of d_ff
+                    CHECK(glu.forward_tile_columns(1, 2) == std::pair<index_t, index_t>{1024, 128});
+                    CHECK(glu.forward_tile_columns(2, 1) == std::pair<index_t, index_t>{256, 64});
+                    CHECK(glu.forward_tiles(2) == 2);
+                    CHECK(ffn.forward_tiles(1) == 3);
+                }
+                for (const index_t rows : {1, 9, 70})
+                    for (const bool keep : {false, true}) {
+                        check_forward_tiles(glu, rows, keep);
+                        check_forward_tiles(ffn, rows, keep);
+                    }
+            }
+    }
+    // Typed errors: the stage, the tile, the views.
+    const Matrix<float> gate = random_matrix(40, 24, 1), down = random_matrix(24, 40, 3);
+    const GluExpert<B, Silu> glu(GluWeights{gate.view(), gate.view(), down.view()});
+    Matrix<float> x(3, 24), y(3, 24), hidden(3, 40), narrow(3, 39);
+    Workspace ws;
+    const typename GluExpert<B, Silu>::ForwardTile t{x.view(), y.view(), hidden.view(), {}};
+    const PreparedInput in = glu.forward_prepare(1, t, ws);
+    CHECK_THROWS_WITH_AS(glu.forward_tile(3, 0, t, in, ws), "GluExpert::forward_tile: stage 3, expected 1 or 2", config_error);
+    CHECK_THROWS_WITH_AS(glu.forward_tile(2, glu.forward_tiles(2), t, in, ws),
+                         doctest::Contains("GluExpert::forward_tile: tile 1 of stage 2, expected one of [0, 1)"), shape_error);
+    const typename GluExpert<B, Silu>::ForwardTile bad{x.view(), y.view(), narrow.view(), {}};
+    CHECK_THROWS_WITH_AS(glu.forward_tile(1, 0, bad, in, ws), "GluExpert::forward_tile: hidden has shape (3, 39), expected (3, 40)",
+                         shape_error);
+    CHECK_THROWS_WITH_AS((void)glu.forward_prepare(2, bad, ws), "GluExpert::forward_tile: hidden has shape (3, 39), expected (3, 40)",
+                         shape_error);
+}
+TEST_CASE_TEMPLATE_APPLY(expert_forward_tiles, test::all_backends);

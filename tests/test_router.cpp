@@ -446,6 +446,16 @@ TEST_CASE_TEMPLATE_DEFINE("MoeLayer is bitwise deterministic across runs and thr
         omp_set_num_threads(threads);
         MESSAGE(B::name, ": 1 vs ", threads, " threads compared");
         CHECK(std::memcmp(a.data(), c.data(), bytes) == 0);
+        // More threads than experts: the experts' forward pool of (expert, tile) items
+        // (oversubscribed here, which is fine), and a plan whose experts do not balance.
+        for (const int more : {3, 16}) {
+            omp_set_num_threads(more);
+            std::fill_n(c.data(), tokens * d, 0.0f);
+            layer.forward(x.view(), c.view(), ws);
+            omp_set_num_threads(threads);
+            CAPTURE(more);
+            CHECK(std::memcmp(a.data(), c.data(), bytes) == 0);
+        }
 #endif
     }
 }

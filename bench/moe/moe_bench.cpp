@@ -13,7 +13,9 @@
 //    the same loop (counter backward_per_forward); /kept: the forward keeps its activations
 //    (MoeActivations) and the backward starts from them,
 //  - BM_TrainStep_<backend>/T:512/f32            a training step through Trainer (forward,
-//    backward, AdamW, rebuild), with each phase's ms as counters.
+//    backward, AdamW, rebuild), with each phase's ms as counters,
+//  - BM_MoeSkewed_onednn/T/<dtype>              the layer on a plan whose experts do not balance
+//    across 2 threads (three tokens in four to one expert): the experts' forward pool.
 #include <benchmark/benchmark.h>
 
 #include <chrono>
@@ -89,6 +91,42 @@ void BM_MoeLayer(benchmark::State& state, hm::index_t tokens, hm::dtype storage,
     state.counters["tokens/s"] = benchmark::Counter(double(tokens), benchmark::Counter::kIsIterationInvariantRate);
     state.counters["experts_used"] = double(stats.experts_used);
     state.counters["load_cv"] = stats.load_cv;
+}
+
+/// The layer on a plan whose experts do not balance across 2 threads (MoeLayer::apply): top-1,
+/// three tokens in four to expert 0 and the others spread over experts 1-7 (storage f32, or
+/// q4_0 / bf16 `fast`). The experts' forward then runs as the pool of (expert, tile) items,
+/// where whole experts as tasks would leave a thread idle behind expert 0.
+template <class B>
+void BM_MoeSkewed(benchmark::State& state, hm::index_t tokens, hm::dtype storage) {
+    const auto gate = random_matrix(experts, d_model, 1, 0.5f);
+    std::vector<hm::GluExpert<B, hm::Silu>> ex;
+    for (hm::index_t e = 0; e < experts; ++e) {
+        const auto g = random_matrix(d_ff, d_model, 100 + 3 * std::uint64_t(e), 0.03f);
+        const auto u = random_matrix(d_ff, d_model, 101 + 3 * std::uint64_t(e), 0.03f);
+        const auto dn = random_matrix(d_model, d_ff, 102 + 3 * std::uint64_t(e), 0.02f);
+        const hm::precision prec = storage == hm::dtype::f32 ? hm::precision::exact : hm::precision::fast;
+        ex.emplace_back(hm::GluWeights{.gate = hm::ConstMatrixView<float>(g.view()), .up = hm::ConstMatrixView<float>(u.view()),
+                                       .down = hm::ConstMatrixView<float>(dn.view())},
+                        hm::ExpertOptions{.storage = storage, .prec = prec});
+    }
+    const Layer<B> layer(hm::WeightView(hm::ConstMatrixView<float>(gate.view())), hm::TopKRouter(experts, hm::TopK{1}), std::move(ex));
+    hm::RoutingPlan plan;
+    plan.reset(tokens, experts, 1);
+    for (hm::index_t t = 0; t < tokens; ++t) {
+        plan.ids(t)[0] = t % 4 != 3 ? 0 : std::int32_t(1 + (t / 4) % (experts - 1));
+        plan.weights(t)[0] = 1.0f;
+    }
+    plan.build_index();
+    const auto x = random_matrix(tokens, d_model, 99, 1.0f);
+    hm::Matrix<float> y(tokens, d_model);
+    hm::Workspace ws;
+    layer.apply(x.view(), plan, y.view(), ws);
+    for (auto _ : state) {
+        layer.apply(x.view(), plan, y.view(), ws);
+        benchmark::DoNotOptimize(y.data());
+    }
+    state.counters["GFLOP/s"] = benchmark::Counter(flops(tokens) / top_k / 1e9, benchmark::Counter::kIsIterationInvariantRate);
 }
 
 /// Backward of the layer (issue 12), timed against its forward in the same loop: the reported
@@ -254,6 +292,13 @@ int main(int argc, char** argv) {
 #endif
             }
     }
+#if HYPERMOE_HAS_ONEDNN
+    for (const hm::index_t t : {32, 512})
+        for (const hm::dtype storage : {hm::dtype::f32, hm::dtype::bf16, hm::dtype::q4_0})
+            benchmark::RegisterBenchmark(("BM_MoeSkewed_onednn/T:" + std::to_string(t) + "/" + std::string(hm::to_string(storage))).c_str(),
+                                         BM_MoeSkewed<hm::onednn>, t, storage)
+                ->UseRealTime()->Unit(benchmark::kMillisecond);
+#endif
     for (const hm::index_t t : {32, 512}) {
         const std::string suffix = "/T:" + std::to_string(t) + "/f32";
         for (const bool kept : {false, true}) {

@@ -84,6 +84,47 @@ public:
         down_(h, y, ws);
     }
 
+    /// What a forward's tiles read and write.
+    using ForwardTile = detail::ExpertForwardTile;
+
+    /// The forward as work items, as GluExpert's: stage 1 tiles of d_ff, h's columns = Act(up x
+    /// + b_up)'s (and keep's, when kept); stage 2 tiles of d_model, y's columns of h W_down^T +
+    /// b_down. Each product reads its input as prepared once per stage (forward_prepare); the
+    /// same bits as forward() (tests/test_expert.cpp).
+    [[nodiscard]] index_t forward_tiles(int stage) const noexcept { return forward_tiling().tiles(stage); }
+    /// The columns (of d_ff for stage 1, of d_model for stage 2) of item `tile`.
+    [[nodiscard]] std::pair<index_t, index_t> forward_tile_columns(int stage, index_t tile) const noexcept {
+        return forward_tiling().columns(stage, tile);
+    }
+    /// Bytes forward_prepare(stage, ...) takes for `rows` rows.
+    [[nodiscard]] std::size_t forward_prepared_bytes(int stage, index_t rows) const {
+        return stage == 1 ? up_->prepared_bytes(rows) : down_->prepared_bytes(rows);
+    }
+    /// The input of `stage`'s product made ready for its tiles (in `ws`, the caller's scope):
+    /// t.x for up, t.hidden (every stage 1 item done) for down.
+    [[nodiscard]] PreparedInput forward_prepare(int stage, const ForwardTile& t, Workspace& ws) const {
+        detail::check_forward_tile("FfnExpert", stage, 0, 1, t, d_model(), d_ff(), kept_width());
+        return stage == 1 ? up_->prepare(t.x, ws) : down_->prepare(t.hidden, ws);
+    }
+    /// Scratch of one item with `rows` rows (padded): the products'.
+    [[nodiscard]] std::size_t forward_tile_workspace_bytes(index_t rows) const {
+        const std::size_t bytes = forward_tiling().largest([&](int stage, index_t w) {
+            return stage == 1 ? up_->forward_columns_workspace_bytes(rows, w) : down_->forward_columns_workspace_bytes(rows, w);
+        });
+        return detail::padded_bytes<std::byte>(index_t(bytes));
+    }
+    /// Item `tile` of `stage` (1 or 2) of the forward of t's rows, from `in` =
+    /// forward_prepare(stage, t). A stage other than 1 or 2 is a config_error, a tile out of
+    /// range or a view of the wrong shape a shape_error.
+    void forward_tile(int stage, index_t tile, const ForwardTile& t, const PreparedInput& in, Workspace& ws) const {
+        detail::check_forward_tile("FfnExpert", stage, tile, forward_tiles(stage), t, d_model(), d_ff(), kept_width());
+        const auto [c0, w] = forward_tile_columns(stage, tile);
+        if (stage == 2) return down_->forward_columns(in, t.y.col_block(c0, w), c0, ws);
+        up_->forward_columns(in, t.hidden.col_block(c0, w), c0, ws);
+        if (t.keep.data() != nullptr)
+            for (index_t r = 0; r < t.x.rows(); ++r) std::copy_n(t.hidden.row(r).data() + c0, w, t.keep.row(r).data() + c0);
+    }
+
     /// Zeroed gradients of this expert's parameters.
     [[nodiscard]] FfnGradients make_gradients() const {
         FfnGradients g{Matrix<float>(d_ff(), d_model()), Matrix<float>(d_model(), d_ff()), {}, {}};
@@ -197,10 +238,17 @@ private:
 
     /// Columns of a backward tile, as GluExpert's: 512 of d_ff (a multiple of both the down
     /// product's backward_column_unit() and up's forward_column_unit()), 256 of d_model.
-    [[nodiscard]] detail::BackwardTiling tiling() const noexcept { return {d_ff(), d_model(), tile_width(1), tile_width(2)}; }
+    [[nodiscard]] detail::StageTiling tiling() const noexcept { return {d_ff(), d_model(), tile_width(1), tile_width(2)}; }
     [[nodiscard]] index_t tile_width(int stage) const noexcept {
-        return stage == 1 ? detail::backward_tile_width(d_ff(), 512, std::lcm(down_->backward_column_unit(), up_->forward_column_unit()))
-                          : detail::backward_tile_width(d_model(), 256, up_->backward_column_unit());
+        return stage == 1 ? detail::stage_tile_width(d_ff(), 512, std::lcm(down_->backward_column_unit(), up_->forward_column_unit()))
+                          : detail::stage_tile_width(d_model(), 256, up_->backward_column_unit());
+    }
+
+    /// Columns of a forward tile: 512 of d_ff, 256 of d_model (forward_tile_target), a multiple of
+    /// the product's forward_column_unit().
+    [[nodiscard]] detail::StageTiling forward_tiling() const noexcept {
+        return {d_ff(), d_model(), detail::stage_tile_width(d_ff(), detail::forward_tile_target(1), up_->forward_column_unit()),
+                detail::stage_tile_width(d_model(), detail::forward_tile_target(2), down_->forward_column_unit())};
     }
 
     bool up_bias_, down_bias_;

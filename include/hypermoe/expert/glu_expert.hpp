@@ -101,6 +101,69 @@ public:
         down_(h, y, ws);
     }
 
+    /// What a forward's tiles read and write.
+    using ForwardTile = detail::ExpertForwardTile;
+
+    /// The forward as work items (an MoE layer runs every expert's items as one pool per stage
+    /// where whole experts do not balance across its threads). Stage 1 items are tiles of d_ff:
+    /// gate's and up's columns of the tile (into `keep`'s, or the item's scratch), then
+    /// h = Act(g) * u on them; stage 2 items, after every stage 1 item of the expert, are tiles
+    /// of d_model: y's columns of h W_down^T + b_down. Each product reads its input as prepared
+    /// once per stage (forward_prepare: x for stage 1, h for stage 2), and each tile gives the
+    /// columns the whole products give: forward()'s bits (tests/test_expert.cpp).
+    [[nodiscard]] index_t forward_tiles(int stage) const noexcept { return forward_tiling().tiles(stage); }
+    /// The columns (of d_ff for stage 1, of d_model for stage 2) of item `tile`.
+    [[nodiscard]] std::pair<index_t, index_t> forward_tile_columns(int stage, index_t tile) const noexcept {
+        return forward_tiling().columns(stage, tile);
+    }
+    /// Bytes forward_prepare(stage, ...) takes for `rows` rows.
+    [[nodiscard]] std::size_t forward_prepared_bytes(int stage, index_t rows) const {
+        return stage == 1 ? gate_up_->prepared_bytes(rows) : down_->prepared_bytes(rows);
+    }
+    /// The input of `stage`'s product made ready for its tiles (in `ws`, the caller's scope):
+    /// t.x for gate|up, t.hidden (every stage 1 item done) for down.
+    [[nodiscard]] PreparedInput forward_prepare(int stage, const ForwardTile& t, Workspace& ws) const {
+        detail::check_forward_tile("GluExpert", stage, 0, 1, t, d_model(), d_ff(), kept_width());
+        return stage == 1 ? gate_up_->prepare(t.x, ws) : down_->prepare(t.hidden, ws);
+    }
+    /// Scratch of one item with `rows` rows (padded): gate's and up's columns (unless kept),
+    /// and the products'.
+    [[nodiscard]] std::size_t forward_tile_workspace_bytes(index_t rows) const {
+        const std::size_t bytes = forward_tiling().largest([&](int stage, index_t w) {
+            return stage == 1 ? detail::padded_bytes<float>(rows, 2 * w) +
+                                    gate_up_->forward_columns_workspace_bytes(rows, forward_tiles(1) == 1 ? 2 * w : w)
+                              : down_->forward_columns_workspace_bytes(rows, w);
+        });
+        return detail::padded_bytes<std::byte>(index_t(bytes));
+    }
+    /// Item `tile` of `stage` (1 or 2) of the forward of t's rows, from `in` =
+    /// forward_prepare(stage, t). A stage other than 1 or 2 is a config_error, a tile out of
+    /// range or a view of the wrong shape a shape_error.
+    void forward_tile(int stage, index_t tile, const ForwardTile& t, const PreparedInput& in, Workspace& ws) const {
+        detail::check_forward_tile("GluExpert", stage, tile, forward_tiles(stage), t, d_model(), d_ff(), kept_width());
+        const auto [c0, w] = forward_tile_columns(stage, tile);
+        if (stage == 2) return down_->forward_columns(in, t.y.col_block(c0, w), c0, ws);
+        const index_t ff = d_ff(), m = t.x.rows();
+        Workspace::Scope scope(ws, forward_tile_workspace_bytes(m));
+        const bool kept = t.keep.data() != nullptr;
+        // [gate | up] of the tile's columns: kept ones in place, else side by side in scratch
+        const MatrixView<float> scratch = kept ? MatrixView<float>{} : ws.take_matrix<float>(m, 2 * w);
+        const MatrixView<float> gate = kept ? t.keep.col_block(c0, w) : scratch.col_block(0, w);
+        const MatrixView<float> up = kept ? t.keep.col_block(ff + c0, w) : scratch.col_block(w, w);
+        if (forward_tiles(1) == 1) { // one tile: the whole product, whatever gate|up's column unit
+            gate_up_->forward_columns(in, kept ? t.keep : scratch, 0, ws);
+        } else {
+            gate_up_->forward_columns(in, gate, c0, ws);
+            gate_up_->forward_columns(in, up, ff + c0, ws);
+        }
+        for (index_t r = 0; r < m; ++r) {
+            const float* __restrict g = gate.row(r).data();
+            const float* __restrict u = up.row(r).data();
+            float* __restrict out = t.hidden.row(r).data() + c0;
+            for (index_t j = 0; j < w; ++j) out[j] = Act::apply(g[j]) * u[j];
+        }
+    }
+
     /// Zeroed gradients of this expert's parameters.
     [[nodiscard]] GluGradients make_gradients() const {
         GluGradients g{Matrix<float>(2 * d_ff(), d_model()), Matrix<float>(d_model(), d_ff()), {}, {}};
@@ -277,10 +340,20 @@ private:
     /// stage 1 item packs x and transposes dy for its weight gradients: with 256 columns of
     /// d_ff, 11 times an expert, the Mixtral-like layer's kept backward at T = 512 took 112-115
     /// ms where 512 took 110-112 (one process, 2-core Zen 5).
-    [[nodiscard]] detail::BackwardTiling tiling() const noexcept { return {d_ff(), d_model(), tile_width(1), tile_width(2)}; }
+    [[nodiscard]] detail::StageTiling tiling() const noexcept { return {d_ff(), d_model(), tile_width(1), tile_width(2)}; }
     [[nodiscard]] index_t tile_width(int stage) const noexcept {
-        return stage == 1 ? detail::backward_tile_width(d_ff(), 512, down_->backward_column_unit())
-                          : detail::backward_tile_width(d_model(), 256, gate_up_->backward_column_unit());
+        return stage == 1 ? detail::stage_tile_width(d_ff(), 512, down_->backward_column_unit())
+                          : detail::stage_tile_width(d_model(), 256, gate_up_->backward_column_unit());
+    }
+
+    /// Columns of a forward tile: 512 of d_ff, 256 of d_model (forward_tile_target), a multiple of
+    /// the product's forward_column_unit(); all of d_ff where gate|up's unit does not divide
+    /// d_ff (its tiles take gate's and up's columns at c0 and d_ff + c0).
+    [[nodiscard]] detail::StageTiling forward_tiling() const noexcept {
+        const index_t unit = gate_up_->forward_column_unit();
+        const index_t hidden = d_ff() % unit == 0 ? detail::stage_tile_width(d_ff(), detail::forward_tile_target(1), unit) : d_ff();
+        return {d_ff(), d_model(), std::max<index_t>(hidden, 1),
+                detail::stage_tile_width(d_model(), detail::forward_tile_target(2), down_->forward_column_unit())};
     }
 
     bool gate_up_bias_, down_bias_;

@@ -1,6 +1,7 @@
 #pragma once
 // MoeLayer: router GEMM -> Router -> RoutingPlan -> gather -> one GEMM chain per non-empty
-// expert on its contiguous rows -> combine in a fixed order -> (+ shared expert).
+// expert on its contiguous rows (or, where the experts do not balance across the threads, a
+// pool of (expert, tile) items per stage) -> combine in a fixed order -> (+ shared expert).
 //
 // Everything after routing reads only the RoutingPlan, so any router runs on identical expert
 // kernels. Combine writes each output row once, summing the token's slots in slot order, so the
@@ -8,8 +9,10 @@
 
 #include <algorithm>
 #include <cmath>
+#include <concepts>
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <span>
 #include <string_view>
 #include <utility>
@@ -33,6 +36,13 @@ template <class E>
 concept TiledBackward = requires { typename E::BackwardTile; } &&
     requires(const E& e, const typename E::BackwardTile& t, typename E::gradients_type& g, Workspace& w) {
         e.backward_tile(1, index_t{0}, t, g, w);
+    };
+/// An expert whose forward runs as work items (GluExpert::forward_tile).
+template <class E>
+concept TiledForward = requires { typename E::ForwardTile; } &&
+    requires(const E& e, const typename E::ForwardTile& t, const PreparedInput& in, Workspace& w) {
+        { e.forward_prepare(1, t, w) } -> std::same_as<PreparedInput>;
+        e.forward_tile(1, index_t{0}, t, in, w);
     };
 } // namespace detail
 
@@ -127,9 +137,7 @@ public:
         std::size_t inner = 0;
         for (const auto& e : experts_) inner = std::max(inner, e.workspace_bytes(rows));
         if constexpr (Shared::present) inner = std::max(inner, shared_.workspace_bytes(rows));
-        // Experts as tasks: a list of experts and one scratch slice per thread.
-        inner = std::max(inner, tasks_workspace_bytes(rows));
-        return 2 * detail::padded_bytes<float>(packed, in_width()) + inner;
+        return 2 * detail::padded_bytes<float>(packed, in_width()) + std::max(inner, experts_workspace_bytes(rows, packed));
     }
     [[nodiscard]] std::size_t workspace_bytes(index_t rows) const {
         return std::max(route_workspace_bytes(rows), apply_workspace_bytes(rows, max_assignments(rows)));
@@ -421,7 +429,7 @@ private:
     /// Scratch of backward_tiles for `rows` tokens whose plan has `packed` rows.
     [[nodiscard]] std::size_t tiles_workspace_bytes(index_t rows, index_t packed) const {
         index_t kept = 0, scratch = 0, items = 0;
-        std::size_t slice = 0, forward = tasks_workspace_bytes(rows);
+        std::size_t slice = 0, forward = experts_workspace_bytes(rows, packed);
         for (const auto& e : experts_) {
             kept = std::max(kept, e.kept_width());
             scratch = std::max(scratch, e.backward_scratch_width());
@@ -541,8 +549,9 @@ private:
     /// single-threaded on a scratch slice of its thread (largest first, to whichever thread is
     /// free): a forward then opens a handful of parallel regions instead of several per expert,
     /// which is what keeps it from collapsing when another process takes a core (each region
-    /// ends in a barrier). Otherwise (one thread, or one expert holding most rows) they run
-    /// one after another, each GEMM threaded by the backend. Both ways give the same bits
+    /// ends in a barrier). Otherwise they run one after another, each GEMM threaded by the
+    /// backend: on one thread, with one active expert, and for experts without forward tiles
+    /// (run_experts takes the others to its pool). Every way gives the same bits
     /// (tests/test_determinism.cpp, tests/test_backward.cpp).
     template <class Fn>
     void for_each_expert(const RoutingPlan& plan, Workspace& ws, Fn&& fn) const {
@@ -571,10 +580,31 @@ private:
         detail::run_task_pool(ws, count, threads, slice, [&](index_t i, Workspace& mine) { fn(order[std::size_t(i)], mine); });
     }
 
-    /// The experts' forward (for_each_expert). With a non-empty `hidden` (rows, kept_width()),
-    /// each expert keeps its activations in its rows of it.
+    /// Scratch of run_experts for `rows` tokens whose plan has `packed` rows: the experts as
+    /// tasks (a list of experts and one scratch slice per thread), or as the forward pool.
+    [[nodiscard]] std::size_t experts_workspace_bytes(index_t rows, index_t packed) const {
+        std::size_t bytes = tasks_workspace_bytes(rows);
+        if constexpr (detail::TiledForward<E>) // never on one thread (the first query makes oneDNN's tile primitives)
+            if (detail::current_threads() > 1) bytes = std::max(bytes, forward_pool_bytes(rows, packed));
+        return bytes;
+    }
+
+    /// The experts' forward. With a non-empty `hidden` (rows, kept_width()), each expert keeps
+    /// its activations in its rows of it. Where whole experts balance across the threads, on one
+    /// thread, or with one active expert, as for_each_expert runs them; otherwise (more threads
+    /// than active experts, or one expert holding most rows) as the forward pool of (expert,
+    /// tile) items.
     void run_experts(const RoutingPlan& plan, ConstMatrixView<float> in, MatrixView<float> out, Workspace& ws,
                      MatrixView<float> hidden = {}) const {
+        if constexpr (detail::TiledForward<E>) {
+            const int threads = detail::current_threads();
+            index_t active = 0;
+            for (index_t e = 0; e < num_experts(); ++e) active += plan.rows_of(e) > 0;
+            // One active expert: its products, threaded by the backend, are its tiles already
+            // (2 threads, T = 1, top-1, f32: the pool of its 6 + 4 tiles took 0.37-0.44 ms
+            // where the threaded products took 0.27-0.36).
+            if (threads > 1 && active > 1 && !experts_balance(plan, threads)) return forward_pool(plan, in, out, ws, hidden);
+        }
         const auto offsets = plan.offsets();
         for_each_expert(plan, ws, [&](index_t e, Workspace& w) {
             const index_t n = plan.rows_of(e), first = offsets[std::size_t(e)];
@@ -583,6 +613,76 @@ private:
                 hidden.data() != nullptr ? hidden.row_block(first, n).col_block(0, expert.kept_width()) : MatrixView<float>{};
             expert.forward(in.row_block(first, n), out.row_block(first, n), w, {}, keep);
         });
+    }
+
+    /// Scratch of forward_pool for `rows` tokens whose plan has `packed` rows: every expert's
+    /// hidden activations, its prepared inputs (the largest stage's; an expert's rows are at
+    /// most `rows`, and all of them `packed`), the items, and the pool's slices.
+    [[nodiscard]] std::size_t forward_pool_bytes(index_t rows, index_t packed) const {
+        index_t ff = 0, items = 0;
+        std::size_t prepared = 0, slice = 0;
+        for (const auto& e : experts_) {
+            ff = std::max(ff, e.d_ff());
+            items = std::max(items, std::max(e.forward_tiles(1), e.forward_tiles(2)));
+            for (const int stage : {1, 2}) prepared = std::max(prepared, e.forward_prepared_bytes(stage, std::min(rows, packed)));
+            slice = std::max(slice, e.forward_tile_workspace_bytes(rows));
+        }
+        // Each expert's prepared rows are padded apart: at most 4 buffers' alignment each.
+        const std::size_t pad = detail::saturating_bytes(4 * num_experts(), buffer_alignment);
+        const std::size_t all_prepared = packed > rows ? detail::saturating_bytes((packed + rows - 1) / std::max<index_t>(rows, 1), prepared)
+                                                       : prepared;
+        return detail::padded_bytes<float>(packed, ff) + detail::padded_bytes<PreparedInput>(num_experts()) +
+               detail::padded_bytes<TileItem>(detail::saturating_mul(num_experts(), items)) + all_prepared + pad +
+               detail::task_pool_bytes(detail::current_threads(), detail::padded_bytes<std::byte>(index_t(slice)));
+    }
+
+    /// The experts' forward as one pool of (expert, tile) items per stage across every active
+    /// expert (GluExpert::forward_tile), the largest (rows x columns) first: each expert's
+    /// product inputs are prepared (quantised or rounded for `fast`) once per stage, in
+    /// parallel over its rows; then stage 1's items write every expert's hidden activations,
+    /// and stage 2's items their outputs. The tail of a stage is one tile, not one expert, and
+    /// each output has the bits of the expert's forward() (tests/test_layer.cpp).
+    void forward_pool(const RoutingPlan& plan, ConstMatrixView<float> in, MatrixView<float> out, Workspace& ws,
+                      MatrixView<float> hidden) const {
+        const index_t rows = plan.rows();
+        Workspace::Scope scope(ws, forward_pool_bytes(plan.tokens(), rows));
+        index_t ff = 0, most = 0;
+        for (const auto& e : experts_) ff = std::max(ff, e.d_ff()), most = std::max({most, e.forward_tiles(1), e.forward_tiles(2)});
+        const MatrixView<float> act = ws.take_matrix<float>(rows, ff);
+        const std::span<PreparedInput> prepared = ws.take<PreparedInput>(num_experts());
+        const std::span<TileItem> items = ws.take<TileItem>(detail::saturating_mul(num_experts(), most));
+        std::size_t slice = 0;
+        for (const auto& e : experts_) slice = std::max(slice, e.forward_tile_workspace_bytes(plan.tokens()));
+        slice = detail::padded_bytes<std::byte>(index_t(slice));
+        const auto offsets = plan.offsets();
+        const auto tile = [&](index_t e) {
+            const index_t n = plan.rows_of(e), first = offsets[std::size_t(e)];
+            const auto& expert = experts_[std::size_t(e)];
+            return typename E::ForwardTile{in.row_block(first, n), out.row_block(first, n),
+                                           act.row_block(first, n).col_block(0, expert.d_ff()),
+                                           hidden.data() != nullptr ? hidden.row_block(first, n).col_block(0, expert.kept_width())
+                                                                    : MatrixView<float>{}};
+        };
+        const int threads = detail::current_threads();
+        for (const int stage : {1, 2}) {
+            Workspace::Scope prepared_scope(ws, 0);
+            std::size_t count = 0;
+            for (index_t e = 0; e < num_experts(); ++e) {
+                if (plan.rows_of(e) == 0) continue;
+                const auto& expert = experts_[std::size_t(e)];
+                std::construct_at(&prepared[std::size_t(e)], expert.forward_prepare(stage, tile(e), ws));
+                for (index_t i = 0; i < expert.forward_tiles(stage); ++i)
+                    items[count++] = {plan.rows_of(e) * expert.forward_tile_columns(stage, i).second, std::int32_t(e), std::int32_t(i)};
+            }
+            // Most rows x columns first; ties in expert, then tile order (the same schedule every call)
+            std::sort(items.begin(), items.begin() + std::ptrdiff_t(count), [](const TileItem& a, const TileItem& b) {
+                return a.cost != b.cost ? a.cost > b.cost : a.expert != b.expert ? a.expert < b.expert : a.tile < b.tile;
+            });
+            detail::run_task_pool(ws, index_t(count), threads, slice, [&](index_t item, Workspace& w) {
+                const TileItem& it = items[std::size_t(item)];
+                experts_[std::size_t(it.expert)].forward_tile(stage, it.tile, tile(it.expert), prepared[std::size_t(it.expert)], w);
+            });
+        }
     }
 
     static WeightView checked_gate(WeightView gate, const R& router, const std::vector<E>& experts) {
