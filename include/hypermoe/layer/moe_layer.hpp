@@ -485,9 +485,7 @@ private:
             std::size_t count = 0;
             for (index_t e = 0; e < num_experts(); ++e)
                 if (plan.rows_of(e) > 0) items[count++] = {plan.rows_of(e), std::int32_t(e), 0};
-            std::sort(items.begin(), items.begin() + std::ptrdiff_t(count), [](const TileItem& a, const TileItem& b) {
-                return a.cost != b.cost ? a.cost > b.cost : a.expert < b.expert;
-            });
+            sort_items(items.first(count));
             detail::run_task_pool(ws, index_t(count), threads, slice, [&](index_t item, Workspace& w) {
                 const index_t e = items[std::size_t(item)].expert;
                 const auto& expert = experts_[std::size_t(e)];
@@ -502,11 +500,7 @@ private:
                 for (index_t i = 0; plan.rows_of(e) > 0 && i < experts_[std::size_t(e)].backward_tiles(stage); ++i)
                     items[count++] = {plan.rows_of(e) * experts_[std::size_t(e)].backward_tile_columns(stage, i).second, std::int32_t(e),
                                       std::int32_t(i)};
-            // Most rows x columns first; ties in expert, then tile order (a total order: the same
-            // schedule every call; std::sort sorts in place)
-            std::sort(items.begin(), items.begin() + std::ptrdiff_t(count), [](const TileItem& a, const TileItem& b) {
-                return a.cost != b.cost ? a.cost > b.cost : a.expert != b.expert ? a.expert < b.expert : a.tile < b.tile;
-            });
+            sort_items(items.first(count));
             detail::run_task_pool(ws, index_t(count), threads, slice, [&](index_t item, Workspace& w) {
                 const TileItem& it = items[std::size_t(item)];
                 experts_[std::size_t(it.expert)].backward_tile(stage, it.tile, tile(it.expert), g.experts[std::size_t(it.expert)], w);
@@ -523,11 +517,18 @@ private:
         return threads > 1 && active >= threads && largest * threads <= plan.rows() * 5 / 4 + threads;
     }
 
-    /// A work item of backward_tiles: (expert, tile) and its cost, rows x columns.
+    /// A work item of backward_tiles and forward_pool: (expert, tile) and its cost, rows x columns.
     struct TileItem {
         index_t cost;
         std::int32_t expert, tile;
     };
+    /// Most rows x columns first; ties in expert, then tile order (a total order: the same
+    /// schedule every call; std::sort sorts in place, no allocation).
+    static void sort_items(std::span<TileItem> items) {
+        std::sort(items.begin(), items.end(), [](const TileItem& a, const TileItem& b) {
+            return a.cost != b.cost ? a.cost > b.cost : a.expert != b.expert ? a.expert < b.expert : a.tile < b.tile;
+        });
+    }
 
     /// Scratch of one expert's forward run as a task (single-threaded: nested inside the tasks'
     /// region).
@@ -674,10 +675,7 @@ private:
                 for (index_t i = 0; i < expert.forward_tiles(stage); ++i)
                     items[count++] = {plan.rows_of(e) * expert.forward_tile_columns(stage, i).second, std::int32_t(e), std::int32_t(i)};
             }
-            // Most rows x columns first; ties in expert, then tile order (the same schedule every call)
-            std::sort(items.begin(), items.begin() + std::ptrdiff_t(count), [](const TileItem& a, const TileItem& b) {
-                return a.cost != b.cost ? a.cost > b.cost : a.expert != b.expert ? a.expert < b.expert : a.tile < b.tile;
-            });
+            sort_items(items.first(count));
             detail::run_task_pool(ws, index_t(count), threads, slice, [&](index_t item, Workspace& w) {
                 const TileItem& it = items[std::size_t(item)];
                 experts_[std::size_t(it.expert)].forward_tile(stage, it.tile, tile(it.expert), prepared[std::size_t(it.expert)], w);
