@@ -313,9 +313,12 @@ private:
     std::shared_ptr<const L> p_;
 };
 
-/// c = scale * Act(c + bias), in place, row by row.
+/// c = scale * Act(c + bias), in place, row by row. With Identity, no bias and scale 1 that is c
+/// as it is (the pass would only turn -0 into +0), so it returns without reading c.
 template <class Act>
 void epilogue_in_place(MatrixView<float> c, const float* bias, float scale) noexcept {
+    if constexpr (std::is_same_v<Act, Identity>)
+        if (bias == nullptr && scale == 1.0f) return;
     for (index_t r = 0; r < c.rows(); ++r) {
         float* row = c.row(r).data();
         for (index_t j = 0; j < c.cols(); ++j)
