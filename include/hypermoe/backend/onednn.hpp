@@ -915,8 +915,10 @@ struct onednn {
             const bool sum_in_primitive = accumulate_ && o.m.fused_sum && scale == 1.0f;
             if (!accumulate_ || sum_in_primitive) {
                 run(o, a, c, ws);
+                // The activation, unless fused, then the scale (epilogue_in_place returns at once
+                // for Identity with scale 1)
                 if (!o.m.fused_activation) detail::epilogue_in_place<Act>(c, nullptr, scale);
-                else if (scale != 1.0f) detail::epilogue_in_place<Identity>(c, nullptr, scale);
+                else detail::epilogue_in_place<Identity>(c, nullptr, scale);
                 return;
             }
             MatrixView<float> t = ws.take_matrix<float>(a.rows(), o.n);
