@@ -4,7 +4,8 @@
 Inputs (written by bench/edge.sh in one sitting):
   bench/results/expert.json  Google Benchmark JSON of bench/expert (BM_GluExpert_onednn,
                              BM_RawMatmul_Glu, BM_GluRotating_onednn, BM_ReadBandwidth)
-  bench/results/rss.json     {"f32/exact": kilobytes, ...}: peak RSS of `hypermoe run`
+  bench/results/rss.json     {"f32/exact": kilobytes, ..., "gguf q4_0/exact": kilobytes}: peak
+                             RSS of `hypermoe run` (from the bf16 checkpoint, or from GGUF files)
   bench/results/peers.json   optional: {"pytorch f32": {"1": ms, "32": ms, ...}, ...} per-token
                              times of the PyTorch GLU expert (bench/peers/pytorch_moe.py --expert)
 
@@ -79,11 +80,15 @@ fig, ax = plt.subplots(figsize=(8, 4))
 labels = list(rss)
 ax.bar(labels, [rss[k] / 1024 for k in labels], label="peak RSS of hypermoe run")
 weights = {"f32": 4.0, "bf16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
-expert_mb = [8 * 3 * 1024 * 2816 * weights[k.split("/")[0]] / 2**20 for k in labels]
+# keys "FORMAT/PRECISION", or "gguf FORMAT/PRECISION" for a block read from a GGUF file as stored
+expert_mb = [8 * 3 * 1024 * 2816 * weights[k.split("/")[0].split()[-1]] / 2**20 for k in labels]
 ax.plot(labels, expert_mb, "ko", label="expert weight bytes in the format")
 ax.plot(labels, [1.15 * e + 64 for e in expert_mb], "r_", markersize=30, label="target: 1.15 x weights + 64 MiB")
 ax.set_ylabel("MiB")
-ax.set_title("Mixtral-like block (E = 8, d = 1024, ff = 2816) from a 138 MB bf16 checkpoint")
+ax.tick_params(axis="x", labelrotation=30)
+for tick in ax.get_xticklabels():
+    tick.set_horizontalalignment("right")
+ax.set_title("Mixtral-like block (E = 8, d = 1024, ff = 2816) from a 138 MB bf16 checkpoint\n(gguf: the same block from a GGUF file, its blocks used as stored)")
 ax.legend(fontsize=8)
 fig.tight_layout()
 fig.savefig(docs / "edge_memory.svg")
