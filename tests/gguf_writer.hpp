@@ -31,6 +31,9 @@ public:
         kv(key, 7, &b, 1);
     }
     void u64(const std::string& key, std::uint64_t v) { kv(key, 10, &v, 8); }
+    /// Any scalar metadata type: its gguf_type id and a value of the matching C++ type.
+    template <class T>
+    void scalar(const std::string& key, std::uint32_t type, T v) { kv(key, type, &v, sizeof v); }
     void string(const std::string& key, const std::string& v) {
         std::vector<std::byte> b;
         put_string(b, v);

@@ -1,10 +1,12 @@
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <bit>
 #include <cmath>
 #include <cstdint>
 #include <limits>
 #include <type_traits>
+#include <vector>
 
 #include <hypermoe/core/core.hpp>
 
@@ -174,4 +176,34 @@ TEST_CASE("float activations match their double forms") {
     CHECK(Relu2::apply(3.0f) == 9.0f);
     CHECK(Relu::apply(-0.5) == 0.0);
     CHECK(Silu::apply(-200.0f) == doctest::Approx(0.0f));
+}
+
+TEST_CASE("parallel_for and parallel_tasks rethrow a worker's exception on the calling thread, after every item ran") {
+    // Nothing may escape an OpenMP region (that would terminate the process): the first exception
+    // caught is kept, the region finishes, and the caller gets it. Two threads at least, and work
+    // above the grain, so that the regions really open.
+    const detail::ThreadCountScope threads(2);
+    constexpr index_t items = 64;
+    std::vector<int> ran(items, 0);
+    const auto body = [&](index_t i) {
+        ran[std::size_t(i)] = 1;
+        if (i % 16 == 5) throw config_error(detail::concat("item ", i, " failed"));
+    };
+    CHECK_THROWS_WITH_AS(detail::parallel_for(items, detail::parallel_grain * 4, body), doctest::Contains("failed"), config_error);
+    CHECK(std::count(ran.begin(), ran.end(), 1) == items);
+
+    std::fill(ran.begin(), ran.end(), 0);
+    std::vector<int> slots(items, -1);
+    CHECK_THROWS_WITH_AS(detail::parallel_tasks(items, 2, [&](index_t i, int slot) {
+                             slots[std::size_t(i)] = slot;
+                             body(i);
+                         }),
+                         doctest::Contains("failed"), config_error);
+    CHECK(std::count(ran.begin(), ran.end(), 1) == items);
+    CHECK(std::all_of(slots.begin(), slots.end(), [](int s) { return s == 0 || s == 1; }));
+
+    // Serially (one thread, or work below the grain) the first failing item throws straight away.
+    std::fill(ran.begin(), ran.end(), 0);
+    CHECK_THROWS_WITH_AS(detail::parallel_for(items, 1, body), "item 5 failed", config_error);
+    CHECK(std::count(ran.begin(), ran.end(), 1) == 6);
 }

@@ -218,12 +218,37 @@ TEST_CASE("GGUF: v2 and v3, any alignment, arrays and every metadata type are re
             w.strings("tokenizer.ggml.tokens", {"a", "bc", ""});
             w.i32("x.i32", -3);
             w.u64("x.u64", 5);
+            w.scalar("x.u8", 0, std::uint8_t{200});
+            w.scalar("x.i8", 1, std::int8_t{-100});
+            w.scalar("x.u16", 2, std::uint16_t{60000});
+            w.scalar("x.i16", 3, std::int16_t{-30000});
+            w.f32("x.f32", 0.25f);
+            w.boolean("x.bool", true);
+            w.scalar("x.i64", 11, std::int64_t{-5'000'000'000});
+            w.scalar("x.f64", 12, -1.5);
+            w.u64("x.huge", std::uint64_t{1} << 63);
             const auto bytes = w.bytes(version, align);
             const GgufView v(bytes, "mem");
             CHECK(v.version() == version);
             CHECK(v.alignment() == align);
             CHECK(*v.integer("x.i32") == -3);
             CHECK(*v.integer("x.u64") == 5);
+            CHECK(*v.integer("x.u8") == 200);
+            CHECK(*v.integer("x.i8") == -100);
+            CHECK(*v.integer("x.u16") == 60000);
+            CHECK(*v.integer("x.i16") == -30000);
+            CHECK(*v.integer("x.i64") == -5'000'000'000);
+            CHECK(*v.number("x.i16") == -30000.0);
+            CHECK(*v.number("x.f32") == 0.25);
+            CHECK(*v.number("x.f64") == -1.5);
+            CHECK(*v.boolean("x.bool"));
+            CHECK(!v.number("x.absent"));
+            CHECK(!v.boolean("x.absent"));
+            CHECK_THROWS_WITH_AS((void)v.integer("x.huge"),
+                                 "mem: metadata 'x.huge' is 9223372036854775808, expected at most 9223372036854775807", config_error);
+            CHECK_THROWS_WITH_AS((void)v.integer("x.f64"), "mem: metadata 'x.f64' is a f64, expected an integer", config_error);
+            CHECK_THROWS_WITH_AS((void)v.number("x.bool"), "mem: metadata 'x.bool' is a bool, expected a number", config_error);
+            CHECK_THROWS_WITH_AS((void)v.boolean("x.u8"), "mem: metadata 'x.u8' is a u8, expected a bool", config_error);
             CHECK(*v.string("general.architecture") == "llama");
             CHECK(v.find_key("tokenizer.ggml.tokens")->count == 3);
             CHECK(v.find_key("tokenizer.ggml.tokens")->element == gguf_type::string);
@@ -334,6 +359,13 @@ TEST_CASE("GGUF: unsupported types, missing tensors and metadata give typed erro
                              w.string("qwen2moe.block_count", "two");
                          })),
                          doctest::Contains("metadata 'qwen2moe.block_count' is a string, expected an integer"), config_error);
+    CHECK_THROWS_WITH_AS(Checkpoint(with([](auto& w) {
+                             w.string("general.architecture", "olmoe");
+                             w.u32("olmoe.block_count", 2);
+                             w.u32("olmoe.embedding_length", 32);
+                             w.u32("olmoe.expert_count", 5000);
+                         })),
+                         doctest::Contains("metadata 'olmoe.expert_count' is 5000, expected an integer in [0, 4096]"), config_error);
     CHECK_THROWS_WITH_AS(Checkpoint(with([](auto& w) {
                              w.string("general.architecture", "deepseek2");
                              w.u32("deepseek2.block_count", 2);

@@ -297,6 +297,69 @@ TEST_CASE("HyperMoE errors name both sides") {
                          "Hypernetwork: weight 'down_weight' has shape (63, 16), expected (64, 16)", shape_error);
     CHECK_THROWS_WITH_AS(HyperExpertCache<reference>(64, 20), doctest::Contains("HyperExpertCache: C(64, 20) patterns"),
                          config_error);
+
+    // The hypernetwork's own weights and calls.
+    bad = parts.hyper_weights();
+    const Matrix<float> no_layers(0, 4);
+    bad.layer_embed = view(no_layers);
+    CHECK_THROWS_WITH_AS(Hypernetwork<reference>{bad},
+                         "Hypernetwork: layers = 0, q = 10, h = 16, d = 16, r = 4 from the weights, expected all >= 1", weight_error);
+    Matrix<float> nan_embed = parts.layer_embed;
+    nan_embed(1, 2) = std::numeric_limits<float>::quiet_NaN();
+    bad = parts.hyper_weights();
+    bad.layer_embed = view(nan_embed);
+    CHECK_THROWS_WITH_AS(Hypernetwork<reference>{bad}, "Hypernetwork: layer_embed element 6 is nan, expected a finite value",
+                         weight_error);
+    Workspace ws;
+    Matrix<float> z(2, parts.q), down(2, parts.d * parts.r), up(2, parts.r * parts.d), db(2, parts.r), ub(2, parts.d);
+    const GeneratedAdapters out{down.view(), up.view(), db.view(), ub.view()};
+    CHECK_THROWS_WITH_AS(hyper->generate(3, z.view(), out, ws),
+                         "Hypernetwork: layer index is 3, expected 0 <= layer < 3 (rows of layer_embed)", config_error);
+    Matrix<float> z9(2, 9), dz(3, parts.q);
+    CHECK_THROWS_WITH_AS(hyper->generate(0, z9.view(), out, ws), "Hypernetwork::generate: z has 9 columns, expected q = 10",
+                         shape_error);
+    auto g = hyper->make_gradients();
+    CHECK_THROWS_WITH_AS(hyper->backward(0, z.view(), out, dz.view(), g, ws),
+                         "Hypernetwork::backward: dz has shape (3, 10), expected (2, 10)", shape_error);
+
+    // The expert embedding table.
+    const Matrix<float> empty(6, 0);
+    CHECK_THROWS_WITH_AS(ExpertEmbedding(view(empty)),
+                         "ExpertEmbedding: table has shape (6, 0), expected at least one expert and one column", weight_error);
+    Matrix<float> inf_emb = parts.emb;
+    inf_emb(4, 1) = std::numeric_limits<float>::infinity();
+    CHECK_THROWS_WITH_AS(ExpertEmbedding(view(inf_emb)), "ExpertEmbedding: element (4, 1) is inf, expected a finite value",
+                         weight_error);
+    const ExpertEmbedding table(view(parts.emb));
+    const std::vector<std::int32_t> ids = {0, 1, 2, 3};
+    Matrix<float> ds(2, parts.de), dtable(6, parts.de + 1);
+    CHECK_THROWS_WITH_AS(table.backward(ids, ds.view(), dtable.view()),
+                         "ExpertEmbedding::backward: ds has shape (2, 8) for 4 selected ids and the gradient has shape (6, 9), "
+                         "expected ds (n, 8), n k ids and a gradient of shape (6, 8)",
+                         shape_error);
+
+    // Parts of a HyperMoE layer that disagree with each other.
+    RandomHyper other = parts;
+    other.emb = random_matrix(5, other.de, 2);
+    CHECK_THROWS_WITH_AS((void)other.layer<reference>(2, 0, hyper), "HyperMoeLayer: expert embedding has 5 rows, expected experts = 6",
+                         shape_error);
+    other = parts;
+    other.w0 = random_matrix(other.p, other.de + 1, 2);
+    CHECK_THROWS_WITH_AS((void)other.layer<reference>(2, 0, hyper), "HyperMoeLayer: projector takes 9 inputs, expected the embedding width 8",
+                         shape_error);
+    other = parts;
+    other.w2 = random_matrix(other.q + 1, other.p, 2);
+    other.b2.push_back(0.0f);
+    CHECK_THROWS_WITH_AS((void)other.layer<reference>(2, 0, hyper),
+                         "HyperMoeLayer: projector gives 11 outputs, but the hypernetwork takes q = 10", shape_error);
+
+    // hyper_term with a plan made for other tokens.
+    const auto layer = parts.layer<reference>(2, 0, hyper);
+    const Matrix<float> x4 = random_matrix(4, 16, 5), x5 = random_matrix(5, 16, 6);
+    const HyperRun r4 = run(layer, x4);
+    Matrix<float> h5(5, 16);
+    CHECK_THROWS_WITH_AS(layer.hyper_term(x5.view(), r4.plan, h5.view(), ws),
+                         "HyperMoeLayer::hyper_term: the plan routes 4 tokens over 6 experts, expected 5 over 6", shape_error);
 }
 
 TEST_CASE("pattern ranks are a bijection onto 0 .. C(E, k) - 1") {

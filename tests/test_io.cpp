@@ -496,6 +496,50 @@ TEST_CASE("a truncated checkpoint file and broken checkpoints are reported, noth
     CHECK_THROWS_WITH_AS(Checkpoint((tmp.path / "nope").string()), doctest::Contains("nope: neither a checkpoint directory nor a GGUF file"), config_error);
 }
 
+TEST_CASE("config values out of the supported set, and a checkpoint's files missing, are named with the file") {
+    TempDir tmp("config-values");
+    const fs::path src = data_dir + "/mixtral-basic";
+    const std::string config = tmp.path.string() + "/config.json";
+    const auto write_config = [&](const char* key, const nlohmann::json& value) {
+        nlohmann::json c = nlohmann::json::parse(std::ifstream(src / "config.json"));
+        c[key] = value;
+        std::ofstream(config) << c.dump();
+    };
+    fs::copy_file(src / "model.safetensors", tmp.path / "model.safetensors");
+    write_config("hidden_act", "gelu");
+    CHECK_THROWS_WITH_AS((void)load_moe_block<reference>(Checkpoint(tmp.path.string()), 0),
+                         (config + ": 'hidden_act' is \"gelu\", supported: silu").c_str(), config_error);
+    write_config("num_experts_per_tok", 5);
+    CHECK_THROWS_WITH_AS((void)describe(Checkpoint(tmp.path.string())), (config + ": top-k is 5, expected at most the 4 experts").c_str(),
+                         config_error);
+    write_config("num_experts_per_tok", 2);
+    CHECK_THROWS_WITH_AS((void)load_moe_block<reference>(Checkpoint(tmp.path.string()), 0, "decoder"),
+                         (config + ": stack \"decoder\" given, but mixtral has a single stack").c_str(), config_error);
+    CHECK_THROWS_WITH_AS((void)load_moe_block<reference>(Checkpoint(data_dir + "/switch_transformers-decoder"), 1, "middle"),
+                         doctest::Contains("switch_transformers-decoder/config.json: stack \"middle\", expected encoder or decoder"),
+                         config_error);
+    // A dense (non-HyperMoE) block has no HyperExpert term.
+    const auto block = load_moe_block<reference>(Checkpoint(tmp.path.string()), 0);
+    const Matrix<float> x(2, 32);
+    Matrix<float> h(2, 32);
+    RoutingPlan plan;
+    Workspace ws;
+    CHECK_THROWS_WITH_AS(block.hyper_term(x.view(), plan, h.view(), ws), "LoadedMoeBlock::hyper_term: not a HyperMoE block",
+                         config_error);
+
+    // The index of a sharded checkpoint, and no weights at all.
+    const std::string index = tmp.path.string() + "/model.safetensors.index.json";
+    std::ofstream(index) << R"({"metadata": {}})";
+    CHECK_THROWS_WITH_AS(Checkpoint(tmp.path.string()), (index + ": no weight_map object").c_str(), weight_error);
+    std::ofstream(index) << R"({"weight_map": {"model.embed_tokens.weight": "../model.safetensors"}})";
+    CHECK_THROWS_WITH_AS(Checkpoint(tmp.path.string()),
+                         (index + ": shard '../model.safetensors' is not a file in the checkpoint directory").c_str(), weight_error);
+    fs::remove(index);
+    fs::remove(tmp.path / "model.safetensors");
+    CHECK_THROWS_WITH_AS(Checkpoint(tmp.path.string()),
+                         (tmp.path.string() + ": neither model.safetensors nor model.safetensors.index.json").c_str(), weight_error);
+}
+
 TEST_CASE_TEMPLATE_DEFINE("a sharded checkpoint gives the same block", B, sharded) {
     TempDir tmp("sharded");
     const fs::path src = data_dir + "/olmoe-basic";

@@ -99,6 +99,33 @@ TEST_CASE("router configuration errors name the value and its range") {
                          "NoisyTopK: noise_std is -1, expected a finite value >= 0", config_error);
     CHECK_THROWS_WITH_AS(NoisyTopKRouter(4, NoisyTopK{.k = 1, .learned_scale = true, .noise_floor = -0.5f}),
                          "NoisyTopK: noise_floor is -0.5, expected a finite value >= 0", config_error);
+    CHECK_THROWS_WITH_AS(NoisyTopKRouter(4, NoisyTopK{.k = 5}), "NoisyTopK: k is 5, expected 1 <= k <= experts = 4", config_error);
+    CHECK_THROWS_WITH_AS(DeepSeekRouter(8, GroupLimitedTopK{.k = 1, .n_group = 8, .topk_group = 1}),
+                         "GroupLimitedTopK: 1 experts per group, expected >= 2 (a group scores its two best)", config_error);
+    CHECK_THROWS_WITH_AS(DeepSeekRouter(8, GroupLimitedTopK{.k = 1, .n_group = 4, .topk_group = 5}),
+                         "GroupLimitedTopK: topk_group is 5, expected 1 <= topk_group <= n_group = 4", config_error);
+    CHECK_THROWS_WITH_AS(TopPRouter(4, TopP{.p = 0.5, .k_max = 5}), "TopP: k_max is 5, expected 1 <= k_max <= experts = 4",
+                         config_error);
+    CHECK_THROWS_WITH_AS(SinkhornRouter(4, SinkhornBalanced{.iterations = 1001}),
+                         "SinkhornBalanced: iterations is 1001, expected 0..1000", config_error);
+    CHECK_THROWS_WITH_AS(TopKRouter(4, TopK{1}, {.weighting = {.epsilon = -1e-9}}),
+                         "Router: weighting epsilon = -1e-09, scale = 1, expected finite values, epsilon >= 0", config_error);
+    CHECK_THROWS_WITH_AS(TopKRouter(4, TopK{1}, {.selection_bias = {0.f, 1.f, std::nanf(""), 2.f}}),
+                         "Router: selection bias element 2 is nan, expected a finite value", weight_error);
+}
+
+TEST_CASE("RoutingPlan: its shape is checked, and an id a custom selection wrote outside the experts is an error") {
+    RoutingPlan plan;
+    CHECK_THROWS_WITH_AS(plan.reset(3, 0, 2), "RoutingPlan::reset: tokens = 3, experts = 0, slots = 2, expected tokens >= 0 and the others > 0",
+                         config_error);
+    plan.reset(2, 4, 1);
+    plan.ids(0)[0] = 3;
+    plan.ids(1)[0] = 4; // one past the last expert
+    CHECK_THROWS_WITH_AS(plan.build_index(), "RoutingPlan: token 1 names expert 4, expected < 4", error);
+    plan.ids(1)[0] = 0;
+    plan.build_index();
+    CHECK(plan.rows_of(3) == 1);
+    CHECK(plan.rows_of(0) == 1);
 }
 
 TEST_CASE("group-limited top-k: the bias selects, the unbiased score weights, groups limit the choice") {

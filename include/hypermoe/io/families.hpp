@@ -416,7 +416,7 @@ template <Backend B>
         throw config_error(detail::concat(file, ": stack \"", stack, "\" given, but ", to_string(info.family),
                                           " has a single stack"));
     if (two_stacks && stack != "encoder" && stack != "decoder")
-        throw config_error(detail::concat("stack is \"", stack, "\", expected encoder or decoder"));
+        throw config_error(detail::concat(file, ": stack \"", stack, "\", expected encoder or decoder"));
     const MoeBlockRef ref{layer, stack};
     check_moe_block(ck.dir(), info, ref);
     if (opt.noisy_gating &&
