@@ -570,6 +570,12 @@ TEST_CASE_TEMPLATE_DEFINE("linear takes bf16 weights as stored", B, linear_bf16_
     lin(a.view(), got.view(), ws);
     ref(a.view(), want.view(), ws);
     CHECK(relative_error(got.view(), want.view()) <= test::tolerance(40));
+    // Stored as f32 instead: widened exactly, so the same map again.
+    const typename B::template linear<Silu> wide(ConstMatrixView<bf16>(wb.view()), {}, {"w", false, dtype::f32});
+    CHECK(wide.storage() == dtype::f32);
+    Matrix<float> got32(5, 24);
+    wide(a.view(), got32.view(), ws);
+    CHECK(relative_error(got32.view(), want.view()) <= test::tolerance(40));
 }
 TEST_CASE_TEMPLATE_APPLY(linear_bf16_source, test::all_backends);
 

@@ -240,14 +240,19 @@ TEST_CASE_TEMPLATE_DEFINE("linear backward a tile at a time: affine_columns', ba
     CHECK_THROWS_WITH_AS(lin.backward_input(dz_bad, da, 0, ws), "w backward_input: output gradient has 7 columns, expected 6", shape_error);
     CHECK_THROWS_WITH_AS(lin.backward_input(dz, da_short, 0, ws),
                          "w backward_input: input gradient has 4 rows, expected 5 (the output gradient's)", shape_error);
-    if (const index_t unit = lin.backward_column_unit(); unit > 1 && unit < 64) {
-        const index_t k0 = unit / 2;
-        CHECK_THROWS_WITH_AS(lin.backward_input(dz, da.view().col_block(0, unit), k0, ws),
-                             ("w backward_input: columns [" + std::to_string(k0) + ", " + std::to_string(k0 + unit) +
-                              ") of the input gradient, expected multiples of " + std::to_string(unit) +
-                              " (backward_column_unit()) or a range that ends at 64")
-                                 .c_str(),
-                             shape_error);
+    {
+        const auto deep = random_matrix(6, 256, 3);
+        const typename B::template linear<Identity> lin256(WeightView(deep.view()), {}, LinearOptions{"w"});
+        Matrix<float> da256(5, 256);
+        if (const index_t unit = lin256.backward_column_unit(); unit > 1 && unit < 256) {
+            const index_t k0 = unit / 2;
+            CHECK_THROWS_WITH_AS(lin256.backward_input(dz, da256.view().col_block(0, unit), k0, ws),
+                                 ("w backward_input: columns [" + std::to_string(k0) + ", " + std::to_string(k0 + unit) +
+                                  ") of the input gradient, expected multiples of " + std::to_string(unit) +
+                                  " (backward_column_unit()) or a range that ends at 256")
+                                     .c_str(),
+                                 shape_error);
+        }
     }
     CHECK_THROWS_WITH_AS(lin.weight_gradient(a, dz, dw.view().col_block(0, 32), ws),
                          "w weight_gradient: weight gradient block has shape (6, 32), expected (6, 64)", shape_error);
@@ -282,6 +287,63 @@ TEST_CASE_TEMPLATE_DEFINE("linear backward a tile at a time: affine_columns', ba
     CHECK_THROWS_AS(stored.weight_gradient(a, dz, dw, ws), config_error);
 }
 TEST_CASE_TEMPLATE_APPLY(linear_backward_tiles, test::all_backends);
+
+TEST_CASE_TEMPLATE_DEFINE("a linear with no outputs, no inputs or no rows: the forward gives the bias, the backward zeros", B,
+                          linear_empty) {
+    Workspace ws;
+    const auto all_zero = [](const Matrix<float>& m) {
+        for (index_t r = 0; r < m.rows(); ++r)
+            for (index_t c = 0; c < m.cols(); ++c)
+                if (m(r, c) != 0.0f) return false;
+        return true;
+    };
+    const Matrix<float> a = random_matrix(3, 8, 1);
+    SUBCASE("N = 0: the input gradient is zero, or left as it is when accumulating") {
+        const Matrix<float> w(0, 8);
+        const typename B::template linear<Silu> lin(WeightView(w.view()), {}, LinearOptions{"none"});
+        Matrix<float> c(3, 0), dc(3, 0), dw(0, 8);
+        lin(a.view(), c.view(), ws);
+        Matrix<float> da = random_matrix(3, 8, 2);
+        lin.backward(a.view(), dc.view(), da.view(), LinearGrads{dw.view()}, ws);
+        CHECK(all_zero(da));
+        da = random_matrix(3, 8, 2);
+        const Matrix<float> before = da;
+        lin.backward_input(dc.view(), da.view(), 0, ws, true);
+        CHECK(relative_error(da, before) == 0.0);
+    }
+    SUBCASE("K = 0: the output is the activated bias, and the bias gradient dz's column sums") {
+        const Matrix<float> w(4, 0);
+        const std::vector<float> bias = {-1.0f, 0.0f, 0.5f, 2.0f};
+        const typename B::template linear<Silu> lin(WeightView(w.view()), bias, LinearOptions{"k0"});
+        const Matrix<float> a0(3, 0);
+        Matrix<float> c = random_matrix(3, 4, 3), z = random_matrix(3, 4, 4), da(3, 0), dw(4, 0);
+        lin(a0.view(), c.view(), ws);
+        lin.affine_columns(a0.view(), z.view(), 0, ws);
+        for (index_t r = 0; r < 3; ++r)
+            for (index_t j = 0; j < 4; ++j) {
+                CHECK(z(r, j) == bias[std::size_t(j)]);
+                CHECK(c(r, j) == doctest::Approx(Silu::apply(double(bias[std::size_t(j)]))).epsilon(1e-6));
+            }
+        const Matrix<float> dc = random_matrix(3, 4, 5);
+        std::vector<float> db(4, 0.0f);
+        lin.backward(a0.view(), dc.view(), da.view(), LinearGrads{dw.view(), db}, ws);
+        for (index_t j = 0; j < 4; ++j) {
+            double want = 0;
+            for (index_t r = 0; r < 3; ++r) want += double(dc(r, j)) * Silu::derivative(double(bias[std::size_t(j)]));
+            CHECK(db[std::size_t(j)] == doctest::Approx(want).epsilon(1e-6));
+        }
+    }
+    SUBCASE("M = 0: a weight gradient over no rows adds nothing") {
+        const Matrix<float> w = random_matrix(4, 8, 6);
+        const typename B::template linear<Identity> lin(WeightView(w.view()), {}, LinearOptions{"w"});
+        const Matrix<float> a0(0, 8), dz0(0, 4);
+        Matrix<float> dw = random_matrix(4, 8, 7);
+        const Matrix<float> before = dw;
+        lin.weight_gradient(a0.view(), dz0.view(), dw.view(), ws);
+        CHECK(relative_error(dw, before) == 0.0);
+    }
+}
+TEST_CASE_TEMPLATE_APPLY(linear_empty, test::all_backends);
 
 TEST_CASE_TEMPLATE_DEFINE("linear backward through the fused activation and scale matches central differences", B,
                           linear_backward_activation) {

@@ -132,6 +132,20 @@ TEST_CASE_TEMPLATE_DEFINE("GluExpert matches the formula and the reference backe
             CHECK(relative_error(y.view(), y_ref.view()) <= test::tolerance(d + ff));
         }
     }
+    // gate and up of different types (one of them given as bf16): [gate; up] is held widened to
+    // f32, so the expert is the f32 one on those values.
+    const Matrix<bf16> gb = test::to_bf16(gate.view());
+    Matrix<float> gate_widened(ff, d);
+    for (index_t r = 0; r < ff; ++r)
+        for (index_t c = 0; c < d; ++c) gate_widened(r, c) = gb(r, c).to_float();
+    const GluExpert<B, Silu, C::static_d, C::static_ff> mixed(GluWeights{
+        .gate = ConstMatrixView<bf16>(gb.view()), .up = ConstMatrixView<float>(up.view()), .down = ConstMatrixView<float>(down.view())});
+    const Matrix<float> x = random_matrix(7, d, 6);
+    Matrix<float> y(7, d);
+    Workspace ws;
+    mixed.forward(x.view(), y.view(), ws);
+    const Matrix<float> y_naive = naive_glu<Silu>(x.view(), gate_widened.view(), up.view(), down.view());
+    CHECK(relative_error(y.view(), y_naive.view()) <= test::tolerance(d + ff));
 }
 TEST_CASE_TEMPLATE_APPLY(glu_expert, all_configs);
 

@@ -248,6 +248,41 @@ TEST_CASE_TEMPLATE_DEFINE("every family loads the synthetic checkpoint it writes
 }
 TEST_CASE_TEMPLATE_APPLY(family_round_trip, test::all_backends);
 
+TEST_CASE("qwen2_moe without a shared expert (shared_expert_intermediate_size 0) is the routed experts alone") {
+    // The same block twice: once with its shared expert's down_proj zeroed (so the shared term is
+    // exactly 0), once with shared_expert_intermediate_size 0 and no shared tensors at all.
+    TempDir zeroed("qwen2-zeroed-shared"), none("qwen2-no-shared");
+    const fs::path src = data_dir + "/qwen2_moe-basic";
+    fs::copy_file(src / "config.json", zeroed.path / "config.json");
+    nlohmann::json config = nlohmann::json::parse(std::ifstream(src / "config.json"));
+    config["shared_expert_intermediate_size"] = 0;
+    std::ofstream(none.path / "config.json") << config.dump();
+    SafeTensorsFile model((src / "model.safetensors").string());
+    std::vector<TensorToWrite> with_zero, without;
+    for (const auto& t : model.view().tensors()) {
+        const auto data = model.view().data(t);
+        TensorToWrite w{t.name, t.dtype, t.shape, {data.begin(), data.end()}};
+        const bool shared = t.name.find(".shared_expert") != std::string::npos;
+        if (t.name.ends_with("shared_expert.down_proj.weight")) std::fill(w.bytes.begin(), w.bytes.end(), std::byte{0});
+        if (!shared) without.push_back(w);
+        with_zero.push_back(std::move(w));
+    }
+    write_safetensors((zeroed.path / "model.safetensors").string(), with_zero);
+    write_safetensors((none.path / "model.safetensors").string(), without);
+    const Checkpoint a(zeroed.path.string()), b(none.path.string());
+    CHECK(describe(b).shared_ff == 0);
+    const Matrix<float> x = test::random_matrix(6, 32, 8);
+    for (const index_t layer : {0, 1}) {
+        const auto with_shared = load_moe_block<reference>(a, layer), routed = load_moe_block<reference>(b, layer);
+        Matrix<float> ya(6, 32), yb(6, 32);
+        Workspace ws;
+        with_shared.forward(x.view(), ya.view(), ws);
+        routed.forward(x.view(), yb.view(), ws);
+        CHECK(relative_error(yb.view(), ya.view()) <= 1e-7);
+        CHECK(relative_error(yb.view(), x.view()) > 0.0);
+    }
+}
+
 TEST_CASE_TEMPLATE_DEFINE("docs/checkpoints.md's walk-through adapter loads what it writes", B, walkthrough) {
     // TinyMoe draws the same random weights as mixtral (same shapes, same order), under its own
     // names: its block equals mixtral's bitwise.
