@@ -626,4 +626,53 @@ TEST_CASE("writer round trip, metadata, and every float dtype converts") {
     CHECK(r2.to_f32(r2.info("h"))(0, 1) == -0.5f);
     CHECK(r2.to_f32(r2.info("d"))(0, 0) == -0.75f);
     CHECK_THROWS_WITH_AS((void)r2.info("zzz"), "mem: no tensor 'zzz'", weight_error);
+
+    // The integer dtypes, element by element (as a non-float tensor reads for a trainer's copy).
+    const auto raw = [](const auto& values) {
+        const auto* p = reinterpret_cast<const std::byte*>(values.data());
+        return std::vector<std::byte>(p, p + sizeof(values[0]) * values.size());
+    };
+    const std::vector<std::int64_t> i64{-(std::int64_t{1} << 40), 5};
+    const std::vector<std::int16_t> i16{-30000, 7};
+    const std::vector<std::int8_t> i8{-128, 127};
+    const std::vector<std::uint8_t> u8{255, 0}, flags{0, 3};
+    bytes = safetensors_bytes({{"i64", tensor_dtype::i64, {2}, raw(i64)},
+                               {"i16", tensor_dtype::i16, {2}, raw(i16)},
+                               {"i8", tensor_dtype::i8, {2}, raw(i8)},
+                               {"u8", tensor_dtype::u8, {2}, raw(u8)},
+                               {"flags", tensor_dtype::boolean, {2}, raw(flags)}});
+    const SafeTensorsView r3(bytes, "mem");
+    CHECK(r3.element(r3.info("i64"), 0) == -1099511627776.0);
+    CHECK(r3.element(r3.info("i16"), 0) == -30000.0);
+    CHECK(r3.element(r3.info("i8"), 0) == -128.0);
+    CHECK(r3.element(r3.info("i8"), 1) == 127.0);
+    CHECK(r3.element(r3.info("u8"), 0) == 255.0);
+    CHECK(r3.element(r3.info("flags"), 0) == 0.0);
+    CHECK(r3.element(r3.info("flags"), 1) == 1.0);
+    // q8_0 blocks, element by element: each its block's value.
+    std::vector<float> row(32);
+    for (std::size_t i = 0; i < row.size(); ++i) row[i] = float(i) - 15.5f;
+    // q8_0 and q4_0 blocks (as a GGUF file's table holds them), element by element: each the
+    // value its block gives it. A safetensors file holds no block formats, so the writer refuses.
+    const BlockQ8_0 q8 = quantize_q8_0(std::span<const float, 32>(row.data(), 32));
+    const BlockQ4_0 q4 = quantize_q4_0(std::span<const float, 32>(row.data(), 32));
+    std::vector<std::byte> blocks(sizeof q8 + sizeof q4);
+    std::memcpy(blocks.data(), &q8, sizeof q8);
+    std::memcpy(blocks.data() + sizeof q8, &q4, sizeof q4);
+    const TensorTable table(blocks, "mem", {{"q8", tensor_dtype::q8_0, {1, 32}, 0, sizeof q8},
+                                            {"q4", tensor_dtype::q4_0, {32}, sizeof q8, blocks.size()}});
+    std::array<float, 32> want8{}, want4{};
+    dequantize(q8, want8);
+    dequantize(q4, want4);
+    for (index_t i = 0; i < 32; ++i) {
+        CHECK(table.element(table.info("q8"), i) == double(want8[std::size_t(i)]));
+        CHECK(table.element(table.info("q4"), i) == double(want4[std::size_t(i)]));
+    }
+    CHECK_THROWS_WITH_AS((void)safetensors_bytes({{"q", tensor_dtype::q8_0, {1, 32}, std::vector<std::byte>(sizeof q8)}}),
+                         "safetensors writer: tensor 'q' has dtype Q8_0, expected one a safetensors file holds (F64, F32, F16, "
+                         "BF16, I64, I32, I16, I8, U8, BOOL)",
+                         weight_error);
+
+    CHECK_THROWS_WITH_AS((void)safetensors_bytes({{"x", tensor_dtype::f32, {2, 3}, std::vector<std::byte>(20)}}),
+                         "safetensors writer: tensor 'x' has 20 bytes, expected 24", weight_error);
 }

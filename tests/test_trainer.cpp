@@ -119,6 +119,28 @@ TEST_CASE("ParameterStore: F32 copies of a checkpoint's tensors that load into t
     CHECK(saved.dtypes() == std::set<std::string>{"F32"});
     CHECK_THROWS_WITH_AS((void)store.values("no.such.tensor"), "qwen2 bf16: missing tensor 'no.such.tensor'", weight_error);
     std::filesystem::remove_all(dir);
+
+    // An integer tensor beside the weights (position ids, a token map): held and saved as it is,
+    // never offered as values to update.
+    SyntheticImage with_ids = small_model("qwen2_moe");
+    const SafeTensorsView original(with_ids.safetensors, "mem");
+    std::vector<TensorToWrite> tensors;
+    for (const TensorInfo& t : original.tensors()) {
+        const auto bytes = original.data(t);
+        tensors.push_back({t.name, t.dtype, t.shape, {bytes.begin(), bytes.end()}});
+    }
+    const std::int64_t ids[3] = {7, -1, std::int64_t{1} << 40};
+    const auto* id_bytes = reinterpret_cast<const std::byte*>(ids);
+    tensors.push_back({"model.position_ids", tensor_dtype::i64, {3}, {id_bytes, id_bytes + sizeof ids}});
+    with_ids.safetensors = safetensors_bytes(tensors);
+    ParameterStore mixed(Checkpoint(with_ids.config, with_ids.safetensors, "with ids"));
+    CHECK_THROWS_WITH_AS((void)mixed.values("model.position_ids"), "with ids: tensor 'model.position_ids' is I64, not F32", weight_error);
+    mixed.save(dir);
+    const Checkpoint reloaded(dir);
+    const Checkpoint::Ref r_ids = reloaded.tensor("model.position_ids");
+    CHECK(r_ids.info->dtype == tensor_dtype::i64);
+    for (index_t i = 0; i < 3; ++i) CHECK(r_ids.file->element(*r_ids.info, i) == double(ids[i]));
+    std::filesystem::remove_all(dir);
 }
 
 TEST_CASE_TEMPLATE_DEFINE("Trainer: every parameter's gradient against central differences of the loss through the chained blocks", B,

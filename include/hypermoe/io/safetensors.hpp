@@ -406,6 +406,9 @@ struct TensorToWrite {
     if (!metadata.empty()) header["__metadata__"] = metadata;
     std::size_t offset = 0;
     for (const auto& t : tensors) {
+        if (!parse_tensor_dtype(to_string(t.dtype)))
+            throw weight_error(detail::concat("safetensors writer: tensor '", t.name, "' has dtype ", to_string(t.dtype),
+                                              ", expected one a safetensors file holds (F64, F32, F16, BF16, I64, I32, I16, I8, U8, BOOL)"));
         index_t count = 1;
         for (const index_t s : t.shape) count *= s;
         if (t.bytes.size() != std::size_t(count) * size_of(t.dtype))
