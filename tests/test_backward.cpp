@@ -739,6 +739,19 @@ TEST_CASE("MoeLayer backward matches central differences: softmax top-k renormal
             q.build_shared<B>());
     };
     check_moe_backward(p, make, 7, {});
+
+    // The shared expert's gate gradient must be shaped as its gate.
+    const auto layer = make(p, reference{});
+    const Matrix<float> x = random_matrix(5, p.d, 3), dy = random_matrix(5, p.d, 4);
+    Matrix<float> dx(5, p.d);
+    Workspace ws;
+    auto g = layer.make_gradients();
+    g.shared.gate = Matrix<float>(1, p.d + 1);
+    CHECK_THROWS_WITH_AS(layer.backward(x.view(), dy.view(), dx.view(), g, ws),
+                         ("SharedExpert::backward: gate gradient has shape (1, " + std::to_string(p.d + 1) + "), expected (1, " +
+                          std::to_string(p.d) + ") (use make_gradients())")
+                             .c_str(),
+                         shape_error);
 }
 
 TEST_CASE("MoeLayer backward matches central differences: sigmoid scores, scaled, not renormalised (DeepSeek-style)") {

@@ -50,6 +50,18 @@ TEST_CASE("forward with y overlapping x is a shape_error") {
     CHECK_NOTHROW(layer.forward(both.view().row_block(0, 6), both.view().row_block(6, 6), ws));
 }
 
+TEST_CASE("backward with dx overlapping x or dy is a shape_error") {
+    const RmsNorm<> norm(std::vector<float>{1.0f, 0.5f, 2.0f, -1.0f}, 1e-6f);
+    Matrix<float> x = random_matrix(6, 4, 3), dy = random_matrix(6, 4, 4), dx(6, 4);
+    Workspace ws;
+    auto g = norm.make_gradients();
+    CHECK_THROWS_WITH_AS(norm.backward(x.view(), dy.view(), x.view(), g, ws),
+                         "RmsNorm::backward: dx overlaps x or dy; expected separate buffers", shape_error);
+    CHECK_THROWS_WITH_AS(norm.backward(x.view(), dy.view(), dy.view(), g, ws),
+                         "RmsNorm::backward: dx overlaps x or dy; expected separate buffers", shape_error);
+    CHECK_NOTHROW(norm.backward(x.view(), dy.view(), dx.view(), g, ws));
+}
+
 TEST_CASE("sizes that overflow are typed errors, not wrapped products") {
     constexpr index_t huge = index_t{1} << 40;
     CHECK_THROWS_WITH_AS(Matrix<float>(huge, huge), doctest::Contains("Matrix: shape (1099511627776, 1099511627776)"),

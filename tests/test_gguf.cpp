@@ -15,6 +15,7 @@
 #include <vector>
 
 #include <hypermoe/io/io.hpp>
+#include <hypermoe/train/trainer.hpp>
 
 #include "gguf_writer.hpp"
 #include "test_support.hpp"
@@ -299,6 +300,11 @@ TEST_CASE("GGUF: unsupported types, missing tensors and metadata give typed erro
                              doctest::Contains(("'model.layers.1.block_sparse_moe.experts.0.w3.weight' (GGUF "
                                                 "'blk.1.ffn_up_exps.weight' expert 0) in " + file +
                                                 " has dtype Q4_K, expected F32, BF16, F16, F64, Q8_0 or Q4_0").c_str()),
+                             weight_error);
+        // Nor can a trainer hold it (it would have to widen it).
+        CHECK_THROWS_WITH_AS(ParameterStore{ck},
+                             doctest::Contains("'model.layers.1.block_sparse_moe.experts.0.w3.weight' (GGUF 'blk.1.ffn_up_exps.weight' "
+                                               "expert 0) has dtype Q4_K, which cannot be held for training"),
                              weight_error);
     }
     // A missing expert tensor names the GGUF tensors it is read from.

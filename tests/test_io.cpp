@@ -469,6 +469,10 @@ TEST_CASE("malformed safetensors images give weight_errors naming the problem") 
           "f.safetensors: tensor name 'a' appears twice in the header");
     CHECK(open_error(image(R"({"a":{"dtype":"F32","shape":[1]}})", 4)) ==
           "f.safetensors: tensor 'a': entry needs dtype, shape and data_offsets");
+    CHECK(open_error(image(R"({"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4,8]}})", 8)) ==
+          "f.safetensors: tensor 'a': data_offsets [0,4,8] is not a pair of non-negative integers");
+    CHECK(open_error(image(R"({"a":{"dtype":"F32","shape":[1],"data_offsets":[-4,0]}})", 4)) ==
+          "f.safetensors: tensor 'a': data_offsets [-4,0] is not a pair of non-negative integers");
     CHECK(open_error(image(R"({"a":{"dtype":"F32","shape":[4611686018427387904, 4611686018427387904],"data_offsets":[0,4]}})", 4)) ==
           "f.safetensors: tensor 'a': shape [4611686018427387904,4611686018427387904] has too many elements");
     CHECK(open_error(image(R"({"a":{"dtype":"F32","shape":[35184372088832, 8796093022208, 0],"data_offsets":[0,0]}})", 4)) ==

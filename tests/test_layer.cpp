@@ -45,6 +45,8 @@ TEST_CASE("norms reject bad parameters and inputs") {
     wn[2] = std::numeric_limits<float>::quiet_NaN();
     CHECK_THROWS_WITH_AS(RmsNorm<>(wn, 1e-6f), "RmsNorm: weight element 2 is nan, expected a finite value",
                          weight_error);
+    const std::vector<float> b_inf = {0.0f, -std::numeric_limits<float>::infinity(), 0.0f, 0.0f};
+    CHECK_THROWS_WITH_AS(LayerNorm<>(w, b_inf, 1e-5f), "LayerNorm: bias element 1 is -inf, expected a finite value", weight_error);
     const RmsNorm<> rms(w, 1e-6f);
     Matrix<float> x(2, 4), y(2, 4), y_bad(2, 5);
     Workspace ws;

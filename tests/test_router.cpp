@@ -511,6 +511,17 @@ TEST_CASE("MoeLayer rejects mismatched parts and inputs") {
     const Matrix<float> gate3 = random_matrix(3, 20, 1);
     CHECK_THROWS_WITH_AS(MoeLayer(WeightView(ConstMatrixView<float>(gate3.view())), TopKRouter(3, TopK{1}), three),
                          "MoeLayer: weight 'gate' has shape (3, 20), expected (3, 24)", shape_error);
+    // Experts of different widths (dynamic extents, so only the run-time check sees it).
+    const Matrix<float> up16 = random_matrix(8, 16, 4), down16 = random_matrix(16, 8, 5);
+    std::vector<FfnExpert<reference, Relu>> mixed = three;
+    mixed[2] = FfnExpert<reference, Relu>(FfnWeights{.up = ConstMatrixView<float>(up16.view()), .down = ConstMatrixView<float>(down16.view())});
+    const Matrix<float> gate_3x24 = random_matrix(3, 24, 1);
+    CHECK_THROWS_WITH_AS(MoeLayer(WeightView(ConstMatrixView<float>(gate_3x24.view())), TopKRouter(3, TopK{1}), mixed),
+                         "MoeLayer: expert 2 has d_model = 16, expected 24 (expert 0's)", shape_error);
+    // Routing alone checks its input too.
+    const Matrix<float> narrow(3, 20);
+    RoutingPlan plan;
+    CHECK_THROWS_WITH_AS(layer.route(narrow.view(), {}, plan, ws), "MoeLayer::route: input x has 20 columns, expected 24", shape_error);
 }
 
 TEST_CASE("apply() takes a plan from another router, even one with more assignments") {
