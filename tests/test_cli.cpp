@@ -4,7 +4,9 @@
 
 #include <array>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
+#include <map>
 #include <set>
 #include <string>
 #include <sys/wait.h>
@@ -319,6 +321,22 @@ TEST_CASE("hypermoe train: progress lines or JSON, a saved model that hypermoe r
     CHECK(m.out.find("step     4  loss ") != std::string::npos);
     CHECK(m.out.find("eval at step 4: loss ") != std::string::npos);
 
+    // A data file (ce, the default loss): x and integer labels, as PyTorch saves them (I64).
+    std::vector<std::byte> labels(64 * sizeof(std::int64_t));
+    for (std::size_t j = 0; j < 64; ++j) {
+        const std::int64_t label = std::int64_t(j % 4);
+        std::memcpy(labels.data() + j * sizeof label, &label, sizeof label);
+    }
+    write_safetensors((tmp / "labelled.safetensors").string(),
+                      {f32_tensor("x", {64, 32}, {x.data(), 64 * 32}), {"labels", tensor_dtype::i64, {64}, labels}});
+    const Result c = run_cli("train --model " + (tmp / "trained").string() + " --data " + (tmp / "labelled.safetensors").string() +
+                             " --steps 4 --batch 16 --log-every 2");
+    CHECK(c.status == 0);
+    CHECK(c.out.find("step     4  loss ") != std::string::npos);
+    labels.resize(63 * sizeof(std::int64_t));
+    write_safetensors((tmp / "short-labels.safetensors").string(),
+                      {f32_tensor("x", {64, 32}, {x.data(), 64 * 32}), {"labels", tensor_dtype::i64, {63}, labels}});
+
     // GPT-2 HyperMoE with the reference code's training routing and Shazeer's load loss.
     const Result n = run_cli("train --family hypermoe_gpt2 --d-model 32 --experts 4 --steps 4 --batch 16 --log-every 2 --train-rows 64 "
                              "--eval-rows 32 --noisy-gating --aux-load 0.01 --backend reference --save " + (tmp / "noisy").string());
@@ -337,6 +355,7 @@ TEST_CASE("hypermoe train: progress lines or JSON, a saved model that hypermoe r
              std::string("train --lr fast"),
              std::string("train --family hypermoe_gpt2 --aux-load 0.1 --steps 2"),
              std::string("train --family mixtral --d-model 16 --noisy-gating --steps 2"),
+             "train --model " + (tmp / "trained").string() + " --data " + (tmp / "short-labels.safetensors").string() + " --steps 2",
          }) {
         CAPTURE(args);
         const Result e = run_cli(args);
@@ -349,6 +368,32 @@ TEST_CASE("hypermoe train: progress lines or JSON, a saved model that hypermoe r
 
 TEST_CASE("usage errors exit 2 with one line on stderr") {
     const std::string m = data_dir + "/mixtral-basic";
+    // Inputs that do not fit the model: x of one dimension, x without a layer, x too narrow,
+    // and a dy of another shape than x.
+    const test::TempDir tmp("cli-usage");
+    const std::string flat = (tmp.path / "flat.safetensors").string(), unlabelled = (tmp.path / "unlabelled.safetensors").string(),
+                      narrow = (tmp.path / "narrow.safetensors").string(), dy = (tmp.path / "dy.safetensors").string();
+    const std::vector<float> v(3 * 32, 0.5f);
+    write_safetensors(flat, {f32_tensor("x", {96}, v)}, {{"layer", "0"}});
+    write_safetensors(unlabelled, {f32_tensor("x", {3, 32}, v)});
+    write_safetensors(narrow, {f32_tensor("x", {6, 16}, v)}, {{"layer", "0"}});
+    write_safetensors(dy, {f32_tensor("dy", {2, 32}, {v.data(), 64})});
+    const std::map<std::string, std::string> errors = {
+        {"run --model " + m + " --input " + flat + " --output /tmp/x", "'x' has shape [96], expected [T, d] or [B, L, d]"},
+        {"run --model " + m + " --input " + unlabelled + " --output /tmp/x", "no --layer given and " + unlabelled + " has no 'layer' metadata"},
+        {"run --model " + m + " --input " + narrow + " --output /tmp/x", "'x' has 16 columns, the model's d_model is 32"},
+        {"run --model " + m + " --input " + m + "/input.safetensors --output /tmp/x --grad " + dy + " --output-grads /tmp/g",
+         "'dy' has shape [2, 32], expected the shape of 'x'"},
+        {"bench --family hypermoe_gpt2 --d-model 16 --tokens 4 --repeat 1 --hyper sometimes",
+         "--hyper is 'sometimes', expected cached, per-token or off"},
+    };
+    for (const auto& [args, message] : errors) {
+        CAPTURE(args);
+        const Result r = run_cli(args);
+        CHECK(r.status == 2);
+        CHECK(r.err.find(message) != std::string::npos);
+        CHECK(std::count(r.err.begin(), r.err.end(), '\n') == 1);
+    }
     for (const std::string& args : {
              std::string("frobnicate"),
              "run --model " + m + " --bogus 1",
