@@ -155,6 +155,31 @@ TEST_CASE("run-time width mismatches name the layer") {
                          shape_error);
 }
 
+/// A user's layer of run-time widths: the first `out` columns of its input.
+struct FirstColumns {
+    static constexpr index_t static_in_width = dynamic, static_out_width = dynamic;
+    index_t in = 0, out = 0;
+    [[nodiscard]] index_t in_width() const noexcept { return in; }
+    [[nodiscard]] index_t out_width() const noexcept { return out; }
+    [[nodiscard]] std::size_t workspace_bytes(index_t /*rows*/) const noexcept { return 0; }
+    void forward(ConstMatrixView<float> x, MatrixView<float> y, Workspace& /*ws*/, const Context& /*ctx*/ = {}) const {
+        for (index_t r = 0; r < x.rows(); ++r)
+            for (index_t c = 0; c < out; ++c) y(r, c) = x(r, c);
+    }
+};
+static_assert(Layer<FirstColumns>);
+
+TEST_CASE("Residual checks at run time that a layer of run-time widths maps d to d") {
+    CHECK_THROWS_WITH_AS(Residual(FirstColumns{4, 3}), "Residual: the inner layer maps 4 to 3 columns, expected equal widths",
+                         shape_error);
+    const Residual square(FirstColumns{4, 4});
+    const Matrix<float> x = random_matrix(2, 4, 1);
+    Matrix<float> y(2, 4);
+    Workspace ws;
+    square.forward(x.view(), y.view(), ws);
+    CHECK(y(1, 3) == 2 * x(1, 3));
+}
+
 TEST_CASE("DenseFfn rejects non-finite input rows") {
     const Matrix<float> up = random_matrix(6, 4, 1), down = random_matrix(4, 6, 2);
     const DenseFfn ffn(FfnExpert<reference, Relu>(
