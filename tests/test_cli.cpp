@@ -366,6 +366,15 @@ TEST_CASE("hypermoe train: progress lines or JSON, a saved model that hypermoe r
     fs::remove_all(tmp);
 }
 
+TEST_CASE("hypermoe --help prints the usage of every command on stdout") {
+    for (const char* flag : {"--help", "-h", "help"}) {
+        const Result r = run_cli(flag);
+        CHECK(r.status == 0);
+        for (const char* command : {"inspect", "run", "bench", "train"}) CHECK(r.out.find(std::string("hypermoe ") + command) != std::string::npos);
+        CHECK(r.err.empty());
+    }
+}
+
 TEST_CASE("usage errors exit 2 with one line on stderr") {
     const std::string m = data_dir + "/mixtral-basic";
     // Inputs that do not fit the model: x of one dimension, x without a layer, x too narrow,

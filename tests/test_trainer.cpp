@@ -339,6 +339,11 @@ TEST_CASE("LoadedMoeBlock: gradients from a forward's kept activations equal the
     Workspace ws;
     MoeActivations kept;
     CHECK_THROWS_AS(block.forward(x.view(), y.view(), ws, kept), config_error);
+    // Activations kept without the HyperExpert do not make its gradients.
+    block.forward(x.view(), y.view(), ws, kept, {}, false);
+    Matrix<float> dx(4, 32);
+    CHECK_THROWS_WITH_AS(block.for_each_gradient(kept, x.view(), x.view(), dx.view(), ws, {}, true, [](const TensorName&, ConstMatrixView<float>, bool) {}),
+                         doctest::Contains("hypermoe_switch block 1: a HyperMoE block with its HyperExpert keeps no activations"), config_error);
 }
 
 TEST_CASE("Trainer with auxiliary-loss-free balancing: a lower load CV than the same run without, no auxiliary loss, and a saved bias") {
