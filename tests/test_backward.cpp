@@ -240,19 +240,21 @@ TEST_CASE_TEMPLATE_DEFINE("linear backward a tile at a time: affine_columns', ba
     CHECK_THROWS_WITH_AS(lin.backward_input(dz_bad, da, 0, ws), "w backward_input: output gradient has 7 columns, expected 6", shape_error);
     CHECK_THROWS_WITH_AS(lin.backward_input(dz, da_short, 0, ws),
                          "w backward_input: input gradient has 4 rows, expected 5 (the output gradient's)", shape_error);
+    // A tile that starts inside a unit of columns (where the backend has units narrower than the
+    // map): the message names the range, the unit and where the last tile may end.
+    const auto misaligned = [](const std::string& call, const std::string& of, index_t start, index_t unit, const std::string& unit_call,
+                               index_t end) {
+        return "w " + call + ": columns [" + std::to_string(start) + ", " + std::to_string(start + unit) + ") of " + of +
+               ", expected multiples of " + std::to_string(unit) + " (" + unit_call + "()) or a range that ends at " + std::to_string(end);
+    };
     {
         const auto deep = random_matrix(6, 256, 3);
         const typename B::template linear<Identity> lin256(WeightView(deep.view()), {}, LinearOptions{"w"});
         Matrix<float> da256(5, 256);
-        if (const index_t unit = lin256.backward_column_unit(); unit > 1 && unit < 256) {
-            const index_t k0 = unit / 2;
-            CHECK_THROWS_WITH_AS(lin256.backward_input(dz, da256.view().col_block(0, unit), k0, ws),
-                                 ("w backward_input: columns [" + std::to_string(k0) + ", " + std::to_string(k0 + unit) +
-                                  ") of the input gradient, expected multiples of " + std::to_string(unit) +
-                                  " (backward_column_unit()) or a range that ends at 256")
-                                     .c_str(),
+        if (const index_t unit = lin256.backward_column_unit(); unit > 1 && unit < 256)
+            CHECK_THROWS_WITH_AS(lin256.backward_input(dz, da256.view().col_block(0, unit), unit / 2, ws),
+                                 misaligned("backward_input", "the input gradient", unit / 2, unit, "backward_column_unit", 256).c_str(),
                                  shape_error);
-        }
     }
     CHECK_THROWS_WITH_AS(lin.weight_gradient(a, dz, dw.view().col_block(0, 32), ws),
                          "w weight_gradient: weight gradient block has shape (6, 32), expected (6, 64)", shape_error);
@@ -272,14 +274,9 @@ TEST_CASE_TEMPLATE_DEFINE("linear backward a tile at a time: affine_columns', ba
         const auto wide = random_matrix(40, 64, 2);
         const typename B::template linear<Identity> lin40(WeightView(wide.view()), {}, LinearOptions{"w"});
         Matrix<float> z40(5, 40);
-        if (const index_t unit = lin40.forward_column_unit(); unit > 1 && unit < 40) {
-            const index_t n0 = unit / 2;
-            CHECK_THROWS_WITH_AS(lin40.affine_columns(a, z40.view().col_block(0, unit), n0, ws),
-                                 ("w affine_columns: columns [" + std::to_string(n0) + ", " + std::to_string(n0 + unit) +
-                                  ") of Z, expected multiples of " + std::to_string(unit) + " (forward_column_unit()) or a range that ends at 40")
-                                     .c_str(),
-                                 shape_error);
-        }
+        if (const index_t unit = lin40.forward_column_unit(); unit > 1 && unit < 40)
+            CHECK_THROWS_WITH_AS(lin40.affine_columns(a, z40.view().col_block(0, unit), unit / 2, ws),
+                                 misaligned("affine_columns", "Z", unit / 2, unit, "forward_column_unit", 40).c_str(), shape_error);
     }
     const typename B::template linear<Identity> stored(WeightView(w.view()), {}, LinearOptions{"w", false, dtype::bf16});
     CHECK_THROWS_AS(stored.affine_columns(a, z, 0, ws), config_error);
