@@ -396,7 +396,9 @@ TEST_CASE("usage errors exit 2 with one line on stderr") {
         {"bench --family hypermoe_gpt2 --d-model 16 --tokens 4 --repeat 1 --hyper sometimes",
          "--hyper is 'sometimes', expected cached, per-token or off"},
     };
-    for (const auto& [args, message] : errors) {
+    for (const auto& entry : errors) { // (not a structured binding: clang 14 cannot capture one in CAPTURE)
+        const std::string& args = entry.first;
+        const std::string& message = entry.second;
         CAPTURE(args);
         const Result r = run_cli(args);
         CHECK(r.status == 2);
