@@ -23,14 +23,11 @@ enum ggml : std::uint32_t { F32 = 0, F16 = 1, Q4_0 = 2, Q8_0 = 8, Q4_K = 12, BF1
 
 class GgufWriter {
 public:
-    void u32(const std::string& key, std::uint32_t v) { kv(key, 4, &v, 4); }
-    void i32(const std::string& key, std::int32_t v) { kv(key, 5, &v, 4); }
-    void f32(const std::string& key, float v) { kv(key, 6, &v, 4); }
-    void boolean(const std::string& key, bool v) {
-        const std::uint8_t b = v;
-        kv(key, 7, &b, 1);
-    }
-    void u64(const std::string& key, std::uint64_t v) { kv(key, 10, &v, 8); }
+    void u32(const std::string& key, std::uint32_t v) { scalar(key, 4, v); }
+    void i32(const std::string& key, std::int32_t v) { scalar(key, 5, v); }
+    void f32(const std::string& key, float v) { scalar(key, 6, v); }
+    void boolean(const std::string& key, bool v) { scalar(key, 7, std::uint8_t{v}); }
+    void u64(const std::string& key, std::uint64_t v) { scalar(key, 10, v); }
     /// Any scalar metadata type: its gguf_type id and a value of the matching C++ type.
     template <class T>
     void scalar(const std::string& key, std::uint32_t type, T v) { kv(key, type, &v, sizeof v); }
