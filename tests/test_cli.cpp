@@ -214,10 +214,11 @@ TEST_CASE("hypermoe inspect, run and bench on GGUF files") {
     CHECK(i.out.find("tensors    26 (F32, Q4_0)") != std::string::npos); // per block: gate + 3 x 4 experts
     CHECK(i.out.find("bytes      F32 ") != std::string::npos);
     CHECK(i.out.find(", Q4_0 ") != std::string::npos);
-    CHECK(i.out.find("format     GGUF, architecture llama; experts stored as f32 (the default --weights)") != std::string::npos);
+    // down's rows of 40 stay F32 (below): mixed types, so the layer holds f32 unless told
+    CHECK(i.out.find("format     GGUF, architecture llama; experts stored as F32, Q4_0; default --weights f32") != std::string::npos);
     const Result i32 = run_cli("inspect --model " + f32);
     REQUIRE_MESSAGE(i32.status == 0, i32.err);
-    CHECK(i32.out.find("experts stored as f32") != std::string::npos);
+    CHECK(i32.out.find("experts stored as F32; default --weights f32") != std::string::npos);
 
     // The F32 file reproduces the fixture; the Q4_0 one (down's rows of 40 stay F32, as
     // llama.cpp's quantizer leaves them: the experts' types are mixed, so the default is f32)

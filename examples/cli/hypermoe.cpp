@@ -304,9 +304,12 @@ int inspect(const Args& a) {
     std::string bytes;
     for (const auto& [type, n] : ck.bytes_by_dtype()) bytes += detail_bytes(bytes.empty() ? "" : ", ", type, n);
     std::printf("bytes      %s\n", bytes.c_str());
-    if (!ck.gguf_architecture().empty())
-        std::printf("format     GGUF, architecture %s; experts stored as %s (the default --weights)\n", ck.gguf_architecture().c_str(),
-                    std::string(hm::to_string(stored_expert_format(ck))).c_str());
+    if (!ck.gguf_architecture().empty()) {
+        std::string stored;
+        for (const auto& type : ck.expert_dtypes()) stored += (stored.empty() ? "" : ", ") + type;
+        std::printf("format     GGUF, architecture %s; experts stored as %s; default --weights %s\n", ck.gguf_architecture().c_str(),
+                    stored.c_str(), std::string(hm::to_string(stored_expert_format(ck))).c_str());
+    }
     std::string blocks;
     for (const auto& b : m.moe_blocks)
         blocks += (blocks.empty() ? "" : ", ") + (b.stack.empty() ? "" : b.stack + " ") + std::to_string(b.layer);
