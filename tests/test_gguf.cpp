@@ -10,6 +10,8 @@
 #include <unistd.h>
 #include <filesystem>
 #include <functional>
+#include <map>
+#include <random>
 #include <fstream>
 #include <string>
 #include <vector>
@@ -90,6 +92,61 @@ test::GgufWriter rewritten(const std::vector<std::byte>& base, const std::functi
         if (edit(t.name, e)) w.tensor(t.name, e.type, std::move(e.ne), std::move(e.bytes));
     }
     return w;
+}
+
+/// The 256 values of a K-quant super-block (ggml type Q4_K, Q5_K or Q6_K), decoded the way
+/// ggml's dequantize_row_q*_K loops walk a block (the library reads each element on its own).
+std::vector<float> decode_k_quant(std::uint32_t type, const std::byte* block) {
+    const auto* b = reinterpret_cast<const std::uint8_t*>(block);
+    const auto half = [b](int at) { return f16_bits_to_f32(std::uint16_t(b[at] | b[at + 1] << 8)); };
+    std::vector<float> y;
+    if (type == test::Q6_K) {
+        const float d = half(208);
+        y.resize(256);
+        for (int n = 0; n < 2; ++n)
+            for (int l = 0; l < 32; ++l) {
+                const std::uint8_t* ql = b + 64 * n;
+                const std::uint8_t qh = b[128 + 32 * n + l];
+                const auto* sc = reinterpret_cast<const std::int8_t*>(b + 192 + 8 * n + l / 16);
+                const int q[4] = {(ql[l] & 0xF) | ((qh & 3) << 4), (ql[l + 32] & 0xF) | (((qh >> 2) & 3) << 4),
+                                  (ql[l] >> 4) | (((qh >> 4) & 3) << 4), (ql[l + 32] >> 4) | (((qh >> 6) & 3) << 4)};
+                for (int u = 0; u < 4; ++u) y[std::size_t(128 * n + 32 * u + l)] = d * float(sc[2 * u]) * float(q[u] - 32);
+            }
+        return y;
+    }
+    const float d = half(0), dmin = half(2);
+    const std::uint8_t* s = b + 4;
+    const std::uint8_t* qh = b + 16;
+    const std::uint8_t* q = b + (type == test::Q5_K ? 48 : 16);
+    for (int sub = 0; sub < 8; ++sub) {
+        const int sc = sub < 4 ? s[sub] & 63 : (s[sub + 4] & 0xF) | (s[sub - 4] >> 6) << 4;
+        const int m = sub < 4 ? s[sub + 4] & 63 : (s[sub + 4] >> 4) | (s[sub] >> 6) << 4;
+        for (int l = 0; l < 32; ++l) {
+            const std::uint8_t byte = q[32 * (sub / 2) + l];
+            int v = sub % 2 == 0 ? byte & 0xF : byte >> 4;
+            if (type == test::Q5_K && (qh[l] >> sub & 1)) v += 16;
+            y.push_back(d * float(sc) * float(v) - dmin * float(m));
+        }
+    }
+    return y;
+}
+
+/// `blocks` K-quant super-blocks of random bytes, with finite scales of about 2^-8 (`type`: Q4_K,
+/// Q5_K or Q6_K).
+std::vector<std::byte> random_k_quant(std::uint32_t type, index_t blocks, std::uint64_t seed) {
+    const std::size_t size = type == test::Q4_K ? 144 : type == test::Q5_K ? 176 : 210;
+    std::mt19937_64 rng(seed);
+    std::vector<std::byte> out(std::size_t(blocks) * size);
+    for (auto& v : out) v = std::byte(rng() & 0xFF);
+    std::uniform_real_distribution<float> scale(1.0f / 512, 1.0f / 128);
+    for (index_t i = 0; i < blocks; ++i) {
+        std::byte* b = out.data() + std::size_t(i) * size;
+        for (const std::size_t at : type == test::Q6_K ? std::vector<std::size_t>{208} : std::vector<std::size_t>{0, 2}) {
+            const std::uint16_t h = f32_to_f16_bits(scale(rng));
+            std::memcpy(b + at, &h, 2);
+        }
+    }
+    return out;
 }
 
 struct Variant {
@@ -281,30 +338,141 @@ TEST_CASE("GGUF: inspect-level description: family, blocks, types and bytes") {
     CHECK(ck.config_source() == file + " (GGUF metadata)");
 }
 
+TEST_CASE("GGUF: K-quant super-blocks (Q4_K, Q5_K, Q6_K) read as ggml's values, worked by hand") {
+    // One super-block of each, all bytes 0 but those named; each value worked out in the comment.
+    const auto at = [](std::vector<std::uint8_t>& b, std::size_t i, std::uint8_t v) { b[i] = v; };
+    // Q4_K: d = 1 (half 0x3C00), dmin = 0.5 (0x3800). Scales: sub-block 0 sc = 2 (byte 0), m = 3
+    // (byte 4); sub-block 5 sc = 1 (low nibble of byte 9) + 16 * 3 (top bits of byte 1) = 49,
+    // m = 2 (high nibble of byte 9) + 16 * 1 (top bits of byte 5) = 18; sub-blocks 1 and 4 have
+    // sc = m = 0 (bytes 1 and 5 keep their low 6 bits 0; bytes 8 and the top bits of 0 and 4 are 0).
+    std::vector<std::uint8_t> q4(144, 0);
+    at(q4, 0, 0x00), at(q4, 1, 0x3C), at(q4, 2, 0x00), at(q4, 3, 0x38);
+    at(q4, 4 + 0, 2), at(q4, 4 + 4, 3), at(q4, 4 + 9, 0x21), at(q4, 4 + 1, 0xC0), at(q4, 4 + 5, 0x40);
+    at(q4, 16 + 0, 0x7A);  // element 0 (sub-block 0, low nibble): q = 10 -> 2 * 10 - 0.5 * 3 = 18.5;
+                           // element 32 (sub-block 1, high nibble): q = 7 -> 0 * 7 - 0 = 0
+    at(q4, 16 + 64, 0xF0); // element 160 (sub-block 5, high nibble of byte 64): q = 15 -> 49 * 15 - 0.5 * 18 = 726;
+                           // element 128 (sub-block 4, low nibble): 0
+    // Q5_K: the same d, dmin and scales; qh (bytes 16-47) bit s of byte l adds 16 to element
+    // 32 s + l's nibble (bytes 48-175). Element 0: nibble 10 + 16 = 26 -> 2 * 26 - 1.5 = 50.5;
+    // element 161 (sub-block 5, l = 1): nibble 0 + 16 -> 49 * 16 - 9 = 775; element 1: 0 - 1.5.
+    std::vector<std::uint8_t> q5(176, 0);
+    for (std::size_t i = 0; i < 16; ++i) q5[i] = q4[i];
+    at(q5, 48 + 0, 0x0A), at(q5, 16 + 0, 0x01), at(q5, 16 + 1, 0x20);
+    // Q6_K: d = 0.5 (half 0x3800 at byte 208). Element 0: ql[0] low nibble 5, qh[0] bits 0-1 = 2:
+    // q = (5 | 2 << 4) - 32 = 5, scale byte 192 = -3 -> 0.5 * -3 * 5 = -7.5.
+    // Element 96 (quarter 3): ql[32] high nibble 9, qh[0] bits 6-7 = 3: (9 | 48) - 32 = 25, scale
+    // byte 198 = 4 -> 50. Element 144 (half 1, l = 16): ql[80] low nibble 15, qh[176] bits 0-1 = 0:
+    // 15 - 32 = -17, scale byte 201 = 127 -> 0.5 * 127 * -17 = -1079.5.
+    std::vector<std::uint8_t> q6(210, 0);
+    at(q6, 208, 0x00), at(q6, 209, 0x38), at(q6, 0, 0x05), at(q6, 128, 0xC2), at(q6, 192, 0xFD), at(q6, 32, 0x90), at(q6, 198, 4);
+    at(q6, 80, 0x0F), at(q6, 201, 0x7F);
+
+    test::GgufWriter w;
+    w.string("general.architecture", "llama");
+    const auto bytes = [](const std::vector<std::uint8_t>& b) {
+        return std::vector<std::byte>(reinterpret_cast<const std::byte*>(b.data()), reinterpret_cast<const std::byte*>(b.data()) + b.size());
+    };
+    w.tensor("q4", test::Q4_K, {256}, bytes(q4));
+    w.tensor("q5", test::Q5_K, {256}, bytes(q5));
+    w.tensor("q6", test::Q6_K, {256}, bytes(q6));
+    const std::vector<std::byte> image = w.bytes();
+    const GgufView v(image, "k.gguf");
+    const auto value = [&](const char* name, index_t i) { return v.element(v.info(name), i); };
+    CHECK(v.info("q4").dtype == tensor_dtype::q4_k);
+    CHECK(v.info("q4").type_string() == "Q4_K");
+    CHECK(value("q4", 0) == 18.5);
+    CHECK(value("q4", 32) == 0.0);
+    CHECK(value("q4", 160) == 726.0);
+    CHECK(value("q4", 128) == 0.0);
+    CHECK(value("q4", 1) == -1.5); // nibble 0 of sub-block 0: 0 - 0.5 * 3
+    CHECK(value("q5", 0) == 50.5);
+    CHECK(value("q5", 161) == 775.0);
+    CHECK(value("q5", 1) == -1.5);
+    CHECK(value("q6", 0) == -7.5);
+    CHECK(value("q6", 96) == 50.0);
+    CHECK(value("q6", 144) == -1079.5);
+    CHECK(value("q6", 1) == 0.5 * -3 * -32); // every byte 0: q = -32
+    // to_f32 gives the same values, as the loop-form decoder does.
+    for (const char* name : {"q4", "q5", "q6"}) {
+        CAPTURE(name);
+        const TensorInfo& t = v.info(name);
+        const Matrix<float> m = v.to_f32(t);
+        const auto want = decode_k_quant(name[1] == '4' ? test::Q4_K : name[1] == '5' ? test::Q5_K : test::Q6_K, v.data(t).data());
+        for (index_t i = 0; i < 256; ++i) CHECK(m.data()[i] == want[std::size_t(i)]);
+    }
+}
+
+TEST_CASE_TEMPLATE_DEFINE("GGUF: K-quant experts give the block their values give as F32", B, k_quants) {
+    // A Mixtral-like block whose rows are whole super-blocks (d_model = d_ff = 256), converted to
+    // GGUF, its expert tensors replaced by random K-quant bytes; the same file with those
+    // experts' values (decoded apart) as F32 must give the same outputs, bit for bit.
+    TempDir tmp("kquant");
+    const std::string dir = (tmp.path / "hf").string();
+    write_synthetic_checkpoint(dir, {.family = family("mixtral"), .d_model = 256, .d_ff = 256, .experts = 3, .top_k = 2, .layers = 1});
+    const std::vector<std::byte> base = test::gguf_from(Checkpoint(dir)).bytes();
+    const Matrix<float> x = test::random_matrix(5, 256, 3);
+    std::uint64_t seed = 10;
+    for (const std::uint32_t type : {test::Q4_K, test::Q5_K, test::Q6_K}) {
+        CAPTURE(type);
+        std::map<std::string, std::vector<std::byte>> blocks, values;
+        for (const char* g : {"gate", "up", "down"}) {
+            const std::string name = std::string("blk.0.ffn_") + g + "_exps.weight";
+            const index_t super_blocks = 3 * 256; // 3 experts x 256 rows x 1 super-block
+            blocks[name] = random_k_quant(type, super_blocks, ++seed);
+            const std::size_t size = blocks[name].size() / std::size_t(super_blocks);
+            for (index_t i = 0; i < super_blocks; ++i)
+                for (const float f : decode_k_quant(type, blocks[name].data() + std::size_t(i) * size)) test::GgufWriter::put(values[name], f);
+        }
+        const auto file = [&](const std::string& path, bool quantised) {
+            rewritten(base, [&](const std::string& name, TensorEdit& t) {
+                if (blocks.count(name) != 0) t = {quantised ? type : test::F32, {256, 256, 3}, quantised ? blocks[name] : values[name]};
+                return true;
+            }).write(path);
+            return path;
+        };
+        const Checkpoint k(file((tmp.path / "k.gguf").string(), true)), f(file((tmp.path / "f.gguf").string(), false));
+        const Matrix<float> yk = forward<B>(k, 0, x.view(), {}), yf = forward<B>(f, 0, x.view(), {});
+        CHECK(max_abs_diff(yk.view(), yf.view()) == 0.0f);
+        CHECK(max_abs_diff(yf.view(), Matrix<float>(5, 256).view()) > 0.0f); // the block is not all zeros
+        // Converted to f32 by default; re-quantised to q8_0 on request (its own quantiser).
+        const auto held = load_moe_block<B>(k, 0, "", {.storage = dtype::q8_0});
+        CHECK(held.d_model() == 256);
+        // A trainer holds their values too (expert 1's gate: the second 256 x 256 slice).
+        if (std::is_same_v<B, reference>) {
+            ParameterStore store{k};
+            const auto v = store.values("model.layers.0.block_sparse_moe.experts.1.w1.weight");
+            REQUIRE(v.size() == 256 * 256);
+            CHECK(std::memcmp(v.data(), values["blk.0.ffn_gate_exps.weight"].data() + 256 * 256 * sizeof(float), v.size() * sizeof(float)) == 0);
+        }
+    }
+}
+TEST_CASE_TEMPLATE_APPLY(k_quants, test::all_backends);
+
 TEST_CASE("GGUF: unsupported types, missing tensors and metadata give typed errors that name them") {
     TempDir tmp("errors");
     const std::string file = (tmp.path / "m.gguf").string();
     const Checkpoint st(data_dir + "/mixtral-basic");
 
-    // Block 1's up experts in Q4_K (rows of 256, a different shape too, but the type is reported):
+    // Block 1's up experts in Q2_K (rows of 256, a different shape too, but the type is reported):
     // the file opens and describes, block 0 loads, block 1 names the tensor and its type.
     {
         rewritten(test::gguf_from(st).bytes(), [](const std::string& name, TensorEdit& t) {
-            if (name == "blk.1.ffn_up_exps.weight") t = {test::Q4_K, {256, 5, 4}, std::vector<std::byte>(4 * 5 * 144)};
+            if (name == "blk.1.ffn_up_exps.weight") t = {test::Q2_K, {256, 5, 4}, std::vector<std::byte>(4 * 5 * 84)};
             return true;
         }).write(file);
         const Checkpoint ck(file);
-        CHECK(describe(ck).dtypes.count("Q4_K") == 1);
+        CHECK(describe(ck).dtypes.count("Q2_K") == 1);
         CHECK_NOTHROW((void)load_moe_block<reference>(ck, 0));
         CHECK_THROWS_WITH_AS((void)load_moe_block<reference>(ck, 1),
                              doctest::Contains(("'model.layers.1.block_sparse_moe.experts.0.w3.weight' (GGUF "
                                                 "'blk.1.ffn_up_exps.weight' expert 0) in " + file +
-                                                " has dtype Q4_K, expected F32, BF16, F16, F64, Q8_0 or Q4_0").c_str()),
+                                                " has dtype Q2_K, expected F32, BF16, F16, F64, Q8_0, Q4_0, Q4_K, Q5_K or Q6_K")
+                                                   .c_str()),
                              weight_error);
         // Nor can a trainer hold it (it would have to widen it).
         CHECK_THROWS_WITH_AS(ParameterStore{ck},
                              doctest::Contains("'model.layers.1.block_sparse_moe.experts.0.w3.weight' (GGUF 'blk.1.ffn_up_exps.weight' "
-                                               "expert 0) has dtype Q4_K, which cannot be held for training"),
+                                               "expert 0) has dtype Q2_K, which cannot be held for training"),
                              weight_error);
     }
     // A missing expert tensor names the GGUF tensors it is read from.

@@ -17,9 +17,11 @@
 #include <array>
 #include <bit>
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
 #include <span>
 #include <string_view>
+#include <utility>
 
 #include "hypermoe/core/error.hpp"
 #include "hypermoe/core/extents.hpp"
@@ -123,6 +125,69 @@ inline void dequantize(const BlockQ4_0& b, std::span<float, 32> out) noexcept {
     const unsigned byte = p[2 + (j & 15)];
     return float(int(j < 16 ? byte & 0x0Fu : byte >> 4) - 8) * d;
 }
+
+/// llama.cpp's K-quant super-blocks that GGUF files of its Q4_K_M, Q5_K_M and Q6_K kinds hold:
+/// 256 weights each, read by converting them to f32 (io/: never held in this form). Per
+/// 256-element super-block, as ggml's bytes (half values little-endian):
+///   Q4_K, 144 bytes: half d, half dmin, 12 bytes of eight 6-bit scales sc and mins m (one pair a
+///         sub-block of 32: k_scale_min), 128 bytes of nibbles. Element j is in byte
+///         32 (j / 64) + j % 32, in its low nibble when j % 64 < 32, else its high one.
+///         value = (d * sc) * q - dmin * m, for sub-block s = j / 32.
+///   Q5_K, 176 bytes: d, dmin, the 12 scale bytes, 32 bytes qh, 128 bytes of nibbles (as Q4_K's);
+///         q = nibble + 16 * (bit s of qh[j % 32]); value as Q4_K's.
+///   Q6_K, 210 bytes: 128 bytes ql, 64 bytes qh, 16 int8 scales, half d. Per half n = j / 128 and
+///         quarter u = j % 128 / 32, with l = j % 32: the low 4 bits are byte 64 n + 32 (u % 2) + l
+///         of ql (its high nibble when u >= 2), the high 2 bits are bits 2u, 2u + 1 of qh[32 n + l];
+///         q = that 6-bit value - 32; value = (d * sc) * q with sc = scales[8 n + 2 u + l / 16].
+/// Every product is exact in f32 (at most 23 significant bits), so each value is exactly ggml's
+/// (dequantize_row_q4_K & co.): Q4_K / Q5_K round once, in the subtraction, as ggml does.
+enum class k_quant { q4_k, q5_k, q6_k };
+
+inline constexpr index_t k_quant_block = 256;
+
+/// Sub-block s's (0-7) 6-bit scale and min from a Q4_K / Q5_K super-block's 12 scale bytes: s < 4
+/// in the low 6 bits of bytes s and s + 4; else the low (scale) and high (min) nibbles of byte
+/// s + 4 with the top 2 bits of bytes s - 4 (scale) and s (min) above them.
+[[nodiscard]] inline std::pair<unsigned, unsigned> k_scale_min(const unsigned char* scales, index_t s) noexcept {
+    if (s < 4) return {scales[s] & 63u, scales[s + 4] & 63u};
+    return {(scales[s + 4] & 0x0Fu) | ((scales[s - 4] >> 6) << 4), (scales[s + 4] >> 4) | ((scales[s] >> 6) << 4)};
+}
+
+/// A K-quant super-block stored as ggml's bytes (any alignment), its half scales read once:
+/// block[j] is element j (0-255).
+class KQuantBlock {
+public:
+    KQuantBlock(const void* block, k_quant type) noexcept
+        : p_(static_cast<const unsigned char*>(block)), type_(type), d_(half(type == k_quant::q6_k ? 208 : 0)),
+          dmin_(type == k_quant::q6_k ? 0.0f : half(2)) {}
+
+    [[nodiscard]] float operator[](index_t j) const noexcept {
+        const index_t l = j % 32;
+        if (type_ == k_quant::q6_k) {
+            const index_t n = j / 128, u = j % 128 / 32;
+            const unsigned low = p_[64 * n + 32 * (u % 2) + l], high = p_[128 + 32 * n + l];
+            const int q = int(((u >= 2 ? low >> 4 : low & 0x0Fu) | (((high >> (2 * u)) & 3u) << 4))) - 32;
+            const auto sc = static_cast<std::int8_t>(p_[192 + 8 * n + 2 * u + l / 16]);
+            return d_ * float(sc) * float(q);
+        }
+        const index_t s = j / 32;
+        const auto [sc, m] = k_scale_min(p_ + 4, s);
+        const index_t nibbles = type_ == k_quant::q5_k ? 48 : 16;
+        const unsigned byte = p_[nibbles + 32 * (j / 64) + l];
+        unsigned q = j % 64 < 32 ? byte & 0x0Fu : byte >> 4;
+        if (type_ == k_quant::q5_k) q += ((p_[16 + l] >> s) & 1u) * 16;
+        return d_ * float(sc) * float(q) - dmin_ * float(m);
+    }
+
+private:
+    [[nodiscard]] float half(std::size_t at) const noexcept {
+        return f16_bits_to_f32(static_cast<std::uint16_t>(p_[at] | (p_[at + 1] << 8)));
+    }
+
+    const unsigned char* p_;
+    k_quant type_;
+    float d_, dmin_;
+};
 
 namespace detail {
 

@@ -44,10 +44,11 @@
 
 namespace hypermoe {
 
-/// Element types of a stored tensor: those a safetensors file may declare, and the block formats
-/// of GGUF files (q8_0, q4_0: blocks of 32 along the last dimension, core/quant.hpp) and `other`
-/// for a GGUF type the library does not read (its name is TensorInfo::type_name).
-enum class tensor_dtype { f64, f32, f16, bf16, i64, i32, i16, i8, u8, boolean, q8_0, q4_0, other };
+/// Element types of a stored tensor: those a safetensors file may declare, the block formats of
+/// GGUF files (q8_0, q4_0: blocks of 32 along the last dimension; the K-quants q4_k, q5_k, q6_k:
+/// super-blocks of 256; core/quant.hpp) and `other` for a GGUF type the library does not read
+/// (its name is TensorInfo::type_name).
+enum class tensor_dtype { f64, f32, f16, bf16, i64, i32, i16, i8, u8, boolean, q8_0, q4_0, q4_k, q5_k, q6_k, other };
 
 [[nodiscard]] inline std::optional<tensor_dtype> parse_tensor_dtype(std::string_view s) noexcept {
     static constexpr std::pair<std::string_view, tensor_dtype> names[] = {
@@ -60,16 +61,28 @@ enum class tensor_dtype { f64, f32, f16, bf16, i64, i32, i16, i8, u8, boolean, q
 }
 
 [[nodiscard]] constexpr std::string_view to_string(tensor_dtype t) noexcept {
-    constexpr std::string_view names[] = {"F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL", "Q8_0", "Q4_0", "OTHER"};
+    constexpr std::string_view names[] = {"F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL", "Q8_0", "Q4_0",
+                                          "Q4_K", "Q5_K", "Q6_K", "OTHER"};
     return names[static_cast<int>(t)];
 }
 
-/// Whether a tensor dtype is a block format (q8_0, q4_0).
+/// Whether a tensor dtype is a block format a layer holds as stored (q8_0, q4_0).
 [[nodiscard]] constexpr bool is_block_dtype(tensor_dtype t) noexcept { return t == tensor_dtype::q8_0 || t == tensor_dtype::q4_0; }
 
-/// Bytes of one element of an element dtype; for the block formats, of one block of 32; 0 for `other`.
+/// Whether a tensor dtype is a K-quant (core/quant.hpp), read by converting it to f32.
+[[nodiscard]] constexpr bool is_k_quant_dtype(tensor_dtype t) noexcept {
+    return t == tensor_dtype::q4_k || t == tensor_dtype::q5_k || t == tensor_dtype::q6_k;
+}
+
+/// The K-quant a K-quant dtype is.
+[[nodiscard]] constexpr k_quant k_quant_of(tensor_dtype t) noexcept {
+    return t == tensor_dtype::q4_k ? k_quant::q4_k : t == tensor_dtype::q5_k ? k_quant::q5_k : k_quant::q6_k;
+}
+
+/// Bytes of one element of an element dtype; for the block formats, of one block (of 32, or 256
+/// for the K-quants); 0 for `other`.
 [[nodiscard]] constexpr std::size_t size_of(tensor_dtype t) noexcept {
-    constexpr std::size_t sizes[] = {8, 4, 2, 2, 8, 4, 2, 1, 1, 1, 34, 18, 0};
+    constexpr std::size_t sizes[] = {8, 4, 2, 2, 8, 4, 2, 1, 1, 1, 34, 18, 144, 176, 210, 0};
     return sizes[static_cast<int>(t)];
 }
 
@@ -152,12 +165,14 @@ public:
     [[nodiscard]] std::span<const std::byte> data(const TensorInfo& t) const noexcept { return data_.subspan(t.begin, t.end - t.begin); }
 
     /// Element i (row-major) of a tensor widened to double (any dtype but `other`, which gives 0);
-    /// a block format's element is its block's value.
+    /// a block format's element is its block's value (exact in f32).
     [[nodiscard]] double element(const TensorInfo& t, index_t i) const noexcept {
         const std::byte* base = data_.data() + t.begin;
         if (is_block_dtype(t.dtype))
             return stored_block_element(base + std::size_t(i / quant_block) * size_of(t.dtype), t.dtype == tensor_dtype::q8_0,
                                         i % quant_block);
+        if (is_k_quant_dtype(t.dtype))
+            return KQuantBlock(base + std::size_t(i / k_quant_block) * size_of(t.dtype), k_quant_of(t.dtype))[i % k_quant_block];
         const std::byte* p = base + std::size_t(i) * size_of(t.dtype);
         const auto load = [p]<class T>(T v) {
             std::memcpy(&v, p, sizeof(T));
@@ -174,7 +189,8 @@ public:
         case tensor_dtype::i8: return load(std::int8_t{});
         case tensor_dtype::u8: return load(std::uint8_t{});
         case tensor_dtype::boolean: return load(std::uint8_t{}) != 0;
-        case tensor_dtype::q8_0: case tensor_dtype::q4_0: case tensor_dtype::other: break;
+        case tensor_dtype::q8_0: case tensor_dtype::q4_0: case tensor_dtype::q4_k: case tensor_dtype::q5_k: case tensor_dtype::q6_k:
+        case tensor_dtype::other: break;
         }
         return 0;
     }
@@ -187,6 +203,11 @@ public:
         Matrix<float> m(cols == 0 ? 0 : t.numel() / cols, cols);
         if (t.dtype == tensor_dtype::f32) {
             if (!data(t).empty()) std::memcpy(m.data(), data(t).data(), data(t).size()); // (no memcpy of null)
+        } else if (is_k_quant_dtype(t.dtype)) { // a block's scales read once, not per element
+            for (index_t b = 0; b < t.numel() / k_quant_block; ++b) {
+                const KQuantBlock block(data_.data() + t.begin + std::size_t(b) * size_of(t.dtype), k_quant_of(t.dtype));
+                for (index_t j = 0; j < k_quant_block; ++j) m.data()[b * k_quant_block + j] = block[j];
+            }
         } else {
             for (index_t i = 0; i < t.numel(); ++i) m.data()[i] = float(element(t, i));
         }

@@ -2,8 +2,9 @@
 // TensorBinder: fetches the tensors of one layer from a Checkpoint as WeightViews, checking each
 // name, dtype and shape, and collecting EVERY problem before anything is built: finish() throws
 // one weight_error that lists them all. F32 and BF16 tensors and Q8_0 / Q4_0 blocks (GGUF) are
-// viewed in place in the mapping (when aligned); F16, F64, misaligned and transposed tensors are
-// converted into owned storage (exactly: F16 and blocks widen to f32 without rounding).
+// viewed in place in the mapping (when aligned); F16, F64, K-quant (GGUF Q4_K, Q5_K, Q6_K),
+// misaligned and transposed tensors are converted into owned f32 storage (exactly: F16, blocks
+// and K-quants widen to f32 without rounding).
 
 #include <deque>
 #include <span>
@@ -86,10 +87,10 @@ private:
         }
         const TensorInfo& t = *r.info;
         const bool readable = t.dtype == tensor_dtype::f32 || t.dtype == tensor_dtype::bf16 || t.dtype == tensor_dtype::f16 ||
-                              t.dtype == tensor_dtype::f64 || is_block_dtype(t.dtype);
+                              t.dtype == tensor_dtype::f64 || is_block_dtype(t.dtype) || is_k_quant_dtype(t.dtype);
         if (!readable) {
             problems_.push_back(detail::concat(t.describe(), " in ", r.file->source(), " has dtype ", t.type_string(),
-                                               ", expected F32, BF16, F16, F64, Q8_0 or Q4_0"));
+                                               ", expected F32, BF16, F16, F64, Q8_0, Q4_0, Q4_K, Q5_K or Q6_K"));
             return {nullptr, nullptr};
         }
         if (t.shape != shape) {

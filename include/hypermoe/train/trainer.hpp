@@ -37,7 +37,7 @@
 namespace hypermoe {
 
 /// A checkpoint's tensors copied into one safetensors image in memory, every floating tensor as
-/// F32 (BF16, F16, F64 and q8_0 / q4_0 blocks widened to their exact values, as an f32 load
+/// F32 (BF16, F16, F64, q8_0 / q4_0 blocks and K-quants widened to their exact values, as an f32 load
 /// would), integer tensors as they are; with the checkpoint's config. checkpoint() views it as a
 /// Checkpoint (for the loaders), values() gives a tensor's floats to update in place, save()
 /// writes config.json and model.safetensors. Movable, not copyable.
@@ -49,7 +49,7 @@ public:
             const Checkpoint::Ref r = source.tensor(name);
             const TensorInfo& t = *r.info;
             const bool floating = t.dtype == tensor_dtype::f32 || t.dtype == tensor_dtype::bf16 || t.dtype == tensor_dtype::f16 ||
-                                  t.dtype == tensor_dtype::f64 || is_block_dtype(t.dtype);
+                                  t.dtype == tensor_dtype::f64 || is_block_dtype(t.dtype) || is_k_quant_dtype(t.dtype);
             if (t.dtype == tensor_dtype::other)
                 throw weight_error(detail::concat(source.dir(), ": tensor ", t.describe(), " has dtype ", t.type_string(),
                                                   ", which cannot be held for training"));
