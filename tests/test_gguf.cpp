@@ -437,6 +437,21 @@ TEST_CASE_TEMPLATE_DEFINE("GGUF: K-quant experts give the block their values giv
         // Converted to f32 by default; re-quantised to q8_0 on request (its own quantiser).
         const auto held = load_moe_block<B>(k, 0, "", {.storage = dtype::q8_0});
         CHECK(held.d_model() == 256);
+        // The loader converts an expert's K-quant tensors only as it packs that expert
+        // (TensorBinder::deferred_matrix, materialise, release): the same values as matrix()'s
+        // eager conversion; an F32 tensor is viewed in place either way.
+        if (std::is_same_v<B, reference>) {
+            TensorBinder eager(k, "eager"), deferred(k, "deferred");
+            const std::string w1 = "model.layers.0.block_sparse_moe.experts.1.w1.weight", gate = "model.layers.0.block_sparse_moe.gate.weight";
+            const WeightView e = eager.matrix(w1, 256, 256), d = deferred.deferred_matrix(w1, 256, 256);
+            deferred.finish();
+            deferred.materialise(d);
+            deferred.materialise(d); // once only
+            REQUIRE(d.type() == dtype::f32);
+            CHECK(std::memcmp(d.extent().data(), e.extent().data(), 256 * 256 * sizeof(float)) == 0);
+            CHECK(deferred.deferred_matrix(gate, 3, 256).extent().data() == eager.matrix(gate, 3, 256).extent().data());
+            deferred.release(d);
+        }
         // A trainer holds their values too (expert 1's gate: the second 256 x 256 slice).
         if (std::is_same_v<B, reference>) {
             ParameterStore store{k};

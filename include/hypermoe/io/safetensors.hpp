@@ -201,17 +201,22 @@ public:
     [[nodiscard]] Matrix<float> to_f32(const TensorInfo& t) const {
         const index_t cols = t.shape.empty() ? 1 : t.shape.back();
         Matrix<float> m(cols == 0 ? 0 : t.numel() / cols, cols);
+        convert_f32(t, {m.data(), std::size_t(t.numel())});
+        return m;
+    }
+
+    /// A tensor's elements as to_f32 converts them, into `out` (t.numel() floats).
+    void convert_f32(const TensorInfo& t, std::span<float> out) const noexcept {
         if (t.dtype == tensor_dtype::f32) {
-            if (!data(t).empty()) std::memcpy(m.data(), data(t).data(), data(t).size()); // (no memcpy of null)
+            if (!data(t).empty()) std::memcpy(out.data(), data(t).data(), data(t).size()); // (no memcpy of null)
         } else if (is_k_quant_dtype(t.dtype)) { // a block's scales read once, not per element
             for (index_t b = 0; b < t.numel() / k_quant_block; ++b) {
                 const KQuantBlock block(data_.data() + t.begin + std::size_t(b) * size_of(t.dtype), k_quant_of(t.dtype));
-                for (index_t j = 0; j < k_quant_block; ++j) m.data()[b * k_quant_block + j] = block[j];
+                for (index_t j = 0; j < k_quant_block; ++j) out[std::size_t(b * k_quant_block + j)] = block[j];
             }
         } else {
-            for (index_t i = 0; i < t.numel(); ++i) m.data()[i] = float(element(t, i));
+            for (index_t i = 0; i < t.numel(); ++i) out[std::size_t(i)] = float(element(t, i));
         }
-        return m;
     }
 
     /// An F32 tensor's bytes as floats in place, when the data is 4-byte aligned; empty otherwise.

@@ -4,9 +4,13 @@
 // one weight_error that lists them all. F32 and BF16 tensors and Q8_0 / Q4_0 blocks (GGUF) are
 // viewed in place in the mapping (when aligned); F16, F64, K-quant (GGUF Q4_K, Q5_K, Q6_K),
 // misaligned and transposed tensors are converted into owned f32 storage (exactly: F16, blocks
-// and K-quants widen to f32 without rounding).
+// and K-quants widen to f32 without rounding); a routed expert's, bound with deferred_matrix(),
+// only when its expert is packed, and freed after.
 
 #include <deque>
+#include <map>
+#include <memory>
+#include <optional>
 #include <span>
 #include <string>
 #include <vector>
@@ -27,18 +31,39 @@ public:
         if (r.info == nullptr) return placeholder();
         const TensorInfo& t = *r.info;
         if (!transpose) {
-            if (const auto f = r.file->f32_in_place(t); !f.empty()) return ConstMatrixView<float>(f.data(), rows, cols);
-            const auto bytes = r.file->data(t);
-            if (t.dtype == tensor_dtype::bf16 && reinterpret_cast<std::uintptr_t>(bytes.data()) % alignof(bf16) == 0)
-                return ConstMatrixView<bf16>(reinterpret_cast<const bf16*>(bytes.data()), rows, cols);
-            if (is_block_dtype(t.dtype))
-                return WeightView::blocks(bytes.data(), t.dtype == tensor_dtype::q8_0 ? dtype::q8_0 : dtype::q4_0, rows, cols);
+            if (const auto in_place = view_in_place(r, rows, cols)) return *in_place;
             return ConstMatrixView<float>(owned_.emplace_back(r.file->to_f32(t)).view());
         }
         Matrix<float>& m = owned_.emplace_back(rows, cols);
         for (index_t i = 0; i < rows; ++i)
             for (index_t j = 0; j < cols; ++j) m(i, j) = float(r.file->element(t, j * rows + i));
         return ConstMatrixView<float>(m.view());
+    }
+
+    /// A routed expert's (rows, cols) weight: matrix() without transposing, checked now, but a
+    /// tensor that needs converting (F16, F64, K-quants, misaligned) is converted only by
+    /// materialise(), right before its expert is packed, into a buffer that release() frees once
+    /// the expert is packed. So loading a block holds one expert's converted weights at a time,
+    /// not all of them (the buffers are allocated here, untouched: address space, not memory).
+    /// The view must not be read before materialise().
+    WeightView deferred_matrix(const std::string& name, index_t rows, index_t cols) {
+        const Checkpoint::Ref r = fetch(name, {rows, cols});
+        if (r.info == nullptr) return placeholder();
+        if (const auto in_place = view_in_place(r, rows, cols)) return *in_place;
+        auto buffer = detail::aligned_array<float>(std::size_t(rows * cols));
+        const float* data = buffer.get();
+        deferred_.emplace(data, Deferred{r, std::move(buffer), false});
+        return ConstMatrixView<float>(data, rows, cols);
+    }
+
+    /// Converts the tensor of a deferred_matrix() view into its buffer (once); any other view is
+    /// left as it is.
+    void materialise(const WeightView& w) {
+        const auto it = deferred_.find(w.extent().data());
+        if (it == deferred_.end() || it->second.filled) return;
+        const TensorInfo& t = *it->second.source.info;
+        it->second.source.file->convert_f32(t, {it->second.buffer.get(), std::size_t(t.numel())});
+        it->second.filled = true;
     }
 
     /// Two weights of one width stacked into one, `top`'s rows then `bottom`'s, in owned f32
@@ -53,8 +78,12 @@ public:
     }
 
     /// Once a weight is packed into a layer's own storage: drops its pages from memory if it is
-    /// read in place from the checkpoint's mapping (no-op for an owned copy).
-    void release(const WeightView& w) const noexcept { ck_.release(w.extent()); }
+    /// read in place from the checkpoint's mapping, frees its buffer if it is a deferred_matrix()
+    /// one (no-op for matrix()'s owned copies).
+    void release(const WeightView& w) noexcept {
+        ck_.release(w.extent());
+        deferred_.erase(w.extent().data());
+    }
 
     /// A vector of n floats (converted from its dtype).
     std::span<const float> vector(const std::string& name, index_t n) {
@@ -105,10 +134,31 @@ private:
 
     static WeightView placeholder() noexcept { return ConstMatrixView<float>(); }
 
+    /// A tensor the layer can read where it is in the mapping: aligned F32 or BF16, or Q8_0 /
+    /// Q4_0 blocks; none otherwise.
+    static std::optional<WeightView> view_in_place(const Checkpoint::Ref& r, index_t rows, index_t cols) {
+        const TensorInfo& t = *r.info;
+        if (const auto f = r.file->f32_in_place(t); !f.empty()) return ConstMatrixView<float>(f.data(), rows, cols);
+        const auto bytes = r.file->data(t);
+        if (t.dtype == tensor_dtype::bf16 && reinterpret_cast<std::uintptr_t>(bytes.data()) % alignof(bf16) == 0)
+            return ConstMatrixView<bf16>(reinterpret_cast<const bf16*>(bytes.data()), rows, cols);
+        if (is_block_dtype(t.dtype))
+            return WeightView::blocks(bytes.data(), t.dtype == tensor_dtype::q8_0 ? dtype::q8_0 : dtype::q4_0, rows, cols);
+        return std::nullopt;
+    }
+
+    /// A deferred_matrix() buffer and the tensor it is converted from.
+    struct Deferred {
+        Checkpoint::Ref source;
+        std::unique_ptr<float[], detail::aligned_delete> buffer;
+        bool filled;
+    };
+
     const Checkpoint& ck_;
     std::string what_;
     std::vector<std::string> problems_;
     std::deque<Matrix<float>> owned_;
+    std::map<const void*, Deferred> deferred_;
     std::deque<std::vector<float>> vectors_;
 };
 

@@ -65,6 +65,12 @@ struct BlockSource {
         slot = {std::move(name), transpose};
         return tensors.matrix(slot.name, rows, cols, transpose);
     }
+    /// tensors.deferred_matrix(name, ...) (a routed expert's weight, converted when build_experts
+    /// packs its expert), with the name recorded in `slot`.
+    WeightView bind_expert_matrix(TensorName& slot, std::string name, index_t rows, index_t cols) {
+        slot = {std::move(name), false};
+        return tensors.deferred_matrix(slot.name, rows, cols);
+    }
     /// tensors.vector(name, n), with the name recorded in `slot`.
     std::span<const float> bind_vector(TensorName& slot, std::string name, index_t n) {
         slot = {std::move(name), false};
@@ -92,22 +98,26 @@ using SwiGluTopKLayer = MoeLayer<SwiGluExpert<B>, TopKRouter>;
 
 namespace detail {
 
-/// One GLU expert's weights under `prefix`<name>, the names recorded in `n`.
+/// One GLU expert's weights under `prefix`<name>, the names recorded in `n`; a routed one's
+/// (`routed`) bound for build_experts to convert one expert at a time.
 template <Backend B>
 GluWeights bind_glu(BlockSource<B>& s, ExpertTensorNames& n, const std::string& prefix, index_t d, index_t ff, const char* gate,
-                    const char* up, const char* down) {
-    return {s.bind_matrix(n.gate, prefix + gate, ff, d), s.bind_matrix(n.up, prefix + up, ff, d),
-            s.bind_matrix(n.down, prefix + down, d, ff)};
+                    const char* up, const char* down, bool routed) {
+    const auto bind = [&](TensorName& slot, const char* name, index_t rows, index_t cols) {
+        return routed ? s.bind_expert_matrix(slot, prefix + name, rows, cols) : s.bind_matrix(slot, prefix + name, rows, cols);
+    };
+    return {bind(n.gate, gate, ff, d), bind(n.up, up, ff, d), bind(n.down, down, d, ff)};
 }
 
-/// The views of n GLU experts' weights under `prefix`<e>.<name> (names recorded as the experts').
+/// The views of n routed GLU experts' weights under `prefix`<e>.<name> (names recorded as the
+/// experts'), for build_experts.
 template <Backend B>
 std::vector<GluWeights> glu_weights(BlockSource<B>& s, const std::string& prefix, index_t n, index_t d, index_t ff, const char* gate,
                                     const char* up, const char* down) {
     std::vector<GluWeights> w;
     s.names.experts.resize(std::size_t(n));
     for (index_t e = 0; e < n; ++e)
-        w.push_back(bind_glu(s, s.names.experts[std::size_t(e)], prefix + std::to_string(e) + ".", d, ff, gate, up, down));
+        w.push_back(bind_glu(s, s.names.experts[std::size_t(e)], prefix + std::to_string(e) + ".", d, ff, gate, up, down, true));
     return w;
 }
 
@@ -115,23 +125,29 @@ std::vector<GluWeights> glu_weights(BlockSource<B>& s, const std::string& prefix
 /// the shared expert's).
 template <Backend B>
 GluWeights shared_glu_weights(BlockSource<B>& s, const std::string& prefix, index_t d, index_t ff) {
-    return bind_glu(s, s.names.shared.emplace(), prefix, d, ff, "gate_proj.weight", "up_proj.weight", "down_proj.weight");
+    return bind_glu(s, s.names.shared.emplace(), prefix, d, ff, "gate_proj.weight", "up_proj.weight", "down_proj.weight", false);
 }
 
 /// How the experts of a loaded block are stored and compute.
 [[nodiscard]] inline ExpertOptions expert_options(const LoadOptions& o) { return {.storage = o.storage, .prec = o.prec}; }
 
-/// The pages of an expert's weight matrices, released from the checkpoint's mapping once packed.
-inline void release_source(const TensorBinder& t, const GluWeights& w) noexcept { t.release(w.gate), t.release(w.up), t.release(w.down); }
-inline void release_source(const TensorBinder& t, const FfnWeights& w) noexcept { t.release(w.up), t.release(w.down); }
+/// An expert's weight matrices converted where they were bound deferred (TensorBinder::materialise).
+inline void materialise_source(TensorBinder& t, const GluWeights& w) { t.materialise(w.gate), t.materialise(w.up), t.materialise(w.down); }
+inline void materialise_source(TensorBinder& t, const FfnWeights& w) { t.materialise(w.up), t.materialise(w.down); }
+/// The pages of an expert's weight matrices, released from the checkpoint's mapping once packed
+/// (and their converted copies freed).
+inline void release_source(TensorBinder& t, const GluWeights& w) noexcept { t.release(w.gate), t.release(w.up), t.release(w.down); }
+inline void release_source(TensorBinder& t, const FfnWeights& w) noexcept { t.release(w.up), t.release(w.down); }
 
-/// The routed experts of block `s`, each built (packed into its backend's storage) and then its
-/// source pages released, so the checkpoint's bytes and the packed ones are not resident together.
+/// The routed experts of block `s`, each converted where its tensors need it, built (packed into
+/// its backend's storage) and then its source released, so the checkpoint's bytes (or their f32
+/// conversion) and the packed ones are not resident together beyond one expert's.
 template <class E, class W, class Source>
 std::vector<E> build_experts(const std::vector<W>& weights, const Source& s) {
     std::vector<E> out;
     out.reserve(weights.size());
     for (const auto& w : weights) {
+        materialise_source(s.tensors, w);
         out.emplace_back(w, expert_options(s.options));
         release_source(s.tensors, w);
     }
