@@ -11,6 +11,7 @@
 #include <malloc.h>
 #include <map>
 #include <optional>
+#include <set>
 #include <stdexcept>
 #include <limits>
 #include <string>
@@ -287,6 +288,13 @@ std::string detail_bytes(const char* sep, const std::string& type, std::size_t n
     return sep + std::string(buf);
 }
 
+/// The names in `names`, comma-separated (a set: sorted, once each).
+std::string joined(const std::set<std::string>& names) {
+    std::string out;
+    for (const auto& n : names) out += (out.empty() ? "" : ", ") + n;
+    return out;
+}
+
 int inspect(const Args& a) {
     const hm::Checkpoint ck(a.need("--model"));
     const hm::ModelInfo m = hm::describe(ck);
@@ -298,18 +306,13 @@ int inspect(const Args& a) {
     if (m.shared_ff > 0) std::printf("shared     width %lld\n", static_cast<long long>(m.shared_ff));
     if (m.adapter_rank > 0) std::printf("hyper      HyperExpert adapter rank %lld\n", static_cast<long long>(m.adapter_rank));
     std::printf("routing    %s\n", m.routing.c_str());
-    std::string dtypes;
-    for (const auto& d : m.dtypes) dtypes += (dtypes.empty() ? "" : ", ") + d;
-    std::printf("tensors    %zu (%s)\n", ck.tensor_count(), dtypes.c_str());
+    std::printf("tensors    %zu (%s)\n", ck.tensor_count(), joined(m.dtypes).c_str());
     std::string bytes;
     for (const auto& [type, n] : ck.bytes_by_dtype()) bytes += detail_bytes(bytes.empty() ? "" : ", ", type, n);
     std::printf("bytes      %s\n", bytes.c_str());
-    if (!ck.gguf_architecture().empty()) {
-        std::string stored;
-        for (const auto& type : ck.expert_dtypes()) stored += (stored.empty() ? "" : ", ") + type;
+    if (!ck.gguf_architecture().empty())
         std::printf("format     GGUF, architecture %s; experts stored as %s; default --weights %s\n", ck.gguf_architecture().c_str(),
-                    stored.c_str(), std::string(hm::to_string(stored_expert_format(ck))).c_str());
-    }
+                    joined(ck.expert_dtypes()).c_str(), std::string(hm::to_string(stored_expert_format(ck))).c_str());
     std::string blocks;
     for (const auto& b : m.moe_blocks)
         blocks += (blocks.empty() ? "" : ", ") + (b.stack.empty() ? "" : b.stack + " ") + std::to_string(b.layer);
