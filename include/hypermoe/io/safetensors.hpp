@@ -74,6 +74,13 @@ enum class tensor_dtype { f64, f32, f16, bf16, i64, i32, i16, i8, u8, boolean, q
     return t == tensor_dtype::q4_k || t == tensor_dtype::q5_k || t == tensor_dtype::q6_k;
 }
 
+/// Whether a tensor dtype's elements read as floats (element(), to_f32): F32, BF16, F16, F64,
+/// the block formats and the K-quants; not the integers, BOOL or `other`.
+[[nodiscard]] constexpr bool is_floating_dtype(tensor_dtype t) noexcept {
+    return t == tensor_dtype::f32 || t == tensor_dtype::bf16 || t == tensor_dtype::f16 || t == tensor_dtype::f64 || is_block_dtype(t) ||
+           is_k_quant_dtype(t);
+}
+
 /// The K-quant a K-quant dtype is.
 [[nodiscard]] constexpr k_quant k_quant_of(tensor_dtype t) noexcept {
     return t == tensor_dtype::q4_k ? k_quant::q4_k : t == tensor_dtype::q5_k ? k_quant::q5_k : k_quant::q6_k;

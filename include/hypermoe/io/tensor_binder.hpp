@@ -115,9 +115,7 @@ private:
             return r;
         }
         const TensorInfo& t = *r.info;
-        const bool readable = t.dtype == tensor_dtype::f32 || t.dtype == tensor_dtype::bf16 || t.dtype == tensor_dtype::f16 ||
-                              t.dtype == tensor_dtype::f64 || is_block_dtype(t.dtype) || is_k_quant_dtype(t.dtype);
-        if (!readable) {
+        if (!is_floating_dtype(t.dtype)) {
             problems_.push_back(detail::concat(t.describe(), " in ", r.file->source(), " has dtype ", t.type_string(),
                                                ", expected F32, BF16, F16, F64, Q8_0, Q4_0, Q4_K, Q5_K or Q6_K"));
             return {nullptr, nullptr};

@@ -48,18 +48,16 @@ public:
         for (const std::string& name : source.tensor_names()) {
             const Checkpoint::Ref r = source.tensor(name);
             const TensorInfo& t = *r.info;
-            const bool floating = t.dtype == tensor_dtype::f32 || t.dtype == tensor_dtype::bf16 || t.dtype == tensor_dtype::f16 ||
-                                  t.dtype == tensor_dtype::f64 || is_block_dtype(t.dtype) || is_k_quant_dtype(t.dtype);
             if (t.dtype == tensor_dtype::other)
                 throw weight_error(detail::concat(source.dir(), ": tensor ", t.describe(), " has dtype ", t.type_string(),
                                                   ", which cannot be held for training"));
-            if (!floating) {
+            if (!is_floating_dtype(t.dtype)) {
                 const auto bytes = r.file->data(t);
                 tensors.push_back({name, t.dtype, t.shape, std::vector<std::byte>(bytes.begin(), bytes.end())});
                 continue;
             }
             std::vector<float> v(std::size_t(t.numel()));
-            for (index_t i = 0; i < t.numel(); ++i) v[std::size_t(i)] = float(r.file->element(t, i));
+            r.file->convert_f32(t, v);
             tensors.push_back(f32_tensor(name, t.shape, v));
         }
         image_ = safetensors_bytes(tensors, {{"format", "pt"}});
