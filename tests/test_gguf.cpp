@@ -41,6 +41,24 @@ Matrix<float> forward(const Checkpoint& ck, index_t layer, ConstMatrixView<float
     return y;
 }
 
+/// How many of the whole pages inside `bytes` are mapped into this process (the "present" bit
+/// of /proc/self/pagemap; -1 where the kernel does not give it), and how many there are.
+[[nodiscard]] std::pair<long, long> present_pages(std::span<const std::byte> bytes) {
+    const auto page = std::uintptr_t(::sysconf(_SC_PAGESIZE));
+    const std::uintptr_t first = (reinterpret_cast<std::uintptr_t>(bytes.data()) + page - 1) / page;
+    const std::uintptr_t last = (reinterpret_cast<std::uintptr_t>(bytes.data()) + bytes.size()) / page;
+    const int fd = ::open("/proc/self/pagemap", O_RDONLY);
+    if (fd < 0) return {-1, long(last - first)};
+    long n = 0;
+    for (std::uintptr_t p = first; p < last && n >= 0; ++p) {
+        std::uint64_t entry = 0;
+        if (::pread(fd, &entry, sizeof entry, off_t(p * sizeof entry)) != ssize_t(sizeof entry)) n = -1;
+        else n += long(entry >> 63);
+    }
+    ::close(fd);
+    return {n, long(last - first)};
+}
+
 [[nodiscard]] float max_abs_diff(ConstMatrixView<float> a, ConstMatrixView<float> b) {
     float m = 0;
     for (index_t r = 0; r < a.rows(); ++r)
@@ -450,7 +468,20 @@ TEST_CASE_TEMPLATE_DEFINE("GGUF: K-quant experts give the block their values giv
             REQUIRE(d.type() == dtype::f32);
             CHECK(std::memcmp(d.extent().data(), e.extent().data(), 256 * 256 * sizeof(float)) == 0);
             CHECK(deferred.deferred_matrix(gate, 3, 256).extent().data() == eager.matrix(gate, 3, 256).extent().data());
-            deferred.release(d);
+            // Once packed, the K-quant bytes it was converted from leave this process's memory
+            // too (the mapping is private and read-only: they fault back in from the file).
+            const Checkpoint::Ref source = k.find(w1);
+            const auto from = source.file->data(*source.info);
+            REQUIRE(from.size() == 256 * (blocks["blk.0.ffn_gate_exps.weight"].size() / (3 * 256))); // expert 1's 256 super-blocks
+            const auto [mapped, pages] = present_pages(from);
+            REQUIRE(pages >= 8);
+            if (mapped < 0) {
+                MESSAGE("/proc/self/pagemap is not readable here: the page release check is skipped");
+            } else {
+                CHECK(mapped == pages); // materialise() read them all
+                deferred.release(d);
+                CHECK(present_pages(from).first == 0);
+            }
         }
         // A trainer holds their values too (expert 1's gate: the second 256 x 256 slice).
         if (std::is_same_v<B, reference>) {

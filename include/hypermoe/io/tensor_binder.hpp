@@ -5,7 +5,7 @@
 // viewed in place in the mapping (when aligned); F16, F64, K-quant (GGUF Q4_K, Q5_K, Q6_K),
 // misaligned and transposed tensors are converted into owned f32 storage (exactly: F16, blocks
 // and K-quants widen to f32 without rounding); a routed expert's, bound with deferred_matrix(),
-// only when its expert is packed, and freed after.
+// only when its expert is packed, and freed (with the source's mapped pages) after.
 
 #include <deque>
 #include <map>
@@ -43,7 +43,7 @@ public:
     /// A routed expert's (rows, cols) weight: matrix() without transposing, checked now, but a
     /// tensor that needs converting (F16, F64, K-quants, misaligned) is converted only by
     /// materialise(), right before its expert is packed, into a buffer that release() frees once
-    /// the expert is packed. So loading a block holds one expert's converted weights at a time,
+    /// the expert is packed (and the source's pages with it). So loading a block holds one expert's converted weights at a time,
     /// not all of them (the buffers are allocated here, untouched: address space, not memory).
     /// The view must not be read before materialise().
     WeightView deferred_matrix(const std::string& name, index_t rows, index_t cols) {
@@ -78,11 +78,15 @@ public:
     }
 
     /// Once a weight is packed into a layer's own storage: drops its pages from memory if it is
-    /// read in place from the checkpoint's mapping, frees its buffer if it is a deferred_matrix()
-    /// one (no-op for matrix()'s owned copies).
+    /// read in place from the checkpoint's mapping; if it is a deferred_matrix() one, frees its
+    /// buffer and drops the pages of the tensor it was converted from (no-op for matrix()'s owned
+    /// copies).
     void release(const WeightView& w) noexcept {
         ck_.release(w.extent());
-        deferred_.erase(w.extent().data());
+        if (const auto it = deferred_.find(w.extent().data()); it != deferred_.end()) {
+            ck_.release(it->second.source.file->data(*it->second.source.info));
+            deferred_.erase(it);
+        }
     }
 
     /// A vector of n floats (converted from its dtype).
