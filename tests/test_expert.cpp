@@ -1,6 +1,8 @@
 #include <doctest/doctest.h>
 
 #include <cstring>
+#include <limits>
+#include <span>
 #include <utility>
 #include <vector>
 
@@ -148,6 +150,70 @@ TEST_CASE_TEMPLATE_DEFINE("GluExpert matches the formula and the reference backe
     CHECK(relative_error(y.view(), y_naive.view()) <= test::tolerance(d + ff));
 }
 TEST_CASE_TEMPLATE_APPLY(glu_expert, all_configs);
+
+namespace {
+
+/// Matrix m's rows quantised to Blocks, in ggml's layout (a block view's bytes).
+template <class Block>
+std::vector<Block> quantised(ConstMatrixView<float> m) {
+    const index_t per_row = (m.cols() + quant_block - 1) / quant_block;
+    std::vector<Block> out(std::size_t(m.rows() * per_row));
+    for (index_t r = 0; r < m.rows(); ++r)
+        quantize_row(m.row(r), std::span(out).subspan(std::size_t(r * per_row), std::size_t(per_row)), "test");
+    return out;
+}
+
+} // namespace
+
+TEST_CASE_TEMPLATE_DEFINE("GluExpert holds [gate; up] in its storage type: rows already in it as they are, others converted as its linear map would",
+                          B, glu_stacked_storage) {
+    const index_t d = 64, ff = 96;
+    const Matrix<float> gate = random_matrix(ff, d, 1), up = random_matrix(ff, d, 2), down = random_matrix(d, ff, 3);
+    const Matrix<float> x = random_matrix(9, d, 4);
+    Workspace ws;
+    const auto run = [&](const GluWeights& w, const ExpertOptions& opt) {
+        const GluExpert<B, Silu> e(w, opt);
+        Matrix<float> y(x.rows(), d);
+        e.forward(x.view(), y.view(), ws);
+        return y;
+    };
+    const auto same = [](const Matrix<float>& a, const Matrix<float>& b) {
+        return std::memcmp(a.data(), b.data(), sizeof(float) * std::size_t(a.rows() * a.cols())) == 0;
+    };
+    const GluWeights f32{gate.view(), up.view(), down.view()};
+    // From f32 into each storage: the expert given its weights already in that type.
+    const Matrix<bf16> gb = test::to_bf16(gate.view()), ub = test::to_bf16(up.view()), db = test::to_bf16(down.view());
+    CHECK(same(run(f32, {dtype::bf16}), run({ConstMatrixView<bf16>(gb.view()), ConstMatrixView<bf16>(ub.view()), ConstMatrixView<bf16>(db.view())}, {})));
+    const auto g8 = quantised<BlockQ8_0>(gate.view()), u8 = quantised<BlockQ8_0>(up.view()), d8 = quantised<BlockQ8_0>(down.view());
+    const auto g4 = quantised<BlockQ4_0>(gate.view()), u4 = quantised<BlockQ4_0>(up.view()), d4 = quantised<BlockQ4_0>(down.view());
+    const auto q8 = [&](const auto& b, index_t n, index_t k) { return WeightView::blocks(b.data(), dtype::q8_0, n, k); };
+    const auto q4 = [&](const auto& b, index_t n, index_t k) { return WeightView::blocks(b.data(), dtype::q4_0, n, k); };
+    CHECK(same(run(f32, {dtype::q8_0}), run({q8(g8, ff, d), q8(u8, ff, d), q8(d8, d, ff)}, {})));
+    CHECK(same(run(f32, {dtype::q4_0}), run({q4(g4, ff, d), q4(u4, ff, d), q4(d4, d, ff)}, {})));
+    // gate as q4_0 blocks no quantiser of their values gives (requantising would change them),
+    // up as f32: gate's blocks are kept, up's rows quantised.
+    std::vector<BlockQ4_0> odd = g4;
+    for (std::size_t i = 0; i < odd.size(); ++i) {
+        odd[i].d = f32_to_f16_bits(-0.01f * float(i % 7 + 1));
+        for (auto& q : odd[i].qs) q = std::uint8_t(0x9a + i % 5); // nibbles 9..14 and 10: no -8
+    }
+    CHECK(same(run({q4(odd, ff, d), up.view(), q4(d4, d, ff)}, {dtype::q4_0}), run({q4(odd, ff, d), q4(u4, ff, d), q4(d4, d, ff)}, {})));
+    CHECK_FALSE(same(run({q4(odd, ff, d), up.view(), q4(d4, d, ff)}, {dtype::q4_0}), run(f32, {dtype::q4_0})));
+    // Errors are the linear map's, whatever the storage: a NaN in up's row 3 is row ff + 3 of [gate; up].
+    Matrix<float> nan = up;
+    nan(3, 5) = std::numeric_limits<float>::quiet_NaN();
+    for (const dtype storage : {dtype::f32, dtype::bf16, dtype::q8_0, dtype::q4_0}) {
+        CAPTURE(to_string(storage));
+        CHECK_THROWS_WITH_AS((GluExpert<B, Silu>(GluWeights{gate.view(), std::as_const(nan).view(), down.view()}, ExpertOptions{storage})),
+                             "GluExpert weight 'gate|up': weight element (99, 5) is nan, expected a finite value", weight_error);
+    }
+    Matrix<float> big = gate;
+    big(2, 1) = 1e9f;
+    CHECK_THROWS_WITH_AS((GluExpert<B, Silu>(GluWeights{std::as_const(big).view(), up.view(), down.view()}, ExpertOptions{dtype::q4_0})),
+                         "GluExpert weight 'gate|up' row 2: element 1 is 1e+09, expected a finite value of magnitude at most 524032 to quantise",
+                         weight_error);
+}
+TEST_CASE_TEMPLATE_APPLY(glu_stacked_storage, test::all_backends);
 
 TEST_CASE_TEMPLATE_DEFINE("experts reject mis-shaped weights and inputs", B, expert_errors) {
     const Matrix<float> up = random_matrix(16, 8, 1), down = random_matrix(8, 16, 2), bad = random_matrix(8, 15, 3);

@@ -101,6 +101,11 @@ struct LinearGrads {
 
 namespace detail {
 
+/// The error for weight element (r, c) of linear map `name` being v, not finite.
+[[nodiscard]] inline weight_error non_finite_weight(const std::string& name, index_t r, index_t c, float v) {
+    return weight_error(concat(name, ": weight element (", r, ", ", c, ") is ", v, ", expected a finite value"));
+}
+
 /// Checks a weight and bias for a linear map and returns the storage dtype.
 inline dtype validate_linear(const WeightView& w, std::span<const float> bias, const LinearOptions& opt) {
     if (!bias.empty() && static_cast<index_t>(bias.size()) != w.rows())
@@ -112,8 +117,7 @@ inline dtype validate_linear(const WeightView& w, std::span<const float> bias, c
             c = find_non_finite(std::span<const float>(reinterpret_cast<const float*>(w.row_bytes(r)), std::size_t(w.cols())));
         else
             for (index_t i = 0; i < w.cols() && c < 0; ++i) c = is_finite(w.at(r, i)) ? -1 : i;
-        if (c >= 0)
-            throw weight_error(concat(opt.name, ": weight element (", r, ", ", c, ") is ", w.at(r, c), ", expected a finite value"));
+        if (c >= 0) throw non_finite_weight(opt.name, r, c, w.at(r, c));
     }
     if (const index_t i = find_non_finite(bias); i >= 0)
         throw weight_error(concat(opt.name, ": bias element ", i, " is ", bias[static_cast<std::size_t>(i)],
