@@ -126,9 +126,16 @@ inline void dequantize(const BlockQ4_0& b, std::span<float, 32> out) noexcept {
     return float(int(j < 16 ? byte & 0x0Fu : byte >> 4) - 8) * d;
 }
 
-/// llama.cpp's K-quant super-blocks that GGUF files of its Q4_K_M, Q5_K_M and Q6_K kinds hold:
-/// 256 weights each, read by converting them to f32 (io/: never held in this form). Per
-/// 256-element super-block, as ggml's bytes (half values little-endian):
+/// llama.cpp's K-quant super-blocks that GGUF files of its Q2_K, Q3_K_*, Q4_K_*, Q5_K_* and Q6_K
+/// kinds hold: 256 weights each, read by converting them to f32 (io/: never held in this form).
+/// Per 256-element super-block, as ggml's bytes (half values little-endian):
+///   Q2_K, 84 bytes: 16 scale bytes (a sub-block of 16 each: scale sc in the low nibble, min m in
+///         the high one), 64 bytes qs, half d, half dmin. Per half n = j / 128, with g = j % 128
+///         / 32 and b = j % 32: q = bits 2g, 2g + 1 of qs[32 n + b]; sub-block s = 8 n + 2 g +
+///         b / 16; value = (d * sc) * q - dmin * m.
+///   Q3_K, 110 bytes: 32 bytes hmask, 64 bytes qs, 12 bytes of sixteen 6-bit scales (k3_scale),
+///         half d. n, g, b and s as Q2_K's; q = bits 2g, 2g + 1 of qs[32 n + b], minus 4 unless
+///         bit 4 n + g of hmask[b] is set; value = (d * (sc - 32)) * q.
 ///   Q4_K, 144 bytes: half d, half dmin, 12 bytes of eight 6-bit scales sc and mins m (one pair a
 ///         sub-block of 32: k_scale_min), 128 bytes of nibbles. Element j is in byte
 ///         32 (j / 64) + j % 32, in its low nibble when j % 64 < 32, else its high one.
@@ -140,8 +147,8 @@ inline void dequantize(const BlockQ4_0& b, std::span<float, 32> out) noexcept {
 ///         of ql (its high nibble when u >= 2), the high 2 bits are bits 2u, 2u + 1 of qh[32 n + l];
 ///         q = that 6-bit value - 32; value = (d * sc) * q with sc = scales[8 n + 2 u + l / 16].
 /// Every product is exact in f32 (at most 23 significant bits), so each value is exactly ggml's
-/// (dequantize_row_q4_K & co.): Q4_K / Q5_K round once, in the subtraction, as ggml does.
-enum class k_quant { q4_k, q5_k, q6_k };
+/// (dequantize_row_q4_K & co.): Q2_K, Q4_K and Q5_K round once, in the subtraction, as ggml does.
+enum class k_quant { q2_k, q3_k, q4_k, q5_k, q6_k };
 
 inline constexpr index_t k_quant_block = 256;
 
@@ -153,16 +160,31 @@ inline constexpr index_t k_quant_block = 256;
     return {(scales[s + 4] & 0x0Fu) | ((scales[s - 4] >> 6) << 4), (scales[s + 4] >> 4) | ((scales[s] >> 6) << 4)};
 }
 
+/// Sub-block s's (0-15) 6-bit scale from a Q3_K super-block's 12 scale bytes: its low 4 bits are
+/// the low nibble of byte s (s < 8) or the high nibble of byte s - 8, its top 2 bits are bits
+/// 2 (s / 4) and 2 (s / 4) + 1 of byte 8 + s % 4 (what ggml's kmask1 / kmask2 shuffle unpacks).
+[[nodiscard]] inline unsigned k3_scale(const unsigned char* scales, index_t s) noexcept {
+    const unsigned low = s < 8 ? scales[s] & 0x0Fu : scales[s - 8] >> 4;
+    return low | ((scales[8 + s % 4] >> (2 * (s / 4))) & 3u) << 4;
+}
+
 /// A K-quant super-block stored as ggml's bytes (any alignment), its half scales read once:
 /// block[j] is element j (0-255).
 class KQuantBlock {
 public:
     KQuantBlock(const void* block, k_quant type) noexcept
-        : p_(static_cast<const unsigned char*>(block)), type_(type), d_(half(type == k_quant::q6_k ? 208 : 0)),
-          dmin_(type == k_quant::q6_k ? 0.0f : half(2)) {}
+        : p_(static_cast<const unsigned char*>(block)), type_(type), d_(half(d_offset(type))),
+          dmin_(type == k_quant::q3_k || type == k_quant::q6_k ? 0.0f : half(d_offset(type) + 2)) {}
 
     [[nodiscard]] float operator[](index_t j) const noexcept {
         const index_t l = j % 32;
+        if (type_ == k_quant::q2_k || type_ == k_quant::q3_k) {
+            const index_t n = j / 128, g = j % 128 / 32, s = 8 * n + 2 * g + l / 16;
+            const unsigned q = (p_[(type_ == k_quant::q2_k ? 16 : 32) + 32 * n + l] >> (2 * g)) & 3u;
+            if (type_ == k_quant::q2_k) return d_ * float(p_[s] & 0x0Fu) * float(q) - dmin_ * float(p_[s] >> 4);
+            const bool high = ((p_[l] >> (4 * n + g)) & 1u) != 0;
+            return d_ * float(int(k3_scale(p_ + 96, s)) - 32) * float(int(q) - (high ? 0 : 4));
+        }
         if (type_ == k_quant::q6_k) {
             const index_t n = j / 128, u = j % 128 / 32;
             const unsigned low = p_[64 * n + 32 * (u % 2) + l], high = p_[128 + 32 * n + l];
@@ -180,6 +202,11 @@ public:
     }
 
 private:
+    /// Where a super-block's half d is (dmin follows it in Q2_K, Q4_K and Q5_K).
+    static constexpr std::size_t d_offset(k_quant t) noexcept {
+        return t == k_quant::q2_k ? 80 : t == k_quant::q3_k ? 108 : t == k_quant::q6_k ? 208 : 0;
+    }
+
     [[nodiscard]] float half(std::size_t at) const noexcept {
         return f16_bits_to_f32(static_cast<std::uint16_t>(p_[at] | (p_[at + 1] << 8)));
     }

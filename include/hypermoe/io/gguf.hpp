@@ -70,6 +70,8 @@ inline constexpr std::array<GgmlType, 32> ggml_types = {{
     case 1: return tensor_dtype::f16;
     case 2: return tensor_dtype::q4_0;
     case 8: return tensor_dtype::q8_0;
+    case 10: return tensor_dtype::q2_k;
+    case 11: return tensor_dtype::q3_k;
     case 12: return tensor_dtype::q4_k;
     case 13: return tensor_dtype::q5_k;
     case 14: return tensor_dtype::q6_k;
