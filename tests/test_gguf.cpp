@@ -112,12 +112,31 @@ test::GgufWriter rewritten(const std::vector<std::byte>& base, const std::functi
     return w;
 }
 
-/// The 256 values of a K-quant super-block (ggml type Q2_K to Q6_K), decoded the way ggml's
+/// The 256 values of a K-quant super-block (ggml type Q2_K to Q6_K, IQ4_XS), decoded the way ggml's
 /// dequantize_row_q*_K loops walk a block (the library reads each element on its own).
 std::vector<float> decode_k_quant(std::uint32_t type, const std::byte* block) {
     const auto* b = reinterpret_cast<const std::uint8_t*>(block);
     const auto half = [b](int at) { return f16_bits_to_f32(std::uint16_t(b[at] | b[at + 1] << 8)); };
     std::vector<float> y;
+    if (type == test::IQ4_XS) {
+        static constexpr std::int8_t kvalues_iq4nl[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
+        const float d = half(0);
+        const int scales_h = b[2] | b[3] << 8;
+        const std::uint8_t* scales_l = b + 4;
+        const std::uint8_t* qs = b + 8;
+        for (int ib = 0; ib < 8; ++ib) {
+            const int ls = ((scales_l[ib / 2] >> 4 * (ib % 2)) & 0xf) | (((scales_h >> 2 * ib) & 3) << 4);
+            const float dl = d * float(ls - 32);
+            y.resize(y.size() + 32);
+            float* out = y.data() + 32 * ib;
+            for (int j = 0; j < 16; ++j) {
+                out[j + 0] = dl * float(kvalues_iq4nl[qs[j] & 0xf]);
+                out[j + 16] = dl * float(kvalues_iq4nl[qs[j] >> 4]);
+            }
+            qs += 16;
+        }
+        return y;
+    }
     if (type == test::Q2_K || type == test::Q3_K) {
         // Q3_K's sixteen 6-bit scales, unpacked as ggml does: four words and two masks.
         std::int8_t scales[16];
@@ -187,10 +206,11 @@ std::vector<float> decode_k_quant(std::uint32_t type, const std::byte* block) {
 }
 
 /// `blocks` K-quant super-blocks of random bytes, with finite scales of about 2^-8 (`type`: Q2_K
-/// to Q6_K).
+/// to Q6_K, IQ4_XS).
 std::vector<std::byte> random_k_quant(std::uint32_t type, index_t blocks, std::uint64_t seed) {
     const std::map<std::uint32_t, std::pair<std::size_t, std::vector<std::size_t>>> layout = { // bytes, where its halves are
-        {test::Q2_K, {84, {80, 82}}}, {test::Q3_K, {110, {108}}}, {test::Q4_K, {144, {0, 2}}}, {test::Q5_K, {176, {0, 2}}}, {test::Q6_K, {210, {208}}}};
+        {test::Q2_K, {84, {80, 82}}}, {test::Q3_K, {110, {108}}}, {test::Q4_K, {144, {0, 2}}}, {test::Q5_K, {176, {0, 2}}}, {test::Q6_K, {210, {208}}},
+        {test::IQ4_XS, {136, {0}}}};
     const auto& [size, halves] = layout.at(type);
     std::mt19937_64 rng(seed);
     std::vector<std::byte> out(std::size_t(blocks) * size);
@@ -395,7 +415,7 @@ TEST_CASE("GGUF: inspect-level description: family, blocks, types and bytes") {
     CHECK(ck.config_source() == file + " (GGUF metadata)");
 }
 
-TEST_CASE("GGUF: K-quant super-blocks (Q2_K to Q6_K) read as ggml's values, worked by hand") {
+TEST_CASE("GGUF: K-quant super-blocks (Q2_K to Q6_K, IQ4_XS) read as ggml's values, worked by hand") {
     // One super-block of each, all bytes 0 but those named; each value worked out in the comment.
     const auto at = [](std::vector<std::uint8_t>& b, std::size_t i, std::uint8_t v) { b[i] = v; };
     // Q4_K: d = 1 (half 0x3C00), dmin = 0.5 (0x3800). Scales: sub-block 0 sc = 2 (byte 0), m = 3
@@ -443,6 +463,16 @@ TEST_CASE("GGUF: K-quant super-blocks (Q2_K to Q6_K) read as ggml's values, work
     at(q3, 96 + 0, 0x05), at(q3, 96 + 8, 0x02), at(q3, 32 + 0, 0x03), at(q3, 0, 0x01);
     at(q3, 96 + 2, 0xA0), at(q3, 96 + 10, 0x30), at(q3, 32 + 32, 0x04);
     at(q3, 96 + 7, 0xF0), at(q3, 96 + 11, 0xC0), at(q3, 32 + 63, 0xC0), at(q3, 31, 0x80);
+    // IQ4_XS: d = 0.5 at 0, scales_h at 2-3, scales_l 4-7, nibbles 8-135; a nibble stands for
+    // iq4nl_values[nibble]. Sub-block 0: low nibble of scales_l[0] (5), scales_h bits 0-1 (2) ->
+    // 37 - 32 = 5. Element 0: low nibble of byte 8 (15 -> 113) -> 0.5 * 5 * 113 = 282.5; element
+    // 16: its high nibble (0 -> -127) -> -317.5. Element 33 (sub-block 1, l = 1): high nibble of
+    // scales_l[0] (10), scales_h bits 2-3 (0) -> -22; byte 8 + 17 low nibble 8 -> 1 -> -11.
+    // Element 255 (sub-block 7, l = 31): high nibble of scales_l[3] (15), scales_h bits 14-15 (3)
+    // -> 31; byte 8 + 127 high nibble 7 -> -10 -> -155.
+    std::vector<std::uint8_t> iq4(136, 0);
+    at(iq4, 0, 0x00), at(iq4, 1, 0x38), at(iq4, 2, 0x02), at(iq4, 3, 0xC0), at(iq4, 4, 0xA5), at(iq4, 7, 0xF0);
+    at(iq4, 8, 0x0F), at(iq4, 8 + 17, 0x08), at(iq4, 8 + 127, 0x70);
 
     test::GgufWriter w;
     w.string("general.architecture", "llama");
@@ -454,6 +484,7 @@ TEST_CASE("GGUF: K-quant super-blocks (Q2_K to Q6_K) read as ggml's values, work
     w.tensor("q6", test::Q6_K, {256}, bytes(q6));
     w.tensor("q2", test::Q2_K, {256}, bytes(q2));
     w.tensor("q3", test::Q3_K, {256}, bytes(q3));
+    w.tensor("iq4", test::IQ4_XS, {256}, bytes(iq4));
     const std::vector<std::byte> image = w.bytes();
     const GgufView v(image, "k.gguf");
     const auto value = [&](const char* name, index_t i) { return v.element(v.info(name), i); };
@@ -482,8 +513,14 @@ TEST_CASE("GGUF: K-quant super-blocks (Q2_K to Q6_K) read as ggml's values, work
     CHECK(value("q3", 1) == -10.0);
     CHECK(value("q3", 160) == -39.0);
     CHECK(value("q3", 255) == 46.5);
+    CHECK(v.info("iq4").type_string() == "IQ4_XS");
+    CHECK(value("iq4", 0) == 282.5);
+    CHECK(value("iq4", 16) == -317.5);
+    CHECK(value("iq4", 33) == -11.0);
+    CHECK(value("iq4", 255) == -155.0);
     // to_f32 gives the same values, as the loop-form decoder does.
-    const std::map<std::string, std::uint32_t> types = {{"q2", test::Q2_K}, {"q3", test::Q3_K}, {"q4", test::Q4_K}, {"q5", test::Q5_K}, {"q6", test::Q6_K}};
+    const std::map<std::string, std::uint32_t> types = {{"q2", test::Q2_K}, {"q3", test::Q3_K}, {"q4", test::Q4_K}, {"q5", test::Q5_K}, {"q6", test::Q6_K},
+                                                         {"iq4", test::IQ4_XS}};
     for (const auto& entry : types) {
         const std::string& name = entry.first; // not a structured binding: clang 14 cannot capture one
         const std::uint32_t type = entry.second;
@@ -523,7 +560,7 @@ TEST_CASE_TEMPLATE_DEFINE("GGUF: K-quant experts give the block their values giv
     const std::vector<std::byte> base = test::gguf_from(Checkpoint(dir)).bytes();
     const Matrix<float> x = test::random_matrix(5, 256, 3);
     std::uint64_t seed = 10;
-    for (const std::uint32_t type : {test::Q2_K, test::Q3_K, test::Q4_K, test::Q5_K, test::Q6_K}) {
+    for (const std::uint32_t type : {test::Q2_K, test::Q3_K, test::Q4_K, test::Q5_K, test::Q6_K, test::IQ4_XS}) {
         CAPTURE(type);
         std::map<std::string, std::vector<std::byte>> blocks, values;
         for (const char* g : {"gate", "up", "down"}) {
@@ -605,7 +642,7 @@ TEST_CASE("GGUF: unsupported types, missing tensors and metadata give typed erro
         CHECK_THROWS_WITH_AS((void)load_moe_block<reference>(ck, 1),
                              doctest::Contains(("'model.layers.1.block_sparse_moe.experts.0.w3.weight' (GGUF "
                                                 "'blk.1.ffn_up_exps.weight' expert 0) in " + file +
-                                                " has dtype Q4_1, expected F32, BF16, F16, F64, Q8_0, Q4_0, Q2_K, Q3_K, Q4_K, Q5_K or Q6_K")
+                                                " has dtype Q4_1, expected F32, BF16, F16, F64, Q8_0, Q4_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K or IQ4_XS")
                                                    .c_str()),
                              weight_error);
         // Nor can a trainer hold it (it would have to widen it).

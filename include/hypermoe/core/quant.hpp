@@ -146,9 +146,18 @@ inline void dequantize(const BlockQ4_0& b, std::span<float, 32> out) noexcept {
 ///         quarter u = j % 128 / 32, with l = j % 32: the low 4 bits are byte 64 n + 32 (u % 2) + l
 ///         of ql (its high nibble when u >= 2), the high 2 bits are bits 2u, 2u + 1 of qh[32 n + l];
 ///         q = that 6-bit value - 32; value = (d * sc) * q with sc = scales[8 n + 2 u + l / 16].
-/// Every product is exact in f32 (at most 23 significant bits), so each value is exactly ggml's
+/// The same mechanism reads IQ4_XS, llama.cpp's non-linear 4-bit super-block (IQ4_XS files):
+///   IQ4_XS, 136 bytes: half d, 16-bit scales_h, 4 bytes scales_l, 128 bytes of nibbles. Sub-block
+///         s = j / 32 has the 6-bit scale ls = (nibble s % 2 of scales_l[s / 2]) | (bits 2s, 2s + 1
+///         of scales_h) << 4; with l = j % 32, the nibble is byte 16 s + l % 16 (the low one when
+///         l < 16); value = (d * (ls - 32)) * iq4nl_values[nibble].
+/// Every product is exact in f32 (at most 24 significant bits), so each value is exactly ggml's
 /// (dequantize_row_q4_K & co.): Q2_K, Q4_K and Q5_K round once, in the subtraction, as ggml does.
-enum class k_quant { q2_k, q3_k, q4_k, q5_k, q6_k };
+enum class k_quant { q2_k, q3_k, q4_k, q5_k, q6_k, iq4_xs };
+
+/// The 16 values IQ4_XS's (and IQ4_NL's) nibbles stand for (ggml's kvalues_iq4nl).
+inline constexpr std::array<std::int8_t, 16> iq4nl_values = {-127, -104, -83, -65, -49, -35, -22, -10,
+                                                              1,    13,   25,  38,  53,  69,  89,  113};
 
 inline constexpr index_t k_quant_block = 256;
 
@@ -174,7 +183,7 @@ class KQuantBlock {
 public:
     KQuantBlock(const void* block, k_quant type) noexcept
         : p_(static_cast<const unsigned char*>(block)), type_(type), d_(half(d_offset(type))),
-          dmin_(type == k_quant::q3_k || type == k_quant::q6_k ? 0.0f : half(d_offset(type) + 2)) {}
+          dmin_(type == k_quant::q3_k || type == k_quant::q6_k || type == k_quant::iq4_xs ? 0.0f : half(d_offset(type) + 2)) {}
 
     [[nodiscard]] float operator[](index_t j) const noexcept {
         const index_t l = j % 32;
@@ -184,6 +193,13 @@ public:
             if (type_ == k_quant::q2_k) return d_ * float(p_[s] & 0x0Fu) * float(q) - dmin_ * float(p_[s] >> 4);
             const bool high = ((p_[l] >> (4 * n + g)) & 1u) != 0;
             return d_ * float(int(k3_scale(p_ + 96, s)) - 32) * float(int(q) - (high ? 0 : 4));
+        }
+        if (type_ == k_quant::iq4_xs) {
+            const index_t s = j / 32;
+            const unsigned high = (unsigned(p_[2]) | unsigned(p_[3]) << 8) >> (2 * s) & 3u;
+            const unsigned ls = ((p_[4 + s / 2] >> (4 * (s % 2))) & 0x0Fu) | high << 4;
+            const unsigned byte = p_[8 + 16 * s + l % 16];
+            return d_ * float(int(ls) - 32) * float(iq4nl_values[l < 16 ? byte & 0x0Fu : byte >> 4]);
         }
         if (type_ == k_quant::q6_k) {
             const index_t n = j / 128, u = j % 128 / 32;

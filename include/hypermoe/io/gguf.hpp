@@ -75,6 +75,7 @@ inline constexpr std::array<GgmlType, 32> ggml_types = {{
     case 12: return tensor_dtype::q4_k;
     case 13: return tensor_dtype::q5_k;
     case 14: return tensor_dtype::q6_k;
+    case 23: return tensor_dtype::iq4_xs;
     case 24: return tensor_dtype::i8;
     case 25: return tensor_dtype::i16;
     case 26: return tensor_dtype::i32;

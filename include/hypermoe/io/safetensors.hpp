@@ -45,10 +45,10 @@
 namespace hypermoe {
 
 /// Element types of a stored tensor: those a safetensors file may declare, the block formats of
-/// GGUF files (q8_0, q4_0: blocks of 32 along the last dimension; the K-quants q2_k to q6_k:
+/// GGUF files (q8_0, q4_0: blocks of 32 along the last dimension; the K-quants q2_k to q6_k and iq4_xs:
 /// super-blocks of 256; core/quant.hpp) and `other` for a GGUF type the library does not read
 /// (its name is TensorInfo::type_name).
-enum class tensor_dtype { f64, f32, f16, bf16, i64, i32, i16, i8, u8, boolean, q8_0, q4_0, q2_k, q3_k, q4_k, q5_k, q6_k, other };
+enum class tensor_dtype { f64, f32, f16, bf16, i64, i32, i16, i8, u8, boolean, q8_0, q4_0, q2_k, q3_k, q4_k, q5_k, q6_k, iq4_xs, other };
 
 [[nodiscard]] inline std::optional<tensor_dtype> parse_tensor_dtype(std::string_view s) noexcept {
     static constexpr std::pair<std::string_view, tensor_dtype> names[] = {
@@ -62,7 +62,7 @@ enum class tensor_dtype { f64, f32, f16, bf16, i64, i32, i16, i8, u8, boolean, q
 
 [[nodiscard]] constexpr std::string_view to_string(tensor_dtype t) noexcept {
     constexpr std::string_view names[] = {"F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL", "Q8_0", "Q4_0",
-                                          "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "OTHER"};
+                                          "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS", "OTHER"};
     return names[static_cast<int>(t)];
 }
 
@@ -72,7 +72,7 @@ enum class tensor_dtype { f64, f32, f16, bf16, i64, i32, i16, i8, u8, boolean, q
 /// Whether a tensor dtype is a K-quant (core/quant.hpp), read by converting it to f32.
 [[nodiscard]] constexpr bool is_k_quant_dtype(tensor_dtype t) noexcept {
     return t == tensor_dtype::q2_k || t == tensor_dtype::q3_k || t == tensor_dtype::q4_k || t == tensor_dtype::q5_k ||
-           t == tensor_dtype::q6_k;
+           t == tensor_dtype::q6_k || t == tensor_dtype::iq4_xs;
 }
 
 /// Whether a tensor dtype's elements read as floats (element(), to_f32): F32, BF16, F16, F64,
@@ -89,6 +89,7 @@ enum class tensor_dtype { f64, f32, f16, bf16, i64, i32, i16, i8, u8, boolean, q
     case tensor_dtype::q3_k: return k_quant::q3_k;
     case tensor_dtype::q4_k: return k_quant::q4_k;
     case tensor_dtype::q5_k: return k_quant::q5_k;
+    case tensor_dtype::iq4_xs: return k_quant::iq4_xs;
     default: return k_quant::q6_k;
     }
 }
@@ -96,7 +97,7 @@ enum class tensor_dtype { f64, f32, f16, bf16, i64, i32, i16, i8, u8, boolean, q
 /// Bytes of one element of an element dtype; for the block formats, of one block (of 32, or 256
 /// for the K-quants); 0 for `other`.
 [[nodiscard]] constexpr std::size_t size_of(tensor_dtype t) noexcept {
-    constexpr std::size_t sizes[] = {8, 4, 2, 2, 8, 4, 2, 1, 1, 1, 34, 18, 84, 110, 144, 176, 210, 0};
+    constexpr std::size_t sizes[] = {8, 4, 2, 2, 8, 4, 2, 1, 1, 1, 34, 18, 84, 110, 144, 176, 210, 136, 0};
     return sizes[static_cast<int>(t)];
 }
 
@@ -204,7 +205,7 @@ public:
         case tensor_dtype::u8: return load(std::uint8_t{});
         case tensor_dtype::boolean: return load(std::uint8_t{}) != 0;
         case tensor_dtype::q8_0: case tensor_dtype::q4_0: case tensor_dtype::q2_k: case tensor_dtype::q3_k: case tensor_dtype::q4_k:
-        case tensor_dtype::q5_k: case tensor_dtype::q6_k: case tensor_dtype::other: break;
+        case tensor_dtype::q5_k: case tensor_dtype::q6_k: case tensor_dtype::iq4_xs: case tensor_dtype::other: break;
         }
         return 0;
     }

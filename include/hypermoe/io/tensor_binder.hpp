@@ -2,7 +2,7 @@
 // TensorBinder: fetches the tensors of one layer from a Checkpoint as WeightViews, checking each
 // name, dtype and shape, and collecting EVERY problem before anything is built: finish() throws
 // one weight_error that lists them all. F32 and BF16 tensors and Q8_0 / Q4_0 blocks (GGUF) are
-// viewed in place in the mapping (when aligned); F16, F64, K-quant (GGUF Q2_K to Q6_K),
+// viewed in place in the mapping (when aligned); F16, F64, K-quant (GGUF Q2_K to Q6_K, IQ4_XS),
 // misaligned and transposed tensors are converted into owned f32 storage (exactly: F16, blocks
 // and K-quants widen to f32 without rounding); a routed expert's, bound with deferred_matrix(),
 // only when its expert is packed, and freed (with the source's mapped pages) after.
@@ -121,7 +121,7 @@ private:
         const TensorInfo& t = *r.info;
         if (!is_floating_dtype(t.dtype)) {
             problems_.push_back(detail::concat(t.describe(), " in ", r.file->source(), " has dtype ", t.type_string(),
-                                               ", expected F32, BF16, F16, F64, Q8_0, Q4_0, Q2_K, Q3_K, Q4_K, Q5_K or Q6_K"));
+                                               ", expected F32, BF16, F16, F64, Q8_0, Q4_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K or IQ4_XS"));
             return {nullptr, nullptr};
         }
         if (t.shape != shape) {
