@@ -45,9 +45,9 @@
 namespace hypermoe {
 
 /// Element types of a stored tensor: those a safetensors file may declare, the block formats of
-/// GGUF files (q8_0, q4_0: blocks of 32 along the last dimension; the K-quants q2_k to q6_k and iq4_xs:
-/// super-blocks of 256; core/quant.hpp) and `other` for a GGUF type the library does not read
-/// (its name is TensorInfo::type_name).
+/// GGUF files (q8_0, q4_0: blocks of 32 along the last dimension; the K-quants q2_k to q6_k and
+/// iq4_xs: super-blocks of 256; core/quant.hpp) and `other` for a GGUF type the library does not
+/// read (its name is TensorInfo::type_name).
 enum class tensor_dtype { f64, f32, f16, bf16, i64, i32, i16, i8, u8, boolean, q8_0, q4_0, q2_k, q3_k, q4_k, q5_k, q6_k, iq4_xs, other };
 
 [[nodiscard]] inline std::optional<tensor_dtype> parse_tensor_dtype(std::string_view s) noexcept {
