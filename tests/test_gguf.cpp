@@ -112,14 +112,48 @@ test::GgufWriter rewritten(const std::vector<std::byte>& base, const std::functi
     return w;
 }
 
-/// The 256 values of a K-quant super-block (ggml type Q2_K to Q6_K, IQ4_XS), decoded the way ggml's
-/// dequantize_row_q*_K loops walk a block (the library reads each element on its own).
-std::vector<float> decode_k_quant(std::uint32_t type, const std::byte* block) {
+/// The elements in one block of a ggml type the library widens: 32 or 256.
+index_t block_of(std::uint32_t type) {
+    return type == test::Q4_1 || type == test::Q5_0 || type == test::Q5_1 || type == test::IQ4_NL ? 32 : 256;
+}
+
+/// The values of one block of a ggml quant the library widens (Q4_1, Q5_0, Q5_1, IQ4_NL: 32; Q2_K
+/// to Q6_K, IQ4_XS: 256), decoded the way ggml's dequantize_row_* loops walk a block (the library
+/// reads each element on its own).
+std::vector<float> decode_ggml_quant(std::uint32_t type, const std::byte* block) {
     const auto* b = reinterpret_cast<const std::uint8_t*>(block);
     const auto half = [b](int at) { return f16_bits_to_f32(std::uint16_t(b[at] | b[at + 1] << 8)); };
     std::vector<float> y;
+    static constexpr std::int8_t kvalues_iq4nl[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
+    if (block_of(type) == 32) {
+        y.resize(32);
+        const float d = half(0);
+        if (type == test::IQ4_NL) {
+            for (int j = 0; j < 16; ++j) {
+                y[std::size_t(j)] = d * float(kvalues_iq4nl[b[2 + j] & 0xf]);
+                y[std::size_t(j + 16)] = d * float(kvalues_iq4nl[b[2 + j] >> 4]);
+            }
+            return y;
+        }
+        const bool five = type == test::Q5_0 || type == test::Q5_1;
+        const float m = type == test::Q5_0 ? 0.0f : half(2);
+        const std::uint8_t* qs = b + (type == test::Q4_1 ? 4 : type == test::Q5_0 ? 6 : 8);
+        std::uint32_t qh = 0;
+        if (five) std::memcpy(&qh, qs - 4, 4);
+        for (int j = 0; j < 16; ++j) {
+            const int xh_0 = five ? ((qh >> (j + 0)) << 4) & 0x10 : 0;
+            const int xh_1 = five ? ((qh >> (j + 12))) & 0x10 : 0;
+            int x0 = (qs[j] & 0x0F) | xh_0, x1 = (qs[j] >> 4) | xh_1;
+            if (type == test::Q5_0) {
+                x0 -= 16, x1 -= 16;
+                y[std::size_t(j)] = float(x0) * d, y[std::size_t(j + 16)] = float(x1) * d;
+            } else {
+                y[std::size_t(j)] = float(x0) * d + m, y[std::size_t(j + 16)] = float(x1) * d + m;
+            }
+        }
+        return y;
+    }
     if (type == test::IQ4_XS) {
-        static constexpr std::int8_t kvalues_iq4nl[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
         const float d = half(0);
         const int scales_h = b[2] | b[3] << 8;
         const std::uint8_t* scales_l = b + 4;
@@ -205,10 +239,11 @@ std::vector<float> decode_k_quant(std::uint32_t type, const std::byte* block) {
     return y;
 }
 
-/// `blocks` K-quant super-blocks of random bytes, with finite scales of about 2^-8 (`type`: Q2_K
-/// to Q6_K, IQ4_XS).
-std::vector<std::byte> random_k_quant(std::uint32_t type, index_t blocks, std::uint64_t seed) {
+/// `blocks` blocks of random bytes of a ggml quant the library widens, with finite scales (and
+/// mins) of about 2^-8 (`type`: Q4_1, Q5_0, Q5_1, IQ4_NL, Q2_K to Q6_K, IQ4_XS).
+std::vector<std::byte> random_ggml_quant(std::uint32_t type, index_t blocks, std::uint64_t seed) {
     const std::map<std::uint32_t, std::pair<std::size_t, std::vector<std::size_t>>> layout = { // bytes, where its halves are
+        {test::Q4_1, {20, {0, 2}}}, {test::Q5_0, {22, {0}}}, {test::Q5_1, {24, {0, 2}}}, {test::IQ4_NL, {18, {0}}},
         {test::Q2_K, {84, {80, 82}}}, {test::Q3_K, {110, {108}}}, {test::Q4_K, {144, {0, 2}}}, {test::Q5_K, {176, {0, 2}}}, {test::Q6_K, {210, {208}}},
         {test::IQ4_XS, {136, {0}}}};
     const auto& [size, halves] = layout.at(type);
@@ -415,8 +450,8 @@ TEST_CASE("GGUF: inspect-level description: family, blocks, types and bytes") {
     CHECK(ck.config_source() == file + " (GGUF metadata)");
 }
 
-TEST_CASE("GGUF: K-quant super-blocks (Q2_K to Q6_K, IQ4_XS) read as ggml's values, worked by hand") {
-    // One super-block of each, all bytes 0 but those named; each value worked out in the comment.
+TEST_CASE("GGUF: blocks of Q4_1, Q5_0, Q5_1, IQ4_NL and super-blocks of Q2_K to Q6_K, IQ4_XS read as ggml's values, worked by hand") {
+    // One block of each, all bytes 0 but those named; each value worked out in the comment.
     const auto at = [](std::vector<std::uint8_t>& b, std::size_t i, std::uint8_t v) { b[i] = v; };
     // Q4_K: d = 1 (half 0x3C00), dmin = 0.5 (0x3800). Scales: sub-block 0 sc = 2 (byte 0), m = 3
     // (byte 4); sub-block 5 sc = 1 (low nibble of byte 9) + 16 * 3 (top bits of byte 1) = 49,
@@ -473,6 +508,30 @@ TEST_CASE("GGUF: K-quant super-blocks (Q2_K to Q6_K, IQ4_XS) read as ggml's valu
     std::vector<std::uint8_t> iq4(136, 0);
     at(iq4, 0, 0x00), at(iq4, 1, 0x38), at(iq4, 2, 0x02), at(iq4, 3, 0xC0), at(iq4, 4, 0xA5), at(iq4, 7, 0xF0);
     at(iq4, 8, 0x0F), at(iq4, 8 + 17, 0x08), at(iq4, 8 + 127, 0x70);
+    // The blocks of 32: element j < 16 is the low nibble of qs[j], element j + 16 its high one.
+    // Q4_1: d = 1 at 0, m = -2.5 (half 0xC100) at 2, qs at 4. Element 0: low nibble of qs[0]
+    // (10) -> 10 - 2.5 = 7.5; element 16: its high nibble (7) -> 4.5; element 31: high nibble of
+    // qs[15] (15) -> 12.5; element 15: 0 -> -2.5.
+    std::vector<std::uint8_t> q41(20, 0);
+    at(q41, 1, 0x3C), at(q41, 2, 0x00), at(q41, 3, 0xC1), at(q41, 4 + 0, 0x7A), at(q41, 4 + 15, 0xF0);
+    // Q5_0: d = 0.5 at 0, qh (a little-endian u32: bit j is element j's fifth bit) at 2, qs at 6.
+    // Element 0: nibble 3, bit 0 set -> 19 - 16 = 3 -> 1.5; element 1: nibble 0, bit clear -> -16
+    // -> -8; element 17: high nibble of qs[1] (12), bit 17 (qh byte 2, bit 1) set -> 28 - 16 -> 6;
+    // element 8: nibble 5, bit 8 (qh byte 1, bit 0) set -> 21 - 16 -> 2.5; element 30: high
+    // nibble of qs[14] (15), bit clear -> -1 -> -0.5.
+    std::vector<std::uint8_t> q50(22, 0);
+    at(q50, 1, 0x38), at(q50, 2, 0x01), at(q50, 3, 0x01), at(q50, 4, 0x02);
+    at(q50, 6 + 0, 0x03), at(q50, 6 + 1, 0xC0), at(q50, 6 + 8, 0x05), at(q50, 6 + 14, 0xF0);
+    // Q5_1: d = 0.25 (0x3400) at 0, m = 1 at 2, qh at 4, qs at 8. Element 0: nibble 15, bit 0 set
+    // -> 31 -> 0.25 * 31 + 1 = 8.75; element 16: high nibble 1, bit clear -> 1.25; element 31:
+    // nibble 0, bit 31 (qh byte 3, bit 7) set -> 16 -> 5; element 5: 0 -> 1.
+    std::vector<std::uint8_t> q51(24, 0);
+    at(q51, 1, 0x34), at(q51, 3, 0x3C), at(q51, 4, 0x01), at(q51, 7, 0x80), at(q51, 8 + 0, 0x1F);
+    // IQ4_NL: d = 0.5 at 0, qs at 2; a nibble stands for iq4nl_values[nibble]. Element 0: 15 ->
+    // 113 -> 56.5; element 16: 0 -> -127 -> -63.5; element 15: low nibble of qs[15] (7) -> -10
+    // -> -5; element 31: its high nibble (8) -> 1 -> 0.5.
+    std::vector<std::uint8_t> nl(18, 0);
+    at(nl, 1, 0x38), at(nl, 2 + 0, 0x0F), at(nl, 2 + 15, 0x87);
 
     test::GgufWriter w;
     w.string("general.architecture", "llama");
@@ -485,6 +544,10 @@ TEST_CASE("GGUF: K-quant super-blocks (Q2_K to Q6_K, IQ4_XS) read as ggml's valu
     w.tensor("q2", test::Q2_K, {256}, bytes(q2));
     w.tensor("q3", test::Q3_K, {256}, bytes(q3));
     w.tensor("iq4", test::IQ4_XS, {256}, bytes(iq4));
+    w.tensor("q41", test::Q4_1, {32}, bytes(q41));
+    w.tensor("q50", test::Q5_0, {32}, bytes(q50));
+    w.tensor("q51", test::Q5_1, {32}, bytes(q51));
+    w.tensor("nl", test::IQ4_NL, {32}, bytes(nl));
     const std::vector<std::byte> image = w.bytes();
     const GgufView v(image, "k.gguf");
     const auto value = [&](const char* name, index_t i) { return v.element(v.info(name), i); };
@@ -518,62 +581,110 @@ TEST_CASE("GGUF: K-quant super-blocks (Q2_K to Q6_K, IQ4_XS) read as ggml's valu
     CHECK(value("iq4", 16) == -317.5);
     CHECK(value("iq4", 33) == -11.0);
     CHECK(value("iq4", 255) == -155.0);
+    CHECK(v.info("q41").dtype == tensor_dtype::q4_1);
+    CHECK(value("q41", 0) == 7.5);
+    CHECK(value("q41", 16) == 4.5);
+    CHECK(value("q41", 31) == 12.5);
+    CHECK(value("q41", 15) == -2.5);
+    CHECK(v.info("q50").type_string() == "Q5_0");
+    CHECK(value("q50", 0) == 1.5);
+    CHECK(value("q50", 1) == -8.0);
+    CHECK(value("q50", 17) == 6.0);
+    CHECK(value("q50", 8) == 2.5);
+    CHECK(value("q50", 30) == -0.5);
+    CHECK(v.info("q51").dtype == tensor_dtype::q5_1);
+    CHECK(value("q51", 0) == 8.75);
+    CHECK(value("q51", 16) == 1.25);
+    CHECK(value("q51", 31) == 5.0);
+    CHECK(value("q51", 5) == 1.0);
+    CHECK(v.info("nl").type_string() == "IQ4_NL");
+    CHECK(value("nl", 0) == 56.5);
+    CHECK(value("nl", 16) == -63.5);
+    CHECK(value("nl", 15) == -5.0);
+    CHECK(value("nl", 31) == 0.5);
     // to_f32 gives the same values, as the loop-form decoder does.
-    const std::map<std::string, std::uint32_t> types = {{"q2", test::Q2_K}, {"q3", test::Q3_K}, {"q4", test::Q4_K}, {"q5", test::Q5_K}, {"q6", test::Q6_K},
-                                                         {"iq4", test::IQ4_XS}};
+    const std::map<std::string, std::uint32_t> types = {{"q2", test::Q2_K},   {"q3", test::Q3_K},   {"q4", test::Q4_K},
+                                                         {"q5", test::Q5_K},   {"q6", test::Q6_K},   {"iq4", test::IQ4_XS},
+                                                         {"q41", test::Q4_1},  {"q50", test::Q5_0},  {"q51", test::Q5_1},
+                                                         {"nl", test::IQ4_NL}};
     for (const auto& entry : types) {
         const std::string& name = entry.first; // not a structured binding: clang 14 cannot capture one
         const std::uint32_t type = entry.second;
         CAPTURE(name);
         const TensorInfo& t = v.info(name);
         const Matrix<float> m = v.to_f32(t);
-        const auto want = decode_k_quant(type, v.data(t).data());
-        for (index_t i = 0; i < 256; ++i) CHECK(m.data()[i] == want[std::size_t(i)]);
+        const auto want = decode_ggml_quant(type, v.data(t).data());
+        REQUIRE(t.numel() == block_of(type));
+        for (index_t i = 0; i < t.numel(); ++i) CHECK(m.data()[i] == want[std::size_t(i)]);
     }
     // Random super-blocks of every type: the library's element-wise reading against the loop form.
     for (const auto& entry : types) {
         const std::string& name = entry.first;
         const std::uint32_t type = entry.second;
         CAPTURE(name);
-        const std::vector<std::byte> blocks = random_k_quant(type, 16, 99);
+        const std::vector<std::byte> blocks = random_ggml_quant(type, 16, 99);
+        const index_t n = block_of(type);
         test::GgufWriter r;
         r.string("general.architecture", "llama");
-        r.tensor("w", type, {256, 16}, blocks);
+        r.tensor("w", type, {n, 16}, blocks);
         const std::vector<std::byte> file = r.bytes();
         const GgufView rv(file, "r.gguf");
         const Matrix<float> m = rv.to_f32(rv.info("w"));
         const std::size_t size = blocks.size() / 16;
         for (index_t b = 0; b < 16; ++b) {
-            const auto want = decode_k_quant(type, blocks.data() + std::size_t(b) * size);
-            for (index_t i = 0; i < 256; ++i) CHECK(m(b, i) == want[std::size_t(i)]);
+            const auto want = decode_ggml_quant(type, blocks.data() + std::size_t(b) * size);
+            for (index_t i = 0; i < n; ++i) CHECK(m(b, i) == want[std::size_t(i)]);
         }
     }
 }
 
-TEST_CASE_TEMPLATE_DEFINE("GGUF: K-quant experts give the block their values give as F32", B, k_quants) {
-    // A Mixtral-like block whose rows are whole super-blocks (d_model = d_ff = 256), converted to
-    // GGUF, its expert tensors replaced by random K-quant bytes; the same file with those
-    // experts' values (decoded apart) as F32 must give the same outputs, bit for bit.
-    TempDir tmp("kquant");
-    const std::string dir = (tmp.path / "hf").string();
-    write_synthetic_checkpoint(dir, {.family = family("mixtral"), .d_model = 256, .d_ff = 256, .experts = 3, .top_k = 2, .layers = 1});
-    const std::vector<std::byte> base = test::gguf_from(Checkpoint(dir)).bytes();
+TEST_CASE_TEMPLATE_DEFINE("GGUF: experts in every widened ggml quant give the block their values give as F32", B, ggml_quants) {
+    // A Mixtral-like block (d_model = 256, 3 experts) converted to GGUF, its expert tensors
+    // replaced by random blocks of a ggml quant the library widens; the same file with those
+    // experts' values (decoded apart) as F32 must give the same outputs, bit for bit. The
+    // K-quants with d_ff = 256 (rows of whole super-blocks); the blocks of 32 with d_ff = 96,
+    // which no super-block divides, as llama.cpp stores such a block: Qwen1.5-MoE's Q4_K_M file
+    // holds its gate and up (rows of d_model) in Q4_K and its down projection (rows of d_ff) in
+    // Q5_0; Q5_K_M's in Q5_K and Q5_1, IQ4_XS's in IQ4_XS and IQ4_NL.
+    struct Case {
+        std::uint32_t gate_up, down;
+        index_t ff;
+    };
+    const Case cases[] = {{test::Q2_K, test::Q2_K, 256},     {test::Q3_K, test::Q3_K, 256}, {test::Q4_K, test::Q4_K, 256},
+                          {test::Q5_K, test::Q5_K, 256},     {test::Q6_K, test::Q6_K, 256}, {test::IQ4_XS, test::IQ4_XS, 256},
+                          {test::Q4_1, test::Q4_1, 96},      {test::Q4_K, test::Q5_0, 96},  {test::Q5_K, test::Q5_1, 96},
+                          {test::IQ4_XS, test::IQ4_NL, 96}};
+    TempDir tmp("ggml_quants");
+    std::map<index_t, std::vector<std::byte>> bases; // by d_ff
+    for (const index_t ff : {96, 256}) {
+        const std::string dir = (tmp.path / ("hf" + std::to_string(ff))).string();
+        write_synthetic_checkpoint(dir, {.family = family("mixtral"), .d_model = 256, .d_ff = ff, .experts = 3, .top_k = 2, .layers = 1});
+        bases[ff] = test::gguf_from(Checkpoint(dir)).bytes();
+    }
     const Matrix<float> x = test::random_matrix(5, 256, 3);
     std::uint64_t seed = 10;
-    for (const std::uint32_t type : {test::Q2_K, test::Q3_K, test::Q4_K, test::Q5_K, test::Q6_K, test::IQ4_XS}) {
-        CAPTURE(type);
+    for (const Case& c : cases) {
+        CAPTURE(c.gate_up);
+        CAPTURE(c.down);
+        const index_t ff = c.ff;
         std::map<std::string, std::vector<std::byte>> blocks, values;
+        std::map<std::string, std::vector<std::int64_t>> ne;
+        std::map<std::string, std::uint32_t> types;
         for (const char* g : {"gate", "up", "down"}) {
             const std::string name = std::string("blk.0.ffn_") + g + "_exps.weight";
-            const index_t super_blocks = 3 * 256; // 3 experts x 256 rows x 1 super-block
-            blocks[name] = random_k_quant(type, super_blocks, ++seed);
-            const std::size_t size = blocks[name].size() / std::size_t(super_blocks);
-            for (index_t i = 0; i < super_blocks; ++i)
-                for (const float f : decode_k_quant(type, blocks[name].data() + std::size_t(i) * size)) test::GgufWriter::put(values[name], f);
+            const bool down = std::string(g) == "down";
+            types[name] = down ? c.down : c.gate_up;
+            ne[name] = down ? std::vector<std::int64_t>{ff, 256, 3} : std::vector<std::int64_t>{256, ff, 3};
+            const index_t count = 3 * 256 * ff / block_of(types[name]); // 3 experts x 256 x ff weights
+            blocks[name] = random_ggml_quant(types[name], count, ++seed);
+            const std::size_t size = blocks[name].size() / std::size_t(count);
+            for (index_t i = 0; i < count; ++i)
+                for (const float f : decode_ggml_quant(types[name], blocks[name].data() + std::size_t(i) * size))
+                    test::GgufWriter::put(values[name], f);
         }
         const auto file = [&](const std::string& path, bool quantised) {
-            rewritten(base, [&](const std::string& name, TensorEdit& t) {
-                if (blocks.count(name) != 0) t = {quantised ? type : test::F32, {256, 256, 3}, quantised ? blocks[name] : values[name]};
+            rewritten(bases[ff], [&](const std::string& name, TensorEdit& t) {
+                if (blocks.count(name) != 0) t = {quantised ? types[name] : test::F32, ne[name], quantised ? blocks[name] : values[name]};
                 return true;
             }).write(path);
             return path;
@@ -585,26 +696,26 @@ TEST_CASE_TEMPLATE_DEFINE("GGUF: K-quant experts give the block their values giv
         // Converted to f32 by default; re-quantised to q8_0 on request (its own quantiser).
         const auto held = load_moe_block<B>(k, 0, "", {.storage = dtype::q8_0});
         CHECK(held.d_model() == 256);
-        // The loader converts an expert's K-quant tensors only as it packs that expert
+        // The loader converts an expert's quantised tensors only as it packs that expert
         // (TensorBinder::deferred_matrix, materialise, release): the same values as matrix()'s
         // eager conversion; an F32 tensor is viewed in place either way.
         if (std::is_same_v<B, reference>) {
             TensorBinder eager(k, "eager"), deferred(k, "deferred");
             const std::string w1 = "model.layers.0.block_sparse_moe.experts.1.w1.weight", gate = "model.layers.0.block_sparse_moe.gate.weight";
-            const WeightView e = eager.matrix(w1, 256, 256), d = deferred.deferred_matrix(w1, 256, 256);
+            const WeightView e = eager.matrix(w1, ff, 256), d = deferred.deferred_matrix(w1, ff, 256);
             deferred.finish();
             deferred.materialise(d);
             deferred.materialise(d); // once only
             REQUIRE(d.type() == dtype::f32);
-            CHECK(std::memcmp(d.extent().data(), e.extent().data(), 256 * 256 * sizeof(float)) == 0);
+            CHECK(std::memcmp(d.extent().data(), e.extent().data(), std::size_t(ff) * 256 * sizeof(float)) == 0);
             CHECK(deferred.deferred_matrix(gate, 3, 256).extent().data() == eager.matrix(gate, 3, 256).extent().data());
-            // Once packed, the K-quant bytes it was converted from leave this process's memory
+            // Once packed, the quantised bytes it was converted from leave this process's memory
             // too (the mapping is private and read-only: they fault back in from the file).
             const Checkpoint::Ref source = k.find(w1);
             const auto from = source.file->data(*source.info);
-            REQUIRE(from.size() == 256 * (blocks["blk.0.ffn_gate_exps.weight"].size() / (3 * 256))); // expert 1's 256 super-blocks
+            REQUIRE(from.size() == blocks["blk.0.ffn_gate_exps.weight"].size() / 3); // expert 1's third
             const auto [mapped, pages] = present_pages(from);
-            REQUIRE(pages >= 4); // Q2_K's 21 KiB hold at least 4 whole pages
+            REQUIRE(pages >= 2); // IQ4_XS's 13 KiB at d_ff = 96 (the fewest) hold at least 2 whole pages
             if (mapped < 0) {
                 MESSAGE("/proc/self/pagemap is not readable here: the page release check is skipped");
             } else {
@@ -613,42 +724,44 @@ TEST_CASE_TEMPLATE_DEFINE("GGUF: K-quant experts give the block their values giv
                 CHECK(present_pages(from).first == 0);
             }
         }
-        // A trainer holds their values too (expert 1's gate: the second 256 x 256 slice).
+        // A trainer holds their values too (expert 1's gate: the second ff x 256 slice).
         if (std::is_same_v<B, reference>) {
             ParameterStore store{k};
             const auto v = store.values("model.layers.0.block_sparse_moe.experts.1.w1.weight");
-            REQUIRE(v.size() == 256 * 256);
-            CHECK(std::memcmp(v.data(), values["blk.0.ffn_gate_exps.weight"].data() + 256 * 256 * sizeof(float), v.size() * sizeof(float)) == 0);
+            REQUIRE(v.size() == std::size_t(ff) * 256);
+            CHECK(std::memcmp(v.data(), values["blk.0.ffn_gate_exps.weight"].data() + v.size() * sizeof(float), v.size() * sizeof(float)) == 0);
         }
     }
 }
-TEST_CASE_TEMPLATE_APPLY(k_quants, test::all_backends);
+TEST_CASE_TEMPLATE_APPLY(ggml_quants, test::all_backends);
 
 TEST_CASE("GGUF: unsupported types, missing tensors and metadata give typed errors that name them") {
     TempDir tmp("errors");
     const std::string file = (tmp.path / "m.gguf").string();
     const Checkpoint st(data_dir + "/mixtral-basic");
 
-    // Block 1's up experts in Q4_1 (rows of 256, a different shape too, but the type is reported):
-    // the file opens and describes, block 0 loads, block 1 names the tensor and its type.
+    // Block 1's up experts in MXFP4 (gpt-oss's experts; rows of 256, a different shape too, but
+    // the type is reported): the file opens and describes, block 0 loads, block 1 names the
+    // tensor and its type.
     {
         rewritten(test::gguf_from(st).bytes(), [](const std::string& name, TensorEdit& t) {
-            if (name == "blk.1.ffn_up_exps.weight") t = {test::Q4_1, {256, 5, 4}, std::vector<std::byte>(4 * 5 * 8 * 20)};
+            if (name == "blk.1.ffn_up_exps.weight") t = {test::MXFP4, {256, 5, 4}, std::vector<std::byte>(4 * 5 * 8 * 17)};
             return true;
         }).write(file);
         const Checkpoint ck(file);
-        CHECK(describe(ck).dtypes.count("Q4_1") == 1);
+        CHECK(describe(ck).dtypes.count("MXFP4") == 1);
         CHECK_NOTHROW((void)load_moe_block<reference>(ck, 0));
         CHECK_THROWS_WITH_AS((void)load_moe_block<reference>(ck, 1),
                              doctest::Contains(("'model.layers.1.block_sparse_moe.experts.0.w3.weight' (GGUF "
                                                 "'blk.1.ffn_up_exps.weight' expert 0) in " + file +
-                                                " has dtype Q4_1, expected F32, BF16, F16, F64, Q8_0, Q4_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K or IQ4_XS")
+                                                " has dtype MXFP4, expected F32, BF16, F16, F64, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, IQ4_NL, Q2_K, Q3_K, Q4_K, Q5_K, "
+                                                "Q6_K or IQ4_XS")
                                                    .c_str()),
                              weight_error);
         // Nor can a trainer hold it (it would have to widen it).
         CHECK_THROWS_WITH_AS(ParameterStore{ck},
                              doctest::Contains("'model.layers.1.block_sparse_moe.experts.0.w3.weight' (GGUF 'blk.1.ffn_up_exps.weight' "
-                                               "expert 0) has dtype Q4_1, which cannot be held for training"),
+                                               "expert 0) has dtype MXFP4, which cannot be held for training"),
                              weight_error);
     }
     // A missing expert tensor names the GGUF tensors it is read from.

@@ -126,9 +126,22 @@ inline void dequantize(const BlockQ4_0& b, std::span<float, 32> out) noexcept {
     return float(int(j < 16 ? byte & 0x0Fu : byte >> 4) - 8) * d;
 }
 
-/// llama.cpp's K-quant super-blocks that GGUF files of its Q2_K, Q3_K_*, Q4_K_*, Q5_K_* and Q6_K
-/// kinds hold: 256 weights each, read by converting them to f32 (io/: never held in this form).
-/// Per 256-element super-block, as ggml's bytes (half values little-endian):
+/// ggml's other quant types, which the library reads by widening them to f32 (io/: never held in
+/// this form; q8_0 and q4_0 above are held as stored). Their bytes are ggml's (half values
+/// little-endian). Two kinds:
+///
+/// Blocks of 32, like Q4_0 and Q8_0: what older files hold throughout, and what llama.cpp writes
+/// for a matrix whose rows are not whole super-blocks of 256 (Qwen1.5-MoE's and DeepSeek-V2-Lite's
+/// 1408-wide expert down projections: Q5_0 in a Q4_K_M file, Q5_1 in Q5_K_M, IQ4_NL in Q2_K,
+/// Q3_K and IQ4_XS files). Element j < 16 is the low nibble of qs[j], element j + 16 its high one:
+///   Q4_1, 20 bytes: half d, half m, 16 bytes qs; value = d * q + m.
+///   Q5_0, 22 bytes: half d, 4 bytes qh, 16 bytes qs; q = nibble + 16 * (bit j of qh as a
+///         little-endian u32), for element j (0-31); value = d * (q - 16).
+///   Q5_1, 24 bytes: half d, half m, qh, qs; q as Q5_0's; value = d * q + m.
+///   IQ4_NL, 18 bytes: half d, 16 bytes qs; value = d * iq4nl_values[nibble].
+///
+/// K-quant super-blocks of 256, in the files of llama.cpp's Q2_K, Q3_K_*, Q4_K_*, Q5_K_* and Q6_K
+/// kinds, and the non-linear IQ4_XS of its IQ4_XS files:
 ///   Q2_K, 84 bytes: 16 scale bytes (a sub-block of 16 each: scale sc in the low nibble, min m in
 ///         the high one), 64 bytes qs, half d, half dmin. Per half n = j / 128, with g = j % 128
 ///         / 32 and b = j % 32: q = bits 2g, 2g + 1 of qs[32 n + b]; sub-block s = 8 n + 2 g +
@@ -146,20 +159,22 @@ inline void dequantize(const BlockQ4_0& b, std::span<float, 32> out) noexcept {
 ///         quarter u = j % 128 / 32, with l = j % 32: the low 4 bits are byte 64 n + 32 (u % 2) + l
 ///         of ql (its high nibble when u >= 2), the high 2 bits are bits 2u, 2u + 1 of qh[32 n + l];
 ///         q = that 6-bit value - 32; value = (d * sc) * q with sc = scales[8 n + 2 u + l / 16].
-/// The same mechanism reads IQ4_XS, llama.cpp's non-linear 4-bit super-block (IQ4_XS files):
 ///   IQ4_XS, 136 bytes: half d, 16-bit scales_h, 4 bytes scales_l, 128 bytes of nibbles. Sub-block
 ///         s = j / 32 has the 6-bit scale ls = (nibble s % 2 of scales_l[s / 2]) | (bits 2s, 2s + 1
 ///         of scales_h) << 4; with l = j % 32, the nibble is byte 16 s + l % 16 (the low one when
 ///         l < 16); value = (d * (ls - 32)) * iq4nl_values[nibble].
+///
 /// Every product is exact in f32 (at most 24 significant bits), so each value is exactly ggml's
-/// (dequantize_row_q4_K & co.): Q2_K, Q4_K and Q5_K round once, in the subtraction, as ggml does.
-enum class k_quant { q2_k, q3_k, q4_k, q5_k, q6_k, iq4_xs };
+/// (dequantize_row_q4_1, dequantize_row_q4_K & co.): Q4_1, Q5_1, Q2_K, Q4_K and Q5_K round once,
+/// in the addition of the min, as ggml does.
+enum class ggml_quant { q4_1, q5_0, q5_1, iq4_nl, q2_k, q3_k, q4_k, q5_k, q6_k, iq4_xs };
 
-/// The 16 values IQ4_XS's (and IQ4_NL's) nibbles stand for (ggml's kvalues_iq4nl).
+/// The elements in one block of a type: 32 for the blocks of 32, 256 for the super-blocks.
+[[nodiscard]] constexpr index_t block_elements(ggml_quant t) noexcept { return t <= ggml_quant::iq4_nl ? 32 : 256; }
+
+/// The 16 values IQ4_NL's and IQ4_XS's nibbles stand for (ggml's kvalues_iq4nl).
 inline constexpr std::array<std::int8_t, 16> iq4nl_values = {-127, -104, -83, -65, -49, -35, -22, -10,
                                                               1,    13,   25,  38,  53,  69,  89,  113};
-
-inline constexpr index_t k_quant_block = 256;
 
 /// Sub-block s's (0-7) 6-bit scale and min from a Q4_K / Q5_K super-block's 12 scale bytes: s < 4
 /// in the low 6 bits of bytes s and s + 4; else the low (scale) and high (min) nibbles of byte
@@ -177,50 +192,66 @@ inline constexpr index_t k_quant_block = 256;
     return low | ((scales[8 + s % 4] >> (2 * (s / 4))) & 3u) << 4;
 }
 
-/// A K-quant super-block stored as ggml's bytes (any alignment), its half scales read once:
-/// block[j] is element j (0-255).
-class KQuantBlock {
+/// One block of a ggml_quant type stored as ggml's bytes (any alignment), its half scales read
+/// once: block[j] is element j (0 to block_elements(type) - 1).
+class GgmlQuantBlock {
 public:
-    KQuantBlock(const void* block, k_quant type) noexcept
+    GgmlQuantBlock(const void* block, ggml_quant type) noexcept
         : p_(static_cast<const unsigned char*>(block)), type_(type), d_(half(d_offset(type))),
-          dmin_(type == k_quant::q3_k || type == k_quant::q6_k || type == k_quant::iq4_xs ? 0.0f : half(d_offset(type) + 2)) {}
+          dmin_(has_min(type) ? half(d_offset(type) + 2) : 0.0f) {}
 
     [[nodiscard]] float operator[](index_t j) const noexcept {
         const index_t l = j % 32;
-        if (type_ == k_quant::q2_k || type_ == k_quant::q3_k) {
+        switch (type_) {
+        case ggml_quant::q4_1: case ggml_quant::q5_0: case ggml_quant::q5_1: case ggml_quant::iq4_nl: {
+            const bool five = type_ == ggml_quant::q5_0 || type_ == ggml_quant::q5_1;
+            const index_t qs = type_ == ggml_quant::q4_1 ? 4 : type_ == ggml_quant::q5_0 ? 6 : type_ == ggml_quant::q5_1 ? 8 : 2;
+            const unsigned byte = p_[qs + l % 16];
+            unsigned q = l < 16 ? byte & 0x0Fu : byte >> 4;
+            if (type_ == ggml_quant::iq4_nl) return d_ * float(iq4nl_values[q]);
+            if (five) q |= ((p_[qs - 4 + l / 8] >> (l % 8)) & 1u) << 4;
+            if (type_ == ggml_quant::q5_0) return d_ * float(int(q) - 16);
+            return d_ * float(q) + dmin_;
+        }
+        case ggml_quant::q2_k: case ggml_quant::q3_k: {
             const index_t n = j / 128, g = j % 128 / 32, s = 8 * n + 2 * g + l / 16;
-            const unsigned q = (p_[(type_ == k_quant::q2_k ? 16 : 32) + 32 * n + l] >> (2 * g)) & 3u;
-            if (type_ == k_quant::q2_k) return d_ * float(p_[s] & 0x0Fu) * float(q) - dmin_ * float(p_[s] >> 4);
+            const unsigned q = (p_[(type_ == ggml_quant::q2_k ? 16 : 32) + 32 * n + l] >> (2 * g)) & 3u;
+            if (type_ == ggml_quant::q2_k) return d_ * float(p_[s] & 0x0Fu) * float(q) - dmin_ * float(p_[s] >> 4);
             const bool high = ((p_[l] >> (4 * n + g)) & 1u) != 0;
             return d_ * float(int(k3_scale(p_ + 96, s)) - 32) * float(int(q) - (high ? 0 : 4));
         }
-        if (type_ == k_quant::iq4_xs) {
+        case ggml_quant::iq4_xs: {
             const index_t s = j / 32;
             const unsigned high = (unsigned(p_[2]) | unsigned(p_[3]) << 8) >> (2 * s) & 3u;
             const unsigned ls = ((p_[4 + s / 2] >> (4 * (s % 2))) & 0x0Fu) | high << 4;
             const unsigned byte = p_[8 + 16 * s + l % 16];
             return d_ * float(int(ls) - 32) * float(iq4nl_values[l < 16 ? byte & 0x0Fu : byte >> 4]);
         }
-        if (type_ == k_quant::q6_k) {
+        case ggml_quant::q6_k: {
             const index_t n = j / 128, u = j % 128 / 32;
             const unsigned low = p_[64 * n + 32 * (u % 2) + l], high = p_[128 + 32 * n + l];
             const int q = int(((u >= 2 ? low >> 4 : low & 0x0Fu) | (((high >> (2 * u)) & 3u) << 4))) - 32;
             const auto sc = static_cast<std::int8_t>(p_[192 + 8 * n + 2 * u + l / 16]);
             return d_ * float(sc) * float(q);
         }
+        case ggml_quant::q4_k: case ggml_quant::q5_k: break;
+        }
         const index_t s = j / 32;
         const auto [sc, m] = k_scale_min(p_ + 4, s);
-        const index_t nibbles = type_ == k_quant::q5_k ? 48 : 16;
+        const index_t nibbles = type_ == ggml_quant::q5_k ? 48 : 16;
         const unsigned byte = p_[nibbles + 32 * (j / 64) + l];
         unsigned q = j % 64 < 32 ? byte & 0x0Fu : byte >> 4;
-        if (type_ == k_quant::q5_k) q += ((p_[16 + l] >> s) & 1u) * 16;
+        if (type_ == ggml_quant::q5_k) q += ((p_[16 + l] >> s) & 1u) * 16;
         return d_ * float(sc) * float(q) - dmin_ * float(m);
     }
 
 private:
-    /// Where a super-block's half d is (dmin follows it in Q2_K, Q4_K and Q5_K).
-    static constexpr std::size_t d_offset(k_quant t) noexcept {
-        return t == k_quant::q2_k ? 80 : t == k_quant::q3_k ? 108 : t == k_quant::q6_k ? 208 : 0;
+    /// Where a block's half d is (its min follows it in the types that have one).
+    static constexpr std::size_t d_offset(ggml_quant t) noexcept {
+        return t == ggml_quant::q2_k ? 80 : t == ggml_quant::q3_k ? 108 : t == ggml_quant::q6_k ? 208 : 0;
+    }
+    static constexpr bool has_min(ggml_quant t) noexcept {
+        return t == ggml_quant::q4_1 || t == ggml_quant::q5_1 || t == ggml_quant::q2_k || t == ggml_quant::q4_k || t == ggml_quant::q5_k;
     }
 
     [[nodiscard]] float half(std::size_t at) const noexcept {
@@ -228,8 +259,8 @@ private:
     }
 
     const unsigned char* p_;
-    k_quant type_;
-    float d_, dmin_;
+    ggml_quant type_;
+    float d_, dmin_; ///< dmin_: the min m of Q4_1 / Q5_1, dmin of Q2_K / Q4_K / Q5_K; else 0
 };
 
 namespace detail {

@@ -69,12 +69,16 @@ inline constexpr std::array<GgmlType, 32> ggml_types = {{
     case 0: return tensor_dtype::f32;
     case 1: return tensor_dtype::f16;
     case 2: return tensor_dtype::q4_0;
+    case 3: return tensor_dtype::q4_1;
+    case 6: return tensor_dtype::q5_0;
+    case 7: return tensor_dtype::q5_1;
     case 8: return tensor_dtype::q8_0;
     case 10: return tensor_dtype::q2_k;
     case 11: return tensor_dtype::q3_k;
     case 12: return tensor_dtype::q4_k;
     case 13: return tensor_dtype::q5_k;
     case 14: return tensor_dtype::q6_k;
+    case 20: return tensor_dtype::iq4_nl;
     case 23: return tensor_dtype::iq4_xs;
     case 24: return tensor_dtype::i8;
     case 25: return tensor_dtype::i16;

@@ -45,10 +45,14 @@
 namespace hypermoe {
 
 /// Element types of a stored tensor: those a safetensors file may declare, the block formats of
-/// GGUF files (q8_0, q4_0: blocks of 32 along the last dimension; the K-quants q2_k to q6_k and
-/// iq4_xs: super-blocks of 256; core/quant.hpp) and `other` for a GGUF type the library does not
-/// read (its name is TensorInfo::type_name).
-enum class tensor_dtype { f64, f32, f16, bf16, i64, i32, i16, i8, u8, boolean, q8_0, q4_0, q2_k, q3_k, q4_k, q5_k, q6_k, iq4_xs, other };
+/// GGUF files along the last dimension (q8_0, q4_0, held as stored; the other ggml quants, read
+/// by widening: q4_1, q5_0, q5_1 and iq4_nl in blocks of 32, the K-quants q2_k to q6_k and iq4_xs
+/// in super-blocks of 256; core/quant.hpp) and `other` for a GGUF type the library does not read
+/// (its name is TensorInfo::type_name).
+enum class tensor_dtype {
+    f64, f32, f16, bf16, i64, i32, i16, i8, u8, boolean,
+    q8_0, q4_0, q4_1, q5_0, q5_1, iq4_nl, q2_k, q3_k, q4_k, q5_k, q6_k, iq4_xs, other
+};
 
 [[nodiscard]] inline std::optional<tensor_dtype> parse_tensor_dtype(std::string_view s) noexcept {
     static constexpr std::pair<std::string_view, tensor_dtype> names[] = {
@@ -62,42 +66,36 @@ enum class tensor_dtype { f64, f32, f16, bf16, i64, i32, i16, i8, u8, boolean, q
 
 [[nodiscard]] constexpr std::string_view to_string(tensor_dtype t) noexcept {
     constexpr std::string_view names[] = {"F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL", "Q8_0", "Q4_0",
-                                          "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS", "OTHER"};
+                                          "Q4_1", "Q5_0", "Q5_1", "IQ4_NL", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS", "OTHER"};
     return names[static_cast<int>(t)];
 }
 
 /// Whether a tensor dtype is a block format a layer holds as stored (q8_0, q4_0).
 [[nodiscard]] constexpr bool is_block_dtype(tensor_dtype t) noexcept { return t == tensor_dtype::q8_0 || t == tensor_dtype::q4_0; }
 
-/// Whether a tensor dtype is a K-quant (core/quant.hpp), read by converting it to f32.
-[[nodiscard]] constexpr bool is_k_quant_dtype(tensor_dtype t) noexcept {
-    return t == tensor_dtype::q2_k || t == tensor_dtype::q3_k || t == tensor_dtype::q4_k || t == tensor_dtype::q5_k ||
-           t == tensor_dtype::q6_k || t == tensor_dtype::iq4_xs;
-}
+/// Whether a tensor dtype is one of the ggml quants read by converting it to f32 (ggml_quant,
+/// core/quant.hpp): q4_1 to iq4_xs in the enum's order.
+[[nodiscard]] constexpr bool is_ggml_quant_dtype(tensor_dtype t) noexcept { return t >= tensor_dtype::q4_1 && t <= tensor_dtype::iq4_xs; }
 
 /// Whether a tensor dtype's elements read as floats (element(), to_f32): F32, BF16, F16, F64,
-/// the block formats and the K-quants; not the integers, BOOL or `other`.
+/// the block formats and the other ggml quants; not the integers, BOOL or `other`.
 [[nodiscard]] constexpr bool is_floating_dtype(tensor_dtype t) noexcept {
     return t == tensor_dtype::f32 || t == tensor_dtype::bf16 || t == tensor_dtype::f16 || t == tensor_dtype::f64 || is_block_dtype(t) ||
-           is_k_quant_dtype(t);
+           is_ggml_quant_dtype(t);
 }
 
-/// The K-quant a K-quant dtype is.
-[[nodiscard]] constexpr k_quant k_quant_of(tensor_dtype t) noexcept {
-    switch (t) {
-    case tensor_dtype::q2_k: return k_quant::q2_k;
-    case tensor_dtype::q3_k: return k_quant::q3_k;
-    case tensor_dtype::q4_k: return k_quant::q4_k;
-    case tensor_dtype::q5_k: return k_quant::q5_k;
-    case tensor_dtype::iq4_xs: return k_quant::iq4_xs;
-    default: return k_quant::q6_k;
-    }
+/// The ggml quant a dtype for which is_ggml_quant_dtype() holds is (the two enums list them in
+/// the same order).
+[[nodiscard]] constexpr ggml_quant ggml_quant_of(tensor_dtype t) noexcept {
+    return static_cast<ggml_quant>(static_cast<int>(t) - static_cast<int>(tensor_dtype::q4_1));
 }
+static_assert(ggml_quant_of(tensor_dtype::iq4_nl) == ggml_quant::iq4_nl && ggml_quant_of(tensor_dtype::q2_k) == ggml_quant::q2_k &&
+              ggml_quant_of(tensor_dtype::iq4_xs) == ggml_quant::iq4_xs);
 
 /// Bytes of one element of an element dtype; for the block formats, of one block (of 32, or 256
-/// for the K-quants); 0 for `other`.
+/// for the K-quants and IQ4_XS); 0 for `other`.
 [[nodiscard]] constexpr std::size_t size_of(tensor_dtype t) noexcept {
-    constexpr std::size_t sizes[] = {8, 4, 2, 2, 8, 4, 2, 1, 1, 1, 34, 18, 84, 110, 144, 176, 210, 136, 0};
+    constexpr std::size_t sizes[] = {8, 4, 2, 2, 8, 4, 2, 1, 1, 1, 34, 18, 20, 22, 24, 18, 84, 110, 144, 176, 210, 136, 0};
     return sizes[static_cast<int>(t)];
 }
 
@@ -186,8 +184,10 @@ public:
         if (is_block_dtype(t.dtype))
             return stored_block_element(base + std::size_t(i / quant_block) * size_of(t.dtype), t.dtype == tensor_dtype::q8_0,
                                         i % quant_block);
-        if (is_k_quant_dtype(t.dtype))
-            return KQuantBlock(base + std::size_t(i / k_quant_block) * size_of(t.dtype), k_quant_of(t.dtype))[i % k_quant_block];
+        if (is_ggml_quant_dtype(t.dtype)) {
+            const index_t n = block_elements(ggml_quant_of(t.dtype));
+            return GgmlQuantBlock(base + std::size_t(i / n) * size_of(t.dtype), ggml_quant_of(t.dtype))[i % n];
+        }
         const std::byte* p = base + std::size_t(i) * size_of(t.dtype);
         const auto load = [p]<class T>(T v) {
             std::memcpy(&v, p, sizeof(T));
@@ -204,8 +204,7 @@ public:
         case tensor_dtype::i8: return load(std::int8_t{});
         case tensor_dtype::u8: return load(std::uint8_t{});
         case tensor_dtype::boolean: return load(std::uint8_t{}) != 0;
-        case tensor_dtype::q8_0: case tensor_dtype::q4_0: case tensor_dtype::q2_k: case tensor_dtype::q3_k: case tensor_dtype::q4_k:
-        case tensor_dtype::q5_k: case tensor_dtype::q6_k: case tensor_dtype::iq4_xs: case tensor_dtype::other: break;
+        default: break; // the block formats (read above) and `other`
         }
         return 0;
     }
@@ -224,10 +223,11 @@ public:
     void convert_f32(const TensorInfo& t, std::span<float> out) const noexcept {
         if (t.dtype == tensor_dtype::f32) {
             if (!data(t).empty()) std::memcpy(out.data(), data(t).data(), data(t).size()); // (no memcpy of null)
-        } else if (is_k_quant_dtype(t.dtype)) { // a block's scales read once, not per element
-            for (index_t b = 0; b < t.numel() / k_quant_block; ++b) {
-                const KQuantBlock block(data_.data() + t.begin + std::size_t(b) * size_of(t.dtype), k_quant_of(t.dtype));
-                for (index_t j = 0; j < k_quant_block; ++j) out[std::size_t(b * k_quant_block + j)] = block[j];
+        } else if (is_ggml_quant_dtype(t.dtype)) { // a block's scales read once, not per element
+            const index_t n = block_elements(ggml_quant_of(t.dtype));
+            for (index_t b = 0; b < t.numel() / n; ++b) {
+                const GgmlQuantBlock block(data_.data() + t.begin + std::size_t(b) * size_of(t.dtype), ggml_quant_of(t.dtype));
+                for (index_t j = 0; j < n; ++j) out[std::size_t(b * n + j)] = block[j];
             }
         } else {
             for (index_t i = 0; i < t.numel(); ++i) out[std::size_t(i)] = float(element(t, i));

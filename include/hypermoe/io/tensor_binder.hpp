@@ -2,9 +2,10 @@
 // TensorBinder: fetches the tensors of one layer from a Checkpoint as WeightViews, checking each
 // name, dtype and shape, and collecting EVERY problem before anything is built: finish() throws
 // one weight_error that lists them all. F32 and BF16 tensors and Q8_0 / Q4_0 blocks (GGUF) are
-// viewed in place in the mapping (when aligned); F16, F64, K-quant (GGUF Q2_K to Q6_K, IQ4_XS),
-// misaligned and transposed tensors are converted into owned f32 storage (exactly: F16, blocks
-// and K-quants widen to f32 without rounding); a routed expert's, bound with deferred_matrix(),
+// viewed in place in the mapping (when aligned); F16, F64, the other ggml quants (GGUF Q4_1,
+// Q5_0, Q5_1, IQ4_NL, the K-quants Q2_K to Q6_K and IQ4_XS), misaligned and transposed tensors
+// are converted into owned f32 storage (exactly: F16 and every block widen to f32 without
+// rounding); a routed expert's, bound with deferred_matrix(),
 // only when its expert is packed, and freed (with the source's mapped pages) after.
 
 #include <deque>
@@ -41,8 +42,8 @@ public:
     }
 
     /// A routed expert's (rows, cols) weight: matrix() without transposing, checked now, but a
-    /// tensor that needs converting (F16, F64, K-quants, misaligned) is converted only by
-    /// materialise(), right before its expert is packed, into a buffer that release() frees once
+    /// tensor that needs converting (F16, F64, the other ggml quants, misaligned) is converted
+    /// only by materialise(), right before its expert is packed, into a buffer that release() frees once
     /// the expert is packed (and the source's pages with it). So loading a block holds one expert's converted weights at a time,
     /// not all of them (the buffers are allocated here, untouched: address space, not memory).
     /// The view must not be read before materialise().
@@ -121,7 +122,7 @@ private:
         const TensorInfo& t = *r.info;
         if (!is_floating_dtype(t.dtype)) {
             problems_.push_back(detail::concat(t.describe(), " in ", r.file->source(), " has dtype ", t.type_string(),
-                                               ", expected F32, BF16, F16, F64, Q8_0, Q4_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K or IQ4_XS"));
+                                               ", expected F32, BF16, F16, F64, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, IQ4_NL, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K or IQ4_XS"));
             return {nullptr, nullptr};
         }
         if (t.shape != shape) {

@@ -37,10 +37,10 @@
 namespace hypermoe {
 
 /// A checkpoint's tensors copied into one safetensors image in memory, every floating tensor as
-/// F32 (BF16, F16, F64, q8_0 / q4_0 blocks and K-quants widened to their exact values, as an f32 load
-/// would), integer tensors as they are; with the checkpoint's config. checkpoint() views it as a
-/// Checkpoint (for the loaders), values() gives a tensor's floats to update in place, save()
-/// writes config.json and model.safetensors. Movable, not copyable.
+/// F32 (BF16, F16, F64, q8_0 / q4_0 blocks and the other ggml quants widened to their exact
+/// values, as an f32 load would), integer tensors as they are; with the checkpoint's config.
+/// checkpoint() views it as a Checkpoint (for the loaders), values() gives a tensor's floats to
+/// update in place, save() writes config.json and model.safetensors. Movable, not copyable.
 class ParameterStore {
 public:
     explicit ParameterStore(const Checkpoint& source) {
