@@ -207,6 +207,23 @@ TEST_CASE_TEMPLATE_DEFINE("GluExpert holds [gate; up] in its storage type: rows 
         CHECK_THROWS_WITH_AS((GluExpert<B, Silu>(GluWeights{gate.view(), std::as_const(nan).view(), down.view()}, ExpertOptions{storage})),
                              "GluExpert weight 'gate|up': weight element (99, 5) is nan, expected a finite value", weight_error);
     }
+    // Gate and up in one buffer, up's rows right after gate's (as the loader converts a routed
+    // expert's, TensorBinder::deferred_stack): viewed as the stack, not copied; the same outputs
+    // and errors.
+    Matrix<float> both(2 * ff, d);
+    for (index_t r = 0; r < 2 * ff; ++r)
+        for (index_t c = 0; c < d; ++c) both(r, c) = r < ff ? gate(r, c) : up(r - ff, c);
+    const Matrix<bf16> both_b = test::to_bf16(both.view());
+    std::vector<BlockQ4_0> both4 = g4;
+    both4.insert(both4.end(), u4.begin(), u4.end());
+    const auto half = [&]<class T>(const Matrix<T>& m, index_t first) { return ConstMatrixView<T>(m.data() + first * d, ff, d); };
+    CHECK(same(run({half(both, 0), half(both, ff), down.view()}, {}), run(f32, {})));
+    CHECK(same(run({half(both_b, 0), half(both_b, ff), ConstMatrixView<bf16>(db.view())}, {}), run(f32, {dtype::bf16})));
+    CHECK(same(run({q4(both4, ff, d), WeightView::blocks(both4.data() + g4.size(), dtype::q4_0, ff, d), q4(d4, d, ff)}, {}),
+               run(f32, {dtype::q4_0})));
+    both(ff + 3, 5) = std::numeric_limits<float>::quiet_NaN();
+    CHECK_THROWS_WITH_AS((GluExpert<B, Silu>(GluWeights{half(both, 0), half(both, ff), down.view()})),
+                         "GluExpert weight 'gate|up': weight element (99, 5) is nan, expected a finite value", weight_error);
     Matrix<float> big = gate;
     big(2, 1) = 1e9f;
     CHECK_THROWS_WITH_AS((GluExpert<B, Silu>(GluWeights{std::as_const(big).view(), up.view(), down.view()}, ExpertOptions{dtype::q4_0})),

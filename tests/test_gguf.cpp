@@ -693,9 +693,14 @@ TEST_CASE_TEMPLATE_DEFINE("GGUF: experts in every widened ggml quant give the bl
         const Matrix<float> yk = forward<B>(k, 0, x.view(), {}), yf = forward<B>(f, 0, x.view(), {});
         CHECK(max_abs_diff(yk.view(), yf.view()) == 0.0f);
         CHECK(max_abs_diff(yf.view(), Matrix<float>(5, 256).view()) > 0.0f); // the block is not all zeros
-        // Converted to f32 by default; re-quantised to q8_0 on request (its own quantiser).
-        const auto held = load_moe_block<B>(k, 0, "", {.storage = dtype::q8_0});
-        CHECK(held.d_model() == 256);
+        // Converted to f32 by default; on request rounded to bf16 or requantised to q8_0 / q4_0,
+        // a row at a time straight into that type (TensorBinder::materialise): the same bits as
+        // the expert converting the F32 file's values.
+        for (const dtype storage : {dtype::bf16, dtype::q8_0, dtype::q4_0}) {
+            CAPTURE(storage);
+            const Matrix<float> sk = forward<B>(k, 0, x.view(), {.storage = storage}), sf = forward<B>(f, 0, x.view(), {.storage = storage});
+            CHECK(max_abs_diff(sk.view(), sf.view()) == 0.0f);
+        }
         // The loader converts an expert's quantised tensors only as it packs that expert
         // (TensorBinder::deferred_matrix, materialise, release): the same values as matrix()'s
         // eager conversion; an F32 tensor is viewed in place either way.
@@ -709,8 +714,9 @@ TEST_CASE_TEMPLATE_DEFINE("GGUF: experts in every widened ggml quant give the bl
             REQUIRE(d.type() == dtype::f32);
             CHECK(std::memcmp(d.extent().data(), e.extent().data(), std::size_t(ff) * 256 * sizeof(float)) == 0);
             CHECK(deferred.deferred_matrix(gate, 3, 256).extent().data() == eager.matrix(gate, 3, 256).extent().data());
-            // Once packed, the quantised bytes it was converted from leave this process's memory
-            // too (the mapping is private and read-only: they fault back in from the file).
+            // Once converted, the quantised bytes it was converted from leave this process's
+            // memory (materialise() drops them; the mapping is private and read-only: they fault
+            // back in from the file if read again).
             const Checkpoint::Ref source = k.find(w1);
             const auto from = source.file->data(*source.info);
             REQUIRE(from.size() == blocks["blk.0.ffn_gate_exps.weight"].size() / 3); // expert 1's third
@@ -719,10 +725,36 @@ TEST_CASE_TEMPLATE_DEFINE("GGUF: experts in every widened ggml quant give the bl
             if (mapped < 0) {
                 MESSAGE("/proc/self/pagemap is not readable here: the page release check is skipped");
             } else {
-                CHECK(mapped == pages); // materialise() read them all
-                deferred.release(d);
-                CHECK(present_pages(from).first == 0);
+                CHECK(mapped == 0);
+                (void)eager.matrix(w1, ff, 256); // converting again maps them all again
+                CHECK(present_pages(from).first == pages);
             }
+            deferred.release(d);
+            // For q4_0 storage the buffer holds q4_0 blocks: each row quantised from its values.
+            TensorBinder q(k, "q4_0");
+            const WeightView dq = q.deferred_matrix(w1, ff, 256, dtype::q4_0);
+            q.finish();
+            q.materialise(dq);
+            REQUIRE(dq.type() == dtype::q4_0);
+            std::vector<BlockQ4_0> row(256 / 32);
+            for (index_t r = 0; r < ff; ++r) {
+                quantize_row(std::span(reinterpret_cast<const float*>(e.row_bytes(r)), 256), std::span(row), "row");
+                CHECK(std::memcmp(dq.row_bytes(r), row.data(), row.size() * sizeof(BlockQ4_0)) == 0);
+            }
+            // A GLU's gate and up converted into one buffer, up's rows right after gate's: the
+            // [gate; up] stack GluExpert then views in place.
+            TensorBinder sb(k, "stack");
+            const std::string w3 = "model.layers.0.block_sparse_moe.experts.1.w3.weight";
+            const std::pair<WeightView, WeightView> st = sb.deferred_stack(w1, w3, ff, 256, dtype::q4_0);
+            sb.finish();
+            sb.materialise(st.first);
+            sb.materialise(st.second);
+            REQUIRE(st.first.type() == dtype::q4_0);
+            REQUIRE(st.second.type() == dtype::q4_0);
+            CHECK(st.second.row_bytes(0) == st.first.row_bytes(0) + std::size_t(ff) * row.size() * sizeof(BlockQ4_0));
+            CHECK(std::memcmp(st.first.row_bytes(0), dq.row_bytes(0), std::size_t(ff) * row.size() * sizeof(BlockQ4_0)) == 0);
+            sb.release(st.first);
+            sb.release(st.second);
         }
         // A trainer holds their values too (expert 1's gate: the second ff x 256 slice).
         if (std::is_same_v<B, reference>) {
@@ -734,6 +766,34 @@ TEST_CASE_TEMPLATE_DEFINE("GGUF: experts in every widened ggml quant give the bl
     }
 }
 TEST_CASE_TEMPLATE_APPLY(ggml_quants, test::all_backends);
+
+TEST_CASE("GGUF: a non-finite value converted from a quantised expert is a weight_error naming its tensor") {
+    // Expert 0's gate in Q4_1 whose first block has d = inf (half 0x7C00), nibble 1 first and every
+    // other byte 0: element (0, 0) is inf * 1 + 0 = inf. Converted into f32 the expert's linear map reports it
+    // (by its own name); converted straight into q4_0 or bf16 the loader reports the tensor.
+    TempDir tmp("nonfinite");
+    const std::string dir = (tmp.path / "hf").string();
+    write_synthetic_checkpoint(dir, {.family = family("mixtral"), .d_model = 64, .d_ff = 32, .experts = 2, .top_k = 1, .layers = 1});
+    const std::string file = (tmp.path / "nan.gguf").string();
+    rewritten(test::gguf_from(Checkpoint(dir)).bytes(), [](const std::string& name, TensorEdit& t) {
+        if (name != "blk.0.ffn_gate_exps.weight") return true;
+        std::vector<std::byte> bytes(2 * 32 * 2 * 20); // 2 experts x 32 rows x 2 blocks
+        bytes[1] = std::byte{0x7C}, bytes[4] = std::byte{0x01};
+        t = {test::Q4_1, {64, 32, 2}, bytes};
+        return true;
+    }).write(file);
+    const Checkpoint ck(file);
+    CHECK_THROWS_WITH_AS((void)load_moe_block<reference>(ck, 0), doctest::Contains("weight element (0, 0) is inf, expected a finite value"),
+                         weight_error);
+    for (const dtype storage : {dtype::bf16, dtype::q4_0}) {
+        CAPTURE(storage);
+        CHECK_THROWS_WITH_AS((void)load_moe_block<reference>(ck, 0, "", {.storage = storage}),
+                             doctest::Contains(("'model.layers.0.block_sparse_moe.experts.0.w1.weight' (GGUF 'blk.0.ffn_gate_exps.weight' "
+                                                "expert 0) in " + file + ": weight element (0, 0) is inf, expected a finite value")
+                                                   .c_str()),
+                             weight_error);
+    }
+}
 
 TEST_CASE("GGUF: unsupported types, missing tensors and metadata give typed errors that name them") {
     TempDir tmp("errors");

@@ -3,6 +3,7 @@
 // y = x W^T), an optional bias of N, and options. Validation is shared so that every backend
 // rejects the same inputs with the same messages.
 
+#include <cstring>
 #include <memory>
 #include <optional>
 #include <span>
@@ -42,6 +43,17 @@ public:
         w.data_ = blocks, w.type_ = format, w.rows_ = rows, w.cols_ = cols;
         w.stride_ = index_t(weight_bytes(format, 1, std::size_t(cols))); // bytes per row
         return w;
+    }
+
+    /// (rows, cols) weights of any dtype packed row after row at `data` (weight_bytes(type, rows,
+    /// cols) bytes; f32 and bf16 aligned for their type): the constructors above or blocks().
+    [[nodiscard]] static WeightView packed(const void* data, dtype type, index_t rows, index_t cols) {
+        switch (type) {
+        case dtype::f32: return ConstMatrixView<float>(static_cast<const float*>(data), rows, cols);
+        case dtype::bf16: return ConstMatrixView<bf16>(static_cast<const bf16*>(data), rows, cols);
+        case dtype::q8_0: case dtype::q4_0: break;
+        }
+        return blocks(data, type, rows, cols);
     }
 
     [[nodiscard]] dtype type() const noexcept { return type_; }
@@ -104,6 +116,27 @@ namespace detail {
 /// The error for weight element (r, c) of linear map `name` being v, not finite.
 [[nodiscard]] inline weight_error non_finite_weight(const std::string& name, index_t r, index_t c, float v) {
     return weight_error(concat(name, ": weight element (", r, ", ", c, ") is ", v, ", expected a finite value"));
+}
+
+/// Row r of weight `name` (its values) stored as `type` at `out` (weight_bytes(type, 1,
+/// values.size()) bytes), as a linear map stored in that type converts f32 weights: f32 copied;
+/// bf16 rounded; q8_0 / q4_0 quantised (values.size() a multiple of 32). Every value is checked
+/// finite first (non_finite_weight) unless the type is f32, which validate_linear checks.
+inline void store_row(std::span<const float> values, dtype type, std::byte* out, const std::string& name, index_t r) {
+    if (type == dtype::f32) {
+        std::memcpy(out, values.data(), values.size_bytes());
+        return;
+    }
+    if (const index_t c = find_non_finite(values); c >= 0) throw non_finite_weight(name, r, c, values[std::size_t(c)]);
+    const std::size_t blocks = values.size() / std::size_t(quant_block);
+    switch (type) {
+    case dtype::bf16:
+        for (std::size_t c = 0; c < values.size(); ++c) reinterpret_cast<bf16*>(out)[c] = bf16::from_float(values[c]);
+        break;
+    case dtype::q8_0: quantize_row(values, std::span(reinterpret_cast<BlockQ8_0*>(out), blocks), concat(name, " row ", r)); break;
+    case dtype::q4_0: quantize_row(values, std::span(reinterpret_cast<BlockQ4_0*>(out), blocks), concat(name, " row ", r)); break;
+    case dtype::f32: break;
+    }
 }
 
 /// Checks a weight and bias for a linear map and returns the storage dtype.

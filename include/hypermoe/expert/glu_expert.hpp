@@ -305,7 +305,9 @@ private:
     /// converted from their values as the linear map would convert them (finiteness checked
     /// first, with its message). So the stacked copy takes the storage's bytes, not f32's: 3.2 MB,
     /// not 23 MB, for a Mixtral-like expert's [gate; up] from f32 or K-quants into q4_0 (block
-    /// storage of a d_model that is not a multiple of 32 stacks in f32).
+    /// storage of a d_model that is not a multiple of 32 stacks in f32). Gate and up already in
+    /// that type with up's rows right after gate's (as the loader converts a routed expert's) are
+    /// the stack: viewed as they are, no copy.
     static detail::Shared<typename B::template linear<Identity>> fused_gate_up(const GluWeights& w, const ExpertOptions& opt) {
         const index_t d = w.gate.cols(), ff = w.gate.rows();
         const dtype source = w.gate.type() == w.up.type() ? w.gate.type() : dtype::f32;
@@ -314,6 +316,11 @@ private:
         const dtype type = is_block_format(storage) && d % quant_block != 0 ? dtype::f32 : storage;
         const std::string name = "GluExpert weight 'gate|up'";
         const std::size_t row = weight_bytes(type, 1, std::size_t(d));
+        // Gate and up converted into one buffer (TensorBinder::deferred_stack) are the stack.
+        const auto packed = [&](const WeightView& v) { return v.type() == type && (is_block_format(type) || v.stride() == d); };
+        if (ff > 0 && packed(w.gate) && packed(w.up) && w.up.row_bytes(0) == w.gate.row_bytes(0) + std::size_t(ff) * row)
+            return detail::Shared<typename B::template linear<Identity>>(std::in_place, WeightView::packed(w.gate.row_bytes(0), type, 2 * ff, d),
+                                                                        fused_bias(w), LinearOptions{name, false, storage, opt.prec});
         std::vector<std::byte> stacked(std::size_t(2 * ff) * row);
         std::vector<float> values(std::size_t(d), 0.0f);
         for (index_t r = 0; r < 2 * ff; ++r) {
@@ -325,32 +332,22 @@ private:
                 continue;
             }
             for (index_t c = 0; c < d; ++c) values[std::size_t(c)] = src.at(sr, c);
-            if (type == dtype::f32) {
-                std::memcpy(out, values.data(), row);
-                continue;
-            }
-            if (const index_t c = find_non_finite(values); c >= 0) throw detail::non_finite_weight(name, r, c, values[std::size_t(c)]);
-            const std::string what = detail::concat(name, " row ", r);
-            switch (type) {
-            case dtype::bf16:
-                for (index_t c = 0; c < d; ++c) reinterpret_cast<bf16*>(out)[c] = bf16::from_float(values[std::size_t(c)]);
-                break;
-            case dtype::q8_0: quantize_row(values, std::span(reinterpret_cast<BlockQ8_0*>(out), row / sizeof(BlockQ8_0)), what); break;
-            case dtype::q4_0: quantize_row(values, std::span(reinterpret_cast<BlockQ4_0*>(out), row / sizeof(BlockQ4_0)), what); break;
-            case dtype::f32: break;
-            }
+            detail::store_row(values, type, out, name, r);
         }
-        const WeightView view = is_block_format(type) ? WeightView::blocks(stacked.data(), type, 2 * ff, d)
-                                : type == dtype::bf16 ? WeightView(ConstMatrixView<bf16>(reinterpret_cast<const bf16*>(stacked.data()), 2 * ff, d))
-                                                      : WeightView(ConstMatrixView<float>(reinterpret_cast<const float*>(stacked.data()), 2 * ff, d));
+        return detail::Shared<typename B::template linear<Identity>>(std::in_place, WeightView::packed(stacked.data(), type, 2 * ff, d),
+                                                                    fused_bias(w), LinearOptions{name, false, storage, opt.prec});
+    }
+
+    /// [gate bias; up bias] for the fused map (empty when neither has one).
+    static std::vector<float> fused_bias(const GluWeights& w) {
         std::vector<float> bias;
         if (!w.gate_bias.empty() || !w.up_bias.empty()) {
+            const index_t ff = w.gate.rows();
             bias.assign(static_cast<std::size_t>(2 * ff), 0.0f);
             std::copy(w.gate_bias.begin(), w.gate_bias.end(), bias.begin());
             std::copy(w.up_bias.begin(), w.up_bias.end(), bias.begin() + ff);
         }
-        return detail::Shared<typename B::template linear<Identity>>(std::in_place, view, bias,
-                                                                    LinearOptions{name, false, storage, opt.prec});
+        return bias;
     }
 
     /// Columns of a backward tile: 512 of d_ff, 256 of d_model (several calls of every backend's

@@ -219,18 +219,21 @@ public:
         return m;
     }
 
-    /// A tensor's elements as to_f32 converts them, into `out` (t.numel() floats).
-    void convert_f32(const TensorInfo& t, std::span<float> out) const noexcept {
+    /// A tensor's elements [first, first + out.size()) as to_f32 converts them, into `out` (by
+    /// default all of them: out.size() = t.numel()). For a block dtype, first and out.size() are
+    /// whole blocks (whole rows are: a block format's rows hold whole blocks).
+    void convert_f32(const TensorInfo& t, std::span<float> out, index_t first = 0) const noexcept {
+        const auto count = index_t(out.size());
         if (t.dtype == tensor_dtype::f32) {
-            if (!data(t).empty()) std::memcpy(out.data(), data(t).data(), data(t).size()); // (no memcpy of null)
+            if (count > 0) std::memcpy(out.data(), data(t).data() + std::size_t(first) * sizeof(float), out.size_bytes());
         } else if (is_ggml_quant_dtype(t.dtype)) { // a block's scales read once, not per element
             const index_t n = block_elements(ggml_quant_of(t.dtype));
-            for (index_t b = 0; b < t.numel() / n; ++b) {
-                const GgmlQuantBlock block(data_.data() + t.begin + std::size_t(b) * size_of(t.dtype), ggml_quant_of(t.dtype));
+            for (index_t b = 0; b < count / n; ++b) {
+                const GgmlQuantBlock block(data_.data() + t.begin + std::size_t(first / n + b) * size_of(t.dtype), ggml_quant_of(t.dtype));
                 for (index_t j = 0; j < n; ++j) out[std::size_t(b * n + j)] = block[j];
             }
         } else {
-            for (index_t i = 0; i < t.numel(); ++i) out[std::size_t(i)] = float(element(t, i));
+            for (index_t i = 0; i < count; ++i) out[std::size_t(i)] = float(element(t, first + i));
         }
     }
 

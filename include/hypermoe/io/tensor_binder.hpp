@@ -5,9 +5,11 @@
 // viewed in place in the mapping (when aligned); F16, F64, the other ggml quants (GGUF Q4_1,
 // Q5_0, Q5_1, IQ4_NL, the K-quants Q2_K to Q6_K and IQ4_XS), misaligned and transposed tensors
 // are converted into owned f32 storage (exactly: F16 and every block widen to f32 without
-// rounding); a routed expert's, bound with deferred_matrix(),
-// only when its expert is packed, and freed (with the source's mapped pages) after.
+// rounding). A routed expert's weights, bound with deferred_matrix(), are converted into the type
+// its expert stores only when that expert is packed (unless already in it), and freed after,
+// the source's mapped pages dropped as they are converted.
 
+#include <algorithm>
 #include <deque>
 #include <map>
 #include <memory>
@@ -41,30 +43,77 @@ public:
         return ConstMatrixView<float>(m.view());
     }
 
-    /// A routed expert's (rows, cols) weight: matrix() without transposing, checked now, but a
-    /// tensor that needs converting (F16, F64, the other ggml quants, misaligned) is converted
-    /// only by materialise(), right before its expert is packed, into a buffer that release() frees once
-    /// the expert is packed (and the source's pages with it). So loading a block holds one expert's converted weights at a time,
-    /// not all of them (the buffers are allocated here, untouched: address space, not memory).
-    /// The view must not be read before materialise().
-    WeightView deferred_matrix(const std::string& name, index_t rows, index_t cols) {
+    /// A routed expert's (rows, cols) weight, to be stored as `storage` (LoadOptions::storage):
+    /// matrix() without transposing, checked now. The type it is converted to is `storage` when
+    /// that is bf16, or q8_0 / q4_0 and cols is a multiple of 32; else f32. A tensor already in
+    /// that type, or one viewable in place when the type is f32 (the linear map widens it), is
+    /// viewed in place; any other is converted only by materialise(), right before its expert is
+    /// packed, into a buffer that release() frees once the expert is packed. So loading a block
+    /// holds one expert's converted weights at a time, in the storage type, and not the source's
+    /// bytes beside them: a Mixtral-class expert (3 x 4096 x 14336 weights) from bf16 or Q4_K
+    /// into q4_0 takes 99 MB, where its f32 conversion took 705 MB and its bf16 pages 352 MB
+    /// (the buffers are allocated here, untouched: address space, not memory). The view must not
+    /// be read before materialise().
+    WeightView deferred_matrix(const std::string& name, index_t rows, index_t cols, dtype storage = dtype::f32) {
         const Checkpoint::Ref r = fetch(name, {rows, cols});
         if (r.info == nullptr) return placeholder();
-        if (const auto in_place = view_in_place(r, rows, cols)) return *in_place;
-        auto buffer = detail::aligned_array<float>(std::size_t(rows * cols));
-        const float* data = buffer.get();
-        deferred_.emplace(data, Deferred{r, std::move(buffer), false});
-        return ConstMatrixView<float>(data, rows, cols);
+        const dtype type = storage == dtype::bf16 || (is_block_format(storage) && cols % quant_block == 0) ? storage : dtype::f32;
+        if (const auto in_place = view_in_place(r, rows, cols); in_place && (in_place->type() == type || type == dtype::f32))
+            return *in_place;
+        std::shared_ptr<std::byte[]> buffer = detail::aligned_array<std::byte>(weight_bytes(type, std::size_t(rows), std::size_t(cols)));
+        return defer(r, buffer, buffer.get(), type, rows, cols);
     }
 
-    /// Converts the tensor of a deferred_matrix() view into its buffer (once); any other view is
-    /// left as it is.
+    /// A routed GLU expert's gate and up, (rows, cols) each, as deferred_matrix() binds them, but
+    /// always converted (or copied, when already in the type) into one buffer, `top`'s rows then
+    /// `bottom`'s: the [gate; up] stack its fused linear map needs, which GluExpert then views in
+    /// place instead of stacking a copy (it costs one copy either way; this one drops the
+    /// source's pages as it goes). Placeholders when either tensor is missing or wrong.
+    std::pair<WeightView, WeightView> deferred_stack(const std::string& top, const std::string& bottom, index_t rows, index_t cols,
+                                                     dtype storage) {
+        const Checkpoint::Ref a = fetch(top, {rows, cols}), b = fetch(bottom, {rows, cols});
+        if (a.info == nullptr || b.info == nullptr) return {placeholder(), placeholder()};
+        const dtype type = storage == dtype::bf16 || (is_block_format(storage) && cols % quant_block == 0) ? storage : dtype::f32;
+        const std::size_t bytes = weight_bytes(type, std::size_t(rows), std::size_t(cols));
+        std::shared_ptr<std::byte[]> buffer = detail::aligned_array<std::byte>(2 * bytes);
+        return {defer(a, buffer, buffer.get(), type, rows, cols), defer(b, buffer, buffer.get() + bytes, type, rows, cols)};
+    }
+
+    /// Converts the tensor of a deferred_matrix() view into its buffer (once), a row at a time,
+    /// dropping the tensor's pages from memory as it goes (they are not read again); any other
+    /// view is left as it is. Into bf16 / q8_0 / q4_0 through one row of f32, as the expert's
+    /// linear map would convert f32 values (detail::store_row): the same bits, and a non-finite
+    /// value is a weight_error naming the tensor and the element.
     void materialise(const WeightView& w) {
         const auto it = deferred_.find(w.extent().data());
         if (it == deferred_.end() || it->second.filled) return;
-        const TensorInfo& t = *it->second.source.info;
-        it->second.source.file->convert_f32(t, {it->second.buffer.get(), std::size_t(t.numel())});
-        it->second.filled = true;
+        Deferred& d = it->second;
+        const TensorInfo& t = *d.source.info;
+        const std::span<const std::byte> source = d.source.file->data(t);
+        const bool copy = (t.dtype == tensor_dtype::f32 && d.type == dtype::f32) || (t.dtype == tensor_dtype::bf16 && d.type == dtype::bf16) ||
+                          (t.dtype == tensor_dtype::q8_0 && d.type == dtype::q8_0) || (t.dtype == tensor_dtype::q4_0 && d.type == dtype::q4_0);
+        const std::string name = detail::concat(t.describe(), " in ", d.source.file->source());
+        const index_t rows = w.rows(), cols = w.cols();
+        const std::size_t row = weight_bytes(d.type, 1, std::size_t(cols)), source_row = source.size() / std::size_t(std::max<index_t>(rows, 1));
+        std::vector<float> values(d.type == dtype::f32 ? 0 : std::size_t(cols));
+        std::size_t released = 0; // source bytes already dropped
+        for (index_t r = 0; r < rows; ++r) {
+            std::byte* out = d.data + std::size_t(r) * row;
+            if (copy) { // already in the type: the bytes as they are (blocks not requantised)
+                std::memcpy(out, source.data() + std::size_t(r) * source_row, row);
+            } else if (d.type == dtype::f32) {
+                d.source.file->convert_f32(t, {reinterpret_cast<float*>(out), std::size_t(cols)}, r * cols);
+            } else {
+                d.source.file->convert_f32(t, values, r * cols);
+                detail::store_row(values, d.type, out, name, r);
+            }
+            if (const std::size_t done = std::size_t(r + 1) * source_row; done - released >= release_chunk) {
+                ck_.release(source.subspan(released, done - released));
+                released = done;
+            }
+        }
+        ck_.release(source); // with the pages that straddle the chunks' edges
+        d.filled = true;
     }
 
     /// Two weights of one width stacked into one, `top`'s rows then `bottom`'s, in owned f32
@@ -80,14 +129,11 @@ public:
 
     /// Once a weight is packed into a layer's own storage: drops its pages from memory if it is
     /// read in place from the checkpoint's mapping; if it is a deferred_matrix() one, frees its
-    /// buffer and drops the pages of the tensor it was converted from (no-op for matrix()'s owned
-    /// copies).
+    /// buffer (materialise() dropped the pages of the tensor it was converted from); no-op for
+    /// matrix()'s owned copies.
     void release(const WeightView& w) noexcept {
         ck_.release(w.extent());
-        if (const auto it = deferred_.find(w.extent().data()); it != deferred_.end()) {
-            ck_.release(it->second.source.file->data(*it->second.source.info));
-            deferred_.erase(it);
-        }
+        deferred_.erase(w.extent().data());
     }
 
     /// A vector of n floats (converted from its dtype).
@@ -150,12 +196,25 @@ private:
         return std::nullopt;
     }
 
-    /// A deferred_matrix() buffer and the tensor it is converted from.
+    /// How many source bytes materialise() converts between releases of their pages.
+    static constexpr std::size_t release_chunk = std::size_t{4} << 20;
+
+    /// A deferred view's bytes (`data`, in `buffer`, which a deferred_stack() pair shares), the
+    /// tensor it is converted from and the type it holds.
     struct Deferred {
         Checkpoint::Ref source;
-        std::unique_ptr<float[], detail::aligned_delete> buffer;
+        std::shared_ptr<std::byte[]> buffer;
+        std::byte* data;
+        dtype type;
         bool filled;
     };
+
+    /// Records a deferred view of `type` at `data` (in `buffer`) converted from `source`.
+    WeightView defer(const Checkpoint::Ref& source, const std::shared_ptr<std::byte[]>& buffer, std::byte* data, dtype type, index_t rows,
+                     index_t cols) {
+        deferred_.emplace(data, Deferred{source, buffer, data, type, false});
+        return WeightView::packed(data, type, rows, cols);
+    }
 
     const Checkpoint& ck_;
     std::string what_;

@@ -65,11 +65,18 @@ struct BlockSource {
         slot = {std::move(name), transpose};
         return tensors.matrix(slot.name, rows, cols, transpose);
     }
-    /// tensors.deferred_matrix(name, ...) (a routed expert's weight, converted when build_experts
-    /// packs its expert), with the name recorded in `slot`.
+    /// tensors.deferred_matrix(name, ...) (a routed expert's weight, converted into the storage
+    /// type when build_experts packs its expert), with the name recorded in `slot`.
     WeightView bind_expert_matrix(TensorName& slot, std::string name, index_t rows, index_t cols) {
         slot = {std::move(name), false};
-        return tensors.deferred_matrix(slot.name, rows, cols);
+        return tensors.deferred_matrix(slot.name, rows, cols, options.storage);
+    }
+    /// tensors.deferred_stack(top, bottom, ...) (a routed GLU expert's gate and up, converted into
+    /// one [gate; up] buffer when build_experts packs its expert), with the names recorded.
+    std::pair<WeightView, WeightView> bind_expert_stack(TensorName& top_slot, std::string top, TensorName& bottom_slot, std::string bottom,
+                                                        index_t rows, index_t cols) {
+        top_slot = {std::move(top), false}, bottom_slot = {std::move(bottom), false};
+        return tensors.deferred_stack(top_slot.name, bottom_slot.name, rows, cols, options.storage);
     }
     /// tensors.vector(name, n), with the name recorded in `slot`.
     std::span<const float> bind_vector(TensorName& slot, std::string name, index_t n) {
@@ -103,10 +110,10 @@ namespace detail {
 template <Backend B>
 GluWeights bind_glu(BlockSource<B>& s, ExpertTensorNames& n, const std::string& prefix, index_t d, index_t ff, const char* gate,
                     const char* up, const char* down, bool routed) {
-    const auto bind = [&](TensorName& slot, const char* name, index_t rows, index_t cols) {
-        return routed ? s.bind_expert_matrix(slot, prefix + name, rows, cols) : s.bind_matrix(slot, prefix + name, rows, cols);
-    };
-    return {bind(n.gate, gate, ff, d), bind(n.up, up, ff, d), bind(n.down, down, d, ff)};
+    if (!routed)
+        return {s.bind_matrix(n.gate, prefix + gate, ff, d), s.bind_matrix(n.up, prefix + up, ff, d), s.bind_matrix(n.down, prefix + down, d, ff)};
+    const auto [g, u] = s.bind_expert_stack(n.gate, prefix + gate, n.up, prefix + up, ff, d);
+    return {g, u, s.bind_expert_matrix(n.down, prefix + down, d, ff)};
 }
 
 /// The views of n routed GLU experts' weights under `prefix`<e>.<name> (names recorded as the
