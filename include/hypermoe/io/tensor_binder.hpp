@@ -57,7 +57,7 @@ public:
     WeightView deferred_matrix(const std::string& name, index_t rows, index_t cols, dtype storage = dtype::f32) {
         const Checkpoint::Ref r = fetch(name, {rows, cols});
         if (r.info == nullptr) return placeholder();
-        const dtype type = storage == dtype::bf16 || (is_block_format(storage) && cols % quant_block == 0) ? storage : dtype::f32;
+        const dtype type = converted_type(storage, cols);
         if (const auto in_place = view_in_place(r, rows, cols); in_place && (in_place->type() == type || type == dtype::f32))
             return *in_place;
         std::shared_ptr<std::byte[]> buffer = detail::aligned_array<std::byte>(weight_bytes(type, std::size_t(rows), std::size_t(cols)));
@@ -73,7 +73,7 @@ public:
                                                      dtype storage) {
         const Checkpoint::Ref a = fetch(top, {rows, cols}), b = fetch(bottom, {rows, cols});
         if (a.info == nullptr || b.info == nullptr) return {placeholder(), placeholder()};
-        const dtype type = storage == dtype::bf16 || (is_block_format(storage) && cols % quant_block == 0) ? storage : dtype::f32;
+        const dtype type = converted_type(storage, cols);
         const std::size_t bytes = weight_bytes(type, std::size_t(rows), std::size_t(cols));
         std::shared_ptr<std::byte[]> buffer = detail::aligned_array<std::byte>(2 * bytes);
         return {defer(a, buffer, buffer.get(), type, rows, cols), defer(b, buffer, buffer.get() + bytes, type, rows, cols)};
@@ -194,6 +194,13 @@ private:
         if (is_block_dtype(t.dtype))
             return WeightView::blocks(bytes.data(), t.dtype == tensor_dtype::q8_0 ? dtype::q8_0 : dtype::q4_0, rows, cols);
         return std::nullopt;
+    }
+
+    /// The type a routed expert's weight of `cols` columns is converted into for `storage`: the
+    /// storage itself, unless it is a block format and cols not a multiple of 32 (then f32, which
+    /// the linear map pads and quantises).
+    static dtype converted_type(dtype storage, index_t cols) noexcept {
+        return storage == dtype::bf16 || (is_block_format(storage) && cols % quant_block == 0) ? storage : dtype::f32;
     }
 
     /// How many source bytes materialise() converts between releases of their pages.
