@@ -48,12 +48,9 @@ public:
     /// (rows, cols) weights of any dtype packed row after row at `data` (weight_bytes(type, rows,
     /// cols) bytes; f32 and bf16 aligned for their type): the constructors above or blocks().
     [[nodiscard]] static WeightView packed(const void* data, dtype type, index_t rows, index_t cols) {
-        switch (type) {
-        case dtype::f32: return ConstMatrixView<float>(static_cast<const float*>(data), rows, cols);
-        case dtype::bf16: return ConstMatrixView<bf16>(static_cast<const bf16*>(data), rows, cols);
-        case dtype::q8_0: case dtype::q4_0: break;
-        }
-        return blocks(data, type, rows, cols);
+        if (is_block_format(type)) return blocks(data, type, rows, cols);
+        if (type == dtype::bf16) return ConstMatrixView<bf16>(static_cast<const bf16*>(data), rows, cols);
+        return ConstMatrixView<float>(static_cast<const float*>(data), rows, cols);
     }
 
     [[nodiscard]] dtype type() const noexcept { return type_; }
