@@ -12,7 +12,6 @@
 #include <map>
 #include <random>
 #include <string>
-#include <tuple>
 #include <vector>
 
 #include <hypermoe/io/io.hpp>
@@ -29,12 +28,10 @@ int main(int argc, char** argv) {
     const std::string dir = argv[1];
     const hm::index_t d = std::stol(argv[2]), ff = std::stol(argv[3]);
     const auto gate_up = std::uint32_t(std::stoul(argv[4])), down = std::uint32_t(std::stoul(argv[5]));
-    // Elements and bytes per block, and where its half scales are.
-    const std::map<std::uint32_t, std::tuple<std::size_t, std::size_t, std::vector<std::size_t>>> layout = {
-        {3, {32, 20, {0, 2}}},     {6, {32, 22, {0}}},       {7, {32, 24, {0, 2}}},     {20, {32, 18, {0}}},
-        {10, {256, 84, {80, 82}}}, {11, {256, 110, {108}}},  {12, {256, 144, {0, 2}}},  {13, {256, 176, {0, 2}}},
-        {14, {256, 210, {208}}},   {23, {256, 136, {0}}}};
-    if (layout.count(gate_up) == 0 || layout.count(down) == 0) {
+    // Where a block's half scales are (its elements and bytes: the GGUF reader's type table).
+    const std::map<std::uint32_t, std::vector<std::size_t>> halves_at = {
+        {3, {0, 2}}, {6, {0}}, {7, {0, 2}}, {20, {0}}, {10, {80, 82}}, {11, {108}}, {12, {0, 2}}, {13, {0, 2}}, {14, {208}}, {23, {0}}};
+    if (halves_at.count(gate_up) == 0 || halves_at.count(down) == 0) {
         std::fputs("write_quant_gguf: types are ggml ids 3, 6, 7, 20, 10-14 or 23\n", stderr);
         return 2;
     }
@@ -59,8 +56,9 @@ int main(int argc, char** argv) {
             continue;
         }
         const std::uint32_t type = t.name.find("down") != std::string::npos ? down : gate_up;
-        const auto& [n, size, halves] = layout.at(type);
-        const std::size_t blocks = std::size_t(t.numel()) / n;
+        const std::vector<std::size_t>& halves = halves_at.at(type);
+        const hm::GgmlType& g = *hm::detail::find_ggml_type(type);
+        const std::size_t n = g.block, size = g.bytes, blocks = std::size_t(t.numel()) / n;
         std::vector<std::byte> out(blocks * size);
         for (auto& b : out) b = std::byte(rng() & 0xFF);
         for (std::size_t i = 0; i < blocks; ++i)

@@ -73,6 +73,17 @@ enum class tensor_dtype {
 /// Whether a tensor dtype is a block format a layer holds as stored (q8_0, q4_0).
 [[nodiscard]] constexpr bool is_block_dtype(tensor_dtype t) noexcept { return t == tensor_dtype::q8_0 || t == tensor_dtype::q4_0; }
 
+/// The weight dtype a tensor dtype's bytes are as they are (F32, BF16, Q8_0, Q4_0), if any.
+[[nodiscard]] constexpr std::optional<dtype> held_dtype(tensor_dtype t) noexcept {
+    switch (t) {
+    case tensor_dtype::f32: return dtype::f32;
+    case tensor_dtype::bf16: return dtype::bf16;
+    case tensor_dtype::q8_0: return dtype::q8_0;
+    case tensor_dtype::q4_0: return dtype::q4_0;
+    default: return std::nullopt;
+    }
+}
+
 /// Whether a tensor dtype is one of the ggml quants read by converting it to f32 (ggml_quant,
 /// core/quant.hpp): q4_1 to iq4_xs in the enum's order.
 [[nodiscard]] constexpr bool is_ggml_quant_dtype(tensor_dtype t) noexcept { return t >= tensor_dtype::q4_1 && t <= tensor_dtype::iq4_xs; }

@@ -90,8 +90,7 @@ public:
         Deferred& d = it->second;
         const TensorInfo& t = *d.source.info;
         const std::span<const std::byte> source = d.source.file->data(t);
-        const bool copy = (t.dtype == tensor_dtype::f32 && d.type == dtype::f32) || (t.dtype == tensor_dtype::bf16 && d.type == dtype::bf16) ||
-                          (t.dtype == tensor_dtype::q8_0 && d.type == dtype::q8_0) || (t.dtype == tensor_dtype::q4_0 && d.type == dtype::q4_0);
+        const bool copy = held_dtype(t.dtype) == d.type;
         const std::string name = detail::concat(t.describe(), " in ", d.source.file->source());
         const index_t rows = w.rows(), cols = w.cols();
         const std::size_t row = weight_bytes(d.type, 1, std::size_t(cols)), source_row = source.size() / std::size_t(std::max<index_t>(rows, 1));
@@ -192,7 +191,7 @@ private:
         if (t.dtype == tensor_dtype::bf16 && reinterpret_cast<std::uintptr_t>(bytes.data()) % alignof(bf16) == 0)
             return ConstMatrixView<bf16>(reinterpret_cast<const bf16*>(bytes.data()), rows, cols);
         if (is_block_dtype(t.dtype))
-            return WeightView::blocks(bytes.data(), t.dtype == tensor_dtype::q8_0 ? dtype::q8_0 : dtype::q4_0, rows, cols);
+            return WeightView::blocks(bytes.data(), *held_dtype(t.dtype), rows, cols);
         return std::nullopt;
     }
 
