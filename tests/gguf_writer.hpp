@@ -3,12 +3,15 @@
 // every value type, tensors of any ggml type id with bytes given, version and alignment chosen.
 // Plus the encodings of a float matrix as F32, F16, BF16, Q8_0 and Q4_0 (the library's own
 // quantisers, which are ggml's bit for bit), and a converter from a Hugging Face checkpoint of
-// the four families to the GGUF llama.cpp would write for it.
+// the four families to the GGUF llama.cpp would write for it, a rewriter of such a file's tensors,
+// and random blocks of the ggml quants the library widens.
 
 #include <cstdint>
 #include <functional>
 #include <cstring>
 #include <fstream>
+#include <map>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -217,6 +220,49 @@ inline GgufWriter gguf_from(const hypermoe::Checkpoint& ck, const GgufConversion
             plain(blk + "exp_probs_b.bias", p + "gate.e_score_correction_bias", F32, true);
     }
     return w;
+}
+
+/// A tensor of a GGUF file being rewritten: its ggml type, dims (innermost first) and bytes.
+struct TensorEdit {
+    std::uint32_t type;
+    std::vector<std::int64_t> ne;
+    std::vector<std::byte> bytes;
+};
+
+/// A copy of F32 GGUF image `base` (its u32 and string metadata, its tensors), each tensor passed
+/// through `edit` first, which may change it or return false to drop it.
+inline GgufWriter rewritten(const std::vector<std::byte>& base, const std::function<bool(const std::string&, TensorEdit&)>& edit) {
+    const GgufView v(base, "base");
+    GgufWriter w;
+    for (const auto& [k, val] : v.metadata())
+        if (val.type == gguf_type::u32) w.u32(k, std::uint32_t(*v.integer(k)));
+        else if (val.type == gguf_type::string) w.string(k, *v.string(k));
+    for (const TensorInfo& t : v.tensors()) {
+        const auto d = v.data(t);
+        TensorEdit e{F32, std::vector<std::int64_t>(t.shape.rbegin(), t.shape.rend()), {d.begin(), d.end()}};
+        if (edit(t.name, e)) w.tensor(t.name, e.type, std::move(e.ne), std::move(e.bytes));
+    }
+    return w;
+}
+
+/// `blocks` blocks of random bytes of a ggml quant the library widens (Q4_1, Q5_0, Q5_1, IQ4_NL,
+/// Q2_K to Q6_K, IQ4_XS), each block's half scale (and min) drawn from `scale` so that it is
+/// finite: the bytes first, then the halves block by block, from `rng`.
+inline std::vector<std::byte> random_ggml_quant(std::uint32_t type, index_t blocks, std::mt19937_64& rng,
+                                                std::uniform_real_distribution<float> scale) {
+    const std::map<std::uint32_t, std::vector<std::size_t>> halves_at = { // where a block's halves are
+        {Q4_1, {0, 2}}, {Q5_0, {0}}, {Q5_1, {0, 2}}, {IQ4_NL, {0}}, {Q2_K, {80, 82}}, {Q3_K, {108}}, {Q4_K, {0, 2}}, {Q5_K, {0, 2}},
+        {Q6_K, {208}},  {IQ4_XS, {0}}};
+    const std::vector<std::size_t>& halves = halves_at.at(type);
+    const std::size_t size = detail::find_ggml_type(type)->bytes;
+    std::vector<std::byte> out(std::size_t(blocks) * size);
+    for (auto& v : out) v = std::byte(rng() & 0xFF);
+    for (std::size_t i = 0; i < std::size_t(blocks); ++i)
+        for (const std::size_t at : halves) {
+            const std::uint16_t h = f32_to_f16_bits(scale(rng));
+            std::memcpy(out.data() + i * size + at, &h, 2);
+        }
+    return out;
 }
 
 } // namespace hypermoe::test

@@ -89,29 +89,6 @@ void reference_copy(const std::string& src, const std::string& dst, std::uint32_
     write_safetensors(dst + "/model.safetensors", out);
 }
 
-/// A tensor of a GGUF file being rewritten: its ggml type, dims (innermost first) and bytes.
-struct TensorEdit {
-    std::uint32_t type;
-    std::vector<std::int64_t> ne;
-    std::vector<std::byte> bytes;
-};
-
-/// A copy of F32 GGUF image `base` (its u32 and string metadata, its tensors), each tensor passed
-/// through `edit` first, which may change it or return false to drop it.
-test::GgufWriter rewritten(const std::vector<std::byte>& base, const std::function<bool(const std::string&, TensorEdit&)>& edit) {
-    const GgufView v(base, "base");
-    test::GgufWriter w;
-    for (const auto& [k, val] : v.metadata())
-        if (val.type == gguf_type::u32) w.u32(k, std::uint32_t(*v.integer(k)));
-        else if (val.type == gguf_type::string) w.string(k, *v.string(k));
-    for (const TensorInfo& t : v.tensors()) {
-        const auto d = v.data(t);
-        TensorEdit e{test::F32, std::vector<std::int64_t>(t.shape.rbegin(), t.shape.rend()), {d.begin(), d.end()}};
-        if (edit(t.name, e)) w.tensor(t.name, e.type, std::move(e.ne), std::move(e.bytes));
-    }
-    return w;
-}
-
 /// The elements in one block of a ggml type the library widens: 32 or 256.
 index_t block_of(std::uint32_t type) {
     return type == test::Q4_1 || type == test::Q5_0 || type == test::Q5_1 || type == test::IQ4_NL ? 32 : 256;
@@ -242,23 +219,8 @@ std::vector<float> decode_ggml_quant(std::uint32_t type, const std::byte* block)
 /// `blocks` blocks of random bytes of a ggml quant the library widens, with finite scales (and
 /// mins) of about 2^-8 (`type`: Q4_1, Q5_0, Q5_1, IQ4_NL, Q2_K to Q6_K, IQ4_XS).
 std::vector<std::byte> random_ggml_quant(std::uint32_t type, index_t blocks, std::uint64_t seed) {
-    const std::map<std::uint32_t, std::pair<std::size_t, std::vector<std::size_t>>> layout = { // bytes, where its halves are
-        {test::Q4_1, {20, {0, 2}}}, {test::Q5_0, {22, {0}}}, {test::Q5_1, {24, {0, 2}}}, {test::IQ4_NL, {18, {0}}},
-        {test::Q2_K, {84, {80, 82}}}, {test::Q3_K, {110, {108}}}, {test::Q4_K, {144, {0, 2}}}, {test::Q5_K, {176, {0, 2}}}, {test::Q6_K, {210, {208}}},
-        {test::IQ4_XS, {136, {0}}}};
-    const auto& [size, halves] = layout.at(type);
     std::mt19937_64 rng(seed);
-    std::vector<std::byte> out(std::size_t(blocks) * size);
-    for (auto& v : out) v = std::byte(rng() & 0xFF);
-    std::uniform_real_distribution<float> scale(1.0f / 512, 1.0f / 128);
-    for (index_t i = 0; i < blocks; ++i) {
-        std::byte* b = out.data() + std::size_t(i) * size;
-        for (const std::size_t at : halves) {
-            const std::uint16_t h = f32_to_f16_bits(scale(rng));
-            std::memcpy(b + at, &h, 2);
-        }
-    }
-    return out;
+    return test::random_ggml_quant(type, blocks, rng, std::uniform_real_distribution<float>(1.0f / 512, 1.0f / 128));
 }
 
 struct Variant {
@@ -683,7 +645,7 @@ TEST_CASE_TEMPLATE_DEFINE("GGUF: experts in every widened ggml quant give the bl
                     test::GgufWriter::put(values[name], f);
         }
         const auto file = [&](const std::string& path, bool quantised) {
-            rewritten(bases[ff], [&](const std::string& name, TensorEdit& t) {
+            test::rewritten(bases[ff], [&](const std::string& name, test::TensorEdit& t) {
                 if (blocks.count(name) != 0) t = {quantised ? types[name] : test::F32, ne[name], quantised ? blocks[name] : values[name]};
                 return true;
             }).write(path);
@@ -775,7 +737,7 @@ TEST_CASE("GGUF: a non-finite value converted from a quantised expert is a weigh
     const std::string dir = (tmp.path / "hf").string();
     write_synthetic_checkpoint(dir, {.family = family("mixtral"), .d_model = 64, .d_ff = 32, .experts = 2, .top_k = 1, .layers = 1});
     const std::string file = (tmp.path / "nan.gguf").string();
-    rewritten(test::gguf_from(Checkpoint(dir)).bytes(), [](const std::string& name, TensorEdit& t) {
+    test::rewritten(test::gguf_from(Checkpoint(dir)).bytes(), [](const std::string& name, test::TensorEdit& t) {
         if (name != "blk.0.ffn_gate_exps.weight") return true;
         std::vector<std::byte> bytes(2 * 32 * 2 * 20); // 2 experts x 32 rows x 2 blocks
         bytes[1] = std::byte{0x7C}, bytes[4] = std::byte{0x01};
@@ -804,7 +766,7 @@ TEST_CASE("GGUF: unsupported types, missing tensors and metadata give typed erro
     // the type is reported): the file opens and describes, block 0 loads, block 1 names the
     // tensor and its type.
     {
-        rewritten(test::gguf_from(st).bytes(), [](const std::string& name, TensorEdit& t) {
+        test::rewritten(test::gguf_from(st).bytes(), [](const std::string& name, test::TensorEdit& t) {
             if (name == "blk.1.ffn_up_exps.weight") t = {test::MXFP4, {256, 5, 4}, std::vector<std::byte>(4 * 5 * 8 * 17)};
             return true;
         }).write(file);
@@ -826,7 +788,7 @@ TEST_CASE("GGUF: unsupported types, missing tensors and metadata give typed erro
     }
     // A missing expert tensor names the GGUF tensors it is read from.
     {
-        rewritten(test::gguf_from(st).bytes(), [](const std::string& name, TensorEdit&) { return name != "blk.0.ffn_down_exps.weight"; })
+        test::rewritten(test::gguf_from(st).bytes(), [](const std::string& name, test::TensorEdit&) { return name != "blk.0.ffn_down_exps.weight"; })
             .write(file);
         CHECK_THROWS_WITH_AS((void)load_moe_block<reference>(Checkpoint(file), 0),
                              doctest::Contains("missing tensor 'model.layers.0.block_sparse_moe.experts.2.w2.weight' (GGUF "
@@ -835,7 +797,7 @@ TEST_CASE("GGUF: unsupported types, missing tensors and metadata give typed erro
     }
     // Wrong dims: the router's matrix stored transposed, and a merged tensor of 3 experts for 4.
     {
-        rewritten(test::gguf_from(st).bytes(), [](const std::string& name, TensorEdit& t) {
+        test::rewritten(test::gguf_from(st).bytes(), [](const std::string& name, test::TensorEdit& t) {
             if (name == "blk.0.ffn_gate_inp.weight") std::swap(t.ne[0], t.ne[1]);
             if (name == "blk.0.ffn_up_exps.weight") t.ne = {32, 40, 3}, t.bytes.resize(t.bytes.size() / 4 * 3);
             return true;

@@ -7,9 +7,9 @@
 // Usage: write_quant_gguf DIR D_MODEL D_FF GATE_UP_TYPE DOWN_TYPE  (writes DIR/g<GATE_UP>_<DOWN>.gguf)
 // e.g. 1024 2816 12 12 (the Mixtral-like block), 2048 1408 12 6 (Qwen1.5-MoE's shapes, Q4_K_M's
 // mix), 4096 14336 12 12 (Mixtral 8x7B's shapes: 5.6 GB of F32 safetensors, 756 MiB of Q4_K).
+#include <algorithm>
 #include <cstdio>
-#include <cstring>
-#include <map>
+#include <iterator>
 #include <random>
 #include <string>
 #include <vector>
@@ -28,10 +28,8 @@ int main(int argc, char** argv) {
     const std::string dir = argv[1];
     const hm::index_t d = std::stol(argv[2]), ff = std::stol(argv[3]);
     const auto gate_up = std::uint32_t(std::stoul(argv[4])), down = std::uint32_t(std::stoul(argv[5]));
-    // Where a block's half scales are (its elements and bytes: the GGUF reader's type table).
-    const std::map<std::uint32_t, std::vector<std::size_t>> halves_at = {
-        {3, {0, 2}}, {6, {0}}, {7, {0, 2}}, {20, {0}}, {10, {80, 82}}, {11, {108}}, {12, {0, 2}}, {13, {0, 2}}, {14, {208}}, {23, {0}}};
-    if (halves_at.count(gate_up) == 0 || halves_at.count(down) == 0) {
+    const std::uint32_t widened[] = {3, 6, 7, 20, 10, 11, 12, 13, 14, 23};
+    if (std::count(std::begin(widened), std::end(widened), gate_up) == 0 || std::count(std::begin(widened), std::end(widened), down) == 0) {
         std::fputs("write_quant_gguf: types are ggml ids 3, 6, 7, 20, 10-14 or 23\n", stderr);
         return 2;
     }
@@ -41,32 +39,15 @@ int main(int argc, char** argv) {
     for (std::size_t i = 0; i < x.size(); ++i) x[i] = float(int(i * 2654435761u % 2001) - 1000) / 1000.0f;
     hm::write_safetensors(dir + "/input.safetensors", {hm::f32_tensor("x", {32, d}, x)}, {{"layer", "0"}});
     const std::vector<std::byte> base = hm::test::gguf_from(hm::Checkpoint(dir + "/hf")).bytes();
-    const hm::GgufView v(base, "base");
-    hm::test::GgufWriter w;
-    for (const auto& [k, val] : v.metadata())
-        if (val.type == hm::gguf_type::u32) w.u32(k, std::uint32_t(*v.integer(k)));
-        else if (val.type == hm::gguf_type::string) w.string(k, *v.string(k));
     std::mt19937_64 rng(1);
-    std::uniform_real_distribution<float> scale(1.0f / 4096, 1.0f / 1024);
-    for (const hm::TensorInfo& t : v.tensors()) {
-        const auto data = v.data(t);
-        std::vector<std::int64_t> ne(t.shape.rbegin(), t.shape.rend());
-        if (t.name.find("_exps") == std::string::npos) {
-            w.tensor(t.name, hm::test::F32, ne, {data.begin(), data.end()});
-            continue;
-        }
-        const std::uint32_t type = t.name.find("down") != std::string::npos ? down : gate_up;
-        const std::vector<std::size_t>& halves = halves_at.at(type);
-        const hm::GgmlType& g = *hm::detail::find_ggml_type(type);
-        const std::size_t n = g.block, size = g.bytes, blocks = std::size_t(t.numel()) / n;
-        std::vector<std::byte> out(blocks * size);
-        for (auto& b : out) b = std::byte(rng() & 0xFF);
-        for (std::size_t i = 0; i < blocks; ++i)
-            for (const std::size_t at : halves) {
-                const std::uint16_t h = hm::f32_to_f16_bits(scale(rng));
-                std::memcpy(out.data() + i * size + at, &h, 2);
-            }
-        w.tensor(t.name, type, ne, std::move(out));
-    }
+    const std::uniform_real_distribution<float> scale(1.0f / 4096, 1.0f / 1024);
+    hm::test::GgufWriter w = hm::test::rewritten(base, [&](const std::string& name, hm::test::TensorEdit& t) {
+        if (name.find("_exps") == std::string::npos) return true;
+        t.type = name.find("down") != std::string::npos ? down : gate_up;
+        std::int64_t count = 1;
+        for (const std::int64_t n : t.ne) count *= n;
+        t.bytes = hm::test::random_ggml_quant(t.type, count / hm::detail::find_ggml_type(t.type)->block, rng, scale);
+        return true;
+    });
     w.write(dir + "/g" + argv[4] + "_" + argv[5] + ".gguf");
 }
