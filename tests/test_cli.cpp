@@ -7,6 +7,7 @@
 #include <cstring>
 #include <filesystem>
 #include <map>
+#include <random>
 #include <set>
 #include <string>
 #include <sys/wait.h>
@@ -246,6 +247,42 @@ TEST_CASE("hypermoe inspect, run and bench on GGUF files") {
     const Result bad = run_cli("inspect --model " + (tmp / "missing.gguf").string());
     CHECK(bad.status == 2);
     CHECK(bad.err.find("missing.gguf: neither a checkpoint directory nor a GGUF file") != std::string::npos);
+    fs::remove_all(tmp);
+}
+
+TEST_CASE("hypermoe holds a GGUF file's K-quant experts in q8_0 unless --weights says otherwise") {
+    // A Q4_K_M-like file: gate and up in Q4_K, down in Q6_K (random blocks, d_model = d_ff = 256).
+    const fs::path tmp = fs::temp_directory_path() / ("hypermoe-cli-kquant-" + std::to_string(::getpid()));
+    fs::create_directories(tmp);
+    const std::string hf = (tmp / "hf").string(), file = (tmp / "q4_k_m.gguf").string(), input = (tmp / "x.safetensors").string();
+    write_synthetic_checkpoint(hf, {.family = family("mixtral"), .d_model = 256, .d_ff = 256, .experts = 3, .top_k = 2, .layers = 1});
+    std::mt19937_64 rng(5);
+    const std::uniform_real_distribution<float> scale(1.0f / 512, 1.0f / 128);
+    test::rewritten(test::gguf_from(Checkpoint(hf)).bytes(), [&](const std::string& name, test::TensorEdit& t) {
+        if (name.find("_exps") == std::string::npos) return true;
+        t.type = name.find("down") != std::string::npos ? test::Q6_K : test::Q4_K;
+        t.bytes = test::random_ggml_quant(t.type, 3 * 256 * 256 / 256, rng, scale);
+        return true;
+    }).write(file);
+    const Matrix<float> x = test::random_matrix(4, 256, 9);
+    write_safetensors(input, {f32_tensor("x", {4, 256}, {x.data(), 4 * 256})}, {{"layer", "0"}});
+
+    const Result i = run_cli("inspect --model " + file);
+    REQUIRE_MESSAGE(i.status == 0, i.err);
+    CHECK(i.out.find("experts stored as Q4_K, Q6_K; default --weights q8_0") != std::string::npos);
+    std::map<std::string, Matrix<float>> y;
+    for (const std::string weights : {"", " --weights q8_0", " --weights f32"}) {
+        const std::string out = (tmp / "y.safetensors").string();
+        const Result r = run_cli("run --model " + file + weights + " --input " + input + " --output " + out);
+        REQUIRE_MESSAGE(r.status == 0, r.err);
+        const SafeTensorsFile got(out);
+        y[weights] = got.view().to_f32(got.view().info("y"));
+    }
+    CHECK(test::relative_error(y[""].view(), y[" --weights q8_0"].view()) == 0.0);
+    // 8-bit blocks of the Q4_K / Q6_K values: close to the exact values, not equal to them
+    const double requantised = test::relative_error(y[""].view(), y[" --weights f32"].view());
+    CHECK(requantised > 0.0);
+    CHECK(requantised < 0.02);
     fs::remove_all(tmp);
 }
 

@@ -113,16 +113,21 @@ void set_threads(const Args& a) {
 #endif
 }
 
-/// The format a GGUF file's routed experts are stored in, when it is one the library holds as
-/// stored (bf16, q8_0, q4_0); f32 otherwise (an F16 file widens exactly).
+/// What --weights defaults to for a GGUF file: the format its routed experts are stored in when
+/// it is one the library holds as stored (bf16, q8_0, q4_0); q8_0 when they are all other ggml
+/// quants (K-quants, Q5_0, IQ4_NL...), or a mix of quants: their values requantised to 8 bits
+/// add almost nothing to the file's own error (docs/checkpoints.md) and take 8.5 bits a weight,
+/// where f32 takes 32; f32 otherwise (F32, or F16, which widens exactly).
 hm::dtype stored_expert_format(const hm::Checkpoint& ck) {
     const auto types = ck.expert_dtypes();
-    if (ck.gguf_architecture().empty() || types.size() != 1) return hm::dtype::f32;
+    if (ck.gguf_architecture().empty() || types.empty()) return hm::dtype::f32;
     const std::string& t = *types.begin();
-    return t == "BF16" ? hm::dtype::bf16 : t == "Q8_0" ? hm::dtype::q8_0 : t == "Q4_0" ? hm::dtype::q4_0 : hm::dtype::f32;
+    if (types.size() == 1 && (t == "BF16" || t == "Q8_0" || t == "Q4_0")) return t == "BF16" ? hm::dtype::bf16 : t == "Q8_0" ? hm::dtype::q8_0 : hm::dtype::q4_0;
+    const auto quant = [](const std::string& name) { return name[0] == 'Q' || name.rfind("IQ", 0) == 0; };
+    return std::all_of(types.begin(), types.end(), quant) ? hm::dtype::q8_0 : hm::dtype::f32;
 }
 
-/// --weights, defaulting to f32 (a GGUF file: the format its experts are stored in).
+/// --weights, defaulting to f32 (a GGUF file: stored_expert_format).
 hm::dtype weights_of(const Args& a, const hm::Checkpoint* ck = nullptr) {
     const std::string w = a.get("--weights", std::string(hm::to_string(ck != nullptr ? stored_expert_format(*ck) : hm::dtype::f32)));
     if (w == "f32") return hm::dtype::f32;
