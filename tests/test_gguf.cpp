@@ -412,6 +412,42 @@ TEST_CASE("GGUF: inspect-level description: family, blocks, types and bytes") {
     CHECK(ck.config_source() == file + " (GGUF metadata)");
 }
 
+TEST_CASE("GGUF: expert_storage is the experts' stored format, q8_0 for other quants, else f32") {
+    // A block whose rows are whole super-blocks (d_model = d_ff = 256), its experts rewritten.
+    TempDir tmp("expert_storage");
+    const std::string hf = (tmp.path / "hf").string();
+    write_synthetic_checkpoint(hf, {.family = family("mixtral"), .d_model = 256, .d_ff = 256, .experts = 2, .top_k = 1, .layers = 1});
+    const Checkpoint st(hf);
+    CHECK(st.expert_storage() == dtype::f32); // safetensors: the values as they are
+    std::mt19937_64 rng(4);
+    const std::uniform_real_distribution<float> scale(1.0f / 512, 1.0f / 128);
+    const auto storage = [&](std::uint32_t gate_up, std::uint32_t down) {
+        const std::string path = (tmp.path / "e.gguf").string();
+        test::rewritten(test::gguf_from(st).bytes(), [&](const std::string& name, test::TensorEdit& t) {
+            if (name.find("_exps") == std::string::npos) return true;
+            t.type = name.find("down") != std::string::npos ? down : gate_up;
+            if (t.type == test::F32 || t.type == test::F16 || t.type == test::BF16 || t.type == test::Q8_0 || t.type == test::Q4_0) {
+                const auto f = reinterpret_cast<const float*>(t.bytes.data());
+                t.bytes = test::encode(ConstMatrixView<float>(f, 2 * 256, 256), t.type);
+            } else {
+                t.bytes = test::random_ggml_quant(t.type, 2 * 256 * 256 / block_of(t.type), rng, scale);
+            }
+            return true;
+        }).write(path);
+        return Checkpoint(path).expert_storage();
+    };
+    CHECK(storage(test::F32, test::F32) == dtype::f32);
+    CHECK(storage(test::F16, test::F16) == dtype::f32); // widened exactly
+    CHECK(storage(test::BF16, test::BF16) == dtype::bf16);
+    CHECK(storage(test::Q8_0, test::Q8_0) == dtype::q8_0);
+    CHECK(storage(test::Q4_0, test::Q4_0) == dtype::q4_0);
+    CHECK(storage(test::Q4_K, test::Q6_K) == dtype::q8_0); // Q4_K_M's mix, requantised to 8 bits
+    CHECK(storage(test::Q5_0, test::Q5_0) == dtype::q8_0);
+    CHECK(storage(test::Q4_K, test::Q4_0) == dtype::q8_0); // a mix of quants
+    CHECK(storage(test::Q4_0, test::F32) == dtype::f32);   // a mix with F32: exact
+    CHECK(storage(test::BF16, test::Q8_0) == dtype::f32);
+}
+
 TEST_CASE("GGUF: blocks of Q4_1, Q5_0, Q5_1, IQ4_NL and super-blocks of Q2_K to Q6_K, IQ4_XS read as ggml's values, worked by hand") {
     // One block of each, all bytes 0 but those named; each value worked out in the comment.
     const auto at = [](std::vector<std::uint8_t>& b, std::size_t i, std::uint8_t v) { b[i] = v; };

@@ -113,23 +113,9 @@ void set_threads(const Args& a) {
 #endif
 }
 
-/// What --weights defaults to for a GGUF file: the format its routed experts are stored in when
-/// it is one the library holds as stored (bf16, q8_0, q4_0); q8_0 when they are all other ggml
-/// quants (K-quants, Q5_0, IQ4_NL...), or a mix of quants: their values requantised to 8 bits
-/// add almost nothing to the file's own error (docs/checkpoints.md) and take 8.5 bits a weight,
-/// where f32 takes 32; f32 otherwise (F32, or F16, which widens exactly).
-hm::dtype stored_expert_format(const hm::Checkpoint& ck) {
-    const auto types = ck.expert_dtypes();
-    if (ck.gguf_architecture().empty() || types.empty()) return hm::dtype::f32;
-    const std::string& t = *types.begin();
-    if (types.size() == 1 && (t == "BF16" || t == "Q8_0" || t == "Q4_0")) return t == "BF16" ? hm::dtype::bf16 : t == "Q8_0" ? hm::dtype::q8_0 : hm::dtype::q4_0;
-    const auto quant = [](const std::string& name) { return name[0] == 'Q' || name.rfind("IQ", 0) == 0; };
-    return std::all_of(types.begin(), types.end(), quant) ? hm::dtype::q8_0 : hm::dtype::f32;
-}
-
-/// --weights, defaulting to f32 (a GGUF file: stored_expert_format).
+/// --weights, defaulting to f32 (a checkpoint: Checkpoint::expert_storage, which is f32 but for GGUF files).
 hm::dtype weights_of(const Args& a, const hm::Checkpoint* ck = nullptr) {
-    const std::string w = a.get("--weights", std::string(hm::to_string(ck != nullptr ? stored_expert_format(*ck) : hm::dtype::f32)));
+    const std::string w = a.get("--weights", std::string(hm::to_string(ck != nullptr ? ck->expert_storage() : hm::dtype::f32)));
     if (w == "f32") return hm::dtype::f32;
     if (w == "bf16") return hm::dtype::bf16;
     if (w == "q8_0") return hm::dtype::q8_0;
@@ -317,7 +303,7 @@ int inspect(const Args& a) {
     std::printf("bytes      %s\n", bytes.c_str());
     if (!ck.gguf_architecture().empty())
         std::printf("format     GGUF, architecture %s; experts stored as %s; default --weights %s\n", ck.gguf_architecture().c_str(),
-                    joined(ck.expert_dtypes()).c_str(), std::string(hm::to_string(stored_expert_format(ck))).c_str());
+                    joined(ck.expert_dtypes()).c_str(), std::string(hm::to_string(ck.expert_storage())).c_str());
     std::string blocks;
     for (const auto& b : m.moe_blocks)
         blocks += (blocks.empty() ? "" : ", ") + (b.stack.empty() ? "" : b.stack + " ") + std::to_string(b.layer);

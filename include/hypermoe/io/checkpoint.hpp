@@ -4,6 +4,7 @@
 // config, its MoE tensors get the Hugging Face names). Files are mapped once; tensors are looked
 // up by name.
 
+#include <algorithm>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -156,8 +157,25 @@ public:
     }
 
     /// The dtypes of the routed experts' matrices (the tensors named "....experts.<e>....").
-    [[nodiscard]] std::set<std::string> expert_dtypes() const {
-        return keys(bytes_if([](const std::string& name) { return name.find(".experts.") != std::string::npos; }));
+    [[nodiscard]] std::set<std::string> expert_dtypes() const { return keys(bytes_if(is_expert)); }
+
+    /// The storage (LoadOptions::storage) that holds the routed experts as compactly as the file
+    /// does without losing what it holds, for a GGUF file: the format they are stored in when it
+    /// is one a layer holds as stored (BF16, Q8_0, Q4_0: no conversion); q8_0 when they are other
+    /// ggml quants (K-quants, Q5_0, IQ4_NL...) or a mix of quants, whose values requantised to 8
+    /// bits add almost nothing to the file's own error (docs/checkpoints.md) in 8.5 bits a
+    /// weight, where f32 takes 32; f32 otherwise (F32 or F16 experts, safetensors checkpoints),
+    /// which keeps the values exactly. `hypermoe`'s --weights defaults to it.
+    [[nodiscard]] dtype expert_storage() const {
+        if (gguf_ == nullptr) return dtype::f32;
+        std::set<tensor_dtype> types;
+        for (const auto& [name, f] : where_)
+            if (is_expert(name)) types.insert(tables_[f]->info(name).dtype);
+        if (types.empty()) return dtype::f32;
+        if (types.size() == 1)
+            if (const auto held = held_dtype(*types.begin()); held && *held != dtype::f32) return *held;
+        const bool quantised = std::all_of(types.begin(), types.end(), [](tensor_dtype t) { return is_block_dtype(t) || is_ggml_quant_dtype(t); });
+        return quantised ? dtype::q8_0 : dtype::f32;
     }
 
     /// The bytes of the tensors whose names start with `prefix`, by dtype.
@@ -166,6 +184,9 @@ public:
     }
 
 private:
+    /// Whether a tensor is a routed expert's matrix (named "....experts.<e>....").
+    static bool is_expert(const std::string& name) { return name.find(".experts.") != std::string::npos; }
+
     /// The bytes of the tensors whose names pass `keep`, by dtype (the file's name for it).
     template <class Keep>
     [[nodiscard]] std::map<std::string, std::size_t> bytes_if(Keep keep) const {
