@@ -1,15 +1,16 @@
-// What holding a Q4_K GGUF file's experts in another storage (`--weights bf16|q8_0|q4_0`) adds to
-// the file's own quantisation error: docs/checkpoints.md's requantisation table.
+// What holding a GGUF file's K-quant experts in another storage (`--weights bf16|q8_0|q4_0`) adds
+// to the file's own quantisation error: docs/checkpoints.md's requantisation table.
 //
 // For weights drawn from three distributions (normal; Laplace; Student's t with 4 degrees of
 // freedom, whose rare large weights set q4_0's block scales as a trained matrix's outliers do),
-// it quantises them as llama.cpp writes Q4_K without an importance matrix (ggml's
+// it quantises them as llama.cpp writes Q4_K and Q6_K without an importance matrix (ggml's
 // quantize_row_q4_K_ref: per sub-block of 32 a weighted least-squares scale and min over 21 trial
-// scales, the eight pairs then quantised to 6 bits against the super-block's half d and dmin),
-// reads the bytes back through the library's GGUF decoder (GgmlQuantBlock), converts those exact
-// values as the loader does (bf16 rounding, quantize_row into q8_0 / q4_0), and prints each
-// result's relative RMS error sqrt(sum (w' - w)^2 / sum w^2) against the original weights, beside
-// the same storage converted straight from the original weights.
+// scales, the eight pairs then quantised to 6 bits against the super-block's half d and dmin;
+// quantize_row_q6_K_ref: per group of 16 the best of 19 trial scales, quantised to int8 against
+// the super-block's half d), reads the bytes back through the library's GGUF decoder
+// (GgmlQuantBlock), converts those exact values as the loader does (bf16 rounding, quantize_row
+// into q8_0 / q4_0), and prints each result's relative RMS error sqrt(sum (w' - w)^2 / sum w^2)
+// against the original weights; the rows "none" convert the original weights straight.
 // Usage: requant_error [ROWS COLS]   (default 512 x 4096; COLS a multiple of 256)
 #include <algorithm>
 #include <array>
@@ -136,6 +137,57 @@ std::array<unsigned char, 144> quantize_q4_k(std::span<const float, 256> x) {
     return out;
 }
 
+// ggml's make_qx_quants with rmse_type 1 for one group of 16: signed levels -nmax..nmax - 1 for
+// w ~ scale * l, the scale the best of 19 trials by the x^2-weighted squared error.
+float make_qx_quants(std::span<const float, 16> x, int nmax) {
+    float max = 0, amax = 0;
+    for (float v : x)
+        if (std::fabs(v) > amax) amax = std::fabs(v), max = v;
+    if (amax < 1e-15f) return 0.0f; // ggml's GROUP_MAX_EPS
+    const auto fit = [&](float iscale, float& sumlx, float& suml2) {
+        sumlx = suml2 = 0;
+        for (float v : x) {
+            const float l = float(std::clamp(int(std::nearbyint(iscale * v)), -nmax, nmax - 1)), w = v * v;
+            sumlx += w * v * l;
+            suml2 += w * l * l;
+        }
+    };
+    float sumlx, suml2;
+    fit(-float(nmax) / max, sumlx, suml2);
+    float scale = suml2 != 0 ? sumlx / suml2 : 0.0f, best = scale * sumlx;
+    for (int is = -9; is <= 9; ++is) {
+        if (is == 0) continue;
+        fit(-(float(nmax) + 0.1f * float(is)) / max, sumlx, suml2);
+        if (suml2 > 0 && sumlx * sumlx > best * suml2) scale = sumlx / suml2, best = scale * sumlx;
+    }
+    return scale;
+}
+
+// One Q6_K super-block (210 bytes, core/quant.hpp's layout) of 256 weights, as
+// quantize_row_q6_K_ref writes it.
+std::array<unsigned char, 210> quantize_q6_k(std::span<const float, 256> x) {
+    std::array<float, 16> scales;
+    float max_scale = 0, max_abs_scale = 0;
+    for (std::size_t g = 0; g < 16; ++g) {
+        scales[g] = make_qx_quants(x.subspan(16 * g).first<16>(), 32);
+        if (std::fabs(scales[g]) > max_abs_scale) max_abs_scale = std::fabs(scales[g]), max_scale = scales[g];
+    }
+    std::array<unsigned char, 210> out{};
+    if (max_abs_scale < 1e-15f) return out;
+    const float iscale = -128.0f / max_scale;
+    const std::uint16_t d = hm::f32_to_f16_bits(1 / iscale);
+    out[208] = std::uint8_t(d & 0xFF), out[209] = std::uint8_t(d >> 8);
+    for (std::size_t g = 0; g < 16; ++g) out[192 + g] = std::uint8_t(std::int8_t(std::min(127, int(std::nearbyint(iscale * scales[g])))));
+    for (std::size_t j = 0; j < 256; ++j) {
+        const float step = hm::f16_bits_to_f32(d) * float(std::int8_t(out[192 + j / 16]));
+        const unsigned q = step == 0 ? 32u : unsigned(std::clamp(int(std::nearbyint(x[j] / step)), -32, 31) + 32);
+        const std::size_t n = j / 128, u = j % 128 / 32, l = j % 32;
+        out[64 * n + 32 * (u % 2) + l] |= std::uint8_t(u >= 2 ? (q & 0x0F) << 4 : q & 0x0F);
+        out[128 + 32 * n + l] |= std::uint8_t((q >> 4) << (2 * u));
+    }
+    return out;
+}
+
 // A row's values after holding them in `storage` (bf16 rounding, or the loader's quantize_row).
 std::vector<float> held_as(std::span<const float> row, hm::dtype storage) {
     std::vector<float> out(row.size());
@@ -175,27 +227,38 @@ int main(int argc, char** argv) {
         return 2;
     }
     const hm::dtype storages[] = {hm::dtype::bf16, hm::dtype::q8_0, hm::dtype::q4_0};
-    std::printf("| weights | Q4_K | Q4_K -> bf16 | Q4_K -> q8_0 | Q4_K -> q4_0 | bf16 | q8_0 | q4_0 |\n|---|---|---|---|---|---|---|---|\n");
+    std::printf("| weights | file | file's error | -> bf16 | -> q8_0 | -> q4_0 |\n|---|---|---|---|---|---|\n");
     for (const char* dist : {"normal", "Laplace", "Student's t, 4 dof"}) {
-        std::mt19937_64 rng(7);
-        std::normal_distribution<float> normal(0.0f, 0.02f);
-        std::exponential_distribution<float> exponential(1 / 0.014f);
-        std::student_t_distribution<float> student(4.0f);
-        Error k_quant, requant[3], direct[3];
-        std::vector<float> w(cols), k(cols);
-        for (std::size_t r = 0; r < rows; ++r) {
-            for (float& v : w)
-                v = dist[0] == 'n' ? normal(rng) : dist[0] == 'L' ? (rng() & 1 ? 1.0f : -1.0f) * exponential(rng) : 0.014f * student(rng);
-            for (std::size_t b = 0; b < cols; b += 256) {
-                const auto bytes = quantize_q4_k(std::span<const float, 256>(w.data() + b, 256));
-                const hm::GgmlQuantBlock block(bytes.data(), hm::ggml_quant::q4_k);
-                for (std::size_t j = 0; j < 256; ++j) k[b + j] = block[hm::index_t(j)];
+        // The weights themselves (no file: straight into each storage), then as Q4_K and Q6_K.
+        for (const char* file : {"none", "Q4_K", "Q6_K"}) {
+            std::mt19937_64 rng(7);
+            std::normal_distribution<float> normal(0.0f, 0.02f);
+            std::exponential_distribution<float> exponential(1 / 0.014f);
+            std::student_t_distribution<float> student(4.0f);
+            Error own, held[3];
+            std::vector<float> w(cols), k(cols);
+            for (std::size_t r = 0; r < rows; ++r) {
+                for (float& v : w)
+                    v = dist[0] == 'n' ? normal(rng) : dist[0] == 'L' ? (rng() & 1 ? 1.0f : -1.0f) * exponential(rng) : 0.014f * student(rng);
+                for (std::size_t b = 0; b < cols; b += 256) {
+                    const std::span<const float, 256> x(w.data() + b, 256);
+                    if (file[1] == '4') {
+                        const auto bytes = quantize_q4_k(x);
+                        const hm::GgmlQuantBlock block(bytes.data(), hm::ggml_quant::q4_k);
+                        for (std::size_t j = 0; j < 256; ++j) k[b + j] = block[hm::index_t(j)];
+                    } else if (file[1] == '6') {
+                        const auto bytes = quantize_q6_k(x);
+                        const hm::GgmlQuantBlock block(bytes.data(), hm::ggml_quant::q6_k);
+                        for (std::size_t j = 0; j < 256; ++j) k[b + j] = block[hm::index_t(j)];
+                    } else {
+                        std::copy(x.begin(), x.end(), k.begin() + std::ptrdiff_t(b));
+                    }
+                }
+                own.add(k, w);
+                for (int s = 0; s < 3; ++s) held[s].add(held_as(k, storages[s]), w);
             }
-            k_quant.add(k, w);
-            for (int s = 0; s < 3; ++s) requant[s].add(held_as(k, storages[s]), w), direct[s].add(held_as(w, storages[s]), w);
+            std::printf("| %s | %s | %.2f%% | %.2f%% | %.2f%% | %.2f%% |\n", dist, file, 100 * own.relative(), 100 * held[0].relative(),
+                        100 * held[1].relative(), 100 * held[2].relative());
         }
-        std::printf("| %s | %.2f%% | %.2f%% | %.2f%% | %.2f%% | %.2f%% | %.2f%% | %.2f%% |\n", dist, 100 * k_quant.relative(),
-                    100 * requant[0].relative(), 100 * requant[1].relative(), 100 * requant[2].relative(), 100 * direct[0].relative(),
-                    100 * direct[1].relative(), 100 * direct[2].relative());
     }
 }
