@@ -174,8 +174,8 @@ public:
         if (types.empty()) return dtype::f32;
         if (types.size() == 1)
             if (const auto held = held_dtype(*types.begin()); held && *held != dtype::f32) return *held;
-        const bool quantised = std::all_of(types.begin(), types.end(), [](tensor_dtype t) { return is_block_dtype(t) || is_ggml_quant_dtype(t); });
-        return quantised ? dtype::q8_0 : dtype::f32;
+        const auto quantised = [](tensor_dtype t) { return is_block_dtype(t) || is_ggml_quant_dtype(t); };
+        return std::all_of(types.begin(), types.end(), quantised) ? dtype::q8_0 : dtype::f32;
     }
 
     /// The bytes of the tensors whose names start with `prefix`, by dtype.
