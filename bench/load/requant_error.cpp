@@ -8,9 +8,10 @@
 // scales, the eight pairs then quantised to 6 bits against the super-block's half d and dmin;
 // quantize_row_q6_K_ref: per group of 16 the best of 19 trial scales, quantised to int8 against
 // the super-block's half d), reads the bytes back through the library's GGUF decoder
-// (GgmlQuantBlock), converts those exact values as the loader does (bf16 rounding, quantize_row
-// into q8_0 / q4_0), and prints each result's relative RMS error sqrt(sum (w' - w)^2 / sum w^2)
-// against the original weights; the rows "none" convert the original weights straight.
+// (GgmlQuantBlock), converts those exact values as the loader does (detail::store_row: bf16
+// rounding, quantize_row into q8_0 / q4_0), and prints each result's relative RMS error
+// sqrt(sum (w' - w)^2 / sum w^2) against the original weights; the rows "none" convert the
+// original weights straight.
 // Usage: requant_error [ROWS COLS]   (default 512 x 4096; COLS a multiple of 256)
 #include <algorithm>
 #include <array>
@@ -24,6 +25,7 @@
 
 #include <hypermoe/core/core.hpp>
 #include <hypermoe/core/quant.hpp>
+#include <hypermoe/backend/linear_spec.hpp>
 
 namespace hm = hypermoe;
 
@@ -188,28 +190,24 @@ std::array<unsigned char, 210> quantize_q6_k(std::span<const float, 256> x) {
     return out;
 }
 
-// A row's values after holding them in `storage` (bf16 rounding, or the loader's quantize_row).
+// A row's values as the loader holds them in `storage`: TensorBinder's conversion
+// (detail::store_row), read back through the view an expert gets of it (WeightView::packed).
 std::vector<float> held_as(std::span<const float> row, hm::dtype storage) {
+    std::vector<std::byte> bytes(hm::weight_bytes(storage, 1, row.size()));
+    hm::detail::store_row(row, storage, bytes.data(), "row", 0);
+    const hm::WeightView held = hm::WeightView::packed(bytes.data(), storage, 1, hm::index_t(row.size()));
     std::vector<float> out(row.size());
-    std::array<float, 32> v;
-    if (storage == hm::dtype::bf16) {
-        for (std::size_t i = 0; i < row.size(); ++i) out[i] = hm::bf16::from_float(row[i]).to_float();
-    } else if (storage == hm::dtype::q8_0) {
-        std::vector<hm::BlockQ8_0> blocks(row.size() / 32);
-        hm::quantize_row<hm::BlockQ8_0>(row, blocks, "row");
-        for (std::size_t b = 0; b < blocks.size(); ++b) hm::dequantize(blocks[b], v), std::copy(v.begin(), v.end(), out.begin() + 32 * b);
-    } else {
-        std::vector<hm::BlockQ4_0> blocks(row.size() / 32);
-        hm::quantize_row<hm::BlockQ4_0>(row, blocks, "row");
-        for (std::size_t b = 0; b < blocks.size(); ++b) hm::dequantize(blocks[b], v), std::copy(v.begin(), v.end(), out.begin() + 32 * b);
-    }
+    for (std::size_t i = 0; i < row.size(); ++i) out[i] = held.at(0, hm::index_t(i));
     return out;
 }
 
 struct Error {
     double diff = 0, ref = 0;
     void add(std::span<const float> approx, std::span<const float> exact) {
-        for (std::size_t i = 0; i < exact.size(); ++i) diff += double(approx[i] - exact[i]) * (approx[i] - exact[i]), ref += double(exact[i]) * exact[i];
+        for (std::size_t i = 0; i < exact.size(); ++i) {
+            const double e = double(approx[i]) - exact[i];
+            diff += e * e, ref += double(exact[i]) * exact[i];
+        }
     }
     [[nodiscard]] double relative() const { return std::sqrt(diff / ref); }
 };
@@ -242,17 +240,13 @@ int main(int argc, char** argv) {
                     v = dist[0] == 'n' ? normal(rng) : dist[0] == 'L' ? (rng() & 1 ? 1.0f : -1.0f) * exponential(rng) : 0.014f * student(rng);
                 for (std::size_t b = 0; b < cols; b += 256) {
                     const std::span<const float, 256> x(w.data() + b, 256);
-                    if (file[1] == '4') {
-                        const auto bytes = quantize_q4_k(x);
-                        const hm::GgmlQuantBlock block(bytes.data(), hm::ggml_quant::q4_k);
+                    const auto widen = [&](const auto& bytes, hm::ggml_quant type) { // the GGUF reader's values
+                        const hm::GgmlQuantBlock block(bytes.data(), type);
                         for (std::size_t j = 0; j < 256; ++j) k[b + j] = block[hm::index_t(j)];
-                    } else if (file[1] == '6') {
-                        const auto bytes = quantize_q6_k(x);
-                        const hm::GgmlQuantBlock block(bytes.data(), hm::ggml_quant::q6_k);
-                        for (std::size_t j = 0; j < 256; ++j) k[b + j] = block[hm::index_t(j)];
-                    } else {
-                        std::copy(x.begin(), x.end(), k.begin() + std::ptrdiff_t(b));
-                    }
+                    };
+                    if (file[1] == '4') widen(quantize_q4_k(x), hm::ggml_quant::q4_k);
+                    else if (file[1] == '6') widen(quantize_q6_k(x), hm::ggml_quant::q6_k);
+                    else std::copy(x.begin(), x.end(), k.begin() + std::ptrdiff_t(b));
                 }
                 own.add(k, w);
                 for (int s = 0; s < 3; ++s) held[s].add(held_as(k, storages[s]), w);
