@@ -250,39 +250,47 @@ TEST_CASE("hypermoe inspect, run and bench on GGUF files") {
     fs::remove_all(tmp);
 }
 
-TEST_CASE("hypermoe holds a GGUF file's K-quant experts in q8_0 unless --weights says otherwise") {
-    // A Q4_K_M-like file: gate and up in Q4_K, down in Q6_K (random blocks, d_model = d_ff = 256).
+TEST_CASE("hypermoe holds a GGUF file's K-quant experts in q8_0, Q2_K and Q3_K files' in q4_0, unless --weights says otherwise") {
     const fs::path tmp = fs::temp_directory_path() / ("hypermoe-cli-kquant-" + std::to_string(::getpid()));
     fs::create_directories(tmp);
-    const std::string hf = (tmp / "hf").string(), file = (tmp / "q4_k_m.gguf").string(), input = (tmp / "x.safetensors").string();
+    const std::string hf = (tmp / "hf").string(), input = (tmp / "x.safetensors").string();
     write_synthetic_checkpoint(hf, {.family = family("mixtral"), .d_model = 256, .d_ff = 256, .experts = 3, .top_k = 2, .layers = 1});
-    std::mt19937_64 rng(5);
-    const std::uniform_real_distribution<float> scale(1.0f / 512, 1.0f / 128);
-    test::rewritten(test::gguf_from(Checkpoint(hf)).bytes(), [&](const std::string& name, test::TensorEdit& t) {
-        if (name.find("_exps") == std::string::npos) return true;
-        t.type = name.find("down") != std::string::npos ? test::Q6_K : test::Q4_K;
-        t.bytes = test::random_ggml_quant(t.type, 3 * 256 * 256 / 256, rng, scale);
-        return true;
-    }).write(file);
     const Matrix<float> x = test::random_matrix(4, 256, 9);
     write_safetensors(input, {f32_tensor("x", {4, 256}, {x.data(), 4 * 256})}, {{"layer", "0"}});
-
-    const Result i = run_cli("inspect --model " + file);
-    REQUIRE_MESSAGE(i.status == 0, i.err);
-    CHECK(i.out.find("experts stored as Q4_K, Q6_K; default --weights q8_0") != std::string::npos);
-    std::map<std::string, Matrix<float>> y;
-    for (const std::string weights : {"", " --weights q8_0", " --weights f32"}) {
-        const std::string out = (tmp / "y.safetensors").string();
-        const Result r = run_cli("run --model " + file + weights + " --input " + input + " --output " + out);
-        REQUIRE_MESSAGE(r.status == 0, r.err);
-        const SafeTensorsFile got(out);
-        y[weights] = got.view().to_f32(got.view().info("y"));
-    }
-    CHECK(test::relative_error(y[""].view(), y[" --weights q8_0"].view()) == 0.0);
-    // 8-bit blocks of the Q4_K / Q6_K values: close to the exact values, not equal to them
-    const double requantised = test::relative_error(y[""].view(), y[" --weights f32"].view());
-    CHECK(requantised > 0.0);
-    CHECK(requantised < 0.02);
+    // A file whose experts' gate and up are stored in one ggml quant and down in another (random
+    // blocks, d_model = d_ff = 256): its default --weights, which `run` takes when none is given
+    // and which stays within `bound` (relative) of the file's exact values.
+    const auto check = [&](const std::string& stem, std::uint32_t gate_up, std::uint32_t down, const std::string& stored,
+                           const std::string& storage, double bound) {
+        CAPTURE(stem);
+        const std::string file = (tmp / (stem + ".gguf")).string();
+        std::mt19937_64 rng(5);
+        const std::uniform_real_distribution<float> scale(1.0f / 512, 1.0f / 128);
+        test::rewritten(test::gguf_from(Checkpoint(hf)).bytes(), [&](const std::string& name, test::TensorEdit& t) {
+            if (name.find("_exps") == std::string::npos) return true;
+            t.type = name.find("down") != std::string::npos ? down : gate_up;
+            t.bytes = test::random_ggml_quant(t.type, 3 * 256 * 256 / 256, rng, scale);
+            return true;
+        }).write(file);
+        const Result i = run_cli("inspect --model " + file);
+        REQUIRE_MESSAGE(i.status == 0, i.err);
+        CHECK(i.out.find("experts stored as " + stored + "; default --weights " + storage) != std::string::npos);
+        std::map<std::string, Matrix<float>> y;
+        for (const std::string& weights : {std::string(), " --weights " + storage, std::string(" --weights f32")}) {
+            const std::string out = (tmp / "y.safetensors").string();
+            const Result r = run_cli("run --model " + file + weights + " --input " + input + " --output " + out);
+            REQUIRE_MESSAGE(r.status == 0, r.err);
+            const SafeTensorsFile got(out);
+            y[weights] = got.view().to_f32(got.view().info("y"));
+        }
+        CHECK(test::relative_error(y[""].view(), y[" --weights " + storage].view()) == 0.0);
+        // blocks of the file's values: close to the exact values, not equal to them
+        const double requantised = test::relative_error(y[""].view(), y[" --weights f32"].view());
+        CHECK(requantised > 0.0);
+        CHECK(requantised < bound);
+    };
+    check("q4_k_m", test::Q4_K, test::Q6_K, "Q4_K, Q6_K", "q8_0", 0.02); // llama.cpp's Q4_K_M mix
+    check("q2_k", test::Q2_K, test::Q3_K, "Q2_K, Q3_K", "q4_0", 0.2);    // its Q2_K mix
     fs::remove_all(tmp);
 }
 

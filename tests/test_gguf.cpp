@@ -412,7 +412,7 @@ TEST_CASE("GGUF: inspect-level description: family, blocks, types and bytes") {
     CHECK(ck.config_source() == file + " (GGUF metadata)");
 }
 
-TEST_CASE("GGUF: expert_storage is the experts' stored format, q8_0 for other quants, else f32") {
+TEST_CASE("GGUF: expert_storage is the experts' stored format, q4_0 with Q2_K or Q3_K, q8_0 for other quants, else f32") {
     // A block whose rows are whole super-blocks (d_model = d_ff = 256), its experts rewritten.
     TempDir tmp("expert_storage");
     const std::string hf = (tmp.path / "hf").string();
@@ -444,6 +444,11 @@ TEST_CASE("GGUF: expert_storage is the experts' stored format, q8_0 for other qu
     CHECK(storage(test::Q4_K, test::Q6_K) == dtype::q8_0); // Q4_K_M's mix, requantised to 8 bits
     CHECK(storage(test::Q5_0, test::Q5_0) == dtype::q8_0);
     CHECK(storage(test::Q4_K, test::Q4_0) == dtype::q8_0); // a mix of quants
+    CHECK(storage(test::Q2_K, test::Q3_K) == dtype::q4_0); // llama.cpp's Q2_K mix: coarser than q4_0
+    CHECK(storage(test::Q3_K, test::Q3_K) == dtype::q4_0); // Q3_K_S
+    CHECK(storage(test::Q3_K, test::Q5_K) == dtype::q4_0); // Q3_K_L: its Q5_K within Q3_K's error
+    CHECK(storage(test::Q4_K, test::Q2_K) == dtype::q4_0);
+    CHECK(storage(test::Q3_K, test::F16) == dtype::f32);   // a mix with F16: exact
     CHECK(storage(test::Q4_0, test::F32) == dtype::f32);   // a mix with F32: exact
     CHECK(storage(test::BF16, test::Q8_0) == dtype::f32);
 }

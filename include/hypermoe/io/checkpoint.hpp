@@ -160,12 +160,18 @@ public:
     [[nodiscard]] std::set<std::string> expert_dtypes() const { return keys(bytes_if(is_expert)); }
 
     /// The storage (LoadOptions::storage) that holds the routed experts as compactly as the file
-    /// does without losing what it holds, for a GGUF file: the format they are stored in when it
-    /// is one a layer holds as stored (BF16, Q8_0, Q4_0: no conversion); q8_0 when they are other
-    /// ggml quants (K-quants, Q5_0, IQ4_NL...) or a mix of quants, whose values requantised to 8
-    /// bits add almost nothing to the file's own error (docs/checkpoints.md) in 8.5 bits a
-    /// weight, where f32 takes 32; f32 otherwise (F32 or F16 experts, safetensors checkpoints),
-    /// which keeps the values exactly. `hypermoe`'s --weights defaults to it.
+    /// does without losing what it holds, for a GGUF file (docs/checkpoints.md measures each
+    /// choice's error):
+    /// - the format they are stored in when it is one a layer holds as stored (BF16, Q8_0, Q4_0:
+    ///   no conversion);
+    /// - for other ggml quants (K-quants, Q5_0, IQ4_NL...) or a mix of quants: q4_0 when some are
+    ///   Q2_K or Q3_K (llama.cpp's Q2_K and Q3_K_* files), which hold those coarser than q4_0
+    ///   does, so requantising adds under a tenth to their error and puts the file's other quants
+    ///   at less error than theirs, in half q8_0's bytes; else q8_0, whose requantisation adds
+    ///   almost nothing to the file's error, in 8.5 bits a weight where f32 takes 32;
+    /// - f32 otherwise (F32 or F16 experts, a mix with them, safetensors checkpoints), which keeps
+    ///   the values exactly.
+    /// `hypermoe`'s --weights defaults to it.
     [[nodiscard]] dtype expert_storage() const {
         if (gguf_ == nullptr) return dtype::f32;
         std::set<tensor_dtype> types;
@@ -175,7 +181,8 @@ public:
         if (types.size() == 1)
             if (const auto held = held_dtype(*types.begin()); held && *held != dtype::f32) return *held;
         const auto quantised = [](tensor_dtype t) { return is_block_dtype(t) || is_ggml_quant_dtype(t); };
-        return std::all_of(types.begin(), types.end(), quantised) ? dtype::q8_0 : dtype::f32;
+        if (!std::all_of(types.begin(), types.end(), quantised)) return dtype::f32;
+        return types.count(tensor_dtype::q2_k) + types.count(tensor_dtype::q3_k) != 0 ? dtype::q4_0 : dtype::q8_0;
     }
 
     /// The bytes of the tensors whose names start with `prefix`, by dtype.
