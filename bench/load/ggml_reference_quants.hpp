@@ -373,7 +373,7 @@ inline float iq4_scale(std::span<const float, 32> x, int ntry, std::span<std::ui
     };
     float sumqx, sumq2;
     fit(1 / (ntry > 0 ? -max / values[0] : max / values[0]), sumqx, sumq2, true);
-    float d = sumqx / sumq2, best = d * sumqx;
+    float d = sumq2 > 0 ? sumqx / sumq2 : 0.0f, best = d * sumqx;
     for (int t = -ntry; t <= ntry; ++t) {
         fit((float(t) + values[0]) / max, sumqx, sumq2, false);
         if (sumq2 > 0 && sumqx * sumqx > best * sumq2) d = sumqx / sumq2, best = d * sumqx;
@@ -413,11 +413,11 @@ inline Block<136> quantize_iq4_xs(std::span<const float, 256> x) {
     return out;
 }
 
-/// IQ4_NL (18 bytes): the block's scale (3 trials each way) as a half, the nibbles against the
-/// f32 scale.
+/// IQ4_NL (18 bytes), as llama.cpp's quantize_iq4_nl writes a file's: the block's scale (7 trials
+/// each way) as a half, the nibbles against the f32 scale.
 inline Block<18> quantize_iq4_nl(std::span<const float, 32> x) {
     std::array<std::uint8_t, 32> levels;
-    const float d = iq4_scale(x, 3, levels);
+    const float d = iq4_scale(x, 7, levels);
     Block<18> out{};
     put_half(out, 0, d);
     const float id = d != 0 ? 1 / d : 0.0f;
