@@ -50,7 +50,7 @@ template <class B>
 using Layer = hm::MoeLayer<hm::GluExpert<B, hm::Silu>, hm::TopKRouter>;
 
 template <class B>
-std::unique_ptr<Layer<B>> make_layer(std::uint64_t seed, hm::dtype storage) {
+std::unique_ptr<Layer<B>> make_layer(std::uint64_t seed, hm::dtype storage, hm::precision prec = hm::precision::exact) {
     const auto gate = random_matrix(experts, d_model, seed, 0.5f);
     std::vector<hm::GluExpert<B, hm::Silu>> ex;
     for (hm::index_t e = 0; e < experts; ++e) {
@@ -60,7 +60,7 @@ std::unique_ptr<Layer<B>> make_layer(std::uint64_t seed, hm::dtype storage) {
         ex.emplace_back(hm::GluWeights{.gate = hm::ConstMatrixView<float>(g.view()),
                                        .up = hm::ConstMatrixView<float>(u.view()),
                                        .down = hm::ConstMatrixView<float>(dn.view())},
-                        hm::ExpertOptions{.storage = storage});
+                        hm::ExpertOptions{.storage = storage, .prec = prec});
     }
     return std::make_unique<Layer<B>>(hm::WeightView(hm::ConstMatrixView<float>(gate.view())),
                                       hm::TopKRouter(experts, hm::TopK{top_k}, {.weighting = {.renormalize = true}}),
@@ -70,11 +70,13 @@ std::unique_ptr<Layer<B>> make_layer(std::uint64_t seed, hm::dtype storage) {
 /// Multiply-adds x 2 of the routed experts for T tokens (the router GEMM is < 0.1% of it).
 double flops(hm::index_t t) { return 2.0 * double(t * top_k) * 3.0 * double(d_model) * double(d_ff); }
 
+/// The layer with f32 or bf16 weights (bf16 `exact` or `fast`: activations rounded to bf16, the
+/// CPU's bf16 instructions where it has them), one layer repeated or a rotation over 4 layers.
 template <class B>
-void BM_MoeLayer(benchmark::State& state, hm::index_t tokens, hm::dtype storage, int layers) {
-    static std::vector<std::unique_ptr<Layer<B>>> cache[2];
-    auto& built = cache[storage == hm::dtype::bf16];
-    while (int(built.size()) < layers) built.push_back(make_layer<B>(built.size() + 1, storage));
+void BM_MoeLayer(benchmark::State& state, hm::index_t tokens, hm::dtype storage, hm::precision prec, int layers) {
+    static std::vector<std::unique_ptr<Layer<B>>> cache[3];
+    auto& built = cache[storage == hm::dtype::f32 ? 0 : prec == hm::precision::exact ? 1 : 2];
+    while (int(built.size()) < layers) built.push_back(make_layer<B>(built.size() + 1, storage, prec));
     const auto x = random_matrix(tokens, d_model, 99, 1.0f);
     hm::Matrix<float> y(tokens, d_model);
     hm::Workspace ws;
@@ -279,15 +281,17 @@ int main(int argc, char** argv) {
             ->UseManualTime()->Unit(benchmark::kMillisecond);
 #endif
         for (const int layers : {1, 4})
-            for (const hm::dtype storage : {hm::dtype::f32, hm::dtype::bf16}) {
-                const std::string name = suffix + "/" + std::string(hm::to_string(storage)) + "/layers:" + std::to_string(layers);
+            for (const auto& [storage, prec] : {std::pair{hm::dtype::f32, hm::precision::exact}, std::pair{hm::dtype::bf16, hm::precision::exact},
+                                                std::pair{hm::dtype::bf16, hm::precision::fast}}) {
+                const std::string name = suffix + "/" + std::string(hm::to_string(storage)) + (prec == hm::precision::fast ? "_fast" : "") +
+                                         "/layers:" + std::to_string(layers);
 #if HYPERMOE_HAS_ONEDNN
-                benchmark::RegisterBenchmark(("BM_MoeLayer_onednn" + name).c_str(), BM_MoeLayer<hm::onednn>, t, storage, layers)
+                benchmark::RegisterBenchmark(("BM_MoeLayer_onednn" + name).c_str(), BM_MoeLayer<hm::onednn>, t, storage, prec, layers)
                     ->UseRealTime()->Unit(benchmark::kMillisecond);
 #endif
 #if HYPERMOE_HAS_EIGEN
                 if (storage == hm::dtype::f32)
-                    benchmark::RegisterBenchmark(("BM_MoeLayer_eigen" + name).c_str(), BM_MoeLayer<hm::eigen>, t, storage, layers)
+                    benchmark::RegisterBenchmark(("BM_MoeLayer_eigen" + name).c_str(), BM_MoeLayer<hm::eigen>, t, storage, prec, layers)
                         ->UseRealTime()->Unit(benchmark::kMillisecond);
 #endif
             }
