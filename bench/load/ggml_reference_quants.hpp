@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstdint>
 #include <span>
+#include <utility>
 
 #include <hypermoe/core/quant.hpp>
 
@@ -152,6 +153,19 @@ inline float make_q3_quants(std::span<const float, 16> x, int nmax) {
     return sumlx / suml2;
 }
 
+/// The scale `fit` gives each group of 16 of a super-block (Q3_K, Q6_K), and the one of largest
+/// magnitude, its sign kept (the first on ties).
+template <class Fit>
+std::pair<std::array<float, 16>, float> group_scales(std::span<const float, 256> x, Fit fit) {
+    std::array<float, 16> scales;
+    float max_scale = 0, amax = 0;
+    for (std::size_t g = 0; g < 16; ++g) {
+        scales[g] = fit(x.subspan(16 * g).first<16>());
+        if (std::fabs(scales[g]) > amax) amax = std::fabs(scales[g]), max_scale = scales[g];
+    }
+    return {scales, max_scale};
+}
+
 /// Eight 6-bit scales and mins packed into a Q4_K / Q5_K super-block's 12 bytes (k_scale_min).
 inline void pack_k_scales(unsigned char* sc, const std::array<int, 8>& ls, const std::array<int, 8>& lm) {
     for (std::size_t s = 0; s < 8; ++s) {
@@ -232,14 +246,9 @@ Block<Bits == 4 ? 144 : 176> quantize_k(std::span<const float, 256> x) {
 /// Q6_K (210 bytes): per group of 16 the best of 19 trial scales, quantised to int8 against the
 /// super-block's half d, then the levels -32..31 against those.
 inline Block<210> quantize_q6_k(std::span<const float, 256> x) {
-    std::array<float, 16> scales;
-    float max_scale = 0, max_abs_scale = 0;
-    for (std::size_t g = 0; g < 16; ++g) {
-        scales[g] = make_qx_quants(x.subspan(16 * g).first<16>(), 32);
-        if (std::fabs(scales[g]) > max_abs_scale) max_abs_scale = std::fabs(scales[g]), max_scale = scales[g];
-    }
+    const auto [scales, max_scale] = group_scales(x, [](std::span<const float, 16> g) { return make_qx_quants(g, 32); });
     Block<210> out{};
-    if (max_abs_scale < 1e-15f) return out;
+    if (std::fabs(max_scale) < 1e-15f) return out;
     const float iscale = -128.0f / max_scale;
     put_half(out, 208, 1 / iscale);
     const float d = hm::f16_bits_to_f32(std::uint16_t(out[208] | out[209] << 8));
@@ -301,12 +310,7 @@ inline Block<84> quantize_q2_k(std::span<const float, 256> x) {
 /// 6 bits against the half d; the levels' third bits in hmask (element j: bit j / 32 of
 /// hmask[j % 32]).
 inline Block<110> quantize_q3_k(std::span<const float, 256> x) {
-    std::array<float, 16> scales;
-    float max_scale = 0, amax = 0;
-    for (std::size_t s = 0; s < 16; ++s) {
-        scales[s] = make_q3_quants(x.subspan(16 * s).first<16>(), 4);
-        if (std::fabs(scales[s]) > amax) amax = std::fabs(scales[s]), max_scale = scales[s];
-    }
+    const auto [scales, max_scale] = group_scales(x, [](std::span<const float, 16> g) { return make_q3_quants(g, 4); });
     Block<110> out{};
     unsigned char* sc = out.data() + 96;
     if (max_scale != 0) {
