@@ -294,11 +294,37 @@ TEST_CASE("hypermoe holds a GGUF file's K-quant experts in q8_0, Q2_K and Q3_K f
     fs::remove_all(tmp);
 }
 
+TEST_CASE("hypermoe holds a BF16 safetensors checkpoint's experts as bf16, exactly, unless --weights says otherwise") {
+    const fs::path tmp = fs::temp_directory_path() / ("hypermoe-cli-bf16-" + std::to_string(::getpid()));
+    fs::create_directories(tmp);
+    const std::string hf = (tmp / "hf").string(), input = (tmp / "x.safetensors").string();
+    write_synthetic_checkpoint(hf, {.family = family("mixtral"), .d_model = 64, .d_ff = 96, .experts = 4, .top_k = 2, .layers = 1,
+                                    .weights = hypermoe::dtype::bf16});
+    const Matrix<float> x = test::random_matrix(5, 64, 3);
+    write_safetensors(input, {f32_tensor("x", {5, 64}, {x.data(), 5 * 64})}, {{"layer", "0"}});
+    const Result i = run_cli("inspect --model " + hf);
+    REQUIRE_MESSAGE(i.status == 0, i.err);
+    CHECK(i.out.find("format     safetensors; experts stored as BF16; default --weights bf16") != std::string::npos);
+    std::map<std::string, Matrix<float>> y;
+    for (const std::string& weights : {std::string(), std::string(" --weights bf16"), std::string(" --weights f32")}) {
+        const std::string out = (tmp / "y.safetensors").string();
+        const Result r = run_cli("run --model " + hf + weights + " --input " + input + " --output " + out);
+        REQUIRE_MESSAGE(r.status == 0, r.err);
+        const SafeTensorsFile got(out);
+        y[weights] = got.view().to_f32(got.view().info("y"));
+    }
+    CHECK(test::relative_error(y[""].view(), y[" --weights bf16"].view()) == 0.0);
+    // the same bf16 values either way, in f32 arithmetic: equal up to the order of the additions
+    CHECK(test::relative_error(y[""].view(), y[" --weights f32"].view()) < 1e-5);
+    fs::remove_all(tmp);
+}
+
 TEST_CASE("hypermoe inspect and bench") {
     const Result i = run_cli("inspect --model " + data_dir + "/qwen2_moe-basic");
     REQUIRE(i.status == 0);
     CHECK(i.out.find("family     qwen2_moe") != std::string::npos);
     CHECK(i.out.find("shared     width 32") != std::string::npos);
+    CHECK(i.out.find("format     safetensors; experts stored as F32; default --weights f32") != std::string::npos);
     const auto on = [](hypermoe::dtype t, hypermoe::precision p) { return std::string(hypermoe::detail::kernel_isa_name(t, p)); };
     std::string bf16_fast = on(hypermoe::dtype::bf16, hypermoe::precision::fast);
 #if HYPERMOE_HAS_ONEDNN

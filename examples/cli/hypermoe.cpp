@@ -113,7 +113,7 @@ void set_threads(const Args& a) {
 #endif
 }
 
-/// --weights, defaulting to f32 (a checkpoint: Checkpoint::expert_storage, which is f32 but for GGUF files).
+/// --weights, defaulting to f32 (a checkpoint: Checkpoint::expert_storage, the experts' own BF16 / Q8_0 / Q4_0).
 hm::dtype weights_of(const Args& a, const hm::Checkpoint* ck = nullptr) {
     const std::string w = a.get("--weights", std::string(hm::to_string(ck != nullptr ? ck->expert_storage() : hm::dtype::f32)));
     if (w == "f32") return hm::dtype::f32;
@@ -301,9 +301,9 @@ int inspect(const Args& a) {
     std::string bytes;
     for (const auto& [type, n] : ck.bytes_by_dtype()) bytes += detail_bytes(bytes.empty() ? "" : ", ", type, n);
     std::printf("bytes      %s\n", bytes.c_str());
-    if (!ck.gguf_architecture().empty())
-        std::printf("format     GGUF, architecture %s; experts stored as %s; default --weights %s\n", ck.gguf_architecture().c_str(),
-                    joined(ck.expert_dtypes()).c_str(), std::string(hm::to_string(ck.expert_storage())).c_str());
+    const std::string format = ck.gguf_architecture().empty() ? "safetensors" : "GGUF, architecture " + ck.gguf_architecture();
+    std::printf("format     %s; experts stored as %s; default --weights %s\n", format.c_str(), joined(ck.expert_dtypes()).c_str(),
+                std::string(hm::to_string(ck.expert_storage())).c_str());
     std::string blocks;
     for (const auto& b : m.moe_blocks)
         blocks += (blocks.empty() ? "" : ", ") + (b.stack.empty() ? "" : b.stack + " ") + std::to_string(b.layer);

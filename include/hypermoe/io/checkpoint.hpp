@@ -160,20 +160,17 @@ public:
     [[nodiscard]] std::set<std::string> expert_dtypes() const { return keys(bytes_if(is_expert)); }
 
     /// The storage (LoadOptions::storage) that holds the routed experts as compactly as the file
-    /// does without losing what it holds, for a GGUF file (docs/checkpoints.md measures each
-    /// choice's error):
-    /// - the format they are stored in when it is one a layer holds as stored (BF16, Q8_0, Q4_0:
-    ///   no conversion);
+    /// does without losing what it holds (docs/checkpoints.md measures each choice's error):
+    /// - the format they are stored in when it is one a layer holds as stored (BF16, from GGUF
+    ///   files and safetensors checkpoints alike, Q8_0, Q4_0: no conversion);
     /// - for other ggml quants (K-quants, Q5_0, IQ4_NL...) or a mix of quants: q4_0 when some are
     ///   Q2_K or Q3_K (llama.cpp's Q2_K and Q3_K_* files), which hold those coarser than q4_0
     ///   does, so requantising adds under a tenth to their error and puts the file's other quants
     ///   at less error than theirs, in half q8_0's bytes; else q8_0, whose requantisation adds
     ///   almost nothing to the file's error, in 8.5 bits a weight where f32 takes 32;
-    /// - f32 otherwise (F32 or F16 experts, a mix with them, safetensors checkpoints), which keeps
-    ///   the values exactly.
+    /// - f32 otherwise (F32 or F16 experts, a mix with them), which keeps the values exactly.
     /// `hypermoe`'s --weights defaults to it.
     [[nodiscard]] dtype expert_storage() const {
-        if (gguf_ == nullptr) return dtype::f32;
         std::set<tensor_dtype> types;
         for (const auto& [name, f] : where_)
             if (is_expert(name)) types.insert(tables_[f]->info(name).dtype);
