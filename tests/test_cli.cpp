@@ -11,6 +11,7 @@
 #include <set>
 #include <string>
 #include <sys/wait.h>
+#include <vector>
 
 #include <hypermoe/io/io.hpp>
 
@@ -76,6 +77,21 @@ std::vector<std::string> backends() {
 }
 
 } // namespace
+
+/// `hypermoe run --model <model> --input <input>` once per extra argument string (e.g. "" and
+/// " --weights bf16"), each output's y by that string; the outputs go through `scratch`.
+std::map<std::string, Matrix<float>> run_outputs(const std::string& model, const std::string& input, const std::vector<std::string>& extras,
+                                                 const std::string& scratch) {
+    std::map<std::string, Matrix<float>> y;
+    for (const std::string& extra : extras) {
+        CAPTURE(extra);
+        const Result r = run_cli("run --model " + model + extra + " --input " + input + " --output " + scratch);
+        REQUIRE_MESSAGE(r.status == 0, r.err);
+        const SafeTensorsFile got(scratch);
+        y[extra] = got.view().to_f32(got.view().info("y"));
+    }
+    return y;
+}
 
 TEST_CASE("hypermoe run reproduces every fixture on every backend") {
     const fs::path out = fs::temp_directory_path() / ("hypermoe-cli-y-" + std::to_string(::getpid()) + ".safetensors");
@@ -275,14 +291,7 @@ TEST_CASE("hypermoe holds a GGUF file's K-quant experts in q8_0, Q2_K and Q3_K f
         const Result i = run_cli("inspect --model " + file);
         REQUIRE_MESSAGE(i.status == 0, i.err);
         CHECK(i.out.find("experts stored as " + stored + "; default --weights " + storage) != std::string::npos);
-        std::map<std::string, Matrix<float>> y;
-        for (const std::string& weights : {std::string(), " --weights " + storage, std::string(" --weights f32")}) {
-            const std::string out = (tmp / "y.safetensors").string();
-            const Result r = run_cli("run --model " + file + weights + " --input " + input + " --output " + out);
-            REQUIRE_MESSAGE(r.status == 0, r.err);
-            const SafeTensorsFile got(out);
-            y[weights] = got.view().to_f32(got.view().info("y"));
-        }
+        auto y = run_outputs(file, input, {"", " --weights " + storage, " --weights f32"}, (tmp / "y.safetensors").string());
         CHECK(test::relative_error(y[""].view(), y[" --weights " + storage].view()) == 0.0);
         // blocks of the file's values: close to the exact values, not equal to them
         const double requantised = test::relative_error(y[""].view(), y[" --weights f32"].view());
@@ -305,14 +314,7 @@ TEST_CASE("hypermoe holds a BF16 safetensors checkpoint's experts as bf16, exact
     const Result i = run_cli("inspect --model " + hf);
     REQUIRE_MESSAGE(i.status == 0, i.err);
     CHECK(i.out.find("format     safetensors; experts stored as BF16; default --weights bf16") != std::string::npos);
-    std::map<std::string, Matrix<float>> y;
-    for (const std::string& weights : {std::string(), std::string(" --weights bf16"), std::string(" --weights f32")}) {
-        const std::string out = (tmp / "y.safetensors").string();
-        const Result r = run_cli("run --model " + hf + weights + " --input " + input + " --output " + out);
-        REQUIRE_MESSAGE(r.status == 0, r.err);
-        const SafeTensorsFile got(out);
-        y[weights] = got.view().to_f32(got.view().info("y"));
-    }
+    auto y = run_outputs(hf, input, {"", " --weights bf16", " --weights f32"}, (tmp / "y.safetensors").string());
     CHECK(test::relative_error(y[""].view(), y[" --weights bf16"].view()) == 0.0);
     // the same bf16 values either way, in f32 arithmetic: equal up to the order of the additions
     CHECK(test::relative_error(y[""].view(), y[" --weights f32"].view()) < 1e-5);

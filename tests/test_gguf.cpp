@@ -416,11 +416,12 @@ TEST_CASE("expert_storage is the experts' stored BF16 / Q8_0 / Q4_0, q4_0 with Q
     // A block whose rows are whole super-blocks (d_model = d_ff = 256), its experts rewritten.
     TempDir tmp("expert_storage");
     const std::string hf = (tmp.path / "hf").string();
-    write_synthetic_checkpoint(hf, {.family = family("mixtral"), .d_model = 256, .d_ff = 256, .experts = 2, .top_k = 1, .layers = 1});
+    SyntheticModel model{.family = family("mixtral"), .d_model = 256, .d_ff = 256, .experts = 2, .top_k = 1, .layers = 1};
+    write_synthetic_checkpoint(hf, model);
     const Checkpoint st(hf);
     CHECK(st.expert_storage() == dtype::f32); // F32 safetensors: the values as they are
-    write_synthetic_checkpoint((tmp.path / "hf_bf16").string(),
-                               {.family = family("mixtral"), .d_model = 256, .d_ff = 256, .experts = 2, .top_k = 1, .layers = 1, .weights = dtype::bf16});
+    model.weights = dtype::bf16;
+    write_synthetic_checkpoint((tmp.path / "hf_bf16").string(), model);
     CHECK(Checkpoint((tmp.path / "hf_bf16").string()).expert_storage() == dtype::bf16); // BF16 safetensors: as stored
     std::mt19937_64 rng(4);
     const std::uniform_real_distribution<float> scale(1.0f / 512, 1.0f / 128);

@@ -32,6 +32,12 @@ void put_half(Block<Bytes>& out, std::size_t at, float v) {
     out[at] = std::uint8_t(h & 0xFF), out[at + 1] = std::uint8_t(h >> 8);
 }
 
+/// The half at out[at] (little-endian), as a float.
+template <std::size_t Bytes>
+float get_half(const Block<Bytes>& out, std::size_t at) {
+    return hm::f16_bits_to_f32(std::uint16_t(out[at] | out[at + 1] << 8));
+}
+
 /// ggml's make_qkx2_quants for one sub-block of N: levels 0..nmax for w ~ scale * l - min (min >= 0
 /// returned in the_min), the scale and min chosen among nstep + 1 trial scales by the weighted
 /// squared (or, with use_mad, absolute) error of a least-squares fit.
@@ -185,7 +191,7 @@ inline void pack_k_scales(unsigned char* sc, const std::array<int, 8>& ls, const
 template <std::size_t Bytes>
 std::array<std::uint8_t, 256> k_levels(std::span<const float, 256> x, const Block<Bytes>& out, int nmax) {
     std::array<std::uint8_t, 256> levels{};
-    const float d = hm::f16_bits_to_f32(std::uint16_t(out[0] | out[1] << 8)), dmin = hm::f16_bits_to_f32(std::uint16_t(out[2] | out[3] << 8));
+    const float d = get_half(out, 0), dmin = get_half(out, 2);
     for (std::size_t s = 0; s < 8; ++s) {
         const auto [ls, lm] = hm::k_scale_min(out.data() + 4, hm::index_t(s));
         const float step = d * float(ls);
@@ -251,7 +257,7 @@ inline Block<210> quantize_q6_k(std::span<const float, 256> x) {
     if (std::fabs(max_scale) < 1e-15f) return out;
     const float iscale = -128.0f / max_scale;
     put_half(out, 208, 1 / iscale);
-    const float d = hm::f16_bits_to_f32(std::uint16_t(out[208] | out[209] << 8));
+    const float d = get_half(out, 208);
     for (std::size_t g = 0; g < 16; ++g) out[192 + g] = std::uint8_t(std::int8_t(std::min(127, nearest_int(iscale * scales[g]))));
     for (std::size_t j = 0; j < 256; ++j) {
         const float step = d * float(std::int8_t(out[192 + j / 16]));
@@ -295,7 +301,7 @@ inline Block<84> quantize_q2_k(std::span<const float, 256> x) {
         for (std::size_t s = 0; s < 16; ++s) out[s] |= std::uint8_t(nearest_int(15 / max_min * mins[s]) << 4);
         put_half(out, 82, max_min / 15);
     }
-    const float d = hm::f16_bits_to_f32(std::uint16_t(out[80] | out[81] << 8)), dmin = hm::f16_bits_to_f32(std::uint16_t(out[82] | out[83] << 8));
+    const float d = get_half(out, 80), dmin = get_half(out, 82);
     for (std::size_t s = 0; s < 16; ++s) {
         const float step = d * float(out[s] & 0x0F);
         if (step == 0) continue;
@@ -323,7 +329,7 @@ inline Block<110> quantize_q3_k(std::span<const float, 256> x) {
         }
         put_half(out, 108, 1 / iscale);
     }
-    const float d = hm::f16_bits_to_f32(std::uint16_t(out[108] | out[109] << 8));
+    const float d = get_half(out, 108);
     std::array<std::uint8_t, 256> levels;
     levels.fill(4); // a zero sub-block's levels: value 0 either way
     for (std::size_t s = 0; s < 16; ++s) {
