@@ -19,8 +19,6 @@ using test::relative_error;
 
 namespace {
 
-const std::string data_dir = HYPERMOE_TEST_DATA;
-
 /// max |got - ref| <= 1e-5 max |ref|, and exact zeros where the reference is all zeros.
 void check_gradient(ConstMatrixView<float> got, const SafeTensorsView& grads, const std::string& name) {
     CAPTURE(name);
@@ -50,7 +48,7 @@ struct GradCase {
     Matrix<float> x, dy;
     index_t sequence_length; // Switch: capacity is per sequence of L ([B, L, d] inputs)
     explicit GradCase(const std::string& name)
-        : dir(data_dir + "/" + name), input(dir + "/input.safetensors"), grads_file(dir + "/grads.safetensors"),
+        : dir(test::data_dir + "/" + name), input(dir + "/input.safetensors"), grads_file(dir + "/grads.safetensors"),
           layer(std::stoll(input.view().metadata().at("layer"))), family(input.view().metadata().at("family")),
           stack(input.view().metadata().count("stack") ? input.view().metadata().at("stack") : ""),
           x(input.view().to_f32(input.view().info("x"))), dy(grads().to_f32(grads().info("dy"))),
@@ -58,19 +56,10 @@ struct GradCase {
     [[nodiscard]] const SafeTensorsView& grads() const { return grads_file.view(); }
 };
 
-
-/// Every case of the fixtures (tests/data/README.md).
-const std::vector<std::string> all_cases = {
-    "mixtral-basic",     "mixtral-decode",   "mixtral-tie",          "mixtral-bf16",       "qwen2_moe-basic",
-    "qwen2_moe-norm",    "qwen2_moe-bf16",   "olmoe-basic",          "olmoe-norm",         "olmoe-bf16",
-    "deepseek_v3-basic", "deepseek_v3-nonorm", "deepseek_v3-decode", "deepseek_v3-bf16",   "switch_transformers-basic",
-    "switch_transformers-drop", "switch_transformers-tie", "switch_transformers-decoder", "hypermoe_gpt2-k1",
-    "hypermoe_gpt2-k2", "hypermoe_switch-basic", "hypermoe_switch-drop"};
-
 TEST_CASE_TEMPLATE_DEFINE("backward of every fixture block matches float64 autograd, named as the loader bound each tensor", B,
                           fixture_gradients) {
     Workspace ws;
-    for (const auto& name : all_cases) {
+    for (const auto& name : test::fixture_cases) {
         CAPTURE(name);
         const GradCase c(name);
         // bf16 checkpoints: the gradients are those of the stored values widened (exact in f32).
@@ -105,7 +94,7 @@ const auto& moe_part(const L& l) {
 
 TEST_CASE_TEMPLATE_DEFINE("auxiliary losses and their router gradients match every fixture's float64 values", B, aux_fixtures) {
     Workspace ws;
-    for (const auto& name : all_cases) {
+    for (const auto& name : test::fixture_cases) {
         CAPTURE(name);
         const GradCase c(name);
         if (c.family == "deepseek_v3") continue; // no auxiliary loss (noaux_tc)

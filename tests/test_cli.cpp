@@ -24,7 +24,6 @@ namespace fs = std::filesystem;
 namespace {
 
 const std::string cli = HYPERMOE_CLI;
-const std::string data_dir = HYPERMOE_TEST_DATA;
 
 struct Result {
     int status;
@@ -95,7 +94,7 @@ std::map<std::string, Matrix<float>> run_outputs(const std::string& model, const
 
 TEST_CASE("hypermoe run reproduces every fixture on every backend") {
     const fs::path out = fs::temp_directory_path() / ("hypermoe-cli-y-" + std::to_string(::getpid()) + ".safetensors");
-    for (const auto& entry : fs::directory_iterator(data_dir)) {
+    for (const auto& entry : fs::directory_iterator(test::data_dir)) {
         if (!entry.is_directory()) continue;
         const std::string dir = entry.path().string();
         for (const auto& backend : backends()) {
@@ -130,7 +129,7 @@ TEST_CASE("hypermoe run reproduces every fixture on every backend") {
 TEST_CASE("hypermoe run --grad writes dx and d/<tensor> matching every fixture's float64 gradients") {
     const fs::path out = fs::temp_directory_path() / ("hypermoe-cli-y-" + std::to_string(::getpid()) + ".safetensors");
     const fs::path grads = fs::temp_directory_path() / ("hypermoe-cli-g-" + std::to_string(::getpid()) + ".safetensors");
-    for (const auto& entry : fs::directory_iterator(data_dir)) {
+    for (const auto& entry : fs::directory_iterator(test::data_dir)) {
         if (!entry.is_directory()) continue;
         const std::string dir = entry.path().string();
         CAPTURE(dir);
@@ -159,7 +158,7 @@ TEST_CASE("hypermoe run --grad writes dx and d/<tensor> matching every fixture's
 }
 
 TEST_CASE("hypermoe run and bench with bf16, 8- and 4-bit expert weights; bench names the f32 kernels") {
-    const std::string dir = data_dir + "/qwen2_moe-basic";
+    const std::string dir = test::data_dir + "/qwen2_moe-basic";
     const fs::path out = fs::temp_directory_path() / ("hypermoe-cli-q-" + std::to_string(::getpid()) + ".safetensors");
     for (const auto& weights_bound : {std::pair<std::string, double>{"bf16", 1e-2}, {"q8_0", 3e-2}, {"q4_0", 5e-1}}) {
         const std::string& weights = weights_bound.first; // not a structured binding: clang 14 cannot capture those
@@ -216,7 +215,7 @@ TEST_CASE("hypermoe run and bench with bf16, 8- and 4-bit expert weights; bench 
 }
 
 TEST_CASE("hypermoe inspect, run and bench on GGUF files") {
-    const std::string dir = data_dir + "/mixtral-basic";
+    const std::string dir = test::data_dir + "/mixtral-basic";
     const fs::path tmp = fs::temp_directory_path() / ("hypermoe-cli-gguf-" + std::to_string(::getpid()));
     fs::create_directories(tmp);
     const std::string f32 = (tmp / "f32.gguf").string(), q4 = (tmp / "q4.gguf").string(), out = (tmp / "y.safetensors").string();
@@ -322,7 +321,7 @@ TEST_CASE("hypermoe holds a BF16 safetensors checkpoint's experts as bf16, exact
 }
 
 TEST_CASE("hypermoe inspect and bench") {
-    const Result i = run_cli("inspect --model " + data_dir + "/qwen2_moe-basic");
+    const Result i = run_cli("inspect --model " + test::data_dir + "/qwen2_moe-basic");
     REQUIRE(i.status == 0);
     CHECK(i.out.find("family     qwen2_moe") != std::string::npos);
     CHECK(i.out.find("shared     width 32") != std::string::npos);
@@ -450,7 +449,7 @@ TEST_CASE("hypermoe --help prints the usage of every command on stdout") {
 }
 
 TEST_CASE("usage errors exit 2 with one line on stderr") {
-    const std::string m = data_dir + "/mixtral-basic";
+    const std::string m = test::data_dir + "/mixtral-basic";
     // Inputs that do not fit the model: x of one dimension, x without a layer, x too narrow,
     // and a dy of another shape than x.
     const test::TempDir tmp("cli-usage");

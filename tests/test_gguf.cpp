@@ -29,8 +29,6 @@ namespace fs = std::filesystem;
 
 namespace {
 
-const std::string data_dir = HYPERMOE_TEST_DATA;
-
 /// y = block(x) of MoE block `layer`.
 template <class B>
 Matrix<float> forward(const Checkpoint& ck, index_t layer, ConstMatrixView<float> x, const LoadOptions& opt) {
@@ -277,7 +275,7 @@ TEST_CASE_TEMPLATE_DEFINE("GGUF: the fixtures converted as llama.cpp would give 
     TempDir tmp("fixtures");
     for (const char* name : {"mixtral-basic", "mixtral-decode", "qwen2_moe-basic", "olmoe-basic", "deepseek_v3-basic", "deepseek_v3-decode"}) {
         CAPTURE(name);
-        const std::string dir = data_dir + "/" + name;
+        const std::string dir = test::data_dir + "/" + name;
         const Checkpoint st(dir);
         const SafeTensorsFile input(dir + "/input.safetensors"), expected(dir + "/expected.safetensors");
         const Matrix<float> x = input.view().to_f32(input.view().info("x")), y_want = expected.view().to_f32(expected.view().info("y"));
@@ -340,7 +338,7 @@ TEST_CASE("GGUF: Q8_0 and Q4_0 blocks are held as stored, not requantised") {
 
 TEST_CASE("GGUF: v2 and v3, any alignment, arrays and every metadata type are read") {
     TempDir tmp("versions");
-    const std::string dir = data_dir + "/mixtral-basic";
+    const std::string dir = test::data_dir + "/mixtral-basic";
     for (const std::uint32_t version : {2u, 3u})
         for (const std::uint32_t align : {32u, 64u, 4096u}) {
             CAPTURE(version);
@@ -398,7 +396,7 @@ TEST_CASE("GGUF: v2 and v3, any alignment, arrays and every metadata type are re
 TEST_CASE("GGUF: inspect-level description: family, blocks, types and bytes") {
     TempDir tmp("describe");
     const std::string file = (tmp.path / "m.gguf").string();
-    test::gguf_from(Checkpoint(data_dir + "/deepseek_v3-basic"), {.experts = test::F16}).write(file);
+    test::gguf_from(Checkpoint(test::data_dir + "/deepseek_v3-basic"), {.experts = test::F16}).write(file);
     const Checkpoint ck(file);
     const ModelInfo m = describe(ck);
     CHECK(to_string(m.family) == "deepseek_v3");
@@ -805,7 +803,7 @@ TEST_CASE("GGUF: a non-finite value converted from a quantised expert is a weigh
 TEST_CASE("GGUF: unsupported types, missing tensors and metadata give typed errors that name them") {
     TempDir tmp("errors");
     const std::string file = (tmp.path / "m.gguf").string();
-    const Checkpoint st(data_dir + "/mixtral-basic");
+    const Checkpoint st(test::data_dir + "/mixtral-basic");
 
     // Block 1's up experts in MXFP4 (gpt-oss's experts; rows of 256, a different shape too, but
     // the type is reported): the file opens and describes, block 0 loads, block 1 names the
@@ -916,7 +914,7 @@ TEST_CASE("GGUF: unsupported types, missing tensors and metadata give typed erro
 }
 
 TEST_CASE("GGUF: malformed files give weight_errors naming the problem, and no prefix of a file reads out of bounds") {
-    const auto base = test::gguf_from(Checkpoint(data_dir + "/olmoe-basic")).bytes();
+    const auto base = test::gguf_from(Checkpoint(test::data_dir + "/olmoe-basic")).bytes();
     // Every truncation fails cleanly (the data section's end included).
     for (std::size_t n = 0; n < base.size(); n += (n < 2048 ? 1 : 97)) {
         CAPTURE(n);

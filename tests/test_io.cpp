@@ -21,16 +21,6 @@ namespace fs = std::filesystem;
 
 namespace {
 
-const std::string data_dir = HYPERMOE_TEST_DATA;
-
-const std::vector<std::string> all_cases = {
-    "mixtral-basic",       "mixtral-decode",       "mixtral-tie",        "mixtral-bf16",
-    "qwen2_moe-basic",     "qwen2_moe-norm",       "qwen2_moe-bf16",     "olmoe-basic",
-    "olmoe-norm",          "olmoe-bf16",           "deepseek_v3-basic",  "deepseek_v3-nonorm",
-    "deepseek_v3-decode",  "deepseek_v3-bf16",     "switch_transformers-basic", "switch_transformers-drop",
-    "switch_transformers-tie", "switch_transformers-decoder", "hypermoe_gpt2-k1", "hypermoe_gpt2-k2",
-    "hypermoe_switch-basic", "hypermoe_switch-drop"};
-
 struct Expected {
     SafeTensorsFile input, expected;
     explicit Expected(const std::string& dir)
@@ -102,9 +92,9 @@ std::string open_error(const std::vector<std::byte>& bytes) {
 } // namespace
 
 TEST_CASE_TEMPLATE_DEFINE("every fixture through the checkpoint loader", B, loader_fixtures) {
-    for (const auto& name : all_cases) {
+    for (const auto& name : test::fixture_cases) {
         CAPTURE(name);
-        const std::string dir = data_dir + "/" + name;
+        const std::string dir = test::data_dir + "/" + name;
         const Checkpoint ck(dir);
         const Expected e(dir);
         for (const HyperMode mode : {HyperMode::cached, HyperMode::per_token}) {
@@ -120,9 +110,9 @@ TEST_CASE_TEMPLATE_APPLY(loader_fixtures, test::all_backends);
 
 TEST_CASE_TEMPLATE_DEFINE("a loaded block is a Layer: in a stack, the context reaches its router", B, block_in_stack) {
     static_assert(Layer<LoadedMoeBlock<B>>);
-    for (const auto& name : all_cases) {
+    for (const auto& name : test::fixture_cases) {
         CAPTURE(name);
-        const std::string dir = data_dir + "/" + name;
+        const std::string dir = test::data_dir + "/" + name;
         const Expected e(dir);
         const Matrix<float> x = e.x();
         DynamicStack dynamic;
@@ -150,7 +140,7 @@ TEST_CASE_TEMPLATE_DEFINE("a loaded block is a Layer: in a stack, the context re
     }
     // Without the sequence layout the whole batch is one sequence: the capacity-limited fixture's
     // output changes (so the test above could fail).
-    const std::string dir = data_dir + "/switch_transformers-drop";
+    const std::string dir = test::data_dir + "/switch_transformers-drop";
     const Expected e(dir);
     const Matrix<float> x = e.x();
     const Sequential stack(load_moe_block<B>(Checkpoint(dir), e.layer(), e.stack()));
@@ -163,9 +153,9 @@ TEST_CASE_TEMPLATE_APPLY(block_in_stack, test::all_backends);
 
 TEST_CASE_TEMPLATE_DEFINE("load_model loads every MoE block once, one hypernetwork per stack", B, whole_model) {
     // Every fixture: the model's blocks are describe()'s, each the same as loading it alone.
-    for (const auto& name : all_cases) {
+    for (const auto& name : test::fixture_cases) {
         CAPTURE(name);
-        const Checkpoint ck(data_dir + "/" + name);
+        const Checkpoint ck(test::data_dir + "/" + name);
         const LoadedModel<B> model = load_model<B>(ck);
         REQUIRE(model.size() == describe(ck).moe_blocks.size());
         const Expected e(ck.dir());
@@ -252,7 +242,7 @@ TEST_CASE("qwen2_moe without a shared expert (shared_expert_intermediate_size 0)
     // The same block twice: once with its shared expert's down_proj zeroed (so the shared term is
     // exactly 0), once with shared_expert_intermediate_size 0 and no shared tensors at all.
     TempDir zeroed("qwen2-zeroed-shared"), none("qwen2-no-shared");
-    const fs::path src = data_dir + "/qwen2_moe-basic";
+    const fs::path src = test::data_dir + "/qwen2_moe-basic";
     fs::copy_file(src / "config.json", zeroed.path / "config.json");
     nlohmann::json config = nlohmann::json::parse(std::ifstream(src / "config.json"));
     config["shared_expert_intermediate_size"] = 0;
@@ -342,9 +332,9 @@ TEST_CASE_TEMPLATE_DEFINE("bf16 / q8_0 / q4_0 expert storage, exact and fast: ea
         CAPTURE(to_string(format));
         CAPTURE(to_string(f.prec));
         std::vector<double> errors, rms_errors, kernel_errors{0.0};
-        for (const auto& name : all_cases) {
+        for (const auto& name : test::fixture_cases) {
             CAPTURE(name);
-            const std::string dir = data_dir + "/" + name;
+            const std::string dir = test::data_dir + "/" + name;
             const Expected e(dir);
             const Matrix<float> x = e.x();
             const auto block = load_moe_block<B>(Checkpoint(dir), e.layer(), e.stack(), {.storage = format, .prec = f.prec});
@@ -374,7 +364,7 @@ TEST_CASE_TEMPLATE_DEFINE("bf16 / q8_0 / q4_0 expert storage, exact and fast: ea
 TEST_CASE_TEMPLATE_APPLY(block_storage_fixtures, test::all_backends);
 
 TEST_CASE("releasing a packed tensor's pages keeps its bytes, and leaves memory outside the mapping alone") {
-    const std::string dir = data_dir + "/mixtral-basic";
+    const std::string dir = test::data_dir + "/mixtral-basic";
     const Checkpoint ck(dir);
     TensorBinder t(ck, "test");
     const WeightView w = t.matrix("model.layers.1.block_sparse_moe.experts.0.w1.weight", 40, 32);
@@ -403,7 +393,7 @@ TEST_CASE("releasing a packed tensor's pages keeps its bytes, and leaves memory 
 }
 
 TEST_CASE("bf16 storage of f32 weights stays within bf16 rounding") {
-    const std::string dir = data_dir + "/mixtral-basic";
+    const std::string dir = test::data_dir + "/mixtral-basic";
     const Checkpoint ck(dir);
     const Expected e(dir);
     const auto block = load_moe_block<reference>(ck, 1, "", {.storage = dtype::bf16});
@@ -418,28 +408,28 @@ TEST_CASE("bf16 storage of f32 weights stays within bf16 rounding") {
 }
 
 TEST_CASE("describe lists the MoE blocks of each family") {
-    const ModelInfo q = describe(Checkpoint(data_dir + "/qwen2_moe-norm"));
+    const ModelInfo q = describe(Checkpoint(test::data_dir + "/qwen2_moe-norm"));
     CHECK(q.family == family("qwen2_moe"));
     CHECK(q.moe_blocks == std::vector<MoeBlockRef>{{1, ""}}); // layer 0 is in mlp_only_layers
-    const ModelInfo d = describe(Checkpoint(data_dir + "/deepseek_v3-basic"));
+    const ModelInfo d = describe(Checkpoint(test::data_dir + "/deepseek_v3-basic"));
     CHECK(d.moe_blocks == std::vector<MoeBlockRef>{{1, ""}, {2, ""}});
     CHECK(d.shared_ff == 8);
-    const ModelInfo s = describe(Checkpoint(data_dir + "/switch_transformers-decoder"));
+    const ModelInfo s = describe(Checkpoint(test::data_dir + "/switch_transformers-decoder"));
     CHECK(s.moe_blocks == std::vector<MoeBlockRef>{{1, "encoder"}, {1, "decoder"}});
-    const ModelInfo h = describe(Checkpoint(data_dir + "/hypermoe_gpt2-k2"));
+    const ModelInfo h = describe(Checkpoint(test::data_dir + "/hypermoe_gpt2-k2"));
     CHECK(h.family == family("hypermoe_gpt2"));
     CHECK(h.adapter_rank == 8);
     CHECK(h.dtypes == std::set<std::string>{"F32"});
-    CHECK_THROWS_WITH_AS((void)load_moe_block<reference>(Checkpoint(data_dir + "/deepseek_v3-basic"), 0),
+    CHECK_THROWS_WITH_AS((void)load_moe_block<reference>(Checkpoint(test::data_dir + "/deepseek_v3-basic"), 0),
                          doctest::Contains("block 0 is not an MoE block; MoE blocks: 1, 2"), config_error);
     // DeepSeek's moe_layer_freq: every freq-th layer from first_k_dense_replace on.
-    nlohmann::json config = Checkpoint(data_dir + "/deepseek_v3-basic").config();
+    nlohmann::json config = Checkpoint(test::data_dir + "/deepseek_v3-basic").config();
     config["num_hidden_layers"] = 7, config["first_k_dense_replace"] = 1, config["moe_layer_freq"] = 2;
     CHECK(describe(config, "c.json").moe_blocks == std::vector<MoeBlockRef>{{2, ""}, {4, ""}, {6, ""}});
     config["moe_layer_freq"] = 0;
     CHECK_THROWS_WITH_AS((void)describe(config, "c.json"), "c.json: 'moe_layer_freq' is 0, expected >= 1", config_error);
     // Switch's router_bias: the classifier's bias is not loaded, so a model with one is refused.
-    nlohmann::json sw = Checkpoint(data_dir + "/switch_transformers-basic").config();
+    nlohmann::json sw = Checkpoint(test::data_dir + "/switch_transformers-basic").config();
     sw["router_bias"] = true;
     CHECK_THROWS_WITH_AS((void)describe(sw, "s.json"),
                          "s.json: 'router_bias' is true, supported: false (the router classifier's bias is not loaded)",
@@ -481,7 +471,7 @@ TEST_CASE("malformed safetensors images give weight_errors naming the problem") 
 
 TEST_CASE("a truncated checkpoint file and broken checkpoints are reported, nothing crashes") {
     TempDir tmp("broken");
-    const fs::path src = data_dir + "/mixtral-basic";
+    const fs::path src = test::data_dir + "/mixtral-basic";
     fs::copy_file(src / "config.json", tmp.path / "config.json");
     auto bytes = read_file(src / "model.safetensors");
     bytes.resize(bytes.size() - 100);
@@ -538,7 +528,7 @@ TEST_CASE("a truncated checkpoint file and broken checkpoints are reported, noth
 
 TEST_CASE("config values out of the supported set, and a checkpoint's files missing, are named with the file") {
     TempDir tmp("config-values");
-    const fs::path src = data_dir + "/mixtral-basic";
+    const fs::path src = test::data_dir + "/mixtral-basic";
     const std::string config = tmp.path.string() + "/config.json";
     const auto write_config = [&](const char* key, const nlohmann::json& value) {
         nlohmann::json c = nlohmann::json::parse(std::ifstream(src / "config.json"));
@@ -555,7 +545,7 @@ TEST_CASE("config values out of the supported set, and a checkpoint's files miss
     write_config("num_experts_per_tok", 2);
     CHECK_THROWS_WITH_AS((void)load_moe_block<reference>(Checkpoint(tmp.path.string()), 0, "decoder"),
                          (config + ": stack \"decoder\" given, but mixtral has a single stack").c_str(), config_error);
-    CHECK_THROWS_WITH_AS((void)load_moe_block<reference>(Checkpoint(data_dir + "/switch_transformers-decoder"), 1, "middle"),
+    CHECK_THROWS_WITH_AS((void)load_moe_block<reference>(Checkpoint(test::data_dir + "/switch_transformers-decoder"), 1, "middle"),
                          doctest::Contains("switch_transformers-decoder/config.json: stack \"middle\", expected encoder or decoder"),
                          config_error);
     // A dense (non-HyperMoE) block has no HyperExpert term.
@@ -582,7 +572,7 @@ TEST_CASE("config values out of the supported set, and a checkpoint's files miss
 
 TEST_CASE_TEMPLATE_DEFINE("a sharded checkpoint gives the same block", B, sharded) {
     TempDir tmp("sharded");
-    const fs::path src = data_dir + "/olmoe-basic";
+    const fs::path src = test::data_dir + "/olmoe-basic";
     fs::copy_file(src / "config.json", tmp.path / "config.json");
     SafeTensorsFile model((src / "model.safetensors").string());
     std::vector<TensorToWrite> shards[2];

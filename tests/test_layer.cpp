@@ -105,7 +105,7 @@ using all_stack_configs = decltype(std::apply(
 
 } // namespace
 
-TEST_CASE_TEMPLATE_DEFINE("stacks on every backend match the reference", C, stacks) {
+TEST_CASE_TEMPLATE_DEFINE("stacks on every backend match the reference", C, layer_stacks) {
     const Blocks<typename C::backend, C::d, C::ff> blocks;
     const Blocks<reference, dynamic, dynamic> oracle_blocks;
     const auto stack = blocks.stack();
@@ -135,7 +135,7 @@ TEST_CASE_TEMPLATE_DEFINE("stacks on every backend match the reference", C, stac
         CHECK(relative_error(y_parts.view(), y.view()) == 0.0);
     }
 }
-TEST_CASE_TEMPLATE_APPLY(stacks, all_stack_configs);
+TEST_CASE_TEMPLATE_APPLY(layer_stacks, all_stack_configs);
 
 TEST_CASE("run-time width mismatches name the layer") {
     const std::vector<float> w8(8, 1.f), w6(6, 1.f);

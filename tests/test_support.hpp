@@ -174,4 +174,18 @@ inline double central_difference(float& v, const std::function<double()>& loss, 
     return (up - down) / (2.0 * double(h));
 }
 
+#ifdef HYPERMOE_TEST_DATA
+/// The fixtures copied into the project (tests/data/README.md states their conventions).
+inline const std::string data_dir = HYPERMOE_TEST_DATA;
+
+/// Every case of the fixtures: a directory under data_dir each.
+inline const std::vector<std::string> fixture_cases = {
+    "mixtral-basic",       "mixtral-decode",       "mixtral-tie",        "mixtral-bf16",
+    "qwen2_moe-basic",     "qwen2_moe-norm",       "qwen2_moe-bf16",     "olmoe-basic",
+    "olmoe-norm",          "olmoe-bf16",           "deepseek_v3-basic",  "deepseek_v3-nonorm",
+    "deepseek_v3-decode",  "deepseek_v3-bf16",     "switch_transformers-basic", "switch_transformers-drop",
+    "switch_transformers-tie", "switch_transformers-decoder", "hypermoe_gpt2-k1", "hypermoe_gpt2-k2",
+    "hypermoe_switch-basic", "hypermoe_switch-drop"};
+#endif
+
 } // namespace hypermoe::test

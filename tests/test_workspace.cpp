@@ -20,8 +20,6 @@ using test::random_matrix;
 
 namespace {
 
-const std::string data_dir = HYPERMOE_TEST_DATA;
-
 /// T = 1 .. 600: every bucket boundary of the oneDNN backend and its neighbours (the buckets
 /// are listed here so the test does not depend on that backend), the 256-row piece boundaries,
 /// and every 7th value between (every 29th in a sanitizer build). The reference backend, whose
@@ -61,7 +59,6 @@ void check_exact(index_t d, const std::function<std::size_t(index_t)>& bytes,
     }
     CHECK(failures == 0);
 }
-
 
 template <class B, class R>
 void check_router(R router, const RouterContext& ctx = {}) {
@@ -105,7 +102,7 @@ TEST_CASE_TEMPLATE_DEFINE("every family, storage and HyperMoE mode: workspace_by
     for (const std::string name : {"mixtral-basic", "qwen2_moe-basic", "olmoe-basic", "deepseek_v3-basic",
                                    "switch_transformers-basic", "switch_transformers-decoder", "hypermoe_gpt2-k2",
                                    "hypermoe_switch-basic", "hypermoe_switch-drop"}) {
-        const std::string dir = data_dir + "/" + name;
+        const std::string dir = test::data_dir + "/" + name;
         const Checkpoint ck(dir);
         const SafeTensorsFile input(dir + "/input.safetensors");
         const auto& meta = input.view().metadata();
@@ -133,7 +130,7 @@ TEST_CASE_TEMPLATE_DEFINE("every family, storage and HyperMoE mode: workspace_by
 }
 TEST_CASE_TEMPLATE_APPLY(families, test::all_backends);
 
-TEST_CASE_TEMPLATE_DEFINE("stacks: workspace_bytes(T) is enough", B, stacks) {
+TEST_CASE_TEMPLATE_DEFINE("stacks: workspace_bytes(T) is enough", B, workspace_stacks) {
     constexpr index_t d = 24, ff = 40;
     const Matrix<float> gate = random_matrix(ff, d, 1), up = random_matrix(ff, d, 2), down = random_matrix(d, ff, 3);
     const auto norm_w = test::random_vector(d, 4);
@@ -153,7 +150,7 @@ TEST_CASE_TEMPLATE_DEFINE("stacks: workspace_bytes(T) is enough", B, stacks) {
     check_exact<B>(d, [&](index_t t) { return dyn.workspace_bytes(t); },
                 [&](ConstMatrixView<float> x, MatrixView<float> y, Workspace& ws) { dyn.forward(x, y, ws); });
 }
-TEST_CASE_TEMPLATE_APPLY(stacks, test::all_backends);
+TEST_CASE_TEMPLATE_APPLY(workspace_stacks, test::all_backends);
 
 TEST_CASE("a fixed workspace never grows; a thread budget applies to the call only") {
     Workspace fixed(128, WorkspaceGrowth::fixed);
