@@ -6,6 +6,7 @@
 // the four families to the GGUF llama.cpp would write for it, a rewriter of such a file's tensors,
 // and random blocks of the ggml quants the library widens.
 
+#include <cmath>
 #include <cstdint>
 #include <functional>
 #include <cstring>
@@ -24,7 +25,7 @@ namespace hypermoe::test {
 /// ggml type ids.
 enum ggml : std::uint32_t {
     F32 = 0, F16 = 1, Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q2_K = 10, Q3_K = 11, Q4_K = 12, Q5_K = 13, Q6_K = 14,
-    IQ4_NL = 20, IQ4_XS = 23, BF16 = 30, MXFP4 = 39
+    IQ2_XXS = 16, IQ4_NL = 20, IQ4_XS = 23, BF16 = 30, MXFP4 = 39
 };
 
 class GgufWriter {
@@ -246,22 +247,25 @@ inline GgufWriter rewritten(const std::vector<std::byte>& base, const std::funct
 }
 
 /// `blocks` blocks of random bytes of a ggml quant the library widens (Q4_1, Q5_0, Q5_1, IQ4_NL,
-/// Q2_K to Q6_K, IQ4_XS), each block's half scale (and min) drawn from `scale` so that it is
-/// finite: the bytes first, then the halves block by block, from `rng`.
+/// MXFP4, Q2_K to Q6_K, IQ4_XS), each block's half scale (and min) drawn from `scale` so that it
+/// is finite (MXFP4: its scale byte e the power of two 2^(e - 128) at or below the draw): the
+/// bytes first, then the scales block by block, from `rng`.
 inline std::vector<std::byte> random_ggml_quant(std::uint32_t type, index_t blocks, std::mt19937_64& rng,
                                                 std::uniform_real_distribution<float> scale) {
     const std::map<std::uint32_t, std::vector<std::size_t>> halves_at = { // where a block's halves are
-        {Q4_1, {0, 2}}, {Q5_0, {0}}, {Q5_1, {0, 2}}, {IQ4_NL, {0}}, {Q2_K, {80, 82}}, {Q3_K, {108}}, {Q4_K, {0, 2}}, {Q5_K, {0, 2}},
-        {Q6_K, {208}},  {IQ4_XS, {0}}};
+        {Q4_1, {0, 2}}, {Q5_0, {0}}, {Q5_1, {0, 2}}, {IQ4_NL, {0}}, {MXFP4, {}},    {Q2_K, {80, 82}},
+        {Q3_K, {108}},  {Q4_K, {0, 2}}, {Q5_K, {0, 2}}, {Q6_K, {208}}, {IQ4_XS, {0}}};
     const std::vector<std::size_t>& halves = halves_at.at(type);
     const std::size_t size = detail::find_ggml_type(type)->bytes;
     std::vector<std::byte> out(std::size_t(blocks) * size);
     for (auto& v : out) v = std::byte(rng() & 0xFF);
-    for (std::size_t i = 0; i < std::size_t(blocks); ++i)
+    for (std::size_t i = 0; i < std::size_t(blocks); ++i) {
+        if (type == MXFP4) out[i * size] = std::byte(128 + std::ilogb(scale(rng)));
         for (const std::size_t at : halves) {
             const std::uint16_t h = f32_to_f16_bits(scale(rng));
             std::memcpy(out.data() + i * size + at, &h, 2);
         }
+    }
     return out;
 }
 

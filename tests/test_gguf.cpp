@@ -4,6 +4,7 @@
 // as stored; malformed files and unsupported models give typed errors naming the problem.
 #include <doctest/doctest.h>
 
+#include <bit>
 #include <cstring>
 #include <fcntl.h>
 #include <sys/mman.h>
@@ -89,10 +90,10 @@ void reference_copy(const std::string& src, const std::string& dst, std::uint32_
 
 /// The elements in one block of a ggml type the library widens: 32 or 256.
 index_t block_of(std::uint32_t type) {
-    return type == test::Q4_1 || type == test::Q5_0 || type == test::Q5_1 || type == test::IQ4_NL ? 32 : 256;
+    return type == test::Q4_1 || type == test::Q5_0 || type == test::Q5_1 || type == test::IQ4_NL || type == test::MXFP4 ? 32 : 256;
 }
 
-/// The values of one block of a ggml quant the library widens (Q4_1, Q5_0, Q5_1, IQ4_NL: 32; Q2_K
+/// The values of one block of a ggml quant the library widens (Q4_1, Q5_0, Q5_1, IQ4_NL, MXFP4: 32; Q2_K
 /// to Q6_K, IQ4_XS: 256), decoded the way ggml's dequantize_row_* loops walk a block (the library
 /// reads each element on its own).
 std::vector<float> decode_ggml_quant(std::uint32_t type, const std::byte* block) {
@@ -100,6 +101,17 @@ std::vector<float> decode_ggml_quant(std::uint32_t type, const std::byte* block)
     const auto half = [b](int at) { return f16_bits_to_f32(std::uint16_t(b[at] | b[at + 1] << 8)); };
     std::vector<float> y;
     static constexpr std::int8_t kvalues_iq4nl[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
+    if (type == test::MXFP4) { // ggml's kvalues_mxfp4, and GGML_E8M0_TO_FP32_HALF's bits for 2^(e - 128)
+        static constexpr std::int8_t kvalues_mxfp4[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
+        const std::uint32_t bits = b[0] < 2 ? 0x00200000u << b[0] : std::uint32_t(b[0] - 1) << 23;
+        const float d = std::bit_cast<float>(bits);
+        y.resize(32);
+        for (int j = 0; j < 16; ++j) {
+            y[std::size_t(j)] = float(kvalues_mxfp4[b[1 + j] & 0x0F]) * d;
+            y[std::size_t(j + 16)] = float(kvalues_mxfp4[b[1 + j] >> 4]) * d;
+        }
+        return y;
+    }
     if (block_of(type) == 32) {
         y.resize(32);
         const float d = half(0);
@@ -445,6 +457,7 @@ TEST_CASE("expert_storage is the experts' stored BF16 / Q8_0 / Q4_0, q4_0 with Q
     CHECK(storage(test::Q4_0, test::Q4_0) == dtype::q4_0);
     CHECK(storage(test::Q4_K, test::Q6_K) == dtype::q8_0); // Q4_K_M's mix, requantised to 8 bits
     CHECK(storage(test::Q5_0, test::Q5_0) == dtype::q8_0);
+    CHECK(storage(test::MXFP4, test::MXFP4) == dtype::q8_0); // MXFP4_MOE: q4_0 would add a fifth to its error
     CHECK(storage(test::Q4_K, test::Q4_0) == dtype::q8_0); // a mix of quants
     CHECK(storage(test::Q2_K, test::Q3_K) == dtype::q4_0); // llama.cpp's Q2_K mix: coarser than q4_0
     CHECK(storage(test::Q3_K, test::Q3_K) == dtype::q4_0); // Q3_K_S
@@ -455,7 +468,7 @@ TEST_CASE("expert_storage is the experts' stored BF16 / Q8_0 / Q4_0, q4_0 with Q
     CHECK(storage(test::BF16, test::Q8_0) == dtype::f32);
 }
 
-TEST_CASE("GGUF: blocks of Q4_1, Q5_0, Q5_1, IQ4_NL and super-blocks of Q2_K to Q6_K, IQ4_XS read as ggml's values, worked by hand") {
+TEST_CASE("GGUF: blocks of Q4_1, Q5_0, Q5_1, IQ4_NL, MXFP4 and super-blocks of Q2_K to Q6_K, IQ4_XS read as ggml's values, worked by hand") {
     // One block of each, all bytes 0 but those named; each value worked out in the comment.
     const auto at = [](std::vector<std::uint8_t>& b, std::size_t i, std::uint8_t v) { b[i] = v; };
     // Q4_K: d = 1 (half 0x3C00), dmin = 0.5 (0x3800). Scales: sub-block 0 sc = 2 (byte 0), m = 3
@@ -537,6 +550,17 @@ TEST_CASE("GGUF: blocks of Q4_1, Q5_0, Q5_1, IQ4_NL and super-blocks of Q2_K to 
     // -> -5; element 31: its high nibble (8) -> 1 -> 0.5.
     std::vector<std::uint8_t> nl(18, 0);
     at(nl, 1, 0x38), at(nl, 2 + 0, 0x0F), at(nl, 2 + 15, 0x87);
+    // MXFP4, three blocks of 17 bytes: the scale byte e at 0 (the scale is 2^(e - 128)), qs at 1;
+    // a nibble stands for mxfp4_values[nibble] (E2M1 doubled). Block 0, e = 130 (scale 4):
+    // element 0, low nibble of qs[0] (7 -> 12) -> 48; element 16, its high nibble (15 -> -12) ->
+    // -48; element 15, low nibble of qs[15] (8, E2M1's -0 -> 0) -> 0; element 31, its high nibble
+    // (9 -> -1) -> -4; element 1: nibble 0 -> 0. Block 1, e = 0 (2^-128, a subnormal float):
+    // element 32, nibble 5 (6) -> 6 * 2^-128; element 48, nibble 14 (-8) -> -2^-125. Block 2,
+    // e = 255 (2^127): element 64, nibble 1 -> 2^127; element 80, nibble 9 -> -2^127.
+    std::vector<std::uint8_t> mx(3 * 17, 0);
+    at(mx, 0, 130), at(mx, 1 + 0, 0xF7), at(mx, 1 + 15, 0x98);
+    at(mx, 17, 0), at(mx, 17 + 1, 0xE5);
+    at(mx, 34, 255), at(mx, 34 + 1, 0x91);
 
     test::GgufWriter w;
     w.string("general.architecture", "llama");
@@ -553,6 +577,7 @@ TEST_CASE("GGUF: blocks of Q4_1, Q5_0, Q5_1, IQ4_NL and super-blocks of Q2_K to 
     w.tensor("q50", test::Q5_0, {32}, bytes(q50));
     w.tensor("q51", test::Q5_1, {32}, bytes(q51));
     w.tensor("nl", test::IQ4_NL, {32}, bytes(nl));
+    w.tensor("mx", test::MXFP4, {96}, bytes(mx));
     const std::vector<std::byte> image = w.bytes();
     const GgufView v(image, "k.gguf");
     const auto value = [&](const char* name, index_t i) { return v.element(v.info(name), i); };
@@ -607,20 +632,35 @@ TEST_CASE("GGUF: blocks of Q4_1, Q5_0, Q5_1, IQ4_NL and super-blocks of Q2_K to 
     CHECK(value("nl", 16) == -63.5);
     CHECK(value("nl", 15) == -5.0);
     CHECK(value("nl", 31) == 0.5);
+    CHECK(v.info("mx").dtype == tensor_dtype::mxfp4);
+    CHECK(v.info("mx").type_string() == "MXFP4");
+    CHECK(value("mx", 0) == 48.0);
+    CHECK(value("mx", 16) == -48.0);
+    CHECK(value("mx", 15) == 0.0);
+    CHECK(value("mx", 31) == -4.0);
+    CHECK(value("mx", 1) == 0.0);
+    CHECK(value("mx", 32) == std::ldexp(6.0, -128));
+    CHECK(value("mx", 48) == -std::ldexp(1.0, -125));
+    CHECK(value("mx", 64) == std::ldexp(1.0, 127));
+    CHECK(value("mx", 80) == -std::ldexp(1.0, 127));
     // to_f32 gives the same values, as the loop-form decoder does.
     const std::map<std::string, std::uint32_t> types = {{"q2", test::Q2_K},   {"q3", test::Q3_K},   {"q4", test::Q4_K},
                                                          {"q5", test::Q5_K},   {"q6", test::Q6_K},   {"iq4", test::IQ4_XS},
                                                          {"q41", test::Q4_1},  {"q50", test::Q5_0},  {"q51", test::Q5_1},
-                                                         {"nl", test::IQ4_NL}};
+                                                         {"nl", test::IQ4_NL}, {"mx", test::MXFP4}};
     for (const auto& entry : types) {
         const std::string& name = entry.first; // not a structured binding: clang 14 cannot capture one
         const std::uint32_t type = entry.second;
         CAPTURE(name);
         const TensorInfo& t = v.info(name);
         const Matrix<float> m = v.to_f32(t);
-        const auto want = decode_ggml_quant(type, v.data(t).data());
-        REQUIRE(t.numel() == block_of(type));
-        for (index_t i = 0; i < t.numel(); ++i) CHECK(m.data()[i] == want[std::size_t(i)]);
+        const index_t n = block_of(type), blocks = t.numel() / n;
+        REQUIRE(t.numel() == blocks * n);
+        const std::size_t size = v.data(t).size() / std::size_t(blocks);
+        for (index_t b = 0; b < blocks; ++b) {
+            const auto want = decode_ggml_quant(type, v.data(t).data() + std::size_t(b) * size);
+            for (index_t i = 0; i < n; ++i) CHECK(m.data()[b * n + i] == want[std::size_t(i)]);
+        }
     }
     // Random super-blocks of every type: the library's element-wise reading against the loop form.
     for (const auto& entry : types) {
@@ -650,7 +690,8 @@ TEST_CASE_TEMPLATE_DEFINE("GGUF: experts in every widened ggml quant give the bl
     // K-quants with d_ff = 256 (rows of whole super-blocks); the blocks of 32 with d_ff = 96,
     // which no super-block divides, as llama.cpp stores such a block: Qwen1.5-MoE's Q4_K_M file
     // holds its gate and up (rows of d_model) in Q4_K and its down projection (rows of d_ff) in
-    // Q5_0; Q5_K_M's in Q5_K and Q5_1, IQ4_XS's in IQ4_XS and IQ4_NL.
+    // Q5_0; Q5_K_M's in Q5_K and Q5_1, IQ4_XS's in IQ4_XS and IQ4_NL. MXFP4 (llama.cpp's
+    // MXFP4_MOE files) holds the experts throughout.
     struct Case {
         std::uint32_t gate_up, down;
         index_t ff;
@@ -658,7 +699,7 @@ TEST_CASE_TEMPLATE_DEFINE("GGUF: experts in every widened ggml quant give the bl
     const Case cases[] = {{test::Q2_K, test::Q2_K, 256},     {test::Q3_K, test::Q3_K, 256}, {test::Q4_K, test::Q4_K, 256},
                           {test::Q5_K, test::Q5_K, 256},     {test::Q6_K, test::Q6_K, 256}, {test::IQ4_XS, test::IQ4_XS, 256},
                           {test::Q4_1, test::Q4_1, 96},      {test::Q4_K, test::Q5_0, 96},  {test::Q5_K, test::Q5_1, 96},
-                          {test::IQ4_XS, test::IQ4_NL, 96}};
+                          {test::IQ4_XS, test::IQ4_NL, 96},  {test::MXFP4, test::MXFP4, 96}};
     TempDir tmp("ggml_quants");
     std::map<index_t, std::vector<std::byte>> bases; // by d_ff
     for (const index_t ff : {96, 256}) {
@@ -805,28 +846,28 @@ TEST_CASE("GGUF: unsupported types, missing tensors and metadata give typed erro
     const std::string file = (tmp.path / "m.gguf").string();
     const Checkpoint st(test::data_dir + "/mixtral-basic");
 
-    // Block 1's up experts in MXFP4 (gpt-oss's experts; rows of 256, a different shape too, but
-    // the type is reported): the file opens and describes, block 0 loads, block 1 names the
-    // tensor and its type.
+    // Block 1's up experts in IQ2_XXS (a grid type, in llama.cpp's smallest files; rows of 256, a
+    // different shape too, but the type is reported): the file opens and describes, block 0
+    // loads, block 1 names the tensor and its type.
     {
         test::rewritten(test::gguf_from(st).bytes(), [](const std::string& name, test::TensorEdit& t) {
-            if (name == "blk.1.ffn_up_exps.weight") t = {test::MXFP4, {256, 5, 4}, std::vector<std::byte>(4 * 5 * 8 * 17)};
+            if (name == "blk.1.ffn_up_exps.weight") t = {test::IQ2_XXS, {256, 5, 4}, std::vector<std::byte>(4 * 5 * 66)};
             return true;
         }).write(file);
         const Checkpoint ck(file);
-        CHECK(describe(ck).dtypes.count("MXFP4") == 1);
+        CHECK(describe(ck).dtypes.count("IQ2_XXS") == 1);
         CHECK_NOTHROW((void)load_moe_block<reference>(ck, 0));
         CHECK_THROWS_WITH_AS((void)load_moe_block<reference>(ck, 1),
                              doctest::Contains(("'model.layers.1.block_sparse_moe.experts.0.w3.weight' (GGUF "
                                                 "'blk.1.ffn_up_exps.weight' expert 0) in " + file +
-                                                " has dtype MXFP4, expected F32, BF16, F16, F64, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, IQ4_NL, Q2_K, Q3_K, Q4_K, Q5_K, "
-                                                "Q6_K or IQ4_XS")
+                                                " has dtype IQ2_XXS, expected F32, BF16, F16, F64, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, IQ4_NL, MXFP4, Q2_K, Q3_K, Q4_K, "
+                                                "Q5_K, Q6_K or IQ4_XS")
                                                    .c_str()),
                              weight_error);
         // Nor can a trainer hold it (it would have to widen it).
         CHECK_THROWS_WITH_AS(ParameterStore{ck},
                              doctest::Contains("'model.layers.1.block_sparse_moe.experts.0.w3.weight' (GGUF 'blk.1.ffn_up_exps.weight' "
-                                               "expert 0) has dtype MXFP4, which cannot be held for training"),
+                                               "expert 0) has dtype IQ2_XXS, which cannot be held for training"),
                              weight_error);
     }
     // A missing expert tensor names the GGUF tensors it is read from.

@@ -508,7 +508,7 @@ TEST_CASE("a truncated checkpoint file and broken checkpoints are reported, noth
     write_safetensors((tmp.path / "model.safetensors").string(), tensors);
     CHECK_THROWS_WITH_AS((void)load_moe_block<reference>(Checkpoint(tmp.path.string()), 0),
                          doctest::Contains(("'model.layers.0.block_sparse_moe.gate.weight' in " + file +
-                                            " has dtype I32, expected F32, BF16, F16, F64, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, IQ4_NL, "
+                                            " has dtype I32, expected F32, BF16, F16, F64, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, IQ4_NL, MXFP4, "
                                             "Q2_K, Q3_K, Q4_K, Q5_K, Q6_K or IQ4_XS").c_str()),
                          weight_error);
 

@@ -436,6 +436,27 @@ inline Block<18> quantize_iq4_nl(std::span<const float, 32> x) {
     return out;
 }
 
+/// MXFP4 (17 bytes), as ggml's quantize_row_mxfp4_ref, which llama.cpp's quantize_mxfp4 writes a
+/// file's with (it takes no importance matrix): the scale byte e = floor(log2(amax)) - 2 + 127
+/// (0 for a zero block), so that 2^(e - 128) * 12 is 1.5 x the power of two at or below amax; each
+/// weight the nearest of mxfp4_values times that scale, the first on ties.
+inline Block<17> quantize_mxfp4(std::span<const float, 32> x) {
+    float amax = 0;
+    for (const float v : x) amax = std::max(amax, std::fabs(v));
+    Block<17> out{};
+    out[0] = amax > 0 ? static_cast<unsigned char>(std::floor(std::log2(amax)) - 2 + 127) : 0;
+    const float d = std::ldexp(1.0f, int(out[0]) - 128);
+    std::array<std::uint8_t, 32> levels;
+    for (std::size_t j = 0; j < 32; ++j) {
+        std::uint8_t best = 0;
+        for (std::uint8_t i = 1; i < 16; ++i)
+            if (std::fabs(float(hm::mxfp4_values[i]) * d - x[j]) < std::fabs(float(hm::mxfp4_values[best]) * d - x[j])) best = i;
+        levels[j] = best;
+    }
+    pack_nibbles(out.data() + 1, levels);
+    return out;
+}
+
 /// Q4_1 (20 bytes), Q5_0 (22) or Q5_1 (24): a block of 32 against its range (with a min: d =
 /// (max - min) / (2^bits - 1), q = (w - min) / d + 0.5 truncated) or its largest magnitude (Q5_0:
 /// d = max / -16, q = w / d + 16.5 truncated, at most 31).

@@ -5,7 +5,7 @@
 // freedom, whose rare large weights set q4_0's block scales as a trained matrix's outliers do),
 // it quantises them as llama.cpp writes each ggml quant type the library reads, without an
 // importance matrix (ggml_reference_quants.hpp: the K-quants Q2_K to Q6_K and IQ4_XS, and the
-// blocks of 32 Q4_1, Q5_0, Q5_1 and IQ4_NL), reads the bytes back through the library's GGUF
+// blocks of 32 Q4_1, Q5_0, Q5_1, IQ4_NL and MXFP4), reads the bytes back through the library's GGUF
 // decoder (GgmlQuantBlock), converts those exact values as the loader does (detail::store_row:
 // bf16 rounding, quantize_row into q8_0 / q4_0), and prints each result's relative RMS error
 // sqrt(sum (w' - w)^2 / sum w^2) against the original weights; the rows "none" convert the
@@ -86,6 +86,7 @@ constexpr FileType file_types[] = {
     {"Q2_K", 2.625, super_block<ggml_quant::q2_k, ggml_ref::quantize_q2_k>},
     {"Q3_K", 3.4375, super_block<ggml_quant::q3_k, ggml_ref::quantize_q3_k>},
     {"IQ4_XS", 4.25, super_block<ggml_quant::iq4_xs, ggml_ref::quantize_iq4_xs>},
+    {"MXFP4", 4.25, blocks_of_32<ggml_quant::mxfp4, ggml_ref::quantize_mxfp4>},
     {"IQ4_NL", 4.5, blocks_of_32<ggml_quant::iq4_nl, ggml_ref::quantize_iq4_nl>},
     {"Q4_K", 4.5, super_block<ggml_quant::q4_k, ggml_ref::quantize_k<4>>},
     {"Q4_1", 5, blocks_of_32<ggml_quant::q4_1, ggml_ref::quantize_32<ggml_quant::q4_1>>},

@@ -139,6 +139,11 @@ inline void dequantize(const BlockQ4_0& b, std::span<float, 32> out) noexcept {
 ///         little-endian u32), for element j (0-31); value = d * (q - 16).
 ///   Q5_1, 24 bytes: half d, half m, qh, qs; q as Q5_0's; value = d * q + m.
 ///   IQ4_NL, 18 bytes: half d, 16 bytes qs; value = d * iq4nl_values[nibble].
+///   MXFP4, 17 bytes: a byte e (the OCP microscaling format's E8M0 scale), 16 bytes qs; value =
+///         mxfp4_values[nibble] * 2^(e - 128): the FP4 (E2M1) values 0, 0.5, 1, 1.5, 2, 3, 4, 6
+///         and their negatives, doubled to integers, times half of E8M0's 2^(e - 127), as ggml's
+///         kvalues_mxfp4 and GGML_E8M0_TO_FP32_HALF take them (every e, 0 and 255 included).
+///         llama.cpp's MXFP4_MOE files hold MoE experts in it, gpt-oss's GGUF files too.
 ///
 /// K-quant super-blocks of 256, in the files of llama.cpp's Q2_K, Q3_K_*, Q4_K_*, Q5_K_* and Q6_K
 /// kinds, and the non-linear IQ4_XS of its IQ4_XS files:
@@ -166,15 +171,24 @@ inline void dequantize(const BlockQ4_0& b, std::span<float, 32> out) noexcept {
 ///
 /// Every product is exact in f32 (at most 24 significant bits), so each value is exactly ggml's
 /// (dequantize_row_q4_1, dequantize_row_q4_K & co.): Q4_1, Q5_1, Q2_K, Q4_K and Q5_K round once,
-/// in the addition of the min, as ggml does.
-enum class ggml_quant { q4_1, q5_0, q5_1, iq4_nl, q2_k, q3_k, q4_k, q5_k, q6_k, iq4_xs };
+/// in the addition of the min, as ggml does. MXFP4's values (at most 4 significant bits times a
+/// power of two) are exact too, subnormal ones included; e above 252 can give infinities, which
+/// the loaders reject as they reject any non-finite weight.
+enum class ggml_quant { q4_1, q5_0, q5_1, iq4_nl, mxfp4, q2_k, q3_k, q4_k, q5_k, q6_k, iq4_xs };
 
 /// The elements in one block of a type: 32 for the blocks of 32, 256 for the super-blocks.
-[[nodiscard]] constexpr index_t block_elements(ggml_quant t) noexcept { return t <= ggml_quant::iq4_nl ? 32 : 256; }
+[[nodiscard]] constexpr index_t block_elements(ggml_quant t) noexcept { return t <= ggml_quant::mxfp4 ? 32 : 256; }
 
 /// The 16 values IQ4_NL's and IQ4_XS's nibbles stand for (ggml's kvalues_iq4nl).
 inline constexpr std::array<std::int8_t, 16> iq4nl_values = {-127, -104, -83, -65, -49, -35, -22, -10,
                                                               1,    13,   25,  38,  53,  69,  89,  113};
+
+/// The 16 values MXFP4's nibbles stand for, in units of its scale 2^(e - 128) (ggml's
+/// kvalues_mxfp4: E2M1's values doubled; nibble 8 is E2M1's -0).
+inline constexpr std::array<std::int8_t, 16> mxfp4_values = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
+
+/// MXFP4's scale for its byte e: 2^(e - 128), exactly (a subnormal float for e < 2).
+[[nodiscard]] inline float mxfp4_scale(unsigned e) noexcept { return std::ldexp(1.0f, int(e) - 128); }
 
 /// Sub-block s's (0-7) 6-bit scale and min from a Q4_K / Q5_K super-block's 12 scale bytes: s < 4
 /// in the low 6 bits of bytes s and s + 4; else the low (scale) and high (min) nibbles of byte
@@ -197,18 +211,21 @@ inline constexpr std::array<std::int8_t, 16> iq4nl_values = {-127, -104, -83, -6
 class GgmlQuantBlock {
 public:
     GgmlQuantBlock(const void* block, ggml_quant type) noexcept
-        : p_(static_cast<const unsigned char*>(block)), type_(type), d_(half(d_offset(type))),
+        : p_(static_cast<const unsigned char*>(block)), type_(type),
+          d_(type == ggml_quant::mxfp4 ? mxfp4_scale(p_[0]) : half(d_offset(type))),
           dmin_(has_min(type) ? half(d_offset(type) + 2) : 0.0f) {}
 
     [[nodiscard]] float operator[](index_t j) const noexcept {
         const index_t l = j % 32;
         switch (type_) {
-        case ggml_quant::q4_1: case ggml_quant::q5_0: case ggml_quant::q5_1: case ggml_quant::iq4_nl: {
+        case ggml_quant::q4_1: case ggml_quant::q5_0: case ggml_quant::q5_1: case ggml_quant::iq4_nl: case ggml_quant::mxfp4: {
             const bool five = type_ == ggml_quant::q5_0 || type_ == ggml_quant::q5_1;
-            const index_t qs = type_ == ggml_quant::q4_1 ? 4 : type_ == ggml_quant::q5_0 ? 6 : type_ == ggml_quant::q5_1 ? 8 : 2;
+            const index_t qs = type_ == ggml_quant::q4_1 ? 4 : type_ == ggml_quant::q5_0 ? 6 : type_ == ggml_quant::q5_1 ? 8
+                               : type_ == ggml_quant::mxfp4 ? 1 : 2;
             const unsigned byte = p_[qs + l % 16];
             unsigned q = l < 16 ? byte & 0x0Fu : byte >> 4;
             if (type_ == ggml_quant::iq4_nl) return d_ * float(iq4nl_values[q]);
+            if (type_ == ggml_quant::mxfp4) return d_ * float(mxfp4_values[q]);
             if (five) q |= ((p_[qs - 4 + l / 8] >> (l % 8)) & 1u) << 4;
             if (type_ == ggml_quant::q5_0) return d_ * float(int(q) - 16);
             return d_ * float(q) + dmin_;
@@ -246,7 +263,7 @@ public:
     }
 
 private:
-    /// Where a block's half d is (its min follows it in the types that have one).
+    /// Where a block's half d is (its min follows it in the types that have one); MXFP4 has none.
     static constexpr std::size_t d_offset(ggml_quant t) noexcept {
         return t == ggml_quant::q2_k ? 80 : t == ggml_quant::q3_k ? 108 : t == ggml_quant::q6_k ? 208 : 0;
     }

@@ -86,6 +86,7 @@ inline constexpr std::array<GgmlType, 32> ggml_types = {{
     case 27: return tensor_dtype::i64;
     case 28: return tensor_dtype::f64;
     case 30: return tensor_dtype::bf16;
+    case 39: return tensor_dtype::mxfp4;
     default: return tensor_dtype::other;
     }
 }

@@ -46,12 +46,12 @@ namespace hypermoe {
 
 /// Element types of a stored tensor: those a safetensors file may declare, the block formats of
 /// GGUF files along the last dimension (q8_0, q4_0, held as stored; the other ggml quants, read
-/// by widening: q4_1, q5_0, q5_1 and iq4_nl in blocks of 32, the K-quants q2_k to q6_k and iq4_xs
+/// by widening: q4_1, q5_0, q5_1, iq4_nl and mxfp4 in blocks of 32, the K-quants q2_k to q6_k and iq4_xs
 /// in super-blocks of 256; core/quant.hpp) and `other` for a GGUF type the library does not read
 /// (its name is TensorInfo::type_name).
 enum class tensor_dtype {
     f64, f32, f16, bf16, i64, i32, i16, i8, u8, boolean,
-    q8_0, q4_0, q4_1, q5_0, q5_1, iq4_nl, q2_k, q3_k, q4_k, q5_k, q6_k, iq4_xs, other
+    q8_0, q4_0, q4_1, q5_0, q5_1, iq4_nl, mxfp4, q2_k, q3_k, q4_k, q5_k, q6_k, iq4_xs, other
 };
 
 [[nodiscard]] inline std::optional<tensor_dtype> parse_tensor_dtype(std::string_view s) noexcept {
@@ -66,7 +66,7 @@ enum class tensor_dtype {
 
 [[nodiscard]] constexpr std::string_view to_string(tensor_dtype t) noexcept {
     constexpr std::string_view names[] = {"F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL", "Q8_0", "Q4_0",
-                                          "Q4_1", "Q5_0", "Q5_1", "IQ4_NL", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS", "OTHER"};
+                                          "Q4_1", "Q5_0", "Q5_1", "IQ4_NL", "MXFP4", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS", "OTHER"};
     return names[static_cast<int>(t)];
 }
 
@@ -100,13 +100,14 @@ enum class tensor_dtype {
 [[nodiscard]] constexpr ggml_quant ggml_quant_of(tensor_dtype t) noexcept {
     return static_cast<ggml_quant>(static_cast<int>(t) - static_cast<int>(tensor_dtype::q4_1));
 }
-static_assert(ggml_quant_of(tensor_dtype::iq4_nl) == ggml_quant::iq4_nl && ggml_quant_of(tensor_dtype::q2_k) == ggml_quant::q2_k &&
+static_assert(ggml_quant_of(tensor_dtype::iq4_nl) == ggml_quant::iq4_nl && ggml_quant_of(tensor_dtype::mxfp4) == ggml_quant::mxfp4 &&
+              ggml_quant_of(tensor_dtype::q2_k) == ggml_quant::q2_k &&
               ggml_quant_of(tensor_dtype::iq4_xs) == ggml_quant::iq4_xs);
 
 /// Bytes of one element of an element dtype; for the block formats, of one block (of 32, or 256
 /// for the K-quants and IQ4_XS); 0 for `other`.
 [[nodiscard]] constexpr std::size_t size_of(tensor_dtype t) noexcept {
-    constexpr std::size_t sizes[] = {8, 4, 2, 2, 8, 4, 2, 1, 1, 1, 34, 18, 20, 22, 24, 18, 84, 110, 144, 176, 210, 136, 0};
+    constexpr std::size_t sizes[] = {8, 4, 2, 2, 8, 4, 2, 1, 1, 1, 34, 18, 20, 22, 24, 18, 17, 84, 110, 144, 176, 210, 136, 0};
     return sizes[static_cast<int>(t)];
 }
 

@@ -3,7 +3,7 @@
 // name, dtype and shape, and collecting EVERY problem before anything is built: finish() throws
 // one weight_error that lists them all. F32 and BF16 tensors and Q8_0 / Q4_0 blocks (GGUF) are
 // viewed in place in the mapping (when aligned); F16, F64, the other ggml quants (GGUF Q4_1,
-// Q5_0, Q5_1, IQ4_NL, the K-quants Q2_K to Q6_K and IQ4_XS), misaligned and transposed tensors
+// Q5_0, Q5_1, IQ4_NL, MXFP4, the K-quants Q2_K to Q6_K and IQ4_XS), misaligned and transposed tensors
 // are converted into owned f32 storage (exactly: F16 and every block widen to f32 without
 // rounding). A routed expert's weights, bound with deferred_matrix(), are converted into the type
 // its expert stores only when that expert is packed (unless already in it), and freed after,
@@ -167,7 +167,7 @@ private:
         const TensorInfo& t = *r.info;
         if (!is_floating_dtype(t.dtype)) {
             problems_.push_back(detail::concat(t.describe(), " in ", r.file->source(), " has dtype ", t.type_string(),
-                                               ", expected F32, BF16, F16, F64, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, IQ4_NL, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K or IQ4_XS"));
+                                               ", expected F32, BF16, F16, F64, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, IQ4_NL, MXFP4, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K or IQ4_XS"));
             return {nullptr, nullptr};
         }
         if (t.shape != shape) {
