@@ -3,7 +3,7 @@
 // every value type, tensors of any ggml type id with bytes given, version and alignment chosen.
 // Plus the encodings of a float matrix as F32, F16, BF16, Q8_0 and Q4_0 (the library's own
 // quantisers, which are ggml's bit for bit), and a converter from a Hugging Face checkpoint of
-// the four families to the GGUF llama.cpp would write for it, a rewriter of such a file's tensors,
+// the five decoder families to the GGUF llama.cpp would write for it, a rewriter of such a file's tensors,
 // and random blocks of the ggml quants the library widens.
 
 #include <cmath>
@@ -150,14 +150,18 @@ struct GgufConversion {
 };
 
 /// The GGUF llama.cpp would write for the MoE blocks of a Hugging Face checkpoint of family
-/// mixtral (-> llama), qwen2_moe (-> qwen2moe), olmoe or deepseek_v3 (-> deepseek2). Only the
+/// mixtral (-> llama), qwen2_moe (-> qwen2moe), qwen3_moe (-> qwen3moe), olmoe or deepseek_v3 (-> deepseek2). Only the
 /// tensors the MoE blocks read are written.
 inline GgufWriter gguf_from(const hypermoe::Checkpoint& ck, const GgufConversion& how = {}) {
     using namespace hypermoe;
     const nlohmann::json& c = ck.config();
     const ModelInfo info = describe(ck);
     const std::string family(to_string(info.family));
-    const std::string arch = family == "mixtral" ? "llama" : family == "qwen2_moe" ? "qwen2moe" : family == "olmoe" ? "olmoe" : "deepseek2";
+    const std::string arch = family == "mixtral"     ? "llama"
+                             : family == "qwen2_moe" ? "qwen2moe"
+                             : family == "qwen3_moe" ? "qwen3moe"
+                             : family == "olmoe"     ? "olmoe"
+                                                     : "deepseek2";
     GgufWriter w;
     w.string("general.architecture", arch);
     w.string("general.name", "converted " + family);

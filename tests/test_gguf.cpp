@@ -246,6 +246,7 @@ TEST_CASE_TEMPLATE_DEFINE("GGUF: every architecture and tensor type gives the bl
         {"mixtral", {.merged = true}, {}},
         {"mixtral", {.merged = false}, {}},
         {"qwen2_moe", {}, {{"norm_topk_prob", false}}},
+        {"qwen3_moe", {}, {{"norm_topk_prob", true}}},
         {"olmoe", {}, {{"norm_topk_prob", false}}},
         {"deepseek_v3", {.gating = 2}, {}},
         {"deepseek_v3", {.gating = 1}, {{"scoring_func", "softmax"}}},
@@ -906,7 +907,7 @@ TEST_CASE("GGUF: unsupported types, missing tensors and metadata give typed erro
     CHECK_THROWS_WITH_AS(Checkpoint(with([](auto&) {})), doctest::Contains("no metadata 'general.architecture'"), config_error);
     CHECK_THROWS_WITH_AS(Checkpoint(with([](auto& w) { w.string("general.architecture", "gemma"); })),
                          doctest::Contains("general.architecture is \"gemma\"; supported MoE architectures: llama (with experts), "
-                                           "qwen2moe, olmoe, deepseek2"),
+                                           "qwen2moe, qwen3moe, olmoe, deepseek2"),
                          config_error);
     CHECK_THROWS_WITH_AS(Checkpoint(with([](auto& w) {
                              w.string("general.architecture", "llama");

@@ -11,6 +11,7 @@
 
 #include <hypermoe/io/io.hpp>
 
+#include "gguf_writer.hpp"
 #include "test_support.hpp"
 #include "tinymoe_family.hpp"
 
@@ -193,7 +194,7 @@ TEST_CASE_TEMPLATE_DEFINE("load_model loads every MoE block once, one hypernetwo
 TEST_CASE_TEMPLATE_APPLY(whole_model, test::all_backends);
 
 TEST_CASE("the family list: names, detection and layer types derived from FamilyList") {
-    CHECK(supported_families == "mixtral, qwen2_moe, olmoe, deepseek_v3, switch_transformers, hypermoe_gpt2, hypermoe_switch");
+    CHECK(supported_families == "mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v3, switch_transformers, hypermoe_gpt2, hypermoe_switch");
     CHECK(all_families().size() == FamilyList::size);
     for (const Family f : all_families()) {
         CAPTURE(to_string(f));
@@ -272,6 +273,50 @@ TEST_CASE("qwen2_moe without a shared expert (shared_expert_intermediate_size 0)
         CHECK(relative_error(yb.view(), x.view()) > 0.0);
     }
 }
+
+TEST_CASE_TEMPLATE_DEFINE("qwen3_moe: the olmoe fixtures' blocks under Qwen3-MoE's config, and as a qwen3moe GGUF file, give their outputs",
+                          B, qwen3_fixtures) {
+    // Qwen3-MoE's block is OLMoE's (the same tensor names; softmax top-k, renormalised when
+    // norm_topk_prob), its expert width under moe_intermediate_size: the fixtures' expected
+    // outputs, computed by the reference implementation, are Qwen3-MoE's under that config.
+    for (const char* name : {"olmoe-basic", "olmoe-norm"}) {
+        CAPTURE(name);
+        const fs::path src = test::data_dir + "/" + name;
+        const nlohmann::json olmoe = nlohmann::json::parse(std::ifstream(src / "config.json"));
+        const index_t ff = olmoe.at("intermediate_size").get<index_t>();
+        const nlohmann::json config = {{"model_type", "qwen3_moe"},
+                                       {"hidden_size", olmoe.at("hidden_size")},
+                                       {"num_hidden_layers", olmoe.at("num_hidden_layers")},
+                                       {"num_experts", olmoe.at("num_experts")},
+                                       {"num_experts_per_tok", olmoe.at("num_experts_per_tok")},
+                                       {"norm_topk_prob", olmoe.value("norm_topk_prob", false)},
+                                       {"moe_intermediate_size", ff},
+                                       {"intermediate_size", 3 * ff}, // the dense layers' width: not the experts'
+                                       {"decoder_sparse_step", 1},
+                                       {"mlp_only_layers", nlohmann::json::array()},
+                                       {"hidden_act", "silu"}};
+        const TempDir dir(std::string("qwen3-") + name);
+        std::ofstream(dir.path / "config.json") << config.dump();
+        fs::copy_file(src / "model.safetensors", dir.path / "model.safetensors");
+        const Checkpoint ck(dir.path.string());
+        const Expected e(src.string());
+        const ModelInfo info = describe(ck);
+        CHECK(info.family == family("qwen3_moe"));
+        CHECK(info.d_ff == ff);
+        CHECK(info.shared_ff == 0);
+        CHECK(info.moe_blocks == std::vector<MoeBlockRef>{{0, ""}, {1, ""}});
+        check_block(load_moe_block<B>(ck, e.layer()), e);
+        // llama.cpp writes qwen3moe files without norm_topk_prob and renormalises, as the Qwen3-MoE
+        // checkpoints do: the renormalised fixture's outputs.
+        if (!config.at("norm_topk_prob").get<bool>()) continue;
+        const std::string file = (dir.path / "q.gguf").string();
+        test::gguf_from(ck).write(file);
+        const Checkpoint g(file);
+        CHECK(describe(g).family == family("qwen3_moe"));
+        check_block(load_moe_block<B>(g, e.layer()), e);
+    }
+}
+TEST_CASE_TEMPLATE_APPLY(qwen3_fixtures, test::all_backends);
 
 TEST_CASE_TEMPLATE_DEFINE("docs/checkpoints.md's walk-through adapter loads what it writes", B, walkthrough) {
     // TinyMoe draws the same random weights as mixtral (same shapes, same order), under its own
@@ -411,6 +456,14 @@ TEST_CASE("describe lists the MoE blocks of each family") {
     const ModelInfo q = describe(Checkpoint(test::data_dir + "/qwen2_moe-norm"));
     CHECK(q.family == family("qwen2_moe"));
     CHECK(q.moe_blocks == std::vector<MoeBlockRef>{{1, ""}}); // layer 0 is in mlp_only_layers
+    // Qwen3-MoE takes Qwen2-MoE's rule: not in mlp_only_layers, (l + 1) % decoder_sparse_step == 0.
+    nlohmann::json q3 = {{"model_type", "qwen3_moe"}, {"hidden_size", 8},         {"num_hidden_layers", 6},
+                         {"num_experts", 4},          {"num_experts_per_tok", 2}, {"moe_intermediate_size", 4},
+                         {"decoder_sparse_step", 2},  {"mlp_only_layers", {3}}};
+    CHECK(describe(q3, "q3.json").moe_blocks == std::vector<MoeBlockRef>{{1, ""}, {5, ""}});
+    CHECK(describe(q3, "q3.json").routing == "softmax, top-k, not renormalised"); // Qwen3MoeConfig's default
+    q3.erase("moe_intermediate_size");
+    CHECK_THROWS_WITH_AS((void)describe(q3, "q3.json"), "q3.json: missing key 'moe_intermediate_size'", config_error);
     const ModelInfo d = describe(Checkpoint(test::data_dir + "/deepseek_v3-basic"));
     CHECK(d.moe_blocks == std::vector<MoeBlockRef>{{1, ""}, {2, ""}});
     CHECK(d.shared_ff == 8);
@@ -516,7 +569,7 @@ TEST_CASE("a truncated checkpoint file and broken checkpoints are reported, noth
     std::ofstream(tmp.path / "config.json") << "{\"model_type\": \"llama\"}";
     CHECK_THROWS_WITH_AS((void)describe(Checkpoint(tmp.path.string())),
                          (tmp.path.string() + "/config.json: model_type \"llama\" is not a supported family; supported: "
-                          "mixtral, qwen2_moe, olmoe, deepseek_v3, switch_transformers, hypermoe_gpt2, hypermoe_switch").c_str(),
+                          "mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v3, switch_transformers, hypermoe_gpt2, hypermoe_switch").c_str(),
                          config_error);
     std::ofstream(tmp.path / "config.json") << "{\"model_type\": \"mixtral\", ";
     CHECK_THROWS_WITH_AS(Checkpoint(tmp.path.string()), doctest::Contains("config.json: not valid JSON"), config_error);

@@ -29,12 +29,13 @@
 #include "hypermoe/io/family/mixtral.hpp"
 #include "hypermoe/io/family/olmoe.hpp"
 #include "hypermoe/io/family/qwen2_moe.hpp"
+#include "hypermoe/io/family/qwen3_moe.hpp"
 #include "hypermoe/io/family/switch_transformers.hpp"
 
 namespace hypermoe {
 
 /// Every supported family, in the order inspect and errors list them.
-using FamilyList = type_list<families::Mixtral, families::Qwen2Moe, families::Olmoe, families::DeepSeekV3,
+using FamilyList = type_list<families::Mixtral, families::Qwen2Moe, families::Qwen3Moe, families::Olmoe, families::DeepSeekV3,
                              families::SwitchTransformers, families::HyperMoeGpt2, families::HyperMoeSwitch>;
 
 namespace detail {

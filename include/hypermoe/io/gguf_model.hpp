@@ -8,6 +8,8 @@
 //   llama (with <arch>.expert_count > 0)  -> mixtral
 //   qwen2moe                              -> qwen2_moe (softmax top-k, not renormalised; shared
 //                                            expert with its sigmoid gate)
+//   qwen3moe                              -> qwen3_moe (softmax top-k, renormalised: what
+//                                            llama.cpp computes; every block MoE)
 //   olmoe                                 -> olmoe (softmax top-k, not renormalised)
 //   deepseek2                             -> deepseek_v3 (sigmoid or softmax gating, selection
 //                                            bias exp_probs_b, groups, weight norm and scale,
@@ -55,11 +57,12 @@ public:
         const std::string& a = out_.architecture;
         if (a == "llama") llama();
         else if (a == "qwen2moe") qwen2moe();
+        else if (a == "qwen3moe") qwen3moe();
         else if (a == "olmoe") olmoe();
         else if (a == "deepseek2") deepseek2();
         else
             throw config_error(detail::concat(g_.source(), ": general.architecture is \"", a,
-                                              "\"; supported MoE architectures: llama (with experts), qwen2moe, olmoe, deepseek2"));
+                                              "\"; supported MoE architectures: llama (with experts), qwen2moe, qwen3moe, olmoe, deepseek2"));
         return std::move(out_);
     }
 
@@ -180,6 +183,15 @@ private:
             shared(l, p + "shared_expert.");
             one(p + "shared_expert_gate.weight", "blk." + std::to_string(l) + ".ffn_gate_inp_shexp.weight", std::vector<index_t>{1, d_});
         }
+    }
+
+    void qwen3moe() {
+        // llama.cpp runs every block as MoE and renormalises the k weights (norm_w) for qwen3moe.
+        common("qwen3_moe", "expert_feed_forward_length");
+        out_.config.update({{"moe_intermediate_size", ff_}, {"num_experts", experts_}, {"norm_topk_prob", true},
+                            {"decoder_sparse_step", 1}, {"mlp_only_layers", nlohmann::json::array()}});
+        for (index_t l = 0; l < layers_; ++l)
+            routed(l, "model.layers." + std::to_string(l) + ".mlp.", "gate_proj.weight", "up_proj.weight", "down_proj.weight");
     }
 
     void olmoe() {

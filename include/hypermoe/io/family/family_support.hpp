@@ -17,6 +17,7 @@
 //   template <class Out, Backend B> static Out load(BlockSource<B>&);
 //   static void write_synthetic(const SyntheticModel&, detail::SyntheticWriter&, nlohmann::json& config);
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -105,6 +106,15 @@ using SwiGluTopKLayer = MoeLayer<SwiGluExpert<B>, TopKRouter>;
 
 namespace detail {
 
+/// The Qwen MoE families' blocks (Qwen2-MoE, Qwen3-MoE): layer l is an MoE block unless it is in
+/// mlp_only_layers or (l + 1) is not a multiple of decoder_sparse_step (then a dense MLP).
+inline void qwen_moe_blocks(const ConfigReader& c, ModelInfo& m) {
+    const auto only = c.integers_or_empty("mlp_only_layers");
+    const index_t step = c.integer_or("decoder_sparse_step", 1, 1);
+    for (index_t i = 0; i < c.integer("num_hidden_layers", 1); ++i)
+        if (std::find(only.begin(), only.end(), i) == only.end() && (i + 1) % step == 0) m.moe_blocks.push_back({i, ""});
+}
+
 /// One GLU expert's weights under `prefix`<name>, the names recorded in `n`; a routed one's
 /// (`routed`) bound for build_experts to convert one expert at a time.
 template <Backend B>
@@ -159,6 +169,21 @@ std::vector<E> build_experts(const std::vector<W>& weights, const Source& s) {
         release_source(s.tensors, w);
     }
     return out;
+}
+
+/// The block of the families whose MoE MLP is model.layers.<l>.mlp.{gate.weight,
+/// experts.<e>.{gate,up,down}_proj.weight}: SwiGLU experts, softmax top-k renormalised when
+/// norm_topk_prob (OLMoE, Qwen3-MoE).
+template <class Out, Backend B>
+Out load_mlp_top_k(BlockSource<B>& s) {
+    s.config.expect_string("hidden_act", "silu", {"silu"});
+    const index_t d = s.info.d_model, e = s.info.experts;
+    const std::string p = "model.layers." + s.layer() + ".mlp.";
+    const WeightView gate = s.bind_matrix(s.names.router, p + "gate.weight", e, d);
+    const auto w = glu_weights(s, p + "experts.", e, d, s.info.d_ff, "gate_proj.weight", "up_proj.weight", "down_proj.weight");
+    s.tensors.finish();
+    const TopKRouter router(e, TopK{s.info.top_k}, {.weighting = {.renormalize = s.config.boolean_or("norm_topk_prob", false)}});
+    return Out(SwiGluTopKLayer<B>(gate, router, build_experts<SwiGluExpert<B>>(w, s)));
 }
 
 /// A HyperMoE block's own tensors (expert embeddings and projector) and, unless the stack's
@@ -248,6 +273,15 @@ private:
     dtype type_;
     std::vector<TensorToWrite> tensors_;
 };
+
+/// load_mlp_top_k's tensors, random, for every layer of `m`.
+inline void write_mlp_top_k(const SyntheticModel& m, SyntheticWriter& w) {
+    for (index_t l = 0; l < m.layers; ++l) {
+        const std::string p = "model.layers." + std::to_string(l) + ".mlp.";
+        w.matrix(p + "gate.weight", m.experts, m.d_model);
+        for (index_t x = 0; x < m.experts; ++x) w.glu(p + "experts." + std::to_string(x) + ".", m.d_model, m.d_ff);
+    }
+}
 
 /// A synthetic HyperMoE block: its own tensors under `mlp` and, when `with_hypernetwork`, the
 /// stack's hypernetwork under `gen`; every hyper width is m.hyper_dim. Sets the config keys.

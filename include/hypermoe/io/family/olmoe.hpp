@@ -25,28 +25,13 @@ struct Olmoe {
     using layers = type_list<SwiGluTopKLayer<B>>;
 
     template <class Out, Backend B>
-    static Out load(BlockSource<B>& s) {
-        s.config.expect_string("hidden_act", "silu", {"silu"});
-        const index_t d = s.info.d_model, e = s.info.experts;
-        const std::string p = "model.layers." + s.layer() + ".mlp.";
-        const WeightView gate = s.bind_matrix(s.names.router, p + "gate.weight", e, d);
-        const auto w = detail::glu_weights(s, p + "experts.", e, d, s.info.d_ff, "gate_proj.weight", "up_proj.weight",
-                                           "down_proj.weight");
-        s.tensors.finish();
-        return Out(SwiGluTopKLayer<B>(
-            gate, TopKRouter(e, TopK{s.info.top_k}, {.weighting = {.renormalize = s.config.boolean_or("norm_topk_prob", false)}}),
-            detail::build_experts<SwiGluExpert<B>>(w, s)));
-    }
+    static Out load(BlockSource<B>& s) { return detail::load_mlp_top_k<Out>(s); }
 
     static void write_synthetic(const SyntheticModel& m, detail::SyntheticWriter& w, nlohmann::json& c) {
         c.update({{"model_type", name}, {"hidden_size", m.d_model}, {"num_experts_per_tok", m.top_k},
                   {"num_hidden_layers", m.layers}, {"hidden_act", "silu"}, {"norm_topk_prob", true},
                   {"intermediate_size", m.d_ff}, {"num_experts", m.experts}});
-        for (index_t l = 0; l < m.layers; ++l) {
-            const std::string p = "model.layers." + std::to_string(l) + ".mlp.";
-            w.matrix(p + "gate.weight", m.experts, m.d_model);
-            for (index_t x = 0; x < m.experts; ++x) w.glu(p + "experts." + std::to_string(x) + ".", m.d_model, m.d_ff);
-        }
+        detail::write_mlp_top_k(m, w);
     }
 };
 

@@ -5,8 +5,6 @@
 // Tensors: model.layers.<l>.mlp.{gate.weight, experts.<e>.{gate,up,down}_proj.weight,
 // shared_expert.{gate,up,down}_proj.weight, shared_expert_gate.weight}.
 
-#include <algorithm>
-
 #include "hypermoe/io/family/family_support.hpp"
 
 namespace hypermoe::families {
@@ -24,10 +22,7 @@ struct Qwen2Moe {
         m.expert_kind = "SwiGLU";
         m.routing = std::string("softmax, top-k, ") + (c.boolean_or("norm_topk_prob", false) ? "renormalised" : "not renormalised") +
                     ", sigmoid-gated shared expert";
-        const auto only = c.integers_or_empty("mlp_only_layers");
-        const index_t step = c.integer_or("decoder_sparse_step", 1, 1);
-        for (index_t i = 0; i < c.integer("num_hidden_layers", 1); ++i)
-            if (std::find(only.begin(), only.end(), i) == only.end() && (i + 1) % step == 0) m.moe_blocks.push_back({i, ""});
+        detail::qwen_moe_blocks(c, m);
     }
 
     /// With a shared expert (shared_expert_intermediate_size > 0), else without.
