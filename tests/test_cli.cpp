@@ -265,30 +265,33 @@ TEST_CASE("hypermoe inspect, run and bench on GGUF files") {
     fs::remove_all(tmp);
 }
 
-TEST_CASE("hypermoe holds a GGUF file's K-quant experts in q8_0, Q2_K and Q3_K files' in q4_0, unless --weights says otherwise") {
+TEST_CASE("hypermoe holds a GGUF file's K-quant and MXFP4 experts in q8_0, Q2_K and Q3_K files' in q4_0, unless --weights says otherwise") {
     const fs::path tmp = fs::temp_directory_path() / ("hypermoe-cli-kquant-" + std::to_string(::getpid()));
     fs::create_directories(tmp);
-    const std::string hf = (tmp / "hf").string(), input = (tmp / "x.safetensors").string();
-    write_synthetic_checkpoint(hf, {.family = family("mixtral"), .d_model = 256, .d_ff = 256, .experts = 3, .top_k = 2, .layers = 1});
+    const std::string input = (tmp / "x.safetensors").string();
+    for (const char* f : {"mixtral", "qwen3_moe"})
+        write_synthetic_checkpoint((tmp / f).string(),
+                                   {.family = *find_family(f), .d_model = 256, .d_ff = 256, .experts = 3, .top_k = 2, .layers = 1});
     const Matrix<float> x = test::random_matrix(4, 256, 9);
     write_safetensors(input, {f32_tensor("x", {4, 256}, {x.data(), 4 * 256})}, {{"layer", "0"}});
-    // A file whose experts' gate and up are stored in one ggml quant and down in another (random
-    // blocks, d_model = d_ff = 256): its default --weights, which `run` takes when none is given
-    // and which stays within `bound` (relative) of the file's exact values.
-    const auto check = [&](const std::string& stem, std::uint32_t gate_up, std::uint32_t down, const std::string& stored,
-                           const std::string& storage, double bound) {
+    // A file of a family whose experts' gate and up are stored in one ggml quant and down in
+    // another (random blocks, d_model = d_ff = 256): its default --weights, which `run` takes when
+    // none is given and which stays within `bound` (relative) of the file's exact values.
+    const auto check = [&](const std::string& stem, const std::string& family_name, std::uint32_t gate_up, std::uint32_t down,
+                           const std::string& stored, const std::string& storage, double bound) {
         CAPTURE(stem);
         const std::string file = (tmp / (stem + ".gguf")).string();
         std::mt19937_64 rng(5);
         const std::uniform_real_distribution<float> scale(1.0f / 512, 1.0f / 128);
-        test::rewritten(test::gguf_from(Checkpoint(hf)).bytes(), [&](const std::string& name, test::TensorEdit& t) {
+        test::rewritten(test::gguf_from(Checkpoint((tmp / family_name).string())).bytes(), [&](const std::string& name, test::TensorEdit& t) {
             if (name.find("_exps") == std::string::npos) return true;
             t.type = name.find("down") != std::string::npos ? down : gate_up;
-            t.bytes = test::random_ggml_quant(t.type, 3 * 256 * 256 / 256, rng, scale);
+            t.bytes = test::random_ggml_quant(t.type, 3 * 256 * 256 / hypermoe::detail::find_ggml_type(t.type)->block, rng, scale);
             return true;
         }).write(file);
         const Result i = run_cli("inspect --model " + file);
         REQUIRE_MESSAGE(i.status == 0, i.err);
+        CHECK(i.out.find("family     " + family_name + "\n") != std::string::npos);
         CHECK(i.out.find("experts stored as " + stored + "; default --weights " + storage) != std::string::npos);
         auto y = run_outputs(file, input, {"", " --weights " + storage, " --weights f32"}, (tmp / "y.safetensors").string());
         CHECK(test::relative_error(y[""].view(), y[" --weights " + storage].view()) == 0.0);
@@ -297,8 +300,9 @@ TEST_CASE("hypermoe holds a GGUF file's K-quant experts in q8_0, Q2_K and Q3_K f
         CHECK(requantised > 0.0);
         CHECK(requantised < bound);
     };
-    check("q4_k_m", test::Q4_K, test::Q6_K, "Q4_K, Q6_K", "q8_0", 0.02); // llama.cpp's Q4_K_M mix
-    check("q2_k", test::Q2_K, test::Q3_K, "Q2_K, Q3_K", "q4_0", 0.2);    // its Q2_K mix
+    check("q4_k_m", "mixtral", test::Q4_K, test::Q6_K, "Q4_K, Q6_K", "q8_0", 0.02); // llama.cpp's Q4_K_M mix
+    check("q2_k", "mixtral", test::Q2_K, test::Q3_K, "Q2_K, Q3_K", "q4_0", 0.2);    // its Q2_K mix
+    check("mxfp4_moe", "qwen3_moe", test::MXFP4, test::MXFP4, "MXFP4", "q8_0", 0.02); // a qwen3moe file of MXFP4_MOE
     fs::remove_all(tmp);
 }
 
