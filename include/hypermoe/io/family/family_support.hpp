@@ -106,6 +106,15 @@ using SwiGluTopKLayer = MoeLayer<SwiGluExpert<B>, TopKRouter>;
 
 namespace detail {
 
+/// The sizes and routing of the families of SwiGLU experts with softmax top-k, renormalised
+/// when norm_topk_prob (OLMoE, Qwen2-MoE, Qwen3-MoE), their experts' width under `ff_key`.
+inline void describe_swiglu_top_k(const ConfigReader& c, ModelInfo& m, const char* ff_key) {
+    m.d_model = c.integer("hidden_size", 1), m.d_ff = c.integer(ff_key, 1);
+    m.experts = c.integer("num_experts", 1), m.top_k = c.integer("num_experts_per_tok", 1);
+    m.expert_kind = "SwiGLU";
+    m.routing = std::string("softmax, top-k, ") + (c.boolean_or("norm_topk_prob", false) ? "renormalised" : "not renormalised");
+}
+
 /// The Qwen MoE families' blocks (Qwen2-MoE, Qwen3-MoE): layer l is an MoE block unless it is in
 /// mlp_only_layers or (l + 1) is not a multiple of decoder_sparse_step (then a dense MLP).
 inline void qwen_moe_blocks(const ConfigReader& c, ModelInfo& m) {

@@ -14,10 +14,7 @@ struct Olmoe {
     static bool matches(const ConfigReader& c) { return c.string_or("model_type", "") == "olmoe"; }
 
     static void describe(const ConfigReader& c, ModelInfo& m) {
-        m.d_model = c.integer("hidden_size", 1), m.d_ff = c.integer("intermediate_size", 1);
-        m.experts = c.integer("num_experts", 1), m.top_k = c.integer("num_experts_per_tok", 1);
-        m.expert_kind = "SwiGLU";
-        m.routing = std::string("softmax, top-k, ") + (c.boolean_or("norm_topk_prob", false) ? "renormalised" : "not renormalised");
+        detail::describe_swiglu_top_k(c, m, "intermediate_size");
         for (index_t i = 0; i < c.integer("num_hidden_layers", 1); ++i) m.moe_blocks.push_back({i, ""});
     }
 
