@@ -128,12 +128,13 @@ inline std::vector<std::byte> encode(hypermoe::ConstMatrixView<float> m, std::ui
     std::vector<std::byte> out;
     for (index_t r = 0; r < m.rows(); ++r) {
         const float* row = m.row(r).data();
-        for (index_t c = 0; c < m.cols(); c += (type == Q8_0 || type == Q4_0) ? 32 : 1) {
+        for (index_t c = 0; c < m.cols(); c += (type == Q8_0 || type == Q4_0 || type == MXFP4) ? 32 : 1) {
             if (type == F32) GgufWriter::put(out, row[c]);
             else if (type == F16) GgufWriter::put(out, hypermoe::f32_to_f16_bits(row[c]));
             else if (type == BF16) GgufWriter::put(out, hypermoe::bf16::from_float(row[c]).bits);
             else if (type == Q8_0) GgufWriter::put(out, hypermoe::quantize_q8_0(std::span<const float, 32>(row + c, 32)));
             else if (type == Q4_0) GgufWriter::put(out, hypermoe::quantize_q4_0(std::span<const float, 32>(row + c, 32)));
+            else if (type == MXFP4) GgufWriter::put(out, hypermoe::quantize_mxfp4(std::span<const float, 32>(row + c, 32)));
         }
     }
     return out;
@@ -187,7 +188,9 @@ inline GgufWriter gguf_from(const hypermoe::Checkpoint& ck, const GgufConversion
         const Checkpoint::Ref r = ck.tensor(name);
         return r.file->to_f32(*r.info);
     };
-    const auto type_of = [&](index_t cols) { return (how.experts == Q8_0 || how.experts == Q4_0) && cols % 32 != 0 ? F32 : how.experts; };
+    const auto type_of = [&](index_t cols) {
+        return (how.experts == Q8_0 || how.experts == Q4_0 || how.experts == MXFP4) && cols % 32 != 0 ? F32 : how.experts;
+    };
     const auto plain = [&](const std::string& gguf, const std::string& hf, std::uint32_t type, bool one_dim = false) {
         const Matrix<float> m = matrix(hf);
         const std::vector<std::int64_t> ne = one_dim ? std::vector<std::int64_t>{m.rows() * m.cols()} : std::vector<std::int64_t>{m.cols(), m.rows()};

@@ -266,11 +266,11 @@ TEST_CASE_TEMPLATE_DEFINE("backward of a norm + residual MoE stack, an MoE layer
 }
 TEST_CASE_TEMPLATE_APPLY(backward_no_alloc, test::all_backends);
 
-TEST_CASE_TEMPLATE_DEFINE("q8_0 and q4_0 weights are held once, as blocks (counted in bytes)", B, blocks_held_once) {
+TEST_CASE_TEMPLATE_DEFINE("q8_0, q4_0 and mxfp4 weights are held once, as blocks (counted in bytes)", B, blocks_held_once) {
     if (!HYPERMOE_COUNT_ALLOCATIONS) return;
     const index_t n = 512, k = 1024;
     const Matrix<float> w = test::random_matrix(n, k, 3, 0.1f);
-    for (const dtype format : {dtype::q8_0, dtype::q4_0}) {
+    for (const dtype format : {dtype::q8_0, dtype::q4_0, dtype::mxfp4}) {
         CAPTURE(to_string(format));
         const Counted c = counted([&] { const typename B::template linear<Identity> lin(w.view(), {}, {"w", false, format}); });
         const long blocks = long(weight_bytes(format, n, k));

@@ -66,7 +66,7 @@ template <class B, class Act>
 void sweep() {
     for (const index_t m : {0, 1, 7, 64})
         for (const auto& [k, n] : {std::pair<index_t, index_t>{37, 19}, {64, 128}, {48, 48}, {0, 5}, {6, 0}})
-            for (const dtype storage : {dtype::f32, dtype::bf16, dtype::q8_0, dtype::q4_0}) {
+            for (const dtype storage : {dtype::f32, dtype::bf16, dtype::q8_0, dtype::q4_0, dtype::mxfp4}) {
                 // The weight is a column block of a wider matrix: rows further apart than K.
                 const Matrix<float> wide = random_matrix(n, k + 5, 5, 0.3f);
                 const ConstMatrixView<float> w = ConstMatrixView<float>(wide.view()).col_block(2, k);
@@ -142,7 +142,7 @@ TEST_CASE_TEMPLATE_DEFINE("forward_columns: a linear's tiles give the whole call
     for (const auto& [k, n] : {std::pair<index_t, index_t>{100, 300}, {64, 256}, {37, 19}, {0, 40}}) {
         const Matrix<float> w = random_matrix(n, k, 5, 0.3f);
         for (const index_t m : {1, 7, 33, 300})
-            for (const dtype storage : {dtype::f32, dtype::bf16, dtype::q8_0, dtype::q4_0})
+            for (const dtype storage : {dtype::f32, dtype::bf16, dtype::q8_0, dtype::q4_0, dtype::mxfp4})
                 for (const precision prec : {precision::exact, precision::fast}) {
                     if (prec == precision::fast && storage == dtype::f32) continue;
                     if (m == 300 && std::is_same_v<B, reference>) continue; // slow, and no different
@@ -187,7 +187,7 @@ TEST_CASE_TEMPLATE_DEFINE("linear matches the reference for every row count", B,
 }
 TEST_CASE_TEMPLATE_APPLY(linear_rows, test::all_backends);
 
-TEST_CASE_TEMPLATE_DEFINE("q8_0 and q4_0 weights: every backend equals f32 arithmetic on the dequantised weights", B,
+TEST_CASE_TEMPLATE_DEFINE("q8_0, q4_0 and mxfp4 weights: every backend equals f32 arithmetic on the dequantised weights", B,
                           linear_blocks) {
     // K = 100: three whole blocks and a zero-padded fourth; K = 300: ten, the partial last block
     // read by every row block. M around the kernels' row blocks (4 exact, 6 fast).
@@ -195,7 +195,7 @@ TEST_CASE_TEMPLATE_DEFINE("q8_0 and q4_0 weights: every backend equals f32 arith
         CAPTURE(k);
         const index_t n = 45, blocks = (k + 31) / 32;
         const Matrix<float> w = random_matrix(n, k, 8, 0.3f);
-        for (const dtype format : {dtype::q8_0, dtype::q4_0}) {
+        for (const dtype format : test::block_formats) {
             CAPTURE(to_string(format));
             // The weights' exact values, quantised and dequantised block by block (core/quant.hpp).
             Matrix<float> exact(n, k);
@@ -203,10 +203,9 @@ TEST_CASE_TEMPLATE_DEFINE("q8_0 and q4_0 weights: every backend equals f32 arith
                 std::vector<float> row(w.data() + r * k, w.data() + (r + 1) * k);
                 row.resize(std::size_t(blocks * 32), 0.0f);
                 for (index_t b = 0; b < blocks; ++b) {
-                    std::array<float, 32> in{}, out{};
+                    std::array<float, 32> in{};
                     std::copy_n(row.begin() + 32 * b, 32, in.begin());
-                    if (format == dtype::q8_0) dequantize(quantize_q8_0(in), out);
-                    else dequantize(quantize_q4_0(in), out);
+                    const std::array<float, 32> out = test::requantized(format, in);
                     for (index_t i = 0; i < 32 && 32 * b + i < k; ++i) exact(r, 32 * b + i) = out[std::size_t(i)];
                 }
             }
@@ -248,13 +247,13 @@ Matrix<float> fast_activations(ConstMatrixView<float> a) {
 }
 } // namespace
 
-TEST_CASE_TEMPLATE_DEFINE("fast q8_0 / q4_0: every backend equals f32 arithmetic on the dequantised weights and activations", B,
+TEST_CASE_TEMPLATE_DEFINE("fast q8_0 / q4_0 / mxfp4: every backend equals f32 arithmetic on the dequantised weights and activations", B,
                           linear_blocks_fast) {
     MESSAGE("fast block kernel: ", detail::kernel_isa_name(dtype::q8_0, precision::fast));
     // K = 100: four blocks, the last padded; K = 70: three (an odd count, paired with a zero block).
     // K = 300: ten blocks, read by every row block (M up to 70: 12 row blocks).
     for (const index_t k : {100, 70, 300})
-        for (const dtype format : {dtype::q8_0, dtype::q4_0}) {
+        for (const dtype format : test::block_formats) {
             CAPTURE(k);
             CAPTURE(to_string(format));
             const index_t n = 45;
@@ -288,6 +287,34 @@ TEST_CASE_TEMPLATE_DEFINE("fast q8_0 / q4_0: every backend equals f32 arithmetic
         }
 }
 TEST_CASE_TEMPLATE_APPLY(linear_blocks_fast, test::all_backends);
+
+TEST_CASE_TEMPLATE_DEFINE("fast q8_0 / q4_0 / mxfp4 at the integer limits: the largest codes times the largest activations", B,
+                          linear_blocks_limits) {
+    // Every weight at its format's largest unsigned code (q8_0: q = 127; q4_0: nibble 15, the
+    // values opposite each block's first; mxfp4: 6 x its scale, code 24) and every activation
+    // 127 after quantising: the kernels' int16 pairs (AVX2, AVX-512 BW) at their largest, where a
+    // sum held too long in 16 bits would wrap. Against the reference's integer dots.
+    const index_t n = 40, k = 256;
+    for (const dtype format : test::block_formats) {
+        CAPTURE(to_string(format));
+        Matrix<float> w(n, k);
+        for (index_t r = 0; r < n; ++r)
+            for (index_t i = 0; i < k; ++i)
+                w(r, i) = format == dtype::q8_0 ? 1.0f : format == dtype::q4_0 ? (i % 32 == 0 ? 1.0f : -0.875f) : 1.5f;
+        Matrix<float> a(3, k);
+        std::fill_n(a.data(), 3 * k, 1.0f);
+        const typename B::template linear<Identity> fast(ConstMatrixView<float>(w.view()), {}, {"w", false, format, precision::fast});
+        const reference::linear<Identity> oracle(ConstMatrixView<float>(w.view()), {}, {"w", false, format, precision::fast});
+        Matrix<float> got(3, n), want(3, n);
+        Workspace ws;
+        fast(a.view(), got.view(), ws, 1.0f);
+        oracle(a.view(), want.view(), ws, 1.0f);
+        CHECK(relative_error(got.view(), want.view()) <= 1e-6);
+        const float per_block = format == dtype::q8_0 ? 32.0f : format == dtype::q4_0 ? 1.0f - 31 * 0.875f : 32 * 1.5f;
+        CHECK(want(0, 0) == doctest::Approx(8 * per_block).epsilon(1e-2)); // the reference is right too
+    }
+}
+TEST_CASE_TEMPLATE_APPLY(linear_blocks_limits, test::all_backends);
 
 TEST_CASE("fast q8_0 / q4_0 activations: QuantizedRows holds exactly the integers, scales and sums worked out here") {
     // Rows of K = 100: three whole blocks (the vector path where the CPU has AVX-512) and a
@@ -325,8 +352,8 @@ TEST_CASE("fast q8_0 / q4_0 activations: QuantizedRows holds exactly the integer
 }
 
 #if HYPERMOE_X86_KERNELS
-TEST_CASE("fast q8_0 / q4_0 on AMX-INT8: the tile kernel gives the VNNI kernel's bits, on emulated tiles and on the CPU's") {
-    // amx_fast_tile's logic (the q4_0 unpacking into tile rows, the A tile's stride, the offsets,
+TEST_CASE("fast q8_0 / q4_0 / mxfp4 on AMX-INT8: the tile kernel gives the VNNI kernel's bits, on emulated tiles and on the CPU's") {
+    // amx_fast_tile's logic (the nibbles' unpacking into tile rows, the A tile's stride, the offsets,
     // the scales, the masks) on AmxTilesEmulated, whose integer dots are written out in C++,
     // against fast_tile in row blocks of 6; on a CPU with AMX also on its tiles (AmxTiles).
     if (!detail::cpu_isa().avx512) {
@@ -336,8 +363,8 @@ TEST_CASE("fast q8_0 / q4_0 on AMX-INT8: the tile kernel gives the VNNI kernel's
     const bool vnni = detail::cpu_isa().vnni, amx = detail::cpu_isa().amx_int8 && !detail::cpu_isa().amx_emulated;
     MESSAGE("AMX kernel against fast_tile ", std::string(vnni ? "with" : "without"), " VNNI; on the CPU's tiles: ", std::string(amx ? "yes" : "no (none here)"));
     for (const index_t k : {32, 100, 300})
-        for (const dtype format : {dtype::q8_0, dtype::q4_0})
-            for (const int rows : {1, 7, 16}) {
+        for (const dtype format : test::block_formats)
+            for (const int rows : {1, 7, 16}) detail::with_block(format, [&]<class Block>() {
                 CAPTURE(k);
                 CAPTURE(to_string(format));
                 CAPTURE(rows);
@@ -362,12 +389,10 @@ TEST_CASE("fast q8_0 / q4_0 on AMX-INT8: the tile kernel gives the VNNI kernel's
                     args.ldc = n;
                     const detail::AmxRows x{xq.q_row(0), xq.d_row(0), xq.sum_row(0), blocks.blocks_per_row(), rows};
                     args.out = got.data() + 32 * tile;
-                    if (format == dtype::q8_0) detail::amx_fast_tile<detail::AmxTilesEmulated, BlockQ8_0>(args, x);
-                    else detail::amx_fast_tile<detail::AmxTilesEmulated, BlockQ4_0>(args, x);
+                    detail::amx_fast_tile<detail::AmxTilesEmulated, Block>(args, x);
                     if (amx) {
                         args.out = on_cpu.data() + 32 * tile;
-                        if (format == dtype::q8_0) detail::amx_fast_tile<detail::AmxTiles, BlockQ8_0>(args, x);
-                        else detail::amx_fast_tile<detail::AmxTiles, BlockQ4_0>(args, x);
+                        detail::amx_fast_tile<detail::AmxTiles, Block>(args, x);
                     }
                     for (int m = 0; m < rows; m += 6) {
                         detail::TileRows tr;
@@ -375,9 +400,7 @@ TEST_CASE("fast q8_0 / q4_0 on AMX-INT8: the tile kernel gives the VNNI kernel's
                         for (int r = 0; r < here; ++r) tr.q[r] = xq.q_row(m + r), tr.d[r] = xq.d_row(m + r), tr.sum[r] = xq.sum_row(m + r);
                         args.out = want.data() + m * n + 32 * tile;
                         const auto run = [&]<int R>() {
-                            if (format == dtype::q8_0)
-                                vnni ? detail::fast_tile<R, BlockQ8_0, true>(args, tr) : detail::fast_tile<R, BlockQ8_0, false>(args, tr);
-                            else vnni ? detail::fast_tile<R, BlockQ4_0, true>(args, tr) : detail::fast_tile<R, BlockQ4_0, false>(args, tr);
+                            vnni ? detail::fast_tile<R, Block, true>(args, tr) : detail::fast_tile<R, Block, false>(args, tr);
                         };
                         if (here == 6) run.template operator()<6>();
                         else if (here == 4) run.template operator()<4>();
@@ -391,7 +414,7 @@ TEST_CASE("fast q8_0 / q4_0 on AMX-INT8: the tile kernel gives the VNNI kernel's
                 for (index_t i = 0; i < rows * n; ++i) written += got.data()[i] != sentinel, nonzero += got.data()[i] != 0.0f;
                 CHECK(written == rows * n);
                 CHECK(nonzero >= rows * (n - 1) - (rows > 1 ? n : 0));
-            }
+            });
 }
 #endif
 
@@ -406,16 +429,21 @@ TEST_CASE("block_int_dot is the exact integer dot of a weight block with quantis
         for (auto& v : x) v = static_cast<std::int8_t>(int(next() % 255) - 127), xsum += v;
         BlockQ8_0 q8;
         BlockQ4_0 q4;
+        BlockMXFP4 mx;
         q8.d = q4.d = 0x3C00; // 1.0: the dequantised values are the integers
+        mx.e = 128;           // 2^0, likewise
         for (auto& v : q8.qs) v = static_cast<std::int8_t>(next() % 256); // -128 too (a GGUF file may hold it)
         for (auto& v : q4.qs) v = static_cast<std::uint8_t>(next() % 256);
-        std::array<float, 32> w8{}, w4{};
+        for (auto& v : mx.qs) v = static_cast<std::uint8_t>(next() % 256);
+        std::array<float, 32> w8{}, w4{}, wm{};
         dequantize(q8, w8);
         dequantize(q4, w4);
-        double want8 = 0, want4 = 0;
-        for (std::size_t i = 0; i < 32; ++i) want8 += double(w8[i]) * x[i], want4 += double(w4[i]) * x[i];
+        dequantize(mx, wm);
+        double want8 = 0, want4 = 0, wantm = 0;
+        for (std::size_t i = 0; i < 32; ++i) want8 += double(w8[i]) * x[i], want4 += double(w4[i]) * x[i], wantm += double(wm[i]) * x[i];
         CHECK(detail::block_int_dot<BlockQ8_0>(reinterpret_cast<const std::uint8_t*>(q8.qs.data()), x.data(), xsum) == want8);
         CHECK(detail::block_int_dot<BlockQ4_0>(q4.qs.data(), x.data(), xsum) == want4);
+        CHECK(detail::block_int_dot<BlockMXFP4>(mx.qs.data(), x.data(), xsum) == wantm);
     }
 }
 
@@ -506,47 +534,56 @@ TEST_CASE("fast blocks: a non-finite activation reaches the outputs as NaN, as w
     }
 }
 
-TEST_CASE("q8_0 / q4_0 weights are held as ggml's blocks, in tiles of 32 outputs, and widen exactly") {
+TEST_CASE("q8_0 / q4_0 / mxfp4 weights are held as ggml's blocks, in tiles of 32 outputs, and widen exactly") {
+    // Held bytes per block: ggml's, but mxfp4's scale byte is held as 2 (the bf16 of its power of two).
+    const auto held = [](dtype format, std::size_t n, std::size_t k) {
+        return weight_bytes(format, n, k) + (format == dtype::mxfp4 ? n * ((k + 31) / 32) : 0);
+    };
     const Matrix<float> w = random_matrix(3, 40, 4, 0.3f);
-    for (const dtype format : {dtype::q8_0, dtype::q4_0}) {
+    for (const dtype format : test::block_formats) {
         const detail::BlockWeights blocks(ConstMatrixView<float>(w.view()), format, "w");
         CHECK(blocks.blocks_per_row() == 2);
         CHECK(blocks.tiles() == 1);
         // 3 outputs take one tile of 32: the padding outputs hold zero blocks.
-        CHECK(blocks.bytes() == weight_bytes(format, 32, 40));
-        CHECK(weight_bytes(format, 3, 40) == (format == dtype::q8_0 ? 3u * 2u * 34u : 3u * 2u * 18u));
+        CHECK(blocks.bytes() == held(format, 32, 40));
+        CHECK(weight_bytes(format, 3, 40) == 3u * 2u * (format == dtype::q8_0 ? 34u : format == dtype::q4_0 ? 18u : 17u));
         std::array<float, 32> first{};
         std::copy_n(w.data() + 40, 32, first.begin());
-        std::array<float, 32> want{};
-        if (format == dtype::q8_0) dequantize(quantize_q8_0(first), want);
-        else dequantize(quantize_q4_0(first), want);
+        const std::array<float, 32> want = test::requantized(format, first);
         for (index_t i = 0; i < 32; ++i) CHECK(blocks.at(1, i) == want[std::size_t(i)]);
+        for (index_t i = 0; i < 32; ++i) CHECK(blocks.at(31, i) == 0.0f); // padding
     }
     // Every block of 45 outputs (two tiles, the second's second panel partial) comes back with
     // ggml's bits.
     const Matrix<float> wide = random_matrix(45, 70, 5, 0.3f);
-    for (const dtype format : {dtype::q8_0, dtype::q4_0}) {
+    for (const dtype format : test::block_formats) {
         CAPTURE(to_string(format));
         const detail::BlockWeights blocks(ConstMatrixView<float>(wide.view()), format, "w");
         CHECK(blocks.tiles() == 2);
-        CHECK(blocks.bytes() == weight_bytes(format, 64, 70));
-        for (index_t r = 0; r < 45; ++r) {
-            const std::span<const float> row(wide.data() + r * 70, 70);
-            std::vector<BlockQ8_0> q8(3);
-            std::vector<BlockQ4_0> q4(3);
-            if (format == dtype::q8_0) quantize_row<BlockQ8_0>(row, q8, "row");
-            else quantize_row<BlockQ4_0>(row, q4, "row");
-            for (index_t b = 0; b < 3; ++b) {
-                if (format == dtype::q8_0) {
-                    const BlockQ8_0 got = blocks.block<BlockQ8_0>(r, b);
-                    CHECK(got.d == q8[std::size_t(b)].d);
-                    CHECK(got.qs == q8[std::size_t(b)].qs);
-                } else {
-                    const BlockQ4_0 got = blocks.block<BlockQ4_0>(r, b);
-                    CHECK(got.d == q4[std::size_t(b)].d);
-                    CHECK(got.qs == q4[std::size_t(b)].qs);
+        CHECK(blocks.bytes() == held(format, 64, 70));
+        detail::with_block(format, [&]<class Block>() {
+            for (index_t r = 0; r < 45; ++r) {
+                const std::span<const float> row(wide.data() + r * 70, 70);
+                std::vector<Block> q(3);
+                quantize_row<Block>(row, q, "row");
+                for (index_t b = 0; b < 3; ++b) {
+                    const Block got = blocks.block<Block>(r, b);
+                    CHECK(std::memcmp(&got, &q[std::size_t(b)], sizeof(Block)) == 0);
                 }
             }
+        });
+    }
+    // mxfp4's every scale byte, through its held bf16 and back (e = 0 and 1: subnormal scales).
+    std::vector<BlockMXFP4> every(256);
+    for (std::size_t e = 0; e < 256; ++e) every[e].e = static_cast<std::uint8_t>(e), every[e].qs[0] = 0x01; // element 0: 1 x 2^(e - 128)
+    std::vector<BlockMXFP4> row_blocks(every.begin(), every.begin() + 128), row2(every.begin() + 128, every.end());
+    for (const auto* part : {&row_blocks, &row2}) {
+        // A row of 128 blocks (K = 4096); e = 253 to 255 give infinite values only where a
+        // nibble is 7 or 15, which these blocks do not hold.
+        const detail::BlockWeights mx(WeightView::blocks(part->data(), dtype::mxfp4, 1, 128 * 32), dtype::mxfp4, "mx");
+        for (index_t b = 0; b < 128; ++b) {
+            CHECK(mx.block<BlockMXFP4>(0, b).e == (*part)[std::size_t(b)].e);
+            CHECK(mx.at(0, b * 32) == mxfp4_scale((*part)[std::size_t(b)].e));
         }
     }
     Matrix<float> big(1, 4);

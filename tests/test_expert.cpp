@@ -190,6 +190,9 @@ TEST_CASE_TEMPLATE_DEFINE("GluExpert holds [gate; up] in its storage type: rows 
     const auto q4 = [&](const auto& b, index_t n, index_t k) { return WeightView::blocks(b.data(), dtype::q4_0, n, k); };
     CHECK(same(run(f32, {dtype::q8_0}), run({q8(g8, ff, d), q8(u8, ff, d), q8(d8, d, ff)}, {})));
     CHECK(same(run(f32, {dtype::q4_0}), run({q4(g4, ff, d), q4(u4, ff, d), q4(d4, d, ff)}, {})));
+    const auto gm = quantised<BlockMXFP4>(gate.view()), um = quantised<BlockMXFP4>(up.view()), dm = quantised<BlockMXFP4>(down.view());
+    const auto mx = [&](const auto& b, index_t n, index_t k) { return WeightView::blocks(b.data(), dtype::mxfp4, n, k); };
+    CHECK(same(run(f32, {dtype::mxfp4}), run({mx(gm, ff, d), mx(um, ff, d), mx(dm, d, ff)}, {})));
     // gate as q4_0 blocks no quantiser of their values gives (requantising would change them),
     // up as f32: gate's blocks are kept, up's rows quantised.
     std::vector<BlockQ4_0> odd = g4;
@@ -202,7 +205,7 @@ TEST_CASE_TEMPLATE_DEFINE("GluExpert holds [gate; up] in its storage type: rows 
     // Errors are the linear map's, whatever the storage: a NaN in up's row 3 is row ff + 3 of [gate; up].
     Matrix<float> nan = up;
     nan(3, 5) = std::numeric_limits<float>::quiet_NaN();
-    for (const dtype storage : {dtype::f32, dtype::bf16, dtype::q8_0, dtype::q4_0}) {
+    for (const dtype storage : {dtype::f32, dtype::bf16, dtype::q8_0, dtype::q4_0, dtype::mxfp4}) {
         CAPTURE(to_string(storage));
         CHECK_THROWS_WITH_AS((GluExpert<B, Silu>(GluWeights{gate.view(), std::as_const(nan).view(), down.view()}, ExpertOptions{storage})),
                              "GluExpert weight 'gate|up': weight element (99, 5) is nan, expected a finite value", weight_error);
@@ -298,7 +301,7 @@ TEST_CASE_TEMPLATE_DEFINE("expert forward tiles, in any order, give forward()'s 
         CAPTURE(ff);
         const Matrix<float> gate = random_matrix(ff, d, 1, 0.2f), up = random_matrix(ff, d, 2, 0.2f), down = random_matrix(d, ff, 3, 0.2f);
         const std::vector<float> bg = random_vector(ff, 4), bu = random_vector(ff, 5), bd = random_vector(d, 6);
-        for (const dtype storage : {dtype::f32, dtype::bf16, dtype::q8_0, dtype::q4_0})
+        for (const dtype storage : {dtype::f32, dtype::bf16, dtype::q8_0, dtype::q4_0, dtype::mxfp4})
             for (const precision prec : {precision::exact, precision::fast}) {
                 if (prec == precision::fast && storage == dtype::f32) continue;
                 CAPTURE(to_string(storage));

@@ -252,7 +252,8 @@ TEST_CASE_TEMPLATE_DEFINE("GGUF: every architecture and tensor type gives the bl
         {"deepseek_v3", {.gating = 1}, {{"scoring_func", "softmax"}}},
     };
     const std::vector<std::pair<std::uint32_t, dtype>> types = {
-        {test::F32, dtype::f32}, {test::F16, dtype::f32}, {test::BF16, dtype::bf16}, {test::Q8_0, dtype::q8_0}, {test::Q4_0, dtype::q4_0}};
+        {test::F32, dtype::f32},   {test::F16, dtype::f32},   {test::BF16, dtype::bf16},
+        {test::Q8_0, dtype::q8_0}, {test::Q4_0, dtype::q4_0}, {test::MXFP4, dtype::mxfp4}};
     TempDir tmp("types");
     const Matrix<float> x = test::random_matrix(5, 64, 7);
     for (const Variant& v : variants) {
@@ -301,9 +302,9 @@ TEST_CASE_TEMPLATE_DEFINE("GGUF: the fixtures converted as llama.cpp would give 
             const Matrix<float> y = forward<B>(g, layer, x.view(), {});
             CHECK(relative_error(y.view(), y_want.view()) <= 1e-5);
         }
-        // Q8_0 / Q4_0 (matrices whose rows are not whole blocks stay F32, as llama.cpp's
+        // Q8_0 / Q4_0 / MXFP4 (matrices whose rows are not whole blocks stay F32, as llama.cpp's
         // quantizer leaves them): exactly what the safetensors weights held in that format give.
-        for (const auto& [type, storage] : {std::pair{test::Q8_0, dtype::q8_0}, {test::Q4_0, dtype::q4_0}}) {
+        for (const auto& [type, storage] : {std::pair{test::Q8_0, dtype::q8_0}, {test::Q4_0, dtype::q4_0}, {test::MXFP4, dtype::mxfp4}}) {
             const std::string file = (tmp.path / "q.gguf").string();
             test::gguf_from(st, {.experts = type}).write(file);
             const LoadOptions opt{.storage = storage};
@@ -314,7 +315,7 @@ TEST_CASE_TEMPLATE_DEFINE("GGUF: the fixtures converted as llama.cpp would give 
 }
 TEST_CASE_TEMPLATE_APPLY(fixtures, test::all_backends);
 
-TEST_CASE("GGUF: Q8_0 and Q4_0 blocks are held as stored, not requantised") {
+TEST_CASE("GGUF: Q8_0, Q4_0 and MXFP4 blocks are held as stored, not requantised") {
     // Blocks no quantiser of their values would give: random integers under random scales.
     const index_t n = 40, k = 96;
     std::vector<std::byte> q8, q4;
@@ -322,22 +323,29 @@ TEST_CASE("GGUF: Q8_0 and Q4_0 blocks are held as stored, not requantised") {
     const auto next = [&] { return s = s * 6364136223846793005ull + 1442695040888963407ull, std::uint32_t(s >> 33); };
     std::vector<BlockQ8_0> b8(std::size_t(n * k / 32));
     std::vector<BlockQ4_0> b4(b8.size());
+    std::vector<BlockMXFP4> bm(b8.size());
     for (std::size_t i = 0; i < b8.size(); ++i) {
         b8[i].d = f32_to_f16_bits(float(next() % 1000 + 1) * 1e-4f);
         b4[i].d = f32_to_f16_bits(-float(next() % 1000 + 1) * 1e-4f);
+        bm[i].e = std::uint8_t(next() % 253); // 253 to 255 could give an infinity
         for (auto& q : b8[i].qs) q = std::int8_t(int(next() % 201) - 100);
         for (auto& q : b4[i].qs) q = std::uint8_t(next() % 256);
+        for (auto& q : bm[i].qs) q = std::uint8_t(next() % 256);
     }
     const detail::BlockWeights w8(WeightView::blocks(b8.data(), dtype::q8_0, n, k), dtype::q8_0, "w8");
     const detail::BlockWeights w4(WeightView::blocks(b4.data(), dtype::q4_0, n, k), dtype::q4_0, "w4");
+    const detail::BlockWeights wm(WeightView::blocks(bm.data(), dtype::mxfp4, n, k), dtype::mxfp4, "wm");
     for (index_t r = 0; r < n; ++r)
         for (index_t b = 0; b < k / 32; ++b) {
             const auto& want8 = b8[std::size_t(r * (k / 32) + b)];
             const auto& want4 = b4[std::size_t(r * (k / 32) + b)];
+            const auto& wantm = bm[std::size_t(r * (k / 32) + b)];
             const BlockQ8_0 got8 = w8.block<BlockQ8_0>(r, b);
             const BlockQ4_0 got4 = w4.block<BlockQ4_0>(r, b);
+            const BlockMXFP4 gotm = wm.block<BlockMXFP4>(r, b);
             CHECK(std::memcmp(&got8, &want8, sizeof got8) == 0);
             CHECK(std::memcmp(&got4, &want4, sizeof got4) == 0);
+            CHECK(std::memcmp(&gotm, &wantm, sizeof gotm) == 0);
         }
     // A view's elements are the blocks' values, and a GLU expert fuses gate and up as blocks.
     const WeightView v = WeightView::blocks(b4.data(), dtype::q4_0, n, k);
@@ -458,7 +466,8 @@ TEST_CASE("expert_storage is the experts' stored BF16 / Q8_0 / Q4_0, q4_0 with Q
     CHECK(storage(test::Q4_0, test::Q4_0) == dtype::q4_0);
     CHECK(storage(test::Q4_K, test::Q6_K) == dtype::q8_0); // Q4_K_M's mix, requantised to 8 bits
     CHECK(storage(test::Q5_0, test::Q5_0) == dtype::q8_0);
-    CHECK(storage(test::MXFP4, test::MXFP4) == dtype::q8_0); // MXFP4_MOE: q4_0 would add a fifth to its error
+    CHECK(storage(test::MXFP4, test::MXFP4) == dtype::mxfp4); // MXFP4_MOE: held as stored
+    CHECK(storage(test::MXFP4, test::Q8_0) == dtype::q8_0);   // a mix of quants
     CHECK(storage(test::Q4_K, test::Q4_0) == dtype::q8_0); // a mix of quants
     CHECK(storage(test::Q2_K, test::Q3_K) == dtype::q4_0); // llama.cpp's Q2_K mix: coarser than q4_0
     CHECK(storage(test::Q3_K, test::Q3_K) == dtype::q4_0); // Q3_K_S
@@ -740,18 +749,30 @@ TEST_CASE_TEMPLATE_DEFINE("GGUF: experts in every widened ggml quant give the bl
         const Matrix<float> yk = forward<B>(k, 0, x.view(), {}), yf = forward<B>(f, 0, x.view(), {});
         CHECK(max_abs_diff(yk.view(), yf.view()) == 0.0f);
         CHECK(max_abs_diff(yf.view(), Matrix<float>(5, 256).view()) > 0.0f); // the block is not all zeros
-        // Converted to f32 by default; on request rounded to bf16 or requantised to q8_0 / q4_0,
-        // a row at a time straight into that type (TensorBinder::materialise): the same bits as
-        // the expert converting the F32 file's values.
-        for (const dtype storage : {dtype::bf16, dtype::q8_0, dtype::q4_0}) {
+        // Converted to f32 by default; on request rounded to bf16 or requantised to q8_0 / q4_0 /
+        // mxfp4, a row at a time straight into that type (TensorBinder::materialise; MXFP4 into
+        // mxfp4: its blocks as stored, which quantising their values gives back, or the same
+        // values under another scale): the same bits as the expert converting the F32 file's values.
+        for (const dtype storage : {dtype::bf16, dtype::q8_0, dtype::q4_0, dtype::mxfp4}) {
             CAPTURE(storage);
             const Matrix<float> sk = forward<B>(k, 0, x.view(), {.storage = storage}), sf = forward<B>(f, 0, x.view(), {.storage = storage});
             CHECK(max_abs_diff(sk.view(), sf.view()) == 0.0f);
         }
-        // The loader converts an expert's quantised tensors only as it packs that expert
+        // MXFP4 is a format experts are held in, so its tensors are viewed in place in the
+        // mapping, as Q8_0's and Q4_0's are (the linear map widens them for f32 storage).
+        if (std::is_same_v<B, reference> && c.gate_up == test::MXFP4) {
+            TensorBinder in_place(k, "in place");
+            const std::string w1 = "model.layers.0.block_sparse_moe.experts.1.w1.weight";
+            const WeightView v = in_place.deferred_matrix(w1, ff, 256);
+            in_place.finish();
+            const Checkpoint::Ref source = k.find(w1);
+            CHECK(v.type() == dtype::mxfp4);
+            CHECK(v.extent().data() == source.file->data(*source.info).data());
+        }
+        // The loader converts an expert's widened quantised tensors only as it packs that expert
         // (TensorBinder::deferred_matrix, materialise, release): the same values as matrix()'s
         // eager conversion; an F32 tensor is viewed in place either way.
-        if (std::is_same_v<B, reference>) {
+        if (std::is_same_v<B, reference> && c.gate_up != test::MXFP4) {
             TensorBinder eager(k, "eager"), deferred(k, "deferred");
             const std::string w1 = "model.layers.0.block_sparse_moe.experts.1.w1.weight", gate = "model.layers.0.block_sparse_moe.gate.weight";
             const WeightView e = eager.matrix(w1, ff, 256), d = deferred.deferred_matrix(w1, ff, 256);
@@ -840,6 +861,27 @@ TEST_CASE("GGUF: a non-finite value converted from a quantised expert is a weigh
                                                    .c_str()),
                              weight_error);
     }
+    // MXFP4, expert 0's gate row 1: scale byte 253 and nibble 7 make 12 x 2^125 = inf at column 52.
+    // Held as stored or widened to f32, the expert's linear map reports it; converted into
+    // q8_0, the loader names the tensor.
+    const std::string mx = (tmp.path / "mx.gguf").string();
+    test::rewritten(test::gguf_from(Checkpoint(dir)).bytes(), [](const std::string& name, test::TensorEdit& t) {
+        if (name != "blk.0.ffn_gate_exps.weight") return true;
+        std::vector<std::byte> bytes(2 * 32 * 2 * 17); // 2 experts x 32 rows x 2 blocks
+        for (std::size_t b = 0; b < bytes.size(); b += 17) bytes[b] = std::byte{120};
+        bytes[17 * 3] = std::byte{253}, bytes[17 * 3 + 1 + 4] = std::byte{0x70}; // row 1, block 1: element 32 + 20
+        t = {test::MXFP4, {64, 32, 2}, bytes};
+        return true;
+    }).write(mx);
+    const Checkpoint mk(mx);
+    for (const dtype storage : {dtype::mxfp4, dtype::f32})
+        CHECK_THROWS_WITH_AS((void)load_moe_block<reference>(mk, 0, "", {.storage = storage}),
+                             doctest::Contains("weight element (1, 52) is inf, expected a finite value"), weight_error);
+    CHECK_THROWS_WITH_AS((void)load_moe_block<reference>(mk, 0, "", {.storage = dtype::q8_0}),
+                         doctest::Contains(("'model.layers.0.block_sparse_moe.experts.0.w1.weight' (GGUF 'blk.0.ffn_gate_exps.weight' "
+                                            "expert 0) in " + mx + ": weight element (1, 52) is inf, expected a finite value")
+                                               .c_str()),
+                         weight_error);
 }
 
 TEST_CASE("GGUF: unsupported types, missing tensors and metadata give typed errors that name them") {

@@ -354,23 +354,25 @@ TEST_CASE_TEMPLATE_DEFINE("docs/checkpoints.md's walk-through adapter loads what
 }
 TEST_CASE_TEMPLATE_APPLY(walkthrough, test::all_backends);
 
-TEST_CASE_TEMPLATE_DEFINE("bf16 / q8_0 / q4_0 expert storage, exact and fast: each fixture's error against the f32 oracle", B,
+TEST_CASE_TEMPLATE_DEFINE("bf16 / q8_0 / q4_0 / mxfp4 expert storage, exact and fast: each fixture's error against the f32 oracle", B,
                           block_storage_fixtures) {
     // Routing reads the (unquantised) router, so only the experts' outputs move: by about the
     // formats' step, relative to the weights (bf16: 2^-9, q8_0: 1/254 of a block's largest,
-    // q4_0: 1/16), and with `fast` also by the activations' step (bf16's, or 8 bits per block). The bounds are about
+    // q4_0: 1/16, mxfp4: up to 1/6 of the power of two at or below it), and with `fast` also by the activations' step (bf16's, or 8 bits per block). The bounds are about
     // twice the worst measured (docs/checkpoints.md).
     struct Format {
         dtype storage;
         precision prec;
         double bound;
     };
-    const std::array<Format, 6> formats{{{dtype::bf16, precision::exact, 1e-2},
+    const std::array<Format, 8> formats{{{dtype::bf16, precision::exact, 1e-2},
                                          {dtype::bf16, precision::fast, 2e-2},
                                          {dtype::q8_0, precision::exact, 3e-2},
                                          {dtype::q8_0, precision::fast, 6e-2},
                                          {dtype::q4_0, precision::exact, 5e-1},
-                                         {dtype::q4_0, precision::fast, 5e-1}}};
+                                         {dtype::q4_0, precision::fast, 5e-1},
+                                         {dtype::mxfp4, precision::exact, 5e-1},
+                                         {dtype::mxfp4, precision::fast, 5e-1}}};
     for (const Format& f : formats) {
         const dtype format = f.storage;
         const double bound = f.bound;

@@ -1,4 +1,4 @@
-// The q8_0 / q4_0 block formats and IEEE half conversion (core/quant.hpp): bits worked out by
+// The q8_0 / q4_0 / mxfp4 block formats and IEEE half conversion (core/quant.hpp): bits worked out by
 // hand (zero blocks, ties in magnitude, values at the rounding edges, padding), every half value
 // round-tripped, and the software half conversion against the CPU's F16C where it has it.
 #include <doctest/doctest.h>
@@ -175,6 +175,51 @@ TEST_CASE("q4_0 bits, by hand") {
     CHECK((g.qs[4] & 0x0F) == 7);
 }
 
+TEST_CASE("mxfp4 bits, by hand") {
+    // amax 6: e = floor(log2 6) - 2 + 127 = 127, scale 2^(127 - 128) = 0.5, so the values are
+    // 0, 0.5, 1, 1.5, 2, 3, 4, 6 (indices 0-7) and their negatives (8-15, 8 being -0). The
+    // nearest value, the first index on ties: 6 -> 7, -6 -> 15, 0.75 (0.5 or 1) -> 1, 1.25 (1 or
+    // 1.5) -> 2, -2.5 (-2 or -3) -> 12, 5 (4 or 6) -> 6, 3 -> 5, -0.25 (0, -0 or -0.5) -> 0.
+    // Element j and j + 16 share byte j, j in the low nibble.
+    const BlockMXFP4 a = quantize_mxfp4(block_of({{0, 6.0f}, {1, -6.0f}, {2, 0.75f}, {3, 1.25f}, {4, -2.5f}, {5, 5.0f},
+                                                  {16, 3.0f}, {17, -0.25f}, {18, 0.2f}}));
+    CHECK(a.e == 127);
+    const std::array<std::uint8_t, 16> qa{0x57, 0x0F, 0x01, 0x02, 0x0C, 0x06, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
+    CHECK(a.qs == qa);
+    const auto va = values_of(a);
+    CHECK(va[0] == 6.0f);
+    CHECK(va[1] == -6.0f);
+    CHECK(va[2] == 0.5f);
+    CHECK(va[3] == 1.0f);
+    CHECK(va[4] == -2.0f);
+    CHECK(va[5] == 4.0f);
+    CHECK(va[16] == 3.0f);
+    CHECK(va[17] == 0.0f);
+
+    // A zero block: e = 0 and every nibble 0.
+    const BlockMXFP4 z = quantize_mxfp4(block_of({}));
+    CHECK(z.e == 0);
+    CHECK(z.qs == std::array<std::uint8_t, 16>{});
+    CHECK(values_of(z) == std::array<float, 32>{});
+
+    // amax 0.99: floor(log2) = -1, e = 124, scale 1/16, so the largest value is 12 / 16 = 0.75:
+    // ggml's scale clips a block's largest magnitudes above 1.5 x their power of two. 0.3 -> 0.25
+    // (index 4).
+    const BlockMXFP4 c = quantize_mxfp4(block_of({{0, 0.99f}, {1, 0.3f}}));
+    CHECK(c.e == 124);
+    CHECK(c.qs[0] == 0x07);
+    CHECK(c.qs[1] == 0x04);
+    CHECK(values_of(c)[0] == 0.75f);
+    CHECK(values_of(c)[1] == 0.25f);
+
+    // amax 2^-126: floor(log2) - 2 + 127 = -1, below the byte's range: e = 0 (scale 2^-128), and
+    // 2^-126 is 4 of those (index 6: 8 x 2^-128 = 2^-125 is farther).
+    const BlockMXFP4 t = quantize_mxfp4(block_of({{0, std::ldexp(1.0f, -126)}}));
+    CHECK(t.e == 0);
+    CHECK(t.qs[0] == 0x04);
+    CHECK(values_of(t)[0] == std::ldexp(1.0f, -126));
+}
+
 TEST_CASE("a row is quantised in blocks of 32, the last zero-padded") {
     std::vector<float> x(40);
     for (std::size_t i = 0; i < x.size(); ++i) x[i] = float(int(i) - 20) * 0.25f;
@@ -193,6 +238,10 @@ TEST_CASE("a row is quantised in blocks of 32, the last zero-padded") {
     std::vector<BlockQ4_0> q4(2);
     quantize_row<BlockQ4_0>(x, q4, "w");
     CHECK(q4[1].qs == quantize_q4_0(padded).qs);
+    std::vector<BlockMXFP4> mx(2);
+    quantize_row<BlockMXFP4>(x, mx, "w");
+    CHECK(mx[1].e == quantize_mxfp4(padded).e);
+    CHECK(mx[1].qs == quantize_mxfp4(padded).qs);
 }
 
 TEST_CASE("quantising keeps each value within half a step (q8_0) or a step (q4_0)") {
@@ -212,6 +261,25 @@ TEST_CASE("quantising keeps each value within half a step (q8_0) or a step (q4_0
     }
 }
 
+TEST_CASE("mxfp4 keeps each value within a quarter of its block's power of two, below 1.5 times it") {
+    // amax in [2^k, 2^(k + 1)): the scale is 2^(k - 3), the values' steps at most 2^(k - 1) apart
+    // up to 1.5 x 2^k (half a step: 2^(k - 2)); above that they clip to 1.5 x 2^k.
+    std::mt19937 rng(4);
+    std::normal_distribution<float> normal(0.0f, 0.05f);
+    for (int trial = 0; trial < 200; ++trial) {
+        std::array<float, 32> x{};
+        for (float& v : x) v = normal(rng);
+        float amax = 0;
+        for (const float v : x) amax = std::max(amax, std::fabs(v));
+        const float p = std::ldexp(1.0f, std::ilogb(amax));
+        const auto v = values_of(quantize_mxfp4(x));
+        for (std::size_t j = 0; j < 32; ++j) {
+            if (std::fabs(x[j]) <= 1.5f * p) CHECK(std::fabs(v[j] - x[j]) <= 0.25f * p);
+            else CHECK(v[j] == std::copysign(1.5f * p, x[j]));
+        }
+    }
+}
+
 TEST_CASE("quantize_row refuses what a half scale cannot hold, non-finite values and a wrong block count") {
     std::vector<float> x(32, 1.0f);
     std::vector<BlockQ8_0> q(1);
@@ -224,6 +292,12 @@ TEST_CASE("quantize_row refuses what a half scale cannot hold, non-finite values
     CHECK_NOTHROW(quantize_row<BlockQ8_0>(x, q, "w"));
     std::vector<BlockQ4_0> q4(1);
     CHECK_THROWS_AS(quantize_row<BlockQ4_0>(x, q4, "w"), weight_error);
+    std::vector<BlockMXFP4> mx(1); // E8M0 scales hold every finite value; not NaN
+    x[5] = std::numeric_limits<float>::max();
+    CHECK_NOTHROW(quantize_row<BlockMXFP4>(x, mx, "w"));
+    x[5] = std::numeric_limits<float>::infinity();
+    CHECK_THROWS_WITH_AS(quantize_row<BlockMXFP4>(x, mx, "w"), doctest::Contains("element 5 is inf"), weight_error);
+    x[5] = 1e6f;
     std::vector<BlockQ8_0> two(2);
     CHECK_THROWS_WITH_AS(quantize_row<BlockQ8_0>(x, two, "w"),
                          "w: 2 blocks for a row of 32 values, expected 1", shape_error);

@@ -136,13 +136,30 @@ struct StorageCase {
 };
 
 /// Every storage type, with each precision where the two differ.
-inline constexpr std::array<StorageCase, 7> storage_cases{{{dtype::f32, precision::exact},
+inline constexpr std::array<StorageCase, 9> storage_cases{{{dtype::f32, precision::exact},
                                                            {dtype::bf16, precision::exact},
                                                            {dtype::bf16, precision::fast},
                                                            {dtype::q8_0, precision::exact},
                                                            {dtype::q8_0, precision::fast},
                                                            {dtype::q4_0, precision::exact},
-                                                           {dtype::q4_0, precision::fast}}};
+                                                           {dtype::q4_0, precision::fast},
+                                                           {dtype::mxfp4, precision::exact},
+                                                           {dtype::mxfp4, precision::fast}}};
+
+/// The block formats.
+inline constexpr std::array<dtype, 3> block_formats{dtype::q8_0, dtype::q4_0, dtype::mxfp4};
+
+/// A block of 32 values quantised in `format` (q8_0, q4_0 or mxfp4) and dequantised: the values
+/// a linear map stored in that format computes with.
+inline std::array<float, 32> requantized(dtype format, const std::array<float, 32>& in) {
+    std::array<float, 32> out{};
+    detail::with_block(format, [&]<class Block>() {
+        std::array<Block, 1> q;
+        quantize_row<Block>(in, q, "block");
+        dequantize(q[0], out);
+    });
+    return out;
+}
 
 /// sum(y * dy), in double.
 inline double dot(ConstMatrixView<float> y, ConstMatrixView<float> dy) {

@@ -1,17 +1,18 @@
 #pragma once
-// Linear maps over weights stored in the q8_0 / q4_0 block formats (core/quant.hpp), shared by
-// every backend: a backend's linear whose storage is a block format holds a BlockLinear and
-// forwards to it, so the weights are held once, as blocks (34 or 18 bytes per 32 weights), never
-// widened. They are held in the layout VPDPBUSD takes (BlockWeights: tiles of 32 outputs), so
+// Linear maps over weights stored in the q8_0 / q4_0 / mxfp4 block formats (core/quant.hpp),
+// shared by every backend: a backend's linear whose storage is a block format holds a BlockLinear
+// and forwards to it, so the weights are held once, as blocks (34, 18 or 18 bytes per 32 weights:
+// mxfp4's scale byte is held as the bf16 of its power of two), never widened. They are held in the layout VPDPBUSD takes (BlockWeights: tiles of 32 outputs), so
 // that one kernel serves every row count, from decode to prefill, with nothing repacked per call.
 // Two precisions (core/dtype.hpp):
 // - exact: f32 on the weights' exact values. Per block and output, the 32 products of the
 //   block's small integers with the inputs are summed in f32 and then scaled by the block's d
 //   (q * d is exact in f32, so this equals f32 arithmetic on the dequantised weights up to the
-//   order of the additions).
+//   order of the additions). mxfp4's integers are its nibbles' mxfp4_values.
 // - fast: the activations are quantised per block of 32 (QuantizedRows) and each block's dot
 //   product is an integer one: TDPBSUD's s8 x u8 tile products on AMX-INT8 (calls of 16 rows or
-//   more), VPDPBUSD's u8 x s8 products on VNNI, VPMADDUBSW's on AVX-512 BW.
+//   more), VPDPBUSD's u8 x s8 products on VNNI, VPMADDUBSW's on AVX-512 BW. The weights enter
+//   as unsigned codes (block_codes), their offset taken off through the activations' block sums.
 //   The integer sums are exact, so every kernel gives the same block dots; only the f32
 //   accumulation order differs between them.
 
@@ -185,13 +186,35 @@ struct PreparedInput {
 
 namespace hypermoe::detail {
 
+/// Whether a format's integers are nibbles, two to a byte as ggml stores them (q4_0, mxfp4).
+template <class Block>
+inline constexpr bool nibble_format = !std::is_same_v<Block, BlockQ8_0>;
+
+/// The unsigned codes the integer (`fast`) kernels multiply a format's weights as, and their
+/// offset from the integers they stand for: q8_0's q + 128 (as BlockWeights holds them), q4_0's
+/// nibble = q + 8 (as held), mxfp4's mxfp4_values[nibble] + 12 (0 to 24, `mxfp4` below: what a
+/// byte shuffle of the held nibbles gives).
+template <class Block>
+inline constexpr std::int32_t code_offset = std::is_same_v<Block, BlockQ8_0> ? 128 : std::is_same_v<Block, BlockQ4_0> ? 8 : 12;
+struct block_codes {
+    static constexpr std::array<std::uint8_t, 16> mxfp4 = [] {
+        std::array<std::uint8_t, 16> c{};
+        for (std::size_t i = 0; i < 16; ++i) c[i] = static_cast<std::uint8_t>(mxfp4_values[i] + code_offset<BlockMXFP4>);
+        return c;
+    }();
+};
+
 /// The exact integer dot of a weight block's integers (`qs`: ggml's bytes of a Block) with a
-/// quantised activation block (the block's values are these integers times its d; q4_0's -8
-/// included through the activations' sum).
+/// quantised activation block (the block's values are these integers times its d): as the fast
+/// kernels take it, the unsigned codes times x, less the codes' offset times sum(x).
 template <class Block>
 [[nodiscard]] std::int32_t block_int_dot(const std::uint8_t* qs, const std::int8_t* xq, std::int32_t xsum) noexcept {
     std::int32_t s = 0;
-    if constexpr (std::is_same_v<Block, BlockQ8_0>) {
+    if constexpr (std::is_same_v<Block, BlockMXFP4>) {
+        for (std::size_t j = 0; j < 16; ++j)
+            s += std::int32_t(block_codes::mxfp4[qs[j] & 0x0F]) * xq[j] + std::int32_t(block_codes::mxfp4[qs[j] >> 4]) * xq[j + 16];
+        return s - code_offset<Block> * xsum;
+    } else if constexpr (std::is_same_v<Block, BlockQ8_0>) {
         // As the VNNI kernel takes it: the unsigned q + 128 times x, less 128 * sum(x). (GCC 12.2
         // with -O2 -march=native on an AVX-512 VNNI CPU turned the plain int8 x int8 sum into
         // VPDPBUSD, which reads q as unsigned: wrong sums, which test_backend's block_int_dot test
@@ -208,16 +231,26 @@ template <class Block>
 template <class Block>
 inline constexpr index_t block_bytes_of = std::is_same_v<Block, BlockQ8_0> ? 32 : 16;
 
+/// f.template operator()<Block>() with the block type of `format` (q8_0, q4_0 or mxfp4).
+template <class F>
+decltype(auto) with_block(dtype format, F&& f) {
+    if (format == dtype::q4_0) return f.template operator()<BlockQ4_0>();
+    if (format == dtype::mxfp4) return f.template operator()<BlockMXFP4>();
+    return f.template operator()<BlockQ8_0>();
+}
+
 /// An (N, K) weight held as ceil(N / 32) tiles of 32 outputs, each two panels of 16 (the int32
 /// lanes of a 512-bit register). A tile holds its outputs' ceil(K / 32) blocks the way VPDPBUSD
 /// takes them, one block after the other: per block, panel and 4 bytes of the blocks' integers
 /// (a "quad"), the panel's 16 outputs' 4 bytes side by side, 64 bytes that one load brings in;
-/// and, in a second array, per block the 32 outputs' scales (half bits: one cache line). The
-/// integers are ggml's `qs` bytes, q8_0's with the sign bit flipped (q + 128: unsigned, as
-/// VPDPBUSD reads its first operand), q4_0's as stored (byte j of a block holds element j in its
-/// low nibble and j + 16 in its high one). So a block of 32 outputs takes 32 x 34 or 32 x 18
-/// bytes, as ggml's blocks do, and a tile's weights are one stream; outputs past N (the last
-/// tile's padding) hold zero weights. `block()` gives a block back in ggml's layout.
+/// and, in a second array, per block the 32 outputs' scales (16 bits each: one cache line; half
+/// bits, or for mxfp4 the bf16 bits of its 2^(e - 128), which bf16 holds exactly for every e).
+/// The integers are ggml's `qs` bytes, q8_0's with the sign bit flipped (q + 128: unsigned, as
+/// VPDPBUSD reads its first operand), q4_0's and mxfp4's as stored (byte j of a block holds
+/// element j in its low nibble and j + 16 in its high one). So a block of 32 outputs takes 32 x 34
+/// or 32 x 18 bytes, as ggml's q8_0 and q4_0 blocks do (mxfp4's 17, and one byte more for the
+/// scale), and a tile's weights are one stream; outputs past N (the last tile's padding) hold
+/// zero weights. `block()` gives a block back in ggml's layout.
 class BlockWeights {
 public:
     /// Outputs per panel: the int32 lanes of one 512-bit register; per tile: two panels.
@@ -228,47 +261,43 @@ public:
     BlockWeights(const WeightView& w, dtype format, const std::string& name)
         : format_(format), n_(w.rows()), k_(w.cols()), blocks_per_row_((w.cols() + quant_block - 1) / quant_block),
           tiles_((w.rows() + tile - 1) / tile) {
-        const std::uint8_t zero = format == dtype::q8_0 ? 0x80 : 0x88; // a zero weight, as held
+        // a zero weight, as held: q8_0's 0 + 128, q4_0's nibbles 0 + 8, mxfp4's nibbles 0 (+0)
+        const std::uint8_t zero = format == dtype::q8_0 ? 0x80 : format == dtype::q4_0 ? 0x88 : 0x00;
         scales_.assign(std::size_t(tiles_ * blocks_per_row_ * tile), 0);
         quants_.assign(std::size_t(tiles_ * blocks_per_row_ * 2 * quads() * 64), zero);
-        std::vector<float> row(static_cast<std::size_t>(k_));
-        std::vector<BlockQ8_0> q8(format == dtype::q8_0 ? std::size_t(blocks_per_row_) : 0);
-        std::vector<BlockQ4_0> q4(format == dtype::q4_0 ? std::size_t(blocks_per_row_) : 0);
-        // Blocks already in this format (a GGUF file's) are kept as they are; anything else is
-        // quantised from its values.
-        const bool as_stored = w.type() == format;
-        for (index_t r = 0; r < n_; ++r) {
-            if (!as_stored)
-                for (index_t c = 0; c < k_; ++c) row[std::size_t(c)] = w.at(r, c);
-            const std::string what = concat(name, " row ", r);
-            const auto keep = [&](const auto& blocks) {
+        with_block(format, [&]<class Block>() {
+            std::vector<float> row(static_cast<std::size_t>(k_));
+            std::vector<Block> blocks(static_cast<std::size_t>(blocks_per_row_));
+            // Blocks already in this format (a GGUF file's) are kept as they are; anything else
+            // is quantised from its values.
+            const bool as_stored = w.type() == format;
+            for (index_t r = 0; r < n_; ++r) {
+                if (as_stored) {
+                    std::memcpy(blocks.data(), w.row_bytes(r), blocks.size() * sizeof(Block));
+                } else {
+                    for (index_t c = 0; c < k_; ++c) row[std::size_t(c)] = w.at(r, c);
+                    quantize_row<Block>(row, blocks, concat(name, " row ", r));
+                }
                 for (index_t b = 0; b < blocks_per_row_; ++b) {
-                    const auto& blk = blocks[std::size_t(b)];
-                    scales_[std::size_t(scale_index(r, b))] = blk.d;
+                    const Block& blk = blocks[std::size_t(b)];
+                    scales_[std::size_t(scale_index(r, b))] = held_scale(blk);
                     for (index_t j = 0; j < quads(); ++j) {
                         std::uint32_t v;
                         std::memcpy(&v, blk.qs.data() + 4 * j, sizeof v);
-                        if (format == dtype::q8_0) v ^= 0x80808080u;
+                        if constexpr (std::is_same_v<Block, BlockQ8_0>) v ^= 0x80808080u;
                         std::memcpy(quants_.data() + quad_offset(r, b, j), &v, sizeof v);
                     }
                 }
-            };
-            const auto fill = [&]<class Block>(std::vector<Block>& blocks) {
-                if (as_stored) std::memcpy(blocks.data(), w.row_bytes(r), blocks.size() * sizeof(Block));
-                else quantize_row<Block>(row, blocks, what);
-                keep(blocks);
-            };
-            if (format == dtype::q8_0) fill(q8);
-            else fill(q4);
-        }
+            }
+        });
     }
 
     [[nodiscard]] dtype format() const noexcept { return format_; }
     [[nodiscard]] index_t blocks_per_row() const noexcept { return blocks_per_row_; }
     [[nodiscard]] index_t tiles() const noexcept { return tiles_; }
-    /// Integer bytes per block: 32 (q8_0) or 16 (q4_0).
+    /// Integer bytes per block: 32 (q8_0) or 16 (q4_0, mxfp4).
     [[nodiscard]] index_t block_bytes() const noexcept { return format_ == dtype::q8_0 ? 32 : 16; }
-    /// 64-byte loads of a panel per block: 8 (q8_0) or 4 (q4_0).
+    /// 64-byte loads of a panel per block: 8 (q8_0) or 4 (q4_0, mxfp4).
     [[nodiscard]] index_t quads() const noexcept { return block_bytes() / 4; }
     /// Bytes held: the integers and the scales, as many as ggml's blocks take (N rounded up to
     /// whole tiles).
@@ -282,19 +311,22 @@ public:
     template <class Block>
     [[nodiscard]] Block block(index_t n, index_t b) const noexcept {
         Block blk;
-        blk.d = scales_[std::size_t(scale_index(n, b))];
+        const std::uint16_t scale = scales_[std::size_t(scale_index(n, b))];
+        if constexpr (std::is_same_v<Block, BlockMXFP4>) // the bf16 of 2^(e - 128): e - 1 in its exponent (e >= 2), or a subnormal
+            blk.e = static_cast<std::uint8_t>(scale >= 0x80 ? (scale >> 7) + 1 : scale == 0x40 ? 1 : 0);
+        else
+            blk.d = scale;
         for (index_t j = 0; j < block_bytes_of<Block> / 4; ++j) {
             std::uint32_t v;
             std::memcpy(&v, quants_.data() + quad_offset(n, b, j), sizeof v);
-            if (format_ == dtype::q8_0) v ^= 0x80808080u;
+            if constexpr (std::is_same_v<Block, BlockQ8_0>) v ^= 0x80808080u;
             std::memcpy(reinterpret_cast<std::uint8_t*>(blk.qs.data()) + 4 * j, &v, sizeof v);
         }
         return blk;
     }
     /// The 32 values of block b of row n.
     void dequantize_block(index_t n, index_t b, std::span<float, 32> out) const noexcept {
-        if (format_ == dtype::q8_0) dequantize(block<BlockQ8_0>(n, b), out);
-        else dequantize(block<BlockQ4_0>(n, b), out);
+        with_block(format_, [&]<class Block>() { dequantize(block<Block>(n, b), out); });
     }
     /// Weight (n, k), exactly.
     [[nodiscard]] float at(index_t n, index_t k) const noexcept {
@@ -304,6 +336,13 @@ public:
     }
 
 private:
+    /// A block's scale as held: its half bits, or the bf16 bits of mxfp4's 2^(e - 128).
+    template <class Block>
+    [[nodiscard]] static std::uint16_t held_scale(const Block& blk) noexcept {
+        if constexpr (std::is_same_v<Block, BlockMXFP4>) return bf16::from_float(block_scale(blk)).bits;
+        else return blk.d;
+    }
+
     [[nodiscard]] index_t scale_index(index_t n, index_t b) const noexcept { return (n / tile * blocks_per_row_ + b) * tile + n % tile; }
     [[nodiscard]] index_t quad_offset(index_t n, index_t b, index_t j) const noexcept {
         return (((n / tile * blocks_per_row_ + b) * 2 + n % tile / panel) * quads() + j) * 64 + n % panel * 4;
@@ -348,9 +387,17 @@ __attribute__((target("avx512f"))) inline __m512i broadcast_quad(const std::int8
     return _mm512_set1_epi32(v);
 }
 
-/// Block b's scales of panel p of a tile (16 halves) as floats.
+/// Block b's scales of panel p of a tile (16 halves, or mxfp4's 16 bf16) as floats.
+template <class Block>
 __attribute__((target("avx512f"))) inline __m512 panel_scales(const TileArgs& t, index_t b, int p) {
-    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(t.wd + b * 32 + p * 16)));
+    const __m256i held = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(t.wd + b * 32 + p * 16));
+    if constexpr (std::is_same_v<Block, BlockMXFP4>) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(held), 16));
+    else return _mm512_cvtph_ps(held);
+}
+
+/// A 16-byte table in every 128-bit lane, for VPSHUFB (mxfp4's nibbles to their codes or values).
+__attribute__((target("avx512f"))) inline __m512i nibble_table(const void* table) {
+    return _mm512_broadcast_i32x4(_mm_loadu_si128(static_cast<const __m128i*>(table)));
 }
 
 /// `fast`: acc + a block's exact int32 sums times (d_w * d_x), the one way every AVX-512 `fast`
@@ -361,25 +408,27 @@ __attribute__((target("avx512f"))) inline __m512 add_block_sums(__m512 acc, __m5
 
 /// acc + per int32 lane the dot of 4 unsigned bytes of u with 4 signed bytes of x, without VNNI
 /// (VPMADDUBSW then VPMADDWD): exact while a pair's sum stays within int16, which holds for
-/// u <= 128 and |x| <= 127.
+/// u <= 128 and |x| <= 127 (q4_0's nibbles and mxfp4's codes are at most 24).
 __attribute__((target("avx512f,avx512bw"))) inline __m512i dot4_bw(__m512i acc, __m512i u, __m512i x) {
     return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(u, x), _mm512_set1_epi16(1)));
 }
 
-/// `fast`: a tile's integer block dots (see TileArgs). With VNNI the weights enter unsigned as
-/// held (q8_0: q + 128, q4_0: the nibbles, q + 8), so each block's sums start at
-/// -offset * sum(xq); one VPDPBUSD multiplies 4 k of 16 outputs by a broadcast of 4 activations.
-/// Without VNNI, VPMADDUBSW's int16 pairs would overflow for q + 128, so q8_0 takes |q| and moves
-/// q's sign onto the activations (no offset); q4_0's nibbles go in as with VNNI. Per block and
+/// `fast`: a tile's integer block dots (see TileArgs). With VNNI the weights enter as their
+/// unsigned codes (q8_0: q + 128 as held, q4_0: the nibbles, q + 8, mxfp4: its nibbles shuffled
+/// to mxfp4_values + 12), so each block's sums start at -offset * sum(xq); one VPDPBUSD
+/// multiplies 4 k of 16 outputs by a broadcast of 4 activations. Without VNNI, VPMADDUBSW's int16
+/// pairs would overflow for q + 128, so q8_0 takes |q| and moves q's sign onto the activations
+/// (no offset); the nibble formats' codes go in as with VNNI. Per block and
 /// row, the int32 sums times (d_w * d_x) into f32. With few rows each block's sums are split
 /// over several registers (by quad), so that the chains of dependent VPDPBUSD stay short.
 template <int Rows, class Block, bool Vnni>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void fast_tile(const TileArgs& t, const TileRows& x) {
-    constexpr bool q4 = std::is_same_v<Block, BlockQ4_0>;
+    constexpr bool q4 = nibble_format<Block>, mx = std::is_same_v<Block, BlockMXFP4>;
     constexpr index_t quads = q4 ? 4 : 8;
-    constexpr std::int32_t offset = q4 ? 8 : (Vnni ? 128 : 0);
+    constexpr std::int32_t offset = q4 || Vnni ? code_offset<Block> : 0;
     constexpr int split = Rows == 1 ? 4 : Rows == 2 ? 2 : 1;
     const __m512i nibble = _mm512_set1_epi8(0x0F), sign = _mm512_set1_epi8(static_cast<char>(0x80));
+    const __m512i codes = nibble_table(block_codes::mxfp4.data());
     __m512 acc[Rows][2];
     for (int r = 0; r < Rows; ++r)
         for (int p = 0; p < 2; ++p)
@@ -399,6 +448,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void fast_tile(c
                 if constexpr (q4) { // low nibbles: k = 4j..4j+3; high: k = 16 + 4j..
                     lo[p] = _mm512_and_si512(v, nibble);
                     hi[p] = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
+                    if constexpr (mx) lo[p] = _mm512_shuffle_epi8(codes, lo[p]), hi[p] = _mm512_shuffle_epi8(codes, hi[p]);
                 } else if constexpr (Vnni) {
                     lo[p] = v;
                 } else {
@@ -427,7 +477,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void fast_tile(c
             }
         }
         for (int p = 0; p < 2; ++p) {
-            const __m512 dw = panel_scales(t, b, p);
+            const __m512 dw = panel_scales<Block>(t, b, p);
             for (int r = 0; r < Rows; ++r) {
                 __m512i total = sum[r][p][0];
                 for (int i = 1; i < split; ++i) total = _mm512_add_epi32(total, sum[r][p][i]);
@@ -524,23 +574,23 @@ private:
 
 /// `fast` on AMX-INT8: a tile's integer block dots (see TileArgs) for up to 16 rows, by `Tiles`
 /// (AmxTiles, or AmxTilesEmulated). Per block, one TDPBSUD per panel multiplies all the rows'
-/// signed activations by the panel's unsigned weights as held (q8_0: q + 128; q4_0: the nibbles,
-/// q + 8, first unpacked into the 8 rows of 64 bytes a tile takes); then per row and panel the
+/// signed activations by the panel's unsigned codes (q8_0: q + 128 as held; q4_0: the nibbles,
+/// q + 8, mxfp4: mxfp4_values + 12, first unpacked into the 8 rows of 64 bytes a tile takes); then per row and panel the
 /// sums less offset * sum(xq), into f32 by add_block_sums as in fast_tile, so with its bits.
 /// A block's sums go through memory (2 KiB), and so do the 16 rows' f32 sums (32 registers'
 /// worth): AVX-512 work per block of about 7 instructions per row and panel, against VNNI's 11
 /// (8 VPDPBUSD).
 template <class Tiles, class Block>
 __attribute__((target("avx512f,avx512bw,avx512vl"))) void amx_fast_tile(const TileArgs& t, const AmxRows& x) {
-    constexpr bool q4 = std::is_same_v<Block, BlockQ4_0>;
+    constexpr bool q4 = nibble_format<Block>, mx = std::is_same_v<Block, BlockMXFP4>;
     constexpr index_t quads = q4 ? 4 : 8;
-    constexpr std::int32_t offset = q4 ? 8 : 128;
+    constexpr std::int32_t offset = code_offset<Block>;
     const Tiles tiles(x.rows);
     alignas(64) std::int32_t c[16 * 32];
     alignas(64) float acc[16 * 32];
     alignas(64) std::uint8_t unpacked[2][8 * 64];
     std::fill_n(acc, 32 * x.rows, 0.0f);
-    const __m512i nibble = _mm512_set1_epi8(0x0F);
+    const __m512i nibble = _mm512_set1_epi8(0x0F), codes = nibble_table(block_codes::mxfp4.data());
     const index_t lda = x.blocks * quant_block;
     for (index_t b = 0; b < t.nb; ++b) {
         const std::uint8_t* w[2];
@@ -551,15 +601,17 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void amx_fast_tile(const Ti
             if constexpr (q4) { // quad j's low nibbles are k = 4j..4j+3 (tile row j), its high ones k + 16 (row 4 + j)
                 for (index_t j = 0; j < 4; ++j) {
                     const __m512i v = _mm512_loadu_si512(w[p] + j * 64);
-                    _mm512_store_si512(unpacked[p] + j * 64, _mm512_and_si512(v, nibble));
-                    _mm512_store_si512(unpacked[p] + (4 + j) * 64, _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble));
+                    __m512i lo = _mm512_and_si512(v, nibble), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
+                    if constexpr (mx) lo = _mm512_shuffle_epi8(codes, lo), hi = _mm512_shuffle_epi8(codes, hi);
+                    _mm512_store_si512(unpacked[p] + j * 64, lo);
+                    _mm512_store_si512(unpacked[p] + (4 + j) * 64, hi);
                 }
                 w[p] = unpacked[p];
             }
         }
         tiles.block(x.q + b * quant_block, lda, w, c);
         for (int p = 0; p < 2; ++p) {
-            const __m512 dw = panel_scales(t, b, p);
+            const __m512 dw = panel_scales<Block>(t, b, p);
             for (int r = 0; r < x.rows; ++r) {
                 const __m512i total = _mm512_add_epi32(_mm512_load_si512(c + r * 32 + 16 * p), _mm512_set1_epi32(-offset * x.sum[r * x.blocks + b]));
                 float* a = acc + r * 32 + 16 * p;
@@ -571,18 +623,21 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void amx_fast_tile(const Ti
         for (int p = 0; p < 2; ++p) _mm512_mask_storeu_ps(t.out + r * t.ldc + 16 * p, t.mask[p], _mm512_load_ps(acc + r * 32 + 16 * p));
 }
 
-/// `exact`: a tile's f32 dots (see TileArgs). Each 64-byte load holds 4 (q8_0) or 8 (q4_0) k of
-/// 16 outputs; each k is widened to 16 floats in place (q8_0: a shift left and an arithmetic
-/// shift right of the signed bytes; q4_0: a shift right and a lookup of nibble - 8 with
-/// VPERMPS, which reads only an index's low 4 bits) and multiplied by the broadcast activation.
+/// `exact`: a tile's f32 dots (see TileArgs). Each 64-byte load holds 4 (q8_0) or 8 (q4_0, mxfp4)
+/// k of 16 outputs; each k is widened to 16 floats in place (q8_0: a shift left and an arithmetic
+/// shift right of the signed bytes; q4_0 and mxfp4: a shift right and a lookup of nibble - 8 or
+/// mxfp4_values[nibble] with VPERMPS, which reads only an index's low 4 bits) and multiplied by
+/// the broadcast activation.
 /// Per block and output the 32 products are summed (with few rows, over several registers, so
 /// that the chains of dependent FMAs stay short), then scaled by the block's d.
 template <int Rows, class Block>
 __attribute__((target("avx512f,avx512bw"))) void exact_tile(const TileArgs& t, const TileRows& x) {
-    constexpr bool q4 = std::is_same_v<Block, BlockQ4_0>;
+    constexpr bool q4 = nibble_format<Block>;
     constexpr index_t quads = q4 ? 4 : 8;
     const __m512i sign = _mm512_set1_epi8(static_cast<char>(0x80));
-    const __m512 minus8 = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
+    // What a nibble stands for, by its low 4 bits: q4_0's nibble - 8, mxfp4's mxfp4_values.
+    const __m512 values = std::is_same_v<Block, BlockMXFP4> ? _mm512_setr_ps(0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12)
+                                                             : _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
     constexpr int split = Rows == 1 ? 4 : Rows == 2 ? 2 : 1;
     __m512 acc[Rows][2];
     for (int r = 0; r < Rows; ++r)
@@ -602,7 +657,7 @@ __attribute__((target("avx512f,avx512bw"))) void exact_tile(const TileArgs& t, c
                 const __m512i v = _mm512_loadu_si512(w);
                 if constexpr (q4) {
                     for (int s = 0; s < 8; ++s) { // nibble s of each lane: k = 4j + s / 2, + 16 if s is odd
-                        const __m512 wf = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4 * s), minus8);
+                        const __m512 wf = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4 * s), values);
                         const index_t k = 4 * j + s / 2 + (s % 2) * 16;
                         for (int r = 0; r < Rows; ++r) sum[r][p][s % split] = _mm512_fmadd_ps(wf, _mm512_set1_ps(xb[r][k]), sum[r][p][s % split]);
                     }
@@ -616,7 +671,7 @@ __attribute__((target("avx512f,avx512bw"))) void exact_tile(const TileArgs& t, c
                 }
             }
         for (int p = 0; p < 2; ++p) {
-            const __m512 dw = panel_scales(t, b, p);
+            const __m512 dw = panel_scales<Block>(t, b, p);
             for (int r = 0; r < Rows; ++r) {
                 __m512 total = sum[r][p][0];
                 for (int i = 1; i < split; ++i) total = _mm512_add_ps(total, sum[r][p][i]);
@@ -658,9 +713,17 @@ inline const __m256i* avx2_group_bytes(const TileArgs& t, index_t b, int g, inde
     return reinterpret_cast<const __m256i*>(w);
 }
 
-/// Output group g's 8 scales of a tile's block b, as floats.
+/// Output group g's 8 scales of a tile's block b (halves, or mxfp4's bf16), as floats.
+template <class Block>
 __attribute__((target("avx2,f16c"))) inline __m256 avx2_group_scales(const TileArgs& t, index_t b, int g) {
-    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(t.wd + b * 32 + 8 * g)));
+    const __m128i held = _mm_loadu_si128(reinterpret_cast<const __m128i*>(t.wd + b * 32 + 8 * g));
+    if constexpr (std::is_same_v<Block, BlockMXFP4>) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(held), 16));
+    else return _mm256_cvtph_ps(held);
+}
+
+/// A 16-byte table in both 128-bit lanes, for VPSHUFB.
+__attribute__((target("avx2"))) inline __m256i nibble_table_avx2(const void* table) {
+    return _mm256_broadcastsi128_si256(_mm_loadu_si128(static_cast<const __m128i*>(table)));
 }
 
 /// Both precisions on AVX2 (with FMA and F16C), for CPUs without AVX-512: the tile's 32 outputs
@@ -670,21 +733,25 @@ __attribute__((target("avx2,f16c"))) inline __m256 avx2_group_scales(const TileA
 /// blocks per group (the two halves of a panel read the same cache lines, the second time from
 /// L1). Either way at least 3 chains of sums (rows x groups, x 2 for `exact` with 1 or 2 rows)
 /// are independent of each other.
-/// - fast: VPMADDUBSW's u8 x s8 pairs, summed by VPMADDWD into int32, as ggml does on AVX2: q4_0's
-///   nibbles (0..15) go in unsigned and the -8 comes off through the activations' sum (a block's
-///   16 products per int16 lane stay below 16 x 15 x 127 < 2^15, so one VPMADDWD per block);
+/// - fast: VPMADDUBSW's u8 x s8 pairs, summed by VPMADDWD into int32, as ggml does on AVX2: the
+///   nibble formats' codes (q4_0's nibbles 0..15, mxfp4's 0..24) go in unsigned and the offset
+///   comes off through the activations' sum (q4_0: a block's 16 products per int16 lane stay below
+///   16 x 15 x 127 < 2^15, so one VPMADDWD per block; mxfp4: one per 64-byte load, 4 x 24 x 127);
 ///   q8_0 takes |q| and moves q's sign onto the activations (VPSIGNB), one VPMADDWD per 4 k.
-/// - exact: each weight's integer widened to f32 (VPSHUFB picks byte m of every lane), one FMA
-///   per row into the block's sum, which is scaled by the block's d at its end (q4_0: the sum of
-///   nibble x input less 8 x the block's input sum): f32 arithmetic on the dequantised weights up
-///   to the order of the additions, as the AVX-512 and portable kernels.
+/// - exact: each weight's integer widened to f32 (VPSHUFB picks byte m of every lane; mxfp4's
+///   nibbles first shuffled to their signed mxfp4_values), one FMA per row into the block's sum,
+///   which is scaled by the block's d at its end (q4_0: the sum of nibble x input less 8 x the
+///   block's input sum): f32 arithmetic on the dequantised weights up to the order of the
+///   additions, as the AVX-512 and portable kernels.
 template <int Rows, class Block, bool Fast>
 __attribute__((target("avx2,fma,f16c"))) void avx2_tile(const TileArgs& t, const TileRows& x) {
     static_assert(Rows >= 1 && Rows <= 4);
-    constexpr bool q4 = std::is_same_v<Block, BlockQ4_0>;
+    constexpr bool q4 = nibble_format<Block>, mx = std::is_same_v<Block, BlockMXFP4>;
     constexpr index_t quads = q4 ? 4 : 8;
     constexpr int groups = Rows == 1 ? 4 : Rows == 2 ? 2 : 1; // per pass over the blocks
     const __m256i nibble = _mm256_set1_epi8(0x0F), sign = _mm256_set1_epi8(static_cast<char>(0x80)), ones = _mm256_set1_epi16(1);
+    // mxfp4's nibbles to their unsigned codes (`fast`) or signed values (`exact`)
+    const __m256i table = nibble_table_avx2(Fast ? static_cast<const void*>(block_codes::mxfp4.data()) : mxfp4_values.data());
     for (int g0 = 0; g0 < 4; g0 += groups) { // outputs 8g .. 8g + 7: panel g / 2, half g % 2
         __m256i lanes[groups];
         unsigned any = 0, all = 0xFFu;
@@ -703,27 +770,34 @@ __attribute__((target("avx2,fma,f16c"))) void avx2_tile(const TileArgs& t, const
                 part[r][i] = _mm256_setzero_ps();
         for (index_t b = 0; b < t.nb; ++b) {
             __m256 dw[groups];               // the block's scales
-            for (int i = 0; i < groups; ++i) dw[i] = avx2_group_scales(t, b, g0 + i);
+            for (int i = 0; i < groups; ++i) dw[i] = avx2_group_scales<Block>(t, b, g0 + i);
             if constexpr (Fast) {
                 __m256i sum[Rows][groups];
                 if constexpr (q4) {
                     __m256i pairs[Rows][groups];
                     for (int r = 0; r < Rows; ++r)
-                        for (int i = 0; i < groups; ++i) pairs[r][i] = _mm256_setzero_si256();
+                        for (int i = 0; i < groups; ++i)
+                            pairs[r][i] = _mm256_setzero_si256(), sum[r][i] = _mm256_set1_epi32(-code_offset<Block> * x.sum[r][b]);
 #pragma GCC unroll 1 // unrolled, every j's activation broadcasts are hoisted and spilled
-                    for (index_t j = 0; j < quads; ++j)
+                    for (index_t j = 0; j < quads; ++j) {
                         for (int i = 0; i < groups; ++i) {
                             const __m256i v = _mm256_loadu_si256(avx2_group_bytes<quads>(t, b, g0 + i, j));
-                            const __m256i lo = _mm256_and_si256(v, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
+                            __m256i lo = _mm256_and_si256(v, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
+                            if constexpr (mx) lo = _mm256_shuffle_epi8(table, lo), hi = _mm256_shuffle_epi8(table, hi);
                             for (int r = 0; r < Rows; ++r) {
                                 const std::int8_t* xr = x.q[r] + b * quant_block + 4 * j;
                                 pairs[r][i] = _mm256_add_epi16(pairs[r][i], _mm256_add_epi16(_mm256_maddubs_epi16(lo, broadcast_quad_avx2(xr)),
                                                                                              _mm256_maddubs_epi16(hi, broadcast_quad_avx2(xr + 16))));
                             }
                         }
-                    for (int r = 0; r < Rows; ++r)
-                        for (int i = 0; i < groups; ++i)
-                            sum[r][i] = _mm256_sub_epi32(_mm256_madd_epi16(pairs[r][i], ones), _mm256_set1_epi32(8 * x.sum[r][b]));
+                        if constexpr (mx) // a load's pairs reach 4 x 24 x 127 per int16 lane: into int32 before the next
+                            for (int r = 0; r < Rows; ++r)
+                                for (int i = 0; i < groups; ++i)
+                                    sum[r][i] = _mm256_add_epi32(sum[r][i], _mm256_madd_epi16(pairs[r][i], ones)), pairs[r][i] = _mm256_setzero_si256();
+                    }
+                    if constexpr (!mx)
+                        for (int r = 0; r < Rows; ++r)
+                            for (int i = 0; i < groups; ++i) sum[r][i] = _mm256_add_epi32(sum[r][i], _mm256_madd_epi16(pairs[r][i], ones));
                 } else {
                     for (int r = 0; r < Rows; ++r)
                         for (int i = 0; i < groups; ++i) sum[r][i] = _mm256_setzero_si256();
@@ -754,18 +828,21 @@ __attribute__((target("avx2,fma,f16c"))) void avx2_tile(const TileArgs& t, const
                     for (int i = 0; i < groups; ++i) sum[r][i] = _mm256_setzero_ps();
                 for (index_t j = 0; j < quads; ++j) {
                     // Every group's load j, then each k's activations broadcast once for all groups.
-                    __m256i lo[groups], hi[groups]; // q4_0: the low and high nibbles; q8_0: q in lo
+                    __m256i lo[groups], hi[groups]; // q4_0: the low and high nibbles; mxfp4: their values; q8_0: q in lo
                     for (int i = 0; i < groups; ++i) {
                         const __m256i v = _mm256_loadu_si256(avx2_group_bytes<quads>(t, b, g0 + i, j));
                         if constexpr (q4) lo[i] = _mm256_and_si256(v, nibble), hi[i] = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
                         else lo[i] = _mm256_xor_si256(v, sign); // the signed q
+                        if constexpr (mx) lo[i] = _mm256_shuffle_epi8(table, lo[i]), hi[i] = _mm256_shuffle_epi8(table, hi[i]);
                     }
                     for (int s = 0; s < (q4 ? 8 : 4); ++s) { // q4_0: nibble s of each lane, k = 4j + s / 2, + 16 if s is odd;
                         const index_t k = q4 ? 4 * j + s / 2 + (s % 2) * 16 : 4 * j + s; // q8_0: byte s, k = 4j + s
                         __m256 xk[Rows];
                         for (int r = 0; r < Rows; ++r) xk[r] = _mm256_broadcast_ss(xb[r] + k);
                         for (int i = 0; i < groups; ++i) {
-                            const __m256 wf = _mm256_cvtepi32_ps(q4 ? lane_byte_avx2<false>(s % 2 ? hi[i] : lo[i], s / 2) : lane_byte_avx2<true>(lo[i], s));
+                            const __m256 wf = _mm256_cvtepi32_ps(q4 && !mx ? lane_byte_avx2<false>(s % 2 ? hi[i] : lo[i], s / 2)
+                                                                 : mx          ? lane_byte_avx2<true>(s % 2 ? hi[i] : lo[i], s / 2)
+                                                                               : lane_byte_avx2<true>(lo[i], s));
                             for (int r = 0; r < Rows; ++r) sum[r][i] = _mm256_fmadd_ps(wf, xk[r], sum[r][i]);
                         }
                     }
@@ -773,7 +850,7 @@ __attribute__((target("avx2,fma,f16c"))) void avx2_tile(const TileArgs& t, const
                 for (int i = 0; i < groups; ++i) {
                     for (int r = 0; r < Rows; ++r) {
                         __m256 s = sum[r][i];
-                        if constexpr (q4) s = _mm256_sub_ps(s, _mm256_set1_ps(8.0f * x.x_sum[r][b])); // every nibble's -8
+                        if constexpr (q4 && !mx) s = _mm256_sub_ps(s, _mm256_set1_ps(8.0f * x.x_sum[r][b])); // every nibble's -8
                         part[r][i] = _mm256_fmadd_ps(s, dw[i], part[r][i]);
                     }
                 }
@@ -807,7 +884,7 @@ void avx2_tile_rows(const TileArgs& t, const TileRows& x) {
 /// output (16 outputs side by side, which compilers vectorise), one row at a time.
 template <class Block, bool Fast>
 void portable_tile(const TileArgs& t, const TileRows& x, int rows) {
-    constexpr bool q4 = std::is_same_v<Block, BlockQ4_0>;
+    constexpr bool q4 = nibble_format<Block>, mx = std::is_same_v<Block, BlockMXFP4>;
     constexpr index_t quads = q4 ? 4 : 8, lanes = BlockWeights::panel;
     for (int r = 0; r < rows; ++r)
         for (int p = 0; p < 2; ++p) {
@@ -823,14 +900,16 @@ void portable_tile(const TileArgs& t, const TileRows& x, int rows) {
                         const index_t k = q4 ? 4 * j + s / 2 + (s % 2) * 16 : 4 * j + s;
                         for (index_t l = 0; l < lanes; ++l) {
                             const std::uint8_t byte = w[4 * l + (q4 ? s / 2 : s)];
-                            const int q = q4 ? int((byte >> (4 * (s % 2))) & 0x0F) - 8 : int(std::int8_t(byte ^ 0x80u));
+                            const unsigned nib = (byte >> (4 * (s % 2))) & 0x0Fu;
+                            const int q = mx ? int(mxfp4_values[nib]) : q4 ? int(nib) - 8 : int(std::int8_t(byte ^ 0x80u));
                             if constexpr (Fast) isum[l] += q * x.q[r][b * quant_block + k];
                             else fsum[l] += float(q) * xb[k];
                         }
                     }
                 }
                 for (index_t l = 0; l < lanes; ++l) {
-                    const float dw = f16_bits_to_f32(t.wd[b * 32 + p * 16 + l]);
+                    const std::uint16_t held = t.wd[b * 32 + p * 16 + l];
+                    const float dw = mx ? bf16{held}.to_float() : f16_bits_to_f32(held);
                     if constexpr (Fast) acc[l] += float(isum[l]) * (dw * x.d[r][b]);
                     else acc[l] += fsum[l] * dw;
                 }
@@ -947,9 +1026,10 @@ private:
     /// One AMX-INT8 kernel call (`fast` only), on the CPU's tiles or HYPERMOE_AMX=emulate's.
     void run_amx(const TileArgs& t, const AmxRows& x) const {
 #if HYPERMOE_X86_KERNELS
-        const bool q8 = w_.format() == dtype::q8_0;
-        if (cpu_isa().amx_emulated) q8 ? amx_fast_tile<AmxTilesEmulated, BlockQ8_0>(t, x) : amx_fast_tile<AmxTilesEmulated, BlockQ4_0>(t, x);
-        else q8 ? amx_fast_tile<AmxTiles, BlockQ8_0>(t, x) : amx_fast_tile<AmxTiles, BlockQ4_0>(t, x);
+        with_block(w_.format(), [&]<class Block>() {
+            if (cpu_isa().amx_emulated) amx_fast_tile<AmxTilesEmulated, Block>(t, x);
+            else amx_fast_tile<AmxTiles, Block>(t, x);
+        });
 #else
         (void)t, (void)x; // kernel_isa::amx_int8 is chosen on x86 only
 #endif
@@ -957,34 +1037,35 @@ private:
 
     /// One kernel call for `rows` (1..6) rows, on the instructions chosen at construction.
     void run_tile(const TileArgs& t, const TileRows& x, index_t rows) const {
-        const bool q8 = w_.format() == dtype::q8_0;
+        with_block(w_.format(), [&]<class Block>() {
 #if HYPERMOE_X86_KERNELS
-        if (kernel_ != kernel_isa::portable) {
-            const auto go = [&]<int Rows>() {
-                if (kernel_ == kernel_isa::avx2) {
-                    if (fast_) q8 ? avx2_tile_rows<Rows, BlockQ8_0, true>(t, x) : avx2_tile_rows<Rows, BlockQ4_0, true>(t, x);
-                    else q8 ? avx2_tile_rows<Rows, BlockQ8_0, false>(t, x) : avx2_tile_rows<Rows, BlockQ4_0, false>(t, x);
-                } else if (!fast_) {
-                    if constexpr (Rows <= exact_row_block) q8 ? exact_tile<Rows, BlockQ8_0>(t, x) : exact_tile<Rows, BlockQ4_0>(t, x);
-                } else if (kernel_ == kernel_isa::avx512_vnni || kernel_ == kernel_isa::amx_int8) { // AMX: calls of few rows
-                    q8 ? fast_tile<Rows, BlockQ8_0, true>(t, x) : fast_tile<Rows, BlockQ4_0, true>(t, x);
-                } else {
-                    q8 ? fast_tile<Rows, BlockQ8_0, false>(t, x) : fast_tile<Rows, BlockQ4_0, false>(t, x);
+            if (kernel_ != kernel_isa::portable) {
+                const auto go = [&]<int Rows>() {
+                    if (kernel_ == kernel_isa::avx2) {
+                        if (fast_) avx2_tile_rows<Rows, Block, true>(t, x);
+                        else avx2_tile_rows<Rows, Block, false>(t, x);
+                    } else if (!fast_) {
+                        if constexpr (Rows <= exact_row_block) exact_tile<Rows, Block>(t, x);
+                    } else if (kernel_ == kernel_isa::avx512_vnni || kernel_ == kernel_isa::amx_int8) { // AMX: calls of few rows
+                        fast_tile<Rows, Block, true>(t, x);
+                    } else {
+                        fast_tile<Rows, Block, false>(t, x);
+                    }
+                };
+                switch (rows) { // a compile-time row count keeps every row's sums in registers
+                case 1: go.template operator()<1>(); break;
+                case 2: go.template operator()<2>(); break;
+                case 3: go.template operator()<3>(); break;
+                case 4: go.template operator()<4>(); break;
+                case 5: go.template operator()<5>(); break;
+                default: go.template operator()<6>(); break;
                 }
-            };
-            switch (rows) { // a compile-time row count keeps every row's sums in registers
-            case 1: go.template operator()<1>(); break;
-            case 2: go.template operator()<2>(); break;
-            case 3: go.template operator()<3>(); break;
-            case 4: go.template operator()<4>(); break;
-            case 5: go.template operator()<5>(); break;
-            default: go.template operator()<6>(); break;
+                return;
             }
-            return;
-        }
 #endif
-        if (fast_) q8 ? portable_tile<BlockQ8_0, true>(t, x, int(rows)) : portable_tile<BlockQ4_0, true>(t, x, int(rows));
-        else q8 ? portable_tile<BlockQ8_0, false>(t, x, int(rows)) : portable_tile<BlockQ4_0, false>(t, x, int(rows));
+            if (fast_) portable_tile<Block, true>(t, x, int(rows));
+            else portable_tile<Block, false>(t, x, int(rows));
+        });
     }
 
     /// The bias from output n on, or null.

@@ -23,7 +23,7 @@
 namespace hypermoe {
 
 /// A read-only weight matrix, row-major (N, K): row n holds output n's weights. Elements are f32
-/// or bf16, or q8_0 / q4_0 blocks of 32 along K in ggml's bytes (as GGUF files hold them; K a
+/// or bf16, or q8_0 / q4_0 / mxfp4 blocks of 32 along K in ggml's bytes (as GGUF files hold them; K a
 /// multiple of 32), which a linear map stored in the same format keeps as they are.
 class WeightView {
 public:
@@ -32,11 +32,11 @@ public:
     WeightView(ConstMatrixView<bf16> w) noexcept // NOLINT(google-explicit-constructor)
         : data_(w.data()), type_(dtype::bf16), rows_(w.rows()), cols_(w.cols()), stride_(w.stride()) {}
 
-    /// (rows, cols) weights held as `format` blocks (q8_0 or q4_0) at `blocks`, row after row
+    /// (rows, cols) weights held as `format` blocks (q8_0, q4_0 or mxfp4) at `blocks`, row after row
     /// (any alignment). shape_error unless cols is a multiple of 32.
     [[nodiscard]] static WeightView blocks(const void* blocks, dtype format, index_t rows, index_t cols) {
         if (!is_block_format(format))
-            throw config_error(detail::concat("WeightView::blocks: format is ", to_string(format), ", expected q8_0 or q4_0"));
+            throw config_error(detail::concat("WeightView::blocks: format is ", to_string(format), ", expected q8_0, q4_0 or mxfp4"));
         if (cols % quant_block != 0)
             throw shape_error(detail::concat("WeightView::blocks: ", cols, " columns, expected a multiple of ", quant_block));
         WeightView w(ConstMatrixView<float>{});
@@ -74,10 +74,9 @@ public:
         switch (type_) {
         case dtype::f32: return static_cast<const float*>(data_)[r * stride_ + c];
         case dtype::bf16: return static_cast<const bf16*>(data_)[r * stride_ + c].to_float();
-        case dtype::q8_0: case dtype::q4_0: break;
+        case dtype::q8_0: case dtype::q4_0: case dtype::mxfp4: break;
         }
-        const std::size_t block = type_ == dtype::q8_0 ? sizeof(BlockQ8_0) : sizeof(BlockQ4_0);
-        return stored_block_element(row_bytes(r) + std::size_t(c / quant_block) * block, type_ == dtype::q8_0, c % quant_block);
+        return stored_block_element(row_bytes(r) + weight_bytes(type_, 1, std::size_t(c / quant_block * quant_block)), type_, c % quant_block);
     }
 
 private:
@@ -93,9 +92,9 @@ struct LinearOptions {
     /// C += result instead of C = result.
     bool accumulate = false;
     /// dtype the weights are stored in; defaults to the source's. f32 -> bf16 rounds to nearest
-    /// even; q8_0 / q4_0 quantise blocks of 32 along K (core/quant.hpp).
+    /// even; q8_0 / q4_0 / mxfp4 quantise blocks of 32 along K (core/quant.hpp).
     std::optional<dtype> storage = std::nullopt;
-    /// How q8_0 / q4_0 weights compute (core/dtype.hpp); f32 and bf16 storage compute exactly
+    /// How q8_0 / q4_0 / mxfp4 weights compute (core/dtype.hpp); f32 and bf16 storage compute exactly
     /// either way.
     precision prec = precision::exact;
 };
@@ -117,7 +116,7 @@ namespace detail {
 
 /// Row r of weight `name` (its values) stored as `type` at `out` (weight_bytes(type, 1,
 /// values.size()) bytes), as a linear map stored in that type converts f32 weights: f32 copied;
-/// bf16 rounded; q8_0 / q4_0 quantised (values.size() a multiple of 32). Every value is checked
+/// bf16 rounded; q8_0 / q4_0 / mxfp4 quantised (values.size() a multiple of 32). Every value is checked
 /// finite first (non_finite_weight) unless the type is f32, which validate_linear checks.
 inline void store_row(std::span<const float> values, dtype type, std::byte* out, const std::string& name, index_t r) {
     if (type == dtype::f32) {
@@ -132,6 +131,7 @@ inline void store_row(std::span<const float> values, dtype type, std::byte* out,
         break;
     case dtype::q8_0: quantize_row(values, std::span(reinterpret_cast<BlockQ8_0*>(out), blocks), concat(name, " row ", r)); break;
     case dtype::q4_0: quantize_row(values, std::span(reinterpret_cast<BlockQ4_0*>(out), blocks), concat(name, " row ", r)); break;
+    case dtype::mxfp4: quantize_row(values, std::span(reinterpret_cast<BlockMXFP4*>(out), blocks), concat(name, " row ", r)); break;
     case dtype::f32: break;
     }
 }

@@ -1,7 +1,7 @@
 #pragma once
 // The reference backend: plain loops, accumulation and activation in double. It is the oracle
 // every other backend is tested against, not a fast path. bf16 weights stay bf16 in memory;
-// q8_0 / q4_0 weights stay in their blocks, each output row dequantised exactly when used
+// q8_0 / q4_0 / mxfp4 weights stay in their blocks, each output row dequantised exactly when used
 // (`exact`), or, with `fast`, each block's integer dot with the activations quantised as the
 // fast kernels quantise them (backend/block_linear.hpp), scaled and summed in double; bf16
 // weights with `fast` multiply the activations rounded to bf16, as the fast kernel does.
@@ -154,8 +154,7 @@ struct reference {
         void columns(const PreparedInput& p, MatrixView<float> c, index_t n0, Workspace& ws, float scale) const {
             const ConstMatrixView<float> a = p.a;
             if (fast_blocks()) {
-                if (storage_ == dtype::q8_0) fast<BlockQ8_0>(p, c, n0, scale);
-                else fast<BlockQ4_0>(p, c, n0, scale);
+                detail::with_block(storage_, [&]<class Block>() { fast<Block>(p, c, n0, scale); });
                 return;
             }
             const std::span<float> w = ws.take<float>(k_);
@@ -187,7 +186,7 @@ struct reference {
                         const Block blk = blocks_.block<Block>(j, b);
                         const std::int32_t dot = detail::block_int_dot<Block>(reinterpret_cast<const std::uint8_t*>(blk.qs.data()),
                                                                               xq.q_row(m) + b * quant_block, xq.sum_row(m)[b]);
-                        acc += double(f16_bits_to_f32(blk.d)) * double(xq.d_row(m)[b]) * double(dot);
+                        acc += double(block_scale(blk)) * double(xq.d_row(m)[b]) * double(dot);
                     }
                     const auto v = static_cast<float>(double(scale) * Act::apply(acc));
                     c(m, j - n0) = accumulate_ ? c(m, j - n0) + v : v;

@@ -1,6 +1,6 @@
 #pragma once
-// Storage types of weights: f32 and bf16 elements, and the q8_0 and q4_0 blocks of 32 weights
-// (core/quant.hpp). bf16 is stored as its 16 bits; the conversion from float rounds to nearest,
+// Storage types of weights: f32 and bf16 elements, and the q8_0, q4_0 and mxfp4 blocks of 32
+// weights (core/quant.hpp). bf16 is stored as its 16 bits; the conversion from float rounds to nearest,
 // ties to even, bit-exact with PyTorch's `.to(torch.bfloat16)` (c10::BFloat16
 // round_to_nearest_even), including NaN -> 0x7FC0.
 
@@ -10,16 +10,18 @@
 
 namespace hypermoe {
 
-/// Storage type of a weight: an element type (f32, bf16) or a block format (q8_0, q4_0).
-enum class dtype : std::uint8_t { f32, bf16, q8_0, q4_0 };
+/// Storage type of a weight: an element type (f32, bf16) or a block format (q8_0, q4_0, mxfp4).
+enum class dtype : std::uint8_t { f32, bf16, q8_0, q4_0, mxfp4 };
 
 [[nodiscard]] constexpr std::string_view to_string(dtype t) noexcept {
-    constexpr std::string_view names[] = {"f32", "bf16", "q8_0", "q4_0"};
+    constexpr std::string_view names[] = {"f32", "bf16", "q8_0", "q4_0", "mxfp4"};
     return names[static_cast<int>(t)];
 }
 
 /// Whether weights of this type are stored in blocks of 32 along the input dimension.
-[[nodiscard]] constexpr bool is_block_format(dtype t) noexcept { return t == dtype::q8_0 || t == dtype::q4_0; }
+[[nodiscard]] constexpr bool is_block_format(dtype t) noexcept {
+    return t == dtype::q8_0 || t == dtype::q4_0 || t == dtype::mxfp4;
+}
 
 /// Bytes of one element of an element type (f32, bf16).
 [[nodiscard]] constexpr std::size_t size_of(dtype t) noexcept { return t == dtype::f32 ? 4 : 2; }
@@ -31,13 +33,14 @@ enum class dtype : std::uint8_t { f32, bf16, q8_0, q4_0 };
     switch (t) {
     case dtype::q8_0: return n * blocks * 34;
     case dtype::q4_0: return n * blocks * 18;
+    case dtype::mxfp4: return n * blocks * 17;
     default: return n * k * size_of(t);
     }
 }
 
 /// How a linear map over bf16 or block-format weights computes.
 /// - `exact`: f32 arithmetic on the weights' exact values (bf16 widened, blocks dequantised).
-/// - `fast`: for q8_0 / q4_0 weights, the activations are quantised to 8 bits per block of 32
+/// - `fast`: for q8_0 / q4_0 / mxfp4 weights, the activations are quantised to 8 bits per block of 32
 ///   (an f32 scale, integers rounded to nearest even) and each block's dot product is an integer
 ///   one (AVX-512 VNNI where the CPU has it), accumulated in f32. For bf16 weights the activations
 ///   are rounded to bf16 (to nearest even) and pairs of bf16 products are summed in f32

@@ -1,15 +1,22 @@
 #pragma once
-// The 8- and 4-bit block formats of weights, bit-compatible with ggml's Q8_0 and Q4_0 (so GGUF
-// files can be used without re-quantising, and results compared with llama.cpp):
+// The 8- and 4-bit block formats of weights, bit-compatible with ggml's Q8_0, Q4_0 and MXFP4 (so
+// GGUF files can be used without re-quantising, and results compared with llama.cpp):
 //
-//   q8_0: blocks of 32 consecutive weights along the input dimension, 34 bytes each:
-//         d = amax / 127 stored as IEEE half; q = roundf(x * (1/d)) as int8; value = q * d.
-//   q4_0: blocks of 32, 18 bytes each: max = the element of largest magnitude (signed, the first
-//         one on ties); d = max / -8 stored as half; q = min(15, (int8_t)(x * (1/d) + 8.5f));
-//         value = (q - 8) * d; element j and j + 16 share byte j (low nibble = element j).
+//   q8_0:  blocks of 32 consecutive weights along the input dimension, 34 bytes each:
+//          d = amax / 127 stored as IEEE half; q = roundf(x * (1/d)) as int8; value = q * d.
+//   q4_0:  blocks of 32, 18 bytes each: max = the element of largest magnitude (signed, the first
+//          one on ties); d = max / -8 stored as half; q = min(15, (int8_t)(x * (1/d) + 8.5f));
+//          value = (q - 8) * d; element j and j + 16 share byte j (low nibble = element j).
+//   mxfp4: blocks of 32, 17 bytes each (the OCP microscaling FP4): a scale byte e (E8M0), then
+//          16 bytes of nibbles as q4_0's; value = mxfp4_values[nibble] * 2^(e - 128), the FP4
+//          (E2M1) values doubled to integers times half of E8M0's 2^(e - 127), as ggml's
+//          kvalues_mxfp4 and GGML_E8M0_TO_FP32_HALF take them (every e, 0 and 255 included).
+//          Quantising (ggml's quantize_row_mxfp4_ref): e = floor(log2(amax)) - 2 + 127 (0 for a
+//          zero block, and for amax below 2^-125, where ggml's conversion to a byte is
+//          undefined), each weight the nearest value, the first of the 16 on ties.
 //
-// In both, 1/d is computed in f32 from the unrounded d (as ggml's reference quantiser does),
-// and dequantising uses the stored, half-rounded d. A zero block has d = 0 and all q = 0 (q4_0:
+// In q8_0 and q4_0, 1/d is computed in f32 from the unrounded d (as ggml's reference quantiser
+// does), and dequantising uses the stored, half-rounded d. A zero block has d = 0 and all q = 0 (q4_0:
 // d = 0 / -8 = -0, half bits 0x8000, and every nibble 8). IEEE half conversion rounds to nearest, ties to even, bit-exact with F16C's
 // _cvtss_sh(x, 0) and ggml's GGML_FP32_TO_FP16 (tested against F16C where the CPU has it).
 
@@ -19,10 +26,12 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <limits>
 #include <span>
 #include <string_view>
 #include <utility>
 
+#include "hypermoe/core/dtype.hpp"
 #include "hypermoe/core/error.hpp"
 #include "hypermoe/core/extents.hpp"
 #include "hypermoe/detail/format.hpp"
@@ -72,7 +81,19 @@ struct BlockQ4_0 {
     std::uint16_t d = 0;
     std::array<std::uint8_t, 16> qs{};
 };
-static_assert(sizeof(BlockQ8_0) == 34 && sizeof(BlockQ4_0) == 18, "the blocks are ggml's, byte for byte");
+/// ggml's block_mxfp4: the scale byte e, then 16 bytes of two 4-bit indices into mxfp4_values.
+struct BlockMXFP4 {
+    std::uint8_t e = 0;
+    std::array<std::uint8_t, 16> qs{};
+};
+static_assert(sizeof(BlockQ8_0) == 34 && sizeof(BlockQ4_0) == 18 && sizeof(BlockMXFP4) == 17, "the blocks are ggml's, byte for byte");
+
+/// The 16 values MXFP4's nibbles stand for, in units of its scale 2^(e - 128) (ggml's
+/// kvalues_mxfp4: E2M1's values doubled; nibble 8 is E2M1's -0).
+inline constexpr std::array<std::int8_t, 16> mxfp4_values = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
+
+/// MXFP4's scale for its byte e: 2^(e - 128), exactly (a subnormal float for e < 2).
+[[nodiscard]] inline float mxfp4_scale(unsigned e) noexcept { return std::ldexp(1.0f, int(e) - 128); }
 
 /// A q8_0 block of 32 finite floats.
 [[nodiscard]] inline BlockQ8_0 quantize_q8_0(std::span<const float, 32> x) noexcept {
@@ -103,31 +124,64 @@ static_assert(sizeof(BlockQ8_0) == 34 && sizeof(BlockQ4_0) == 18, "the blocks ar
     return b;
 }
 
+/// An mxfp4 block of 32 finite floats.
+[[nodiscard]] inline BlockMXFP4 quantize_mxfp4(std::span<const float, 32> x) noexcept {
+    float amax = 0.0f;
+    for (const float v : x) amax = std::max(amax, std::fabs(v));
+    BlockMXFP4 b;
+    b.e = amax > 0.0f ? static_cast<std::uint8_t>(std::max(0.0f, std::floor(std::log2(amax)) - 2 + 127)) : 0;
+    const float d = mxfp4_scale(b.e);
+    const auto nearest = [d](float v) {
+        std::uint8_t best = 0;
+        for (std::uint8_t i = 1; i < 16; ++i)
+            if (std::fabs(float(mxfp4_values[i]) * d - v) < std::fabs(float(mxfp4_values[best]) * d - v)) best = i;
+        return best;
+    };
+    for (std::size_t j = 0; j < 16; ++j) b.qs[j] = static_cast<std::uint8_t>(nearest(x[j]) | (nearest(x[j + 16]) << 4));
+    return b;
+}
+
+/// A block's scale (exact): its half d, or mxfp4's 2^(e - 128).
+[[nodiscard]] inline float block_scale(const BlockQ8_0& b) noexcept { return f16_bits_to_f32(b.d); }
+[[nodiscard]] inline float block_scale(const BlockQ4_0& b) noexcept { return f16_bits_to_f32(b.d); }
+[[nodiscard]] inline float block_scale(const BlockMXFP4& b) noexcept { return mxfp4_scale(b.e); }
+
 /// The 32 values a block stands for.
 inline void dequantize(const BlockQ8_0& b, std::span<float, 32> out) noexcept {
-    const float d = f16_bits_to_f32(b.d);
+    const float d = block_scale(b);
     for (std::size_t j = 0; j < 32; ++j) out[j] = float(b.qs[j]) * d;
 }
 inline void dequantize(const BlockQ4_0& b, std::span<float, 32> out) noexcept {
-    const float d = f16_bits_to_f32(b.d);
+    const float d = block_scale(b);
     for (std::size_t j = 0; j < 16; ++j) {
         out[j] = float(int(b.qs[j] & 0x0F) - 8) * d;
         out[j + 16] = float(int(b.qs[j] >> 4) - 8) * d;
     }
 }
+inline void dequantize(const BlockMXFP4& b, std::span<float, 32> out) noexcept {
+    const float d = block_scale(b);
+    for (std::size_t j = 0; j < 16; ++j) {
+        out[j] = float(mxfp4_values[b.qs[j] & 0x0F]) * d;
+        out[j + 16] = float(mxfp4_values[b.qs[j] >> 4]) * d;
+    }
+}
 
-/// Element j (0-31) of a block stored as ggml's bytes at `block` (any alignment): q8_0 when
-/// `q8`, else q4_0.
-[[nodiscard]] inline float stored_block_element(const void* block, bool q8, index_t j) noexcept {
+/// Element j (0-31) of a block of `format` (q8_0, q4_0 or mxfp4) stored as ggml's bytes at
+/// `block` (any alignment).
+[[nodiscard]] inline float stored_block_element(const void* block, dtype format, index_t j) noexcept {
     const auto* p = static_cast<const unsigned char*>(block);
+    if (format == dtype::mxfp4) {
+        const unsigned byte = p[1 + (j & 15)];
+        return float(mxfp4_values[j < 16 ? byte & 0x0Fu : byte >> 4]) * mxfp4_scale(p[0]);
+    }
     const float d = f16_bits_to_f32(static_cast<std::uint16_t>(p[0] | (p[1] << 8)));
-    if (q8) return float(static_cast<std::int8_t>(p[2 + j])) * d;
+    if (format == dtype::q8_0) return float(static_cast<std::int8_t>(p[2 + j])) * d;
     const unsigned byte = p[2 + (j & 15)];
     return float(int(j < 16 ? byte & 0x0Fu : byte >> 4) - 8) * d;
 }
 
-/// ggml's other quant types, which the library reads by widening them to f32 (io/: never held in
-/// this form; q8_0 and q4_0 above are held as stored). Their bytes are ggml's (half values
+/// ggml's quant types, which the library reads by widening them to f32 (io/: held in this form
+/// only when they are q8_0, q4_0 or mxfp4 above, which are held as stored). Their bytes are ggml's (half values
 /// little-endian). Two kinds:
 ///
 /// Blocks of 32, like Q4_0 and Q8_0: what older files hold throughout, and what llama.cpp writes
@@ -143,7 +197,8 @@ inline void dequantize(const BlockQ4_0& b, std::span<float, 32> out) noexcept {
 ///         mxfp4_values[nibble] * 2^(e - 128): the FP4 (E2M1) values 0, 0.5, 1, 1.5, 2, 3, 4, 6
 ///         and their negatives, doubled to integers, times half of E8M0's 2^(e - 127), as ggml's
 ///         kvalues_mxfp4 and GGML_E8M0_TO_FP32_HALF take them (every e, 0 and 255 included).
-///         llama.cpp's MXFP4_MOE files hold MoE experts in it, gpt-oss's GGUF files too.
+///         llama.cpp's MXFP4_MOE files hold MoE experts in it, gpt-oss's GGUF files too. (Also a
+///         held format: BlockMXFP4 above; here for widening into the other storages.)
 ///
 /// K-quant super-blocks of 256, in the files of llama.cpp's Q2_K, Q3_K_*, Q4_K_*, Q5_K_* and Q6_K
 /// kinds, and the non-linear IQ4_XS of its IQ4_XS files:
@@ -182,13 +237,6 @@ enum class ggml_quant { q4_1, q5_0, q5_1, iq4_nl, mxfp4, q2_k, q3_k, q4_k, q5_k,
 /// The 16 values IQ4_NL's and IQ4_XS's nibbles stand for (ggml's kvalues_iq4nl).
 inline constexpr std::array<std::int8_t, 16> iq4nl_values = {-127, -104, -83, -65, -49, -35, -22, -10,
                                                               1,    13,   25,  38,  53,  69,  89,  113};
-
-/// The 16 values MXFP4's nibbles stand for, in units of its scale 2^(e - 128) (ggml's
-/// kvalues_mxfp4: E2M1's values doubled; nibble 8 is E2M1's -0).
-inline constexpr std::array<std::int8_t, 16> mxfp4_values = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
-
-/// MXFP4's scale for its byte e: 2^(e - 128), exactly (a subnormal float for e < 2).
-[[nodiscard]] inline float mxfp4_scale(unsigned e) noexcept { return std::ldexp(1.0f, int(e) - 128); }
 
 /// Sub-block s's (0-7) 6-bit scale and min from a Q4_K / Q5_K super-block's 12 scale bytes: s < 4
 /// in the low 6 bits of bytes s and s + 4; else the low (scale) and high (min) nibbles of byte
@@ -282,9 +330,12 @@ private:
 
 namespace detail {
 
-/// The largest magnitude a block may hold so that its half scale is finite.
+/// The largest magnitude a block may hold so that its scale is finite (half for q8_0 and q4_0;
+/// mxfp4's E8M0 scale takes every finite value).
 template <class Block>
-inline constexpr float max_quantizable = std::is_same_v<Block, BlockQ8_0> ? 65504.0f * 127.0f : 65504.0f * 8.0f;
+inline constexpr float max_quantizable = std::is_same_v<Block, BlockQ8_0>   ? 65504.0f * 127.0f
+                                         : std::is_same_v<Block, BlockQ4_0> ? 65504.0f * 8.0f
+                                                                            : std::numeric_limits<float>::max();
 
 } // namespace detail
 
@@ -307,7 +358,8 @@ void quantize_row(std::span<const float> x, std::span<Block> out, std::string_vi
         const index_t first = b * quant_block, count = std::min(quant_block, n - first);
         std::copy_n(x.begin() + first, count, block.begin());
         if constexpr (std::is_same_v<Block, BlockQ8_0>) out[std::size_t(b)] = quantize_q8_0(block);
-        else out[std::size_t(b)] = quantize_q4_0(block);
+        else if constexpr (std::is_same_v<Block, BlockQ4_0>) out[std::size_t(b)] = quantize_q4_0(block);
+        else out[std::size_t(b)] = quantize_mxfp4(block);
     }
 }
 

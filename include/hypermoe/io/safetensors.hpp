@@ -45,9 +45,10 @@
 namespace hypermoe {
 
 /// Element types of a stored tensor: those a safetensors file may declare, the block formats of
-/// GGUF files along the last dimension (q8_0, q4_0, held as stored; the other ggml quants, read
-/// by widening: q4_1, q5_0, q5_1, iq4_nl and mxfp4 in blocks of 32, the K-quants q2_k to q6_k and iq4_xs
-/// in super-blocks of 256; core/quant.hpp) and `other` for a GGUF type the library does not read
+/// GGUF files along the last dimension (q8_0, q4_0 and mxfp4, held as stored; the other ggml
+/// quants, read by widening: q4_1, q5_0, q5_1 and iq4_nl in blocks of 32, the K-quants q2_k to q6_k
+/// and iq4_xs in super-blocks of 256; core/quant.hpp; mxfp4 is one of these too, for storages
+/// other than its own) and `other` for a GGUF type the library does not read
 /// (its name is TensorInfo::type_name).
 enum class tensor_dtype {
     f64, f32, f16, bf16, i64, i32, i16, i8, u8, boolean,
@@ -70,19 +71,20 @@ enum class tensor_dtype {
     return names[static_cast<int>(t)];
 }
 
-/// Whether a tensor dtype is a block format a layer holds as stored (q8_0, q4_0).
-[[nodiscard]] constexpr bool is_block_dtype(tensor_dtype t) noexcept { return t == tensor_dtype::q8_0 || t == tensor_dtype::q4_0; }
-
-/// The weight dtype a tensor dtype's bytes are as they are (F32, BF16, Q8_0, Q4_0), if any.
+/// The weight dtype a tensor dtype's bytes are as they are (F32, BF16, Q8_0, Q4_0, MXFP4), if any.
 [[nodiscard]] constexpr std::optional<dtype> held_dtype(tensor_dtype t) noexcept {
     switch (t) {
     case tensor_dtype::f32: return dtype::f32;
     case tensor_dtype::bf16: return dtype::bf16;
     case tensor_dtype::q8_0: return dtype::q8_0;
     case tensor_dtype::q4_0: return dtype::q4_0;
+    case tensor_dtype::mxfp4: return dtype::mxfp4;
     default: return std::nullopt;
     }
 }
+
+/// Whether a tensor dtype is a block format a layer holds as stored (q8_0, q4_0, mxfp4).
+[[nodiscard]] constexpr bool is_block_dtype(tensor_dtype t) noexcept { return held_dtype(t) && is_block_format(*held_dtype(t)); }
 
 /// Whether a tensor dtype is one of the ggml quants read by converting it to f32 (ggml_quant,
 /// core/quant.hpp): q4_1 to iq4_xs in the enum's order.
@@ -194,8 +196,7 @@ public:
     [[nodiscard]] double element(const TensorInfo& t, index_t i) const noexcept {
         const std::byte* base = data_.data() + t.begin;
         if (is_block_dtype(t.dtype))
-            return stored_block_element(base + std::size_t(i / quant_block) * size_of(t.dtype), t.dtype == tensor_dtype::q8_0,
-                                        i % quant_block);
+            return stored_block_element(base + std::size_t(i / quant_block) * size_of(t.dtype), *held_dtype(t.dtype), i % quant_block);
         if (is_ggml_quant_dtype(t.dtype)) {
             const index_t n = block_elements(ggml_quant_of(t.dtype));
             return GgmlQuantBlock(base + std::size_t(i / n) * size_of(t.dtype), ggml_quant_of(t.dtype))[i % n];
