@@ -160,7 +160,8 @@ TEST_CASE("hypermoe run --grad writes dx and d/<tensor> matching every fixture's
 TEST_CASE("hypermoe run and bench with bf16, 8- and 4-bit expert weights; bench names the f32 kernels") {
     const std::string dir = test::data_dir + "/qwen2_moe-basic";
     const fs::path out = fs::temp_directory_path() / ("hypermoe-cli-q-" + std::to_string(::getpid()) + ".safetensors");
-    for (const auto& weights_bound : {std::pair<std::string, double>{"bf16", 1e-2}, {"q8_0", 3e-2}, {"q4_0", 5e-1}}) {
+    for (const auto& weights_bound :
+         {std::pair<std::string, double>{"bf16", 1e-2}, {"q8_0", 3e-2}, {"q4_0", 5e-1}, {"mxfp4", 5e-1}}) {
         const std::string& weights = weights_bound.first; // not a structured binding: clang 14 cannot capture those
         const double bound = weights_bound.second;
         CAPTURE(weights);
@@ -180,8 +181,10 @@ TEST_CASE("hypermoe run and bench with bf16, 8- and 4-bit expert weights; bench 
             const auto row = nlohmann::json::parse(b.out.substr(0, b.out.find('\n')));
             CHECK(row["weights"] == weights);
             CHECK(row["precision"] == precision);
-            const hypermoe::dtype t = weights == "bf16" ? hypermoe::dtype::bf16
-                                      : weights == "q8_0" ? hypermoe::dtype::q8_0 : hypermoe::dtype::q4_0;
+            const hypermoe::dtype t = weights == "bf16"   ? hypermoe::dtype::bf16
+                                      : weights == "q8_0" ? hypermoe::dtype::q8_0
+                                      : weights == "q4_0" ? hypermoe::dtype::q4_0
+                                                          : hypermoe::dtype::mxfp4;
             const hypermoe::precision p = precision == "fast" ? hypermoe::precision::fast : hypermoe::precision::exact;
             CHECK(row["isa"] == kernel_name(t, p));
             if (t == hypermoe::dtype::bf16 && p == hypermoe::precision::fast) {
@@ -192,7 +195,8 @@ TEST_CASE("hypermoe run and bench with bf16, 8- and 4-bit expert weights; bench 
                 CHECK(nlohmann::json::parse(forced.out.substr(0, forced.out.find('\n')))["isa"] == kernel_name(t, p, true));
             }
             // 8 experts x 3 matrices of 64 x 64: 8 x 3 x 64 rows x 2 blocks of 32 (bf16: 2 bytes each).
-            CHECK(row["weight_bytes"] == 8 * 3 * 64 * 2 * (t == hypermoe::dtype::bf16 ? 64 : t == hypermoe::dtype::q8_0 ? 34 : 18));
+            const int block = t == hypermoe::dtype::bf16 ? 64 : t == hypermoe::dtype::q8_0 ? 34 : t == hypermoe::dtype::q4_0 ? 18 : 17;
+            CHECK(row["weight_bytes"] == 8 * 3 * 64 * 2 * block);
         }
     }
     // f32: the backend's name, or the instructions of our f32 panels where oneDNN runs them.
@@ -265,7 +269,7 @@ TEST_CASE("hypermoe inspect, run and bench on GGUF files") {
     fs::remove_all(tmp);
 }
 
-TEST_CASE("hypermoe holds a GGUF file's K-quant and MXFP4 experts in q8_0, Q2_K and Q3_K files' in q4_0, unless --weights says otherwise") {
+TEST_CASE("hypermoe holds a GGUF file's K-quant experts in q8_0, Q2_K and Q3_K files' in q4_0, MXFP4 ones as stored, unless --weights says otherwise") {
     const fs::path tmp = fs::temp_directory_path() / ("hypermoe-cli-kquant-" + std::to_string(::getpid()));
     fs::create_directories(tmp);
     const std::string input = (tmp / "x.safetensors").string();
@@ -276,7 +280,8 @@ TEST_CASE("hypermoe holds a GGUF file's K-quant and MXFP4 experts in q8_0, Q2_K 
     write_safetensors(input, {f32_tensor("x", {4, 256}, {x.data(), 4 * 256})}, {{"layer", "0"}});
     // A file of a family whose experts' gate and up are stored in one ggml quant and down in
     // another (random blocks, d_model = d_ff = 256): its default --weights, which `run` takes when
-    // none is given and which stays within `bound` (relative) of the file's exact values.
+    // none is given and which stays within `bound` (relative) of the file's exact values: the
+    // blocks requantised (more than 0), or held as stored (f32 arithmetic on the same values).
     const auto check = [&](const std::string& stem, const std::string& family_name, std::uint32_t gate_up, std::uint32_t down,
                            const std::string& stored, const std::string& storage, double bound) {
         CAPTURE(stem);
@@ -295,14 +300,13 @@ TEST_CASE("hypermoe holds a GGUF file's K-quant and MXFP4 experts in q8_0, Q2_K 
         CHECK(i.out.find("experts stored as " + stored + "; default --weights " + storage) != std::string::npos);
         auto y = run_outputs(file, input, {"", " --weights " + storage, " --weights f32"}, (tmp / "y.safetensors").string());
         CHECK(test::relative_error(y[""].view(), y[" --weights " + storage].view()) == 0.0);
-        // blocks of the file's values: close to the exact values, not equal to them
         const double requantised = test::relative_error(y[""].view(), y[" --weights f32"].view());
-        CHECK(requantised > 0.0);
+        if (storage != "mxfp4") CHECK(requantised > 0.0);
         CHECK(requantised < bound);
     };
     check("q4_k_m", "mixtral", test::Q4_K, test::Q6_K, "Q4_K, Q6_K", "q8_0", 0.02); // llama.cpp's Q4_K_M mix
     check("q2_k", "mixtral", test::Q2_K, test::Q3_K, "Q2_K, Q3_K", "q4_0", 0.2);    // its Q2_K mix
-    check("mxfp4_moe", "qwen3_moe", test::MXFP4, test::MXFP4, "MXFP4", "q8_0", 0.02); // a qwen3moe file of MXFP4_MOE
+    check("mxfp4_moe", "qwen3_moe", test::MXFP4, test::MXFP4, "MXFP4", "mxfp4", 1e-5); // a qwen3moe file of MXFP4_MOE
     fs::remove_all(tmp);
 }
 
@@ -336,7 +340,7 @@ TEST_CASE("hypermoe inspect and bench") {
     if (hypermoe::detail::onednn_bf16_primitive()) bf16_fast += " (the oneDNN backend: " + kernel_name(hypermoe::dtype::bf16, hypermoe::precision::fast) + ")";
 #endif
     CHECK(i.out.find("kernels    bf16 weights: exact on " + on(hypermoe::dtype::bf16, hypermoe::precision::exact) + ", fast on " +
-                     bf16_fast + "; q8_0 / q4_0 weights: exact on " +
+                     bf16_fast + "; q8_0 / q4_0 / mxfp4 weights: exact on " +
                      on(hypermoe::dtype::q8_0, hypermoe::precision::exact) + ", fast on " +
                      on(hypermoe::dtype::q8_0, hypermoe::precision::fast) + " (this CPU: " + hypermoe::detail::cpu_isa_names() +
                      ")") != std::string::npos);
