@@ -476,6 +476,7 @@ TEST_CASE("usage errors exit 2 with one line on stderr") {
          "'dy' has shape [2, 32], expected the shape of 'x'"},
         {"bench --family hypermoe_gpt2 --d-model 16 --tokens 4 --repeat 1 --hyper sometimes",
          "--hyper is 'sometimes', expected cached, per-token or off"},
+        {"bench --d-model 32 --tokens 4 --repeat 1 --weights q5_k", "--weights is 'q5_k', expected f32, bf16, q8_0, q4_0 or mxfp4"},
     };
     for (const auto& entry : errors) { // (not a structured binding: clang 14 cannot capture one in CAPTURE)
         const std::string& args = entry.first;

@@ -1,4 +1,4 @@
-// FfnExpert and GluExpert on every fast backend, f32, bf16, q8_0 and q4_0 weights (the block
+// FfnExpert and GluExpert on every fast backend, f32, bf16, q8_0, q4_0 and mxfp4 weights (the block
 // formats in both precisions), against the ceiling: the
 // same GEMM chain as raw oneDNN matmul primitives created for the exact M (brgemm), no epilogue.
 // The reference backend is the tests' oracle, not a fast path, and is not timed here.
@@ -176,6 +176,11 @@ int main(int argc, char** argv) {
             ->UseRealTime()
             ->Unit(benchmark::kMillisecond);
 #endif
+    // Every storage, with each precision where the two differ.
+    constexpr std::pair<hm::dtype, hm::precision> formats[] = {
+        {hm::dtype::f32, hm::precision::exact},  {hm::dtype::bf16, hm::precision::exact},  {hm::dtype::bf16, hm::precision::fast},
+        {hm::dtype::q8_0, hm::precision::exact}, {hm::dtype::q8_0, hm::precision::fast},   {hm::dtype::q4_0, hm::precision::exact},
+        {hm::dtype::q4_0, hm::precision::fast},  {hm::dtype::mxfp4, hm::precision::exact}, {hm::dtype::mxfp4, hm::precision::fast}};
     for (const auto& [d, ff] : {std::pair<hm::index_t, hm::index_t>{1024, 2816}, {768, 3072}})
         for (const hm::index_t m : {1, 8, 64, 512}) {
 #if HYPERMOE_HAS_ONEDNN
@@ -183,9 +188,7 @@ int main(int argc, char** argv) {
             benchmark::RegisterBenchmark(name("BM_RawMatmul_Ffn", f32).c_str(), BM_RawMatmul, f32, 2)->UseRealTime();
             benchmark::RegisterBenchmark(name("BM_RawMatmul_Glu", f32).c_str(), BM_RawMatmul, f32, 3)->UseRealTime();
 #endif
-            for (const auto& [storage, prec] : {std::pair{hm::dtype::f32, hm::precision::exact}, {hm::dtype::bf16, hm::precision::exact}, {hm::dtype::bf16, hm::precision::fast},
-                                                {hm::dtype::q8_0, hm::precision::exact}, {hm::dtype::q8_0, hm::precision::fast},
-                                                {hm::dtype::q4_0, hm::precision::exact}, {hm::dtype::q4_0, hm::precision::fast}}) {
+            for (const auto& [storage, prec] : formats) {
                 const Shape s{d, ff, m, storage, prec};
 #if HYPERMOE_HAS_ONEDNN
                 benchmark::RegisterBenchmark(name("BM_FfnExpert_onednn", s).c_str(), BM_FfnExpert<hm::onednn>, s)->UseRealTime();
@@ -200,9 +203,7 @@ int main(int argc, char** argv) {
         }
     // Decode and T = 32 with the weights streamed from memory (onednn: the default backend).
     for (const hm::index_t m : {1, 32})
-        for (const auto& [storage, prec] : {std::pair{hm::dtype::f32, hm::precision::exact}, {hm::dtype::bf16, hm::precision::exact}, {hm::dtype::bf16, hm::precision::fast},
-                                            {hm::dtype::q8_0, hm::precision::exact}, {hm::dtype::q8_0, hm::precision::fast},
-                                            {hm::dtype::q4_0, hm::precision::exact}, {hm::dtype::q4_0, hm::precision::fast}}) {
+        for (const auto& [storage, prec] : formats) {
             const Shape s{1024, 2816, m, storage, prec};
 #if HYPERMOE_HAS_ONEDNN
             benchmark::RegisterBenchmark(name("BM_GluRotating_onednn", s).c_str(), BM_GluRotating<hm::onednn>, s)->UseRealTime();
