@@ -2,8 +2,9 @@
 // Linear maps over weights stored in the q8_0 / q4_0 / mxfp4 block formats (core/quant.hpp),
 // shared by every backend: a backend's linear whose storage is a block format holds a BlockLinear
 // and forwards to it, so the weights are held once, as blocks (34, 18 or 18 bytes per 32 weights:
-// mxfp4's scale byte is held as the bf16 of its power of two), never widened. They are held in the layout VPDPBUSD takes (BlockWeights: tiles of 32 outputs), so
-// that one kernel serves every row count, from decode to prefill, with nothing repacked per call.
+// mxfp4's scale byte is held as the bf16 of its power of two), never widened. They are held in
+// the layout VPDPBUSD takes (BlockWeights: tiles of 32 outputs), so that one kernel serves every
+// row count, from decode to prefill, with nothing repacked per call.
 // Two precisions (core/dtype.hpp):
 // - exact: f32 on the weights' exact values. Per block and output, the 32 products of the
 //   block's small integers with the inputs are summed in f32 and then scaled by the block's d
@@ -575,8 +576,9 @@ private:
 /// `fast` on AMX-INT8: a tile's integer block dots (see TileArgs) for up to 16 rows, by `Tiles`
 /// (AmxTiles, or AmxTilesEmulated). Per block, one TDPBSUD per panel multiplies all the rows'
 /// signed activations by the panel's unsigned codes (q8_0: q + 128 as held; q4_0: the nibbles,
-/// q + 8, mxfp4: mxfp4_values + 12, first unpacked into the 8 rows of 64 bytes a tile takes); then per row and panel the
-/// sums less offset * sum(xq), into f32 by add_block_sums as in fast_tile, so with its bits.
+/// q + 8; mxfp4: mxfp4_values + 12; the nibbles first unpacked into the 8 rows of 64 bytes a tile
+/// takes); then per row and panel the sums less offset * sum(xq), into f32 by add_block_sums as
+/// in fast_tile, so with its bits.
 /// A block's sums go through memory (2 KiB), and so do the 16 rows' f32 sums (32 registers'
 /// worth): AVX-512 work per block of about 7 instructions per row and panel, against VNNI's 11
 /// (8 VPDPBUSD).
