@@ -3,12 +3,14 @@
 // quant types the library reads (core/quant.hpp's ggml_quant). Each function takes one block's
 // weights (32 or 256) and returns the block's bytes in ggml's layout, which the library's
 // GgmlQuantBlock decodes. Used by requant_error to measure what holding such a file in another
-// storage adds to the file's own error; not by the library, which never writes these types.
+// storage adds to the file's own error; not by the library, which writes none of these types
+// (MXFP4 aside: it quantises into its own mxfp4, which this file calls).
 #pragma once
 
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <cstring>
 #include <cstdint>
 #include <span>
 #include <utility>
@@ -437,23 +439,12 @@ inline Block<18> quantize_iq4_nl(std::span<const float, 32> x) {
 }
 
 /// MXFP4 (17 bytes), as ggml's quantize_row_mxfp4_ref, which llama.cpp's quantize_mxfp4 writes a
-/// file's with (it takes no importance matrix): the scale byte e = floor(log2(amax)) - 2 + 127
-/// (0 for a zero block), so that 2^(e - 128) * 12 is 1.5 x the power of two at or below amax; each
-/// weight the nearest of mxfp4_values times that scale, the first on ties.
+/// file's with (it takes no importance matrix): the library's own quantiser, hm::quantize_mxfp4
+/// (core/quant.hpp), since mxfp4 is also a format the library holds.
 inline Block<17> quantize_mxfp4(std::span<const float, 32> x) {
-    float amax = 0;
-    for (const float v : x) amax = std::max(amax, std::fabs(v));
+    const hm::BlockMXFP4 b = hm::quantize_mxfp4(x);
     Block<17> out{};
-    out[0] = amax > 0 ? static_cast<unsigned char>(std::floor(std::log2(amax)) - 2 + 127) : 0;
-    const float d = std::ldexp(1.0f, int(out[0]) - 128);
-    std::array<std::uint8_t, 32> levels;
-    for (std::size_t j = 0; j < 32; ++j) {
-        std::uint8_t best = 0;
-        for (std::uint8_t i = 1; i < 16; ++i)
-            if (std::fabs(float(hm::mxfp4_values[i]) * d - x[j]) < std::fabs(float(hm::mxfp4_values[best]) * d - x[j])) best = i;
-        levels[j] = best;
-    }
-    pack_nibbles(out.data() + 1, levels);
+    std::memcpy(out.data(), &b, sizeof b);
     return out;
 }
 
