@@ -13,7 +13,7 @@
 // - fast: the activations are quantised per block of 32 (QuantizedRows) and each block's dot
 //   product is an integer one: TDPBSUD's s8 x u8 tile products on AMX-INT8 (calls of 16 rows or
 //   more), VPDPBUSD's u8 x s8 products on VNNI, VPMADDUBSW's on AVX-512 BW. The weights enter
-//   as unsigned codes (block_codes), their offset taken off through the activations' block sums.
+//   as unsigned codes (code_offset), their offset taken off through the activations' block sums.
 //   The integer sums are exact, so every kernel gives the same block dots; only the f32
 //   accumulation order differs between them.
 
@@ -193,17 +193,15 @@ inline constexpr bool nibble_format = !std::is_same_v<Block, BlockQ8_0>;
 
 /// The unsigned codes the integer (`fast`) kernels multiply a format's weights as, and their
 /// offset from the integers they stand for: q8_0's q + 128 (as BlockWeights holds them), q4_0's
-/// nibble = q + 8 (as held), mxfp4's mxfp4_values[nibble] + 12 (0 to 24, `mxfp4` below: what a
+/// nibble = q + 8 (as held), mxfp4's mxfp4_values[nibble] + 12 (0 to 24, mxfp4_codes: what a
 /// byte shuffle of the held nibbles gives).
 template <class Block>
 inline constexpr std::int32_t code_offset = std::is_same_v<Block, BlockQ8_0> ? 128 : std::is_same_v<Block, BlockQ4_0> ? 8 : 12;
-struct block_codes {
-    static constexpr std::array<std::uint8_t, 16> mxfp4 = [] {
-        std::array<std::uint8_t, 16> c{};
-        for (std::size_t i = 0; i < 16; ++i) c[i] = static_cast<std::uint8_t>(mxfp4_values[i] + code_offset<BlockMXFP4>);
-        return c;
-    }();
-};
+inline constexpr std::array<std::uint8_t, 16> mxfp4_codes = [] {
+    std::array<std::uint8_t, 16> c{};
+    for (std::size_t i = 0; i < 16; ++i) c[i] = static_cast<std::uint8_t>(mxfp4_values[i] + code_offset<BlockMXFP4>);
+    return c;
+}();
 
 /// The exact integer dot of a weight block's integers (`qs`: ggml's bytes of a Block) with a
 /// quantised activation block (the block's values are these integers times its d): as the fast
@@ -213,7 +211,7 @@ template <class Block>
     std::int32_t s = 0;
     if constexpr (std::is_same_v<Block, BlockMXFP4>) {
         for (std::size_t j = 0; j < 16; ++j)
-            s += std::int32_t(block_codes::mxfp4[qs[j] & 0x0F]) * xq[j] + std::int32_t(block_codes::mxfp4[qs[j] >> 4]) * xq[j + 16];
+            s += std::int32_t(mxfp4_codes[qs[j] & 0x0F]) * xq[j] + std::int32_t(mxfp4_codes[qs[j] >> 4]) * xq[j + 16];
         return s - code_offset<Block> * xsum;
     } else if constexpr (std::is_same_v<Block, BlockQ8_0>) {
         // As the VNNI kernel takes it: the unsigned q + 128 times x, less 128 * sum(x). (GCC 12.2
@@ -429,7 +427,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void fast_tile(c
     constexpr std::int32_t offset = q4 || Vnni ? code_offset<Block> : 0;
     constexpr int split = Rows == 1 ? 4 : Rows == 2 ? 2 : 1;
     const __m512i nibble = _mm512_set1_epi8(0x0F), sign = _mm512_set1_epi8(static_cast<char>(0x80));
-    const __m512i codes = nibble_table(block_codes::mxfp4.data());
+    const __m512i codes = nibble_table(mxfp4_codes.data());
     __m512 acc[Rows][2];
     for (int r = 0; r < Rows; ++r)
         for (int p = 0; p < 2; ++p)
@@ -592,7 +590,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void amx_fast_tile(const Ti
     alignas(64) float acc[16 * 32];
     alignas(64) std::uint8_t unpacked[2][8 * 64];
     std::fill_n(acc, 32 * x.rows, 0.0f);
-    const __m512i nibble = _mm512_set1_epi8(0x0F), codes = nibble_table(block_codes::mxfp4.data());
+    const __m512i nibble = _mm512_set1_epi8(0x0F), codes = nibble_table(mxfp4_codes.data());
     const index_t lda = x.blocks * quant_block;
     for (index_t b = 0; b < t.nb; ++b) {
         const std::uint8_t* w[2];
@@ -638,8 +636,9 @@ __attribute__((target("avx512f,avx512bw"))) void exact_tile(const TileArgs& t, c
     constexpr index_t quads = q4 ? 4 : 8;
     const __m512i sign = _mm512_set1_epi8(static_cast<char>(0x80));
     // What a nibble stands for, by its low 4 bits: q4_0's nibble - 8, mxfp4's mxfp4_values.
-    const __m512 values = std::is_same_v<Block, BlockMXFP4> ? _mm512_setr_ps(0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12)
-                                                             : _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
+    const __m512 values = std::is_same_v<Block, BlockMXFP4>
+                              ? _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mxfp4_values.data()))))
+                              : _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
     constexpr int split = Rows == 1 ? 4 : Rows == 2 ? 2 : 1;
     __m512 acc[Rows][2];
     for (int r = 0; r < Rows; ++r)
@@ -753,7 +752,7 @@ __attribute__((target("avx2,fma,f16c"))) void avx2_tile(const TileArgs& t, const
     constexpr int groups = Rows == 1 ? 4 : Rows == 2 ? 2 : 1; // per pass over the blocks
     const __m256i nibble = _mm256_set1_epi8(0x0F), sign = _mm256_set1_epi8(static_cast<char>(0x80)), ones = _mm256_set1_epi16(1);
     // mxfp4's nibbles to their unsigned codes (`fast`) or signed values (`exact`)
-    const __m256i table = nibble_table_avx2(Fast ? static_cast<const void*>(block_codes::mxfp4.data()) : mxfp4_values.data());
+    const __m256i table = nibble_table_avx2(Fast ? static_cast<const void*>(mxfp4_codes.data()) : mxfp4_values.data());
     for (int g0 = 0; g0 < 4; g0 += groups) { // outputs 8g .. 8g + 7: panel g / 2, half g % 2
         __m256i lanes[groups];
         unsigned any = 0, all = 0xFFu;
@@ -842,9 +841,8 @@ __attribute__((target("avx2,fma,f16c"))) void avx2_tile(const TileArgs& t, const
                         __m256 xk[Rows];
                         for (int r = 0; r < Rows; ++r) xk[r] = _mm256_broadcast_ss(xb[r] + k);
                         for (int i = 0; i < groups; ++i) {
-                            const __m256 wf = _mm256_cvtepi32_ps(q4 && !mx ? lane_byte_avx2<false>(s % 2 ? hi[i] : lo[i], s / 2)
-                                                                 : mx          ? lane_byte_avx2<true>(s % 2 ? hi[i] : lo[i], s / 2)
-                                                                               : lane_byte_avx2<true>(lo[i], s));
+                            // q4_0's nibbles zero-extended, mxfp4's values and q8_0's q sign-extended
+                            const __m256 wf = _mm256_cvtepi32_ps(q4 ? lane_byte_avx2<mx>(s % 2 ? hi[i] : lo[i], s / 2) : lane_byte_avx2<true>(lo[i], s));
                             for (int r = 0; r < Rows; ++r) sum[r][i] = _mm256_fmadd_ps(wf, xk[r], sum[r][i]);
                         }
                     }
