@@ -43,9 +43,10 @@ WeightView weight(const Matrix<float>& m) { return WeightView(m.view()); }
 
 /// The reference backend's GluExpert backward of (x, dy) into dx_ref and the returned
 /// gradients, checked against another backend's dx and g to 1e-5.
+template <class Act = Silu>
 GluGradients check_glu_against_reference(const GluWeights& w, const Matrix<float>& x, const Matrix<float>& dy, const Matrix<float>& dx,
                                          const GluGradients& g, Matrix<float>& dx_ref, Workspace& ws) {
-    const GluExpert<reference, Silu> oracle(w);
+    const GluExpert<reference, Act> oracle(w);
     GluGradients g_ref = oracle.make_gradients();
     oracle.backward(x, dy, dx_ref, g_ref, ws);
     CHECK(relative_error(dx, dx_ref) <= 1e-5);
@@ -450,6 +451,66 @@ TEST_CASE_TEMPLATE_DEFINE("activation derivatives match central differences", Ac
     }
 }
 TEST_CASE_TEMPLATE_APPLY(activation_derivative, std::tuple<Identity, Relu, Gelu, GeluTanh, Silu, Relu2>);
+
+TEST_CASE_TEMPLATE_DEFINE("gated activations' partial derivatives match central differences", G, gated_derivative) {
+    for (double g = -10.0; g <= 10.0; g += 0.313)
+        for (double u = -10.0; u <= 10.0; u += 0.291) {
+            if (std::abs(std::abs(g) - SwiGluOai::limit) < 1e-3 || std::abs(std::abs(u) - SwiGluOai::limit) < 1e-3) continue; // the clamps' kinks
+            const double h = 1e-6;
+            CAPTURE(g);
+            CAPTURE(u);
+            CHECK(G::gate_derivative(g, u) == doctest::Approx((G::apply(g + h, u) - G::apply(g - h, u)) / (2 * h)).epsilon(1e-6).scale(1.0));
+            CHECK(G::up_derivative(g, u) == doctest::Approx((G::apply(g, u + h) - G::apply(g, u - h)) / (2 * h)).epsilon(1e-6).scale(1.0));
+            CHECK(double(G::gate_derivative(float(g), float(u))) == doctest::Approx(G::gate_derivative(g, u)).epsilon(1e-5).scale(1.0));
+            CHECK(double(G::up_derivative(float(g), float(u))) == doctest::Approx(G::up_derivative(g, u)).epsilon(1e-5).scale(1.0));
+        }
+}
+TEST_CASE_TEMPLATE_APPLY(gated_derivative, std::tuple<GatedBy<Silu>, SwiGluOai>);
+
+TEST_CASE_TEMPLATE_DEFINE("GluExpert backward with gpt-oss's clamped SwiGLU matches finite differences and the reference", B,
+                          glu_oai_backward) {
+    // Inputs wide enough that gate and up pass their clamps: there the gradient is zero.
+    const index_t d = 12, ff = 20, m = 5;
+    auto gate = random_matrix(ff, d, 1, 0.6f), up = random_matrix(ff, d, 2, 0.6f), down = random_matrix(d, ff, 3, 0.3f);
+    auto bg = random_vector(ff, 4, 0.2f), bu = random_vector(ff, 5, 0.2f), bd = random_vector(d, 6, 0.2f);
+    auto x = random_matrix(m, d, 7, 5.0f);
+    const auto dy = random_matrix(m, d, 8);
+    Matrix<float> pre(m, 2 * ff);
+    Workspace ws;
+    const GluExpert<B, SwiGluOai> expert(GluWeights{weight(gate), weight(up), weight(down), bg, bu, bd});
+    expert.gate_up()(x, pre, ws);
+    index_t clamped = 0;
+    for (index_t r = 0; r < m; ++r)
+        for (index_t j = 0; j < ff; ++j) clamped += pre(r, j) > 7.0f || std::abs(pre(r, ff + j)) > 7.0f;
+    CHECK(clamped >= 5); // 5 of the 200 pre-activations
+    Matrix<float> dx(m, d), dx_ref(m, d);
+    GluGradients g = expert.make_gradients();
+    expert.backward(x, dy, dx, g, ws);
+    const GluGradients g_ref =
+        check_glu_against_reference<SwiGluOai>(GluWeights{weight(gate), weight(up), weight(down), bg, bu, bd}, x, dy, dx, g, dx_ref, ws);
+    const auto loss = [&] {
+        const GluExpert<reference, SwiGluOai> e(GluWeights{weight(gate), weight(up), weight(down), bg, bu, bd});
+        Matrix<float> y(m, d);
+        e.forward(x, y, ws);
+        return dot(y, dy);
+    };
+    const float h = 1e-3f;
+    GradientGap compare;
+    for (index_t i = 0; i < ff; i += 3)
+        for (index_t j = 0; j < d; j += 2) {
+            compare(g_ref.gate()(i, j), central_difference(gate(i, j), loss, h));
+            compare(g_ref.up()(i, j), central_difference(up(i, j), loss, h));
+            compare(g_ref.down(j, i), central_difference(down(j, i), loss, h));
+        }
+    for (index_t i = 0; i < ff; ++i) {
+        compare(g_ref.gate_up_bias[std::size_t(i)], central_difference(bg[std::size_t(i)], loss, h));
+        compare(g_ref.gate_up_bias[std::size_t(ff + i)], central_difference(bu[std::size_t(i)], loss, h));
+    }
+    for (index_t r = 0; r < m; ++r)
+        for (index_t j = 0; j < d; ++j) compare(dx_ref(r, j), central_difference(x(r, j), loss, h));
+    CHECK(compare.within(2e-3));
+}
+TEST_CASE_TEMPLATE_APPLY(glu_oai_backward, test::all_backends);
 
 TEST_CASE_TEMPLATE_DEFINE("GluExpert backward matches finite differences and the reference on every backend", B, glu_backward) {
     const index_t d = 12, ff = 20, m = 5;

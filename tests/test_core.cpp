@@ -178,6 +178,30 @@ TEST_CASE("float activations match their double forms") {
     CHECK(Silu::apply(-200.0f) == doctest::Approx(0.0f));
 }
 
+TEST_CASE("gated activations: SwiGLU's Act(g) * u, and gpt-oss's clamped SwiGLU on hand-worked values") {
+    CHECK(GatedBy<Silu>::apply(1.5, -2.0) == Silu::apply(1.5) * -2.0);
+    static_assert(std::is_same_v<gated_t<Silu>, GatedBy<Silu>> && std::is_same_v<gated_t<SwiGluOai>, SwiGluOai>);
+    static_assert(GluActivation<Relu> && GluActivation<SwiGluOai> && !GluActivation<int>);
+    const auto sigmoid = [](double v) { return 1.0 / (1.0 + std::exp(-v)); };
+    // g above the limit is 7; u beyond +-7 is +-7; then h = g sigmoid(1.702 g) (u + 1).
+    CHECK(SwiGluOai::apply(9.0, 0.5) == doctest::Approx(7 * sigmoid(1.702 * 7) * 1.5).epsilon(1e-15));
+    CHECK(SwiGluOai::apply(1.0, 9.0) == doctest::Approx(sigmoid(1.702) * 8).epsilon(1e-15));
+    CHECK(SwiGluOai::apply(1.0, -9.0) == doctest::Approx(sigmoid(1.702) * -6).epsilon(1e-15));
+    CHECK(SwiGluOai::apply(-3.0, 2.0) == doctest::Approx(-3 * sigmoid(-1.702 * 3) * 3).epsilon(1e-15));
+    CHECK(SwiGluOai::apply(0.0, 100.0) == 0.0);
+    // Beyond the clamps the gradient is zero; inside, it is the unclamped function's.
+    CHECK(SwiGluOai::gate_derivative(7.5, 1.0) == 0.0);
+    CHECK(SwiGluOai::up_derivative(1.0, -7.5) == 0.0);
+    CHECK(SwiGluOai::up_derivative(1.0, 3.0) == doctest::Approx(sigmoid(1.702)).epsilon(1e-15));
+    // float agrees with double, and NaN is not clamped away.
+    for (float g = -12.0f; g <= 12.0f; g += 0.37f)
+        for (float u = -12.0f; u <= 12.0f; u += 0.41f)
+            CHECK(double(SwiGluOai::apply(g, u)) == doctest::Approx(SwiGluOai::apply(double(g), double(u))).epsilon(1e-6).scale(1.0));
+    const float nan = std::numeric_limits<float>::quiet_NaN();
+    CHECK(std::isnan(SwiGluOai::apply(nan, 1.0f)));
+    CHECK(std::isnan(SwiGluOai::apply(1.0f, nan)));
+}
+
 TEST_CASE("parallel_for and parallel_tasks rethrow a worker's exception on the calling thread, after every item ran") {
     // Nothing may escape an OpenMP region (that would terminate the process): the first exception
     // caught is kept, the region finishes, and the caller gets it. Two threads at least, and work

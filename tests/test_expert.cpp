@@ -151,6 +151,44 @@ TEST_CASE_TEMPLATE_DEFINE("GluExpert matches the formula and the reference backe
 }
 TEST_CASE_TEMPLATE_APPLY(glu_expert, all_configs);
 
+TEST_CASE_TEMPLATE_DEFINE("GluExpert with gpt-oss's clamped SwiGLU matches the formula and the reference backend, clamps active", B,
+                          glu_swiglu_oai) {
+    const index_t d = 48, ff = 40;
+    const Matrix<float> gate = random_matrix(ff, d, 1, 0.6f), up = random_matrix(ff, d, 2, 0.6f), down = random_matrix(d, ff, 3, 0.3f);
+    const auto bg = random_vector(ff, 4), bu = random_vector(ff, 5), bd = random_vector(d, 6);
+    const GluWeights w{ConstMatrixView<float>(gate.view()), ConstMatrixView<float>(up.view()), ConstMatrixView<float>(down.view()), bg, bu, bd};
+    const GluExpert<B, SwiGluOai> expert(w);
+    const GluExpert<reference, SwiGluOai> oracle(w);
+    const Matrix<float> x = random_matrix(9, d, 7, 4.0f);
+    // The formula in double, written out: g' = min(g, 7), u' = clamp(u, -7, 7), h = g' sigmoid(1.702 g') (u' + 1).
+    Matrix<float> y_naive(x.rows(), d);
+    index_t gate_clamped = 0, up_clamped = 0;
+    for (index_t m = 0; m < x.rows(); ++m) {
+        std::vector<double> h(static_cast<std::size_t>(ff));
+        for (index_t f = 0; f < ff; ++f) {
+            double g = bg[std::size_t(f)], u = bu[std::size_t(f)];
+            for (index_t k = 0; k < d; ++k) g += double(x(m, k)) * gate(f, k), u += double(x(m, k)) * up(f, k);
+            gate_clamped += g > 7, up_clamped += std::abs(u) > 7;
+            g = std::min(g, 7.0), u = std::max(-7.0, std::min(u, 7.0));
+            h[std::size_t(f)] = g / (1 + std::exp(-1.702 * g)) * (u + 1);
+        }
+        for (index_t o = 0; o < d; ++o) {
+            double acc = bd[std::size_t(o)];
+            for (index_t f = 0; f < ff; ++f) acc += h[std::size_t(f)] * down(o, f);
+            y_naive(m, o) = float(acc);
+        }
+    }
+    CHECK(gate_clamped > 10); // the clamps are exercised, on both sides for up
+    CHECK(up_clamped > 10);
+    Matrix<float> y(x.rows(), d), y_ref(x.rows(), d);
+    Workspace ws;
+    expert.forward(x.view(), y.view(), ws);
+    oracle.forward(x.view(), y_ref.view(), ws);
+    CHECK(relative_error(y_ref.view(), y_naive.view()) <= 1e-6);
+    CHECK(relative_error(y.view(), y_naive.view()) <= test::tolerance(d + ff));
+}
+TEST_CASE_TEMPLATE_APPLY(glu_swiglu_oai, test::all_backends);
+
 namespace {
 
 /// Matrix m's rows quantised to Blocks, in ggml's layout (a block view's bytes).

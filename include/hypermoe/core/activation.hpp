@@ -152,4 +152,90 @@ concept Activation = requires(float f, double d) {
 static_assert(Activation<Identity> && Activation<Relu> && Activation<Gelu> && Activation<GeluTanh> &&
               Activation<Silu> && Activation<Relu2>);
 
+/// How a GLU combines its gate and up pre-activations g and u into its hidden activation
+/// h = apply(g, u) (GluExpert), with the partial derivatives its backward uses: gate_derivative
+/// = dh/dg and up_derivative = dh/du. float (vectorisable) and double, as Activation.
+template <class G>
+concept GatedActivation = requires(float f, double d) {
+    { G::name } -> std::convertible_to<std::string_view>;
+    { G::apply(f, f) } -> std::same_as<float>;
+    { G::apply(d, d) } -> std::same_as<double>;
+    { G::gate_derivative(f, f) } -> std::same_as<float>;
+    { G::gate_derivative(d, d) } -> std::same_as<double>;
+    { G::up_derivative(f, f) } -> std::same_as<float>;
+    { G::up_derivative(d, d) } -> std::same_as<double>;
+};
+
+/// Act(g) * u: the GLU of an element-wise activation (GluExpert<B, Silu> is SwiGLU, Shazeer,
+/// arXiv 2002.05202).
+template <Activation Act>
+struct GatedBy {
+    static constexpr std::string_view name = Act::name;
+    template <class T>
+    [[nodiscard]] static T apply(T g, T u) noexcept { return Act::apply(g) * u; }
+    template <class T>
+    [[nodiscard]] static T gate_derivative(T g, T u) noexcept { return u * Act::derivative(g); }
+    template <class T>
+    [[nodiscard]] static T up_derivative(T g, T /*u*/) noexcept { return Act::apply(g); }
+};
+
+/// gpt-oss's clamped SwiGLU (OpenAI's gpt-oss-20b and -120b; Hugging Face's GptOssExperts,
+/// llama.cpp's SWIGLU_OAI): with g' = min(g, limit) and u' = clamp(u, -limit, limit),
+/// h = g' sigmoid(alpha g') (u' + 1), alpha = 1.702, limit = 7 (the checkpoints'
+/// swiglu_limit). The clamps pass the gradient on their closed range, as PyTorch's clamp does.
+struct SwiGluOai {
+    static constexpr std::string_view name = "swiglu_oai";
+    static constexpr double alpha = 1.702, limit = 7.0;
+
+    template <class T>
+    [[nodiscard]] static T apply(T g, T u) noexcept {
+        const T gc = std::min(g, T(limit)); // NaN stays NaN (min returns its first argument)
+        return gc * sigmoid(T(alpha) * gc) * (std::clamp(u, T(-limit), T(limit)) + T(1));
+    }
+    /// d/dg of g sigmoid(alpha g) is s + alpha g s (1 - s), times (u' + 1); 0 above the limit.
+    template <class T>
+    [[nodiscard]] static T gate_derivative(T g, T u) noexcept {
+        if (g > T(limit)) return T(0);
+        const T s = sigmoid(T(alpha) * g);
+        return (s + T(alpha) * g * s * (T(1) - s)) * (std::clamp(u, T(-limit), T(limit)) + T(1));
+    }
+    /// g' sigmoid(alpha g'); 0 outside [-limit, limit].
+    template <class T>
+    [[nodiscard]] static T up_derivative(T g, T u) noexcept {
+        if (u < T(-limit) || u > T(limit)) return T(0);
+        const T gc = std::min(g, T(limit));
+        return gc * sigmoid(T(alpha) * gc);
+    }
+
+private:
+    /// 1 / (1 + e^-x): exp_approx for float (vectorisable), std::exp for double.
+    template <class T>
+    [[nodiscard]] static T sigmoid(T x) noexcept {
+        if constexpr (std::is_same_v<T, float>) return 1.0f / (1.0f + detail::exp_approx(-x));
+        else return T(1) / (T(1) + std::exp(-x));
+    }
+};
+
+static_assert(GatedActivation<GatedBy<Silu>> && GatedActivation<SwiGluOai>);
+
+/// What GluExpert's Act may be: an element-wise Activation (then h = Act(g) * u) or a
+/// GatedActivation.
+template <class A>
+concept GluActivation = Activation<A> || GatedActivation<A>;
+
+namespace detail {
+template <class A>
+struct gated_of {
+    using type = GatedBy<A>;
+};
+template <GatedActivation A>
+struct gated_of<A> {
+    using type = A;
+};
+} // namespace detail
+
+/// The GatedActivation a GluExpert<B, A> combines g and u with: A itself, or GatedBy<A>.
+template <GluActivation A>
+using gated_t = typename detail::gated_of<A>::type;
+
 } // namespace hypermoe

@@ -1,6 +1,7 @@
 #pragma once
 // GluExpert: y = down(Act(gate x + b_g) * (up x + b_u)) + b_down, the gated feed-forward of
 // Mixtral, Qwen2-MoE, OLMoE and DeepSeek (SwiGLU with Act = Silu; Shazeer, arXiv 2002.05202).
+// Act may also combine g and u itself (a GatedActivation: gpt-oss's clamped SwiGluOai).
 // gate and up run as ONE GEMM with N = 2 d_ff (their rows stacked at construction), which
 // reads x once and halves the GEMM calls; Act(g) * u is one pass over that output.
 
@@ -45,9 +46,10 @@ struct GluGradients {
     [[nodiscard]] ConstMatrixView<float> up() const noexcept { return gate_up.view().row_block(gate_up.rows() / 2, gate_up.rows() / 2); }
 };
 
-template <Backend B, Activation Act, index_t D = dynamic, index_t FF = dynamic>
+template <Backend B, GluActivation Act, index_t D = dynamic, index_t FF = dynamic>
 class GluExpert : public detail::ExpertWidths<B, Act, D, FF> {
     using Widths = detail::ExpertWidths<B, Act, D, FF>;
+    using Glu = gated_t<Act>; // h = Glu::apply(g, u)
 
 public:
     using Widths::d_ff;
@@ -96,7 +98,7 @@ public:
             const float* __restrict g = gu.row(r).data() + j0;
             const float* __restrict u = g + ff;
             float* __restrict out = h.row(r).data() + j0;
-            for (index_t j = 0; j < n; ++j) out[j] = Act::apply(g[j]) * u[j];
+            for (index_t j = 0; j < n; ++j) out[j] = Glu::apply(g[j], u[j]);
         });
         down_(h, y, ws);
     }
@@ -160,7 +162,7 @@ public:
             const float* __restrict g = gate.row(r).data();
             const float* __restrict u = up.row(r).data();
             float* __restrict out = t.hidden.row(r).data() + c0;
-            for (index_t j = 0; j < w; ++j) out[j] = Act::apply(g[j]) * u[j];
+            for (index_t j = 0; j < w; ++j) out[j] = Glu::apply(g[j], u[j]);
         }
     }
 
@@ -251,7 +253,7 @@ public:
             const float* __restrict gate = t.kept.row(r).data() + c0;
             const float* __restrict up = gate + ff;
             float* __restrict out = h.row(r).data() + c0;
-            for (index_t j = 0; j < w; ++j) out[j] = Act::apply(gate[j]) * up[j];
+            for (index_t j = 0; j < w; ++j) out[j] = Glu::apply(gate[j], up[j]);
         }
         // dh (the tile's columns) into d[up]'s, which the SwiGLU backward then overwrites
         down_->backward_input(t.dy, dgu.col_block(ff + c0, w), c0, ws);
@@ -261,8 +263,8 @@ public:
             float* d = dgu.row(r).data();
             for (index_t j = c0; j < c0 + w; ++j) {
                 const float gate = gu[j], up = gu[ff + j], dh = d[ff + j];
-                d[j] = dh * up * Act::derivative(gate);
-                d[ff + j] = dh * Act::apply(gate);
+                d[j] = dh * Glu::gate_derivative(gate, up);
+                d[ff + j] = dh * Glu::up_derivative(gate, up);
             }
         }
         for (const index_t half : {index_t(0), ff}) {
