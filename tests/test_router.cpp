@@ -524,6 +524,44 @@ TEST_CASE("MoeLayer rejects mismatched parts and inputs") {
     CHECK_THROWS_WITH_AS(layer.route(narrow.view(), {}, plan, ws), "MoeLayer::route: input x has 20 columns, expected 24", shape_error);
 }
 
+TEST_CASE_TEMPLATE_DEFINE("MoeLayer with a router bias: the logits are x W^T + b, routing follows them, and b gets a gradient", B, gate_bias) {
+    const auto plain = test::make_layer<B>(TopKRouter(4, TopK{1}));
+    const Matrix<float> gate = random_matrix(4, 24, 100, 0.5f); // make_layer's gate
+    std::vector<GluExpert<B, Silu>> experts;
+    for (index_t e = 0; e < 4; ++e) experts.push_back(plain.expert(e));
+    // Expert 2's bias outweighs every logit: each token picks it, with weight 1.
+    const std::vector<float> bias = {0.25f, -0.5f, 100.0f, 0.0f};
+    const MoeLayer biased(WeightView(ConstMatrixView<float>(gate.view())), bias, TopKRouter(4, TopK{1}), experts);
+    const Matrix<float> x = random_matrix(6, 24, 7);
+    Workspace ws;
+    Matrix<float> logits(6, 4), plain_logits(6, 4), y(6, 24), y2(6, 24);
+    biased.router_logits(x.view(), logits.view(), ws);
+    plain.router_logits(x.view(), plain_logits.view(), ws);
+    for (index_t t = 0; t < 6; ++t)
+        for (index_t e = 0; e < 4; ++e) CHECK(logits(t, e) == doctest::Approx(plain_logits(t, e) + bias[std::size_t(e)]).epsilon(1e-6));
+    biased.forward(x.view(), y.view(), ws);
+    plain.expert(2).forward(x.view(), y2.view(), ws);
+    CHECK(relative_error(y.view(), y2.view()) <= 1e-6);
+    // Its gradient: one value per logit, the column sums of dL/dlogits (the fixtures' d/router.bias
+    // check the values, tests/test_backward_fixtures.cpp).
+    auto g = biased.make_gradients();
+    CHECK(g.gate_bias.size() == 4u);
+    CHECK(plain.make_gradients().gate_bias.empty());
+    Matrix<float> dx(6, 24);
+    biased.backward(x.view(), x.view(), dx.view(), g, ws);
+    g.gate_bias.pop_back();
+    CHECK_THROWS_WITH_AS(biased.backward(x.view(), x.view(), dx.view(), g, ws),
+                         "MoeLayer::backward: gradients for a gate bias of 3 values, expected 4 (use make_gradients())", shape_error);
+    const std::vector<float> short_bias = {1.0f, 2.0f};
+    CHECK_THROWS_WITH_AS(MoeLayer(WeightView(ConstMatrixView<float>(gate.view())), short_bias, TopKRouter(4, TopK{1}), experts),
+                         "MoeLayer: bias 'gate' has 2 values, expected 4 (one per router logit)", shape_error);
+    std::vector<float> nan_bias = bias;
+    nan_bias[1] = std::numeric_limits<float>::quiet_NaN();
+    CHECK_THROWS_WITH_AS(MoeLayer(WeightView(ConstMatrixView<float>(gate.view())), nan_bias, TopKRouter(4, TopK{1}), experts),
+                         "MoeLayer weight 'gate': bias element 1 is nan, expected a finite value", weight_error);
+}
+TEST_CASE_TEMPLATE_APPLY(gate_bias, test::all_backends);
+
 TEST_CASE("apply() takes a plan from another router, even one with more assignments") {
     const auto layer = test::make_layer<reference>(TopKRouter(6, TopK{1}));
     const auto oracle = test::make_layer<reference>(ExpertChoiceRouter(6, ExpertChoice{3.0})); // same weights, other router

@@ -69,6 +69,7 @@ concept router_has_backward = requires(const R& r, ConstMatrixView<float> logits
 template <class ExpertGradients, class SharedGradients>
 struct MoeGradients {
     Matrix<float> gate;                    ///< (logit columns, d_model): the router weight
+    std::vector<float> gate_bias;          ///< logit columns: the router's bias (empty without one)
     std::vector<ExpertGradients> experts;  ///< one per expert, in expert order
     SharedGradients shared;                ///< the shared expert's (empty without one)
 };
@@ -104,9 +105,17 @@ public:
     /// noise scale: W_noise's E rows below W_g's). Held as f32 (a bf16 router is widened exactly:
     /// it is small, and backward needs f32).
     MoeLayer(WeightView gate, R router, std::vector<E> experts, Shared shared = {}, MoeOptions options = {})
+        : MoeLayer(gate, {}, std::move(router), std::move(experts), std::move(shared), options) {}
+
+    /// The same with a bias of the router logits, logits = x W_g^T + gate_bias (gpt-oss's
+    /// router; empty = none): one value per logit column, held as f32 with the gate, and
+    /// given a gradient (MoeGradients::gate_bias).
+    MoeLayer(WeightView gate, std::span<const float> gate_bias, R router, std::vector<E> experts, Shared shared = {},
+             MoeOptions options = {})
         : router_(std::move(router)), experts_(std::move(experts)), shared_(std::move(shared)), options_(options),
-          gate_(std::in_place, checked_gate(gate, router_, experts_), std::span<const float>{},
-                LinearOptions{"MoeLayer weight 'gate'", false, dtype::f32}) {}
+          gate_(std::in_place, checked_gate(gate, router_, experts_), checked_gate_bias(gate_bias, router_),
+                LinearOptions{"MoeLayer weight 'gate'", false, dtype::f32}),
+          gate_bias_(!gate_bias.empty()) {}
 
     [[nodiscard]] index_t in_width() const noexcept { return experts_.front().d_model(); }
     [[nodiscard]] index_t out_width() const noexcept { return in_width(); }
@@ -228,7 +237,8 @@ public:
         requires requires(const E& e) { e.make_gradients(); }
     {
         using G = MoeGradients<decltype(experts_.front().make_gradients()), decltype(shared_.make_gradients())>;
-        G g{Matrix<float>(logit_columns(), in_width()), {}, shared_.make_gradients()};
+        G g{Matrix<float>(logit_columns(), in_width()), std::vector<float>(gate_bias_ ? std::size_t(logit_columns()) : 0, 0.0f), {},
+            shared_.make_gradients()};
         g.experts.reserve(experts_.size());
         for (const auto& e : experts_) g.experts.push_back(e.make_gradients());
         return g;
@@ -326,6 +336,9 @@ private:
                                              detail::shape_str(g.gate.rows(), g.gate.cols()), " and ", g.experts.size(),
                                              " experts, expected ", detail::shape_str(logit_columns(), in_width()), " and ",
                                              num_experts(), " (use make_gradients())"));
+        if (index_t(g.gate_bias.size()) != (gate_bias_ ? logit_columns() : 0))
+            throw shape_error(detail::concat("MoeLayer::backward: gradients for a gate bias of ", g.gate_bias.size(),
+                                             " values, expected ", gate_bias_ ? logit_columns() : 0, " (use make_gradients())"));
     }
 
     /// The backward from the routing on: `in` holds x's rows grouped by expert; `out` is written
@@ -393,7 +406,7 @@ private:
             if (aux.z_loss != 0) router_z_loss_backward(clean, dclean, aux.z_loss);
             if constexpr (detail::is_noisy_router<R>)
                 if (aux.load != 0) smooth_load_loss_backward(router_, logits, context, dlogits, aux.load, ws);
-            gate_->backward(x, dlogits, dx, LinearGrads{g.gate.view()}, ws, true);
+            gate_->backward(x, dlogits, dx, LinearGrads{g.gate.view(), g.gate_bias}, ws, true);
         }
         if constexpr (Shared::present) shared_.backward(x, dy, dx, g.shared, ws);
     }
@@ -702,6 +715,14 @@ private:
         return gate;
     }
 
+    static std::span<const float> checked_gate_bias(std::span<const float> bias, const R& router) {
+        const index_t columns = detail::router_logit_columns(router);
+        if (!bias.empty() && index_t(bias.size()) != columns)
+            throw shape_error(detail::concat("MoeLayer: bias 'gate' has ", bias.size(), " values, expected ", columns,
+                                             " (one per router logit)"));
+        return bias;
+    }
+
     /// in (rows, d): x's rows in the plan's row order (tokens grouped by expert).
     static void gather(ConstMatrixView<float> x, const RoutingPlan& plan, MatrixView<float> in) {
         const auto tokens = plan.row_tokens();
@@ -748,6 +769,7 @@ private:
     Shared shared_;
     MoeOptions options_;
     detail::Shared<typename backend_type::template linear<Identity>> gate_; // shared by copies, as the experts' maps
+    bool gate_bias_ = false;                                                // the gate has a bias
 };
 
 } // namespace hypermoe
