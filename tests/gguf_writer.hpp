@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <functional>
 #include <cstring>
+#include <cstddef>
 #include <fstream>
 #include <map>
 #include <random>
@@ -150,9 +151,94 @@ struct GgufConversion {
     std::uint32_t version = 3;
 };
 
+/// Expert e's `which` ("gate", "up" or "down") weight of a gpt_oss block under `p` (its MLP), and
+/// its bias (as a one-row matrix): each expert's own tensors, or split from Hugging Face's fused
+/// ones as llama.cpp's converter splits them (gate_up_proj [E, d, 2 ff] transposed, gate the even
+/// rows and up the odd ones; down_proj [E, ff, d] transposed).
+inline std::pair<hypermoe::Matrix<float>, hypermoe::Matrix<float>> gpt_oss_expert(const hypermoe::Checkpoint& ck, const std::string& p,
+                                                                                 index_t e, const std::string& which) {
+    using namespace hypermoe;
+    const auto f32 = [&](const std::string& name) {
+        const Checkpoint::Ref r = ck.tensor(name);
+        return r.file->to_f32(*r.info);
+    };
+    const std::string own = p + "experts." + std::to_string(e) + "." + which + "_proj.";
+    if (ck.contains(own + "weight")) return {f32(own + "weight"), f32(own + "bias")}; // a 1-D bias reads as one row
+    const bool down = which == "down";
+    const std::string fused = p + "experts." + (down ? "down_proj" : "gate_up_proj");
+    const Checkpoint::Ref w = ck.tensor(fused), b = ck.tensor(fused + "_bias");
+    const index_t in = w.info->shape[1], width = w.info->shape[2], out = down ? width : width / 2;
+    const index_t step = down ? 1 : 2, first = which == "up" ? 1 : 0;
+    Matrix<float> m(out, in), bias(1, out);
+    for (index_t o = 0; o < out; ++o) {
+        for (index_t i = 0; i < in; ++i) m(o, i) = float(w.file->element(*w.info, (e * in + i) * width + o * step + first));
+        bias(0, o) = float(b.file->element(*b.info, e * width + o * step + first));
+    }
+    return {std::move(m), std::move(bias)};
+}
+
+/// A gpt_oss checkpoint's tensors with each MoE block's experts on their own (gpt_oss_expert:
+/// as llama.cpp's converter splits Hugging Face's fused ones), every other tensor as it is (F32).
+inline std::vector<hypermoe::TensorToWrite> gpt_oss_split(const hypermoe::Checkpoint& ck) {
+    using namespace hypermoe;
+    const ModelInfo info = describe(ck);
+    std::vector<TensorToWrite> out;
+    for (const std::string& name : ck.tensor_names()) {
+        if (name.find(".mlp.experts.") != std::string::npos) continue;
+        const Checkpoint::Ref r = ck.tensor(name);
+        const Matrix<float> m = r.file->to_f32(*r.info);
+        out.push_back(f32_tensor(name, r.info->shape, {m.data(), std::size_t(m.rows() * m.cols())}));
+    }
+    for (const MoeBlockRef& b : info.moe_blocks) {
+        const std::string p = "model.layers." + std::to_string(b.layer) + ".mlp.";
+        for (index_t e = 0; e < info.experts; ++e)
+            for (const char* which : {"gate", "up", "down"}) {
+                const auto [m, bias] = gpt_oss_expert(ck, p, e, which);
+                const std::string own = p + "experts." + std::to_string(e) + "." + which + "_proj.";
+                out.push_back(f32_tensor(own + "weight", {m.rows(), m.cols()}, {m.data(), std::size_t(m.rows() * m.cols())}));
+                out.push_back(f32_tensor(own + "bias", {bias.cols()}, {bias.data(), std::size_t(bias.cols())}));
+            }
+    }
+    return out;
+}
+
+/// A gpt_oss checkpoint with Hugging Face's fused expert matrices (experts.gate_up_proj,
+/// experts.down_proj: [E, K, O], y = x W) as OpenAI publishes them: MXFP4 `_blocks`
+/// [E, O, K / 32, 16] (element 2i of a block in byte i's low nibble, 2i + 1 in its high one) and
+/// `_scales` [E, O, K / 32] (E8M0), each output's K weights quantised by quantize_mxfp4 (what
+/// gguf_from's MXFP4 file holds for the same matrix); every other tensor as it is (F32).
+inline std::vector<hypermoe::TensorToWrite> gpt_oss_mxfp4(const hypermoe::Checkpoint& ck) {
+    using namespace hypermoe;
+    std::vector<TensorToWrite> out;
+    for (const std::string& name : ck.tensor_names()) {
+        const Checkpoint::Ref r = ck.tensor(name);
+        const Matrix<float> m = r.file->to_f32(*r.info);
+        if (!name.ends_with("experts.gate_up_proj") && !name.ends_with("experts.down_proj")) {
+            out.push_back(f32_tensor(name, r.info->shape, {m.data(), std::size_t(m.rows() * m.cols())}));
+            continue;
+        }
+        const index_t experts = r.info->shape[0], k = r.info->shape[1], o = r.info->shape[2], nb = k / 32;
+        TensorToWrite blocks{name + "_blocks", tensor_dtype::u8, {experts, o, nb, 16}, {}}, scales{name + "_scales", tensor_dtype::u8, {experts, o, nb}, {}};
+        std::vector<float> row(static_cast<std::size_t>(k));
+        for (index_t e = 0; e < experts; ++e)
+            for (index_t j = 0; j < o; ++j) {
+                for (index_t i = 0; i < k; ++i) row[std::size_t(i)] = m(e * k + i, j); // to_f32 folds [E, K, O] into (E K, O)
+                for (index_t b = 0; b < nb; ++b) {
+                    const BlockMXFP4 q = quantize_mxfp4(std::span<const float, 32>(row.data() + 32 * b, 32));
+                    const auto element = [&](int i) { return i < 16 ? q.qs[std::size_t(i)] & 0xF : q.qs[std::size_t(i - 16)] >> 4; };
+                    for (int i = 0; i < 16; ++i) blocks.bytes.push_back(std::byte(element(2 * i) | element(2 * i + 1) << 4));
+                    scales.bytes.push_back(std::byte(q.e));
+                }
+            }
+        out.push_back(std::move(blocks));
+        out.push_back(std::move(scales));
+    }
+    return out;
+}
+
 /// The GGUF llama.cpp would write for the MoE blocks of a Hugging Face checkpoint of family
-/// mixtral (-> llama), qwen2_moe (-> qwen2moe), qwen3_moe (-> qwen3moe), olmoe or deepseek_v3 (-> deepseek2). Only the
-/// tensors the MoE blocks read are written.
+/// mixtral (-> llama), qwen2_moe (-> qwen2moe), qwen3_moe (-> qwen3moe), olmoe, deepseek_v3 (-> deepseek2) or
+/// gpt_oss (-> gpt-oss). Only the tensors the MoE blocks read are written.
 inline GgufWriter gguf_from(const hypermoe::Checkpoint& ck, const GgufConversion& how = {}) {
     using namespace hypermoe;
     const nlohmann::json& c = ck.config();
@@ -162,6 +248,7 @@ inline GgufWriter gguf_from(const hypermoe::Checkpoint& ck, const GgufConversion
                              : family == "qwen2_moe" ? "qwen2moe"
                              : family == "qwen3_moe" ? "qwen3moe"
                              : family == "olmoe"     ? "olmoe"
+                             : family == "gpt_oss"   ? "gpt-oss"
                                                      : "deepseek2";
     GgufWriter w;
     w.string("general.architecture", arch);
@@ -199,6 +286,24 @@ inline GgufWriter gguf_from(const hypermoe::Checkpoint& ck, const GgufConversion
     for (const MoeBlockRef& b : info.moe_blocks) {
         const std::string l = std::to_string(b.layer), blk = "blk." + l + ".";
         const std::string p = "model.layers." + l + (family == "mixtral" ? ".block_sparse_moe." : ".mlp.");
+        if (family == "gpt_oss") {
+            plain(blk + "ffn_gate_inp.weight", p + "router.weight", F32);
+            plain(blk + "ffn_gate_inp.bias", p + "router.bias", F32, true);
+            for (const char* g : {"gate", "up", "down"}) {
+                std::vector<std::byte> all, biases;
+                index_t rows = 0, cols = 0;
+                for (index_t e = 0; e < info.experts; ++e) {
+                    const auto [m, bias] = gpt_oss_expert(ck, p, e, g);
+                    rows = m.rows(), cols = m.cols();
+                    const auto bytes = encode(m.view(), type_of(cols)), bias_bytes = encode(bias.view(), F32);
+                    all.insert(all.end(), bytes.begin(), bytes.end());
+                    biases.insert(biases.end(), bias_bytes.begin(), bias_bytes.end());
+                }
+                w.tensor(blk + "ffn_" + g + "_exps.weight", type_of(cols), {cols, rows, info.experts}, std::move(all));
+                w.tensor(blk + "ffn_" + g + "_exps.bias", F32, {rows, info.experts}, std::move(biases));
+            }
+            continue;
+        }
         plain(blk + "ffn_gate_inp.weight", p + "gate.weight", F32);
         const char* names[3][2] = {{"gate", family == "mixtral" ? "w1" : "gate_proj"},
                                    {"up", family == "mixtral" ? "w3" : "up_proj"},

@@ -250,6 +250,7 @@ TEST_CASE_TEMPLATE_DEFINE("GGUF: every architecture and tensor type gives the bl
         {"olmoe", {}, {{"norm_topk_prob", false}}},
         {"deepseek_v3", {.gating = 2}, {}},
         {"deepseek_v3", {.gating = 1}, {{"scoring_func", "softmax"}}},
+        {"gpt_oss", {}, {}},
     };
     const std::vector<std::pair<std::uint32_t, dtype>> types = {
         {test::F32, dtype::f32},   {test::F16, dtype::f32},   {test::BF16, dtype::bf16},
@@ -287,7 +288,8 @@ TEST_CASE_TEMPLATE_DEFINE("GGUF: every architecture and tensor type gives the bl
 
 TEST_CASE_TEMPLATE_DEFINE("GGUF: the fixtures converted as llama.cpp would give their expected outputs", B, fixtures) {
     TempDir tmp("fixtures");
-    for (const char* name : {"mixtral-basic", "mixtral-decode", "qwen2_moe-basic", "olmoe-basic", "deepseek_v3-basic", "deepseek_v3-decode"}) {
+    for (const char* name :
+         {"mixtral-basic", "mixtral-decode", "qwen2_moe-basic", "olmoe-basic", "deepseek_v3-basic", "deepseek_v3-decode", "gpt_oss-basic"}) {
         CAPTURE(name);
         const std::string dir = test::data_dir + "/" + name;
         const Checkpoint st(dir);
@@ -314,6 +316,94 @@ TEST_CASE_TEMPLATE_DEFINE("GGUF: the fixtures converted as llama.cpp would give 
     }
 }
 TEST_CASE_TEMPLATE_APPLY(fixtures, test::all_backends);
+
+TEST_CASE_TEMPLATE_DEFINE("gpt_oss: Hugging Face's MXFP4 experts (_blocks, _scales) are held as the GGUF file of the same blocks holds them",
+                          B, gpt_oss_mxfp4) {
+    TempDir tmp("gpt-oss-mxfp4");
+    const std::string dir = test::data_dir + "/gpt_oss-basic";
+    const Checkpoint st(dir);
+    const auto write_copy = [&](const std::string& to, const std::vector<TensorToWrite>& tensors) {
+        fs::create_directories(to);
+        fs::copy_file(dir + "/config.json", to + "/config.json", fs::copy_options::overwrite_existing);
+        write_safetensors(to + "/model.safetensors", tensors);
+        return to;
+    };
+    const std::vector<TensorToWrite> blocks = test::gpt_oss_mxfp4(st);
+    const Checkpoint mx(write_copy((tmp.path / "mx").string(), blocks));
+    const std::string file = (tmp.path / "mx.gguf").string();
+    test::gguf_from(st, {.experts = test::MXFP4}).write(file);
+    const Checkpoint g(file);
+    CHECK(mx.expert_storage() == dtype::mxfp4);
+    CHECK(g.expert_storage() == dtype::mxfp4);
+    const SafeTensorsFile input(dir + "/input.safetensors"), expected(dir + "/expected.safetensors");
+    const Matrix<float> x = input.view().to_f32(input.view().info("x"));
+    // The same blocks, from either file: held as they are (mxfp4), or converted from their values.
+    for (const auto& [storage, prec] : {std::pair{dtype::mxfp4, precision::exact}, {dtype::mxfp4, precision::fast}, {dtype::q8_0, precision::exact},
+                                        {dtype::f32, precision::exact}}) {
+        CAPTURE(to_string(storage));
+        CAPTURE(to_string(prec));
+        const LoadOptions opt{.storage = storage, .prec = prec};
+        const Matrix<float> ym = forward<B>(mx, 1, x.view(), opt), yg = forward<B>(g, 1, x.view(), opt);
+        CHECK(max_abs_diff(ym.view(), yg.view()) == 0.0f);
+        CHECK(relative_error(ym.view(), expected.view().to_f32(expected.view().info("y")).view()) <= 0.5);
+    }
+    // Hugging Face's fused layout in BF16: each expert's slice, converted as it is packed, gives
+    // what the same values split per expert give (held as f32 or bf16).
+    std::vector<TensorToWrite> bf16_tensors;
+    for (const std::string& name : st.tensor_names()) {
+        const Checkpoint::Ref r = st.tensor(name);
+        const Matrix<float> v = r.file->to_f32(*r.info);
+        TensorToWrite t{name, tensor_dtype::bf16, r.info->shape, std::vector<std::byte>(std::size_t(v.rows() * v.cols()) * 2)};
+        for (index_t i = 0; i < v.rows() * v.cols(); ++i) {
+            const std::uint16_t bits = bf16::from_float(v.data()[i]).bits;
+            std::memcpy(t.bytes.data() + 2 * i, &bits, 2);
+        }
+        bf16_tensors.push_back(std::move(t));
+    }
+    const Checkpoint fused_bf16(write_copy((tmp.path / "bf16").string(), bf16_tensors));
+    const Checkpoint split_bf16(write_copy((tmp.path / "split").string(), test::gpt_oss_split(fused_bf16)));
+    CHECK(fused_bf16.expert_storage() == dtype::bf16);
+    for (const dtype storage : {dtype::f32, dtype::bf16, dtype::q8_0}) {
+        CAPTURE(to_string(storage));
+        const LoadOptions opt{.storage = storage};
+        const Matrix<float> yf = forward<B>(fused_bf16, 1, x.view(), opt), ys = forward<B>(split_bf16, 1, x.view(), opt);
+        CHECK(max_abs_diff(yf.view(), ys.view()) == 0.0f);
+    }
+    // A missing or mistyped half of the pair: one weight_error naming each.
+    std::vector<TensorToWrite> broken;
+    for (const TensorToWrite& t : blocks) {
+        if (t.name == "model.layers.1.mlp.experts.gate_up_proj_scales") continue;
+        broken.push_back(t);
+        if (t.name == "model.layers.1.mlp.experts.down_proj_blocks") broken.back().dtype = tensor_dtype::i8;
+    }
+    const Checkpoint bad(write_copy((tmp.path / "bad").string(), broken));
+    CHECK_THROWS_WITH_AS((void)load_moe_block<B>(bad, 1), doctest::Contains("2 problems with its tensors:\n  missing tensor "
+                                                                             "'model.layers.1.mlp.experts.gate_up_proj_scales'"),
+                         weight_error);
+    const std::string mistyped = "'model.layers.1.mlp.experts.down_proj_blocks' in " + (tmp.path / "bad").string() +
+                                 "/model.safetensors is I8 [8, 32, 2, 16], expected U8 [8, 32, 2, 16]";
+    CHECK_THROWS_WITH_AS((void)load_moe_block<B>(bad, 1), doctest::Contains(mistyped.c_str()), weight_error);
+    // MXFP4 blocks are not trained: no names for their gradients, and a Trainer says so.
+    const auto block = load_moe_block<B>(mx, 1);
+    Matrix<float> dx(x.rows(), x.cols());
+    Workspace ws;
+    CHECK_THROWS_WITH_AS((void)block.gradients(x.view(), x.view(), dx.view(), ws),
+                         doctest::Contains("the block's experts have no tensor names of their own"), config_error);
+    CHECK_THROWS_WITH_AS(Trainer<B>(mx, TrainOptions{}),
+                         "Trainer: gpt_oss block 0 reads its experts from MXFP4 blocks (gpt-oss's fused _blocks and _scales), which are "
+                         "not trained; start from a dequantised checkpoint",
+                         config_error);
+    // GGUF: an expert bias that is not [experts, N] is named with the shape expected.
+    const std::string flat = (tmp.path / "flat.gguf").string();
+    test::rewritten(test::gguf_from(st).bytes(), [](const std::string& name, test::TensorEdit& e) {
+        if (name == "blk.1.ffn_up_exps.bias") e.ne = {e.ne[0] * e.ne[1]};
+        return true;
+    }).write(flat);
+    const std::string flat_bias = "'model.layers.1.mlp.experts.0.up_proj.bias' (GGUF 'blk.1.ffn_up_exps.bias' [512], expected [8, N]) in " +
+                                  flat + " has shape [512], expected [64]";
+    CHECK_THROWS_WITH_AS((void)load_moe_block<B>(Checkpoint(flat), 1), doctest::Contains(flat_bias.c_str()), weight_error);
+}
+TEST_CASE_TEMPLATE_APPLY(gpt_oss_mxfp4, test::all_backends);
 
 TEST_CASE("GGUF: Q8_0, Q4_0 and MXFP4 blocks are held as stored, not requantised") {
     // Blocks no quantiser of their values would give: random integers under random scales.

@@ -194,7 +194,7 @@ TEST_CASE_TEMPLATE_DEFINE("load_model loads every MoE block once, one hypernetwo
 TEST_CASE_TEMPLATE_APPLY(whole_model, test::all_backends);
 
 TEST_CASE("the family list: names, detection and layer types derived from FamilyList") {
-    CHECK(supported_families == "mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v3, switch_transformers, hypermoe_gpt2, hypermoe_switch");
+    CHECK(supported_families == "mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v3, gpt_oss, switch_transformers, hypermoe_gpt2, hypermoe_switch");
     CHECK(all_families().size() == FamilyList::size);
     for (const Family f : all_families()) {
         CAPTURE(to_string(f));
@@ -208,8 +208,8 @@ TEST_CASE("the family list: names, detection and layer types derived from Family
     CHECK(!has_two_stacks(family("mixtral")));
     // mixtral and olmoe (and qwen2_moe without a shared expert) share one layer type: the variant
     // holds each type once.
-    // deepseek_v3: sigmoid and softmax scores; hypermoe_gpt2: clean and noisy gating.
-    static_assert(std::variant_size_v<LoadedMoeBlock<reference>::Layer> == 8);
+    // deepseek_v3: sigmoid and softmax scores; hypermoe_gpt2: clean and noisy gating; gpt_oss its own.
+    static_assert(std::variant_size_v<LoadedMoeBlock<reference>::Layer> == 9);
 }
 
 TEST_CASE_TEMPLATE_DEFINE("every family loads the synthetic checkpoint it writes", B, family_round_trip) {
@@ -489,6 +489,14 @@ TEST_CASE("describe lists the MoE blocks of each family") {
     CHECK_THROWS_WITH_AS((void)describe(sw, "s.json"),
                          "s.json: 'router_bias' is true, supported: false (the router classifier's bias is not loaded)",
                          config_error);
+    // gpt-oss: every block MoE; its SwiGLU's clamp is SwiGluOai's 7.
+    nlohmann::json oss = Checkpoint(test::data_dir + "/gpt_oss-basic").config();
+    const ModelInfo o = describe(oss, "o.json");
+    CHECK(o.moe_blocks == std::vector<MoeBlockRef>{{0, ""}, {1, ""}});
+    CHECK(o.top_k == 4);
+    oss["swiglu_limit"] = 10;
+    CHECK_THROWS_WITH_AS((void)describe(oss, "o.json"),
+                         "o.json: swiglu_limit is 10, expected 7 (the clamp of gpt-oss's SwiGLU, SwiGluOai, is fixed)", config_error);
 }
 
 TEST_CASE("malformed safetensors images give weight_errors naming the problem") {
@@ -571,7 +579,7 @@ TEST_CASE("a truncated checkpoint file and broken checkpoints are reported, noth
     std::ofstream(tmp.path / "config.json") << "{\"model_type\": \"llama\"}";
     CHECK_THROWS_WITH_AS((void)describe(Checkpoint(tmp.path.string())),
                          (tmp.path.string() + "/config.json: model_type \"llama\" is not a supported family; supported: "
-                          "mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v3, switch_transformers, hypermoe_gpt2, hypermoe_switch").c_str(),
+                          "mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v3, gpt_oss, switch_transformers, hypermoe_gpt2, hypermoe_switch").c_str(),
                          config_error);
     std::ofstream(tmp.path / "config.json") << "{\"model_type\": \"mixtral\", ";
     CHECK_THROWS_WITH_AS(Checkpoint(tmp.path.string()), doctest::Contains("config.json: not valid JSON"), config_error);

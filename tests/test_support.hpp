@@ -202,7 +202,7 @@ inline const std::vector<std::string> fixture_cases = {
     "olmoe-norm",          "olmoe-bf16",           "deepseek_v3-basic",  "deepseek_v3-nonorm",
     "deepseek_v3-decode",  "deepseek_v3-bf16",     "switch_transformers-basic", "switch_transformers-drop",
     "switch_transformers-tie", "switch_transformers-decoder", "hypermoe_gpt2-k1", "hypermoe_gpt2-k2",
-    "hypermoe_switch-basic", "hypermoe_switch-drop"};
+    "hypermoe_switch-basic", "hypermoe_switch-drop", "gpt_oss-basic"};
 #endif
 
 } // namespace hypermoe::test

@@ -15,6 +15,7 @@
 #include "hypermoe/io/synthetic.hpp"
 #include "hypermoe/train/multitask.hpp"
 #include "hypermoe/train/trainer.hpp"
+#include "gguf_writer.hpp"
 #include "test_support.hpp"
 
 using namespace hypermoe;
@@ -146,9 +147,10 @@ TEST_CASE("ParameterStore: F32 copies of a checkpoint's tensors that load into t
 TEST_CASE_TEMPLATE_DEFINE("Trainer: every parameter's gradient against central differences of the loss through the chained blocks", B,
                           trainer_gradients) {
     // HyperMoE, HyperMoE trained without its HyperExpert (the plain MoE of the paper's
-    // comparison), a plain family, and GPT-2 HyperMoE (its Conv1D weights stored transposed).
+    // comparison), a plain family, GPT-2 HyperMoE (its Conv1D weights stored transposed), and
+    // gpt-oss (a router bias, biased experts and the clamped SwiGLU).
     for (const auto& config : {std::pair<std::string_view, bool>{"hypermoe_switch", true}, {"hypermoe_switch", false}, {"mixtral", true},
-                               {"hypermoe_gpt2", true}}) {
+                               {"hypermoe_gpt2", true}, {"gpt_oss", true}}) {
         const std::string_view family = config.first;
         const bool with_hyper = config.second;
         CAPTURE(family);
@@ -473,6 +475,46 @@ TEST_CASE("hypermoe_gpt2 with noisy gating (the reference code's training routin
                          "LoadOptions::noisy_gating is set, but mixtral checkpoints hold no noise weight (the HyperMoE reference "
                          "code's w_noise; hypermoe_gpt2's do)",
                          config_error);
+}
+
+TEST_CASE("Trainer on gpt-oss's fused expert tensors: the gradients and steps of the same model with each expert's own tensors") {
+    // The fixture holds Hugging Face's fused layout; the split copy is what llama.cpp's converter
+    // makes of it. Each fused gradient's slices are the split one's, and AdamW (biases without
+    // weight decay, though the fused biases are 2-D) moves both alike.
+    const Checkpoint fused(test::data_dir + "/gpt_oss-basic");
+    const std::vector<std::byte> split_image = safetensors_bytes(test::gpt_oss_split(fused));
+    const Checkpoint split(fused.config(), split_image, "split gpt_oss");
+    Trainer<reference> a(fused, TrainOptions{}), b(split, TrainOptions{});
+    const std::vector<std::string> names = a.parameter_names();
+    const std::string p = "model.layers.0.mlp.experts.";
+    CHECK(std::count(names.begin(), names.end(), p + "gate_up_proj") == 1);
+    CHECK(std::count(names.begin(), names.end(), p + "gate_up_proj_bias") == 1);
+    CHECK(names.size() == 12); // router weight and bias, four fused expert tensors, two blocks
+    const Matrix<float> x = random_rows(16, 32, 3, 2.0), target = random_rows(16, 32, 4, 0.5);
+    const Targets t{target.view(), {}};
+    for (int step = 0; step < 2; ++step) {
+        CAPTURE(step);
+        a.step(x.view(), t);
+        b.step(x.view(), t);
+        const index_t e = 8, d = 32, ff = 64;
+        double worst = 0, scale = 0;
+        const auto compare = [&](float got, float want) { worst = std::max(worst, double(std::abs(got - want))), scale = std::max(scale, double(std::abs(want))); };
+        for (index_t x_ = 0; x_ < e; ++x_) {
+            const std::string own = p + std::to_string(x_) + ".";
+            for (index_t o = 0; o < ff; ++o) {
+                for (index_t i = 0; i < d; ++i) {
+                    compare(a.gradient(p + "gate_up_proj")[std::size_t((x_ * d + i) * 2 * ff + 2 * o)], b.gradient(own + "gate_proj.weight")[std::size_t(o * d + i)]);
+                    compare(a.values(p + "gate_up_proj")[std::size_t((x_ * d + i) * 2 * ff + 2 * o + 1)], b.values(own + "up_proj.weight")[std::size_t(o * d + i)]);
+                    compare(a.values(p + "down_proj")[std::size_t((x_ * ff + o) * d + i)], b.values(own + "down_proj.weight")[std::size_t(i * ff + o)]);
+                }
+                compare(a.values(p + "gate_up_proj_bias")[std::size_t(x_ * 2 * ff + 2 * o + 1)], b.values(own + "up_proj.bias")[std::size_t(o)]);
+            }
+            for (index_t i = 0; i < d; ++i)
+                compare(a.gradient(p + "down_proj_bias")[std::size_t(x_ * d + i)], b.gradient(own + "down_proj.bias")[std::size_t(i)]);
+        }
+        CHECK(worst <= 1e-6 * scale);
+        CHECK(scale > 0);
+    }
 }
 
 TEST_CASE("Trainer: typed errors name the argument and both sides") {

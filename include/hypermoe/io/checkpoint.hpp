@@ -170,10 +170,13 @@ public:
     ///   almost nothing to the file's error, in 8.5 bits a weight where f32 takes 32;
     /// - f32 otherwise (F32 or F16 experts, a mix with them), which keeps the values exactly.
     /// `hypermoe`'s --weights defaults to it.
+    /// Their biases (gpt-oss's) do not count; MXFP4 blocks in Hugging Face's fused layout
+    /// (experts.<m>_blocks, U8, with their _scales) count as MXFP4.
     [[nodiscard]] dtype expert_storage() const {
         std::set<tensor_dtype> types;
         for (const auto& [name, f] : where_)
-            if (is_expert(name)) types.insert(tables_[f]->info(name).dtype);
+            if (is_expert(name) && !name.ends_with("bias") && !name.ends_with("_scales"))
+                types.insert(name.ends_with("_blocks") ? tensor_dtype::mxfp4 : tables_[f]->info(name).dtype);
         if (types.empty()) return dtype::f32;
         if (types.size() == 1)
             if (const auto held = held_dtype(*types.begin()); held && *held != dtype::f32) return *held;
@@ -188,7 +191,7 @@ public:
     }
 
 private:
-    /// Whether a tensor is a routed expert's matrix (named "....experts.<e>....").
+    /// Whether a tensor is a routed expert's (named "....experts.<e>...." or, fused, "....experts.<name>").
     static bool is_expert(const std::string& name) { return name.find(".experts.") != std::string::npos; }
 
     /// The bytes of the tensors whose names pass `keep`, by dtype (the file's name for it).

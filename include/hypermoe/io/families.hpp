@@ -24,6 +24,7 @@
 
 #include "hypermoe/detail/type_list.hpp"
 #include "hypermoe/io/family/deepseek_v3.hpp"
+#include "hypermoe/io/family/gpt_oss.hpp"
 #include "hypermoe/io/family/hypermoe_gpt2.hpp"
 #include "hypermoe/io/family/hypermoe_switch.hpp"
 #include "hypermoe/io/family/mixtral.hpp"
@@ -35,7 +36,7 @@
 namespace hypermoe {
 
 /// Every supported family, in the order inspect and errors list them.
-using FamilyList = type_list<families::Mixtral, families::Qwen2Moe, families::Qwen3Moe, families::Olmoe, families::DeepSeekV3,
+using FamilyList = type_list<families::Mixtral, families::Qwen2Moe, families::Qwen3Moe, families::Olmoe, families::DeepSeekV3, families::GptOss,
                              families::SwitchTransformers, families::HyperMoeGpt2, families::HyperMoeSwitch>;
 
 namespace detail {

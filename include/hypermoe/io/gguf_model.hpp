@@ -14,6 +14,8 @@
 //   deepseek2                             -> deepseek_v3 (sigmoid or softmax gating, selection
 //                                            bias exp_probs_b, groups, weight norm and scale,
 //                                            shared experts, leading dense blocks)
+//   gpt-oss                               -> gpt_oss (router bias ffn_gate_inp.bias, the
+//                                            experts' biases blk.N.ffn_{gate,up,down}_exps.bias)
 // The experts are read from the merged 3-D tensors blk.N.ffn_{gate,up,down}_exps.weight (expert
 // e is slice e of the outermost dimension) or, in older llama files, from the per-expert
 // blk.N.ffn_{gate,up,down}.E.weight. GGUF dims are innermost first; the names below are given
@@ -60,9 +62,10 @@ public:
         else if (a == "qwen3moe") qwen3moe();
         else if (a == "olmoe") olmoe();
         else if (a == "deepseek2") deepseek2();
+        else if (a == "gpt-oss") gpt_oss();
         else
             throw config_error(detail::concat(g_.source(), ": general.architecture is \"", a,
-                                              "\"; supported MoE architectures: llama (with experts), qwen2moe, qwen3moe, olmoe, deepseek2"));
+                                              "\"; supported MoE architectures: llama (with experts), qwen2moe, qwen3moe, olmoe, deepseek2, gpt-oss"));
         return std::move(out_);
     }
 
@@ -114,15 +117,17 @@ private:
     }
 
     /// Expert e's matrix under `hf(e)`, from the merged `blk.L.<merged>.weight` (slice e) or the
-    /// per-expert `blk.L.<single>.e.weight`.
+    /// per-expert `blk.L.<single>.e.weight`; with `kind` "bias", its bias vector from the merged
+    /// `blk.L.<merged>.bias` ([E, N] -> [N]) or `blk.L.<single>.e.bias`.
     void experts(index_t l, const std::function<std::string(const std::string&)>& hf, const std::string& merged,
-                 const std::string& single) {
+                 const std::string& single, const std::string& kind = "weight") {
         const std::string b = "blk." + std::to_string(l) + ".";
-        const std::string whole = b + merged + ".weight";
-        out_.sources[hf("*")] = "GGUF '" + whole + "' or '" + b + single + ".*.weight'";
+        const std::string whole = b + merged + "." + kind;
+        const std::size_t rank = kind == "weight" ? 3 : 2;
+        out_.sources[hf("*")] = "GGUF '" + whole + "' or '" + b + single + ".*." + kind + "'";
         const TensorInfo* t = g_.find(whole);
         for (index_t e = 0; e < experts_; ++e) {
-            const std::string each = b + single + "." + std::to_string(e) + ".weight";
+            const std::string each = b + single + "." + std::to_string(e) + "." + kind;
             if (t == nullptr) {
                 if (const TensorInfo* u = g_.find(each)) {
                     TensorInfo m = *u;
@@ -133,13 +138,13 @@ private:
             }
             TensorInfo m = *t;
             m.name = hf(std::to_string(e));
-            if (t->shape.size() == 3 && t->shape[0] == experts_) { // [E, N, K] -> expert e's [N, K]
+            if (t->shape.size() == rank && t->shape[0] == experts_) { // [E, N, K] -> expert e's [N, K]; [E, N] -> [N]
                 const std::size_t bytes = (t->end - t->begin) / std::size_t(experts_);
-                m.shape = {t->shape[1], t->shape[2]};
+                m.shape.assign(t->shape.begin() + 1, t->shape.end());
                 m.begin = t->begin + std::size_t(e) * bytes, m.end = m.begin + bytes;
                 m.origin = detail::concat("GGUF '", whole, "' expert ", e);
             } else {
-                m.origin = detail::concat("GGUF '", whole, "' ", t->shape_string(), ", expected [", experts_, ", N, K]");
+                m.origin = detail::concat("GGUF '", whole, "' ", t->shape_string(), ", expected [", experts_, rank == 3 ? ", N, K]" : ", N]");
             }
             out_.tensors.push_back(std::move(m));
         }
@@ -222,6 +227,24 @@ private:
             routed(l, p, "gate_proj.weight", "up_proj.weight", "down_proj.weight");
             one(p + "gate.e_score_correction_bias", "blk." + std::to_string(l) + ".exp_probs_b.bias");
             shared(l, p + "shared_experts.");
+        }
+    }
+
+    void gpt_oss() {
+        // llama.cpp's converter splits Hugging Face's fused gate_up_proj into ffn_gate_exps and
+        // ffn_up_exps (and their biases), and writes swiglu_limit nowhere: its SWIGLU_OAI uses 7.
+        common("gpt_oss", "expert_feed_forward_length");
+        out_.config.update({{"intermediate_size", ff_}, {"num_local_experts", experts_}, {"swiglu_limit", 7.0}});
+        for (index_t l = 0; l < layers_; ++l) {
+            const std::string p = "model.layers." + std::to_string(l) + ".mlp.", b = "blk." + std::to_string(l) + ".";
+            one(p + "router.weight", b + "ffn_gate_inp.weight");
+            one(p + "router.bias", b + "ffn_gate_inp.bias");
+            for (const auto& [g, h] : {std::pair{"gate", "gate_proj"}, {"up", "up_proj"}, {"down", "down_proj"}})
+                for (const char* kind : {"weight", "bias"}) {
+                    const std::string suffix = std::string(".") + h + "." + kind;
+                    experts(l, [&](const std::string& e) { return p + "experts." + e + suffix; }, std::string("ffn_") + g + "_exps",
+                            std::string("ffn_") + g, kind);
+                }
         }
     }
 

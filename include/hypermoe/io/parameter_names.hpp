@@ -21,21 +21,28 @@
 namespace hypermoe {
 
 /// A tensor's checkpoint name, and whether the checkpoint stores it transposed; an empty name
-/// = the block has no such tensor.
+/// = the block has no such tensor. With `experts` > 0 the name is a fused tensor holding every
+/// expert's (gpt-oss's experts.gate_up_proj): this role is expert `expert`'s slice of it, its
+/// outputs every `pieces`-th from `piece` (gate and up interleaved: pieces = 2); the tensor is
+/// [experts, K, pieces x N] for an (N, K) matrix (stored transposed: y = x W) and
+/// [experts, pieces x N] for an N-vector.
 struct TensorName {
     std::string name;
     bool transposed = false;
+    index_t experts = 0, expert = 0, pieces = 1, piece = 0;
     [[nodiscard]] bool empty() const noexcept { return name.empty(); }
+    [[nodiscard]] bool fused() const noexcept { return experts > 0; }
 };
 
 /// One expert's tensors: gate (GLU experts only), up, down and the biases (where present).
 struct ExpertTensorNames {
-    TensorName gate, up, down, up_bias, down_bias;
+    TensorName gate, up, down, gate_bias, up_bias, down_bias;
 };
 
 /// Every tensor a block's forward reads, by role.
 struct BlockParameterNames {
     TensorName router;
+    TensorName router_bias;    ///< the router logits' bias (gpt-oss)
     TensorName router_noise;   ///< the noise weight below the router's in the gate (LoadOptions::noisy_gating)
     TensorName selection_bias; ///< a router's selection-only bias (DeepSeek-V3): no gradient, not a trained parameter
     std::vector<ExpertTensorNames> experts;
@@ -49,6 +56,34 @@ struct BlockParameterNames {
 
 namespace detail {
 
+/// The checkpoint shape of the tensor named by n, from the gradient m of its role (in the
+/// block's layout: (N, K), or one row for a vector).
+[[nodiscard]] inline std::vector<index_t> gradient_shape(const TensorName& n, ConstMatrixView<float> m, bool vector) {
+    if (n.fused()) return vector ? std::vector<index_t>{n.experts, n.pieces * m.cols()} : std::vector<index_t>{n.experts, m.cols(), n.pieces * m.rows()};
+    if (vector) return {m.cols()};
+    return n.transposed ? std::vector<index_t>{m.cols(), m.rows()} : std::vector<index_t>{m.rows(), m.cols()};
+}
+
+/// Adds the gradient m of n's role (the block's layout) into `dst`, the elements of n's whole
+/// tensor in the checkpoint's layout (gradient_shape): transposed back, or into the fused
+/// tensor's slice, where n says so.
+inline void add_gradient(const TensorName& n, ConstMatrixView<float> m, bool vector, std::span<float> dst) {
+    float* const out = dst.data();
+    const index_t rows = m.rows(), cols = m.cols();
+    detail::parallel_for(rows, rows * cols, [&](index_t r) {
+        const float* row = m.row(r).data();
+        if (n.fused() && vector) {
+            for (index_t c = 0; c < cols; ++c) out[(n.expert * cols + c) * n.pieces + n.piece] += row[c];
+        } else if (n.fused()) { // [experts, K = cols, pieces x N]: output r of this piece is column r pieces + piece
+            for (index_t c = 0; c < cols; ++c) out[(n.expert * cols + c) * n.pieces * rows + r * n.pieces + n.piece] += row[c];
+        } else if (n.transposed) {
+            for (index_t c = 0; c < cols; ++c) out[c * rows + r] += row[c];
+        } else {
+            for (index_t c = 0; c < cols; ++c) out[r * cols + c] += row[c];
+        }
+    });
+}
+
 /// A vector as a one-row matrix view.
 [[nodiscard]] inline ConstMatrixView<float> as_row(const std::vector<float>& v) {
     return {v.data(), v.empty() ? 0 : 1, index_t(v.size())};
@@ -60,6 +95,10 @@ void visit_expert_gradients(const ExpertTensorNames& n, const G& g, Fn& fn) {
     if constexpr (requires { g.gate_up; }) {
         fn(n.gate, g.gate(), false);
         fn(n.up, g.up(), false);
+        // [gate bias | up bias], as the fused gate|up map holds them
+        const index_t half = index_t(g.gate_up_bias.size() / 2);
+        const ConstMatrixView<float> both = as_row(g.gate_up_bias);
+        if (half > 0) fn(n.gate_bias, both.col_block(0, half), true), fn(n.up_bias, both.col_block(half, half), true);
     } else {
         fn(n.up, g.up.view(), false);
         fn(n.up_bias, as_row(g.up_bias), true);
@@ -79,9 +118,10 @@ void visit_expert_gradients(const ExpertTensorNames& n, const G& g, Fn& fn) {
         if (!n.empty() && std::find(out.begin(), out.end(), n.name) == out.end()) out.push_back(n.name);
     };
     const auto add_expert = [&](const ExpertTensorNames& e) {
-        for (const TensorName* n : {&e.gate, &e.up, &e.down, &e.up_bias, &e.down_bias}) add(*n);
+        for (const TensorName* n : {&e.gate, &e.up, &e.down, &e.gate_bias, &e.up_bias, &e.down_bias}) add(*n);
     };
     add(names.router);
+    add(names.router_bias);
     add(names.router_noise);
     for (const auto& e : names.experts) add_expert(e);
     if (names.shared) add_expert(*names.shared);
@@ -93,6 +133,15 @@ void visit_expert_gradients(const ExpertTensorNames& n, const G& g, Fn& fn) {
                                 &names.up_weight_bias, &names.down_bias, &names.down_bias_bias, &names.up_bias, &names.up_bias_bias})
         add(*n);
     return out;
+}
+
+/// Whether `name` is a fused tensor of the experts' bias vectors (gpt-oss's
+/// experts.gate_up_proj_bias, [experts, n]): a vector parameter, though of rank 2.
+[[nodiscard]] inline bool is_fused_vector(const BlockParameterNames& names, const std::string& name) {
+    return std::any_of(names.experts.begin(), names.experts.end(), [&](const ExpertTensorNames& e) {
+        return (e.gate_bias.fused() && e.gate_bias.name == name) || (e.up_bias.fused() && e.up_bias.name == name) ||
+               (e.down_bias.fused() && e.down_bias.name == name);
+    });
 }
 
 /// Calls fn(name, gradient, is_vector) for every tensor gradient of `g` (MoeGradients or
@@ -127,6 +176,10 @@ void for_each_named_gradient(const BlockParameterNames& names, const G& g, Fn&& 
             visit(names.up_bias_bias, detail::as_row(h.up_bias_bias), true);
         }
     } else {
+        if (names.experts.empty() && !g.experts.empty())
+            throw config_error(detail::concat("named_gradients: the block's experts have no tensor names of their own (a gpt_oss ",
+                                              "checkpoint's fused expert tensors): their gradients cannot be named; split the experts ",
+                                              "(as llama.cpp's converter does), or take the layer's gradients (MoeLayer::backward)"));
         if (names.experts.size() != g.experts.size())
             throw config_error(detail::concat("named_gradients: names for ", names.experts.size(), " experts, but gradients of ",
                                               g.experts.size(), " (names recorded by another block's load?)"));
@@ -138,6 +191,7 @@ void for_each_named_gradient(const BlockParameterNames& names, const G& g, Fn&& 
             visit(names.router, g.gate.view().row_block(0, experts), false);
             visit(names.router_noise, g.gate.view().row_block(experts, g.gate.rows() - experts), false);
         }
+        visit(names.router_bias, detail::as_row(g.gate_bias), true);
         for (std::size_t e = 0; e < g.experts.size(); ++e) detail::visit_expert_gradients(names.experts[e], g.experts[e], visit);
         if constexpr (requires { g.shared.expert; }) {
             if (names.shared) detail::visit_expert_gradients(*names.shared, g.shared.expert, visit);
@@ -172,6 +226,7 @@ void zero_gradients(G& g) {
         }
     } else if constexpr (requires { g.experts; g.gate; }) { // MoeGradients
         zero_buffer(g.gate);
+        zero_buffer(g.gate_bias);
         for (auto& e : g.experts) zero_gradients(e);
         if constexpr (requires { g.shared.expert; }) {
             zero_gradients(g.shared.expert);
@@ -198,13 +253,17 @@ template <class G>
 [[nodiscard]] std::vector<TensorToWrite> named_gradients(const BlockParameterNames& names, const G& g) {
     std::vector<TensorToWrite> out;
     for_each_named_gradient(names, g, [&](const TensorName& n, ConstMatrixView<float> m, bool vector) {
-        const index_t rows = n.transposed ? m.cols() : m.rows(), cols = n.transposed ? m.rows() : m.cols();
-        TensorToWrite t{"d/" + n.name, tensor_dtype::f32, vector ? std::vector<index_t>{cols} : std::vector<index_t>{rows, cols},
-                        std::vector<std::byte>(std::size_t(rows * cols) * sizeof(float))};
-        auto* dst = reinterpret_cast<float*>(t.bytes.data());
-        for (index_t r = 0; r < m.rows(); ++r)
-            for (index_t c = 0; c < m.cols(); ++c) dst[n.transposed ? c * cols + r : r * cols + c] = m(r, c); // cols = m.rows() when transposed
-        out.push_back(std::move(t));
+        const std::string name = "d/" + n.name;
+        // A fused tensor's slices, one per expert and piece, fill one tensor.
+        auto it = std::find_if(out.begin(), out.end(), [&](const TensorToWrite& t) { return t.name == name; });
+        if (it == out.end()) {
+            std::vector<index_t> shape = detail::gradient_shape(n, m, vector);
+            index_t numel = 1;
+            for (const index_t x : shape) numel *= x;
+            out.push_back({name, tensor_dtype::f32, std::move(shape), std::vector<std::byte>(std::size_t(numel) * sizeof(float))});
+            it = out.end() - 1;
+        }
+        detail::add_gradient(n, m, vector, {reinterpret_cast<float*>(it->bytes.data()), it->bytes.size() / sizeof(float)});
     });
     return out;
 }

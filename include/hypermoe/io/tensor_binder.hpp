@@ -79,6 +79,44 @@ public:
         return {defer(a, buffer, buffer.get(), type, rows, cols), defer(b, buffer, buffer.get() + bytes, type, rows, cols)};
     }
 
+    /// Every expert's weights in a Hugging Face fused expert tensor (gpt-oss's experts.gate_up_proj
+    /// and experts.down_proj), as deferred_stack() binds a routed expert's: for expert e,
+    /// views e x pieces + i (i < pieces) of (rows, cols) in one buffer, piece i holding the
+    /// expert's outputs i, i + pieces, i + 2 pieces, ... (gate_up_proj interleaves gate's and
+    /// up's: pieces = 2 gives gate then up). Read from either
+    /// - `name`, [experts, cols, pieces x rows] (dequantised: y = x W, so each output is a column), or
+    /// - its MXFP4 blocks `name`_blocks [experts, pieces x rows, cols / 32, 16] (U8; element 2i of
+    ///   a block in byte i's low nibble, 2i + 1 in its high one) with their E8M0 scales
+    ///   `name`_scales [experts, pieces x rows, cols / 32] (U8): held as mxfp4 as they are (their
+    ///   nibbles put in ggml's order), or converted from their values.
+    /// Converted by materialise() like deferred_matrix()'s, one expert at a time; placeholders when
+    /// a tensor is missing or wrong (reported once).
+    std::vector<WeightView> deferred_fused(const std::string& name, index_t experts, index_t pieces, index_t rows, index_t cols, dtype storage) {
+        Fused f{{nullptr, nullptr}, 0, pieces, 0};
+        Checkpoint::Ref source{nullptr, nullptr};
+        if (has(name + "_blocks")) {
+            source = fetch_bytes(name + "_blocks", {experts, pieces * rows, cols / quant_block, 16});
+            f.scales = fetch_bytes(name + "_scales", {experts, pieces * rows, cols / quant_block});
+            if (cols % quant_block != 0)
+                problems_.push_back(detail::concat("tensor '", name, "_blocks' holds rows of ", cols, " weights, not a multiple of ", quant_block));
+            if (f.scales.info == nullptr || cols % quant_block != 0) source = {nullptr, nullptr};
+        } else {
+            source = fetch(name, {experts, cols, pieces * rows});
+        }
+        if (source.info == nullptr) return std::vector<WeightView>(std::size_t(experts * pieces), placeholder());
+        const dtype type = converted_type(storage, cols);
+        const std::size_t bytes = weight_bytes(type, std::size_t(rows), std::size_t(cols));
+        std::vector<WeightView> out;
+        for (index_t e = 0; e < experts; ++e) {
+            std::shared_ptr<std::byte[]> buffer = detail::aligned_array<std::byte>(std::size_t(pieces) * bytes);
+            for (index_t i = 0; i < pieces; ++i) {
+                f.expert = e, f.first = i;
+                out.push_back(defer(source, buffer, buffer.get() + std::size_t(i) * bytes, type, rows, cols, f));
+            }
+        }
+        return out;
+    }
+
     /// Converts the tensor of a deferred_matrix() view into its buffer (once), a row at a time,
     /// dropping the tensor's pages from memory as it goes (they are not read again); any other
     /// view is left as it is. Into bf16 / q8_0 / q4_0 / mxfp4 through one row of f32, as the expert's
@@ -88,6 +126,7 @@ public:
         const auto it = deferred_.find(w.extent().data());
         if (it == deferred_.end() || it->second.filled) return;
         Deferred& d = it->second;
+        if (d.fused) return materialise_fused(d, w.rows(), w.cols());
         const TensorInfo& t = *d.source.info;
         const std::span<const std::byte> source = d.source.file->data(t);
         const bool copy = held_dtype(t.dtype) == d.type;
@@ -202,6 +241,30 @@ private:
         return storage == dtype::bf16 || (is_block_format(storage) && cols % quant_block == 0) ? storage : dtype::f32;
     }
 
+    /// A tensor of `shape` read as bytes (a fused expert tensor's MXFP4 blocks or scales: U8).
+    Checkpoint::Ref fetch_bytes(const std::string& name, const std::vector<index_t>& shape) {
+        const Checkpoint::Ref r = ck_.find(name);
+        if (r.info == nullptr) {
+            problems_.push_back(detail::concat("missing tensor '", name, "'"));
+            return r;
+        }
+        TensorInfo want;
+        want.shape = shape;
+        if (r.info->dtype != tensor_dtype::u8 || r.info->shape != shape) {
+            problems_.push_back(detail::concat(r.info->describe(), " in ", r.file->source(), " is ", r.info->type_string(), " ",
+                                               r.info->shape_string(), ", expected U8 ", want.shape_string()));
+            return {nullptr, nullptr};
+        }
+        return r;
+    }
+
+    /// Where a fused expert tensor's view reads from (deferred_fused): expert `expert`'s outputs
+    /// first, first + pieces, ...; `scales` set for MXFP4 blocks.
+    struct Fused {
+        Checkpoint::Ref scales;
+        index_t expert, pieces, first;
+    };
+
     /// How many source bytes materialise() converts between releases of their pages.
     static constexpr std::size_t release_chunk = std::size_t{4} << 20;
 
@@ -213,13 +276,57 @@ private:
         std::byte* data;
         dtype type;
         bool filled;
+        std::optional<Fused> fused; ///< a deferred_fused() view's layout
     };
 
-    /// Records a deferred view of `type` at `data` (in `buffer`) converted from `source`.
+    /// Records a deferred view of `type` at `data` (in `buffer`) converted from `source` (with
+    /// `fused`, a fused expert tensor's view).
     WeightView defer(const Checkpoint::Ref& source, const std::shared_ptr<std::byte[]>& buffer, std::byte* data, dtype type, index_t rows,
-                     index_t cols) {
-        deferred_.emplace(data, Deferred{source, buffer, data, type, false});
+                     index_t cols, std::optional<Fused> fused = std::nullopt) {
+        deferred_.emplace(data, Deferred{source, buffer, data, type, false, fused});
         return WeightView::packed(data, type, rows, cols);
+    }
+
+    /// materialise() of a deferred_fused() view: row r is the expert's output r x pieces + first.
+    void materialise_fused(Deferred& d, index_t rows, index_t cols) {
+        const Fused& f = *d.fused;
+        const TensorInfo& t = *d.source.info;
+        const std::span<const std::byte> source = d.source.file->data(t);
+        const std::string name = detail::concat(t.describe(), " in ", d.source.file->source());
+        const std::size_t row = weight_bytes(d.type, 1, std::size_t(cols));
+        const index_t outputs = f.pieces * rows, nb = cols / quant_block;
+        std::vector<float> values(static_cast<std::size_t>(cols));
+        std::vector<BlockMXFP4> blocks(f.scales.info != nullptr ? std::size_t(nb) : 0);
+        std::span<const std::byte> expert_bytes; // the expert's slice of the source, released after
+        for (index_t r = 0; r < rows; ++r) {
+            const index_t o = r * f.pieces + f.first;
+            std::byte* out = d.data + std::size_t(r) * row;
+            if (f.scales.info != nullptr) { // MXFP4 blocks: HF's nibble order to ggml's
+                const std::span<const std::byte> scales = f.scales.file->data(*f.scales.info);
+                const std::size_t at = std::size_t(f.expert * outputs + o) * std::size_t(nb);
+                expert_bytes = source.subspan(std::size_t(f.expert * outputs) * std::size_t(nb) * 16, std::size_t(outputs * nb) * 16);
+                for (index_t b = 0; b < nb; ++b) {
+                    const auto* q = reinterpret_cast<const std::uint8_t*>(source.data() + (at + std::size_t(b)) * 16);
+                    const auto nibble = [q](int k) { return (q[k / 2] >> (4 * (k % 2))) & 0xF; };
+                    BlockMXFP4& blk = blocks[std::size_t(b)];
+                    blk.e = std::to_integer<std::uint8_t>(scales[at + std::size_t(b)]);
+                    for (int j = 0; j < 16; ++j) blk.qs[std::size_t(j)] = std::uint8_t(nibble(j) | nibble(j + 16) << 4);
+                }
+                if (d.type == dtype::mxfp4) {
+                    std::memcpy(out, blocks.data(), row);
+                    continue;
+                }
+                for (index_t b = 0; b < nb; ++b)
+                    dequantize(blocks[std::size_t(b)], std::span<float, quant_block>(values.data() + b * quant_block, quant_block));
+            } else { // [experts, cols, outputs]: output o is a column of the expert's slice
+                expert_bytes = source.subspan(std::size_t(f.expert * cols * outputs) * size_of(t.dtype), std::size_t(cols * outputs) * size_of(t.dtype));
+                for (index_t c = 0; c < cols; ++c) values[std::size_t(c)] = float(d.source.file->element(t, (f.expert * cols + c) * outputs + o));
+            }
+            if (d.type == dtype::f32) std::memcpy(out, values.data(), row);
+            else detail::store_row(values, d.type, out, name, r);
+        }
+        ck_.release(expert_bytes);
+        d.filled = true;
     }
 
     const Checkpoint& ck_;

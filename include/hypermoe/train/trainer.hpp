@@ -148,10 +148,16 @@ public:
                                               " (the blocks' width)"));
         std::vector<Parameter> params;
         for (const auto& block : loaded().blocks())
+            if (block.parameter_names().experts.size() != std::size_t(block.info().experts))
+                throw config_error(detail::concat("Trainer: ", to_string(block.info().family), " block ", block.block().layer,
+                                                  " reads its experts from MXFP4 blocks (gpt-oss's fused _blocks and _scales), which ",
+                                                  "are not trained; start from a dequantised checkpoint"));
+        for (const auto& block : loaded().blocks())
             for (const std::string& name : parameter_tensor_names(block.parameter_names(), opt_.with_hyper)) {
                 if (index_.count(name)) continue;
                 const std::span<float> v = store_.values(name);
-                const bool vector = store_.checkpoint().tensor(name).info->shape.size() < 2;
+                const bool vector = store_.checkpoint().tensor(name).info->shape.size() < 2 ||
+                                    is_fused_vector(block.parameter_names(), name);
                 index_[name] = params.size();
                 grads_.emplace_back(v.size(), 0.0f);
                 params.push_back({name, v, grads_.back(), vector ? 1u : 0u});
@@ -236,7 +242,7 @@ public:
         const auto& blocks = loaded().blocks();
         buffers_.resize(blocks.size());
         for (std::size_t i = blocks.size(); i-- > 0;) {
-            const auto add = [&](const TensorName& n, ConstMatrixView<float> g, bool) { accumulate(n, g); };
+            const auto add = [&](const TensorName& n, ConstMatrixView<float> g, bool vector) { accumulate(n, g, vector); };
             if (blocks[i].keeps_activations(opt_.with_hyper))
                 blocks[i].for_each_gradient(kept_[i], hs_[i].view(), dh_.view(), dx_.view(), ws_, context, opt_.with_hyper, buffers_[i], add);
             else
@@ -374,21 +380,15 @@ private:
         return it->second;
     }
 
-    /// Adds a block's gradient of tensor n (in the block's layout) to its parameter's (in the
-    /// checkpoint's: transposed back where n says so).
-    void accumulate(const TensorName& n, ConstMatrixView<float> g) {
+    /// Adds a block's gradient of tensor n's role (in the block's layout) to its parameter's (in
+    /// the checkpoint's: transposed back, or into a fused tensor's slice, where n says so).
+    void accumulate(const TensorName& n, ConstMatrixView<float> g, bool vector) {
         std::vector<float>& into = grads_[index_of(n.name)];
-        if (std::size_t(g.rows() * g.cols()) != into.size())
-            throw shape_error(detail::concat("Trainer: the gradient of '", n.name, "' has ", g.rows() * g.cols(), " elements, expected ",
-                                             into.size()));
-        float* const dst = into.data();
-        detail::parallel_for(g.rows(), g.rows() * g.cols(), [&](index_t r) {
-            const auto row = g.row(r);
-            if (n.transposed)
-                for (index_t c = 0; c < g.cols(); ++c) dst[c * g.rows() + r] += row[std::size_t(c)];
-            else
-                for (index_t c = 0; c < g.cols(); ++c) dst[r * g.cols() + c] += row[std::size_t(c)];
-        });
+        index_t numel = 1;
+        for (const index_t x : detail::gradient_shape(n, g, vector)) numel *= x;
+        if (std::size_t(numel) != into.size())
+            throw shape_error(detail::concat("Trainer: the gradient of '", n.name, "' has ", numel, " elements, expected ", into.size()));
+        detail::add_gradient(n, g, vector, into);
     }
 
     /// Makes m (rows, width()), reallocating only when its shape changes.
