@@ -220,6 +220,31 @@ TEST_CASE("mxfp4 bits, by hand") {
     CHECK(values_of(t)[0] == std::ldexp(1.0f, -126));
 }
 
+TEST_CASE("mxfp4's scale is 2^(e - 128) for every byte, and a row's first non-finite block element is found by its scale") {
+    for (unsigned e = 0; e < 256; ++e) {
+        CAPTURE(e);
+        CHECK(mxfp4_scale(e) == std::ldexp(1.0f, int(e) - 128));
+    }
+    // A row of three blocks of each format, finite, then with one value made infinite.
+    std::array<BlockMXFP4, 3> mx{};
+    for (auto& b : mx) b.e = 252, b.qs.fill(0x77); // 12 x 2^124: finite, the largest an e of 252 holds
+    CHECK(first_non_finite_in_blocks(mx.data(), dtype::mxfp4, 96) == -1);
+    mx[1].e = 253; // 6 x 2^125 is finite, 8 x 2^125 = 2^128 is not
+    mx[1].qs.fill(0x55);
+    CHECK(first_non_finite_in_blocks(mx.data(), dtype::mxfp4, 96) == -1);
+    mx[1].qs[3] = 0x65; // element 3 + 32: nibble 5 (6), element 19 + 32: nibble 6 (8)
+    CHECK(first_non_finite_in_blocks(mx.data(), dtype::mxfp4, 96) == 32 + 19);
+    std::array<BlockQ8_0, 3> q8{};
+    for (auto& b : q8) b.d = f32_to_f16_bits(65504.0f), b.qs.fill(-127); // -127 x 65504: finite in f32
+    CHECK(first_non_finite_in_blocks(q8.data(), dtype::q8_0, 96) == -1);
+    q8[2].d = 0x7C00; // inf
+    q8[2].qs[0] = 0;  // inf x 0 is nan: not finite either
+    CHECK(first_non_finite_in_blocks(q8.data(), dtype::q8_0, 96) == 64);
+    std::array<BlockQ4_0, 2> q4{};
+    q4[1].d = 0xFE00; // nan
+    CHECK(first_non_finite_in_blocks(q4.data(), dtype::q4_0, 64) == 32);
+}
+
 TEST_CASE("a row is quantised in blocks of 32, the last zero-padded") {
     std::vector<float> x(40);
     for (std::size_t i = 0; i < x.size(); ++i) x[i] = float(int(i) - 20) * 0.25f;

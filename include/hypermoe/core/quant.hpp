@@ -92,8 +92,12 @@ static_assert(sizeof(BlockQ8_0) == 34 && sizeof(BlockQ4_0) == 18 && sizeof(Block
 /// kvalues_mxfp4: E2M1's values doubled; nibble 8 is E2M1's -0).
 inline constexpr std::array<std::int8_t, 16> mxfp4_values = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
 
-/// MXFP4's scale for its byte e: 2^(e - 128), exactly (a subnormal float for e < 2).
-[[nodiscard]] inline float mxfp4_scale(unsigned e) noexcept { return std::ldexp(1.0f, int(e) - 128); }
+/// MXFP4's scale for its byte e (0-255): 2^(e - 128), exactly, built from its bits: a normal
+/// float of exponent field e - 1 for e >= 2, the subnormals 2^-127 and 2^-128 for e = 1 and 0
+/// (std::ldexp took a third of the time of loading an MXFP4 checkpoint).
+[[nodiscard]] inline float mxfp4_scale(unsigned e) noexcept {
+    return std::bit_cast<float>(e >= 2 ? std::uint32_t(e - 1) << 23 : std::uint32_t{0x00200000} << e);
+}
 
 /// A q8_0 block of 32 finite floats.
 [[nodiscard]] inline BlockQ8_0 quantize_q8_0(std::span<const float, 32> x) noexcept {
@@ -178,6 +182,21 @@ inline void dequantize(const BlockMXFP4& b, std::span<float, 32> out) noexcept {
     if (format == dtype::q8_0) return float(static_cast<std::int8_t>(p[2 + j])) * d;
     const unsigned byte = p[2 + (j & 15)];
     return float(int(j < 16 ? byte & 0x0Fu : byte >> 4) - 8) * d;
+}
+
+/// The first of a row's n weights (whole blocks of `format`, q8_0, q4_0 or mxfp4, in ggml's
+/// layout at `row`) that is not finite, or -1. Only a block whose scale can make one so is read
+/// element by element: an f16 scale that is inf or NaN (a finite one times at most 127 is
+/// finite), or an mxfp4 scale byte from 253 (8 x 2^125 is 2^128, past FLT_MAX).
+[[nodiscard]] inline index_t first_non_finite_in_blocks(const void* row, dtype format, index_t n) noexcept {
+    const std::size_t size = weight_bytes(format, 1, std::size_t(quant_block));
+    for (index_t b = 0; b < n / quant_block; ++b) {
+        const auto* p = static_cast<const unsigned char*>(row) + std::size_t(b) * size;
+        if (format == dtype::mxfp4 ? p[0] < 253 : (p[1] & 0x7C) != 0x7C) continue;
+        for (index_t j = 0; j < quant_block; ++j)
+            if (!std::isfinite(stored_block_element(p, format, j))) return b * quant_block + j;
+    }
+    return -1;
 }
 
 /// ggml's quant types, which the library reads by widening them to f32 (io/: held in this form
