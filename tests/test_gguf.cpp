@@ -333,8 +333,10 @@ TEST_CASE_TEMPLATE_DEFINE("gpt_oss: Hugging Face's MXFP4 experts (_blocks, _scal
     const std::string file = (tmp.path / "mx.gguf").string();
     test::gguf_from(st, {.experts = test::MXFP4}).write(file);
     const Checkpoint g(file);
-    CHECK(mx.expert_storage() == dtype::mxfp4);
+    CHECK(mx.expert_storage() == dtype::mxfp4); // the biases (F32) and scales do not count
     CHECK(g.expert_storage() == dtype::mxfp4);
+    CHECK(mx.expert_dtypes() == std::set<std::string>{"MXFP4"});
+    CHECK(g.expert_dtypes() == std::set<std::string>{"MXFP4"});
     const SafeTensorsFile input(dir + "/input.safetensors"), expected(dir + "/expected.safetensors");
     const Matrix<float> x = input.view().to_f32(input.view().info("x"));
     // The same blocks, from either file: held as they are (mxfp4), or converted from their values.

@@ -156,8 +156,13 @@ public:
         return keys(bytes_by_dtype(prefix));
     }
 
-    /// The dtypes of the routed experts' matrices (the tensors named "....experts.<e>....").
-    [[nodiscard]] std::set<std::string> expert_dtypes() const { return keys(bytes_if(is_expert)); }
+    /// The dtypes of the routed experts' weight matrices (expert_matrix_dtype).
+    [[nodiscard]] std::set<std::string> expert_dtypes() const {
+        std::set<std::string> out;
+        for (const auto& [name, f] : where_)
+            if (is_expert_matrix(name)) out.insert(name.ends_with("_blocks") ? "MXFP4" : tables_[f]->info(name).type_string());
+        return out;
+    }
 
     /// The storage (LoadOptions::storage) that holds the routed experts as compactly as the file
     /// does without losing what it holds (docs/checkpoints.md measures each choice's error):
@@ -170,13 +175,8 @@ public:
     ///   almost nothing to the file's error, in 8.5 bits a weight where f32 takes 32;
     /// - f32 otherwise (F32 or F16 experts, a mix with them), which keeps the values exactly.
     /// `hypermoe`'s --weights defaults to it.
-    /// Their biases (gpt-oss's) do not count; MXFP4 blocks in Hugging Face's fused layout
-    /// (experts.<m>_blocks, U8, with their _scales) count as MXFP4.
     [[nodiscard]] dtype expert_storage() const {
-        std::set<tensor_dtype> types;
-        for (const auto& [name, f] : where_)
-            if (is_expert(name) && !name.ends_with("bias") && !name.ends_with("_scales"))
-                types.insert(name.ends_with("_blocks") ? tensor_dtype::mxfp4 : tables_[f]->info(name).dtype);
+        const std::set<tensor_dtype> types = expert_matrix_dtypes();
         if (types.empty()) return dtype::f32;
         if (types.size() == 1)
             if (const auto held = held_dtype(*types.begin()); held && *held != dtype::f32) return *held;
@@ -191,8 +191,19 @@ public:
     }
 
 private:
-    /// Whether a tensor is a routed expert's (named "....experts.<e>...." or, fused, "....experts.<name>").
-    static bool is_expert(const std::string& name) { return name.find(".experts.") != std::string::npos; }
+    /// Whether a tensor is a routed expert's weight matrix: named "....experts.<e>...." or, fused,
+    /// "....experts.<name>", but not a bias (gpt-oss's) or MXFP4 scales. Hugging Face's fused MXFP4
+    /// blocks (experts.<m>_blocks, U8) are one, and count as MXFP4.
+    static bool is_expert_matrix(const std::string& name) {
+        return name.find(".experts.") != std::string::npos && !name.ends_with("bias") && !name.ends_with("_scales");
+    }
+    /// The stored dtypes of the routed experts' weight matrices (is_expert_matrix).
+    [[nodiscard]] std::set<tensor_dtype> expert_matrix_dtypes() const {
+        std::set<tensor_dtype> types;
+        for (const auto& [name, f] : where_)
+            if (is_expert_matrix(name)) types.insert(name.ends_with("_blocks") ? tensor_dtype::mxfp4 : tables_[f]->info(name).dtype);
+        return types;
+    }
 
     /// The bytes of the tensors whose names pass `keep`, by dtype (the file's name for it).
     template <class Keep>
