@@ -202,6 +202,51 @@ inline std::vector<hypermoe::TensorToWrite> gpt_oss_split(const hypermoe::Checkp
     return out;
 }
 
+/// A gpt_oss checkpoint whose experts are each on their own (io/family/gpt_oss.hpp) with them
+/// fused as Hugging Face holds them (experts.gate_up_proj [E, d, 2 ff], y = x W, gate's and up's
+/// outputs interleaved, and its bias; experts.down_proj [E, ff, d] and its bias): the inverse of
+/// gpt_oss_split. Every other tensor as it is (F32).
+inline std::vector<hypermoe::TensorToWrite> gpt_oss_fused(const hypermoe::Checkpoint& ck) {
+    using namespace hypermoe;
+    const ModelInfo info = describe(ck);
+    const index_t e = info.experts, d = info.d_model, ff = info.d_ff;
+    std::vector<TensorToWrite> out;
+    for (const std::string& name : ck.tensor_names()) {
+        if (name.find(".mlp.experts.") != std::string::npos) continue;
+        const Checkpoint::Ref r = ck.tensor(name);
+        const Matrix<float> m = r.file->to_f32(*r.info);
+        out.push_back(f32_tensor(name, r.info->shape, {m.data(), std::size_t(m.rows() * m.cols())}));
+    }
+    for (const MoeBlockRef& b : info.moe_blocks) {
+        const std::string p = "model.layers." + std::to_string(b.layer) + ".mlp.experts.";
+        std::vector<float> gate_up(std::size_t(e * d * 2 * ff)), gate_up_bias(std::size_t(e * 2 * ff)), down(std::size_t(e * ff * d)),
+            down_bias(std::size_t(e * d));
+        for (index_t x = 0; x < e; ++x) {
+            const auto f32 = [&](const std::string& name) {
+                const Checkpoint::Ref r = ck.tensor(p + std::to_string(x) + "." + name);
+                return r.file->to_f32(*r.info);
+            };
+            const Matrix<float> g = f32("gate_proj.weight"), u = f32("up_proj.weight"), dn = f32("down_proj.weight");
+            const Matrix<float> gb = f32("gate_proj.bias"), ub = f32("up_proj.bias"), db = f32("down_proj.bias");
+            for (index_t o = 0; o < ff; ++o) {
+                for (index_t i = 0; i < d; ++i) {
+                    gate_up[std::size_t((x * d + i) * 2 * ff + 2 * o)] = g(o, i);
+                    gate_up[std::size_t((x * d + i) * 2 * ff + 2 * o + 1)] = u(o, i);
+                    down[std::size_t((x * ff + o) * d + i)] = dn(i, o);
+                }
+                gate_up_bias[std::size_t(x * 2 * ff + 2 * o)] = gb(0, o);
+                gate_up_bias[std::size_t(x * 2 * ff + 2 * o + 1)] = ub(0, o);
+            }
+            for (index_t i = 0; i < d; ++i) down_bias[std::size_t(x * d + i)] = db(0, i);
+        }
+        out.push_back(f32_tensor(p + "gate_up_proj", {e, d, 2 * ff}, gate_up));
+        out.push_back(f32_tensor(p + "gate_up_proj_bias", {e, 2 * ff}, gate_up_bias));
+        out.push_back(f32_tensor(p + "down_proj", {e, ff, d}, down));
+        out.push_back(f32_tensor(p + "down_proj_bias", {e, d}, down_bias));
+    }
+    return out;
+}
+
 /// A gpt_oss checkpoint with Hugging Face's fused expert matrices (experts.gate_up_proj,
 /// experts.down_proj: [E, K, O], y = x W) as OpenAI publishes them: MXFP4 `_blocks`
 /// [E, O, K / 32, 16] (element 2i of a block in byte i's low nibble, 2i + 1 in its high one) and

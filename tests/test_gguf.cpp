@@ -322,9 +322,9 @@ TEST_CASE_TEMPLATE_DEFINE("gpt_oss: Hugging Face's MXFP4 experts (_blocks, _scal
     TempDir tmp("gpt-oss-mxfp4");
     const std::string dir = test::data_dir + "/gpt_oss-basic";
     const Checkpoint st(dir);
-    const auto write_copy = [&](const std::string& to, const std::vector<TensorToWrite>& tensors) {
+    const auto write_copy = [&](const std::string& to, const std::vector<TensorToWrite>& tensors, const std::string& config_from = "") {
         fs::create_directories(to);
-        fs::copy_file(dir + "/config.json", to + "/config.json", fs::copy_options::overwrite_existing);
+        fs::copy_file((config_from.empty() ? dir : config_from) + "/config.json", to + "/config.json", fs::copy_options::overwrite_existing);
         write_safetensors(to + "/model.safetensors", tensors);
         return to;
     };
@@ -340,11 +340,10 @@ TEST_CASE_TEMPLATE_DEFINE("gpt_oss: Hugging Face's MXFP4 experts (_blocks, _scal
     const SafeTensorsFile input(dir + "/input.safetensors"), expected(dir + "/expected.safetensors");
     const Matrix<float> x = input.view().to_f32(input.view().info("x"));
     // The same blocks, from either file: held as they are (mxfp4), or converted from their values.
-    for (const auto& [storage, prec] : {std::pair{dtype::mxfp4, precision::exact}, {dtype::mxfp4, precision::fast}, {dtype::q8_0, precision::exact},
-                                        {dtype::f32, precision::exact}}) {
-        CAPTURE(to_string(storage));
-        CAPTURE(to_string(prec));
-        const LoadOptions opt{.storage = storage, .prec = prec};
+    for (const LoadOptions opt : {LoadOptions{.storage = dtype::mxfp4}, LoadOptions{.storage = dtype::mxfp4, .prec = precision::fast},
+                                  LoadOptions{.storage = dtype::q8_0}, LoadOptions{.storage = dtype::f32}}) {
+        CAPTURE(to_string(opt.storage));
+        CAPTURE(to_string(opt.prec));
         const Matrix<float> ym = forward<B>(mx, 1, x.view(), opt), yg = forward<B>(g, 1, x.view(), opt);
         CHECK(max_abs_diff(ym.view(), yg.view()) == 0.0f);
         CHECK(relative_error(ym.view(), expected.view().to_f32(expected.view().info("y")).view()) <= 0.5);
@@ -370,6 +369,19 @@ TEST_CASE_TEMPLATE_DEFINE("gpt_oss: Hugging Face's MXFP4 experts (_blocks, _scal
         const LoadOptions opt{.storage = storage};
         const Matrix<float> yf = forward<B>(fused_bf16, 1, x.view(), opt), ys = forward<B>(split_bf16, 1, x.view(), opt);
         CHECK(max_abs_diff(yf.view(), ys.view()) == 0.0f);
+    }
+    // Widths that are not whole tiles of the conversion (32 rows): the fused layout of a
+    // synthetic model gives what its experts' own tensors give, in every storage.
+    write_synthetic_checkpoint((tmp.path / "own").string(),
+                               {.family = family("gpt_oss"), .d_model = 64, .d_ff = 40, .experts = 4, .top_k = 2, .layers = 1});
+    const Checkpoint own((tmp.path / "own").string());
+    const Checkpoint fused(write_copy((tmp.path / "fused").string(), test::gpt_oss_fused(own), (tmp.path / "own").string()));
+    const Matrix<float> x64 = test::random_matrix(5, 64, 9, 3.0f);
+    for (const dtype storage : {dtype::f32, dtype::bf16, dtype::q8_0, dtype::mxfp4}) {
+        CAPTURE(to_string(storage));
+        const LoadOptions opt{.storage = storage};
+        const Matrix<float> yf = forward<B>(fused, 0, x64.view(), opt), yo = forward<B>(own, 0, x64.view(), opt);
+        CHECK(max_abs_diff(yf.view(), yo.view()) == 0.0f);
     }
     // A missing or mistyped half of the pair: one weight_error naming each.
     std::vector<TensorToWrite> broken;

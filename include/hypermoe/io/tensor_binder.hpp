@@ -294,17 +294,16 @@ private:
         const std::span<const std::byte> source = d.source.file->data(t);
         const std::string name = detail::concat(t.describe(), " in ", d.source.file->source());
         const std::size_t row = weight_bytes(d.type, 1, std::size_t(cols));
-        const index_t outputs = f.pieces * rows, nb = cols / quant_block;
-        std::vector<float> values(static_cast<std::size_t>(cols));
-        std::vector<BlockMXFP4> blocks(f.scales.info != nullptr ? std::size_t(nb) : 0);
+        const index_t outputs = f.pieces * rows;
         std::span<const std::byte> expert_bytes; // the expert's slice of the source, released after
-        for (index_t r = 0; r < rows; ++r) {
-            const index_t o = r * f.pieces + f.first;
-            std::byte* out = d.data + std::size_t(r) * row;
-            if (f.scales.info != nullptr) { // MXFP4 blocks: HF's nibble order to ggml's
-                const std::span<const std::byte> scales = f.scales.file->data(*f.scales.info);
-                const std::size_t at = std::size_t(f.expert * outputs + o) * std::size_t(nb);
-                expert_bytes = source.subspan(std::size_t(f.expert * outputs) * std::size_t(nb) * 16, std::size_t(outputs * nb) * 16);
+        if (f.scales.info != nullptr) {          // MXFP4 blocks [experts, outputs, cols / 32, 16]: HF's nibble order to ggml's
+            const index_t nb = cols / quant_block;
+            const std::span<const std::byte> scales = f.scales.file->data(*f.scales.info);
+            expert_bytes = source.subspan(std::size_t(f.expert * outputs * nb) * 16, std::size_t(outputs * nb) * 16);
+            std::vector<BlockMXFP4> blocks(static_cast<std::size_t>(nb));
+            std::vector<float> values(static_cast<std::size_t>(cols));
+            for (index_t r = 0; r < rows; ++r) {
+                const std::size_t at = std::size_t(f.expert * outputs + r * f.pieces + f.first) * std::size_t(nb);
                 for (index_t b = 0; b < nb; ++b) {
                     const auto* q = reinterpret_cast<const std::uint8_t*>(source.data() + (at + std::size_t(b)) * 16);
                     const auto nibble = [q](int k) { return (q[k / 2] >> (4 * (k % 2))) & 0xF; };
@@ -312,18 +311,29 @@ private:
                     blk.e = std::to_integer<std::uint8_t>(scales[at + std::size_t(b)]);
                     for (int j = 0; j < 16; ++j) blk.qs[std::size_t(j)] = std::uint8_t(nibble(j) | nibble(j + 16) << 4);
                 }
-                if (d.type == dtype::mxfp4) {
+                std::byte* out = d.data + std::size_t(r) * row;
+                if (d.type == dtype::mxfp4) { // held as they are
                     std::memcpy(out, blocks.data(), row);
                     continue;
                 }
                 for (index_t b = 0; b < nb; ++b)
                     dequantize(blocks[std::size_t(b)], std::span<float, quant_block>(values.data() + b * quant_block, quant_block));
-            } else { // [experts, cols, outputs]: output o is a column of the expert's slice
-                expert_bytes = source.subspan(std::size_t(f.expert * cols * outputs) * size_of(t.dtype), std::size_t(cols * outputs) * size_of(t.dtype));
-                for (index_t c = 0; c < cols; ++c) values[std::size_t(c)] = float(d.source.file->element(t, (f.expert * cols + c) * outputs + o));
+                detail::store_row(values, d.type, out, name, r);
             }
-            if (d.type == dtype::f32) std::memcpy(out, values.data(), row);
-            else detail::store_row(values, d.type, out, name, r);
+        } else { // [experts, cols, outputs]: each output is a column; a tile of rows reads each source row once, in order
+            expert_bytes = source.subspan(std::size_t(f.expert * cols * outputs) * size_of(t.dtype), std::size_t(cols * outputs) * size_of(t.dtype));
+            constexpr index_t tile = 32;
+            std::vector<float> values(static_cast<std::size_t>(tile * cols)), line(static_cast<std::size_t>(tile * f.pieces));
+            for (index_t r0 = 0; r0 < rows; r0 += tile) {
+                const index_t n = std::min(tile, rows - r0);
+                for (index_t c = 0; c < cols; ++c) {
+                    d.source.file->convert_f32(t, std::span(line).first(std::size_t(n * f.pieces)), (f.expert * cols + c) * outputs + r0 * f.pieces);
+                    for (index_t i = 0; i < n; ++i) values[std::size_t(i * cols + c)] = line[std::size_t(i * f.pieces + f.first)];
+                }
+                for (index_t i = 0; i < n; ++i)
+                    detail::store_row(std::span<const float>(values).subspan(std::size_t(i * cols), std::size_t(cols)), d.type,
+                                      d.data + std::size_t(r0 + i) * row, name, r0 + i);
+            }
         }
         ck_.release(expert_bytes);
         d.filled = true;
