@@ -177,11 +177,9 @@ inline std::pair<hypermoe::Matrix<float>, hypermoe::Matrix<float>> gpt_oss_exper
     return {std::move(m), std::move(bias)};
 }
 
-/// A gpt_oss checkpoint's tensors with each MoE block's experts on their own (gpt_oss_expert:
-/// as llama.cpp's converter splits Hugging Face's fused ones), every other tensor as it is (F32).
-inline std::vector<hypermoe::TensorToWrite> gpt_oss_split(const hypermoe::Checkpoint& ck) {
+/// Every tensor of a gpt_oss checkpoint but its experts' (F32).
+inline std::vector<hypermoe::TensorToWrite> all_but_experts(const hypermoe::Checkpoint& ck) {
     using namespace hypermoe;
-    const ModelInfo info = describe(ck);
     std::vector<TensorToWrite> out;
     for (const std::string& name : ck.tensor_names()) {
         if (name.find(".mlp.experts.") != std::string::npos) continue;
@@ -189,6 +187,15 @@ inline std::vector<hypermoe::TensorToWrite> gpt_oss_split(const hypermoe::Checkp
         const Matrix<float> m = r.file->to_f32(*r.info);
         out.push_back(f32_tensor(name, r.info->shape, {m.data(), std::size_t(m.rows() * m.cols())}));
     }
+    return out;
+}
+
+/// A gpt_oss checkpoint's tensors with each MoE block's experts on their own (gpt_oss_expert:
+/// as llama.cpp's converter splits Hugging Face's fused ones), every other tensor as it is (F32).
+inline std::vector<hypermoe::TensorToWrite> gpt_oss_split(const hypermoe::Checkpoint& ck) {
+    using namespace hypermoe;
+    const ModelInfo info = describe(ck);
+    std::vector<TensorToWrite> out = all_but_experts(ck);
     for (const MoeBlockRef& b : info.moe_blocks) {
         const std::string p = "model.layers." + std::to_string(b.layer) + ".mlp.";
         for (index_t e = 0; e < info.experts; ++e)
@@ -210,13 +217,7 @@ inline std::vector<hypermoe::TensorToWrite> gpt_oss_fused(const hypermoe::Checkp
     using namespace hypermoe;
     const ModelInfo info = describe(ck);
     const index_t e = info.experts, d = info.d_model, ff = info.d_ff;
-    std::vector<TensorToWrite> out;
-    for (const std::string& name : ck.tensor_names()) {
-        if (name.find(".mlp.experts.") != std::string::npos) continue;
-        const Checkpoint::Ref r = ck.tensor(name);
-        const Matrix<float> m = r.file->to_f32(*r.info);
-        out.push_back(f32_tensor(name, r.info->shape, {m.data(), std::size_t(m.rows() * m.cols())}));
-    }
+    std::vector<TensorToWrite> out = all_but_experts(ck);
     for (const MoeBlockRef& b : info.moe_blocks) {
         const std::string p = "model.layers." + std::to_string(b.layer) + ".mlp.experts.";
         std::vector<float> gate_up(std::size_t(e * d * 2 * ff)), gate_up_bias(std::size_t(e * 2 * ff)), down(std::size_t(e * ff * d)),
