@@ -24,7 +24,8 @@ namespace detail {
     // n = x / ln2 rounded to nearest. std::nearbyint (no inexact exception) vectorises in GCC;
     // std::floor does not unless -fno-trapping-math.
     const float n = std::nearbyint(x * 1.44269504088896341f);
-    const auto ni = static_cast<std::int32_t>(n);
+    // A NaN's conversion to int is undefined: convert 0 instead, and r carries the NaN through.
+    const auto ni = static_cast<std::int32_t>(n == n ? n : 0.0f);
     const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
     float p = 1.0f / 720;
     p = p * r + 1.0f / 120;
