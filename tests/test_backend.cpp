@@ -625,6 +625,14 @@ TEST_CASE_TEMPLATE_DEFINE("linear rejects bad weights and shapes", B, linear_err
     w(3, 2) = std::numeric_limits<float>::infinity();
     CHECK_THROWS_WITH_AS(L(ConstMatrixView<float>(w.view()), {}, {"up"}),
                          "up: weight element (3, 2) is inf, expected a finite value", weight_error);
+    // bf16 weights are checked as stored: the first non-finite element, row by row.
+    Matrix<bf16> wb = test::to_bf16(w.view());
+    wb(5, 1) = bf16{0x7FC1};
+    CHECK_THROWS_WITH_AS(L(ConstMatrixView<bf16>(wb.view()), {}, {"up"}),
+                         "up: weight element (3, 2) is inf, expected a finite value", weight_error);
+    wb(3, 2) = bf16{};
+    CHECK_THROWS_WITH_AS(L(ConstMatrixView<bf16>(wb.view()), {}, {"up"}),
+                         "up: weight element (5, 1) is nan, expected a finite value", weight_error);
     w(3, 2) = 0;
     std::vector<float> nan_bias(8, 0.f);
     nan_bias[5] = std::numeric_limits<float>::quiet_NaN();

@@ -152,6 +152,20 @@ TEST_CASE("finite checks read the bits") {
     const float v[3] = {0.f, -std::numeric_limits<float>::infinity(), 1.f};
     CHECK_THROWS_WITH_AS(check_finite(std::span<const float>(v), "bias"),
                          "bias: element 1 is -inf, expected a finite value", numeric_error);
+    // bf16: the first non-finite element, also past the scan's blocks of 256 and in the last,
+    // partial one; the largest finite bf16 (0x7F7F) and the subnormals are finite.
+    std::vector<bf16> h(1030, bf16::from_float(1.5f));
+    h[7] = bf16{0x7F7F}, h[8] = bf16{0x0001}, h[9] = bf16{0x807F};
+    CHECK(find_non_finite(std::span<const bf16>(h)) == -1);
+    for (const std::size_t at : {std::size_t{0}, std::size_t{255}, std::size_t{256}, std::size_t{700}, std::size_t{1029}})
+        for (const std::uint16_t bits : {std::uint16_t{0x7F80}, std::uint16_t{0xFF80}, std::uint16_t{0x7FC0}, std::uint16_t{0xFF81}}) {
+            CAPTURE(at);
+            CAPTURE(bits);
+            std::vector<bf16> x = h;
+            x[at] = bf16{bits};
+            if (at + 3 < x.size()) x[at + 3] = bf16{0x7F80}; // a later one is not the first
+            CHECK(find_non_finite(std::span<const bf16>(x)) == index_t(at));
+        }
 }
 
 TEST_CASE("float activations match their double forms") {

@@ -142,13 +142,14 @@ inline dtype validate_linear(const WeightView& w, std::span<const float> bias, c
         throw shape_error(concat(opt.name, ": bias has ", bias.size(), " elements, expected ", w.rows(),
                                   " (the weight's rows)"));
     for (index_t r = 0; r < w.rows(); ++r) {
-        index_t c = -1; // the row's first non-finite element (f32 rows in place, vectorised; blocks by their scales)
+        // the row's first non-finite element: f32 and bf16 rows in place, vectorised; blocks by their scales
+        index_t c = -1;
         if (w.type() == dtype::f32)
             c = find_non_finite(std::span<const float>(reinterpret_cast<const float*>(w.row_bytes(r)), std::size_t(w.cols())));
-        else if (is_block_format(w.type()))
-            c = first_non_finite_in_blocks(w.row_bytes(r), w.type(), w.cols());
+        else if (w.type() == dtype::bf16)
+            c = find_non_finite(std::span<const bf16>(reinterpret_cast<const bf16*>(w.row_bytes(r)), std::size_t(w.cols())));
         else
-            for (index_t i = 0; i < w.cols() && c < 0; ++i) c = is_finite(w.at(r, i)) ? -1 : i;
+            c = first_non_finite_in_blocks(w.row_bytes(r), w.type(), w.cols());
         if (c >= 0) throw non_finite_weight(opt.name, r, c, w.at(r, c));
     }
     if (const index_t i = find_non_finite(bias); i >= 0)

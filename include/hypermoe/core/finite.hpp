@@ -8,6 +8,7 @@
 #include <span>
 #include <string_view>
 
+#include "hypermoe/core/dtype.hpp"
 #include "hypermoe/core/error.hpp"
 #include "hypermoe/core/extents.hpp"
 #include "hypermoe/core/matrix.hpp"
@@ -39,6 +40,22 @@ namespace hypermoe {
         if (all_finite(part)) continue;
         for (std::size_t i = 0; i < part.size(); ++i)
             if (!is_finite(part[i])) return static_cast<index_t>(b + i);
+    }
+    return -1;
+}
+
+/// Index of the first NaN or Inf among bf16 values (an all-ones exponent), or -1 when all are
+/// finite: as the f32 one, in blocks that compilers vectorise, a bad block searched one by one.
+[[nodiscard]] inline index_t find_non_finite(std::span<const bf16> values) noexcept {
+    constexpr std::size_t block = 256;
+    const auto bad = [](bf16 v) { return (v.bits & 0x7F80u) == 0x7F80u; };
+    for (std::size_t b = 0; b < values.size(); b += block) {
+        const auto part = values.subspan(b, std::min(block, values.size() - b));
+        unsigned any = 0;
+        for (const bf16 v : part) any |= bad(v) ? 1u : 0u;
+        if (any == 0) continue;
+        for (std::size_t i = 0; i < part.size(); ++i)
+            if (bad(part[i])) return static_cast<index_t>(b + i);
     }
     return -1;
 }
