@@ -305,6 +305,60 @@ TEST_CASE("mxfp4 keeps each value within a quarter of its block's power of two, 
     }
 }
 
+TEST_CASE("mxfp4 picks each value's nibble as ggml's linear search over the 16 values does") {
+    // ggml's best_index_mxfp4: the first index of least |kvalues_mxfp4[i] x d - x|.
+    const auto search = [](float x, float d) {
+        int best = 0;
+        float best_err = std::fabs(float(mxfp4_values[0]) * d - x);
+        for (int i = 1; i < 16; ++i) {
+            const float err = std::fabs(float(mxfp4_values[std::size_t(i)]) * d - x);
+            if (err < best_err) best = i, best_err = err;
+        }
+        return best;
+    };
+    const auto check_block = [&](const std::array<float, 32>& x) {
+        const BlockMXFP4 b = quantize_mxfp4(x);
+        const float d = mxfp4_scale(b.e);
+        for (std::size_t j = 0; j < 32; ++j) {
+            const int got = j < 16 ? b.qs[j] & 0x0F : b.qs[j - 16] >> 4;
+            CAPTURE(x[j]);
+            CAPTURE(b.e);
+            CHECK(got == search(x[j], d));
+        }
+    };
+    std::mt19937 rng(12);
+    std::normal_distribution<float> normal(0.0f, 1.0f);
+    std::size_t checked = 0;
+    for (const int scale : {-140, -128, -126, -40, -8, 0, 7, 60, 120, 124}) {
+        for (int trial = 0; trial < 50; ++trial, ++checked) {
+            std::array<float, 32> x{};
+            for (float& v : x) v = std::ldexp(normal(rng), scale);
+            check_block(x);
+        }
+        // Every midpoint between two values, a float either side of it, and the values
+        // themselves, of both signs: x[0] fixes amax at 12 x d (so the scale is d).
+        std::array<float, 32> x{};
+        std::array<float, 32> y{};
+        const float d = std::ldexp(1.0f, scale);
+        const float amax = 12.0f * d;
+        if (!std::isfinite(amax) || amax == 0.0f) continue;
+        std::size_t n = 1;
+        x[0] = amax;
+        for (const float m : {0.5f, 1.5f, 2.5f, 3.5f, 5.0f, 7.0f, 10.0f, 0.0f, 1.0f, 4.0f, 11.5f})
+            for (const float sign : {1.0f, -1.0f})
+                for (const float v : {m * d, std::nextafter(m * d, 0.0f), std::nextafter(m * d, 24.0f * d)}) {
+                    if (n == 32) check_block(x), n = 1, x = y, x[0] = amax, ++checked;
+                    x[n++] = sign * v;
+                }
+        check_block(x), ++checked;
+    }
+    CHECK(checked > 500);
+    // -0 takes nibble 0 (value 0, first), as the search does; the largest float clips to 12 x d.
+    std::array<float, 32> z{};
+    z[0] = -0.0f, z[1] = std::numeric_limits<float>::max(), z[2] = -std::numeric_limits<float>::max();
+    check_block(z);
+}
+
 TEST_CASE("quantize_row refuses what a half scale cannot hold, non-finite values and a wrong block count") {
     std::vector<float> x(32, 1.0f);
     std::vector<BlockQ8_0> q(1);

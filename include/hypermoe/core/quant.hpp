@@ -34,6 +34,7 @@
 #include "hypermoe/core/dtype.hpp"
 #include "hypermoe/core/error.hpp"
 #include "hypermoe/core/extents.hpp"
+#include "hypermoe/core/finite.hpp"
 #include "hypermoe/detail/format.hpp"
 
 namespace hypermoe {
@@ -135,11 +136,25 @@ inline constexpr std::array<std::int8_t, 16> mxfp4_values = {0, 1, 2, 3, 4, 6, 8
     BlockMXFP4 b;
     b.e = amax > 0.0f ? static_cast<std::uint8_t>(std::max(0.0f, std::floor(std::log2(amax)) - 2 + 127)) : 0;
     const float d = mxfp4_scale(b.e);
-    const auto nearest = [d](float v) {
-        std::uint8_t best = 0;
-        for (std::uint8_t i = 1; i < 16; ++i)
-            if (std::fabs(float(mxfp4_values[i]) * d - v) < std::fabs(float(mxfp4_values[best]) * d - v)) best = i;
-        return best;
+    // The nearest of mxfp4_values x d, the first on ties, as ggml's linear search over the 16
+    // (best_index_mxfp4) picks it: |v| against the 7 midpoints between the magnitudes, which are
+    // exact multiples of the power of two d. Where the search's choice is made its differences
+    // are exact (Sterbenz: neighbouring magnitudes are at most a factor 2 apart), so the two
+    // agree on every finite input, ties included (the smaller magnitude, and 0 before -0);
+    // tests/test_quant.cpp compares them. 7 compares where the search took 30 differences.
+    // A value past the largest float (8 d and 12 d at e = 253, where log2 of an amax near the
+    // largest float rounds to 128) is never the search's choice: its midpoint is never passed.
+    constexpr std::array<float, 7> halfway = {0.5f, 1.5f, 2.5f, 3.5f, 5.0f, 7.0f, 10.0f};
+    std::array<float, 7> midpoints{};
+    for (std::size_t i = 0; i < 7; ++i) {
+        const float above = float(mxfp4_values[i + 1]) * d;
+        midpoints[i] = is_finite(above) ? halfway[i] * d : std::numeric_limits<float>::max();
+    }
+    const auto nearest = [&midpoints](float v) {
+        const float a = std::fabs(v);
+        unsigned i = 0;
+        for (const float m : midpoints) i += a > m ? 1u : 0u;
+        return static_cast<std::uint8_t>(v < 0.0f && i != 0 ? i + 8 : i);
     };
     for (std::size_t j = 0; j < 16; ++j) b.qs[j] = static_cast<std::uint8_t>(nearest(x[j]) | (nearest(x[j + 16]) << 4));
     return b;
