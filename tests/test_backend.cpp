@@ -316,6 +316,58 @@ TEST_CASE_TEMPLATE_DEFINE("fast q8_0 / q4_0 / mxfp4 at the integer limits: the l
 }
 TEST_CASE_TEMPLATE_APPLY(linear_blocks_limits, test::all_backends);
 
+TEST_CASE_TEMPLATE_DEFINE("mxfp4: every scale byte e scales its block by 2^(e - 128) in every kernel, exact and fast", B,
+                          linear_mxfp4_scales) {
+    // Output n's two blocks have the scale bytes n and n ^ 1 (0..255, the subnormal 2^-128 and
+    // 2^-127 included), held as the bytes they are and turned into floats as each kernel loads
+    // them. Weights and inputs are small integers times powers of two, so `exact` sums them
+    // without rounding and must give every output's bits; rows from e = 252 hold values of at
+    // most 1 (12 x 2^125 would not be finite).
+    const index_t n = 256, k = 64;
+    std::mt19937 rng(41);
+    std::vector<BlockMXFP4> blocks(std::size_t(n * 2));
+    for (index_t r = 0; r < n; ++r)
+        for (index_t b = 0; b < 2; ++b) {
+            BlockMXFP4& blk = blocks[std::size_t(r * 2 + b)];
+            blk.e = static_cast<std::uint8_t>(b == 0 ? r : r ^ 1);
+            for (auto& q : blk.qs) {
+                const unsigned lo = rng() % 16, hi = rng() % 16;
+                // at most 1 in magnitude: nibbles 0, 1, 8 (-0) and 9 (-1)
+                q = r >= 252 ? static_cast<std::uint8_t>((lo & 0x9u) | ((hi & 0x9u) << 4)) : static_cast<std::uint8_t>(lo | (hi << 4));
+            }
+        }
+    const WeightView w = WeightView::blocks(blocks.data(), dtype::mxfp4, n, k);
+    for (const index_t m : {3, 17}) { // 17 rows: an AMX call where the CPU (or HYPERMOE_AMX=emulate) has one
+        CAPTURE(m);
+        Matrix<float> a(m, k);
+        for (index_t i = 0; i < m * k; ++i) a.data()[i] = std::ldexp(float(int(rng() % 31) - 15), -12);
+        for (index_t r = 0; r < m; ++r) a(r, 5) = a(r, 40) = std::ldexp(15.0f, -12); // every block's amax: d_x = 15 x 2^-12 / 127
+        const Matrix<float> a_fast = fast_activations(a.view());
+        for (const precision prec : {precision::exact, precision::fast}) {
+            CAPTURE(to_string(prec));
+            const typename B::template linear<Identity> lin(w, {}, {"mx", false, dtype::mxfp4, prec});
+            Matrix<float> got(m, n);
+            Workspace ws;
+            lin(a.view(), got.view(), ws, 1.0f);
+            const Matrix<float>& x = prec == precision::exact ? a : a_fast;
+            for (index_t r = 0; r < m; ++r)
+                for (index_t o = 0; o < n; ++o) {
+                    double want = 0.0, size = 0.0;
+                    for (index_t i = 0; i < k; ++i) {
+                        want += double(w.at(o, i)) * double(x(r, i));
+                        size += std::abs(double(w.at(o, i)) * double(x(r, i)));
+                    }
+                    CAPTURE(o);
+                    if (prec == precision::exact)
+                        CHECK(got(r, o) == float(want));
+                    else if (o >= 24) // below, d_w x d_x is a subnormal float and keeps few bits
+                        CHECK(std::abs(double(got(r, o)) - want) <= 1e-6 * size);
+                }
+        }
+    }
+}
+TEST_CASE_TEMPLATE_APPLY(linear_mxfp4_scales, test::all_backends);
+
 TEST_CASE("fast q8_0 / q4_0 activations: QuantizedRows holds exactly the integers, scales and sums worked out here") {
     // Rows of K = 100: three whole blocks (the vector path where the CPU has AVX-512) and a
     // partial fourth; row 1 has a zero block, row 2 a NaN and row 3 an infinity in block 1.
@@ -535,10 +587,8 @@ TEST_CASE("fast blocks: a non-finite activation reaches the outputs as NaN, as w
 }
 
 TEST_CASE("q8_0 / q4_0 / mxfp4 weights are held as ggml's blocks, in tiles of 32 outputs, and widen exactly") {
-    // Held bytes per block: ggml's, but mxfp4's scale byte is held as 2 (the bf16 of its power of two).
-    const auto held = [](dtype format, std::size_t n, std::size_t k) {
-        return weight_bytes(format, n, k) + (format == dtype::mxfp4 ? n * ((k + 31) / 32) : 0);
-    };
+    // Held bytes per block: ggml's (34, 18, 17), for N rounded up to whole tiles.
+    const auto held = [](dtype format, std::size_t n, std::size_t k) { return weight_bytes(format, n, k); };
     const Matrix<float> w = random_matrix(3, 40, 4, 0.3f);
     for (const dtype format : test::block_formats) {
         const detail::BlockWeights blocks(ConstMatrixView<float>(w.view()), format, "w");
@@ -573,7 +623,7 @@ TEST_CASE("q8_0 / q4_0 / mxfp4 weights are held as ggml's blocks, in tiles of 32
             }
         });
     }
-    // mxfp4's every scale byte, through its held bf16 and back (e = 0 and 1: subnormal scales).
+    // mxfp4's every scale byte, held and given back as it is (e = 0 and 1: subnormal scales).
     std::vector<BlockMXFP4> every(256);
     for (std::size_t e = 0; e < 256; ++e) every[e].e = static_cast<std::uint8_t>(e), every[e].qs[0] = 0x01; // element 0: 1 x 2^(e - 128)
     std::vector<BlockMXFP4> row_blocks(every.begin(), every.begin() + 128), row2(every.begin() + 128, every.end());

@@ -1,8 +1,8 @@
 #pragma once
 // Linear maps over weights stored in the q8_0 / q4_0 / mxfp4 block formats (core/quant.hpp),
 // shared by every backend: a backend's linear whose storage is a block format holds a BlockLinear
-// and forwards to it, so the weights are held once, as blocks (34, 18 or 18 bytes per 32 weights:
-// mxfp4's scale byte is held as the bf16 of its power of two), never widened. They are held in
+// and forwards to it, so the weights are held once, as ggml's blocks (34, 18 or 17 bytes per 32
+// weights), never widened. They are held in
 // the layout VPDPBUSD takes (BlockWeights: tiles of 32 outputs), so that one kernel serves every
 // row count, from decode to prefill, with nothing repacked per call.
 // Two precisions (core/dtype.hpp):
@@ -230,6 +230,9 @@ template <class Block>
 template <class Block>
 inline constexpr index_t block_bytes_of = std::is_same_v<Block, BlockQ8_0> ? 32 : 16;
 
+/// Bytes of a block's scale as held: q8_0's and q4_0's half, mxfp4's scale byte e.
+[[nodiscard]] constexpr index_t held_scale_bytes(dtype format) noexcept { return format == dtype::mxfp4 ? 1 : 2; }
+
 /// f.template operator()<Block>() with the block type of `format` (q8_0, q4_0 or mxfp4).
 template <class F>
 decltype(auto) with_block(dtype format, F&& f) {
@@ -242,14 +245,14 @@ decltype(auto) with_block(dtype format, F&& f) {
 /// lanes of a 512-bit register). A tile holds its outputs' ceil(K / 32) blocks the way VPDPBUSD
 /// takes them, one block after the other: per block, panel and 4 bytes of the blocks' integers
 /// (a "quad"), the panel's 16 outputs' 4 bytes side by side, 64 bytes that one load brings in;
-/// and, in a second array, per block the 32 outputs' scales (16 bits each: one cache line; half
-/// bits, or for mxfp4 the bf16 bits of its 2^(e - 128), which bf16 holds exactly for every e).
-/// The integers are ggml's `qs` bytes, q8_0's with the sign bit flipped (q + 128: unsigned, as
-/// VPDPBUSD reads its first operand), q4_0's and mxfp4's as stored (byte j of a block holds
-/// element j in its low nibble and j + 16 in its high one). So a block of 32 outputs takes 32 x 34
-/// or 32 x 18 bytes, as ggml's q8_0 and q4_0 blocks do (mxfp4's 17, and one byte more for the
-/// scale), and a tile's weights are one stream; outputs past N (the last tile's padding) hold
-/// zero weights. `block()` gives a block back in ggml's layout.
+/// and, in a second array, per block the 32 outputs' scales as ggml stores them (half bits, one
+/// cache line; mxfp4's scale bytes e, half a line, which the kernels turn into 2^(e - 128) as
+/// they load them: mxfp4_scale). The integers are ggml's `qs` bytes, q8_0's with the sign bit
+/// flipped (q + 128: unsigned, as VPDPBUSD reads its first operand), q4_0's and mxfp4's as stored
+/// (byte j of a block holds element j in its low nibble and j + 16 in its high one). So a block of
+/// 32 outputs takes 32 x 34, 32 x 18 or 32 x 17 bytes, as ggml's q8_0, q4_0 and mxfp4 blocks do,
+/// and a tile's weights are one stream; outputs past N (the last tile's padding) hold zero
+/// weights. `block()` gives a block back in ggml's layout.
 class BlockWeights {
 public:
     /// Outputs per panel: the int32 lanes of one 512-bit register; per tile: two panels.
@@ -262,7 +265,7 @@ public:
           tiles_((w.rows() + tile - 1) / tile) {
         // a zero weight, as held: q8_0's 0 + 128, q4_0's nibbles 0 + 8, mxfp4's nibbles 0 (+0)
         const std::uint8_t zero = format == dtype::q8_0 ? 0x80 : format == dtype::q4_0 ? 0x88 : 0x00;
-        scales_.assign(std::size_t(tiles_ * blocks_per_row_ * tile), 0);
+        scales_.assign(std::size_t(tiles_ * blocks_per_row_ * tile * held_scale_bytes(format)), 0);
         quants_.assign(std::size_t(tiles_ * blocks_per_row_ * 2 * quads() * 64), zero);
         with_block(format, [&]<class Block>() {
             std::vector<float> row(static_cast<std::size_t>(k_));
@@ -279,7 +282,8 @@ public:
                 }
                 for (index_t b = 0; b < blocks_per_row_; ++b) {
                     const Block& blk = blocks[std::size_t(b)];
-                    scales_[std::size_t(scale_index(r, b))] = held_scale(blk);
+                    if constexpr (std::is_same_v<Block, BlockMXFP4>) scales_[std::size_t(scale_index(r, b))] = blk.e;
+                    else std::memcpy(scales_.data() + 2 * scale_index(r, b), &blk.d, sizeof blk.d);
                     for (index_t j = 0; j < quads(); ++j) {
                         std::uint32_t v;
                         std::memcpy(&v, blk.qs.data() + 4 * j, sizeof v);
@@ -300,21 +304,20 @@ public:
     [[nodiscard]] index_t quads() const noexcept { return block_bytes() / 4; }
     /// Bytes held: the integers and the scales, as many as ggml's blocks take (N rounded up to
     /// whole tiles).
-    [[nodiscard]] std::size_t bytes() const noexcept { return quants_.size() + scales_.size() * sizeof(std::uint16_t); }
+    [[nodiscard]] std::size_t bytes() const noexcept { return quants_.size() + scales_.size(); }
     /// Tile t's integers (block b, panel p, quad j at + ((b * 2 + p) * quads() + j) * 64) and
-    /// scales (block b, panel p at + b * 32 + p * 16).
+    /// scales (block b, panel p's at + (b * 32 + p * 16) * held_scale_bytes(format())).
     [[nodiscard]] const std::uint8_t* tile_quants(index_t t) const noexcept { return quants_.data() + t * blocks_per_row_ * 2 * quads() * 64; }
-    [[nodiscard]] const std::uint16_t* tile_scales(index_t t) const noexcept { return scales_.data() + t * blocks_per_row_ * tile; }
+    [[nodiscard]] const std::uint8_t* tile_scales(index_t t) const noexcept {
+        return scales_.data() + t * blocks_per_row_ * tile * held_scale_bytes(format_);
+    }
 
     /// Block b of row n in ggml's layout (Block matching format()).
     template <class Block>
     [[nodiscard]] Block block(index_t n, index_t b) const noexcept {
         Block blk;
-        const std::uint16_t scale = scales_[std::size_t(scale_index(n, b))];
-        if constexpr (std::is_same_v<Block, BlockMXFP4>) // the bf16 of 2^(e - 128): e - 1 in its exponent (e >= 2), or a subnormal
-            blk.e = static_cast<std::uint8_t>(scale >= 0x80 ? (scale >> 7) + 1 : scale == 0x40 ? 1 : 0);
-        else
-            blk.d = scale;
+        if constexpr (std::is_same_v<Block, BlockMXFP4>) blk.e = scales_[std::size_t(scale_index(n, b))];
+        else std::memcpy(&blk.d, scales_.data() + 2 * scale_index(n, b), sizeof blk.d);
         for (index_t j = 0; j < block_bytes_of<Block> / 4; ++j) {
             std::uint32_t v;
             std::memcpy(&v, quants_.data() + quad_offset(n, b, j), sizeof v);
@@ -335,13 +338,7 @@ public:
     }
 
 private:
-    /// A block's scale as held: its half bits, or the bf16 bits of mxfp4's 2^(e - 128).
-    template <class Block>
-    [[nodiscard]] static std::uint16_t held_scale(const Block& blk) noexcept {
-        if constexpr (std::is_same_v<Block, BlockMXFP4>) return bf16::from_float(block_scale(blk)).bits;
-        else return blk.d;
-    }
-
+    /// Output n's block b among the scales (times held_scale_bytes for its first byte).
     [[nodiscard]] index_t scale_index(index_t n, index_t b) const noexcept { return (n / tile * blocks_per_row_ + b) * tile + n % tile; }
     [[nodiscard]] index_t quad_offset(index_t n, index_t b, index_t j) const noexcept {
         return (((n / tile * blocks_per_row_ + b) * 2 + n % tile / panel) * quads() + j) * 64 + n % panel * 4;
@@ -349,8 +346,7 @@ private:
 
     dtype format_ = dtype::q8_0;
     index_t n_ = 0, k_ = 0, blocks_per_row_ = 0, tiles_ = 0;
-    std::vector<std::uint16_t> scales_;
-    std::vector<std::uint8_t> quants_;
+    std::vector<std::uint8_t> scales_, quants_;
 };
 
 /// One call of a tile kernel: a tile of BlockWeights (32 outputs, two panels) over its nb
@@ -358,7 +354,7 @@ private:
 /// which of panel p's 16 columns exist.
 struct TileArgs {
     const std::uint8_t* wq = nullptr;  ///< the tile's integers
-    const std::uint16_t* wd = nullptr; ///< the tile's scales
+    const std::uint8_t* wd = nullptr;  ///< the tile's scales (BlockWeights::tile_scales)
     index_t nb = 0;
     float* out = nullptr;
     index_t ldc = 0;
@@ -386,12 +382,19 @@ __attribute__((target("avx512f"))) inline __m512i broadcast_quad(const std::int8
     return _mm512_set1_epi32(v);
 }
 
-/// Block b's scales of panel p of a tile (16 halves, or mxfp4's 16 bf16) as floats.
+/// Block b's scales of panel p of a tile as floats: 16 halves, or mxfp4's 16 scale bytes e as
+/// mxfp4_scale(e) = 2^(e - 128): (e - 1) << 23 as f32 bits for e >= 2, the subnormals 2^-128
+/// and 2^-127 (0x00200000 << e) below.
 template <class Block>
 __attribute__((target("avx512f"))) inline __m512 panel_scales(const TileArgs& t, index_t b, int p) {
-    const __m256i held = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(t.wd + b * 32 + p * 16));
-    if constexpr (std::is_same_v<Block, BlockMXFP4>) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(held), 16));
-    else return _mm512_cvtph_ps(held);
+    if constexpr (std::is_same_v<Block, BlockMXFP4>) {
+        const __m512i e = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(t.wd + b * 32 + p * 16)));
+        const __m512i normal = _mm512_slli_epi32(_mm512_sub_epi32(e, _mm512_set1_epi32(1)), 23);
+        const __m512i subnormal = _mm512_sllv_epi32(_mm512_set1_epi32(0x00200000), e);
+        return _mm512_castsi512_ps(_mm512_mask_blend_epi32(_mm512_cmplt_epu32_mask(e, _mm512_set1_epi32(2)), normal, subnormal));
+    } else {
+        return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(t.wd + 2 * (b * 32 + p * 16))));
+    }
 }
 
 /// A 16-byte table in every 128-bit lane, for VPSHUFB (mxfp4's nibbles to their codes or values).
@@ -714,12 +717,18 @@ inline const __m256i* avx2_group_bytes(const TileArgs& t, index_t b, int g, inde
     return reinterpret_cast<const __m256i*>(w);
 }
 
-/// Output group g's 8 scales of a tile's block b (halves, or mxfp4's bf16), as floats.
+/// Output group g's 8 scales of a tile's block b as floats: halves, or mxfp4's scale bytes as
+/// panel_scales turns them into 2^(e - 128).
 template <class Block>
 __attribute__((target("avx2,f16c"))) inline __m256 avx2_group_scales(const TileArgs& t, index_t b, int g) {
-    const __m128i held = _mm_loadu_si128(reinterpret_cast<const __m128i*>(t.wd + b * 32 + 8 * g));
-    if constexpr (std::is_same_v<Block, BlockMXFP4>) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(held), 16));
-    else return _mm256_cvtph_ps(held);
+    if constexpr (std::is_same_v<Block, BlockMXFP4>) {
+        const __m256i e = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(t.wd + b * 32 + 8 * g)));
+        const __m256i normal = _mm256_slli_epi32(_mm256_sub_epi32(e, _mm256_set1_epi32(1)), 23);
+        const __m256i subnormal = _mm256_sllv_epi32(_mm256_set1_epi32(0x00200000), e);
+        return _mm256_castsi256_ps(_mm256_blendv_epi8(normal, subnormal, _mm256_cmpgt_epi32(_mm256_set1_epi32(2), e)));
+    } else {
+        return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(t.wd + 2 * (b * 32 + 8 * g))));
+    }
 }
 
 /// A 16-byte table in both 128-bit lanes, for VPSHUFB.
@@ -908,8 +917,10 @@ void portable_tile(const TileArgs& t, const TileRows& x, int rows) {
                     }
                 }
                 for (index_t l = 0; l < lanes; ++l) {
-                    const std::uint16_t held = t.wd[b * 32 + p * 16 + l];
-                    const float dw = mx ? bf16{held}.to_float() : f16_bits_to_f32(held);
+                    const index_t s = b * 32 + p * 16 + l;
+                    std::uint16_t half = 0;
+                    if constexpr (!mx) std::memcpy(&half, t.wd + 2 * s, sizeof half);
+                    const float dw = mx ? mxfp4_scale(t.wd[s]) : f16_bits_to_f32(half);
                     if constexpr (Fast) acc[l] += float(isum[l]) * (dw * x.d[r][b]);
                     else acc[l] += fsum[l] * dw;
                 }
