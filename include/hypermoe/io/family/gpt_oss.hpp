@@ -51,7 +51,7 @@ struct GptOss {
         const std::span<const float> gate_bias = s.bind_vector(s.names.router_bias, p + "router.bias", e);
         const bool fused = s.tensors.has(p + "experts.gate_up_proj") || s.tensors.has(p + "experts.gate_up_proj_blocks");
         std::vector<GluWeights> w;
-        std::vector<std::vector<float>> biases; // fused: expert x's gate, up and down biases at 3x, 3x + 1, 3x + 2
+        std::vector<std::vector<float>> biases; // fused: the experts' gate, up and down biases, de-interleaved
         if (fused) {
             const WeightView gate_up_bias = s.tensors.matrix(p + "experts.gate_up_proj_bias", e, 2 * ff);
             const WeightView down_bias = s.tensors.matrix(p + "experts.down_proj_bias", e, d);
@@ -71,17 +71,17 @@ struct GptOss {
                                                    slice("gate_up_proj_bias", false, 2, 1), slice("down_proj_bias", false, 1, 0)};
             }
             s.tensors.finish();
-            for (index_t x = 0; x < e; ++x) {
-                for (const index_t first : {0, 1}) { // gate_up_proj_bias interleaves gate's and up's
-                    std::vector<float>& b = biases.emplace_back(std::size_t(ff));
-                    for (index_t j = 0; j < ff; ++j) b[std::size_t(j)] = gate_up_bias.at(x, 2 * j + first);
-                }
-                std::vector<float>& b = biases.emplace_back(std::size_t(d));
-                for (index_t j = 0; j < d; ++j) b[std::size_t(j)] = down_bias.at(x, j);
-            }
-            for (index_t x = 0; x < e; ++x) {
+            biases.reserve(std::size_t(3 * e));
+            const auto column = [&biases](const WeightView& t, index_t x, index_t n, index_t step, index_t first) {
+                std::vector<float>& b = biases.emplace_back(std::size_t(n));
+                for (index_t j = 0; j < n; ++j) b[std::size_t(j)] = t.at(x, step * j + first);
+                return std::span<const float>(b);
+            };
+            for (index_t x = 0; x < e; ++x) { // gate_up_proj_bias interleaves gate's and up's
                 GluWeights& g = w[std::size_t(x)];
-                g.gate_bias = biases[std::size_t(3 * x)], g.up_bias = biases[std::size_t(3 * x + 1)], g.down_bias = biases[std::size_t(3 * x + 2)];
+                g.gate_bias = column(gate_up_bias, x, ff, 2, 0);
+                g.up_bias = column(gate_up_bias, x, ff, 2, 1);
+                g.down_bias = column(down_bias, x, d, 1, 0);
             }
         } else {
             w = detail::glu_weights(s, p + "experts.", e, d, ff, "gate_proj.weight", "up_proj.weight", "down_proj.weight");
