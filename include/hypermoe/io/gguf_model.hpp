@@ -161,6 +161,12 @@ private:
         experts(l, name(down), "ffn_down_exps", "ffn_down");
     }
 
+    /// Hugging Face's prefix of block l's MLP in the Qwen, OLMoE, DeepSeek and gpt-oss layouts.
+    [[nodiscard]] static std::string mlp(index_t l) { return "model.layers." + std::to_string(l) + ".mlp."; }
+
+    /// routed() for the experts.<e>.{gate,up,down}_proj.weight of those layouts.
+    void routed_proj(index_t l) { routed(l, mlp(l), "gate_proj.weight", "up_proj.weight", "down_proj.weight"); }
+
     /// A shared expert of block l under `p` from blk.l.ffn_{gate,up,down}_shexp.
     void shared(index_t l, const std::string& p) {
         const std::string b = "blk." + std::to_string(l) + ".";
@@ -182,8 +188,8 @@ private:
         out_.config.update({{"moe_intermediate_size", ff_}, {"num_experts", experts_}, {"shared_expert_intermediate_size", shared_ff},
                             {"norm_topk_prob", false}, {"decoder_sparse_step", 1}, {"mlp_only_layers", nlohmann::json::array()}});
         for (index_t l = 0; l < layers_; ++l) {
-            const std::string p = "model.layers." + std::to_string(l) + ".mlp.";
-            routed(l, p, "gate_proj.weight", "up_proj.weight", "down_proj.weight");
+            const std::string p = mlp(l);
+            routed_proj(l);
             if (shared_ff == 0) continue;
             shared(l, p + "shared_expert.");
             one(p + "shared_expert_gate.weight", "blk." + std::to_string(l) + ".ffn_gate_inp_shexp.weight", std::vector<index_t>{1, d_});
@@ -195,16 +201,14 @@ private:
         common("qwen3_moe", "expert_feed_forward_length");
         out_.config.update({{"moe_intermediate_size", ff_}, {"num_experts", experts_}, {"norm_topk_prob", true},
                             {"decoder_sparse_step", 1}, {"mlp_only_layers", nlohmann::json::array()}});
-        for (index_t l = 0; l < layers_; ++l)
-            routed(l, "model.layers." + std::to_string(l) + ".mlp.", "gate_proj.weight", "up_proj.weight", "down_proj.weight");
+        for (index_t l = 0; l < layers_; ++l) routed_proj(l);
     }
 
     void olmoe() {
         // llama.cpp reads OLMoE's expert width from feed_forward_length.
         common("olmoe", "expert_feed_forward_length", "feed_forward_length");
         out_.config.update({{"intermediate_size", ff_}, {"num_experts", experts_}, {"norm_topk_prob", false}});
-        for (index_t l = 0; l < layers_; ++l)
-            routed(l, "model.layers." + std::to_string(l) + ".mlp.", "gate_proj.weight", "up_proj.weight", "down_proj.weight");
+        for (index_t l = 0; l < layers_; ++l) routed_proj(l);
     }
 
     void deepseek2() {
@@ -223,8 +227,8 @@ private:
                             {"n_group", integer("expert_group_count", 1, 1)}, {"topk_group", integer("expert_group_used_count", 1, 1)},
                             {"scoring_func", gating == 2 ? "sigmoid" : "softmax"}, {"topk_method", "noaux_tc"}});
         for (index_t l = leading; l < layers_; ++l) {
-            const std::string p = "model.layers." + std::to_string(l) + ".mlp.";
-            routed(l, p, "gate_proj.weight", "up_proj.weight", "down_proj.weight");
+            const std::string p = mlp(l);
+            routed_proj(l);
             one(p + "gate.e_score_correction_bias", "blk." + std::to_string(l) + ".exp_probs_b.bias");
             shared(l, p + "shared_experts.");
         }
@@ -236,7 +240,7 @@ private:
         common("gpt_oss", "expert_feed_forward_length");
         out_.config.update({{"intermediate_size", ff_}, {"num_local_experts", experts_}, {"swiglu_limit", 7.0}});
         for (index_t l = 0; l < layers_; ++l) {
-            const std::string p = "model.layers." + std::to_string(l) + ".mlp.", b = "blk." + std::to_string(l) + ".";
+            const std::string p = mlp(l), b = "blk." + std::to_string(l) + ".";
             one(p + "router.weight", b + "ffn_gate_inp.weight");
             one(p + "router.bias", b + "ffn_gate_inp.bias");
             for (const auto& [g, h] : {std::pair{"gate", "gate_proj"}, {"up", "up_proj"}, {"down", "down_proj"}})
