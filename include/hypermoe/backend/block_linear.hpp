@@ -2,9 +2,9 @@
 // Linear maps over weights stored in the q8_0 / q4_0 / mxfp4 block formats (core/quant.hpp),
 // shared by every backend: a backend's linear whose storage is a block format holds a BlockLinear
 // and forwards to it, so the weights are held once, as ggml's blocks (34, 18 or 17 bytes per 32
-// weights), never widened. They are held in
-// the layout VPDPBUSD takes (BlockWeights: tiles of 32 outputs), so that one kernel serves every
-// row count, from decode to prefill, with nothing repacked per call.
+// weights), never widened. They are held in the layout VPDPBUSD takes (BlockWeights: tiles of 32
+// outputs), so that one kernel serves every row count, from decode to prefill, with nothing
+// repacked per call.
 // Two precisions (core/dtype.hpp):
 // - exact: f32 on the weights' exact values. Per block and output, the 32 products of the
 //   block's small integers with the inputs are summed in f32 and then scaled by the block's d
