@@ -66,7 +66,7 @@ template <class B, class Act>
 void sweep() {
     for (const index_t m : {0, 1, 7, 64})
         for (const auto& [k, n] : {std::pair<index_t, index_t>{37, 19}, {64, 128}, {48, 48}, {0, 5}, {6, 0}})
-            for (const dtype storage : {dtype::f32, dtype::bf16, dtype::q8_0, dtype::q4_0, dtype::mxfp4}) {
+            for (const dtype storage : {dtype::f32, dtype::bf16, dtype::q8_0, dtype::q4_0, dtype::mxfp4, dtype::q4_k}) {
                 // The weight is a column block of a wider matrix: rows further apart than K.
                 const Matrix<float> wide = random_matrix(n, k + 5, 5, 0.3f);
                 const ConstMatrixView<float> w = ConstMatrixView<float>(wide.view()).col_block(2, k);
@@ -187,27 +187,22 @@ TEST_CASE_TEMPLATE_DEFINE("linear matches the reference for every row count", B,
 }
 TEST_CASE_TEMPLATE_APPLY(linear_rows, test::all_backends);
 
-TEST_CASE_TEMPLATE_DEFINE("q8_0, q4_0 and mxfp4 weights: every backend equals f32 arithmetic on the dequantised weights", B,
+TEST_CASE_TEMPLATE_DEFINE("q8_0, q4_0, mxfp4 and q4_k weights: every backend equals f32 arithmetic on the dequantised weights", B,
                           linear_blocks) {
     // K = 100: three whole blocks and a zero-padded fourth; K = 300: ten, the partial last block
-    // read by every row block. M around the kernels' row blocks (4 exact, 6 fast).
-    for (const index_t k : {100, 300}) {
+    // read by every row block; K = 520: q4_k's two whole super-blocks and a third of one
+    // sub-block. M around the kernels' row blocks (4 exact, 6 fast).
+    for (const index_t k : {100, 300, 520}) {
         CAPTURE(k);
-        const index_t n = 45, blocks = (k + 31) / 32;
+        const index_t n = 45;
         const Matrix<float> w = random_matrix(n, k, 8, 0.3f);
         for (const dtype format : test::block_formats) {
             CAPTURE(to_string(format));
             // The weights' exact values, quantised and dequantised block by block (core/quant.hpp).
             Matrix<float> exact(n, k);
             for (index_t r = 0; r < n; ++r) {
-                std::vector<float> row(w.data() + r * k, w.data() + (r + 1) * k);
-                row.resize(std::size_t(blocks * 32), 0.0f);
-                for (index_t b = 0; b < blocks; ++b) {
-                    std::array<float, 32> in{};
-                    std::copy_n(row.begin() + 32 * b, 32, in.begin());
-                    const std::array<float, 32> out = test::requantized(format, in);
-                    for (index_t i = 0; i < 32 && 32 * b + i < k; ++i) exact(r, 32 * b + i) = out[std::size_t(i)];
-                }
+                const std::vector<float> out = test::requantized(format, std::span<const float>(w.data() + r * k, std::size_t(k)));
+                std::copy(out.begin(), out.end(), exact.data() + r * k);
             }
             const auto bias = random_vector(n, 9);
             const typename B::template linear<Silu> lin(ConstMatrixView<float>(w.view()), bias, {"w", true, format});
@@ -247,7 +242,7 @@ Matrix<float> fast_activations(ConstMatrixView<float> a) {
 }
 } // namespace
 
-TEST_CASE_TEMPLATE_DEFINE("fast q8_0 / q4_0 / mxfp4: every backend equals f32 arithmetic on the dequantised weights and activations", B,
+TEST_CASE_TEMPLATE_DEFINE("fast q8_0 / q4_0 / mxfp4 / q4_k: every backend equals f32 arithmetic on the dequantised weights and activations", B,
                           linear_blocks_fast) {
     MESSAGE("fast block kernel: ", detail::kernel_isa_name(dtype::q8_0, precision::fast));
     // K = 100: four blocks, the last padded; K = 70: three (an odd count, paired with a zero block).
@@ -288,10 +283,11 @@ TEST_CASE_TEMPLATE_DEFINE("fast q8_0 / q4_0 / mxfp4: every backend equals f32 ar
 }
 TEST_CASE_TEMPLATE_APPLY(linear_blocks_fast, test::all_backends);
 
-TEST_CASE_TEMPLATE_DEFINE("fast q8_0 / q4_0 / mxfp4 at the integer limits: the largest codes times the largest activations", B,
+TEST_CASE_TEMPLATE_DEFINE("fast q8_0 / q4_0 / mxfp4 / q4_k at the integer limits: the largest codes times the largest activations", B,
                           linear_blocks_limits) {
     // Every weight at its format's largest unsigned code (q8_0: q = 127; q4_0: nibble 15, the
-    // values opposite each block's first; mxfp4: 6 x its scale, code 24) and every activation
+    // values opposite each block's first; mxfp4: 6 x its scale, code 24; q4_k: 15, every weight
+    // the same, so the fit's min is 0) and every activation
     // 127 after quantising: the kernels' int16 pairs (AVX2, AVX-512 BW) at their largest, where a
     // sum held too long in 16 bits would wrap. Against the reference's integer dots.
     const index_t n = 40, k = 256;
@@ -300,7 +296,7 @@ TEST_CASE_TEMPLATE_DEFINE("fast q8_0 / q4_0 / mxfp4 at the integer limits: the l
         Matrix<float> w(n, k);
         for (index_t r = 0; r < n; ++r)
             for (index_t i = 0; i < k; ++i)
-                w(r, i) = format == dtype::q8_0 ? 1.0f : format == dtype::q4_0 ? (i % 32 == 0 ? 1.0f : -0.875f) : 1.5f;
+                w(r, i) = format == dtype::q8_0 || format == dtype::q4_k ? 1.0f : format == dtype::q4_0 ? (i % 32 == 0 ? 1.0f : -0.875f) : 1.5f;
         Matrix<float> a(3, k);
         std::fill_n(a.data(), 3 * k, 1.0f);
         const typename B::template linear<Identity> fast(ConstMatrixView<float>(w.view()), {}, {"w", false, format, precision::fast});
@@ -310,7 +306,7 @@ TEST_CASE_TEMPLATE_DEFINE("fast q8_0 / q4_0 / mxfp4 at the integer limits: the l
         fast(a.view(), got.view(), ws, 1.0f);
         oracle(a.view(), want.view(), ws, 1.0f);
         CHECK(relative_error(got.view(), want.view()) <= 1e-6);
-        const float per_block = format == dtype::q8_0 ? 32.0f : format == dtype::q4_0 ? 1.0f - 31 * 0.875f : 32 * 1.5f;
+        const float per_block = format == dtype::q8_0 || format == dtype::q4_k ? 32.0f : format == dtype::q4_0 ? 1.0f - 31 * 0.875f : 32 * 1.5f;
         CHECK(want(0, 0) == doctest::Approx(8 * per_block).epsilon(1e-2)); // the reference is right too
     }
 }
@@ -368,6 +364,68 @@ TEST_CASE_TEMPLATE_DEFINE("mxfp4: every scale byte e scales its block by 2^(e - 
 }
 TEST_CASE_TEMPLATE_APPLY(linear_mxfp4_scales, test::all_backends);
 
+TEST_CASE_TEMPLATE_DEFINE("q4_k: each sub-block's d x sc and dmin x m reach its own outputs in every kernel, exact and fast", B,
+                          linear_q4_k_scales) {
+    // GGUF-style super-blocks built here: per output and super-block, d and dmin powers of two
+    // (2^-8 to 2^-10), every sub-block's sc and m drawn from 0-63 (so the 12 packed scale bytes,
+    // k_scale_min's two layouts, all take part) and codes 0-15. Held as stored, they must give
+    // ggml's values, (d sc) q - dmin m, in the kernels' scale and min layout (Q4KScales).
+    // Inputs are small integers times 2^-6, so `exact` sums them without rounding and must give
+    // every output's bits; `fast` is checked to 1e-6 of the sum of |terms| (the scaled codes'
+    // and the mins' apart, as the kernels sum them).
+    const index_t n = 40, k = 512; // two tiles, the second of 8 outputs; two super-blocks a row
+    std::mt19937 rng(43);
+    std::vector<BlockQ4_K> blocks(std::size_t(n * 2));
+    for (BlockQ4_K& blk : blocks) {
+        blk.d = f32_to_f16_bits(std::ldexp(1.0f, -8 - int(rng() % 3)));
+        blk.dmin = f32_to_f16_bits(std::ldexp(1.0f, -8 - int(rng() % 3)));
+        for (auto& b : blk.scales) b = static_cast<std::uint8_t>(rng());
+        for (auto& q : blk.qs) q = static_cast<std::uint8_t>(rng());
+    }
+    const WeightView w = WeightView::blocks(blocks.data(), dtype::q4_k, n, k);
+    // Each weight's two terms, d sc q and dmin m, as ggml's dequantize_row_q4_K takes them, worked
+    // out from the bytes here; the view gives their difference.
+    Matrix<double> scaled(n, k), mins(n, k);
+    for (index_t o = 0; o < n; ++o)
+        for (index_t i = 0; i < k; ++i) {
+            const BlockQ4_K& blk = blocks[std::size_t(o * 2 + i / 256)];
+            const index_t j = i % 256, s = j / 32;
+            const unsigned sc = s < 4 ? blk.scales[std::size_t(s)] & 63u : (blk.scales[std::size_t(s + 4)] & 15u) | (blk.scales[std::size_t(s - 4)] >> 6) << 4;
+            const unsigned mn = s < 4 ? blk.scales[std::size_t(s + 4)] & 63u : (blk.scales[std::size_t(s + 4)] >> 4) | (blk.scales[std::size_t(s)] >> 6) << 4;
+            const unsigned byte = blk.qs[std::size_t(32 * (j / 64) + j % 32)];
+            const unsigned q = j % 64 < 32 ? byte & 15u : byte >> 4;
+            scaled(o, i) = double(f16_bits_to_f32(blk.d)) * sc * q, mins(o, i) = double(f16_bits_to_f32(blk.dmin)) * mn;
+            CHECK(w.at(o, i) == float(scaled(o, i) - mins(o, i)));
+        }
+    for (const index_t m : {3, 17}) { // 17 rows: an AMX call where the CPU (or HYPERMOE_AMX=emulate) has one
+        CAPTURE(m);
+        Matrix<float> a(m, k);
+        for (index_t i = 0; i < m * k; ++i) a.data()[i] = std::ldexp(float(int(rng() % 15) - 7), -6);
+        const Matrix<float> a_fast = fast_activations(a.view());
+        for (const precision prec : {precision::exact, precision::fast}) {
+            CAPTURE(to_string(prec));
+            const typename B::template linear<Identity> lin(w, {}, {"q4k", false, dtype::q4_k, prec});
+            Matrix<float> got(m, n);
+            Workspace ws;
+            lin(a.view(), got.view(), ws, 1.0f);
+            const Matrix<float>& x = prec == precision::exact ? a : a_fast;
+            index_t wrong = 0;
+            for (index_t r = 0; r < m; ++r)
+                for (index_t o = 0; o < n; ++o) {
+                    double want = 0.0, size = 0.0; // size: the two terms' magnitudes, which the kernels sum apart
+                    for (index_t i = 0; i < k; ++i) {
+                        want += (scaled(o, i) - mins(o, i)) * double(x(r, i));
+                        size += (scaled(o, i) + mins(o, i)) * std::abs(double(x(r, i)));
+                    }
+                    if (prec == precision::exact) wrong += got(r, o) != float(want);
+                    else wrong += std::abs(double(got(r, o)) - want) > 1e-6 * size;
+                }
+            CHECK(wrong == 0);
+        }
+    }
+}
+TEST_CASE_TEMPLATE_APPLY(linear_q4_k_scales, test::all_backends);
+
 TEST_CASE("fast q8_0 / q4_0 activations: QuantizedRows holds exactly the integers, scales and sums worked out here") {
     // Rows of K = 100: three whole blocks (the vector path where the CPU has AVX-512) and a
     // partial fourth; row 1 has a zero block, row 2 a NaN and row 3 an infinity in block 1.
@@ -404,7 +462,7 @@ TEST_CASE("fast q8_0 / q4_0 activations: QuantizedRows holds exactly the integer
 }
 
 #if HYPERMOE_X86_KERNELS
-TEST_CASE("fast q8_0 / q4_0 / mxfp4 on AMX-INT8: the tile kernel gives the VNNI kernel's bits, on emulated tiles and on the CPU's") {
+TEST_CASE("fast q8_0 / q4_0 / mxfp4 / q4_k on AMX-INT8: the tile kernel gives the VNNI kernel's bits, on emulated tiles and on the CPU's") {
     // amx_fast_tile's logic (the nibbles' unpacking into tile rows, the A tile's stride, the offsets,
     // the scales, the masks) on AmxTilesEmulated, whose integer dots are written out in C++,
     // against fast_tile in row blocks of 6; on a CPU with AMX also on its tiles (AmxTiles).
@@ -496,6 +554,15 @@ TEST_CASE("block_int_dot is the exact integer dot of a weight block with quantis
         CHECK(detail::block_int_dot<BlockQ8_0>(reinterpret_cast<const std::uint8_t*>(q8.qs.data()), x.data(), xsum) == want8);
         CHECK(detail::block_int_dot<BlockQ4_0>(q4.qs.data(), x.data(), xsum) == want4);
         CHECK(detail::block_int_dot<BlockMXFP4>(mx.qs.data(), x.data(), xsum) == wantm);
+        // q4_k's codes 0-15 as they are (its min is apart): d = 1, sc = 1, m = 0.
+        SubBlockQ4_K qk;
+        qk.d = 0x3C00, qk.sc = 1;
+        qk.qs = q4.qs;
+        std::array<float, 32> wk{};
+        dequantize(qk, wk);
+        double wantk = 0;
+        for (std::size_t i = 0; i < 32; ++i) wantk += double(wk[i]) * x[i];
+        CHECK(detail::block_int_dot<SubBlockQ4_K>(qk.qs.data(), x.data(), xsum) == wantk);
     }
 }
 
@@ -586,9 +653,15 @@ TEST_CASE("fast blocks: a non-finite activation reaches the outputs as NaN, as w
     }
 }
 
-TEST_CASE("q8_0 / q4_0 / mxfp4 weights are held as ggml's blocks, in tiles of 32 outputs, and widen exactly") {
-    // Held bytes per block: ggml's (34, 18, 17), for N rounded up to whole tiles.
-    const auto held = [](dtype format, std::size_t n, std::size_t k) { return weight_bytes(format, n, k); };
+TEST_CASE("q8_0 / q4_0 / mxfp4 / q4_k weights are held as ggml's blocks, in tiles of 32 outputs, and widen exactly") {
+    // Held bytes per block: ggml's (34, 18, 17), for N rounded up to whole tiles; q4_k's per
+    // sub-block 16 bytes of codes, its sc and m bytes, and per super-block its d and dmin halves
+    // (Q4KScales: 640 bytes a tile's super-block), against ggml's 144 a super-block.
+    const auto held = [](dtype format, std::size_t n, std::size_t k) {
+        if (format != dtype::q4_k) return weight_bytes(format, n, k);
+        const std::size_t tiles = (n + 31) / 32, blocks = (k + 31) / 32;
+        return tiles * (blocks * 32 * 16 + (blocks + 7) / 8 * 640);
+    };
     const Matrix<float> w = random_matrix(3, 40, 4, 0.3f);
     for (const dtype format : test::block_formats) {
         const detail::BlockWeights blocks(ConstMatrixView<float>(w.view()), format, "w");
@@ -596,10 +669,9 @@ TEST_CASE("q8_0 / q4_0 / mxfp4 weights are held as ggml's blocks, in tiles of 32
         CHECK(blocks.tiles() == 1);
         // 3 outputs take one tile of 32: the padding outputs hold zero blocks.
         CHECK(blocks.bytes() == held(format, 32, 40));
-        CHECK(weight_bytes(format, 3, 40) == 3u * 2u * (format == dtype::q8_0 ? 34u : format == dtype::q4_0 ? 18u : 17u));
-        std::array<float, 32> first{};
-        std::copy_n(w.data() + 40, 32, first.begin());
-        const std::array<float, 32> want = test::requantized(format, first);
+        CHECK(weight_bytes(format, 3, 40) ==
+              (format == dtype::q4_k ? 3u * 144u : 3u * 2u * (format == dtype::q8_0 ? 34u : format == dtype::q4_0 ? 18u : 17u)));
+        const std::vector<float> want = test::requantized(format, std::span<const float>(w.data() + 40, 40));
         for (index_t i = 0; i < 32; ++i) CHECK(blocks.at(1, i) == want[std::size_t(i)]);
         for (index_t i = 0; i < 32; ++i) CHECK(blocks.at(31, i) == 0.0f); // padding
     }
@@ -612,13 +684,17 @@ TEST_CASE("q8_0 / q4_0 / mxfp4 weights are held as ggml's blocks, in tiles of 32
         CHECK(blocks.tiles() == 2);
         CHECK(blocks.bytes() == held(format, 64, 70));
         detail::with_block(format, [&]<class Block>() {
+            using Stored = detail::ggml_block_t<Block>;
             for (index_t r = 0; r < 45; ++r) {
                 const std::span<const float> row(wide.data() + r * 70, 70);
-                std::vector<Block> q(3);
-                quantize_row<Block>(row, q, "row");
+                std::vector<Stored> q(format == dtype::q4_k ? 1 : 3);
+                quantize_row<Stored>(row, q, "row");
                 for (index_t b = 0; b < 3; ++b) {
                     const Block got = blocks.block<Block>(r, b);
-                    CHECK(std::memcmp(&got, &q[std::size_t(b)], sizeof(Block)) == 0);
+                    Block want;
+                    if constexpr (detail::has_min<Block>) want = sub_block(q[0], b);
+                    else want = q[std::size_t(b)];
+                    CHECK(std::memcmp(&got, &want, sizeof(Block)) == 0);
                 }
             }
         });

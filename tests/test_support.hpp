@@ -136,28 +136,34 @@ struct StorageCase {
 };
 
 /// Every storage type, with each precision where the two differ.
-inline constexpr std::array<StorageCase, 9> storage_cases{{{dtype::f32, precision::exact},
-                                                           {dtype::bf16, precision::exact},
-                                                           {dtype::bf16, precision::fast},
-                                                           {dtype::q8_0, precision::exact},
-                                                           {dtype::q8_0, precision::fast},
-                                                           {dtype::q4_0, precision::exact},
-                                                           {dtype::q4_0, precision::fast},
-                                                           {dtype::mxfp4, precision::exact},
-                                                           {dtype::mxfp4, precision::fast}}};
+inline constexpr std::array<StorageCase, 11> storage_cases{{{dtype::f32, precision::exact},
+                                                            {dtype::bf16, precision::exact},
+                                                            {dtype::bf16, precision::fast},
+                                                            {dtype::q8_0, precision::exact},
+                                                            {dtype::q8_0, precision::fast},
+                                                            {dtype::q4_0, precision::exact},
+                                                            {dtype::q4_0, precision::fast},
+                                                            {dtype::mxfp4, precision::exact},
+                                                            {dtype::mxfp4, precision::fast},
+                                                            {dtype::q4_k, precision::exact},
+                                                            {dtype::q4_k, precision::fast}}};
 
 /// The block formats.
-inline constexpr std::array<dtype, 3> block_formats{dtype::q8_0, dtype::q4_0, dtype::mxfp4};
+inline constexpr std::array<dtype, 4> block_formats{dtype::q8_0, dtype::q4_0, dtype::mxfp4, dtype::q4_k};
 
-/// A block of 32 values quantised in `format` (q8_0, q4_0 or mxfp4) and dequantised: the values
-/// a linear map stored in that format computes with.
-inline std::array<float, 32> requantized(dtype format, const std::array<float, 32>& in) {
-    std::array<float, 32> out{};
+/// A row quantised in `format` (zero-padded to whole blocks: 32, q4_k 256) and dequantised: the
+/// values a linear map stored in that format computes with, as many as the row has.
+inline std::vector<float> requantized(dtype format, std::span<const float> row) {
+    std::vector<float> out;
     detail::with_block(format, [&]<class Block>() {
-        std::array<Block, 1> q;
-        quantize_row<Block>(in, q, "block");
-        dequantize(q[0], out);
+        using Stored = detail::ggml_block_t<Block>;
+        constexpr auto width = std::size_t(detail::block_width_of<Stored>);
+        std::vector<Stored> q((row.size() + width - 1) / width);
+        quantize_row<Stored>(row, q, "row");
+        out.resize(q.size() * width);
+        for (std::size_t b = 0; b < q.size(); ++b) dequantize(q[b], std::span<float, width>(out.data() + b * width, width));
     });
+    out.resize(row.size());
     return out;
 }
 

@@ -41,11 +41,11 @@ constexpr const char* usage_text = R"(usage:
   hypermoe                         run the demo (a small HyperMoE stack, fixed seed)
   hypermoe run --model DIR|FILE.gguf --input X.safetensors --output Y.safetensors [--layer N]
                [--stack encoder|decoder] [--backend onednn|eigen|reference] [--threads N]
-               [--weights f32|bf16|q8_0|q4_0|mxfp4] [--precision exact|fast]
+               [--weights f32|bf16|q8_0|q4_0|mxfp4|q4_k] [--precision exact|fast]
                [--grad DY.safetensors --output-grads G.safetensors]   (backward: dx and d/<tensor>)
   hypermoe inspect --model DIR|FILE.gguf
   hypermoe bench [--family F] [--d-model N] [--d-ff N] [--experts N] [--top-k N] [--tokens N]
-               [--router NAME|all|native] [--hyper cached|per-token|off] [--weights f32|bf16|q8_0|q4_0|mxfp4]
+               [--router NAME|all|native] [--hyper cached|per-token|off] [--weights f32|bf16|q8_0|q4_0|mxfp4|q4_k]
                [--precision exact|fast] [--threads N] [--repeat N] [--backend B] [--model DIR|FILE.gguf [--layer N] [--stack S]] [--json]
   hypermoe train [--model DIR|FILE.gguf | --family F [--d-model N] [--d-ff N] [--experts N] [--top-k N] [--layers N] [--seed N]]
                [--data TRAIN.safetensors [--eval EVAL.safetensors] | --tasks N [--train-rows N] [--eval-rows N] [--data-seed N]]
@@ -113,12 +113,12 @@ void set_threads(const Args& a) {
 #endif
 }
 
-/// --weights, defaulting to f32 (a checkpoint: Checkpoint::expert_storage, the experts' own BF16 / Q8_0 / Q4_0 / MXFP4).
+/// --weights, defaulting to f32 (a checkpoint: Checkpoint::expert_storage, the experts' own BF16 / Q8_0 / Q4_0 / MXFP4 / Q4_K).
 hm::dtype weights_of(const Args& a, const hm::Checkpoint* ck = nullptr) {
     const std::string w = a.get("--weights", std::string(hm::to_string(ck != nullptr ? ck->expert_storage() : hm::dtype::f32)));
-    for (const hm::dtype t : {hm::dtype::f32, hm::dtype::bf16, hm::dtype::q8_0, hm::dtype::q4_0, hm::dtype::mxfp4})
+    for (const hm::dtype t : {hm::dtype::f32, hm::dtype::bf16, hm::dtype::q8_0, hm::dtype::q4_0, hm::dtype::mxfp4, hm::dtype::q4_k})
         if (w == hm::to_string(t)) return t;
-    throw usage_error("--weights is '" + w + "', expected f32, bf16, q8_0, q4_0 or mxfp4");
+    throw usage_error("--weights is '" + w + "', expected f32, bf16, q8_0, q4_0, mxfp4 or q4_k");
 }
 
 hm::precision precision_of(const Args& a) {
@@ -312,7 +312,7 @@ int inspect(const Args& a) {
             name += " (the oneDNN backend: " + onednn_bf16_fast_path() + ")";
         return name;
     };
-    std::printf("kernels    bf16 weights: exact on %s, fast on %s; q8_0 / q4_0 / mxfp4 weights: exact on %s, fast on %s "
+    std::printf("kernels    bf16 weights: exact on %s, fast on %s; q8_0 / q4_0 / mxfp4 / q4_k weights: exact on %s, fast on %s "
                 "(this CPU: %s)\n",
                 on(hm::dtype::bf16, hm::precision::exact).c_str(), on(hm::dtype::bf16, hm::precision::fast).c_str(),
                 on(hm::dtype::q8_0, hm::precision::exact).c_str(), on(hm::dtype::q8_0, hm::precision::fast).c_str(),

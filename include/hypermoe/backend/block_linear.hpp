@@ -1,19 +1,21 @@
 #pragma once
-// Linear maps over weights stored in the q8_0 / q4_0 / mxfp4 block formats (core/quant.hpp),
-// shared by every backend: a backend's linear whose storage is a block format holds a BlockLinear
-// and forwards to it, so the weights are held once, as ggml's blocks (34, 18 or 17 bytes per 32
-// weights), never widened. They are held in the layout VPDPBUSD takes (BlockWeights: tiles of 32
+// Linear maps over weights stored in the q8_0 / q4_0 / mxfp4 / q4_k block formats
+// (core/quant.hpp), shared by every backend: a backend's linear whose storage is a block format
+// holds a BlockLinear and forwards to it, so the weights are held once, as ggml's blocks (34, 18
+// or 17 bytes per 32 weights; q4_k's super-blocks of 256 as 8 sub-blocks of 18.5), never widened. They are held in the layout VPDPBUSD takes (BlockWeights: tiles of 32
 // outputs), so that one kernel serves every row count, from decode to prefill, with nothing
 // repacked per call.
 // Two precisions (core/dtype.hpp):
 // - exact: f32 on the weights' exact values. Per block and output, the 32 products of the
 //   block's small integers with the inputs are summed in f32 and then scaled by the block's d
 //   (q * d is exact in f32, so this equals f32 arithmetic on the dequantised weights up to the
-//   order of the additions). mxfp4's integers are its nibbles' mxfp4_values.
+//   order of the additions). mxfp4's integers are its nibbles' mxfp4_values. q4_k's sub-blocks
+//   are (d sc) q - dmin m: the sum of q x input scaled by d sc, less dmin m x the inputs' sum.
 // - fast: the activations are quantised per block of 32 (QuantizedRows) and each block's dot
 //   product is an integer one: TDPBSUD's s8 x u8 tile products on AMX-INT8 (calls of 16 rows or
 //   more), VPDPBUSD's u8 x s8 products on VNNI, VPMADDUBSW's on AVX-512 BW. The weights enter
-//   as unsigned codes (code_offset), their offset taken off through the activations' block sums.
+//   as unsigned codes (code_offset), their offset taken off through the activations' block sums
+//   (and q4_k's mins through the same sums, in f32).
 //   The integer sums are exact, so every kernel gives the same block dots; only the f32
 //   accumulation order differs between them.
 
@@ -173,9 +175,9 @@ namespace hypermoe {
 /// A linear map's input made ready for the map's tiles (LinearMap::prepare): the rows, and
 /// what the `fast` kernels read in their place, made once in the caller's workspace for every
 /// tile of a product (a tile per call would repeat it: a Mixtral-like expert's forward tiles
-/// call its gate|up product 12 times). bf16 `fast` rounds the rows to bf16 (`rounded`); q8_0 / q4_0 `fast`
-/// quantises them per block of 32 (`quantized`); AVX2 `exact` q4_0 sums each block of inputs
-/// (`block_sums`). Views only: valid while the workspace scope that prepare() took them in.
+/// call its gate|up product 12 times). bf16 `fast` rounds the rows to bf16 (`rounded`); the block
+/// formats' `fast` quantises them per block of 32 (`quantized`); `exact` q4_k (and q4_0 on AVX2)
+/// sums each block of inputs (`block_sums`). Views only: valid while the workspace scope that prepare() took them in.
 struct PreparedInput {
     ConstMatrixView<float> a;                          ///< the input (M, K)
     ConstMatrixView<std::uint16_t> rounded;            ///< bf16 bits of a, or empty
@@ -187,16 +189,29 @@ struct PreparedInput {
 
 namespace hypermoe::detail {
 
-/// Whether a format's integers are nibbles, two to a byte as ggml stores them (q4_0, mxfp4).
+/// Whether a format's integers are nibbles, two to a byte as ggml stores them (q4_0, mxfp4,
+/// q4_k's sub-blocks).
 template <class Block>
 inline constexpr bool nibble_format = !std::is_same_v<Block, BlockQ8_0>;
+
+/// Whether a format's blocks have a min besides their scale (value = scale * q - min): q4_k's.
+template <class Block>
+inline constexpr bool has_min = std::is_same_v<Block, SubBlockQ4_K>;
+
+/// The block type ggml stores a format in: the format's own, or q4_k's super-block for its
+/// sub-blocks.
+template <class Block>
+using ggml_block_t = std::conditional_t<has_min<Block>, BlockQ4_K, Block>;
 
 /// The unsigned codes the integer (`fast`) kernels multiply a format's weights as, and their
 /// offset from the integers they stand for: q8_0's q + 128 (as BlockWeights holds them), q4_0's
 /// nibble = q + 8 (as held), mxfp4's mxfp4_values[nibble] + 12 (0 to 24, mxfp4_codes: what a
-/// byte shuffle of the held nibbles gives).
+/// byte shuffle of the held nibbles gives), q4_k's nibble q itself (its min is apart).
 template <class Block>
-inline constexpr std::int32_t code_offset = std::is_same_v<Block, BlockQ8_0> ? 128 : std::is_same_v<Block, BlockQ4_0> ? 8 : 12;
+inline constexpr std::int32_t code_offset = std::is_same_v<Block, BlockQ8_0>      ? 128
+                                            : std::is_same_v<Block, BlockQ4_0>    ? 8
+                                            : std::is_same_v<Block, SubBlockQ4_K> ? 0
+                                                                                  : 12;
 inline constexpr std::array<std::uint8_t, 16> mxfp4_codes = [] {
     std::array<std::uint8_t, 16> c{};
     for (std::size_t i = 0; i < 16; ++i) c[i] = static_cast<std::uint8_t>(mxfp4_values[i] + code_offset<BlockMXFP4>);
@@ -220,9 +235,9 @@ template <class Block>
         // catches; unsigned x signed it compiles right.)
         for (std::size_t i = 0; i < 32; ++i) s += std::int32_t(std::uint8_t(qs[i] ^ 0x80u)) * xq[i];
         return s - 128 * xsum;
-    } else {
+    } else { // q4_0's nibbles q + 8; q4_k's q
         for (std::size_t j = 0; j < 16; ++j) s += std::int32_t(qs[j] & 0x0F) * xq[j] + std::int32_t(qs[j] >> 4) * xq[j + 16];
-        return s - 8 * xsum;
+        return s - code_offset<Block> * xsum;
     }
 }
 
@@ -230,14 +245,55 @@ template <class Block>
 template <class Block>
 inline constexpr index_t block_bytes_of = std::is_same_v<Block, BlockQ8_0> ? 32 : 16;
 
-/// Bytes of a block's scale as held: q8_0's and q4_0's half, mxfp4's scale byte e.
+/// Bytes of a block's scale as held: q8_0's and q4_0's half, mxfp4's scale byte e (q4_k's are
+/// laid out by Q4KScales).
 [[nodiscard]] constexpr index_t held_scale_bytes(dtype format) noexcept { return format == dtype::mxfp4 ? 1 : 2; }
 
-/// f.template operator()<Block>() with the block type of `format` (q8_0, q4_0 or mxfp4).
+/// Where q4_k's scales are among a tile's (BlockWeights::tile_scales), for its sub-block b: per
+/// super-block of 8 sub-blocks, 640 bytes: the 32 outputs' d (halves), their dmin (halves), then
+/// per sub-block the 32 outputs' sc bytes and their m bytes. So a sub-block of 32 outputs takes
+/// 32 x (16 + 2) bytes and each super-block 32 x 4 more: 4.625 bits a weight, where ggml's
+/// super-block takes 4.5 (its 6-bit sc and m packed in 12 bytes, unpacked here once, at load).
+struct Q4KScales {
+    static constexpr index_t super_bytes = 640;
+    static constexpr index_t d(index_t b) noexcept { return b / q4_k_sub_blocks * super_bytes; }
+    static constexpr index_t dmin(index_t b) noexcept { return d(b) + 64; }
+    static constexpr index_t sc(index_t b) noexcept { return d(b) + 128 + b % q4_k_sub_blocks * 64; }
+    static constexpr index_t m(index_t b) noexcept { return sc(b) + 32; }
+};
+
+/// The scale of output o's (0-31) block b among a tile's scales (`wd`), and its min (q4_k; 0 for
+/// the others), exactly as the kernels take them.
+template <class Block>
+[[nodiscard]] float tile_scale(const std::uint8_t* wd, index_t b, index_t o) noexcept {
+    const auto half = [wd](index_t at) {
+        std::uint16_t h;
+        std::memcpy(&h, wd + at, sizeof h);
+        return f16_bits_to_f32(h);
+    };
+    if constexpr (std::is_same_v<Block, BlockMXFP4>) return mxfp4_scale(wd[b * 32 + o]);
+    else if constexpr (has_min<Block>) return half(Q4KScales::d(b) + 2 * o) * float(wd[Q4KScales::sc(b) + o]);
+    else return half(2 * (b * 32 + o));
+}
+template <class Block>
+[[nodiscard]] float tile_min(const std::uint8_t* wd, index_t b, index_t o) noexcept {
+    if constexpr (has_min<Block>) {
+        std::uint16_t h;
+        std::memcpy(&h, wd + Q4KScales::dmin(b) + 2 * o, sizeof h);
+        return f16_bits_to_f32(h) * float(wd[Q4KScales::m(b) + o]);
+    } else {
+        (void)wd, (void)b, (void)o;
+        return 0.0f;
+    }
+}
+
+/// f.template operator()<Block>() with the block type of `format` (q8_0, q4_0, mxfp4, or q4_k's
+/// sub-blocks).
 template <class F>
 decltype(auto) with_block(dtype format, F&& f) {
     if (format == dtype::q4_0) return f.template operator()<BlockQ4_0>();
     if (format == dtype::mxfp4) return f.template operator()<BlockMXFP4>();
+    if (format == dtype::q4_k) return f.template operator()<SubBlockQ4_K>();
     return f.template operator()<BlockQ8_0>();
 }
 
@@ -247,12 +303,14 @@ decltype(auto) with_block(dtype format, F&& f) {
 /// (a "quad"), the panel's 16 outputs' 4 bytes side by side, 64 bytes that one load brings in;
 /// and, in a second array, per block the 32 outputs' scales as ggml stores them (half bits, one
 /// cache line; mxfp4's scale bytes e, half a line, which the kernels turn into 2^(e - 128) as
-/// they load them: mxfp4_scale). The integers are ggml's `qs` bytes, q8_0's with the sign bit
-/// flipped (q + 128: unsigned, as VPDPBUSD reads its first operand), q4_0's and mxfp4's as stored
-/// (byte j of a block holds element j in its low nibble and j + 16 in its high one). So a block of
-/// 32 outputs takes 32 x 34, 32 x 18 or 32 x 17 bytes, as ggml's q8_0, q4_0 and mxfp4 blocks do,
-/// and a tile's weights are one stream; outputs past N (the last tile's padding) hold zero
-/// weights. `block()` gives a block back in ggml's layout.
+/// they load them: mxfp4_scale; q4_k's as Q4KScales lays them out). The integers are ggml's
+/// `qs` bytes, q8_0's with the sign bit flipped (q + 128: unsigned, as VPDPBUSD reads its first
+/// operand), q4_0's and mxfp4's as stored (byte j of a block holds element j in its low nibble
+/// and j + 16 in its high one), q4_k's sub-blocks put in that order. So a block of 32 outputs
+/// takes 32 x 34, 32 x 18 or 32 x 17 bytes, as ggml's q8_0, q4_0 and mxfp4 blocks do (q4_k: 32 x
+/// 18.5, against ggml's 18), and a tile's weights are one stream; outputs past N (the last
+/// tile's padding) hold zero weights. `block()` gives a block back in ggml's layout (q4_k: a
+/// SubBlockQ4_K).
 class BlockWeights {
 public:
     /// Outputs per panel: the int32 lanes of one 512-bit register; per tile: two panels.
@@ -263,27 +321,30 @@ public:
     BlockWeights(const WeightView& w, dtype format, const std::string& name)
         : format_(format), n_(w.rows()), k_(w.cols()), blocks_per_row_((w.cols() + quant_block - 1) / quant_block),
           tiles_((w.rows() + tile - 1) / tile) {
-        // a zero weight, as held: q8_0's 0 + 128, q4_0's nibbles 0 + 8, mxfp4's nibbles 0 (+0)
+        // a zero weight, as held: q8_0's 0 + 128, q4_0's nibbles 0 + 8, mxfp4's and q4_k's nibbles 0
         const std::uint8_t zero = format == dtype::q8_0 ? 0x80 : format == dtype::q4_0 ? 0x88 : 0x00;
-        scales_.assign(std::size_t(tiles_ * blocks_per_row_ * tile * held_scale_bytes(format)), 0);
+        scales_.assign(std::size_t(tiles_ * tile_scale_bytes()), 0);
         quants_.assign(std::size_t(tiles_ * blocks_per_row_ * 2 * quads() * 64), zero);
         with_block(format, [&]<class Block>() {
-            std::vector<float> row(static_cast<std::size_t>(k_));
-            std::vector<Block> blocks(static_cast<std::size_t>(blocks_per_row_));
             // Blocks already in this format (a GGUF file's) are kept as they are; anything else
-            // is quantised from its values.
+            // is quantised from its values. q4_k's super-blocks are split into their sub-blocks.
+            using Stored = ggml_block_t<Block>;
+            constexpr index_t width = block_width_of<Stored>;
+            std::vector<float> row(static_cast<std::size_t>(k_));
+            std::vector<Stored> stored(static_cast<std::size_t>((k_ + width - 1) / width));
             const bool as_stored = w.type() == format;
             for (index_t r = 0; r < n_; ++r) {
                 if (as_stored) {
-                    std::memcpy(blocks.data(), w.row_bytes(r), blocks.size() * sizeof(Block));
+                    std::memcpy(stored.data(), w.row_bytes(r), stored.size() * sizeof(Stored));
                 } else {
                     for (index_t c = 0; c < k_; ++c) row[std::size_t(c)] = w.at(r, c);
-                    quantize_row<Block>(row, blocks, concat(name, " row ", r));
+                    quantize_row<Stored>(row, stored, concat(name, " row ", r));
                 }
                 for (index_t b = 0; b < blocks_per_row_; ++b) {
-                    const Block& blk = blocks[std::size_t(b)];
-                    if constexpr (std::is_same_v<Block, BlockMXFP4>) scales_[std::size_t(scale_index(r, b))] = blk.e;
-                    else std::memcpy(scales_.data() + 2 * scale_index(r, b), &blk.d, sizeof blk.d);
+                    Block blk;
+                    if constexpr (has_min<Block>) blk = sub_block(stored[std::size_t(b / q4_k_sub_blocks)], b % q4_k_sub_blocks);
+                    else blk = stored[std::size_t(b)];
+                    set_scales(r, b, blk);
                     for (index_t j = 0; j < quads(); ++j) {
                         std::uint32_t v;
                         std::memcpy(&v, blk.qs.data() + 4 * j, sizeof v);
@@ -298,26 +359,34 @@ public:
     [[nodiscard]] dtype format() const noexcept { return format_; }
     [[nodiscard]] index_t blocks_per_row() const noexcept { return blocks_per_row_; }
     [[nodiscard]] index_t tiles() const noexcept { return tiles_; }
-    /// Integer bytes per block: 32 (q8_0) or 16 (q4_0, mxfp4).
+    /// Integer bytes per block: 32 (q8_0) or 16 (q4_0, mxfp4, q4_k).
     [[nodiscard]] index_t block_bytes() const noexcept { return format_ == dtype::q8_0 ? 32 : 16; }
-    /// 64-byte loads of a panel per block: 8 (q8_0) or 4 (q4_0, mxfp4).
+    /// 64-byte loads of a panel per block: 8 (q8_0) or 4 (the nibble formats).
     [[nodiscard]] index_t quads() const noexcept { return block_bytes() / 4; }
-    /// Bytes held: the integers and the scales, as many as ggml's blocks take (N rounded up to
-    /// whole tiles).
+    /// Bytes held: the integers and the scales (N rounded up to whole tiles): as many as ggml's
+    /// blocks take for q8_0, q4_0 and mxfp4, 2.8% more for q4_k (Q4KScales).
     [[nodiscard]] std::size_t bytes() const noexcept { return quants_.size() + scales_.size(); }
     /// Tile t's integers (block b, panel p, quad j at + ((b * 2 + p) * quads() + j) * 64) and
-    /// scales (block b, panel p's at + (b * 32 + p * 16) * held_scale_bytes(format())).
+    /// scales (block b, panel p's at + (b * 32 + p * 16) * held_scale_bytes(format()); q4_k's as
+    /// Q4KScales lays them out).
     [[nodiscard]] const std::uint8_t* tile_quants(index_t t) const noexcept { return quants_.data() + t * blocks_per_row_ * 2 * quads() * 64; }
-    [[nodiscard]] const std::uint8_t* tile_scales(index_t t) const noexcept {
-        return scales_.data() + t * blocks_per_row_ * tile * held_scale_bytes(format_);
-    }
+    [[nodiscard]] const std::uint8_t* tile_scales(index_t t) const noexcept { return scales_.data() + t * tile_scale_bytes(); }
 
-    /// Block b of row n in ggml's layout (Block matching format()).
+    /// Block b of row n in ggml's layout (Block matching format(); q4_k: its sub-block b).
     template <class Block>
     [[nodiscard]] Block block(index_t n, index_t b) const noexcept {
         Block blk;
-        if constexpr (std::is_same_v<Block, BlockMXFP4>) blk.e = scales_[std::size_t(scale_index(n, b))];
-        else std::memcpy(&blk.d, scales_.data() + 2 * scale_index(n, b), sizeof blk.d);
+        const std::uint8_t* wd = tile_scales(n / tile);
+        const index_t o = n % tile;
+        if constexpr (std::is_same_v<Block, BlockMXFP4>) {
+            blk.e = wd[b * tile + o];
+        } else if constexpr (has_min<Block>) {
+            std::memcpy(&blk.d, wd + Q4KScales::d(b) + 2 * o, sizeof blk.d);
+            std::memcpy(&blk.dmin, wd + Q4KScales::dmin(b) + 2 * o, sizeof blk.dmin);
+            blk.sc = wd[Q4KScales::sc(b) + o], blk.m = wd[Q4KScales::m(b) + o];
+        } else {
+            std::memcpy(&blk.d, wd + 2 * (b * tile + o), sizeof blk.d);
+        }
         for (index_t j = 0; j < block_bytes_of<Block> / 4; ++j) {
             std::uint32_t v;
             std::memcpy(&v, quants_.data() + quad_offset(n, b, j), sizeof v);
@@ -338,8 +407,26 @@ public:
     }
 
 private:
-    /// Output n's block b among the scales (times held_scale_bytes for its first byte).
-    [[nodiscard]] index_t scale_index(index_t n, index_t b) const noexcept { return (n / tile * blocks_per_row_ + b) * tile + n % tile; }
+    /// Scale bytes of a tile: per block 32 scales; q4_k per super-block Q4KScales::super_bytes.
+    [[nodiscard]] index_t tile_scale_bytes() const noexcept {
+        if (format_ == dtype::q4_k) return (blocks_per_row_ + q4_k_sub_blocks - 1) / q4_k_sub_blocks * Q4KScales::super_bytes;
+        return blocks_per_row_ * tile * held_scale_bytes(format_);
+    }
+    /// Writes row n's block b's scales (and q4_k's min) into its tile's.
+    template <class Block>
+    void set_scales(index_t n, index_t b, const Block& blk) noexcept {
+        std::uint8_t* wd = scales_.data() + n / tile * tile_scale_bytes();
+        const index_t o = n % tile;
+        if constexpr (std::is_same_v<Block, BlockMXFP4>) {
+            wd[b * tile + o] = blk.e;
+        } else if constexpr (has_min<Block>) {
+            std::memcpy(wd + Q4KScales::d(b) + 2 * o, &blk.d, sizeof blk.d);
+            std::memcpy(wd + Q4KScales::dmin(b) + 2 * o, &blk.dmin, sizeof blk.dmin);
+            wd[Q4KScales::sc(b) + o] = blk.sc, wd[Q4KScales::m(b) + o] = blk.m;
+        } else {
+            std::memcpy(wd + 2 * (b * tile + o), &blk.d, sizeof blk.d);
+        }
+    }
     [[nodiscard]] index_t quad_offset(index_t n, index_t b, index_t j) const noexcept {
         return (((n / tile * blocks_per_row_ + b) * 2 + n % tile / panel) * quads() + j) * 64 + n % panel * 4;
     }
@@ -370,7 +457,7 @@ struct TileRows {
     const std::int32_t* sum[6] = {};
     const float* x[6] = {};
     const float* pad[6] = {};
-    const float* x_sum[6] = {}; ///< `exact` q4_0 on AVX2: each block's input sum, for the nibbles' -8
+    const float* x_sum[6] = {}; ///< `exact`: each block's input sum, for q4_k's mins and, on AVX2, q4_0's -8
     index_t full = 0;
 };
 
@@ -382,12 +469,20 @@ __attribute__((target("avx512f"))) inline __m512i broadcast_quad(const std::int8
     return _mm512_set1_epi32(v);
 }
 
-/// Block b's scales of panel p of a tile as floats: 16 halves, or mxfp4's 16 scale bytes e as
+/// 16 halves at p as floats, times 16 bytes at u (q4_k's d x sc and dmin x m, exact).
+__attribute__((target("avx512f"))) inline __m512 halves_times_bytes(const std::uint8_t* p, const std::uint8_t* u) {
+    const __m512 h = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    return _mm512_mul_ps(h, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(u)))));
+}
+
+/// Block b's scales of panel p of a tile as floats: 16 halves, mxfp4's 16 scale bytes e as
 /// mxfp4_scale(e) = 2^(e - 128): (e - 1) << 23 as f32 bits for e >= 2, the subnormals 2^-128
-/// and 2^-127 (0x00200000 << e) below.
+/// and 2^-127 (0x00200000 << e) below, or q4_k's d x sc (tile_scale).
 template <class Block>
 __attribute__((target("avx512f"))) inline __m512 panel_scales(const TileArgs& t, index_t b, int p) {
-    if constexpr (std::is_same_v<Block, BlockMXFP4>) {
+    if constexpr (has_min<Block>) {
+        return halves_times_bytes(t.wd + Q4KScales::d(b) + 32 * p, t.wd + Q4KScales::sc(b) + 16 * p);
+    } else if constexpr (std::is_same_v<Block, BlockMXFP4>) {
         const __m512i e = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(t.wd + b * 32 + p * 16)));
         const __m512i normal = _mm512_slli_epi32(_mm512_sub_epi32(e, _mm512_set1_epi32(1)), 23);
         const __m512i subnormal = _mm512_sllv_epi32(_mm512_set1_epi32(0x00200000), e);
@@ -395,6 +490,11 @@ __attribute__((target("avx512f"))) inline __m512 panel_scales(const TileArgs& t,
     } else {
         return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(t.wd + 2 * (b * 32 + p * 16))));
     }
+}
+
+/// Block b's mins of panel p of a tile as floats: q4_k's dmin x m (tile_min).
+__attribute__((target("avx512f"))) inline __m512 panel_mins(const TileArgs& t, index_t b, int p) {
+    return halves_times_bytes(t.wd + Q4KScales::dmin(b) + 32 * p, t.wd + Q4KScales::m(b) + 16 * p);
 }
 
 /// A 16-byte table in every 128-bit lane, for VPSHUFB (mxfp4's nibbles to their codes or values).
@@ -406,6 +506,12 @@ __attribute__((target("avx512f"))) inline __m512i nibble_table(const void* table
 /// kernel (fast_tile, amx_fast_tile) takes them into f32, so that they give the same bits.
 __attribute__((target("avx512f"))) inline __m512 add_block_sums(__m512 acc, __m512i total, __m512 dw, float dx) {
     return _mm512_fmadd_ps(_mm512_cvtepi32_ps(total), _mm512_mul_ps(dw, _mm512_set1_ps(dx)), acc);
+}
+
+/// `fast` q4_k: acc less a block's mins times its activations' sum, dmin m x (d_x sum(xq)): the
+/// other half of a block's dot, (d sc) q - dmin m against d_x xq, in every AVX-512 kernel.
+__attribute__((target("avx512f"))) inline __m512 sub_block_mins(__m512 acc, __m512 mins, float dx, std::int32_t xsum) {
+    return _mm512_fnmadd_ps(mins, _mm512_set1_ps(dx * float(xsum)), acc);
 }
 
 /// acc + per int32 lane the dot of 4 unsigned bytes of u with 4 signed bytes of x, without VNNI
@@ -484,6 +590,10 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void fast_tile(c
                 __m512i total = sum[r][p][0];
                 for (int i = 1; i < split; ++i) total = _mm512_add_epi32(total, sum[r][p][i]);
                 acc[r][p] = add_block_sums(acc[r][p], total, dw, x.d[r][b]);
+            }
+            if constexpr (has_min<Block>) {
+                const __m512 mins = panel_mins(t, b, p);
+                for (int r = 0; r < Rows; ++r) acc[r][p] = sub_block_mins(acc[r][p], mins, x.d[r][b], x.sum[r][b]);
             }
         }
     }
@@ -616,9 +726,13 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void amx_fast_tile(const Ti
         for (int p = 0; p < 2; ++p) {
             const __m512 dw = panel_scales<Block>(t, b, p);
             for (int r = 0; r < x.rows; ++r) {
-                const __m512i total = _mm512_add_epi32(_mm512_load_si512(c + r * 32 + 16 * p), _mm512_set1_epi32(-offset * x.sum[r * x.blocks + b]));
+                const std::int32_t xsum = x.sum[r * x.blocks + b];
+                const float dx = x.d[r * x.blocks + b];
+                const __m512i total = _mm512_add_epi32(_mm512_load_si512(c + r * 32 + 16 * p), _mm512_set1_epi32(-offset * xsum));
                 float* a = acc + r * 32 + 16 * p;
-                _mm512_store_ps(a, add_block_sums(_mm512_load_ps(a), total, dw, x.d[r * x.blocks + b]));
+                __m512 sum = add_block_sums(_mm512_load_ps(a), total, dw, dx);
+                if constexpr (has_min<Block>) sum = sub_block_mins(sum, panel_mins(t, b, p), dx, xsum);
+                _mm512_store_ps(a, sum);
             }
         }
     }
@@ -638,10 +752,11 @@ __attribute__((target("avx512f,avx512bw"))) void exact_tile(const TileArgs& t, c
     constexpr bool q4 = nibble_format<Block>;
     constexpr index_t quads = q4 ? 4 : 8;
     const __m512i sign = _mm512_set1_epi8(static_cast<char>(0x80));
-    // What a nibble stands for, by its low 4 bits: q4_0's nibble - 8, mxfp4's mxfp4_values.
+    // What a nibble stands for, by its low 4 bits: q4_0's nibble - 8, mxfp4's mxfp4_values, q4_k's nibble.
     const __m512 values = std::is_same_v<Block, BlockMXFP4>
                               ? _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mxfp4_values.data()))))
-                              : _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
+                              : _mm512_sub_ps(_mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                              _mm512_set1_ps(float(code_offset<Block>)));
     constexpr int split = Rows == 1 ? 4 : Rows == 2 ? 2 : 1;
     __m512 acc[Rows][2];
     for (int r = 0; r < Rows; ++r)
@@ -681,6 +796,10 @@ __attribute__((target("avx512f,avx512bw"))) void exact_tile(const TileArgs& t, c
                 for (int i = 1; i < split; ++i) total = _mm512_add_ps(total, sum[r][p][i]);
                 acc[r][p] = _mm512_fmadd_ps(total, dw, acc[r][p]);
             }
+            if constexpr (has_min<Block>) { // q4_k: less each block's min times its inputs' sum
+                const __m512 mins = panel_mins(t, b, p);
+                for (int r = 0; r < Rows; ++r) acc[r][p] = _mm512_fnmadd_ps(mins, _mm512_set1_ps(x.x_sum[r][b]), acc[r][p]);
+            }
         }
     }
     for (int r = 0; r < Rows; ++r)
@@ -717,11 +836,24 @@ inline const __m256i* avx2_group_bytes(const TileArgs& t, index_t b, int g, inde
     return reinterpret_cast<const __m256i*>(w);
 }
 
-/// Output group g's 8 scales of a tile's block b as floats: halves, or mxfp4's scale bytes as
-/// panel_scales turns them into 2^(e - 128).
+/// 8 halves at p as floats, times 8 bytes at u (q4_k's d x sc and dmin x m, exact).
+__attribute__((target("avx2,f16c"))) inline __m256 avx2_halves_times_bytes(const std::uint8_t* p, const std::uint8_t* u) {
+    const __m256 h = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_mul_ps(h, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(u)))));
+}
+
+/// Output group g's 8 mins of a tile's block b as floats: q4_k's dmin x m.
+__attribute__((target("avx2,f16c"))) inline __m256 avx2_group_mins(const TileArgs& t, index_t b, int g) {
+    return avx2_halves_times_bytes(t.wd + Q4KScales::dmin(b) + 16 * g, t.wd + Q4KScales::m(b) + 8 * g);
+}
+
+/// Output group g's 8 scales of a tile's block b as floats: halves, mxfp4's scale bytes as
+/// panel_scales turns them into 2^(e - 128), or q4_k's d x sc.
 template <class Block>
 __attribute__((target("avx2,f16c"))) inline __m256 avx2_group_scales(const TileArgs& t, index_t b, int g) {
-    if constexpr (std::is_same_v<Block, BlockMXFP4>) {
+    if constexpr (has_min<Block>) {
+        return avx2_halves_times_bytes(t.wd + Q4KScales::d(b) + 16 * g, t.wd + Q4KScales::sc(b) + 8 * g);
+    } else if constexpr (std::is_same_v<Block, BlockMXFP4>) {
         const __m256i e = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(t.wd + b * 32 + 8 * g)));
         const __m256i normal = _mm256_slli_epi32(_mm256_sub_epi32(e, _mm256_set1_epi32(1)), 23);
         const __m256i subnormal = _mm256_sllv_epi32(_mm256_set1_epi32(0x00200000), e);
@@ -827,9 +959,15 @@ __attribute__((target("avx2,fma,f16c"))) void avx2_tile(const TileArgs& t, const
                         }
                     }
                 }
-                for (int i = 0; i < groups; ++i)
+                for (int i = 0; i < groups; ++i) {
                     for (int r = 0; r < Rows; ++r)
                         part[r][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[r][i]), _mm256_mul_ps(dw[i], _mm256_set1_ps(x.d[r][b])), part[r][i]);
+                    if constexpr (has_min<Block>) { // q4_k: less dmin m x (d_x sum(xq))
+                        const __m256 mins = avx2_group_mins(t, b, g0 + i);
+                        for (int r = 0; r < Rows; ++r)
+                            part[r][i] = _mm256_fnmadd_ps(mins, _mm256_set1_ps(x.d[r][b] * float(x.sum[r][b])), part[r][i]);
+                    }
+                }
             } else {
                 const float* xb[Rows];
                 for (int r = 0; r < Rows; ++r) xb[r] = b < x.full ? x.x[r] + b * quant_block : x.pad[r];
@@ -859,8 +997,12 @@ __attribute__((target("avx2,fma,f16c"))) void avx2_tile(const TileArgs& t, const
                 for (int i = 0; i < groups; ++i) {
                     for (int r = 0; r < Rows; ++r) {
                         __m256 s = sum[r][i];
-                        if constexpr (q4 && !mx) s = _mm256_sub_ps(s, _mm256_set1_ps(8.0f * x.x_sum[r][b])); // every nibble's -8
+                        if constexpr (std::is_same_v<Block, BlockQ4_0>) s = _mm256_sub_ps(s, _mm256_set1_ps(8.0f * x.x_sum[r][b])); // every nibble's -8
                         part[r][i] = _mm256_fmadd_ps(s, dw[i], part[r][i]);
+                    }
+                    if constexpr (has_min<Block>) { // q4_k: less each block's min times its inputs' sum
+                        const __m256 mins = avx2_group_mins(t, b, g0 + i);
+                        for (int r = 0; r < Rows; ++r) part[r][i] = _mm256_fnmadd_ps(mins, _mm256_set1_ps(x.x_sum[r][b]), part[r][i]);
                     }
                 }
             }
@@ -910,19 +1052,18 @@ void portable_tile(const TileArgs& t, const TileRows& x, int rows) {
                         for (index_t l = 0; l < lanes; ++l) {
                             const std::uint8_t byte = w[4 * l + (q4 ? s / 2 : s)];
                             const unsigned nib = (byte >> (4 * (s % 2))) & 0x0Fu;
-                            const int q = mx ? int(mxfp4_values[nib]) : q4 ? int(nib) - 8 : int(std::int8_t(byte ^ 0x80u));
+                            const int q = mx ? int(mxfp4_values[nib]) : q4 ? int(nib) - code_offset<Block> : int(std::int8_t(byte ^ 0x80u));
                             if constexpr (Fast) isum[l] += q * x.q[r][b * quant_block + k];
                             else fsum[l] += float(q) * xb[k];
                         }
                     }
                 }
                 for (index_t l = 0; l < lanes; ++l) {
-                    const index_t s = b * 32 + p * 16 + l;
-                    std::uint16_t half = 0;
-                    if constexpr (!mx) std::memcpy(&half, t.wd + 2 * s, sizeof half);
-                    const float dw = mx ? mxfp4_scale(t.wd[s]) : f16_bits_to_f32(half);
+                    const float dw = tile_scale<Block>(t.wd, b, p * 16 + l);
                     if constexpr (Fast) acc[l] += float(isum[l]) * (dw * x.d[r][b]);
                     else acc[l] += fsum[l] * dw;
+                    if constexpr (has_min<Block>) // q4_k: less the block's min times its inputs' sum
+                        acc[l] -= tile_min<Block>(t.wd, b, p * 16 + l) * (Fast ? x.d[r][b] * float(x.sum[r][b]) : x.x_sum[r][b]);
                 }
             }
             for (index_t l = 0; l < lanes; ++l)
@@ -943,7 +1084,7 @@ public:
     /// The instructions this map's calls run on.
     [[nodiscard]] kernel_isa kernel() const noexcept { return kernel_; }
 
-    /// `fast` quantises the activations into the workspace, and the AVX2 `exact` q4_0 kernel
+    /// `fast` quantises the activations into the workspace, and `exact` q4_k (q4_0 on AVX2)
     /// takes their block sums there (prepared_bytes); accumulating into c needs the product
     /// apart (c += the epilogue of it). Never less than for fewer rows.
     [[nodiscard]] std::size_t workspace_bytes(index_t rows) const noexcept {
@@ -1028,10 +1169,10 @@ private:
     /// from 1.60-1.75 to 1.43-1.47 ms (2048: 1.53-1.59). Decode is within noise from 2048 to 8192.
     static constexpr std::ptrdiff_t prefetch_ahead = 8192;
 
-    /// Whether the kernel takes q4_0's -8 off through each block's input sum (TileRows::x_sum):
-    /// the AVX2 `exact` one.
+    /// Whether the `exact` kernel takes each block's input sum (TileRows::x_sum): for q4_k's
+    /// mins on every kernel, and for q4_0's -8 on AVX2.
     [[nodiscard]] bool takes_block_sums() const noexcept {
-        return !fast_ && kernel_ == kernel_isa::avx2 && w_.format() == dtype::q4_0;
+        return !fast_ && (w_.format() == dtype::q4_k || (kernel_ == kernel_isa::avx2 && w_.format() == dtype::q4_0));
     }
 
     /// One AMX-INT8 kernel call (`fast` only), on the CPU's tiles or HYPERMOE_AMX=emulate's.

@@ -23,8 +23,9 @@
 namespace hypermoe {
 
 /// A read-only weight matrix, row-major (N, K): row n holds output n's weights. Elements are f32
-/// or bf16, or q8_0 / q4_0 / mxfp4 blocks of 32 along K in ggml's bytes (as GGUF files hold them; K a
-/// multiple of 32), which a linear map stored in the same format keeps as they are.
+/// or bf16, or q8_0 / q4_0 / mxfp4 blocks of 32 (q4_k super-blocks of 256) along K in ggml's bytes
+/// (as GGUF files hold them; K a multiple of the block), which a linear map stored in the same
+/// format keeps as they are.
 class WeightView {
 public:
     WeightView(ConstMatrixView<float> w) noexcept // NOLINT(google-explicit-constructor)
@@ -32,13 +33,13 @@ public:
     WeightView(ConstMatrixView<bf16> w) noexcept // NOLINT(google-explicit-constructor)
         : data_(w.data()), type_(dtype::bf16), rows_(w.rows()), cols_(w.cols()), stride_(w.stride()) {}
 
-    /// (rows, cols) weights held as `format` blocks (q8_0, q4_0 or mxfp4) at `blocks`, row after row
-    /// (any alignment). shape_error unless cols is a multiple of 32.
+    /// (rows, cols) weights held as `format` blocks (q8_0, q4_0, mxfp4 or q4_k) at `blocks`, row
+    /// after row (any alignment). shape_error unless cols is a multiple of the block (32; q4_k 256).
     [[nodiscard]] static WeightView blocks(const void* blocks, dtype format, index_t rows, index_t cols) {
         if (!is_block_format(format))
-            throw config_error(detail::concat("WeightView::blocks: format is ", to_string(format), ", expected q8_0, q4_0 or mxfp4"));
-        if (cols % quant_block != 0)
-            throw shape_error(detail::concat("WeightView::blocks: ", cols, " columns, expected a multiple of ", quant_block));
+            throw config_error(detail::concat("WeightView::blocks: format is ", to_string(format), ", expected q8_0, q4_0, mxfp4 or q4_k"));
+        if (const auto width = index_t(block_width(format)); cols % width != 0)
+            throw shape_error(detail::concat("WeightView::blocks: ", cols, " columns of ", to_string(format), ", expected a multiple of ", width));
         WeightView w(ConstMatrixView<float>{});
         w.data_ = blocks, w.type_ = format, w.rows_ = rows, w.cols_ = cols;
         w.stride_ = index_t(weight_bytes(format, 1, std::size_t(cols))); // bytes per row
@@ -65,7 +66,7 @@ public:
         const std::size_t elem = size_of(type_);
         return {static_cast<const std::byte*>(data_), std::size_t((rows_ - 1) * stride_ + cols_) * elem};
     }
-    /// Row r's bytes: cols elements, or cols / 32 blocks in ggml's layout.
+    /// Row r's bytes: cols elements, or cols / block_width(type()) blocks in ggml's layout.
     [[nodiscard]] const std::byte* row_bytes(index_t r) const noexcept {
         return static_cast<const std::byte*>(data_) + std::size_t(r * stride_) * (is_block_format(type_) ? 1 : size_of(type_));
     }
@@ -74,9 +75,10 @@ public:
         switch (type_) {
         case dtype::f32: return static_cast<const float*>(data_)[r * stride_ + c];
         case dtype::bf16: return static_cast<const bf16*>(data_)[r * stride_ + c].to_float();
-        case dtype::q8_0: case dtype::q4_0: case dtype::mxfp4: break;
+        case dtype::q8_0: case dtype::q4_0: case dtype::mxfp4: case dtype::q4_k: break;
         }
-        return stored_block_element(row_bytes(r) + weight_bytes(type_, 1, std::size_t(c / quant_block * quant_block)), type_, c % quant_block);
+        const auto width = index_t(block_width(type_));
+        return stored_block_element(row_bytes(r) + weight_bytes(type_, 1, std::size_t(c / width * width)), type_, c % width);
     }
 
 private:
@@ -92,9 +94,10 @@ struct LinearOptions {
     /// C += result instead of C = result.
     bool accumulate = false;
     /// dtype the weights are stored in; defaults to the source's. f32 -> bf16 rounds to nearest
-    /// even; q8_0 / q4_0 / mxfp4 quantise blocks of 32 along K (core/quant.hpp).
+    /// even; q8_0 / q4_0 / mxfp4 quantise blocks of 32 along K, q4_k super-blocks of 256
+    /// (core/quant.hpp).
     std::optional<dtype> storage = std::nullopt;
-    /// How q8_0 / q4_0 / mxfp4 weights compute (core/dtype.hpp); f32 and bf16 storage compute exactly
+    /// How q8_0 / q4_0 / mxfp4 / q4_k weights compute (core/dtype.hpp); f32 and bf16 storage compute exactly
     /// either way.
     precision prec = precision::exact;
 };
@@ -116,7 +119,7 @@ namespace detail {
 
 /// Row r of weight `name` (its values) stored as `type` at `out` (weight_bytes(type, 1,
 /// values.size()) bytes), as a linear map stored in that type converts f32 weights: f32 copied;
-/// bf16 rounded; q8_0 / q4_0 / mxfp4 quantised (values.size() a multiple of 32). Every value is checked
+/// bf16 rounded; q8_0 / q4_0 / mxfp4 / q4_k quantised (values.size() a multiple of the block). Every value is checked
 /// finite first (non_finite_weight) unless the type is f32, which validate_linear checks.
 inline void store_row(std::span<const float> values, dtype type, std::byte* out, const std::string& name, index_t r) {
     if (type == dtype::f32) {
@@ -124,7 +127,7 @@ inline void store_row(std::span<const float> values, dtype type, std::byte* out,
         return;
     }
     if (const index_t c = find_non_finite(values); c >= 0) throw non_finite_weight(name, r, c, values[std::size_t(c)]);
-    const std::size_t blocks = values.size() / std::size_t(quant_block);
+    const std::size_t blocks = values.size() / block_width(type);
     switch (type) {
     case dtype::bf16:
         for (std::size_t c = 0; c < values.size(); ++c) reinterpret_cast<bf16*>(out)[c] = bf16::from_float(values[c]);
@@ -132,6 +135,7 @@ inline void store_row(std::span<const float> values, dtype type, std::byte* out,
     case dtype::q8_0: quantize_row(values, std::span(reinterpret_cast<BlockQ8_0*>(out), blocks), concat(name, " row ", r)); break;
     case dtype::q4_0: quantize_row(values, std::span(reinterpret_cast<BlockQ4_0*>(out), blocks), concat(name, " row ", r)); break;
     case dtype::mxfp4: quantize_row(values, std::span(reinterpret_cast<BlockMXFP4*>(out), blocks), concat(name, " row ", r)); break;
+    case dtype::q4_k: quantize_row(values, std::span(reinterpret_cast<BlockQ4_K*>(out), blocks), concat(name, " row ", r)); break;
     case dtype::f32: break;
     }
 }

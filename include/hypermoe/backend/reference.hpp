@@ -187,6 +187,8 @@ struct reference {
                         const std::int32_t dot = detail::block_int_dot<Block>(reinterpret_cast<const std::uint8_t*>(blk.qs.data()),
                                                                               xq.q_row(m) + b * quant_block, xq.sum_row(m)[b]);
                         acc += double(block_scale(blk)) * double(xq.d_row(m)[b]) * double(dot);
+                        if constexpr (detail::has_min<Block>) // q4_k: less its min times the activations' sum
+                            acc -= double(block_min(blk)) * double(xq.d_row(m)[b]) * double(xq.sum_row(m)[b]);
                     }
                     const auto v = static_cast<float>(double(scale) * Act::apply(acc));
                     c(m, j - n0) = accumulate_ ? c(m, j - n0) + v : v;

@@ -185,35 +185,6 @@ inline void dequantize(const BlockMXFP4& b, std::span<float, 32> out) noexcept {
     }
 }
 
-/// Element j (0-31) of a block of `format` (q8_0, q4_0 or mxfp4) stored as ggml's bytes at
-/// `block` (any alignment).
-[[nodiscard]] inline float stored_block_element(const void* block, dtype format, index_t j) noexcept {
-    const auto* p = static_cast<const unsigned char*>(block);
-    if (format == dtype::mxfp4) {
-        const unsigned byte = p[1 + (j & 15)];
-        return float(mxfp4_values[j < 16 ? byte & 0x0Fu : byte >> 4]) * mxfp4_scale(p[0]);
-    }
-    const float d = f16_bits_to_f32(static_cast<std::uint16_t>(p[0] | (p[1] << 8)));
-    if (format == dtype::q8_0) return float(static_cast<std::int8_t>(p[2 + j])) * d;
-    const unsigned byte = p[2 + (j & 15)];
-    return float(int(j < 16 ? byte & 0x0Fu : byte >> 4) - 8) * d;
-}
-
-/// The first of a row's n weights (whole blocks of `format`, q8_0, q4_0 or mxfp4, in ggml's
-/// layout at `row`) that is not finite, or -1. Only a block whose scale can make one so is read
-/// element by element: an f16 scale that is inf or NaN (a finite one times at most 127 is
-/// finite), or an mxfp4 scale byte from 253 (8 x 2^125 is 2^128, past FLT_MAX).
-[[nodiscard]] inline index_t first_non_finite_in_blocks(const void* row, dtype format, index_t n) noexcept {
-    const std::size_t size = weight_bytes(format, 1, std::size_t(quant_block));
-    for (index_t b = 0; b < n / quant_block; ++b) {
-        const auto* p = static_cast<const unsigned char*>(row) + std::size_t(b) * size;
-        if (format == dtype::mxfp4 ? p[0] < 253 : (p[1] & 0x7C) != 0x7C) continue;
-        for (index_t j = 0; j < quant_block; ++j)
-            if (!std::isfinite(stored_block_element(p, format, j))) return b * quant_block + j;
-    }
-    return -1;
-}
-
 /// ggml's quant types, which the library reads by widening them to f32 (io/: held in this form
 /// only when they are q8_0, q4_0 or mxfp4 above, which are held as stored). Their bytes are ggml's (half values
 /// little-endian). Two kinds:
@@ -286,6 +257,184 @@ inline constexpr std::array<std::int8_t, 16> iq4nl_values = {-127, -104, -83, -6
 [[nodiscard]] inline unsigned k3_scale(const unsigned char* scales, index_t s) noexcept {
     const unsigned low = s < 8 ? scales[s] & 0x0Fu : scales[s - 8] >> 4;
     return low | ((scales[8 + s % 4] >> (2 * (s / 4))) & 3u) << 4;
+}
+
+/// ggml's block_q4_K, a super-block of 256 weights in 144 bytes: the half scales d and dmin, the
+/// eight sub-blocks' 6-bit scales sc and mins m packed in 12 bytes (k_scale_min), and 128 bytes
+/// of 4-bit codes q (0-15): element j is in byte 32 (j / 64) + j % 32, in its low nibble when
+/// j % 64 < 32, else its high one. value = (d * sc) * q - dmin * m, for sub-block s = j / 32.
+struct BlockQ4_K {
+    std::uint16_t d = 0, dmin = 0;
+    std::array<std::uint8_t, 12> scales{};
+    std::array<std::uint8_t, 128> qs{};
+};
+static_assert(sizeof(BlockQ4_K) == 144, "the super-block is ggml's, byte for byte");
+
+/// Sub-blocks of 32 in a q4_k super-block.
+inline constexpr index_t q4_k_sub_blocks = 8;
+
+/// One sub-block of 32 of a Q4_K super-block as the library holds it: the super-block's d and
+/// dmin, the sub-block's sc and m unpacked, and its 32 codes as q4_0 lays out its nibbles (byte j
+/// holds element j in its low nibble and j + 16 in its high one).
+struct SubBlockQ4_K {
+    std::uint16_t d = 0, dmin = 0;
+    std::uint8_t sc = 0, m = 0;
+    std::array<std::uint8_t, 16> qs{};
+};
+
+/// A q4_k sub-block's scale d * sc and min dmin * m: exact in f32 (11 by 6 significant bits).
+[[nodiscard]] inline float block_scale(const SubBlockQ4_K& b) noexcept { return f16_bits_to_f32(b.d) * float(b.sc); }
+[[nodiscard]] inline float block_min(const SubBlockQ4_K& b) noexcept { return f16_bits_to_f32(b.dmin) * float(b.m); }
+
+/// The 32 values a q4_k sub-block stands for, as ggml's dequantize_row_q4_K computes them.
+inline void dequantize(const SubBlockQ4_K& b, std::span<float, 32> out) noexcept {
+    const float d = block_scale(b), m = block_min(b);
+    for (std::size_t j = 0; j < 16; ++j) {
+        out[j] = d * float(b.qs[j] & 0x0F) - m;
+        out[j + 16] = d * float(b.qs[j] >> 4) - m;
+    }
+}
+
+/// Sub-block s (0-7) of a super-block.
+[[nodiscard]] inline SubBlockQ4_K sub_block(const BlockQ4_K& b, index_t s) noexcept {
+    SubBlockQ4_K out;
+    out.d = b.d, out.dmin = b.dmin;
+    const auto [sc, m] = k_scale_min(b.scales.data(), s);
+    out.sc = static_cast<std::uint8_t>(sc), out.m = static_cast<std::uint8_t>(m);
+    const auto code = [&](index_t l) { // element l (0-31) of the sub-block
+        const unsigned byte = b.qs[std::size_t(32 * (s / 2) + l)];
+        return s % 2 == 0 ? byte & 0x0Fu : byte >> 4;
+    };
+    for (index_t j = 0; j < 16; ++j) out.qs[std::size_t(j)] = static_cast<std::uint8_t>(code(j) | code(j + 16) << 4);
+    return out;
+}
+
+/// The 256 values a super-block stands for.
+inline void dequantize(const BlockQ4_K& b, std::span<float, 256> out) noexcept {
+    for (index_t s = 0; s < q4_k_sub_blocks; ++s) dequantize(sub_block(b, s), std::span<float, 32>(out.data() + 32 * s, 32));
+}
+
+namespace detail {
+
+/// ggml's nearest_int: round to nearest, ties to even, by adding 1.5 x 2^23 (for |x| < 2^22).
+[[nodiscard]] inline int nearest_int(float x) noexcept {
+    const float shifted = x + 12582912.0f;
+    return int(std::bit_cast<std::uint32_t>(shifted) & 0x007FFFFFu) - 0x00400000;
+}
+
+/// ggml's make_qkx2_quants for Q4_K (32 values, codes 0-15, the search from (15 - 1) / range to
+/// (15 + 1) / range in 20 steps, squared error weighted by `w`): the scale and the min
+/// (returned negated, so >= 0) whose codes L fit x = scale * L - min best.
+[[nodiscard]] inline float fit_scale_min(std::span<const float, 32> x, std::span<const float, 32> w, std::span<std::uint8_t, 32> L,
+                                         float& the_min) noexcept {
+    constexpr int n = 32, nmax = 15, nstep = 20;
+    constexpr float rmin = -1.0f, rdelta = 0.1f;
+    float min = x[0], max = x[0], sum_w = w[0], sum_x = sum_w * x[0];
+    for (int i = 1; i < n; ++i) {
+        if (x[i] < min) min = x[i];
+        if (x[i] > max) max = x[i];
+        sum_w += w[i];
+        sum_x += w[i] * x[i];
+    }
+    if (min > 0) min = 0;
+    if (max == min) {
+        std::fill(L.begin(), L.end(), std::uint8_t(0));
+        the_min = -min;
+        return 0.0f;
+    }
+    float iscale = nmax / (max - min);
+    float scale = 1 / iscale;
+    float best_error = 0;
+    for (int i = 0; i < n; ++i) {
+        L[i] = static_cast<std::uint8_t>(std::clamp(nearest_int(iscale * (x[i] - min)), 0, nmax));
+        const float diff = scale * L[i] + min - x[i];
+        best_error += w[i] * (diff * diff);
+    }
+    std::array<std::uint8_t, 32> trial;
+    for (int is = 0; is <= nstep; ++is) {
+        iscale = (rmin + rdelta * float(is) + nmax) / (max - min);
+        float sum_l = 0, sum_l2 = 0, sum_xl = 0;
+        for (int i = 0; i < n; ++i) {
+            const int l = std::clamp(nearest_int(iscale * (x[i] - min)), 0, nmax);
+            trial[std::size_t(i)] = static_cast<std::uint8_t>(l);
+            sum_l += w[i] * float(l);
+            sum_l2 += w[i] * float(l) * float(l);
+            sum_xl += w[i] * float(l) * x[i];
+        }
+        const float D = sum_w * sum_l2 - sum_l * sum_l;
+        if (D > 0) {
+            float this_scale = (sum_w * sum_xl - sum_x * sum_l) / D;
+            float this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D;
+            if (this_min > 0) {
+                this_min = 0;
+                this_scale = sum_xl / sum_l2;
+            }
+            float error = 0;
+            for (int i = 0; i < n; ++i) {
+                const float diff = this_scale * float(trial[std::size_t(i)]) + this_min - x[i];
+                error += w[i] * (diff * diff);
+            }
+            if (error < best_error) {
+                std::copy(trial.begin(), trial.end(), L.begin());
+                best_error = error;
+                scale = this_scale;
+                min = this_min;
+            }
+        }
+    }
+    the_min = -min;
+    return scale;
+}
+
+} // namespace detail
+
+/// A q4_k super-block of 256 finite floats, as ggml's quantize_row_q4_K_ref makes it (no
+/// importance matrix): per sub-block of 32, a scale and a min fitted to the values weighted by
+/// rms + |x| (detail::fit_scale_min); the 8 scales and 8 mins as 6-bit multiples of d =
+/// max scale / 63 and dmin = max min / 63 (halves); then each value's code 0-15 from them.
+[[nodiscard]] inline BlockQ4_K quantize_q4_k(std::span<const float, 256> x) noexcept {
+    std::array<std::uint8_t, 256> L{};
+    std::array<float, q4_k_sub_blocks> scales{}, mins{};
+    float max_scale = 0, max_min = 0;
+    for (index_t j = 0; j < q4_k_sub_blocks; ++j) {
+        const std::span<const float, 32> xj(x.data() + 32 * j, 32);
+        float sum_x2 = 0;
+        for (const float v : xj) sum_x2 += v * v;
+        const float av_x = std::sqrt(sum_x2 / 32);
+        std::array<float, 32> weights;
+        for (std::size_t l = 0; l < 32; ++l) weights[l] = av_x + std::fabs(xj[l]);
+        scales[std::size_t(j)] = detail::fit_scale_min(xj, weights, std::span<std::uint8_t, 32>(L.data() + 32 * j, 32), mins[std::size_t(j)]);
+        if (scales[std::size_t(j)] > max_scale) max_scale = scales[std::size_t(j)];
+        if (mins[std::size_t(j)] > max_min) max_min = mins[std::size_t(j)];
+    }
+    BlockQ4_K b;
+    const float inv_scale = max_scale > 0 ? 63.0f / max_scale : 0.0f;
+    const float inv_min = max_min > 0 ? 63.0f / max_min : 0.0f;
+    for (index_t j = 0; j < q4_k_sub_blocks; ++j) {
+        const auto ls = static_cast<std::uint8_t>(std::min(63, detail::nearest_int(inv_scale * scales[std::size_t(j)])));
+        const auto lm = static_cast<std::uint8_t>(std::min(63, detail::nearest_int(inv_min * mins[std::size_t(j)])));
+        if (j < 4) {
+            b.scales[std::size_t(j)] = ls;
+            b.scales[std::size_t(j + 4)] = lm;
+        } else {
+            b.scales[std::size_t(j + 4)] = static_cast<std::uint8_t>((ls & 0x0F) | (lm & 0x0F) << 4);
+            b.scales[std::size_t(j - 4)] |= static_cast<std::uint8_t>((ls >> 4) << 6);
+            b.scales[std::size_t(j)] |= static_cast<std::uint8_t>((lm >> 4) << 6);
+        }
+    }
+    b.d = f32_to_f16_bits(max_scale / 63.0f);
+    b.dmin = f32_to_f16_bits(max_min / 63.0f);
+    for (index_t j = 0; j < q4_k_sub_blocks; ++j) {
+        const auto [sc, m] = k_scale_min(b.scales.data(), j);
+        const float d = f16_bits_to_f32(b.d) * float(sc);
+        if (d == 0.0f) continue; // the fit's codes stay
+        const float dm = f16_bits_to_f32(b.dmin) * float(m);
+        for (index_t i = 0; i < 32; ++i)
+            L[std::size_t(32 * j + i)] = static_cast<std::uint8_t>(std::clamp(detail::nearest_int((x[std::size_t(32 * j + i)] + dm) / d), 0, 15));
+    }
+    for (std::size_t j = 0; j < 256; j += 64)
+        for (std::size_t l = 0; l < 32; ++l) b.qs[j / 2 + l] = static_cast<std::uint8_t>(L[j + l] | L[j + l + 32] << 4);
+    return b;
 }
 
 /// One block of a ggml_quant type stored as ggml's bytes (any alignment), its half scales read
@@ -362,23 +511,64 @@ private:
     float d_, dmin_; ///< dmin_: the min m of Q4_1 / Q5_1, dmin of Q2_K / Q4_K / Q5_K; else 0
 };
 
+/// Element j of a block of `format` (0-31; q4_k: 0-255) stored as ggml's bytes at `block` (any
+/// alignment).
+[[nodiscard]] inline float stored_block_element(const void* block, dtype format, index_t j) noexcept {
+    const auto* p = static_cast<const unsigned char*>(block);
+    if (format == dtype::q4_k) return GgmlQuantBlock(block, ggml_quant::q4_k)[j];
+    if (format == dtype::mxfp4) {
+        const unsigned byte = p[1 + (j & 15)];
+        return float(mxfp4_values[j < 16 ? byte & 0x0Fu : byte >> 4]) * mxfp4_scale(p[0]);
+    }
+    const float d = f16_bits_to_f32(static_cast<std::uint16_t>(p[0] | (p[1] << 8)));
+    if (format == dtype::q8_0) return float(static_cast<std::int8_t>(p[2 + j])) * d;
+    const unsigned byte = p[2 + (j & 15)];
+    return float(int(j < 16 ? byte & 0x0Fu : byte >> 4) - 8) * d;
+}
+
+/// The first of a row's n weights (whole blocks of `format` in ggml's layout at `row`) that is
+/// not finite, or -1. Only a block whose scale can make one so is read element by element: an
+/// f16 scale (q4_k: d or dmin) that is inf or NaN (a finite one times at most 127, or q4_k's
+/// 63 x 15, is finite), or an mxfp4 scale byte from 253 (8 x 2^125 is 2^128, past FLT_MAX).
+[[nodiscard]] inline index_t first_non_finite_in_blocks(const void* row, dtype format, index_t n) noexcept {
+    const auto width = index_t(block_width(format));
+    const std::size_t size = weight_bytes(format, 1, std::size_t(width));
+    const auto special = [](unsigned char high) { return (high & 0x7C) == 0x7C; }; // a half's high byte: exponent all ones
+    for (index_t b = 0; b < n / width; ++b) {
+        const auto* p = static_cast<const unsigned char*>(row) + std::size_t(b) * size;
+        if (format == dtype::mxfp4 ? p[0] < 253 : !special(p[1]) && !(format == dtype::q4_k && special(p[3]))) continue;
+        for (index_t j = 0; j < width; ++j)
+            if (!std::isfinite(stored_block_element(p, format, j))) return b * width + j;
+    }
+    return -1;
+}
+
 namespace detail {
 
 /// The largest magnitude a block may hold so that its scale is finite (half for q8_0 and q4_0;
-/// mxfp4's E8M0 scale takes every finite value).
+/// mxfp4's E8M0 scale takes every finite value). q4_k's dmin is about the largest |min| / 63,
+/// and its fitted mins can pass the block's smallest value: half of 63 x the largest half
+/// leaves room for that.
 template <class Block>
 inline constexpr float max_quantizable = std::is_same_v<Block, BlockQ8_0>   ? 65504.0f * 127.0f
                                          : std::is_same_v<Block, BlockQ4_0> ? 65504.0f * 8.0f
+                                         : std::is_same_v<Block, BlockQ4_K> ? 65504.0f * 32.0f
                                                                             : std::numeric_limits<float>::max();
+
+/// Weights per block of a format's ggml block type: 256 for BlockQ4_K, 32 for the others.
+template <class Block>
+inline constexpr index_t block_width_of = std::is_same_v<Block, BlockQ4_K> ? 256 : quant_block;
 
 } // namespace detail
 
-/// A row of n finite floats as ceil(n / 32) blocks, the last zero-padded to 32. `what` names the
-/// tensor in the weight_error raised for a non-finite value or one too large for a half scale.
+/// A row of n finite floats as ceil(n / w) blocks of w = 32 weights (q4_k: 256), the last
+/// zero-padded. `what` names the tensor in the weight_error raised for a non-finite value or
+/// one too large for a half scale.
 template <class Block>
 void quantize_row(std::span<const float> x, std::span<Block> out, std::string_view what) {
+    constexpr index_t width = detail::block_width_of<Block>;
     const auto n = index_t(x.size());
-    const index_t blocks = (n + quant_block - 1) / quant_block;
+    const index_t blocks = (n + width - 1) / width;
     if (index_t(out.size()) != blocks)
         throw shape_error(detail::concat(what, ": ", out.size(), " blocks for a row of ", n, " values, expected ", blocks));
     for (index_t i = 0; i < n; ++i) {
@@ -388,11 +578,12 @@ void quantize_row(std::span<const float> x, std::span<Block> out, std::string_vi
                                               detail::max_quantizable<Block>, " to quantise"));
     }
     for (index_t b = 0; b < blocks; ++b) {
-        std::array<float, 32> block{};
-        const index_t first = b * quant_block, count = std::min(quant_block, n - first);
+        std::array<float, std::size_t(width)> block{};
+        const index_t first = b * width, count = std::min(width, n - first);
         std::copy_n(x.begin() + first, count, block.begin());
         if constexpr (std::is_same_v<Block, BlockQ8_0>) out[std::size_t(b)] = quantize_q8_0(block);
         else if constexpr (std::is_same_v<Block, BlockQ4_0>) out[std::size_t(b)] = quantize_q4_0(block);
+        else if constexpr (std::is_same_v<Block, BlockQ4_K>) out[std::size_t(b)] = quantize_q4_k(block);
         else out[std::size_t(b)] = quantize_mxfp4(block);
     }
 }

@@ -71,7 +71,7 @@ enum class tensor_dtype {
     return names[static_cast<int>(t)];
 }
 
-/// The weight dtype a tensor dtype's bytes are as they are (F32, BF16, Q8_0, Q4_0, MXFP4), if any.
+/// The weight dtype a tensor dtype's bytes are as they are (F32, BF16, Q8_0, Q4_0, MXFP4, Q4_K), if any.
 [[nodiscard]] constexpr std::optional<dtype> held_dtype(tensor_dtype t) noexcept {
     switch (t) {
     case tensor_dtype::f32: return dtype::f32;
@@ -79,11 +79,12 @@ enum class tensor_dtype {
     case tensor_dtype::q8_0: return dtype::q8_0;
     case tensor_dtype::q4_0: return dtype::q4_0;
     case tensor_dtype::mxfp4: return dtype::mxfp4;
+    case tensor_dtype::q4_k: return dtype::q4_k;
     default: return std::nullopt;
     }
 }
 
-/// Whether a tensor dtype is a block format a layer holds as stored (q8_0, q4_0, mxfp4).
+/// Whether a tensor dtype is a block format a layer holds as stored (q8_0, q4_0, mxfp4, q4_k).
 [[nodiscard]] constexpr bool is_block_dtype(tensor_dtype t) noexcept { return held_dtype(t) && is_block_format(*held_dtype(t)); }
 
 /// Whether a tensor dtype is one of the ggml quants read by converting it to f32 (ggml_quant,
@@ -195,12 +196,12 @@ public:
     /// a block format's element is its block's value (exact in f32).
     [[nodiscard]] double element(const TensorInfo& t, index_t i) const noexcept {
         const std::byte* base = data_.data() + t.begin;
-        if (is_block_dtype(t.dtype))
-            return stored_block_element(base + std::size_t(i / quant_block) * size_of(t.dtype), *held_dtype(t.dtype), i % quant_block);
-        if (is_ggml_quant_dtype(t.dtype)) {
+        if (is_ggml_quant_dtype(t.dtype)) { // MXFP4 and Q4_K too
             const index_t n = block_elements(ggml_quant_of(t.dtype));
             return GgmlQuantBlock(base + std::size_t(i / n) * size_of(t.dtype), ggml_quant_of(t.dtype))[i % n];
         }
+        if (is_block_dtype(t.dtype))
+            return stored_block_element(base + std::size_t(i / quant_block) * size_of(t.dtype), *held_dtype(t.dtype), i % quant_block);
         const std::byte* p = base + std::size_t(i) * size_of(t.dtype);
         const auto load = [p]<class T>(T v) {
             std::memcpy(&v, p, sizeof(T));
