@@ -204,7 +204,7 @@ TEST_CASE_TEMPLATE_DEFINE("linear backward: strided views, and its typed errors"
                          "w backward: input has 3 columns, expected 4", shape_error);
     // An inference copy (bf16 or blocks) has no backward.
     const auto w32 = random_matrix(6, 32, 4);
-    for (const dtype storage : {dtype::bf16, dtype::q8_0, dtype::q4_0, dtype::mxfp4}) {
+    for (const dtype storage : {dtype::bf16, dtype::q8_0, dtype::q4_0, dtype::mxfp4, dtype::q4_k}) {
         CAPTURE(storage);
         const typename B::template linear<Identity> stored(WeightView(w32.view()), {}, LinearOptions{"w", false, storage});
         Matrix<float> a32(2, 32), da32(2, 32), dz32(2, 6), dw32(6, 32);

@@ -243,7 +243,7 @@ TEST_CASE_TEMPLATE_DEFINE("GluExpert holds [gate; up] in its storage type: rows 
     // Errors are the linear map's, whatever the storage: a NaN in up's row 3 is row ff + 3 of [gate; up].
     Matrix<float> nan = up;
     nan(3, 5) = std::numeric_limits<float>::quiet_NaN();
-    for (const dtype storage : {dtype::f32, dtype::bf16, dtype::q8_0, dtype::q4_0, dtype::mxfp4}) {
+    for (const dtype storage : {dtype::f32, dtype::bf16, dtype::q8_0, dtype::q4_0, dtype::mxfp4, dtype::q4_k}) {
         CAPTURE(to_string(storage));
         CHECK_THROWS_WITH_AS((GluExpert<B, Silu>(GluWeights{gate.view(), std::as_const(nan).view(), down.view()}, ExpertOptions{storage})),
                              "GluExpert weight 'gate|up': weight element (99, 5) is nan, expected a finite value", weight_error);
@@ -339,7 +339,7 @@ TEST_CASE_TEMPLATE_DEFINE("expert forward tiles, in any order, give forward()'s 
         CAPTURE(ff);
         const Matrix<float> gate = random_matrix(ff, d, 1, 0.2f), up = random_matrix(ff, d, 2, 0.2f), down = random_matrix(d, ff, 3, 0.2f);
         const std::vector<float> bg = random_vector(ff, 4), bu = random_vector(ff, 5), bd = random_vector(d, 6);
-        for (const dtype storage : {dtype::f32, dtype::bf16, dtype::q8_0, dtype::q4_0, dtype::mxfp4})
+        for (const dtype storage : {dtype::f32, dtype::bf16, dtype::q8_0, dtype::q4_0, dtype::mxfp4, dtype::q4_k})
             for (const precision prec : {precision::exact, precision::fast}) {
                 if (prec == precision::fast && storage == dtype::f32) continue;
                 CAPTURE(to_string(storage));

@@ -354,7 +354,7 @@ TEST_CASE_TEMPLATE_DEFINE("docs/checkpoints.md's walk-through adapter loads what
 }
 TEST_CASE_TEMPLATE_APPLY(walkthrough, test::all_backends);
 
-TEST_CASE_TEMPLATE_DEFINE("bf16 / q8_0 / q4_0 / mxfp4 expert storage, exact and fast: each fixture's error against the f32 oracle", B,
+TEST_CASE_TEMPLATE_DEFINE("bf16 / q8_0 / q4_0 / mxfp4 / q4_k expert storage, exact and fast: each fixture's error against the f32 oracle", B,
                           block_storage_fixtures) {
     // Routing reads the (unquantised) router, so only the experts' outputs move: by about the
     // formats' step, relative to the weights (bf16: 2^-9, q8_0: 1/254 of a block's largest,
@@ -365,14 +365,16 @@ TEST_CASE_TEMPLATE_DEFINE("bf16 / q8_0 / q4_0 / mxfp4 expert storage, exact and 
         precision prec;
         double bound;
     };
-    const std::array<Format, 8> formats{{{dtype::bf16, precision::exact, 1e-2},
+    const std::array<Format, 10> formats{{{dtype::bf16, precision::exact, 1e-2},
                                          {dtype::bf16, precision::fast, 2e-2},
                                          {dtype::q8_0, precision::exact, 3e-2},
                                          {dtype::q8_0, precision::fast, 6e-2},
                                          {dtype::q4_0, precision::exact, 5e-1},
                                          {dtype::q4_0, precision::fast, 5e-1},
                                          {dtype::mxfp4, precision::exact, 5e-1},
-                                         {dtype::mxfp4, precision::fast, 5e-1}}};
+                                         {dtype::mxfp4, precision::fast, 5e-1},
+                                         {dtype::q4_k, precision::exact, 5e-1},
+                                         {dtype::q4_k, precision::fast, 5e-1}}};
     for (const Format& f : formats) {
         const dtype format = f.storage;
         const double bound = f.bound;
