@@ -1,8 +1,8 @@
 #pragma once
 // A small GGUF writer for the tests (the format as ggml/docs/gguf.md describes it): metadata of
 // every value type, tensors of any ggml type id with bytes given, version and alignment chosen.
-// Plus the encodings of a float matrix as F32, F16, BF16, Q8_0 and Q4_0 (the library's own
-// quantisers, which are ggml's bit for bit), and a converter from a Hugging Face checkpoint of
+// Plus the encodings of a float matrix as F32, F16, BF16, Q8_0, Q4_0, MXFP4 and Q4_K (the
+// library's own quantisers, which follow ggml's), and a converter from a Hugging Face checkpoint of
 // the five decoder families to the GGUF llama.cpp would write for it, a rewriter of such a file's tensors,
 // and random blocks of the ggml quants the library widens.
 
@@ -129,13 +129,14 @@ inline std::vector<std::byte> encode(hypermoe::ConstMatrixView<float> m, std::ui
     std::vector<std::byte> out;
     for (index_t r = 0; r < m.rows(); ++r) {
         const float* row = m.row(r).data();
-        for (index_t c = 0; c < m.cols(); c += (type == Q8_0 || type == Q4_0 || type == MXFP4) ? 32 : 1) {
+        for (index_t c = 0; c < m.cols(); c += type == Q4_K ? 256 : (type == Q8_0 || type == Q4_0 || type == MXFP4) ? 32 : 1) {
             if (type == F32) GgufWriter::put(out, row[c]);
             else if (type == F16) GgufWriter::put(out, hypermoe::f32_to_f16_bits(row[c]));
             else if (type == BF16) GgufWriter::put(out, hypermoe::bf16::from_float(row[c]).bits);
             else if (type == Q8_0) GgufWriter::put(out, hypermoe::quantize_q8_0(std::span<const float, 32>(row + c, 32)));
             else if (type == Q4_0) GgufWriter::put(out, hypermoe::quantize_q4_0(std::span<const float, 32>(row + c, 32)));
             else if (type == MXFP4) GgufWriter::put(out, hypermoe::quantize_mxfp4(std::span<const float, 32>(row + c, 32)));
+            else if (type == Q4_K) GgufWriter::put(out, hypermoe::quantize_q4_k(std::span<const float, 256>(row + c, 256)));
         }
     }
     return out;
@@ -322,6 +323,7 @@ inline GgufWriter gguf_from(const hypermoe::Checkpoint& ck, const GgufConversion
         return r.file->to_f32(*r.info);
     };
     const auto type_of = [&](index_t cols) {
+        if (how.experts == Q4_K) return cols % 256 != 0 ? F32 : how.experts;
         return (how.experts == Q8_0 || how.experts == Q4_0 || how.experts == MXFP4) && cols % 32 != 0 ? F32 : how.experts;
     };
     const auto plain = [&](const std::string& gguf, const std::string& hf, std::uint32_t type, bool one_dim = false) {

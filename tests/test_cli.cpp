@@ -340,7 +340,7 @@ TEST_CASE("hypermoe inspect and bench") {
     if (hypermoe::detail::onednn_bf16_primitive()) bf16_fast += " (the oneDNN backend: " + kernel_name(hypermoe::dtype::bf16, hypermoe::precision::fast) + ")";
 #endif
     CHECK(i.out.find("kernels    bf16 weights: exact on " + on(hypermoe::dtype::bf16, hypermoe::precision::exact) + ", fast on " +
-                     bf16_fast + "; q8_0 / q4_0 / mxfp4 weights: exact on " +
+                     bf16_fast + "; q8_0 / q4_0 / mxfp4 / q4_k weights: exact on " +
                      on(hypermoe::dtype::q8_0, hypermoe::precision::exact) + ", fast on " +
                      on(hypermoe::dtype::q8_0, hypermoe::precision::fast) + " (this CPU: " + hypermoe::detail::cpu_isa_names() +
                      ")") != std::string::npos);
@@ -476,7 +476,7 @@ TEST_CASE("usage errors exit 2 with one line on stderr") {
          "'dy' has shape [2, 32], expected the shape of 'x'"},
         {"bench --family hypermoe_gpt2 --d-model 16 --tokens 4 --repeat 1 --hyper sometimes",
          "--hyper is 'sometimes', expected cached, per-token or off"},
-        {"bench --d-model 32 --tokens 4 --repeat 1 --weights q5_k", "--weights is 'q5_k', expected f32, bf16, q8_0, q4_0 or mxfp4"},
+        {"bench --d-model 32 --tokens 4 --repeat 1 --weights q5_k", "--weights is 'q5_k', expected f32, bf16, q8_0, q4_0, mxfp4 or q4_k"},
     };
     for (const auto& entry : errors) { // (not a structured binding: clang 14 cannot capture one in CAPTURE)
         const std::string& args = entry.first;

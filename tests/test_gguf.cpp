@@ -304,9 +304,11 @@ TEST_CASE_TEMPLATE_DEFINE("GGUF: the fixtures converted as llama.cpp would give 
             const Matrix<float> y = forward<B>(g, layer, x.view(), {});
             CHECK(relative_error(y.view(), y_want.view()) <= 1e-5);
         }
-        // Q8_0 / Q4_0 / MXFP4 (matrices whose rows are not whole blocks stay F32, as llama.cpp's
-        // quantizer leaves them): exactly what the safetensors weights held in that format give.
-        for (const auto& [type, storage] : {std::pair{test::Q8_0, dtype::q8_0}, {test::Q4_0, dtype::q4_0}, {test::MXFP4, dtype::mxfp4}}) {
+        // Q8_0 / Q4_0 / MXFP4 / Q4_K (matrices whose rows are not whole blocks stay F32, as
+        // llama.cpp's quantizer leaves them): exactly what the safetensors weights held in that
+        // format give.
+        for (const auto& [type, storage] :
+             {std::pair{test::Q8_0, dtype::q8_0}, {test::Q4_0, dtype::q4_0}, {test::MXFP4, dtype::mxfp4}, {test::Q4_K, dtype::q4_k}}) {
             const std::string file = (tmp.path / "q.gguf").string();
             test::gguf_from(st, {.experts = type}).write(file);
             const LoadOptions opt{.storage = storage};
@@ -461,6 +463,40 @@ TEST_CASE("GGUF: Q8_0, Q4_0 and MXFP4 blocks are held as stored, not requantised
     CHECK_THROWS_AS((void)WeightView::blocks(b4.data(), dtype::bf16, n, 32), config_error);
 }
 
+TEST_CASE("GGUF: Q4_K super-blocks are held as stored, as their sub-blocks, not requantised") {
+    // Random super-blocks (every byte of the 12 packed scales random, so both of k_scale_min's
+    // layouts and the top bits are used), two a row, then a row of 320 weights (one whole
+    // super-block and a zero-padded one, as the loader converts a row of that width).
+    const index_t n = 40;
+    std::mt19937 rng(77);
+    for (const index_t k : {512, 320}) {
+        CAPTURE(k);
+        const index_t supers = (k + 255) / 256, subs = k / 32;
+        std::vector<BlockQ4_K> blocks(std::size_t(n * supers));
+        for (BlockQ4_K& b : blocks) {
+            b.d = f32_to_f16_bits(float(rng() % 1000 + 1) * 1e-5f);
+            b.dmin = f32_to_f16_bits(float(rng() % 1000) * 1e-5f);
+            for (auto& v : b.scales) v = static_cast<std::uint8_t>(rng());
+            for (auto& v : b.qs) v = static_cast<std::uint8_t>(rng());
+        }
+        const WeightView v = WeightView::blocks(blocks.data(), dtype::q4_k, n, k);
+        CHECK(v.extent().size() == std::size_t(n * supers * 144));
+        const detail::BlockWeights held(v, dtype::q4_k, "wk");
+        for (index_t r = 0; r < n; ++r)
+            for (index_t b = 0; b < subs; ++b) {
+                const SubBlockQ4_K got = held.block<SubBlockQ4_K>(r, b), want = sub_block(blocks[std::size_t(r * supers + b / 8)], b % 8);
+                CHECK(std::memcmp(&got, &want, sizeof got) == 0);
+                for (index_t i = 0; i < 32; i += 7) { // the values ggml's decoder gives, through the view and as held
+                    const float value = GgmlQuantBlock(&blocks[std::size_t(r * supers + b / 8)], ggml_quant::q4_k)[(b % 8) * 32 + i];
+                    CHECK(v.at(r, b * 32 + i) == value);
+                    CHECK(held.at(r, b * 32 + i) == value);
+                }
+            }
+    }
+    CHECK_THROWS_WITH_AS((void)WeightView::blocks(nullptr, dtype::q4_k, n, 100), "WeightView::blocks: 100 columns, expected a multiple of 32",
+                         shape_error);
+}
+
 TEST_CASE("GGUF: v2 and v3, any alignment, arrays and every metadata type are read") {
     TempDir tmp("versions");
     const std::string dir = test::data_dir + "/mixtral-basic";
@@ -568,6 +604,7 @@ TEST_CASE("expert_storage is the experts' stored BF16 / Q8_0 / Q4_0, q4_0 with Q
     CHECK(storage(test::BF16, test::BF16) == dtype::bf16);
     CHECK(storage(test::Q8_0, test::Q8_0) == dtype::q8_0);
     CHECK(storage(test::Q4_0, test::Q4_0) == dtype::q4_0);
+    CHECK(storage(test::Q4_K, test::Q4_K) == dtype::q4_k); // held as stored
     CHECK(storage(test::Q4_K, test::Q6_K) == dtype::q8_0); // Q4_K_M's mix, requantised to 8 bits
     CHECK(storage(test::Q5_0, test::Q5_0) == dtype::q8_0);
     CHECK(storage(test::MXFP4, test::MXFP4) == dtype::mxfp4); // MXFP4_MOE: held as stored
@@ -862,21 +899,33 @@ TEST_CASE_TEMPLATE_DEFINE("GGUF: experts in every widened ggml quant give the bl
             const Matrix<float> sk = forward<B>(k, 0, x.view(), {.storage = storage}), sf = forward<B>(f, 0, x.view(), {.storage = storage});
             CHECK(max_abs_diff(sk.view(), sf.view()) == 0.0f);
         }
-        // MXFP4 is a format experts are held in, so its tensors are viewed in place in the
-        // mapping, as Q8_0's and Q4_0's are (the linear map widens them for f32 storage).
-        if (std::is_same_v<B, reference> && c.gate_up == test::MXFP4) {
+        // Q4_K experts held as stored (a file's default storage when every expert is Q4_K): the
+        // values ggml's dequantize_row_q4_K gives these random super-blocks (every 6-bit scale
+        // and min layout), so within f32 rounding of the F32 file's with `exact`, and within the
+        // 8-bit activations' step with `fast`.
+        if (c.gate_up == test::Q4_K && c.down == test::Q4_K) {
+            CHECK(k.expert_storage() == dtype::q4_k);
+            const Matrix<float> exact = forward<B>(k, 0, x.view(), {.storage = dtype::q4_k}),
+                                fast = forward<B>(k, 0, x.view(), {.storage = dtype::q4_k, .prec = precision::fast});
+            CHECK(relative_error(exact.view(), yf.view()) <= 1e-5);
+            CHECK(relative_error(fast.view(), yf.view()) <= 3e-2);
+        }
+        // MXFP4 and Q4_K are formats experts are held in, so their tensors are viewed in place in
+        // the mapping, as Q8_0's and Q4_0's are (the linear map widens them for f32 storage).
+        const bool held = c.gate_up == test::MXFP4 || c.gate_up == test::Q4_K;
+        if (std::is_same_v<B, reference> && held) {
             TensorBinder in_place(k, "in place");
             const std::string w1 = "model.layers.0.block_sparse_moe.experts.1.w1.weight";
             const WeightView v = in_place.deferred_matrix(w1, ff, 256);
             in_place.finish();
             const Checkpoint::Ref source = k.find(w1);
-            CHECK(v.type() == dtype::mxfp4);
+            CHECK(v.type() == (c.gate_up == test::MXFP4 ? dtype::mxfp4 : dtype::q4_k));
             CHECK(v.extent().data() == source.file->data(*source.info).data());
         }
         // The loader converts an expert's widened quantised tensors only as it packs that expert
         // (TensorBinder::deferred_matrix, materialise, release): the same values as matrix()'s
         // eager conversion; an F32 tensor is viewed in place either way.
-        if (std::is_same_v<B, reference> && c.gate_up != test::MXFP4) {
+        if (std::is_same_v<B, reference> && !held) {
             TensorBinder eager(k, "eager"), deferred(k, "deferred");
             const std::string w1 = "model.layers.0.block_sparse_moe.experts.1.w1.weight", gate = "model.layers.0.block_sparse_moe.gate.weight";
             const WeightView e = eager.matrix(w1, ff, 256), d = deferred.deferred_matrix(w1, ff, 256);

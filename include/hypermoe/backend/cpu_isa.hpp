@@ -152,7 +152,7 @@ struct cpu_features {
 /// register's rows; BlockLinear::amx_rows): fewer run on VNNI.
 inline constexpr int amx_min_rows = 16;
 
-/// The kernel a block-format (q8_0 / q4_0 / mxfp4) linear of precision `p` runs: `exact` on
+/// The kernel a block-format (q8_0 / q4_0 / mxfp4 / q4_k) linear of precision `p` runs: `exact` on
 /// AVX-512 F + BW or AVX2 where present; `fast` on AMX-INT8 where present (calls of at least
 /// amx_min_rows rows; fewer on VNNI), else on VNNI, else on VPMADDUBSW (AVX-512 BW's or
 /// AVX2's), else the portable integer kernel (the same block dots, so results differ between

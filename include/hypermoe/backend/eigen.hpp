@@ -2,7 +2,7 @@
 // The Eigen backend (opt-in: include this header and depend on Eigen 3.4). f32 weights are kept
 // as a row-major (N, K) matrix for Eigen's GEMM; bf16 weights stay bf16, held once as panels and
 // multiplied by the shared panel kernel (panels.hpp, the oneDNN backend's too); q8_0 / q4_0 / mxfp4
-// go to the shared block kernels (block_linear.hpp).
+// / q4_k go to the shared block kernels (block_linear.hpp).
 //
 // Threading is ours, not Eigen's: N is cut into fixed blocks of `column_block` outputs, one
 // single-threaded Eigen GEMM (and its epilogue, while C is in cache) per block, blocks spread
@@ -370,7 +370,7 @@ struct eigen {
 
         std::vector<float> bias_;
         RowMajor w_; ///< f32 storage only
-        std::optional<detail::BlockLinear<Act>> blocks_; ///< q8_0 / q4_0 / mxfp4 weights, held only as blocks
+        std::optional<detail::BlockLinear<Act>> blocks_; ///< q8_0 / q4_0 / mxfp4 / q4_k weights, held only as blocks
         detail::WeightPanels panels_;                     ///< bf16 weights, held only as panels
     };
 };

@@ -24,8 +24,8 @@ namespace hypermoe {
 
 /// A read-only weight matrix, row-major (N, K): row n holds output n's weights. Elements are f32
 /// or bf16, or q8_0 / q4_0 / mxfp4 blocks of 32 (q4_k super-blocks of 256) along K in ggml's bytes
-/// (as GGUF files hold them; K a multiple of the block), which a linear map stored in the same
-/// format keeps as they are.
+/// (as GGUF files hold them; K a multiple of 32, q4_k's last super-block zero-padded), which a
+/// linear map stored in the same format keeps as they are.
 class WeightView {
 public:
     WeightView(ConstMatrixView<float> w) noexcept // NOLINT(google-explicit-constructor)
@@ -34,12 +34,14 @@ public:
         : data_(w.data()), type_(dtype::bf16), rows_(w.rows()), cols_(w.cols()), stride_(w.stride()) {}
 
     /// (rows, cols) weights held as `format` blocks (q8_0, q4_0, mxfp4 or q4_k) at `blocks`, row
-    /// after row (any alignment). shape_error unless cols is a multiple of the block (32; q4_k 256).
+    /// after row (any alignment; weight_bytes(format, 1, cols) a row: q4_k's rows end in a
+    /// zero-padded super-block unless cols is a multiple of 256). shape_error unless cols is a
+    /// multiple of 32.
     [[nodiscard]] static WeightView blocks(const void* blocks, dtype format, index_t rows, index_t cols) {
         if (!is_block_format(format))
             throw config_error(detail::concat("WeightView::blocks: format is ", to_string(format), ", expected q8_0, q4_0, mxfp4 or q4_k"));
-        if (const auto width = index_t(block_width(format)); cols % width != 0)
-            throw shape_error(detail::concat("WeightView::blocks: ", cols, " columns of ", to_string(format), ", expected a multiple of ", width));
+        if (cols % quant_block != 0)
+            throw shape_error(detail::concat("WeightView::blocks: ", cols, " columns, expected a multiple of ", quant_block));
         WeightView w(ConstMatrixView<float>{});
         w.data_ = blocks, w.type_ = format, w.rows_ = rows, w.cols_ = cols;
         w.stride_ = index_t(weight_bytes(format, 1, std::size_t(cols))); // bytes per row
@@ -66,7 +68,7 @@ public:
         const std::size_t elem = size_of(type_);
         return {static_cast<const std::byte*>(data_), std::size_t((rows_ - 1) * stride_ + cols_) * elem};
     }
-    /// Row r's bytes: cols elements, or cols / block_width(type()) blocks in ggml's layout.
+    /// Row r's bytes: cols elements, or ceil(cols / block_width(type())) blocks in ggml's layout.
     [[nodiscard]] const std::byte* row_bytes(index_t r) const noexcept {
         return static_cast<const std::byte*>(data_) + std::size_t(r * stride_) * (is_block_format(type_) ? 1 : size_of(type_));
     }
@@ -119,7 +121,8 @@ namespace detail {
 
 /// Row r of weight `name` (its values) stored as `type` at `out` (weight_bytes(type, 1,
 /// values.size()) bytes), as a linear map stored in that type converts f32 weights: f32 copied;
-/// bf16 rounded; q8_0 / q4_0 / mxfp4 / q4_k quantised (values.size() a multiple of the block). Every value is checked
+/// bf16 rounded; q8_0 / q4_0 / mxfp4 / q4_k quantised (values.size() a multiple of 32; q4_k's last
+/// super-block zero-padded). Every value is checked
 /// finite first (non_finite_weight) unless the type is f32, which validate_linear checks.
 inline void store_row(std::span<const float> values, dtype type, std::byte* out, const std::string& name, index_t r) {
     if (type == dtype::f32) {
@@ -127,7 +130,7 @@ inline void store_row(std::span<const float> values, dtype type, std::byte* out,
         return;
     }
     if (const index_t c = find_non_finite(values); c >= 0) throw non_finite_weight(name, r, c, values[std::size_t(c)]);
-    const std::size_t blocks = values.size() / block_width(type);
+    const std::size_t blocks = (values.size() + block_width(type) - 1) / block_width(type);
     switch (type) {
     case dtype::bf16:
         for (std::size_t c = 0; c < values.size(); ++c) reinterpret_cast<bf16*>(out)[c] = bf16::from_float(values[c]);

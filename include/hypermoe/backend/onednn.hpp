@@ -599,7 +599,7 @@ struct onednn {
 
         /// What runs this linear's forward: oneDNN's implementation of its primitives (e.g.
         /// "brg:avx512_core" for f32, "brg:avx512_core_amx" for bf16 `fast` on AMX), or "panels"
-        /// (our panel kernels, panels.hpp), "blocks" (q8_0 / q4_0 / mxfp4, block_linear.hpp), "none"
+        /// (our panel kernels, panels.hpp), "blocks" (q8_0 / q4_0 / mxfp4 / q4_k, block_linear.hpp), "none"
         /// (K = 0 or N = 0).
         [[nodiscard]] std::string_view kernel() const noexcept {
             if (blocks_) return "blocks";
@@ -1003,7 +1003,7 @@ struct onednn {
         dnnl::memory bias_;
         std::vector<float> bias_f32_;  ///< the bias, for our own epilogues
         detail::WeightPanels panels_;  ///< bf16 storage (but `fast` on AMX), or f32 without brgemm: the only copy of the weights
-        std::optional<detail::BlockLinear<Act>> blocks_; ///< q8_0 / q4_0 / mxfp4 storage: the only copy of the weights
+        std::optional<detail::BlockLinear<Act>> blocks_; ///< q8_0 / q4_0 / mxfp4 / q4_k storage: the only copy of the weights
     };
 };
 

@@ -1,7 +1,7 @@
 #pragma once
 // The reference backend: plain loops, accumulation and activation in double. It is the oracle
 // every other backend is tested against, not a fast path. bf16 weights stay bf16 in memory;
-// q8_0 / q4_0 / mxfp4 weights stay in their blocks, each output row dequantised exactly when used
+// q8_0 / q4_0 / mxfp4 / q4_k weights stay in their blocks, each output row dequantised exactly when used
 // (`exact`), or, with `fast`, each block's integer dot with the activations quantised as the
 // fast kernels quantise them (backend/block_linear.hpp), scaled and summed in double; bf16
 // weights with `fast` multiply the activations rounded to bf16, as the fast kernel does.

@@ -186,7 +186,7 @@ inline void dequantize(const BlockMXFP4& b, std::span<float, 32> out) noexcept {
 }
 
 /// ggml's quant types, which the library reads by widening them to f32 (io/: held in this form
-/// only when they are q8_0, q4_0 or mxfp4 above, which are held as stored). Their bytes are ggml's (half values
+/// only when they are q8_0, q4_0, mxfp4 or q4_k above, which are held as stored). Their bytes are ggml's (half values
 /// little-endian). Two kinds:
 ///
 /// Blocks of 32, like Q4_0 and Q8_0: what older files hold throughout, and what llama.cpp writes
@@ -526,18 +526,19 @@ private:
     return float(int(j < 16 ? byte & 0x0Fu : byte >> 4) - 8) * d;
 }
 
-/// The first of a row's n weights (whole blocks of `format` in ggml's layout at `row`) that is
-/// not finite, or -1. Only a block whose scale can make one so is read element by element: an
-/// f16 scale (q4_k: d or dmin) that is inf or NaN (a finite one times at most 127, or q4_k's
-/// 63 x 15, is finite), or an mxfp4 scale byte from 253 (8 x 2^125 is 2^128, past FLT_MAX).
+/// The first of a row's n weights (n a multiple of 32, in blocks of `format` in ggml's layout at
+/// `row`; q4_k's last super-block may be partial) that is not finite, or -1. Only a block whose
+/// scale can make one so is read element by element: an f16 scale (q4_k: d or dmin) that is inf
+/// or NaN (a finite one times at most 127, or q4_k's 63 x 15, is finite), or an mxfp4 scale byte
+/// from 253 (8 x 2^125 is 2^128, past FLT_MAX).
 [[nodiscard]] inline index_t first_non_finite_in_blocks(const void* row, dtype format, index_t n) noexcept {
     const auto width = index_t(block_width(format));
     const std::size_t size = weight_bytes(format, 1, std::size_t(width));
     const auto special = [](unsigned char high) { return (high & 0x7C) == 0x7C; }; // a half's high byte: exponent all ones
-    for (index_t b = 0; b < n / width; ++b) {
+    for (index_t b = 0; b * width < n; ++b) {
         const auto* p = static_cast<const unsigned char*>(row) + std::size_t(b) * size;
         if (format == dtype::mxfp4 ? p[0] < 253 : !special(p[1]) && !(format == dtype::q4_k && special(p[3]))) continue;
-        for (index_t j = 0; j < width; ++j)
+        for (index_t j = 0; j < std::min(width, n - b * width); ++j)
             if (!std::isfinite(stored_block_element(p, format, j))) return b * width + j;
     }
     return -1;

@@ -167,8 +167,8 @@ public:
     /// The storage (LoadOptions::storage) that holds the routed experts as compactly as the file
     /// does without losing what it holds (docs/checkpoints.md measures each choice's error):
     /// - the format they are stored in when it is one a layer holds as stored (BF16, from GGUF
-    ///   files and safetensors checkpoints alike, Q8_0, Q4_0, MXFP4: no conversion);
-    /// - for other ggml quants (K-quants, Q5_0, IQ4_NL...) or a mix of quants: q4_0 when some are
+    ///   files and safetensors checkpoints alike, Q8_0, Q4_0, MXFP4, Q4_K: no conversion);
+    /// - for other ggml quants (the other K-quants, Q5_0, IQ4_NL...) or a mix of quants: q4_0 when some are
     ///   Q2_K or Q3_K (llama.cpp's Q2_K and Q3_K_* files), which hold those coarser than q4_0
     ///   does, so requantising adds under a tenth to their error and puts the file's other quants
     ///   at less error than theirs, in half q8_0's bytes; else q8_0, whose requantisation adds

@@ -52,7 +52,7 @@ struct ModelInfo {
 struct LoadOptions {
     /// dtype the expert weights are kept in; default: f32 (bf16 checkpoints are widened, exactly).
     dtype storage = dtype::f32;
-    /// How q8_0 / q4_0 / mxfp4 experts compute: `exact` or `fast` (core/dtype.hpp).
+    /// How q8_0 / q4_0 / mxfp4 / q4_k experts compute: `exact` or `fast` (core/dtype.hpp).
     precision prec = precision::exact;
     HyperOptions hyper = {};
     /// What a token dropped by capacity outputs (Switch families).

@@ -45,10 +45,10 @@
 namespace hypermoe {
 
 /// Element types of a stored tensor: those a safetensors file may declare, the block formats of
-/// GGUF files along the last dimension (q8_0, q4_0 and mxfp4, held as stored; the other ggml
-/// quants, read by widening: q4_1, q5_0, q5_1 and iq4_nl in blocks of 32, the K-quants q2_k to q6_k
-/// and iq4_xs in super-blocks of 256; core/quant.hpp; mxfp4 is one of these too, for storages
-/// other than its own) and `other` for a GGUF type the library does not read
+/// GGUF files along the last dimension (q8_0, q4_0, mxfp4 and q4_k, held as stored; the other
+/// ggml quants, read by widening: q4_1, q5_0, q5_1 and iq4_nl in blocks of 32, the K-quants q2_k
+/// to q6_k and iq4_xs in super-blocks of 256; core/quant.hpp; mxfp4 and q4_k are among these too,
+/// for storages other than their own) and `other` for a GGUF type the library does not read
 /// (its name is TensorInfo::type_name).
 enum class tensor_dtype {
     f64, f32, f16, bf16, i64, i32, i16, i8, u8, boolean,

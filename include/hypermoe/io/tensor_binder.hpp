@@ -1,9 +1,9 @@
 #pragma once
 // TensorBinder: fetches the tensors of one layer from a Checkpoint as WeightViews, checking each
 // name, dtype and shape, and collecting EVERY problem before anything is built: finish() throws
-// one weight_error that lists them all. F32 and BF16 tensors and Q8_0 / Q4_0 / MXFP4 blocks (GGUF)
-// are viewed in place in the mapping (when aligned); F16, F64, the other ggml quants (GGUF Q4_1,
-// Q5_0, Q5_1, IQ4_NL, the K-quants Q2_K to Q6_K and IQ4_XS), misaligned and transposed tensors
+// one weight_error that lists them all. F32 and BF16 tensors and Q8_0 / Q4_0 / MXFP4 / Q4_K blocks
+// (GGUF) are viewed in place in the mapping (when aligned); F16, F64, the other ggml quants (GGUF
+// Q4_1, Q5_0, Q5_1, IQ4_NL, the K-quants Q2_K, Q3_K, Q5_K, Q6_K and IQ4_XS), misaligned and transposed tensors
 // are converted into owned f32 storage (exactly: F16 and every block widen to f32 without
 // rounding). A routed expert's weights, bound with deferred_matrix(), are converted into the type
 // its expert stores only when that expert is packed (unless already in it), and freed after,
@@ -45,7 +45,7 @@ public:
 
     /// A routed expert's (rows, cols) weight, to be stored as `storage` (LoadOptions::storage):
     /// matrix() without transposing, checked now. The type it is converted to is `storage` when
-    /// that is bf16, or a block format (q8_0, q4_0, mxfp4) and cols is a multiple of 32; else f32. A tensor already in
+    /// that is bf16, or a block format (q8_0, q4_0, mxfp4, q4_k) and cols is a multiple of 32; else f32. A tensor already in
     /// that type, or one viewable in place when the type is f32 (the linear map widens it), is
     /// viewed in place; any other is converted only by materialise(), right before its expert is
     /// packed, into a buffer that release() frees once the expert is packed. So loading a block
@@ -119,7 +119,7 @@ public:
 
     /// Converts the tensor of a deferred_matrix() view into its buffer (once), a row at a time,
     /// dropping the tensor's pages from memory as it goes (they are not read again); any other
-    /// view is left as it is. Into bf16 / q8_0 / q4_0 / mxfp4 through one row of f32, as the expert's
+    /// view is left as it is. Into bf16 / q8_0 / q4_0 / mxfp4 / q4_k through one row of f32, as the expert's
     /// linear map would convert f32 values (detail::store_row): the same bits, and a non-finite
     /// value is a weight_error naming the tensor and the element.
     void materialise(const WeightView& w) {
@@ -222,7 +222,7 @@ private:
     static WeightView placeholder() noexcept { return ConstMatrixView<float>(); }
 
     /// A tensor the layer can read where it is in the mapping: aligned F32 or BF16, or Q8_0,
-    /// Q4_0 or MXFP4 blocks; none otherwise.
+    /// Q4_0, MXFP4 or Q4_K blocks; none otherwise.
     static std::optional<WeightView> view_in_place(const Checkpoint::Ref& r, index_t rows, index_t cols) {
         const TensorInfo& t = *r.info;
         if (const auto f = r.file->f32_in_place(t); !f.empty()) return ConstMatrixView<float>(f.data(), rows, cols);
