@@ -497,7 +497,7 @@ TEST_CASE("fast q8_0 / q4_0 / mxfp4 / q4_k on AMX-INT8: the tile kernel gives th
                     for (int p = 0; p < 2; ++p)
                         args.mask[p] = static_cast<std::uint16_t>((1u << std::clamp<index_t>(cols - 16 * p, 0, 16)) - 1u);
                     args.ldc = n;
-                    const detail::AmxRows x{xq.q_row(0), xq.d_row(0), xq.sum_row(0), blocks.blocks_per_row(), rows};
+                    const detail::AmxRows x{xq.q_row(0), xq.d_row(0), xq.sum_row(0), xq.dsum_row(0), blocks.blocks_per_row(), rows};
                     args.out = got.data() + 32 * tile;
                     detail::amx_fast_tile<detail::AmxTilesEmulated, Block>(args, x);
                     if (amx) {
@@ -507,7 +507,8 @@ TEST_CASE("fast q8_0 / q4_0 / mxfp4 / q4_k on AMX-INT8: the tile kernel gives th
                     for (int m = 0; m < rows; m += 6) {
                         detail::TileRows tr;
                         const int here = std::min(6, rows - m);
-                        for (int r = 0; r < here; ++r) tr.q[r] = xq.q_row(m + r), tr.d[r] = xq.d_row(m + r), tr.sum[r] = xq.sum_row(m + r);
+                        for (int r = 0; r < here; ++r)
+                            tr.q[r] = xq.q_row(m + r), tr.d[r] = xq.d_row(m + r), tr.sum[r] = xq.sum_row(m + r), tr.dsum[r] = xq.dsum_row(m + r);
                         args.out = want.data() + m * n + 32 * tile;
                         const auto run = [&]<int R>() {
                             vnni ? detail::fast_tile<R, Block, true>(args, tr) : detail::fast_tile<R, Block, false>(args, tr);

@@ -45,30 +45,36 @@ HYPERMOE_INTRINSICS_BEGIN
 namespace hypermoe::detail {
 
 /// Activation rows quantised for the `fast` precision, in a workspace: per row, `blocks` blocks
-/// of 32 integers in [-127, 127], each block with an f32 scale d = amax / 127 and the integers'
-/// sum (which takes the weights' unsigned offset out of an integer dot).
+/// of 32 integers in [-127, 127], each block with an f32 scale d = amax / 127, the integers'
+/// sum (which takes the weights' unsigned offset out of an integer dot) and d x sum (the block's
+/// sum of values, which q4_k's mins multiply).
 struct QuantizedRows {
     index_t blocks = 0;
     std::span<std::int8_t> q;    ///< rows x blocks x 32
     std::span<float> d;          ///< rows x blocks
     std::span<std::int32_t> sum; ///< rows x blocks
+    std::span<float> dsum;       ///< rows x blocks: d x sum
 
     /// Bytes of `rows` rows of `blocks` blocks in a workspace.
     [[nodiscard]] static std::size_t bytes(index_t rows, index_t blocks) noexcept {
-        return padded_bytes<std::int8_t>(rows, blocks, quant_block) + padded_bytes<float>(rows, blocks) +
+        return padded_bytes<std::int8_t>(rows, blocks, quant_block) + 2 * padded_bytes<float>(rows, blocks) +
                padded_bytes<std::int32_t>(rows, blocks);
     }
     /// Takes the buffers from `ws` and quantises every row of `a` (in parallel over rows) into
     /// `blocks` blocks (the weights' per row).
     QuantizedRows(ConstMatrixView<float> a, index_t blocks_per_row, Workspace& ws)
         : blocks(blocks_per_row), q(ws.take<std::int8_t>(a.rows() * blocks * quant_block)), d(ws.take<float>(a.rows() * blocks)),
-          sum(ws.take<std::int32_t>(a.rows() * blocks)) {
+          sum(ws.take<std::int32_t>(a.rows() * blocks)), dsum(ws.take<float>(a.rows() * blocks)) {
         const kernel_isa isa = vector_kernel();
-        parallel_for(a.rows(), a.rows() * a.cols() * 8, [&](index_t r) { quantize_row(a.row(r), r, isa); });
+        parallel_for(a.rows(), a.rows() * a.cols() * 8, [&](index_t r) {
+            quantize_row(a.row(r), r, isa);
+            for (index_t b = r * blocks; b < (r + 1) * blocks; ++b) dsum[std::size_t(b)] = d[std::size_t(b)] * float(sum[std::size_t(b)]);
+        });
     }
     [[nodiscard]] const std::int8_t* q_row(index_t r) const noexcept { return q.data() + r * blocks * quant_block; }
     [[nodiscard]] const float* d_row(index_t r) const noexcept { return d.data() + r * blocks; }
     [[nodiscard]] const std::int32_t* sum_row(index_t r) const noexcept { return sum.data() + r * blocks; }
+    [[nodiscard]] const float* dsum_row(index_t r) const noexcept { return dsum.data() + r * blocks; }
 
 private:
     /// q = x / d rounded to nearest even, d = amax / 127 (0 for a zero block); the tail of the
@@ -455,6 +461,7 @@ struct TileRows {
     const std::int8_t* q[6] = {};
     const float* d[6] = {};
     const std::int32_t* sum[6] = {};
+    const float* dsum[6] = {}; ///< `fast`: d x sum per block (QuantizedRows), for q4_k's mins
     const float* x[6] = {};
     const float* pad[6] = {};
     const float* x_sum[6] = {}; ///< `exact`: each block's input sum, for q4_k's mins and, on AVX2, q4_0's -8
@@ -510,8 +517,8 @@ __attribute__((target("avx512f"))) inline __m512 add_block_sums(__m512 acc, __m5
 
 /// `fast` q4_k: acc less a block's mins times its activations' sum, dmin m x (d_x sum(xq)): the
 /// other half of a block's dot, (d sc) q - dmin m against d_x xq, in every AVX-512 kernel.
-__attribute__((target("avx512f"))) inline __m512 sub_block_mins(__m512 acc, __m512 mins, float dx, std::int32_t xsum) {
-    return _mm512_fnmadd_ps(mins, _mm512_set1_ps(dx * float(xsum)), acc);
+__attribute__((target("avx512f"))) inline __m512 sub_block_mins(__m512 acc, __m512 mins, float dsum) {
+    return _mm512_fnmadd_ps(mins, _mm512_set1_ps(dsum), acc);
 }
 
 /// acc + per int32 lane the dot of 4 unsigned bytes of u with 4 signed bytes of x, without VNNI
@@ -593,7 +600,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void fast_tile(c
             }
             if constexpr (has_min<Block>) {
                 const __m512 mins = panel_mins(t, b, p);
-                for (int r = 0; r < Rows; ++r) acc[r][p] = sub_block_mins(acc[r][p], mins, x.d[r][b], x.sum[r][b]);
+                for (int r = 0; r < Rows; ++r) acc[r][p] = sub_block_mins(acc[r][p], mins, x.dsum[r][b]);
             }
         }
     }
@@ -607,6 +614,7 @@ struct AmxRows {
     const std::int8_t* q = nullptr;
     const float* d = nullptr;
     const std::int32_t* sum = nullptr;
+    const float* dsum = nullptr; ///< d x sum per block, for q4_k's mins
     index_t blocks = 0;
     int rows = 0;
 };
@@ -726,12 +734,11 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void amx_fast_tile(const Ti
         for (int p = 0; p < 2; ++p) {
             const __m512 dw = panel_scales<Block>(t, b, p);
             for (int r = 0; r < x.rows; ++r) {
-                const std::int32_t xsum = x.sum[r * x.blocks + b];
-                const float dx = x.d[r * x.blocks + b];
-                const __m512i total = _mm512_add_epi32(_mm512_load_si512(c + r * 32 + 16 * p), _mm512_set1_epi32(-offset * xsum));
+                const index_t at = r * x.blocks + b;
+                const __m512i total = _mm512_add_epi32(_mm512_load_si512(c + r * 32 + 16 * p), _mm512_set1_epi32(-offset * x.sum[at]));
                 float* a = acc + r * 32 + 16 * p;
-                __m512 sum = add_block_sums(_mm512_load_ps(a), total, dw, dx);
-                if constexpr (has_min<Block>) sum = sub_block_mins(sum, panel_mins(t, b, p), dx, xsum);
+                __m512 sum = add_block_sums(_mm512_load_ps(a), total, dw, x.d[at]);
+                if constexpr (has_min<Block>) sum = sub_block_mins(sum, panel_mins(t, b, p), x.dsum[at]);
                 _mm512_store_ps(a, sum);
             }
         }
@@ -965,7 +972,7 @@ __attribute__((target("avx2,fma,f16c"))) void avx2_tile(const TileArgs& t, const
                     if constexpr (has_min<Block>) { // q4_k: less dmin m x (d_x sum(xq))
                         const __m256 mins = avx2_group_mins(t, b, g0 + i);
                         for (int r = 0; r < Rows; ++r)
-                            part[r][i] = _mm256_fnmadd_ps(mins, _mm256_set1_ps(x.d[r][b] * float(x.sum[r][b])), part[r][i]);
+                            part[r][i] = _mm256_fnmadd_ps(mins, _mm256_set1_ps(x.dsum[r][b]), part[r][i]);
                     }
                 }
             } else {
@@ -1024,8 +1031,8 @@ void avx2_tile_rows(const TileArgs& t, const TileRows& x) {
         TileRows tail;
         tail.full = x.full;
         for (int r = 0; r < Rows - 4; ++r)
-            tail.q[r] = x.q[r + 4], tail.d[r] = x.d[r + 4], tail.sum[r] = x.sum[r + 4], tail.x[r] = x.x[r + 4], tail.pad[r] = x.pad[r + 4],
-            tail.x_sum[r] = x.x_sum[r + 4];
+            tail.q[r] = x.q[r + 4], tail.d[r] = x.d[r + 4], tail.sum[r] = x.sum[r + 4], tail.dsum[r] = x.dsum[r + 4], tail.x[r] = x.x[r + 4],
+            tail.pad[r] = x.pad[r + 4], tail.x_sum[r] = x.x_sum[r + 4];
         avx2_tile<Rows - 4, Block, Fast>(rest, tail);
     }
 }
@@ -1063,7 +1070,7 @@ void portable_tile(const TileArgs& t, const TileRows& x, int rows) {
                     if constexpr (Fast) acc[l] += float(isum[l]) * (dw * x.d[r][b]);
                     else acc[l] += fsum[l] * dw;
                     if constexpr (has_min<Block>) // q4_k: less the block's min times its inputs' sum
-                        acc[l] -= tile_min<Block>(t.wd, b, p * 16 + l) * (Fast ? x.d[r][b] * float(x.sum[r][b]) : x.x_sum[r][b]);
+                        acc[l] -= tile_min<Block>(t.wd, b, p * 16 + l) * (Fast ? x.dsum[r][b] : x.x_sum[r][b]);
                 }
             }
             for (index_t l = 0; l < lanes; ++l)
@@ -1246,14 +1253,14 @@ private:
             args.out = t.row(m).data() + at;
             args.ahead = m == 0 ? prefetch_ahead : 0; // the first row block streams the tile in
             if (amx) {
-                run_amx(args, AmxRows{xq->q_row(m), xq->d_row(m), xq->sum_row(m), per_row, int(here)});
+                run_amx(args, AmxRows{xq->q_row(m), xq->d_row(m), xq->sum_row(m), xq->dsum_row(m), per_row, int(here)});
                 continue;
             }
             TileRows x;
             x.full = full;
             for (index_t r = 0; r < here; ++r) {
                 if (xq != nullptr) {
-                    x.q[r] = xq->q_row(m + r), x.d[r] = xq->d_row(m + r), x.sum[r] = xq->sum_row(m + r);
+                    x.q[r] = xq->q_row(m + r), x.d[r] = xq->d_row(m + r), x.sum[r] = xq->sum_row(m + r), x.dsum[r] = xq->dsum_row(m + r);
                 } else {
                     x.x[r] = p.a.row(m + r).data(), x.pad[r] = pad[r];
                     if (!p.block_sums.empty()) x.x_sum[r] = p.block_sums.data() + (m + r) * per_row;
