@@ -161,7 +161,7 @@ TEST_CASE("hypermoe run and bench with bf16, 8- and 4-bit expert weights; bench 
     const std::string dir = test::data_dir + "/qwen2_moe-basic";
     const fs::path out = fs::temp_directory_path() / ("hypermoe-cli-q-" + std::to_string(::getpid()) + ".safetensors");
     for (const auto& weights_bound :
-         {std::pair<std::string, double>{"bf16", 1e-2}, {"q8_0", 3e-2}, {"q4_0", 5e-1}, {"mxfp4", 5e-1}}) {
+         {std::pair<std::string, double>{"bf16", 1e-2}, {"q8_0", 3e-2}, {"q4_0", 5e-1}, {"mxfp4", 5e-1}, {"q4_k", 4e-1}}) {
         const std::string& weights = weights_bound.first; // not a structured binding: clang 14 cannot capture those
         const double bound = weights_bound.second;
         CAPTURE(weights);
@@ -184,6 +184,7 @@ TEST_CASE("hypermoe run and bench with bf16, 8- and 4-bit expert weights; bench 
             const hypermoe::dtype t = weights == "bf16"   ? hypermoe::dtype::bf16
                                       : weights == "q8_0" ? hypermoe::dtype::q8_0
                                       : weights == "q4_0" ? hypermoe::dtype::q4_0
+                                      : weights == "q4_k" ? hypermoe::dtype::q4_k
                                                           : hypermoe::dtype::mxfp4;
             const hypermoe::precision p = precision == "fast" ? hypermoe::precision::fast : hypermoe::precision::exact;
             CHECK(row["isa"] == kernel_name(t, p));
@@ -194,9 +195,10 @@ TEST_CASE("hypermoe run and bench with bf16, 8- and 4-bit expert weights; bench 
                 REQUIRE_MESSAGE(forced.status == 0, forced.err);
                 CHECK(nlohmann::json::parse(forced.out.substr(0, forced.out.find('\n')))["isa"] == kernel_name(t, p, true));
             }
-            // 8 experts x 3 matrices of 64 x 64: 8 x 3 x 64 rows x 2 blocks of 32 (bf16: 2 bytes each).
+            // 8 experts x 3 matrices of 64 x 64: 8 x 3 x 64 rows x 2 blocks of 32 (bf16: 2 bytes each;
+            // q4_k: a zero-padded super-block of 144 bytes a row).
             const int block = t == hypermoe::dtype::bf16 ? 64 : t == hypermoe::dtype::q8_0 ? 34 : t == hypermoe::dtype::q4_0 ? 18 : 17;
-            CHECK(row["weight_bytes"] == 8 * 3 * 64 * 2 * block);
+            CHECK(row["weight_bytes"] == 8 * 3 * 64 * (t == hypermoe::dtype::q4_k ? 144 : 2 * block));
         }
     }
     // f32: the backend's name, or the instructions of our f32 panels where oneDNN runs them.
@@ -234,11 +236,12 @@ TEST_CASE("hypermoe inspect, run and bench on GGUF files") {
     CHECK(i.out.find("tensors    26 (F32, Q4_0)") != std::string::npos); // per block: gate + 3 x 4 experts
     CHECK(i.out.find("bytes      F32 ") != std::string::npos);
     CHECK(i.out.find(", Q4_0 ") != std::string::npos);
-    // down's rows of 40 stay F32 (below): mixed types, so the layer holds f32 unless told
-    CHECK(i.out.find("format     GGUF, architecture llama; experts stored as F32, Q4_0; default --weights f32") != std::string::npos);
+    // down's rows of 40 stay F32 (below): by default each expert matrix is held as stored
+    CHECK(i.out.find("format     GGUF, architecture llama; experts stored as F32, Q4_0; default --weights stored: F32 as f32, Q4_0 as q4_0") !=
+          std::string::npos);
     const Result i32 = run_cli("inspect --model " + f32);
     REQUIRE_MESSAGE(i32.status == 0, i32.err);
-    CHECK(i32.out.find("experts stored as F32; default --weights f32") != std::string::npos);
+    CHECK(i32.out.find("experts stored as F32; default --weights stored: F32 as f32\n") != std::string::npos);
 
     // The F32 file reproduces the fixture; the Q4_0 one (down's rows of 40 stay F32, as
     // llama.cpp's quantizer leaves them: the experts' types are mixed, so the default is f32)
@@ -269,7 +272,7 @@ TEST_CASE("hypermoe inspect, run and bench on GGUF files") {
     fs::remove_all(tmp);
 }
 
-TEST_CASE("hypermoe holds a GGUF file's K-quant experts in q8_0, Q2_K and Q3_K files' in q4_0, MXFP4 ones as stored, unless --weights says otherwise") {
+TEST_CASE("hypermoe holds a GGUF file's Q4_K and MXFP4 experts as stored, its other K-quants in q8_0 (Q2_K and Q3_K files' in q4_0), unless --weights says otherwise") {
     const fs::path tmp = fs::temp_directory_path() / ("hypermoe-cli-kquant-" + std::to_string(::getpid()));
     fs::create_directories(tmp);
     const std::string input = (tmp / "x.safetensors").string();
@@ -279,11 +282,13 @@ TEST_CASE("hypermoe holds a GGUF file's K-quant experts in q8_0, Q2_K and Q3_K f
     const Matrix<float> x = test::random_matrix(4, 256, 9);
     write_safetensors(input, {f32_tensor("x", {4, 256}, {x.data(), 4 * 256})}, {{"layer", "0"}});
     // A file of a family whose experts' gate and up are stored in one ggml quant and down in
-    // another (random blocks, d_model = d_ff = 256): its default --weights, which `run` takes when
-    // none is given and which stays within `bound` (relative) of the file's exact values: the
-    // blocks requantised (more than 0), or held as stored (f32 arithmetic on the same values).
+    // another (random blocks, d_model = d_ff = 256): its default --weights (stored: `kept` says
+    // what each quant is held as), which `run` takes when none is given and which stays within
+    // `bound` (relative) of the file's exact values: the blocks requantised (more than 0), or
+    // held as stored (f32 arithmetic on the same values). Where every quant goes to `storage`,
+    // the default equals --weights `storage`; else it holds fewer bytes (bench's weight_bytes).
     const auto check = [&](const std::string& stem, const std::string& family_name, std::uint32_t gate_up, std::uint32_t down,
-                           const std::string& stored, const std::string& storage, double bound) {
+                           const std::string& stored, const std::string& kept, const std::string& storage, double bound) {
         CAPTURE(stem);
         const std::string file = (tmp / (stem + ".gguf")).string();
         std::mt19937_64 rng(5);
@@ -297,16 +302,30 @@ TEST_CASE("hypermoe holds a GGUF file's K-quant experts in q8_0, Q2_K and Q3_K f
         const Result i = run_cli("inspect --model " + file);
         REQUIRE_MESSAGE(i.status == 0, i.err);
         CHECK(i.out.find("family     " + family_name + "\n") != std::string::npos);
-        CHECK(i.out.find("experts stored as " + stored + "; default --weights " + storage) != std::string::npos);
+        CHECK(i.out.find("experts stored as " + stored + "; default --weights stored: " + kept + "\n") != std::string::npos);
         auto y = run_outputs(file, input, {"", " --weights " + storage, " --weights f32"}, (tmp / "y.safetensors").string());
-        CHECK(test::relative_error(y[""].view(), y[" --weights " + storage].view()) == 0.0);
+        const auto count = [&](const std::string& what) {
+            std::size_t n = 0;
+            for (std::size_t at = kept.find(what); at != std::string::npos; at = kept.find(what, at + 1)) ++n;
+            return n;
+        };
+        const bool all_converted = count(" as ") == count(" as " + storage); // every quant held as `storage`
+        if (all_converted) CHECK(test::relative_error(y[""].view(), y[" --weights " + storage].view()) == 0.0);
         const double requantised = test::relative_error(y[""].view(), y[" --weights f32"].view());
         if (storage != "mxfp4") CHECK(requantised > 0.0);
         CHECK(requantised < bound);
+        const auto bytes = [&](const std::string& weights) {
+            const Result b = run_cli("bench --model " + file + weights + " --tokens 4 --repeat 1 --json");
+            REQUIRE_MESSAGE(b.status == 0, b.err);
+            return nlohmann::json::parse(b.out.substr(0, b.out.find('\n')))["weight_bytes"].get<std::size_t>();
+        };
+        if (!all_converted) CHECK(bytes("") < bytes(" --weights " + storage));
     };
-    check("q4_k_m", "mixtral", test::Q4_K, test::Q6_K, "Q4_K, Q6_K", "q8_0", 0.02); // llama.cpp's Q4_K_M mix
-    check("q2_k", "mixtral", test::Q2_K, test::Q3_K, "Q2_K, Q3_K", "q4_0", 0.2);    // its Q2_K mix
-    check("mxfp4_moe", "qwen3_moe", test::MXFP4, test::MXFP4, "MXFP4", "mxfp4", 1e-5); // a qwen3moe file of MXFP4_MOE
+    // llama.cpp's Q4_K_M mix: Q4_K as stored, Q6_K requantised to 8 bits. 3 experts x ([gate; up]
+    // 512 x 256 in Q4_K's 144 bytes a super-block, down 256 x 256 in q8_0's 34 a block of 32).
+    check("q4_k_m", "mixtral", test::Q4_K, test::Q6_K, "Q4_K, Q6_K", "Q4_K as q4_k, Q6_K as q8_0", "q8_0", 0.02);
+    check("q2_k", "mixtral", test::Q2_K, test::Q3_K, "Q2_K, Q3_K", "Q2_K as q4_0, Q3_K as q4_0", "q4_0", 0.2); // its Q2_K mix
+    check("mxfp4_moe", "qwen3_moe", test::MXFP4, test::MXFP4, "MXFP4", "MXFP4 as mxfp4", "mxfp4", 1e-5); // a qwen3moe file of MXFP4_MOE
     fs::remove_all(tmp);
 }
 
@@ -320,7 +339,7 @@ TEST_CASE("hypermoe holds a BF16 safetensors checkpoint's experts as bf16, exact
     write_safetensors(input, {f32_tensor("x", {5, 64}, {x.data(), 5 * 64})}, {{"layer", "0"}});
     const Result i = run_cli("inspect --model " + hf);
     REQUIRE_MESSAGE(i.status == 0, i.err);
-    CHECK(i.out.find("format     safetensors; experts stored as BF16; default --weights bf16") != std::string::npos);
+    CHECK(i.out.find("format     safetensors; experts stored as BF16; default --weights stored: BF16 as bf16\n") != std::string::npos);
     auto y = run_outputs(hf, input, {"", " --weights bf16", " --weights f32"}, (tmp / "y.safetensors").string());
     CHECK(test::relative_error(y[""].view(), y[" --weights bf16"].view()) == 0.0);
     // the same bf16 values either way, in f32 arithmetic: equal up to the order of the additions
@@ -333,7 +352,7 @@ TEST_CASE("hypermoe inspect and bench") {
     REQUIRE(i.status == 0);
     CHECK(i.out.find("family     qwen2_moe") != std::string::npos);
     CHECK(i.out.find("shared     width 32") != std::string::npos);
-    CHECK(i.out.find("format     safetensors; experts stored as F32; default --weights f32") != std::string::npos);
+    CHECK(i.out.find("format     safetensors; experts stored as F32; default --weights stored: F32 as f32\n") != std::string::npos);
     const auto on = [](hypermoe::dtype t, hypermoe::precision p) { return std::string(hypermoe::detail::kernel_isa_name(t, p)); };
     std::string bf16_fast = on(hypermoe::dtype::bf16, hypermoe::precision::fast);
 #if HYPERMOE_HAS_ONEDNN
@@ -476,7 +495,7 @@ TEST_CASE("usage errors exit 2 with one line on stderr") {
          "'dy' has shape [2, 32], expected the shape of 'x'"},
         {"bench --family hypermoe_gpt2 --d-model 16 --tokens 4 --repeat 1 --hyper sometimes",
          "--hyper is 'sometimes', expected cached, per-token or off"},
-        {"bench --d-model 32 --tokens 4 --repeat 1 --weights q5_k", "--weights is 'q5_k', expected f32, bf16, q8_0, q4_0, mxfp4 or q4_k"},
+        {"bench --d-model 32 --tokens 4 --repeat 1 --weights q5_k", "--weights is 'q5_k', expected stored, f32, bf16, q8_0, q4_0, mxfp4 or q4_k"},
     };
     for (const auto& entry : errors) { // (not a structured binding: clang 14 cannot capture one in CAPTURE)
         const std::string& args = entry.first;

@@ -231,6 +231,21 @@ TEST_CASE_TEMPLATE_DEFINE("GluExpert holds [gate; up] in its storage type: rows 
     const auto gm = quantised<BlockMXFP4>(gate.view()), um = quantised<BlockMXFP4>(up.view()), dm = quantised<BlockMXFP4>(down.view());
     const auto mx = [&](const auto& b, index_t n, index_t k) { return WeightView::blocks(b.data(), dtype::mxfp4, n, k); };
     CHECK(same(run(f32, {dtype::mxfp4}), run({mx(gm, ff, d), mx(um, ff, d), mx(dm, d, ff)}, {})));
+    // keep_stored: weights in bf16 or blocks stay as they are, f32 ones go to the storage; gate
+    // and up together (the fused map holds one type): as stored only when they share it.
+    {
+        const ExpertOptions keep{.storage = dtype::q8_0, .keep_stored = true};
+        const GluExpert<B, Silu> mixed({q4(g4, ff, d), q4(u4, ff, d), down.view()}, keep);
+        CHECK(mixed.gate_up().storage() == dtype::q4_0);
+        CHECK(mixed.down().storage() == dtype::q8_0);
+        CHECK(same(run({q4(g4, ff, d), q4(u4, ff, d), down.view()}, keep), run({q4(g4, ff, d), q4(u4, ff, d), q8(d8, d, ff)}, {})));
+        const GluExpert<B, Silu> apart({q4(g4, ff, d), q8(u8, ff, d), ConstMatrixView<bf16>(db.view())}, keep);
+        CHECK(apart.gate_up().storage() == dtype::q8_0);
+        CHECK(apart.down().storage() == dtype::bf16);
+        const FfnExpert<B, Gelu> ffn({q4(u4, ff, d), down.view()}, keep);
+        CHECK(ffn.up().storage() == dtype::q4_0);
+        CHECK(ffn.down().storage() == dtype::q8_0);
+    }
     // gate as q4_0 blocks no quantiser of their values gives (requantising would change them),
     // up as f32: gate's blocks are kept, up's rows quantised.
     std::vector<BlockQ4_0> odd = g4;

@@ -13,6 +13,7 @@
 #include <functional>
 #include <map>
 #include <random>
+#include <set>
 #include <fstream>
 #include <string>
 #include <vector>
@@ -496,6 +497,76 @@ TEST_CASE("GGUF: Q4_K super-blocks are held as stored, as their sub-blocks, not 
     CHECK_THROWS_WITH_AS((void)WeightView::blocks(nullptr, dtype::q4_k, n, 100), "WeightView::blocks: 100 columns, expected a multiple of 32",
                          shape_error);
 }
+
+TEST_CASE_TEMPLATE_DEFINE("GGUF: keep_stored holds Q4_K experts as stored and requantises only the others (llama.cpp's Q4_K_M mix)", B,
+                          keep_stored) {
+    // A Qwen2-MoE block (routed and shared experts) whose gate and up are Q4_K (quantised here)
+    // and down Q6_K (random blocks), as llama.cpp's Q4_K_M files hold them; against an F32 file
+    // of the values keep_stored must compute with: gate and up's Q4_K values as they are, down's
+    // Q6_K values requantised to q8_0 (Checkpoint::expert_storage(true)).
+    TempDir tmp("keep");
+    const std::string dir = (tmp.path / "hf").string();
+    write_synthetic_checkpoint(dir, {.family = family("qwen2_moe"), .d_model = 256, .d_ff = 256, .experts = 3, .top_k = 2, .layers = 1});
+    const std::vector<std::byte> base = test::gguf_from(Checkpoint(dir)).bytes();
+    std::mt19937_64 rng(17);
+    const std::uniform_real_distribution<float> scale(1.0f / 512, 1.0f / 128);
+    std::map<std::string, test::TensorEdit> mixed, values; // the expert matrices of each file
+    (void)test::rewritten(base, [&](const std::string& name, test::TensorEdit& t) {
+        const bool gate_up = (name.find("ffn_gate_") != std::string::npos || name.find("ffn_up_") != std::string::npos) &&
+                             name.find("gate_inp") == std::string::npos;
+        const bool down = name.find("ffn_down_") != std::string::npos;
+        if (!gate_up && !down) return true;
+        const index_t cols = t.ne[0], rows = index_t(t.bytes.size() / sizeof(float)) / cols;
+        const ConstMatrixView<float> m(reinterpret_cast<const float*>(t.bytes.data()), rows, cols);
+        mixed[name] = {gate_up ? test::Q4_K : test::Q6_K, t.ne, gate_up ? test::encode(m, test::Q4_K)
+                                                                         : test::random_ggml_quant(test::Q6_K, rows * cols / 256, rng, scale)};
+        std::vector<float> row(static_cast<std::size_t>(cols));
+        std::vector<std::byte>& out = values[name].bytes;
+        values[name].type = test::F32, values[name].ne = t.ne;
+        for (index_t r = 0; r < rows; ++r) {
+            for (index_t b = 0; b < cols / 256; ++b) {
+                const auto v = decode_ggml_quant(mixed[name].type, mixed[name].bytes.data() + std::size_t(r * cols / 256 + b) * (gate_up ? 144 : 210));
+                std::copy(v.begin(), v.end(), row.begin() + b * 256);
+            }
+            for (const float f : gate_up ? row : test::requantized(dtype::q8_0, row)) test::GgufWriter::put(out, f);
+        }
+        return true;
+    });
+    const auto file = [&](const std::string& stem, std::map<std::string, test::TensorEdit>& edits) {
+        const std::string path = (tmp.path / stem).string();
+        test::rewritten(base, [&](const std::string& name, test::TensorEdit& t) {
+            if (edits.count(name) != 0) t = edits[name];
+            return true;
+        }).write(path);
+        return path;
+    };
+    const Checkpoint k(file("k.gguf", mixed)), f(file("f.gguf", values));
+    CHECK(k.expert_storage() == dtype::q8_0);      // one storage for every expert matrix
+    CHECK(k.expert_storage(true) == dtype::q8_0);  // for the Q6_K ones
+    const LoadOptions keep{.storage = k.expert_storage(true), .keep_stored = true};
+    const auto block = load_moe_block<B>(k, 0, "", keep);
+    CHECK(block.expert_storages() == std::set<dtype>{dtype::q4_k, dtype::q8_0});
+    const index_t d = 256, ff = 256, shared_ff = describe(k).shared_ff;
+    REQUIRE(shared_ff % 256 == 0);
+    const auto expert = [&](index_t width) {
+        return weight_bytes(dtype::q4_k, std::size_t(2 * width), std::size_t(d)) + weight_bytes(dtype::q8_0, std::size_t(d), std::size_t(width));
+    };
+    CHECK(block.expert_weight_bytes() == 3 * expert(ff) + expert(shared_ff));
+    const Matrix<float> x = test::random_matrix(6, 256, 4);
+    Matrix<float> y(6, 256);
+    Workspace ws;
+    block.forward(x.view(), y.view(), ws);
+    const Matrix<float> want = forward<B>(f, 0, x.view(), {});
+    CHECK(relative_error(y.view(), want.view()) <= 1e-5);
+    // Without it, one storage for all: gate and up requantised too, in more bytes.
+    const auto all = load_moe_block<B>(k, 0, "", {.storage = dtype::q8_0});
+    CHECK(all.expert_storages() == std::set<dtype>{dtype::q8_0});
+    CHECK(all.expert_weight_bytes() > block.expert_weight_bytes());
+    Matrix<float> y_all(6, 256);
+    all.forward(x.view(), y_all.view(), ws);
+    CHECK(relative_error(y_all.view(), want.view()) > 1e-4);
+}
+TEST_CASE_TEMPLATE_APPLY(keep_stored, test::all_backends);
 
 TEST_CASE("GGUF: v2 and v3, any alignment, arrays and every metadata type are read") {
     TempDir tmp("versions");

@@ -41,11 +41,11 @@ constexpr const char* usage_text = R"(usage:
   hypermoe                         run the demo (a small HyperMoE stack, fixed seed)
   hypermoe run --model DIR|FILE.gguf --input X.safetensors --output Y.safetensors [--layer N]
                [--stack encoder|decoder] [--backend onednn|eigen|reference] [--threads N]
-               [--weights f32|bf16|q8_0|q4_0|mxfp4|q4_k] [--precision exact|fast]
+               [--weights stored|f32|bf16|q8_0|q4_0|mxfp4|q4_k] [--precision exact|fast]
                [--grad DY.safetensors --output-grads G.safetensors]   (backward: dx and d/<tensor>)
   hypermoe inspect --model DIR|FILE.gguf
   hypermoe bench [--family F] [--d-model N] [--d-ff N] [--experts N] [--top-k N] [--tokens N]
-               [--router NAME|all|native] [--hyper cached|per-token|off] [--weights f32|bf16|q8_0|q4_0|mxfp4|q4_k]
+               [--router NAME|all|native] [--hyper cached|per-token|off] [--weights stored|f32|bf16|q8_0|q4_0|mxfp4|q4_k]
                [--precision exact|fast] [--threads N] [--repeat N] [--backend B] [--model DIR|FILE.gguf [--layer N] [--stack S]] [--json]
   hypermoe train [--model DIR|FILE.gguf | --family F [--d-model N] [--d-ff N] [--experts N] [--top-k N] [--layers N] [--seed N]]
                [--data TRAIN.safetensors [--eval EVAL.safetensors] | --tasks N [--train-rows N] [--eval-rows N] [--data-seed N]]
@@ -113,13 +113,39 @@ void set_threads(const Args& a) {
 #endif
 }
 
-/// --weights, defaulting to f32 (a checkpoint: Checkpoint::expert_storage, the experts' own BF16 / Q8_0 / Q4_0 / MXFP4 / Q4_K).
-hm::dtype weights_of(const Args& a, const hm::Checkpoint* ck = nullptr) {
-    const std::string w = a.get("--weights", std::string(hm::to_string(ck != nullptr ? ck->expert_storage() : hm::dtype::f32)));
-    for (const hm::dtype t : {hm::dtype::f32, hm::dtype::bf16, hm::dtype::q8_0, hm::dtype::q4_0, hm::dtype::mxfp4, hm::dtype::q4_k})
-        if (w == hm::to_string(t)) return t;
-    throw usage_error("--weights is '" + w + "', expected f32, bf16, q8_0, q4_0, mxfp4 or q4_k");
+/// The names in `names`, comma-separated (a set: sorted, once each).
+std::string joined(const std::set<std::string>& names) {
+    std::string out;
+    for (const auto& n : names) out += (out.empty() ? "" : ", ") + n;
+    return out;
 }
+
+/// The tensor dtype TensorInfo::type_string() names `name` (e.g. "Q4_K"), if any.
+std::optional<hm::tensor_dtype> tensor_dtype_named(const std::string& name) {
+    for (int i = 0; i <= int(hm::tensor_dtype::other); ++i)
+        if (hm::to_string(hm::tensor_dtype(i)) == name) return hm::tensor_dtype(i);
+    return std::nullopt;
+}
+
+/// --weights into `o`: a storage for every expert weight matrix, or `stored` (the default): each
+/// one in the format it is stored in where a layer holds that format as stored (BF16, Q8_0, Q4_0,
+/// MXFP4, Q4_K), the others in Checkpoint::expert_storage(true) (LoadOptions::keep_stored).
+void apply_weights(const Args& a, const hm::Checkpoint& ck, hm::LoadOptions& o) {
+    const std::string w = a.get("--weights", "stored");
+    if (w == "stored") {
+        o.storage = ck.expert_storage(true), o.keep_stored = true;
+        return;
+    }
+    for (const hm::dtype t : {hm::dtype::f32, hm::dtype::bf16, hm::dtype::q8_0, hm::dtype::q4_0, hm::dtype::mxfp4, hm::dtype::q4_k})
+        if (w == hm::to_string(t)) {
+            o.storage = t, o.keep_stored = false;
+            return;
+        }
+    throw usage_error("--weights is '" + w + "', expected stored, f32, bf16, q8_0, q4_0, mxfp4 or q4_k");
+}
+
+/// What --weights chose, as `bench` prints it: the storage, or `stored`.
+std::string weights_name(const hm::LoadOptions& o) { return o.keep_stored ? "stored" : std::string(hm::to_string(o.storage)); }
 
 hm::precision precision_of(const Args& a) {
     const std::string p = a.get("--precision", "exact");
@@ -129,7 +155,11 @@ hm::precision precision_of(const Args& a) {
 }
 
 /// --weights and --precision as load options for checkpoint `ck`.
-hm::LoadOptions load_options(const Args& a, const hm::Checkpoint& ck) { return {.storage = weights_of(a, &ck), .prec = precision_of(a)}; }
+hm::LoadOptions load_options(const Args& a, const hm::Checkpoint& ck) {
+    hm::LoadOptions o{.prec = precision_of(a)};
+    apply_weights(a, ck, o);
+    return o;
+}
 
 /// The oneDNN backend's path for bf16 `fast` where it is oneDNN's bf16 matmul (AMX), e.g. "onednn
 /// brg:avx512_core_amx"; empty where it is our own kernel.
@@ -140,28 +170,29 @@ std::string onednn_bf16_fast_path() {
     return "";
 }
 
-/// The instructions the experts' linear maps run on: our own kernel for bf16 and the block formats
-/// (chosen from this CPU); for f32 the backend's name, except where oneDNN has no f32 brgemm and
-/// the oneDNN backend runs our f32 panel kernels (then their instructions); for bf16 `fast` on
-/// the oneDNN backend where that runs oneDNN's bf16 matmul (AMX), "onednn" and its implementation.
+/// The instructions linear maps over weights stored as `t` run on: our own kernel for bf16 and the
+/// block formats (chosen from this CPU); for f32 the backend's name, except where oneDNN has no
+/// f32 brgemm and the oneDNN backend runs our f32 panel kernels (then their instructions); for
+/// bf16 `fast` on the oneDNN backend where that runs oneDNN's bf16 matmul (AMX), "onednn" and
+/// its implementation.
 template <class B>
-std::string isa_of(const hm::LoadOptions& o) {
+std::string isa_of(hm::dtype t, hm::precision p) {
 #if HYPERMOE_HAS_ONEDNN
     if constexpr (std::is_same_v<B, hm::onednn>) {
-        if (o.storage == hm::dtype::f32) return std::string(hm::detail::onednn_f32_kernel_name());
-        if (o.storage == hm::dtype::bf16 && o.prec == hm::precision::fast && !onednn_bf16_fast_path().empty())
-            return onednn_bf16_fast_path();
+        if (t == hm::dtype::f32) return std::string(hm::detail::onednn_f32_kernel_name());
+        if (t == hm::dtype::bf16 && p == hm::precision::fast && !onednn_bf16_fast_path().empty()) return onednn_bf16_fast_path();
     }
 #endif
-    if (o.storage == hm::dtype::f32) return std::string(B::name);
-    return std::string(hm::detail::kernel_isa_name(o.storage, o.prec));
+    if (t == hm::dtype::f32) return std::string(B::name);
+    return std::string(hm::detail::kernel_isa_name(t, p));
 }
 
-/// Bytes of one block's routed and shared expert weight matrices stored as `t`.
-std::size_t expert_weight_bytes(const hm::ModelInfo& m, hm::dtype t) {
-    const std::size_t mats = m.expert_kind == "SwiGLU" ? 3 : 2, d = std::size_t(m.d_model);
-    const auto expert = [&](std::size_t ff) { return (mats - 1) * hm::weight_bytes(t, ff, d) + hm::weight_bytes(t, d, ff); };
-    return std::size_t(m.experts) * expert(std::size_t(m.d_ff)) + (m.shared_ff > 0 ? expert(std::size_t(m.shared_ff)) : 0);
+/// The instructions a block's experts run on: isa_of each storage they are held in, once each.
+template <class B, class Block>
+std::string isa_of(const Block& block, hm::precision p) {
+    std::set<std::string> names;
+    for (const hm::dtype t : block.expert_storages()) names.insert(isa_of<B>(t, p));
+    return joined(names);
 }
 
 /// Calls f.template operator()<Backend>() for the named backend: dispatch hoisted to here.
@@ -220,10 +251,10 @@ int run(const Args& a) {
     hm::LoadOptions options = load_options(a, ck);
     std::optional<hm::Matrix<float>> dy;
     if (a.has("--grad")) {
-        if (a.has("--weights") && options.storage != hm::dtype::f32)
+        if (a.has("--weights") && a.get("--weights", "") != "f32")
             throw usage_error("--grad needs f32 weights (a backward computes with the weights as trained), but --weights is " +
                               a.get("--weights", ""));
-        options.storage = hm::dtype::f32;
+        options.storage = hm::dtype::f32, options.keep_stored = false;
         const std::string grad = a.need("--grad");
         if (!fs::exists(grad)) throw usage_error("--grad " + grad + ": no such file");
         const hm::SafeTensorsFile g(grad);
@@ -277,12 +308,6 @@ std::string detail_bytes(const char* sep, const std::string& type, std::size_t n
     return sep + std::string(buf);
 }
 
-/// The names in `names`, comma-separated (a set: sorted, once each).
-std::string joined(const std::set<std::string>& names) {
-    std::string out;
-    for (const auto& n : names) out += (out.empty() ? "" : ", ") + n;
-    return out;
-}
 
 int inspect(const Args& a) {
     const hm::Checkpoint ck(a.need("--model"));
@@ -300,8 +325,16 @@ int inspect(const Args& a) {
     for (const auto& [type, n] : ck.bytes_by_dtype()) bytes += detail_bytes(bytes.empty() ? "" : ", ", type, n);
     std::printf("bytes      %s\n", bytes.c_str());
     const std::string format = ck.gguf_architecture().empty() ? "safetensors" : "GGUF, architecture " + ck.gguf_architecture();
-    std::printf("format     %s; experts stored as %s; default --weights %s\n", format.c_str(), joined(ck.expert_dtypes()).c_str(),
-                std::string(hm::to_string(ck.expert_storage())).c_str());
+    // --weights stored (the default): the experts held as stored where a layer holds their format, the others converted
+    const std::string rest(hm::to_string(ck.expert_storage(true)));
+    std::string kept;
+    for (const auto& type : ck.expert_dtypes()) {
+        const auto t = tensor_dtype_named(type);
+        const auto held = t ? hm::held_dtype(*t) : std::nullopt;
+        kept += (kept.empty() ? "" : ", ") + type + " as " + (held && *held != hm::dtype::f32 ? std::string(hm::to_string(*held)) : rest);
+    }
+    std::printf("format     %s; experts stored as %s; default --weights stored: %s\n", format.c_str(), joined(ck.expert_dtypes()).c_str(),
+                kept.c_str());
     std::string blocks;
     for (const auto& b : m.moe_blocks)
         blocks += (blocks.empty() ? "" : ", ") + (b.stack.empty() ? "" : b.stack + " ") + std::to_string(b.layer);
@@ -413,9 +446,9 @@ int bench(const Args& a) {
         hm::LoadOptions opt = load_options(a, ck);
         opt.hyper = hopt;
         const auto model = hm::load_model<B>(ck, opt);
-        const std::string isa = isa_of<B>(opt);
-        const std::size_t weight_bytes = expert_weight_bytes(info, opt.storage);
         const auto& block = model.block(layer, stack);
+        const std::string isa = isa_of<B>(block, opt.prec);
+        const std::size_t weight_bytes = block.expert_weight_bytes();
         const hm::index_t d = block.d_model(), e = info.experts, k = info.top_k;
         const bool two_stacks = hm::has_two_stacks(info.family);
         const hm::index_t seq = two_stacks ? tokens : 0;
@@ -464,7 +497,7 @@ int bench(const Args& a) {
                         std::string(hm::to_string(info.family)).c_str(), stack.empty() ? "" : (stack + " ").c_str(),
                         static_cast<long long>(layer), static_cast<long long>(d), static_cast<long long>(e), info.expert_kind.c_str(),
                         static_cast<long long>(info.d_ff), static_cast<long long>(k), static_cast<long long>(tokens),
-                        std::string(B::name).c_str(), std::string(hm::to_string(opt.storage)).c_str(), double(weight_bytes) / 1048576.0,
+                        std::string(B::name).c_str(), weights_name(opt).c_str(), double(weight_bytes) / 1048576.0,
                         std::string(hm::to_string(opt.prec)).c_str(), isa.c_str());
             std::printf("%-22s %9s %9s %9s %11s %8s %7s %8s %7s %7s\n", "router", "median_ms", "min_ms", "route_ms", "tokens/s",
                         "GFLOP/s", "load_cv", "max/mean", "dropped", "entropy");
@@ -478,7 +511,7 @@ int bench(const Args& a) {
                                        {"tokens_per_s", tps}, {"gflops", r.gflops}, {"load_cv", r.stats.load_cv},
                                        {"max_over_mean", r.stats.max_over_mean}, {"dropped", r.stats.dropped},
                                        {"entropy", r.stats.entropy ? nlohmann::json(entropy) : nlohmann::json(nullptr)},
-                                       {"weights", hm::to_string(opt.storage)}, {"precision", hm::to_string(opt.prec)},
+                                       {"weights", weights_name(opt)}, {"precision", hm::to_string(opt.prec)},
                                        {"isa", isa}, {"weight_bytes", weight_bytes}};
                 std::printf("%s\n", j.dump().c_str());
             } else {

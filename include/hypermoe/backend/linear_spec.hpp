@@ -102,7 +102,16 @@ struct LinearOptions {
     /// How q8_0 / q4_0 / mxfp4 / q4_k weights compute (core/dtype.hpp); f32 and bf16 storage compute exactly
     /// either way.
     precision prec = precision::exact;
+    /// Weights given in bf16 or a block format stay in it (no conversion); `storage` applies to
+    /// f32 ones only (kept_storage).
+    bool keep_stored = false;
 };
+
+/// The dtype weights given as `source` are stored in for `storage` (the source's when unset),
+/// unless keep_stored and they are bf16 or a block format, which then stay as they are.
+[[nodiscard]] constexpr dtype kept_storage(dtype source, std::optional<dtype> storage, bool keep_stored) noexcept {
+    return keep_stored && source != dtype::f32 ? source : storage.value_or(source);
+}
 
 /// Where a linear map's backward adds its parameter gradients: dW (N, K) and db (N, or empty
 /// when the caller does not want it). Both are accumulated (+=), as gradients are across the
@@ -162,7 +171,7 @@ inline dtype validate_linear(const WeightView& w, std::span<const float> bias, c
     if (const index_t i = find_non_finite(bias); i >= 0)
         throw weight_error(concat(opt.name, ": bias element ", i, " is ", bias[static_cast<std::size_t>(i)],
                                   ", expected a finite value"));
-    return opt.storage.value_or(w.type());
+    return kept_storage(w.type(), opt.storage, opt.keep_stored);
 }
 
 /// The value a weight element has once stored in an element type (bf16 storage rounds); the

@@ -31,8 +31,11 @@ struct FfnWeights {
 struct ExpertOptions {
     /// dtype the weights are stored in; defaults to the source's.
     std::optional<dtype> storage = std::nullopt;
-    /// How q8_0 / q4_0 weights compute: `exact` or `fast` (core/dtype.hpp).
+    /// How block-format weights compute: `exact` or `fast` (core/dtype.hpp).
     precision prec = precision::exact;
+    /// Weights given in bf16 or a block format stay in it; `storage` applies to f32 ones only
+    /// (LinearOptions::keep_stored).
+    bool keep_stored = false;
 };
 
 /// Gradients of an FfnExpert's parameters, zeroed at creation (FfnExpert::make_gradients);
@@ -56,8 +59,8 @@ public:
 
     explicit FfnExpert(const FfnWeights& w, const ExpertOptions& opt = {})
         : Widths(checked_extents(w)), up_bias_(!w.up_bias.empty()), down_bias_(!w.down_bias.empty()),
-          up_(std::in_place, w.up, w.up_bias, LinearOptions{"FfnExpert weight 'up'", false, opt.storage, opt.prec}),
-          down_(std::in_place, w.down, w.down_bias, LinearOptions{"FfnExpert weight 'down'", false, opt.storage, opt.prec}) {}
+          up_(std::in_place, w.up, w.up_bias, LinearOptions{"FfnExpert weight 'up'", false, opt.storage, opt.prec, opt.keep_stored}),
+          down_(std::in_place, w.down, w.down_bias, LinearOptions{"FfnExpert weight 'down'", false, opt.storage, opt.prec, opt.keep_stored}) {}
 
     /// The linear maps (shared by copies of this expert).
     [[nodiscard]] const typename B::template linear<Act>& up() const noexcept { return *up_; }

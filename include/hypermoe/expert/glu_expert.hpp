@@ -60,7 +60,7 @@ public:
     explicit GluExpert(const GluWeights& w, const ExpertOptions& opt = {})
         : Widths(checked_extents(w)), gate_up_bias_(!w.gate_bias.empty() || !w.up_bias.empty()), down_bias_(!w.down_bias.empty()),
           gate_up_(fused_gate_up(w, opt)),
-          down_(std::in_place, w.down, w.down_bias, LinearOptions{"GluExpert weight 'down'", false, opt.storage, opt.prec}) {}
+          down_(std::in_place, w.down, w.down_bias, LinearOptions{"GluExpert weight 'down'", false, opt.storage, opt.prec, opt.keep_stored}) {}
 
     /// The linear maps: [gate; up] fused, and down (shared by copies of this expert).
     [[nodiscard]] const typename B::template linear<Identity>& gate_up() const noexcept { return *gate_up_; }
@@ -302,7 +302,8 @@ private:
     }
 
     /// [gate; up] stacked as one (2 ff, d) weight, in the type the linear map stores: by default
-    /// gate's and up's when they share one, else f32 (widened, exact). Rows already in that type
+    /// gate's and up's when they share one, else f32 (widened, exact); with keep_stored, that
+    /// shared one unless it is f32, else the storage. Rows already in that type
     /// are copied as they are (bf16 and q8_0 / q4_0 blocks are not requantised), the others
     /// converted from their values as the linear map would convert them (finiteness checked
     /// first, with its message). So the stacked copy takes the storage's bytes, not f32's: 3.2 MB,
@@ -313,7 +314,7 @@ private:
     static detail::Shared<typename B::template linear<Identity>> fused_gate_up(const GluWeights& w, const ExpertOptions& opt) {
         const index_t d = w.gate.cols(), ff = w.gate.rows();
         const dtype source = w.gate.type() == w.up.type() ? w.gate.type() : dtype::f32;
-        const dtype storage = opt.storage.value_or(source);
+        const dtype storage = kept_storage(source, opt.storage, opt.keep_stored);
         // A block view holds whole blocks: other widths stack in f32, quantised by the linear map.
         const dtype type = is_block_format(storage) && d % quant_block != 0 ? dtype::f32 : storage;
         const std::string name = "GluExpert weight 'gate|up'";

@@ -174,9 +174,13 @@ public:
     ///   at less error than theirs, in half q8_0's bytes; else q8_0, whose requantisation adds
     ///   almost nothing to the file's error, in 8.5 bits a weight where f32 takes 32;
     /// - f32 otherwise (F32 or F16 experts, a mix with them), which keeps the values exactly.
-    /// `hypermoe`'s --weights defaults to it.
-    [[nodiscard]] dtype expert_storage() const {
-        const std::set<tensor_dtype> types = expert_matrix_dtypes();
+    /// With keep_stored, the storage for the experts LoadOptions::keep_stored does not keep as
+    /// stored: chosen as above among those alone (Q4_K_M's Q6_K, with its Q4_K kept: q8_0).
+    /// `hypermoe`'s --weights stored (its default) takes that.
+    [[nodiscard]] dtype expert_storage(bool keep_stored = false) const {
+        std::set<tensor_dtype> types = expert_matrix_dtypes();
+        if (keep_stored)
+            std::erase_if(types, [](tensor_dtype t) { return held_dtype(t) && *held_dtype(t) != dtype::f32; });
         if (types.empty()) return dtype::f32;
         if (types.size() == 1)
             if (const auto held = held_dtype(*types.begin()); held && *held != dtype::f32) return *held;

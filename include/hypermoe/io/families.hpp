@@ -14,6 +14,7 @@
 #include <array>
 #include <memory>
 #include <optional>
+#include <set>
 #include <string>
 #include <string_view>
 #include <type_traits>
@@ -335,6 +336,38 @@ public:
                 else throw config_error("LoadedMoeBlock::hyper_term: not a HyperMoE block");
             },
             layer_);
+    }
+
+    /// The dtypes its routed and shared experts' weight matrices are held in (several with
+    /// LoadOptions::keep_stored on a file of mixed formats).
+    [[nodiscard]] std::set<dtype> expert_storages() const {
+        std::set<dtype> out;
+        for_each_expert_linear([&](const auto& lin) { out.insert(lin.storage()); });
+        return out;
+    }
+    /// The bytes of its routed and shared experts' weight matrices in their storage, as ggml's
+    /// layout of it takes them (weight_bytes; q4_k's unpacked scales take 2.8% more).
+    [[nodiscard]] std::size_t expert_weight_bytes() const {
+        std::size_t n = 0;
+        for_each_expert_linear([&](const auto& lin) {
+            n += weight_bytes(lin.storage(), std::size_t(lin.out_features()), std::size_t(lin.in_features()));
+        });
+        return n;
+    }
+
+    /// Calls f with each linear map of its routed and shared experts: a GLU expert's fused
+    /// [gate; up] and down, an FFN expert's up and down.
+    template <class F>
+    void for_each_expert_linear(F&& f) const {
+        visit_moe([&](const auto& m) {
+            const auto each = [&](const auto& e) {
+                if constexpr (requires { e.gate_up(); }) f(e.gate_up());
+                else f(e.up());
+                f(e.down());
+            };
+            for (index_t e = 0; e < m.num_experts(); ++e) each(m.expert(e));
+            if constexpr (std::decay_t<decltype(m.shared())>::present) each(m.shared().expert());
+        });
     }
 
     /// Calls f with the block's MoeLayer (for HyperMoE: the MoE part).

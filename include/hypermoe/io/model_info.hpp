@@ -52,6 +52,13 @@ struct ModelInfo {
 struct LoadOptions {
     /// dtype the expert weights are kept in; default: f32 (bf16 checkpoints are widened, exactly).
     dtype storage = dtype::f32;
+    /// Keep each expert weight matrix stored in a format a layer holds as stored (BF16, Q8_0,
+    /// Q4_0, MXFP4, Q4_K) in that format, and convert only the others into `storage` (a GLU
+    /// expert's gate and up stay as stored when both are in the same such format). With
+    /// Checkpoint::expert_storage(true) as the storage, a mixed file (llama.cpp's Q4_K_M: Q4_K
+    /// and Q6_K experts) keeps its Q4_K experts in their 4.5 bits a weight and holds only its
+    /// Q6_K ones requantised (q8_0). `hypermoe`'s default.
+    bool keep_stored = false;
     /// How q8_0 / q4_0 / mxfp4 / q4_k experts compute: `exact` or `fast` (core/dtype.hpp).
     precision prec = precision::exact;
     HyperOptions hyper = {};

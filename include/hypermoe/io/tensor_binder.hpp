@@ -54,10 +54,12 @@ public:
     /// into q4_0 takes 99 MB, where its f32 conversion took 705 MB and its bf16 pages 352 MB
     /// (the buffers are allocated here, untouched: address space, not memory). The view must not
     /// be read before materialise().
-    WeightView deferred_matrix(const std::string& name, index_t rows, index_t cols, dtype storage = dtype::f32) {
+    /// With keep_stored, a tensor in a format a layer holds as stored (held_dtype: BF16, Q8_0,
+    /// Q4_0, MXFP4, Q4_K) is taken in that format instead of `storage` (LoadOptions::keep_stored).
+    WeightView deferred_matrix(const std::string& name, index_t rows, index_t cols, dtype storage = dtype::f32, bool keep_stored = false) {
         const Checkpoint::Ref r = fetch(name, {rows, cols});
         if (r.info == nullptr) return placeholder();
-        const dtype type = converted_type(storage, cols);
+        const dtype type = converted_type(keep_stored ? kept(r.info->dtype, storage) : storage, cols);
         if (const auto in_place = view_in_place(r, rows, cols); in_place && (in_place->type() == type || type == dtype::f32))
             return *in_place;
         std::shared_ptr<std::byte[]> buffer = detail::aligned_array<std::byte>(weight_bytes(type, std::size_t(rows), std::size_t(cols)));
@@ -70,10 +72,12 @@ public:
     /// place instead of stacking a copy (it costs one copy either way; this one drops the
     /// source's pages as it goes). Placeholders when either tensor is missing or wrong.
     std::pair<WeightView, WeightView> deferred_stack(const std::string& top, const std::string& bottom, index_t rows, index_t cols,
-                                                     dtype storage) {
+                                                     dtype storage, bool keep_stored = false) {
         const Checkpoint::Ref a = fetch(top, {rows, cols}), b = fetch(bottom, {rows, cols});
         if (a.info == nullptr || b.info == nullptr) return {placeholder(), placeholder()};
-        const dtype type = converted_type(storage, cols);
+        // keep_stored: both in the format they share, when a layer holds it as stored
+        const bool shared = keep_stored && a.info->dtype == b.info->dtype;
+        const dtype type = converted_type(shared ? kept(a.info->dtype, storage) : storage, cols);
         const std::size_t bytes = weight_bytes(type, std::size_t(rows), std::size_t(cols));
         std::shared_ptr<std::byte[]> buffer = detail::aligned_array<std::byte>(2 * bytes);
         return {defer(a, buffer, buffer.get(), type, rows, cols), defer(b, buffer, buffer.get() + bytes, type, rows, cols)};
@@ -91,7 +95,8 @@ public:
     ///   nibbles put in ggml's order), or converted from their values.
     /// Converted by materialise() like deferred_matrix()'s, one expert at a time; placeholders when
     /// a tensor is missing or wrong (reported once).
-    std::vector<WeightView> deferred_fused(const std::string& name, index_t experts, index_t pieces, index_t rows, index_t cols, dtype storage) {
+    std::vector<WeightView> deferred_fused(const std::string& name, index_t experts, index_t pieces, index_t rows, index_t cols, dtype storage,
+                                           bool keep_stored = false) {
         Fused f{{nullptr, nullptr}, 0, pieces, 0};
         Checkpoint::Ref source{nullptr, nullptr};
         if (has(name + "_blocks")) {
@@ -104,7 +109,7 @@ public:
             source = fetch(name, {experts, cols, pieces * rows});
         }
         if (source.info == nullptr) return std::vector<WeightView>(std::size_t(experts * pieces), placeholder());
-        const dtype type = converted_type(storage, cols);
+        const dtype type = converted_type(!keep_stored ? storage : f.scales.info != nullptr ? dtype::mxfp4 : kept(source.info->dtype, storage), cols);
         const std::size_t bytes = weight_bytes(type, std::size_t(rows), std::size_t(cols));
         std::vector<WeightView> out;
         for (index_t e = 0; e < experts; ++e) {
@@ -232,6 +237,13 @@ private:
         if (is_block_dtype(t.dtype))
             return WeightView::blocks(bytes.data(), *held_dtype(t.dtype), rows, cols);
         return std::nullopt;
+    }
+
+    /// The type a tensor of dtype `t` is kept in with keep_stored: its own where a layer holds it as
+    /// stored (held_dtype, but f32), else `storage`.
+    static dtype kept(tensor_dtype t, dtype storage) noexcept {
+        const auto held = held_dtype(t);
+        return held && *held != dtype::f32 ? *held : storage;
     }
 
     /// The type a routed expert's weight of `cols` columns is converted into for `storage`: the

@@ -70,14 +70,14 @@ struct BlockSource {
     /// type when build_experts packs its expert), with the name recorded in `slot`.
     WeightView bind_expert_matrix(TensorName& slot, std::string name, index_t rows, index_t cols) {
         slot = {std::move(name), false};
-        return tensors.deferred_matrix(slot.name, rows, cols, options.storage);
+        return tensors.deferred_matrix(slot.name, rows, cols, options.storage, options.keep_stored);
     }
     /// tensors.deferred_stack(top, bottom, ...) (a routed GLU expert's gate and up, converted into
     /// one [gate; up] buffer when build_experts packs its expert), with the names recorded.
     std::pair<WeightView, WeightView> bind_expert_stack(TensorName& top_slot, std::string top, TensorName& bottom_slot, std::string bottom,
                                                         index_t rows, index_t cols) {
         top_slot = {std::move(top), false}, bottom_slot = {std::move(bottom), false};
-        return tensors.deferred_stack(top_slot.name, bottom_slot.name, rows, cols, options.storage);
+        return tensors.deferred_stack(top_slot.name, bottom_slot.name, rows, cols, options.storage, options.keep_stored);
     }
     /// tensors.vector(name, n), with the name recorded in `slot`.
     std::span<const float> bind_vector(TensorName& slot, std::string name, index_t n) {
@@ -155,7 +155,9 @@ GluWeights shared_glu_weights(BlockSource<B>& s, const std::string& prefix, inde
 }
 
 /// How the experts of a loaded block are stored and compute.
-[[nodiscard]] inline ExpertOptions expert_options(const LoadOptions& o) { return {.storage = o.storage, .prec = o.prec}; }
+[[nodiscard]] inline ExpertOptions expert_options(const LoadOptions& o) {
+    return {.storage = o.storage, .prec = o.prec, .keep_stored = o.keep_stored};
+}
 
 /// An expert's weight matrices converted where they were bound deferred (TensorBinder::materialise).
 inline void materialise_source(TensorBinder& t, const GluWeights& w) { t.materialise(w.gate), t.materialise(w.up), t.materialise(w.down); }

@@ -58,8 +58,8 @@ struct GptOss {
             // The gradients' names: each expert's slices of the fused tensors (MXFP4 blocks are not trained).
             const bool blocks = s.tensors.has(p + "experts.gate_up_proj_blocks");
             if (!blocks) s.names.experts.resize(std::size_t(e));
-            const auto gate_up = s.tensors.deferred_fused(p + "experts.gate_up_proj", e, 2, ff, d, s.options.storage);
-            const auto down = s.tensors.deferred_fused(p + "experts.down_proj", e, 1, d, ff, s.options.storage);
+            const auto gate_up = s.tensors.deferred_fused(p + "experts.gate_up_proj", e, 2, ff, d, s.options.storage, s.options.keep_stored);
+            const auto down = s.tensors.deferred_fused(p + "experts.down_proj", e, 1, d, ff, s.options.storage, s.options.keep_stored);
             for (index_t x = 0; x < e; ++x) {
                 w.push_back({gate_up[std::size_t(2 * x)], gate_up[std::size_t(2 * x + 1)], down[std::size_t(x)]});
                 if (blocks) continue;
