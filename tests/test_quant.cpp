@@ -21,6 +21,8 @@
 
 #include <hypermoe/core/quant.hpp>
 
+#include "../bench/load/ggml_reference_quants.hpp"
+
 using namespace hypermoe;
 
 namespace {
@@ -309,8 +311,11 @@ TEST_CASE("mxfp4 keeps each value within a quarter of its block's power of two, 
 }
 
 TEST_CASE("mxfp4 picks each value's nibble as ggml's linear search over the 16 values does") {
-    // ggml's best_index_mxfp4: the first index of least |kvalues_mxfp4[i] x d - x|.
+    // ggml's best_index_mxfp4: the first index of least |kvalues_mxfp4[i] x d - x|, each product
+    // rounded on its own as ggml's C source writes it (contracted into an FMA, 8 x 2^125 would
+    // stay finite inside it, and clang's -march=native build picked it for FLT_MAX).
     const auto search = [](float x, float d) {
+        HYPERMOE_NO_FP_CONTRACT
         int best = 0;
         float best_err = std::fabs(float(mxfp4_values[0]) * d - x);
         for (int i = 1; i < 16; ++i) {
@@ -439,6 +444,31 @@ TEST_CASE("q4_k: each code is the nearest to its value under the stored scale an
     }
     MESSAGE("RMS error, q4_k / q4_0: ", std::sqrt(err_k / err_0));
     CHECK(err_k < 0.8 * err_0);
+}
+
+TEST_CASE("q4_k: quantize_q4_k gives the bits of bench/load's transcription of ggml's quantize_row_q4_K_ref, written apart from it") {
+    // Two transcriptions of ggml's algorithm (the library's, and the one requant_error uses for
+    // Q4_K and Q5_K files), each rounding every product and sum on its own as ggml's C source
+    // does: on centred, offset, tiny, heavy-tailed and integer-valued super-blocks, every byte
+    // equal. Inputs come from integers, so no library maths a compiler could contract moves them.
+    std::mt19937 rng(11);
+    int differ = 0;
+    for (int trial = 0; trial < 4000; ++trial) {
+        std::array<float, 256> x{};
+        const int kind = trial % 5;
+        for (float& v : x) {
+            const int a = int(rng() % 20001) - 10000;
+            v = kind == 0   ? float(a) * 1e-5f
+                : kind == 1 ? float(a) * 1e-5f + 0.04f
+                : kind == 2 ? float(a) * 1e-9f
+                : kind == 3 ? float(a) * float(a) * float(a) * 1e-13f
+                            : float(a % 16);
+        }
+        const BlockQ4_K mine = quantize_q4_k(x);
+        const auto theirs = ggml_ref::quantize_k<4>(x);
+        differ += std::memcmp(&mine, theirs.data(), sizeof mine) != 0;
+    }
+    CHECK(differ == 0);
 }
 
 TEST_CASE("q4_k: a row is quantised in super-blocks of 256, the last zero-padded, and a non-finite d or dmin is found") {

@@ -4,7 +4,8 @@
 // weights (32 or 256) and returns the block's bytes in ggml's layout, which the library's
 // GgmlQuantBlock decodes. Used by requant_error to measure what holding such a file in another
 // storage adds to the file's own error; not by the library, which writes none of these types
-// (MXFP4 aside: it quantises into its own mxfp4, which this file calls).
+// (MXFP4 and Q4_K aside: it quantises into its own mxfp4, which this file calls, and q4_k, which
+// tests/test_quant.cpp holds to quantize_k<4> here, written apart from it).
 #pragma once
 
 #include <algorithm>
@@ -43,9 +44,14 @@ float get_half(const Block<Bytes>& out, std::size_t at) {
 /// ggml's make_qkx2_quants for one sub-block of N: levels 0..nmax for w ~ scale * l - min (min >= 0
 /// returned in the_min), the scale and min chosen among nstep + 1 trial scales by the weighted
 /// squared (or, with use_mad, absolute) error of a least-squares fit.
+/// Its products and sums are rounded one at a time, as ggml's C source writes them (no FMA
+/// contraction: HYPERMOE_NO_FP_CONTRACT, core/quant.hpp), so that tests/test_quant.cpp can compare
+/// the library's quantize_q4_k with quantize_k<4> bit for bit in a -march=native build.
 template <std::size_t N>
-float make_qkx2_quants(std::span<const float, N> x, std::span<const float, N> weights, std::span<std::uint8_t, N> levels,
-                       float& the_min, int nmax, float rmin, float rdelta, int nstep, bool use_mad) {
+HYPERMOE_NO_FP_CONTRACT_ATTR float make_qkx2_quants(std::span<const float, N> x, std::span<const float, N> weights,
+                                                    std::span<std::uint8_t, N> levels, float& the_min, int nmax, float rmin,
+                                                    float rdelta, int nstep, bool use_mad) {
+    HYPERMOE_NO_FP_CONTRACT
     float min = x[0], max = x[0], sum_w = weights[0], sum_x = sum_w * x[0];
     for (std::size_t i = 1; i < N; ++i) {
         min = std::min(min, x[i]);
@@ -189,10 +195,12 @@ inline void pack_k_scales(unsigned char* sc, const std::array<int, 8>& ls, const
 }
 
 /// The levels (0..nmax) of a Q4_K / Q5_K super-block against its scales and mins as stored
-/// (sc at out + 4, d and dmin at out + 0 and out + 2).
+/// (sc at out + 4, d and dmin at out + 0 and out + 2), into `levels`; a sub-block whose d x sc is
+/// 0 keeps the fit's levels, as ggml's loop leaves them (they do not change its values).
 template <std::size_t Bytes>
-std::array<std::uint8_t, 256> k_levels(std::span<const float, 256> x, const Block<Bytes>& out, int nmax) {
-    std::array<std::uint8_t, 256> levels{};
+HYPERMOE_NO_FP_CONTRACT_ATTR void k_levels(std::span<const float, 256> x, const Block<Bytes>& out, int nmax,
+                                           std::array<std::uint8_t, 256>& levels) {
+    HYPERMOE_NO_FP_CONTRACT
     const float d = get_half(out, 0), dmin = get_half(out, 2);
     for (std::size_t s = 0; s < 8; ++s) {
         const auto [ls, lm] = hm::k_scale_min(out.data() + 4, hm::index_t(s));
@@ -201,14 +209,14 @@ std::array<std::uint8_t, 256> k_levels(std::span<const float, 256> x, const Bloc
         const float offset = dmin * float(lm);
         for (std::size_t i = 0; i < 32; ++i) levels[32 * s + i] = std::uint8_t(std::clamp(nearest_int((x[32 * s + i] + offset) / step), 0, nmax));
     }
-    return levels;
 }
 
 /// Q4_K (144 bytes) or Q5_K (176 bytes): per sub-block of 32 a weighted least-squares scale and
 /// min (Q4_K: levels 0..15, 21 trials; Q5_K: 0..31, 16 trials), the eight pairs quantised to 6
 /// bits against the super-block's half d and dmin, then the levels against those.
 template <int Bits>
-Block<Bits == 4 ? 144 : 176> quantize_k(std::span<const float, 256> x) {
+HYPERMOE_NO_FP_CONTRACT_ATTR Block<Bits == 4 ? 144 : 176> quantize_k(std::span<const float, 256> x) {
+    HYPERMOE_NO_FP_CONTRACT
     constexpr int nmax = (1 << Bits) - 1;
     std::array<std::uint8_t, 256> levels;
     std::array<float, 8> scales, mins;
@@ -236,7 +244,7 @@ Block<Bits == 4 ? 144 : 176> quantize_k(std::span<const float, 256> x) {
     pack_k_scales(out.data() + 4, ls, lm);
     put_half(out, 0, max_scale / 63);
     put_half(out, 2, max_min / 63);
-    levels = k_levels(x, out, nmax);
+    k_levels(x, out, nmax, levels);
     if constexpr (Bits == 4) {
         for (std::size_t j = 0; j < 256; j += 64)
             for (std::size_t l = 0; l < 32; ++l) out[16 + j / 2 + l] = std::uint8_t(levels[j + l] | levels[j + l + 32] << 4);

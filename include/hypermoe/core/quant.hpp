@@ -1,6 +1,6 @@
 #pragma once
-// The 8- and 4-bit block formats of weights, bit-compatible with ggml's Q8_0, Q4_0 and MXFP4 (so
-// GGUF files can be used without re-quantising, and results compared with llama.cpp):
+// The 8- and 4-bit block formats of weights, bit-compatible with ggml's Q8_0, Q4_0, MXFP4 and
+// Q4_K (so GGUF files can be used without re-quantising, and results compared with llama.cpp):
 //
 //   q8_0:  blocks of 32 consecutive weights along the input dimension, 34 bytes each:
 //          d = amax / 127 stored as IEEE half; q = roundf(x * (1/d)) as int8; value = q * d.
@@ -14,6 +14,14 @@
 //          Quantising (ggml's quantize_row_mxfp4_ref): e = floor(log2(amax)) - 2 + 127 (0 for a
 //          zero block, and for amax below 2^-125, where ggml's conversion to a byte is
 //          undefined), each weight the nearest value, the first of the 16 on ties.
+//   q4_k:  super-blocks of 256, 144 bytes each (ggml's Q4_K, BlockQ4_K below): per sub-block of
+//          32, a 6-bit scale sc and min m; per super-block the halves d and dmin; value =
+//          (d sc) q - dmin m, q a 4-bit code. Quantising follows ggml's quantize_row_q4_K_ref
+//          (no importance matrix): each sub-block's scale and min fitted by a weighted search
+//          (detail::fit_scale_min), then rounded to 6 bits under d and dmin, then each code. Its
+//          float operations are ggml's, in ggml's order; a compiler that contracts them into
+//          FMAs (ggml's own builds with -march=native may) can round a rare value differently.
+//          A row that is not whole super-blocks is zero-padded.
 //
 // In q8_0 and q4_0, 1/d is computed in f32 from the unrounded d (as ggml's reference quantiser
 // does), and dequantising uses the stored, half-rounded d. A zero block has d = 0 and all q = 0 (q4_0:
@@ -316,8 +324,25 @@ inline void dequantize(const BlockQ4_K& b, std::span<float, 256> out) noexcept {
 
 namespace detail {
 
+// The q4_k quantiser's products and sums are rounded one at a time, as ggml's C source writes
+// them: contracting them into FMAs (what GCC does by default for C++ where the target has FMA,
+// and clang within an expression) moves a few percent of super-blocks by a code or a scale step,
+// so that the bits would depend on the compiler's flags (the tests compare a -march=native build
+// with a plain one).
+#if defined(__clang__)
+#define HYPERMOE_NO_FP_CONTRACT_ATTR
+#define HYPERMOE_NO_FP_CONTRACT _Pragma("clang fp contract(off)")
+#elif defined(__GNUC__)
+#define HYPERMOE_NO_FP_CONTRACT_ATTR [[gnu::optimize("fp-contract=off")]]
+#define HYPERMOE_NO_FP_CONTRACT
+#else
+#define HYPERMOE_NO_FP_CONTRACT_ATTR
+#define HYPERMOE_NO_FP_CONTRACT
+#endif
+
 /// ggml's nearest_int: round to nearest, ties to even, by adding 1.5 x 2^23 (for |x| < 2^22).
-[[nodiscard]] inline int nearest_int(float x) noexcept {
+HYPERMOE_NO_FP_CONTRACT_ATTR [[nodiscard]] inline int nearest_int(float x) noexcept {
+    HYPERMOE_NO_FP_CONTRACT // inlined into a product's caller, the add could take the product unrounded
     const float shifted = x + 12582912.0f;
     return int(std::bit_cast<std::uint32_t>(shifted) & 0x007FFFFFu) - 0x00400000;
 }
@@ -325,8 +350,9 @@ namespace detail {
 /// ggml's make_qkx2_quants for Q4_K (32 values, codes 0-15, the search from (15 - 1) / range to
 /// (15 + 1) / range in 20 steps, squared error weighted by `w`): the scale and the min
 /// (returned negated, so >= 0) whose codes L fit x = scale * L - min best.
-[[nodiscard]] inline float fit_scale_min(std::span<const float, 32> x, std::span<const float, 32> w, std::span<std::uint8_t, 32> L,
-                                         float& the_min) noexcept {
+HYPERMOE_NO_FP_CONTRACT_ATTR [[nodiscard]] inline float fit_scale_min(std::span<const float, 32> x, std::span<const float, 32> w,
+                                                                      std::span<std::uint8_t, 32> L, float& the_min) noexcept {
+    HYPERMOE_NO_FP_CONTRACT
     constexpr int n = 32, nmax = 15, nstep = 20;
     constexpr float rmin = -1.0f, rdelta = 0.1f;
     float min = x[0], max = x[0], sum_w = w[0], sum_x = sum_w * x[0];
@@ -392,7 +418,8 @@ namespace detail {
 /// importance matrix): per sub-block of 32, a scale and a min fitted to the values weighted by
 /// rms + |x| (detail::fit_scale_min); the 8 scales and 8 mins as 6-bit multiples of d =
 /// max scale / 63 and dmin = max min / 63 (halves); then each value's code 0-15 from them.
-[[nodiscard]] inline BlockQ4_K quantize_q4_k(std::span<const float, 256> x) noexcept {
+HYPERMOE_NO_FP_CONTRACT_ATTR [[nodiscard]] inline BlockQ4_K quantize_q4_k(std::span<const float, 256> x) noexcept {
+    HYPERMOE_NO_FP_CONTRACT
     std::array<std::uint8_t, 256> L{};
     std::array<float, q4_k_sub_blocks> scales{}, mins{};
     float max_scale = 0, max_min = 0;
