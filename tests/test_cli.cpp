@@ -314,12 +314,21 @@ TEST_CASE("hypermoe holds a GGUF file's Q4_K and MXFP4 experts as stored, its ot
         const double requantised = test::relative_error(y[""].view(), y[" --weights f32"].view());
         if (storage != "mxfp4") CHECK(requantised > 0.0);
         CHECK(requantised < bound);
+        // bench names the formats the experts are held in: with the default, each one in `kept`
+        std::set<std::string> held;
+        for (std::size_t at = kept.find(" as "); at != std::string::npos; at = kept.find(" as ", at + 1))
+            held.insert(kept.substr(at + 4, kept.find(',', at) == std::string::npos ? std::string::npos : kept.find(',', at) - at - 4));
+        std::string held_names;
+        for (const auto& h : held) held_names += (held_names.empty() ? "" : ", ") + h;
         const auto bytes = [&](const std::string& weights) {
             const Result b = run_cli("bench --model " + file + weights + " --tokens 4 --repeat 1 --json");
             REQUIRE_MESSAGE(b.status == 0, b.err);
-            return nlohmann::json::parse(b.out.substr(0, b.out.find('\n')))["weight_bytes"].get<std::size_t>();
+            const auto row = nlohmann::json::parse(b.out.substr(0, b.out.find('\n')));
+            CHECK(row["weights"] == (weights.empty() ? held_names : storage));
+            return row["weight_bytes"].get<std::size_t>();
         };
-        if (!all_converted) CHECK(bytes("") < bytes(" --weights " + storage));
+        if (all_converted) CHECK(bytes("") == bytes(" --weights " + storage));
+        else CHECK(bytes("") < bytes(" --weights " + storage));
     };
     // llama.cpp's Q4_K_M mix: Q4_K as stored, Q6_K requantised to 8 bits. 3 experts x ([gate; up]
     // 512 x 256 in Q4_K's 144 bytes a super-block, down 256 x 256 in q8_0's 34 a block of 32).

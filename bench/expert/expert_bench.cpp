@@ -1,4 +1,4 @@
-// FfnExpert and GluExpert on every fast backend, f32, bf16, q8_0, q4_0 and mxfp4 weights (the block
+// FfnExpert and GluExpert on every fast backend, f32, bf16, q8_0, q4_0, mxfp4 and q4_k weights (the block
 // formats in both precisions), against the ceiling: the
 // same GEMM chain as raw oneDNN matmul primitives created for the exact M (brgemm), no epilogue.
 // The reference backend is the tests' oracle, not a fast path, and is not timed here.
@@ -180,7 +180,8 @@ int main(int argc, char** argv) {
     constexpr std::pair<hm::dtype, hm::precision> formats[] = {
         {hm::dtype::f32, hm::precision::exact},  {hm::dtype::bf16, hm::precision::exact},  {hm::dtype::bf16, hm::precision::fast},
         {hm::dtype::q8_0, hm::precision::exact}, {hm::dtype::q8_0, hm::precision::fast},   {hm::dtype::q4_0, hm::precision::exact},
-        {hm::dtype::q4_0, hm::precision::fast},  {hm::dtype::mxfp4, hm::precision::exact}, {hm::dtype::mxfp4, hm::precision::fast}};
+        {hm::dtype::q4_0, hm::precision::fast},  {hm::dtype::mxfp4, hm::precision::exact}, {hm::dtype::mxfp4, hm::precision::fast},
+        {hm::dtype::q4_k, hm::precision::exact}, {hm::dtype::q4_k, hm::precision::fast}};
     for (const auto& [d, ff] : {std::pair<hm::index_t, hm::index_t>{1024, 2816}, {768, 3072}})
         for (const hm::index_t m : {1, 8, 64, 512}) {
 #if HYPERMOE_HAS_ONEDNN

@@ -144,8 +144,15 @@ void apply_weights(const Args& a, const hm::Checkpoint& ck, hm::LoadOptions& o) 
     throw usage_error("--weights is '" + w + "', expected stored, f32, bf16, q8_0, q4_0, mxfp4 or q4_k");
 }
 
-/// What --weights chose, as `bench` prints it: the storage, or `stored`.
-std::string weights_name(const hm::LoadOptions& o) { return o.keep_stored ? "stored" : std::string(hm::to_string(o.storage)); }
+/// What a block's experts are held in, as `bench` prints it: --weights' format, or with `stored`
+/// each format they are held in.
+template <class Block>
+std::string weights_name(const hm::LoadOptions& o, const Block& block) {
+    if (!o.keep_stored) return std::string(hm::to_string(o.storage));
+    std::set<std::string> names;
+    for (const hm::dtype t : block.expert_storages()) names.insert(std::string(hm::to_string(t)));
+    return joined(names);
+}
 
 hm::precision precision_of(const Args& a) {
     const std::string p = a.get("--precision", "exact");
@@ -497,7 +504,7 @@ int bench(const Args& a) {
                         std::string(hm::to_string(info.family)).c_str(), stack.empty() ? "" : (stack + " ").c_str(),
                         static_cast<long long>(layer), static_cast<long long>(d), static_cast<long long>(e), info.expert_kind.c_str(),
                         static_cast<long long>(info.d_ff), static_cast<long long>(k), static_cast<long long>(tokens),
-                        std::string(B::name).c_str(), weights_name(opt).c_str(), double(weight_bytes) / 1048576.0,
+                        std::string(B::name).c_str(), weights_name(opt, block).c_str(), double(weight_bytes) / 1048576.0,
                         std::string(hm::to_string(opt.prec)).c_str(), isa.c_str());
             std::printf("%-22s %9s %9s %9s %11s %8s %7s %8s %7s %7s\n", "router", "median_ms", "min_ms", "route_ms", "tokens/s",
                         "GFLOP/s", "load_cv", "max/mean", "dropped", "entropy");
@@ -511,7 +518,7 @@ int bench(const Args& a) {
                                        {"tokens_per_s", tps}, {"gflops", r.gflops}, {"load_cv", r.stats.load_cv},
                                        {"max_over_mean", r.stats.max_over_mean}, {"dropped", r.stats.dropped},
                                        {"entropy", r.stats.entropy ? nlohmann::json(entropy) : nlohmann::json(nullptr)},
-                                       {"weights", weights_name(opt)}, {"precision", hm::to_string(opt.prec)},
+                                       {"weights", weights_name(opt, block)}, {"precision", hm::to_string(opt.prec)},
                                        {"isa", isa}, {"weight_bytes", weight_bytes}};
                 std::printf("%s\n", j.dump().c_str());
             } else {
