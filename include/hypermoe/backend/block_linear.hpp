@@ -2,9 +2,9 @@
 // Linear maps over weights stored in the q8_0 / q4_0 / mxfp4 / q4_k block formats
 // (core/quant.hpp), shared by every backend: a backend's linear whose storage is a block format
 // holds a BlockLinear and forwards to it, so the weights are held once, as ggml's blocks (34, 18
-// or 17 bytes per 32 weights; q4_k's super-blocks of 256 as 8 sub-blocks of 18.5), never widened. They are held in the layout VPDPBUSD takes (BlockWeights: tiles of 32
-// outputs), so that one kernel serves every row count, from decode to prefill, with nothing
-// repacked per call.
+// or 17 bytes per 32 weights; q4_k's super-blocks of 256 as 8 sub-blocks of 18.5), never
+// widened. They are held in the layout VPDPBUSD takes (BlockWeights: tiles of 32 outputs), so
+// that one kernel serves every row count, from decode to prefill, with nothing repacked per call.
 // Two precisions (core/dtype.hpp):
 // - exact: f32 on the weights' exact values. Per block and output, the 32 products of the
 //   block's small integers with the inputs are summed in f32 and then scaled by the block's d
@@ -183,7 +183,8 @@ namespace hypermoe {
 /// tile of a product (a tile per call would repeat it: a Mixtral-like expert's forward tiles
 /// call its gate|up product 12 times). bf16 `fast` rounds the rows to bf16 (`rounded`); the block
 /// formats' `fast` quantises them per block of 32 (`quantized`); `exact` q4_k (and q4_0 on AVX2)
-/// sums each block of inputs (`block_sums`). Views only: valid while the workspace scope that prepare() took them in.
+/// sums each block of inputs (`block_sums`). Views only: valid while the workspace scope that
+/// prepare() took them in.
 struct PreparedInput {
     ConstMatrixView<float> a;                          ///< the input (M, K)
     ConstMatrixView<std::uint16_t> rounded;            ///< bf16 bits of a, or empty
