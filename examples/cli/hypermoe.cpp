@@ -337,8 +337,8 @@ int inspect(const Args& a) {
     std::string kept;
     for (const auto& type : ck.expert_dtypes()) {
         const auto t = tensor_dtype_named(type);
-        const auto held = t ? hm::held_dtype(*t) : std::nullopt;
-        kept += (kept.empty() ? "" : ", ") + type + " as " + (held && *held != hm::dtype::f32 ? std::string(hm::to_string(*held)) : rest);
+        const auto held = t ? hm::kept_dtype(*t) : std::nullopt;
+        kept += (kept.empty() ? "" : ", ") + type + " as " + (held ? std::string(hm::to_string(*held)) : rest);
     }
     std::printf("format     %s; experts stored as %s; default --weights stored: %s\n", format.c_str(), joined(ck.expert_dtypes()).c_str(),
                 kept.c_str());

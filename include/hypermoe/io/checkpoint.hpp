@@ -180,7 +180,7 @@ public:
     [[nodiscard]] dtype expert_storage(bool keep_stored = false) const {
         std::set<tensor_dtype> types = expert_matrix_dtypes();
         if (keep_stored)
-            std::erase_if(types, [](tensor_dtype t) { return held_dtype(t) && *held_dtype(t) != dtype::f32; });
+            std::erase_if(types, [](tensor_dtype t) { return kept_dtype(t).has_value(); });
         if (types.empty()) return dtype::f32;
         if (types.size() == 1)
             if (const auto held = held_dtype(*types.begin()); held && *held != dtype::f32) return *held;

@@ -84,6 +84,13 @@ enum class tensor_dtype {
     }
 }
 
+/// The format LoadOptions::keep_stored keeps a tensor of dtype `t` in (held_dtype but f32, which
+/// takes the storage), if any.
+[[nodiscard]] constexpr std::optional<dtype> kept_dtype(tensor_dtype t) noexcept {
+    const auto held = held_dtype(t);
+    return held && *held != dtype::f32 ? held : std::nullopt;
+}
+
 /// Whether a tensor dtype is a block format a layer holds as stored (q8_0, q4_0, mxfp4, q4_k).
 [[nodiscard]] constexpr bool is_block_dtype(tensor_dtype t) noexcept { return held_dtype(t) && is_block_format(*held_dtype(t)); }
 

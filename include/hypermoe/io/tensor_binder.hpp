@@ -59,7 +59,7 @@ public:
     WeightView deferred_matrix(const std::string& name, index_t rows, index_t cols, dtype storage = dtype::f32, bool keep_stored = false) {
         const Checkpoint::Ref r = fetch(name, {rows, cols});
         if (r.info == nullptr) return placeholder();
-        const dtype type = converted_type(keep_stored ? kept(r.info->dtype, storage) : storage, cols);
+        const dtype type = converted_type(keep_stored ? kept_dtype(r.info->dtype).value_or(storage) : storage, cols);
         if (const auto in_place = view_in_place(r, rows, cols); in_place && (in_place->type() == type || type == dtype::f32))
             return *in_place;
         std::shared_ptr<std::byte[]> buffer = detail::aligned_array<std::byte>(weight_bytes(type, std::size_t(rows), std::size_t(cols)));
@@ -77,7 +77,7 @@ public:
         if (a.info == nullptr || b.info == nullptr) return {placeholder(), placeholder()};
         // keep_stored: both in the format they share, when a layer holds it as stored
         const bool shared = keep_stored && a.info->dtype == b.info->dtype;
-        const dtype type = converted_type(shared ? kept(a.info->dtype, storage) : storage, cols);
+        const dtype type = converted_type(shared ? kept_dtype(a.info->dtype).value_or(storage) : storage, cols);
         const std::size_t bytes = weight_bytes(type, std::size_t(rows), std::size_t(cols));
         std::shared_ptr<std::byte[]> buffer = detail::aligned_array<std::byte>(2 * bytes);
         return {defer(a, buffer, buffer.get(), type, rows, cols), defer(b, buffer, buffer.get() + bytes, type, rows, cols)};
@@ -109,7 +109,8 @@ public:
             source = fetch(name, {experts, cols, pieces * rows});
         }
         if (source.info == nullptr) return std::vector<WeightView>(std::size_t(experts * pieces), placeholder());
-        const dtype type = converted_type(!keep_stored ? storage : f.scales.info != nullptr ? dtype::mxfp4 : kept(source.info->dtype, storage), cols);
+        const dtype type =
+            converted_type(!keep_stored ? storage : f.scales.info != nullptr ? dtype::mxfp4 : kept_dtype(source.info->dtype).value_or(storage), cols);
         const std::size_t bytes = weight_bytes(type, std::size_t(rows), std::size_t(cols));
         std::vector<WeightView> out;
         for (index_t e = 0; e < experts; ++e) {
@@ -237,13 +238,6 @@ private:
         if (is_block_dtype(t.dtype))
             return WeightView::blocks(bytes.data(), *held_dtype(t.dtype), rows, cols);
         return std::nullopt;
-    }
-
-    /// The type a tensor of dtype `t` is kept in with keep_stored: its own where a layer holds it as
-    /// stored (held_dtype, but f32), else `storage`.
-    static dtype kept(tensor_dtype t, dtype storage) noexcept {
-        const auto held = held_dtype(t);
-        return held && *held != dtype::f32 ? *held : storage;
     }
 
     /// The type a routed expert's weight of `cols` columns is converted into for `storage`: the
