@@ -690,6 +690,43 @@ TEST_CASE("expert_storage is the experts' stored BF16 / Q8_0 / Q4_0, q4_0 with Q
     CHECK(storage(test::BF16, test::Q8_0) == dtype::f32);
 }
 
+TEST_CASE("expert_storage counts the shared experts' matrices (Qwen2-MoE's shared_expert, DeepSeek's shared_experts), not the shared gate") {
+    // Routed experts in Q4_K (held as stored); the shared expert's matrices in `shared`; Qwen2-MoE's
+    // shared_expert_gate stays F32, as every gate, and must not count.
+    TempDir tmp("shared_storage");
+    std::mt19937_64 rng(9);
+    const std::uniform_real_distribution<float> scale(1.0f / 512, 1.0f / 128);
+    for (const char* name : {"qwen2_moe", "deepseek_v3"}) {
+        CAPTURE(name);
+        const std::string hf = (tmp.path / name).string();
+        write_synthetic_checkpoint(hf, {.family = *find_family(name), .d_model = 256, .d_ff = 256, .experts = 4, .top_k = 2, .layers = 1});
+        const std::vector<std::byte> base = test::gguf_from(Checkpoint(hf)).bytes();
+        const auto file = [&](std::uint32_t shared) {
+            const std::string path = (tmp.path / (std::string(name) + std::to_string(shared) + ".gguf")).string();
+            test::rewritten(base, [&](const std::string& tensor, test::TensorEdit& t) {
+                const bool routed = tensor.find("_exps") != std::string::npos, shexp = tensor.find("_shexp") != std::string::npos;
+                if ((!routed && !shexp) || tensor.find("gate_inp") != std::string::npos) return true;
+                t.type = routed ? test::Q4_K : shared;
+                t.bytes = test::random_ggml_quant(t.type, t.bytes.size() / sizeof(float) / block_of(t.type), rng, scale); // F32 before
+                return true;
+            }).write(path);
+            return path;
+        };
+        const Checkpoint mixed(file(test::Q6_K)), same(file(test::Q4_K));
+        CHECK(mixed.expert_dtypes() == std::set<std::string>{"Q4_K", "Q6_K"});
+        CHECK(mixed.expert_storage() == dtype::q8_0);     // a mix of quants
+        CHECK(mixed.expert_storage(true) == dtype::q8_0); // for the shared Q6_K ones (f32 when they went uncounted)
+        CHECK(same.expert_dtypes() == std::set<std::string>{"Q4_K"});
+        CHECK(same.expert_storage() == dtype::q4_k); // the F32 shared_expert_gate does not count
+        // Loaded as `hypermoe` does by default: the routed experts in q4_k, the shared one in q8_0.
+        const auto block = load_moe_block<reference>(mixed, 0, "", {.storage = mixed.expert_storage(true), .keep_stored = true});
+        CHECK(block.expert_storages() == std::set<dtype>{dtype::q4_k, dtype::q8_0});
+        const index_t shared_ff = describe(mixed).shared_ff;
+        CHECK(block.expert_weight_bytes() ==
+              4 * weight_bytes(dtype::q4_k, 3 * 256, 256) + weight_bytes(dtype::q8_0, std::size_t(3 * shared_ff), 256));
+    }
+}
+
 TEST_CASE("GGUF: blocks of Q4_1, Q5_0, Q5_1, IQ4_NL, MXFP4 and super-blocks of Q2_K to Q6_K, IQ4_XS read as ggml's values, worked by hand") {
     // One block of each, all bytes 0 but those named; each value worked out in the comment.
     const auto at = [](std::vector<std::uint8_t>& b, std::size_t i, std::uint8_t v) { b[i] = v; };

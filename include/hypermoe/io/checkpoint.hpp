@@ -156,7 +156,7 @@ public:
         return keys(bytes_by_dtype(prefix));
     }
 
-    /// The dtypes of the routed experts' weight matrices (expert_matrix_dtype).
+    /// The dtypes of the routed and shared experts' weight matrices (is_expert_matrix).
     [[nodiscard]] std::set<std::string> expert_dtypes() const {
         std::set<std::string> out;
         for (const auto& [name, f] : where_)
@@ -164,8 +164,9 @@ public:
         return out;
     }
 
-    /// The storage (LoadOptions::storage) that holds the routed experts as compactly as the file
-    /// does without losing what it holds (docs/checkpoints.md measures each choice's error):
+    /// The storage (LoadOptions::storage) that holds the experts' weight matrices, routed and
+    /// shared, as compactly as the file does without losing what it holds (docs/checkpoints.md
+    /// measures each choice's error):
     /// - the format they are stored in when it is one a layer holds as stored (BF16, from GGUF
     ///   files and safetensors checkpoints alike, Q8_0, Q4_0, MXFP4, Q4_K: no conversion);
     /// - for other ggml quants (the other K-quants, Q5_0, IQ4_NL...) or a mix of quants: q4_0 when some are
@@ -195,13 +196,17 @@ public:
     }
 
 private:
-    /// Whether a tensor is a routed expert's weight matrix: named "....experts.<e>...." or, fused,
-    /// "....experts.<name>", but not a bias (gpt-oss's) or MXFP4 scales. Hugging Face's fused MXFP4
-    /// blocks (experts.<m>_blocks, U8) are one, and count as MXFP4.
+    /// Whether a tensor is an expert's weight matrix, which LoadOptions::storage holds: a routed
+    /// expert's, named "....experts.<e>...." or, fused, "....experts.<name>", but not a bias
+    /// (gpt-oss's) or MXFP4 scales; or a shared expert's, "....shared_expert.<m>" (Qwen2-MoE) or
+    /// "....shared_experts.<m>" (DeepSeek), but not Qwen2-MoE's shared_expert_gate (f32 as every
+    /// gate). Hugging Face's fused MXFP4 blocks (experts.<m>_blocks, U8) are one, and count as MXFP4.
     static bool is_expert_matrix(const std::string& name) {
-        return name.find(".experts.") != std::string::npos && !name.ends_with("bias") && !name.ends_with("_scales");
+        const auto has = [&](const char* part) { return name.find(part) != std::string::npos; };
+        if (has(".shared_expert.") || has(".shared_experts.")) return !name.ends_with("bias");
+        return has(".experts.") && !name.ends_with("bias") && !name.ends_with("_scales");
     }
-    /// The stored dtypes of the routed experts' weight matrices (is_expert_matrix).
+    /// The stored dtypes of the experts' weight matrices (is_expert_matrix).
     [[nodiscard]] std::set<tensor_dtype> expert_matrix_dtypes() const {
         std::set<tensor_dtype> types;
         for (const auto& [name, f] : where_)
