@@ -182,9 +182,9 @@ namespace hypermoe {
 /// what the `fast` kernels read in their place, made once in the caller's workspace for every
 /// tile of a product (a tile per call would repeat it: a Mixtral-like expert's forward tiles
 /// call its gate|up product 12 times). bf16 `fast` rounds the rows to bf16 (`rounded`); the block
-/// formats' `fast` quantises them per block of 32 (`quantized`); `exact` q4_k (and q4_0 on AVX2)
-/// sums each block of inputs (`block_sums`). Views only: valid while the workspace scope that
-/// prepare() took them in.
+/// formats' `fast` quantises them per block of 32 (`quantized`); `exact` q4_k (and q4_0 and mxfp4
+/// on AVX2) sums each block of inputs (`block_sums`). Views only: valid while the workspace scope
+/// that prepare() took them in.
 struct PreparedInput {
     ConstMatrixView<float> a;                          ///< the input (M, K)
     ConstMatrixView<std::uint16_t> rounded;            ///< bf16 bits of a, or empty
@@ -465,7 +465,7 @@ struct TileRows {
     const float* dsum[6] = {}; ///< `fast`: d x sum per block (QuantizedRows), for q4_k's mins
     const float* x[6] = {};
     const float* pad[6] = {};
-    const float* x_sum[6] = {}; ///< `exact`: each block's input sum, for q4_k's mins and, on AVX2, q4_0's -8
+    const float* x_sum[6] = {}; ///< `exact`: each block's input sum, for q4_k's mins and, on AVX2, q4_0's -8 and mxfp4's -12
     index_t full = 0;
 };
 
@@ -889,10 +889,10 @@ __attribute__((target("avx2"))) inline __m256i nibble_table_avx2(const void* tab
 ///   16 x 15 x 127 < 2^15, so one VPMADDWD per block; mxfp4: one per 64-byte load, 4 x 24 x 127);
 ///   q8_0 takes |q| and moves q's sign onto the activations (VPSIGNB), one VPMADDWD per 4 k.
 /// - exact: each weight's integer widened to f32 (VPSHUFB picks byte m of every lane; mxfp4's
-///   nibbles first shuffled to their signed mxfp4_values), one FMA per row into the block's sum,
-///   which is scaled by the block's d at its end (q4_0: the sum of nibble x input less 8 x the
-///   block's input sum): f32 arithmetic on the dequantised weights up to the order of the
-///   additions, as the AVX-512 and portable kernels.
+///   nibbles first shuffled to their unsigned codes), one FMA per row into the block's sum, which
+///   is scaled by the block's d at its end (q4_0 and mxfp4: the sum of code x input less 8 or 12
+///   x the block's input sum, so that every code zero-extends): f32 arithmetic on the
+///   dequantised weights up to the order of the additions, as the AVX-512 and portable kernels.
 template <int Rows, class Block, bool Fast>
 __attribute__((target("avx2,fma,f16c"))) void avx2_tile(const TileArgs& t, const TileRows& x) {
     static_assert(Rows >= 1 && Rows <= 4);
@@ -900,8 +900,9 @@ __attribute__((target("avx2,fma,f16c"))) void avx2_tile(const TileArgs& t, const
     constexpr index_t quads = q4 ? 4 : 8;
     constexpr int groups = Rows == 1 ? 4 : Rows == 2 ? 2 : 1; // per pass over the blocks
     const __m256i nibble = _mm256_set1_epi8(0x0F), sign = _mm256_set1_epi8(static_cast<char>(0x80)), ones = _mm256_set1_epi16(1);
-    // mxfp4's nibbles to their unsigned codes (`fast`) or signed values (`exact`)
-    const __m256i table = nibble_table_avx2(Fast ? static_cast<const void*>(mxfp4_codes.data()) : mxfp4_values.data());
+    // mxfp4's nibbles to their unsigned codes, mxfp4_values + 12 (both precisions: `exact` takes
+    // 12 x the block's input sum off, as q4_0's 8)
+    const __m256i table = nibble_table_avx2(mxfp4_codes.data());
     for (int g0 = 0; g0 < 4; g0 += groups) { // outputs 8g .. 8g + 7: panel g / 2, half g % 2
         __m256i lanes[groups];
         unsigned any = 0, all = 0xFFu;
@@ -919,8 +920,8 @@ __attribute__((target("avx2,fma,f16c"))) void avx2_tile(const TileArgs& t, const
             for (int i = 0; i < groups; ++i)
                 part[r][i] = _mm256_setzero_ps();
         for (index_t b = 0; b < t.nb; ++b) {
-            __m256 dw[groups];               // the block's scales
-            for (int i = 0; i < groups; ++i) dw[i] = avx2_group_scales<Block>(t, b, g0 + i);
+            // The block's scales, loaded after its sums (not live across the loop over its loads).
+            const auto dw = [&](int i) { return avx2_group_scales<Block>(t, b, g0 + i); };
             if constexpr (Fast) {
                 __m256i sum[Rows][groups];
                 if constexpr (q4) {
@@ -968,8 +969,9 @@ __attribute__((target("avx2,fma,f16c"))) void avx2_tile(const TileArgs& t, const
                     }
                 }
                 for (int i = 0; i < groups; ++i) {
+                    const __m256 scale = dw(i);
                     for (int r = 0; r < Rows; ++r)
-                        part[r][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[r][i]), _mm256_mul_ps(dw[i], _mm256_set1_ps(x.d[r][b])), part[r][i]);
+                        part[r][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[r][i]), _mm256_mul_ps(scale, _mm256_set1_ps(x.d[r][b])), part[r][i]);
                     if constexpr (has_min<Block>) { // q4_k: less dmin m x (d_x sum(xq))
                         const __m256 mins = avx2_group_mins(t, b, g0 + i);
                         for (int r = 0; r < Rows; ++r)
@@ -991,22 +993,27 @@ __attribute__((target("avx2,fma,f16c"))) void avx2_tile(const TileArgs& t, const
                         else lo[i] = _mm256_xor_si256(v, sign); // the signed q
                         if constexpr (mx) lo[i] = _mm256_shuffle_epi8(table, lo[i]), hi[i] = _mm256_shuffle_epi8(table, hi[i]);
                     }
+                    // Unrolled, so that each s's VPSHUFB control is a constant (GCC 12 left the
+                    // mxfp4 loop rolled, building the control in every pass: 2.5x q4_0's time).
+#pragma GCC unroll 8
                     for (int s = 0; s < (q4 ? 8 : 4); ++s) { // q4_0: nibble s of each lane, k = 4j + s / 2, + 16 if s is odd;
                         const index_t k = q4 ? 4 * j + s / 2 + (s % 2) * 16 : 4 * j + s; // q8_0: byte s, k = 4j + s
                         __m256 xk[Rows];
                         for (int r = 0; r < Rows; ++r) xk[r] = _mm256_broadcast_ss(xb[r] + k);
                         for (int i = 0; i < groups; ++i) {
-                            // q4_0's nibbles zero-extended, mxfp4's values and q8_0's q sign-extended
-                            const __m256 wf = _mm256_cvtepi32_ps(q4 ? lane_byte_avx2<mx>(s % 2 ? hi[i] : lo[i], s / 2) : lane_byte_avx2<true>(lo[i], s));
+                            // q4_0's nibbles and mxfp4's codes zero-extended, q8_0's q sign-extended
+                            const __m256 wf = _mm256_cvtepi32_ps(q4 ? lane_byte_avx2<false>(s % 2 ? hi[i] : lo[i], s / 2) : lane_byte_avx2<true>(lo[i], s));
                             for (int r = 0; r < Rows; ++r) sum[r][i] = _mm256_fmadd_ps(wf, xk[r], sum[r][i]);
                         }
                     }
                 }
                 for (int i = 0; i < groups; ++i) {
+                    const __m256 scale = dw(i);
                     for (int r = 0; r < Rows; ++r) {
                         __m256 s = sum[r][i];
-                        if constexpr (std::is_same_v<Block, BlockQ4_0>) s = _mm256_sub_ps(s, _mm256_set1_ps(8.0f * x.x_sum[r][b])); // every nibble's -8
-                        part[r][i] = _mm256_fmadd_ps(s, dw[i], part[r][i]);
+                        if constexpr (code_offset<Block> != 0 && q4) // q4_0's -8 and mxfp4's -12 on every code
+                            s = _mm256_sub_ps(s, _mm256_set1_ps(float(code_offset<Block>) * x.x_sum[r][b]));
+                        part[r][i] = _mm256_fmadd_ps(s, scale, part[r][i]);
                     }
                     if constexpr (has_min<Block>) { // q4_k: less each block's min times its inputs' sum
                         const __m256 mins = avx2_group_mins(t, b, g0 + i);
@@ -1092,7 +1099,7 @@ public:
     /// The instructions this map's calls run on.
     [[nodiscard]] kernel_isa kernel() const noexcept { return kernel_; }
 
-    /// `fast` quantises the activations into the workspace, and `exact` q4_k (q4_0 on AVX2)
+    /// `fast` quantises the activations into the workspace, and `exact` q4_k (q4_0 and mxfp4 on AVX2)
     /// takes their block sums there (prepared_bytes); accumulating into c needs the product
     /// apart (c += the epilogue of it). Never less than for fewer rows.
     [[nodiscard]] std::size_t workspace_bytes(index_t rows) const noexcept {
@@ -1178,9 +1185,10 @@ private:
     static constexpr std::ptrdiff_t prefetch_ahead = 8192;
 
     /// Whether the `exact` kernel takes each block's input sum (TileRows::x_sum): for q4_k's
-    /// mins on every kernel, and for q4_0's -8 on AVX2.
+    /// mins on every kernel, and for q4_0's -8 and mxfp4's -12 on AVX2.
     [[nodiscard]] bool takes_block_sums() const noexcept {
-        return !fast_ && (w_.format() == dtype::q4_k || (kernel_ == kernel_isa::avx2 && w_.format() == dtype::q4_0));
+        const dtype f = w_.format();
+        return !fast_ && (f == dtype::q4_k || (kernel_ == kernel_isa::avx2 && (f == dtype::q4_0 || f == dtype::mxfp4)));
     }
 
     /// One AMX-INT8 kernel call (`fast` only), on the CPU's tiles or HYPERMOE_AMX=emulate's.
