@@ -621,7 +621,7 @@ TEST_CASE_TEMPLATE_APPLY(linear_bf16_fast, test::all_backends);
 
 TEST_CASE_TEMPLATE_DEFINE("a linear's workspace_bytes never decreases with the row count", B, linear_workspace_monotone) {
     // Layers size one workspace for the most rows an expert may get; a call with fewer rows
-    // must fit in it (the q8_0 / q4_0 fast kernels switch layouts at BlockLinear::prefill_rows).
+    // must fit in it, whatever the kernel its row count takes (AMX-INT8 from amx_min_rows rows).
     const Matrix<float> w = random_matrix(40, 100, 8, 0.3f);
     for (const test::StorageCase& sc : test::storage_cases)
         for (const bool acc : {false, true}) {

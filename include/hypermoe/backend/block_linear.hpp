@@ -877,12 +877,14 @@ __attribute__((target("avx2"))) inline __m256i nibble_table_avx2(const void* tab
 }
 
 /// Both precisions on AVX2 (with FMA and F16C), for CPUs without AVX-512: the tile's 32 outputs
-/// as 4 groups of 8 (half a panel: one 32-byte half of each 64-byte load). One or two rows keep
-/// every group's sums in registers (4 or 2 groups per pass), so that the tile's lines are read
-/// once, front to back, as they stream from memory at decode; more rows take a pass over the
-/// blocks per group (the two halves of a panel read the same cache lines, the second time from
-/// L1). Either way at least 3 chains of sums (rows x groups, x 2 for `exact` with 1 or 2 rows)
-/// are independent of each other.
+/// as 4 groups of 8 (half a panel: one 32-byte half of each 64-byte load). One row keeps all four
+/// groups' sums in registers, so that the tile's lines are read once, front to back, as they
+/// stream from memory at decode. More rows take two passes over the blocks, a panel (two
+/// groups) each, the second from L1 or L2: each activation broadcast then serves two groups, and
+/// `exact` has 2 x rows independent chains of FMAs (8 with 4 rows, FMA's latency times its
+/// throughput). Against a pass per group, that made one GLU expert at 8 rows 1.14-1.28x faster
+/// in `exact` and 1.04-1.15x in `fast` (Zen 3; benchmarks.md). mxfp4 `fast` with 3 or 4 rows
+/// keeps a pass per group: its int32 sums live across the loads, and with two groups they spill.
 /// - fast: VPMADDUBSW's u8 x s8 pairs, summed by VPMADDWD into int32, as ggml does on AVX2: the
 ///   nibble formats' codes (q4_0's nibbles 0..15, mxfp4's 0..24) go in unsigned and the offset
 ///   comes off through the activations' sum (q4_0: a block's 16 products per int16 lane stay below
@@ -898,7 +900,7 @@ __attribute__((target("avx2,fma,f16c"))) void avx2_tile(const TileArgs& t, const
     static_assert(Rows >= 1 && Rows <= 4);
     constexpr bool q4 = nibble_format<Block>, mx = std::is_same_v<Block, BlockMXFP4>;
     constexpr index_t quads = q4 ? 4 : 8;
-    constexpr int groups = Rows == 1 ? 4 : Rows == 2 ? 2 : 1; // per pass over the blocks
+    constexpr int groups = Rows == 1 ? 4 : Fast && mx && Rows > 2 ? 1 : 2; // per pass over the blocks
     const __m256i nibble = _mm256_set1_epi8(0x0F), sign = _mm256_set1_epi8(static_cast<char>(0x80)), ones = _mm256_set1_epi16(1);
     // mxfp4's nibbles to their unsigned codes, mxfp4_values + 12 (both precisions: `exact` takes
     // 12 x the block's input sum off, as q4_0's 8)
@@ -928,8 +930,10 @@ __attribute__((target("avx2,fma,f16c"))) void avx2_tile(const TileArgs& t, const
                 if constexpr (q4) {
                     __m256i pairs[Rows][groups];
                     for (int r = 0; r < Rows; ++r)
-                        for (int i = 0; i < groups; ++i)
-                            pairs[r][i] = _mm256_setzero_si256(), sum[r][i] = _mm256_set1_epi32(-code_offset<Block> * x.sum[r][b]);
+                        for (int i = 0; i < groups; ++i) {
+                            pairs[r][i] = _mm256_setzero_si256();
+                            if constexpr (mx) sum[r][i] = _mm256_set1_epi32(-code_offset<Block> * x.sum[r][b]);
+                        }
 #pragma GCC unroll 1 // unrolled, every j's activation broadcasts are hoisted and spilled
                     for (index_t j = 0; j < quads; ++j) {
                         for (int i = 0; i < groups; ++i) {
@@ -947,9 +951,10 @@ __attribute__((target("avx2,fma,f16c"))) void avx2_tile(const TileArgs& t, const
                                 for (int i = 0; i < groups; ++i)
                                     sum[r][i] = _mm256_add_epi32(sum[r][i], _mm256_madd_epi16(pairs[r][i], ones)), pairs[r][i] = _mm256_setzero_si256();
                     }
-                    if constexpr (!mx)
+                    if constexpr (!mx) // the offset added here, not held in registers across the loads
                         for (int r = 0; r < Rows; ++r)
-                            for (int i = 0; i < groups; ++i) sum[r][i] = _mm256_add_epi32(sum[r][i], _mm256_madd_epi16(pairs[r][i], ones));
+                            for (int i = 0; i < groups; ++i)
+                                sum[r][i] = _mm256_add_epi32(_mm256_madd_epi16(pairs[r][i], ones), _mm256_set1_epi32(-code_offset<Block> * x.sum[r][b]));
                 } else {
                     for (int r = 0; r < Rows; ++r)
                         for (int i = 0; i < groups; ++i) sum[r][i] = _mm256_setzero_si256();
