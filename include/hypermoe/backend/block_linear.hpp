@@ -880,7 +880,7 @@ __attribute__((target("avx2"))) inline __m256i nibble_table_avx2(const void* tab
 /// as 4 groups of 8 (half a panel: one 32-byte half of each 64-byte load). One row keeps all four
 /// groups' sums in registers, so that the tile's lines are read once, front to back, as they
 /// stream from memory at decode. More rows take two passes over the blocks, a panel (two
-/// groups) each, the second from L1 or L2: each activation broadcast then serves two groups, and
+/// groups, whole 64-byte lines) each: each activation broadcast then serves two groups, and
 /// `exact` has 2 x rows independent chains of FMAs (8 with 4 rows, FMA's latency times its
 /// throughput). Against a pass per group, that made one GLU expert at 8 rows 1.14-1.28x faster
 /// in `exact` and 1.04-1.15x in `fast` (Zen 3; benchmarks.md). mxfp4 `fast` with 3 or 4 rows
