@@ -37,9 +37,9 @@
 #include <memory>
 #include <type_traits>
 
-#include "hypermoe/backend/block_linear.hpp"
 #include "hypermoe/backend/cpu_isa.hpp"
 #include "hypermoe/backend/linear_spec.hpp"
+#include "hypermoe/backend/prepared_input.hpp"
 #include "hypermoe/core/dtype.hpp"
 #include "hypermoe/core/matrix.hpp"
 #include "hypermoe/core/parallel.hpp"
