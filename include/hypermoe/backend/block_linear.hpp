@@ -11,6 +11,9 @@
 //   (q * d is exact in f32, so this equals f32 arithmetic on the dequantised weights up to the
 //   order of the additions). mxfp4's integers are its nibbles' mxfp4_values. q4_k's sub-blocks
 //   are (d sc) q - dmin m: the sum of q x input scaled by d sc, less dmin m x the inputs' sum.
+//   On AVX2 from 12 rows (BlockLinear::widens), each tile is instead widened, 1024 inputs at a
+//   time, into f32 panels in the thread's workspace, which the f32 panel kernel (panels.hpp)
+//   multiplies by every row: the dequantised values themselves, so f32 arithmetic on them.
 // - fast: the activations are quantised per block of 32 (QuantizedRows) and each block's dot
 //   product is an integer one: TDPBSUD's s8 x u8 tile products on AMX-INT8 (calls of 16 rows or
 //   more), VPDPBUSD's u8 x s8 products on VNNI, VPMADDUBSW's on AVX-512 BW. The weights enter
@@ -35,6 +38,7 @@
 
 #include "hypermoe/backend/cpu_isa.hpp"
 #include "hypermoe/backend/linear_spec.hpp"
+#include "hypermoe/backend/panels.hpp"
 #include "hypermoe/backend/prepared_input.hpp"
 #include "hypermoe/core/finite.hpp"
 #include "hypermoe/core/parallel.hpp"
@@ -899,6 +903,63 @@ void avx2_tile_rows(const TileArgs& t, const TileRows& x) {
         avx2_tile<Rows - 4, Block, Fast>(rest, tail);
     }
 }
+
+/// Block b of a tile's panel p as the first `valid` rows of f32 panel at out (16 floats a row;
+/// Whole: all 32 of the block). See avx2_widen_panels.
+template <class Block, bool Whole>
+__attribute__((target("avx2,fma,f16c"))) inline void avx2_widen_block(const TileArgs& t, index_t b, int p, index_t valid, float* out) {
+    constexpr bool q4 = nibble_format<Block>, mx = std::is_same_v<Block, BlockMXFP4>;
+    constexpr index_t quads = q4 ? 4 : 8;
+    const __m256i nibble = _mm256_set1_epi8(0x0F), table = nibble_table_avx2(mxfp4_codes.data());
+    // value = (code - code_offset) x scale, exact as dequantize's q x d: an integer of at most 8
+    // bits times a half (or a power of two). q4_k: code x (d sc) - dmin m, rounded once (FMA),
+    // as ggml's d x q - m. (Not code x scale - code_offset x scale: mxfp4's 12 x 2^127 is inf.)
+    const __m256i codes_offset = _mm256_set1_epi32(code_offset<Block>);
+    __m256 scale[2], mins[2];
+    for (int h = 0; h < 2; ++h) {
+        scale[h] = avx2_group_scales<Block>(t, b, 2 * p + h);
+        if constexpr (has_min<Block>) mins[h] = avx2_group_mins(t, b, 2 * p + h);
+    }
+    for (index_t j = 0; j < quads; ++j) {
+        __m256i lo[2], hi[2]; // q8_0: the codes in lo
+        for (int h = 0; h < 2; ++h) {
+            const __m256i v = _mm256_loadu_si256(avx2_group_bytes<quads>(t, b, 2 * p + h, j));
+            lo[h] = v, hi[h] = v;
+            if constexpr (q4) lo[h] = _mm256_and_si256(v, nibble), hi[h] = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
+            if constexpr (mx) lo[h] = _mm256_shuffle_epi8(table, lo[h]), hi[h] = _mm256_shuffle_epi8(table, hi[h]);
+        }
+#pragma GCC unroll 8
+        for (int s = 0; s < (q4 ? 8 : 4); ++s) { // as avx2_tile: nibble s, k = 4j + s / 2 (+ 16 if s is odd); q8_0's byte s
+            const index_t k = q4 ? 4 * j + s / 2 + (s % 2) * 16 : 4 * j + s;
+            if (!Whole && k >= valid) continue;
+            for (int h = 0; h < 2; ++h) { // the two halves of the row's line
+                const __m256i code = lane_byte_avx2<false>(q4 && s % 2 ? hi[h] : lo[h], q4 ? s / 2 : s);
+                __m256 value;
+                if constexpr (has_min<Block>) value = _mm256_fmsub_ps(_mm256_cvtepi32_ps(code), scale[h], mins[h]);
+                else value = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(code, codes_offset)), scale[h]);
+                _mm256_storeu_ps(out + k * BlockWeights::panel + 8 * h, value);
+            }
+        }
+    }
+}
+
+/// Inputs [k0, k0 + len) of a tile's two panels as f32 panels for PanelKernels (`exact` with
+/// many rows on AVX2, BlockLinear::widens): out[(p x len + k - k0) x 16 + o] = weight (16p + o,
+/// k), each the dequantised value as core/quant.hpp's dequantize makes it (avx2_widen_block).
+/// k0 is a multiple of 32; inputs past k0 + len (the padding of the last block) are not
+/// written. Per 8 outputs and 4 bytes of a load, VPSHUFB (lane_byte_avx2) takes byte m of every
+/// lane: 8 weights a subtraction, a conversion and a product; each panel row (a cache line)
+/// is written whole.
+template <class Block>
+void avx2_widen_panels(const TileArgs& t, index_t k0, index_t len, float* out) {
+    for (int p = 0; p < 2; ++p)
+        for (index_t b = k0 / quant_block; b * quant_block < k0 + len; ++b) {
+            const index_t first = b * quant_block - k0, valid = std::min<index_t>(quant_block, len - first); // rows of out the block writes
+            float* o = out + (p * len + first) * BlockWeights::panel;
+            if (valid == quant_block) avx2_widen_block<Block, true>(t, b, p, valid, o);
+            else avx2_widen_block<Block, false>(t, b, p, valid, o);
+        }
+}
 #endif
 
 /// The tile kernels in plain C++, for CPUs without AVX2: the same sums in the same order per
@@ -959,14 +1020,14 @@ public:
     /// apart (c += the epilogue of it). Never less than for fewer rows.
     [[nodiscard]] std::size_t workspace_bytes(index_t rows) const noexcept {
         if (rows <= 0) return 0;
-        return prepared_bytes(rows) + columns_workspace_bytes(rows, n_);
+        return prepared_bytes(rows) + product_bytes(rows, n_) + widened_bytes(rows, current_threads());
     }
 
     /// Bytes prepare() takes for `rows` rows.
     [[nodiscard]] std::size_t prepared_bytes(index_t rows) const noexcept {
         if (rows <= 0) return 0;
         return (fast_ ? QuantizedRows::bytes(rows, w_.blocks_per_row()) : 0) +
-               (takes_block_sums() ? padded_bytes<float>(rows, w_.blocks_per_row()) : 0);
+               (takes_block_sums(rows) ? padded_bytes<float>(rows, w_.blocks_per_row()) : 0);
     }
 
     /// What every tile of a product with input `a` reads (PreparedInput), in `ws` (the caller's
@@ -976,7 +1037,7 @@ public:
         const index_t rows = a.rows(), per_row = w_.blocks_per_row();
         if (rows == 0 || per_row == 0) return p;
         if (fast_) p.quantized.emplace(a, per_row, ws);
-        if (takes_block_sums()) {
+        if (takes_block_sums(rows)) {
             const std::span<float> sums = ws.take<float>(rows * per_row);
             parallel_for(rows, rows * k_, [&](index_t r) {
                 const auto row = a.row(r);
@@ -992,9 +1053,9 @@ public:
     }
 
     /// Scratch of columns() for `rows` rows and `columns` columns: the product apart when
-    /// accumulating.
+    /// accumulating, and the calling thread's widened slice (widens).
     [[nodiscard]] std::size_t columns_workspace_bytes(index_t rows, index_t columns) const noexcept {
-        return accumulate_ && rows > 0 ? padded_bytes<float>(rows, columns) : 0;
+        return product_bytes(rows, columns) + widened_bytes(rows, 1);
     }
 
     void operator()(ConstMatrixView<float> a, MatrixView<float> c, Workspace& ws, float scale) const {
@@ -1004,7 +1065,16 @@ public:
         if (w_.blocks_per_row() == 0) return epilogue_bias_only<Act>(c, bias(0), scale, accumulate_); // K = 0: A W^T is zero
         const PreparedInput p = prepare(a, ws);
         const MatrixView<float> t = accumulate_ ? ws.take_matrix<float>(rows, n_) : c;
-        parallel_for((n_ + tile - 1) / tile, rows * k_ * n_, [&](index_t item) { run_item(p, t, c, item * tile, 0, scale); });
+        const index_t items = (n_ + tile - 1) / tile;
+        if (widens(rows)) { // per thread, a slice of f32 panels
+            const int threads = rows * k_ * n_ >= parallel_grain ? current_threads() : 1;
+            float* slices = ws.take<float>(threads * widened_floats).data();
+            parallel_tasks(items, threads, [&](index_t item, int slot) {
+                run_widened_item(p, t, c, item * tile, 0, scale, slices + slot * widened_floats);
+            });
+            return;
+        }
+        parallel_for(items, rows * k_ * n_, [&](index_t item) { run_item(p, t, c, item * tile, 0, scale); });
     }
 
     /// Columns [n0, n0 + c.cols()) of operator()'s c from the prepared input, on the calling
@@ -1016,7 +1086,11 @@ public:
         if (p.a.rows() == 0 || c.cols() == 0) return;
         if (w_.blocks_per_row() == 0) return epilogue_bias_only<Act>(c, bias(n0), scale, accumulate_);
         const MatrixView<float> t = accumulate_ ? ws.take_matrix<float>(p.a.rows(), c.cols()) : c;
-        for (index_t j0 = n0; j0 < n0 + c.cols(); j0 += tile) run_item(p, t, c, j0, n0, scale);
+        float* slice = widens(p.a.rows()) ? ws.take<float>(widened_floats).data() : nullptr;
+        for (index_t j0 = n0; j0 < n0 + c.cols(); j0 += tile) {
+            if (slice != nullptr) run_widened_item(p, t, c, j0, n0, scale, slice);
+            else run_item(p, t, c, j0, n0, scale);
+        }
     }
 
 private:
@@ -1039,11 +1113,38 @@ private:
     /// from 1.60-1.75 to 1.43-1.47 ms (2048: 1.53-1.59). Decode is within noise from 2048 to 8192.
     static constexpr std::ptrdiff_t prefetch_ahead = 8192;
 
-    /// Whether the `exact` kernel takes each block's input sum (TileRows::x_sum): for q4_k's
-    /// mins on every kernel, and for q4_0's -8 and mxfp4's -12 on AVX2.
-    [[nodiscard]] bool takes_block_sums() const noexcept {
+    /// `exact` on AVX2 with at least this many rows widens each tile, widen_slice inputs at a
+    /// time, into f32 panels (avx2_widen_panels) that the f32 panel kernel multiplies by every
+    /// row (PanelKernels::run_group, 6 rows' sums in registers): the weights are widened once
+    /// for all rows, where avx2_tile widens them again for every 4 rows. Widening costs about
+    /// 0.1 ns a weight, so it pays from about 12 rows: one GLU expert (d = 1024, ff = 2816, 1
+    /// thread, Zen 3) took, in us, old -> widened: at 8 rows q4_0 2,104 -> 2,257 (so not
+    /// widened), at 12 rows 3,178 -> 3,064, at 32 rows q4_0 8,518 -> 7,166, mxfp4 8,819 ->
+    /// 7,206, q4_k 10,073 -> 7,163, q8_0 10,120 -> 7,771, at 256 rows q4_0 69.9 -> 51.8 ms.
+    /// Slices of 1024 inputs (128 KiB, in L2 while the rows read them, as PanelKernels' f32
+    /// slices) were as fast as 2048 or whole rows, and 4-11% faster than 256 or 128.
+    static constexpr index_t widen_rows = 12;
+    static constexpr index_t widen_slice = 1024;
+    static constexpr index_t widened_floats = tile * widen_slice; ///< a thread's slice
+
+    /// Whether a product of `rows` rows runs on widened tiles.
+    [[nodiscard]] bool widens(index_t rows) const noexcept { return !fast_ && kernel_ == kernel_isa::avx2 && rows >= widen_rows; }
+
+    /// Bytes of the product apart (when accumulating) for `rows` rows and `columns` columns.
+    [[nodiscard]] std::size_t product_bytes(index_t rows, index_t columns) const noexcept {
+        return accumulate_ && rows > 0 ? padded_bytes<float>(rows, columns) : 0;
+    }
+    /// Bytes of `threads` threads' widened slices for `rows` rows (none unless widens(rows)).
+    [[nodiscard]] std::size_t widened_bytes(index_t rows, int threads) const noexcept {
+        return widens(rows) ? padded_bytes<float>(index_t(std::max(threads, 1)) * widened_floats) : 0;
+    }
+
+    /// Whether the `exact` kernel takes each block's input sum (TileRows::x_sum) for `rows` rows:
+    /// for q4_k's mins on every kernel, and for q4_0's -8 and mxfp4's -12 on AVX2 (not on
+    /// widened tiles, which hold the weights' values).
+    [[nodiscard]] bool takes_block_sums(index_t rows) const noexcept {
         const dtype f = w_.format();
-        return !fast_ && (f == dtype::q4_k || (kernel_ == kernel_isa::avx2 && (f == dtype::q4_0 || f == dtype::mxfp4)));
+        return !fast_ && !widens(rows) && (f == dtype::q4_k || (kernel_ == kernel_isa::avx2 && (f == dtype::q4_0 || f == dtype::mxfp4)));
     }
 
     /// One AMX-INT8 kernel call (`fast` only), on the CPU's tiles or HYPERMOE_AMX=emulate's.
@@ -1139,6 +1240,29 @@ private:
         // c = [c +] scale * Act(t + bias) on the item's columns (linear_spec.hpp's epilogues)
         if (accumulate_) epilogue_accumulate<Act>(t.col_block(at, cols), c.col_block(at, cols), bias(j0), scale);
         else epilogue_in_place<Act>(c.col_block(at, cols), bias(j0), scale);
+    }
+
+    /// run_item on widened tiles (widens): for each slice of widen_slice inputs, the tile's two
+    /// panels widened into `slice` (widened_floats floats) and multiplied by every row, the
+    /// slices' products added up in C, then the epilogue.
+    void run_widened_item(const PreparedInput& p, MatrixView<float> t, MatrixView<float> c, index_t j0, index_t n0, float scale,
+                          float* slice) const {
+#if HYPERMOE_X86_KERNELS
+        const index_t item = j0 / tile, cols = std::min(tile, n_ - j0), at = j0 - n0;
+        TileArgs args;
+        args.nb = w_.blocks_per_row(), args.wq = w_.tile_quants(item), args.wd = w_.tile_scales(item);
+        const PanelKernels kernels(kernel_);
+        for (index_t k0 = 0; k0 < k_; k0 += widen_slice) {
+            const index_t len = std::min(widen_slice, k_ - k0);
+            with_block(w_.format(), [&]<class Block>() { avx2_widen_panels<Block>(args, k0, len, slice); });
+            kernels.run_group(static_cast<const float*>(slice), len * BlockWeights::panel, len, cols, 0, p.a.data() + k0, p.a.stride(),
+                              p.a.rows(), t.row(0).data() + at, t.stride(), k0 > 0);
+        }
+        if (accumulate_) epilogue_accumulate<Act>(t.col_block(at, cols), c.col_block(at, cols), bias(j0), scale);
+        else epilogue_in_place<Act>(c.col_block(at, cols), bias(j0), scale);
+#else
+        (void)p, (void)t, (void)c, (void)j0, (void)n0, (void)scale, (void)slice; // widens() is AVX2 only
+#endif
     }
 
     BlockWeights w_;

@@ -1,6 +1,7 @@
 #pragma once
 // Weights held once as panels of 16 output columns, multiplied by our own kernels: every
-// backend's linear over bf16 storage (oneDNN, Eigen), and the oneDNN backend's over f32 storage
+// backend's linear over bf16 storage (oneDNN, Eigen), the block formats' widened tiles
+// (block_linear.hpp: `exact` on AVX2 with many rows), and the oneDNN backend's over f32 storage
 // on CPUs where oneDNN 2.6 has no brgemm matmul (no AVX-512: its `gemm:jit` then allocates
 // packing buffers on every call and splits K across threads, so its results change with the
 // thread count; onednn.hpp). For any row count:
@@ -467,19 +468,9 @@ public:
         });
     }
 
-private:
-    /// Panels [p_begin, panels) of an n-column product, whose last output column is end - 1, in
-    /// `groups` groups.
-    struct PanelRange {
-        index_t panels, end, groups;
-    };
-    [[nodiscard]] static PanelRange range(index_t n, index_t p_begin, index_t p_end) noexcept {
-        const index_t all = (n + panel - 1) / panel, panels = p_end < 0 ? all : std::min(p_end, all);
-        return {panels, std::min(n, panels * panel), (std::max<index_t>(panels - p_begin, 0) + group - 1) / group};
-    }
-
     /// The rows of a times the up to `group` panels from p0 on (the first at w) of a product
-    /// whose outputs end at column n, into c (column 16 p0 of the product).
+    /// whose outputs end at column n, into c (column 16 p0 of the product), on the calling
+    /// thread: one work item of multiply(). BlockLinear runs its widened tiles through it.
     template <class W, class In>
     void run_group(const W* w, index_t stride, index_t k, index_t n, index_t p0, const In* a, index_t lda, index_t rows, float* c,
                    index_t ldc, bool accumulate) const {
@@ -497,6 +488,17 @@ private:
                 tile_rows(std::min(block, rows - m), count, t);
             }
         }
+    }
+
+private:
+    /// Panels [p_begin, panels) of an n-column product, whose last output column is end - 1, in
+    /// `groups` groups.
+    struct PanelRange {
+        index_t panels, end, groups;
+    };
+    [[nodiscard]] static PanelRange range(index_t n, index_t p_begin, index_t p_end) noexcept {
+        const index_t all = (n + panel - 1) / panel, panels = p_end < 0 ? all : std::min(p_end, all);
+        return {panels, std::min(n, panels * panel), (std::max<index_t>(panels - p_begin, 0) + group - 1) / group};
     }
 
     /// Inputs per slice of k that run_group takes through all the rows before the next slice:
