@@ -322,6 +322,17 @@ struct TileRows {
     index_t full = 0;
 };
 
+/// The rows an AMX-INT8 call reads: 1 to 16 consecutive rows of QuantizedRows (row r's integers
+/// at q + r * blocks * 32, its scales and sums at d and sum + r * blocks).
+struct AmxRows {
+    const std::int8_t* q = nullptr;
+    const float* d = nullptr;
+    const std::int32_t* sum = nullptr;
+    const float* dsum = nullptr; ///< d x sum per block, for q4_k's mins
+    index_t blocks = 0;
+    int rows = 0;
+};
+
 #if HYPERMOE_X86_KERNELS
 /// 4 activation bytes at x in every int32 lane.
 __attribute__((target("avx512f"))) inline __m512i broadcast_quad(const std::int8_t* x) {
@@ -461,17 +472,6 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void fast_tile(c
     for (int r = 0; r < Rows; ++r)
         for (int p = 0; p < 2; ++p) _mm512_mask_storeu_ps(t.out + r * t.ldc + 16 * p, t.mask[p], acc[r][p]);
 }
-
-/// The rows an AMX-INT8 call reads: 1 to 16 consecutive rows of QuantizedRows (row r's integers
-/// at q + r * blocks * 32, its scales and sums at d and sum + r * blocks).
-struct AmxRows {
-    const std::int8_t* q = nullptr;
-    const float* d = nullptr;
-    const std::int32_t* sum = nullptr;
-    const float* dsum = nullptr; ///< d x sum per block, for q4_k's mins
-    index_t blocks = 0;
-    int rows = 0;
-};
 
 /// The AMX tile configuration (palette 1): 64 bytes, as LDTILECFG reads them.
 struct AmxTileConfig {

@@ -11,6 +11,9 @@
 // no BF16 and no AMX) or `avx512_vnni` (no AMX). HYPERMOE_AMX=emulate runs the AMX-INT8 block
 // kernel on a CPU with AVX-512 VNNI but no AMX, its tile instructions emulated in C++ (slowly),
 // so that the kernel's own logic is tested on every such CPU (block_linear.hpp, AmxTiles).
+// Other CPUs (ARM, ...) and compilers compile the portable code only (HYPERMOE_X86_KERNELS 0);
+// defining HYPERMOE_NO_X86_KERNELS makes an x86 build do the same, which is how CI checks that
+// such a build still compiles.
 
 #include <cstdint>
 #include <cstdlib>
@@ -19,7 +22,7 @@
 
 #include "hypermoe/core/dtype.hpp"
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(HYPERMOE_NO_X86_KERNELS)
 #define HYPERMOE_X86_KERNELS 1
 #include <cpuid.h>
 #include <immintrin.h>

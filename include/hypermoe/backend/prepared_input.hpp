@@ -61,7 +61,7 @@ private:
     /// last block is zero. A block holding a non-finite value gets d = NaN (and q = 0), so the
     /// outputs it reaches are NaN, as with `exact`. Whole blocks go through AVX-512 or AVX2 where
     /// present (the same operations, so the same bits).
-    void quantize_row(std::span<const float> x, index_t r, kernel_isa isa) noexcept {
+    void quantize_row(std::span<const float> x, index_t r, [[maybe_unused]] kernel_isa isa) noexcept { // unused without x86 kernels
         const auto n = static_cast<index_t>(x.size());
         for (index_t b = 0; b < blocks; ++b) {
             std::int8_t* qb = q.data() + (r * blocks + b) * quant_block;
