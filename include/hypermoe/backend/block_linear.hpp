@@ -1118,11 +1118,12 @@ private:
     /// row (PanelKernels::run_group, 6 rows' sums in registers): the weights are widened once
     /// for all rows, where avx2_tile widens them again for every 4 rows. Widening costs about
     /// 0.1 ns a weight, so it pays from about 12 rows: one GLU expert (d = 1024, ff = 2816, 1
-    /// thread, Zen 3) took, in us, old -> widened: at 8 rows q4_0 2,104 -> 2,257 (so not
-    /// widened), at 12 rows 3,178 -> 3,064, at 32 rows q4_0 8,518 -> 7,166, mxfp4 8,819 ->
-    /// 7,206, q4_k 10,073 -> 7,163, q8_0 10,120 -> 7,771, at 256 rows q4_0 69.9 -> 51.8 ms.
-    /// Slices of 1024 inputs (128 KiB, in L2 while the rows read them, as PanelKernels' f32
-    /// slices) were as fast as 2048 or whole rows, and 4-11% faster than 256 or 128.
+    /// thread, Zen 3) took, in ms, avx2_tile -> widened: at 12 rows q4_0 3.14 -> 3.02, q4_k 3.58
+    /// -> 2.88; at 32 rows q4_0 8.48 -> 7.38, q8_0 9.59 -> 8.04; at 512 rows q4_0 139 -> 102
+    /// (benchmarks.md); at 8 rows an earlier version of the widening took 2.26-2.35 against
+    /// 2.09-2.11. Slices of 1024 inputs (128 KiB, in L2 while the rows read them, as
+    /// PanelKernels' f32 slices) were as fast as 2048 or whole rows, 5-6% faster than 256 and
+    /// 11-17% faster than 128 (at 32 and 256 rows).
     static constexpr index_t widen_rows = 12;
     static constexpr index_t widen_slice = 1024;
     static constexpr index_t widened_floats = tile * widen_slice; ///< a thread's slice
@@ -1237,7 +1238,12 @@ private:
             }
             run_tile(args, x, here);
         }
-        // c = [c +] scale * Act(t + bias) on the item's columns (linear_spec.hpp's epilogues)
+        epilogue_item(t, c, j0, at, cols, scale);
+    }
+
+    /// c = [c +] scale * Act(t + bias) on an item's `cols` columns (outputs from j0, at column
+    /// `at` of t and c): linear_spec.hpp's epilogues.
+    void epilogue_item(MatrixView<float> t, MatrixView<float> c, index_t j0, index_t at, index_t cols, float scale) const {
         if (accumulate_) epilogue_accumulate<Act>(t.col_block(at, cols), c.col_block(at, cols), bias(j0), scale);
         else epilogue_in_place<Act>(c.col_block(at, cols), bias(j0), scale);
     }
@@ -1258,8 +1264,7 @@ private:
             kernels.run_group(static_cast<const float*>(slice), len * BlockWeights::panel, len, cols, 0, p.a.data() + k0, p.a.stride(),
                               p.a.rows(), t.row(0).data() + at, t.stride(), k0 > 0);
         }
-        if (accumulate_) epilogue_accumulate<Act>(t.col_block(at, cols), c.col_block(at, cols), bias(j0), scale);
-        else epilogue_in_place<Act>(c.col_block(at, cols), bias(j0), scale);
+        epilogue_item(t, c, j0, at, cols, scale);
 #else
         (void)p, (void)t, (void)c, (void)j0, (void)n0, (void)scale, (void)slice; // widens() is AVX2 only
 #endif
