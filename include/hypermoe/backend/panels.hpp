@@ -10,9 +10,9 @@
 //   bound by reading its weights, and this reads 2 bytes a weight, half of f32.
 // - bf16, fast: the activations are rounded to bf16 once per call (into the caller's workspace)
 //   and VDPBF16PS multiplies pairs of bf16 into f32 sums (AVX-512 BF16), 32 products per
-//   instruction against the 16 of an f32 FMA. Without that instruction the exact kernel runs on
-//   the rounded activations: the same products (a product of two bf16 is exact in f32), summed
-//   in another order.
+//   instruction against the 16 of an f32 FMA. Without that instruction the rounded activations
+//   are held as f32 values and the exact kernel multiplies them: the same products (a product of
+//   two bf16 is exact in f32), summed in another order, as fast as `exact`.
 // - f32: one load of 16 weights and one FMA per row of A.
 // Which kernel runs is chosen at run time from the CPU (cpu_isa.hpp): AVX-512 or AVX2 intrinsics
 // behind `target` attributes, or portable code (GCC/Clang vector extensions, which the compiler
@@ -342,20 +342,30 @@ __attribute__((target("avx512f,avx512bf16"))) inline void bf16_round_avx512(cons
 #endif
 
 /// Each row of a rounded to bf16 (to nearest, ties to even) into out, rows ld >= a.cols()
-/// elements apart, the columns past a.cols() zeroed: with VCVTNEPS2BF16 where `vcvt` (the CPU has
-/// avx512_bf16), else bf16::from_float. Threaded over rows. What the bf16 `fast` paths multiply:
-/// WeightPanels' VDPBF16PS kernel and the oneDNN backend's bf16 primitive.
-inline void bf16_round_rows(ConstMatrixView<float> a, std::uint16_t* out, index_t ld, [[maybe_unused]] bool vcvt) {
+/// elements apart, the columns past a.cols() zeroed. What the bf16 `fast` paths multiply.
+/// - Out = std::uint16_t, the bf16 bits: for WeightPanels' VDPBF16PS kernel and the oneDNN
+///   backend's bf16 primitive. With VCVTNEPS2BF16 where `vcvt` (the CPU has avx512_bf16), else
+///   bf16::from_float.
+/// - Out = float, the rounded values widened back (bf16::from_float, exact in f32): for the
+///   exact kernels, which then compute bf16 `fast` on CPUs without VDPBF16PS.
+/// Threaded over rows.
+template <class Out>
+void bf16_round_rows(ConstMatrixView<float> a, Out* out, index_t ld, [[maybe_unused]] bool vcvt) {
+    static_assert(std::is_same_v<Out, std::uint16_t> || std::is_same_v<Out, float>, "bf16 bits, or their values");
     const index_t k = a.cols();
     parallel_for(a.rows(), a.rows() * ld, [&](index_t r) {
-        std::uint16_t* o = out + r * ld;
+        Out* o = out + r * ld;
         const float* in = a.row(r).data();
+        if constexpr (std::is_same_v<Out, float>) {
+            for (index_t i = 0; i < k; ++i) o[i] = bf16::from_float(in[i]).to_float();
+        } else {
 #if HYPERMOE_X86_KERNELS
-        if (vcvt) bf16_round_avx512(in, o, k);
-        else
+            if (vcvt) bf16_round_avx512(in, o, k);
+            else
 #endif
-            for (index_t i = 0; i < k; ++i) o[i] = bf16::from_float(in[i]).bits;
-        std::fill(o + k, o + ld, std::uint16_t{0});
+                for (index_t i = 0; i < k; ++i) o[i] = bf16::from_float(in[i]).bits;
+        }
+        std::fill(o + k, o + ld, Out{0});
     });
 }
 
@@ -750,18 +760,31 @@ public:
         return (accumulate ? padded_bytes<float>(rows, n_) : 0) + prepared_bytes(rows);
     }
 
-    /// Bytes prepare() takes for `rows` rows: with `fast`, the rows rounded to bf16.
+    /// Bytes prepare() takes for `rows` rows: with `fast`, the rows rounded to bf16 (bits for
+    /// VDPBF16PS, else their values as f32).
     [[nodiscard]] std::size_t prepared_bytes(index_t rows) const noexcept {
-        return fast_ && rows > 0 ? padded_bytes<std::uint16_t>(rows, rounded_stride()) : 0;
+        if (!fast_ || rows <= 0) return 0;
+        return dp() ? padded_bytes<std::uint16_t>(rows, rounded_stride()) : padded_bytes<float>(rows, k_);
     }
 
     /// What every tile of a product with input `a` reads: with `fast`, a rounded to bf16 (in
-    /// parallel over rows) into `ws` (the caller's scope, prepared_bytes(a.rows())).
+    /// parallel over rows) into `ws` (the caller's scope, prepared_bytes(a.rows())). For
+    /// VDPBF16PS as bf16 bits (`rounded`); on other CPUs as their values in f32, in place of the
+    /// input (`a`), which the exact kernel multiplies: the same products (a product of two bf16
+    /// is exact in f32), summed as that kernel sums them, at the exact kernel's speed. (Read as
+    /// bf16 bits, every activation took a widening before its broadcast: the AVX2 kernel ran a
+    /// GLU expert 1.4x slower than `exact` at 8 to 512 rows, Zen 3.)
     [[nodiscard]] PreparedInput prepare(ConstMatrixView<float> a, Workspace& ws) const {
         PreparedInput p{a, {}, {}, {}};
         if (!fast_ || a.rows() == 0) return p;
+        if (!dp()) {
+            const MatrixView<float> values = ws.take_matrix<float>(a.rows(), k_);
+            bf16_round_rows(a, values.data(), values.stride(), false);
+            p.a = values;
+            return p;
+        }
         const MatrixView<std::uint16_t> rounded = ws.take_matrix<std::uint16_t>(a.rows(), rounded_stride());
-        bf16_round_rows(a, rounded.data(), rounded.stride(), kernel_ == kernel_isa::avx512_bf16);
+        bf16_round_rows(a, rounded.data(), rounded.stride(), true);
         p.rounded = rounded;
         return p;
     }
@@ -791,7 +814,7 @@ public:
         if (p.a.rows() == 0 || c.cols() == 0) return;
         const MatrixView<float> t = accumulate ? ws.take_matrix<float>(p.a.rows(), c.cols()) : c;
         const index_t p_begin = n0 / panel, p_end = (n0 + c.cols() + panel - 1) / panel;
-        if (fast_) multiply(bf16_.get(), p.rounded.data(), p.rounded.stride(), p.a.rows(), t, p_begin, p_end);
+        if (fast_ && dp()) multiply(bf16_.get(), p.rounded.data(), p.rounded.stride(), p.a.rows(), t, p_begin, p_end);
         else if (values_ == dtype::f32) multiply(f32_.get(), p.a.data(), p.a.stride(), p.a.rows(), t, p_begin, p_end);
         else multiply(bf16_.get(), p.a.data(), p.a.stride(), p.a.rows(), t, p_begin, p_end);
         const float* b = bias != nullptr ? bias + n0 : nullptr;
@@ -818,6 +841,9 @@ private:
                 }
             }
     }
+
+    /// Whether `fast` runs on VDPBF16PS (bf16 activations); otherwise on the exact kernel.
+    [[nodiscard]] bool dp() const noexcept { return fast_ && kernel_ == kernel_isa::avx512_bf16; }
 
     /// Elements of a row of the rounded activations: K rounded up to pairs.
     [[nodiscard]] index_t rounded_stride() const noexcept { return 2 * ((k_ + 1) / 2); }

@@ -161,12 +161,13 @@ namespace hypermoe {
 /// A linear map's input made ready for the map's tiles (LinearMap::prepare): the rows, and
 /// what the `fast` kernels read in their place, made once in the caller's workspace for every
 /// tile of a product (a tile per call would repeat it: a Mixtral-like expert's forward tiles
-/// call its gate|up product 12 times). bf16 `fast` rounds the rows to bf16 (`rounded`); the block
+/// call its gate|up product 12 times). bf16 `fast` rounds the rows to bf16 (`rounded`, or, where
+/// the exact kernel computes it, their values in place of the input: `a`); the block
 /// formats' `fast` quantises them per block of 32 (`quantized`); `exact` q4_k (and q4_0 and mxfp4
 /// on AVX2) sums each block of inputs (`block_sums`). Views only: valid while the workspace scope
 /// that prepare() took them in.
 struct PreparedInput {
-    ConstMatrixView<float> a;                          ///< the input (M, K)
+    ConstMatrixView<float> a;                          ///< the input (M, K), as the kernels multiply it
     ConstMatrixView<std::uint16_t> rounded;            ///< bf16 bits of a, or empty
     std::optional<detail::QuantizedRows> quantized;    ///< a quantised per block, or none
     std::span<const float> block_sums;                 ///< per row and block of 32, the inputs' sum, or empty
