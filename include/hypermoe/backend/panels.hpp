@@ -819,7 +819,7 @@ public:
         if (p.a.rows() == 0 || c.cols() == 0) return;
         const MatrixView<float> t = accumulate ? ws.take_matrix<float>(p.a.rows(), c.cols()) : c;
         const index_t p_begin = n0 / panel, p_end = (n0 + c.cols() + panel - 1) / panel;
-        if (fast_ && dp()) multiply(bf16_.get(), p.rounded.data(), p.rounded.stride(), p.a.rows(), t, p_begin, p_end);
+        if (dp()) multiply(bf16_.get(), p.rounded.data(), p.rounded.stride(), p.a.rows(), t, p_begin, p_end);
         else if (values_ == dtype::f32) multiply(f32_.get(), p.a.data(), p.a.stride(), p.a.rows(), t, p_begin, p_end);
         else multiply(bf16_.get(), p.a.data(), p.a.stride(), p.a.rows(), t, p_begin, p_end);
         const float* b = bias != nullptr ? bias + n0 : nullptr;
