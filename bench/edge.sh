@@ -14,8 +14,9 @@ out=bench/results${name:+/$name}
 mkdir -p "$out"
 export OMP_NUM_THREADS=2
 # The CPU, for the plots' titles: its model and the instruction sets the kernels choose among.
-model="$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1), family $(sed -n 's/^cpu family[[:space:]]*: //p' /proc/cpuinfo | head -1) model $(sed -n 's/^model[[:space:]]*: //p' /proc/cpuinfo | head -1)"
-isa=$(grep -m1 '^flags' /proc/cpuinfo | tr ' ' '\n' | grep -x -E 'avx2|avx512f|avx512_vnni|avx512_bf16|amx_int8|amx_bf16' | tr '\n' ' ')
+cpuinfo() { sed -n "s/^$1[[:space:]]*: //p" /proc/cpuinfo | head -1; } # the first CPU's field
+model="$(cpuinfo 'model name'), family $(cpuinfo 'cpu family') model $(cpuinfo model)"
+isa=$(cpuinfo flags | tr ' ' '\n' | grep -x -E 'avx2|avx512f|avx512_vnni|avx512_bf16|amx_int8|amx_bf16' | tr '\n' ' ')
 printf '{"cpu": "%s", "flags": "%s", "threads": %s}\n' "$model" "${isa% }" "$OMP_NUM_THREADS" > "$out/machine.json"
 "$build/bench/expert/expert_bench" --benchmark_min_time=0.3 \
   --benchmark_filter='BM_ReadBandwidth|BM_GluRotating|BM_GluExpert_onednn/d:1024|BM_RawMatmul_Glu/d:1024' \
