@@ -83,31 +83,86 @@ template <class In>
     else return bf16{a[i]}.to_float();
 }
 
+/// Accumulators of 16 floats that one call of a portable kernel keeps: half the registers of the
+/// vector unit the build targets (AVX-512's 32 x 16 floats, AVX's 16 x 8 and AArch64's 32 x 4,
+/// SSE's and 32-bit ARM's 16 x 4), so that the weights' vectors fit beside them. portable_panel_tile
+/// splits larger tiles. The AVX-512 kernels' tiles of up to 8 rows x 2 panels (16
+/// accumulators) spilled every accumulator in portable code built for AVX2, and would on NEON.
+inline constexpr int portable_accumulators =
+#if defined(__AVX512F__)
+    16;
+#elif defined(__AVX__) || defined(__aarch64__)
+    4;
+#else
+    2;
+#endif
+
+/// Runs the portable kernel `kernel` (a template operator()<Rows, Panels>) on tile t of Rows x
+/// Panels, in calls of at most portable_accumulators accumulators: rows first in blocks of up to
+/// that many, then panels. Each output is still summed in one call, over k in order: the
+/// same bits as one call.
+template <int Rows, int Panels, class W, class In, class Kernel>
+void portable_panel_tile(const PanelTile<W, In>& t, const Kernel& kernel) noexcept {
+    constexpr int rows = std::min(Rows, portable_accumulators), panels = std::max(1, std::min(Panels, portable_accumulators / rows));
+    if constexpr (rows < Rows) {
+        portable_panel_tile<rows, Panels>(t, kernel);
+        PanelTile<W, In> rest = t;
+        rest.a += rows * t.lda;
+        rest.c += rows * t.ldc;
+        portable_panel_tile<Rows - rows, Panels>(rest, kernel);
+    } else if constexpr (panels < Panels) {
+        kernel.template operator()<Rows, panels>(t);
+        PanelTile<W, In> rest = t;
+        rest.w += panels * t.stride;
+        rest.c += panels * 16;
+        rest.cols -= panels * 16;
+        portable_panel_tile<Rows, Panels - panels>(rest, kernel);
+    } else {
+        kernel.template operator()<Rows, Panels>(t);
+    }
+}
+
 /// K rows ahead that the kernels prefetch (32 pairs: 2 KiB a panel).
 inline constexpr index_t bf16_prefetch_pairs = 32;
 
 #if defined(__GNUC__) || defined(__clang__)
-/// The exact kernel in GCC/Clang vector extensions (16 floats: one AVX-512 register, two AVX2 ones).
+/// Bytes of the build's own vector registers, which the portable kernels' vector extensions
+/// take one at a time: a panel's 16 floats in 1 (AVX-512), 2 (AVX) or 4 of them. Vectors wider
+/// than the registers (a panel in one 64-byte vector) are lowered by GCC through the stack,
+/// every broadcast of an input included: a bf16 tile of one row ran 8.6x slower than AVX2's.
+inline constexpr int portable_vector_bytes =
+#if defined(__AVX512F__)
+    64;
+#elif defined(__AVX__)
+    32;
+#else
+    16;
+#endif
+
+/// The exact kernel in GCC/Clang vector extensions, in vectors of the build's width.
 template <int Rows, int Panels, class In>
 void bf16_tile_portable(const Bf16Tile<In>& t) noexcept {
-    using vfloat = float __attribute__((vector_size(64)));
-    using vuint = std::uint32_t __attribute__((vector_size(64)));
-    vfloat acc[Rows][Panels] = {};
+    using vfloat = float __attribute__((vector_size(portable_vector_bytes)));
+    using vuint = std::uint32_t __attribute__((vector_size(portable_vector_bytes)));
+    constexpr int lanes = portable_vector_bytes / 4, per_panel = 16 / lanes; // vectors a panel
+    vfloat acc[Rows][Panels][per_panel] = {};
     const index_t full = t.k / 2;
     for (index_t j = 0; j <= full; ++j) {
         if (j == full && t.k % 2 == 0) break;
-        vfloat lo[Panels], hi[Panels];
-        for (int p = 0; p < Panels; ++p) {
-            vuint x;
-            std::memcpy(&x, t.w + p * t.stride + j * 32, sizeof x);
-            const vuint l = x << 16, h = x & 0xFFFF0000u;
-            std::memcpy(&lo[p], &l, sizeof l);
-            std::memcpy(&hi[p], &h, sizeof h);
-        }
+        vfloat lo[Panels][per_panel], hi[Panels][per_panel];
+        for (int p = 0; p < Panels; ++p)
+            for (int v = 0; v < per_panel; ++v) {
+                vuint x;
+                std::memcpy(&x, t.w + p * t.stride + j * 32 + v * 2 * lanes, sizeof x);
+                const vuint l = x << 16, h = x & 0xFFFF0000u;
+                std::memcpy(&lo[p][v], &l, sizeof l);
+                std::memcpy(&hi[p][v], &h, sizeof h);
+            }
         for (int r = 0; r < Rows; ++r) {
             const float a0 = bf16_panel_input(t.a + r * t.lda, 2 * j);
             const float a1 = j < full ? bf16_panel_input(t.a + r * t.lda, 2 * j + 1) : 0.0f;
-            for (int p = 0; p < Panels; ++p) acc[r][p] += a0 * lo[p] + a1 * hi[p];
+            for (int p = 0; p < Panels; ++p)
+                for (int v = 0; v < per_panel; ++v) acc[r][p][v] += a0 * lo[p][v] + a1 * hi[p][v];
         }
     }
     for (int r = 0; r < Rows; ++r)
@@ -131,9 +186,29 @@ void bf16_tile_portable(const Bf16Tile<In>& t) noexcept {
 }
 #endif
 
-/// f32 weights in plain C++ (vectorised by the compiler: 16 columns side by side).
+/// f32 weights in plain C++: 16 columns side by side, in vectors of the build's width with
+/// GCC/Clang (plain loops for other compilers).
 template <int Rows, int Panels>
 void f32_tile_portable(const F32Tile& t) noexcept {
+#if defined(__GNUC__) || defined(__clang__)
+    using vfloat = float __attribute__((vector_size(portable_vector_bytes)));
+    constexpr int lanes = portable_vector_bytes / 4, per_panel = 16 / lanes;
+    vfloat acc[Rows][Panels][per_panel] = {};
+    for (index_t k = 0; k < t.k; ++k) {
+        vfloat w[Panels][per_panel];
+        for (int p = 0; p < Panels; ++p)
+            for (int v = 0; v < per_panel; ++v) {
+                vfloat x; // loaded through a local: a memcpy into w itself keeps w on the stack (2x slower)
+                std::memcpy(&x, t.w + p * t.stride + k * 16 + v * lanes, sizeof x);
+                w[p][v] = x;
+            }
+        for (int r = 0; r < Rows; ++r) {
+            const float a = t.a[r * t.lda + k];
+            for (int p = 0; p < Panels; ++p)
+                for (int v = 0; v < per_panel; ++v) acc[r][p][v] += a * w[p][v];
+        }
+    }
+#else
     float acc[Rows][Panels][16] = {};
     for (index_t k = 0; k < t.k; ++k)
         for (int r = 0; r < Rows; ++r) {
@@ -141,8 +216,13 @@ void f32_tile_portable(const F32Tile& t) noexcept {
             for (int p = 0; p < Panels; ++p)
                 for (int n = 0; n < 16; ++n) acc[r][p][n] += a * t.w[p * t.stride + k * 16 + n];
         }
+#endif
     for (int r = 0; r < Rows; ++r)
-        for (int p = 0; p < Panels; ++p) panel_store_portable(t, r, p, acc[r][p]);
+        for (int p = 0; p < Panels; ++p) {
+            float sums[16];
+            std::memcpy(sums, &acc[r][p], sizeof sums);
+            panel_store_portable(t, r, p, sums);
+        }
 }
 
 #if HYPERMOE_X86_KERNELS
@@ -573,7 +653,7 @@ private:
             if (kernel_ == kernel_isa::avx2) return f32_tile_avx2<Rows, Panels>(t);
             if (kernel_ != kernel_isa::portable) return f32_tile_avx512<Rows, Panels>(t);
 #endif
-            f32_tile_portable<Rows, Panels>(t);
+            portable_panel_tile<Rows, Panels>(t, []<int R, int P>(const F32Tile& u) { f32_tile_portable<R, P>(u); });
         } else {
 #if HYPERMOE_X86_KERNELS
             if constexpr (std::is_same_v<In, std::uint16_t>)
@@ -581,7 +661,7 @@ private:
             if (kernel_ == kernel_isa::avx2) return bf16_tile_avx2<Rows, Panels>(t);
             if (kernel_ != kernel_isa::portable) return bf16_tile_avx512<Rows, Panels>(t);
 #endif
-            bf16_tile_portable<Rows, Panels>(t);
+            portable_panel_tile<Rows, Panels>(t, []<int R, int P>(const PanelTile<W, In>& u) { bf16_tile_portable<R, P>(u); });
         }
     }
 
