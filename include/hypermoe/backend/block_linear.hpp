@@ -1001,7 +1001,8 @@ void portable_tile_rows(const TileArgs& t, const TileRows& x, int r0) {
                         vint q;
                         if constexpr (mx) {
                             // mxfp4_values[nib] from the FP4 bits (a lookup per lane would not vectorise):
-                            // sign s, exponent e and mantissa m give m if e = 0, else (2 + m) 2^(e - 1).
+                            // sign bit 3, exponent e (bits 2-1) and mantissa m (bit 0) give the
+                            // magnitude m if e = 0, else (2 + m) 2^(e - 1).
                             const vint nib = __builtin_convertvector((byte >> (4 * (s % 2))) & 0x0Fu, vint);
                             const vint e = (nib >> 1) & 3, m = nib & 1, subnormal = e == 0, sign = -(nib >> 3);
                             const vint magnitude = (m & subnormal) | (((2 + m) << (e - 1 - subnormal)) & ~subnormal);
