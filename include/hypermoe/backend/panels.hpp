@@ -83,19 +83,32 @@ template <class In>
     else return bf16{a[i]}.to_float();
 }
 
-/// Accumulators of 16 floats that one call of a portable kernel keeps: half the registers of the
-/// vector unit the build targets (AVX-512's 32 x 16 floats, AVX's 16 x 8 and AArch64's 32 x 4,
-/// SSE's and 32-bit ARM's 16 x 4), so that the weights' vectors fit beside them. portable_panel_tile
-/// splits larger tiles. The AVX-512 kernels' tiles of up to 8 rows x 2 panels (16
-/// accumulators) spilled every accumulator in portable code built for AVX2, and would on NEON.
-inline constexpr int portable_accumulators =
+/// Bytes of the build's own vector registers, which the portable kernels' vector extensions
+/// take one at a time: a panel's 16 floats in 1 (AVX-512), 2 (AVX) or 4 of them. Vectors wider
+/// than the registers (a panel in one 64-byte vector) are lowered by GCC through the stack,
+/// every broadcast of an input included: a bf16 tile of one row ran 8.6x slower than AVX2's.
+inline constexpr int portable_vector_bytes =
 #if defined(__AVX512F__)
-    16;
-#elif defined(__AVX__) || defined(__aarch64__)
-    4;
+    64;
+#elif defined(__AVX__)
+    32;
 #else
-    2;
+    16;
 #endif
+/// The build's vector registers: 32 with AVX-512 and on AArch64, 16 with AVX, SSE and 32-bit ARM.
+inline constexpr int portable_vector_registers =
+#if defined(__AVX512F__) || defined(__aarch64__)
+    32;
+#else
+    16;
+#endif
+
+/// Accumulators of 16 floats that one call of a portable kernel keeps: half the registers (16
+/// with AVX-512, 4 with AVX and on AArch64, 2 with SSE), so that the weights' vectors fit beside
+/// them. portable_panel_tile splits larger tiles. The AVX-512 kernels' tiles of up to 8 rows x 2
+/// panels (16 accumulators) spilled every accumulator in portable code built for AVX2, and
+/// would on NEON.
+inline constexpr int portable_accumulators = portable_vector_bytes / 4 * portable_vector_registers / 2 / 16;
 
 /// Runs the portable kernel `kernel` (a template operator()<Rows, Panels>) on tile t of Rows x
 /// Panels, in calls of at most portable_accumulators accumulators: rows first in blocks of up to
@@ -126,19 +139,6 @@ void portable_panel_tile(const PanelTile<W, In>& t, const Kernel& kernel) noexce
 inline constexpr index_t bf16_prefetch_pairs = 32;
 
 #if defined(__GNUC__) || defined(__clang__)
-/// Bytes of the build's own vector registers, which the portable kernels' vector extensions
-/// take one at a time: a panel's 16 floats in 1 (AVX-512), 2 (AVX) or 4 of them. Vectors wider
-/// than the registers (a panel in one 64-byte vector) are lowered by GCC through the stack,
-/// every broadcast of an input included: a bf16 tile of one row ran 8.6x slower than AVX2's.
-inline constexpr int portable_vector_bytes =
-#if defined(__AVX512F__)
-    64;
-#elif defined(__AVX__)
-    32;
-#else
-    16;
-#endif
-
 /// The exact kernel in GCC/Clang vector extensions, in vectors of the build's width.
 template <int Rows, int Panels, class In>
 void bf16_tile_portable(const Bf16Tile<In>& t) noexcept {
