@@ -34,6 +34,7 @@
 #include <string_view>
 #include <span>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "hypermoe/backend/cpu_isa.hpp"
@@ -962,6 +963,165 @@ void avx2_widen_panels(const TileArgs& t, index_t k0, index_t len, float* out) {
 }
 #endif
 
+#if HYPERMOE_NEON_KERNELS
+/// `fast` on AArch64: per int32 lane, the dot of 4 signed weight bytes with 4 signed activation
+/// bytes broadcast to every lane, 16 products a row: one SDOT (FEAT_DotProd), or on CPUs without
+/// it (Cortex-A53/A72, ...) two widening multiplies (SMULL), a pairwise add of their int16
+/// products and one into int32 (SADALP): exact while a pair sums within int16, which holds for
+/// |w| <= 128 and |x| <= 127. The weights enter signed: q8_0's codes flipped back to q (no
+/// offset), mxfp4's nibbles looked up as mxfp4_values (TBL; no offset), q4_0's nibbles as q + 8
+/// (its sums start at -8 * sum(xq)), q4_k's as q (its mins apart). A panel's 64 bytes a quad are
+/// 4 registers of 4 outputs each; the block's int32 sums and the f32 sums stay in registers: 2
+/// rows of 1 panel or 1 row of both panels a call (16 of the 32 registers). The integer sums are
+/// exact, so the block dots are the other kernels' own.
+
+/// acc + per int32 lane the dot of w's 4 bytes with x's (see above).
+template <bool Dot>
+HYPERMOE_TARGET_DOTPROD inline int32x4_t neon_dot4(int32x4_t acc, int8x16_t w, int8x16_t x) {
+    if constexpr (Dot) {
+#if HYPERMOE_NEON_SDOT
+        return vdotq_s32(acc, w, x);
+#else
+        static_assert(!Dot, "SDOT is not compiled into this build (HYPERMOE_NEON_SDOT)");
+#endif
+    } else {
+        return vpadalq_s16(acc, vpaddq_s16(vmull_s8(vget_low_s8(w), vget_low_s8(x)), vmull_high_s8(w, x)));
+    }
+}
+
+/// 4 bytes at p widened to the 4 lanes.
+inline uint32x4_t neon_bytes_to_u32(const std::uint8_t* p) {
+    std::uint32_t v;
+    std::memcpy(&v, p, sizeof v);
+    return vmovl_u16(vget_low_u16(vmovl_u8(vreinterpret_u8_u32(vdup_n_u32(v)))));
+}
+/// 4 activation bytes at p in every int32 lane.
+inline int8x16_t neon_broadcast_quad(const std::int8_t* p) {
+    std::int32_t v;
+    std::memcpy(&v, p, sizeof v);
+    return vreinterpretq_s8_s32(vdupq_n_s32(v));
+}
+/// 4 halves at p as floats.
+inline float32x4_t neon_halves_to_f32(const std::uint8_t* p) {
+    std::uint16_t h[4];
+    std::memcpy(h, p, sizeof h);
+    return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(h)));
+}
+
+/// Stores v's lanes that bits [0, 4) of `lanes` select at p.
+inline void neon_store_lanes(float* p, unsigned lanes, float32x4_t v) {
+    if (lanes == 0xFu) return vst1q_f32(p, v);
+    float f[4];
+    vst1q_f32(f, v);
+    for (unsigned l = 0; l < 4; ++l)
+        if ((lanes >> l) & 1u) p[l] = f[l];
+}
+
+/// Block b's scales of outputs o .. o + 3 (0-31) of a tile, as tile_scale gives them: halves,
+/// mxfp4's 2^(e - 128) (as panel_scales builds it on AVX-512) or q4_k's d x sc; and q4_k's
+/// mins, dmin x m.
+template <class Block>
+inline float32x4_t neon_scales(const TileArgs& t, index_t b, index_t o) {
+    if constexpr (has_min<Block>) {
+        return vmulq_f32(neon_halves_to_f32(t.wd + Q4KScales::d(b) + 2 * o), vcvtq_f32_u32(neon_bytes_to_u32(t.wd + Q4KScales::sc(b) + o)));
+    } else if constexpr (std::is_same_v<Block, BlockMXFP4>) {
+        const uint32x4_t e = neon_bytes_to_u32(t.wd + b * 32 + o);
+        const uint32x4_t normal = vshlq_n_u32(vsubq_u32(e, vdupq_n_u32(1)), 23);
+        const uint32x4_t subnormal = vshlq_u32(vdupq_n_u32(0x00200000), vreinterpretq_s32_u32(e));
+        return vreinterpretq_f32_u32(vbslq_u32(vcltq_u32(e, vdupq_n_u32(2)), subnormal, normal));
+    } else {
+        return neon_halves_to_f32(t.wd + 2 * (b * 32 + o));
+    }
+}
+inline float32x4_t neon_mins(const TileArgs& t, index_t b, index_t o) {
+    return vmulq_f32(neon_halves_to_f32(t.wd + Q4KScales::dmin(b) + 2 * o), vcvtq_f32_u32(neon_bytes_to_u32(t.wd + Q4KScales::m(b) + o)));
+}
+
+/// Rows r0 .. r0 + Rows - 1 of panels p0 .. p0 + Panels - 1 of a tile (see above).
+template <int Rows, int Panels, class Block, bool Dot>
+HYPERMOE_TARGET_DOTPROD void neon_tile_rows(const TileArgs& t, const TileRows& x, int r0, int p0) {
+    constexpr bool q4 = nibble_format<Block>, mx = std::is_same_v<Block, BlockMXFP4>;
+    constexpr index_t quads = q4 ? 4 : 8;
+    constexpr std::int32_t offset = std::is_same_v<Block, BlockQ4_0> ? code_offset<Block> : 0;
+    const uint8x16_t nibble = vdupq_n_u8(0x0F), sign = vdupq_n_u8(0x80);
+    const int8x16_t values = vld1q_s8(mxfp4_values.data());
+    float32x4_t acc[Rows][Panels][4];
+        for (int r = 0; r < Rows; ++r)
+                for (int p = 0; p < Panels; ++p)
+                        for (int v = 0; v < 4; ++v) acc[r][p][v] = vdupq_n_f32(0.0f);
+    for (index_t b = 0; b < t.nb; ++b) {
+        const std::int8_t* xb[Rows];
+        int32x4_t sum[Rows][Panels][4];
+        #pragma GCC unroll 4
+        for (int r = 0; r < Rows; ++r) {
+            xb[r] = x.q[r0 + r] + b * quant_block;
+            #pragma GCC unroll 4
+            for (int p = 0; p < Panels; ++p)
+                #pragma GCC unroll 4
+                for (int v = 0; v < 4; ++v) sum[r][p][v] = vdupq_n_s32(-offset * x.sum[r0 + r][b]);
+        }
+        // Unrolled, GCC 12 loads every quad's activations first and spills the sums; the loops
+        // inside, over registers, are unrolled at -O2 too.
+#pragma GCC unroll 1
+        for (index_t j = 0; j < quads; ++j) {
+            int8x16_t xj[Rows][2]; // activations k = 4j..4j+3 in every lane (q4: and k + 16)
+            #pragma GCC unroll 4
+            for (int r = 0; r < Rows; ++r) {
+                xj[r][0] = neon_broadcast_quad(xb[r] + 4 * j);
+                if constexpr (q4) xj[r][1] = neon_broadcast_quad(xb[r] + 16 + 4 * j);
+            }
+            #pragma GCC unroll 4
+            for (int p = 0; p < Panels; ++p) {
+                const std::uint8_t* w = t.wq + ((b * 2 + p0 + p) * quads + j) * 64;
+                if (t.ahead != 0) __builtin_prefetch(w + t.ahead);
+                #pragma GCC unroll 4
+                for (int v = 0; v < 4; ++v) {
+                    const uint8x16_t bytes = vld1q_u8(w + 16 * v);
+                    if constexpr (q4) { // quad j's low nibbles are k = 4j..4j+3, its high ones k + 16
+                        int8x16_t lo = vreinterpretq_s8_u8(vandq_u8(bytes, nibble)), hi = vreinterpretq_s8_u8(vshrq_n_u8(bytes, 4));
+                        if constexpr (mx) lo = vqtbl1q_s8(values, vreinterpretq_u8_s8(lo)), hi = vqtbl1q_s8(values, vreinterpretq_u8_s8(hi));
+                        #pragma GCC unroll 4
+                        for (int r = 0; r < Rows; ++r) sum[r][p][v] = neon_dot4<Dot>(neon_dot4<Dot>(sum[r][p][v], lo, xj[r][0]), hi, xj[r][1]);
+                    } else { // q8_0's quad j: k = 4j..4j+3
+                        const int8x16_t q = vreinterpretq_s8_u8(veorq_u8(bytes, sign));
+                        #pragma GCC unroll 4
+                        for (int r = 0; r < Rows; ++r) sum[r][p][v] = neon_dot4<Dot>(sum[r][p][v], q, xj[r][0]);
+                    }
+                }
+            }
+        }
+        #pragma GCC unroll 4
+        for (int p = 0; p < Panels; ++p)
+            #pragma GCC unroll 4
+            for (int v = 0; v < 4; ++v) {
+                const index_t o = 16 * (p0 + p) + 4 * v;
+                const float32x4_t dw = neon_scales<Block>(t, b, o);
+                #pragma GCC unroll 4
+                for (int r = 0; r < Rows; ++r) {
+                    acc[r][p][v] = vfmaq_f32(acc[r][p][v], vcvtq_f32_s32(sum[r][p][v]), vmulq_n_f32(dw, x.d[r0 + r][b]));
+                    if constexpr (has_min<Block>) // q4_k: less the block's min times its activations' sum
+                        acc[r][p][v] = vfmsq_f32(acc[r][p][v], neon_mins(t, b, o), vdupq_n_f32(x.dsum[r0 + r][b]));
+                }
+            }
+    }
+    #pragma GCC unroll 4
+    for (int r = 0; r < Rows; ++r)
+        for (int p = 0; p < Panels; ++p)
+            for (int v = 0; v < 4; ++v)
+                neon_store_lanes(t.out + (r0 + r) * t.ldc + 16 * (p0 + p) + 4 * v, (t.mask[p0 + p] >> (4 * v)) & 0xFu, acc[r][p][v]);
+}
+
+/// A tile's `rows` rows on SDOT (Dot) or NEON's widening multiplies: 2 rows a panel at a time,
+/// a last single row over both panels.
+template <class Block, bool Dot>
+void neon_tile(const TileArgs& t, const TileRows& x, int rows) {
+    int r = 0;
+    for (; r + 2 <= rows; r += 2)
+        for (int p = 0; p < 2; ++p) neon_tile_rows<2, 1, Block, Dot>(t, x, r, p);
+    if (r < rows) neon_tile_rows<1, 2, Block, Dot>(t, x, r, 0);
+}
+#endif
+
 /// The tile kernels in plain C++, for x86 CPUs without AVX2 and for every other CPU (ARM): the
 /// same sums in the same order per output, 16 outputs side by side. With GCC and Clang in
 /// vectors of the build's width (portable_vector_bytes), each load's codes unpacked once for
@@ -1278,6 +1438,12 @@ private:
                 }
                 return;
             }
+#endif
+#if HYPERMOE_NEON_KERNELS
+#if HYPERMOE_NEON_SDOT
+            if (kernel_ == kernel_isa::neon_dotprod) return neon_tile<Block, true>(t, x, int(rows)); // `fast` only
+#endif
+            if (kernel_ == kernel_isa::neon) return neon_tile<Block, false>(t, x, int(rows));
 #endif
             if (fast_) portable_tile<Block, true>(t, x, int(rows));
             else portable_tile<Block, false>(t, x, int(rows));

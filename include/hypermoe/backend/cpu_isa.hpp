@@ -1,19 +1,22 @@
 #pragma once
 // The instructions our own kernels (the block formats' in block_linear.hpp, bf16's in
-// panels.hpp) may use, found once per process from CPUID: every path is compiled into every
-// build (through `target` attributes), and which one a call runs is chosen here, at run time.
-// The tiers: portable C++, AVX2 (with FMA and F16C: most laptops' and desktops' CPUs, and every
-// x86 server of the last ten years), AVX-512 F + BW, AVX-512 with VNNI or BF16, and AMX-INT8
-// (the tile registers of Intel's Sapphire Rapids and later, where the OS lets the process use
-// them).
+// panels.hpp) may use, found once per process from CPUID (x86) or the kernel's HWCAP bits
+// (AArch64 Linux): every path is compiled into every build (through `target` attributes), and
+// which one a call runs is chosen here, at run time.
+// The x86 tiers: portable C++, AVX2 (with FMA and F16C: most laptops' and desktops' CPUs, and
+// every x86 server of the last ten years), AVX-512 F + BW, AVX-512 with VNNI or BF16, and
+// AMX-INT8 (the tile registers of Intel's Sapphire Rapids and later, where the OS lets the process
+// use them). On AArch64 the block formats' `fast` kernel has two: NEON's widening multiplies
+// (every AArch64 CPU) and SDOT (ARMv8.2's dot product: Cortex-A55/A76 and later, Neoverse, Apple
+// M); the rest is portable C++, which the compiler vectorises for NEON.
 // The environment variable HYPERMOE_ISA caps the choice so that the tests run every kernel a CPU
 // can run: `portable` (plain C++ only), `avx2` (no AVX-512), `avx512` (AVX-512 F + BW, no VNNI,
-// no BF16 and no AMX) or `avx512_vnni` (no AMX). HYPERMOE_AMX=emulate runs the AMX-INT8 block
+// no BF16 and no AMX), `avx512_vnni` (no AMX) or, on AArch64, `neon` (no SDOT). HYPERMOE_AMX=emulate runs the AMX-INT8 block
 // kernel on a CPU with AVX-512 VNNI but no AMX, its tile instructions emulated in C++ (slowly),
 // so that the kernel's own logic is tested on every such CPU (block_linear.hpp, AmxTiles).
-// Other CPUs (ARM, ...) and compilers compile the portable code only (HYPERMOE_X86_KERNELS 0);
-// defining HYPERMOE_NO_X86_KERNELS makes an x86 build do the same, which is how CI checks that
-// such a build still compiles.
+// Other CPUs and compilers compile the portable code only (HYPERMOE_X86_KERNELS and
+// HYPERMOE_NEON_KERNELS 0); defining HYPERMOE_NO_X86_KERNELS makes an x86 build do the same,
+// which is how CI checks that such a build still compiles.
 
 #include <cstdint>
 #include <cstdlib>
@@ -34,6 +37,32 @@
 #define HYPERMOE_X86_KERNELS 0
 #endif
 
+// The NEON kernels on AArch64 (GCC and Clang). The SDOT one: GCC compiles it into every build,
+// through a `target` attribute (HYPERMOE_TARGET_DOTPROD, which the NEON kernel's instantiations
+// share: CI runs that one on an ARMv8.0 CPU model, where an SDOT would trap); Clang 14's
+// arm_neon.h offers the dot product intrinsics only to builds for a CPU that has them
+// (-march=armv8.2-a+dotprod and later, Apple's default), so with Clang it is there in those.
+#if defined(__aarch64__) && (defined(__GNUC__) || defined(__clang__))
+#define HYPERMOE_NEON_KERNELS 1
+#include <arm_neon.h>
+#if defined(__linux__)
+#include <sys/auxv.h>
+#endif
+#if defined(__ARM_FEATURE_DOTPROD)
+#define HYPERMOE_NEON_SDOT 1
+#define HYPERMOE_TARGET_DOTPROD
+#elif !defined(__clang__)
+#define HYPERMOE_NEON_SDOT 1
+#define HYPERMOE_TARGET_DOTPROD __attribute__((target("arch=armv8.2-a+dotprod")))
+#else
+#define HYPERMOE_NEON_SDOT 0
+#define HYPERMOE_TARGET_DOTPROD
+#endif
+#else
+#define HYPERMOE_NEON_KERNELS 0
+#define HYPERMOE_NEON_SDOT 0
+#endif
+
 // A header with AVX-512 intrinsics puts its kernels between these two. GCC 12 flags the
 // intrinsics' own _mm512_undefined_* start values as (maybe) uninitialised once they are inlined
 // (GCC bug 105593, fixed in 13); the warnings are false.
@@ -50,10 +79,10 @@
 namespace hypermoe::detail {
 
 /// The instruction set a kernel runs on.
-enum class kernel_isa : std::uint8_t { portable, avx2, avx512, avx512_vnni, avx512_bf16, amx_int8 };
+enum class kernel_isa : std::uint8_t { portable, avx2, avx512, avx512_vnni, avx512_bf16, amx_int8, neon, neon_dotprod };
 
 [[nodiscard]] constexpr std::string_view to_string(kernel_isa i) noexcept {
-    constexpr std::string_view names[] = {"portable", "avx2", "avx512", "avx512_vnni", "avx512_bf16", "amx_int8"};
+    constexpr std::string_view names[] = {"portable", "avx2", "avx512", "avx512_vnni", "avx512_bf16", "amx_int8", "neon", "neon_dotprod"};
     return names[static_cast<int>(i)];
 }
 
@@ -107,11 +136,36 @@ struct cpu_features {
     bool bf16 = false;   ///< and VL + BF16 (VDPBF16PS)
     bool amx_int8 = false;    ///< and AMX-TILE + AMX-INT8, usable by this process (or emulated)
     bool amx_emulated = false; ///< amx_int8 is HYPERMOE_AMX=emulate's C++ tiles, not the CPU's
+    bool neon = false;    ///< AArch64's NEON (AdvSIMD, on every AArch64 CPU), with GCC or Clang
+    bool dotprod = false; ///< and SDOT (FEAT_DotProd), in a build with the kernel that uses it
 };
+
+#if HYPERMOE_NEON_SDOT
+/// Whether this AArch64 CPU has SDOT: always in a build for such CPUs, else from Linux's HWCAP
+/// bits (other systems: no).
+[[nodiscard]] inline bool has_dotprod() noexcept {
+#if defined(__ARM_FEATURE_DOTPROD)
+    return true;
+#elif defined(__linux__)
+    constexpr unsigned long asimddp = 1ul << 20; // HWCAP_ASIMDDP (asm/hwcap.h)
+    return (getauxval(AT_HWCAP) & asimddp) != 0;
+#else
+    return false;
+#endif
+}
+#endif
 
 [[nodiscard]] inline cpu_features cpu_isa() {
     static const cpu_features cpu = [] {
         cpu_features f;
+        [[maybe_unused]] const char* cap = std::getenv("HYPERMOE_ISA");
+        [[maybe_unused]] const std::string_view c(cap != nullptr ? cap : "");
+#if HYPERMOE_NEON_KERNELS
+        f.neon = c != "portable";
+#endif
+#if HYPERMOE_NEON_SDOT
+        f.dotprod = f.neon && c != "neon" && has_dotprod();
+#endif
 #if HYPERMOE_X86_KERNELS
         __builtin_cpu_init();
         f.avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && has_f16c();
@@ -119,8 +173,6 @@ struct cpu_features {
         const bool vl = f.avx512 && __builtin_cpu_supports("avx512vl");
         f.vnni = vl && __builtin_cpu_supports("avx512vnni");
         f.bf16 = vl && __builtin_cpu_supports("avx512bf16");
-        const char* cap = std::getenv("HYPERMOE_ISA");
-        const std::string_view c(cap != nullptr ? cap : "");
         if (c == "portable") f = cpu_features{};
         else if (c == "avx2") f.avx512 = f.vnni = f.bf16 = false;
         else if (c == "avx512") f.vnni = f.bf16 = false;
@@ -137,9 +189,11 @@ struct cpu_features {
     return cpu;
 }
 
-/// This CPU's features as `hypermoe inspect` prints them, e.g. "avx512 vnni bf16".
+/// This CPU's features as `hypermoe inspect` prints them, e.g. "avx512 vnni bf16" (AArch64:
+/// "neon dotprod", "neon" or "portable").
 [[nodiscard]] inline std::string cpu_isa_names() {
     const cpu_features f = cpu_isa();
+    if (f.neon) return f.dotprod ? "neon dotprod" : "neon";
     if (!f.avx512) return f.avx2 ? "avx2" : "portable";
     return std::string("avx512") + (f.vnni ? " vnni" : "") + (f.bf16 ? " bf16" : "") +
            (f.amx_int8 ? f.amx_emulated ? " amx_int8(emulated)" : " amx_int8" : "");
@@ -158,9 +212,10 @@ inline constexpr int amx_min_rows = 16;
 /// The kernel a block-format (q8_0 / q4_0 / mxfp4 / q4_k) linear of precision `p` runs: `exact` on
 /// AVX-512 F + BW or AVX2 where present; `fast` on AMX-INT8 where present (calls of at least
 /// amx_min_rows rows; fewer on VNNI), else on VNNI, else on VPMADDUBSW (AVX-512 BW's or
-/// AVX2's), else the portable integer kernel (the same block dots, so results differ between
-/// CPUs only in f32 summation order; AMX and VNNI give the same bits).
+/// AVX2's), else on AArch64's SDOT, else NEON's, else the portable integer kernel (the same block dots, so
+/// results differ between CPUs only in f32 summation order; AMX and VNNI give the same bits).
 [[nodiscard]] inline kernel_isa block_kernel(precision p) {
+    if (p == precision::fast && cpu_isa().neon) return cpu_isa().dotprod ? kernel_isa::neon_dotprod : kernel_isa::neon;
     if (p == precision::fast && cpu_isa().amx_int8) return kernel_isa::amx_int8;
     if (p == precision::fast && cpu_isa().vnni) return kernel_isa::avx512_vnni;
     return vector_kernel();
