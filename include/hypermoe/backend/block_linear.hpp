@@ -411,17 +411,23 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void fast_tile(c
     const __m512i nibble = _mm512_set1_epi8(0x0F), sign = _mm512_set1_epi8(static_cast<char>(0x80));
     const __m512i codes = nibble_table(mxfp4_codes.data());
     __m512 acc[Rows][2];
+    HYPERMOE_UNROLL
     for (int r = 0; r < Rows; ++r)
+        HYPERMOE_UNROLL
         for (int p = 0; p < 2; ++p)
             acc[r][p] = _mm512_setzero_ps();
     for (index_t b = 0; b < t.nb; ++b) {
         __m512i sum[Rows][2][split];
+        HYPERMOE_UNROLL
         for (int r = 0; r < Rows; ++r)
+            HYPERMOE_UNROLL
             for (int p = 0; p < 2; ++p)
+                HYPERMOE_UNROLL
                 for (int i = 0; i < split; ++i) sum[r][p][i] = i == 0 ? _mm512_set1_epi32(-offset * x.sum[r][b]) : _mm512_setzero_si512();
         for (index_t j = 0; j < quads; ++j) {
             __m512i lo[2], hi[2];
             __mmask64 negative[2] = {};
+            HYPERMOE_UNROLL
             for (int p = 0; p < 2; ++p) {
                 const std::uint8_t* w = t.wq + ((b * 2 + p) * quads + j) * 64;
                 if (t.ahead != 0) _mm_prefetch(reinterpret_cast<const char*>(w + t.ahead), _MM_HINT_T0);
@@ -438,17 +444,20 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void fast_tile(c
                     lo[p] = _mm512_abs_epi8(q);
                 }
             }
+            HYPERMOE_UNROLL
             for (int r = 0; r < Rows; ++r) {
                 const std::int8_t* xr = x.q[r] + b * quant_block + 4 * j;
                 const __m512i xl = broadcast_quad(xr);
                 if constexpr (q4) {
                     const __m512i xh = broadcast_quad(xr + 16);
+                    HYPERMOE_UNROLL
                     for (int p = 0; p < 2; ++p) {
                         __m512i& s = sum[r][p][j % split];
                         if constexpr (Vnni) s = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(s, lo[p], xl), hi[p], xh);
                         else s = dot4_bw(dot4_bw(s, lo[p], xl), hi[p], xh);
                     }
                 } else {
+                    HYPERMOE_UNROLL
                     for (int p = 0; p < 2; ++p) {
                         __m512i& s = sum[r][p][j % split];
                         if constexpr (Vnni) s = _mm512_dpbusd_epi32(s, lo[p], xl);
@@ -457,20 +466,26 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void fast_tile(c
                 }
             }
         }
+        HYPERMOE_UNROLL
         for (int p = 0; p < 2; ++p) {
             const __m512 dw = panel_scales<Block>(t, b, p);
+            HYPERMOE_UNROLL
             for (int r = 0; r < Rows; ++r) {
                 __m512i total = sum[r][p][0];
+                HYPERMOE_UNROLL
                 for (int i = 1; i < split; ++i) total = _mm512_add_epi32(total, sum[r][p][i]);
                 acc[r][p] = add_block_sums(acc[r][p], total, dw, x.d[r][b]);
             }
             if constexpr (has_min<Block>) {
                 const __m512 mins = panel_mins(t, b, p);
+                HYPERMOE_UNROLL
                 for (int r = 0; r < Rows; ++r) acc[r][p] = sub_block_mins(acc[r][p], mins, x.dsum[r][b]);
             }
         }
     }
+    HYPERMOE_UNROLL
     for (int r = 0; r < Rows; ++r)
+        HYPERMOE_UNROLL
         for (int p = 0; p < 2; ++p) _mm512_mask_storeu_ps(t.out + r * t.ldc + 16 * p, t.mask[p], acc[r][p]);
 }
 
@@ -535,6 +550,7 @@ public:
     explicit AmxTilesEmulated(int rows) noexcept : rows_(rows) {}
     void block(const std::int8_t* a, index_t lda, const std::uint8_t* const w[2], std::int32_t* c) const noexcept {
         for (int r = 0; r < rows_; ++r)
+            HYPERMOE_UNROLL
             for (int p = 0; p < 2; ++p)
                 for (index_t n = 0; n < 16; ++n) {
                     std::int32_t s = 0;
@@ -570,6 +586,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void amx_fast_tile(const Ti
     const index_t lda = x.blocks * quant_block;
     for (index_t b = 0; b < t.nb; ++b) {
         const std::uint8_t* w[2];
+        HYPERMOE_UNROLL
         for (int p = 0; p < 2; ++p) {
             w[p] = t.wq + (b * 2 + p) * quads * 64;
             for (index_t j = 0; t.ahead != 0 && j < quads; ++j)
@@ -586,6 +603,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void amx_fast_tile(const Ti
             }
         }
         tiles.block(x.q + b * quant_block, lda, w, c);
+        HYPERMOE_UNROLL
         for (int p = 0; p < 2; ++p) {
             const __m512 dw = panel_scales<Block>(t, b, p);
             for (int r = 0; r < x.rows; ++r) {
@@ -599,6 +617,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void amx_fast_tile(const Ti
         }
     }
     for (int r = 0; r < x.rows; ++r)
+        HYPERMOE_UNROLL
         for (int p = 0; p < 2; ++p) _mm512_mask_storeu_ps(t.out + r * t.ldc + 16 * p, t.mask[p], _mm512_load_ps(acc + r * 32 + 16 * p));
 }
 
@@ -621,50 +640,67 @@ __attribute__((target("avx512f,avx512bw"))) void exact_tile(const TileArgs& t, c
                                               _mm512_set1_ps(float(code_offset<Block>)));
     constexpr int split = Rows == 1 ? 4 : Rows == 2 ? 2 : 1;
     __m512 acc[Rows][2];
+    HYPERMOE_UNROLL
     for (int r = 0; r < Rows; ++r)
+        HYPERMOE_UNROLL
         for (int p = 0; p < 2; ++p)
             acc[r][p] = _mm512_setzero_ps();
     for (index_t b = 0; b < t.nb; ++b) {
         const float* xb[Rows];
+        HYPERMOE_UNROLL
         for (int r = 0; r < Rows; ++r) xb[r] = b < x.full ? x.x[r] + b * quant_block : x.pad[r];
         __m512 sum[Rows][2][split];
+        HYPERMOE_UNROLL
         for (int r = 0; r < Rows; ++r)
+            HYPERMOE_UNROLL
             for (int p = 0; p < 2; ++p)
+                HYPERMOE_UNROLL
                 for (int i = 0; i < split; ++i) sum[r][p][i] = _mm512_setzero_ps();
         for (index_t j = 0; j < quads; ++j)
+            HYPERMOE_UNROLL
             for (int p = 0; p < 2; ++p) {
                 const std::uint8_t* w = t.wq + ((b * 2 + p) * quads + j) * 64;
                 if (t.ahead != 0) _mm_prefetch(reinterpret_cast<const char*>(w + t.ahead), _MM_HINT_T0);
                 const __m512i v = _mm512_loadu_si512(w);
                 if constexpr (q4) {
+                    HYPERMOE_UNROLL
                     for (int s = 0; s < 8; ++s) { // nibble s of each lane: k = 4j + s / 2, + 16 if s is odd
                         const __m512 wf = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4 * s), values);
                         const index_t k = 4 * j + s / 2 + (s % 2) * 16;
+                        HYPERMOE_UNROLL
                         for (int r = 0; r < Rows; ++r) sum[r][p][s % split] = _mm512_fmadd_ps(wf, _mm512_set1_ps(xb[r][k]), sum[r][p][s % split]);
                     }
                 } else {
                     const __m512i q = _mm512_xor_si512(v, sign); // the signed q
+                    HYPERMOE_UNROLL
                     for (int s = 0; s < 4; ++s) { // byte s of each lane: k = 4j + s
                         const __m512 wf = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(q, 24 - 8 * s), 24));
+                        HYPERMOE_UNROLL
                         for (int r = 0; r < Rows; ++r)
                             sum[r][p][s % split] = _mm512_fmadd_ps(wf, _mm512_set1_ps(xb[r][4 * j + s]), sum[r][p][s % split]);
                     }
                 }
             }
+        HYPERMOE_UNROLL
         for (int p = 0; p < 2; ++p) {
             const __m512 dw = panel_scales<Block>(t, b, p);
+            HYPERMOE_UNROLL
             for (int r = 0; r < Rows; ++r) {
                 __m512 total = sum[r][p][0];
+                HYPERMOE_UNROLL
                 for (int i = 1; i < split; ++i) total = _mm512_add_ps(total, sum[r][p][i]);
                 acc[r][p] = _mm512_fmadd_ps(total, dw, acc[r][p]);
             }
             if constexpr (has_min<Block>) { // q4_k: less each block's min times its inputs' sum
                 const __m512 mins = panel_mins(t, b, p);
+                HYPERMOE_UNROLL
                 for (int r = 0; r < Rows; ++r) acc[r][p] = _mm512_fnmadd_ps(mins, _mm512_set1_ps(x.x_sum[r][b]), acc[r][p]);
             }
         }
     }
+    HYPERMOE_UNROLL
     for (int r = 0; r < Rows; ++r)
+        HYPERMOE_UNROLL
         for (int p = 0; p < 2; ++p) _mm512_mask_storeu_ps(t.out + r * t.ldc + 16 * p, t.mask[p], acc[r][p]);
 }
 
@@ -759,9 +795,11 @@ __attribute__((target("avx2,fma,f16c"))) void avx2_tile(const TileArgs& t, const
     // mxfp4's nibbles to their unsigned codes, mxfp4_values + 12 (both precisions: `exact` takes
     // 12 x the block's input sum off, as q4_0's 8)
     const __m256i table = nibble_table_avx2(mxfp4_codes.data());
+    HYPERMOE_UNROLL
     for (int g0 = 0; g0 < 4; g0 += groups) { // outputs 8g .. 8g + 7: panel g / 2, half g % 2
         __m256i lanes[groups];
         unsigned any = 0, all = 0xFFu;
+        HYPERMOE_UNROLL
         for (int i = 0; i < groups; ++i) {
             const int g = g0 + i;
             const unsigned bits = (t.mask[g / 2] >> (8 * (g % 2))) & 0xFFu;
@@ -772,7 +810,9 @@ __attribute__((target("avx2,fma,f16c"))) void avx2_tile(const TileArgs& t, const
         if (any == 0) continue;
         const bool full = all == 0xFFu; // plain moves (avx2_store_lanes)
         __m256 part[Rows][groups];
+        HYPERMOE_UNROLL
         for (int r = 0; r < Rows; ++r)
+            HYPERMOE_UNROLL
             for (int i = 0; i < groups; ++i)
                 part[r][i] = _mm256_setzero_ps();
         for (index_t b = 0; b < t.nb; ++b) {
@@ -783,17 +823,21 @@ __attribute__((target("avx2,fma,f16c"))) void avx2_tile(const TileArgs& t, const
                 __m256i sum[Rows][groups];
                 if constexpr (q4) {
                     __m256i pairs[Rows][groups];
+                    HYPERMOE_UNROLL
                     for (int r = 0; r < Rows; ++r)
+                        HYPERMOE_UNROLL
                         for (int i = 0; i < groups; ++i) {
                             pairs[r][i] = _mm256_setzero_si256();
                             if constexpr (mx) sum[r][i] = _mm256_set1_epi32(-code_offset<Block> * x.sum[r][b]);
                         }
 #pragma GCC unroll 1 // unrolled, every j's activation broadcasts are hoisted and spilled
                     for (index_t j = 0; j < quads; ++j) {
+                        HYPERMOE_UNROLL
                         for (int i = 0; i < groups; ++i) {
                             const __m256i v = _mm256_loadu_si256(avx2_group_bytes<quads>(t, b, g0 + i, j));
                             __m256i lo = _mm256_and_si256(v, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
                             if constexpr (mx) lo = _mm256_shuffle_epi8(table, lo), hi = _mm256_shuffle_epi8(table, hi);
+                            HYPERMOE_UNROLL
                             for (int r = 0; r < Rows; ++r) {
                                 const std::int8_t* xr = x.q[r] + b * quant_block + 4 * j;
                                 pairs[r][i] = _mm256_add_epi16(pairs[r][i], _mm256_add_epi16(_mm256_maddubs_epi16(lo, broadcast_quad_avx2(xr)),
@@ -801,25 +845,34 @@ __attribute__((target("avx2,fma,f16c"))) void avx2_tile(const TileArgs& t, const
                             }
                         }
                         if constexpr (mx) // a load's pairs reach 4 x 24 x 127 per int16 lane: into int32 before the next
+                            HYPERMOE_UNROLL
                             for (int r = 0; r < Rows; ++r)
+                                HYPERMOE_UNROLL
                                 for (int i = 0; i < groups; ++i)
                                     sum[r][i] = _mm256_add_epi32(sum[r][i], _mm256_madd_epi16(pairs[r][i], ones)), pairs[r][i] = _mm256_setzero_si256();
                     }
                     if constexpr (!mx) // the offset added here, not held in registers across the loads
+                        HYPERMOE_UNROLL
                         for (int r = 0; r < Rows; ++r)
+                            HYPERMOE_UNROLL
                             for (int i = 0; i < groups; ++i)
                                 sum[r][i] = _mm256_add_epi32(_mm256_madd_epi16(pairs[r][i], ones), _mm256_set1_epi32(-code_offset<Block> * x.sum[r][b]));
                 } else {
+                    HYPERMOE_UNROLL
                     for (int r = 0; r < Rows; ++r)
+                        HYPERMOE_UNROLL
                         for (int i = 0; i < groups; ++i) sum[r][i] = _mm256_setzero_si256();
                     for (index_t j = 0; j < quads; ++j) {
                         // The rows' 4 activations, in registers across the groups while there is room.
                         __m256i xj[Rows];
                         if constexpr (groups > 1)
+                            HYPERMOE_UNROLL
                             for (int r = 0; r < Rows; ++r) xj[r] = broadcast_quad_avx2(x.q[r] + b * quant_block + 4 * j);
+                        HYPERMOE_UNROLL
                         for (int i = 0; i < groups; ++i) {
                             const __m256i q = _mm256_xor_si256(_mm256_loadu_si256(avx2_group_bytes<quads>(t, b, g0 + i, j)), sign);
                             const __m256i magnitude = _mm256_abs_epi8(q);
+                            HYPERMOE_UNROLL
                             for (int r = 0; r < Rows; ++r) {
                                 if constexpr (groups == 1) xj[r] = broadcast_quad_avx2(x.q[r] + b * quant_block + 4 * j);
                                 const __m256i xs = _mm256_sign_epi8(xj[r], q);
@@ -828,25 +881,32 @@ __attribute__((target("avx2,fma,f16c"))) void avx2_tile(const TileArgs& t, const
                         }
                     }
                 }
+                HYPERMOE_UNROLL
                 for (int i = 0; i < groups; ++i) {
                     const __m256 scale = avx2_group_scales<Block>(t, b, g0 + i);
+                    HYPERMOE_UNROLL
                     for (int r = 0; r < Rows; ++r)
                         part[r][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[r][i]), _mm256_mul_ps(scale, _mm256_set1_ps(x.d[r][b])), part[r][i]);
                     if constexpr (has_min<Block>) { // q4_k: less dmin m x (d_x sum(xq))
                         const __m256 mins = avx2_group_mins(t, b, g0 + i);
+                        HYPERMOE_UNROLL
                         for (int r = 0; r < Rows; ++r)
                             part[r][i] = _mm256_fnmadd_ps(mins, _mm256_set1_ps(x.dsum[r][b]), part[r][i]);
                     }
                 }
             } else {
                 const float* xb[Rows];
+                HYPERMOE_UNROLL
                 for (int r = 0; r < Rows; ++r) xb[r] = b < x.full ? x.x[r] + b * quant_block : x.pad[r];
                 __m256 sum[Rows][groups];
+                HYPERMOE_UNROLL
                 for (int r = 0; r < Rows; ++r)
+                    HYPERMOE_UNROLL
                     for (int i = 0; i < groups; ++i) sum[r][i] = _mm256_setzero_ps();
                 for (index_t j = 0; j < quads; ++j) {
                     // Every group's load j, then each k's activations broadcast once for all groups.
                     __m256i lo[groups], hi[groups]; // q4_0: the low and high nibbles; mxfp4: their values; q8_0: q in lo
+                    HYPERMOE_UNROLL
                     for (int i = 0; i < groups; ++i) {
                         const __m256i v = _mm256_loadu_si256(avx2_group_bytes<quads>(t, b, g0 + i, j));
                         if constexpr (q4) lo[i] = _mm256_and_si256(v, nibble), hi[i] = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
@@ -859,16 +919,21 @@ __attribute__((target("avx2,fma,f16c"))) void avx2_tile(const TileArgs& t, const
                     for (int s = 0; s < (q4 ? 8 : 4); ++s) { // q4_0: nibble s of each lane, k = 4j + s / 2, + 16 if s is odd;
                         const index_t k = q4 ? 4 * j + s / 2 + (s % 2) * 16 : 4 * j + s; // q8_0: byte s, k = 4j + s
                         __m256 xk[Rows];
+                        HYPERMOE_UNROLL
                         for (int r = 0; r < Rows; ++r) xk[r] = _mm256_broadcast_ss(xb[r] + k);
+                        HYPERMOE_UNROLL
                         for (int i = 0; i < groups; ++i) {
                             // q4_0's nibbles and mxfp4's codes zero-extended, q8_0's q sign-extended
                             const __m256 wf = _mm256_cvtepi32_ps(q4 ? lane_byte_avx2<false>(s % 2 ? hi[i] : lo[i], s / 2) : lane_byte_avx2<true>(lo[i], s));
+                            HYPERMOE_UNROLL
                             for (int r = 0; r < Rows; ++r) sum[r][i] = _mm256_fmadd_ps(wf, xk[r], sum[r][i]);
                         }
                     }
                 }
+                HYPERMOE_UNROLL
                 for (int i = 0; i < groups; ++i) {
                     const __m256 scale = avx2_group_scales<Block>(t, b, g0 + i);
+                    HYPERMOE_UNROLL
                     for (int r = 0; r < Rows; ++r) {
                         __m256 s = sum[r][i];
                         if constexpr (code_offset<Block> != 0 && q4) // q4_0's -8 and mxfp4's -12 on every code
@@ -877,12 +942,15 @@ __attribute__((target("avx2,fma,f16c"))) void avx2_tile(const TileArgs& t, const
                     }
                     if constexpr (has_min<Block>) { // q4_k: less each block's min times its inputs' sum
                         const __m256 mins = avx2_group_mins(t, b, g0 + i);
+                        HYPERMOE_UNROLL
                         for (int r = 0; r < Rows; ++r) part[r][i] = _mm256_fnmadd_ps(mins, _mm256_set1_ps(x.x_sum[r][b]), part[r][i]);
                     }
                 }
             }
         }
+        HYPERMOE_UNROLL
         for (int r = 0; r < Rows; ++r)
+            HYPERMOE_UNROLL
             for (int i = 0; i < groups; ++i) avx2_store_lanes(t.out + r * t.ldc + 8 * (g0 + i), lanes[i], full, part[r][i]);
     }
 }
@@ -898,6 +966,7 @@ void avx2_tile_rows(const TileArgs& t, const TileRows& x) {
         rest.out = t.out + 4 * t.ldc;
         TileRows tail;
         tail.full = x.full;
+        HYPERMOE_UNROLL
         for (int r = 0; r < Rows - 4; ++r)
             tail.q[r] = x.q[r + 4], tail.d[r] = x.d[r + 4], tail.sum[r] = x.sum[r + 4], tail.dsum[r] = x.dsum[r + 4], tail.x[r] = x.x[r + 4],
             tail.pad[r] = x.pad[r + 4], tail.x_sum[r] = x.x_sum[r + 4];
@@ -917,12 +986,14 @@ __attribute__((target("avx2,fma,f16c"))) inline void avx2_widen_block(const Tile
     // as ggml's d x q - m. (Not code x scale - code_offset x scale: mxfp4's 12 x 2^127 is inf.)
     const __m256i codes_offset = _mm256_set1_epi32(code_offset<Block>);
     __m256 scale[2], mins[2];
+    HYPERMOE_UNROLL
     for (int h = 0; h < 2; ++h) {
         scale[h] = avx2_group_scales<Block>(t, b, 2 * p + h);
         if constexpr (has_min<Block>) mins[h] = avx2_group_mins(t, b, 2 * p + h);
     }
     for (index_t j = 0; j < quads; ++j) {
         __m256i lo[2], hi[2]; // q8_0: the codes in lo
+        HYPERMOE_UNROLL
         for (int h = 0; h < 2; ++h) {
             const __m256i v = _mm256_loadu_si256(avx2_group_bytes<quads>(t, b, 2 * p + h, j));
             lo[h] = v, hi[h] = v;
@@ -933,6 +1004,7 @@ __attribute__((target("avx2,fma,f16c"))) inline void avx2_widen_block(const Tile
         for (int s = 0; s < (q4 ? 8 : 4); ++s) { // as avx2_tile: nibble s, k = 4j + s / 2 (+ 16 if s is odd); q8_0's byte s
             const index_t k = q4 ? 4 * j + s / 2 + (s % 2) * 16 : 4 * j + s;
             if (!Whole && k >= valid) continue;
+            HYPERMOE_UNROLL
             for (int h = 0; h < 2; ++h) { // the two halves of the row's line
                 const __m256i code = lane_byte_avx2<false>(q4 && s % 2 ? hi[h] : lo[h], q4 ? s / 2 : s);
                 __m256 value;
@@ -953,6 +1025,7 @@ __attribute__((target("avx2,fma,f16c"))) inline void avx2_widen_block(const Tile
 /// is written whole.
 template <class Block>
 void avx2_widen_panels(const TileArgs& t, index_t k0, index_t len, float* out) {
+    HYPERMOE_UNROLL
     for (int p = 0; p < 2; ++p)
         for (index_t b = k0 / quant_block; b * quant_block < k0 + len; ++b) {
             const index_t first = b * quant_block - k0, valid = std::min<index_t>(quant_block, len - first); // rows of out the block writes
@@ -1013,6 +1086,7 @@ inline void neon_store_lanes(float* p, unsigned lanes, float32x4_t v) {
     if (lanes == 0xFu) return vst1q_f32(p, v);
     float f[4];
     vst1q_f32(f, v);
+    HYPERMOE_UNROLL
     for (unsigned l = 0; l < 4; ++l)
         if ((lanes >> l) & 1u) p[l] = f[l];
 }
@@ -1046,57 +1120,59 @@ HYPERMOE_TARGET_DOTPROD void neon_tile_rows(const TileArgs& t, const TileRows& x
     const uint8x16_t nibble = vdupq_n_u8(0x0F), sign = vdupq_n_u8(0x80);
     const int8x16_t values = vld1q_s8(mxfp4_values.data());
     float32x4_t acc[Rows][Panels][4];
+        HYPERMOE_UNROLL
         for (int r = 0; r < Rows; ++r)
+                HYPERMOE_UNROLL
                 for (int p = 0; p < Panels; ++p)
+                        HYPERMOE_UNROLL
                         for (int v = 0; v < 4; ++v) acc[r][p][v] = vdupq_n_f32(0.0f);
     for (index_t b = 0; b < t.nb; ++b) {
         const std::int8_t* xb[Rows];
         int32x4_t sum[Rows][Panels][4];
-        #pragma GCC unroll 4
+        HYPERMOE_UNROLL
         for (int r = 0; r < Rows; ++r) {
             xb[r] = x.q[r0 + r] + b * quant_block;
-            #pragma GCC unroll 4
+            HYPERMOE_UNROLL
             for (int p = 0; p < Panels; ++p)
-                #pragma GCC unroll 4
+                HYPERMOE_UNROLL
                 for (int v = 0; v < 4; ++v) sum[r][p][v] = vdupq_n_s32(-offset * x.sum[r0 + r][b]);
         }
-        // Unrolled, GCC 12 loads every quad's activations first and spills the sums; the loops
-        // inside, over registers, are unrolled at -O2 too.
+        // Unrolled, GCC 12 loads every quad's activations first and spills the sums.
 #pragma GCC unroll 1
         for (index_t j = 0; j < quads; ++j) {
             int8x16_t xj[Rows][2]; // activations k = 4j..4j+3 in every lane (q4: and k + 16)
-            #pragma GCC unroll 4
+            HYPERMOE_UNROLL
             for (int r = 0; r < Rows; ++r) {
                 xj[r][0] = neon_broadcast_quad(xb[r] + 4 * j);
                 if constexpr (q4) xj[r][1] = neon_broadcast_quad(xb[r] + 16 + 4 * j);
             }
-            #pragma GCC unroll 4
+            HYPERMOE_UNROLL
             for (int p = 0; p < Panels; ++p) {
                 const std::uint8_t* w = t.wq + ((b * 2 + p0 + p) * quads + j) * 64;
                 if (t.ahead != 0) __builtin_prefetch(w + t.ahead);
-                #pragma GCC unroll 4
+                HYPERMOE_UNROLL
                 for (int v = 0; v < 4; ++v) {
                     const uint8x16_t bytes = vld1q_u8(w + 16 * v);
                     if constexpr (q4) { // quad j's low nibbles are k = 4j..4j+3, its high ones k + 16
                         int8x16_t lo = vreinterpretq_s8_u8(vandq_u8(bytes, nibble)), hi = vreinterpretq_s8_u8(vshrq_n_u8(bytes, 4));
                         if constexpr (mx) lo = vqtbl1q_s8(values, vreinterpretq_u8_s8(lo)), hi = vqtbl1q_s8(values, vreinterpretq_u8_s8(hi));
-                        #pragma GCC unroll 4
+                        HYPERMOE_UNROLL
                         for (int r = 0; r < Rows; ++r) sum[r][p][v] = neon_dot4<Dot>(neon_dot4<Dot>(sum[r][p][v], lo, xj[r][0]), hi, xj[r][1]);
                     } else { // q8_0's quad j: k = 4j..4j+3
                         const int8x16_t q = vreinterpretq_s8_u8(veorq_u8(bytes, sign));
-                        #pragma GCC unroll 4
+                        HYPERMOE_UNROLL
                         for (int r = 0; r < Rows; ++r) sum[r][p][v] = neon_dot4<Dot>(sum[r][p][v], q, xj[r][0]);
                     }
                 }
             }
         }
-        #pragma GCC unroll 4
+        HYPERMOE_UNROLL
         for (int p = 0; p < Panels; ++p)
-            #pragma GCC unroll 4
+            HYPERMOE_UNROLL
             for (int v = 0; v < 4; ++v) {
                 const index_t o = 16 * (p0 + p) + 4 * v;
                 const float32x4_t dw = neon_scales<Block>(t, b, o);
-                #pragma GCC unroll 4
+                HYPERMOE_UNROLL
                 for (int r = 0; r < Rows; ++r) {
                     acc[r][p][v] = vfmaq_f32(acc[r][p][v], vcvtq_f32_s32(sum[r][p][v]), vmulq_n_f32(dw, x.d[r0 + r][b]));
                     if constexpr (has_min<Block>) // q4_k: less the block's min times its activations' sum
@@ -1104,9 +1180,11 @@ HYPERMOE_TARGET_DOTPROD void neon_tile_rows(const TileArgs& t, const TileRows& x
                 }
             }
     }
-    #pragma GCC unroll 4
+    HYPERMOE_UNROLL
     for (int r = 0; r < Rows; ++r)
+        HYPERMOE_UNROLL
         for (int p = 0; p < Panels; ++p)
+            HYPERMOE_UNROLL
             for (int v = 0; v < 4; ++v)
                 neon_store_lanes(t.out + (r0 + r) * t.ldc + 16 * (p0 + p) + 4 * v, (t.mask[p0 + p] >> (4 * v)) & 0xFu, acc[r][p][v]);
 }
@@ -1117,6 +1195,7 @@ template <class Block, bool Dot>
 void neon_tile(const TileArgs& t, const TileRows& x, int rows) {
     int r = 0;
     for (; r + 2 <= rows; r += 2)
+        HYPERMOE_UNROLL
         for (int p = 0; p < 2; ++p) neon_tile_rows<2, 1, Block, Dot>(t, x, r, p);
     if (r < rows) neon_tile_rows<1, 2, Block, Dot>(t, x, r, 0);
 }
@@ -1142,20 +1221,25 @@ void portable_tile_rows(const TileArgs& t, const TileRows& x, int r0) {
     constexpr bool q4 = nibble_format<Block>, mx = std::is_same_v<Block, BlockMXFP4>;
     constexpr index_t quads = q4 ? 4 : 8;
     constexpr int lanes = portable_vector_bytes / 4, per_panel = BlockWeights::panel / lanes; // vectors a panel
+    HYPERMOE_UNROLL
     for (int p = 0; p < 2; ++p) {
         vfloat acc[Rows][per_panel] = {};
         for (index_t b = 0; b < t.nb; ++b) {
             // The fast path reads the quantised rows only (x.x is null there).
             const float* xb[Rows];
+            HYPERMOE_UNROLL
             for (int r = 0; r < Rows; ++r) xb[r] = Fast ? nullptr : b < x.full ? x.x[r0 + r] + b * quant_block : x.pad[r0 + r];
             vint isum[Rows][per_panel] = {};
             vfloat fsum[Rows][per_panel] = {};
             for (index_t j = 0; j < quads; ++j) {
                 vuint w[per_panel]; // output l's 4 bytes of load j in lane l
+                HYPERMOE_UNROLL
                 for (int v = 0; v < per_panel; ++v)
                     std::memcpy(&w[v], t.wq + ((b * 2 + p) * quads + j) * 64 + v * 4 * lanes, sizeof w[v]);
+                HYPERMOE_UNROLL
                 for (int s = 0; s < (q4 ? 8 : 4); ++s) {
                     const index_t k = q4 ? 4 * j + s / 2 + (s % 2) * 16 : 4 * j + s;
+                    HYPERMOE_UNROLL
                     for (int v = 0; v < per_panel; ++v) {
                         const vuint byte = (w[v] >> (8 * (q4 ? s / 2 : s))) & 0xFFu;
                         vint q;
@@ -1173,20 +1257,24 @@ void portable_tile_rows(const TileArgs& t, const TileRows& x, int r0) {
                             q = __builtin_convertvector((byte ^ 0x80u) << 24, vint) >> 24; // the signed byte
                         }
                         if constexpr (Fast) {
+                            HYPERMOE_UNROLL
                             for (int r = 0; r < Rows; ++r) isum[r][v] += q * x.q[r0 + r][b * quant_block + k];
                         } else {
                             const vfloat qf = __builtin_convertvector(q, vfloat);
+                            HYPERMOE_UNROLL
                             for (int r = 0; r < Rows; ++r) fsum[r][v] += qf * xb[r][k];
                         }
                     }
                 }
             }
+            HYPERMOE_UNROLL
             for (int v = 0; v < per_panel; ++v) {
                 vfloat dw, mins;
                 for (int l = 0; l < lanes; ++l) {
                     dw[l] = tile_scale<Block>(t.wd, b, p * 16 + v * lanes + l);
                     if constexpr (has_min<Block>) mins[l] = tile_min<Block>(t.wd, b, p * 16 + v * lanes + l);
                 }
+                HYPERMOE_UNROLL
                 for (int r = 0; r < Rows; ++r) {
                     if constexpr (Fast) acc[r][v] += __builtin_convertvector(isum[r][v], vfloat) * (dw * x.d[r0 + r][b]);
                     else acc[r][v] += fsum[r][v] * dw;
@@ -1195,7 +1283,9 @@ void portable_tile_rows(const TileArgs& t, const TileRows& x, int r0) {
                 }
             }
         }
+        HYPERMOE_UNROLL
         for (int r = 0; r < Rows; ++r)
+            HYPERMOE_UNROLL
             for (int v = 0; v < per_panel; ++v)
                 for (int l = 0; l < lanes; ++l)
                     if ((t.mask[p] >> (v * lanes + l)) & 1u) t.out[(r0 + r) * t.ldc + 16 * p + v * lanes + l] = acc[r][v][l];

@@ -76,6 +76,11 @@
 #define HYPERMOE_INTRINSICS_END
 #endif
 
+// Before each loop of a kernel over its registers (compile-time bounds): unrolled completely at
+// -O2 too, where GCC 12 unrolls only what does not grow the code and leaves arrays of
+// accumulators in memory (at -O2 the kernels took 1.3-3.1x as long as at -O3; benchmarks.md).
+#define HYPERMOE_UNROLL _Pragma("GCC unroll 16")
+
 namespace hypermoe::detail {
 
 /// The instruction set a kernel runs on.

@@ -150,7 +150,9 @@ void bf16_tile_portable(const Bf16Tile<In>& t) noexcept {
     for (index_t j = 0; j <= full; ++j) {
         if (j == full && t.k % 2 == 0) break;
         vfloat lo[Panels][per_panel], hi[Panels][per_panel];
+        HYPERMOE_UNROLL
         for (int p = 0; p < Panels; ++p)
+            HYPERMOE_UNROLL
             for (int v = 0; v < per_panel; ++v) {
                 vuint x;
                 std::memcpy(&x, t.w + p * t.stride + j * 32 + v * 2 * lanes, sizeof x);
@@ -158,14 +160,19 @@ void bf16_tile_portable(const Bf16Tile<In>& t) noexcept {
                 std::memcpy(&lo[p][v], &l, sizeof l);
                 std::memcpy(&hi[p][v], &h, sizeof h);
             }
+        HYPERMOE_UNROLL
         for (int r = 0; r < Rows; ++r) {
             const float a0 = bf16_panel_input(t.a + r * t.lda, 2 * j);
             const float a1 = j < full ? bf16_panel_input(t.a + r * t.lda, 2 * j + 1) : 0.0f;
+            HYPERMOE_UNROLL
             for (int p = 0; p < Panels; ++p)
+                HYPERMOE_UNROLL
                 for (int v = 0; v < per_panel; ++v) acc[r][p][v] += a0 * lo[p][v] + a1 * hi[p][v];
         }
     }
+    HYPERMOE_UNROLL
     for (int r = 0; r < Rows; ++r)
+        HYPERMOE_UNROLL
         for (int p = 0; p < Panels; ++p) {
             float sums[16];
             std::memcpy(sums, &acc[r][p], sizeof sums);
@@ -196,15 +203,20 @@ void f32_tile_portable(const F32Tile& t) noexcept {
     vfloat acc[Rows][Panels][per_panel] = {};
     for (index_t k = 0; k < t.k; ++k) {
         vfloat w[Panels][per_panel];
+        HYPERMOE_UNROLL
         for (int p = 0; p < Panels; ++p)
+            HYPERMOE_UNROLL
             for (int v = 0; v < per_panel; ++v) {
                 vfloat x; // loaded through a local: a memcpy into w itself keeps w on the stack (2x slower)
                 std::memcpy(&x, t.w + p * t.stride + k * 16 + v * lanes, sizeof x);
                 w[p][v] = x;
             }
+        HYPERMOE_UNROLL
         for (int r = 0; r < Rows; ++r) {
             const float a = t.a[r * t.lda + k];
+            HYPERMOE_UNROLL
             for (int p = 0; p < Panels; ++p)
+                HYPERMOE_UNROLL
                 for (int v = 0; v < per_panel; ++v) acc[r][p][v] += a * w[p][v];
         }
     }
@@ -229,9 +241,11 @@ void f32_tile_portable(const F32Tile& t) noexcept {
 /// Stores the Rows x Panels accumulators, masking the columns past t.cols.
 template <int Rows, int Panels, class W, class In>
 __attribute__((target("avx512f"))) inline void panel_tile_store(const PanelTile<W, In>& t, const __m512 (&acc)[Rows][Panels]) {
+    HYPERMOE_UNROLL
     for (int p = 0; p < Panels; ++p) {
         const index_t valid = std::min<index_t>(16, t.cols - p * 16);
         const auto mask = static_cast<__mmask16>((1u << valid) - 1u);
+        HYPERMOE_UNROLL
         for (int r = 0; r < Rows; ++r) {
             float* c = t.c + r * t.ldc + p * 16;
             const __m512 sum = t.accumulate ? _mm512_add_ps(_mm512_maskz_loadu_ps(mask, c), acc[r][p]) : acc[r][p];
@@ -245,12 +259,15 @@ __attribute__((target("avx512f"))) inline void panel_tile_store(const PanelTile<
 template <int Rows, int Panels, class In>
 __attribute__((target("avx512f"))) void bf16_tile_avx512(const Bf16Tile<In>& t) {
     __m512 acc[Rows][Panels];
+    HYPERMOE_UNROLL
     for (int r = 0; r < Rows; ++r)
+        HYPERMOE_UNROLL
         for (int p = 0; p < Panels; ++p) acc[r][p] = _mm512_setzero_ps();
     const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
     const index_t full = t.k / 2;
     for (index_t j = 0; j < full; ++j) {
         __m512 lo[Panels], hi[Panels];
+        HYPERMOE_UNROLL
         for (int p = 0; p < Panels; ++p) {
             const std::uint16_t* w = t.w + p * t.stride + j * 32;
             _mm_prefetch(reinterpret_cast<const char*>(w + bf16_prefetch_pairs * 32), _MM_HINT_T0);
@@ -258,15 +275,19 @@ __attribute__((target("avx512f"))) void bf16_tile_avx512(const Bf16Tile<In>& t) 
             lo[p] = _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
             hi[p] = _mm512_castsi512_ps(_mm512_and_si512(x, high));
         }
+        HYPERMOE_UNROLL
         for (int r = 0; r < Rows; ++r) {
             const __m512 a0 = _mm512_set1_ps(bf16_panel_input(t.a + r * t.lda, 2 * j));
             const __m512 a1 = _mm512_set1_ps(bf16_panel_input(t.a + r * t.lda, 2 * j + 1));
+            HYPERMOE_UNROLL
             for (int p = 0; p < Panels; ++p) acc[r][p] = _mm512_fmadd_ps(a1, hi[p], _mm512_fmadd_ps(a0, lo[p], acc[r][p]));
         }
     }
     if (t.k % 2 != 0) // the last k alone (its pair's odd half is zero padding)
+        HYPERMOE_UNROLL
         for (int p = 0; p < Panels; ++p) {
             const __m512 lo = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_loadu_si512(t.w + p * t.stride + full * 32), 16));
+            HYPERMOE_UNROLL
             for (int r = 0; r < Rows; ++r)
                 acc[r][p] = _mm512_fmadd_ps(_mm512_set1_ps(bf16_panel_input(t.a + r * t.lda, 2 * full)), lo, acc[r][p]);
         }
@@ -287,6 +308,7 @@ __attribute__((target("avx2"))) inline void panel_tile_store_avx2(const PanelTil
             const index_t valid = p < panels ? std::clamp<index_t>(t.cols - (p0 + p) * 16 - 8 * h, 0, 8) : 0;
             if (valid == 0) continue;
             const __m256i lanes = avx2_lane_mask((1u << valid) - 1u);
+            HYPERMOE_UNROLL
             for (int r = 0; r < Rows; ++r) {
                 float* c = t.c + r * t.ldc + (p0 + p) * 16 + 8 * h;
                 const bool full = valid == 8;
@@ -309,20 +331,27 @@ static_assert(avx2_panels_per_call<1, 4> == 4 && avx2_panels_per_call<2, 4> == 2
 template <int Rows, int Panels>
 __attribute__((target("avx512f"))) void f32_tile_avx512(const F32Tile& t) {
     __m512 acc[Rows][Panels];
+    HYPERMOE_UNROLL
     for (int r = 0; r < Rows; ++r)
+        HYPERMOE_UNROLL
         for (int p = 0; p < Panels; ++p) acc[r][p] = _mm512_setzero_ps();
     if (t.accumulate) // as f32_tile_avx2: C's lines arrive while the k loop runs
+        HYPERMOE_UNROLL
         for (int r = 0; r < Rows; ++r)
+            HYPERMOE_UNROLL
             for (int p = 0; p < Panels; ++p) _mm_prefetch(reinterpret_cast<const char*>(t.c + r * t.ldc + p * 16), _MM_HINT_T0);
     for (index_t k = 0; k < t.k; ++k) {
         __m512 w[Panels];
+        HYPERMOE_UNROLL
         for (int p = 0; p < Panels; ++p) {
             const float* wp = t.w + p * t.stride + k * 16;
             _mm_prefetch(reinterpret_cast<const char*>(wp + 2 * bf16_prefetch_pairs * 16), _MM_HINT_T0);
             w[p] = _mm512_loadu_ps(wp);
         }
+        HYPERMOE_UNROLL
         for (int r = 0; r < Rows; ++r) {
             const __m512 a = _mm512_set1_ps(t.a[r * t.lda + k]);
+            HYPERMOE_UNROLL
             for (int p = 0; p < Panels; ++p) acc[r][p] = _mm512_fmadd_ps(a, w[p], acc[r][p]);
         }
     }
@@ -333,19 +362,25 @@ __attribute__((target("avx512f"))) void f32_tile_avx512(const F32Tile& t) {
 template <int Rows, int Panels>
 __attribute__((target("avx2,fma"))) void f32_tile_avx2(const F32Tile& t) {
     constexpr int per_call = avx2_panels_per_call<Rows, Panels>;
-    for (int p0 = 0; p0 < Panels; p0 += per_call) {
+    for (int p0 = 0; p0 < Panels; p0 += per_call) { // not unrolled: see bf16_tile_avx2
         const int panels = std::min(per_call, Panels - p0);
         __m256 acc[Rows][per_call][2];
+        HYPERMOE_UNROLL
         for (int r = 0; r < Rows; ++r)
+            HYPERMOE_UNROLL
             for (int p = 0; p < per_call; ++p) acc[r][p][0] = acc[r][p][1] = _mm256_setzero_ps();
         if (t.accumulate) // C's lines arrive while the k loop runs (a backward's dW is far out of cache)
+            HYPERMOE_UNROLL
             for (int r = 0; r < Rows; ++r)
-                for (int p = 0; p < panels; ++p) _mm_prefetch(reinterpret_cast<const char*>(t.c + r * t.ldc + (p0 + p) * 16), _MM_HINT_T0);
+                HYPERMOE_UNROLL
+                for (int p = 0; p < per_call && p < panels; ++p) _mm_prefetch(reinterpret_cast<const char*>(t.c + r * t.ldc + (p0 + p) * 16), _MM_HINT_T0);
         for (index_t k = 0; k < t.k; ++k)
-            for (int p = 0; p < panels; ++p) {
+            HYPERMOE_UNROLL
+            for (int p = 0; p < per_call && p < panels; ++p) { // per_call: a compile-time bound
                 const float* wp = t.w + (p0 + p) * t.stride + k * 16;
                 _mm_prefetch(reinterpret_cast<const char*>(wp + 2 * bf16_prefetch_pairs * 16), _MM_HINT_T0);
                 const __m256 lo = _mm256_loadu_ps(wp), hi = _mm256_loadu_ps(wp + 8);
+                HYPERMOE_UNROLL
                 for (int r = 0; r < Rows; ++r) {
                     const __m256 a = _mm256_broadcast_ss(t.a + r * t.lda + k);
                     acc[r][p][0] = _mm256_fmadd_ps(a, lo, acc[r][p][0]);
@@ -364,21 +399,26 @@ __attribute__((target("avx2,fma"))) void bf16_tile_avx2(const Bf16Tile<In>& t) {
     constexpr int per_call = avx2_panels_per_call<Rows, Panels>;
     const __m256i high = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
     const index_t full = t.k / 2;
-    for (int p0 = 0; p0 < Panels; p0 += per_call) {
+    for (int p0 = 0; p0 < Panels; p0 += per_call) { // not unrolled: unrolled, this took 1.8x as long at -O3
         const int panels = std::min(per_call, Panels - p0);
         __m256 acc[Rows][per_call][2];
+        HYPERMOE_UNROLL
         for (int r = 0; r < Rows; ++r)
+            HYPERMOE_UNROLL
             for (int p = 0; p < per_call; ++p) acc[r][p][0] = acc[r][p][1] = _mm256_setzero_ps();
         // Pair j of every panel of the group (the last one of an odd K holds one k: `both` false).
         // (A plain loop: a lambda would not inherit this function's target attribute.)
         for (index_t j = 0; j < (t.k + 1) / 2; ++j) {
             const bool both = j < full;
-            for (int p = 0; p < panels; ++p) {
+            HYPERMOE_UNROLL
+            for (int p = 0; p < per_call && p < panels; ++p) { // per_call: a compile-time bound
                 const std::uint16_t* w = t.w + (p0 + p) * t.stride + j * 32;
                 _mm_prefetch(reinterpret_cast<const char*>(w + bf16_prefetch_pairs * 32), _MM_HINT_T0);
+                HYPERMOE_UNROLL
                 for (int h = 0; h < 2; ++h) {
                     const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 16 * h));
                     const __m256 lo = _mm256_castsi256_ps(_mm256_slli_epi32(x, 16)), hi = _mm256_castsi256_ps(_mm256_and_si256(x, high));
+                    HYPERMOE_UNROLL
                     for (int r = 0; r < Rows; ++r) {
                         acc[r][p][h] = _mm256_fmadd_ps(_mm256_set1_ps(bf16_panel_input(t.a + r * t.lda, 2 * j)), lo, acc[r][p][h]);
                         if (both) acc[r][p][h] = _mm256_fmadd_ps(_mm256_set1_ps(bf16_panel_input(t.a + r * t.lda, 2 * j + 1)), hi, acc[r][p][h]);
@@ -396,20 +436,25 @@ __attribute__((target("avx2,fma"))) void bf16_tile_avx2(const Bf16Tile<In>& t) {
 template <int Rows, int Panels>
 __attribute__((target("avx512f,avx512bf16"))) void bf16_tile_dpbf16(const Bf16Tile<std::uint16_t>& t) {
     __m512 acc[Rows][Panels];
+    HYPERMOE_UNROLL
     for (int r = 0; r < Rows; ++r)
+        HYPERMOE_UNROLL
         for (int p = 0; p < Panels; ++p) acc[r][p] = _mm512_setzero_ps();
     const index_t pairs = (t.k + 1) / 2;
     for (index_t j = 0; j < pairs; ++j) {
         __m512i w[Panels];
+        HYPERMOE_UNROLL
         for (int p = 0; p < Panels; ++p) {
             const std::uint16_t* wp = t.w + p * t.stride + j * 32;
             _mm_prefetch(reinterpret_cast<const char*>(wp + bf16_prefetch_pairs * 32), _MM_HINT_T0);
             w[p] = _mm512_loadu_si512(wp);
         }
+        HYPERMOE_UNROLL
         for (int r = 0; r < Rows; ++r) {
             std::int32_t pair;
             std::memcpy(&pair, t.a + r * t.lda + 2 * j, sizeof pair);
             const __m512i a = _mm512_set1_epi32(pair);
+            HYPERMOE_UNROLL
             for (int p = 0; p < Panels; ++p) acc[r][p] = _mm512_dpbf16_ps(acc[r][p], (__m512bh)a, (__m512bh)w[p]);
         }
     }
@@ -458,25 +503,32 @@ void bf16_round_rows(ConstMatrixView<float> a, Out* out, index_t ld, [[maybe_unu
 /// dst[r * ldd + c] = src[c * lds + r] for a 16 x 16 block of floats (src's rows lds floats
 /// apart): four 8 x 8 transposes (unpack, shuffle, lane permute).
 __attribute__((target("avx2"))) inline void transpose16_avx2(const float* src, index_t lds, float* dst, index_t ldd = 16) noexcept {
+    HYPERMOE_UNROLL
     for (int bi = 0; bi < 2; ++bi)     // block row of src: src rows 8 bi ..
+        HYPERMOE_UNROLL
         for (int bj = 0; bj < 2; ++bj) { // block column of src: lanes 8 bj ..
             __m256 r[8], t[8];
+            HYPERMOE_UNROLL
             for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + (8 * bi + i) * lds + 8 * bj);
+            HYPERMOE_UNROLL
             for (int i = 0; i < 8; i += 2) {
                 t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
                 t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
             }
+            HYPERMOE_UNROLL
             for (int i = 0; i < 8; i += 4) {
                 r[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
                 r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
                 r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
                 r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
             }
+            HYPERMOE_UNROLL
             for (int i = 0; i < 4; ++i) {
                 t[i] = _mm256_permute2f128_ps(r[i], r[i + 4], 0x20);
                 t[i + 4] = _mm256_permute2f128_ps(r[i], r[i + 4], 0x31);
             }
             // t[i] is column i of the 8 x 8 block: dst row 8 bj + i, lanes 8 bi ..
+            HYPERMOE_UNROLL
             for (int i = 0; i < 8; ++i) _mm256_storeu_ps(dst + (8 * bj + i) * ldd + 8 * bi, t[i]);
         }
 }

@@ -123,6 +123,7 @@ private:
         const __m256 inf = _mm256_set1_ps(std::numeric_limits<float>::infinity());
         __m256 v[4], amax = _mm256_setzero_ps();
         int finite = 0xFF;
+        HYPERMOE_UNROLL
         for (int i = 0; i < 4; ++i) {
             v[i] = _mm256_loadu_ps(x + 8 * i);
             const __m256 a = _mm256_and_ps(v[i], magnitude);
@@ -140,6 +141,7 @@ private:
         d = _mm_cvtss_f32(m) / 127.0f;
         const __m256 scale = _mm256_set1_ps(d != 0.0f ? 1.0f / d : 0.0f);
         __m256i q[4]; // rounded to nearest even, as quantize_row's std::nearbyint
+        HYPERMOE_UNROLL
         for (int i = 0; i < 4; ++i) q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], scale));
         const __m256i total = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
         // Narrowed (|q| <= 127: no saturation); the packs interleave 128-bit lanes, which the
