@@ -310,20 +310,25 @@ TEST_CASE("mxfp4 keeps each value within a quarter of its block's power of two, 
     }
 }
 
+namespace {
+/// ggml's best_index_mxfp4: the first index of least |kvalues_mxfp4[i] x d - x|, each product
+/// rounded on its own as ggml's C source writes it (contracted into an FMA, 8 x 2^125 would stay
+/// finite inside it: clang's -march=native build, and GCC for AArch64, where FMA is always there,
+/// picked it for FLT_MAX). A function, not a lambda: GCC's no-contraction attribute needs one.
+HYPERMOE_NO_FP_CONTRACT_ATTR int mxfp4_search(float x, float d) {
+    HYPERMOE_NO_FP_CONTRACT
+    int best = 0;
+    float best_err = std::fabs(float(mxfp4_values[0]) * d - x);
+    for (int i = 1; i < 16; ++i) {
+        const float err = std::fabs(float(mxfp4_values[std::size_t(i)]) * d - x);
+        if (err < best_err) best = i, best_err = err;
+    }
+    return best;
+}
+} // namespace
+
 TEST_CASE("mxfp4 picks each value's nibble as ggml's linear search over the 16 values does") {
-    // ggml's best_index_mxfp4: the first index of least |kvalues_mxfp4[i] x d - x|, each product
-    // rounded on its own as ggml's C source writes it (contracted into an FMA, 8 x 2^125 would
-    // stay finite inside it, and clang's -march=native build picked it for FLT_MAX).
-    const auto search = [](float x, float d) {
-        HYPERMOE_NO_FP_CONTRACT
-        int best = 0;
-        float best_err = std::fabs(float(mxfp4_values[0]) * d - x);
-        for (int i = 1; i < 16; ++i) {
-            const float err = std::fabs(float(mxfp4_values[std::size_t(i)]) * d - x);
-            if (err < best_err) best = i, best_err = err;
-        }
-        return best;
-    };
+    const auto search = mxfp4_search;
     const auto check_block = [&](const std::array<float, 32>& x) {
         const BlockMXFP4 b = quantize_mxfp4(x);
         const float d = mxfp4_scale(b.e);
