@@ -79,7 +79,13 @@
 // Before each loop of a kernel over its registers (compile-time bounds): unrolled completely at
 // -O2 too, where GCC 12 unrolls only what does not grow the code and leaves arrays of
 // accumulators in memory (at -O2 the kernels took 1.3-3.1x as long as at -O3; benchmarks.md).
+// Clang gets nothing: it fully unrolls such loops itself, and warns (-Wpass-failed) where a
+// request cannot be met, as for loops around a runtime one at -O1.
+#if defined(__clang__)
+#define HYPERMOE_UNROLL
+#else
 #define HYPERMOE_UNROLL _Pragma("GCC unroll 16")
+#endif
 
 namespace hypermoe::detail {
 
