@@ -80,8 +80,9 @@
 // -O2 too, where GCC 12 unrolls only what does not grow the code and leaves arrays of
 // accumulators in memory (at -O2 the kernels took 1.3-3.1x as long as at -O3; benchmarks.md).
 // Clang gets nothing: it fully unrolls such loops itself, and warns (-Wpass-failed) where a
-// request cannot be met, as for loops around a runtime one at -O1.
-#if defined(__clang__)
+// request cannot be met, as for loops around a runtime one at -O1. Nor does GCC at -O0, where
+// it ignores the request and says so ("ignoring loop annotation"), an error under -Werror.
+#if defined(__clang__) || !defined(__OPTIMIZE__)
 #define HYPERMOE_UNROLL
 #else
 #define HYPERMOE_UNROLL _Pragma("GCC unroll 16")
