@@ -191,9 +191,10 @@ TEST_CASE_TEMPLATE_DEFINE("q8_0, q4_0, mxfp4 and q4_k weights: every backend equ
                           linear_blocks) {
     // K = 100: three whole blocks and a zero-padded fourth; K = 300: ten, the partial last block
     // read by every row block; K = 520: q4_k's two whole super-blocks and a third of one
-    // sub-block; K = 1100: two slices of widened tiles (AVX2 `exact` from 12 rows), the second
-    // ending in a partial block. M around the kernels' row blocks (4 exact, 6 fast) and the
-    // rows from which AVX2 `exact` widens (12).
+    // sub-block; K = 1100: two slices of widened tiles (`exact` from 12 rows on AVX2, from 16-112
+    // on AVX-512), the second ending in a partial block. M around the kernels' row blocks (4
+    // exact, 6 fast) and the rows from which `exact` widens (AVX2 12; AVX-512 q4_k 16, q4_0 and
+    // mxfp4 24, q8_0 112).
     for (const index_t k : {100, 300, 520, 1100}) {
         CAPTURE(k);
         const index_t n = 45;
@@ -211,7 +212,7 @@ TEST_CASE_TEMPLATE_DEFINE("q8_0, q4_0, mxfp4 and q4_k weights: every backend equ
             const reference::linear<Silu> oracle(ConstMatrixView<float>(exact.view()), bias, {"w", true, dtype::f32});
             CHECK(lin.storage() == format);
             MESSAGE("block kernels: exact ", detail::kernel_isa_name(format, precision::exact), ", fast ", detail::kernel_isa_name(format, precision::fast));
-            for (const index_t m : {1, 3, 4, 5, 9, 12, 33}) {
+            for (const index_t m : {1, 3, 4, 5, 9, 12, 33, 130}) {
                 CAPTURE(m);
                 const Matrix<float> a = random_matrix(m, k, 10);
                 Matrix<float> got = random_matrix(m, n, 12), want = got;

@@ -11,9 +11,10 @@
 //   (q * d is exact in f32, so this equals f32 arithmetic on the dequantised weights up to the
 //   order of the additions). mxfp4's integers are its nibbles' mxfp4_values. q4_k's sub-blocks
 //   are (d sc) q - dmin m: the sum of q x input scaled by d sc, less dmin m x the inputs' sum.
-//   On AVX2 from 12 rows (BlockLinear::widens), each tile is instead widened, 1024 inputs at a
-//   time, into f32 panels in the thread's workspace, which the f32 panel kernel (panels.hpp)
-//   multiplies by every row: the dequantised values themselves, so f32 arithmetic on them.
+//   On AVX2 from 12 rows and on AVX-512 from 16-112 (BlockLinear::widen_rows), each tile is
+//   instead widened, 1024 inputs at a time, into f32 panels in the thread's workspace, which the
+//   f32 panel kernel (panels.hpp) multiplies by every row: the dequantised values themselves, so
+//   f32 arithmetic on them.
 // - fast: the activations are quantised per block of 32 (QuantizedRows) and each block's dot
 //   product is an integer one: TDPBSUD's s8 x u8 tile products on AMX-INT8 (calls of 16 rows or
 //   more), VPDPBUSD's u8 x s8 products on VNNI, VPMADDUBSW's on AVX-512 BW. The weights enter
@@ -1454,23 +1455,37 @@ private:
     /// from 1.60-1.75 to 1.43-1.47 ms (2048: 1.53-1.59). Decode is within noise from 2048 to 8192.
     static constexpr std::ptrdiff_t prefetch_ahead = 8192;
 
-    /// `exact` on AVX2 with at least this many rows widens each tile, widen_slice inputs at a
-    /// time, into f32 panels (avx2_widen_panels) that the f32 panel kernel multiplies by every
-    /// row (PanelKernels::run_group, 6 rows' sums in registers): the weights are widened once
-    /// for all rows, where avx2_tile widens them again for every 4 rows. Widening costs about
-    /// 0.1 ns a weight, so it pays from about 12 rows: one GLU expert (d = 1024, ff = 2816, 1
-    /// thread, Zen 3) took, in ms, avx2_tile -> widened: at 12 rows q4_0 3.14 -> 3.02, q4_k 3.58
-    /// -> 2.88; at 32 rows q4_0 8.48 -> 7.38, q8_0 9.59 -> 8.04; at 512 rows q4_0 139 -> 102
-    /// (benchmarks.md); at 8 rows an earlier version of the widening took 2.26-2.35 against
-    /// 2.09-2.11. Slices of 1024 inputs (128 KiB, in L2 while the rows read them, as
-    /// PanelKernels' f32 slices) were as fast as 2048 or whole rows, 5-6% faster than 256 and
-    /// 11-17% faster than 128 (at 32 and 256 rows).
-    static constexpr index_t widen_rows = 12;
+    /// `exact` with at least widen_rows() rows widens each tile, widen_slice inputs at a time,
+    /// into f32 panels (avx2_widen_panels) that the f32 panel kernel multiplies by every row
+    /// (PanelKernels::run_group, 6 rows' sums in registers on AVX2, 8 on AVX-512): the weights
+    /// are widened once for all rows, where avx2_tile and exact_tile (AVX-512) widen them again for every
+    /// 4 rows. Widening costs about 0.1 ns a weight, so it pays from some rows on, per kernel:
+    /// - AVX2: 12 rows. One GLU expert (d = 1024, ff = 2816, 1 thread, Zen 3) took, in ms,
+    ///   avx2_tile -> widened: at 12 rows q4_0 3.14 -> 3.02, q4_k 3.58 -> 2.88; at 32 rows q4_0
+    ///   8.48 -> 7.38, q8_0 9.59 -> 8.04; at 512 rows q4_0 139 -> 102 (benchmarks.md); at 8 rows
+    ///   an earlier version of the widening took 2.26-2.35 against 2.09-2.11.
+    /// - AVX-512, where exact_tile's cost a row depends on the format: q4_k 16, q4_0 and mxfp4
+    ///   24, q8_0 112. The same expert, 2 threads, Zen 5, in us, exact_tile -> widened: q4_k 12
+    ///   rows 814-857 -> 963-1002, 16 rows 1114-1137 -> 1078-1123; q4_0 20 rows 1327-1334 ->
+    ///   1336-1351, 24 rows 1590-1595 -> 1467-1496; mxfp4 20 rows 1271-1277 -> 1352-1419, 24 rows
+    ///   1583-1596 -> 1490-1518; q8_0 80 rows 3885-3945 -> 4112-4243, 112 rows 5771-5810 ->
+    ///   5579-5724; at 512 rows q4_0 35.3 -> 23.3 ms and q8_0 26.4 -> 23.0 (f32: 22.6).
+    /// Slices of 1024 inputs (128 KiB, in L2 while the rows read them, as PanelKernels' f32
+    /// slices) were as fast as 2048 or whole rows, 5-6% faster than 256 and 11-17% faster than
+    /// 128 (at 32 and 256 rows, Zen 3).
+    [[nodiscard]] index_t widen_rows() const noexcept {
+        if (kernel_ == kernel_isa::avx2) return 12;
+        if (kernel_ == kernel_isa::avx512) {
+            const dtype f = w_.format();
+            return f == dtype::q8_0 ? 112 : f == dtype::q4_k ? 16 : 24;
+        }
+        return std::numeric_limits<index_t>::max(); // the portable and NEON kernels: not widened
+    }
     static constexpr index_t widen_slice = 1024;
     static constexpr index_t widened_floats = tile * widen_slice; ///< a thread's slice
 
     /// Whether a product of `rows` rows runs on widened tiles.
-    [[nodiscard]] bool widens(index_t rows) const noexcept { return !fast_ && kernel_ == kernel_isa::avx2 && rows >= widen_rows; }
+    [[nodiscard]] bool widens(index_t rows) const noexcept { return !fast_ && rows >= widen_rows(); }
 
     /// Bytes of the product apart (when accumulating) for `rows` rows and `columns` columns.
     [[nodiscard]] std::size_t product_bytes(index_t rows, index_t columns) const noexcept {
@@ -1613,7 +1628,7 @@ private:
         }
         epilogue_item(t, c, j0, at, cols, scale);
 #else
-        (void)p, (void)t, (void)c, (void)j0, (void)n0, (void)scale, (void)slice; // widens() is AVX2 only
+        (void)p, (void)t, (void)c, (void)j0, (void)n0, (void)scale, (void)slice; // widens() is x86 only
 #endif
     }
 
