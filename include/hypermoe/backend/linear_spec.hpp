@@ -16,6 +16,7 @@
 #include "hypermoe/core/error.hpp"
 #include "hypermoe/core/finite.hpp"
 #include "hypermoe/core/matrix.hpp"
+#include "hypermoe/core/parallel.hpp"
 #include "hypermoe/core/quant.hpp"
 #include "hypermoe/core/workspace.hpp"
 #include "hypermoe/detail/format.hpp"
@@ -374,6 +375,7 @@ void epilogue_in_place(MatrixView<float> c, const float* bias, float scale) noex
         if (bias == nullptr && scale == 1.0f) return;
     for (index_t r = 0; r < c.rows(); ++r) {
         float* row = c.row(r).data();
+        HYPERMOE_SIMD
         for (index_t j = 0; j < c.cols(); ++j)
             row[j] = scale * Act::apply(row[j] + (bias != nullptr ? bias[j] : 0.0f));
     }
@@ -385,6 +387,7 @@ void epilogue_accumulate(ConstMatrixView<float> t, MatrixView<float> c, const fl
     for (index_t r = 0; r < c.rows(); ++r) {
         const float* src = t.row(r).data();
         float* row = c.row(r).data();
+        HYPERMOE_SIMD
         for (index_t j = 0; j < c.cols(); ++j)
             row[j] += scale * Act::apply(src[j] + (bias != nullptr ? bias[j] : 0.0f));
     }

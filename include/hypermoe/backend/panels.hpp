@@ -487,13 +487,17 @@ void bf16_round_rows(ConstMatrixView<float> a, Out* out, index_t ld, [[maybe_unu
         Out* o = out + r * ld;
         const float* in = a.row(r).data();
         if constexpr (std::is_same_v<Out, float>) {
+            HYPERMOE_SIMD
             for (index_t i = 0; i < k; ++i) o[i] = bf16::from_float(in[i]).to_float();
         } else {
 #if HYPERMOE_X86_KERNELS
             if (vcvt) bf16_round_avx512(in, o, k);
             else
 #endif
+            {
+                HYPERMOE_SIMD
                 for (index_t i = 0; i < k; ++i) o[i] = bf16::from_float(in[i]).bits;
+            }
         }
         std::fill(o + k, o + ld, Out{0});
     });

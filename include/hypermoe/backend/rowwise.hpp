@@ -110,6 +110,7 @@ private:
             const float* w = wt_.data() + i * n_ + j0;
             for (index_t r = 0; r < rows; ++r) {
                 const float x = a(r0 + r, i);
+                HYPERMOE_SIMD
                 for (index_t j = 0; j < cols; ++j) acc[r][j] += x * w[j];
             }
         }

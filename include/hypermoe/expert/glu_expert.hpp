@@ -98,6 +98,7 @@ public:
             const float* __restrict g = gu.row(r).data() + j0;
             const float* __restrict u = g + ff;
             float* __restrict out = h.row(r).data() + j0;
+            HYPERMOE_SIMD
             for (index_t j = 0; j < n; ++j) out[j] = Glu::apply(g[j], u[j]);
         });
         down_(h, y, ws);
@@ -162,6 +163,7 @@ public:
             const float* __restrict g = gate.row(r).data();
             const float* __restrict u = up.row(r).data();
             float* __restrict out = t.hidden.row(r).data() + c0;
+            HYPERMOE_SIMD
             for (index_t j = 0; j < w; ++j) out[j] = Glu::apply(g[j], u[j]);
         }
     }

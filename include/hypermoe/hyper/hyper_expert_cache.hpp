@@ -23,6 +23,7 @@
 #include "hypermoe/backend/backend_concept.hpp"
 #include "hypermoe/core/activation.hpp"
 #include "hypermoe/core/error.hpp"
+#include "hypermoe/core/parallel.hpp"
 #include "hypermoe/hyper/pattern.hpp"
 
 namespace hypermoe {
@@ -52,6 +53,7 @@ inline void apply_adapter(std::span<const float> x, const float* down, const flo
     for (index_t a = 0; a < d; ++a) {
         const float xa = x[std::size_t(a)];
         const float* row = down + a * r;
+        HYPERMOE_SIMD
         for (index_t b = 0; b < r; ++b) hidden[b] += xa * row[b];
     }
     for (index_t b = 0; b < r; ++b) {
@@ -62,6 +64,7 @@ inline void apply_adapter(std::span<const float> x, const float* down, const flo
     for (index_t b = 0; b < r; ++b) {
         const float hb = hidden[b];
         const float* row = up + b * d;
+        HYPERMOE_SIMD
         for (index_t a = 0; a < d; ++a) out[a] += hb * row[a];
     }
     for (index_t a = 0; a < d; ++a) out[a] += up_bias[a];

@@ -752,6 +752,7 @@ private:
         if (!plan.kept(t)) {
             const float sum = passed_weight(plan, t);
             const auto xr = x.row(t);
+            HYPERMOE_SIMD
             for (std::size_t c = 0; c < yr.size(); ++c) yr[c] = sum * xr[c];
             return;
         }
@@ -760,6 +761,7 @@ private:
             if (r < 0) continue;
             const float wj = w[std::size_t(j)];
             const auto src = out.row(r);
+            HYPERMOE_SIMD
             for (std::size_t c = 0; c < yr.size(); ++c) yr[c] += wj * src[c];
         }
     }

@@ -10,6 +10,7 @@
 
 #include "hypermoe/backend/backend_concept.hpp"
 #include "hypermoe/core/activation.hpp"
+#include "hypermoe/core/parallel.hpp"
 #include "hypermoe/expert/expert_concept.hpp"
 
 namespace hypermoe {
@@ -60,6 +61,7 @@ public:
         if (gate_) (*gate_)(x, g, ws);
         for (index_t t = 0; t < x.rows(); ++t) {
             const float gt = gate_ ? float(1.0 / (1.0 + std::exp(-double(g(t, 0))))) : 1.0f;
+            HYPERMOE_SIMD
             for (index_t j = 0; j < s.cols(); ++j) y(t, j) += gt * s(t, j);
         }
     }
