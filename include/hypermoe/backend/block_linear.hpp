@@ -1466,8 +1466,9 @@ private:
     /// `exact` with at least widen_rows() rows widens each tile, widen_slice inputs at a time,
     /// into f32 panels (avx2_widen_panels) that the f32 panel kernel multiplies by every row
     /// (PanelKernels::run_group, 6 rows' sums in registers on AVX2, 8 on AVX-512): the weights
-    /// are widened once for all rows, where avx2_tile and exact_tile (AVX-512) widen them again for every
-    /// 4 rows. Widening costs about 0.1 ns a weight, so it pays from some rows on, per kernel:
+    /// are widened once for all rows, where avx2_tile and exact_tile (AVX-512) widen them again
+    /// for every 4 rows. Widening costs about 0.1 ns a weight, so it pays from some rows on, per
+    /// kernel:
     /// - AVX2: 12 rows. One GLU expert (d = 1024, ff = 2816, 1 thread, Zen 3) took, in ms,
     ///   avx2_tile -> widened: at 12 rows q4_0 3.14 -> 3.02, q4_k 3.58 -> 2.88; at 32 rows q4_0
     ///   8.48 -> 7.38, q8_0 9.59 -> 8.04; at 512 rows q4_0 139 -> 102 (benchmarks.md); at 8 rows
