@@ -191,10 +191,9 @@ TEST_CASE_TEMPLATE_DEFINE("q8_0, q4_0, mxfp4 and q4_k weights: every backend equ
                           linear_blocks) {
     // K = 100: three whole blocks and a zero-padded fourth; K = 300: ten, the partial last block
     // read by every row block; K = 520: q4_k's two whole super-blocks and a third of one
-    // sub-block; K = 1100: two slices of widened tiles (`exact` from 12 rows on AVX2, from 16-112
-    // on AVX-512), the second ending in a partial block. M around the kernels' row blocks (4
-    // exact, 6 fast) and the rows from which `exact` widens (AVX2 12; AVX-512 q4_k 16, q4_0 and
-    // mxfp4 24, q8_0 112).
+    // sub-block; K = 1100: two slices of widened tiles, the second ending in a partial block. M
+    // around the kernels' row blocks (4 exact, 6 fast) and the rows from which `exact` widens
+    // (BlockLinear::widen_rows: 12 on AVX2, up to 112 on AVX-512, which 130 passes).
     for (const index_t k : {100, 300, 520, 1100}) {
         CAPTURE(k);
         const index_t n = 45;
