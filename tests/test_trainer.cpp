@@ -144,6 +144,62 @@ TEST_CASE("ParameterStore: F32 copies of a checkpoint's tensors that load into t
     std::filesystem::remove_all(dir);
 }
 
+TEST_CASE("ParameterStore::place_adjacent: each pair's up right after its gate, values kept; the loader views such a [gate; up] in place") {
+    const SyntheticImage image = small_model("mixtral");
+    const Checkpoint source(image.config, image.safetensors, "mixtral");
+    ParameterStore store(source);
+    const std::string e0 = "model.layers.0.block_sparse_moe.experts.0.", e1 = "model.layers.1.block_sparse_moe.experts.3.";
+    const auto adjacent = [&](const std::string& a, const std::string& b) {
+        return store.values(b).data() == store.values(a).data() + store.values(a).size();
+    };
+    REQUIRE_FALSE(adjacent(e0 + "w1.weight", e0 + "w3.weight")); // sorted by name: w1, w2, w3
+    const auto values = [&] {
+        std::vector<std::vector<float>> v;
+        for (const std::string& n : store.checkpoint().tensor_names()) v.emplace_back(store.values(n).begin(), store.values(n).end());
+        return v;
+    };
+    const auto before = values();
+    const std::vector<std::pair<std::string, std::string>> pairs{{e0 + "w1.weight", e0 + "w3.weight"}, {e1 + "w1.weight", e1 + "w3.weight"}};
+    CHECK(store.place_adjacent(pairs));
+    CHECK(adjacent(e0 + "w1.weight", e0 + "w3.weight"));
+    CHECK(adjacent(e1 + "w1.weight", e1 + "w3.weight"));
+    CHECK_FALSE(store.place_adjacent(pairs)); // already laid out so: nothing moves
+    CHECK(store.checkpoint().tensor_names() == source.tensor_names());
+    CHECK(values() == before);
+
+    // The loader's [gate; up] of such a pair is the store's own bytes; of any other, a copy.
+    TensorBinder binder(store.checkpoint(), "stack");
+    const auto placed = binder.deferred_stack(e0 + "w1.weight", e0 + "w3.weight", 48, 32, dtype::f32);
+    const auto apart = binder.deferred_stack(e0 + "w1.weight", e1 + "w3.weight", 48, 32, dtype::f32);
+    binder.finish();
+    CHECK(placed.first.row_bytes(0) == reinterpret_cast<const std::byte*>(store.values(e0 + "w1.weight").data()));
+    CHECK(placed.second.row_bytes(0) == reinterpret_cast<const std::byte*>(store.values(e0 + "w3.weight").data()));
+    CHECK(apart.first.row_bytes(0) != reinterpret_cast<const std::byte*>(store.values(e0 + "w1.weight").data()));
+
+    // The same blocks, bit for bit, as from the source.
+    const auto a = load_model<reference>(source), b = load_model<reference>(store.checkpoint());
+    const Matrix<float> x = random_rows(9, 32, 3);
+    Matrix<float> ya(9, 32), yb(9, 32);
+    Workspace ws;
+    for (std::size_t i = 0; i < 2; ++i) {
+        a.blocks()[i].forward(x.view(), ya.view(), ws);
+        b.blocks()[i].forward(x.view(), yb.view(), ws);
+        CHECK(std::equal(ya.data(), ya.data() + 9 * 32, yb.data()));
+    }
+    // A trainer lays out every expert's pair so.
+    const Trainer<reference> trainer(source, {});
+    for (index_t e = 0; e < 4; ++e) {
+        const std::string p = "model.layers.1.block_sparse_moe.experts." + std::to_string(e) + ".";
+        CHECK(trainer.parameters().values(p + "w3.weight").data() == trainer.parameters().values(p + "w1.weight").data() + 48 * 32);
+    }
+
+    CHECK_THROWS_WITH_AS(store.place_adjacent({{e0 + "w1.weight", e0 + "w1.weight"}}),
+                         "ParameterStore::place_adjacent: tensor 'model.layers.0.block_sparse_moe.experts.0.w1.weight' is in two pairs "
+                         "(or paired with itself), expected each tensor in one pair",
+                         config_error);
+    CHECK_THROWS_WITH_AS(store.place_adjacent({{e0 + "w1.weight", "no.such.tensor"}}), "mixtral: missing tensor 'no.such.tensor'", weight_error);
+}
+
 TEST_CASE_TEMPLATE_DEFINE("Trainer: every parameter's gradient against central differences of the loss through the chained blocks", B,
                           trainer_gradients) {
     // HyperMoE, HyperMoE trained without its HyperExpert (the plain MoE of the paper's

@@ -667,6 +667,7 @@ int train(const Args& a) {
         };
         evaluate(0);
         double loss_sum = 0, cv_sum = 0, seconds = 0, total_seconds = 0;
+        double gradient_s = 0, optimizer_s = 0, rebuild_s = 0; // where the logged steps' time went
         hm::index_t logged = 0, next = 0;
         for (hm::index_t step = 1; step <= steps; ++step) {
             // Batches cycle through the training rows in order (the last one of a pass wraps).
@@ -674,16 +675,20 @@ int train(const Args& a) {
             const hm::TrainMetrics m = trainer.step(train_set.x.view().row_block(next, batch), targets(train_set, next, batch));
             next += batch;
             loss_sum += m.loss, cv_sum += m.load_cv, seconds += m.seconds, total_seconds += m.seconds, ++logged;
+            gradient_s += m.gradient_seconds, optimizer_s += m.optimizer_seconds, rebuild_s += m.rebuild_seconds;
             if (step % log_every == 0 || step == steps) {
                 const double tps = double(batch * logged) / seconds;
+                const double ms = 1e3 / double(logged); // seconds summed over the logged steps -> ms a step
                 if (json)
                     std::printf("%s\n", nlohmann::json{{"step", step}, {"loss", loss_sum / double(logged)}, {"tokens_per_s", tps},
-                                                       {"load_cv", cv_sum / double(logged)}}.dump().c_str());
+                                                       {"load_cv", cv_sum / double(logged)}, {"gradient_ms", gradient_s * ms},
+                                                       {"optimizer_ms", optimizer_s * ms}, {"rebuild_ms", rebuild_s * ms}}.dump().c_str());
                 else
-                    std::printf("step %5lld  loss %.4f  tokens/s %8.0f  load CV %.3f\n", static_cast<long long>(step),
-                                loss_sum / double(logged), tps, cv_sum / double(logged));
+                    std::printf("step %5lld  loss %.4f  tokens/s %8.0f  load CV %.3f  ms a step: gradients %.1f, AdamW %.1f, rebuild %.1f\n",
+                                static_cast<long long>(step), loss_sum / double(logged), tps, cv_sum / double(logged),
+                                gradient_s * ms, optimizer_s * ms, rebuild_s * ms);
                 std::fflush(stdout);
-                loss_sum = cv_sum = seconds = 0, logged = 0;
+                loss_sum = cv_sum = seconds = gradient_s = optimizer_s = rebuild_s = 0, logged = 0;
             }
             if (step % eval_every == 0 || step == steps) evaluate(step);
         }

@@ -67,10 +67,12 @@ public:
     }
 
     /// A routed GLU expert's gate and up, (rows, cols) each, as deferred_matrix() binds them, but
-    /// always converted (or copied, when already in the type) into one buffer, `top`'s rows then
+    /// converted (or copied, when already in the type) into one buffer, `top`'s rows then
     /// `bottom`'s: the [gate; up] stack its fused linear map needs, which GluExpert then views in
     /// place instead of stacking a copy (it costs one copy either way; this one drops the
-    /// source's pages as it goes). Placeholders when either tensor is missing or wrong.
+    /// source's pages as it goes). Two tensors already in the type with `bottom`'s bytes right
+    /// after `top`'s are that stack as they are: viewed in place, not copied. Placeholders when
+    /// either tensor is missing or wrong.
     std::pair<WeightView, WeightView> deferred_stack(const std::string& top, const std::string& bottom, index_t rows, index_t cols,
                                                      dtype storage, bool keep_stored = false) {
         const Checkpoint::Ref a = fetch(top, {rows, cols}), b = fetch(bottom, {rows, cols});
@@ -79,6 +81,11 @@ public:
         const bool shared = keep_stored && a.info->dtype == b.info->dtype;
         const dtype type = converted_type(shared ? kept_dtype(a.info->dtype).value_or(storage) : storage, cols);
         const std::size_t bytes = weight_bytes(type, std::size_t(rows), std::size_t(cols));
+        // Both already in the type, up's bytes right after gate's (as a trainer's ParameterStore
+        // lays them out): they are the stack, viewed in place.
+        const auto in_a = view_in_place(a, rows, cols), in_b = view_in_place(b, rows, cols);
+        if (rows > 0 && in_a && in_b && in_a->type() == type && in_b->type() == type && in_b->row_bytes(0) == in_a->row_bytes(0) + bytes)
+            return {*in_a, *in_b};
         std::shared_ptr<std::byte[]> buffer = detail::aligned_array<std::byte>(2 * bytes);
         return {defer(a, buffer, buffer.get(), type, rows, cols), defer(b, buffer, buffer.get() + bytes, type, rows, cols)};
     }

@@ -14,6 +14,7 @@
 // come from), else h_{i+1} = block_i(h_i). Tensors no block reads (a real checkpoint's attention,
 // DeepSeek's selection bias) are carried unchanged.
 
+#include <algorithm>
 #include <chrono>
 #include <cstdint>
 #include <cstring>
@@ -21,6 +22,7 @@
 #include <map>
 #include <memory>
 #include <optional>
+#include <set>
 #include <span>
 #include <string>
 #include <utility>
@@ -60,9 +62,48 @@ public:
             r.file->convert_f32(t, v);
             tensors.push_back(f32_tensor(name, t.shape, v));
         }
-        image_ = safetensors_bytes(tensors, {{"format", "pt"}});
-        tensors.clear();
-        checkpoint_ = std::make_unique<Checkpoint>(source.config(), image_, source.dir());
+        assign(tensors, source.config(), source.dir());
+    }
+
+    /// Lays each pair's second tensor right after its first in the image, so that a GLU expert's
+    /// [gate; up], read by its fused linear map, is viewed in place at every rebuild instead of
+    /// copied (TensorBinder::deferred_stack). The values are unchanged; the spans values() gave
+    /// before are invalid when it returns true (the layout changed), valid when it returns false
+    /// (every pair already in place). A name the store lacks is a weight_error; a tensor in two
+    /// pairs, or a pair of one tensor, a config_error.
+    bool place_adjacent(const std::vector<std::pair<std::string, std::string>>& pairs) {
+        std::map<std::string, std::string> after; // first -> second
+        std::set<std::string> placed;
+        bool in_place = true;
+        for (const auto& [first, second] : pairs) {
+            const Checkpoint::Ref a = checkpoint_->tensor(first), b = checkpoint_->tensor(second);
+            for (const std::string* name : {&first, &second})
+                if (!placed.insert(*name).second)
+                    throw config_error(detail::concat("ParameterStore::place_adjacent: tensor '", *name,
+                                                      "' is in two pairs (or paired with itself), expected each tensor in one pair"));
+            after[first] = second;
+            const std::span<const std::byte> x = a.file->data(*a.info), y = b.file->data(*b.info);
+            in_place = in_place && y.data() == x.data() + x.size();
+        }
+        if (in_place) return false;
+        // The image's tensors in their present order, each pair's second moved after its first.
+        std::vector<const TensorInfo*> order;
+        for (const std::string& name : checkpoint_->tensor_names()) order.push_back(checkpoint_->tensor(name).info);
+        std::sort(order.begin(), order.end(), [](const TensorInfo* x, const TensorInfo* y) { return x->begin < y->begin; });
+        std::vector<TensorToWrite> tensors;
+        const auto add = [&](const TensorInfo& t) {
+            const auto bytes = checkpoint_->tensor(t.name).file->data(t);
+            tensors.push_back({t.name, t.dtype, t.shape, std::vector<std::byte>(bytes.begin(), bytes.end())});
+        };
+        std::set<std::string> seconds;
+        for (const auto& [first, second] : after) seconds.insert(second);
+        for (const TensorInfo* t : order) {
+            if (seconds.count(t->name)) continue;
+            add(*t);
+            if (const auto it = after.find(t->name); it != after.end()) add(*checkpoint_->tensor(it->second).info);
+        }
+        assign(tensors, checkpoint_->config(), checkpoint_->dir());
+        return true;
     }
 
     /// The tensors as a Checkpoint (for load_model and the other loaders); valid while *this is.
@@ -85,6 +126,14 @@ public:
     void save(const std::string& dir) const { write_checkpoint(dir, checkpoint_->config(), image_); }
 
 private:
+    /// The image of `tensors`, in their order, and the checkpoint that views it.
+    void assign(const std::vector<TensorToWrite>& tensors, const nlohmann::json& config, const std::string& dir) {
+        std::vector<std::byte> image = safetensors_bytes(tensors, {{"format", "pt"}});
+        auto checkpoint = std::make_unique<Checkpoint>(config, image, dir);
+        image_ = std::move(image); // the buffer moves with its bytes: checkpoint's view stays valid
+        checkpoint_ = std::move(checkpoint);
+    }
+
     std::vector<std::byte> image_; ///< a safetensors file's bytes (its buffer does not move when *this does)
     std::unique_ptr<Checkpoint> checkpoint_;
 };
@@ -143,6 +192,9 @@ public:
             throw config_error(detail::concat("Trainer: LoadOptions::storage is ", to_string(opt_.load.storage),
                                               ", expected f32 (a backward computes with the weights as trained)"));
         rebuild();
+        // Each GLU expert's up laid right after its gate, so that every rebuild views the pair as
+        // the fused [gate; up] in place instead of copying it (Mixtral's w1, w2, w3 are sorted apart).
+        if (store_.place_adjacent(gate_up_pairs())) rebuild();
         if (opt_.loss == LossKind::cross_entropy && (opt_.classes < 2 || opt_.classes > width()))
             throw config_error(detail::concat("Trainer: classes is ", opt_.classes, ", expected 2 <= classes <= ", width(),
                                               " (the blocks' width)"));
@@ -308,6 +360,23 @@ private:
         }
         width_ = model_->info().d_model;
         for (std::size_t i = 0; i < biases_.size(); ++i) model_->blocks()[i].set_selection_bias(biases_[i]);
+    }
+
+    /// Each GLU expert's (gate, up) tensor names, routed and shared, where both are whole
+    /// tensors of their own (not slices of a fused tensor, not stored transposed).
+    [[nodiscard]] std::vector<std::pair<std::string, std::string>> gate_up_pairs() const {
+        std::vector<std::pair<std::string, std::string>> out;
+        std::set<std::string> seen;
+        const auto add = [&](const ExpertTensorNames& e) {
+            const auto whole = [](const TensorName& n) { return !n.empty() && !n.fused() && !n.transposed; };
+            if (whole(e.gate) && whole(e.up) && seen.insert(e.gate.name).second && seen.insert(e.up.name).second)
+                out.emplace_back(e.gate.name, e.up.name);
+        };
+        for (const auto& block : loaded().blocks()) {
+            for (const ExpertTensorNames& e : block.parameter_names().experts) add(e);
+            if (block.parameter_names().shared) add(*block.parameter_names().shared);
+        }
+        return out;
     }
 
     /// The blocks, or a config_error when the last rebuild failed.
