@@ -138,6 +138,41 @@ TEST_CASE("Workspace: aligned buffers, scopes, growth only at the outermost scop
     CHECK(ws.capacity() == before); // no shrink, no regrow
 }
 
+TEST_CASE("BufferReuse: large buffers freed in its scope are taken back by allocations of their size, the rest freed at its end") {
+    using detail::BufferReuse;
+    constexpr std::size_t big = BufferReuse::min_bytes / sizeof(float);
+    const BufferReuse outer;
+    const void* first = nullptr;
+    {
+        Matrix<float> m(index_t(big), 1); // a Matrix's buffer is an aligned_array
+        m(0, 0) = 7.0f;
+        first = m.data();
+    } // kept
+    const auto other = detail::aligned_array<float>(2 * big); // another size: not the kept buffer
+    CHECK(static_cast<const void*>(other.get()) != first);
+    {
+        const Matrix<float> again(index_t(big), 1); // the kept buffer, zeroed as every Matrix is
+        CHECK(static_cast<const void*>(again.data()) == first);
+        CHECK(again(0, 0) == 0.0f);
+    }
+    const void* inner_one = nullptr;
+    {
+        const BufferReuse inner; // the innermost scope keeps and gives back, alone
+        auto b = detail::aligned_array<float>(big);
+        CHECK(static_cast<const void*>(b.get()) != first); // the outer scope's is not taken
+        inner_one = b.get();
+        b.reset();
+        const auto c = detail::aligned_array<float>(big);
+        CHECK(static_cast<const void*>(c.get()) == inner_one);
+    } // c kept by the inner scope, then freed with it
+    void* kept = BufferReuse::take(big * sizeof(float)); // the outer scope's own, now the caller's
+    CHECK(kept == first);
+    ::operator delete(kept, std::align_val_t{buffer_alignment});
+    CHECK(BufferReuse::take(big * sizeof(float)) == nullptr);
+    CHECK(BufferReuse::take(64) == nullptr);
+    CHECK_FALSE(BufferReuse::keep(nullptr, 64)); // too small to keep: the caller frees it
+}
+
 TEST_CASE("finite checks read the bits") {
     CHECK(is_finite(1.0f));
     CHECK(is_finite(std::numeric_limits<float>::max()));

@@ -585,7 +585,9 @@ struct onednn {
                 dnnl::memory src = in_place ? dnnl::memory({{k_, n_}, source(), {1, w.stride()}}, engine,
                                                            const_cast<std::byte*>(w.row_bytes(0)))
                                             : dnnl::memory({{k_, n_}, dt::f32, {n_, 1}}, engine, wt.data());
-                weights_ = dnnl::memory(matmul_->weights, engine);
+                // In our own buffer, so that a rebuild in a BufferReuse scope takes the old one's pages.
+                weight_buffer_ = detail::aligned_array<std::byte>(matmul_->weights.get_size());
+                weights_ = dnnl::memory(matmul_->weights, engine, weight_buffer_.get());
                 dnnl::reorder(src, weights_).execute(detail::onednn_stream(), src, weights_);
                 if (!bias.empty()) {
                     bias_ = dnnl::memory({{1, n_}, dt::f32, {n_, 1}}, engine);
@@ -999,6 +1001,7 @@ struct onednn {
         std::shared_ptr<detail::OnednnTileTable> tiles_;    ///< likewise
         const detail::OnednnMatmul* matmul_ = nullptr;      ///< the construction's; null when K = 0 or N = 0
         const detail::OnednnPanelReorders* reorders_ = nullptr; ///< for backward; set with matmul_ for f32
+        std::shared_ptr<std::byte[]> weight_buffer_; ///< weights_'s bytes (copies of this map share them)
         dnnl::memory weights_;
         dnnl::memory bias_;
         std::vector<float> bias_f32_;  ///< the bias, for our own epilogues

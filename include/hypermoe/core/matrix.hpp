@@ -11,6 +11,7 @@
 #include <span>
 #include <string_view>
 #include <type_traits>
+#include <vector>
 
 #include "hypermoe/core/error.hpp"
 #include "hypermoe/core/extents.hpp"
@@ -110,17 +111,79 @@ namespace detail {
     return static_cast<std::size_t>(rows) * static_cast<std::size_t>(cols);
 }
 
-struct aligned_delete {
-    void operator()(void* p) const noexcept { ::operator delete(p, std::align_val_t{buffer_alignment}); }
+/// While one is alive on a thread, the buffers of at least min_bytes that aligned_array's
+/// deleter frees on that thread are kept, and an aligned_array of the same size on that thread
+/// takes one back (the last kept first) instead of fresh memory; those left are freed when it
+/// ends. Trainer::rebuild runs in one: the old blocks dropped, then the same blocks built
+/// again, whose weights so land in pages already faulted in rather than in fresh ones, which the
+/// allocator maps for every large buffer and the kernel faults in page by page (about 1 us a
+/// 4 KiB page on the virtual machines these figures come from: 66 MB of weights, 16,000 faults).
+/// Not copyable; nests (the innermost one keeps).
+class BufferReuse {
+public:
+    static constexpr std::size_t min_bytes = std::size_t{1} << 16;
+
+    BufferReuse() noexcept : outer_(active_) { active_ = this; }
+    BufferReuse(const BufferReuse&) = delete;
+    BufferReuse& operator=(const BufferReuse&) = delete;
+    ~BufferReuse() {
+        active_ = outer_;
+        for (const Kept& k : kept_) ::operator delete(k.p, std::align_val_t{buffer_alignment});
+    }
+
+    /// A kept buffer of `bytes` from this thread's innermost scope, or nullptr.
+    [[nodiscard]] static void* take(std::size_t bytes) noexcept {
+        if (active_ == nullptr || bytes < min_bytes) return nullptr;
+        auto& kept = active_->kept_;
+        for (std::size_t i = kept.size(); i-- > 0;)
+            if (kept[i].bytes == bytes) {
+                void* p = kept[i].p;
+                kept.erase(kept.begin() + std::ptrdiff_t(i));
+                return p;
+            }
+        return nullptr;
+    }
+    /// Keeps p (`bytes` long) in this thread's innermost scope; false when there is none, the
+    /// buffer is small, or keeping it fails (the caller frees it).
+    [[nodiscard]] static bool keep(void* p, std::size_t bytes) noexcept {
+        if (active_ == nullptr || bytes < min_bytes) return false;
+        try {
+            active_->kept_.push_back({p, bytes});
+        } catch (...) {
+            return false;
+        }
+        return true;
+    }
+
+private:
+    struct Kept {
+        void* p;
+        std::size_t bytes;
+    };
+    static inline thread_local BufferReuse* active_ = nullptr;
+    std::vector<Kept> kept_;
+    BufferReuse* outer_;
 };
 
+/// Frees an aligned_array's buffer (of `bytes`), or keeps it in the thread's BufferReuse.
+struct aligned_delete {
+    std::size_t bytes = 0;
+    void operator()(void* p) const noexcept {
+        if (!BufferReuse::keep(p, bytes)) ::operator delete(p, std::align_val_t{buffer_alignment});
+    }
+};
+
+/// n elements of T, uninitialised, at a buffer_alignment boundary (from the thread's
+/// BufferReuse when one keeps a buffer of that size).
 template <class T>
 [[nodiscard]] std::unique_ptr<T[], aligned_delete> aligned_array(std::size_t n) {
     static_assert(std::is_trivially_copyable_v<T> && std::is_trivially_destructible_v<T>,
                   "aligned_array holds trivial element types only.");
     if (n == 0) return {};
-    void* p = ::operator new(n * sizeof(T), std::align_val_t{buffer_alignment});
-    return std::unique_ptr<T[], aligned_delete>(static_cast<T*>(p));
+    const std::size_t bytes = n * sizeof(T);
+    void* p = BufferReuse::take(bytes);
+    if (p == nullptr) p = ::operator new(bytes, std::align_val_t{buffer_alignment});
+    return std::unique_ptr<T[], aligned_delete>(static_cast<T*>(p), aligned_delete{bytes});
 }
 
 } // namespace detail

@@ -351,6 +351,7 @@ private:
     /// So if the load fails, the trainer holds no blocks, and every later call that needs them
     /// is a config_error that says why.
     void rebuild() {
+        detail::BufferReuse reuse; // the new blocks' buffers take the old ones' pages
         model_.reset();
         try {
             model_.emplace(load_model<B>(store_.checkpoint(), opt_.load));
