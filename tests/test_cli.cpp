@@ -411,6 +411,11 @@ TEST_CASE("hypermoe train: progress lines or JSON, a saved model that hypermoe r
     CHECK(lines[5]["steps"] == 30);
     CHECK(lines[5]["train_seconds"].get<double>() > 0);
     for (const char* key : {"step", "loss", "tokens_per_s", "load_cv"}) CHECK(lines[1].contains(key));
+    // Where the logged steps' time went, ms a step: the three parts make up the step, 1000 x batch / tokens_per_s ms.
+    const double parts = lines[1]["gradient_ms"].get<double>() + lines[1]["optimizer_ms"].get<double>() + lines[1]["rebuild_ms"].get<double>();
+    CHECK(lines[1]["rebuild_ms"].get<double>() > 0);
+    CHECK(parts <= 1000.0 * 32 / lines[1]["tokens_per_s"].get<double>() * 1.0001);
+    CHECK(parts >= 0.5 * 1000.0 * 32 / lines[1]["tokens_per_s"].get<double>());
     CHECK(lines[0]["step"] == 0);
     CHECK(lines[4]["eval_loss"].get<double>() < lines[0]["eval_loss"].get<double>());
     CHECK(lines[3]["loss"].get<double>() < lines[1]["loss"].get<double>());
@@ -428,6 +433,7 @@ TEST_CASE("hypermoe train: progress lines or JSON, a saved model that hypermoe r
                              (tmp / "data.safetensors").string() + " --loss mse --steps 4 --batch 16 --log-every 2 --balance 0.01");
     CHECK(m.status == 0);
     CHECK(m.out.find("step     4  loss ") != std::string::npos);
+    CHECK(m.out.find("ms a step: gradients ") != std::string::npos);
     CHECK(m.out.find("eval at step 4: loss ") != std::string::npos);
 
     // A data file (ce, the default loss): x and integer labels, as PyTorch saves them (I64).

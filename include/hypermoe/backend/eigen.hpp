@@ -19,6 +19,7 @@
 
 #include <algorithm>
 #include <cstddef>
+#include <cstring>
 #include <optional>
 #include <span>
 #include <string_view>
@@ -148,8 +149,14 @@ struct eigen {
                 if (k_ > 0 && n_ > 0) panels_ = detail::WeightPanels(w, dtype::bf16, prec_);
                 return;
             }
-            for (index_t r = 0; r < n_; ++r)
-                for (index_t c = 0; c < k_; ++c) w_(r, c) = detail::stored_value(w.at(r, c), storage_);
+            for (index_t r = 0; r < n_; ++r) {
+                float* row = w_.data() + r * k_;
+                if (w.type() == dtype::f32) { // f32 rows as they are
+                    std::memcpy(row, w.row_bytes(r), std::size_t(k_) * sizeof(float));
+                    continue;
+                }
+                for (index_t c = 0; c < k_; ++c) row[c] = detail::stored_value(w.at(r, c), storage_);
+            }
         }
 
         /// C for accumulating calls, and one pair of packing buffers per thread that runs a block.
@@ -369,7 +376,7 @@ struct eigen {
         }
 
         std::vector<float> bias_;
-        RowMajor w_; ///< f32 storage only
+        Matrix<float> w_; ///< f32 storage only (an aligned_array: a trainer's rebuild reuses it, core/matrix.hpp's BufferReuse)
         std::optional<detail::BlockLinear<Act>> blocks_; ///< q8_0 / q4_0 / mxfp4 / q4_k weights, held only as blocks
         detail::WeightPanels panels_;                     ///< bf16 weights, held only as panels
     };

@@ -345,11 +345,11 @@ private:
     }
 
     /// Rebuilds the blocks from the stored tensors, with the balanced selection biases. The old
-    /// blocks go first, so that the new ones take their memory instead of fresh pages (the
-    /// Mixtral-like layer's weights: 277 MB, faulted in page by page): its step 445-644 ->
-    /// 367-568 ms, with the gradients kept between steps (GradientBuffers), on a 2-core Zen 5.
-    /// So if the load fails, the trainer holds no blocks, and every later call that needs them
-    /// is a config_error that says why.
+    /// blocks go first, inside a BufferReuse scope, so that the new ones take their buffers
+    /// instead of fresh pages, which the kernel would fault in one by one (the Mixtral-like
+    /// layer's rebuild, 1 block: 593 -> 35 ms on a 2-core Zen 5, docs/training.md). So if the
+    /// load fails, the trainer holds no blocks, and every later call that needs them is a
+    /// config_error that says why.
     void rebuild() {
         detail::BufferReuse reuse; // the new blocks' buffers take the old ones' pages
         model_.reset();
