@@ -116,9 +116,10 @@ namespace detail {
 /// takes one back (the last kept first) instead of fresh memory; those left are freed when it
 /// ends. Trainer::rebuild runs in one: the old blocks dropped, then the same blocks built
 /// again, whose weights so land in pages already faulted in rather than in fresh ones, which the
-/// allocator maps for every large buffer and the kernel faults in page by page (about 1 us a
-/// 4 KiB page on the virtual machines these figures come from: 66 MB of weights, 16,000 faults).
-/// Not copyable; nests (the innermost one keeps).
+/// allocator maps for every large buffer and the kernel faults in page by page (two blocks of
+/// 8 experts, d 512, ff 1024: 100 MB of weights, about 27,000 faults a rebuild, most of its time
+/// on this project's 2-core virtual machines; docs/training.md). Not copyable; nests (the
+/// innermost one keeps and gives back).
 class BufferReuse {
 public:
     static constexpr std::size_t min_bytes = std::size_t{1} << 16;
