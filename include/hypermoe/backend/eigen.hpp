@@ -149,7 +149,7 @@ struct eigen {
                 if (k_ > 0 && n_ > 0) panels_ = detail::WeightPanels(w, dtype::bf16, prec_);
                 return;
             }
-            for (index_t r = 0; r < n_; ++r) {
+            for (index_t r = 0; r < n_ && k_ > 0; ++r) { // (K = 0: no storage, nothing to copy)
                 float* row = w_.data() + r * k_;
                 if (w.type() == dtype::f32) { // f32 rows as they are
                     std::memcpy(row, w.row_bytes(r), std::size_t(k_) * sizeof(float));
