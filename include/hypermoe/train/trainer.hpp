@@ -73,7 +73,7 @@ public:
     /// pairs, or a pair of one tensor, a config_error.
     bool place_adjacent(const std::vector<std::pair<std::string, std::string>>& pairs) {
         std::map<std::string, std::string> after; // first -> second
-        std::set<std::string> placed;
+        std::set<std::string> placed, seconds;
         bool in_place = true;
         for (const auto& [first, second] : pairs) {
             const Checkpoint::Ref a = checkpoint_->tensor(first), b = checkpoint_->tensor(second);
@@ -82,6 +82,7 @@ public:
                     throw config_error(detail::concat("ParameterStore::place_adjacent: tensor '", *name,
                                                       "' is in two pairs (or paired with itself), expected each tensor in one pair"));
             after[first] = second;
+            seconds.insert(second);
             const std::span<const std::byte> x = a.file->data(*a.info), y = b.file->data(*b.info);
             in_place = in_place && y.data() == x.data() + x.size();
         }
@@ -95,8 +96,6 @@ public:
             const auto bytes = checkpoint_->tensor(t.name).file->data(t);
             tensors.push_back({t.name, t.dtype, t.shape, std::vector<std::byte>(bytes.begin(), bytes.end())});
         };
-        std::set<std::string> seconds;
-        for (const auto& [first, second] : after) seconds.insert(second);
         for (const TensorInfo* t : order) {
             if (seconds.count(t->name)) continue;
             add(*t);
