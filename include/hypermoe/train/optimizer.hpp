@@ -7,8 +7,10 @@
 // An optimiser works on flat views: each Parameter is a tensor's values and its gradient, as
 // spans into the caller's storage (a Matrix, a std::vector), and the index of its group. The
 // state (moments) is allocated once, at construction; step() allocates nothing. Every element's
-// update is computed in double from float state, element by element (in fixed chunks of elements
-// on the library's threads), so the result does not depend on the thread count.
+// update is computed element by element (in fixed chunks of elements on the library's threads),
+// so the result does not depend on the thread count: AdamW's in float, as PyTorch updates float
+// parameters (in double its divide and square root made it compute-bound, 2.5x the time of
+// streaming its bytes), SGD's in double.
 
 #include <algorithm>
 #include <array>
@@ -159,45 +161,47 @@ inline double clip_grad_norm(std::span<const Parameter> params, double max_norm)
 
 namespace detail {
 
-/// One AdamW step's constants for one group (AdamW::step).
+/// One AdamW step's constants for one group, in float (AdamW::step): the decay's lr x
+/// weight_decay apart from the 1 it is taken from (1 - 1e-5 in float would be off by up to
+/// 0.3%), and the bias corrections folded in: step = lr / (1 - beta1^t), inv_c2 =
+/// 1 / sqrt(1 - beta2^t).
 struct AdamWStep {
-    double beta1, beta2, decay, step, c2, eps;
+    float beta1, beta2, lr_decay, step, inv_c2, eps;
 };
 
-/// AdamW's update of n elements, in double from float state: m = b1 m + (1 - b1) g,
-/// v = b2 v + (1 - b2) g^2, p = p decay - step m / (sqrt(v) / c2 + eps).
+/// AdamW's update of n elements in float, as torch.optim.AdamW computes float parameters:
+/// m = b1 m + (1 - b1) g, v = b2 v + (1 - b2) g^2, p = p - (lr wd p + step m / (sqrt(v) inv_c2 + eps)).
 inline void adamw_update_portable(const AdamWStep& u, float* value, const float* grad, float* m, float* v, std::size_t n) {
+    const float one_b1 = 1 - u.beta1, one_b2 = 1 - u.beta2;
     for (std::size_t j = 0; j < n; ++j) {
-        const double g = grad[j];
-        const double mj = u.beta1 * m[j] + (1 - u.beta1) * g;
-        const double vj = u.beta2 * v[j] + (1 - u.beta2) * g * g;
-        m[j] = float(mj), v[j] = float(vj);
-        value[j] = float(double(value[j]) * u.decay - u.step * mj / (std::sqrt(vj) / u.c2 + u.eps));
+        const float g = grad[j];
+        const float mj = u.beta1 * m[j] + one_b1 * g;
+        const float vj = u.beta2 * v[j] + one_b2 * g * g;
+        m[j] = mj, v[j] = vj;
+        value[j] = value[j] - (u.lr_decay * value[j] + u.step * mj / (std::sqrt(vj) * u.inv_c2 + u.eps));
     }
 }
 
 #if HYPERMOE_X86_KERNELS
-/// The same, 4 elements at a time: std::sqrt may set errno, which keeps compilers from
-/// vectorising the portable loop (it ran at a quarter of the memory's speed: 69M parameters in
-/// 227 ms on a 2-core Zen 3, against about 74 ms to stream their 1.9 GB). The same operations in the
-/// same order; only the compiler's contraction of the portable loop into FMAs can differ, by an
-/// ulp of the double before rounding to float.
+/// The same, 8 elements at a time: std::sqrt may set errno, which keeps compilers from
+/// vectorising the portable loop. The same operations in the same order, without FMAs, so the
+/// two agree to the bit unless the compiler contracted the portable loop's multiply-adds (GCC's
+/// GNU dialects, Clang's default): then by one rounding of a term.
 __attribute__((target("avx2"))) inline void adamw_update_avx2(const AdamWStep& u, float* value, const float* grad, float* m, float* v,
                                                               std::size_t n) {
-    const __m256d b1 = _mm256_set1_pd(u.beta1), b2 = _mm256_set1_pd(u.beta2), one_b1 = _mm256_set1_pd(1 - u.beta1),
-                  one_b2 = _mm256_set1_pd(1 - u.beta2), decay = _mm256_set1_pd(u.decay), step = _mm256_set1_pd(u.step),
-                  c2 = _mm256_set1_pd(u.c2), eps = _mm256_set1_pd(u.eps);
+    const __m256 b1 = _mm256_set1_ps(u.beta1), b2 = _mm256_set1_ps(u.beta2), one_b1 = _mm256_set1_ps(1 - u.beta1),
+                 one_b2 = _mm256_set1_ps(1 - u.beta2), lr_decay = _mm256_set1_ps(u.lr_decay), step = _mm256_set1_ps(u.step),
+                 inv_c2 = _mm256_set1_ps(u.inv_c2), eps = _mm256_set1_ps(u.eps);
     std::size_t j = 0;
-    for (; j + 4 <= n; j += 4) {
-        const __m256d g = _mm256_cvtps_pd(_mm_loadu_ps(grad + j));
-        const __m256d mj = _mm256_add_pd(_mm256_mul_pd(b1, _mm256_cvtps_pd(_mm_loadu_ps(m + j))), _mm256_mul_pd(one_b1, g));
-        const __m256d vj = _mm256_add_pd(_mm256_mul_pd(b2, _mm256_cvtps_pd(_mm_loadu_ps(v + j))), _mm256_mul_pd(_mm256_mul_pd(one_b2, g), g));
-        _mm_storeu_ps(m + j, _mm256_cvtpd_ps(mj));
-        _mm_storeu_ps(v + j, _mm256_cvtpd_ps(vj));
-        const __m256d denom = _mm256_add_pd(_mm256_div_pd(_mm256_sqrt_pd(vj), c2), eps);
-        const __m256d p = _mm256_sub_pd(_mm256_mul_pd(_mm256_cvtps_pd(_mm_loadu_ps(value + j)), decay),
-                                        _mm256_div_pd(_mm256_mul_pd(step, mj), denom));
-        _mm_storeu_ps(value + j, _mm256_cvtpd_ps(p));
+    for (; j + 8 <= n; j += 8) {
+        const __m256 g = _mm256_loadu_ps(grad + j), p = _mm256_loadu_ps(value + j);
+        const __m256 mj = _mm256_add_ps(_mm256_mul_ps(b1, _mm256_loadu_ps(m + j)), _mm256_mul_ps(one_b1, g));
+        const __m256 vj = _mm256_add_ps(_mm256_mul_ps(b2, _mm256_loadu_ps(v + j)), _mm256_mul_ps(_mm256_mul_ps(one_b2, g), g));
+        _mm256_storeu_ps(m + j, mj);
+        _mm256_storeu_ps(v + j, vj);
+        const __m256 denom = _mm256_add_ps(_mm256_mul_ps(_mm256_sqrt_ps(vj), inv_c2), eps);
+        const __m256 change = _mm256_add_ps(_mm256_mul_ps(lr_decay, p), _mm256_div_ps(_mm256_mul_ps(step, mj), denom));
+        _mm256_storeu_ps(value + j, _mm256_sub_ps(p, change));
     }
     adamw_update_portable(u, value + j, grad + j, m + j, v + j, n - j);
 }
@@ -243,7 +247,8 @@ public:
             const Parameter& p = params_[i];
             const Group& g = groups_[p.group];
             const double c1 = 1 - std::pow(g.beta1, double(steps_)), c2 = std::sqrt(1 - std::pow(g.beta2, double(steps_)));
-            const detail::AdamWStep u{g.beta1, g.beta2, 1 - g.lr * g.weight_decay, g.lr / c1, c2, g.eps};
+            const detail::AdamWStep u{float(g.beta1), float(g.beta2), float(g.lr * g.weight_decay), float(g.lr / c1), float(1 / c2),
+                                      float(g.eps)};
             float *value = p.value.data(), *m = m_[i].data(), *v = v_[i].data();
             const float* grad = p.grad.data();
             detail::for_each_chunk(p.value.size(), [&](std::size_t begin, std::size_t end) {
