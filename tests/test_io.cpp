@@ -327,7 +327,7 @@ TEST_CASE_TEMPLATE_DEFINE("docs/checkpoints.md's walk-through adapter loads what
     detail::SyntheticWriter w(m.seed, m.weights);
     nlohmann::json config;
     TinyMoe::write_synthetic(m, w, config);
-    write_safetensors((tiny.path / "model.safetensors").string(), w.tensors());
+    write_file_bytes((tiny.path / "model.safetensors").string(), w.image());
     std::ofstream(tiny.path / "config.json") << config.dump();
     write_synthetic_checkpoint(mixtral.path.string(), m);
 
@@ -735,4 +735,35 @@ TEST_CASE("writer round trip, metadata, and every float dtype converts") {
 
     CHECK_THROWS_WITH_AS((void)safetensors_bytes({{"x", tensor_dtype::f32, {2, 3}, std::vector<std::byte>(20)}}),
                          "safetensors writer: tensor 'x' has 20 bytes, expected 24", weight_error);
+}
+
+TEST_CASE("safetensors_layout: an image laid out, zeroed, filled in place, as safetensors_bytes writes it") {
+    const std::vector<float> v{1.5f, -2.0f, 0.25f, 3.0f, 7.0f, -1.0f};
+    const std::vector<std::int32_t> ids{1, 2, 3};
+    SafetensorsImage image = safetensors_layout({{"ids", tensor_dtype::i32, {3}}, {"x", tensor_dtype::f32, {2, 3}}, {"e", tensor_dtype::bf16, {0}}},
+                                                {{"format", "pt"}});
+    REQUIRE(image.tensors.size() == 3);
+    CHECK(image.tensors[0].begin == 0);
+    CHECK(image.tensors[0].end == 12);
+    CHECK(image.tensors[1].begin == 12);
+    CHECK(image.tensors[1].end == 36);
+    CHECK(image.tensors[2].begin == 36);
+    CHECK(image.tensors[2].end == 36);
+    CHECK(image.data_start % 8 == 0);
+    CHECK(image.bytes.size() == image.data_start + 36);
+    CHECK(image.data(1).size() == 24);
+    CHECK(std::all_of(image.bytes.begin() + std::ptrdiff_t(image.data_start), image.bytes.end(), [](std::byte b) { return b == std::byte{0}; }));
+    std::memcpy(image.data(0).data(), ids.data(), 12);
+    std::memcpy(image.data(1).data(), v.data(), 24);
+    // The same bytes as the writer's, and a reader sees the tensors where the layout put them.
+    CHECK(image.bytes == safetensors_bytes({i32_tensor("ids", {3}, ids), f32_tensor("x", {2, 3}, v), {"e", tensor_dtype::bf16, {0}, {}}},
+                                           {{"format", "pt"}}));
+    const SafeTensorsView r(image.bytes, "mem");
+    CHECK(r.to_f32(r.info("x"))(1, 2) == -1.0f);
+    CHECK(r.element(r.info("ids"), 1) == 2.0);
+    CHECK(r.info("e").numel() == 0);
+    CHECK_THROWS_WITH_AS((void)safetensors_layout({{"x", tensor_dtype::f32, {2}}, {"q", tensor_dtype::q4_0, {1, 32}}}),
+                         "safetensors writer: tensor 'q' has dtype Q4_0, expected one a safetensors file holds (F64, F32, F16, "
+                         "BF16, I64, I32, I16, I8, U8, BOOL)",
+                         weight_error);
 }

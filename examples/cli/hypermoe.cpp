@@ -642,10 +642,16 @@ int train(const Args& a) {
 
     return with_backend(a.get("--backend", default_backend()), [&]<class B>() {
         hm::Trainer<B> trainer(*start, opt);
+        // The trainer holds its own copy of every tensor: the source (a synthetic image, or a
+        // file's mapped pages) is no longer needed.
+        const std::string source_name = start->dir();
+        start = nullptr;
+        from_disk.reset();
+        image = {};
         if (!json)
             std::printf("training %s (%s, %lld MoE blocks, d_model %lld, %lld experts, top-%lld) on %s: %lld rows, batch %lld, "
                         "%lld steps, backend %s\n",
-                        std::string(hm::to_string(info.family)).c_str(), from_disk->dir().c_str(),
+                        std::string(hm::to_string(info.family)).c_str(), source_name.c_str(),
                         static_cast<long long>(info.moe_blocks.size()), static_cast<long long>(d), static_cast<long long>(info.experts),
                         static_cast<long long>(info.top_k), data_name.c_str(), static_cast<long long>(train_set.rows()),
                         static_cast<long long>(batch), static_cast<long long>(steps), std::string(B::name).c_str());

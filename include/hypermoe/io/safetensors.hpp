@@ -464,35 +464,67 @@ struct TensorToWrite {
     return {std::move(name), tensor_dtype::i32, std::move(shape), std::move(b)};
 }
 
-/// The bytes of a safetensors image (header padded with spaces to a multiple of 8).
-[[nodiscard]] inline std::vector<std::byte> safetensors_bytes(const std::vector<TensorToWrite>& tensors,
-                                                              const std::map<std::string, std::string>& metadata = {}) {
+namespace detail {
+/// A weight_error when a safetensors file cannot hold `dtype` (tensor `name`).
+inline void check_writable(const std::string& name, tensor_dtype dtype) {
+    if (!parse_tensor_dtype(to_string(dtype)))
+        throw weight_error(concat("safetensors writer: tensor '", name, "' has dtype ", to_string(dtype),
+                                  ", expected one a safetensors file holds (F64, F32, F16, BF16, I64, I32, I16, I8, U8, BOOL)"));
+}
+} // namespace detail
+
+/// A safetensors image laid out, its data zeroed (safetensors_layout): the bytes, where the data
+/// section starts in them, and each tensor with its begin and end in that section.
+struct SafetensorsImage {
+    std::vector<std::byte> bytes;
+    std::size_t data_start = 0;
+    std::vector<TensorInfo> tensors;
+
+    /// Tensor i's data in `bytes`.
+    [[nodiscard]] std::span<std::byte> data(std::size_t i) noexcept {
+        return std::span(bytes).subspan(data_start + tensors[i].begin, tensors[i].end - tensors[i].begin);
+    }
+};
+
+/// The image of a safetensors file holding `tensors` (their names, dtypes and shapes, in this
+/// order; begin and end are set here), header padded with spaces to a multiple of 8 and data
+/// zeroed, for the caller to fill in place: one buffer, written once, where building each
+/// tensor's bytes apart and then copying them in touched the memory twice.
+[[nodiscard]] inline SafetensorsImage safetensors_layout(std::vector<TensorInfo> tensors,
+                                                         const std::map<std::string, std::string>& metadata = {}) {
     nlohmann::ordered_json header = nlohmann::ordered_json::object();
     if (!metadata.empty()) header["__metadata__"] = metadata;
     std::size_t offset = 0;
-    for (const auto& t : tensors) {
-        if (!parse_tensor_dtype(to_string(t.dtype)))
-            throw weight_error(detail::concat("safetensors writer: tensor '", t.name, "' has dtype ", to_string(t.dtype),
-                                              ", expected one a safetensors file holds (F64, F32, F16, BF16, I64, I32, I16, I8, U8, BOOL)"));
-        index_t count = 1;
-        for (const index_t s : t.shape) count *= s;
-        if (t.bytes.size() != std::size_t(count) * size_of(t.dtype))
-            throw weight_error(detail::concat("safetensors writer: tensor '", t.name, "' has ", t.bytes.size(), " bytes, expected ",
-                                              std::size_t(count) * size_of(t.dtype)));
-        header[t.name] = {{"dtype", to_string(t.dtype)}, {"shape", t.shape}, {"data_offsets", {offset, offset + t.bytes.size()}}};
-        offset += t.bytes.size();
+    for (TensorInfo& t : tensors) {
+        detail::check_writable(t.name, t.dtype);
+        t.begin = offset;
+        t.end = offset + std::size_t(t.numel()) * size_of(t.dtype);
+        header[t.name] = {{"dtype", to_string(t.dtype)}, {"shape", t.shape}, {"data_offsets", {t.begin, t.end}}};
+        offset = t.end;
     }
     std::string text = header.dump();
     text.append((8 - text.size() % 8) % 8, ' ');
-    std::vector<std::byte> out(8 + text.size() + offset);
-    for (int i = 0; i < 8; ++i) out[std::size_t(i)] = std::byte((std::uint64_t(text.size()) >> (8 * i)) & 0xFFu);
-    std::memcpy(out.data() + 8, text.data(), text.size());
-    std::size_t at = 8 + text.size();
+    SafetensorsImage image{std::vector<std::byte>(8 + text.size() + offset), 8 + text.size(), std::move(tensors)};
+    for (int i = 0; i < 8; ++i) image.bytes[std::size_t(i)] = std::byte((std::uint64_t(text.size()) >> (8 * i)) & 0xFFu);
+    std::memcpy(image.bytes.data() + 8, text.data(), text.size());
+    return image;
+}
+
+/// The bytes of a safetensors image of `tensors` (header padded with spaces to a multiple of 8).
+[[nodiscard]] inline std::vector<std::byte> safetensors_bytes(const std::vector<TensorToWrite>& tensors,
+                                                              const std::map<std::string, std::string>& metadata = {}) {
+    std::vector<TensorInfo> infos;
     for (const auto& t : tensors) {
-        std::memcpy(out.data() + at, t.bytes.data(), t.bytes.size());
-        at += t.bytes.size();
+        detail::check_writable(t.name, t.dtype);
+        infos.push_back({t.name, t.dtype, t.shape});
+        const std::size_t want = std::size_t(infos.back().numel()) * size_of(t.dtype);
+        if (t.bytes.size() != want)
+            throw weight_error(detail::concat("safetensors writer: tensor '", t.name, "' has ", t.bytes.size(), " bytes, expected ", want));
     }
-    return out;
+    SafetensorsImage image = safetensors_layout(std::move(infos), metadata);
+    for (std::size_t i = 0; i < tensors.size(); ++i)
+        if (!tensors[i].bytes.empty()) std::memcpy(image.data(i).data(), tensors[i].bytes.data(), tensors[i].bytes.size());
+    return std::move(image.bytes);
 }
 
 /// Writes `bytes` as the file `path`; a weight_error names the path when it cannot be written.

@@ -29,7 +29,7 @@ struct SyntheticImage {
     SyntheticImage out;
     out.config["torch_dtype"] = m.weights == dtype::f32 ? "float32" : "bfloat16";
     visit_family(m.family, [&]<class F>(std::type_identity<F>) { F::write_synthetic(m, w, out.config); });
-    out.safetensors = safetensors_bytes(w.tensors(), {{"format", "pt"}});
+    out.safetensors = w.image();
     return out;
 }
 

@@ -46,23 +46,15 @@ namespace hypermoe {
 class ParameterStore {
 public:
     explicit ParameterStore(const Checkpoint& source) {
-        std::vector<TensorToWrite> tensors;
+        std::vector<TensorInfo> layout;
         for (const std::string& name : source.tensor_names()) {
-            const Checkpoint::Ref r = source.tensor(name);
-            const TensorInfo& t = *r.info;
+            const TensorInfo& t = *source.tensor(name).info;
             if (t.dtype == tensor_dtype::other)
                 throw weight_error(detail::concat(source.dir(), ": tensor ", t.describe(), " has dtype ", t.type_string(),
                                                   ", which cannot be held for training"));
-            if (!is_floating_dtype(t.dtype)) {
-                const auto bytes = r.file->data(t);
-                tensors.push_back({name, t.dtype, t.shape, std::vector<std::byte>(bytes.begin(), bytes.end())});
-                continue;
-            }
-            std::vector<float> v(std::size_t(t.numel()));
-            r.file->convert_f32(t, v);
-            tensors.push_back(f32_tensor(name, t.shape, v));
+            layout.push_back({name, is_floating_dtype(t.dtype) ? tensor_dtype::f32 : t.dtype, t.shape});
         }
-        assign(tensors, source.config(), source.dir());
+        assign(filled(std::move(layout), source), source.config(), source.dir());
     }
 
     /// Lays each pair's second tensor right after its first in the image, so that a GLU expert's
@@ -91,17 +83,16 @@ public:
         std::vector<const TensorInfo*> order;
         for (const std::string& name : checkpoint_->tensor_names()) order.push_back(checkpoint_->tensor(name).info);
         std::sort(order.begin(), order.end(), [](const TensorInfo* x, const TensorInfo* y) { return x->begin < y->begin; });
-        std::vector<TensorToWrite> tensors;
-        const auto add = [&](const TensorInfo& t) {
-            const auto bytes = checkpoint_->tensor(t.name).file->data(t);
-            tensors.push_back({t.name, t.dtype, t.shape, std::vector<std::byte>(bytes.begin(), bytes.end())});
-        };
+        std::vector<TensorInfo> layout;
         for (const TensorInfo* t : order) {
             if (seconds.count(t->name)) continue;
-            add(*t);
-            if (const auto it = after.find(t->name); it != after.end()) add(*checkpoint_->tensor(it->second).info);
+            layout.push_back({t->name, t->dtype, t->shape});
+            if (const auto it = after.find(t->name); it != after.end()) {
+                const TensorInfo& second = *checkpoint_->tensor(it->second).info;
+                layout.push_back({second.name, second.dtype, second.shape});
+            }
         }
-        assign(tensors, checkpoint_->config(), checkpoint_->dir());
+        assign(filled(std::move(layout), *checkpoint_), checkpoint_->config(), checkpoint_->dir());
         return true;
     }
 
@@ -125,9 +116,23 @@ public:
     void save(const std::string& dir) const { write_checkpoint(dir, checkpoint_->config(), image_); }
 
 private:
-    /// The image of `tensors`, in their order, and the checkpoint that views it.
-    void assign(const std::vector<TensorToWrite>& tensors, const nlohmann::json& config, const std::string& dir) {
-        std::vector<std::byte> image = safetensors_bytes(tensors, {{"format", "pt"}});
+    /// The image of `layout`'s tensors (F32 for floating dtypes, else the source's), each filled
+    /// from `source`'s tensor of its name: written once, in place.
+    static std::vector<std::byte> filled(std::vector<TensorInfo> layout, const Checkpoint& source) {
+        SafetensorsImage image = safetensors_layout(std::move(layout), {{"format", "pt"}});
+        for (std::size_t i = 0; i < image.tensors.size(); ++i) {
+            const Checkpoint::Ref r = source.tensor(image.tensors[i].name);
+            const std::span<std::byte> out = image.data(i);
+            if (is_floating_dtype(r.info->dtype))
+                r.file->convert_f32(*r.info, {reinterpret_cast<float*>(out.data()), out.size() / sizeof(float)});
+            else if (!out.empty())
+                std::memcpy(out.data(), r.file->data(*r.info).data(), out.size());
+        }
+        return std::move(image.bytes);
+    }
+
+    /// Holds `image` (a safetensors file's bytes) and the checkpoint that views it.
+    void assign(std::vector<std::byte> image, const nlohmann::json& config, const std::string& dir) {
         auto checkpoint = std::make_unique<Checkpoint>(config, image, dir);
         image_ = std::move(image); // the buffer moves with its bytes: checkpoint's view stays valid
         checkpoint_ = std::move(checkpoint);

@@ -262,27 +262,48 @@ public:
         matrix(prefix + up, ff, d);
         matrix(prefix + down, d, ff);
     }
-    [[nodiscard]] const std::vector<TensorToWrite>& tensors() const noexcept { return tensors_; }
+    /// The safetensors image of the tensors written, in their order: each drawn straight into its
+    /// place (one buffer, touched once).
+    [[nodiscard]] std::vector<std::byte> image() const {
+        std::vector<TensorInfo> layout;
+        for (const Drawn& d : drawn_) layout.push_back({d.name, type_ == dtype::f32 ? tensor_dtype::f32 : tensor_dtype::bf16, d.shape});
+        SafetensorsImage image = safetensors_layout(std::move(layout), {{"format", "pt"}});
+        for (std::size_t t = 0; t < drawn_.size(); ++t) {
+            std::byte* out = image.data(t).data();
+            const index_t n = image.tensors[t].numel();
+            constexpr index_t chunk = 1 << 16; // each element from its own counter: any split gives the same bits
+            detail::parallel_for((n + chunk - 1) / chunk, n * 8, [&](index_t c) {
+                for (index_t i = c * chunk; i < std::min(n, (c + 1) * chunk); ++i) {
+                    const std::uint64_t r = splitmix64(seed_ + drawn_[t].first + std::uint64_t(i));
+                    const float v = float(drawn_[t].scale * (double(r >> 11) * 0x1.0p-53 * 2.0 - 1.0));
+                    if (type_ == dtype::f32) std::memcpy(out + 4 * i, &v, 4);
+                    else {
+                        const bf16 b = bf16::from_float(v);
+                        std::memcpy(out + 2 * i, &b.bits, 2);
+                    }
+                }
+            });
+        }
+        return std::move(image.bytes);
+    }
 
 private:
+    /// A tensor written: uniform in +-scale, element i from the counter first + i.
+    struct Drawn {
+        std::string name;
+        std::vector<index_t> shape;
+        double scale;
+        std::uint64_t first;
+    };
     void add(const std::string& name, std::vector<index_t> shape, double scale) {
         index_t n = 1;
         for (const index_t s : shape) n *= s;
-        std::vector<std::byte> bytes(std::size_t(n) * size_of(type_));
-        for (index_t i = 0; i < n; ++i) {
-            const std::uint64_t r = splitmix64(seed_ + counter_++);
-            const float v = float(scale * (double(r >> 11) * 0x1.0p-53 * 2.0 - 1.0));
-            if (type_ == dtype::f32) std::memcpy(bytes.data() + 4 * i, &v, 4);
-            else {
-                const bf16 b = bf16::from_float(v);
-                std::memcpy(bytes.data() + 2 * i, &b.bits, 2);
-            }
-        }
-        tensors_.push_back({name, type_ == dtype::f32 ? tensor_dtype::f32 : tensor_dtype::bf16, std::move(shape), std::move(bytes)});
+        drawn_.push_back({name, std::move(shape), scale, counter_});
+        counter_ += std::uint64_t(n);
     }
     std::uint64_t seed_, counter_ = 0;
     dtype type_;
-    std::vector<TensorToWrite> tensors_;
+    std::vector<Drawn> drawn_;
 };
 
 /// load_mlp_top_k's tensors, random, for every layer of `m`.
