@@ -167,10 +167,34 @@ TEST_CASE("BufferReuse: large buffers freed in its scope are taken back by alloc
     } // c kept by the inner scope, then freed with it
     void* kept = BufferReuse::take(big * sizeof(float)); // the outer scope's own, now the caller's
     CHECK(kept == first);
-    ::operator delete(kept, std::align_val_t{buffer_alignment});
+    detail::free_buffer(kept, big * sizeof(float));
     CHECK(BufferReuse::take(big * sizeof(float)) == nullptr);
     CHECK(BufferReuse::take(64) == nullptr);
     CHECK_FALSE(BufferReuse::keep(nullptr, 64)); // too small to keep: the caller frees it
+}
+
+TEST_CASE("buffers of 2 MiB and more start at a 2 MiB boundary (huge pages), smaller ones at 64 bytes") {
+    using detail::huge_page_bytes;
+    CHECK(detail::alignment_of_buffer(huge_page_bytes - 1) == buffer_alignment);
+    CHECK(detail::alignment_of_buffer(huge_page_bytes) == huge_page_bytes);
+    MESSAGE("huge pages: ", std::string(detail::huge_pages_enabled() ? "advised" : "off (HYPERMOE_HUGE_PAGES=off)"));
+    // A buffer of 1.5 huge pages: its first 2 MiB advised, its tail not; written and read whole.
+    const std::size_t n = (huge_page_bytes + huge_page_bytes / 2) / sizeof(float);
+    auto a = detail::aligned_array<float>(n);
+    CHECK(reinterpret_cast<std::uintptr_t>(a.get()) % huge_page_bytes == 0);
+    for (std::size_t i = 0; i < n; ++i) a[i] = float(i % 1000);
+    CHECK(a[n - 1] == float((n - 1) % 1000));
+    const auto small = detail::aligned_array<float>(huge_page_bytes / sizeof(float) - 16);
+    CHECK(reinterpret_cast<std::uintptr_t>(small.get()) % buffer_alignment == 0);
+    // Kept by a BufferReuse and given back, then freed with its own alignment at the scope's end.
+    const detail::BufferReuse scope;
+    const void* p = a.get();
+    a.reset();
+    const auto b = detail::aligned_array<float>(n);
+    CHECK(static_cast<const void*>(b.get()) == p);
+    const Matrix<float> m(1024, 1024); // 4 MiB: a Matrix's buffer, zeroed
+    CHECK(reinterpret_cast<std::uintptr_t>(m.data()) % huge_page_bytes == 0);
+    CHECK(m(1023, 1023) == 0.0f);
 }
 
 TEST_CASE("finite checks read the bits") {

@@ -5,6 +5,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstdlib>
 #include <limits>
 #include <memory>
 #include <new>
@@ -12,6 +13,10 @@
 #include <string_view>
 #include <type_traits>
 #include <vector>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #include "hypermoe/core/error.hpp"
 #include "hypermoe/core/extents.hpp"
@@ -111,6 +116,42 @@ namespace detail {
     return static_cast<std::size_t>(rows) * static_cast<std::size_t>(cols);
 }
 
+/// Buffers of at least this many bytes start at a 2 MiB boundary and, on Linux, their whole
+/// 2 MiB pages are advised to the kernel as transparent huge pages (madvise MADV_HUGEPAGE; it
+/// acts where /sys/kernel/mm/transparent_hugepage/enabled is `madvise` or `always`). A large
+/// buffer is then faulted in 2 MiB at a time instead of 4 KiB: on this project's 2-core virtual
+/// machines 277 MB of fresh weights took 720 ms to fault in page by page and 26 ms as huge
+/// pages. Only whole huge pages inside the buffer are advised, so its resident bytes do not grow
+/// past what it writes. HYPERMOE_HUGE_PAGES=off (read once) leaves every buffer to 4 KiB pages.
+inline constexpr std::size_t huge_page_bytes = std::size_t{2} << 20;
+
+[[nodiscard]] inline bool huge_pages_enabled() noexcept {
+    static const bool on = [] {
+        const char* v = std::getenv("HYPERMOE_HUGE_PAGES");
+        return v == nullptr || std::string_view(v) != "off";
+    }();
+    return on;
+}
+
+/// The alignment of a buffer of `bytes` (allocate_buffer).
+[[nodiscard]] constexpr std::size_t alignment_of_buffer(std::size_t bytes) noexcept {
+    return bytes >= huge_page_bytes ? huge_page_bytes : buffer_alignment;
+}
+
+/// Fresh memory for a buffer of `bytes` (> 0), aligned by alignment_of_buffer, its whole huge
+/// pages advised as such; std::bad_alloc when there is none.
+[[nodiscard]] inline void* allocate_buffer(std::size_t bytes) {
+    void* p = ::operator new(bytes, std::align_val_t{alignment_of_buffer(bytes)});
+#if defined(__linux__)
+    if (bytes >= huge_page_bytes && huge_pages_enabled())
+        (void)::madvise(p, bytes / huge_page_bytes * huge_page_bytes, MADV_HUGEPAGE); // advice: a failure changes nothing
+#endif
+    return p;
+}
+
+/// Frees what allocate_buffer(bytes) gave.
+inline void free_buffer(void* p, std::size_t bytes) noexcept { ::operator delete(p, std::align_val_t{alignment_of_buffer(bytes)}); }
+
 /// While one is alive on a thread, the buffers of at least min_bytes that aligned_array's
 /// deleter frees on that thread are kept, and an aligned_array of the same size on that thread
 /// takes one back (the last kept first) instead of fresh memory; those left are freed when it
@@ -129,7 +170,7 @@ public:
     BufferReuse& operator=(const BufferReuse&) = delete;
     ~BufferReuse() {
         active_ = outer_;
-        for (const Kept& k : kept_) ::operator delete(k.p, std::align_val_t{buffer_alignment});
+        for (const Kept& k : kept_) free_buffer(k.p, k.bytes);
     }
 
     /// A kept buffer of `bytes` from this thread's innermost scope, or nullptr.
@@ -170,12 +211,12 @@ private:
 struct aligned_delete {
     std::size_t bytes = 0;
     void operator()(void* p) const noexcept {
-        if (!BufferReuse::keep(p, bytes)) ::operator delete(p, std::align_val_t{buffer_alignment});
+        if (!BufferReuse::keep(p, bytes)) free_buffer(p, bytes);
     }
 };
 
-/// n elements of T, uninitialised, at a buffer_alignment boundary (from the thread's
-/// BufferReuse when one keeps a buffer of that size).
+/// n elements of T, uninitialised, from allocate_buffer (at a buffer_alignment boundary, 2 MiB
+/// ones from 2 MiB up), or from the thread's BufferReuse when one keeps a buffer of that size.
 template <class T>
 [[nodiscard]] std::unique_ptr<T[], aligned_delete> aligned_array(std::size_t n) {
     static_assert(std::is_trivially_copyable_v<T> && std::is_trivially_destructible_v<T>,
@@ -183,7 +224,7 @@ template <class T>
     if (n == 0) return {};
     const std::size_t bytes = n * sizeof(T);
     void* p = BufferReuse::take(bytes);
-    if (p == nullptr) p = ::operator new(bytes, std::align_val_t{buffer_alignment});
+    if (p == nullptr) p = allocate_buffer(bytes);
     return std::unique_ptr<T[], aligned_delete>(static_cast<T*>(p), aligned_delete{bytes});
 }
 
