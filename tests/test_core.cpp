@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <limits>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include <hypermoe/core/core.hpp>
@@ -192,9 +193,14 @@ TEST_CASE("buffers of 2 MiB and more start at a 2 MiB boundary (huge pages), sma
     a.reset();
     const auto b = detail::aligned_array<float>(n);
     CHECK(static_cast<const void*>(b.get()) == p);
-    const Matrix<float> m(1024, 1024); // 4 MiB: a Matrix's buffer, zeroed
+    Matrix<float> m(1024, 1024); // 4 MiB: a Matrix's buffer, zeroed
     CHECK(reinterpret_cast<std::uintptr_t>(m.data()) % huge_page_bytes == 0);
     CHECK(m(1023, 1023) == 0.0f);
+    // elements(): every element, row after row.
+    m(1, 0) = 5.0f;
+    CHECK(m.elements().size() == 1024u * 1024u);
+    CHECK(m.elements()[1024] == 5.0f);
+    CHECK(std::as_const(m).elements().data() == m.data());
 }
 
 TEST_CASE("finite checks read the bits") {

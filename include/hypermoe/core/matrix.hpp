@@ -256,6 +256,11 @@ public:
     [[nodiscard]] T& operator()(index_t r, index_t c) noexcept { return data_[r * cols_ + c]; }
     [[nodiscard]] const T& operator()(index_t r, index_t c) const noexcept { return data_[r * cols_ + c]; }
 
+    /// The rows * cols elements, row after row, as one span (a Matrix(1, n) is a flat buffer of
+    /// n zeroed, aligned elements).
+    [[nodiscard]] std::span<T> elements() noexcept { return {data(), static_cast<std::size_t>(rows_ * cols_)}; }
+    [[nodiscard]] std::span<const T> elements() const noexcept { return {data(), static_cast<std::size_t>(rows_ * cols_)}; }
+
     [[nodiscard]] MatrixView<T> view() noexcept { return {data(), rows_, cols_}; }
     [[nodiscard]] ConstMatrixView<T> view() const noexcept { return {data(), rows_, cols_}; }
     operator MatrixView<T>() noexcept { return view(); }            // NOLINT(google-explicit-constructor)

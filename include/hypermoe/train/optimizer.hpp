@@ -24,6 +24,7 @@
 #include "hypermoe/core/error.hpp"
 #include "hypermoe/core/extents.hpp"
 #include "hypermoe/core/finite.hpp"
+#include "hypermoe/core/matrix.hpp"
 #include "hypermoe/core/parallel.hpp"
 #include "hypermoe/backend/cpu_isa.hpp"
 #include "hypermoe/detail/format.hpp"
@@ -234,8 +235,8 @@ public:
 
     AdamW(std::vector<Parameter> params, std::vector<Group> groups) : OptimizerBase(std::move(params), std::move(groups), "AdamW") {
         for (const Parameter& p : params_) {
-            m_.emplace_back(p.value.size(), 0.0f);
-            v_.emplace_back(p.value.size(), 0.0f);
+            m_.emplace_back(1, index_t(p.value.size())); // zeroed, in huge pages when large
+            v_.emplace_back(1, index_t(p.value.size()));
         }
     }
 
@@ -267,7 +268,7 @@ public:
     }
 
 private:
-    std::vector<std::vector<float>> m_, v_;
+    std::vector<Matrix<float>> m_, v_; ///< each a flat (1, n) buffer
 };
 
 /// One SGD parameter group's settings.
@@ -286,7 +287,7 @@ public:
     using Group = SgdGroup;
 
     Sgd(std::vector<Parameter> params, std::vector<Group> groups) : OptimizerBase(std::move(params), std::move(groups), "Sgd") {
-        for (const Parameter& p : params_) buf_.emplace_back(p.value.size(), 0.0f);
+        for (const Parameter& p : params_) buf_.emplace_back(1, index_t(p.value.size()));
     }
 
     void step() {
@@ -322,7 +323,7 @@ public:
     }
 
 private:
-    std::vector<std::vector<float>> buf_;
+    std::vector<Matrix<float>> buf_; ///< each a flat (1, n) buffer
 };
 
 } // namespace hypermoe

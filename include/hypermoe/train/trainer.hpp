@@ -215,8 +215,8 @@ public:
                 const bool vector = store_.checkpoint().tensor(name).info->shape.size() < 2 ||
                                     is_fused_vector(block.parameter_names(), name);
                 index_[name] = params.size();
-                grads_.emplace_back(v.size(), 0.0f);
-                params.push_back({name, v, grads_.back(), vector ? 1u : 0u});
+                grads_.emplace_back(1, index_t(v.size())); // zeroed, in huge pages when large
+                params.push_back({name, v, grads_.back().elements(), vector ? 1u : 0u});
             }
         adamw_.emplace(std::move(params), std::vector<AdamWGroup>{opt_.matrices, opt_.vectors});
         if (opt_.balance_gamma != 0) {
@@ -272,8 +272,10 @@ public:
         const auto update = std::chrono::steady_clock::now();
         if (opt_.clip_norm > 0) clip_grad_norm(adamw_->parameters(), opt_.clip_norm);
         adamw_->step();
-        for (auto& g : grads_)
-            detail::for_each_chunk(g.size(), [&](std::size_t begin, std::size_t end) { std::fill(g.begin() + std::ptrdiff_t(begin), g.begin() + std::ptrdiff_t(end), 0.0f); });
+        for (auto& g : grads_) {
+            const std::span<float> e = g.elements();
+            detail::for_each_chunk(e.size(), [&](std::size_t begin, std::size_t end) { std::fill(e.begin() + std::ptrdiff_t(begin), e.begin() + std::ptrdiff_t(end), 0.0f); });
+        }
         balance();
         m.optimizer_seconds = seconds_since(update);
         const auto built = std::chrono::steady_clock::now();
@@ -322,7 +324,7 @@ public:
         return out;
     }
     /// The accumulated gradient of tensor `name` (config_error when it is not a parameter).
-    [[nodiscard]] std::span<const float> gradient(const std::string& name) const { return grads_[index_of(name)]; }
+    [[nodiscard]] std::span<const float> gradient(const std::string& name) const { return grads_[index_of(name)].elements(); }
     /// Tensor `name`'s values, to change by hand; call refresh() after.
     [[nodiscard]] std::span<float> values(const std::string& name) { return store_.values(name); }
     /// Rebuilds the blocks from the stored tensors (after values() were changed by hand). When
@@ -457,7 +459,7 @@ private:
     /// Adds a block's gradient of tensor n's role (in the block's layout) to its parameter's (in
     /// the checkpoint's: transposed back, or into a fused tensor's slice, where n says so).
     void accumulate(const TensorName& n, ConstMatrixView<float> g, bool vector) {
-        std::vector<float>& into = grads_[index_of(n.name)];
+        const std::span<float> into = grads_[index_of(n.name)].elements();
         index_t numel = 1;
         for (const index_t x : detail::gradient_shape(n, g, vector)) numel *= x;
         if (std::size_t(numel) != into.size())
@@ -480,7 +482,7 @@ private:
     index_t width_ = 0;         ///< the blocks' d_model
     std::string failed_rebuild_; ///< why the last rebuild failed (model_ is then empty)
     std::map<std::string, std::size_t> index_; ///< parameter name -> its index in grads_ and the optimiser
-    std::vector<std::vector<float>> grads_;
+    std::vector<Matrix<float>> grads_; ///< each a flat (1, n) buffer
     std::optional<AdamW> adamw_;
     std::vector<Matrix<float>> hs_;
     std::vector<RoutingPlan> plans_;          ///< each block's routing (HyperMoE blocks with their HyperExpert)
