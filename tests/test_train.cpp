@@ -154,7 +154,7 @@ TEST_CASE("optimiser errors name the parameter, the option and both sides") {
 }
 
 TEST_CASE("AdamW's vector update equals the plain loop's, and a non-finite gradient deep in a large tensor is found") {
-    // The AVX2 kernel against the portable loop on the same state: 1,003 elements (a 7-element
+    // The AVX2 kernel against the portable loop on the same state: 1,003 elements (a 3-element
     // tail), gradients over six decades and zero, moments from earlier steps. The same operations
     // in the same order; they differ at most where the compiler contracted the plain loop's
     // multiply-adds into FMAs: by a rounding of a term and of the result, a few 2^-24 of the sum
